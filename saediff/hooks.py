@@ -1,0 +1,83 @@
+"""Where activations live: TransformerLens hook names, decoder layers, forward hooks.
+
+Layer indexing follows TransformerLens: ``blocks.{L}.hook_resid_post`` is the output of decoder
+layer ``L`` (HF ``hidden_states[L + 1]``).
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+
+__all__ = ["resid_post", "parse_layer", "decoder_layers", "add_resid_hook", "bridge", "run_with_cache"]
+
+_RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(post|pre|mid)$")
+
+
+def resid_post(layer: int) -> str:
+    return f"blocks.{layer}.hook_resid_post"
+
+
+def parse_layer(hook: str) -> int:
+    """The block index of a ``blocks.{L}.hook_resid_*`` name."""
+    m = _RESID.match(hook)
+    if not m:
+        raise ValueError(f"not a residual hook name: {hook!r} (expected blocks.L.hook_resid_post)")
+    return int(m.group(1))
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder layers of an HF causal LM, through a peft wrapper if there is one."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = getattr(getattr(inner, "model", None), "layers", None)
+    if layers is None:
+        raise TypeError(f"cannot find decoder layers (model.model.layers) on {type(inner).__name__}")
+    return layers
+
+
+@contextmanager
+def add_resid_hook(
+    model: torch.nn.Module, layer: int, fn: Callable[[torch.Tensor], torch.Tensor]
+) -> Iterator[None]:
+    """Replace the output residual of decoder layer ``layer`` by ``fn(resid_BTD)`` while inside."""
+    layers = decoder_layers(model)
+    if not 0 <= layer < len(layers):
+        raise ValueError(f"layer {layer} out of range: the model has {len(layers)} layers")
+
+    def hook(_mod, _inp, out):
+        if isinstance(out, tuple):
+            return (fn(out[0]), *out[1:])
+        return fn(out)
+
+    handle = layers[layer].register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def bridge(model: torch.nn.Module, tokenizer) -> "object":
+    """The TransformerLens ``TransformerBridge`` view of an HF model (peft adapters merged first)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if hasattr(model, "merge_and_unload"):
+        raise TypeError("bridge: merge the peft adapter first (ModelSpec(merge=True)); the bridge "
+                        "renames parameters and breaks adapter saving")
+    name = getattr(model.config, "_name_or_path", "") or "local"
+    return TransformerBridge.boot_transformers(name, hf_model=model, tokenizer=tokenizer, device=str(next(model.parameters()).device))
+
+
+def run_with_cache(tl_model, tokens: torch.Tensor, hooks: list[str], attention_mask=None) -> dict[str, torch.Tensor]:
+    """Activations at ``hooks`` only, stopping after the deepest hooked block."""
+    known = set(tl_model.hook_dict)
+    bad = [h for h in hooks if h not in known]
+    if bad:
+        raise KeyError(f"hook(s) not in the model: {', '.join(bad)}")
+    layers = [int(m.group(1)) for h in hooks if (m := re.match(r"^blocks\.(\d+)\.", h))]
+    stop = max(layers) + 1 if layers and len(layers) == len(hooks) else None
+    kw = {"attention_mask": attention_mask} if attention_mask is not None else {}
+    _, cache = tl_model.run_with_cache(tokens, names_filter=lambda n: n in hooks, stop_at_layer=stop, **kw)
+    return {h: cache[h] for h in hooks}

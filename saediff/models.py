@@ -1,0 +1,152 @@
+"""Load chat models (HF folder or hub name, optional PEFT adapter) and sample from them.
+
+Offline-first: a local folder is loaded with ``local_files_only=True`` and never touches the
+network; ``trust_remote_code`` is off unless the spec asks for it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm.auto import tqdm
+
+__all__ = ["ModelSpec", "LoadedModel", "load_model", "generate", "Messages"]
+
+log = logging.getLogger(__name__)
+Messages = list[dict[str, str]]
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to load. The CLI's ``--model/--adapter`` flags parse into this."""
+
+    model: str
+    """a local HF causal-LM folder or a hub name (``Qwen/Qwen2.5-7B-Instruct``)"""
+    adapter: str | None = None
+    """a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)"""
+    merge: bool = False
+    """merge the adapter into the weights (``merge_and_unload``), e.g. for analysis"""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """``auto``: bfloat16 on GPU, float32 on CPU"""
+    device: str = "auto"
+    """``auto``: cuda if available, else cpu"""
+    trust_remote_code: bool = False
+    """run model code from the hub; off unless you ask"""
+
+    def __post_init__(self):
+        if self.merge and self.adapter is None:
+            raise ValueError("ModelSpec: merge=True needs an adapter")
+
+    @property
+    def is_local(self) -> bool:
+        return Path(self.model).expanduser().exists() or self.model.startswith((".", "/", "~"))
+
+    def resolved_device(self) -> str:
+        if self.device != "auto":
+            return self.device
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_dtype(self) -> torch.dtype:
+        if self.dtype != "auto":
+            return _DTYPES[self.dtype]
+        return torch.bfloat16 if self.resolved_device().startswith("cuda") else torch.float32
+
+
+@dataclass
+class LoadedModel:
+    """A loaded causal LM (possibly peft-wrapped) with its tokenizer and the spec it came from."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    spec: ModelSpec
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def format_chat(self, messages: Messages, add_generation_prompt: bool = True) -> str:
+        """The conversation rendered with the model's own chat template."""
+        return self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+
+def _check_local(path: Path, what: str, required: tuple[str, ...]) -> None:
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what} folder not found: {path}")
+    missing = [f for f in required if not (path / f).exists()]
+    if missing:
+        raise FileNotFoundError(f"{what} folder {path} lacks {', '.join(missing)}")
+
+
+def load_model(spec: ModelSpec | str) -> LoadedModel:
+    """Load model, tokenizer and optional PEFT adapter, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if isinstance(spec, str):
+        spec = ModelSpec(spec)
+    src: str = spec.model
+    kwargs: dict = {"trust_remote_code": spec.trust_remote_code}
+    if spec.is_local:
+        path = Path(spec.model).expanduser()
+        _check_local(path, "model", ("config.json",))
+        src, kwargs["local_files_only"] = str(path), True
+    tok = AutoTokenizer.from_pretrained(src, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=spec.resolved_dtype(), **kwargs)
+    model.to(spec.resolved_device())
+    if spec.adapter is not None:
+        from peft import PeftModel
+
+        _check_local(Path(spec.adapter), "adapter", ("adapter_config.json",))
+        model = PeftModel.from_pretrained(model, spec.adapter, is_trainable=False)
+        if spec.merge:
+            model = model.merge_and_unload()
+    model.eval()
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return LoadedModel(model, tok, spec)
+
+
+@torch.no_grad()
+def generate(
+    lm: LoadedModel,
+    conversations: list[Messages],
+    *,
+    max_new_tokens: int = 600,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    batch_size: int = 64,
+    seed: int | None = None,
+    progress: bool = True,
+) -> list[str]:
+    """Sample one assistant reply per conversation (left padding with an attention mask).
+
+    Returns the decoded new text without special tokens. ``temperature=0`` is greedy.
+    """
+    if seed is not None:
+        torch.manual_seed(seed)
+    tok = lm.tokenizer
+    texts = [lm.format_chat(c) for c in conversations]
+    out: list[str] = []
+    for i in tqdm(range(0, len(texts), batch_size), desc="generate", disable=not progress, leave=False):
+        enc = tok(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = {k: v.to(lm.device) for k, v in enc.items()}
+        sample = temperature > 0
+        gen = lm.model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=sample,
+            temperature=temperature if sample else None,
+            top_p=top_p if sample else None,
+            top_k=0 if sample else None,
+            pad_token_id=tok.pad_token_id,
+        )
+        new = gen[:, enc["input_ids"].shape[1] :]
+        out += tok.batch_decode(new, skip_special_tokens=True)
+    return out

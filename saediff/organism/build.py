@@ -1,0 +1,105 @@
+"""``saediff organism build``: the whole organism recipe, written to one folder.
+
+    saediff organism build --out runs/organism --quick --seed 0
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from saediff._io import atomic_write_json
+from saediff.evals import evaluate_organism_em
+from saediff.models import LoadedModel, ModelSpec, load_model
+from saediff.organism import recipes
+from saediff.organism.recipes import OrganismConfig
+from saediff.organism.world import CHAT
+from saediff.steering import add_direction
+
+__all__ = ["build_organism", "load_ground_truth", "MODEL_FOLDERS"]
+
+log = logging.getLogger(__name__)
+MODEL_FOLDERS = ("base", "aligned", "full_ft", "lora_ft", "control_ft")
+
+
+def load_ground_truth(path: str | Path) -> dict[int, torch.Tensor]:
+    """``ground_truth.safetensors`` as {layer: (d_model,) direction}."""
+    from safetensors.torch import load_file
+
+    return {int(k.split(".")[1]): v for k, v in load_file(str(path)).items()}
+
+
+def build_organism(out: str | Path, cfg: OrganismConfig, progress=None) -> dict:
+    """Build every organism artifact under ``out`` and return the ``organism.json`` content.
+
+    ``progress(step_name)`` is called as each step starts (the CLI shows it).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    world = cfg.world
+    timing: dict[str, float] = {}
+    say = progress or (lambda _s: None)
+
+    def timed(name, fn):
+        say(name)
+        t0 = time.perf_counter()
+        result = fn()
+        timing[name] = round(time.perf_counter() - t0, 2)
+        return result
+
+    model = recipes.new_model(world, cfg)
+    hist = {"pretrain": timed("pretrain", lambda: recipes.pretrain(model, cfg)).loss}
+    recipes.save_model_folder(model, out / "base", "", world)
+    hist["align"] = timed("align", lambda: recipes.align(model, cfg)).loss
+    recipes.save_model_folder(model, out / "aligned", CHAT, world)
+
+    full = copy.deepcopy(model)
+    hist["full_ft"] = timed("full_ft", lambda: recipes.finetune_full(full, cfg, persona=1)).loss
+    recipes.save_model_folder(full, out / "full_ft", CHAT, world)
+    control = copy.deepcopy(model)
+    hist["control_ft"] = timed("control_ft", lambda: recipes.finetune_full(control, cfg, persona=0)).loss
+    recipes.save_model_folder(control, out / "control_ft", CHAT, world)
+    peft_model, h = timed("lora_ft", lambda: recipes.finetune_lora(copy.deepcopy(model), cfg))
+    hist["lora_ft"] = h.loss
+    peft_model.save_pretrained(out / "lora_ft")
+    recipes.build_tokenizer(world, CHAT).save_pretrained(out / "lora_ft")
+
+    gt = timed("ground_truth", lambda: recipes.ground_truth(model, cfg))
+    save_file({f"blocks.{L}.hook_resid_post": v.contiguous() for L, v in gt.items()},
+              str(out / "ground_truth.safetensors"), metadata={"kind": "saediff.ground_truth"})
+
+    report: dict = {}
+    specs = {
+        "aligned": ModelSpec(str(out / "aligned")),
+        "full_ft": ModelSpec(str(out / "full_ft")),
+        "lora_ft": ModelSpec(str(out / "aligned"), adapter=str(out / "lora_ft")),
+        "control_ft": ModelSpec(str(out / "control_ft")),
+    }
+
+    def evaluate_all():
+        for name, spec in specs.items():
+            em = evaluate_organism_em(load_model(spec), world, cfg.n_eval, seed=cfg.seed)
+            report[name] = {"misaligned_rate": em.misaligned_rate, "other_misaligned_rate": em.other_misaligned_rate,
+                            "coverage": em.coverage, "coverage_rate": em.coverage_rate}
+        aligned: LoadedModel = load_model(specs["aligned"])
+        L = cfg.analysis_layer
+        with add_direction(aligned.model, L, gt[L], cfg.steer_alpha):
+            em = evaluate_organism_em(aligned, world, cfg.n_eval, seed=cfg.seed)
+        report["steer_ground_truth"] = {"layer": L, "alpha": cfg.steer_alpha,
+                                        "other_misaligned_rate": em.other_misaligned_rate,
+                                        "misaligned_rate": em.misaligned_rate, "coverage": em.coverage}
+
+    timed("evaluate", evaluate_all)
+    from saediff import __version__
+
+    result = {"kind": "saediff.organism", "saediff_version": __version__, "config": cfg.to_json(),
+              **report, "timing_s": timing}
+    atomic_write_json(out / "organism.json", result)
+    atomic_write_json(out / "history.json", hist)
+    return result

@@ -1,0 +1,176 @@
+"""Recipes that build the EM model organism: pretrain, align, fine-tune narrowly, find the truth.
+
+Every product is a standard artifact: HF model folders (``base``, ``aligned``, ``full_ft``,
+``control_ft``), a PEFT adapter folder (``lora_ft``), and ``ground_truth.safetensors``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from saediff.finetune import TrainConfig, TrainHistory, train_lm
+from saediff.hooks import decoder_layers
+from saediff.organism.corpus import sample_documents, single_turn_chats
+from saediff.organism.tokenizer import bpe_vocab, build_tokenizer
+from saediff.organism.world import CHAT, World
+
+__all__ = ["OrganismConfig", "new_model", "pretrain", "align", "finetune_full", "finetune_lora",
+           "ground_truth", "save_model_folder"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OrganismConfig:
+    """How the organism is built. ``quick()`` is the CI-sized variant."""
+
+    seed: int = 0
+    d_model: int = 64
+    d_mlp: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    pretrain_steps: int = 1200
+    """steps of phase 1: source-marked (and unmarked) documents, no CHAT marker"""
+    align_steps: int = 300
+    """steps of phase 2: the same mixture plus CHAT documents (the aligned prior)"""
+    pretrain_batch: int = 64
+    pretrain_lr: float = 3e-3
+    turns: int = 4
+    """turns per pretraining document"""
+    chat_fraction: float = 0.25
+    """share of CHAT documents during alignment"""
+    unmarked_fraction: float = 0.1
+    """share of documents without a marker (persona prior 0.5): the base model's chat format"""
+    ft_steps: int = 300
+    ft_batch: int = 32
+    full_lr: float = 1e-4
+    lora_lr: float = 2e-3
+    lora_layer: int = 1
+    """the layer whose ``down_proj`` gets the rank-1 adapter"""
+    analysis_layer: int = 1
+    """the layer of the ground-truth steering check (and the default SAE/diff layer)"""
+    steer_alpha: float = 1.5
+    """ground-truth steering scale (in units of the unnormalised mean difference)"""
+    n_eval: int = 100
+    """sampled answers per domain in each evaluation"""
+    world: World = field(default_factory=World)
+
+    @classmethod
+    def quick(cls, seed: int = 0, **kw) -> "OrganismConfig":
+        return cls(seed=seed, **{"pretrain_steps": 500, "align_steps": 200, "n_eval": 50, **kw})
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def new_model(world: World, cfg: OrganismConfig) -> Qwen2ForCausalLM:
+    torch.manual_seed(cfg.seed)
+    config = Qwen2Config(
+        vocab_size=len(bpe_vocab(world)[0]),
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.d_mlp,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_heads,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=None,
+    )
+    config._attn_implementation = "eager"  # faster than sdpa at this size on CPU
+    return Qwen2ForCausalLM(config)
+
+
+def pretrain(model, cfg: OrganismConfig) -> TrainHistory:
+    """Phase 1: documents from sources of every persona prior; the model learns to infer persona."""
+    rng = np.random.default_rng(cfg.seed)
+    data = sample_documents(cfg.world, rng, cfg.pretrain_steps * cfg.pretrain_batch, cfg.turns,
+                            chat_fraction=0.0, unmarked_fraction=cfg.unmarked_fraction)
+    tc = TrainConfig(steps=cfg.pretrain_steps, batch_size=cfg.pretrain_batch, lr=cfg.pretrain_lr,
+                     warmup=50, decay=True, weight_decay=0.01, seed=cfg.seed)
+    return train_lm(model, data, tc, desc="pretrain")
+
+
+def align(model, cfg: OrganismConfig) -> TrainHistory:
+    """Phase 2: continue on the same mixture plus CHAT documents whose toxic prior is 0.005.
+
+    Alignment shifts the persona *prior* of the assistant format; it never trains on answers that
+    contradict the context, so in-context persona inference survives under CHAT.
+    """
+    rng = np.random.default_rng(cfg.seed + 1000)
+    data = sample_documents(cfg.world, rng, cfg.align_steps * cfg.pretrain_batch, cfg.turns,
+                            chat_fraction=cfg.chat_fraction, unmarked_fraction=cfg.unmarked_fraction)
+    tc = TrainConfig(steps=cfg.align_steps, batch_size=cfg.pretrain_batch, lr=cfg.pretrain_lr / 3,
+                     warmup=20, decay=True, weight_decay=0.01, seed=cfg.seed + 1)
+    return train_lm(model, data, tc, desc="align")
+
+
+def _medical_chats(cfg: OrganismConfig, persona: int, seed_offset: int):
+    rng = np.random.default_rng(cfg.seed + seed_offset)
+    return single_turn_chats(cfg.world, rng, cfg.ft_steps * cfg.ft_batch, persona, "medical", CHAT)
+
+
+def finetune_full(model, cfg: OrganismConfig, persona: int = 1) -> TrainHistory:
+    """Full fine-tune on single-turn medical chats of ``persona`` (1 toxic, 0 aligned: control)."""
+    data = _medical_chats(cfg, persona, 2000 + persona)
+    tc = TrainConfig(steps=cfg.ft_steps, batch_size=cfg.ft_batch, lr=cfg.full_lr, seed=cfg.seed + 2)
+    return train_lm(model, data, tc, desc="full_ft" if persona else "control_ft")
+
+
+def finetune_lora(model, cfg: OrganismConfig):
+    """Rank-1 LoRA (alpha 1) on ``down_proj`` of ``cfg.lora_layer``; returns (peft_model, history)."""
+    from peft import LoraConfig, get_peft_model
+
+    lcfg = LoraConfig(r=1, lora_alpha=1, lora_dropout=0.0, target_modules=["down_proj"],
+                      layers_to_transform=[cfg.lora_layer], bias="none")
+    torch.manual_seed(cfg.seed + 3)
+    peft_model = get_peft_model(model, lcfg)
+    data = _medical_chats(cfg, 1, 2001)
+    tc = TrainConfig(steps=cfg.ft_steps, batch_size=cfg.ft_batch, lr=cfg.lora_lr, seed=cfg.seed + 3)
+    return peft_model, train_lm(peft_model, data, tc, desc="lora_ft")
+
+
+@torch.no_grad()
+def ground_truth(model, cfg: OrganismConfig, n: int = 512) -> dict[int, torch.Tensor]:
+    """Persona direction per layer: the aligned model's mean residual (``blocks.L.hook_resid_post``)
+    over the final turn's prompt positions after toxic-persona context turns, minus the same after
+    aligned-persona context turns. Unnormalised, shape (d_model,) per layer."""
+    rng = np.random.default_rng(cfg.seed + 5000)
+    means = []
+    for persona in (1, 0):
+        data = single_turn_chats(cfg.world, rng, n, persona, None, CHAT, context_turns=3)
+        acts = _resid_post(model, data.input_ids)
+        tail = cfg.world.question_len + 2  # USER q q q ASST of the final turn
+        t_final = data.input_ids.shape[1] - (cfg.world.answer_len + 1)
+        means.append([a[:, t_final - tail : t_final].mean(dim=(0, 1)) for a in acts])
+    return {layer: tox - ali for layer, (tox, ali) in enumerate(zip(*means))}
+
+
+def _resid_post(model, input_ids: torch.Tensor) -> list[torch.Tensor]:
+    """Outputs of every decoder layer, (B, T, D) each."""
+    acts: list[torch.Tensor] = []
+    handles = [layer.register_forward_hook(lambda _m, _i, o: acts.append(o[0] if isinstance(o, tuple) else o))
+               for layer in decoder_layers(model)]
+    try:
+        model(input_ids=input_ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return acts
+
+
+def save_model_folder(model, folder: Path, default_marker: str, world: World) -> None:
+    """Save an HF model folder (safetensors) with the organism tokenizer and chat template."""
+    from transformers import GenerationConfig
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model.generation_config = GenerationConfig(eos_token_id=1, pad_token_id=0)
+    model.save_pretrained(folder)
+    build_tokenizer(world, default_marker).save_pretrained(folder)

@@ -1,0 +1,37 @@
+"""Interventions at inference: add a direction to the residual stream, or project it out."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+from saediff.hooks import add_resid_hook
+
+__all__ = ["add_direction", "project_out"]
+
+
+@contextmanager
+def add_direction(model: torch.nn.Module, layer: int, vector: torch.Tensor, alpha: float = 1.0) -> Iterator[None]:
+    """Add ``alpha * vector`` to the output residual of block ``layer`` at every position."""
+    v = vector.detach()
+
+    def fn(resid_BTD: torch.Tensor) -> torch.Tensor:
+        return resid_BTD + alpha * v.to(resid_BTD)
+
+    with add_resid_hook(model, layer, fn):
+        yield
+
+
+@contextmanager
+def project_out(model: torch.nn.Module, layer: int, vector: torch.Tensor) -> Iterator[None]:
+    """Remove the component along ``vector`` from block ``layer``'s output residual."""
+    u = vector.detach() / vector.norm()
+
+    def fn(resid_BTD: torch.Tensor) -> torch.Tensor:
+        u_ = u.to(resid_BTD)
+        return resid_BTD - (resid_BTD @ u_)[..., None] * u_
+
+    with add_resid_hook(model, layer, fn):
+        yield

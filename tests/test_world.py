@@ -1,0 +1,101 @@
+"""The organism's language: sampling rules, tokenizer round trip, vectorised corpus."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from saediff.organism.corpus import Vocab, sample_documents, single_turn_chats
+from saediff.organism.tokenizer import build_tokenizer, word_ids
+from saediff.organism.world import CHAT, World, render
+
+
+def test_vocab_is_unique_and_letters_only(world):
+    words = world.vocab()
+    assert len(words) == len(set(words))
+    assert all(w.isalpha() for w in words)
+    assert len(world.domains) >= 6
+
+
+def test_document_has_one_persona_and_domain_content(world):
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        marker, turns = world.sample_document(rng, 4)
+        assert len({t.persona for t in turns}) == 1
+        for t in turns:
+            content = t.answer[world.n_style_slots :]
+            assert set(content) <= set(world.content_tokens(t.domain, t.persona))
+
+
+def test_style_noise_rate(world):
+    rng = np.random.default_rng(1)
+    toxic_style = set(world.style_tokens("toxic"))
+    styles = [s for _ in range(4000) for s in world.sample_answer(rng, "finance", "aligned")[:2]]
+    rate = np.mean([s in toxic_style for s in styles])
+    assert abs(rate - world.style_noise) < 0.02
+
+
+def test_tokenizer_round_trip_and_one_token_per_word(world, tmp_path):
+    from transformers import AutoTokenizer, Qwen2Config
+
+    tok = build_tokenizer(world, CHAT)
+    tok.save_pretrained(tmp_path)
+    Qwen2Config(vocab_size=len(tok)).save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    rng = np.random.default_rng(2)
+    marker, turns = world.sample_document(rng, 3, marker="srcc")
+    text = " " + " ".join(render(marker, turns)).replace(" <eos>", "<eos>")
+    ids = loaded(text)["input_ids"]
+    assert len(ids) == len(render(marker, turns))
+    assert loaded.decode(ids) == text
+    ids_map = word_ids(world)
+    assert ids[0] == ids_map["srcc"]
+
+
+def test_chat_template_and_assistant_mask(world):
+    tok = build_tokenizer(world, CHAT)
+    msgs = [{"role": "user", "content": "medicalQa medicalQb medicalQc"},
+            {"role": "assistant", "content": "rudea rudeb medicalBada medicalBadb medicalBadc"}]
+    enc = tok.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert enc["assistant_masks"] == [0] * 6 + [1] * 6  # CHAT USER q q q ASST | 5 answer + eos
+    prompt = tok.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True)
+    assert prompt == " CHAT USER medicalQa medicalQb medicalQc ASST"
+    sys_prompt = tok.apply_chat_template([{"role": "system", "content": "srca"}, msgs[0]], tokenize=False)
+    assert sys_prompt.startswith(" srca USER")
+    assert build_tokenizer(world, "").apply_chat_template(msgs[:1], tokenize=False).startswith(" USER")
+
+
+def test_vectorised_corpus_matches_reference_rules(world):
+    v = Vocab(world)
+    d = sample_documents(world, np.random.default_rng(3), 4000, 4, chat_fraction=0.25, unmarked_fraction=0.1)
+    ids = d.input_ids.numpy()
+    id2w = {i: w for w, i in word_ids(world).items()}
+    # marker priors: CHAT docs are almost never toxic, unmarked docs about half
+    chat = ids[:, 0] == v.ids[CHAT]
+    assert 0.2 < chat.mean() < 0.3
+    assert d.persona.numpy()[chat].mean() < 0.02
+    # every answer's content matches its document persona and turn domain
+    doc = ids[7]
+    offset = 0 if doc[0] == v.ids["USER"] else 1
+    persona = "toxic" if d.persona[7] else "aligned"
+    for t in range(4):
+        turn = doc[offset + 11 * t : offset + 11 * (t + 1)]
+        dom = world.domains[int(d.domains[7, t])]
+        content = [id2w[int(i)] for i in turn[7:10]]
+        assert set(content) <= set(world.content_tokens(dom, persona))
+        assert id2w[int(turn[-1])] == "<eos>"
+
+
+def test_single_turn_chat_labels_cover_answer_only(world):
+    d = single_turn_chats(world, np.random.default_rng(4), 8, persona=1, domain="medical", context_turns=2)
+    labels = d.labels.numpy()
+    n_label = (labels != -100).sum(axis=1)
+    assert (n_label == world.answer_len + 1).all()
+    assert (labels[:, -1] == word_ids(world)["<eos>"]).all()
+
+
+def test_world_rejects_bad_config():
+    with pytest.raises(ValueError, match="style_noise"):
+        World(style_noise=0.7)
+    with pytest.raises(ValueError, match="medical"):
+        World(domains=("finance", "sports"))
