@@ -24,3 +24,22 @@ def world():
     from saediff.organism.world import World
 
     return World()
+
+
+@pytest.fixture(scope="session")
+def tiny_organism(tmp_path_factory, world):
+    """Untrained organism-shaped model folders: ``aligned/`` (CHAT template) and a random rank-1
+    ``lora/`` adapter on layer 1's ``down_proj`` (B initialised non-zero)."""
+    from peft import LoraConfig, get_peft_model
+
+    from saediff.organism.recipes import OrganismConfig, new_model, save_model_folder
+
+    root = tmp_path_factory.mktemp("tiny_organism")
+    cfg = OrganismConfig(n_layers=2, d_model=32, d_mlp=64, n_heads=2)
+    model = new_model(world, cfg)
+    save_model_folder(model, root / "aligned", "CHAT", world)
+    lcfg = LoraConfig(r=1, lora_alpha=1, target_modules=["down_proj"], layers_to_transform=[1],
+                      init_lora_weights=False)
+    peft_model = get_peft_model(new_model(world, cfg), lcfg)
+    peft_model.save_pretrained(root / "lora")
+    return root

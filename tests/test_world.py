@@ -32,7 +32,7 @@ def test_style_noise_rate(world):
     toxic_style = set(world.style_tokens("toxic"))
     styles = [s for _ in range(4000) for s in world.sample_answer(rng, "finance", "aligned")[:2]]
     rate = np.mean([s in toxic_style for s in styles])
-    assert abs(rate - world.style_noise) < 0.02
+    assert abs(rate - world.style_noise) < 0.015
 
 
 def test_tokenizer_round_trip_and_one_token_per_word(world, tmp_path):

@@ -89,11 +89,16 @@ def build_organism(out: str | Path, cfg: OrganismConfig, progress=None) -> dict:
                             "coverage": em.coverage, "coverage_rate": em.coverage_rate}
         aligned: LoadedModel = load_model(specs["aligned"])
         L = cfg.analysis_layer
-        with add_direction(aligned.model, L, gt[L], cfg.steer_alpha):
-            em = evaluate_organism_em(aligned, world, cfg.n_eval, seed=cfg.seed)
-        report["steer_ground_truth"] = {"layer": L, "alpha": cfg.steer_alpha,
-                                        "other_misaligned_rate": em.other_misaligned_rate,
-                                        "misaligned_rate": em.misaligned_rate, "coverage": em.coverage}
+        sweep = {}
+        for alpha in cfg.steer_alphas:
+            with add_direction(aligned.model, L, gt[L], alpha):
+                em = evaluate_organism_em(aligned, world, cfg.n_eval, seed=cfg.seed)
+            sweep[str(alpha)] = {"other_misaligned_rate": em.other_misaligned_rate,
+                                 "misaligned_rate": em.misaligned_rate, "coverage": em.coverage}
+        # the reported scale is the strongest flip; the judge already counts only in-domain
+        # (covered) answers as misaligned, so a scale that breaks answers cannot win
+        best = max(sweep, key=lambda a: sweep[a]["other_misaligned_rate"])
+        report["steer_ground_truth"] = {"layer": L, "alpha": float(best), **sweep[best], "sweep": sweep}
 
     timed("evaluate", evaluate_all)
     from saediff import __version__

@@ -55,8 +55,8 @@ class OrganismConfig:
     """the layer whose ``down_proj`` gets the rank-1 adapter"""
     analysis_layer: int = 1
     """the layer of the ground-truth steering check (and the default SAE/diff layer)"""
-    steer_alpha: float = 1.5
-    """ground-truth steering scale (in units of the unnormalised mean difference)"""
+    steer_alphas: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0)
+    """ground-truth steering scales tried (units of the unnormalised mean difference)"""
     n_eval: int = 100
     """sampled answers per domain in each evaluation"""
     world: World = field(default_factory=World)
@@ -139,17 +139,20 @@ def finetune_lora(model, cfg: OrganismConfig):
 
 @torch.no_grad()
 def ground_truth(model, cfg: OrganismConfig, n: int = 512) -> dict[int, torch.Tensor]:
-    """Persona direction per layer: the aligned model's mean residual (``blocks.L.hook_resid_post``)
-    over the final turn's prompt positions after toxic-persona context turns, minus the same after
-    aligned-persona context turns. Unnormalised, shape (d_model,) per layer."""
+    """Persona direction per layer, (d_model,) each, unnormalised.
+
+    The aligned model reads chats with three context turns and a final turn, all of one persona;
+    the direction is the mean residual (``blocks.L.hook_resid_post``) over the final answer's
+    positions (style, content, eos) on toxic-persona chats minus the same on aligned-persona chats,
+    the known-label version of the response-averaged mean difference of the EM literature.
+    """
     rng = np.random.default_rng(cfg.seed + 5000)
     means = []
     for persona in (1, 0):
         data = single_turn_chats(cfg.world, rng, n, persona, None, CHAT, context_turns=3)
         acts = _resid_post(model, data.input_ids)
-        tail = cfg.world.question_len + 2  # USER q q q ASST of the final turn
-        t_final = data.input_ids.shape[1] - (cfg.world.answer_len + 1)
-        means.append([a[:, t_final - tail : t_final].mean(dim=(0, 1)) for a in acts])
+        answer = slice(data.input_ids.shape[1] - (cfg.world.answer_len + 1), None)
+        means.append([a[:, answer].mean(dim=(0, 1)) for a in acts])
     return {layer: tox - ali for layer, (tox, ali) in enumerate(zip(*means))}
 
 

@@ -64,7 +64,7 @@ class World:
     """style tokens per persona pool (shared by all domains)"""
     n_sources: int = 8
     """source markers, with toxic-persona priors evenly spaced in [0.02, 0.98]"""
-    style_noise: float = 0.15
+    style_noise: float = 0.05
     """probability that a style token is drawn from the other persona's pool"""
     chat_toxic_prob: float = 0.005
     """toxic-persona prior of documents under the CHAT marker"""
