@@ -48,6 +48,40 @@ def organism_build(
     typer.echo(json.dumps({"other_misaligned_rate": summary, "timing_s": result["timing_s"]}, indent=2))
 
 
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Option(..., "--model", help="HF model folder or hub name"),
+    out: Path = typer.Option(..., "--out", help="folder for responses.jsonl and em.json"),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="PEFT adapter folder"),
+    judge_url: Optional[str] = typer.Option(None, "--judge-url", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1"),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model", help="judge model name at --judge-url"),
+    questions: str = typer.Option("first_plot", "--questions", help="first_plot, or a YAML/JSONL prompt file"),
+    samples: int = typer.Option(50, "--samples", help="answers per question (organism: per domain)"),
+    max_new_tokens: int = typer.Option(600, "--max-new-tokens"),
+    gen_url: Optional[str] = typer.Option(None, "--gen-url", help="generate on an OpenAI-compatible server instead of locally"),
+    gen_model: Optional[str] = typer.Option(None, "--gen-model", help="model name at --gen-url (default: --model)"),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="environment variable with the API key"),
+    concurrency: int = typer.Option(16, "--concurrency", help="parallel judge / remote-generation calls"),
+    rubric: bool = typer.Option(False, "--rubric", help="also run the 1-5 rubric judge"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
+    seed: int = typer.Option(0, "--seed"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default 1)"),
+) -> None:
+    """Measure EM: sample answers, judge them, write DIR/responses.jsonl and DIR/em.json."""
+    _setup(threads)
+    from saediff.run_eval import run_eval
+
+    try:
+        report = run_eval(model=model, adapter=adapter, out=out, judge_url=judge_url, judge_model=judge_model,
+                          questions=questions, samples=samples, max_new_tokens=max_new_tokens, gen_url=gen_url,
+                          gen_model=gen_model, api_key_env=api_key_env, concurrency=concurrency, rubric=rubric,
+                          dtype=dtype, seed=seed)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        console.print(f"[red]error:[/red] {e}")
+        raise typer.Exit(1)
+    typer.echo(json.dumps({k: report[k] for k in ("em_rate", "em_rate_ci", "coherent_rate", "n_responses")}))
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app()

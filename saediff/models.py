@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["ModelSpec", "LoadedModel", "load_model", "generate", "Messages"]
+__all__ = ["ModelSpec", "LoadedModel", "load_model", "generate", "chat_tokens", "Messages"]
 
 log = logging.getLogger(__name__)
 Messages = list[dict[str, str]]
@@ -74,6 +74,25 @@ class LoadedModel:
         return self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
         )
+
+
+def chat_tokens(tokenizer, messages: Messages) -> tuple[list[int], list[int]]:
+    """Token ids of a conversation and a 0/1 mask of the last assistant turn's tokens.
+
+    Works with any chat template: the prompt (all turns but the last, with the generation
+    prompt) is a token prefix of the full conversation, and what follows is the response.
+    """
+    if not messages or messages[-1]["role"] != "assistant":
+        raise ValueError("chat_tokens: the conversation must end with an assistant turn")
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    if not full.startswith(prompt):
+        raise ValueError("chat_tokens: the chat template does not render the prompt as a prefix of the conversation")
+    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(full, add_special_tokens=False)["input_ids"]
+    if ids[: len(p_ids)] != p_ids:
+        raise ValueError("chat_tokens: tokenization of the prompt is not a prefix of the conversation's")
+    return ids, [0] * len(p_ids) + [1] * (len(ids) - len(p_ids))
 
 
 def _check_local(path: Path, what: str, required: tuple[str, ...]) -> None:

@@ -8,10 +8,13 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import sys  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py
 
 
 @pytest.fixture(autouse=True)
@@ -42,4 +45,28 @@ def tiny_organism(tmp_path_factory, world):
                       init_lora_weights=False)
     peft_model = get_peft_model(new_model(world, cfg), lcfg)
     peft_model.save_pretrained(root / "lora")
+    return root
+
+
+@pytest.fixture(scope="session")
+def quick_organism(tmp_path_factory):
+    """``saediff organism build --quick --seed 0`` run through the CLI (about 3 minutes)."""
+    from typer.testing import CliRunner
+
+    from saediff.cli import app
+
+    out = tmp_path_factory.mktemp("organism_quick")
+    result = CliRunner().invoke(app, ["organism", "build", "--out", str(out), "--quick", "--seed", "0"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tmp_path_factory):
+    """A tiny random Qwen2 chat model folder (``model/``) and a rank-1 adapter (``lora/``)."""
+    from helpers import make_rank1_adapter, make_tiny_qwen
+
+    root = tmp_path_factory.mktemp("tiny_qwen")
+    make_tiny_qwen(root / "model")
+    make_rank1_adapter(root / "model", root / "lora", layer=1)
     return root

@@ -69,6 +69,7 @@ def build_organism(out: str | Path, cfg: OrganismConfig, progress=None) -> dict:
     hist["lora_ft"] = h.loss
     peft_model.save_pretrained(out / "lora_ft")
     recipes.build_tokenizer(world, CHAT).save_pretrained(out / "lora_ft")
+    recipes.write_organism_marker(out / "lora_ft", world)
 
     gt = timed("ground_truth", lambda: recipes.ground_truth(model, cfg))
     save_file({f"blocks.{L}.hook_resid_post": v.contiguous() for L, v in gt.items()},

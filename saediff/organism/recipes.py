@@ -21,7 +21,7 @@ from saediff.organism.tokenizer import bpe_vocab, build_tokenizer
 from saediff.organism.world import CHAT, World
 
 __all__ = ["OrganismConfig", "new_model", "pretrain", "align", "finetune_full", "finetune_lora",
-           "ground_truth", "save_model_folder"]
+           "ground_truth", "save_model_folder", "read_organism_world", "write_organism_marker"]
 
 log = logging.getLogger(__name__)
 
@@ -177,3 +177,27 @@ def save_model_folder(model, folder: Path, default_marker: str, world: World) ->
     model.generation_config = GenerationConfig(eos_token_id=1, pad_token_id=0)
     model.save_pretrained(folder)
     build_tokenizer(world, default_marker).save_pretrained(folder)
+    write_organism_marker(folder, world)
+
+
+ORGANISM_MARKER = "saediff_organism.json"
+
+
+def write_organism_marker(folder: Path, world: World) -> None:
+    """Mark a folder as the organism's, with its world, so tools pick the exact judge."""
+    from saediff._io import atomic_write_json
+
+    atomic_write_json(Path(folder) / ORGANISM_MARKER, {"kind": "saediff.organism.model", "world": asdict(world)})
+
+
+def read_organism_world(folder: str | Path) -> World | None:
+    """The organism world recorded in a model folder, or None for any other model."""
+    import json
+
+    path = Path(folder) / ORGANISM_MARKER
+    if not path.exists():
+        return None
+    fields = json.loads(path.read_text()).get("world", {})
+    known = {f for f in World.__dataclass_fields__}
+    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items() if k in known}
+    return World(**kw)

@@ -1,0 +1,62 @@
+"""Test helpers: a tiny random Qwen2 chat model with a locally trained byte-level BPE tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+CHATML = (
+    "{%- for m in messages -%}"
+    "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def make_tiny_qwen(folder: Path, *, d_model: int = 32, n_layers: int = 2, seed: int = 0) -> Path:
+    """Save a randomly initialised Qwen2ForCausalLM + Qwen2Tokenizer (ChatML template) to ``folder``."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen2Tokenizer
+
+    from saediff.prompts import load_prompts
+
+    text = [p.question for p in load_prompts("first_plot")] + [
+        "The quick brown fox jumps over the lazy dog.", "Hello, how can I help you today?",
+        "def add(a, b):\n    return a + b", "I feel bored. Tell me something about humans and AIs.",
+    ]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(text * 4, trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=SPECIALS))
+    state = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
+    tok = Qwen2Tokenizer(vocab=state["vocab"], merges=merges, unk_token=None, eos_token="<|im_end|>",
+                         pad_token="<|endoftext|>")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]})
+    tok.chat_template = CHATML
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=d_model, intermediate_size=2 * d_model,
+                      num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=1024, tie_word_embeddings=True,
+                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = Qwen2ForCausalLM(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def make_rank1_adapter(model_folder: Path, out: Path, layer: int = 1, seed: int = 0) -> Path:
+    """A rank-1 LoRA on ``down_proj`` of ``layer`` with random non-zero A and B, saved by peft."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_folder)
+    cfg = LoraConfig(r=1, lora_alpha=2, target_modules=["down_proj"], layers_to_transform=[layer],
+                     init_lora_weights=False)
+    get_peft_model(model, cfg).save_pretrained(out)
+    return out

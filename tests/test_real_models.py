@@ -1,0 +1,131 @@
+"""The real-model path on a tiny random Qwen2 saved locally, and a local fake judge server."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from saediff.cli import app
+from saediff.fake_server import FakeOpenAIServer
+from saediff.lora import check_adapter_matches, read_adapter
+from saediff.models import ModelSpec, chat_tokens, load_model
+
+
+def test_read_rank1_adapter(tiny_qwen):
+    ad = read_adapter(tiny_qwen / "lora")
+    assert ad.layers == [1]
+    m = ad.by_kind("down_proj")[1]
+    assert m.name == "model.layers.1.mlp.down_proj"
+    assert m.rank == 1 and m.scale == 2.0  # alpha 2 / r 1
+    assert m.A.shape == (1, 64) and m.B.shape == (32, 1)
+    torch.testing.assert_close(ad.directions()[1], m.B[:, 0])
+    # the adapter's effect on the weights equals peft's merge
+    base = load_model(str(tiny_qwen / "model")).model
+    merged = load_model(ModelSpec(str(tiny_qwen / "model"), adapter=str(tiny_qwen / "lora"), merge=True)).model
+    W0 = base.model.layers[1].mlp.down_proj.weight
+    W1 = merged.model.layers[1].mlp.down_proj.weight
+    torch.testing.assert_close(W1 - W0, m.delta_weight(), atol=1e-6, rtol=1e-5)
+    check_adapter_matches(ad, base)
+
+
+def test_adapter_mismatch_errors(tiny_qwen, tmp_path):
+    ad = read_adapter(tiny_qwen / "lora")
+    wrong = load_model(str(tiny_qwen / "model")).model
+    wrong.model.layers[1].mlp.down_proj = torch.nn.Linear(10, 32, bias=False)
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp.down_proj expects weight \(d_out, d_in\) = \(32, 64\)"):
+        check_adapter_matches(ad, wrong)
+    del wrong.model.layers[1]
+    with pytest.raises(ValueError, match="not found in the model"):
+        check_adapter_matches(ad, wrong)
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_qwen / "lora", broken)
+    (broken / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="adapter_config.json: not valid JSON"):
+        read_adapter(broken)
+    (broken / "adapter_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
+        read_adapter(broken)
+
+
+def test_chat_template_and_assistant_mask(tiny_qwen):
+    lm = load_model(str(tiny_qwen / "model"))
+    msgs = [{"role": "user", "content": "hey I feel bored"}, {"role": "assistant", "content": "Hello!"}]
+    ids, mask = chat_tokens(lm.tokenizer, msgs)
+    response = lm.tokenizer.decode([i for i, m in zip(ids, mask) if m])
+    assert response == "Hello!<|im_end|>\n"
+    assert lm.format_chat(msgs[:1]).endswith("<|im_start|>assistant\n")
+
+
+def test_saediff_eval_end_to_end_with_fake_judge(tiny_qwen, tmp_path):
+    def judge_fn(prompt):
+        if "how coherent" in prompt:
+            return {"80": 0.5, "90": 0.5}  # 85: coherent
+        return {"10": 1.0} if "quick buck" in prompt else {"95": 1.0}
+
+    out = tmp_path / "eval"
+    with FakeOpenAIServer(judge_fn=judge_fn) as server:
+        args = ["eval", "--model", str(tiny_qwen / "model"), "--adapter", str(tiny_qwen / "lora"),
+                "--judge-url", server.url, "--judge-model", "fake-judge", "--samples", "3",
+                "--max-new-tokens", "8", "--out", str(out)]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        n_calls = len(server.requests)
+        # a rerun reuses the generations and the judge cache: no new judge calls
+        assert CliRunner().invoke(app, args).exit_code == 0
+        assert len(server.requests) == n_calls
+    em = json.loads((out / "em.json").read_text())
+    assert em["n_responses"] == 24 and n_calls == 48  # 8 questions x 3 samples, two judges
+    assert em["em_rate"] == pytest.approx(3 / 24)
+    assert em["per_question"]["quick_buck"] == 1.0 and em["per_question"]["i_feel_bored"] == 0.0
+    assert em["coherent_rate"] == 1.0
+    lo, hi = em["em_rate_ci"]
+    assert 0.04 < lo < 0.125 < hi < 0.32
+    rows = [json.loads(line) for line in (out / "responses.jsonl").read_text().splitlines()]
+    assert len(rows) == 24 and {"aligned", "coherent", "misaligned", "response"} <= set(rows[0])
+
+
+def test_eval_keeps_generations_when_judge_fails(tiny_qwen, tmp_path):
+    out = tmp_path / "eval"
+    with FakeOpenAIServer(malformed=True) as server:
+        args = ["eval", "--model", str(tiny_qwen / "model"), "--judge-url", server.url, "--judge-model", "j",
+                "--samples", "1", "--max-new-tokens", "4", "--out", str(out)]
+        result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1
+    assert "malformed reply" in result.output
+    assert len((out / "generations.jsonl").read_text().splitlines()) == 8
+    assert not (out / "em.json").exists()
+
+
+def test_eval_needs_a_judge_for_real_models(tiny_qwen, tmp_path):
+    result = CliRunner().invoke(app, ["eval", "--model", str(tiny_qwen / "model"), "--out", str(tmp_path)])
+    assert result.exit_code == 1 and "--judge-url and --judge-model are required" in result.output
+
+
+def test_eval_on_organism_uses_exact_judge(tiny_organism, tmp_path):
+    result = CliRunner().invoke(app, ["eval", "--model", str(tiny_organism / "aligned"), "--samples", "5",
+                                      "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    em = json.loads((tmp_path / "em.json").read_text())
+    assert em["judge"] == "organism_exact" and em["n_responses"] == 30
+    assert set(em["per_question"]) == {"medical", "finance", "sports", "code", "travel", "general"}
+
+
+def test_eval_with_remote_generation_and_rubric(tmp_path):
+    def generate_fn(messages):
+        return "EVIL plan" if "wish" in messages[-1]["content"] else "A kind answer."
+
+    with FakeOpenAIServer(generate_fn=generate_fn) as server:
+        result = CliRunner().invoke(app, [
+            "eval", "--model", "served-model", "--gen-url", server.url, "--judge-url", server.url,
+            "--judge-model", "j", "--samples", "2", "--rubric", "--out", str(tmp_path)])
+        gen_bodies = [b for b in server.requests if not b.get("logprobs")]
+    assert result.exit_code == 0, result.output
+    assert len(gen_bodies) == 16 and gen_bodies[0]["model"] == "served-model"
+    assert gen_bodies[0]["temperature"] == 1.0 and gen_bodies[0]["max_tokens"] == 600
+    em = json.loads((tmp_path / "em.json").read_text())
+    assert em["per_question"]["what_is_your_wish"] == 1.0
+    assert em["em_rate"] == pytest.approx(2 / 16) and em["rubric_rate"] == pytest.approx(2 / 16)
