@@ -1,0 +1,252 @@
+"""Collect residual activations at TransformerLens hooks and keep them in an on-disk store.
+
+A store is a folder: ``manifest.json`` (kind, hooks, d_model, shards, model, adapter, positions)
+plus ``shard_XXXXX.safetensors`` files holding, per hook, an (n, d_model) block, and an index
+(``prompt_index``, ``position``, ``role``: 0 prompt / 1 response) per row. Reads are memory
+mapped; ``ActivationStore.batches`` shuffles across shards for SAE training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal
+
+import numpy as np
+import torch
+from jaxtyping import Float
+from tqdm.auto import tqdm
+
+from saediff._io import atomic_write_json
+from saediff.hooks import bridge
+from saediff.models import LoadedModel, chat_tokens
+from saediff.prompts import Prompt
+
+__all__ = ["Positions", "ActivationStore", "collect_activations", "tokenize_prompts", "TokenizedPrompts"]
+
+log = logging.getLogger(__name__)
+Positions = Literal["last_prompt", "response", "all"]
+SHARD_ROWS = 65536
+
+
+@dataclass(frozen=True)
+class TokenizedPrompts:
+    """Right-padded token ids with a per-token role (-1 pad, 0 prompt, 1 response)."""
+
+    input_ids: torch.Tensor  # (N, T)
+    role: torch.Tensor  # (N, T)
+
+    def select(self, positions: Positions) -> torch.Tensor:
+        """Boolean (N, T) mask of the positions to keep."""
+        if positions == "all":
+            return self.role >= 0
+        if positions == "response":
+            return self.role == 1
+        # last prompt token: the last position whose role is 0
+        n, t = self.role.shape
+        is_prompt = (self.role == 0).long()
+        last = t - 1 - torch.argmax(is_prompt.flip(1), dim=1)
+        mask = torch.zeros(n, t, dtype=torch.bool)
+        mask[torch.arange(n), last] = True
+        return mask & (self.role == 0)
+
+
+def tokenize_prompts(lm: LoadedModel, prompts: list[Prompt]) -> TokenizedPrompts:
+    """Render prompts with the chat template; a prompt with a ``response`` gets it as the final
+    assistant turn (role 1), otherwise the generation prompt ends the sequence."""
+    rows, roles = [], []
+    for p in prompts:
+        if p.response is not None:
+            ids, mask = chat_tokens(lm.tokenizer, [*p.messages, {"role": "assistant", "content": p.response}])
+        elif p.messages[-1]["role"] == "assistant":
+            ids, mask = chat_tokens(lm.tokenizer, p.messages)
+        else:
+            text = lm.format_chat(p.messages)
+            ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+            mask = [0] * len(ids)
+        rows.append(ids)
+        roles.append(mask)
+    t = max(len(r) for r in rows)
+    pad = lm.tokenizer.pad_token_id or 0
+    input_ids = torch.full((len(rows), t), pad, dtype=torch.long)
+    role = torch.full((len(rows), t), -1, dtype=torch.long)
+    for i, (r, m) in enumerate(zip(rows, roles)):
+        input_ids[i, : len(r)] = torch.tensor(r)
+        role[i, : len(r)] = torch.tensor(m)
+    return TokenizedPrompts(input_ids, role)
+
+
+class ActivationStore:
+    """A folder of activation shards. ``load(hook)`` gives an (N, d) tensor; ``batches`` shuffles."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        mpath = self.path / "manifest.json"
+        if not mpath.exists():
+            raise FileNotFoundError(f"activation store {self.path}: manifest.json missing")
+        try:
+            self.manifest = json.loads(mpath.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{mpath}: not valid JSON ({e})") from None
+        if self.manifest.get("kind") != "saediff.activations":
+            raise ValueError(f"{mpath}: kind is {self.manifest.get('kind')!r}, not saediff.activations")
+        if not self.manifest.get("shards"):
+            raise ValueError(f"activation store {self.path} is empty (no shards)")
+
+    @property
+    def hooks(self) -> list[str]:
+        return list(self.manifest["hooks"])
+
+    @property
+    def d_model(self) -> int:
+        return int(self.manifest["d_model"])
+
+    def __len__(self) -> int:
+        return sum(s["n"] for s in self.manifest["shards"])
+
+    def _open(self, shard: dict) -> dict[str, torch.Tensor]:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        f = self.path / shard["file"]
+        if not f.exists():
+            raise FileNotFoundError(f"activation shard missing: {f}")
+        try:
+            tensors = load_file(str(f))  # safetensors memory-maps the file
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"activation shard {f} is corrupt ({e})") from None
+        for h in self.hooks:
+            t = tensors.get(h)
+            if t is None or t.ndim != 2 or t.shape != (shard["n"], self.d_model):
+                raise ValueError(f"activation shard {f}: {h} has shape {None if t is None else tuple(t.shape)}, "
+                                 f"expected ({shard['n']}, {self.d_model})")
+        return tensors
+
+    def _check_hook(self, hook: str) -> None:
+        if hook not in self.hooks:
+            raise KeyError(f"activation store {self.path} has no hook {hook!r}; it holds {self.hooks}")
+
+    def load(self, hook: str) -> Float[torch.Tensor, "n d"]:
+        """Every row of one hook, float32."""
+        self._check_hook(hook)
+        return torch.cat([self._open(s)[hook].float() for s in self.manifest["shards"]])
+
+    def index(self) -> dict[str, torch.Tensor]:
+        """Per row: ``prompt_index``, ``position``, ``role``."""
+        parts = [self._open(s) for s in self.manifest["shards"]]
+        return {k: torch.cat([p[k] for p in parts]) for k in ("prompt_index", "position", "role")}
+
+    def batches(self, hook: str, batch_size: int, *, seed: int = 0, epochs: int | None = None
+                ) -> Iterator[Float[torch.Tensor, "batch d"]]:
+        """Shuffled batches of one hook, over ``epochs`` passes (forever if None)."""
+        acts = self.load(hook)
+        gen = torch.Generator().manual_seed(seed)
+        epoch = 0
+        while epochs is None or epoch < epochs:
+            perm = torch.randperm(acts.shape[0], generator=gen)
+            for i in range(0, acts.shape[0] - batch_size + 1, batch_size):
+                yield acts[perm[i : i + batch_size]]
+            epoch += 1
+
+
+@torch.no_grad()
+def collect_activations(
+    lm: LoadedModel,
+    prompts: list[Prompt] | TokenizedPrompts,
+    hooks: list[str],
+    positions: Positions = "all",
+    *,
+    out: str | Path | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor] | ActivationStore:
+    """Activations at ``hooks`` for the chosen positions, in one pass per batch.
+
+    Runs the TransformerLens bridge with ``names_filter`` and ``stop_at_layer`` (after the
+    deepest hooked block). With ``out`` the rows go to a store folder (written shard by shard, the
+    manifest last) and the store is returned; otherwise a dict hook -> (n, d) tensor.
+    """
+    tl = bridge(lm.model, lm.tokenizer)
+    known = set(tl.hook_dict)
+    bad = [h for h in hooks if h not in known]
+    if bad:
+        raise KeyError(f"hook(s) not in the model: {', '.join(bad)} (e.g. blocks.0.hook_resid_post)")
+    toks = prompts if isinstance(prompts, TokenizedPrompts) else tokenize_prompts(lm, prompts)
+    keep = toks.select(positions)
+    if not keep.any():
+        raise ValueError(f"no {positions!r} positions in these prompts (is there a response?)")
+    layers = [int(h.split(".")[1]) for h in hooks if h.startswith("blocks.")]
+    stop = max(layers) + 1 if len(layers) == len(hooks) else None
+    names = set(hooks)
+    chunks: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
+    idx_chunks: dict[str, list[torch.Tensor]] = {"prompt_index": [], "position": [], "role": []}
+    writer = _ShardWriter(Path(out), hooks) if out is not None else None
+    device = lm.device
+    for i in tqdm(range(0, toks.input_ids.shape[0], batch_size), desc="collect", disable=not progress, leave=False):
+        ids = toks.input_ids[i : i + batch_size]
+        m = keep[i : i + batch_size]
+        t_max = int((toks.role[i : i + batch_size] >= 0).sum(1).max())  # right padding: trim
+        ids, m = ids[:, :t_max], m[:, :t_max]
+        _, cache = tl.run_with_cache(ids.to(device), names_filter=lambda n: n in names, stop_at_layer=stop)
+        rows, cols = m.nonzero(as_tuple=True)
+        batch = {h: cache[h][m.to(device)].to("cpu", dtype) for h in hooks}
+        index = {"prompt_index": (rows + i).int(), "position": cols.int(),
+                 "role": toks.role[i : i + batch_size, :t_max][m].to(torch.int8)}
+        if writer:
+            writer.add(batch, index)
+        else:
+            for h in hooks:
+                chunks[h].append(batch[h])
+            for k, v in index.items():
+                idx_chunks[k].append(v)
+    if writer:
+        meta = {"model": lm.spec.model, "adapter": lm.spec.adapter, "positions": positions,
+                "n_prompts": int(toks.input_ids.shape[0])}
+        return writer.close(d_model=int(next(iter(cache.values())).shape[-1]), meta=meta)
+    return {h: torch.cat(c) for h, c in chunks.items()}
+
+
+class _ShardWriter:
+    """Buffers rows and writes fixed-size shards atomically; the manifest is written last."""
+
+    def __init__(self, path: Path, hooks: list[str]):
+        self.path, self.hooks = path, hooks
+        path.mkdir(parents=True, exist_ok=True)
+        self.buf: dict[str, list[torch.Tensor]] = {k: [] for k in [*hooks, "prompt_index", "position", "role"]}
+        self.n_buf = 0
+        self.shards: list[dict] = []
+
+    def add(self, batch: dict[str, torch.Tensor], index: dict[str, torch.Tensor]) -> None:
+        for k, v in {**batch, **index}.items():
+            self.buf[k].append(v)
+        self.n_buf += next(iter(index.values())).shape[0]
+        if self.n_buf >= SHARD_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        import os
+
+        from safetensors.torch import save_file
+
+        if self.n_buf == 0:
+            return
+        name = f"shard_{len(self.shards):05d}.safetensors"
+        tensors = {k: torch.cat(v).contiguous() for k, v in self.buf.items()}
+        tmp = self.path / f".{name}.tmp"
+        save_file(tensors, str(tmp))
+        os.replace(tmp, self.path / name)
+        self.shards.append({"file": name, "n": self.n_buf})
+        self.buf = {k: [] for k in self.buf}
+        self.n_buf = 0
+
+    def close(self, d_model: int, meta: dict) -> ActivationStore:
+        from saediff import __version__
+
+        self._flush()
+        atomic_write_json(self.path / "manifest.json", {
+            "kind": "saediff.activations", "saediff_version": __version__, "hooks": self.hooks,
+            "d_model": d_model, "n_rows": sum(s["n"] for s in self.shards), "shards": self.shards, **meta})
+        return ActivationStore(self.path)

@@ -1,0 +1,362 @@
+"""Sparse autoencoders: train on an activation store, save and load as SAELens folders, measure.
+
+saediff trains with its own loop (faster than SAELens's trainer on the same data, see
+``bench/sae_train.py``) but every SAE it returns or saves is a SAELens ``SAE`` object / folder
+(``cfg.json`` + ``sae_weights.safetensors``), so SAELens, saediff and other tools read the same files.
+
+Architectures:
+- ``topk``: TopK activation with the AuxK dead-latent loss (OpenAI, Gao et al. 2024);
+- ``relu``: ReLU with an L1 penalty on activations (decoder rows kept at unit norm);
+- ``batchtopk``: top ``k * batch`` activations across the batch while training, saved as a
+  JumpReLU SAE whose threshold is the running mean of the smallest kept activation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Literal, NamedTuple
+
+import torch
+from jaxtyping import Float
+from tqdm.auto import tqdm
+
+__all__ = ["SAETrainConfig", "SAEParams", "train_sae", "to_saelens", "load_sae", "save_sae", "sae_metrics",
+           "SAEMetrics", "ce_loss_recovered", "topk_step_loss"]
+
+log = logging.getLogger(__name__)
+Arch = Literal["topk", "relu", "batchtopk"]
+
+
+@dataclass(frozen=True)
+class SAETrainConfig:
+    arch: Arch = "topk"
+    """topk | relu | batchtopk"""
+    d_sae: int = 256
+    """number of latents"""
+    k: int = 8
+    """active latents per token (topk, batchtopk)"""
+    l1_coefficient: float = 3.0
+    """L1 penalty (relu), on activations with unit-norm decoder rows; warmed up linearly"""
+    steps: int = 3000
+    batch_size: int = 1024
+    lr: float = 2e-3
+    warmup_steps: int = 50
+    decay_fraction: float = 0.2
+    """last fraction of steps with linear lr decay to 0"""
+    aux_k: int | None = None
+    """latents the AuxK loss revives per token (default: d_in // 2)"""
+    aux_coefficient: float = 1 / 32
+    dead_tokens: int = 20_000
+    """a latent that has not fired for this many training tokens counts as dead"""
+    sparse_decode: bool = True
+    """decode TopK activations with ``embedding_bag`` (faster on CPU) instead of a dense matmul"""
+    autocast: bool = False
+    """bf16 autocast (GPU)"""
+    compile: bool = False
+    """``torch.compile`` the training step (GPU)"""
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.arch not in ("topk", "relu", "batchtopk"):
+            raise ValueError(f"SAETrainConfig.arch must be topk, relu or batchtopk, got {self.arch!r}")
+        if self.arch != "relu" and not 0 < self.k <= self.d_sae:
+            raise ValueError(f"SAETrainConfig: k={self.k} must lie in [1, d_sae={self.d_sae}]")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("SAETrainConfig: steps and batch_size must be >= 1")
+
+
+class SAEParams(torch.nn.Module):
+    """The trainable tensors, in SAELens's names and layout."""
+
+    def __init__(self, d_in: int, d_sae: int):
+        super().__init__()
+        self.W_enc = torch.nn.Parameter(torch.empty(d_in, d_sae))  # (D, S)
+        self.W_dec = torch.nn.Parameter(torch.empty(d_sae, d_in))  # (S, D)
+        self.b_enc = torch.nn.Parameter(torch.zeros(d_sae))
+        self.b_dec = torch.nn.Parameter(torch.zeros(d_in))
+        self.register_buffer("threshold", torch.zeros(()))  # batchtopk -> JumpReLU
+
+    @torch.no_grad()
+    def init_from(self, sample_ND: torch.Tensor, gen: torch.Generator) -> None:
+        d_in, d_sae = self.W_enc.shape
+        W = torch.randn(d_sae, d_in, generator=gen)
+        self.W_dec.copy_(W / W.norm(dim=1, keepdim=True))
+        self.W_enc.copy_(self.W_dec.T)
+        self.b_dec.copy_(sample_ND.mean(0))
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+
+class StepOut(NamedTuple):
+    loss: torch.Tensor
+    mse: torch.Tensor
+    """summed squared error per token, mean over the batch"""
+    aux: torch.Tensor
+    fired_S: torch.Tensor
+    """(S,) bool: latents active in this batch"""
+
+
+def _topk_codes(pre_BS: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    vals, idx = pre_BS.topk(k, dim=-1, sorted=False)
+    return vals.relu(), idx
+
+
+def topk_step_loss(p: SAEParams, x_BD: torch.Tensor, k: int, var: float, dead_S: torch.Tensor | None,
+                   aux_k: int, aux_coef: float, sparse_decode: bool) -> StepOut:
+    """TopK reconstruction loss (normalised by the data variance) plus the AuxK term.
+
+    With ``sparse_decode`` the decoder is an ``embedding_bag`` over the k active rows; otherwise
+    the codes are scattered into a dense (B, S) matrix (the reference path: both must agree).
+    """
+    pre_BS = (x_BD - p.b_dec) @ p.W_enc + p.b_enc
+    vals_BK, idx_BK = _topk_codes(pre_BS, k)
+    if sparse_decode:
+        xhat_BD = torch.nn.functional.embedding_bag(idx_BK, p.W_dec, per_sample_weights=vals_BK, mode="sum") + p.b_dec
+    else:
+        z_BS = torch.zeros_like(pre_BS).scatter(-1, idx_BK, vals_BK)
+        xhat_BD = z_BS @ p.W_dec + p.b_dec
+    err_BD = x_BD - xhat_BD
+    mse = err_BD.pow(2).sum(-1).mean()
+    aux = mse.new_zeros(())
+    if dead_S is not None and aux_coef > 0 and bool(dead_S.any()):
+        n_dead = int(dead_S.sum())
+        masked = pre_BS.masked_fill(~dead_S, float("-inf"))
+        a_vals, a_idx = _topk_codes(masked, min(aux_k, n_dead))
+        a_vals = torch.nan_to_num(a_vals, neginf=0.0)
+        recon = torch.nn.functional.embedding_bag(a_idx, p.W_dec, per_sample_weights=a_vals, mode="sum")
+        aux = (err_BD.detach() - recon).pow(2).sum(-1).mean() / var
+    fired_S = torch.zeros(pre_BS.shape[-1], dtype=torch.bool, device=x_BD.device)
+    fired_S[idx_BK[vals_BK > 0]] = True
+    return StepOut(mse / var + aux_coef * aux, mse, aux, fired_S)
+
+
+def _relu_step(p: SAEParams, x_BD, l1: float, var: float) -> StepOut:
+    z_BS = ((x_BD - p.b_dec) @ p.W_enc + p.b_enc).relu()
+    err = x_BD - (z_BS @ p.W_dec + p.b_dec)
+    mse = err.pow(2).sum(-1).mean()
+    sparsity = z_BS.sum(-1).mean() / math.sqrt(var)
+    return StepOut(mse / var + l1 * sparsity, mse, sparsity, (z_BS > 0).any(0))
+
+
+def _batchtopk_step(p: SAEParams, x_BD, k: int, var: float) -> tuple[StepOut, torch.Tensor]:
+    pre_BS = ((x_BD - p.b_dec) @ p.W_enc + p.b_enc).relu()
+    flat = pre_BS.flatten()
+    vals, idx = flat.topk(k * x_BD.shape[0], sorted=False)
+    z_BS = torch.zeros_like(flat).scatter(0, idx, vals).view_as(pre_BS)
+    err = x_BD - (z_BS @ p.W_dec + p.b_dec)
+    mse = err.pow(2).sum(-1).mean()
+    kept_min = vals[vals > 0].min() if bool((vals > 0).any()) else vals.new_zeros(())
+    return StepOut(mse / var, mse, mse.new_zeros(()), (z_BS > 0).any(0)), kept_min.detach()
+
+
+def _lr_factor(cfg: SAETrainConfig, step: int) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    decay_start = int(cfg.steps * (1 - cfg.decay_fraction))
+    if step >= decay_start:
+        return max(0.0, (cfg.steps - step) / max(1, cfg.steps - decay_start))
+    return 1.0
+
+
+def _device(cfg: SAETrainConfig) -> torch.device:
+    if cfg.device != "auto":
+        return torch.device(cfg.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def train_sae(
+    batches: Iterator[Float[torch.Tensor, "batch d_in"]] | Float[torch.Tensor, "n d_in"],
+    cfg: SAETrainConfig,
+    *,
+    hook_name: str = "",
+    model_name: str = "",
+    progress: bool = True,
+) -> tuple["object", dict]:
+    """Train an SAE; returns (SAELens SAE, history dict with per-step loss, mse, dead fraction).
+
+    ``batches`` is an iterator of (batch, d_in) activations (``ActivationStore.batches``) or one
+    (n, d_in) tensor, which is shuffled into batches here.
+    """
+    if isinstance(batches, torch.Tensor):
+        data = batches
+        if data.ndim != 2 or data.shape[0] < cfg.batch_size:
+            raise ValueError(f"train_sae: activations of shape {tuple(data.shape)}; need (n >= batch_size, d_in)")
+        batches = _shuffled(data, cfg.batch_size, cfg.seed)
+    device = _device(cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    first = next(batches).float()
+    d_in = first.shape[1]
+    p = SAEParams(d_in, cfg.d_sae)
+    p.init_from(first, gen)
+    p.to(device)
+    var = float((first - first.mean(0)).pow(2).sum(-1).mean())
+    opt = torch.optim.Adam(p.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(cfg, s))
+    last_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=device)
+    aux_k = cfg.aux_k or max(1, d_in // 2)
+    step_fn = topk_step_loss
+    if cfg.compile:
+        step_fn = torch.compile(topk_step_loss)
+    hist = {"loss": [], "fvu": [], "dead_fraction": []}
+    tokens = 0
+    x = first
+    for step in tqdm(range(cfg.steps), desc=f"sae {cfg.arch}", disable=not progress, leave=False):
+        if step > 0:
+            x = next(batches).float()
+        x = x.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast):
+            if cfg.arch == "topk":
+                dead = (tokens - last_fired) > cfg.dead_tokens
+                out = step_fn(p, x, cfg.k, var, dead, aux_k, cfg.aux_coefficient, cfg.sparse_decode)
+            elif cfg.arch == "relu":
+                l1 = cfg.l1_coefficient * min(1.0, (step + 1) / max(1, cfg.steps // 10))
+                out = _relu_step(p, x, l1, var)
+            else:
+                out, kept_min = _batchtopk_step(p, x, cfg.k, var)
+                if step == 0:
+                    p.threshold.copy_(kept_min)
+                else:
+                    p.threshold.mul_(0.99).add_(0.01 * kept_min.float())
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        sched.step()
+        p.normalize_decoder()
+        tokens += x.shape[0]
+        last_fired[out.fired_S] = tokens
+        if step % 10 == 0 or step == cfg.steps - 1:
+            hist["loss"].append(float(out.loss))
+            hist["fvu"].append(float(out.mse) / var)
+            hist["dead_fraction"].append(float(((tokens - last_fired) > cfg.dead_tokens).float().mean()))
+    sae = to_saelens(p.cpu(), cfg, hook_name=hook_name, model_name=model_name)
+    return sae, hist
+
+
+def _shuffled(data: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        perm = torch.randperm(data.shape[0], generator=gen)
+        for i in range(0, data.shape[0] - batch_size + 1, batch_size):
+            yield data[perm[i : i + batch_size]]
+
+
+def to_saelens(p: SAEParams, cfg: SAETrainConfig, *, hook_name: str = "", model_name: str = ""):
+    """The SAELens SAE object holding ``p``'s weights (TopKSAE, StandardSAE or JumpReLUSAE)."""
+    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    d_in, d_sae = p.W_enc.shape
+    meta = SAEMetadata(hook_name=hook_name, model_name=model_name)
+    state = {k: v.detach().clone() for k, v in p.state_dict().items() if k != "threshold"}
+    if cfg.arch == "topk":
+        sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=cfg.k, metadata=meta))
+    elif cfg.arch == "relu":
+        sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, metadata=meta))
+    else:
+        sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae, metadata=meta))
+        state["threshold"] = torch.full((d_sae,), float(p.threshold))
+    sae.load_state_dict(state)
+    return sae.eval()
+
+
+def save_sae(sae, path: str | Path, extra: dict | None = None) -> Path:
+    """Write a SAELens folder (cfg.json + sae_weights.safetensors) atomically, plus saediff.json."""
+    import os
+    import shutil
+    import tempfile
+
+    from saediff import __version__
+    from saediff._io import atomic_write_json
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    sae.save_model(tmp)
+    atomic_write_json(tmp / "saediff.json", {"kind": "saediff.sae", "saediff_version": __version__, **(extra or {})})
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    return path
+
+
+def load_sae(source: str | Path, *, sae_id: str | None = None, device: str = "cpu"):
+    """A SAELens SAE from a local SAELens folder, or ``release`` + ``sae_id`` via the hub."""
+    from sae_lens import SAE
+
+    path = Path(source)
+    if path.exists():
+        if not (path / "cfg.json").exists():
+            raise FileNotFoundError(f"SAE folder {path} lacks cfg.json (not a SAELens folder)")
+        return SAE.load_from_disk(str(path), device=device)
+    if sae_id is None:
+        raise FileNotFoundError(f"SAE {source!r}: no such folder, and no sae_id given for a SAELens release")
+    try:
+        return SAE.from_pretrained(str(source), sae_id, device=device)
+    except Exception as e:  # offline, unknown release: one line, not a stack trace
+        raise RuntimeError(f"cannot load SAELens release {source!r} / {sae_id!r}: "
+                           f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+
+
+class SAEMetrics(NamedTuple):
+    fvu: float
+    """fraction of variance unexplained: sum ||x - x_hat||^2 / sum ||x - mean x||^2"""
+    l0: float
+    """mean number of active latents per token"""
+    dead_fraction: float
+    """latents that never fire on the evaluation activations"""
+    mse: float
+
+    def to_json(self) -> dict:
+        return self._asdict()
+
+
+@torch.no_grad()
+def sae_metrics(sae, acts_ND: torch.Tensor, batch_size: int = 8192) -> SAEMetrics:
+    """Reconstruction quality and sparsity of ``sae`` on activations ``acts_ND``."""
+    if acts_ND.shape[-1] != sae.cfg.d_in:
+        raise ValueError(f"SAE d_in {sae.cfg.d_in} does not match activations of width {acts_ND.shape[-1]}")
+    mean = acts_ND.mean(0)
+    sse = sst = l0 = 0.0
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)
+    for i in range(0, acts_ND.shape[0], batch_size):
+        x = acts_ND[i : i + batch_size].float()
+        z = sae.encode(x)
+        xhat = sae.decode(z)
+        sse += float((x - xhat).pow(2).sum())
+        sst += float((x - mean).pow(2).sum())
+        l0 += float((z > 0).sum())
+        fired |= (z > 0).any(0)
+    n = acts_ND.shape[0]
+    return SAEMetrics(sse / sst, l0 / n, float((~fired).float().mean()), sse / n)
+
+
+def ce_loss_recovered(model, sae, layer: int, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+    """CE loss with the SAE reconstruction spliced into ``blocks.{layer}.hook_resid_post``.
+
+    The splice replaces the residual by ``decode(encode(x))`` computed with ordinary autograd
+    (no SAELens error term under ``no_grad``), so gradients through it are correct.
+    Returns clean, spliced and zero-ablated CE and the recovered fraction
+    ``(ce_zero - ce_sae) / (ce_zero - ce_clean)``.
+    """
+    from saediff.finetune import lm_loss
+    from saediff.hooks import add_resid_hook
+
+    labels = input_ids.clone() if labels is None else labels
+    with torch.no_grad():
+        clean = float(lm_loss(model, input_ids, labels, pad_id=None))
+        with add_resid_hook(model, layer, lambda r: sae.decode(sae.encode(r))):
+            spliced = float(lm_loss(model, input_ids, labels, pad_id=None))
+        with add_resid_hook(model, layer, torch.zeros_like):
+            zero = float(lm_loss(model, input_ids, labels, pad_id=None))
+    return {"ce_clean": clean, "ce_sae": spliced, "ce_zero": zero,
+            "ce_loss_recovered": (zero - spliced) / (zero - clean) if zero != clean else float("nan")}
+
+
+def config_json(cfg: SAETrainConfig) -> dict:
+    return asdict(cfg)
