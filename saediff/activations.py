@@ -20,7 +20,6 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from saediff._io import atomic_write_json
-from saediff.hooks import bridge
 from saediff.models import LoadedModel, chat_tokens
 from saediff.prompts import Prompt
 
@@ -169,7 +168,7 @@ def collect_activations(
     deepest hooked block). With ``out`` the rows go to a store folder (written shard by shard, the
     manifest last) and the store is returned; otherwise a dict hook -> (n, d) tensor.
     """
-    tl = bridge(lm.model, lm.tokenizer)
+    tl = lm.bridge()
     known = set(tl.hook_dict)
     bad = [h for h in hooks if h not in known]
     if bad:

@@ -64,6 +64,15 @@ class LoadedModel:
     model: torch.nn.Module
     tokenizer: object
     spec: ModelSpec
+    _bridge: object = None
+
+    def bridge(self):
+        """The TransformerLens bridge view (built once; adapters must be merged first)."""
+        if self._bridge is None:
+            from saediff.hooks import bridge
+
+            self._bridge = bridge(self.model, self.tokenizer)
+        return self._bridge
 
     @property
     def device(self) -> torch.device:
