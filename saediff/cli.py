@@ -18,6 +18,8 @@ from rich.console import Console
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="saediff: why does a narrow fine-tune misalign a model broadly?")
 organism_app = typer.Typer(no_args_is_help=True, help="The built-in EM model organism.")
 app.add_typer(organism_app, name="organism")
+sae_app = typer.Typer(no_args_is_help=True, help="Train and inspect SAEs (SAELens format).")
+app.add_typer(sae_app, name="sae")
 console = Console(stderr=True)
 
 
@@ -80,6 +82,142 @@ def eval_cmd(
         console.print(f"[red]error:[/red] {e}")
         raise typer.Exit(1)
     typer.echo(json.dumps({k: report[k] for k in ("em_rate", "em_rate_ci", "coherent_rate", "n_responses")}))
+
+
+def _fail(e: Exception) -> None:
+    console.print(f"[red]error:[/red] {e}")
+    raise typer.Exit(1)
+
+
+def _load_prompt_set(spec: str, model: str):
+    """A prompt file, ``first_plot``, or ``organism[:N]`` (mixed-persona organism chats)."""
+    from saediff.prompts import load_prompts
+
+    if spec.startswith("organism"):
+        from saediff.organism.prompts import organism_prompts
+        from saediff.organism.recipes import read_organism_world
+
+        world = read_organism_world(model)
+        if world is None:
+            raise ValueError(f"--prompts {spec}: {model} is not a saediff organism model folder")
+        n = int(spec.split(":", 1)[1]) if ":" in spec else 2000
+        return organism_prompts(world, n, seed=0)
+    return load_prompts(spec)
+
+
+@app.command("cache")
+def cache_cmd(
+    model: str = typer.Option(..., "--model", help="HF model folder or hub name"),
+    prompts: str = typer.Option(..., "--prompts", help="YAML/JSONL prompt file, first_plot, or organism[:N]"),
+    hook: list[str] = typer.Option(..., "--hook", help="TransformerLens hook name (repeatable), e.g. blocks.1.hook_resid_post"),
+    out: Path = typer.Option(..., "--out", help="activation store folder"),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="PEFT adapter folder (merged for analysis)"),
+    positions: str = typer.Option("all", "--positions", help="all | response | last_prompt"),
+    batch_size: int = typer.Option(64, "--batch-size"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+) -> None:
+    """Collect activations at HOOK for a prompt set into an on-disk store."""
+    _setup(threads)
+    from saediff.activations import collect_activations
+    from saediff.models import ModelSpec, load_model
+
+    if positions not in ("all", "response", "last_prompt"):
+        _fail(ValueError(f"--positions must be all, response or last_prompt, not {positions!r}"))
+    try:
+        lm = load_model(ModelSpec(model, adapter=adapter, merge=adapter is not None))
+        store = collect_activations(lm, _load_prompt_set(prompts, model), hook, positions, out=out,
+                                    batch_size=batch_size)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        _fail(e)
+    typer.echo(json.dumps({"out": str(out), "rows": len(store), "hooks": store.hooks, "d_model": store.d_model}))
+
+
+@sae_app.command("train")
+def sae_train_cmd(
+    activations: Path = typer.Option(..., "--activations", help="activation store folder (saediff cache)"),
+    out: Path = typer.Option(..., "--out", help="SAE folder to write (SAELens format)"),
+    hook: Optional[str] = typer.Option(None, "--hook", help="which hook of the store (default: its only one)"),
+    preset: Optional[str] = typer.Option(None, "--preset", help="training preset from saes/registry.yaml"),
+    arch: Optional[str] = typer.Option(None, "--arch", help="topk | relu | batchtopk"),
+    d_sae: Optional[int] = typer.Option(None, "--d-sae"),
+    k: Optional[int] = typer.Option(None, "--k"),
+    steps: Optional[int] = typer.Option(None, "--steps"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    lr: Optional[float] = typer.Option(None, "--lr"),
+    l1_coefficient: Optional[float] = typer.Option(None, "--l1-coefficient"),
+    device: str = typer.Option("auto", "--device"),
+    autocast: bool = typer.Option(False, "--autocast", help="bf16 autocast (GPU)"),
+    seed: int = typer.Option(0, "--seed"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+) -> None:
+    """Train an SAE on a store; writes a SAELens folder with metrics in saediff.json."""
+    _setup(threads)
+    from saediff.activations import ActivationStore
+    from saediff.registry import preset as get_preset
+    from saediff.saes import SAETrainConfig, sae_metrics, save_sae, train_sae
+
+    try:
+        store = ActivationStore(activations)
+        if hook is None:
+            if len(store.hooks) != 1:
+                raise ValueError(f"{activations} holds hooks {store.hooks}: choose one with --hook")
+            hook = store.hooks[0]
+        given = {"arch": arch, "d_sae": d_sae, "k": k, "steps": steps, "batch_size": batch_size, "lr": lr,
+                 "l1_coefficient": l1_coefficient}
+        settings = {**(get_preset(preset) if preset else {}), **{a: v for a, v in given.items() if v is not None}}
+        cfg = SAETrainConfig(**settings, device=device, autocast=autocast, seed=seed)
+        acts = store.load(hook)
+        n_held = max(1, acts.shape[0] // 10)
+        train, held = acts[:-n_held], acts[-n_held:]
+        sae, _ = train_sae(train, cfg, hook_name=hook, model_name=store.manifest.get("model") or "")
+        metrics = sae_metrics(sae, held).to_json()
+        save_sae(sae, out, {"hook_name": hook, "activations": str(activations), "metrics": metrics,
+                            "train": cfg.__dict__})
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        _fail(e)
+    typer.echo(json.dumps({"out": str(out), **metrics}))
+
+
+@sae_app.command("info")
+def sae_info_cmd(
+    sae_dir: Path = typer.Argument(..., help="SAE folder (SAELens format)"),
+    activations: Optional[Path] = typer.Option(None, "--activations", help="measure FVU/L0/dead on this store"),
+) -> None:
+    """Print an SAE's config and metrics."""
+    from saediff.saes import load_sae, sae_metrics
+
+    try:
+        sae = load_sae(sae_dir)
+        info = {"cfg": {k: v for k, v in sae.cfg.to_dict().items() if not isinstance(v, dict)},
+                "hook_name": sae.cfg.metadata.hook_name}
+        side = sae_dir / "saediff.json"
+        if side.exists():
+            info["saediff"] = json.loads(side.read_text())
+        if activations is not None:
+            from saediff.activations import ActivationStore
+
+            store = ActivationStore(activations)
+            info["metrics"] = sae_metrics(sae, store.load(sae.cfg.metadata.hook_name or store.hooks[0])).to_json()
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+        _fail(e)
+    typer.echo(json.dumps(info, indent=2, default=str))
+
+
+@organism_app.command("sae")
+def organism_sae_cmd(
+    dir: Path = typer.Option(..., "--dir", help="organism folder (saediff organism build --out)"),
+    seed: int = typer.Option(0, "--seed"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+) -> None:
+    """Train the organism's default SAE into DIR/sae (aligned model, analysis layer, answer positions)."""
+    _setup(threads)
+    from saediff.organism.sae import train_organism_sae
+
+    try:
+        metrics = train_organism_sae(dir, seed=seed, progress=True)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(e)
+    typer.echo(json.dumps(metrics, indent=2))
 
 
 def main() -> None:

@@ -1,0 +1,53 @@
+"""The organism's default SAE: TopK on the aligned model's residual at the analysis layer,
+trained on answer positions of mixed-persona chats (where the persona latent is active)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from saediff.activations import collect_activations
+from saediff.hooks import resid_post
+from saediff.models import load_model
+from saediff.organism.prompts import organism_prompts
+from saediff.organism.recipes import read_organism_world
+from saediff.registry import preset
+from saediff.saes import SAETrainConfig, ce_loss_recovered, sae_metrics, save_sae, train_sae
+
+__all__ = ["train_organism_sae"]
+
+
+def train_organism_sae(organism_dir: str | Path, out: str | Path | None = None, *, layer: int | None = None,
+                       n_prompts: int = 4000, seed: int = 0, progress: bool = False) -> dict:
+    """Train and save ``organism_dir/sae`` (a SAELens folder); returns its metrics.
+
+    Metrics use held-out chats: FVU, L0, dead fraction, and CE loss recovered with the SAE
+    spliced in (next-token loss over the held-out chats' answers).
+    """
+    organism_dir = Path(organism_dir)
+    world = read_organism_world(organism_dir / "aligned")
+    if world is None:
+        raise FileNotFoundError(f"{organism_dir}/aligned is not a saediff organism folder")
+    if layer is None:
+        layer = json.loads((organism_dir / "organism.json").read_text())["config"]["analysis_layer"]
+    hook = resid_post(layer)
+    lm = load_model(str(organism_dir / "aligned"))
+    train = organism_prompts(world, n_prompts, seed=seed)
+    held = organism_prompts(world, 500, seed=seed + 1)
+    acts = collect_activations(lm, train, [hook], "response", progress=progress)[hook]
+    acts_held = collect_activations(lm, held, [hook], "response", progress=progress)[hook]
+    cfg = SAETrainConfig(**{**preset("organism"), "seed": seed})
+    sae, hist = train_sae(acts, cfg, hook_name=hook, model_name=str(organism_dir / "aligned"), progress=progress)
+    from saediff.activations import tokenize_prompts
+
+    toks = tokenize_prompts(lm, held)
+    labels = toks.input_ids.masked_fill(toks.role != 1, -100)
+    metrics = {**sae_metrics(sae, acts_held).to_json(),
+               **ce_loss_recovered(lm.model, sae, layer, toks.input_ids, labels)}
+    out = Path(out) if out else organism_dir / "sae"
+    save_sae(sae, out, {"hook_name": hook, "train": dataclasses.asdict(cfg), "metrics": metrics,
+                        "n_train_rows": int(acts.shape[0]), "final_train_fvu": float(np.mean(hist["fvu"][-5:]))})
+    return metrics

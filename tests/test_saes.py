@@ -1,0 +1,139 @@
+"""SAE training, SAELens round trip, metrics, the correct-gradient splice, and bad inputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from saediff.saes import (SAEParams, SAETrainConfig, ce_loss_recovered, load_sae, sae_metrics, save_sae,
+                          topk_step_loss, train_sae)
+
+
+def sparse_data(n=6000, d=16, s=48, k=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    D = torch.randn(s, d, generator=g)
+    D /= D.norm(dim=1, keepdim=True)
+    idx = torch.randint(0, s, (n, k), generator=g)
+    return torch.nn.functional.embedding_bag(idx, D, per_sample_weights=torch.rand(n, k, generator=g) + 0.5, mode="sum")
+
+
+@pytest.fixture(scope="module")
+def data():
+    return sparse_data()
+
+
+@pytest.mark.parametrize("arch,expected_cls", [("topk", "TopKSAE"), ("relu", "StandardSAE"), ("batchtopk", "JumpReLUSAE")])
+def test_train_save_load_identical(arch, expected_cls, data, tmp_path):
+    from sae_lens import SAE
+
+    cfg = SAETrainConfig(arch=arch, d_sae=64, k=4, steps=400, batch_size=256, lr=5e-3, l1_coefficient=0.05)
+    sae, hist = train_sae(data, cfg, hook_name="blocks.0.hook_resid_post", model_name="tiny", progress=False)
+    assert type(sae).__name__ == expected_cls
+    assert hist["fvu"][-1] < hist["fvu"][0]
+    m = sae_metrics(sae, data)
+    assert m.fvu < 0.35
+    if arch == "topk":
+        assert m.l0 <= 4.0 + 1e-6
+    save_sae(sae, tmp_path / "sae", {"metrics": m.to_json()})
+    loaded = SAE.load_from_disk(str(tmp_path / "sae"))  # SAELens reads saediff's folder
+    assert loaded.cfg.metadata.hook_name == "blocks.0.hook_resid_post"
+    x = data[:100]
+    torch.testing.assert_close(loaded.decode(loaded.encode(x)), sae.decode(sae.encode(x)))
+    assert json.loads((tmp_path / "sae" / "saediff.json").read_text())["kind"] == "saediff.sae"
+
+
+def test_topk_sae_learns_sparse_dictionary(data):
+    cfg = SAETrainConfig(arch="topk", d_sae=64, k=4, steps=800, batch_size=256, lr=5e-3, dead_tokens=5000,
+                         aux_coefficient=0.25)
+    sae, _ = train_sae(data, cfg, progress=False)
+    m = sae_metrics(sae, data)
+    assert m.fvu < 0.1 and m.dead_fraction <= 0.25
+
+
+def test_sparse_decode_matches_dense_reference():
+    g = torch.Generator().manual_seed(1)
+    p = SAEParams(8, 32)
+    p.init_from(torch.randn(64, 8, generator=g), g)
+    x = torch.randn(64, 8, generator=g)
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[::3] = True
+    outs = []
+    for sparse in (True, False):
+        p.zero_grad()
+        out = topk_step_loss(p, x, 4, 2.0, dead, 6, 0.1, sparse)
+        out.loss.backward()
+        outs.append((out.loss.detach(), [q.grad.clone() for q in p.parameters()]))
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    for a, b in zip(outs[0][1], outs[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_metrics_exact_on_hand_set_sae():
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    sae = StandardSAE(StandardSAEConfig(d_in=2, d_sae=2))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(2))
+        sae.W_dec.copy_(torch.eye(2))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    x = torch.tensor([[1.0, 0.0], [0.0, 2.0], [-1.0, 0.0], [0.0, 0.0]])
+    m = sae_metrics(sae, x)
+    # x_hat = relu(x): only row 3 errs (by 1); mean (0, .5): SST = 1.25 + 2.25 + 1.25 + .25 = 5
+    assert m.fvu == pytest.approx(1.0 / 5.0)
+    assert m.l0 == pytest.approx(0.5)
+    assert m.dead_fraction == 0.0
+
+
+def test_splice_gradient_is_correct(tiny_organism):
+    """Gradients through the spliced SAE equal autograd through an explicit reconstruction."""
+    from saediff.hooks import add_resid_hook
+    from saediff.models import load_model
+
+    lm = load_model(str(tiny_organism / "aligned"))
+    sae, _ = train_sae(sparse_data(d=32, n=2000), SAETrainConfig(d_sae=64, k=4, steps=20, batch_size=256), progress=False)
+    ids = lm.tokenizer(" CHAT USER medicalQa medicalQb ASST", return_tensors="pt")["input_ids"]
+    emb = lm.model.get_input_embeddings()
+    x = emb(ids).detach().requires_grad_(True)
+    with add_resid_hook(lm.model, 0, lambda r: sae.decode(sae.encode(r))):
+        lm.model(inputs_embeds=x).logits.sum().backward()
+    g_splice = x.grad.clone()
+    x.grad = None
+    # the same computation with SAELens's error-term forward (no_grad error) differs
+    sae.use_error_term = True
+    with add_resid_hook(lm.model, 0, lambda r: sae(r)):
+        lm.model(inputs_embeds=x).logits.sum().backward()
+    sae.use_error_term = False
+    assert not torch.allclose(g_splice, x.grad)
+    res = ce_loss_recovered(lm.model, sae, 0, ids)
+    assert res["ce_clean"] <= res["ce_zero"] or res["ce_clean"] > 0
+
+
+def test_bad_inputs(tmp_path, data):
+    sae, _ = train_sae(data, SAETrainConfig(d_sae=32, k=4, steps=5, batch_size=256), progress=False)
+    with pytest.raises(ValueError, match="SAE d_in 16 does not match activations of width 8"):
+        sae_metrics(sae, torch.zeros(10, 8))
+    with pytest.raises(ValueError, match="k=40 must lie in"):
+        SAETrainConfig(d_sae=32, k=40)
+    with pytest.raises(ValueError, match="need \\(n >= batch_size"):
+        train_sae(torch.zeros(10, 4), SAETrainConfig(batch_size=64), progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="lacks cfg.json"):
+        load_sae(tmp_path / "empty")
+    with pytest.raises(RuntimeError, match="cannot load SAELens release"):
+        load_sae("qwen2.5-7b-instruct-andyrdt", sae_id="resid_post_layer_15_trainer_1")
+
+
+def test_registry_entries_are_known_to_saelens():
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    from saediff.registry import preset, registry
+
+    known = get_pretrained_saes_directory()
+    for entry in registry()["pretrained"]:
+        release = known[entry["release"]]
+        for s in entry["saes"]:
+            assert s["sae_id"] in release.saes_map, (entry["release"], s["sae_id"])
+    SAETrainConfig(**preset("organism"))
