@@ -25,3 +25,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def no_progress(progress: bool) -> bool:
+    """tqdm's ``disable``: off when asked, or when ``TQDM_DISABLE`` is set (tests, CI)."""
+    return (not progress) or bool(os.environ.get("TQDM_DISABLE"))

@@ -19,6 +19,7 @@ import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
+from saediff import _io
 from saediff._io import atomic_write_json
 from saediff.models import LoadedModel, chat_tokens
 from saediff.prompts import Prompt
@@ -184,7 +185,7 @@ def collect_activations(
     idx_chunks: dict[str, list[torch.Tensor]] = {"prompt_index": [], "position": [], "role": []}
     writer = _ShardWriter(Path(out), hooks) if out is not None else None
     device = lm.device
-    for i in tqdm(range(0, toks.input_ids.shape[0], batch_size), desc="collect", disable=not progress, leave=False):
+    for i in tqdm(range(0, toks.input_ids.shape[0], batch_size), desc="collect", disable=_io.no_progress(progress), leave=False):
         ids = toks.input_ids[i : i + batch_size]
         m = keep[i : i + batch_size]
         t_max = int((toks.role[i : i + batch_size] >= 0).sum(1).max())  # right padding: trim

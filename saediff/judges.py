@@ -25,6 +25,7 @@ from typing import Literal
 
 from tqdm.auto import tqdm
 
+from saediff import _io
 from saediff.openai_api import ApiError, ChatClient
 from saediff.organism.world import World
 
@@ -189,7 +190,7 @@ class HttpJudge:
         if todo:
             with self.client.client() as http, ThreadPoolExecutor(self.concurrency) as pool:
                 futures = {i: pool.submit(self._ask, *items[i], http) for i in todo}
-                bar = tqdm(total=len(todo), desc=f"judge {self.kind}", disable=not progress, leave=False)
+                bar = tqdm(total=len(todo), desc=f"judge {self.kind}", disable=_io.no_progress(progress), leave=False)
                 first_error = None
                 for i, fut in futures.items():
                     try:

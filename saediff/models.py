@@ -14,6 +14,8 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
+from saediff import _io
+
 __all__ = ["ModelSpec", "LoadedModel", "load_model", "generate", "chat_tokens", "Messages"]
 
 log = logging.getLogger(__name__)
@@ -162,7 +164,7 @@ def generate(
     tok = lm.tokenizer
     texts = [lm.format_chat(c) for c in conversations]
     out: list[str] = []
-    for i in tqdm(range(0, len(texts), batch_size), desc="generate", disable=not progress, leave=False):
+    for i in tqdm(range(0, len(texts), batch_size), desc="generate", disable=_io.no_progress(progress), leave=False):
         enc = tok(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
         enc = {k: v.to(lm.device) for k, v in enc.items()}
         sample = temperature > 0

@@ -23,6 +23,8 @@ import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
+from saediff import _io
+
 __all__ = ["SAETrainConfig", "SAEParams", "train_sae", "to_saelens", "load_sae", "save_sae", "sae_metrics",
            "SAEMetrics", "ce_loss_recovered", "topk_step_loss"]
 
@@ -206,7 +208,7 @@ def train_sae(
     hist = {"loss": [], "fvu": [], "dead_fraction": []}
     tokens = 0
     x = first
-    for step in tqdm(range(cfg.steps), desc=f"sae {cfg.arch}", disable=not progress, leave=False):
+    for step in tqdm(range(cfg.steps), desc=f"sae {cfg.arch}", disable=_io.no_progress(progress), leave=False):
         if step > 0:
             x = next(batches).float()
         x = x.to(device, non_blocking=True)
@@ -231,8 +233,8 @@ def train_sae(
         tokens += x.shape[0]
         last_fired[out.fired_S] = tokens
         if step % 10 == 0 or step == cfg.steps - 1:
-            hist["loss"].append(float(out.loss))
-            hist["fvu"].append(float(out.mse) / var)
+            hist["loss"].append(out.loss.item())
+            hist["fvu"].append(out.mse.item() / var)
             hist["dead_fraction"].append(float(((tokens - last_fired) > cfg.dead_tokens).float().mean()))
     sae = to_saelens(p.cpu(), cfg, hook_name=hook_name, model_name=model_name)
     return sae, hist

@@ -60,3 +60,18 @@ def test_artifacts_load_with_standard_libraries(quick_organism):
     gt = load_file(str(quick_organism / "ground_truth.safetensors"))
     assert sorted(gt) == [f"blocks.{i}.hook_resid_post" for i in range(4)]
     assert all(v.shape == (64,) and torch.isfinite(v).all() for v in gt.values())
+
+
+def test_organism_default_sae(quick_organism):
+    from sae_lens import SAE
+
+    from saediff.organism.sae import train_organism_sae
+    from saediff.saes import load_sae
+
+    m = train_organism_sae(quick_organism)
+    assert m["fvu"] <= 0.05 and m["dead_fraction"] <= 0.1 and m["l0"] == pytest.approx(12.0)
+    assert m["ce_loss_recovered"] >= 0.9
+    ours, theirs = load_sae(quick_organism / "sae"), SAE.load_from_disk(str(quick_organism / "sae"))
+    x = torch.randn(50, 64)
+    torch.testing.assert_close(ours.decode(ours.encode(x)), theirs.decode(theirs.encode(x)))
+    assert theirs.cfg.metadata.hook_name == "blocks.1.hook_resid_post"

@@ -24,8 +24,9 @@ def train_organism_sae(organism_dir: str | Path, out: str | Path | None = None, 
                        n_prompts: int = 4000, seed: int = 0, progress: bool = False) -> dict:
     """Train and save ``organism_dir/sae`` (a SAELens folder); returns its metrics.
 
-    Metrics use held-out chats: FVU, L0, dead fraction, and CE loss recovered with the SAE
-    spliced in (next-token loss over the held-out chats' answers).
+    Metrics use 1000 held-out chats: FVU, L0, dead fraction (never active on them; also on the
+    training rows), and CE loss recovered with the SAE spliced in (next-token loss over the
+    held-out chats' answers).
     """
     organism_dir = Path(organism_dir)
     world = read_organism_world(organism_dir / "aligned")
@@ -36,7 +37,7 @@ def train_organism_sae(organism_dir: str | Path, out: str | Path | None = None, 
     hook = resid_post(layer)
     lm = load_model(str(organism_dir / "aligned"))
     train = organism_prompts(world, n_prompts, seed=seed)
-    held = organism_prompts(world, 500, seed=seed + 1)
+    held = organism_prompts(world, 1000, seed=seed + 1)
     acts = collect_activations(lm, train, [hook], "response", progress=progress)[hook]
     acts_held = collect_activations(lm, held, [hook], "response", progress=progress)[hook]
     cfg = SAETrainConfig(**{**preset("organism"), "seed": seed})
@@ -46,6 +47,7 @@ def train_organism_sae(organism_dir: str | Path, out: str | Path | None = None, 
     toks = tokenize_prompts(lm, held)
     labels = toks.input_ids.masked_fill(toks.role != 1, -100)
     metrics = {**sae_metrics(sae, acts_held).to_json(),
+               "dead_fraction_train": sae_metrics(sae, acts).dead_fraction,
                **ce_loss_recovered(lm.model, sae, layer, toks.input_ids, labels)}
     out = Path(out) if out else organism_dir / "sae"
     save_sae(sae, out, {"hook_name": hook, "train": dataclasses.asdict(cfg), "metrics": metrics,
