@@ -220,6 +220,107 @@ def organism_sae_cmd(
     typer.echo(json.dumps(metrics, indent=2))
 
 
+@app.command("diff")
+def diff_cmd(
+    base: str = typer.Option(..., "--base", help="base (aligned) model folder or hub name"),
+    sae: str = typer.Option(..., "--sae", help="SAELens SAE folder at one of the model's residual hooks"),
+    out: Path = typer.Option(..., "--out", help="run folder"),
+    finetuned: Optional[str] = typer.Option(None, "--finetuned", help="fine-tuned model (omit with --adapter: base + adapter)"),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="PEFT adapter folder on --base"),
+    prompts: str = typer.Option("organism:100", "--prompts", help="prompt file, first_plot, or organism:N (N per domain)"),
+    top_n: int = typer.Option(10, "--top", help="SAE latents to keep as candidate directions"),
+    ranking: str = typer.Option("delta", "--ranking", help="delta | abs_delta | effect_size | freq_delta"),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens"),
+    seed: int = typer.Option(0, "--seed"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+) -> None:
+    """SAE model diffing plus every candidate direction (mean diffs, LoRA B, ground truth)."""
+    _setup(threads)
+    from saediff.pipeline import run_diff
+
+    if finetuned is None and adapter is None:
+        _fail(ValueError("give --finetuned or --adapter"))
+    try:
+        summary = run_diff(base, finetuned, sae, out, adapter=adapter, prompts=prompts, top_n=top_n, ranking=ranking,
+                           max_new_tokens=max_new_tokens, seed=seed)
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+        _fail(e)
+    typer.echo(json.dumps(summary, indent=2))
+
+
+@app.command("compare")
+def compare_cmd(
+    run_dir: Path = typer.Argument(..., help="run folder written by saediff diff"),
+    downstream: bool = typer.Option(True, "--downstream/--no-downstream", help="adapter effect at later layers"),
+) -> None:
+    """Cosine table at the SAE hook (with the random baseline) and per-layer / downstream curves."""
+    from saediff.pipeline import run_compare
+
+    try:
+        res = run_compare(run_dir, downstream=downstream)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        _fail(e)
+    from rich.table import Table
+
+    cos = res["cosines"]
+    table = Table(title=f"cosines at {cos['hook']} (random |cos| p95 {cos['random_baseline']['p95_abs']:.2f})")
+    table.add_column("")
+    for n in cos["names"]:
+        table.add_column(n[:14], justify="right")
+    for n, row in zip(cos["names"], cos["matrix"]):
+        table.add_row(n, *[f"{v:.2f}" for v in row])
+    Console().print(table)
+
+
+@app.command("steer")
+def steer_cmd(
+    run_dir: Path = typer.Argument(..., help="run folder written by saediff diff (on the organism)"),
+    organism: Path = typer.Option(..., "--organism", help="organism folder (aligned/ is steered)"),
+    samples: int = typer.Option(50, "--samples", help="answers per domain"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+) -> None:
+    """Causal checks: steer the aligned model with top latents, project candidates out of the fine-tune."""
+    _setup(threads)
+    from saediff.pipeline import run_steer_check
+
+    try:
+        res = run_steer_check(run_dir, organism, n_per_domain=samples)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        _fail(e)
+    typer.echo(json.dumps(res, indent=2))
+
+
+@app.command("export")
+def export_cmd(
+    run_dir: Path = typer.Argument(..., help="run folder written by saediff diff"),
+    out: Path = typer.Option(..., "--out", help="export folder (directions.safetensors + manifest.json)"),
+    top: int = typer.Option(3, "--top", help="SAE latents to export (by the run's ranking)"),
+) -> None:
+    """Export the top SAE latents and every non-SAE direction, steering-ready."""
+    from saediff.export import export_directions, load_directions
+    from saediff.pipeline import read_run
+
+    try:
+        run = read_run(run_dir)
+        dirs = load_directions(run_dir / "directions")
+        keep_sae = {f"sae_{i}" for i in run["steps"]["diff"]["top_latents"][:top]}
+        chosen = [d for n, d in dirs.items() if d.method != "sae_latent" or n in keep_sae]
+        per = {}
+        steering = run_dir / "steering.json"
+        if steering.exists():
+            for name, r in json.loads(steering.read_text()).get("steer", {}).items():
+                per[name] = {"validated_scale": r["best_scale"], "steer_other_misaligned": r["best"]}
+        manifest = json.loads((run_dir / "directions" / "manifest.json").read_text())
+        for entry in manifest["directions"]:
+            per.setdefault(entry["name"], {}).update({k: entry[k] for k in ("rank", "score") if k in entry})
+        cos_path = run_dir / "cosines.json"
+        extra = {"run": str(run_dir), "cosines": json.loads(cos_path.read_text()) if cos_path.exists() else None}
+        export_directions(chosen, out, model=manifest.get("model", ""), per_direction=per, extra=extra)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        _fail(e)
+    typer.echo(json.dumps({"out": str(out), "directions": [d.name for d in chosen]}))
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app()

@@ -9,7 +9,7 @@ import torch
 
 from saediff.hooks import add_resid_hook
 
-__all__ = ["add_direction", "project_out"]
+__all__ = ["add_direction", "project_out", "clamp_latent"]
 
 
 @contextmanager
@@ -32,6 +32,20 @@ def project_out(model: torch.nn.Module, layer: int, vector: torch.Tensor) -> Ite
     def fn(resid_BTD: torch.Tensor) -> torch.Tensor:
         u_ = u.to(resid_BTD)
         return resid_BTD - (resid_BTD @ u_)[..., None] * u_
+
+    with add_resid_hook(model, layer, fn):
+        yield
+
+
+@contextmanager
+def clamp_latent(model: torch.nn.Module, layer: int, sae, latent: int, value: float) -> Iterator[None]:
+    """Set one SAE latent to ``value`` at every position, keeping the SAE's error term:
+    ``x + (value - z_latent(x)) * W_dec[latent]``."""
+    w = sae.W_dec[latent].detach()
+
+    def fn(resid_BTD: torch.Tensor) -> torch.Tensor:
+        z = sae.encode(resid_BTD.float())[..., latent]
+        return resid_BTD + ((value - z)[..., None] * w.to(resid_BTD.device)).to(resid_BTD.dtype)
 
     with add_resid_hook(model, layer, fn):
         yield

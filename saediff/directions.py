@@ -1,0 +1,127 @@
+"""Candidate directions for EM and how they compare.
+
+A ``Direction`` is a residual-stream vector at one hook, with the method that produced it and
+its provenance. Stored unnormalised; ``unit()`` when a comparison or a steer needs it.
+Sign conventions: model diffs are ``finetuned - base``, response diffs ``misaligned - aligned``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from jaxtyping import Float
+
+from saediff.hooks import resid_post
+
+__all__ = ["Direction", "Method", "sae_latent_direction", "mean_diff", "lora_b_directions", "random_like",
+           "CosineTable", "cosine_table", "random_cosine_baseline", "principal_angle_cosines"]
+
+Method = Literal["sae_latent", "mean_diff_models", "mean_diff_responses", "in_context", "lora_b",
+                 "lora_downstream", "ground_truth", "random"]
+
+
+@dataclass(frozen=True)
+class Direction:
+    name: str
+    vector: Float[torch.Tensor, " d_model"]
+    hook: str
+    method: Method
+    provenance: dict = field(default_factory=dict)
+
+    @property
+    def norm(self) -> float:
+        return float(self.vector.norm())
+
+    def unit(self) -> torch.Tensor:
+        return self.vector / self.vector.norm().clamp_min(1e-12)
+
+
+def sae_latent_direction(sae, latent: int, name: str | None = None, **provenance) -> Direction:
+    """The decoder row ``W_dec[latent]`` of a SAELens SAE."""
+    if not 0 <= latent < sae.cfg.d_sae:
+        raise ValueError(f"latent {latent} out of range: the SAE has {sae.cfg.d_sae} latents")
+    return Direction(name or f"sae_{latent}", sae.W_dec[latent].detach().float().clone(),
+                     sae.cfg.metadata.hook_name or "", "sae_latent", {"latent": latent, **provenance})
+
+
+def mean_diff(acts_pos: Float[torch.Tensor, "n d"], acts_neg: Float[torch.Tensor, "m d"], hook: str,
+              method: Method, name: str, **provenance) -> Direction:
+    """``mean(acts_pos) - mean(acts_neg)`` (e.g. finetuned - base, misaligned - aligned)."""
+    if acts_pos.shape[-1] != acts_neg.shape[-1]:
+        raise ValueError(f"mean_diff {name}: widths differ ({acts_pos.shape[-1]} vs {acts_neg.shape[-1]})")
+    if acts_pos.shape[0] == 0 or acts_neg.shape[0] == 0:
+        raise ValueError(f"mean_diff {name}: one side has no rows ({acts_pos.shape[0]} vs {acts_neg.shape[0]})")
+    return Direction(name, (acts_pos.float().mean(0) - acts_neg.float().mean(0)), hook, method,
+                     {"n_pos": int(acts_pos.shape[0]), "n_neg": int(acts_neg.shape[0]), **provenance})
+
+
+def lora_b_directions(adapter, kind: str = "down_proj") -> list[Direction]:
+    """``B[:, 0]`` of each rank-1 adapter module, at the residual stream it writes into
+    (``blocks.L.hook_resid_post``), times the adapter scale."""
+    return [Direction(f"lora_b_L{layer}", m.direction() * m.scale, resid_post(layer), "lora_b",
+                      {"module": m.name, "scale": m.scale, "adapter": str(adapter.path)})
+            for layer, m in sorted(adapter.by_kind(kind).items())]
+
+
+def random_like(d: Direction, seed: int = 0) -> Direction:
+    """A random direction with the same norm and hook (the control for steering and ablation)."""
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(d.vector.shape[0], generator=g)
+    return Direction(f"random_like_{d.name}", v / v.norm() * d.norm, d.hook, "random", {"seed": seed, "like": d.name})
+
+
+def random_cosine_baseline(d_model: int, n: int = 20000, seed: int = 0) -> dict:
+    """|cos| between random Gaussian vectors in ``d_model`` dimensions: mean and 95th percentile."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(n, d_model, generator=g), torch.randn(n, d_model, generator=g)
+    c = torch.nn.functional.cosine_similarity(a, b, dim=1).abs()
+    return {"d_model": d_model, "mean_abs": float(c.mean()), "p95_abs": float(c.quantile(0.95)),
+            "expected_mean_abs": math.sqrt(2 / (math.pi * d_model))}
+
+
+@dataclass(frozen=True)
+class CosineTable:
+    names: list[str]
+    hook: str
+    matrix: torch.Tensor  # (n, n)
+    baseline: dict
+
+    def get(self, a: str, b: str) -> float:
+        return float(self.matrix[self.names.index(a), self.names.index(b)])
+
+    def to_json(self) -> dict:
+        return {"kind": "saediff.cosines", "hook": self.hook, "names": self.names,
+                "matrix": [[round(float(x), 6) for x in row] for row in self.matrix], "random_baseline": self.baseline}
+
+    def figure(self):
+        import plotly.graph_objects as go
+
+        fig = go.Figure(go.Heatmap(z=self.matrix.tolist(), x=self.names, y=self.names, zmin=-1, zmax=1,
+                                   colorscale="RdBu", text=[[f"{v:.2f}" for v in r] for r in self.matrix.tolist()],
+                                   texttemplate="%{text}"))
+        fig.update_layout(title=f"cosine similarity at {self.hook} (random |cos| p95 = {self.baseline['p95_abs']:.2f})")
+        return fig
+
+
+def cosine_table(directions: list[Direction]) -> CosineTable:
+    """Pairwise cosines of directions that live at one hook and width."""
+    if not directions:
+        raise ValueError("cosine_table: no directions")
+    hooks = {d.hook for d in directions}
+    if len(hooks) != 1:
+        raise ValueError(f"cosine_table: directions live at different hooks {sorted(hooks)}; compare per hook")
+    widths = {d.vector.shape[0] for d in directions}
+    if len(widths) != 1:
+        raise ValueError(f"cosine_table: directions have different widths {sorted(widths)}")
+    U = torch.stack([d.unit() for d in directions])
+    return CosineTable([d.name for d in directions], hooks.pop(), U @ U.T, random_cosine_baseline(widths.pop()))
+
+
+def principal_angle_cosines(A: Float[torch.Tensor, "k d"], B: Float[torch.Tensor, "m d"]) -> torch.Tensor:
+    """Cosines of the principal angles between span(A rows) and span(B rows), descending."""
+    qa, _ = torch.linalg.qr(A.T.double())
+    qb, _ = torch.linalg.qr(B.T.double())
+    return torch.linalg.svdvals(qa.T @ qb).clamp(0, 1).float()

@@ -1,0 +1,237 @@
+"""Run folders for model diffing: ``run_diff`` -> ``run_compare`` -> ``run_steer_check`` -> export.
+
+A run folder holds ``run.json`` (config and artifacts of each step), ``responses.jsonl``,
+``diff.json``, ``directions/`` (an export folder), ``cosines.json``, ``layers.json``,
+``steering.json`` and plotly figures as standalone HTML.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from saediff._io import atomic_write_bytes, atomic_write_json
+from saediff.activations import collect_activations, tokenize_prompts
+from saediff.diff import diff_latents
+from saediff.directions import (Direction, cosine_table, lora_b_directions, mean_diff, random_like,
+                                sae_latent_direction)
+from saediff.export import export_directions, load_directions
+from saediff.hooks import parse_layer, resid_post
+from saediff.models import ModelSpec, generate, load_model
+from saediff.prompts import load_prompts
+
+__all__ = ["run_diff", "run_compare", "run_steer_check", "read_run"]
+
+log = logging.getLogger(__name__)
+
+
+def read_run(run_dir: str | Path) -> dict:
+    path = Path(run_dir) / "run.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir} is not a saediff run folder (run.json missing)")
+    return json.loads(path.read_text())
+
+
+def _update_run(run_dir: Path, step: str, info: dict) -> None:
+    path = run_dir / "run.json"
+    run = json.loads(path.read_text()) if path.exists() else {"kind": "saediff.run", "steps": {}}
+    run["steps"][step] = info
+    atomic_write_json(path, run)
+
+
+def _prompts_for(spec: str, world, seed: int):
+    if spec.startswith("organism"):
+        from saediff.organism.prompts import em_questions
+
+        if world is None:
+            raise ValueError(f"--prompts {spec}: the base model is not a saediff organism")
+        n = int(spec.split(":", 1)[1]) if ":" in spec else 100
+        return em_questions(world, n, seed=seed + 7)
+    return load_prompts(spec)
+
+
+def run_diff(base: str, finetuned: str, sae_path: str, out: str | Path, *, adapter: str | None = None,
+             prompts: str = "organism:100", max_new_tokens: int | None = None, top_n: int = 10,
+             ranking: str = "delta", seed: int = 0) -> dict:
+    """Diff ``finetuned`` (or ``base`` + ``adapter`` when ``finetuned`` is None) against ``base``
+    on the fine-tuned model's own answers; build every candidate direction. Returns the summary."""
+    from saediff.judges import OrganismJudge
+    from saediff.organism.build import load_ground_truth
+    from saediff.organism.recipes import read_organism_world
+    from saediff.saes import load_sae
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    world = read_organism_world(base) if Path(base).exists() else None
+    lm_base = load_model(base)
+    ft_spec = ModelSpec(finetuned or base, adapter=adapter, merge=adapter is not None)
+    lm_ft = load_model(ft_spec)
+    sae = load_sae(sae_path)
+    sae_hook = sae.cfg.metadata.hook_name
+    n_layers = lm_base.model.config.num_hidden_layers
+    hooks = [resid_post(layer) for layer in range(n_layers)]
+    if sae_hook not in hooks:
+        raise ValueError(f"SAE {sae_path} hook {sae_hook!r} is not a residual hook of the model (blocks.0-{n_layers - 1})")
+    d_model = lm_base.model.config.hidden_size
+    if sae.cfg.d_in != d_model:
+        raise ValueError(f"SAE {sae_path} has d_in {sae.cfg.d_in}, but {sae_hook} of {base} has width {d_model}")
+
+    # the fine-tuned model's own answers, judged when an exact judge exists
+    ps = _prompts_for(prompts, world, seed)
+    todo = [p for p in ps if p.response is None]
+    if todo:
+        mnt = max_new_tokens or (world.answer_len + 1 if world else 600)
+        answers = generate(lm_ft, [p.messages for p in todo], max_new_tokens=mnt, seed=seed, progress=True)
+        it = iter(answers)
+        ps = [p if p.response is not None else dataclasses.replace(p, response=next(it).strip()) for p in ps]
+    labels = None
+    if world is not None:
+        judge = OrganismJudge(world)
+        labels = [judge.judge(p.domain, p.response).misaligned for p in ps]
+    elif all(any(t in ("misaligned", "aligned") for t in p.tags) for p in ps):
+        labels = ["misaligned" in p.tags for p in ps]
+    atomic_write_bytes(out / "responses.jsonl", "".join(
+        json.dumps({"id": p.id, "domain": p.domain, "messages": p.messages, "response": p.response,
+                    "misaligned": None if labels is None else bool(labels[i])}) + "\n" for i, p in enumerate(ps)).encode())
+
+    acts_b = collect_activations(lm_base, ps, hooks, "response", progress=True)
+    acts_f = collect_activations(lm_ft, ps, hooks, "response", progress=True)
+    diff = diff_latents(sae, acts_b[sae_hook], acts_f[sae_hook])
+    atomic_write_json(out / "diff.json", diff.to_json())
+
+    directions: list[Direction] = []
+    top = diff.top(top_n, ranking)
+    for rank, i in enumerate(top):
+        directions.append(sae_latent_direction(sae, i, f"sae_{i}", rank=rank, ranking=ranking,
+                                               delta=float(diff.delta[i])))
+    induced = "lora_downstream" if adapter is not None and finetuned is None else "mean_diff_models"
+    for h in hooks:
+        L = parse_layer(h)
+        directions.append(mean_diff(acts_f[h], acts_b[h], h, induced, f"{induced}_L{L}"))
+    if labels is not None:
+        per_prompt = tokenize_prompts(lm_ft, ps).select("response").sum(1)
+        row_mis = torch.repeat_interleave(torch.tensor(labels, dtype=torch.bool), per_prompt)
+        if 0 < int(row_mis.sum()) < row_mis.shape[0]:
+            for h in hooks:
+                L = parse_layer(h)
+                directions.append(mean_diff(acts_f[h][row_mis], acts_f[h][~row_mis], h, "mean_diff_responses",
+                                            f"mean_diff_responses_L{L}", model="finetuned"))
+    if adapter is not None:
+        from saediff.lora import read_adapter
+
+        directions += lora_b_directions(read_adapter(adapter))
+    organism_dir = Path(base).parent if world is not None else None
+    if organism_dir is not None and (organism_dir / "ground_truth.safetensors").exists():
+        for L, v in load_ground_truth(organism_dir / "ground_truth.safetensors").items():
+            directions.append(Direction(f"ground_truth_L{L}", v, resid_post(L), "ground_truth"))
+    per = {f"sae_{i}": {"rank": r, "score": float(diff.score(ranking)[i])} for r, i in enumerate(top)}
+    export_directions(directions, out / "directions", model=base, per_direction=per,
+                      extra={"finetuned": finetuned, "adapter": adapter, "sae": str(sae_path)})
+    summary = {"base": base, "finetuned": finetuned, "adapter": adapter, "sae": str(sae_path), "sae_hook": sae_hook,
+               "prompts": prompts, "n_prompts": len(ps), "ranking": ranking, "top_latents": top,
+               "misaligned_fraction": None if labels is None else float(np.mean(labels)),
+               "n_directions": len(directions)}
+    _update_run(out, "diff", summary)
+    return summary
+
+
+def run_compare(run_dir: str | Path, downstream: bool = True) -> dict:
+    """Cosine table at the SAE's hook, per-layer curves, and the adapter's downstream effect."""
+    import plotly.graph_objects as go
+
+    run_dir = Path(run_dir)
+    info = read_run(run_dir)["steps"]["diff"]
+    dirs = load_directions(run_dir / "directions")
+    hook = info["sae_hook"]
+    at_hook = [d for d in dirs.values() if d.hook == hook and d.method != "lora_downstream"]
+    table = cosine_table(at_hook)
+    atomic_write_json(run_dir / "cosines.json", table.to_json())
+    atomic_write_bytes(run_dir / "cosines.html", table.figure().to_html(include_plotlyjs="cdn").encode())
+
+    layers = sorted({parse_layer(d.hook) for d in dirs.values()})
+    by = lambda m, L: dirs.get(f"{m}_L{L}")  # noqa: E731
+    curves: dict[str, list] = {}
+    pairs = [("mean_diff_models", "ground_truth"), ("mean_diff_responses", "ground_truth"),
+             ("mean_diff_models", "mean_diff_responses")]
+    if downstream:
+        pairs += [("lora_downstream", "ground_truth"), ("lora_downstream", "mean_diff_responses"),
+                  ("lora_b", "ground_truth"), ("lora_b", "mean_diff_responses")]
+    for a, b in pairs:
+        vals = []
+        for L in layers:
+            da, db = by(a, L), by(b, L)
+            vals.append(None if da is None or db is None else float(torch.cosine_similarity(da.vector, db.vector, 0)))
+        if any(v is not None for v in vals):
+            curves[f"{a} vs {b}"] = vals
+    # the B vector of a layer-L adapter against the directions at every later layer
+    for name, d in dirs.items():
+        if d.method == "lora_b" and downstream:
+            L0 = parse_layer(d.hook)
+            for ref in ("ground_truth", "mean_diff_responses"):
+                vals = [float(torch.cosine_similarity(d.vector, by(ref, L).vector, 0))
+                        if L >= L0 and by(ref, L) is not None else None for L in layers]
+                if any(v is not None for v in vals):
+                    curves[f"{name} (fixed) vs {ref}"] = vals
+    result = {"kind": "saediff.layer_curves", "layers": layers, "curves": curves}
+    atomic_write_json(run_dir / "layers.json", result)
+    fig = go.Figure([go.Scatter(x=layers, y=v, mode="lines+markers", name=k) for k, v in curves.items()])
+    fig.update_layout(title="cosine per layer (blocks.L.hook_resid_post)", xaxis_title="layer", yaxis_title="cosine",
+                      yaxis_range=[-1, 1])
+    atomic_write_bytes(run_dir / "layers.html", fig.to_html(include_plotlyjs="cdn").encode())
+    summary = {"hook": hook, "cosines": table.to_json(), "layers": result}
+    _update_run(run_dir, "compare", {"hook": hook, "files": ["cosines.json", "cosines.html", "layers.json", "layers.html"]})
+    return summary
+
+
+def run_steer_check(run_dir: str | Path, organism_dir: str | Path, *, n_per_domain: int = 50,
+                    scales: tuple[float, ...] = (2.0, 4.0, 6.0, 8.0), n_latents: int = 3, seed: int = 0) -> dict:
+    """Causal checks on the organism: steer the aligned model with each top latent (unit vector x
+    scale) and with an equal-norm random direction; project the top candidate (and a random
+    direction) out of the fine-tuned model. Exact judge; writes ``steering.json``."""
+    from saediff.evals import evaluate_organism_em
+    from saediff.organism.recipes import read_organism_world
+    from saediff.steering import add_direction, project_out
+
+    run_dir, organism_dir = Path(run_dir), Path(organism_dir)
+    info = read_run(run_dir)["steps"]["diff"]
+    dirs = load_directions(run_dir / "directions")
+    world = read_organism_world(organism_dir / "aligned")
+    aligned = load_model(str(organism_dir / "aligned"))
+    ft = load_model(ModelSpec(info["finetuned"] or info["base"], adapter=info["adapter"], merge=info["adapter"] is not None))
+
+    def rate(lm, ctx=None):
+        if ctx is None:
+            return evaluate_organism_em(lm, world, n_per_domain, seed=seed).other_misaligned_rate
+        with ctx:
+            return evaluate_organism_em(lm, world, n_per_domain, seed=seed).other_misaligned_rate
+
+    result: dict = {"base_other_misaligned": rate(aligned), "finetuned_other_misaligned": rate(ft), "steer": {},
+                    "project_out": {}}
+    for i in info["top_latents"][:n_latents]:
+        d = dirs[f"sae_{i}"]
+        L = parse_layer(d.hook)
+        sweep = {str(s): rate(aligned, add_direction(aligned.model, L, d.unit(), s)) for s in scales}
+        rnd = random_like(Direction(d.name, d.unit() * max(scales), d.hook, d.method), seed=seed + i)
+        result["steer"][d.name] = {"layer": L, "sweep": sweep, "best": max(sweep.values()),
+                                   "best_scale": float(max(sweep, key=sweep.get)),
+                                   "random_same_norm": rate(aligned, add_direction(aligned.model, L, rnd.vector, 1.0))}
+    # project each candidate out of the fine-tuned model at its layer (and a random control)
+    top = dirs[f"sae_{info['top_latents'][0]}"]
+    L = parse_layer(top.hook)
+    candidates = {"top_sae_latent": top, "random_like_top": random_like(top, seed=seed)}
+    for key in (f"mean_diff_models_L{L}", f"mean_diff_responses_L{L}", f"ground_truth_L{L}"):
+        if key in dirs:
+            candidates[key] = dirs[key]
+    base_rate = result["finetuned_other_misaligned"]
+    for name, d in candidates.items():
+        r = rate(ft, project_out(ft.model, L, d.vector))
+        result["project_out"][name] = {"other_misaligned": r,
+                                       "relative_cut": (1 - r / base_rate) if base_rate else None}
+    atomic_write_json(run_dir / "steering.json", result)
+    _update_run(run_dir, "steer_check", {"file": "steering.json"})
+    return result

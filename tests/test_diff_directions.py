@@ -1,0 +1,132 @@
+"""Model diffing statistics, cosines and exports on hand-set tensors (exact numbers)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from saediff.cli import app
+from saediff.diff import LatentDiff, diff_latents
+from saediff.directions import (Direction, cosine_table, mean_diff, principal_angle_cosines, random_cosine_baseline,
+                                random_like, sae_latent_direction)
+from saediff.export import export_directions, load_directions
+
+
+@pytest.fixture
+def identity_sae():
+    """A 2-latent ReLU SAE with identity weights: z = relu(x)."""
+    from sae_lens import StandardSAE, StandardSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    sae = StandardSAE(StandardSAEConfig(d_in=2, d_sae=2, metadata=SAEMetadata(hook_name="blocks.0.hook_resid_post")))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(2))
+        sae.W_dec.copy_(torch.tensor([[3.0, 4.0], [0.0, 1.0]]))
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    return sae
+
+
+def test_diff_statistics_exact(identity_sae):
+    base = torch.tensor([[1.0, 2.0], [3.0, 0.0], [0.0, 0.0], [0.0, 2.0]])  # z = relu(x)
+    ft = torch.tensor([[2.0, 0.0], [4.0, 0.0], [6.0, 1.0], [0.0, -1.0]])
+    d = diff_latents(identity_sae, base, ft)
+    # latent 0: base mean 1, ft mean 3, delta +2; latent 1: base 1, ft .25, delta -.75
+    assert d.mean_base.tolist() == [1.0, 1.0] and d.mean_ft.tolist() == [3.0, 0.25]
+    assert d.delta.tolist() == [2.0, -0.75]
+    assert d.freq_base.tolist() == [0.5, 0.5] and d.freq_ft.tolist() == [0.75, 0.25]
+    # Cohen's d with population variances: latent 0 var_base 1.5, var_ft 5 -> pooled sqrt(3.25)
+    assert d.effect_size[0].item() == pytest.approx(2 / math.sqrt(3.25), rel=1e-5)
+    assert d.top(1) == [0] and d.bottom(1) == [1] and d.top(2, by="abs_delta") == [0, 1]
+    assert d.top(1, by="freq_delta") == [0]
+    back = LatentDiff.from_json(json.loads(json.dumps(d.to_json())))
+    torch.testing.assert_close(back.delta, d.delta)
+    assert list(d.to_pandas().index) == [0, 1]
+
+
+def test_diff_rejects_width_mismatch(identity_sae):
+    with pytest.raises(ValueError, match=r"base activations have shape \(3, 5\), the SAE expects \(n, 2\)"):
+        diff_latents(identity_sae, torch.zeros(3, 5), torch.zeros(3, 2))
+
+
+def test_cosines_exact(identity_sae):
+    a = sae_latent_direction(identity_sae, 0)  # (3, 4)
+    b = Direction("b", torch.tensor([4.0, 3.0]), "blocks.0.hook_resid_post", "ground_truth")
+    c = mean_diff(torch.tensor([[1.0, 0.0], [3.0, 0.0]]), torch.tensor([[0.0, 0.0]]), "blocks.0.hook_resid_post",
+                  "mean_diff_models", "c")  # (2, 0)
+    t = cosine_table([a, b, c])
+    assert t.get("sae_0", "b") == pytest.approx(24 / 25)
+    assert t.get("sae_0", "c") == pytest.approx(3 / 5)
+    assert t.get("b", "c") == pytest.approx(4 / 5)
+    assert a.norm == pytest.approx(5.0) and c.vector.tolist() == [2.0, 0.0]
+    with pytest.raises(ValueError, match="different hooks"):
+        cosine_table([a, Direction("x", torch.ones(2), "blocks.1.hook_resid_post", "random")])
+
+
+def test_random_baseline_and_principal_angles():
+    base = random_cosine_baseline(64)
+    assert base["mean_abs"] == pytest.approx(base["expected_mean_abs"], rel=0.05)
+    A = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]])
+    B = torch.tensor([[0, 1.0, 0], [0, 0, 1.0]])
+    torch.testing.assert_close(principal_angle_cosines(A, B), torch.tensor([1.0, 0.0]))
+    d = Direction("d", torch.tensor([3.0, 4.0]), "h", "ground_truth")
+    assert random_like(d).norm == pytest.approx(5.0)
+
+
+def test_export_round_trip(tmp_path, identity_sae):
+    ds = [sae_latent_direction(identity_sae, 0), Direction("gt", torch.tensor([0.0, 2.0]), "blocks.0.hook_resid_post",
+                                                            "ground_truth")]
+    export_directions(ds, tmp_path / "exp", model="m", per_direction={"sae_0": {"validated_scale": 4.0}})
+    back = load_directions(tmp_path / "exp")
+    torch.testing.assert_close(back["gt"].vector, torch.tensor([0.0, 2.0]))
+    manifest = json.loads((tmp_path / "exp" / "manifest.json").read_text())
+    entry = next(e for e in manifest["directions"] if e["name"] == "sae_0")
+    assert entry["norm"] == pytest.approx(5.0) and entry["validated_scale"] == 4.0 and entry["hook"] == "blocks.0.hook_resid_post"
+    from safetensors.torch import load_file
+
+    assert load_file(str(tmp_path / "exp" / "directions.safetensors"))["sae_0.unit"].tolist() == pytest.approx([0.6, 0.8])
+    with pytest.raises(ValueError, match="duplicate names"):
+        export_directions([ds[0], ds[0]], tmp_path / "dup")
+
+
+def test_diff_compare_export_cli_on_tiny_organism(tiny_organism, tmp_path):
+    """The commands run end to end (numbers on a random model mean nothing; shapes and files do)."""
+    from saediff.organism.prompts import organism_prompts
+    from saediff.organism.recipes import read_organism_world
+    from saediff.saes import SAETrainConfig, save_sae, train_sae
+    from saediff.activations import collect_activations
+    from saediff.models import load_model
+
+    lm = load_model(str(tiny_organism / "aligned"))
+    world = read_organism_world(tiny_organism / "aligned")
+    acts = collect_activations(lm, organism_prompts(world, 200), ["blocks.1.hook_resid_post"], "response",
+                               progress=False)["blocks.1.hook_resid_post"]
+    sae, _ = train_sae(acts, SAETrainConfig(d_sae=32, k=4, steps=30, batch_size=128),
+                       hook_name="blocks.1.hook_resid_post", progress=False)
+    save_sae(sae, tmp_path / "sae")
+    run = CliRunner()
+    r = run.invoke(app, ["diff", "--base", str(tiny_organism / "aligned"), "--adapter", str(tiny_organism / "lora"),
+                         "--sae", str(tmp_path / "sae"), "--prompts", "organism:5", "--top", "4",
+                         "--out", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout)
+    assert len(summary["top_latents"]) == 4 and summary["n_prompts"] == 30
+    r = run.invoke(app, ["compare", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    cos = json.loads((tmp_path / "run" / "cosines.json").read_text())
+    assert "lora_b_L1" in cos["names"] and cos["matrix"][0][0] == pytest.approx(1.0)
+    layers = json.loads((tmp_path / "run" / "layers.json").read_text())
+    assert layers["layers"] == [0, 1]
+    assert (tmp_path / "run" / "cosines.html").exists()
+    r = run.invoke(app, ["export", str(tmp_path / "run"), "--top", "2", "--out", str(tmp_path / "exp")])
+    assert r.exit_code == 0, r.output
+    names = json.loads(r.stdout)["directions"]
+    assert sum(n.startswith("sae_") for n in names) == 2 and "lora_b_L1" in names
+    assert {"lora_downstream_L0", "lora_downstream_L1"} <= set(names)  # base + adapter: induced change per layer
+    bad = run.invoke(app, ["diff", "--base", str(tiny_organism / "aligned"), "--finetuned", str(tiny_organism / "aligned"),
+                           "--sae", str(tmp_path / "nope"), "--out", str(tmp_path / "r2")])
+    assert bad.exit_code == 1 and "no such folder" in bad.output
