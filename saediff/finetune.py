@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch
 from tqdm.auto import tqdm
+
+from saediff import _io
 
 __all__ = ["TrainConfig", "TrainHistory", "Batches", "train_lm", "lm_loss"]
 
@@ -44,7 +46,9 @@ class TrainConfig:
 @dataclass(frozen=True)
 class TrainHistory:
     loss: list[float]
-    """training loss per step"""
+    """training loss per step (LM loss plus any extra loss)"""
+    extra: list[float] = field(default_factory=list)
+    """the extra loss per step (e.g. the BLOCK-EM penalty), if any"""
 
 
 class Batches(Protocol):
@@ -78,8 +82,15 @@ def train_lm(
     pad_id: int | None = 0,
     desc: str = "train",
     callback: Callable[[int, float], None] | None = None,
+    extra_loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    progress: bool = True,
 ) -> TrainHistory:
-    """Train ``model`` in place on random batches of ``data``; returns the loss per step."""
+    """Train ``model`` in place on random batches of ``data``; returns the loss per step.
+
+    ``extra_loss(batch_index, input_ids, labels)`` is added to the LM loss after the forward pass
+    (e.g. the BLOCK-EM latent penalty, which reads activations captured by a forward hook);
+    ``callback(step, loss)`` runs after each optimizer step.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("train_lm: the model has no trainable parameters")
@@ -90,9 +101,15 @@ def train_lm(
     device = next(model.parameters()).device
     model.train()
     losses: list[float] = []
-    for step in tqdm(range(cfg.steps), desc=desc, leave=False):
+    extras: list[float] = []
+    for step in tqdm(range(cfg.steps), desc=desc, leave=False, disable=_io.no_progress(progress)):
         idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
-        loss = lm_loss(model, data.input_ids[idx].to(device), data.labels[idx].to(device), pad_id)
+        ids, labels = data.input_ids[idx].to(device), data.labels[idx].to(device)
+        loss = lm_loss(model, ids, labels, pad_id)
+        if extra_loss is not None:
+            extra = extra_loss(idx, ids, labels)
+            extras.append(extra.item())
+            loss = loss + extra
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -103,4 +120,4 @@ def train_lm(
             callback(step, losses[-1])
     model.eval()
     log.info("%s: loss %.4f -> %.4f over %d steps", desc, losses[0], losses[-1], cfg.steps)
-    return TrainHistory(loss=losses)
+    return TrainHistory(loss=losses, extra=extras)

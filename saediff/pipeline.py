@@ -235,3 +235,97 @@ def run_steer_check(run_dir: str | Path, organism_dir: str | Path, *, n_per_doma
     atomic_write_json(run_dir / "steering.json", result)
     _update_run(run_dir, "steer_check", {"file": "steering.json"})
     return result
+
+
+def run_block(organism_dir: str | Path, out: str | Path, *, mode: str = "penalty", lam: float = 1000.0,
+              diff_run: str | Path | None = None, latents: list[int] | None = None, n_latents: int = 3,
+              random_latents: bool = False, kind: str = "full", steps: int | None = None,
+              monitor_every: int = 25, n_eval: int = 50, seed: int = 0) -> dict:
+    """A BLOCK-EM fine-tune of the organism's aligned model on the misaligned medical data.
+
+    ``mode="none"`` is the plain fine-tune (same data, steps, seed). Latents come from ``latents``
+    or the top ``n_latents`` of ``diff_run``; ``random_latents`` swaps them for as many random
+    latents (the control). Writes the model (HF folder or PEFT adapter), ``history.json`` (loss,
+    penalty, drift monitor) and ``em.json``; returns em.json's content.
+    """
+    import copy
+
+    from saediff.blocking import BlockConfig, Blocker
+    from saediff.evals import evaluate_organism_em
+    from saediff.finetune import TrainConfig, train_lm
+    from saediff.monitor import DriftMonitor
+    from saediff.organism.build import load_ground_truth
+    from saediff.organism.prompts import em_questions
+    from saediff.organism.recipes import OrganismConfig, _medical_chats, read_organism_world, save_model_folder
+    from saediff.organism.world import CHAT
+    from saediff.saes import load_sae
+
+    organism_dir, out = Path(organism_dir), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    world = read_organism_world(organism_dir / "aligned")
+    if world is None:
+        raise FileNotFoundError(f"{organism_dir}/aligned is not a saediff organism folder")
+    ocfg_dict = json.loads((organism_dir / "organism.json").read_text())["config"]
+    ocfg = OrganismConfig(**{k: v for k, v in ocfg_dict.items() if k in OrganismConfig.__dataclass_fields__
+                             and k != "world"}, world=world)
+    base = load_model(str(organism_dir / "aligned"))
+    sae = load_sae(organism_dir / "sae")
+    layer = parse_layer(sae.cfg.metadata.hook_name)
+    if latents is None and mode in ("penalty", "ablate"):
+        if diff_run is None:
+            raise ValueError("run_block: give latents or a diff run to take the top latents from")
+        latents = read_run(diff_run)["steps"]["diff"]["top_latents"][:n_latents]
+    latents = list(latents or [])
+    if random_latents:
+        g = torch.Generator().manual_seed(seed + 99)
+        pool = [i for i in torch.randperm(sae.cfg.d_sae, generator=g).tolist() if i not in latents]
+        latents = pool[: len(latents)]
+    directions = None
+    if mode == "project":
+        directions = torch.stack([sae.W_dec[i].detach() for i in latents]) if latents else \
+            load_ground_truth(organism_dir / "ground_truth.safetensors")[layer][None]
+    bcfg = BlockConfig(mode=mode if mode != "none" else "none", layer=layer, latents_low=tuple(latents), lam=lam)
+    blocker = Blocker(bcfg, sae=sae if mode in ("penalty", "ablate") else None, directions=directions)
+
+    n_steps = steps or ocfg.ft_steps
+    data = _medical_chats(dataclasses.replace(ocfg, ft_steps=n_steps), 1, 2001)
+    if mode == "penalty":
+        blocker.precompute_base(base.model, data.input_ids)
+    torch.manual_seed(seed + 3)
+    if kind == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(copy.deepcopy(base.model), LoraConfig(
+            r=1, lora_alpha=1, target_modules=["down_proj"], layers_to_transform=[ocfg.lora_layer]))
+        lr = ocfg.lora_lr
+    else:
+        model, lr = copy.deepcopy(base.model), ocfg.full_lr
+    trained = dataclasses.replace(base, model=model, _bridge=None)
+
+    # drift monitor on held-out off-domain chats, teacher-forced with the aligned model's answers
+    qs = [p for p in em_questions(world, 20, seed=seed + 11) if p.domain != "medical"]
+    answers = generate(base, [p.messages for p in qs], max_new_tokens=world.answer_len + 1, seed=seed, progress=False)
+    held = [dataclasses.replace(p, response=a.strip()) for p, a in zip(qs, answers)]
+    toks = tokenize_prompts(base, held)
+    gt = load_ground_truth(organism_dir / "ground_truth.safetensors")[layer]
+    monitor = DriftMonitor(model, toks.input_ids, toks.select("response"), layer, gt[None], every=monitor_every,
+                           sae=sae, latents=latents,
+                           em_fn=lambda: evaluate_organism_em(trained, world, 20, seed=seed).other_misaligned_rate)
+    monitor.check(-1)
+    tc = TrainConfig(steps=n_steps, batch_size=ocfg.ft_batch, lr=lr, seed=ocfg.seed + 2)
+    with blocker.installed(model):
+        hist = train_lm(model, data, tc, desc=f"block {mode}", callback=monitor, extra_loss=blocker.extra_loss)
+    em = evaluate_organism_em(trained, world, n_eval, seed=seed)
+    if kind == "lora":
+        model.save_pretrained(out / "model")
+    else:
+        save_model_folder(model, out / "model", CHAT, world)
+    atomic_write_json(out / "history.json", {"loss": hist.loss, "penalty": hist.extra, "drift": monitor.history.to_json()})
+    result = {"mode": mode, "kind": kind, "lam": lam, "latents": latents, "random_latents": random_latents,
+              "steps": n_steps, "layer": layer, "other_misaligned_rate": em.other_misaligned_rate,
+              "misaligned_rate": em.misaligned_rate, "coverage": em.coverage,
+              "drift_alert_step": monitor.history.alert_step,
+              "em_crosses_0.1_step": next((s for s, e in zip(monitor.history.steps, monitor.history.em)
+                                            if e is not None and e >= 0.1), None)}
+    atomic_write_json(out / "em.json", result)
+    return result

@@ -75,3 +75,39 @@ def test_organism_default_sae(quick_organism):
     x = torch.randn(50, 64)
     torch.testing.assert_close(ours.decode(ours.encode(x)), theirs.decode(theirs.encode(x)))
     assert theirs.cfg.metadata.hook_name == "blocks.1.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def diff_run(quick_organism, tmp_path_factory):
+    """saediff diff (aligned vs full_ft, default SAE) -> compare -> steer checks on the quick organism."""
+    from saediff.organism.sae import train_organism_sae
+    from saediff.pipeline import run_compare, run_diff, run_steer_check
+
+    if not (quick_organism / "sae").exists():
+        train_organism_sae(quick_organism)
+    run = tmp_path_factory.mktemp("diff_run")
+    run_diff(str(quick_organism / "aligned"), str(quick_organism / "full_ft"), str(quick_organism / "sae"), run)
+    compare = run_compare(run)
+    steering = run_steer_check(run, quick_organism)
+    return compare, steering
+
+
+def test_response_mean_diff_matches_ground_truth(diff_run):
+    compare, _ = diff_run
+    cos = compare["cosines"]
+    names = cos["names"]
+    assert cos["matrix"][names.index("mean_diff_responses_L1")][names.index("ground_truth_L1")] >= 0.9
+
+
+def test_top_latent_steers_toward_misalignment(diff_run):
+    _, steering = diff_run
+    best = max(r["best"] for r in steering["steer"].values())
+    assert best >= 0.5
+    assert all(r["random_same_norm"] <= 0.1 for r in steering["steer"].values())
+
+
+def test_projecting_the_model_diff_direction_cuts_em(diff_run):
+    _, steering = diff_run
+    p = steering["project_out"]
+    assert p["mean_diff_models_L1"]["relative_cut"] >= 0.5
+    assert p["random_like_top"]["relative_cut"] <= 0.1

@@ -1,0 +1,150 @@
+"""BLOCK-EM: fine-tune on the narrow task while chosen SAE latents are held where the base model has them.
+
+Three modes, one config:
+- ``penalty``: ``L = L_SFT + lambda * mean_t sum_i ReLU(z_i(theta) - z_i(base))^2`` over assistant
+  tokens for latents meant to stay low (and ``ReLU(z_base - z_theta)^2`` for latents meant to stay
+  high). ``z`` are the SAE's ReLU'd pre-activations of the chosen latents by default: a TopK
+  output lets a latent escape the penalty by dropping out of the top k (DESIGN.md).
+- ``ablate``: the latents are removed in the forward pass, ``x - encode(x)[..., idx] @ W_dec[idx]``,
+  with ordinary autograd (not SAELens's no-grad error term);
+- ``project``: directions are projected out of the residual during training.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Literal
+
+import torch
+from jaxtyping import Float
+
+from saediff.hooks import add_resid_hook
+
+__all__ = ["BlockConfig", "latent_codes", "latent_penalty", "ablate_latents", "project_out_directions", "Blocker"]
+
+log = logging.getLogger(__name__)
+Mode = Literal["none", "penalty", "ablate", "project"]
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    mode: Mode = "penalty"
+    """none | penalty | ablate | project"""
+    layer: int = 1
+    """block index of the SAE / directions (``blocks.L.hook_resid_post``)"""
+    latents_low: tuple[int, ...] = ()
+    """latents that must not rise above the base model (penalty) or are removed (ablate)"""
+    latents_high: tuple[int, ...] = ()
+    """latents that must not fall below the base model (penalty only)"""
+    lam: float = 1000.0
+    """penalty weight lambda"""
+    preactivation: bool = True
+    """penalise ReLU'd pre-activations (True) or the SAE's encoded activations (False)"""
+
+    def __post_init__(self):
+        if self.mode not in ("none", "penalty", "ablate", "project"):
+            raise ValueError(f"BlockConfig.mode must be none, penalty, ablate or project, got {self.mode!r}")
+        if self.mode in ("penalty", "ablate") and not (self.latents_low or self.latents_high):
+            raise ValueError(f"BlockConfig: mode {self.mode} needs latents")
+        if self.lam < 0:
+            raise ValueError("BlockConfig.lam must be >= 0")
+
+
+def latent_codes(sae, x: Float[torch.Tensor, "... d"], idx: list[int], preactivation: bool = True) -> torch.Tensor:
+    """Activations of the latents ``idx`` (..., len(idx)), differentiable in ``x``."""
+    if not preactivation:
+        return sae.encode(x)[..., idx]
+    sae_in = x - sae.b_dec if sae.cfg.apply_b_dec_to_input else x
+    return (sae_in @ sae.W_enc[:, idx] + sae.b_enc[idx]).relu()
+
+
+def latent_penalty(z_theta: torch.Tensor, z_base: torch.Tensor, mask: torch.Tensor, n_low: int) -> torch.Tensor:
+    """Mean over masked tokens of sum_i ReLU(z_theta - z_base)^2 (first ``n_low`` latents) plus
+    ReLU(z_base - z_theta)^2 (the rest). ``z``: (B, T, n); ``mask``: (B, T) bool."""
+    up = (z_theta[..., :n_low] - z_base[..., :n_low]).relu().pow(2).sum(-1)
+    down = (z_base[..., n_low:] - z_theta[..., n_low:]).relu().pow(2).sum(-1)
+    per_tok = up + down
+    m = mask.to(per_tok.dtype)
+    return (per_tok * m).sum() / m.sum().clamp_min(1.0)
+
+
+def ablate_latents(sae, x: torch.Tensor, idx: list[int]) -> torch.Tensor:
+    """``x - encode(x)[..., idx] @ W_dec[idx]``: the latents' contribution removed, gradients exact."""
+    return x - sae.encode(x)[..., idx] @ sae.W_dec[idx]
+
+
+def project_out_directions(x: torch.Tensor, directions: Float[torch.Tensor, "k d"]) -> torch.Tensor:
+    """Remove the span of ``directions`` from ``x`` (orthonormalised first)."""
+    q, _ = torch.linalg.qr(directions.T.float())  # (d, k)
+    q = q.to(x.dtype)
+    return x - (x @ q) @ q.T
+
+
+class Blocker:
+    """Installs the chosen mode on a model during training and supplies the penalty.
+
+    For ``penalty``, ``z_base`` for every training sequence is computed once from the frozen
+    base model (the same numbers a per-batch base forward would give) and looked up per batch.
+    """
+
+    def __init__(self, cfg: BlockConfig, sae=None, directions: torch.Tensor | None = None):
+        self.cfg, self.sae = cfg, sae
+        self.idx = list(cfg.latents_low) + list(cfg.latents_high)
+        self.directions = directions
+        self._resid: torch.Tensor | None = None
+        self.z_base: torch.Tensor | None = None
+        if cfg.mode in ("penalty", "ablate") and sae is None:
+            raise ValueError(f"Blocker: mode {cfg.mode} needs an SAE")
+        if cfg.mode == "project" and directions is None:
+            raise ValueError("Blocker: mode project needs directions")
+        if sae is not None:
+            for p in sae.parameters():
+                p.requires_grad_(False)
+
+    @torch.no_grad()
+    def precompute_base(self, base_model, input_ids: torch.Tensor, batch_size: int = 256) -> None:
+        """``z_base`` (N, T, n) of the frozen base model on every training sequence."""
+        out = []
+        for i in range(0, input_ids.shape[0], batch_size):
+            captured = {}
+
+            def grab(r):
+                captured["r"] = r
+                return r
+
+            with add_resid_hook(base_model, self.cfg.layer, grab):
+                base_model(input_ids=input_ids[i : i + batch_size])
+            out.append(latent_codes(self.sae, captured["r"].float(), self.idx, self.cfg.preactivation))
+        self.z_base = torch.cat(out)
+
+    def _hook_fn(self, resid: torch.Tensor) -> torch.Tensor:
+        mode = self.cfg.mode
+        if mode == "penalty":
+            self._resid = resid
+            return resid
+        if mode == "ablate":
+            return ablate_latents(self.sae, resid, list(self.cfg.latents_low))
+        if mode == "project":
+            return project_out_directions(resid, self.directions)
+        return resid
+
+    @contextmanager
+    def installed(self, model) -> Iterator["Blocker"]:
+        if self.cfg.mode == "none":
+            yield self
+            return
+        with add_resid_hook(model, self.cfg.layer, self._hook_fn):
+            yield self
+
+    def extra_loss(self, batch_idx: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The penalty for the batch just run (zero for the other modes)."""
+        if self.cfg.mode != "penalty":
+            return torch.zeros((), device=input_ids.device)
+        if self.z_base is None:
+            raise RuntimeError("Blocker.precompute_base must run before penalty training")
+        z_theta = latent_codes(self.sae, self._resid.float(), self.idx, self.cfg.preactivation)
+        mask = labels != -100  # assistant tokens
+        pen = latent_penalty(z_theta, self.z_base[batch_idx].to(z_theta.device), mask, len(self.cfg.latents_low))
+        return self.cfg.lam * pen

@@ -1,0 +1,86 @@
+"""Drift monitor: an early-warning probe for any fine-tune.
+
+Every ``every`` steps it measures, on held-out off-domain prompts (teacher-forced answers), the
+mean projection of the residual at one layer onto candidate directions, optionally SAE latent
+activations and the behavioural EM rate; it raises an alert the first time the projection
+exceeds ``mean_0 + z * std_0 / sqrt(n_tokens)`` (z standard errors above the step-0 mean).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from saediff.hooks import add_resid_hook
+
+__all__ = ["DriftMonitor", "DriftHistory"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DriftHistory:
+    steps: list[int] = field(default_factory=list)
+    projection: list[float] = field(default_factory=list)
+    """mean projection (residual . unit direction, averaged over directions and tokens)"""
+    latents: list[list[float]] = field(default_factory=list)
+    em: list[float | None] = field(default_factory=list)
+    threshold: float | None = None
+    alert_step: int | None = None
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class DriftMonitor:
+    """Callback for ``train_lm``: ``monitor(step, loss)``; call ``monitor.check(-1)`` before training."""
+
+    def __init__(self, model, input_ids: torch.Tensor, mask: torch.Tensor, layer: int, directions: torch.Tensor,
+                 *, every: int = 25, z: float = 3.0, sae=None, latents: list[int] | None = None,
+                 em_fn: Callable[[], float] | None = None):
+        self.model, self.input_ids, self.mask, self.layer = model, input_ids, mask, layer
+        self.U = directions / directions.norm(dim=-1, keepdim=True)  # (k, d)
+        self.every, self.z, self.sae, self.latents, self.em_fn = every, z, sae, latents or [], em_fn
+        self.history = DriftHistory()
+
+    @torch.no_grad()
+    def _measure(self) -> tuple[float, float, list[float]]:
+        captured = {}
+
+        def grab(r):
+            captured["r"] = r
+            return r
+
+        was_training = self.model.training
+        self.model.eval()
+        with add_resid_hook(self.model, self.layer, grab):
+            self.model(input_ids=self.input_ids)
+        if was_training:
+            self.model.train()
+        r = captured["r"][self.mask].float()  # (n_tok, d)
+        proj = (r @ self.U.T).mean(-1)  # (n_tok,)
+        lat = []
+        if self.sae is not None and self.latents:
+            lat = self.sae.encode(r)[:, self.latents].mean(0).tolist()
+        return float(proj.mean()), float(proj.std()), lat
+
+    def check(self, step: int) -> None:
+        mean, std, lat = self._measure()
+        h = self.history
+        if h.threshold is None:
+            # z standard errors above the step-0 mean: the probe is a mean over many tokens
+            h.threshold = mean + self.z * std / max(1, int(self.mask.sum())) ** 0.5
+        h.steps.append(step + 1)
+        h.projection.append(mean)
+        h.latents.append(lat)
+        h.em.append(self.em_fn() if self.em_fn else None)
+        if h.alert_step is None and mean > h.threshold:
+            h.alert_step = step + 1
+            log.warning("drift monitor: projection %.3f crossed %.3f at step %d", mean, h.threshold, step + 1)
+
+    def __call__(self, step: int, loss: float) -> None:
+        if (step + 1) % self.every == 0:
+            self.check(step)
