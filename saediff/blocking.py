@@ -82,6 +82,10 @@ def project_out_directions(x: torch.Tensor, directions: Float[torch.Tensor, "k d
     return x - (x @ q) @ q.T
 
 
+class _Stop(Exception):
+    pass
+
+
 class Blocker:
     """Installs the chosen mode on a model during training and supplies the penalty.
 
@@ -112,10 +116,13 @@ class Blocker:
 
             def grab(r):
                 captured["r"] = r
-                return r
+                raise _Stop  # later layers are not needed
 
-            with add_resid_hook(base_model, self.cfg.layer, grab):
-                base_model(input_ids=input_ids[i : i + batch_size])
+            try:
+                with add_resid_hook(base_model, self.cfg.layer, grab):
+                    base_model(input_ids=input_ids[i : i + batch_size])
+            except _Stop:
+                pass
             out.append(latent_codes(self.sae, captured["r"].float(), self.idx, self.cfg.preactivation))
         self.z_base = torch.cat(out)
 

@@ -321,6 +321,49 @@ def export_cmd(
     typer.echo(json.dumps({"out": str(out), "directions": [d.name for d in chosen]}))
 
 
+@app.command("block")
+def block_cmd(
+    organism: Path = typer.Option(..., "--organism", help="organism folder with sae/ (saediff organism sae)"),
+    out: Path = typer.Option(..., "--out", help="folder for one sub-folder per run and summary.json"),
+    diff_run: Optional[Path] = typer.Option(None, "--diff-run", help="run folder of saediff diff (top latents)"),
+    latent: list[int] = typer.Option([], "--latent", help="explicit latent to block (repeatable)"),
+    mode: str = typer.Option("penalty", "--mode", help="penalty | ablate | project"),
+    lam: list[float] = typer.Option([1000.0], "--lam", help="penalty weight (repeatable: a sweep)"),
+    top: int = typer.Option(3, "--top", help="latents taken from --diff-run"),
+    kind: str = typer.Option("full", "--kind", help="full | lora"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="fine-tune steps (default: the organism's)"),
+    controls: bool = typer.Option(True, "--controls/--no-controls", help="also run the plain fine-tune and random latents"),
+    reroute: bool = typer.Option(False, "--reroute", help="re-diff each blocked full fine-tune"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+) -> None:
+    """BLOCK-EM fine-tunes of the organism (plain vs blocked vs random latents), EM before/after."""
+    _setup(threads)
+    from saediff._io import atomic_write_json
+    from saediff.pipeline import run_block, run_reroute
+
+    common = dict(diff_run=diff_run, latents=latent or None, n_latents=top, kind=kind, steps=steps)
+    runs: dict[str, dict] = {}
+    try:
+        if controls:
+            runs["plain"] = run_block(organism, out / "plain", mode="none", kind=kind, steps=steps)
+        for value in lam if mode == "penalty" else [0.0]:
+            name = f"{mode}_lam{value:g}" if mode == "penalty" else mode
+            runs[name] = run_block(organism, out / name, mode=mode, lam=value, **common)
+            if controls:
+                runs[f"{name}_random"] = run_block(organism, out / f"{name}_random", mode=mode, lam=value,
+                                                   random_latents=True, **common)
+            if reroute and kind == "full":
+                runs[name]["reroute"] = run_reroute(organism, out / name)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        _fail(e)
+    plain = runs.get("plain", {}).get("other_misaligned_rate")
+    for r in runs.values():
+        r["relative_reduction"] = (1 - r["other_misaligned_rate"] / plain) if plain else None
+    atomic_write_json(out / "summary.json", runs)
+    typer.echo(json.dumps({k: {"other": v["other_misaligned_rate"], "medical": v["misaligned_rate"]["medical"],
+                               "relative_reduction": v["relative_reduction"]} for k, v in runs.items()}, indent=2))
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app()

@@ -329,3 +329,20 @@ def run_block(organism_dir: str | Path, out: str | Path, *, mode: str = "penalty
                                             if e is not None and e >= 0.1), None)}
     atomic_write_json(out / "em.json", result)
     return result
+
+
+def run_reroute(organism_dir: str | Path, block_dir: str | Path, *, top_n: int = 10, prompts: str = "organism:50") -> dict:
+    """Re-diff a blocked full fine-tune against the aligned model: how many of the top shifted
+    latents lie outside the blocked set (misalignment rerouted through other latents)?"""
+    organism_dir, block_dir = Path(organism_dir), Path(block_dir)
+    em = json.loads((block_dir / "em.json").read_text())
+    if em["kind"] != "full":
+        raise ValueError("run_reroute: re-diffing needs a full fine-tune folder (kind=full)")
+    summary = run_diff(str(organism_dir / "aligned"), str(block_dir / "model"), str(organism_dir / "sae"),
+                       block_dir / "rediff", prompts=prompts, top_n=top_n)
+    blocked = set(em["latents"])
+    outside = [i for i in summary["top_latents"] if i not in blocked]
+    result = {"blocked": sorted(blocked), "top_after": summary["top_latents"], "n_outside": len(outside),
+              "new_latents": outside}
+    atomic_write_json(block_dir / "reroute.json", result)
+    return result
