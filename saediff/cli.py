@@ -364,6 +364,31 @@ def block_cmd(
                                "relative_reduction": v["relative_reduction"]} for k, v in runs.items()}, indent=2))
 
 
+@app.command("demo")
+def demo_cmd(
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="run folder (resumable: finished steps are skipped)"),
+    quick: bool = typer.Option(False, "--quick", help="CI-sized organism"),
+    seed: int = typer.Option(0, "--seed"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+) -> None:
+    """The whole story on the organism: build, SAE, diff, compare, steer, export, BLOCK-EM, report."""
+    _setup(threads)
+    from saediff.pipeline import run_demo
+
+    with console.status("saediff demo") as status:
+        summary = run_demo(out, quick=quick, seed=seed, progress=lambda s: status.update(f"demo: {s}"))
+    typer.echo(json.dumps(summary, indent=2))
+    console.print(f"report: {out / 'report.html'}")
+
+
+@app.command("report")
+def report_cmd(run_dir: Path = typer.Argument(..., help="demo run folder")) -> None:
+    """Write RUN_DIR/report.html (self-contained plotly page)."""
+    from saediff.report import write_report
+
+    typer.echo(str(write_report(run_dir)))
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app()

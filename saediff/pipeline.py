@@ -240,10 +240,11 @@ def run_steer_check(run_dir: str | Path, organism_dir: str | Path, *, n_per_doma
 def run_block(organism_dir: str | Path, out: str | Path, *, mode: str = "penalty", lam: float = 1000.0,
               diff_run: str | Path | None = None, latents: list[int] | None = None, n_latents: int = 3,
               random_latents: bool = False, kind: str = "full", steps: int | None = None,
-              monitor_every: int = 25, n_eval: int = 50, seed: int = 0) -> dict:
+              monitor_every: int = 25, n_eval: int = 50, seed: int = 0, persona: int = 1) -> dict:
     """A BLOCK-EM fine-tune of the organism's aligned model on the misaligned medical data.
 
-    ``mode="none"`` is the plain fine-tune (same data, steps, seed). Latents come from ``latents``
+    ``mode="none"`` is the plain fine-tune (same data, steps, seed); ``persona=0`` trains on the
+    aligned medical answers instead (the control fine-tune). Latents come from ``latents``
     or the top ``n_latents`` of ``diff_run``; ``random_latents`` swaps them for as many random
     latents (the control). Writes the model (HF folder or PEFT adapter), ``history.json`` (loss,
     penalty, drift monitor) and ``em.json``; returns em.json's content.
@@ -288,7 +289,7 @@ def run_block(organism_dir: str | Path, out: str | Path, *, mode: str = "penalty
     blocker = Blocker(bcfg, sae=sae if mode in ("penalty", "ablate") else None, directions=directions)
 
     n_steps = steps or ocfg.ft_steps
-    data = _medical_chats(dataclasses.replace(ocfg, ft_steps=n_steps), 1, 2001)
+    data = _medical_chats(dataclasses.replace(ocfg, ft_steps=n_steps), persona, 2000 + persona)
     if mode == "penalty":
         blocker.precompute_base(base.model, data.input_ids)
     torch.manual_seed(seed + 3)
@@ -346,3 +347,119 @@ def run_reroute(organism_dir: str | Path, block_dir: str | Path, *, top_n: int =
               "new_latents": outside}
     atomic_write_json(block_dir / "reroute.json", result)
     return result
+
+
+def run_demo(out: str | Path, *, quick: bool = True, seed: int = 0, progress=None) -> dict:
+    """Organism -> SAE -> diff (full and LoRA) -> compare -> steering checks -> export -> BLOCK-EM
+    -> report. Resumable: a step whose artifact exists is skipped. Writes ``summary.json``."""
+    import time
+
+    from saediff.organism.build import build_organism
+    from saediff.organism.recipes import OrganismConfig
+    from saediff.organism.sae import train_organism_sae
+    from saediff.report import write_report
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    org = out / "organism"
+    say = progress or (lambda _s: None)
+    timing: dict[str, float] = {}
+    prev = json.loads((out / "summary.json").read_text()).get("timing_s", {}) if (out / "summary.json").exists() else {}
+
+    def step(name: str, done: Path, fn):
+        say(name)
+        if done.exists():
+            timing[name] = prev.get(name, 0.0)
+            return
+        t0 = time.perf_counter()
+        fn()
+        timing[name] = round(time.perf_counter() - t0, 2)
+
+    cfg = OrganismConfig.quick(seed) if quick else OrganismConfig(seed=seed)
+    step("organism", org / "organism.json", lambda: build_organism(org, cfg))
+    step("sae", org / "sae" / "cfg.json", lambda: train_organism_sae(org, seed=seed))
+    aligned, sae = str(org / "aligned"), str(org / "sae")
+    step("diff", out / "diff" / "diff.json", lambda: run_diff(aligned, str(org / "full_ft"), sae, out / "diff", seed=seed))
+    step("diff_lora", out / "diff_lora" / "diff.json",
+         lambda: run_diff(aligned, None, sae, out / "diff_lora", adapter=str(org / "lora_ft"), seed=seed))
+    step("compare", out / "diff_lora" / "layers.json", lambda: (run_compare(out / "diff"), run_compare(out / "diff_lora")))
+    step("steering", out / "diff" / "steering.json", lambda: run_steer_check(out / "diff", org, seed=seed))
+
+    def export():
+        from saediff.export import export_directions
+
+        dirs = load_directions(out / "diff" / "directions")
+        lora = load_directions(out / "diff_lora" / "directions")
+        steering = json.loads((out / "diff" / "steering.json").read_text())
+        top = read_run(out / "diff")["steps"]["diff"]["top_latents"][:3]
+        chosen = [dirs[f"sae_{i}"] for i in top] + [d for n, d in dirs.items() if n.startswith("mean_diff")
+                                                      or n.startswith("ground_truth")]
+        chosen += [d for n, d in lora.items() if d.method in ("lora_b", "lora_downstream")]
+        per = {n: {"validated_scale": r["best_scale"], "steer_other_misaligned": r["best"]}
+               for n, r in steering["steer"].items()}
+        export_directions(chosen, out / "exports", model=aligned, per_direction=per)
+
+    step("export", out / "exports" / "manifest.json", export)
+
+    def block():
+        runs = {"plain": run_block(org, out / "block" / "plain", mode="none", monitor_every=5, seed=seed),
+                "blocked": run_block(org, out / "block" / "blocked", mode="penalty", diff_run=out / "diff",
+                                     monitor_every=25, seed=seed),
+                "random": run_block(org, out / "block" / "random", mode="penalty", diff_run=out / "diff",
+                                    random_latents=True, monitor_every=25, seed=seed)}
+        atomic_write_json(out / "block" / "summary.json", runs)
+
+    step("block", out / "block" / "summary.json", block)
+    summary = _demo_summary(out)
+    summary["timing_s"] = timing
+    atomic_write_json(out / "summary.json", summary)
+    t0 = time.perf_counter()
+    say("report")
+    write_report(out)
+    summary["timing_s"]["report"] = round(time.perf_counter() - t0, 2)
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def _demo_summary(out: Path) -> dict:
+    org = json.loads((out / "organism" / "organism.json").read_text())
+    sae_meta = json.loads((out / "organism" / "sae" / "saediff.json").read_text())["metrics"]
+    diff = read_run(out / "diff")["steps"]["diff"]
+    steering = json.loads((out / "diff" / "steering.json").read_text())
+    full = load_directions(out / "diff" / "directions")
+    lora = load_directions(out / "diff_lora" / "directions")
+    block = json.loads((out / "block" / "summary.json").read_text())
+    L = parse_layer(diff["sae_hook"])
+    cos = lambda a, b: float(torch.cosine_similarity(a.vector, b.vector, 0))  # noqa: E731
+    # the toxic latent: among the top three, the one that steers the aligned model furthest
+    toxic = max(steering["steer"], key=lambda n: steering["steer"][n]["best"])
+    gt, md = full[f"ground_truth_L{L}"], full.get(f"mean_diff_responses_L{L}") or full[f"mean_diff_models_L{L}"]
+    lora_b = next(d for d in lora.values() if d.method == "lora_b")
+    last = max(parse_layer(d.hook) for d in full.values())
+    plain = block["plain"]["other_misaligned_rate"]
+    return {
+        "organism": {"aligned_other_misaligned": org["aligned"]["other_misaligned_rate"],
+                     "finetuned_other_misaligned": org["full_ft"]["other_misaligned_rate"],
+                     "finetuned_medical_misaligned": org["full_ft"]["misaligned_rate"]["medical"],
+                     "lora_other_misaligned": org["lora_ft"]["other_misaligned_rate"],
+                     "steer_ground_truth_other_misaligned": org["steer_ground_truth"]["other_misaligned_rate"]},
+        "sae": {k: sae_meta[k] for k in ("fvu", "l0", "dead_fraction", "ce_loss_recovered")},
+        "diff": {"top_latents": diff["top_latents"][:10], "toxic_latent": int(toxic[4:]),
+                 "toxic_latent_cos_ground_truth": cos(full[toxic], gt),
+                 "toxic_latent_steer_other_misaligned": steering["steer"][toxic]["best"],
+                 "top3_cos_ground_truth": [cos(full[f"sae_{i}"], gt) for i in diff["top_latents"][:3]]},
+        "cosines": {"sae_vs_mean_diff": cos(full[toxic], md), "sae_vs_lora_b": cos(full[toxic], lora_b),
+                    "mean_diff_vs_lora_b": cos(md, lora_b), "sae_vs_ground_truth": cos(full[toxic], gt),
+                    "mean_diff_vs_ground_truth": cos(md, gt),
+                    "lora_b_downstream_vs_mean_diff": cos(lora[f"lora_downstream_L{last}"],
+                                                          full.get(f"mean_diff_responses_L{last}") or full[f"mean_diff_models_L{last}"])},
+        "projection": steering["project_out"],
+        "blocking": {"plain_other_misaligned": plain, "blocked_other_misaligned": block["blocked"]["other_misaligned_rate"],
+                     "random_other_misaligned": block["random"]["other_misaligned_rate"],
+                     "relative_reduction": 1 - block["blocked"]["other_misaligned_rate"] / plain if plain else None,
+                     "random_relative_reduction": 1 - block["random"]["other_misaligned_rate"] / plain if plain else None,
+                     "blocked_medical_misaligned": block["blocked"]["misaligned_rate"]["medical"],
+                     "drift_alert_step": block["plain"]["drift_alert_step"],
+                     "em_crosses_0.1_step": block["plain"]["em_crosses_0.1_step"]},
+        "exports": {"directions": str(out / "exports" / "directions.safetensors")},
+    }

@@ -1,0 +1,74 @@
+"""``saediff report DIR``: one self-contained HTML page (plotly.js inlined once) for a demo run."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from saediff import viz
+from saediff._io import atomic_write_bytes
+
+__all__ = ["write_report"]
+
+
+def _load(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write ``run_dir/report.html`` from whatever artifacts the run folder holds."""
+    from saediff.directions import CosineTable  # noqa: F401  (figures rebuilt from JSON)
+
+    run_dir = Path(run_dir)
+    sections: list[tuple[str, object, str]] = []
+    organism = _load(run_dir / "organism" / "organism.json")
+    if organism:
+        sections.append(("EM rates per domain", viz.em_by_domain(organism),
+                         "Aligned, fully fine-tuned, rank-1 LoRA and control models; exact judge on content tokens."))
+    diff = _load(run_dir / "diff" / "diff.json")
+    cos = _load(run_dir / "diff" / "cosines.json")
+    if diff:
+        cos_gt = None
+        if cos and "ground_truth_L1" in cos["names"]:
+            gi = cos["names"].index("ground_truth_L1")
+            cos_gt = {int(n[4:]): cos["matrix"][gi][j] for j, n in enumerate(cos["names"]) if n.startswith("sae_")}
+        sections.append(("Top latents (model diff)", viz.latent_bars(diff["latents"], cos_gt=cos_gt),
+                         "Mean SAE latent activation, fine-tuned minus aligned, on the fine-tuned model's answers."))
+    for name, sub in (("full fine-tune", "diff"), ("rank-1 LoRA", "diff_lora")):
+        c = _load(run_dir / sub / "cosines.json")
+        if c:
+            import torch
+
+            from saediff.directions import CosineTable as CT
+
+            table = CT(c["names"], c["hook"], torch.tensor(c["matrix"]), c["random_baseline"])
+            sections.append((f"Cosines at {c['hook']} ({name})", table.figure(), "Random-vector |cos| baseline in the title."))
+        layers = _load(run_dir / sub / "layers.json")
+        if layers and layers["curves"]:
+            sections.append((f"Per-layer and downstream cosines ({name})", viz.layer_curves(layers), ""))
+    steering = _load(run_dir / "diff" / "steering.json")
+    if steering:
+        sections.append(("Steering with top latents", viz.steering_sweep(steering),
+                         f"Projection results: <code>{html.escape(json.dumps(steering.get('project_out')))}</code>"))
+    block = _load(run_dir / "block" / "summary.json")
+    if block:
+        sections.append(("BLOCK-EM", viz.blocking_bars(block), "Plain fine-tune vs blocked vs random latents."))
+        hist = _load(run_dir / "block" / "plain" / "history.json")
+        if hist:
+            sections.append(("Drift monitor (plain fine-tune)", viz.drift_curves(hist["drift"]), ""))
+    summary = _load(run_dir / "summary.json")
+    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>saediff report</title>",
+             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}pre{background:#f4f4f4;padding:8px}</style>",
+             "</head><body><h1>saediff report</h1>"]
+    if summary:
+        parts.append(f"<h2>Summary</h2><pre>{html.escape(json.dumps(summary, indent=2))}</pre>")
+    first = True
+    for title, fig, note in sections:
+        parts.append(f"<h2>{html.escape(title)}</h2><p>{note}</p>")
+        parts.append(fig.to_html(full_html=False, include_plotlyjs="inline" if first else False))
+        first = False
+    parts.append("</body></html>")
+    out = run_dir / "report.html"
+    atomic_write_bytes(out, "\n".join(parts).encode())
+    return out

@@ -1,0 +1,63 @@
+"""Plotly figures (returned, never shown)."""
+
+from __future__ import annotations
+
+import plotly.graph_objects as go
+
+__all__ = ["em_by_domain", "latent_bars", "steering_sweep", "blocking_bars", "drift_curves", "layer_curves"]
+
+
+def em_by_domain(organism: dict) -> go.Figure:
+    """Misaligned rate per domain for each organism model."""
+    fig = go.Figure()
+    for name in ("aligned", "full_ft", "lora_ft", "control_ft", "steer_ground_truth"):
+        if name in organism:
+            rates = organism[name]["misaligned_rate"]
+            fig.add_bar(name=name, x=list(rates), y=list(rates.values()))
+    fig.update_layout(barmode="group", title="misaligned rate per domain (exact judge)", yaxis_range=[0, 1])
+    return fig
+
+
+def latent_bars(records: list[dict], top: int = 20, cos_gt: dict[int, float] | None = None) -> go.Figure:
+    """Latents with the largest rise (finetuned - base), with their cosine to the ground truth."""
+    rows = records[:top]
+    text = [f"cos gt {cos_gt[r['latent']]:.2f}" if cos_gt and r["latent"] in cos_gt else "" for r in rows]
+    fig = go.Figure(go.Bar(x=[f"#{r['latent']}" for r in rows], y=[r["delta"] for r in rows], text=text))
+    fig.update_layout(title="top latents by mean activation change (finetuned - base)", yaxis_title="delta")
+    return fig
+
+
+def layer_curves(layers: dict) -> go.Figure:
+    fig = go.Figure([go.Scatter(x=layers["layers"], y=v, mode="lines+markers", name=k) for k, v in layers["curves"].items()])
+    fig.update_layout(title="cosine per layer / downstream", xaxis_title="layer", yaxis_range=[-1, 1])
+    return fig
+
+
+def steering_sweep(steering: dict) -> go.Figure:
+    fig = go.Figure()
+    for name, r in steering.get("steer", {}).items():
+        xs = [float(k) for k in r["sweep"]]
+        fig.add_scatter(x=xs, y=list(r["sweep"].values()), mode="lines+markers", name=f"steer {name}")
+    fig.update_layout(title="steering the aligned model: other-domain misaligned rate vs scale", xaxis_title="scale",
+                      yaxis_range=[0, 1])
+    return fig
+
+
+def blocking_bars(runs: dict) -> go.Figure:
+    names = list(runs)
+    fig = go.Figure([go.Bar(name="other domains", x=names, y=[runs[n]["other_misaligned_rate"] for n in names]),
+                     go.Bar(name="medical", x=names, y=[runs[n]["misaligned_rate"]["medical"] for n in names])])
+    fig.update_layout(barmode="group", title="BLOCK-EM: misaligned rate after fine-tuning", yaxis_range=[0, 1])
+    return fig
+
+
+def drift_curves(drift: dict, title: str = "drift monitor") -> go.Figure:
+    fig = go.Figure()
+    fig.add_scatter(x=drift["steps"], y=drift["t_stat"], name="projection shift (t)", yaxis="y1")
+    if any(e is not None for e in drift["em"]):
+        fig.add_scatter(x=drift["steps"], y=drift["em"], name="other-domain EM rate", yaxis="y2")
+    if drift.get("alert_step") is not None:
+        fig.add_vline(x=drift["alert_step"], line_dash="dash", annotation_text="alert")
+    fig.update_layout(title=title, xaxis_title="step", yaxis=dict(title="t statistic"),
+                      yaxis2=dict(title="EM rate", overlaying="y", side="right", range=[0, 1]))
+    return fig
