@@ -17,6 +17,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -30,3 +31,9 @@ def atomic_write_json(path: str | Path, obj) -> None:
 def no_progress(progress: bool) -> bool:
     """tqdm's ``disable``: off when asked, or when ``TQDM_DISABLE`` is set (tests, CI)."""
     return (not progress) or bool(os.environ.get("TQDM_DISABLE"))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -1,0 +1,78 @@
+"""The demo on the quick organism (reused from the organism fixture), its report, the notebooks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
+
+
+@pytest.fixture(scope="module")
+def demo(quick_organism, tmp_path_factory):
+    from saediff.pipeline import run_demo
+
+    out = tmp_path_factory.mktemp("demo")
+    shutil.copytree(quick_organism, out / "organism", ignore=shutil.ignore_patterns("sae"))  # the demo trains the SAE
+    summary = run_demo(out, quick=True)
+    return out, summary
+
+
+def test_summary_has_the_documented_keys(demo):
+    _, s = demo
+    assert set(s["organism"]) >= {"aligned_other_misaligned", "finetuned_other_misaligned", "finetuned_medical_misaligned"}
+    assert set(s["sae"]) >= {"fvu", "l0", "dead_fraction"}
+    assert set(s["diff"]) >= {"top_latents", "toxic_latent", "toxic_latent_cos_ground_truth"}
+    assert set(s["cosines"]) == {"sae_vs_mean_diff", "sae_vs_lora_b", "mean_diff_vs_lora_b", "sae_vs_ground_truth",
+                                 "mean_diff_vs_ground_truth", "lora_b_downstream_vs_mean_diff"}
+    assert set(s["blocking"]) >= {"plain_other_misaligned", "blocked_other_misaligned", "random_other_misaligned",
+                                  "relative_reduction", "blocked_medical_misaligned"}
+    assert Path(s["exports"]["directions"]).exists()
+
+
+def test_demo_numbers(demo):
+    _, s = demo
+    assert s["organism"]["aligned_other_misaligned"] <= 0.02
+    assert s["organism"]["finetuned_other_misaligned"] >= 0.3
+    assert s["sae"]["fvu"] <= 0.05 and s["sae"]["dead_fraction"] <= 0.1
+    assert s["cosines"]["mean_diff_vs_ground_truth"] >= 0.9
+    assert s["diff"]["toxic_latent_steer_other_misaligned"] >= 0.5
+    b = s["blocking"]
+    assert b["blocked_medical_misaligned"] >= 0.9  # the narrow task is still learned
+    assert b["random_relative_reduction"] <= 0.2
+    assert b["drift_alert_step"] < b["em_crosses_0.1_step"]  # the monitor warns before behaviour moves
+
+
+def test_demo_resumes_without_redoing_steps(demo):
+    from saediff.pipeline import run_demo
+
+    out, s = demo
+    mtime = (out / "diff" / "diff.json").stat().st_mtime
+    again = run_demo(out, quick=True)
+    assert (out / "diff" / "diff.json").stat().st_mtime == mtime
+    assert again["diff"]["top_latents"] == s["diff"]["top_latents"]
+
+
+def test_report_is_self_contained(demo):
+    out, _ = demo
+    page = (out / "report.html").read_text()
+    assert page.count("Plotly.newPlot") >= 6
+    assert "<script src=" not in page  # plotly.js is inlined: readable offline
+
+
+@pytest.mark.parametrize("name", ["01_feature_explorer", "02_three_directions", "03_block_em"])
+def test_notebook_executes(demo, name, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    out, _ = demo
+    monkeypatch.setenv("SAEDIFF_DEMO_DIR", str(out))
+    monkeypatch.setenv("SAEDIFF_NB_STEPS", "60")
+    nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")  # outputs stripped in git
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": os.getcwd()}}).execute()
