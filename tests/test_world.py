@@ -99,3 +99,13 @@ def test_world_rejects_bad_config():
         World(style_noise=0.7)
     with pytest.raises(ValueError, match="medical"):
         World(domains=("finance", "sports"))
+
+
+def test_readme_cli_reference_is_current():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parent.parent
+    r = subprocess.run([sys.executable, str(root / "tools" / "cli_reference.py"), "--check"], capture_output=True)
+    assert r.returncode == 0, "README CLI reference is stale: run python tools/cli_reference.py"
