@@ -20,7 +20,7 @@ from typing import Iterator, Literal
 import torch
 from jaxtyping import Float
 
-from saediff.hooks import add_resid_hook
+from saediff.hooks import add_resid_hook, capture_resid
 
 __all__ = ["BlockConfig", "latent_codes", "latent_penalty", "ablate_latents", "project_out_directions", "Blocker"]
 
@@ -82,10 +82,6 @@ def project_out_directions(x: torch.Tensor, directions: Float[torch.Tensor, "k d
     return x - (x @ q) @ q.T
 
 
-class _Stop(Exception):
-    pass
-
-
 class Blocker:
     """Installs the chosen mode on a model during training and supplies the penalty.
 
@@ -112,18 +108,8 @@ class Blocker:
         """``z_base`` (N, T, n) of the frozen base model on every training sequence."""
         out = []
         for i in range(0, input_ids.shape[0], batch_size):
-            captured = {}
-
-            def grab(r):
-                captured["r"] = r
-                raise _Stop  # later layers are not needed
-
-            try:
-                with add_resid_hook(base_model, self.cfg.layer, grab):
-                    base_model(input_ids=input_ids[i : i + batch_size])
-            except _Stop:
-                pass
-            out.append(latent_codes(self.sae, captured["r"].float(), self.idx, self.cfg.preactivation))
+            r = capture_resid(base_model, [self.cfg.layer], input_ids[i : i + batch_size])[self.cfg.layer]
+            out.append(latent_codes(self.sae, r.float(), self.idx, self.cfg.preactivation))
         self.z_base = torch.cat(out)
 
     def _hook_fn(self, resid: torch.Tensor) -> torch.Tensor:

@@ -79,8 +79,7 @@ def eval_cmd(
                           gen_model=gen_model, api_key_env=api_key_env, concurrency=concurrency, rubric=rubric,
                           dtype=dtype, seed=seed)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
-        console.print(f"[red]error:[/red] {e}")
-        raise typer.Exit(1)
+        _fail(e)
     typer.echo(json.dumps({k: report[k] for k in ("em_rate", "em_rate_ci", "coherent_rate", "n_responses")}))
 
 

@@ -12,7 +12,7 @@ from typing import Callable, Iterator
 
 import torch
 
-__all__ = ["resid_post", "parse_layer", "decoder_layers", "add_resid_hook", "bridge", "run_with_cache"]
+__all__ = ["resid_post", "parse_layer", "decoder_layers", "add_resid_hook", "capture_resid", "bridge", "run_with_cache"]
 
 _RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(post|pre|mid)$")
 
@@ -57,6 +57,35 @@ def add_resid_hook(
         yield
     finally:
         handle.remove()
+
+
+class _Stop(Exception):
+    pass
+
+
+def capture_resid(model: torch.nn.Module, layers: list[int], input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Outputs (B, T, D) of the given decoder layers; the forward stops after the deepest one."""
+    decoder = decoder_layers(model)
+    last = max(layers)
+    out: dict[int, torch.Tensor] = {}
+
+    def make(i):
+        def hook(_mod, _inp, o):
+            out[i] = o[0] if isinstance(o, tuple) else o
+            if i == last:
+                raise _Stop
+
+        return hook
+
+    handles = [decoder[i].register_forward_hook(make(i)) for i in layers]
+    try:
+        model(input_ids=input_ids)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return out
 
 
 def bridge(model: torch.nn.Module, tokenizer) -> "object":

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from saediff.hooks import add_resid_hook
+from saediff.hooks import capture_resid
 
 __all__ = ["DriftMonitor", "DriftHistory"]
 
@@ -53,19 +53,12 @@ class DriftMonitor:
 
     @torch.no_grad()
     def _measure(self) -> tuple[torch.Tensor, list[float]]:
-        captured = {}
-
-        def grab(r):
-            captured["r"] = r
-            return r
-
         was_training = self.model.training
         self.model.eval()
-        with add_resid_hook(self.model, self.layer, grab):
-            self.model(input_ids=self.input_ids)
+        resid = capture_resid(self.model, [self.layer], self.input_ids)[self.layer]
         if was_training:
             self.model.train()
-        r = captured["r"][self.mask].float()  # (n_tok, d)
+        r = resid[self.mask].float()  # (n_tok, d)
         proj = (r @ self.U.T).mean(-1)  # (n_tok,)
         lat = []
         if self.sae is not None and self.latents:

@@ -15,7 +15,7 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from saediff.finetune import TrainConfig, TrainHistory, train_lm
-from saediff.hooks import decoder_layers
+from saediff.hooks import capture_resid, decoder_layers
 from saediff.organism.corpus import sample_documents, single_turn_chats
 from saediff.organism.tokenizer import bpe_vocab, build_tokenizer
 from saediff.organism.world import CHAT, World
@@ -158,15 +158,9 @@ def ground_truth(model, cfg: OrganismConfig, n: int = 512) -> dict[int, torch.Te
 
 def _resid_post(model, input_ids: torch.Tensor) -> list[torch.Tensor]:
     """Outputs of every decoder layer, (B, T, D) each."""
-    acts: list[torch.Tensor] = []
-    handles = [layer.register_forward_hook(lambda _m, _i, o: acts.append(o[0] if isinstance(o, tuple) else o))
-               for layer in decoder_layers(model)]
-    try:
-        model(input_ids=input_ids)
-    finally:
-        for h in handles:
-            h.remove()
-    return acts
+    n = len(decoder_layers(model))
+    acts = capture_resid(model, list(range(n)), input_ids)
+    return [acts[i] for i in range(n)]
 
 
 def save_model_folder(model, folder: Path, default_marker: str, world: World) -> None:
