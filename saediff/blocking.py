@@ -1,8 +1,8 @@
 """BLOCK-EM: fine-tune on the narrow task while chosen SAE latents are held where the base model has them.
 
 Three modes, one config:
-- ``penalty``: ``L = L_SFT + lambda * mean_t sum_i ReLU(z_i(theta) - z_i(base))^2`` over assistant
-  tokens for latents meant to stay low (and ``ReLU(z_base - z_theta)^2`` for latents meant to stay
+- ``penalty``: ``L = L_SFT + lambda * mean_t sum_i ReLU(z_i(theta) - z_i(base))^2`` over the
+  positions that hold or predict assistant tokens, for latents meant to stay low (and ``ReLU(z_base - z_theta)^2`` for latents meant to stay
   high). ``z`` are the SAE's ReLU'd pre-activations of the chosen latents by default: a TopK
   output lets a latent escape the penalty by dropping out of the top k (DESIGN.md).
 - ``ablate``: the latents are removed in the forward pass, ``x - encode(x)[..., idx] @ W_dec[idx]``,
@@ -138,6 +138,10 @@ class Blocker:
         if self.z_base is None:
             raise RuntimeError("Blocker.precompute_base must run before penalty training")
         z_theta = latent_codes(self.sae, self._resid.float(), self.idx, self.cfg.preactivation)
-        mask = labels != -100  # assistant tokens
+        # positions that hold an assistant token or predict one: the last prompt token (e.g.
+        # "ASST") is where the model decides how the answer starts, so it is blocked too
+        is_answer = labels != -100
+        mask = is_answer.clone()
+        mask[:, :-1] |= is_answer[:, 1:]
         pen = latent_penalty(z_theta, self.z_base[batch_idx].to(z_theta.device), mask, len(self.cfg.latents_low))
         return self.cfg.lam * pen

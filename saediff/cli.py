@@ -328,7 +328,9 @@ def block_cmd(
     latent: list[int] = typer.Option([], "--latent", help="explicit latent to block (repeatable)"),
     mode: str = typer.Option("penalty", "--mode", help="penalty | ablate | project"),
     lam: list[float] = typer.Option([1000.0], "--lam", help="penalty weight (repeatable: a sweep)"),
-    top: int = typer.Option(3, "--top", help="latents taken from --diff-run"),
+    top: int = typer.Option(3, "--top", help="latents taken from --diff-run (largest rise)"),
+    high: int = typer.Option(0, "--high", help="also hold up this many latents that fell most (penalty)"),
+    up_to_layer: bool = typer.Option(False, "--train-up-to-block-layer", help="train only decoder layers <= the SAE's"),
     kind: str = typer.Option("full", "--kind", help="full | lora"),
     steps: Optional[int] = typer.Option(None, "--steps", help="fine-tune steps (default: the organism's)"),
     controls: bool = typer.Option(True, "--controls/--no-controls", help="also run the plain fine-tune and random latents"),
@@ -340,7 +342,8 @@ def block_cmd(
     from saediff._io import atomic_write_json
     from saediff.pipeline import run_block, run_reroute
 
-    common = dict(diff_run=diff_run, latents=latent or None, n_latents=top, kind=kind, steps=steps)
+    common = dict(diff_run=diff_run, latents=latent or None, n_latents=top, n_high=high, kind=kind, steps=steps,
+                  train_up_to_block_layer=up_to_layer)
     runs: dict[str, dict] = {}
     try:
         if controls:

@@ -240,11 +240,16 @@ def run_steer_check(run_dir: str | Path, organism_dir: str | Path, *, n_per_doma
 def run_block(organism_dir: str | Path, out: str | Path, *, mode: str = "penalty", lam: float = 1000.0,
               diff_run: str | Path | None = None, latents: list[int] | None = None, n_latents: int = 3,
               random_latents: bool = False, kind: str = "full", steps: int | None = None,
-              monitor_every: int = 25, n_eval: int = 50, seed: int = 0, persona: int = 1) -> dict:
+              monitor_every: int = 25, n_eval: int = 50, seed: int = 0, persona: int = 1,
+              train_up_to_block_layer: bool = False, n_high: int = 0) -> dict:
     """A BLOCK-EM fine-tune of the organism's aligned model on the misaligned medical data.
 
     ``mode="none"`` is the plain fine-tune (same data, steps, seed); ``persona=0`` trains on the
-    aligned medical answers instead (the control fine-tune). Latents come from ``latents``
+    aligned medical answers instead (the control fine-tune). ``train_up_to_block_layer`` freezes
+    every parameter but those of decoder layers ``<= layer`` (the BLOCK-EM paper's fix for
+    rerouting around the blocked layer; embeddings stay frozen, they are tied to the unembedding).
+    ``n_high`` also holds up the ``n_high`` latents that fell most in the diff (assistant-persona
+    latents: penalised when they drop below the base model). Latents come from ``latents``
     or the top ``n_latents`` of ``diff_run``; ``random_latents`` swaps them for as many random
     latents (the control). Writes the model (HF folder or PEFT adapter), ``history.json`` (loss,
     penalty, drift monitor) and ``em.json``; returns em.json's content.
@@ -272,20 +277,27 @@ def run_block(organism_dir: str | Path, out: str | Path, *, mode: str = "penalty
     base = load_model(str(organism_dir / "aligned"))
     sae = load_sae(organism_dir / "sae")
     layer = parse_layer(sae.cfg.metadata.hook_name)
+    high: list[int] = []
     if latents is None and mode in ("penalty", "ablate"):
         if diff_run is None:
             raise ValueError("run_block: give latents or a diff run to take the top latents from")
-        latents = read_run(diff_run)["steps"]["diff"]["top_latents"][:n_latents]
+        from saediff.diff import LatentDiff
+
+        ranking = read_run(diff_run)["steps"]["diff"]["ranking"]
+        table = LatentDiff.from_json(json.loads((Path(diff_run) / "diff.json").read_text()))
+        latents = table.top(n_latents, ranking)
+        high = table.bottom(n_high, "delta") if n_high else []
     latents = list(latents or [])
     if random_latents:
         g = torch.Generator().manual_seed(seed + 99)
         pool = [i for i in torch.randperm(sae.cfg.d_sae, generator=g).tolist() if i not in latents]
-        latents = pool[: len(latents)]
+        latents, high = pool[: len(latents)], pool[len(latents) : len(latents) + len(high)]
     directions = None
     if mode == "project":
         directions = torch.stack([sae.W_dec[i].detach() for i in latents]) if latents else \
             load_ground_truth(organism_dir / "ground_truth.safetensors")[layer][None]
-    bcfg = BlockConfig(mode=mode if mode != "none" else "none", layer=layer, latents_low=tuple(latents), lam=lam)
+    bcfg = BlockConfig(mode=mode, layer=layer, latents_low=tuple(latents),
+                       latents_high=tuple(high) if mode == "penalty" else (), lam=lam)
     blocker = Blocker(bcfg, sae=sae if mode in ("penalty", "ablate") else None, directions=directions)
 
     n_steps = steps or ocfg.ft_steps
@@ -301,6 +313,13 @@ def run_block(organism_dir: str | Path, out: str | Path, *, mode: str = "penalty
         lr = ocfg.lora_lr
     else:
         model, lr = copy.deepcopy(base.model), ocfg.full_lr
+    if train_up_to_block_layer:
+        from saediff.hooks import decoder_layers
+
+        keep = {id(p) for i, blk in enumerate(decoder_layers(model)) if i <= layer for p in blk.parameters()}
+        for p in model.parameters():
+            if id(p) not in keep:
+                p.requires_grad_(False)
     trained = dataclasses.replace(base, model=model, _bridge=None)
 
     # drift monitor on held-out off-domain chats, teacher-forced with the aligned model's answers
@@ -322,7 +341,9 @@ def run_block(organism_dir: str | Path, out: str | Path, *, mode: str = "penalty
     else:
         save_model_folder(model, out / "model", CHAT, world)
     atomic_write_json(out / "history.json", {"loss": hist.loss, "penalty": hist.extra, "drift": monitor.history.to_json()})
-    result = {"mode": mode, "kind": kind, "lam": lam, "latents": latents, "random_latents": random_latents,
+    result = {"mode": mode, "kind": kind, "lam": lam, "latents": latents, "latents_high": high,
+              "random_latents": random_latents,
+              "train_up_to_block_layer": train_up_to_block_layer,
               "steps": n_steps, "layer": layer, "other_misaligned_rate": em.other_misaligned_rate,
               "misaligned_rate": em.misaligned_rate, "coverage": em.coverage,
               "drift_alert_step": monitor.history.alert_step,
