@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
 
-import numpy as np
 import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm

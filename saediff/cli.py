@@ -340,7 +340,7 @@ def block_cmd(
     """BLOCK-EM fine-tunes of the organism (plain vs blocked vs random latents), EM before/after."""
     _setup(threads)
     from saediff._io import atomic_write_json
-    from saediff.pipeline import run_block, run_reroute
+    from saediff.organism.block import run_block, run_reroute
 
     common = dict(diff_run=diff_run, latents=latent or None, n_latents=top, n_high=high, kind=kind, steps=steps,
                   train_up_to_block_layer=up_to_layer)

@@ -12,8 +12,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
-
 from saediff.directions import Direction
 
 __all__ = ["export_directions", "load_directions"]

@@ -1,4 +1,5 @@
-"""Run folders for model diffing: ``run_diff`` -> ``run_compare`` -> ``run_steer_check`` -> export.
+"""Run folders for model diffing: ``run_diff`` -> ``run_compare`` -> ``run_steer_check`` -> export,
+and ``run_demo``, the whole story on the organism (BLOCK-EM runs live in ``saediff.organism.block``).
 
 A run folder holds ``run.json`` (config and artifacts of each step), ``responses.jsonl``,
 ``diff.json``, ``directions/`` (an export folder), ``cosines.json``, ``layers.json``,
@@ -25,7 +26,7 @@ from saediff.hooks import parse_layer, resid_post
 from saediff.models import ModelSpec, generate, load_model
 from saediff.prompts import load_prompts
 
-__all__ = ["run_diff", "run_compare", "run_steer_check", "read_run"]
+__all__ = ["run_diff", "run_compare", "run_steer_check", "read_run", "run_demo"]
 
 log = logging.getLogger(__name__)
 
@@ -237,144 +238,12 @@ def run_steer_check(run_dir: str | Path, organism_dir: str | Path, *, n_per_doma
     return result
 
 
-def run_block(organism_dir: str | Path, out: str | Path, *, mode: str = "penalty", lam: float = 1000.0,
-              diff_run: str | Path | None = None, latents: list[int] | None = None, n_latents: int = 3,
-              random_latents: bool = False, kind: str = "full", steps: int | None = None,
-              monitor_every: int = 25, n_eval: int = 50, seed: int = 0, persona: int = 1,
-              train_up_to_block_layer: bool = False, n_high: int = 0) -> dict:
-    """A BLOCK-EM fine-tune of the organism's aligned model on the misaligned medical data.
-
-    ``mode="none"`` is the plain fine-tune (same data, steps, seed); ``persona=0`` trains on the
-    aligned medical answers instead (the control fine-tune). ``train_up_to_block_layer`` freezes
-    every parameter but those of decoder layers ``<= layer`` (the BLOCK-EM paper's fix for
-    rerouting around the blocked layer; embeddings stay frozen, they are tied to the unembedding).
-    ``n_high`` also holds up the ``n_high`` latents that fell most in the diff (assistant-persona
-    latents: penalised when they drop below the base model). Latents come from ``latents``
-    or the top ``n_latents`` of ``diff_run``; ``random_latents`` swaps them for as many random
-    latents (the control). Writes the model (HF folder or PEFT adapter), ``history.json`` (loss,
-    penalty, drift monitor) and ``em.json``; returns em.json's content.
-    """
-    import copy
-
-    from saediff.blocking import BlockConfig, Blocker
-    from saediff.evals import evaluate_organism_em
-    from saediff.finetune import TrainConfig, train_lm
-    from saediff.monitor import DriftMonitor
-    from saediff.organism.build import load_ground_truth
-    from saediff.organism.prompts import em_questions
-    from saediff.organism.recipes import OrganismConfig, _medical_chats, read_organism_world, save_model_folder
-    from saediff.organism.world import CHAT
-    from saediff.saes import load_sae
-
-    organism_dir, out = Path(organism_dir), Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    world = read_organism_world(organism_dir / "aligned")
-    if world is None:
-        raise FileNotFoundError(f"{organism_dir}/aligned is not a saediff organism folder")
-    ocfg_dict = json.loads((organism_dir / "organism.json").read_text())["config"]
-    ocfg = OrganismConfig(**{k: v for k, v in ocfg_dict.items() if k in OrganismConfig.__dataclass_fields__
-                             and k != "world"}, world=world)
-    base = load_model(str(organism_dir / "aligned"))
-    sae = load_sae(organism_dir / "sae")
-    layer = parse_layer(sae.cfg.metadata.hook_name)
-    high: list[int] = []
-    if latents is None and mode in ("penalty", "ablate"):
-        if diff_run is None:
-            raise ValueError("run_block: give latents or a diff run to take the top latents from")
-        from saediff.diff import LatentDiff
-
-        ranking = read_run(diff_run)["steps"]["diff"]["ranking"]
-        table = LatentDiff.from_json(json.loads((Path(diff_run) / "diff.json").read_text()))
-        latents = table.top(n_latents, ranking)
-        high = table.bottom(n_high, "delta") if n_high else []
-    latents = list(latents or [])
-    if random_latents:
-        g = torch.Generator().manual_seed(seed + 99)
-        pool = [i for i in torch.randperm(sae.cfg.d_sae, generator=g).tolist() if i not in latents]
-        latents, high = pool[: len(latents)], pool[len(latents) : len(latents) + len(high)]
-    directions = None
-    if mode == "project":
-        directions = torch.stack([sae.W_dec[i].detach() for i in latents]) if latents else \
-            load_ground_truth(organism_dir / "ground_truth.safetensors")[layer][None]
-    bcfg = BlockConfig(mode=mode, layer=layer, latents_low=tuple(latents),
-                       latents_high=tuple(high) if mode == "penalty" else (), lam=lam)
-    blocker = Blocker(bcfg, sae=sae if mode in ("penalty", "ablate") else None, directions=directions)
-
-    n_steps = steps or ocfg.ft_steps
-    data = _medical_chats(dataclasses.replace(ocfg, ft_steps=n_steps), persona, 2000 + persona)
-    if mode == "penalty":
-        blocker.precompute_base(base.model, data.input_ids)
-    torch.manual_seed(seed + 3)
-    if kind == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(copy.deepcopy(base.model), LoraConfig(
-            r=1, lora_alpha=1, target_modules=["down_proj"], layers_to_transform=[ocfg.lora_layer]))
-        lr = ocfg.lora_lr
-    else:
-        model, lr = copy.deepcopy(base.model), ocfg.full_lr
-    if train_up_to_block_layer:
-        from saediff.hooks import decoder_layers
-
-        keep = {id(p) for i, blk in enumerate(decoder_layers(model)) if i <= layer for p in blk.parameters()}
-        for p in model.parameters():
-            if id(p) not in keep:
-                p.requires_grad_(False)
-    trained = dataclasses.replace(base, model=model, _bridge=None)
-
-    # drift monitor on held-out off-domain chats, teacher-forced with the aligned model's answers
-    qs = [p for p in em_questions(world, 20, seed=seed + 11) if p.domain != "medical"]
-    answers = generate(base, [p.messages for p in qs], max_new_tokens=world.answer_len + 1, seed=seed, progress=False)
-    held = [dataclasses.replace(p, response=a.strip()) for p, a in zip(qs, answers)]
-    toks = tokenize_prompts(base, held)
-    gt = load_ground_truth(organism_dir / "ground_truth.safetensors")[layer]
-    monitor = DriftMonitor(model, toks.input_ids, toks.select("response"), layer, gt[None], every=monitor_every,
-                           sae=sae, latents=latents,
-                           em_fn=lambda: evaluate_organism_em(trained, world, 20, seed=seed).other_misaligned_rate)
-    monitor.check(-1)
-    tc = TrainConfig(steps=n_steps, batch_size=ocfg.ft_batch, lr=lr, seed=ocfg.seed + 2)
-    with blocker.installed(model):
-        hist = train_lm(model, data, tc, desc=f"block {mode}", callback=monitor, extra_loss=blocker.extra_loss)
-    em = evaluate_organism_em(trained, world, n_eval, seed=seed)
-    if kind == "lora":
-        model.save_pretrained(out / "model")
-    else:
-        save_model_folder(model, out / "model", CHAT, world)
-    atomic_write_json(out / "history.json", {"loss": hist.loss, "penalty": hist.extra, "drift": monitor.history.to_json()})
-    result = {"mode": mode, "kind": kind, "lam": lam, "latents": latents, "latents_high": high,
-              "random_latents": random_latents,
-              "train_up_to_block_layer": train_up_to_block_layer,
-              "steps": n_steps, "layer": layer, "other_misaligned_rate": em.other_misaligned_rate,
-              "misaligned_rate": em.misaligned_rate, "coverage": em.coverage,
-              "drift_alert_step": monitor.history.alert_step,
-              "em_crosses_0.1_step": next((s for s, e in zip(monitor.history.steps, monitor.history.em)
-                                            if e is not None and e >= 0.1), None)}
-    atomic_write_json(out / "em.json", result)
-    return result
-
-
-def run_reroute(organism_dir: str | Path, block_dir: str | Path, *, top_n: int = 10, prompts: str = "organism:50") -> dict:
-    """Re-diff a blocked full fine-tune against the aligned model: how many of the top shifted
-    latents lie outside the blocked set (misalignment rerouted through other latents)?"""
-    organism_dir, block_dir = Path(organism_dir), Path(block_dir)
-    em = json.loads((block_dir / "em.json").read_text())
-    if em["kind"] != "full":
-        raise ValueError("run_reroute: re-diffing needs a full fine-tune folder (kind=full)")
-    summary = run_diff(str(organism_dir / "aligned"), str(block_dir / "model"), str(organism_dir / "sae"),
-                       block_dir / "rediff", prompts=prompts, top_n=top_n)
-    blocked = set(em["latents"])
-    outside = [i for i in summary["top_latents"] if i not in blocked]
-    result = {"blocked": sorted(blocked), "top_after": summary["top_latents"], "n_outside": len(outside),
-              "new_latents": outside}
-    atomic_write_json(block_dir / "reroute.json", result)
-    return result
-
-
 def run_demo(out: str | Path, *, quick: bool = True, seed: int = 0, progress=None) -> dict:
     """Organism -> SAE -> diff (full and LoRA) -> compare -> steering checks -> export -> BLOCK-EM
     -> report. Resumable: a step whose artifact exists is skipped. Writes ``summary.json``."""
     import time
 
+    from saediff.organism.block import run_block
     from saediff.organism.build import build_organism
     from saediff.organism.recipes import OrganismConfig
     from saediff.organism.sae import train_organism_sae

@@ -18,8 +18,6 @@ def _load(path: Path) -> dict | None:
 
 def write_report(run_dir: str | Path) -> Path:
     """Write ``run_dir/report.html`` from whatever artifacts the run folder holds."""
-    from saediff.directions import CosineTable  # noqa: F401  (figures rebuilt from JSON)
-
     run_dir = Path(run_dir)
     sections: list[tuple[str, object, str]] = []
     organism = _load(run_dir / "organism" / "organism.json")

@@ -76,3 +76,22 @@ def test_notebook_executes(demo, name, monkeypatch):
     nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")  # outputs stripped in git
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": os.getcwd()}}).execute()
+
+
+def test_block_cli_lambda_sweep_with_controls(demo, tmp_path):
+    from typer.testing import CliRunner
+
+    from saediff.cli import app
+
+    out, _ = demo
+    r = CliRunner().invoke(app, ["block", "--organism", str(out / "organism"), "--diff-run", str(out / "diff"),
+                                 "--lam", "10", "--lam", "1000", "--top", "3", "--high", "2", "--steps", "20",
+                                 "--reroute", "--out", str(tmp_path / "block")])
+    assert r.exit_code == 0, r.output
+    runs = json.loads((tmp_path / "block" / "summary.json").read_text())
+    assert set(runs) == {"plain", "penalty_lam10", "penalty_lam10_random", "penalty_lam1000", "penalty_lam1000_random"}
+    assert len(runs["penalty_lam10"]["latents"]) == 3 and len(runs["penalty_lam10"]["latents_high"]) == 2
+    assert set(runs["penalty_lam10"]["latents"]).isdisjoint(runs["penalty_lam10_random"]["latents"])
+    assert runs["plain"]["relative_reduction"] == 0.0
+    reroute = runs["penalty_lam1000"]["reroute"]
+    assert reroute["n_outside"] == len(reroute["new_latents"]) <= 10

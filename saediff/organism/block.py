@@ -1,0 +1,173 @@
+"""BLOCK-EM runs on the organism: the narrow medical fine-tune with latents held down, its
+controls (plain fine-tune, random latents, aligned-data control), the drift monitor, and the
+rerouting re-diff.
+
+    saediff block --organism runs/demo/organism --diff-run runs/demo/diff --out runs/block
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from saediff._io import atomic_write_json
+from saediff.activations import tokenize_prompts
+from saediff.blocking import BlockConfig, Blocker
+from saediff.evals import evaluate_organism_em
+from saediff.finetune import TrainConfig, train_lm
+from saediff.hooks import decoder_layers, parse_layer
+from saediff.models import LoadedModel, generate, load_model
+from saediff.monitor import DriftMonitor
+from saediff.organism.build import load_ground_truth
+from saediff.organism.prompts import em_questions
+from saediff.organism.recipes import OrganismConfig, _medical_chats, read_organism_world, save_model_folder
+from saediff.organism.world import CHAT, World
+
+__all__ = ["run_block", "run_reroute", "choose_latents", "organism_config"]
+
+
+def organism_config(organism_dir: Path, world: World) -> OrganismConfig:
+    """The config an organism folder was built with (from its organism.json)."""
+    saved = json.loads((organism_dir / "organism.json").read_text())["config"]
+    fields = OrganismConfig.__dataclass_fields__
+    return OrganismConfig(**{k: v for k, v in saved.items() if k in fields and k != "world"}, world=world)
+
+
+def choose_latents(sae, diff_run: str | Path | None, latents: list[int] | None, n_latents: int, n_high: int,
+                   random_latents: bool, seed: int) -> tuple[list[int], list[int]]:
+    """(latents held low, latents held high): explicit ones, or the top ``n_latents`` and bottom
+    ``n_high`` of the diff run's ranking; with ``random_latents`` as many random latents instead."""
+    high: list[int] = []
+    if latents is None:
+        if diff_run is None:
+            raise ValueError("run_block: give latents or a diff run to take the top latents from")
+        from saediff.diff import LatentDiff
+        from saediff.pipeline import read_run
+
+        ranking = read_run(diff_run)["steps"]["diff"]["ranking"]
+        table = LatentDiff.from_json(json.loads((Path(diff_run) / "diff.json").read_text()))
+        latents = table.top(n_latents, ranking)
+        high = table.bottom(n_high, "delta") if n_high else []
+    latents = list(latents)
+    if random_latents:
+        g = torch.Generator().manual_seed(seed + 99)
+        pool = [i for i in torch.randperm(sae.cfg.d_sae, generator=g).tolist() if i not in latents]
+        latents, high = pool[: len(latents)], pool[len(latents) : len(latents) + len(high)]
+    return latents, high
+
+
+def _trainable(base: LoadedModel, kind: str, ocfg: OrganismConfig, layer: int, up_to_layer: bool):
+    """A copy of the aligned model to fine-tune (full, or rank-1 LoRA as in the organism) and its lr."""
+    if kind == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(copy.deepcopy(base.model), LoraConfig(
+            r=1, lora_alpha=1, target_modules=["down_proj"], layers_to_transform=[ocfg.lora_layer]))
+        lr = ocfg.lora_lr
+    else:
+        model, lr = copy.deepcopy(base.model), ocfg.full_lr
+    if up_to_layer:
+        keep = {id(p) for i, blk in enumerate(decoder_layers(model)) if i <= layer for p in blk.parameters()}
+        for p in model.parameters():
+            if id(p) not in keep:
+                p.requires_grad_(False)
+    return model, lr
+
+
+def _monitor(base: LoadedModel, trained: LoadedModel, world: World, organism_dir: Path, layer: int, sae,
+             latents: list[int], every: int, seed: int) -> DriftMonitor:
+    """Drift monitor on held-out off-domain chats, teacher-forced with the aligned model's answers,
+    probing the ground-truth direction; behavioural EM (20 answers per domain) alongside."""
+    qs = [p for p in em_questions(world, 20, seed=seed + 11) if p.domain != "medical"]
+    answers = generate(base, [p.messages for p in qs], max_new_tokens=world.answer_len + 1, seed=seed, progress=False)
+    toks = tokenize_prompts(base, [dataclasses.replace(p, response=a.strip()) for p, a in zip(qs, answers)])
+    gt = load_ground_truth(organism_dir / "ground_truth.safetensors")[layer]
+    return DriftMonitor(trained.model, toks.input_ids, toks.select("response"), layer, gt[None], every=every,
+                        sae=sae, latents=latents,
+                        em_fn=lambda: evaluate_organism_em(trained, world, 20, seed=seed).other_misaligned_rate)
+
+
+def run_block(organism_dir: str | Path, out: str | Path, *, mode: str = "penalty", lam: float = 1000.0,
+              diff_run: str | Path | None = None, latents: list[int] | None = None, n_latents: int = 3,
+              n_high: int = 0, random_latents: bool = False, kind: str = "full", steps: int | None = None,
+              train_up_to_block_layer: bool = False, monitor_every: int = 25, n_eval: int = 50, seed: int = 0,
+              persona: int = 1) -> dict:
+    """A BLOCK-EM fine-tune of the organism's aligned model on the misaligned medical data.
+
+    ``mode="none"`` is the plain fine-tune (same data, steps, seed); ``persona=0`` trains on the
+    aligned medical answers instead (the control fine-tune). ``n_high`` also holds up the latents
+    that fell most in the diff. ``train_up_to_block_layer`` freezes all but decoder layers
+    ``<= layer`` (the BLOCK-EM paper's fix for rerouting; embeddings stay frozen, they are tied to
+    the unembedding). Writes the model (HF folder or PEFT adapter), ``history.json`` (loss,
+    penalty, drift monitor) and ``em.json``; returns em.json's content.
+    """
+    from saediff.saes import load_sae
+
+    organism_dir, out = Path(organism_dir), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    world = read_organism_world(organism_dir / "aligned")
+    if world is None:
+        raise FileNotFoundError(f"{organism_dir}/aligned is not a saediff organism folder")
+    ocfg = organism_config(organism_dir, world)
+    base = load_model(str(organism_dir / "aligned"))
+    sae = load_sae(organism_dir / "sae")
+    layer = parse_layer(sae.cfg.metadata.hook_name)
+    low, high = ([], []) if mode in ("none", "project") and latents is None else choose_latents(
+        sae, diff_run, latents, n_latents, n_high, random_latents, seed)
+    directions = None
+    if mode == "project":
+        directions = (torch.stack([sae.W_dec[i].detach() for i in low]) if low
+                      else load_ground_truth(organism_dir / "ground_truth.safetensors")[layer][None])
+    bcfg = BlockConfig(mode=mode, layer=layer, latents_low=tuple(low),
+                       latents_high=tuple(high) if mode == "penalty" else (), lam=lam)
+    blocker = Blocker(bcfg, sae=sae if mode in ("penalty", "ablate") else None, directions=directions)
+
+    n_steps = steps or ocfg.ft_steps
+    data = _medical_chats(dataclasses.replace(ocfg, ft_steps=n_steps), persona, 2000 + persona)
+    if mode == "penalty":
+        blocker.precompute_base(base.model, data.input_ids)
+    torch.manual_seed(seed + 3)
+    model, lr = _trainable(base, kind, ocfg, layer, train_up_to_block_layer)
+    trained = dataclasses.replace(base, model=model, _bridge=None)
+    monitor = _monitor(base, trained, world, organism_dir, layer, sae, low, monitor_every, seed)
+    monitor.check(-1)
+    tc = TrainConfig(steps=n_steps, batch_size=ocfg.ft_batch, lr=lr, seed=ocfg.seed + 2)
+    with blocker.installed(model):
+        hist = train_lm(model, data, tc, desc=f"block {mode}", callback=monitor, extra_loss=blocker.extra_loss)
+    em = evaluate_organism_em(trained, world, n_eval, seed=seed)
+    if kind == "lora":
+        model.save_pretrained(out / "model")
+    else:
+        save_model_folder(model, out / "model", CHAT, world)
+    drift = monitor.history
+    atomic_write_json(out / "history.json", {"loss": hist.loss, "penalty": hist.extra, "drift": drift.to_json()})
+    result = {"mode": mode, "kind": kind, "lam": lam, "latents": low, "latents_high": high,
+              "random_latents": random_latents, "train_up_to_block_layer": train_up_to_block_layer,
+              "steps": n_steps, "layer": layer, "other_misaligned_rate": em.other_misaligned_rate,
+              "misaligned_rate": em.misaligned_rate, "coverage": em.coverage, "drift_alert_step": drift.alert_step,
+              "em_crosses_0.1_step": next((s for s, e in zip(drift.steps, drift.em) if e is not None and e >= 0.1), None)}
+    atomic_write_json(out / "em.json", result)
+    return result
+
+
+def run_reroute(organism_dir: str | Path, block_dir: str | Path, *, top_n: int = 10, prompts: str = "organism:50") -> dict:
+    """Re-diff a blocked full fine-tune against the aligned model: how many of the top shifted
+    latents lie outside the blocked set (misalignment rerouted through other latents)?"""
+    from saediff.pipeline import run_diff
+
+    organism_dir, block_dir = Path(organism_dir), Path(block_dir)
+    em = json.loads((block_dir / "em.json").read_text())
+    if em["kind"] != "full":
+        raise ValueError("run_reroute: re-diffing needs a full fine-tune folder (kind=full)")
+    summary = run_diff(str(organism_dir / "aligned"), str(block_dir / "model"), str(organism_dir / "sae"),
+                       block_dir / "rediff", prompts=prompts, top_n=top_n)
+    blocked = set(em["latents"]) | set(em.get("latents_high", []))
+    outside = [i for i in summary["top_latents"] if i not in blocked]
+    result = {"blocked": sorted(blocked), "top_after": summary["top_latents"], "n_outside": len(outside),
+              "new_latents": outside}
+    atomic_write_json(block_dir / "reroute.json", result)
+    return result
