@@ -109,3 +109,11 @@ def test_readme_cli_reference_is_current():
     root = Path(__file__).parent.parent
     r = subprocess.run([sys.executable, str(root / "tools" / "cli_reference.py"), "--check"], capture_output=True)
     assert r.returncode == 0, "README CLI reference is stale: run python tools/cli_reference.py"
+
+
+def test_public_api_is_lazy_and_complete():
+    import subprocess
+    import sys
+
+    code = "import saediff, sys; assert 'torch' not in sys.modules; [getattr(saediff, n) for n in saediff.__all__]"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
