@@ -95,3 +95,14 @@ def test_block_cli_lambda_sweep_with_controls(demo, tmp_path):
     assert runs["plain"]["relative_reduction"] == 0.0
     reroute = runs["penalty_lam1000"]["reroute"]
     assert reroute["n_outside"] == len(reroute["new_latents"]) <= 10
+
+
+def test_readme_python_example_runs(demo):
+    import re
+
+    out, _ = demo
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    code = re.search(r"## Python\n\n```python\n(.*?)```", readme, re.S).group(1)
+    scope: dict = {}
+    exec(code.replace("runs/demo", str(out)), scope)  # noqa: S102 (our own README)
+    assert scope["diff"].d_sae == 128
