@@ -23,7 +23,8 @@ from saediff._io import atomic_write_json
 from saediff.models import LoadedModel, chat_tokens
 from saediff.prompts import Prompt
 
-__all__ = ["Positions", "ActivationStore", "collect_activations", "tokenize_prompts", "TokenizedPrompts"]
+__all__ = ["Positions", "ActivationStore", "collect_activations", "tokenize_prompts", "TokenizedPrompts",
+           "row_descriptions"]
 
 log = logging.getLogger(__name__)
 Positions = Literal["last_prompt", "response", "all"]
@@ -75,6 +76,15 @@ def tokenize_prompts(lm: LoadedModel, prompts: list[Prompt]) -> TokenizedPrompts
         input_ids[i, : len(r)] = torch.tensor(r)
         role[i, : len(r)] = torch.tensor(m)
     return TokenizedPrompts(input_ids, role)
+
+
+def row_descriptions(lm: LoadedModel, prompts: list[Prompt], toks: TokenizedPrompts, positions: Positions) -> list[dict]:
+    """For each collected row (in collection order): prompt id, position and token string."""
+    rows, cols = toks.select(positions).nonzero(as_tuple=True)
+    ids = toks.input_ids[rows, cols].tolist()
+    tokens = lm.tokenizer.convert_ids_to_tokens(ids)
+    return [{"prompt": prompts[r].id, "position": int(c), "token": t}
+            for r, c, t in zip(rows.tolist(), cols.tolist(), tokens)]
 
 
 class ActivationStore:

@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from jaxtyping import Float
 
-__all__ = ["LatentDiff", "diff_latents", "Ranking"]
+__all__ = ["LatentDiff", "diff_latents", "Ranking", "LatentCard", "latent_card"]
 
 Ranking = Literal["delta", "abs_delta", "effect_size", "freq_delta"]
 
@@ -114,3 +114,52 @@ def _moments(sae, acts, batch_size):
     mean = s1 / n
     var = (s2 / n - mean.pow(2)).clamp_min(0)
     return mean.float(), var.float(), (fired / n).float()
+
+
+@dataclass(frozen=True)
+class LatentCard:
+    """What a latent does, for exploration: where it fires most in each model, how its activation
+    distribution moved, and which latents' decoder directions sit closest to it."""
+
+    latent: int
+    top_base: list[dict]
+    """highest activations on the base model: {row, prompt, position, token, value}"""
+    top_ft: list[dict]
+    hist_edges: list[float]
+    hist_base: list[int]
+    """activation histogram (over rows where either model is active)"""
+    hist_ft: list[int]
+    neighbours: list[tuple[int, float]]
+    """(latent, decoder cosine), most similar first"""
+
+    def to_json(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+@torch.no_grad()
+def latent_card(sae, latent: int, acts_base: torch.Tensor, acts_ft: torch.Tensor, rows: list[dict] | None = None,
+                k: int = 10, bins: int = 20, n_neighbours: int = 5) -> LatentCard:
+    """A card for ``latent``. ``rows`` (optional) describes each activation row, e.g.
+    ``{"prompt": id, "position": t, "token": "..."}``; both activation sets share it (same tokens)."""
+    if not 0 <= latent < sae.cfg.d_sae:
+        raise ValueError(f"latent {latent} out of range: the SAE has {sae.cfg.d_sae} latents")
+    zb = sae.encode(acts_base.float())[:, latent]
+    zf = sae.encode(acts_ft.float())[:, latent]
+
+    def top(z):
+        vals, idx = z.topk(min(k, z.shape[0]))
+        return [{"row": int(i), **((rows or [{}] * z.shape[0])[int(i)]), "value": float(v)} for v, i in zip(vals, idx)]
+
+    hi = float(torch.maximum(zb.max(), zf.max()).clamp_min(1e-6))
+    edges = torch.linspace(0.0, hi, bins + 1)
+    active = (zb > 0) | (zf > 0)
+    hb = torch.histc(zb[active], bins=bins, min=0.0, max=hi) if active.any() else torch.zeros(bins)
+    hf = torch.histc(zf[active], bins=bins, min=0.0, max=hi) if active.any() else torch.zeros(bins)
+    W = sae.W_dec.detach().float()
+    cos = torch.nn.functional.cosine_similarity(W, W[latent][None], dim=1)
+    cos[latent] = -2.0
+    nb = cos.topk(min(n_neighbours, W.shape[0] - 1))
+    return LatentCard(latent, top(zb), top(zf), edges.tolist(), hb.int().tolist(), hf.int().tolist(),
+                      [(int(i), float(c)) for c, i in zip(nb.values, nb.indices)])

@@ -104,9 +104,16 @@ def run_diff(base: str, finetuned: str, sae_path: str, out: str | Path, *, adapt
     acts_f = collect_activations(lm_ft, ps, hooks, "response", progress=True)
     diff = diff_latents(sae, acts_b[sae_hook], acts_f[sae_hook])
     atomic_write_json(out / "diff.json", diff.to_json())
+    from saediff.activations import row_descriptions
+    from saediff.diff import latent_card
+
+    rows = row_descriptions(lm_ft, ps, tokenize_prompts(lm_ft, ps), "response")
 
     directions: list[Direction] = []
     top = diff.top(top_n, ranking)
+    cards = [latent_card(sae, i, acts_b[sae_hook], acts_f[sae_hook], rows).to_json()
+             for i in [*top, *diff.bottom(3, "delta")]]
+    atomic_write_json(out / "cards.json", {"kind": "saediff.latent_cards", "hook_name": sae_hook, "cards": cards})
     for rank, i in enumerate(top):
         directions.append(sae_latent_direction(sae, i, f"sae_{i}", rank=rank, ranking=ranking,
                                                delta=float(diff.delta[i])))

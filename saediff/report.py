@@ -16,6 +16,15 @@ def _load(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def _card_html(card: dict) -> str:
+    def toks(rows):
+        return ", ".join(f"{html.escape(str(r.get('token', r['row'])))} ({r['value']:.2f})" for r in rows[:6])
+
+    nb = ", ".join(f"#{i} ({c:.2f})" for i, c in card["neighbours"])
+    return (f"Top activations on the base model: {toks(card['top_base'])}<br>"
+            f"On the fine-tuned model: {toks(card['top_ft'])}<br>Decoder neighbours: {nb}")
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write ``run_dir/report.html`` from whatever artifacts the run folder holds."""
     run_dir = Path(run_dir)
@@ -33,6 +42,9 @@ def write_report(run_dir: str | Path) -> Path:
             cos_gt = {int(n[4:]): cos["matrix"][gi][j] for j, n in enumerate(cos["names"]) if n.startswith("sae_")}
         sections.append(("Top latents (model diff)", viz.latent_bars(diff["latents"], cos_gt=cos_gt),
                          "Mean SAE latent activation, fine-tuned minus aligned, on the fine-tuned model's answers."))
+        cards = _load(run_dir / "diff" / "cards.json")
+        for card in (cards or {}).get("cards", [])[:3]:
+            sections.append((f"Latent card {card['latent']}", viz.latent_card_hist(card), _card_html(card)))
     for name, sub in (("full fine-tune", "diff"), ("rank-1 LoRA", "diff_lora")):
         c = _load(run_dir / sub / "cosines.json")
         if c:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import plotly.graph_objects as go
 
-__all__ = ["em_by_domain", "latent_bars", "steering_sweep", "blocking_bars", "drift_curves", "layer_curves"]
+__all__ = ["em_by_domain", "latent_bars", "steering_sweep", "blocking_bars", "drift_curves", "layer_curves",
+           "latent_card_hist"]
 
 
 def em_by_domain(organism: dict) -> go.Figure:
@@ -60,4 +61,15 @@ def drift_curves(drift: dict, title: str = "drift monitor") -> go.Figure:
         fig.add_vline(x=drift["alert_step"], line_dash="dash", annotation_text="alert")
     fig.update_layout(title=title, xaxis_title="step", yaxis=dict(title="t statistic"),
                       yaxis2=dict(title="EM rate", overlaying="y", side="right", range=[0, 1]))
+    return fig
+
+
+def latent_card_hist(card: dict) -> go.Figure:
+    """Activation histogram of one latent, base vs fine-tuned (rows where either is active)."""
+    e = card["hist_edges"]
+    mids = [(a + b) / 2 for a, b in zip(e[:-1], e[1:])]
+    fig = go.Figure([go.Bar(x=mids, y=card["hist_base"], name="base", opacity=0.6),
+                     go.Bar(x=mids, y=card["hist_ft"], name="fine-tuned", opacity=0.6)])
+    fig.update_layout(barmode="overlay", title=f"latent {card['latent']}: activation histogram", height=300,
+                      xaxis_title="activation")
     return fig

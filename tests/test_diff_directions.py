@@ -130,3 +130,19 @@ def test_diff_compare_export_cli_on_tiny_organism(tiny_organism, tmp_path):
     bad = run.invoke(app, ["diff", "--base", str(tiny_organism / "aligned"), "--finetuned", str(tiny_organism / "aligned"),
                            "--sae", str(tmp_path / "nope"), "--out", str(tmp_path / "r2")])
     assert bad.exit_code == 1 and "no such folder" in bad.output
+
+
+def test_latent_card_exact(identity_sae):
+    from saediff.diff import latent_card
+
+    base = torch.tensor([[1.0, 2.0], [3.0, 0.0], [0.0, 0.0]])
+    ft = torch.tensor([[2.0, 0.0], [4.0, 0.0], [6.0, 1.0]])
+    rows = [{"prompt": "a", "position": 0, "token": "x"}, {"prompt": "a", "position": 1, "token": "y"},
+            {"prompt": "b", "position": 0, "token": "z"}]
+    card = latent_card(identity_sae, 0, base, ft, rows, k=2, bins=3)
+    assert [r["token"] for r in card.top_base] == ["y", "x"] and [r["value"] for r in card.top_base] == [3.0, 1.0]
+    assert [r["token"] for r in card.top_ft] == ["z", "y"]
+    assert card.hist_edges == [0.0, 2.0, 4.0, 6.0]
+    assert sum(card.hist_base) == 3 and sum(card.hist_ft) == 3  # rows where either model is active
+    # decoder rows (3, 4) and (0, 1): cos = 4/5
+    assert card.neighbours == [(1, pytest.approx(0.8))]
