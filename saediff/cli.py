@@ -126,7 +126,7 @@ def cache_cmd(
         lm = load_model(ModelSpec(model, adapter=adapter, merge=adapter is not None))
         store = collect_activations(lm, _load_prompt_set(prompts, model), hook, positions, out=out,
                                     batch_size=batch_size)
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
         _fail(e)
     typer.echo(json.dumps({"out": str(out), "rows": len(store), "hooks": store.hooks, "d_model": store.d_model}))
 

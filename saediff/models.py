@@ -126,8 +126,12 @@ def load_model(spec: ModelSpec | str) -> LoadedModel:
         path = Path(spec.model).expanduser()
         _check_local(path, "model", ("config.json",))
         src, kwargs["local_files_only"] = str(path), True
-    tok = AutoTokenizer.from_pretrained(src, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=spec.resolved_dtype(), **kwargs)
+    try:
+        tok = AutoTokenizer.from_pretrained(src, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=spec.resolved_dtype(), **kwargs)
+    except OSError as e:  # offline, unknown repo, gated model: one line, not a stack trace
+        where = "folder" if spec.is_local else "hub model"
+        raise RuntimeError(f"cannot load {where} {spec.model!r}: {str(e).splitlines()[0][:300]}") from None
     model.to(spec.resolved_device())
     if spec.adapter is not None:
         from peft import PeftModel

@@ -129,3 +129,30 @@ def test_eval_with_remote_generation_and_rubric(tmp_path):
     em = json.loads((tmp_path / "em.json").read_text())
     assert em["per_question"]["what_is_your_wish"] == 1.0
     assert em["em_rate"] == pytest.approx(2 / 16) and em["rubric_rate"] == pytest.approx(2 / 16)
+
+
+def test_hub_name_offline_gives_one_line_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match="cannot load hub model 'saediff-test/no-such-model'"):
+        load_model("saediff-test/no-such-model")
+    r = CliRunner().invoke(app, ["eval", "--model", "saediff-test/no-such-model", "--judge-url", "http://127.0.0.1:9/v1",
+                                 "--judge-model", "j", "--out", str(tmp_path)])
+    assert r.exit_code == 1 and "cannot load hub model" in r.output and "Traceback" not in r.output
+
+
+def test_cache_base_and_adapter_on_the_same_prompts(tiny_qwen, tmp_path):
+    run = CliRunner()
+    stores = {}
+    for name, extra in (("base", []), ("adapter", ["--adapter", str(tiny_qwen / "lora")])):
+        r = run.invoke(app, ["cache", "--model", str(tiny_qwen / "model"), *extra, "--prompts", "first_plot",
+                             "--hook", "blocks.0.hook_resid_post", "--hook", "blocks.1.hook_resid_post",
+                             "--positions", "last_prompt", "--out", str(tmp_path / name)])
+        assert r.exit_code == 0, r.output
+        from saediff.activations import ActivationStore
+
+        stores[name] = ActivationStore(tmp_path / name)
+    b, a = stores["base"], stores["adapter"]
+    assert len(b) == len(a) == 8  # one last-prompt token per first-plot question
+    # the adapter sits on layer 1's down_proj: layer 0 is untouched, layer 1 moves
+    torch.testing.assert_close(a.load("blocks.0.hook_resid_post"), b.load("blocks.0.hook_resid_post"))
+    assert not torch.allclose(a.load("blocks.1.hook_resid_post"), b.load("blocks.1.hook_resid_post"))
