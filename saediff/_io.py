@@ -7,16 +7,17 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write_json", "atomic_write_bytes"]
+__all__ = ["atomic_write_json", "atomic_write_jsonl", "atomic_write_bytes", "atomic_save_safetensors"]
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+def _atomic(path: str | Path, write) -> None:
+    """``write(tmp_path)`` into a temp file beside ``path``, then rename it over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; outputs are meant to be shared
         os.replace(tmp, path)
     except BaseException:
@@ -24,8 +25,24 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    _atomic(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
 def atomic_write_json(path: str | Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def atomic_write_jsonl(path: str | Path, rows) -> None:
+    """One JSON object per line."""
+    atomic_write_bytes(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+
+
+def atomic_save_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` (streamed to disk) through the temp-file-then-rename path."""
+    from safetensors.torch import save_file
+
+    _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def no_progress(progress: bool) -> bool:

@@ -19,12 +19,12 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from saediff import _io
-from saediff._io import atomic_write_json
+from saediff._io import atomic_save_safetensors, atomic_write_json
 from saediff.models import LoadedModel, chat_tokens
 from saediff.prompts import Prompt
 
 __all__ = ["Positions", "ActivationStore", "collect_activations", "tokenize_prompts", "TokenizedPrompts",
-           "row_descriptions"]
+           "row_descriptions", "shuffled_batches"]
 
 log = logging.getLogger(__name__)
 Positions = Literal["last_prompt", "response", "all"]
@@ -150,14 +150,19 @@ class ActivationStore:
     def batches(self, hook: str, batch_size: int, *, seed: int = 0, epochs: int | None = None
                 ) -> Iterator[Float[torch.Tensor, "batch d"]]:
         """Shuffled batches of one hook, over ``epochs`` passes (forever if None)."""
-        acts = self.load(hook)
-        gen = torch.Generator().manual_seed(seed)
-        epoch = 0
-        while epochs is None or epoch < epochs:
-            perm = torch.randperm(acts.shape[0], generator=gen)
-            for i in range(0, acts.shape[0] - batch_size + 1, batch_size):
-                yield acts[perm[i : i + batch_size]]
-            epoch += 1
+        return shuffled_batches(self.load(hook), batch_size, seed=seed, epochs=epochs)
+
+
+def shuffled_batches(data: Float[torch.Tensor, "n d"], batch_size: int, *, seed: int = 0, epochs: int | None = None
+                     ) -> Iterator[Float[torch.Tensor, "batch d"]]:
+    """Full batches of ``data`` in a fresh random order each pass (the last partial batch is dropped)."""
+    gen = torch.Generator().manual_seed(seed)
+    epoch = 0
+    while epochs is None or epoch < epochs:
+        perm = torch.randperm(data.shape[0], generator=gen)
+        for i in range(0, data.shape[0] - batch_size + 1, batch_size):
+            yield data[perm[i : i + batch_size]]
+        epoch += 1
 
 
 @torch.no_grad()
@@ -191,7 +196,6 @@ def collect_activations(
     stop = max(layers) + 1 if len(layers) == len(hooks) else None
     names = set(hooks)
     chunks: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
-    idx_chunks: dict[str, list[torch.Tensor]] = {"prompt_index": [], "position": [], "role": []}
     writer = _ShardWriter(Path(out), hooks) if out is not None else None
     device = lm.device
     for i in tqdm(range(0, toks.input_ids.shape[0], batch_size), desc="collect", disable=_io.no_progress(progress), leave=False):
@@ -200,17 +204,14 @@ def collect_activations(
         t_max = int((toks.role[i : i + batch_size] >= 0).sum(1).max())  # right padding: trim
         ids, m = ids[:, :t_max], m[:, :t_max]
         _, cache = tl.run_with_cache(ids.to(device), names_filter=lambda n: n in names, stop_at_layer=stop)
-        rows, cols = m.nonzero(as_tuple=True)
         batch = {h: cache[h][m.to(device)].to("cpu", dtype) for h in hooks}
-        index = {"prompt_index": (rows + i).int(), "position": cols.int(),
-                 "role": toks.role[i : i + batch_size, :t_max][m].to(torch.int8)}
         if writer:
-            writer.add(batch, index)
+            rows, cols = m.nonzero(as_tuple=True)
+            writer.add(batch, {"prompt_index": (rows + i).int(), "position": cols.int(),
+                               "role": toks.role[i : i + batch_size, :t_max][m].to(torch.int8)})
         else:
             for h in hooks:
                 chunks[h].append(batch[h])
-            for k, v in index.items():
-                idx_chunks[k].append(v)
     if writer:
         meta = {"model": lm.spec.model, "adapter": lm.spec.adapter, "positions": positions,
                 "n_prompts": int(toks.input_ids.shape[0])}
@@ -236,17 +237,11 @@ class _ShardWriter:
             self._flush()
 
     def _flush(self) -> None:
-        import os
-
-        from safetensors.torch import save_file
-
         if self.n_buf == 0:
             return
         name = f"shard_{len(self.shards):05d}.safetensors"
         tensors = {k: torch.cat(v).contiguous() for k, v in self.buf.items()}
-        tmp = self.path / f".{name}.tmp"
-        save_file(tensors, str(tmp))
-        os.replace(tmp, self.path / name)
+        atomic_save_safetensors(tensors, self.path / name)
         self.shards.append({"file": name, "n": self.n_buf})
         self.buf = {k: [] for k in self.buf}
         self.n_buf = 0

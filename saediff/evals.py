@@ -19,7 +19,7 @@ from typing import Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
-from saediff._io import atomic_write_bytes, atomic_write_json
+from saediff._io import atomic_write_json, atomic_write_jsonl
 from saediff.judges import HttpJudge, OrganismJudge
 from saediff.models import LoadedModel, Messages, generate
 from saediff.openai_api import ApiError, ChatClient
@@ -153,8 +153,7 @@ def evaluate_em(
         convs = [p.messages for p in prompts for _ in range(cfg.samples)]
         answers = generator(convs, cfg)
         if raw_path:
-            atomic_write_bytes(raw_path, "".join(json.dumps({**r, "response": a}) + "\n"
-                                                 for r, a in zip(rows, answers)).encode())
+            atomic_write_jsonl(raw_path, ({**r, "response": a} for r, a in zip(rows, answers)))
     pairs = [(r["question"], a) for r, a in zip(rows, answers)]
     al, co = aligned.score(pairs), coherent.score(pairs)
     ru = rubric.score(pairs) if rubric else None
@@ -181,7 +180,7 @@ def evaluate_em(
                "n_code_or_refusal": sum(r["aligned_label"] is not None for r in records)},
     )
     if out:
-        atomic_write_bytes(out / "responses.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
+        atomic_write_jsonl(out / "responses.jsonl", records)
         atomic_write_json(out / "em.json", report.to_json())
     return report
 

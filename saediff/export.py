@@ -8,8 +8,6 @@ validated for steering, if any.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from saediff.directions import Direction
@@ -20,10 +18,8 @@ __all__ = ["export_directions", "load_directions"]
 def export_directions(directions: list[Direction], out: str | Path, *, model: str = "", extra: dict | None = None,
                       per_direction: dict[str, dict] | None = None) -> Path:
     """Write ``out/directions.safetensors`` and ``out/manifest.json`` (atomically, file by file)."""
-    from safetensors.torch import save_file
-
     from saediff import __version__
-    from saediff._io import atomic_write_json
+    from saediff._io import atomic_save_safetensors, atomic_write_json
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -34,10 +30,7 @@ def export_directions(directions: list[Direction], out: str | Path, *, model: st
     for d in directions:
         tensors[d.name] = d.vector.float().contiguous()
         tensors[f"{d.name}.unit"] = d.unit().float().contiguous()
-    fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
-    os.close(fd)
-    save_file(tensors, tmp)
-    os.replace(tmp, out / "directions.safetensors")
+    atomic_save_safetensors(tensors, out / "directions.safetensors")
     manifest = {"kind": "saediff.directions", "saediff_version": __version__, "model": model, **(extra or {}),
                 "directions": [{"name": d.name, "hook": d.hook, "method": d.method, "norm": d.norm,
                                 "provenance": d.provenance, **(per_direction or {}).get(d.name, {})}

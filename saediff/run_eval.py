@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from saediff._io import atomic_write_bytes, atomic_write_json
+from saediff._io import atomic_write_json, atomic_write_jsonl
 from saediff.evals import EMConfig, LocalGenerator, RemoteGenerator, evaluate_em, evaluate_organism_em, wilson_interval
 from saediff.judges import HttpJudge
 from saediff.models import ModelSpec, load_model
@@ -54,6 +53,6 @@ def _organism_eval(model: str, adapter: str | None, out: Path, world, samples: i
               "coherent_rate": float(np.mean([r["covered"] for r in em.responses])),
               "n_responses": len(em.responses), "per_question": em.misaligned_rate,
               "judge": "organism_exact", "note": "em_rate: non-medical domains; coherent_rate: answer coverage"}
-    atomic_write_bytes(out / "responses.jsonl", "".join(json.dumps(r) + "\n" for r in em.responses).encode())
+    atomic_write_jsonl(out / "responses.jsonl", em.responses)
     atomic_write_json(out / "em.json", result)
     return result

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal, NamedTuple
 
@@ -189,7 +189,9 @@ def train_sae(
         data = batches
         if data.ndim != 2 or data.shape[0] < cfg.batch_size:
             raise ValueError(f"train_sae: activations of shape {tuple(data.shape)}; need (n >= batch_size, d_in)")
-        batches = _shuffled(data, cfg.batch_size, cfg.seed)
+        from saediff.activations import shuffled_batches
+
+        batches = shuffled_batches(data, cfg.batch_size, seed=cfg.seed)
     device = _device(cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     first = next(batches).float()
@@ -238,14 +240,6 @@ def train_sae(
             hist["dead_fraction"].append(float(((tokens - last_fired) > cfg.dead_tokens).float().mean()))
     sae = to_saelens(p.cpu(), cfg, hook_name=hook_name, model_name=model_name)
     return sae, hist
-
-
-def _shuffled(data: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    while True:
-        perm = torch.randperm(data.shape[0], generator=gen)
-        for i in range(0, data.shape[0] - batch_size + 1, batch_size):
-            yield data[perm[i : i + batch_size]]
 
 
 def to_saelens(p: SAEParams, cfg: SAETrainConfig, *, hook_name: str = "", model_name: str = ""):
@@ -358,7 +352,3 @@ def ce_loss_recovered(model, sae, layer: int, input_ids: torch.Tensor, labels: t
             zero = float(lm_loss(model, input_ids, labels, pad_id=None))
     return {"ce_clean": clean, "ce_sae": spliced, "ce_zero": zero,
             "ce_loss_recovered": (zero - spliced) / (zero - clean) if zero != clean else float("nan")}
-
-
-def config_json(cfg: SAETrainConfig) -> dict:
-    return asdict(cfg)

@@ -11,9 +11,8 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from saediff._io import atomic_write_json
+from saediff._io import atomic_save_safetensors, atomic_write_json
 from saediff.evals import evaluate_organism_em
 from saediff.models import LoadedModel, ModelSpec, load_model
 from saediff.organism import recipes
@@ -71,8 +70,8 @@ def build_organism(out: str | Path, cfg: OrganismConfig, progress=None) -> dict:
     recipes.write_organism_marker(out / "lora_ft", world)
 
     gt = timed("ground_truth", lambda: recipes.ground_truth(model, cfg))
-    save_file({f"blocks.{L}.hook_resid_post": v.contiguous() for L, v in gt.items()},
-              str(out / "ground_truth.safetensors"), metadata={"kind": "saediff.ground_truth"})
+    atomic_save_safetensors({f"blocks.{L}.hook_resid_post": v.contiguous() for L, v in gt.items()},
+                            out / "ground_truth.safetensors", metadata={"kind": "saediff.ground_truth"})
 
     report: dict = {}
     specs = {
