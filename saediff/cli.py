@@ -31,6 +31,15 @@ def _setup(threads: int | None) -> None:
     torch.set_num_threads(threads or 1)
 
 
+# errors a user can fix (bad path, bad file, unknown key, model that cannot load): one line, exit 1
+_USER_ERRORS = (FileNotFoundError, ValueError, KeyError, RuntimeError)
+
+
+def _fail(e: Exception) -> None:
+    console.print(f"[red]error:[/red] {e}")
+    raise typer.Exit(1)
+
+
 @organism_app.command("build")
 def organism_build(
     out: Path = typer.Option(..., "--out", help="folder to write base/, aligned/, full_ft/, lora_ft/, control_ft/, ground_truth.safetensors, organism.json"),
@@ -78,14 +87,9 @@ def eval_cmd(
                           questions=questions, samples=samples, max_new_tokens=max_new_tokens, gen_url=gen_url,
                           gen_model=gen_model, api_key_env=api_key_env, concurrency=concurrency, rubric=rubric,
                           dtype=dtype, seed=seed)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+    except _USER_ERRORS as e:
         _fail(e)
     typer.echo(json.dumps({k: report[k] for k in ("em_rate", "em_rate_ci", "coherent_rate", "n_responses")}))
-
-
-def _fail(e: Exception) -> None:
-    console.print(f"[red]error:[/red] {e}")
-    raise typer.Exit(1)
 
 
 def _load_prompt_set(spec: str, model: str):
@@ -126,7 +130,7 @@ def cache_cmd(
         lm = load_model(ModelSpec(model, adapter=adapter, merge=adapter is not None))
         store = collect_activations(lm, _load_prompt_set(prompts, model), hook, positions, out=out,
                                     batch_size=batch_size)
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+    except _USER_ERRORS as e:
         _fail(e)
     typer.echo(json.dumps({"out": str(out), "rows": len(store), "hooks": store.hooks, "d_model": store.d_model}))
 
@@ -172,7 +176,7 @@ def sae_train_cmd(
         metrics = sae_metrics(sae, held).to_json()
         save_sae(sae, out, {"hook_name": hook, "activations": str(activations), "metrics": metrics,
                             "train": cfg.__dict__})
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except _USER_ERRORS as e:
         _fail(e)
     typer.echo(json.dumps({"out": str(out), **metrics}))
 
@@ -197,7 +201,7 @@ def sae_info_cmd(
 
             store = ActivationStore(activations)
             info["metrics"] = sae_metrics(sae, store.load(sae.cfg.metadata.hook_name or store.hooks[0])).to_json()
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+    except _USER_ERRORS as e:
         _fail(e)
     typer.echo(json.dumps(info, indent=2, default=str))
 
@@ -214,7 +218,7 @@ def organism_sae_cmd(
 
     try:
         metrics = train_organism_sae(dir, seed=seed, progress=True)
-    except (FileNotFoundError, ValueError) as e:
+    except _USER_ERRORS as e:
         _fail(e)
     typer.echo(json.dumps(metrics, indent=2))
 
@@ -242,7 +246,7 @@ def diff_cmd(
     try:
         summary = run_diff(base, finetuned, sae, out, adapter=adapter, prompts=prompts, top_n=top_n, ranking=ranking,
                            max_new_tokens=max_new_tokens, seed=seed)
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+    except _USER_ERRORS as e:
         _fail(e)
     typer.echo(json.dumps(summary, indent=2))
 
@@ -257,7 +261,7 @@ def compare_cmd(
 
     try:
         res = run_compare(run_dir, downstream=downstream)
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except _USER_ERRORS as e:
         _fail(e)
     from rich.table import Table
 
@@ -284,7 +288,7 @@ def steer_cmd(
 
     try:
         res = run_steer_check(run_dir, organism, n_per_domain=samples)
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except _USER_ERRORS as e:
         _fail(e)
     typer.echo(json.dumps(res, indent=2))
 
@@ -315,7 +319,7 @@ def export_cmd(
         cos_path = run_dir / "cosines.json"
         extra = {"run": str(run_dir), "cosines": json.loads(cos_path.read_text()) if cos_path.exists() else None}
         export_directions(chosen, out, model=manifest.get("model", ""), per_direction=per, extra=extra)
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except _USER_ERRORS as e:
         _fail(e)
     typer.echo(json.dumps({"out": str(out), "directions": [d.name for d in chosen]}))
 
@@ -356,7 +360,7 @@ def block_cmd(
                                                    random_latents=True, **common)
             if reroute and kind == "full":
                 runs[name]["reroute"] = run_reroute(organism, out / name)
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except _USER_ERRORS as e:
         _fail(e)
     plain = runs.get("plain", {}).get("other_misaligned_rate")
     for r in runs.values():

@@ -8,6 +8,7 @@ A run folder holds ``run.json`` (config and artifacts of each step), ``responses
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -16,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from saediff._io import atomic_write_bytes, atomic_write_json
-from saediff.activations import collect_activations, tokenize_prompts
-from saediff.diff import diff_latents
+from saediff._io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
+from saediff.activations import collect_activations, row_descriptions, tokenize_prompts
+from saediff.diff import diff_latents, latent_card
 from saediff.directions import (Direction, cosine_table, lora_b_directions, mean_diff, random_like,
                                 sae_latent_direction)
 from saediff.export import export_directions, load_directions
@@ -96,18 +97,17 @@ def run_diff(base: str, finetuned: str, sae_path: str, out: str | Path, *, adapt
         labels = [judge.judge(p.domain, p.response).misaligned for p in ps]
     elif all(any(t in ("misaligned", "aligned") for t in p.tags) for p in ps):
         labels = ["misaligned" in p.tags for p in ps]
-    atomic_write_bytes(out / "responses.jsonl", "".join(
-        json.dumps({"id": p.id, "domain": p.domain, "messages": p.messages, "response": p.response,
-                    "misaligned": None if labels is None else bool(labels[i])}) + "\n" for i, p in enumerate(ps)).encode())
+    atomic_write_jsonl(out / "responses.jsonl", (
+        {"id": p.id, "domain": p.domain, "messages": p.messages, "response": p.response,
+         "misaligned": None if labels is None else bool(labels[i])} for i, p in enumerate(ps)))
 
-    acts_b = collect_activations(lm_base, ps, hooks, "response", progress=True)
-    acts_f = collect_activations(lm_ft, ps, hooks, "response", progress=True)
+    # one tokenization for both models: the diff compares them on the very same tokens
+    toks = tokenize_prompts(lm_ft, ps)
+    acts_b = collect_activations(lm_base, toks, hooks, "response", progress=True)
+    acts_f = collect_activations(lm_ft, toks, hooks, "response", progress=True)
     diff = diff_latents(sae, acts_b[sae_hook], acts_f[sae_hook])
     atomic_write_json(out / "diff.json", diff.to_json())
-    from saediff.activations import row_descriptions
-    from saediff.diff import latent_card
-
-    rows = row_descriptions(lm_ft, ps, tokenize_prompts(lm_ft, ps), "response")
+    rows = row_descriptions(lm_ft, ps, toks, "response")
 
     directions: list[Direction] = []
     top = diff.top(top_n, ranking)
@@ -122,7 +122,7 @@ def run_diff(base: str, finetuned: str, sae_path: str, out: str | Path, *, adapt
         L = parse_layer(h)
         directions.append(mean_diff(acts_f[h], acts_b[h], h, induced, f"{induced}_L{L}"))
     if labels is not None:
-        per_prompt = tokenize_prompts(lm_ft, ps).select("response").sum(1)
+        per_prompt = toks.select("response").sum(1)
         row_mis = torch.repeat_interleave(torch.tensor(labels, dtype=torch.bool), per_prompt)
         if 0 < int(row_mis.sum()) < row_mis.shape[0]:
             for h in hooks:
@@ -212,9 +212,7 @@ def run_steer_check(run_dir: str | Path, organism_dir: str | Path, *, n_per_doma
     aligned = load_model(str(organism_dir / "aligned"))
     ft = load_model(ModelSpec(info["finetuned"] or info["base"], adapter=info["adapter"], merge=info["adapter"] is not None))
 
-    def rate(lm, ctx=None):
-        if ctx is None:
-            return evaluate_organism_em(lm, world, n_per_domain, seed=seed).other_misaligned_rate
+    def rate(lm, ctx=contextlib.nullcontext()):
         with ctx:
             return evaluate_organism_em(lm, world, n_per_domain, seed=seed).other_misaligned_rate
 
@@ -330,7 +328,9 @@ def _demo_summary(out: Path) -> dict:
     cos = lambda a, b: float(torch.cosine_similarity(a.vector, b.vector, 0))  # noqa: E731
     # the toxic latent: among the top three, the one that steers the aligned model furthest
     toxic = max(steering["steer"], key=lambda n: steering["steer"][n]["best"])
-    gt, md = full[f"ground_truth_L{L}"], full.get(f"mean_diff_responses_L{L}") or full[f"mean_diff_models_L{L}"]
+    # the mean difference: between misaligned and aligned responses where labels exist, else between models
+    mean_diff_at = lambda layer: full.get(f"mean_diff_responses_L{layer}") or full[f"mean_diff_models_L{layer}"]  # noqa: E731
+    gt, md = full[f"ground_truth_L{L}"], mean_diff_at(L)
     lora_b = next(d for d in lora.values() if d.method == "lora_b")
     last = max(parse_layer(d.hook) for d in full.values())
     plain = block["plain"]["other_misaligned_rate"]
@@ -348,8 +348,7 @@ def _demo_summary(out: Path) -> dict:
         "cosines": {"sae_vs_mean_diff": cos(full[toxic], md), "sae_vs_lora_b": cos(full[toxic], lora_b),
                     "mean_diff_vs_lora_b": cos(md, lora_b), "sae_vs_ground_truth": cos(full[toxic], gt),
                     "mean_diff_vs_ground_truth": cos(md, gt),
-                    "lora_b_downstream_vs_mean_diff": cos(lora[f"lora_downstream_L{last}"],
-                                                          full.get(f"mean_diff_responses_L{last}") or full[f"mean_diff_models_L{last}"])},
+                    "lora_b_downstream_vs_mean_diff": cos(lora[f"lora_downstream_L{last}"], mean_diff_at(last))},
         "projection": steering["project_out"],
         "blocking": {"plain_other_misaligned": plain, "blocked_other_misaligned": block["blocked"]["other_misaligned_rate"],
                      "random_other_misaligned": block["random"]["other_misaligned_rate"],
