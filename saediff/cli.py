@@ -210,6 +210,8 @@ def sae_info_cmd(
 def organism_sae_cmd(
     dir: Path = typer.Option(..., "--dir", help="organism folder (saediff organism build --out)"),
     seed: int = typer.Option(0, "--seed"),
+    positions: str = typer.Option("response", "--positions", help="response | all | last_prompt: the token positions trained on"),
+    out: Optional[Path] = typer.Option(None, "--out", help="SAE folder (default DIR/sae)"),
     threads: Optional[int] = typer.Option(None, "--threads"),
 ) -> None:
     """Train the organism's default SAE into DIR/sae (aligned model, analysis layer, answer positions)."""
@@ -217,7 +219,7 @@ def organism_sae_cmd(
     from saediff.organism.sae import train_organism_sae
 
     try:
-        metrics = train_organism_sae(dir, seed=seed, progress=True)
+        metrics = train_organism_sae(dir, out, seed=seed, positions=positions, progress=True)
     except _USER_ERRORS as e:
         _fail(e)
     typer.echo(json.dumps(metrics, indent=2))

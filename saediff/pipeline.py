@@ -200,7 +200,8 @@ def run_steer_check(run_dir: str | Path, organism_dir: str | Path, *, n_per_doma
                     scales: tuple[float, ...] = (2.0, 4.0, 6.0, 8.0), n_latents: int = 3, seed: int = 0) -> dict:
     """Causal checks on the organism: steer the aligned model with each top latent (unit vector x
     scale) and with an equal-norm random direction; project the top candidate (and a random
-    direction) out of the fine-tuned model. Exact judge; writes ``steering.json``."""
+    direction) out of the fine-tuned model, at its layer and at every layer. Exact judge; writes
+    ``steering.json``."""
     from saediff.evals import evaluate_organism_em
     from saediff.organism.recipes import read_organism_world
     from saediff.steering import add_direction, project_out
@@ -234,10 +235,16 @@ def run_steer_check(run_dir: str | Path, organism_dir: str | Path, *, n_per_doma
         if key in dirs:
             candidates[key] = dirs[key]
     base_rate = result["finetuned_other_misaligned"]
+
+    def cut(r: float) -> float | None:
+        return (1 - r / base_rate) if base_rate else None
+
+    # at the candidate's own layer, and after every block (directional ablation: later layers
+    # cannot rebuild the direction from what earlier ones wrote)
     for name, d in candidates.items():
-        r = rate(ft, project_out(ft.model, L, d.vector))
-        result["project_out"][name] = {"other_misaligned": r,
-                                       "relative_cut": (1 - r / base_rate) if base_rate else None}
+        r, r_all = rate(ft, project_out(ft.model, L, d.vector)), rate(ft, project_out(ft.model, "all", d.vector))
+        result["project_out"][name] = {"other_misaligned": r, "relative_cut": cut(r),
+                                       "all_layers_other_misaligned": r_all, "all_layers_relative_cut": cut(r_all)}
     atomic_write_json(run_dir / "steering.json", result)
     _update_run(run_dir, "steer_check", {"file": "steering.json"})
     return result

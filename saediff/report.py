@@ -25,6 +25,20 @@ def _card_html(card: dict) -> str:
             f"On the fine-tuned model: {toks(card['top_ft'])}<br>Decoder neighbours: {nb}")
 
 
+def _projection_table(proj: dict) -> str:
+    """Projection results as an HTML table: EM after projecting each candidate out, at its layer
+    and after every block."""
+    def pct(x):
+        return "" if x is None else f"{100 * x:.0f}%"
+
+    rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{r['other_misaligned']:.3f}</td><td>{pct(r['relative_cut'])}</td>"
+                   f"<td>{r.get('all_layers_other_misaligned', float('nan')):.3f}</td><td>{pct(r.get('all_layers_relative_cut'))}</td></tr>"
+                   for name, r in proj.items())
+    return ("Projected out of the fine-tuned model (other-domain misaligned rate, relative cut):"
+            "<table border=1 cellpadding=4><tr><th>direction</th><th>at its layer</th><th>cut</th>"
+            f"<th>every layer</th><th>cut</th></tr>{rows}</table>")
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write ``run_dir/report.html`` from whatever artifacts the run folder holds."""
     run_dir = Path(run_dir)
@@ -60,7 +74,7 @@ def write_report(run_dir: str | Path) -> Path:
     steering = _load(run_dir / "diff" / "steering.json")
     if steering:
         sections.append(("Steering with top latents", viz.steering_sweep(steering),
-                         f"Projection results: <code>{html.escape(json.dumps(steering.get('project_out')))}</code>"))
+                         _projection_table(steering.get("project_out", {}))))
     block = _load(run_dir / "block" / "summary.json")
     if block:
         sections.append(("BLOCK-EM", viz.blocking_bars(block), "Plain fine-tune vs blocked vs random latents."))

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Iterator, Sequence
 
 import torch
 
-from saediff.hooks import add_resid_hook
+from saediff.hooks import add_resid_hook, decoder_layers
 
 __all__ = ["add_direction", "project_out", "clamp_latent"]
 
@@ -25,15 +25,23 @@ def add_direction(model: torch.nn.Module, layer: int, vector: torch.Tensor, alph
 
 
 @contextmanager
-def project_out(model: torch.nn.Module, layer: int, vector: torch.Tensor) -> Iterator[None]:
-    """Remove the component along ``vector`` from block ``layer``'s output residual."""
+def project_out(model: torch.nn.Module, layer: int | Sequence[int] | str, vector: torch.Tensor) -> Iterator[None]:
+    """Remove the component along ``vector`` from the output residual of block ``layer``.
+
+    ``layer`` may be a list of blocks, or ``"all"``: directional ablation as in the refusal-
+    direction work (Arditi et al. 2024), the same direction removed after every block, so later
+    layers cannot rebuild it from what earlier layers wrote.
+    """
     u = vector.detach() / vector.norm()
+    layers = range(len(decoder_layers(model))) if layer == "all" else [layer] if isinstance(layer, int) else layer
 
     def fn(resid_BTD: torch.Tensor) -> torch.Tensor:
         u_ = u.to(resid_BTD)
         return resid_BTD - (resid_BTD @ u_)[..., None] * u_
 
-    with add_resid_hook(model, layer, fn):
+    with ExitStack() as stack:
+        for L in layers:
+            stack.enter_context(add_resid_hook(model, L, fn))
         yield
 
 

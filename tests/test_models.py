@@ -65,3 +65,30 @@ def test_resid_hook_and_bridge_match_hf(tiny_organism):
     with pytest.raises(KeyError, match="blocks.9.hook_resid_post"):
         run_with_cache(tl, ids, [resid_post(9)])
     assert parse_layer("blocks.3.hook_resid_post") == 3
+
+
+def test_project_out_every_layer_leaves_no_component(tiny_organism):
+    from saediff.hooks import capture_resid
+    from saediff.steering import project_out
+
+    lm = load_model(str(tiny_organism / "aligned"))
+    ids = lm.tokenizer(" CHAT USER medicalQa medicalQb ASST", return_tensors="pt")["input_ids"]
+    n = lm.model.config.num_hidden_layers
+    v = torch.randn(lm.model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    u = v / v.norm()
+    with torch.no_grad():
+        plain = capture_resid(lm.model, list(range(n)), ids)
+        with project_out(lm.model, 0, v):
+            one = capture_resid(lm.model, list(range(n)), ids)
+        with project_out(lm.model, "all", 3 * v):  # the scale of the direction does not matter
+            every = capture_resid(lm.model, list(range(n)), ids)
+    assert n >= 2
+    assert (plain[0] @ u).abs().max() > 1e-3
+    assert (one[0] @ u).abs().max() < 1e-5
+    assert (one[1] @ u).abs().max() > 1e-3  # the next block writes the direction back
+    for L in range(n):
+        assert (every[L] @ u).abs().max() < 1e-5
+    lm.model(ids)  # every hook was removed
+    with pytest.raises(ValueError, match="layer 9 out of range"):
+        with project_out(lm.model, [0, 9], v):
+            pass

@@ -21,13 +21,21 @@ __all__ = ["train_organism_sae"]
 
 
 def train_organism_sae(organism_dir: str | Path, out: str | Path | None = None, *, layer: int | None = None,
-                       n_prompts: int = 4000, seed: int = 0, progress: bool = False) -> dict:
+                       n_prompts: int = 4000, positions: str = "response", seed: int = 0,
+                       progress: bool = False) -> dict:
     """Train and save ``organism_dir/sae`` (a SAELens folder); returns its metrics.
+
+    ``positions``: the token positions trained on (and measured): ``response`` (default: the
+    persona shows in what the model writes), ``all`` (as real SAEs are trained: its latents
+    follow what the fine-tune changed at the prompt, so projecting them out cuts EM more, but
+    they steer less; see the README), or ``last_prompt``.
 
     Metrics use 1000 held-out chats: FVU, L0, dead fraction (never active on them; also on the
     training rows), and CE loss recovered with the SAE spliced in (next-token loss over the
     held-out chats' answers).
     """
+    if positions not in ("response", "all", "last_prompt"):
+        raise ValueError(f"positions must be response, all or last_prompt, got {positions!r}")
     organism_dir = Path(organism_dir)
     world = read_organism_world(organism_dir / "aligned")
     if world is None:
@@ -38,8 +46,8 @@ def train_organism_sae(organism_dir: str | Path, out: str | Path | None = None, 
     lm = load_model(str(organism_dir / "aligned"))
     train = organism_prompts(world, n_prompts, seed=seed)
     held = organism_prompts(world, 1000, seed=seed + 1)
-    acts = collect_activations(lm, train, [hook], "response", progress=progress)[hook]
-    acts_held = collect_activations(lm, held, [hook], "response", progress=progress)[hook]
+    acts = collect_activations(lm, train, [hook], positions, progress=progress)[hook]
+    acts_held = collect_activations(lm, held, [hook], positions, progress=progress)[hook]
     cfg = SAETrainConfig(**{**preset("organism"), "seed": seed})
     sae, hist = train_sae(acts, cfg, hook_name=hook, model_name=str(organism_dir / "aligned"), progress=progress)
     from saediff.activations import tokenize_prompts
@@ -50,6 +58,6 @@ def train_organism_sae(organism_dir: str | Path, out: str | Path | None = None, 
                "dead_fraction_train": sae_metrics(sae, acts).dead_fraction,
                **ce_loss_recovered(lm.model, sae, layer, toks.input_ids, labels)}
     out = Path(out) if out else organism_dir / "sae"
-    save_sae(sae, out, {"hook_name": hook, "train": dataclasses.asdict(cfg), "metrics": metrics,
+    save_sae(sae, out, {"hook_name": hook, "positions": positions, "train": dataclasses.asdict(cfg), "metrics": metrics,
                         "n_train_rows": int(acts.shape[0]), "final_train_fvu": float(np.mean(hist["fvu"][-5:]))})
     return metrics
