@@ -110,4 +110,25 @@ def test_projecting_the_model_diff_direction_cuts_em(diff_run):
     _, steering = diff_run
     p = steering["project_out"]
     assert p["mean_diff_models_L1"]["relative_cut"] >= 0.5
+    assert p["mean_diff_models_L1"]["all_layers_relative_cut"] >= 0.7  # 0.78 measured (seed 0)
     assert p["random_like_top"]["relative_cut"] <= 0.1
+    assert p["random_like_top"]["all_layers_relative_cut"] <= 0.1
+
+
+def test_all_position_sae_latent_is_what_the_fine_tune_uses(quick_organism, tmp_path):
+    """An SAE on all positions (``organism sae --positions all``): its top latent, removed after
+    every block, cuts full-FT EM by more than half (0.68 measured on seed 0); random: nothing."""
+    from typer.testing import CliRunner
+
+    from saediff.cli import app
+    from saediff.pipeline import run_diff, run_steer_check
+
+    r = CliRunner().invoke(app, ["organism", "sae", "--dir", str(quick_organism), "--positions", "all",
+                                 "--out", str(tmp_path / "sae_all")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "sae_all" / "saediff.json").read_text())["positions"] == "all"
+    run_diff(str(quick_organism / "aligned"), str(quick_organism / "full_ft"), str(tmp_path / "sae_all"), tmp_path / "run")
+    p = run_steer_check(tmp_path / "run", quick_organism, n_latents=1)["project_out"]
+    assert p["top_sae_latent"]["all_layers_relative_cut"] >= 0.5
+    assert p["top_sae_latent"]["all_layers_relative_cut"] > p["top_sae_latent"]["relative_cut"]
+    assert p["random_like_top"]["all_layers_relative_cut"] <= 0.1
