@@ -29,7 +29,7 @@ def _projection_table(proj: dict) -> str:
     """Projection results as an HTML table: EM after projecting each candidate out, at its layer
     and after every block."""
     def pct(x):
-        return "" if x is None else f"{100 * x:.0f}%"
+        return "" if x is None else f"{round(100 * x)}%"
 
     rows = "".join(f"<tr><td>{html.escape(name)}</td><td>{r['other_misaligned']:.3f}</td><td>{pct(r['relative_cut'])}</td>"
                    f"<td>{r.get('all_layers_other_misaligned', float('nan')):.3f}</td><td>{pct(r.get('all_layers_relative_cut'))}</td></tr>"
