@@ -211,6 +211,8 @@ def organism_sae_cmd(
     dir: Path = typer.Option(..., "--dir", help="organism folder (saediff organism build --out)"),
     seed: int = typer.Option(0, "--seed"),
     positions: str = typer.Option("response", "--positions", help="response | all | last_prompt: the token positions trained on"),
+    d_sae: Optional[int] = typer.Option(None, "--d-sae", help="latents (default: the organism preset, 128)"),
+    k: Optional[int] = typer.Option(None, "--k", help="TopK k (default 12)"),
     out: Optional[Path] = typer.Option(None, "--out", help="SAE folder (default DIR/sae)"),
     threads: Optional[int] = typer.Option(None, "--threads"),
 ) -> None:
@@ -219,7 +221,7 @@ def organism_sae_cmd(
     from saediff.organism.sae import train_organism_sae
 
     try:
-        metrics = train_organism_sae(dir, out, seed=seed, positions=positions, progress=True)
+        metrics = train_organism_sae(dir, out, seed=seed, positions=positions, d_sae=d_sae, k=k, progress=True)
     except _USER_ERRORS as e:
         _fail(e)
     typer.echo(json.dumps(metrics, indent=2))

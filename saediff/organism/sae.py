@@ -21,14 +21,15 @@ __all__ = ["train_organism_sae"]
 
 
 def train_organism_sae(organism_dir: str | Path, out: str | Path | None = None, *, layer: int | None = None,
-                       n_prompts: int = 4000, positions: str = "response", seed: int = 0,
+                       n_prompts: int = 4000, positions: str = "response", d_sae: int | None = None,
+                       k: int | None = None, seed: int = 0,
                        progress: bool = False) -> dict:
     """Train and save ``organism_dir/sae`` (a SAELens folder); returns its metrics.
 
-    ``positions``: the token positions trained on (and measured): ``response`` (default: the
-    persona shows in what the model writes), ``all`` (as real SAEs are trained: its latents
-    follow what the fine-tune changed at the prompt, so projecting them out cuts EM more, but
-    they steer less; see the README), or ``last_prompt``.
+    ``positions``: the token positions trained on (and measured): ``response`` (default: answer
+    tokens, latents that steer, but removing them barely changes the fine-tune), ``all`` (as real
+    SAEs are trained: the top latent is what the fine-tune uses; see the README), or
+    ``last_prompt``. ``d_sae``/``k`` override the ``organism`` preset (128, 12).
 
     Metrics use 1000 held-out chats: FVU, L0, dead fraction (never active on them; also on the
     training rows), and CE loss recovered with the SAE spliced in (next-token loss over the
@@ -48,7 +49,8 @@ def train_organism_sae(organism_dir: str | Path, out: str | Path | None = None, 
     held = organism_prompts(world, 1000, seed=seed + 1)
     acts = collect_activations(lm, train, [hook], positions, progress=progress)[hook]
     acts_held = collect_activations(lm, held, [hook], positions, progress=progress)[hook]
-    cfg = SAETrainConfig(**{**preset("organism"), "seed": seed})
+    over = {name: v for name, v in (("d_sae", d_sae), ("k", k)) if v is not None}
+    cfg = SAETrainConfig(**{**preset("organism"), **over, "seed": seed})
     sae, hist = train_sae(acts, cfg, hook_name=hook, model_name=str(organism_dir / "aligned"), progress=progress)
     from saediff.activations import tokenize_prompts
 
