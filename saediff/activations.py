@@ -23,12 +23,19 @@ from saediff._io import atomic_save_safetensors, atomic_write_json
 from saediff.models import LoadedModel, chat_tokens
 from saediff.prompts import Prompt
 
-__all__ = ["Positions", "ActivationStore", "collect_activations", "tokenize_prompts", "TokenizedPrompts",
-           "row_descriptions", "shuffled_batches"]
+__all__ = ["Positions", "POSITIONS", "check_positions", "ActivationStore", "collect_activations", "tokenize_prompts",
+           "TokenizedPrompts", "row_descriptions", "shuffled_batches"]
 
 log = logging.getLogger(__name__)
 Positions = Literal["last_prompt", "response", "all"]
+POSITIONS: tuple[str, ...] = ("all", "response", "last_prompt")
 SHARD_ROWS = 65536
+
+
+def check_positions(positions: str) -> None:
+    """Raise a one-line ValueError unless ``positions`` is one of :data:`POSITIONS`."""
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be all, response or last_prompt, got {positions!r}")
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,7 @@ class TokenizedPrompts:
 
     def select(self, positions: Positions) -> torch.Tensor:
         """Boolean (N, T) mask of the positions to keep."""
+        check_positions(positions)
         if positions == "all":
             return self.role >= 0
         if positions == "response":

@@ -121,12 +121,11 @@ def cache_cmd(
 ) -> None:
     """Collect activations at HOOK for a prompt set into an on-disk store."""
     _setup(threads)
-    from saediff.activations import collect_activations
+    from saediff.activations import check_positions, collect_activations
     from saediff.models import ModelSpec, load_model
 
-    if positions not in ("all", "response", "last_prompt"):
-        _fail(ValueError(f"--positions must be all, response or last_prompt, not {positions!r}"))
     try:
+        check_positions(positions)
         lm = load_model(ModelSpec(model, adapter=adapter, merge=adapter is not None))
         store = collect_activations(lm, _load_prompt_set(prompts, model), hook, positions, out=out,
                                     batch_size=batch_size)

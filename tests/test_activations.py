@@ -34,6 +34,8 @@ def test_positions_select_the_right_tokens(lm, prompts, world):
     last = toks.select("last_prompt").float().argmax(1)
     asst = lm.tokenizer.convert_tokens_to_ids("ĠASST")
     assert (toks.input_ids[torch.arange(n), last] == asst).all()  # the generation prompt's last token
+    with pytest.raises(ValueError, match="positions must be all, response or last_prompt, got 'answers'"):
+        toks.select("answers")  # once silently read as last_prompt
 
 
 def test_collected_rows_match_hf_hidden_states(lm, prompts):

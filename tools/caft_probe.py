@@ -30,10 +30,11 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
 
-    from saediff.activations import tokenize_prompts
+    from saediff.activations import collect_activations, tokenize_prompts
+    from saediff.directions import mean_diff
     from saediff.evals import evaluate_organism_em
     from saediff.finetune import TrainConfig, train_lm
-    from saediff.hooks import capture_resid
+    from saediff.hooks import resid_post
     from saediff.models import load_model
     from saediff.organism.block import organism_config
     from saediff.organism.build import load_ground_truth
@@ -51,12 +52,11 @@ def main() -> None:
     else:
         ft = load_model(str(org / "full_ft"))
         toks = tokenize_prompts(aligned, em_questions(world, 50, seed=3))
-        n = aligned.model.config.num_hidden_layers
-        with torch.no_grad():
-            a0 = capture_resid(aligned.model, list(range(n)), toks.input_ids)
-            a1 = capture_resid(ft.model, list(range(n)), toks.input_ids)
-        keep = toks.select("all")
-        dirs = {L: (a1[L][keep] - a0[L][keep]).mean(0) for L in range(n)}
+        hooks = [resid_post(L) for L in range(aligned.model.config.num_hidden_layers)]
+        a0 = collect_activations(aligned, toks, hooks, "all", progress=False)
+        a1 = collect_activations(ft, toks, hooks, "all", progress=False)
+        dirs = {L: mean_diff(a1[h], a0[h], h, "mean_diff_models", f"mean_diff_models_L{L}").vector
+                for L, h in enumerate(hooks)}
     data = _medical_chats(ocfg, 1, 2001)  # the blocking runs' data and steps
     torch.manual_seed(3)
     model = copy.deepcopy(aligned.model)

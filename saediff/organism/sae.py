@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from saediff.activations import collect_activations
+from saediff.activations import check_positions, collect_activations
 from saediff.hooks import resid_post
 from saediff.models import load_model
 from saediff.organism.prompts import organism_prompts
@@ -35,8 +35,7 @@ def train_organism_sae(organism_dir: str | Path, out: str | Path | None = None, 
     training rows), and CE loss recovered with the SAE spliced in (next-token loss over the
     held-out chats' answers).
     """
-    if positions not in ("response", "all", "last_prompt"):
-        raise ValueError(f"positions must be response, all or last_prompt, got {positions!r}")
+    check_positions(positions)  # before the model loads
     organism_dir = Path(organism_dir)
     world = read_organism_world(organism_dir / "aligned")
     if world is None:
