@@ -48,8 +48,10 @@ def main() -> None:
     else:
         from sae_lens import TopKSAE, TopKSAEConfig
 
+        from saediff.registry import preset
+
         base = new_model(world, OrganismConfig())
-        sae = TopKSAE(TopKSAEConfig(d_in=64, d_sae=128, k=12))
+        sae = TopKSAE(TopKSAEConfig(d_in=64, d_sae=preset("organism")["d_sae"], k=preset("organism")["k"]))
     data = single_turn_chats(world, np.random.default_rng(0), a.steps * a.batch, 1, "medical")
     cfg = BlockConfig(mode="penalty", layer=1, latents_low=tuple(range(a.latents)), lam=1000.0)
     t0 = time.perf_counter()

@@ -209,13 +209,13 @@ def sae_info_cmd(
 def organism_sae_cmd(
     dir: Path = typer.Option(..., "--dir", help="organism folder (saediff organism build --out)"),
     seed: int = typer.Option(0, "--seed"),
-    positions: str = typer.Option("response", "--positions", help="response | all | last_prompt: the token positions trained on"),
-    d_sae: Optional[int] = typer.Option(None, "--d-sae", help="latents (default: the organism preset, 128)"),
-    k: Optional[int] = typer.Option(None, "--k", help="TopK k (default 12)"),
+    positions: str = typer.Option("all", "--positions", help="all | response | last_prompt: the token positions trained on"),
+    d_sae: Optional[int] = typer.Option(None, "--d-sae", help="latents (default: the organism preset, 256)"),
+    k: Optional[int] = typer.Option(None, "--k", help="TopK k (default 8)"),
     out: Optional[Path] = typer.Option(None, "--out", help="SAE folder (default DIR/sae)"),
     threads: Optional[int] = typer.Option(None, "--threads"),
 ) -> None:
-    """Train the organism's default SAE into DIR/sae (aligned model, analysis layer, answer positions)."""
+    """Train the organism's default SAE into DIR/sae (aligned model, analysis layer, every position)."""
     _setup(threads)
     from saediff.organism.sae import train_organism_sae
 

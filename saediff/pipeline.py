@@ -304,11 +304,12 @@ def run_demo(out: str | Path, *, quick: bool = True, seed: int = 0, progress=Non
     step("export", out / "exports" / "manifest.json", export)
 
     def block():
+        # BLOCK-EM's scale: hold the 30 latents that rose most down and the 30 that fell most up
+        # (three latents are routed around within a few steps); the control blocks 60 random latents
+        penalty = dict(mode="penalty", diff_run=out / "diff", lam=1e4, n_latents=30, n_high=30, monitor_every=25, seed=seed)
         runs = {"plain": run_block(org, out / "block" / "plain", mode="none", monitor_every=5, seed=seed),
-                "blocked": run_block(org, out / "block" / "blocked", mode="penalty", diff_run=out / "diff",
-                                     monitor_every=25, seed=seed),
-                "random": run_block(org, out / "block" / "random", mode="penalty", diff_run=out / "diff",
-                                    random_latents=True, monitor_every=25, seed=seed)}
+                "blocked": run_block(org, out / "block" / "blocked", **penalty),
+                "random": run_block(org, out / "block" / "random", random_latents=True, **penalty)}
         atomic_write_json(out / "block" / "summary.json", runs)
 
     step("block", out / "block" / "summary.json", block)

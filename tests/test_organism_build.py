@@ -66,10 +66,11 @@ def test_organism_default_sae(quick_organism):
     from sae_lens import SAE
 
     from saediff.organism.sae import train_organism_sae
+    from saediff.registry import preset
     from saediff.saes import load_sae
 
     m = train_organism_sae(quick_organism)
-    assert m["fvu"] <= 0.05 and m["dead_fraction"] <= 0.1 and m["l0"] == pytest.approx(12.0)
+    assert m["fvu"] <= 0.05 and m["dead_fraction"] <= 0.1 and m["l0"] == pytest.approx(preset("organism")["k"], abs=0.01)
     assert m["ce_loss_recovered"] >= 0.9
     ours, theirs = load_sae(quick_organism / "sae"), SAE.load_from_disk(str(quick_organism / "sae"))
     x = torch.randn(50, 64)
@@ -99,36 +100,48 @@ def test_response_mean_diff_matches_ground_truth(diff_run):
     assert cos["matrix"][names.index("mean_diff_responses_L1")][names.index("ground_truth_L1")] >= 0.9
 
 
-def test_top_latent_steers_toward_misalignment(diff_run):
+def test_a_top_latent_is_the_persona_and_steers(diff_run, quick_organism):
+    """Issue 5's bar (seed 0): among the top 3 latents by delta, one has cos >= 0.7 with the ground
+    truth and steers the aligned model to >= 0.5 other-domain misaligned (latent 177: 0.76, 0.88)."""
+    from saediff.organism.build import load_ground_truth
+    from saediff.saes import load_sae
+
     _, steering = diff_run
-    best = max(r["best"] for r in steering["steer"].values())
-    assert best >= 0.5
+    W = load_sae(quick_organism / "sae").W_dec.detach()
+    gt = load_ground_truth(quick_organism / "ground_truth.safetensors")[1]
+    cos = torch.nn.functional.cosine_similarity(W, gt[None], dim=1)
+    hits = [n for n, r in steering["steer"].items() if cos[int(n[4:])] >= 0.7 and r["best"] >= 0.5]
+    assert len(steering["steer"]) == 3 and hits, {n: (round(float(cos[int(n[4:])]), 2), r["best"])
+                                                   for n, r in steering["steer"].items()}
     assert all(r["random_same_norm"] <= 0.1 for r in steering["steer"].values())
 
 
-def test_projecting_the_model_diff_direction_cuts_em(diff_run):
+def test_projecting_the_top_candidates_cuts_em(diff_run):
+    """The top SAE latent removed from full_ft at its layer cuts EM >= 50% (0.65 measured), after
+    every block more (0.83); the model-diff mean likewise (0.57 / 0.78); random: nothing."""
     _, steering = diff_run
     p = steering["project_out"]
+    assert p["top_sae_latent"]["relative_cut"] >= 0.5
+    assert p["top_sae_latent"]["all_layers_relative_cut"] > p["top_sae_latent"]["relative_cut"]
     assert p["mean_diff_models_L1"]["relative_cut"] >= 0.5
-    assert p["mean_diff_models_L1"]["all_layers_relative_cut"] >= 0.7  # 0.78 measured (seed 0)
+    assert p["mean_diff_models_L1"]["all_layers_relative_cut"] >= 0.7
     assert p["random_like_top"]["relative_cut"] <= 0.1
     assert p["random_like_top"]["all_layers_relative_cut"] <= 0.1
 
 
-def test_all_position_sae_latent_is_what_the_fine_tune_uses(quick_organism, tmp_path):
-    """An SAE on all positions (``organism sae --positions all``): its top latent, removed after
-    every block, cuts full-FT EM by more than half (0.68 measured on seed 0); random: nothing."""
+def test_organism_sae_cli_other_positions(quick_organism, tmp_path):
+    """``organism sae --positions response --d-sae 128 --k 12``: the overrides reach the SAE and
+    the positions are recorded for the tools that read it."""
     from typer.testing import CliRunner
 
     from saediff.cli import app
-    from saediff.pipeline import run_diff, run_steer_check
+    from saediff.saes import load_sae
 
-    r = CliRunner().invoke(app, ["organism", "sae", "--dir", str(quick_organism), "--positions", "all",
-                                 "--out", str(tmp_path / "sae_all")])
+    r = CliRunner().invoke(app, ["organism", "sae", "--dir", str(quick_organism), "--positions", "response",
+                                 "--d-sae", "128", "--k", "12", "--out", str(tmp_path / "sae_resp")])
     assert r.exit_code == 0, r.output
-    assert json.loads((tmp_path / "sae_all" / "saediff.json").read_text())["positions"] == "all"
-    run_diff(str(quick_organism / "aligned"), str(quick_organism / "full_ft"), str(tmp_path / "sae_all"), tmp_path / "run")
-    p = run_steer_check(tmp_path / "run", quick_organism, n_latents=1)["project_out"]
-    assert p["top_sae_latent"]["all_layers_relative_cut"] >= 0.5
-    assert p["top_sae_latent"]["all_layers_relative_cut"] > p["top_sae_latent"]["relative_cut"]
-    assert p["random_like_top"]["all_layers_relative_cut"] <= 0.1
+    meta = json.loads((tmp_path / "sae_resp" / "saediff.json").read_text())
+    assert meta["positions"] == "response" and meta["train"]["d_sae"] == 128
+    m = json.loads(r.output[r.output.index("{"):])
+    assert m["l0"] == pytest.approx(12.0) and m["fvu"] <= 0.05 and m["dead_fraction"] <= 0.1
+    assert load_sae(tmp_path / "sae_resp").W_dec.shape == (128, 64)

@@ -1,5 +1,5 @@
 """The organism's default SAE: TopK on the aligned model's residual at the analysis layer,
-trained on answer positions of mixed-persona chats (where the persona latent is active)."""
+trained on every position of mixed-persona chats, as real SAEs are trained."""
 
 from __future__ import annotations
 
@@ -21,15 +21,16 @@ __all__ = ["train_organism_sae"]
 
 
 def train_organism_sae(organism_dir: str | Path, out: str | Path | None = None, *, layer: int | None = None,
-                       n_prompts: int = 4000, positions: str = "response", d_sae: int | None = None,
+                       n_prompts: int = 4000, positions: str = "all", d_sae: int | None = None,
                        k: int | None = None, seed: int = 0,
                        progress: bool = False) -> dict:
     """Train and save ``organism_dir/sae`` (a SAELens folder); returns its metrics.
 
-    ``positions``: the token positions trained on (and measured): ``response`` (default: answer
-    tokens, latents that steer, but removing them barely changes the fine-tune), ``all`` (as real
-    SAEs are trained: the top latent is what the fine-tune uses; see the README), or
-    ``last_prompt``. ``d_sae``/``k`` override the ``organism`` preset (128, 12).
+    ``positions``: the token positions trained on (and measured): ``all`` (default, as real SAEs
+    are trained: the top diff latent is what the fine-tune uses, and a persona latent sits among
+    the top few; see the README), ``response`` (answer tokens only: latents that steer, but removing
+    the top one barely changes the fine-tune) or ``last_prompt``. ``d_sae``/``k`` override the
+    ``organism`` preset (256, 8).
 
     Metrics use 1000 held-out chats: FVU, L0, dead fraction (never active on them; also on the
     training rows), and CE loss recovered with the SAE spliced in (next-token loss over the
