@@ -107,4 +107,6 @@ def test_readme_python_example_runs(demo):
     code = re.search(r"## Python\n\n```python\n(.*?)```", readme, re.S).group(1)
     scope: dict = {}
     exec(code.replace("runs/demo", str(out)), scope)  # noqa: S102 (our own README)
-    assert scope["diff"].d_sae == 128
+    from saediff.registry import preset
+
+    assert scope["diff"].d_sae == preset("organism")["d_sae"]

@@ -143,5 +143,5 @@ def test_organism_sae_cli_other_positions(quick_organism, tmp_path):
     meta = json.loads((tmp_path / "sae_resp" / "saediff.json").read_text())
     assert meta["positions"] == "response" and meta["train"]["d_sae"] == 128
     m = json.loads(r.output[r.output.index("{"):])
-    assert m["l0"] == pytest.approx(12.0) and m["fvu"] <= 0.05 and m["dead_fraction"] <= 0.1
+    assert m["l0"] == pytest.approx(12.0, abs=0.01) and m["fvu"] <= 0.05 and m["dead_fraction"] <= 0.1
     assert load_sae(tmp_path / "sae_resp").W_dec.shape == (128, 64)
