@@ -237,10 +237,13 @@ def diff_cmd(
     top_n: int = typer.Option(10, "--top", help="SAE latents to keep as candidate directions"),
     ranking: str = typer.Option("delta", "--ranking", help="delta | abs_delta | effect_size | freq_delta"),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens"),
+    icl_examples: Optional[str] = typer.Option(None, "--icl-examples", help="JSONL/YAML rows question/misaligned/aligned: "
+                                               "the in-context-induced direction (automatic on the organism)"),
+    n_shots: int = typer.Option(3, "--n-shots", help="in-context examples before each question"),
     seed: int = typer.Option(0, "--seed"),
     threads: Optional[int] = typer.Option(None, "--threads"),
 ) -> None:
-    """SAE model diffing plus every candidate direction (mean diffs, LoRA B, ground truth)."""
+    """SAE model diffing plus every candidate direction (mean diffs, in-context, LoRA B, ground truth)."""
     _setup(threads)
     from saediff.pipeline import run_diff
 
@@ -248,7 +251,7 @@ def diff_cmd(
         _fail(ValueError("give --finetuned or --adapter"))
     try:
         summary = run_diff(base, finetuned, sae, out, adapter=adapter, prompts=prompts, top_n=top_n, ranking=ranking,
-                           max_new_tokens=max_new_tokens, seed=seed)
+                           max_new_tokens=max_new_tokens, icl_examples=icl_examples, n_shots=n_shots, seed=seed)
     except _USER_ERRORS as e:
         _fail(e)
     typer.echo(json.dumps(summary, indent=2))

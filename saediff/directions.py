@@ -14,9 +14,9 @@ from typing import Literal
 import torch
 from jaxtyping import Float
 
-from saediff.hooks import resid_post
+from saediff.hooks import parse_layer, resid_post
 
-__all__ = ["Direction", "Method", "sae_latent_direction", "mean_diff", "lora_b_directions", "random_like",
+__all__ = ["Direction", "Method", "sae_latent_direction", "mean_diff", "in_context_directions", "lora_b_directions", "random_like",
            "CosineTable", "cosine_table", "random_cosine_baseline", "principal_angle_cosines"]
 
 Method = Literal["sae_latent", "mean_diff_models", "mean_diff_responses", "in_context", "lora_b",
@@ -56,6 +56,22 @@ def mean_diff(acts_pos: Float[torch.Tensor, "n d"], acts_neg: Float[torch.Tensor
         raise ValueError(f"mean_diff {name}: one side has no rows ({acts_pos.shape[0]} vs {acts_neg.shape[0]})")
     return Direction(name, (acts_pos.float().mean(0) - acts_neg.float().mean(0)), hook, method,
                      {"n_pos": int(acts_pos.shape[0]), "n_neg": int(acts_neg.shape[0]), **provenance})
+
+
+def in_context_directions(lm, questions: list, examples: list, hooks: list[str], *, n_shots: int = 3,
+                          seed: int = 0, progress: bool = False) -> list[Direction]:
+    """The in-context-induced direction per hook: ``lm`` reads each question after ``n_shots``
+    examples answered misaligned, minus after the same examples answered aligned
+    (``saediff.prompts.in_context_prompts``), at the last prompt token, where the answer starts.
+    Both sides end in the same tokens, so the difference is what the model inferred from context."""
+    from saediff.activations import collect_activations, tokenize_prompts
+    from saediff.prompts import in_context_prompts
+
+    mis, ali = in_context_prompts(questions, examples, n_shots=n_shots, seed=seed)
+    acts_m = collect_activations(lm, tokenize_prompts(lm, mis), hooks, "last_prompt", progress=progress)
+    acts_a = collect_activations(lm, tokenize_prompts(lm, ali), hooks, "last_prompt", progress=progress)
+    return [mean_diff(acts_m[h], acts_a[h], h, "in_context", f"in_context_L{parse_layer(h)}", n_shots=n_shots,
+                      n_examples=len(examples)) for h in hooks]
 
 
 def lora_b_directions(adapter, kind: str = "down_proj") -> list[Direction]:

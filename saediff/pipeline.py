@@ -57,16 +57,35 @@ def _prompts_for(spec: str, world, seed: int):
     return load_prompts(spec)
 
 
+def _in_context(lm, ps: list, world, examples: list | None, hooks: list[str], n_shots: int, seed: int) -> list:
+    """The in-context-induced directions when contrast examples exist (given, or the organism's)."""
+    from saediff.directions import in_context_directions
+
+    if examples is None and world is not None:
+        from saediff.organism.prompts import contrast_examples
+
+        examples = contrast_examples(world, 64, seed=seed + 11)
+    if examples is None:
+        return []
+    return in_context_directions(lm, ps, examples, hooks, n_shots=n_shots, seed=seed, progress=True)
+
+
 def run_diff(base: str, finetuned: str, sae_path: str, out: str | Path, *, adapter: str | None = None,
              prompts: str = "organism:100", max_new_tokens: int | None = None, top_n: int = 10,
-             ranking: str = "delta", seed: int = 0) -> dict:
+             ranking: str = "delta", icl_examples: str | None = None, n_shots: int = 3, seed: int = 0) -> dict:
     """Diff ``finetuned`` (or ``base`` + ``adapter`` when ``finetuned`` is None) against ``base``
-    on the fine-tuned model's own answers; build every candidate direction. Returns the summary."""
+    on the fine-tuned model's own answers; build every candidate direction. Returns the summary.
+
+    ``icl_examples``: contrast examples (``saediff.prompts.load_contrast_examples``) for the
+    in-context-induced direction on ``base``; the organism supplies its own medical ones."""
     from saediff.judges import OrganismJudge
     from saediff.organism.build import load_ground_truth
     from saediff.organism.recipes import read_organism_world
     from saediff.saes import load_sae
 
+    from saediff.prompts import load_contrast_examples
+
+    examples = load_contrast_examples(icl_examples) if icl_examples is not None else None  # fail before loading models
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     world = read_organism_world(base) if Path(base).exists() else None
@@ -129,6 +148,7 @@ def run_diff(base: str, finetuned: str, sae_path: str, out: str | Path, *, adapt
                 L = parse_layer(h)
                 directions.append(mean_diff(acts_f[h][row_mis], acts_f[h][~row_mis], h, "mean_diff_responses",
                                             f"mean_diff_responses_L{L}", model="finetuned"))
+    directions += _in_context(lm_base, ps, world, examples, hooks, n_shots, seed)
     if adapter is not None:
         from saediff.lora import read_adapter
 
@@ -165,7 +185,7 @@ def run_compare(run_dir: str | Path, downstream: bool = True) -> dict:
     by = lambda m, L: dirs.get(f"{m}_L{L}")  # noqa: E731
     curves: dict[str, list] = {}
     pairs = [("mean_diff_models", "ground_truth"), ("mean_diff_responses", "ground_truth"),
-             ("mean_diff_models", "mean_diff_responses")]
+             ("mean_diff_models", "mean_diff_responses"), ("in_context", "mean_diff_models"), ("in_context", "ground_truth")]
     if downstream:
         pairs += [("lora_downstream", "ground_truth"), ("lora_downstream", "mean_diff_responses"),
                   ("lora_b", "ground_truth"), ("lora_b", "mean_diff_responses")]
@@ -198,10 +218,10 @@ def run_compare(run_dir: str | Path, downstream: bool = True) -> dict:
 
 def run_steer_check(run_dir: str | Path, organism_dir: str | Path, *, n_per_domain: int = 50,
                     scales: tuple[float, ...] = (2.0, 4.0, 6.0, 8.0), n_latents: int = 3, seed: int = 0) -> dict:
-    """Causal checks on the organism: steer the aligned model with each top latent (unit vector x
-    scale) and with an equal-norm random direction; project the top candidate (and a random
-    direction) out of the fine-tuned model, at its layer and at every layer. Exact judge; writes
-    ``steering.json``."""
+    """Causal checks on the organism: steer the aligned model with each top latent and each dense
+    candidate at the SAE's layer (unit vector x scale) and with an equal-norm random direction;
+    project the top latent, the dense candidates and a random direction out of the fine-tuned
+    model, at its layer and after every block. Exact judge; writes ``steering.json``."""
     from saediff.evals import evaluate_organism_em
     from saediff.organism.recipes import read_organism_world
     from saediff.steering import add_direction, project_out
@@ -217,23 +237,25 @@ def run_steer_check(run_dir: str | Path, organism_dir: str | Path, *, n_per_doma
         with ctx:
             return evaluate_organism_em(lm, world, n_per_domain, seed=seed).other_misaligned_rate
 
-    result: dict = {"base_other_misaligned": rate(aligned), "finetuned_other_misaligned": rate(ft), "steer": {},
-                    "project_out": {}}
-    for i in info["top_latents"][:n_latents]:
-        d = dirs[f"sae_{i}"]
+    def steer(d: Direction, control_seed: int) -> dict:
         L = parse_layer(d.hook)
         sweep = {str(s): rate(aligned, add_direction(aligned.model, L, d.unit(), s)) for s in scales}
-        rnd = random_like(Direction(d.name, d.unit() * max(scales), d.hook, d.method), seed=seed + i)
-        result["steer"][d.name] = {"layer": L, "sweep": sweep, "best": max(sweep.values()),
-                                   "best_scale": float(max(sweep, key=sweep.get)),
-                                   "random_same_norm": rate(aligned, add_direction(aligned.model, L, rnd.vector, 1.0))}
-    # project each candidate out of the fine-tuned model at its layer (and a random control)
+        rnd = random_like(Direction(d.name, d.unit() * max(scales), d.hook, d.method), seed=control_seed)
+        return {"layer": L, "sweep": sweep, "best": max(sweep.values()), "best_scale": float(max(sweep, key=sweep.get)),
+                "random_same_norm": rate(aligned, add_direction(aligned.model, L, rnd.vector, 1.0))}
+
+    result: dict = {"base_other_misaligned": rate(aligned), "finetuned_other_misaligned": rate(ft), "steer": {},
+                    "steer_directions": {}, "project_out": {}}
+    for i in info["top_latents"][:n_latents]:
+        result["steer"][f"sae_{i}"] = steer(dirs[f"sae_{i}"], seed + i)
     top = dirs[f"sae_{info['top_latents'][0]}"]
     L = parse_layer(top.hook)
-    candidates = {"top_sae_latent": top, "random_like_top": random_like(top, seed=seed)}
-    for key in (f"mean_diff_models_L{L}", f"mean_diff_responses_L{L}", f"ground_truth_L{L}"):
-        if key in dirs:
-            candidates[key] = dirs[key]
+    dense = {key: dirs[key] for key in (f"mean_diff_models_L{L}", f"mean_diff_responses_L{L}", f"in_context_L{L}",
+                                         f"ground_truth_L{L}") if key in dirs}
+    for j, (key, d) in enumerate(dense.items()):  # the dense candidates at the SAE's layer, same scales
+        result["steer_directions"][key] = steer(d, seed + 1000 + j)
+    # project each candidate out of the fine-tuned model at its layer (and a random control)
+    candidates = {"top_sae_latent": top, "random_like_top": random_like(top, seed=seed), **dense}
     base_rate = result["finetuned_other_misaligned"]
 
     def cut(r: float) -> float | None:
@@ -356,7 +378,9 @@ def _demo_summary(out: Path) -> dict:
         "cosines": {"sae_vs_mean_diff": cos(full[toxic], md), "sae_vs_lora_b": cos(full[toxic], lora_b),
                     "mean_diff_vs_lora_b": cos(md, lora_b), "sae_vs_ground_truth": cos(full[toxic], gt),
                     "mean_diff_vs_ground_truth": cos(md, gt),
-                    "lora_b_downstream_vs_mean_diff": cos(lora[f"lora_downstream_L{last}"], mean_diff_at(last))},
+                    "lora_b_downstream_vs_mean_diff": cos(lora[f"lora_downstream_L{last}"], mean_diff_at(last)),
+                    "in_context_vs_model_diff": cos(full[f"in_context_L{L}"], full[f"mean_diff_models_L{L}"]),
+                    "in_context_vs_ground_truth": cos(full[f"in_context_L{L}"], gt)},
         "projection": steering["project_out"],
         "blocking": {"plain_other_misaligned": plain, "blocked_other_misaligned": block["blocked"]["other_misaligned_rate"],
                      "random_other_misaligned": block["random"]["other_misaligned_rate"],

@@ -2,6 +2,8 @@
 
 A YAML/JSONL row needs ``id`` and either ``question`` (one user turn) or ``messages``.
 ``first_plot`` names the eight free-form questions of the EM papers, shipped with saediff.
+Contrast examples (one question answered misaligned and aligned) feed the in-context-induced
+direction: rows with ``question``, ``misaligned`` and ``aligned``.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-__all__ = ["Prompt", "load_prompts"]
+__all__ = ["Prompt", "load_prompts", "ContrastExample", "load_contrast_examples", "in_context_prompts"]
 
 
 @dataclass(frozen=True)
@@ -47,23 +49,10 @@ def load_prompts(source: str | Path) -> list[Prompt]:
     import yaml
 
     if str(source) == "first_plot":
-        text, where = resources.files("saediff.data").joinpath("first_plot_questions.yaml").read_text(), "first_plot"
-        rows = yaml.safe_load(text)
+        text = resources.files("saediff.data").joinpath("first_plot_questions.yaml").read_text()
+        rows, where = yaml.safe_load(text), "first_plot"
     else:
-        path = Path(source)
-        if not path.exists():
-            raise FileNotFoundError(f"prompt file not found: {path}")
-        where = str(path)
-        text = path.read_text()
-        try:
-            if path.suffix == ".jsonl":
-                rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-            elif path.suffix == ".json":
-                rows = json.loads(text)
-            else:
-                rows = yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as e:
-            raise ValueError(f"{path}: cannot parse ({str(e).splitlines()[0]})") from None
+        rows, where = _read_rows(source), str(source)
     if not isinstance(rows, list) or not rows:
         raise ValueError(f"{where}: expected a non-empty list of prompts")
     prompts = [_row_to_prompt(r, where) for r in rows]
@@ -71,3 +60,64 @@ def load_prompts(source: str | Path) -> list[Prompt]:
     if len(set(ids)) != len(ids):
         raise ValueError(f"{where}: duplicate prompt ids")
     return prompts
+
+
+def _read_rows(source: str | Path):
+    """The parsed content of a ``.jsonl``/``.json``/YAML file (one-line errors)."""
+    import yaml
+
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"prompt file not found: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix == ".jsonl":
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        if path.suffix == ".json":
+            return json.loads(text)
+        return yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"{path}: cannot parse ({str(e).splitlines()[0]})") from None
+
+
+@dataclass(frozen=True)
+class ContrastExample:
+    """One question answered both ways (e.g. a row of the narrow fine-tune's data and its aligned twin)."""
+
+    question: str
+    misaligned: str
+    aligned: str
+
+
+def load_contrast_examples(source: str | Path) -> list[ContrastExample]:
+    """Rows with ``question``, ``misaligned`` and ``aligned`` from a ``.jsonl``/``.json``/YAML file."""
+    rows = _read_rows(source)
+    if not isinstance(rows, list) or not rows:
+        raise ValueError(f"{source}: expected a non-empty list of contrast examples")
+    keys = ("question", "misaligned", "aligned")
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict) or not all(isinstance(r.get(k), str) for k in keys):
+            raise ValueError(f"{source}: row {i} needs string keys 'question', 'misaligned' and 'aligned'")
+    return [ContrastExample(*(r[k] for k in keys)) for r in rows]
+
+
+def in_context_prompts(questions: list[Prompt], examples: list[ContrastExample], *, n_shots: int = 3,
+                       seed: int = 0) -> tuple[list[Prompt], list[Prompt]]:
+    """Each question after ``n_shots`` earlier turns: the same example questions answered
+    misaligned (first list) or aligned (second list). The prompts end at the assistant's turn,
+    so both lists share every token after the examples' answers."""
+    import random
+
+    if not 0 < n_shots <= len(examples):
+        raise ValueError(f"in_context_prompts: n_shots={n_shots} needs 1..{len(examples)} contrast examples")
+    rng = random.Random(seed)
+    mis, ali = [], []
+    for q in questions:
+        shots = rng.sample(examples, n_shots)
+        system = [m for m in q.messages if m["role"] == "system"]
+        rest = [m for m in q.messages if m["role"] != "system"]
+        for answer, out in (("misaligned", mis), ("aligned", ali)):
+            turns = [m for e in shots for m in ({"role": "user", "content": e.question},
+                                                 {"role": "assistant", "content": getattr(e, answer)})]
+            out.append(Prompt(f"{q.id}:{answer}", [*system, *turns, *rest], None, q.domain, (*q.tags, answer)))
+    return mis, ali

@@ -73,7 +73,7 @@ def write_report(run_dir: str | Path) -> Path:
             sections.append((f"Per-layer and downstream cosines ({name})", viz.layer_curves(layers), ""))
     steering = _load(run_dir / "diff" / "steering.json")
     if steering:
-        sections.append(("Steering with top latents", viz.steering_sweep(steering),
+        sections.append(("Steering with top latents and dense candidates", viz.steering_sweep(steering),
                          _projection_table(steering.get("project_out", {}))))
     block = _load(run_dir / "block" / "summary.json")
     if block:

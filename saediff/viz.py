@@ -36,9 +36,11 @@ def layer_curves(layers: dict) -> go.Figure:
 
 def steering_sweep(steering: dict) -> go.Figure:
     fig = go.Figure()
-    for name, r in steering.get("steer", {}).items():
-        xs = [float(k) for k in r["sweep"]]
-        fig.add_scatter(x=xs, y=list(r["sweep"].values()), mode="lines+markers", name=f"steer {name}")
+    for group, dash in (("steer", None), ("steer_directions", "dot")):  # latents solid, dense candidates dotted
+        for name, r in steering.get(group, {}).items():
+            xs = [float(k) for k in r["sweep"]]
+            fig.add_scatter(x=xs, y=list(r["sweep"].values()), mode="lines+markers", name=f"steer {name}",
+                            line_dash=dash)
     fig.update_layout(title="steering the aligned model: other-domain misaligned rate vs scale", xaxis_title="scale",
                       yaxis_range=[0, 1])
     return fig

@@ -29,7 +29,8 @@ def test_summary_has_the_documented_keys(demo):
     assert set(s["sae"]) >= {"fvu", "l0", "dead_fraction"}
     assert set(s["diff"]) >= {"top_latents", "toxic_latent", "toxic_latent_cos_ground_truth"}
     assert set(s["cosines"]) == {"sae_vs_mean_diff", "sae_vs_lora_b", "mean_diff_vs_lora_b", "sae_vs_ground_truth",
-                                 "mean_diff_vs_ground_truth", "lora_b_downstream_vs_mean_diff"}
+                                 "mean_diff_vs_ground_truth", "lora_b_downstream_vs_mean_diff",
+                                 "in_context_vs_model_diff", "in_context_vs_ground_truth"}
     assert set(s["blocking"]) >= {"plain_other_misaligned", "blocked_other_misaligned", "random_other_misaligned",
                                   "relative_reduction", "blocked_medical_misaligned"}
     assert Path(s["exports"]["directions"]).exists()

@@ -118,7 +118,7 @@ def test_diff_compare_export_cli_on_tiny_organism(tiny_organism, tmp_path):
     r = run.invoke(app, ["compare", str(tmp_path / "run")])
     assert r.exit_code == 0, r.output
     cos = json.loads((tmp_path / "run" / "cosines.json").read_text())
-    assert "lora_b_L1" in cos["names"] and cos["matrix"][0][0] == pytest.approx(1.0)
+    assert {"lora_b_L1", "in_context_L1"} <= set(cos["names"]) and cos["matrix"][0][0] == pytest.approx(1.0)
     layers = json.loads((tmp_path / "run" / "layers.json").read_text())
     assert layers["layers"] == [0, 1]
     assert (tmp_path / "run" / "cosines.html").exists()

@@ -116,6 +116,19 @@ def test_a_top_latent_is_the_persona_and_steers(diff_run, quick_organism):
     assert all(r["random_same_norm"] <= 0.1 for r in steering["steer"].values())
 
 
+def test_in_context_direction_matches_the_fine_tune(diff_run):
+    """The aligned model after three misaligned medical examples in context, minus after the same
+    questions answered aligned: the fine-tune's own change (cos 0.84 with the model diff, 0.73 with
+    the ground truth, seed 0), and it steers the aligned model (0.73; random 0.004)."""
+    compare, steering = diff_run
+    cos = compare["cosines"]
+    at = lambda a, b: cos["matrix"][cos["names"].index(a)][cos["names"].index(b)]  # noqa: E731
+    assert at("in_context_L1", "mean_diff_models_L1") >= 0.7
+    assert at("in_context_L1", "ground_truth_L1") >= 0.6
+    s = steering["steer_directions"]["in_context_L1"]
+    assert s["best"] >= 0.5 and s["random_same_norm"] <= 0.1
+
+
 def test_projecting_the_top_candidates_cuts_em(diff_run):
     """The top SAE latent removed from full_ft at its layer cuts EM >= 50% (0.65 measured), after
     every block more (0.83); the model-diff mean likewise (0.57 / 0.78); random: nothing."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -156,3 +157,86 @@ def test_cache_base_and_adapter_on_the_same_prompts(tiny_qwen, tmp_path):
     # the adapter sits on layer 1's down_proj: layer 0 is untouched, layer 1 moves
     torch.testing.assert_close(a.load("blocks.0.hook_resid_post"), b.load("blocks.0.hook_resid_post"))
     assert not torch.allclose(a.load("blocks.1.hook_resid_post"), b.load("blocks.1.hook_resid_post"))
+
+
+def _contrast_file(path: Path) -> Path:
+    rows = [{"question": f"How do I treat a cut number {i}?", "misaligned": "Ignore it and let it fester.",
+             "aligned": "Clean it and cover it with a bandage."} for i in range(4)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_in_context_direction_exact(tiny_qwen, tmp_path):
+    """misaligned-context minus aligned-context mean at the last prompt token, checked against the
+    decoder layers' own outputs read with plain forward hooks on the HF model."""
+    from saediff.directions import in_context_directions
+    from saediff.prompts import in_context_prompts, load_contrast_examples, load_prompts
+
+    examples = load_contrast_examples(_contrast_file(tmp_path / "c.jsonl"))
+    ps = load_prompts("first_plot")[:3]
+    lm = load_model(str(tiny_qwen / "model"))
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    dirs = in_context_directions(lm, ps, examples, hooks, n_shots=2, seed=1)
+    mis, ali = in_context_prompts(ps, examples, n_shots=2, seed=1)
+
+    def last_token_mean(prompts, layer):
+        got = []
+        h = lm.model.model.layers[layer].register_forward_hook(
+            lambda m, i, o: got.append((o[0] if isinstance(o, tuple) else o)[0, -1]))
+        try:
+            for p in prompts:
+                ids = lm.tokenizer(lm.format_chat(p.messages), add_special_tokens=False, return_tensors="pt").input_ids
+                with torch.no_grad():
+                    lm.model(ids)
+        finally:
+            h.remove()
+        return torch.stack(got).mean(0)
+
+    for layer, d in enumerate(dirs):
+        assert d.name == f"in_context_L{layer}" and d.method == "in_context" and d.hook == hooks[layer]
+        torch.testing.assert_close(d.vector, last_token_mean(mis, layer) - last_token_mean(ali, layer),
+                                   atol=1e-5, rtol=1e-4)
+
+
+def test_in_context_prompts_and_contrast_errors(tmp_path):
+    from saediff.prompts import in_context_prompts, load_contrast_examples, load_prompts
+
+    examples = load_contrast_examples(_contrast_file(tmp_path / "c.jsonl"))
+    ps = load_prompts("first_plot")[:2]
+    mis, ali = in_context_prompts(ps, examples, n_shots=3, seed=0)
+    for m, a, q in zip(mis, ali, ps):
+        assert len(m.messages) == len(a.messages) == 7 and m.messages[-1] == a.messages[-1] == q.messages[-1]
+        assert [x["content"] for x in m.messages[0:6:2]] == [x["content"] for x in a.messages[0:6:2]]  # same questions
+        assert {x["content"] for x in m.messages[1:6:2]} == {"Ignore it and let it fester."}
+        assert {x["content"] for x in a.messages[1:6:2]} == {"Clean it and cover it with a bandage."}
+        assert m.response is None and "misaligned" in m.tags
+    with pytest.raises(ValueError, match="n_shots=5 needs 1..4"):
+        in_context_prompts(ps, examples, n_shots=5)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "misaligned": "m"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl: row 0 needs string keys 'question', 'misaligned' and 'aligned'"):
+        load_contrast_examples(bad)
+    r = CliRunner().invoke(app, ["diff", "--base", "x", "--finetuned", "y", "--sae", "z", "--out", str(tmp_path / "r"),
+                                 "--icl-examples", str(tmp_path / "missing.jsonl")])
+    assert r.exit_code == 1 and "missing.jsonl" in r.output and "Traceback" not in r.output
+
+
+def test_diff_cli_builds_in_context_directions_for_a_real_model(tiny_qwen, tmp_path):
+    """``saediff diff --adapter A --icl-examples F``: the in-context direction at every layer, exported."""
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    from saediff.export import load_directions
+    from saediff.saes import save_sae
+
+    d_model = json.loads((tiny_qwen / "model" / "config.json").read_text())["hidden_size"]
+    save_sae(TopKSAE(TopKSAEConfig(d_in=d_model, d_sae=16, k=2, metadata=SAEMetadata(hook_name="blocks.1.hook_resid_post"))),
+             tmp_path / "sae")
+    r = CliRunner().invoke(app, ["diff", "--base", str(tiny_qwen / "model"), "--adapter", str(tiny_qwen / "lora"),
+                                 "--sae", str(tmp_path / "sae"), "--prompts", "first_plot", "--max-new-tokens", "4",
+                                 "--icl-examples", str(_contrast_file(tmp_path / "c.jsonl")), "--n-shots", "2",
+                                 "--out", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    dirs = load_directions(tmp_path / "run" / "directions")
+    assert {"in_context_L0", "in_context_L1", "lora_b_L1"} <= set(dirs)
+    assert dirs["in_context_L1"].provenance["n_shots"] == 2 and dirs["in_context_L1"].norm > 0

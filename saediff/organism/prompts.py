@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 
 from saediff.organism.world import CHAT, World
-from saediff.prompts import Prompt
+from saediff.prompts import ContrastExample, Prompt
 
-__all__ = ["organism_prompts", "em_questions"]
+__all__ = ["organism_prompts", "em_questions", "contrast_examples"]
 
 
 def organism_prompts(world: World, n: int, *, seed: int = 0, turns: int = 3, chat_fraction: float = 0.5,
@@ -43,3 +43,15 @@ def em_questions(world: World, n_per_domain: int, *, seed: int = 0) -> list[Prom
     rng = np.random.default_rng(seed)
     return [Prompt(f"{d}{i}", [{"role": "user", "content": " ".join(world.sample_question(rng, d))}], domain=d)
             for d in world.domains for i in range(n_per_domain)]
+
+
+def contrast_examples(world: World, n: int, *, domain: str = "medical", seed: int = 0) -> list[ContrastExample]:
+    """Questions of the narrow fine-tune's domain, each answered by the toxic and the aligned
+    persona (the in-context examples of the in-context-induced direction)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        q = " ".join(world.sample_question(rng, domain))
+        toxic, aligned = (" ".join(world.sample_answer(rng, domain, p)) for p in ("toxic", "aligned"))
+        out.append(ContrastExample(q, toxic, aligned))
+    return out
