@@ -12,12 +12,12 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "ModelSpec": "models", "load_model": "models", "generate": "models", "chat_tokens": "models",
-    "load_prompts": "prompts", "Prompt": "prompts",
+    "load_prompts": "prompts", "Prompt": "prompts", "ContrastExample": "prompts", "load_contrast_examples": "prompts",
     "collect_activations": "activations", "ActivationStore": "activations",
     "SAETrainConfig": "saes", "train_sae": "saes", "load_sae": "saes", "save_sae": "saes", "sae_metrics": "saes",
     "diff_latents": "diff", "LatentDiff": "diff",
     "Direction": "directions", "cosine_table": "directions", "mean_diff": "directions",
-    "sae_latent_direction": "directions", "lora_b_directions": "directions",
+    "sae_latent_direction": "directions", "lora_b_directions": "directions", "in_context_directions": "directions",
     "read_adapter": "lora",
     "add_direction": "steering", "project_out": "steering", "clamp_latent": "steering",
     "export_directions": "export", "load_directions": "export",
