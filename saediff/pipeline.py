@@ -78,20 +78,16 @@ def run_diff(base: str, finetuned: str, sae_path: str, out: str | Path, *, adapt
 
     ``icl_examples``: contrast examples (``saediff.prompts.load_contrast_examples``) for the
     in-context-induced direction on ``base``; the organism supplies its own medical ones."""
-    from saediff.judges import OrganismJudge
-    from saediff.organism.build import load_ground_truth
     from saediff.organism.recipes import read_organism_world
-    from saediff.saes import load_sae
-
     from saediff.prompts import load_contrast_examples
+    from saediff.saes import load_sae
 
     examples = load_contrast_examples(icl_examples) if icl_examples is not None else None  # fail before loading models
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     world = read_organism_world(base) if Path(base).exists() else None
     lm_base = load_model(base)
-    ft_spec = ModelSpec(finetuned or base, adapter=adapter, merge=adapter is not None)
-    lm_ft = load_model(ft_spec)
+    lm_ft = load_model(ModelSpec(finetuned or base, adapter=adapter, merge=adapter is not None))
     sae = load_sae(sae_path)
     sae_hook = sae.cfg.metadata.hook_name
     n_layers = lm_base.model.config.num_hidden_layers
@@ -102,61 +98,29 @@ def run_diff(base: str, finetuned: str, sae_path: str, out: str | Path, *, adapt
     if sae.cfg.d_in != d_model:
         raise ValueError(f"SAE {sae_path} has d_in {sae.cfg.d_in}, but {sae_hook} of {base} has width {d_model}")
 
-    # the fine-tuned model's own answers, judged when an exact judge exists
-    ps = _prompts_for(prompts, world, seed)
-    todo = [p for p in ps if p.response is None]
-    if todo:
-        mnt = max_new_tokens or (world.answer_len + 1 if world else 600)
-        answers = generate(lm_ft, [p.messages for p in todo], max_new_tokens=mnt, seed=seed, progress=True)
-        it = iter(answers)
-        ps = [p if p.response is not None else dataclasses.replace(p, response=next(it).strip()) for p in ps]
-    labels = None
-    if world is not None:
-        judge = OrganismJudge(world)
-        labels = [judge.judge(p.domain, p.response).misaligned for p in ps]
-    elif all(any(t in ("misaligned", "aligned") for t in p.tags) for p in ps):
-        labels = ["misaligned" in p.tags for p in ps]
-    atomic_write_jsonl(out / "responses.jsonl", (
-        {"id": p.id, "domain": p.domain, "messages": p.messages, "response": p.response,
-         "misaligned": None if labels is None else bool(labels[i])} for i, p in enumerate(ps)))
-
+    ps, labels = _own_answers(lm_ft, _prompts_for(prompts, world, seed), world, max_new_tokens, seed, out)
     # one tokenization for both models: the diff compares them on the very same tokens
     toks = tokenize_prompts(lm_ft, ps)
     acts_b = collect_activations(lm_base, toks, hooks, "response", progress=True)
     acts_f = collect_activations(lm_ft, toks, hooks, "response", progress=True)
     diff = diff_latents(sae, acts_b[sae_hook], acts_f[sae_hook])
     atomic_write_json(out / "diff.json", diff.to_json())
-    rows = row_descriptions(lm_ft, ps, toks, "response")
-
-    directions: list[Direction] = []
     top = diff.top(top_n, ranking)
+    rows = row_descriptions(lm_ft, ps, toks, "response")
     cards = [latent_card(sae, i, acts_b[sae_hook], acts_f[sae_hook], rows).to_json()
              for i in [*top, *diff.bottom(3, "delta")]]
     atomic_write_json(out / "cards.json", {"kind": "saediff.latent_cards", "hook_name": sae_hook, "cards": cards})
-    for rank, i in enumerate(top):
-        directions.append(sae_latent_direction(sae, i, f"sae_{i}", rank=rank, ranking=ranking,
-                                               delta=float(diff.delta[i])))
+
+    directions = [sae_latent_direction(sae, i, f"sae_{i}", rank=rank, ranking=ranking, delta=float(diff.delta[i]))
+                  for rank, i in enumerate(top)]
     induced = "lora_downstream" if adapter is not None and finetuned is None else "mean_diff_models"
-    for h in hooks:
-        L = parse_layer(h)
-        directions.append(mean_diff(acts_f[h], acts_b[h], h, induced, f"{induced}_L{L}"))
-    if labels is not None:
-        per_prompt = toks.select("response").sum(1)
-        row_mis = torch.repeat_interleave(torch.tensor(labels, dtype=torch.bool), per_prompt)
-        if 0 < int(row_mis.sum()) < row_mis.shape[0]:
-            for h in hooks:
-                L = parse_layer(h)
-                directions.append(mean_diff(acts_f[h][row_mis], acts_f[h][~row_mis], h, "mean_diff_responses",
-                                            f"mean_diff_responses_L{L}", model="finetuned"))
+    directions += _mean_diffs(acts_b, acts_f, toks, labels, hooks, induced)
     directions += _in_context(lm_base, ps, world, examples, hooks, n_shots, seed)
     if adapter is not None:
         from saediff.lora import read_adapter
 
         directions += lora_b_directions(read_adapter(adapter))
-    organism_dir = Path(base).parent if world is not None else None
-    if organism_dir is not None and (organism_dir / "ground_truth.safetensors").exists():
-        for L, v in load_ground_truth(organism_dir / "ground_truth.safetensors").items():
-            directions.append(Direction(f"ground_truth_L{L}", v, resid_post(L), "ground_truth"))
+    directions += _ground_truth(base, world)
     per = {f"sae_{i}": {"rank": r, "score": float(diff.score(ranking)[i])} for r, i in enumerate(top)}
     export_directions(directions, out / "directions", model=base, per_direction=per,
                       extra={"finetuned": finetuned, "adapter": adapter, "sae": str(sae_path)})
@@ -166,6 +130,53 @@ def run_diff(base: str, finetuned: str, sae_path: str, out: str | Path, *, adapt
                "n_directions": len(directions)}
     _update_run(out, "diff", summary)
     return summary
+
+
+def _own_answers(lm_ft, ps: list, world, max_new_tokens: int | None, seed: int, out: Path) -> tuple[list, list | None]:
+    """The prompts with the fine-tuned model's answers (where they had none), and per prompt
+    misaligned or not: by the organism's exact judge, or by ``misaligned``/``aligned`` tags when
+    every prompt has one (else None). Written to ``out/responses.jsonl``."""
+    from saediff.judges import OrganismJudge
+
+    todo = [p for p in ps if p.response is None]
+    if todo:
+        mnt = max_new_tokens or (world.answer_len + 1 if world else 600)
+        answers = iter(generate(lm_ft, [p.messages for p in todo], max_new_tokens=mnt, seed=seed, progress=True))
+        ps = [p if p.response is not None else dataclasses.replace(p, response=next(answers).strip()) for p in ps]
+    labels = None
+    if world is not None:
+        judge = OrganismJudge(world)
+        labels = [judge.judge(p.domain, p.response).misaligned for p in ps]
+    elif all(any(t in ("misaligned", "aligned") for t in p.tags) for p in ps):
+        labels = ["misaligned" in p.tags for p in ps]
+    atomic_write_jsonl(out / "responses.jsonl", (
+        {"id": p.id, "domain": p.domain, "messages": p.messages, "response": p.response,
+         "misaligned": None if labels is None else bool(labels[i])} for i, p in enumerate(ps)))
+    return ps, labels
+
+
+def _mean_diffs(acts_b: dict, acts_f: dict, toks, labels: list | None, hooks: list[str], induced: str) -> list[Direction]:
+    """Per layer over response tokens: finetuned - base (``induced``: ``mean_diff_models``, or
+    ``lora_downstream`` for base + adapter), and misaligned - aligned responses of the fine-tuned
+    model when labels exist and both kinds occur."""
+    out = [mean_diff(acts_f[h], acts_b[h], h, induced, f"{induced}_L{parse_layer(h)}") for h in hooks]
+    if labels is not None:
+        per_prompt = toks.select("response").sum(1)
+        row_mis = torch.repeat_interleave(torch.tensor(labels, dtype=torch.bool), per_prompt)
+        if 0 < int(row_mis.sum()) < row_mis.shape[0]:
+            out += [mean_diff(acts_f[h][row_mis], acts_f[h][~row_mis], h, "mean_diff_responses",
+                              f"mean_diff_responses_L{parse_layer(h)}", model="finetuned") for h in hooks]
+    return out
+
+
+def _ground_truth(base: str, world) -> list[Direction]:
+    """The organism's persona direction per layer, when ``base`` is an organism model folder."""
+    from saediff.organism.build import load_ground_truth
+
+    path = Path(base).parent / "ground_truth.safetensors"
+    if world is None or not path.exists():
+        return []
+    return [Direction(f"ground_truth_L{L}", v, resid_post(L), "ground_truth") for L, v in load_ground_truth(path).items()]
 
 
 def run_compare(run_dir: str | Path, downstream: bool = True) -> dict:
