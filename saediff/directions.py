@@ -17,7 +17,7 @@ from jaxtyping import Float
 from saediff.hooks import parse_layer, resid_post
 
 __all__ = ["Direction", "Method", "sae_latent_direction", "mean_diff", "in_context_directions", "lora_b_directions", "random_like",
-           "CosineTable", "cosine_table", "random_cosine_baseline", "principal_angle_cosines"]
+           "CosineTable", "cosine_table", "random_cosine_baseline", "principal_angle_cosines", "span_overlap"]
 
 Method = Literal["sae_latent", "mean_diff_models", "mean_diff_responses", "in_context", "lora_b",
                  "lora_downstream", "ground_truth", "random"]
@@ -141,3 +141,20 @@ def principal_angle_cosines(A: Float[torch.Tensor, "k d"], B: Float[torch.Tensor
     qa, _ = torch.linalg.qr(A.T.double())
     qb, _ = torch.linalg.qr(B.T.double())
     return torch.linalg.svdvals(qa.T @ qb).clamp(0, 1).float()
+
+
+def span_overlap(span: list[Direction], directions: list[Direction]) -> dict:
+    """How much of each direction lies in the span of a set (e.g. the top SAE latents' decoder
+    rows): the cosine of its angle to that span (the norm of its unit vector's projection), and
+    the principal-angle cosines between the two spans. ``random_rms`` = sqrt(k/d) is what a
+    random direction would show against a k-dimensional span in d dimensions."""
+    if not span or not directions:
+        raise ValueError("span_overlap: needs at least one direction on each side")
+    widths = {d.vector.shape[0] for d in [*span, *directions]}
+    if len(widths) != 1:
+        raise ValueError(f"span_overlap: directions have different widths {sorted(widths)}")
+    A = torch.stack([d.unit() for d in span])
+    return {"span": [d.name for d in span],
+            "per_direction": {d.name: float(principal_angle_cosines(A, d.unit()[None])[0]) for d in directions},
+            "principal_cosines": principal_angle_cosines(A, torch.stack([d.unit() for d in directions])).tolist(),
+            "random_rms": math.sqrt(min(len(span), widths.pop()) / A.shape[1])}

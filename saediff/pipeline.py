@@ -21,7 +21,7 @@ from saediff._io import atomic_write_bytes, atomic_write_json, atomic_write_json
 from saediff.activations import collect_activations, row_descriptions, tokenize_prompts
 from saediff.diff import diff_latents, latent_card
 from saediff.directions import (Direction, cosine_table, lora_b_directions, mean_diff, random_like,
-                                sae_latent_direction)
+                                sae_latent_direction, span_overlap)
 from saediff.export import export_directions, load_directions
 from saediff.hooks import parse_layer, resid_post
 from saediff.models import ModelSpec, generate, load_model
@@ -189,7 +189,10 @@ def run_compare(run_dir: str | Path, downstream: bool = True) -> dict:
     hook = info["sae_hook"]
     at_hook = [d for d in dirs.values() if d.hook == hook and d.method != "lora_downstream"]
     table = cosine_table(at_hook)
-    atomic_write_json(run_dir / "cosines.json", table.to_json())
+    latents = [d for d in at_hook if d.method == "sae_latent"]
+    dense = [d for d in at_hook if d.method not in ("sae_latent", "random")]
+    overlap = {"span_of_top_latents": span_overlap(latents, dense)} if latents and dense else {}
+    atomic_write_json(run_dir / "cosines.json", {**table.to_json(), **overlap})
     atomic_write_bytes(run_dir / "cosines.html", table.figure().to_html(include_plotlyjs="cdn").encode())
 
     layers = sorted({parse_layer(d.hook) for d in dirs.values()})
@@ -222,7 +225,7 @@ def run_compare(run_dir: str | Path, downstream: bool = True) -> dict:
     fig.update_layout(title="cosine per layer (blocks.L.hook_resid_post)", xaxis_title="layer", yaxis_title="cosine",
                       yaxis_range=[-1, 1])
     atomic_write_bytes(run_dir / "layers.html", fig.to_html(include_plotlyjs="cdn").encode())
-    summary = {"hook": hook, "cosines": table.to_json(), "layers": result}
+    summary = {"hook": hook, "cosines": {**table.to_json(), **overlap}, "layers": result}
     _update_run(run_dir, "compare", {"hook": hook, "files": ["cosines.json", "cosines.html", "layers.json", "layers.html"]})
     return summary
 

@@ -39,6 +39,15 @@ def _projection_table(proj: dict) -> str:
             f"<th>every layer</th><th>cut</th></tr>{rows}</table>")
 
 
+def _span_text(span: dict | None) -> str:
+    """One sentence: how much of each dense direction lies in the span of the top latents."""
+    if not span:
+        return ""
+    parts = ", ".join(f"{html.escape(n)} {v:.2f}" for n, v in span["per_direction"].items())
+    return (f" Cosine of each direction with the span of the top {len(span['span'])} latents: {parts}"
+            f" (random direction: {span['random_rms']:.2f}).")
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write ``run_dir/report.html`` from whatever artifacts the run folder holds."""
     run_dir = Path(run_dir)
@@ -67,7 +76,8 @@ def write_report(run_dir: str | Path) -> Path:
             from saediff.directions import CosineTable as CT
 
             table = CT(c["names"], c["hook"], torch.tensor(c["matrix"]), c["random_baseline"])
-            sections.append((f"Cosines at {c['hook']} ({name})", table.figure(), "Random-vector |cos| baseline in the title."))
+            sections.append((f"Cosines at {c['hook']} ({name})", table.figure(),
+                             "Random-vector |cos| baseline in the title." + _span_text(c.get("span_of_top_latents"))))
         layers = _load(run_dir / sub / "layers.json")
         if layers and layers["curves"]:
             sections.append((f"Per-layer and downstream cosines ({name})", viz.layer_curves(layers), ""))

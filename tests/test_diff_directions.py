@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from saediff.cli import app
 from saediff.diff import LatentDiff, diff_latents
 from saediff.directions import (Direction, cosine_table, mean_diff, principal_angle_cosines, random_cosine_baseline,
-                                random_like, sae_latent_direction)
+                                random_like, sae_latent_direction, span_overlap)
 from saediff.export import export_directions, load_directions
 
 
@@ -77,6 +77,21 @@ def test_random_baseline_and_principal_angles():
     assert random_like(d).norm == pytest.approx(5.0)
 
 
+def test_span_overlap_exact():
+    h = "blocks.0.hook_resid_post"
+    e1, e2 = (Direction(f"sae_{i}", v, h, "sae_latent") for i, v in enumerate(torch.eye(3)[:2] * 2))
+    diag = Direction("diag", torch.tensor([1.0, 1.0, 1.0]), h, "ground_truth")
+    e3 = Direction("e3", torch.tensor([0.0, 0.0, 5.0]), h, "mean_diff_models")
+    o = span_overlap([e1, e2], [diag, e3])
+    assert o["span"] == ["sae_0", "sae_1"]
+    assert o["per_direction"]["diag"] == pytest.approx(math.sqrt(2 / 3), abs=1e-6)  # |(1,1,0)| / |(1,1,1)|
+    assert o["per_direction"]["e3"] == pytest.approx(0.0, abs=1e-6)
+    assert o["principal_cosines"] == pytest.approx([1.0, 0.0], abs=1e-6)  # span{diag, e3} holds (1,1,0) and e3
+    assert o["random_rms"] == pytest.approx(math.sqrt(2 / 3))
+    with pytest.raises(ValueError, match="different widths"):
+        span_overlap([e1], [Direction("x", torch.ones(2), h, "random")])
+
+
 def test_export_round_trip(tmp_path, identity_sae):
     ds = [sae_latent_direction(identity_sae, 0), Direction("gt", torch.tensor([0.0, 2.0]), "blocks.0.hook_resid_post",
                                                             "ground_truth")]
@@ -119,6 +134,11 @@ def test_diff_compare_export_cli_on_tiny_organism(tiny_organism, tmp_path):
     assert r.exit_code == 0, r.output
     cos = json.loads((tmp_path / "run" / "cosines.json").read_text())
     assert {"lora_b_L1", "in_context_L1"} <= set(cos["names"]) and cos["matrix"][0][0] == pytest.approx(1.0)
+    span = cos["span_of_top_latents"]
+    assert span["span"] == [f"sae_{i}" for i in summary["top_latents"]] and not any(n.startswith("sae_") for n in span["per_direction"])
+    for name, c in span["per_direction"].items():  # a span holds at least as much as its best single latent
+        best = max(abs(cos["matrix"][cos["names"].index(name)][cos["names"].index(s)]) for s in span["span"])
+        assert best - 1e-5 <= c <= 1 + 1e-6
     layers = json.loads((tmp_path / "run" / "layers.json").read_text())
     assert layers["layers"] == [0, 1]
     assert (tmp_path / "run" / "cosines.html").exists()

@@ -116,6 +116,15 @@ def test_a_top_latent_is_the_persona_and_steers(diff_run, quick_organism):
     assert all(r["random_same_norm"] <= 0.1 for r in steering["steer"].values())
 
 
+def test_ground_truth_lies_in_the_span_of_the_top_latents(diff_run):
+    """No single latent is the persona, but the top 10 together hold it (0.94 measured, seed 0;
+    a random direction: 0.40)."""
+    compare, _ = diff_run
+    span = compare["cosines"]["span_of_top_latents"]
+    assert len(span["span"]) == 10 and span["per_direction"]["ground_truth_L1"] >= 0.85
+    assert span["random_rms"] == pytest.approx((10 / 64) ** 0.5)
+
+
 def test_in_context_direction_matches_the_fine_tune(diff_run):
     """The aligned model after three misaligned medical examples in context, minus after the same
     questions answered aligned: the fine-tune's own change (cos 0.84 with the model diff, 0.73 with
