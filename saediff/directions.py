@@ -16,8 +16,9 @@ from jaxtyping import Float
 
 from saediff.hooks import parse_layer, resid_post
 
-__all__ = ["Direction", "Method", "sae_latent_direction", "mean_diff", "in_context_directions", "lora_b_directions", "random_like",
-           "CosineTable", "cosine_table", "random_cosine_baseline", "principal_angle_cosines", "span_overlap"]
+__all__ = ["Direction", "Method", "sae_latent_direction", "mean_diff", "in_context_directions", "lora_b_directions",
+           "random_like", "CosineTable", "cosine_table", "random_cosine_baseline", "principal_angle_cosines",
+           "span_overlap"]
 
 Method = Literal["sae_latent", "mean_diff_models", "mean_diff_responses", "in_context", "lora_b",
                  "lora_downstream", "ground_truth", "random"]

@@ -176,7 +176,8 @@ def _ground_truth(base: str, world) -> list[Direction]:
     path = Path(base).parent / "ground_truth.safetensors"
     if world is None or not path.exists():
         return []
-    return [Direction(f"ground_truth_L{L}", v, resid_post(L), "ground_truth") for L, v in load_ground_truth(path).items()]
+    return [Direction(f"ground_truth_L{L}", v, resid_post(L), "ground_truth")
+            for L, v in load_ground_truth(path).items()]
 
 
 def run_compare(run_dir: str | Path, downstream: bool = True) -> dict:
@@ -199,7 +200,8 @@ def run_compare(run_dir: str | Path, downstream: bool = True) -> dict:
     by = lambda m, L: dirs.get(f"{m}_L{L}")  # noqa: E731
     curves: dict[str, list] = {}
     pairs = [("mean_diff_models", "ground_truth"), ("mean_diff_responses", "ground_truth"),
-             ("mean_diff_models", "mean_diff_responses"), ("in_context", "mean_diff_models"), ("in_context", "ground_truth")]
+             ("mean_diff_models", "mean_diff_responses"), ("in_context", "mean_diff_models"),
+             ("in_context", "ground_truth")]
     if downstream:
         pairs += [("lora_downstream", "ground_truth"), ("lora_downstream", "mean_diff_responses"),
                   ("lora_b", "ground_truth"), ("lora_b", "mean_diff_responses")]
@@ -342,7 +344,8 @@ def run_demo(out: str | Path, *, quick: bool = True, seed: int = 0, progress=Non
     def block():
         # BLOCK-EM's scale: hold the 30 latents that rose most down and the 30 that fell most up
         # (three latents are routed around within a few steps); the control blocks 60 random latents
-        penalty = dict(mode="penalty", diff_run=out / "diff", lam=1e4, n_latents=30, n_high=30, monitor_every=25, seed=seed)
+        penalty = dict(mode="penalty", diff_run=out / "diff", lam=1e4, n_latents=30, n_high=30, monitor_every=25,
+                       seed=seed)
         runs = {"plain": run_block(org, out / "block" / "plain", mode="none", monitor_every=5, seed=seed),
                 "blocked": run_block(org, out / "block" / "blocked", **penalty),
                 "random": run_block(org, out / "block" / "random", random_latents=True, **penalty)}

@@ -135,7 +135,8 @@ def test_diff_compare_export_cli_on_tiny_organism(tiny_organism, tmp_path):
     cos = json.loads((tmp_path / "run" / "cosines.json").read_text())
     assert {"lora_b_L1", "in_context_L1"} <= set(cos["names"]) and cos["matrix"][0][0] == pytest.approx(1.0)
     span = cos["span_of_top_latents"]
-    assert span["span"] == [f"sae_{i}" for i in summary["top_latents"]] and not any(n.startswith("sae_") for n in span["per_direction"])
+    assert span["span"] == [f"sae_{i}" for i in summary["top_latents"]]
+    assert not any(n.startswith("sae_") for n in span["per_direction"])
     for name, c in span["per_direction"].items():  # a span holds at least as much as its best single latent
         best = max(abs(cos["matrix"][cos["names"].index(name)][cos["names"].index(s)]) for s in span["span"])
         assert best - 1e-5 <= c <= 1 + 1e-6
