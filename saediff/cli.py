@@ -288,7 +288,7 @@ def steer_cmd(
     samples: int = typer.Option(50, "--samples", help="answers per domain"),
     threads: Optional[int] = typer.Option(None, "--threads"),
 ) -> None:
-    """Causal checks: steer the aligned model with top latents, project candidates out of the fine-tune."""
+    """Causal checks: steer the aligned model with top latents and dense candidates, project them out of the fine-tune."""
     _setup(threads)
     from saediff.pipeline import run_steer_check
 

@@ -332,11 +332,11 @@ def run_demo(out: str | Path, *, quick: bool = True, seed: int = 0, progress=Non
         lora = load_directions(out / "diff_lora" / "directions")
         steering = json.loads((out / "diff" / "steering.json").read_text())
         top = read_run(out / "diff")["steps"]["diff"]["top_latents"][:3]
-        chosen = [dirs[f"sae_{i}"] for i in top] + [d for n, d in dirs.items() if n.startswith("mean_diff")
-                                                      or n.startswith("ground_truth")]
+        chosen = [dirs[f"sae_{i}"] for i in top] + [d for d in dirs.values() if d.method in (
+            "mean_diff_models", "mean_diff_responses", "in_context", "ground_truth")]
         chosen += [d for n, d in lora.items() if d.method in ("lora_b", "lora_downstream")]
         per = {n: {"validated_scale": r["best_scale"], "steer_other_misaligned": r["best"]}
-               for n, r in steering["steer"].items()}
+               for n, r in {**steering["steer"], **steering.get("steer_directions", {})}.items()}
         export_directions(chosen, out / "exports", model=aligned, per_direction=per)
 
     step("export", out / "exports" / "manifest.json", export)

@@ -34,6 +34,10 @@ def test_summary_has_the_documented_keys(demo):
     assert set(s["blocking"]) >= {"plain_other_misaligned", "blocked_other_misaligned", "random_other_misaligned",
                                   "relative_reduction", "blocked_medical_misaligned"}
     assert Path(s["exports"]["directions"]).exists()
+    manifest = json.loads((Path(s["exports"]["directions"]).parent / "manifest.json").read_text())
+    scaled = {d["name"] for d in manifest["directions"] if d.get("validated_scale")}
+    assert {"in_context_L1", "mean_diff_models_L1", "ground_truth_L1"} <= scaled  # steering-ready, scale validated
+    assert len([n for n in scaled if n.startswith("sae_")]) == 3
 
 
 def test_demo_numbers(demo):
