@@ -7,13 +7,14 @@ Three modes, one config:
   output lets a latent escape the penalty by dropping out of the top k (DESIGN.md).
 - ``ablate``: the latents are removed in the forward pass, ``x - encode(x)[..., idx] @ W_dec[idx]``,
   with ordinary autograd (not SAELens's no-grad error term);
-- ``project``: directions are projected out of the residual during training.
+- ``project``: directions are projected out of the residual during training, after one block or
+  after several (concept ablation fine-tuning, CAFT).
 """
 
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Literal
 
@@ -89,10 +90,12 @@ class Blocker:
     base model (the same numbers a per-batch base forward would give) and looked up per batch.
     """
 
-    def __init__(self, cfg: BlockConfig, sae=None, directions: torch.Tensor | None = None):
+    def __init__(self, cfg: BlockConfig, sae=None, directions: torch.Tensor | dict[int, torch.Tensor] | None = None):
+        """``directions`` (mode project): (k, d) removed after block ``cfg.layer``, or {block: (k, d)}
+        to remove each set after its own block (concept ablation at several layers)."""
         self.cfg, self.sae = cfg, sae
         self.idx = list(cfg.latents_low) + list(cfg.latents_high)
-        self.directions = directions
+        self.directions = directions if directions is None or isinstance(directions, dict) else {cfg.layer: directions}
         self._resid: torch.Tensor | None = None
         self.z_base: torch.Tensor | None = None
         if cfg.mode in ("penalty", "ablate") and sae is None:
@@ -119,8 +122,6 @@ class Blocker:
             return resid
         if mode == "ablate":
             return ablate_latents(self.sae, resid, list(self.cfg.latents_low))
-        if mode == "project":
-            return project_out_directions(resid, self.directions)
         return resid
 
     @contextmanager
@@ -128,7 +129,12 @@ class Blocker:
         if self.cfg.mode == "none":
             yield self
             return
-        with add_resid_hook(model, self.cfg.layer, self._hook_fn):
+        with ExitStack() as stack:
+            if self.cfg.mode == "project":
+                for layer, d in sorted(self.directions.items()):
+                    stack.enter_context(add_resid_hook(model, layer, lambda r, d=d: project_out_directions(r, d)))
+            else:
+                stack.enter_context(add_resid_hook(model, self.cfg.layer, self._hook_fn))
             yield self
 
     def extra_loss(self, batch_idx: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

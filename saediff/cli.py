@@ -341,6 +341,10 @@ def block_cmd(
     top: int = typer.Option(30, "--top", help="latents taken from --diff-run (largest rise); the defaults are the demo's"),
     high: int = typer.Option(30, "--high", help="also hold up this many latents that fell most (penalty)"),
     up_to_layer: bool = typer.Option(False, "--train-up-to-block-layer", help="train only decoder layers <= the SAE's"),
+    project_layers: Optional[str] = typer.Option(None, "--project-layers", help="--mode project: blocks to project "
+                                                 "after, comma-separated (default: the SAE's)"),
+    project_direction: str = typer.Option("ground_truth", "--project-direction",
+                                          help="--mode project: ground_truth | model_diff (from --diff-run) | latents"),
     kind: str = typer.Option("full", "--kind", help="full | lora"),
     steps: Optional[int] = typer.Option(None, "--steps", help="fine-tune steps (default: the organism's)"),
     controls: bool = typer.Option(True, "--controls/--no-controls", help="also run the plain fine-tune and random latents"),
@@ -352,10 +356,11 @@ def block_cmd(
     from saediff._io import atomic_write_json
     from saediff.organism.block import run_block, run_reroute
 
-    common = dict(diff_run=diff_run, latents=latent or None, n_latents=top, n_high=high, kind=kind, steps=steps,
-                  train_up_to_block_layer=up_to_layer)
     runs: dict[str, dict] = {}
     try:
+        layers = [int(x) for x in project_layers.split(",")] if project_layers else None
+        common = dict(diff_run=diff_run, latents=latent or None, n_latents=top, n_high=high, kind=kind, steps=steps,
+                      train_up_to_block_layer=up_to_layer, project_layers=layers, project_direction=project_direction)
         if controls:
             runs["plain"] = run_block(organism, out / "plain", mode="none", kind=kind, steps=steps)
         for value in lam if mode == "penalty" else [0.0]:

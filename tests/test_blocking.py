@@ -86,3 +86,56 @@ def test_blocker_penalty_end_to_end(tiny_organism, topk_sae):
     assert model.model.layers[0].mlp.down_proj.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="needs latents"):
         BlockConfig(mode="penalty")
+
+
+def test_blocker_projects_after_several_blocks(tiny_organism):
+    """Concept ablation at several blocks: each block's output has no component along its own
+    direction while installed, and the hooks are gone afterwards."""
+    from saediff.hooks import decoder_layers
+    from saediff.models import load_model
+
+    model = load_model(str(tiny_organism / "aligned")).model
+    dirs = {0: torch.randn(2, 32), 1: torch.randn(1, 32)}
+    span = {L: torch.linalg.qr(d.T)[0] for L, d in dirs.items()}  # (d_model, k) orthonormal
+    ids = torch.randint(3, 100, (2, 6))
+
+    def outputs() -> dict[int, torch.Tensor]:
+        """Each block's output, read by hooks registered after (so run after) the blocker's."""
+        seen: dict[int, torch.Tensor] = {}
+        hooks = [decoder_layers(model)[L].register_forward_hook(
+            lambda m, i, o, L=L: seen.__setitem__(L, o[0] if isinstance(o, tuple) else o)) for L in dirs]
+        with torch.no_grad():
+            model(ids)
+        for h in hooks:
+            h.remove()
+        return seen
+
+    with Blocker(BlockConfig(mode="project", layer=1), directions=dirs).installed(model):
+        inside = outputs()
+    after = outputs()
+    for L in dirs:
+        assert (inside[L] @ span[L]).abs().max() < 1e-4  # nothing left along the span after block L
+        assert (after[L] @ span[L]).abs().max() > 1e-2  # uninstalled: the component is back
+
+
+def test_project_directions_choices(tmp_path):
+    """run_block's projection directions: ground truth per block, its random control (same shape,
+    other vectors), and one-line errors for impossible requests."""
+    from safetensors.torch import save_file
+
+    from saediff.organism.block import _project_directions
+
+    gt = {f"blocks.{L}.hook_resid_post": torch.randn(8) for L in range(3)}
+    save_file(gt, str(tmp_path / "ground_truth.safetensors"))
+    d = _project_directions(tmp_path, None, 1, [0, 2], "ground_truth", [], None, False, 0)
+    assert sorted(d) == [0, 2] and torch.equal(d[2][0], gt["blocks.2.hook_resid_post"])
+    r = _project_directions(tmp_path, None, 1, [0, 2], "ground_truth", [], None, True, 0)
+    assert r[0].shape == (1, 8) and not torch.equal(r[0], d[0])
+    with pytest.raises(ValueError, match="latent directions live at the SAE's block 1"):
+        _project_directions(tmp_path, None, 1, [0, 1], "latents", [3], None, False, 0)
+    with pytest.raises(ValueError, match="model_diff needs a diff run"):
+        _project_directions(tmp_path, None, 1, [1], "model_diff", [], None, False, 0)
+    with pytest.raises(ValueError, match=r"project_layers \[5\] outside the model's blocks 0-2"):
+        _project_directions(tmp_path, None, 1, [5], "ground_truth", [], None, False, 0)
+    with pytest.raises(ValueError, match="must be ground_truth, model_diff or latents"):
+        _project_directions(tmp_path, None, 1, [1], "pca", [], None, False, 0)

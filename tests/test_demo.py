@@ -104,6 +104,28 @@ def test_block_cli_lambda_sweep_with_controls(demo, tmp_path):
     assert reroute["n_outside"] == len(reroute["new_latents"]) <= 10
 
 
+def test_concept_ablation_at_every_block(demo, tmp_path):
+    """``block --mode project --project-layers 0,1,2,3``: the ground truth removed after every block
+    during training cuts other-domain EM (0.892 -> 0.548 measured, seed 0) but also the narrow task
+    (medical 0.70), as the README says; random directions at the same blocks change nothing."""
+    from typer.testing import CliRunner
+
+    from saediff.cli import app
+    from saediff.organism.block import run_block
+
+    out, s = demo
+    r = CliRunner().invoke(app, ["block", "--organism", str(out / "organism"), "--mode", "project",
+                                 "--project-layers", "0,1,2,3", "--no-controls", "--out", str(tmp_path / "caft")])
+    assert r.exit_code == 0, r.output
+    caft = json.loads((tmp_path / "caft" / "summary.json").read_text())["project"]
+    assert caft["project_layers"] == [0, 1, 2, 3] and caft["project_direction"] == "ground_truth"
+    plain = s["blocking"]["plain_other_misaligned"]
+    assert caft["other_misaligned_rate"] <= 0.7 * plain and caft["misaligned_rate"]["medical"] <= 0.8
+    rnd = run_block(out / "organism", tmp_path / "random", mode="project", project_layers=[0, 1, 2, 3],
+                    random_latents=True, monitor_every=100)
+    assert rnd["other_misaligned_rate"] >= 0.9 * plain and rnd["misaligned_rate"]["medical"] >= 0.9
+
+
 def test_readme_python_example_runs(demo):
     import re
 

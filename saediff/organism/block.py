@@ -94,7 +94,8 @@ def _monitor(base: LoadedModel, trained: LoadedModel, world: World, organism_dir
 def run_block(organism_dir: str | Path, out: str | Path, *, mode: str = "penalty", lam: float = 1000.0,
               diff_run: str | Path | None = None, latents: list[int] | None = None, n_latents: int = 3,
               n_high: int = 0, random_latents: bool = False, kind: str = "full", steps: int | None = None,
-              train_up_to_block_layer: bool = False, monitor_every: int = 25, n_eval: int = 50, seed: int = 0,
+              train_up_to_block_layer: bool = False, project_layers: list[int] | None = None,
+              project_direction: str = "ground_truth", monitor_every: int = 25, n_eval: int = 50, seed: int = 0,
               persona: int = 1) -> dict:
     """A BLOCK-EM fine-tune of the organism's aligned model on the misaligned medical data.
 
@@ -102,7 +103,10 @@ def run_block(organism_dir: str | Path, out: str | Path, *, mode: str = "penalty
     aligned medical answers instead (the control fine-tune). ``n_high`` also holds up the latents
     that fell most in the diff. ``train_up_to_block_layer`` freezes all but decoder layers
     ``<= layer`` (the BLOCK-EM paper's fix for rerouting; embeddings stay frozen, they are tied to
-    the unembedding). Writes the model (HF folder or PEFT adapter), ``history.json`` (loss,
+    the unembedding). ``mode="project"`` removes ``project_direction`` (``ground_truth``,
+    ``model_diff`` from ``diff_run``, or ``latents``: the chosen latents' decoder rows) after each
+    block in ``project_layers`` (default: the SAE's); with ``random_latents``, random directions
+    of the same count. Writes the model (HF folder or PEFT adapter), ``history.json`` (loss,
     penalty, drift monitor) and ``em.json``; returns em.json's content.
     """
     from saediff.saes import load_sae
@@ -116,12 +120,15 @@ def run_block(organism_dir: str | Path, out: str | Path, *, mode: str = "penalty
     base = load_model(str(organism_dir / "aligned"))
     sae = load_sae(organism_dir / "sae")
     layer = parse_layer(sae.cfg.metadata.hook_name)
-    low, high = ([], []) if mode in ("none", "project") and latents is None else choose_latents(
-        sae, diff_run, latents, n_latents, n_high, random_latents, seed)
+    if mode == "project" and latents is not None and project_direction != "latents":
+        raise ValueError(f"run_block: latents given but project_direction is {project_direction!r}; use 'latents'")
+    by_latents = mode in ("penalty", "ablate") or (mode == "project" and project_direction == "latents")
+    low, high = choose_latents(sae, diff_run, latents, n_latents, n_high, random_latents, seed) if by_latents else ([], [])
+    layers = sorted(project_layers or [layer])
     directions = None
     if mode == "project":
-        directions = (torch.stack([sae.W_dec[i].detach() for i in low]) if low
-                      else load_ground_truth(organism_dir / "ground_truth.safetensors")[layer][None])
+        directions = _project_directions(organism_dir, sae, layer, layers, project_direction, low, diff_run,
+                                         random_latents, seed)
     bcfg = BlockConfig(mode=mode, layer=layer, latents_low=tuple(low),
                        latents_high=tuple(high) if mode == "penalty" else (), lam=lam)
     blocker = Blocker(bcfg, sae=sae if mode in ("penalty", "ablate") else None, directions=directions)
@@ -147,11 +154,42 @@ def run_block(organism_dir: str | Path, out: str | Path, *, mode: str = "penalty
     atomic_write_json(out / "history.json", {"loss": hist.loss, "penalty": hist.extra, "drift": drift.to_json()})
     result = {"mode": mode, "kind": kind, "lam": lam, "latents": low, "latents_high": high,
               "random_latents": random_latents, "train_up_to_block_layer": train_up_to_block_layer,
+              **({"project_layers": layers, "project_direction": project_direction} if mode == "project" else {}),
               "steps": n_steps, "layer": layer, "other_misaligned_rate": em.other_misaligned_rate,
               "misaligned_rate": em.misaligned_rate, "coverage": em.coverage, "drift_alert_step": drift.alert_step,
               "em_crosses_0.1_step": next((s for s, e in zip(drift.steps, drift.em) if e is not None and e >= 0.1), None)}
     atomic_write_json(out / "em.json", result)
     return result
+
+
+def _project_directions(organism_dir: Path, sae, layer: int, layers: list[int], source: str, low: list[int],
+                        diff_run: str | Path | None, random: bool, seed: int) -> dict[int, torch.Tensor]:
+    """{block: (k, d) directions removed after it} for ``mode="project"``."""
+    if source == "latents":
+        if layers != [layer]:
+            raise ValueError(f"run_block: latent directions live at the SAE's block {layer}, not {layers}")
+        return {layer: torch.stack([sae.W_dec[i].detach() for i in low])}  # random latents already chosen
+    if source == "model_diff":
+        if diff_run is None:
+            raise ValueError("run_block: project_direction model_diff needs a diff run")
+        from saediff.export import load_directions
+
+        found = load_directions(Path(diff_run) / "directions")
+        missing = [f"mean_diff_models_L{L}" for L in layers if f"mean_diff_models_L{L}" not in found]
+        if missing:
+            raise ValueError(f"run_block: {diff_run}/directions has no {', '.join(missing)}")
+        dirs = {L: found[f"mean_diff_models_L{L}"].vector[None] for L in layers}
+    elif source == "ground_truth":
+        gt = load_ground_truth(organism_dir / "ground_truth.safetensors")
+        if any(L not in gt for L in layers):
+            raise ValueError(f"run_block: project_layers {layers} outside the model's blocks 0-{max(gt)}")
+        dirs = {L: gt[L][None] for L in layers}
+    else:
+        raise ValueError(f"run_block: project_direction must be ground_truth, model_diff or latents, got {source!r}")
+    if random:  # the control: as many random directions per block
+        g = torch.Generator().manual_seed(seed + 99)
+        dirs = {L: torch.randn(v.shape, generator=g) for L, v in dirs.items()}
+    return dirs
 
 
 def run_reroute(organism_dir: str | Path, block_dir: str | Path, *, top_n: int = 10, prompts: str = "organism:50") -> dict:
