@@ -78,8 +78,16 @@ def ablate_latents(sae, x: torch.Tensor, idx: list[int]) -> torch.Tensor:
 
 def project_out_directions(x: torch.Tensor, directions: Float[torch.Tensor, "k d"]) -> torch.Tensor:
     """Remove the span of ``directions`` from ``x`` (orthonormalised first)."""
-    q, _ = torch.linalg.qr(directions.T.float())  # (d, k)
-    q = q.to(x.dtype)
+    return _remove_span(x, _orthonormal_basis(directions))
+
+
+def _orthonormal_basis(directions: Float[torch.Tensor, "k d"]) -> Float[torch.Tensor, "d k"]:
+    q, _ = torch.linalg.qr(directions.T.float())
+    return q
+
+
+def _remove_span(x: torch.Tensor, q_DK: torch.Tensor) -> torch.Tensor:
+    q = q_DK.to(x.dtype)
     return x - (x @ q) @ q.T
 
 
@@ -132,7 +140,8 @@ class Blocker:
         with ExitStack() as stack:
             if self.cfg.mode == "project":
                 for layer, d in sorted(self.directions.items()):
-                    stack.enter_context(add_resid_hook(model, layer, lambda r, d=d: project_out_directions(r, d)))
+                    q = _orthonormal_basis(d)  # once per run, not per forward pass
+                    stack.enter_context(add_resid_hook(model, layer, lambda r, q=q: _remove_span(r, q)))
             else:
                 stack.enter_context(add_resid_hook(model, self.cfg.layer, self._hook_fn))
             yield self
