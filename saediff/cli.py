@@ -36,7 +36,9 @@ _USER_ERRORS = (FileNotFoundError, ValueError, KeyError, RuntimeError)
 
 
 def _fail(e: Exception) -> None:
-    console.print(f"[red]error:[/red] {e}")
+    """One unwrapped line on stderr (rich would wrap it at the console width), exit 1."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    typer.echo(f"error: {text}", err=True)
     raise typer.Exit(1)
 
 
