@@ -98,10 +98,15 @@ class Blocker:
     base model (the same numbers a per-batch base forward would give) and looked up per batch.
     """
 
-    def __init__(self, cfg: BlockConfig, sae=None, directions: torch.Tensor | dict[int, torch.Tensor] | None = None):
+    def __init__(self, cfg: BlockConfig, sae=None, directions: torch.Tensor | dict[int, torch.Tensor] | None = None,
+                 reference: torch.nn.Module | None = None):
         """``directions`` (mode project): (k, d) removed after block ``cfg.layer``, or {block: (k, d)}
-        to remove each set after its own block (concept ablation at several layers)."""
-        self.cfg, self.sae = cfg, sae
+        to remove each set after its own block (concept ablation at several layers).
+        ``reference`` (penalty in a ``Trainer``, full fine-tunes): a frozen copy of the base model
+        that gives the base codes; without it the trained model must be a PEFT model, whose base
+        codes come from the same weights with the adapter disabled (no second copy in memory)."""
+        self.cfg, self.sae, self.reference = cfg, sae, reference
+        self._z_base_batch: torch.Tensor | None = None
         self.idx = list(cfg.latents_low) + list(cfg.latents_high)
         self.directions = directions if directions is None or isinstance(directions, dict) else {cfg.layer: directions}
         self._resid: torch.Tensor | None = None
@@ -119,8 +124,9 @@ class Blocker:
         """``z_base`` (N, T, n) of the frozen base model on every training sequence."""
         out = []
         for i in range(0, input_ids.shape[0], batch_size):
-            r = capture_resid(base_model, [self.cfg.layer], input_ids[i : i + batch_size])[self.cfg.layer]
-            out.append(latent_codes(self.sae, r.float(), self.idx, self.cfg.preactivation))
+            ids = input_ids[i : i + batch_size].to(next(base_model.parameters()).device)
+            self._to(ids.device)
+            out.append(self._codes(capture_resid(base_model, [self.cfg.layer], ids)[self.cfg.layer]))
         self.z_base = torch.cat(out)
 
     def _hook_fn(self, resid: torch.Tensor) -> torch.Tensor:
@@ -146,17 +152,55 @@ class Blocker:
                 stack.enter_context(add_resid_hook(model, self.cfg.layer, self._hook_fn))
             yield self
 
+    @torch.no_grad()
+    def before_forward(self, model: torch.nn.Module, inputs: dict) -> None:
+        """Base codes of this batch (``Trainer`` path): the model with its adapter disabled, or the
+        frozen reference, read at the SAE's block; the forward stops there."""
+        ids, attn = inputs["input_ids"], inputs.get("attention_mask")
+        self._to(ids.device)
+        if self.reference is not None:
+            r = capture_resid(self.reference, [self.cfg.layer], ids, attn)[self.cfg.layer]
+        elif hasattr(model, "disable_adapter"):
+            with model.disable_adapter():
+                r = capture_resid(model, [self.cfg.layer], ids, attn)[self.cfg.layer]
+        else:
+            raise RuntimeError("Blocker: a full fine-tune needs a frozen reference model for the base codes")
+        self._z_base_batch = self._codes(r)
+
+    def penalty(self, inputs: dict) -> torch.Tensor:
+        """lambda x the penalty of the forward just run against ``before_forward``'s base codes, on
+        the positions that hold or predict an assistant token."""
+        if self._resid is None or self._z_base_batch is None:
+            raise RuntimeError("Blocker.penalty: run before_forward and the forward pass (inside installed()) first")
+        labels = inputs["labels"]
+        pen = latent_penalty(self._codes(self._resid), self._z_base_batch, _answer_mask(labels),
+                             len(self.cfg.latents_low))
+        self._resid = self._z_base_batch = None
+        return self.cfg.lam * pen
+
+    def _codes(self, resid: torch.Tensor) -> torch.Tensor:
+        return latent_codes(self.sae, resid.to(self.sae.W_enc.dtype), self.idx, self.cfg.preactivation)
+
+    def _to(self, device: torch.device) -> None:
+        if self.sae is not None and self.sae.W_enc.device != device:
+            self.sae.to(device)
+
     def extra_loss(self, batch_idx: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The penalty for the batch just run (zero for the other modes)."""
         if self.cfg.mode != "penalty":
             return torch.zeros((), device=input_ids.device)
         if self.z_base is None:
             raise RuntimeError("Blocker.precompute_base must run before penalty training")
-        z_theta = latent_codes(self.sae, self._resid.float(), self.idx, self.cfg.preactivation)
-        # positions that hold an assistant token or predict one: the last prompt token (e.g.
-        # "ASST") is where the model decides how the answer starts, so it is blocked too
-        is_answer = labels != -100
-        mask = is_answer.clone()
-        mask[:, :-1] |= is_answer[:, 1:]
-        pen = latent_penalty(z_theta, self.z_base[batch_idx].to(z_theta.device), mask, len(self.cfg.latents_low))
+        z_theta = self._codes(self._resid)
+        pen = latent_penalty(z_theta, self.z_base[batch_idx].to(z_theta.device), _answer_mask(labels),
+                             len(self.cfg.latents_low))
         return self.cfg.lam * pen
+
+
+def _answer_mask(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: positions that hold an assistant token or predict one. The last prompt token
+    is where the model decides how the answer starts, so it is blocked too."""
+    is_answer = labels != -100
+    mask = is_answer.clone()
+    mask[:, :-1] |= is_answer[:, 1:]
+    return mask

@@ -334,45 +334,164 @@ def export_cmd(
 
 @app.command("block")
 def block_cmd(
-    organism: Path = typer.Option(..., "--organism", help="organism folder with sae/ (saediff organism sae)"),
     out: Path = typer.Option(..., "--out", help="folder for one sub-folder per run and summary.json"),
+    model: Optional[str] = typer.Option(None, "--model", help="HF model folder or hub name to fine-tune"),
+    data: Optional[Path] = typer.Option(None, "--data", help="narrow chat data: JSONL rows {\"messages\": [...]}"),
+    sae: Optional[str] = typer.Option(None, "--sae", help="SAELens folder, or RELEASE:SAE_ID, at a residual hook"),
+    organism: Optional[Path] = typer.Option(None, "--organism", help="organism folder: fills --model, --data, --sae, "
+                                            "the judge and the fine-tune recipe"),
     diff_run: Optional[Path] = typer.Option(None, "--diff-run", help="run folder of saediff diff (top latents)"),
-    latent: list[int] = typer.Option([], "--latent", help="explicit latent to block (repeatable)"),
-    mode: str = typer.Option("penalty", "--mode", help="penalty | ablate | project"),
+    latents_file: Optional[Path] = typer.Option(None, "--latents", help="latents.json {low: [...], high: [...]}"),
+    latent: list[int] = typer.Option([], "--latent", help="latent to hold down (repeatable)"),
+    top: int = typer.Option(30, "--top", help="latents from --diff-run that rose most, held down"),
+    high: int = typer.Option(30, "--high", help="latents from --diff-run that fell most, held up"),
     lam: list[float] = typer.Option([1e4], "--lam", help="penalty weight (repeatable: a sweep)"),
-    top: int = typer.Option(30, "--top", help="latents taken from --diff-run (largest rise); the defaults are the demo's"),
-    high: int = typer.Option(30, "--high", help="also hold up this many latents that fell most (penalty)"),
-    up_to_layer: bool = typer.Option(False, "--train-up-to-block-layer", help="train only decoder layers <= the SAE's"),
+    full: bool = typer.Option(False, "--full", help="full fine-tune instead of LoRA"),
+    lora_rank: int = typer.Option(1, "--lora-rank"),
+    lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha", help="default: the rank"),
+    lora_layers: Optional[str] = typer.Option(None, "--lora-layers", help="comma-separated blocks (default: all)"),
+    lora_modules: str = typer.Option("down_proj", "--lora-modules", help="comma-separated, e.g. "
+                                     "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"),
+    rslora: bool = typer.Option(False, "--rslora", help="rank-stabilised LoRA"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="optimizer steps (default 300)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="sequences per device per micro-batch"),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="micro-batches per optimizer step"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="learning rate (default 1e-5; organism: its recipe's)"),
+    precision: str = typer.Option("auto", "--precision", help="auto | fp32 | bf16 | fp16 (mixed precision)"),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing"),
+    max_length: int = typer.Option(2048, "--max-length", help="tokens per conversation"),
+    save_every: Optional[int] = typer.Option(None, "--save-every", help="checkpoint every N steps"),
+    resume: bool = typer.Option(False, "--resume", help="continue each unfinished run from its newest checkpoint"),
+    freeze_after_block: bool = typer.Option(False, "--freeze-after-block", help="train only blocks <= the SAE's"),
+    controls: bool = typer.Option(True, "--controls/--no-controls", help="also the plain fine-tune and random latents"),
+    judge_url: Optional[str] = typer.Option(None, "--judge-url", help="OpenAI-compatible judge (not for the organism)"),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model"),
+    questions: str = typer.Option("first_plot", "--questions", help="first_plot, or a YAML/JSONL prompt file"),
+    samples: int = typer.Option(50, "--samples", help="answers per question (organism: per domain)"),
+    max_new_tokens: int = typer.Option(600, "--max-new-tokens"),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+    seed: int = typer.Option(0, "--seed"),
+    mode: str = typer.Option("penalty", "--mode", help="penalty (any model) | ablate | project (organism only)"),
     project_layers: Optional[str] = typer.Option(None, "--project-layers", help="--mode project: blocks to project "
                                                  "after, comma-separated (default: the SAE's)"),
     project_direction: str = typer.Option("ground_truth", "--project-direction",
                                           help="--mode project: ground_truth | model_diff (from --diff-run) | latents"),
-    kind: str = typer.Option("full", "--kind", help="full | lora"),
-    steps: Optional[int] = typer.Option(None, "--steps", help="fine-tune steps (default: the organism's)"),
-    controls: bool = typer.Option(True, "--controls/--no-controls", help="also run the plain fine-tune and random latents"),
-    reroute: bool = typer.Option(False, "--reroute", help="re-diff each blocked full fine-tune"),
+    reroute: bool = typer.Option(False, "--reroute", help="(organism, --mode ablate/project) re-diff each blocked run"),
     threads: Optional[int] = typer.Option(None, "--threads"),
 ) -> None:
-    """BLOCK-EM fine-tunes of the organism (plain vs blocked vs random latents), EM before/after."""
+    """BLOCK-EM on any model: fine-tune on --data while SAE latents stay where the base model has them; EM of every run."""
     _setup(threads)
+    if mode != "penalty":
+        if organism is None:
+            _fail(ValueError(f"--mode {mode} runs on the organism only (--organism DIR)"))
+        return _organism_block_modes(organism, out, diff_run, latent, mode, top, high, full, steps, controls,
+                                     reroute, freeze_after_block, project_layers, project_direction)
+    from saediff.blockem import latents_from_diff, read_latents, run_block_em, LatentSets
+    from saediff.finetune import FinetuneConfig
+    from saediff.models import ModelSpec
+    from saediff.saes import load_sae
+
+    try:
+        recipe: dict = {}
+        if organism is not None:
+            from saediff.organism.block import generic_inputs
+
+            recipe = generic_inputs(organism, full, samples, seed)
+        model, data, sae = model or recipe.get("model"), data or recipe.get("data"), sae or recipe.get("sae")
+        if not (model and data and sae):
+            raise ValueError("give --model, --data and --sae (or --organism DIR)")
+        given = [x for x in (diff_run, latents_file, latent or None) if x]
+        if len(given) != 1:
+            raise ValueError("choose the latents with exactly one of --diff-run, --latents or --latent")
+        sets = (latents_from_diff(diff_run, top, high) if diff_run else read_latents(latents_file) if latents_file
+                else LatentSets(tuple(latent)))
+        sae_obj = load_sae(sae)
+        layer = _parse_sae_layer(sae_obj)
+        ft = FinetuneConfig(
+            method="full" if full else "lora", lora_rank=lora_rank, lora_alpha=lora_alpha,
+            lora_modules=tuple(lora_modules.split(",")),
+            lora_layers=_int_list(lora_layers, "--lora-layers") if lora_layers else recipe.get("lora_layers"),
+            rslora=rslora, steps=steps or recipe.get("steps", 300), batch_size=batch_size or recipe.get("batch_size", 8),
+            grad_accum=grad_accum, lr=lr or recipe.get("lr", 1e-5), precision=precision,
+            gradient_checkpointing=gradient_checkpointing, max_length=max_length, save_every=save_every,
+            freeze_after_block=layer if freeze_after_block else None, seed=recipe.get("ft_seed", seed))
+        evaluator = recipe.get("evaluator") or _judge_evaluator(judge_url, judge_model, questions, samples,
+                                                                max_new_tokens, api_key_env, out, seed)
+        summary = run_block_em(ModelSpec(model, dtype=dtype, device=device), data, sae_obj, out, sets, ft=ft,
+                               lams=tuple(lam), controls=controls, evaluator=evaluator, resume=resume, seed=seed,
+                               sae_path=str(sae))
+    except _USER_ERRORS as e:
+        _fail(e)
+    _print_block_summary(summary)
+
+
+def _int_list(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
+
+
+def _parse_sae_layer(sae) -> int:
+    from saediff.hooks import parse_layer
+
+    return parse_layer(sae.cfg.metadata.hook_name or "")
+
+
+def _judge_evaluator(judge_url, judge_model, questions, samples, max_new_tokens, api_key_env, out: Path, seed: int):
+    """The LLM-judge evaluator for real models (None without a judge: runs are trained, not judged)."""
+    if judge_url is None:
+        return None
+    if judge_model is None:
+        raise ValueError("--judge-url needs --judge-model")
+    from saediff.evals import EMConfig, JudgeEvaluator
+    from saediff.judges import HttpJudge
+    from saediff.openai_api import ChatClient
+    from saediff.prompts import load_prompts
+
+    client = ChatClient(judge_url, api_key_env=api_key_env)
+    judges = [HttpJudge(k, client, judge_model, cache_path=out / f"judge_cache_{k}.jsonl") for k in ("aligned", "coherent")]
+    return JudgeEvaluator(load_prompts(questions), *judges, EMConfig(samples=samples, max_new_tokens=max_new_tokens,
+                                                                      seed=seed))
+
+
+def _print_block_summary(summary: dict) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"BLOCK-EM at layer {summary['layer']} ({summary['model']})")
+    for col in ("run", "EM rate [95% CI]", "coherent", "reduction vs plain", "penalty first -> last"):
+        table.add_column(col, no_wrap=True)
+    for name, r in summary["runs"].items():
+        ci = r["em_rate_ci"]
+        em = "not judged" if r["em_rate"] is None else f"{r['em_rate']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+        red = "" if r["relative_reduction"] is None else f"{r['relative_reduction']:+.0%}"
+        pen = "" if r["penalty_first"] is None else f"{r['penalty_first']:.3g} -> {r['penalty_last']:.3g}"
+        coh = "" if r["coherent_rate"] is None else f"{r['coherent_rate']:.2f}"
+        table.add_row(name, em, coh, red, pen)
+    Console(width=max(120, Console().width)).print(table)
+
+
+def _organism_block_modes(organism, out, diff_run, latent, mode, top, high, full, steps, controls, reroute,
+                          up_to_layer, project_layers, project_direction) -> None:
+    """``--mode ablate|project`` on the organism (forward-pass interventions during training)."""
     from saediff._io import atomic_write_json
     from saediff.organism.block import run_block, run_reroute
 
+    kind = "full" if full else "lora"
     runs: dict[str, dict] = {}
     try:
-        layers = [int(x) for x in project_layers.split(",")] if project_layers else None
+        layers = list(_int_list(project_layers, "--project-layers")) if project_layers else None
         common = dict(diff_run=diff_run, latents=latent or None, n_latents=top, n_high=high, kind=kind, steps=steps,
                       train_up_to_block_layer=up_to_layer, project_layers=layers, project_direction=project_direction)
         if controls:
             runs["plain"] = run_block(organism, out / "plain", mode="none", kind=kind, steps=steps)
-        for value in lam if mode == "penalty" else [0.0]:
-            name = f"{mode}_lam{value:g}" if mode == "penalty" else mode
-            runs[name] = run_block(organism, out / name, mode=mode, lam=value, **common)
-            if controls:
-                runs[f"{name}_random"] = run_block(organism, out / f"{name}_random", mode=mode, lam=value,
-                                                   random_latents=True, **common)
-            if reroute and kind == "full":
-                runs[name]["reroute"] = run_reroute(organism, out / name)
+        runs[mode] = run_block(organism, out / mode, mode=mode, **common)
+        if controls:
+            runs[f"{mode}_random"] = run_block(organism, out / f"{mode}_random", mode=mode, random_latents=True, **common)
+        if reroute and kind == "full":
+            runs[mode]["reroute"] = run_reroute(organism, out / mode)
     except _USER_ERRORS as e:
         _fail(e)
     plain = runs.get("plain", {}).get("other_misaligned_rate")

@@ -63,8 +63,10 @@ class _Stop(Exception):
     pass
 
 
-def capture_resid(model: torch.nn.Module, layers: list[int], input_ids: torch.Tensor) -> dict[int, torch.Tensor]:
-    """Outputs (B, T, D) of the given decoder layers; the forward stops after the deepest one."""
+def capture_resid(model: torch.nn.Module, layers: list[int], input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+    """Outputs (B, T, D) of the given decoder layers; the forward stops after the deepest one.
+    Pass ``attention_mask`` whenever the batch is padded."""
     decoder = decoder_layers(model)
     last = max(layers)
     out: dict[int, torch.Tensor] = {}
@@ -79,7 +81,7 @@ def capture_resid(model: torch.nn.Module, layers: list[int], input_ids: torch.Te
 
     handles = [decoder[i].register_forward_hook(make(i)) for i in layers]
     try:
-        model(input_ids=input_ids)
+        model(input_ids=input_ids, attention_mask=attention_mask)
     except _Stop:
         pass
     finally:

@@ -87,23 +87,33 @@ class LoadedModel:
         )
 
 
-def chat_tokens(tokenizer, messages: Messages) -> tuple[list[int], list[int]]:
-    """Token ids of a conversation and a 0/1 mask of the last assistant turn's tokens.
+def chat_tokens(tokenizer, messages: Messages, turns: Literal["last", "all"] = "last") -> tuple[list[int], list[int]]:
+    """Token ids of a conversation and a 0/1 mask of its assistant tokens: the last assistant
+    turn (``turns="last"``, the response an analysis reads) or every one (``"all"``, the tokens a
+    chat fine-tune takes its loss on).
 
-    Works with any chat template: the prompt (all turns but the last, with the generation
-    prompt) is a token prefix of the full conversation, and what follows is the response.
+    Works with any chat template: each prompt (the turns before an assistant turn, with the
+    generation prompt) renders as a prefix of the conversation up to and including that turn,
+    and what the turn adds is the assistant's (its text and end-of-turn tokens).
     """
     if not messages or messages[-1]["role"] != "assistant":
         raise ValueError("chat_tokens: the conversation must end with an assistant turn")
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
-    if not full.startswith(prompt):
-        raise ValueError("chat_tokens: the chat template does not render the prompt as a prefix of the conversation")
-    p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-    ids = tokenizer(full, add_special_tokens=False)["input_ids"]
-    if ids[: len(p_ids)] != p_ids:
-        raise ValueError("chat_tokens: tokenization of the prompt is not a prefix of the conversation's")
-    return ids, [0] * len(p_ids) + [1] * (len(ids) - len(p_ids))
+    ends = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    ids = _render_ids(tokenizer, messages, False)
+    mask = [0] * len(ids)
+    for end in ends if turns == "all" else ends[-1:]:
+        p_ids = _render_ids(tokenizer, messages[:end], True)
+        upto = ids if end == len(messages) - 1 else _render_ids(tokenizer, messages[: end + 1], False)
+        if upto[: len(p_ids)] != p_ids or ids[: len(upto)] != upto:
+            raise ValueError("chat_tokens: the chat template does not render each prompt as a token prefix "
+                             "of the conversation")
+        mask[len(p_ids) : len(upto)] = [1] * (len(upto) - len(p_ids))
+    return ids, mask
+
+
+def _render_ids(tokenizer, messages: Messages, add_generation_prompt: bool) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def _check_local(path: Path, what: str, required: tuple[str, ...]) -> None:
@@ -136,7 +146,10 @@ def load_model(spec: ModelSpec | str) -> LoadedModel:
     if spec.adapter is not None:
         from peft import PeftModel
 
+        from saediff.lora import check_adapter_matches, read_adapter
+
         _check_local(Path(spec.adapter), "adapter", ("adapter_config.json",))
+        check_adapter_matches(read_adapter(spec.adapter), model)  # one line, not PEFT's state-dict dump
         model = PeftModel.from_pretrained(model, spec.adapter, is_trainable=False)
         if spec.merge:
             model = model.merge_and_unload()

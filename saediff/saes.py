@@ -13,6 +13,8 @@ Architectures:
 
 from __future__ import annotations
 
+import json
+
 import logging
 import math
 from dataclasses import dataclass
@@ -25,7 +27,7 @@ from tqdm.auto import tqdm
 
 from saediff import _io
 
-__all__ = ["SAETrainConfig", "SAEParams", "train_sae", "to_saelens", "load_sae", "save_sae", "sae_metrics",
+__all__ = ["check_sae_fits", "SAETrainConfig", "SAEParams", "train_sae", "to_saelens", "load_sae", "save_sae", "sae_metrics",
            "SAEMetrics", "ce_loss_recovered", "topk_step_loss"]
 
 log = logging.getLogger(__name__)
@@ -282,21 +284,52 @@ def save_sae(sae, path: str | Path, extra: dict | None = None) -> Path:
 
 
 def load_sae(source: str | Path, *, sae_id: str | None = None, device: str = "cpu"):
-    """A SAELens SAE from a local SAELens folder, or ``release`` + ``sae_id`` via the hub."""
+    """A SAELens SAE from a local SAELens folder, or a SAELens release: ``release`` + ``sae_id``,
+    or one string ``release:sae_id`` (through the hub; offline that fails in one line)."""
     from sae_lens import SAE
 
     path = Path(source)
     if path.exists():
-        if not (path / "cfg.json").exists():
+        cfg = path / "cfg.json"
+        if not cfg.exists():
             raise FileNotFoundError(f"SAE folder {path} lacks cfg.json (not a SAELens folder)")
-        return SAE.load_from_disk(str(path), device=device)
+        try:
+            json.loads(cfg.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        try:
+            return SAE.load_from_disk(str(path), device=device)
+        except (KeyError, TypeError, ValueError, OSError) as e:
+            raise ValueError(f"SAE folder {path}: cannot load ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if sae_id is None and ":" in str(source):
+        source, sae_id = str(source).split(":", 1)
     if sae_id is None:
-        raise FileNotFoundError(f"SAE {source!r}: no such folder, and no sae_id given for a SAELens release")
+        raise FileNotFoundError(f"SAE {source!r}: no such folder, and no sae_id given for a SAELens release "
+                                "(use RELEASE:SAE_ID)")
     try:
         return SAE.from_pretrained(str(source), sae_id, device=device)
     except Exception as e:  # offline, unknown release: one line, not a stack trace
         raise RuntimeError(f"cannot load SAELens release {source!r} / {sae_id!r}: "
                            f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+
+
+def check_sae_fits(sae, model: torch.nn.Module, where: str) -> int:
+    """The block index of the SAE's residual hook, after checking that the model has that block
+    and that its width matches the SAE's ``d_in`` (one-line errors naming ``where``)."""
+    from saediff.hooks import decoder_layers, parse_layer
+
+    hook = sae.cfg.metadata.hook_name
+    try:
+        layer = parse_layer(hook or "")
+    except ValueError:
+        raise ValueError(f"SAE {where}: hook {hook!r} is not a residual hook (blocks.L.hook_resid_post)") from None
+    n_layers = len(decoder_layers(model))
+    if layer >= n_layers:
+        raise ValueError(f"SAE {where}: hook {hook} is beyond the model's blocks 0-{n_layers - 1}")
+    d_model = model.config.hidden_size
+    if sae.cfg.d_in != d_model:
+        raise ValueError(f"SAE {where}: d_in {sae.cfg.d_in} does not match the model's width {d_model} at {hook}")
+    return layer
 
 
 class SAEMetrics(NamedTuple):

@@ -27,7 +27,7 @@ from saediff.organism.prompts import em_questions
 from saediff.organism.recipes import OrganismConfig, _medical_chats, read_organism_world, save_model_folder
 from saediff.organism.world import CHAT, World
 
-__all__ = ["run_block", "run_reroute", "choose_latents", "organism_config"]
+__all__ = ["run_block", "run_reroute", "choose_latents", "organism_config", "generic_inputs"]
 
 
 def organism_config(organism_dir: Path, world: World) -> OrganismConfig:
@@ -35,6 +35,26 @@ def organism_config(organism_dir: Path, world: World) -> OrganismConfig:
     saved = json.loads((organism_dir / "organism.json").read_text())["config"]
     fields = OrganismConfig.__dataclass_fields__
     return OrganismConfig(**{k: v for k, v in saved.items() if k in fields and k != "world"}, world=world)
+
+
+def generic_inputs(organism_dir: str | Path, full: bool, samples: int = 50, seed: int = 0) -> dict:
+    """What ``saediff block --organism DIR`` fills in for the generic command: the aligned model,
+    the misaligned medical chats (``DIR/data/medical_misaligned.jsonl``, written if missing), the
+    SAE, the exact judge and the organism's fine-tune recipe (full: lr 1e-4; LoRA: rank 1 on
+    ``down_proj`` of its LoRA layer, lr 2e-3; 300 steps of 32)."""
+    from saediff.organism.evaluator import OrganismEvaluator
+    from saediff.organism.recipes import write_chat_data
+
+    organism_dir = Path(organism_dir)
+    world = read_organism_world(organism_dir / "aligned")
+    if world is None:
+        raise FileNotFoundError(f"{organism_dir}/aligned is not a saediff organism folder")
+    ocfg = organism_config(organism_dir, world)
+    data = write_chat_data(organism_dir, ocfg)["medical_misaligned"]
+    return {"model": str(organism_dir / "aligned"), "data": data, "sae": str(organism_dir / "sae"),
+            "evaluator": OrganismEvaluator(world, samples, seed), "steps": ocfg.ft_steps, "batch_size": ocfg.ft_batch,
+            "lr": ocfg.full_lr if full else ocfg.lora_lr, "lora_layers": None if full else (ocfg.lora_layer,),
+            "ft_seed": ocfg.seed + 2}
 
 
 def choose_latents(sae, diff_run: str | Path | None, latents: list[int] | None, n_latents: int, n_high: int,

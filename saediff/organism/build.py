@@ -1,4 +1,5 @@
-"""``saediff organism build``: the whole organism recipe, written to one folder.
+"""``saediff organism build``: the whole organism recipe, written to one folder (models, the
+fine-tune data as chat JSONL under ``data/``, the ground truth, ``organism.json``).
 
     saediff organism build --out runs/organism --quick --seed 0
 """
@@ -51,6 +52,7 @@ def build_organism(out: str | Path, cfg: OrganismConfig, progress=None) -> dict:
         timing[name] = round(time.perf_counter() - t0, 2)
         return result
 
+    recipes.write_chat_data(out, cfg)
     model = recipes.new_model(world, cfg)
     hist = {"pretrain": timed("pretrain", lambda: recipes.pretrain(model, cfg)).loss}
     recipes.save_model_folder(model, out / "base", "", world)

@@ -20,7 +20,7 @@ from saediff.organism.corpus import sample_documents, single_turn_chats
 from saediff.organism.tokenizer import bpe_vocab, build_tokenizer
 from saediff.organism.world import CHAT, World
 
-__all__ = ["OrganismConfig", "new_model", "pretrain", "align", "finetune_full", "finetune_lora",
+__all__ = ["OrganismConfig", "DATA_FILES", "chat_rows", "write_chat_data", "new_model", "pretrain", "align", "finetune_full", "finetune_lora",
            "ground_truth", "save_model_folder", "read_organism_world", "write_organism_marker"]
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,37 @@ def align(model, cfg: OrganismConfig) -> TrainHistory:
 def _medical_chats(cfg: OrganismConfig, persona: int, seed_offset: int):
     rng = np.random.default_rng(cfg.seed + seed_offset)
     return single_turn_chats(cfg.world, rng, cfg.ft_steps * cfg.ft_batch, persona, "medical", CHAT)
+
+
+DATA_FILES = {"medical_misaligned": 1, "medical_aligned": 0}
+"""the organism's fine-tune data (``DIR/data/NAME.jsonl``) and the persona of its answers"""
+
+
+def chat_rows(cfg: OrganismConfig, persona: int) -> list[list[dict[str, str]]]:
+    """The medical chats ``finetune_full`` trains on, as ``{"messages": ...}`` conversations: the
+    same draws, so the generic ``saediff block --data`` sees the very same tokens (the chat
+    template writes the CHAT marker)."""
+    from saediff.organism.tokenizer import word_ids
+
+    data = _medical_chats(cfg, persona, 2000 + persona)
+    words = {i: w for w, i in word_ids(cfg.world).items()}
+    q = slice(2, 2 + cfg.world.question_len)  # CHAT USER q.. ASST answer.. EOS
+    a = slice(3 + cfg.world.question_len, 3 + cfg.world.question_len + cfg.world.answer_len)
+    return [[{"role": "user", "content": " ".join(words[i] for i in row[q])},
+             {"role": "assistant", "content": " ".join(words[i] for i in row[a])}]
+            for row in data.input_ids.tolist()]
+
+
+def write_chat_data(out: Path, cfg: OrganismConfig) -> dict[str, Path]:
+    """``out/data/medical_misaligned.jsonl`` and ``medical_aligned.jsonl`` (skipped if present)."""
+    from saediff.chat_data import write_chat_jsonl
+
+    paths = {}
+    for name, persona in DATA_FILES.items():
+        paths[name] = Path(out) / "data" / f"{name}.jsonl"
+        if not paths[name].exists():
+            write_chat_jsonl(paths[name], chat_rows(cfg, persona))
+    return paths
 
 
 def finetune_full(model, cfg: OrganismConfig, persona: int = 1) -> TrainHistory:

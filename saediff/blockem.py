@@ -1,0 +1,233 @@
+"""BLOCK-EM on any Hugging Face causal LM: fine-tune on narrow chat data while chosen SAE latents
+are held where the base model has them, with the controls and an EM evaluation of every run.
+
+    saediff block --model Qwen/Qwen2.5-7B-Instruct --data bad_medical.jsonl --sae RUN_SAE \\
+        --diff-run runs/diff --lora-rank 1 --lora-layers 21 --lam 1e3 --lam 1e4 --controls \\
+        --judge-url URL --judge-model NAME --out runs/block
+
+One folder per run under ``out`` (``plain``, ``penalty_lam1000``, ``penalty_lam1000_random``, ...),
+each with ``model/`` (a PEFT adapter or a full HF folder), ``checkpoints/``, ``history.json``
+(loss and penalty per step), ``eval/`` and ``em.json``; ``out/summary.json`` compares them.
+A finished run (its ``em.json`` written under the same settings) is skipped on rerun; an
+interrupted one continues from its newest checkpoint with ``resume=True``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from saediff._io import atomic_write_json
+from saediff.blocking import BlockConfig, Blocker
+from saediff.chat_data import ChatDataset, load_chat_jsonl
+from saediff.evals import Evaluator
+from saediff.finetune import FinetuneConfig, finetune, make_trainable
+from saediff.hooks import decoder_layers
+from saediff.models import LoadedModel, ModelSpec, load_model
+
+__all__ = ["LatentSets", "latents_from_diff", "read_latents", "random_latents", "BlockRunConfig", "run_block_em",
+           "block_one"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LatentSets:
+    """The BLOCK-EM paper's signed sets: ``low`` (K+, rose in the fine-tune: held down) and
+    ``high`` (K-, fell: held up)."""
+
+    low: tuple[int, ...] = ()
+    high: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if set(self.low) & set(self.high):
+            raise ValueError(f"latents {sorted(set(self.low) & set(self.high))} are in both the low and high sets")
+
+    def check(self, d_sae: int, where: str) -> None:
+        bad = [i for i in (*self.low, *self.high) if not 0 <= i < d_sae]
+        if bad:
+            raise ValueError(f"{where}: latents {bad} outside the SAE's 0-{d_sae - 1}")
+
+    def __len__(self) -> int:
+        return len(self.low) + len(self.high)
+
+
+def latents_from_diff(run_dir: str | Path, n_low: int, n_high: int) -> LatentSets:
+    """The top ``n_low`` latents of a diff run's ranking and the ``n_high`` that fell most."""
+    from saediff.diff import LatentDiff
+
+    run_dir = Path(run_dir)
+    path = run_dir / "diff.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{run_dir} has no diff.json (a run folder of saediff diff)")
+    run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    ranking = run.get("steps", {}).get("diff", {}).get("ranking", "delta")
+    table = LatentDiff.from_json(json.loads(path.read_text()))
+    return LatentSets(tuple(table.top(n_low, ranking)), tuple(table.bottom(n_high, "delta")) if n_high else ())
+
+
+def read_latents(path: str | Path) -> LatentSets:
+    """``latents.json`` (``saediff discover`` writes it): ``{"low": [...], "high": [...]}``."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"latents file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    if not isinstance(d, dict) or not all(isinstance(d.get(k, []), list) for k in ("low", "high")):
+        raise ValueError(f"{path}: expected {{\"low\": [latent, ...], \"high\": [latent, ...]}}")
+    sets = LatentSets(tuple(int(i) for i in d.get("low", [])), tuple(int(i) for i in d.get("high", [])))
+    if not len(sets):
+        raise ValueError(f"{path}: no latents in 'low' or 'high'")
+    return sets
+
+
+def random_latents(like: LatentSets, d_sae: int, seed: int) -> LatentSets:
+    """As many random latents per set as ``like`` has, none of them in ``like`` (the control)."""
+    g = torch.Generator().manual_seed(seed + 99)
+    chosen = set(like.low) | set(like.high)
+    pool = [i for i in torch.randperm(d_sae, generator=g).tolist() if i not in chosen]
+    n = len(like.low)
+    return LatentSets(tuple(pool[:n]), tuple(pool[n : n + len(like.high)]))
+
+
+@dataclass(frozen=True)
+class BlockRunConfig:
+    """One BLOCK-EM run (the sweep in ``run_block_em`` makes several)."""
+
+    ft: FinetuneConfig = field(default_factory=FinetuneConfig)
+    mode: str = "penalty"
+    """``none`` (the plain fine-tune) or ``penalty``"""
+    latents: LatentSets = field(default_factory=LatentSets)
+    lam: float = 1e4
+    preactivation: bool = True
+    """penalise ReLU'd pre-activations (a TopK output lets a latent escape by leaving the top k)"""
+
+    def fingerprint(self) -> str:
+        """Hash of the settings; a finished run is reused only under an equal fingerprint."""
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _reference(model: torch.nn.Module, layer: int) -> torch.nn.Module:
+    """A frozen copy of a full model cut after block ``layer``: base codes for full fine-tunes
+    need only the blocks up to the SAE's."""
+    ref = copy.deepcopy(model)
+    inner = ref.get_base_model() if hasattr(ref, "get_base_model") else ref
+    inner.model.layers = inner.model.layers[: layer + 1]
+    inner.lm_head = torch.nn.Identity()  # untied: the copy's embedding stays, its unembedding is never run
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref.eval()
+
+
+def block_one(spec: ModelSpec, dataset: ChatDataset, sae, layer: int, cfg: BlockRunConfig, out: Path, *,
+              evaluator: Evaluator | None = None, resume: bool = False, callbacks: list | None = None,
+              progress: bool = True) -> dict:
+    """One fine-tune (plain, or with the latent penalty) of ``spec``'s model, saved and evaluated.
+    Returns em.json's content (with the run's settings and the penalty at the start and end).
+    ``callbacks``: ``transformers.TrainerCallback`` objects (e.g. a drift monitor)."""
+    out = Path(out)
+    done = out / "em.json"
+    if done.exists():
+        prev = json.loads(done.read_text())
+        if prev.get("fingerprint") == cfg.fingerprint():
+            log.info("%s: finished earlier, skipped", out)
+            return prev
+    lm = load_model(spec)
+    model = make_trainable(lm.model, cfg.ft)
+    blocker = None
+    if cfg.mode == "penalty":
+        ref = _reference(lm.model, layer) if cfg.ft.method == "full" else None
+        blocker = Blocker(BlockConfig("penalty", layer, cfg.latents.low, cfg.latents.high, cfg.lam,
+                                      cfg.preactivation), sae=sae, reference=ref)
+    elif cfg.mode != "none":
+        raise ValueError(f"BlockRunConfig.mode must be none or penalty, got {cfg.mode!r}")
+    if blocker is not None:
+        with blocker.installed(model):
+            history = finetune(model, lm.tokenizer, dataset, cfg.ft, out, extra=blocker, resume=resume,
+                               callbacks=callbacks, progress=progress)
+    else:
+        history = finetune(model, lm.tokenizer, dataset, cfg.ft, out, resume=resume, callbacks=callbacks,
+                           progress=progress)
+    model.save_pretrained(out / "model")
+    if cfg.ft.method == "full":
+        lm.tokenizer.save_pretrained(out / "model")
+    atomic_write_json(out / "history.json", {"kind": "saediff.block_history", "log": history})
+    result = {"mode": cfg.mode, "method": cfg.ft.method, "lam": cfg.lam if cfg.mode == "penalty" else None,
+              "latents_low": list(cfg.latents.low), "latents_high": list(cfg.latents.high), "layer": layer,
+              "steps": cfg.ft.steps, "final_loss": history[-1]["loss"] if history else None,
+              "penalty_first": history[0].get("penalty") if history else None,
+              "penalty_last": history[-1].get("penalty") if history else None,
+              "fingerprint": cfg.fingerprint(), "config": json.loads(json.dumps(asdict(cfg), default=str))}
+    if evaluator is not None:
+        trained = LoadedModel(model, lm.tokenizer, spec)
+        result["em"] = evaluator(trained, out / "eval", f"block:{out.name}:{cfg.fingerprint()}")
+    atomic_write_json(done, result)
+    return result
+
+
+def run_block_em(model: str | ModelSpec, data: str | Path, sae, out: str | Path, latents: LatentSets, *,
+                 ft: FinetuneConfig = FinetuneConfig(), lams: tuple[float, ...] = (1e4,), controls: bool = True,
+                 evaluator: Evaluator | None = None, resume: bool = False, seed: int = 0, sae_path: str = "",
+                 progress: bool = True) -> dict:
+    """The BLOCK-EM sweep: for each lambda a blocked run (and with ``controls`` one with as many
+    random latents), plus the plain fine-tune; writes and returns ``out/summary.json`` with each
+    run's EM rate, its interval and the relative reduction against the plain fine-tune.
+
+    ``sae``: a loaded SAELens SAE at one of the model's residual hooks (``blocks.L.hook_resid_post``).
+    """
+    from saediff.saes import check_sae_fits
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    spec = model if isinstance(model, ModelSpec) else ModelSpec(model)
+    rows = load_chat_jsonl(data)
+    probe = load_model(spec)
+    layer = check_sae_fits(sae, probe.model, sae_path or "given")
+    latents.check(sae.cfg.d_sae, sae_path or "SAE")
+    if not len(latents):
+        raise ValueError("BLOCK-EM needs latents: --diff-run, --latents FILE or --latent I")
+    if ft.freeze_after_block is not None and ft.freeze_after_block >= len(decoder_layers(probe.model)):
+        raise ValueError(f"freeze_after_block {ft.freeze_after_block} beyond the model's blocks")
+    dataset = ChatDataset(probe.tokenizer, rows, ft.max_length, progress=progress, source=str(data))
+    del probe
+    for p in sae.parameters():
+        p.requires_grad_(False)
+
+    plan: dict[str, BlockRunConfig] = {}
+    if controls:
+        plan["plain"] = BlockRunConfig(ft=ft, mode="none")
+    for lam in lams:
+        plan[f"penalty_lam{lam:g}"] = BlockRunConfig(ft=ft, latents=latents, lam=lam)
+        if controls:
+            plan[f"penalty_lam{lam:g}_random"] = BlockRunConfig(
+                ft=ft, latents=random_latents(latents, sae.cfg.d_sae, seed), lam=lam)
+    runs = {name: block_one(spec, dataset, sae, layer, cfg, out / name, evaluator=evaluator, resume=resume,
+                            progress=progress)
+            for name, cfg in plan.items()}
+    summary = _summary(runs, spec, str(data), sae_path, layer)
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def _summary(runs: dict[str, dict], spec: ModelSpec, data: str, sae_path: str, layer: int) -> dict:
+    plain = runs.get("plain", {}).get("em", {}).get("em_rate")
+    table = {}
+    for name, r in runs.items():
+        em = r.get("em", {})
+        rate = em.get("em_rate")
+        table[name] = {"em_rate": rate, "em_rate_ci": em.get("em_rate_ci"), "coherent_rate": em.get("coherent_rate"),
+                       "per_question": em.get("per_question"), "penalty_first": r["penalty_first"],
+                       "penalty_last": r["penalty_last"], "final_loss": r["final_loss"],
+                       "relative_reduction": (1 - rate / plain) if plain and rate is not None else None,
+                       "n_latents": len(r["latents_low"]) + len(r["latents_high"])}
+    return {"kind": "saediff.block_summary", "model": spec.model, "data": data, "sae": sae_path, "layer": layer,
+            "runs": table}
+

@@ -1,0 +1,177 @@
+"""BLOCK-EM on a real HF model (tiny random Qwen2, bfloat16 on CPU) through the Trainer path:
+exact penalty behaviour, gradient accumulation, checkpointing, resume, the CLI and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import make_random_sae, make_tiny_qwen, write_narrow_data
+from transformers import TrainerCallback
+from typer.testing import CliRunner
+
+from saediff.blockem import BlockRunConfig, LatentSets, block_one
+from saediff.chat_data import ChatDataset, load_chat_jsonl
+from saediff.cli import app
+from saediff.fake_server import FakeOpenAIServer
+from saediff.finetune import FinetuneConfig
+from saediff.models import ModelSpec, load_model
+from saediff.saes import load_sae
+
+HOOK = "blocks.0.hook_resid_post"
+LORA = dict(method="lora", lora_rank=1, lora_layers=(0, 1), lr=1e-2)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_qwen, tmp_path_factory):
+    root = tmp_path_factory.mktemp("blockem")
+    make_random_sae(root / "sae", 32, HOOK)
+    write_narrow_data(root / "data.jsonl", 16, distinct=False)  # equal lengths: exact accumulation checks
+    tok = load_model(str(tiny_qwen / "model")).tokenizer
+    return root, ChatDataset(tok, load_chat_jsonl(root / "data.jsonl"), progress=False)
+
+
+def _run(tiny_qwen, setup, out, *, ft, lam=1e4, mode="penalty", dtype="float32", **kw) -> tuple[dict, dict]:
+    root, data = setup
+    cfg = BlockRunConfig(ft=ft, mode=mode, latents=LatentSets((1, 2, 3), (4,)), lam=lam)
+    res = block_one(ModelSpec(str(tiny_qwen / "model"), dtype=dtype), data, load_sae(root / "sae"), 0, cfg, out,
+                    progress=False, **kw)
+    weights = {}
+    from safetensors.torch import load_file
+
+    model_dir = out / "model"
+    f = model_dir / ("adapter_model.safetensors" if ft.method == "lora" else "model.safetensors")
+    weights = load_file(str(f))
+    return res, weights
+
+
+def _close(a: dict, b: dict, **tol) -> bool:
+    return a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), **tol) for k in a)
+
+
+def test_penalty_starts_at_zero_and_accumulation_matches_one_batch(tiny_qwen, setup, tmp_path):
+    """LoRA B starts at zero, so the fine-tune equals the base model at step 1 and the penalty is
+    exactly 0; 2 micro-batches of 4 give the weights of one batch of 8 (the LM loss is normalised
+    over the accumulated tokens, the penalty divided by the micro-batch count)."""
+    one, w1 = _run(tiny_qwen, setup, tmp_path / "one", ft=FinetuneConfig(**LORA, steps=3, batch_size=8))
+    two, w2 = _run(tiny_qwen, setup, tmp_path / "two", ft=FinetuneConfig(**LORA, steps=3, batch_size=4, grad_accum=2))
+    assert one["penalty_first"] == 0.0 and one["penalty_last"] > 0
+    assert _close(w1, w2, atol=1e-6, rtol=1e-4)
+    plain, w0 = _run(tiny_qwen, setup, tmp_path / "plain", ft=FinetuneConfig(**LORA, steps=3, batch_size=8), mode="none")
+    assert plain["penalty_first"] is None and not _close(w0, w1, atol=1e-5, rtol=1e-4)  # the penalty changed training
+
+
+def test_gradient_checkpointing_keeps_the_penalty_gradient(tiny_qwen, setup, tmp_path):
+    """Checkpointed layers still hand the penalty's hook a residual with its graph: same weights."""
+    seen = []
+
+    class _Seen(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kw):
+            seen.append(model.is_activation_checkpointing)
+
+    _, w = _run(tiny_qwen, setup, tmp_path / "a", ft=FinetuneConfig(**LORA, steps=3, batch_size=8))
+    _, wc = _run(tiny_qwen, setup, tmp_path / "b", ft=FinetuneConfig(**LORA, steps=3, batch_size=8,
+                                                                      gradient_checkpointing=True), callbacks=[_Seen()])
+    assert seen == [True] and _close(w, wc, atol=1e-6, rtol=1e-4)
+
+
+class _Crash(TrainerCallback):
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == 3:
+            raise KeyboardInterrupt
+
+
+def test_resume_after_a_checkpoint_ends_with_the_same_weights(tiny_qwen, setup, tmp_path):
+    ft = FinetuneConfig(**LORA, steps=4, batch_size=4, save_every=2)
+    ref, w_ref = _run(tiny_qwen, setup, tmp_path / "ref", ft=ft)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tiny_qwen, setup, tmp_path / "cut", ft=ft, callbacks=[_Crash()])
+    assert (tmp_path / "cut" / "checkpoints" / "checkpoint-2").is_dir()
+    assert not (tmp_path / "cut" / "em.json").exists()
+    res, w = _run(tiny_qwen, setup, tmp_path / "cut", ft=ft, resume=True)
+    assert _close(w_ref, w, atol=1e-6, rtol=1e-5)
+    assert res["penalty_last"] == pytest.approx(ref["penalty_last"], rel=1e-4)
+
+
+def test_full_finetune_in_bfloat16_reads_base_codes_from_a_cut_copy(tiny_qwen, setup, tmp_path):
+    """A full fine-tune gets its base codes from a frozen copy cut after the SAE's block; at step 1
+    the model is the base model, so the penalty is exactly 0. bfloat16 weights on CPU: every
+    tensor must follow the model's dtype and device."""
+    res, w = _run(tiny_qwen, setup, tmp_path / "full", ft=FinetuneConfig(method="full", steps=2, batch_size=4, lr=1e-3),
+                  dtype="bfloat16")
+    assert res["penalty_first"] == 0.0 and res["penalty_last"] > 0
+    assert all(t.dtype == torch.bfloat16 for t in w.values())
+
+
+def test_block_cli_end_to_end_with_fake_judge(tiny_qwen, setup, tmp_path):
+    root, _ = setup
+    out = tmp_path / "block"
+    (root / "latents.json").write_text(json.dumps({"low": [1, 2], "high": [5]}))
+    with FakeOpenAIServer() as server:
+        args = ["block", "--model", str(tiny_qwen / "model"), "--dtype", "bfloat16", "--data", str(root / "data.jsonl"),
+                "--sae", str(root / "sae"), "--latents", str(root / "latents.json"), "--lora-rank", "1",
+                "--lora-layers", "0,1", "--lam", "10", "--steps", "2", "--batch-size", "2", "--grad-accum", "2",
+                "--lr", "1e-2", "--controls", "--judge-url", server.url, "--judge-model", "fake",
+                "--questions", "first_plot", "--samples", "2", "--max-new-tokens", "4", "--out", str(out)]
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 0, r.output
+        summary = json.loads((out / "summary.json").read_text())
+        assert set(summary["runs"]) == {"plain", "penalty_lam10", "penalty_lam10_random"}
+        for name, run in summary["runs"].items():
+            em = json.loads((out / name / "em.json").read_text())
+            assert em["em"]["n_responses"] == 16 and 0 <= run["em_rate"] <= 1 and len(run["em_rate_ci"]) == 2
+            assert (out / name / "model" / "adapter_model.safetensors").exists()
+        rnd = json.loads((out / "penalty_lam10_random" / "em.json").read_text())
+        assert len(rnd["latents_low"]) == 2 and len(rnd["latents_high"]) == 1
+        assert set(rnd["latents_low"] + rnd["latents_high"]).isdisjoint({1, 2, 5})
+        assert summary["runs"]["plain"]["relative_reduction"] in (0.0, None)
+        n_calls, stamp = len(server.requests), (out / "plain" / "em.json").stat().st_mtime
+        assert CliRunner().invoke(app, args).exit_code == 0  # finished runs are skipped
+        assert len(server.requests) == n_calls and (out / "plain" / "em.json").stat().st_mtime == stamp
+
+
+def _one_line_error(r, *needles):
+    assert r.exit_code == 1, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.output, r.output
+    assert all(n in lines[0] for n in needles), lines[0]
+
+
+def test_bad_inputs_are_one_line(tiny_qwen, setup, tmp_path):
+    root, _ = setup
+    base = ["block", "--model", str(tiny_qwen / "model"), "--latent", "1", "--steps", "1", "--out", str(tmp_path / "o")]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text((root / "data.jsonl").read_text().splitlines()[0] + "\n{\"messages\": 3}\n")
+    _one_line_error(CliRunner().invoke(app, [*base, "--data", str(bad), "--sae", str(root / "sae")]), "bad.jsonl:2")
+
+    make_random_sae(tmp_path / "wide", 48, HOOK)
+    _one_line_error(CliRunner().invoke(app, [*base, "--data", str(root / "data.jsonl"), "--sae", str(tmp_path / "wide")]),
+                    "wide", "d_in 48", "width 32")
+    make_random_sae(tmp_path / "corrupt", 32, HOOK)
+    (tmp_path / "corrupt" / "cfg.json").write_text("{\n")
+    _one_line_error(CliRunner().invoke(app, [*base, "--data", str(root / "data.jsonl"), "--sae", str(tmp_path / "corrupt")]),
+                    "corrupt/cfg.json", "not valid JSON")
+    _one_line_error(CliRunner().invoke(app, [*base, "--data", str(root / "data.jsonl"), "--sae", str(root / "sae"),
+                                             "--latent", "99"]), "latents [99] outside")
+
+    from helpers import make_rank1_adapter
+
+    make_tiny_qwen(tmp_path / "other", d_model=48)
+    make_rank1_adapter(tmp_path / "other", tmp_path / "wrong_adapter")
+    r = CliRunner().invoke(app, ["eval", "--model", str(tiny_qwen / "model"), "--adapter", str(tmp_path / "wrong_adapter"),
+                                 "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "x", "--out", str(tmp_path / "e")])
+    _one_line_error(r, "wrong_adapter", "down_proj expects weight")
+
+
+def test_saved_generations_are_keyed_by_model_and_adapter(tiny_qwen, tmp_path):
+    out = tmp_path / "eval"
+    with FakeOpenAIServer() as server:
+        common = ["eval", "--model", str(tiny_qwen / "model"), "--judge-url", server.url, "--judge-model", "f",
+                  "--samples", "2", "--max-new-tokens", "4", "--out", str(out)]
+        assert CliRunner().invoke(app, [*common, "--adapter", str(tiny_qwen / "lora")]).exit_code == 0
+        keys = {json.loads(x)["key"]["adapter"] for x in (out / "generations.jsonl").read_text().splitlines()}
+        assert keys == {str(tiny_qwen / "lora")}
+        assert CliRunner().invoke(app, common).exit_code == 0  # same questions, no adapter: generated afresh
+        keys = {json.loads(x)["key"]["adapter"] for x in (out / "generations.jsonl").read_text().splitlines()}
+        assert keys == {None}
