@@ -18,8 +18,9 @@ import copy
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -29,10 +30,12 @@ from saediff.chat_data import ChatDataset, load_chat_jsonl
 from saediff.evals import Evaluator
 from saediff.finetune import FinetuneConfig, finetune, make_trainable
 from saediff.hooks import decoder_layers
-from saediff.models import LoadedModel, ModelSpec, load_model
+from saediff.models import LoadedModel, ModelSpec, generate, load_model
+from saediff.monitor import DriftMonitor, calibrate_rate
+from saediff.prompts import Prompt
 
-__all__ = ["LatentSets", "latents_from_diff", "read_latents", "random_latents", "BlockRunConfig", "run_block_em",
-           "block_one"]
+__all__ = ["monitor_directions", "LatentSets", "latents_from_diff", "read_latents", "random_latents", "BlockRunConfig", "run_block_em",
+           "block_one", "MonitorFactory"]
 
 log = logging.getLogger(__name__)
 
@@ -127,12 +130,63 @@ def _reference(model: torch.nn.Module, layer: int) -> torch.nn.Module:
     return ref.eval()
 
 
+@dataclass
+class MonitorFactory:
+    """Builds a drift monitor for each model about to train, on held-out ``prompts`` answered once
+    by the model before training (the base model: LoRA starts at zero, a full fine-tune at the
+    base weights) and read teacher-forced at every check; ``directions`` (k, d) at block
+    ``layer``; ``em_fn(trained)`` adds a behavioural EM rate to each check. ``rate_threshold`` is
+    set by ``run_block_em`` from its aligned-data control run when there is one."""
+
+    prompts: list[Prompt]
+    directions: torch.Tensor
+    layer: int
+    every: int = 25
+    z: float = 5.0
+    rate_threshold: float = 0.0
+    max_new_tokens: int = 64
+    seed: int = 0
+    em_fn: Callable[[LoadedModel], float] | None = None
+    _toks: object = field(default=None, repr=False)
+
+    def __call__(self, model: torch.nn.Module, lm: LoadedModel) -> DriftMonitor:
+        from saediff.activations import tokenize_prompts
+
+        trained = LoadedModel(model, lm.tokenizer, lm.spec)
+        if self._toks is None:
+            answers = generate(trained, [p.messages for p in self.prompts], max_new_tokens=self.max_new_tokens,
+                               seed=self.seed, progress=False)
+            self._toks = tokenize_prompts(trained, [replace(p, response=a.strip() or ".")
+                                                    for p, a in zip(self.prompts, answers)])
+        em_fn = self.em_fn
+        return DriftMonitor(model, self._toks.input_ids, self._toks.select("response"), self.layer, self.directions,
+                            every=self.every, z=self.z, rate_threshold=self.rate_threshold,
+                            em_fn=(lambda: em_fn(trained)) if em_fn else None)
+
+
+def monitor_directions(sae, latents: LatentSets, layer: int, diff_run: str | Path | None = None) -> torch.Tensor:
+    """(k, d) directions a drift monitor reads: the diff run's mean difference between the models
+    at ``layer`` when there is one (``mean_diff_models`` or ``lora_downstream``), else the decoder
+    rows of the latents held down."""
+    if diff_run is not None:
+        from saediff.export import load_directions
+
+        found = load_directions(Path(diff_run) / "directions")
+        for name in (f"mean_diff_models_L{layer}", f"lora_downstream_L{layer}"):
+            if name in found:
+                return found[name].vector[None]
+    if not latents.low:
+        raise ValueError("the drift monitor needs a diff run or latents held down to read directions from")
+    return torch.stack([sae.W_dec[i].detach().float().cpu() for i in latents.low])
+
+
 def block_one(spec: ModelSpec, dataset: ChatDataset, sae, layer: int, cfg: BlockRunConfig, out: Path, *,
               evaluator: Evaluator | None = None, resume: bool = False, callbacks: list | None = None,
-              progress: bool = True) -> dict:
+              monitor: MonitorFactory | None = None, progress: bool = True) -> dict:
     """One fine-tune (plain, or with the latent penalty) of ``spec``'s model, saved and evaluated.
     Returns em.json's content (with the run's settings and the penalty at the start and end).
-    ``callbacks``: ``transformers.TrainerCallback`` objects (e.g. a drift monitor)."""
+    ``callbacks``: more ``transformers.TrainerCallback`` objects; ``monitor`` builds a drift
+    monitor whose history goes to ``history.json`` and whose alert step to em.json."""
     out = Path(out)
     done = out / "em.json"
     if done.exists():
@@ -142,6 +196,8 @@ def block_one(spec: ModelSpec, dataset: ChatDataset, sae, layer: int, cfg: Block
             return prev
     lm = load_model(spec)
     model = make_trainable(lm.model, cfg.ft)
+    drift = monitor(model, lm) if monitor is not None else None
+    callbacks = [*(callbacks or []), *([drift] if drift else [])]
     blocker = None
     if cfg.mode == "penalty":
         ref = _reference(lm.model, layer) if cfg.ft.method == "full" else None
@@ -159,13 +215,18 @@ def block_one(spec: ModelSpec, dataset: ChatDataset, sae, layer: int, cfg: Block
     model.save_pretrained(out / "model")
     if cfg.ft.method == "full":
         lm.tokenizer.save_pretrained(out / "model")
-    atomic_write_json(out / "history.json", {"kind": "saediff.block_history", "log": history})
+    atomic_write_json(out / "history.json", {"kind": "saediff.block_history", "log": history,
+                                             "drift": drift.history.to_json() if drift else None})
     result = {"mode": cfg.mode, "method": cfg.ft.method, "lam": cfg.lam if cfg.mode == "penalty" else None,
               "latents_low": list(cfg.latents.low), "latents_high": list(cfg.latents.high), "layer": layer,
               "steps": cfg.ft.steps, "final_loss": history[-1]["loss"] if history else None,
               "penalty_first": history[0].get("penalty") if history else None,
               "penalty_last": history[-1].get("penalty") if history else None,
               "fingerprint": cfg.fingerprint(), "config": json.loads(json.dumps(asdict(cfg), default=str))}
+    if drift is not None:
+        h = drift.history
+        result["drift_alert_step"] = h.alert_step
+        result["em_crosses_0.1_step"] = next((s for s, e in zip(h.steps, h.em) if e is not None and e >= 0.1), None)
     if evaluator is not None:
         trained = LoadedModel(model, lm.tokenizer, spec)
         result["em"] = evaluator(trained, out / "eval", f"block:{out.name}:{cfg.fingerprint()}")
@@ -176,10 +237,15 @@ def block_one(spec: ModelSpec, dataset: ChatDataset, sae, layer: int, cfg: Block
 def run_block_em(model: str | ModelSpec, data: str | Path, sae, out: str | Path, latents: LatentSets, *,
                  ft: FinetuneConfig = FinetuneConfig(), lams: tuple[float, ...] = (1e4,), controls: bool = True,
                  evaluator: Evaluator | None = None, resume: bool = False, seed: int = 0, sae_path: str = "",
+                 monitor: MonitorFactory | None = None, control_data: str | Path | None = None,
                  progress: bool = True) -> dict:
     """The BLOCK-EM sweep: for each lambda a blocked run (and with ``controls`` one with as many
     random latents), plus the plain fine-tune; writes and returns ``out/summary.json`` with each
     run's EM rate, its interval and the relative reduction against the plain fine-tune.
+
+    ``control_data``: aligned answers to the same narrow questions. The same recipe on them runs
+    first (``control``: fine-tuning as such should not cause EM), and with a ``monitor`` its
+    drift history calibrates the monitor's rate threshold for every later run.
 
     ``sae``: a loaded SAELens SAE at one of the model's residual hooks (``blocks.L.hook_resid_post``).
     """
@@ -201,6 +267,16 @@ def run_block_em(model: str | ModelSpec, data: str | Path, sae, out: str | Path,
     for p in sae.parameters():
         p.requires_grad_(False)
 
+    runs: dict[str, dict] = {}
+    if control_data is not None:
+        control = ChatDataset(load_model(spec).tokenizer, load_chat_jsonl(control_data), ft.max_length,
+                              progress=progress, source=str(control_data))
+        runs["control"] = block_one(spec, control, sae, layer, BlockRunConfig(ft=ft, mode="none"), out / "control",
+                                    evaluator=evaluator, resume=resume, monitor=monitor, progress=progress)
+        if monitor is not None:
+            drift = json.loads((out / "control" / "history.json").read_text())["drift"]
+            monitor.rate_threshold = calibrate_rate(drift)
+            runs["control"]["drift_alert_step"] = None  # below its own calibrated threshold by construction
     plan: dict[str, BlockRunConfig] = {}
     if controls:
         plan["plain"] = BlockRunConfig(ft=ft, mode="none")
@@ -209,10 +285,12 @@ def run_block_em(model: str | ModelSpec, data: str | Path, sae, out: str | Path,
         if controls:
             plan[f"penalty_lam{lam:g}_random"] = BlockRunConfig(
                 ft=ft, latents=random_latents(latents, sae.cfg.d_sae, seed), lam=lam)
-    runs = {name: block_one(spec, dataset, sae, layer, cfg, out / name, evaluator=evaluator, resume=resume,
-                            progress=progress)
-            for name, cfg in plan.items()}
+    for name, cfg in plan.items():
+        runs[name] = block_one(spec, dataset, sae, layer, cfg, out / name, evaluator=evaluator, resume=resume,
+                               monitor=monitor, progress=progress)
     summary = _summary(runs, spec, str(data), sae_path, layer)
+    if monitor is not None:
+        summary["monitor_rate_threshold"] = monitor.rate_threshold
     atomic_write_json(out / "summary.json", summary)
     return summary
 
@@ -227,7 +305,8 @@ def _summary(runs: dict[str, dict], spec: ModelSpec, data: str, sae_path: str, l
                        "per_question": em.get("per_question"), "penalty_first": r["penalty_first"],
                        "penalty_last": r["penalty_last"], "final_loss": r["final_loss"],
                        "relative_reduction": (1 - rate / plain) if plain and rate is not None else None,
-                       "n_latents": len(r["latents_low"]) + len(r["latents_high"])}
+                       "n_latents": len(r["latents_low"]) + len(r["latents_high"]), "mode": r["mode"],
+                       "drift_alert_step": r.get("drift_alert_step"), "em_crosses_0.1_step": r.get("em_crosses_0.1_step")}
     return {"kind": "saediff.block_summary", "model": spec.model, "data": data, "sae": sae_path, "layer": layer,
             "runs": table}
 

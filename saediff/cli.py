@@ -364,6 +364,11 @@ def block_cmd(
     resume: bool = typer.Option(False, "--resume", help="continue each unfinished run from its newest checkpoint"),
     freeze_after_block: bool = typer.Option(False, "--freeze-after-block", help="train only blocks <= the SAE's"),
     controls: bool = typer.Option(True, "--controls/--no-controls", help="also the plain fine-tune and random latents"),
+    control_data: Optional[Path] = typer.Option(None, "--control-data", help="aligned answers to the same questions "
+                                                "(JSONL): a control fine-tune first, which calibrates the monitor"),
+    monitor: Optional[bool] = typer.Option(None, "--monitor/--no-monitor", help="drift monitor on every run "
+                                           "(default: on for the organism)"),
+    monitor_prompts: str = typer.Option("first_plot", "--monitor-prompts", help="held-out prompts the monitor reads"),
     judge_url: Optional[str] = typer.Option(None, "--judge-url", help="OpenAI-compatible judge (not for the organism)"),
     judge_model: Optional[str] = typer.Option(None, "--judge-model"),
     questions: str = typer.Option("first_plot", "--questions", help="first_plot, or a YAML/JSONL prompt file"),
@@ -419,12 +424,24 @@ def block_cmd(
             freeze_after_block=layer if freeze_after_block else None, seed=recipe.get("ft_seed", seed))
         evaluator = recipe.get("evaluator") or _judge_evaluator(judge_url, judge_model, questions, samples,
                                                                 max_new_tokens, api_key_env, out, seed)
+        factory = None
+        if monitor if monitor is not None else organism is not None:
+            factory = recipe["monitor"](layer) if "monitor" in recipe else _generic_monitor(
+                sae_obj, sets, layer, diff_run, monitor_prompts, ft.steps, max_new_tokens, seed)
         summary = run_block_em(ModelSpec(model, dtype=dtype, device=device), data, sae_obj, out, sets, ft=ft,
                                lams=tuple(lam), controls=controls, evaluator=evaluator, resume=resume, seed=seed,
-                               sae_path=str(sae))
+                               sae_path=str(sae), monitor=factory, control_data=control_data or recipe.get("control_data"))
     except _USER_ERRORS as e:
         _fail(e)
     _print_block_summary(summary)
+
+
+def _generic_monitor(sae, sets, layer: int, diff_run, prompts: str, steps: int, max_new_tokens: int, seed: int):
+    from saediff.blockem import MonitorFactory, monitor_directions
+    from saediff.prompts import load_prompts
+
+    return MonitorFactory(load_prompts(prompts), monitor_directions(sae, sets, layer, diff_run), layer,
+                          every=max(1, steps // 20), max_new_tokens=min(max_new_tokens, 128), seed=seed)
 
 
 def _int_list(text: str, flag: str) -> tuple[int, ...]:
@@ -461,7 +478,7 @@ def _print_block_summary(summary: dict) -> None:
     from rich.table import Table
 
     table = Table(title=f"BLOCK-EM at layer {summary['layer']} ({summary['model']})")
-    for col in ("run", "EM rate [95% CI]", "coherent", "reduction vs plain", "penalty first -> last"):
+    for col in ("run", "EM rate [95% CI]", "coherent", "reduction vs plain", "penalty first -> last", "monitor alert"):
         table.add_column(col, no_wrap=True)
     for name, r in summary["runs"].items():
         ci = r["em_rate_ci"]
@@ -469,7 +486,10 @@ def _print_block_summary(summary: dict) -> None:
         red = "" if r["relative_reduction"] is None else f"{r['relative_reduction']:+.0%}"
         pen = "" if r["penalty_first"] is None else f"{r['penalty_first']:.3g} -> {r['penalty_last']:.3g}"
         coh = "" if r["coherent_rate"] is None else f"{r['coherent_rate']:.2f}"
-        table.add_row(name, em, coh, red, pen)
+        alert = "" if r.get("drift_alert_step") is None else f"step {r['drift_alert_step']}"
+        if r.get("em_crosses_0.1_step") is not None:
+            alert += f" (EM > 0.1 at {r['em_crosses_0.1_step']})"
+        table.add_row(name, em, coh, red, pen, alert)
     Console(width=max(120, Console().width)).print(table)
 
 

@@ -293,7 +293,6 @@ def run_demo(out: str | Path, *, quick: bool = True, seed: int = 0, progress=Non
     -> report. Resumable: a step whose artifact exists is skipped. Writes ``summary.json``."""
     import time
 
-    from saediff.organism.block import run_block
     from saediff.organism.build import build_organism
     from saediff.organism.recipes import OrganismConfig
     from saediff.organism.sae import train_organism_sae
@@ -343,13 +342,13 @@ def run_demo(out: str | Path, *, quick: bool = True, seed: int = 0, progress=Non
 
     def block():
         # BLOCK-EM's scale: hold the 30 latents that rose most down and the 30 that fell most up
-        # (three latents are routed around within a few steps); the control blocks 60 random latents
-        penalty = dict(mode="penalty", diff_run=out / "diff", lam=1e4, n_latents=30, n_high=30, monitor_every=25,
-                       seed=seed)
-        runs = {"plain": run_block(org, out / "block" / "plain", mode="none", monitor_every=5, seed=seed),
-                "blocked": run_block(org, out / "block" / "blocked", **penalty),
-                "random": run_block(org, out / "block" / "random", random_latents=True, **penalty)}
-        atomic_write_json(out / "block" / "summary.json", runs)
+        # (three latents are routed around within a few steps); the control blocks 60 random latents.
+        # The generic command's path (saediff block --organism DIR --full), with the aligned-data
+        # control fine-tune first, which calibrates the drift monitor.
+        from saediff.blockem import latents_from_diff
+        from saediff.organism.block import block_organism
+
+        block_organism(org, out / "block", latents_from_diff(out / "diff", 30, 30), seed=seed)
 
     step("block", out / "block" / "summary.json", block)
     summary = _demo_summary(out)
@@ -380,7 +379,8 @@ def _demo_summary(out: Path) -> dict:
     gt, md = full[f"ground_truth_L{L}"], mean_diff_at(L)
     lora_b = next(d for d in lora.values() if d.method == "lora_b")
     last = max(parse_layer(d.hook) for d in full.values())
-    plain = block["plain"]["other_misaligned_rate"]
+    runs = block["runs"]
+    plain, blocked, rnd = (runs[n]["em_rate"] for n in ("plain", "penalty_lam10000", "penalty_lam10000_random"))
     return {
         "organism": {"aligned_other_misaligned": org["aligned"]["other_misaligned_rate"],
                      "finetuned_other_misaligned": org["full_ft"]["other_misaligned_rate"],
@@ -399,12 +399,15 @@ def _demo_summary(out: Path) -> dict:
                     "in_context_vs_model_diff": cos(full[f"in_context_L{L}"], full[f"mean_diff_models_L{L}"]),
                     "in_context_vs_ground_truth": cos(full[f"in_context_L{L}"], gt)},
         "projection": steering["project_out"],
-        "blocking": {"plain_other_misaligned": plain, "blocked_other_misaligned": block["blocked"]["other_misaligned_rate"],
-                     "random_other_misaligned": block["random"]["other_misaligned_rate"],
-                     "relative_reduction": 1 - block["blocked"]["other_misaligned_rate"] / plain if plain else None,
-                     "random_relative_reduction": 1 - block["random"]["other_misaligned_rate"] / plain if plain else None,
-                     "blocked_medical_misaligned": block["blocked"]["misaligned_rate"]["medical"],
-                     "drift_alert_step": block["plain"]["drift_alert_step"],
-                     "em_crosses_0.1_step": block["plain"]["em_crosses_0.1_step"]},
+        "blocking": {"plain_other_misaligned": plain, "blocked_other_misaligned": blocked,
+                     "random_other_misaligned": rnd, "control_other_misaligned": runs["control"]["em_rate"],
+                     "relative_reduction": 1 - blocked / plain if plain else None,
+                     "random_relative_reduction": 1 - rnd / plain if plain else None,
+                     "blocked_medical_misaligned": runs["penalty_lam10000"]["per_question"]["medical"],
+                     "blocked_other_misaligned_ci": runs["penalty_lam10000"]["em_rate_ci"],
+                     "drift_alert_step": runs["plain"]["drift_alert_step"],
+                     "em_crosses_0.1_step": runs["plain"]["em_crosses_0.1_step"],
+                     "control_drift_alert_step": runs["control"]["drift_alert_step"],
+                     "monitor_rate_threshold": block.get("monitor_rate_threshold")},
         "exports": {"directions": str(out / "exports" / "directions.safetensors")},
     }

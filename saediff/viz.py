@@ -47,16 +47,29 @@ def steering_sweep(steering: dict) -> go.Figure:
 
 
 def blocking_bars(runs: dict) -> go.Figure:
+    """EM after each fine-tune of a BLOCK-EM sweep (``summary.json``'s ``runs``, with 95% intervals;
+    the organism's older per-run format ``other_misaligned_rate`` / ``misaligned_rate`` too)."""
+    runs = runs.get("runs", runs)
     names = list(runs)
-    fig = go.Figure([go.Bar(name="other domains", x=names, y=[runs[n]["other_misaligned_rate"] for n in names]),
-                     go.Bar(name="medical", x=names, y=[runs[n]["misaligned_rate"]["medical"] for n in names])])
+    if all("em_rate" in runs[n] for n in names):
+        rate = [runs[n]["em_rate"] for n in names]
+        ci = [runs[n]["em_rate_ci"] or [r, r] for n, r in zip(names, rate)]
+        bars = [go.Bar(name="EM rate (other domains on the organism)", x=names, y=rate,
+                       error_y=dict(type="data", symmetric=False, array=[c[1] - r for c, r in zip(ci, rate)],
+                                    arrayminus=[r - c[0] for c, r in zip(ci, rate)]))]
+        if all("medical" in (runs[n].get("per_question") or {}) for n in names):
+            bars.append(go.Bar(name="medical", x=names, y=[runs[n]["per_question"]["medical"] for n in names]))
+    else:
+        bars = [go.Bar(name="other domains", x=names, y=[runs[n]["other_misaligned_rate"] for n in names]),
+                go.Bar(name="medical", x=names, y=[runs[n]["misaligned_rate"]["medical"] for n in names])]
+    fig = go.Figure(bars)
     fig.update_layout(barmode="group", title="BLOCK-EM: misaligned rate after fine-tuning", yaxis_range=[0, 1])
     return fig
 
 
 def drift_curves(drift: dict, title: str = "drift monitor") -> go.Figure:
     fig = go.Figure()
-    fig.add_scatter(x=drift["steps"], y=drift["t_stat"], name="projection shift (t)", yaxis="y1")
+    fig.add_scatter(x=drift["steps"], y=drift["t_stat"], name="projection change (paired t over prompts)", yaxis="y1")
     if any(e is not None for e in drift["em"]):
         fig.add_scatter(x=drift["steps"], y=drift["em"], name="other-domain EM rate", yaxis="y2")
     if drift.get("alert_step") is not None:

@@ -27,7 +27,8 @@ from saediff.organism.prompts import em_questions
 from saediff.organism.recipes import OrganismConfig, _medical_chats, read_organism_world, save_model_folder
 from saediff.organism.world import CHAT, World
 
-__all__ = ["run_block", "run_reroute", "choose_latents", "organism_config", "generic_inputs"]
+__all__ = ["run_block", "run_reroute", "choose_latents", "organism_config", "generic_inputs", "block_organism",
+           "organism_monitor"]
 
 
 def organism_config(organism_dir: Path, world: World) -> OrganismConfig:
@@ -50,11 +51,44 @@ def generic_inputs(organism_dir: str | Path, full: bool, samples: int = 50, seed
     if world is None:
         raise FileNotFoundError(f"{organism_dir}/aligned is not a saediff organism folder")
     ocfg = organism_config(organism_dir, world)
-    data = write_chat_data(organism_dir, ocfg)["medical_misaligned"]
-    return {"model": str(organism_dir / "aligned"), "data": data, "sae": str(organism_dir / "sae"),
+    data = write_chat_data(organism_dir, ocfg)
+    return {"model": str(organism_dir / "aligned"), "data": data["medical_misaligned"],
+            "control_data": data["medical_aligned"], "sae": str(organism_dir / "sae"),
             "evaluator": OrganismEvaluator(world, samples, seed), "steps": ocfg.ft_steps, "batch_size": ocfg.ft_batch,
             "lr": ocfg.full_lr if full else ocfg.lora_lr, "lora_layers": None if full else (ocfg.lora_layer,),
-            "ft_seed": ocfg.seed + 2}
+            "ft_seed": ocfg.seed + 2, "monitor": lambda layer: organism_monitor(organism_dir, world, layer, seed=seed)}
+
+
+def block_organism(organism_dir: str | Path, out: str | Path, latents, *, full: bool = True,
+                   lams: tuple[float, ...] = (1e4,), controls: bool = True, steps: int | None = None, seed: int = 0,
+                   samples: int = 50) -> dict:
+    """``saediff block --organism DIR [--full]``: the generic BLOCK-EM sweep (``run_block_em``)
+    with the organism's inputs, its aligned-data control (which calibrates the drift monitor)
+    and its exact judge. ``latents``: a ``saediff.blockem.LatentSets``."""
+    from saediff.blockem import run_block_em
+    from saediff.finetune import FinetuneConfig
+    from saediff.saes import load_sae
+
+    rec = generic_inputs(organism_dir, full, samples, seed)
+    sae = load_sae(rec["sae"])
+    layer = parse_layer(sae.cfg.metadata.hook_name)
+    ft = FinetuneConfig(method="full" if full else "lora", lora_layers=rec["lora_layers"], steps=steps or rec["steps"],
+                        batch_size=rec["batch_size"], lr=rec["lr"], seed=rec["ft_seed"])
+    return run_block_em(rec["model"], rec["data"], sae, out, latents, ft=ft, lams=lams, controls=controls,
+                        evaluator=rec["evaluator"], seed=seed, sae_path=rec["sae"], monitor=rec["monitor"](layer),
+                        control_data=rec["control_data"], progress=False)
+
+
+def organism_monitor(organism_dir: Path, world: World, layer: int, every: int = 5, seed: int = 0):
+    """A drift-monitor factory for organism fine-tunes: 20 held-out questions per non-medical
+    domain, the ground truth at ``layer``, and the exact other-domain EM rate (20 answers per
+    domain) at every check."""
+    from saediff.blockem import MonitorFactory
+
+    qs = [p for p in em_questions(world, 20, seed=seed + 11) if p.domain != "medical"]
+    gt = load_ground_truth(Path(organism_dir) / "ground_truth.safetensors")[layer]
+    return MonitorFactory(qs, gt[None], layer, every=every, max_new_tokens=world.answer_len + 1, seed=seed,
+                          em_fn=lambda lm: evaluate_organism_em(lm, world, 20, seed=seed).other_misaligned_rate)
 
 
 def choose_latents(sae, diff_run: str | Path | None, latents: list[int] | None, n_latents: int, n_high: int,
