@@ -1,89 +1,177 @@
-"""Fine-tune step time with the BLOCK-EM penalty vs plain, on the organism.
+"""Step time and peak memory of a LoRA BLOCK-EM fine-tune against a plain LoRA fine-tune of the
+same model, both through saediff's Trainer path (``saediff.finetune.finetune``).
 
-    python bench/blocking_overhead.py [--organism runs/organism] [--steps 40] [--repeats 3]
+    python bench/blocking_overhead.py                       # CPU: a random Qwen2-shaped model (d 256, 4 layers)
+    python bench/blocking_overhead.py --shape 0.5b --seq 256 --batch 8 --steps 30    # GPU: Qwen2.5-0.5B-shaped, bf16
+    python bench/blocking_overhead.py --model path/to/hf_folder --sae path/to/sae
+    python bench/blocking_overhead.py --lora-layers sae     # a narrow adapter on the SAE's block only
 
-Without ``--organism`` an organism-shaped model with fresh weights and a fresh TopK SAE are used
-(step time does not depend on the weights). The penalty's base-model codes are precomputed once
-per training set (reported separately); runs are interleaved; the last line is the median ratio.
+BLOCK-EM reads the base model's codes from the same weights with the adapter disabled, stopping
+the forward at the SAE's block, so there is no second copy of the model: the extra cost per step
+is a partial forward (from the first adapted block to the SAE's: blocks before it agree in both
+passes) plus an SAE encode of the chosen latents. With adapters on every block and the SAE in
+the middle, that partial forward is about half a forward, which bounds the overhead from below. Each run is its own process (peak
+memory is per process: ``ru_maxrss`` on CPU, ``torch.cuda.max_memory_allocated`` on GPU); runs are
+interleaved (plain, blocked, plain, ...) and the medians of the per-step times after a warm-up are
+compared. The last two lines are ``overhead_ratio: X`` (blocked / plain step time; target <= 1.15)
+and ``memory_ratio: Y`` (blocked / plain peak memory; target <= 1.3).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import json
 import os
+import resource
 import statistics
+import subprocess
+import sys
 import time
 import warnings
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 warnings.filterwarnings("ignore")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+SHAPES = {  # hidden, layers, mlp, heads, kv heads, vocab
+    "tiny": (256, 4, 1024, 4, 2, 4096),
+    "0.5b": (896, 24, 4864, 14, 2, 151936),
+}
 
-from saediff.blocking import BlockConfig, Blocker  # noqa: E402
-from saediff.finetune import TrainConfig, train_lm  # noqa: E402
-from saediff.organism.corpus import single_turn_chats  # noqa: E402
-from saediff.organism.recipes import OrganismConfig, new_model  # noqa: E402
-from saediff.organism.world import World  # noqa: E402
+
+def _model(args):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    if args.model:
+        from saediff.models import ModelSpec, load_model
+
+        return load_model(ModelSpec(args.model, device=args.device)).model
+    d, n, m, h, kv, v = SHAPES[args.shape]
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=v, hidden_size=d, num_hidden_layers=n, intermediate_size=m, num_attention_heads=h,
+                      num_key_value_heads=kv, max_position_embeddings=4096, tie_word_embeddings=True)
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    return Qwen2ForCausalLM(cfg).to(args.device, dtype)
+
+
+def _sae(args, d_model: int, layer: int):
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    if args.sae:
+        from saediff.saes import load_sae
+
+        return load_sae(args.sae)
+    return TopKSAE(TopKSAEConfig(d_in=d_model, d_sae=args.d_sae, k=32,
+                                 metadata=SAEMetadata(hook_name=f"blocks.{layer}.hook_resid_post")))
+
+
+class _Tok:  # what finetune() needs of a tokenizer for pre-tokenized data
+    pad_token_id, eos_token_id = 0, 0
+
+
+def one_run(args, blocked: bool) -> dict:
+    """Train ``args.steps`` steps in this process; per-step times and peak memory."""
+    import torch
+    from transformers import TrainerCallback
+
+    from saediff.blocking import BlockConfig, Blocker
+    from saediff.finetune import FinetuneConfig, finetune, make_trainable
+    from saediff.hooks import decoder_layers
+    from saediff.saes import check_sae_fits
+
+    torch.set_num_threads(args.threads)
+    model = _model(args)
+    n_layers = len(decoder_layers(model))
+    layer = n_layers // 2
+    sae = _sae(args, model.config.hidden_size, layer)
+    layer = check_sae_fits(sae, model, "bench")
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, model.config.vocab_size, (args.steps * args.batch, args.seq), generator=g)
+    half = args.seq // 2
+    data = [{"input_ids": r.tolist(), "labels": [-100] * half + r[half:].tolist()} for r in ids]
+    lora_layers = None if args.lora_layers == "all" else (layer,)
+    ft = FinetuneConfig(method="lora", lora_rank=1, lora_modules=("down_proj",), lora_layers=lora_layers, steps=args.steps,
+                        batch_size=args.batch, lr=1e-4, precision="bf16" if args.device.startswith("cuda") else "fp32")
+    model = make_trainable(model, ft)
+    times: list[float] = []
+
+    class _Clock(TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            self.t = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.t)
+
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    out = f"/tmp/saediff_bench_block_{os.getpid()}"
+    if blocked:
+        n = args.latents
+        blocker = Blocker(BlockConfig("penalty", layer, tuple(range(n)), tuple(range(n, 2 * n)), 1e4), sae=sae)
+        with blocker.installed(model):
+            finetune(model, _Tok(), data, ft, out, extra=blocker, callbacks=[_Clock()], progress=False)
+    else:
+        finetune(model, _Tok(), data, ft, out, callbacks=[_Clock()], progress=False)
+    if args.device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux: KiB)
+    return {"step_s": statistics.median(times[args.warmup:]), "peak_mib": peak}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--organism", default=None)
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--latents", type=int, default=3)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    ap.add_argument("--model", default=None, help="an HF folder instead of a random model")
+    ap.add_argument("--sae", default=None, help="a SAELens folder at one of the model's residual hooks")
+    ap.add_argument("--d-sae", type=int, default=4096)
+    ap.add_argument("--latents", type=int, default=30, help="latents held down (and as many held up)")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
-    a = ap.parse_args()
-    torch.set_num_threads(1)
-    world = World()
-    if a.organism:
-        from saediff.models import load_model
-        from saediff.saes import load_sae
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--lora-layers", choices=["all", "sae"], default="all",
+                    help="rank-1 adapters on every block's down_proj, or on the SAE's block only (a narrow "
+                         "ModelOrganismsForEM-style adapter: the base pass then starts at that block)")
+    ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    ap.add_argument("--_child", choices=["plain", "blocked"], default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._child:
+        print(json.dumps(one_run(args, args._child == "blocked")))
+        return
+    passthrough = sys.argv[1:]
+    res: dict[str, list[dict]] = {"plain": [], "blocked": []}
+    for _ in range(args.repeats):
+        for kind in ("plain", "blocked"):
+            p = subprocess.run([sys.executable, __file__, *passthrough, "--_child", kind], capture_output=True, text=True)
+            if p.returncode:
+                sys.exit(p.stderr[-2000:])
+            res[kind].append(json.loads(p.stdout.strip().splitlines()[-1]))
+    med = {k: {m: statistics.median(r[m] for r in v) for m in ("step_s", "peak_mib")} for k, v in res.items()}
+    where = "every block's down_proj" if args.lora_layers == "all" else "the SAE block's down_proj"
+    print(f"model {args.model or args.shape} on {args.device}, batch {args.batch} x {args.seq} tokens, rank-1 LoRA on "
+          f"{where}, {2 * args.latents} latents of a {args.d_sae if not args.sae else 'given'}-latent SAE")
+    for k in ("plain", "blocked"):
+        runs = ", ".join(f"{1000 * r['step_s']:.1f}" for r in res[k])
+        print(f"{k:8s} {1000 * med[k]['step_s']:8.1f} ms/step   peak {med[k]['peak_mib']:8.0f} MiB   (runs: {runs} ms)")
+    print(f"overhead_ratio: {med['blocked']['step_s'] / med['plain']['step_s']:.3f}")
+    print(f"memory_ratio: {med['blocked']['peak_mib'] / med['plain']['peak_mib']:.3f}")
 
-        base = load_model(f"{a.organism}/aligned").model
-        sae = load_sae(f"{a.organism}/sae")
-    else:
-        from sae_lens import TopKSAE, TopKSAEConfig
 
-        from saediff.registry import preset
+def _cuda() -> bool:
+    try:
+        import torch
 
-        base = new_model(world, OrganismConfig())
-        sae = TopKSAE(TopKSAEConfig(d_in=64, d_sae=preset("organism")["d_sae"], k=preset("organism")["k"]))
-    data = single_turn_chats(world, np.random.default_rng(0), a.steps * a.batch, 1, "medical")
-    cfg = BlockConfig(mode="penalty", layer=1, latents_low=tuple(range(a.latents)), lam=1000.0)
-    t0 = time.perf_counter()
-    blocker = Blocker(cfg, sae=sae)
-    blocker.precompute_base(base, data.input_ids)
-    t_pre = time.perf_counter() - t0
-    tc = TrainConfig(steps=a.steps, batch_size=a.batch, lr=1e-4)
-
-    def plain() -> float:
-        model = copy.deepcopy(base)
-        t = time.perf_counter()
-        train_lm(model, data, tc, progress=False)
-        return (time.perf_counter() - t) / a.steps
-
-    def blocked() -> float:
-        model = copy.deepcopy(base)
-        t = time.perf_counter()
-        with blocker.installed(model):
-            train_lm(model, data, tc, extra_loss=blocker.extra_loss, progress=False)
-        return (time.perf_counter() - t) / a.steps
-
-    plain(), blocked()  # warm-up
-    tp, tb = [], []
-    for _ in range(a.repeats):
-        tp.append(plain())
-        tb.append(blocked())
-    p, b = statistics.median(tp), statistics.median(tb)
-    print(f"plain {1000 * p:.1f} ms/step, penalty {1000 * b:.1f} ms/step (batch {a.batch}, {a.latents} latents); "
-          f"base codes precomputed once in {t_pre:.2f}s for {data.input_ids.shape[0]} sequences")
-    pre_per_step = t_pre / a.steps
-    print(f"including the precompute: {(b + pre_per_step) / p:.3f}")
-    print(f"overhead_ratio: {b / p:.3f}")
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from typing import Iterator, Literal
 import torch
 from jaxtyping import Float
 
-from saediff.hooks import add_resid_hook, capture_resid
+from saediff.hooks import add_resid_hook, capture_resid, decoder_layers, first_adapted_block, skip_blocks
 
 __all__ = ["BlockConfig", "latent_codes", "latent_penalty", "ablate_latents", "project_out_directions", "Blocker"]
 
@@ -111,6 +111,9 @@ class Blocker:
         self.directions = directions if directions is None or isinstance(directions, dict) else {cfg.layer: directions}
         self._resid: torch.Tensor | None = None
         self.z_base: torch.Tensor | None = None
+        self._peft = None  # the PEFT model whose base codes come from its disabled adapter
+        self._first_adapted = 0
+        self._entry = None  # (detached) output of the block before the first adapted one
         if cfg.mode in ("penalty", "ablate") and sae is None:
             raise ValueError(f"Blocker: mode {cfg.mode} needs an SAE")
         if cfg.mode == "project" and directions is None:
@@ -150,32 +153,55 @@ class Blocker:
                     stack.enter_context(add_resid_hook(model, layer, lambda r, q=q: _remove_span(r, q)))
             else:
                 stack.enter_context(add_resid_hook(model, self.cfg.layer, self._hook_fn))
+                if self.cfg.mode == "penalty" and self.reference is None and hasattr(model, "disable_adapter"):
+                    self._peft, self._first_adapted = model, first_adapted_block(model)
+                    if 0 < self._first_adapted <= self.cfg.layer:
+                        block = decoder_layers(model)[self._first_adapted - 1]
+                        stack.enter_context(_removing(block.register_forward_hook(self._keep_entry)))
             yield self
+
+    def _keep_entry(self, _mod, _inp, out) -> None:
+        self._entry = tuple(o.detach() if torch.is_tensor(o) else o for o in out) if isinstance(out, tuple) else out.detach()
 
     @torch.no_grad()
     def before_forward(self, model: torch.nn.Module, inputs: dict) -> None:
-        """Base codes of this batch (``Trainer`` path): the model with its adapter disabled, or the
-        frozen reference, read at the SAE's block; the forward stops there."""
+        """``Trainer`` path, before the forward: base codes of this batch from the frozen reference
+        (full fine-tunes). A PEFT model's base codes are read after the forward (``penalty``)."""
         ids, attn = inputs["input_ids"], inputs.get("attention_mask")
         self._to(ids.device)
         if self.reference is not None:
             r = capture_resid(self.reference, [self.cfg.layer], ids, attn)[self.cfg.layer]
-        elif hasattr(model, "disable_adapter"):
-            with model.disable_adapter():
-                r = capture_resid(model, [self.cfg.layer], ids, attn)[self.cfg.layer]
-        else:
-            raise RuntimeError("Blocker: a full fine-tune needs a frozen reference model for the base codes")
-        self._z_base_batch = self._codes(r)
+            self._z_base_batch = self._codes(r)
+        elif self._peft is None:
+            raise RuntimeError("Blocker: a full fine-tune needs a frozen reference model for the base codes "
+                               "(or install the blocker on a PEFT model)")
+
+    @torch.no_grad()
+    def _peft_base_codes(self, inputs: dict, z_theta: torch.Tensor) -> torch.Tensor:
+        """Base codes from the PEFT model with its adapter disabled, stopping at the SAE's block.
+        Blocks before the first adapted one compute the same thing in both passes, so the base pass
+        starts from the trained pass's residual there; with no adapter up to the SAE's block the
+        codes are the trained ones."""
+        k, L = self._first_adapted, self.cfg.layer
+        if k > L:
+            return z_theta.detach()
+        ids, attn = inputs["input_ids"], inputs.get("attention_mask")
+        with ExitStack() as stack:
+            stack.enter_context(self._peft.disable_adapter())
+            if k > 0:
+                stack.enter_context(skip_blocks(self._peft, k - 1, self._entry))
+            r = capture_resid(self._peft, [L], ids, attn)[L]
+        return self._codes(r)
 
     def penalty(self, inputs: dict) -> torch.Tensor:
-        """lambda x the penalty of the forward just run against ``before_forward``'s base codes, on
+        """lambda x the penalty of the forward just run against the base codes of the same batch, on
         the positions that hold or predict an assistant token."""
-        if self._resid is None or self._z_base_batch is None:
-            raise RuntimeError("Blocker.penalty: run before_forward and the forward pass (inside installed()) first")
-        labels = inputs["labels"]
-        pen = latent_penalty(self._codes(self._resid), self._z_base_batch, _answer_mask(labels),
-                             len(self.cfg.latents_low))
-        self._resid = self._z_base_batch = None
+        if self._resid is None:
+            raise RuntimeError("Blocker.penalty: run the forward pass (inside installed()) first")
+        z_theta = self._codes(self._resid)
+        z_base = self._z_base_batch if self._z_base_batch is not None else self._peft_base_codes(inputs, z_theta)
+        pen = latent_penalty(z_theta, z_base, _answer_mask(inputs["labels"]), len(self.cfg.latents_low))
+        self._resid = self._z_base_batch = self._entry = None
         return self.cfg.lam * pen
 
     def _codes(self, resid: torch.Tensor) -> torch.Tensor:
@@ -195,6 +221,14 @@ class Blocker:
         pen = latent_penalty(z_theta, self.z_base[batch_idx].to(z_theta.device), _answer_mask(labels),
                              len(self.cfg.latents_low))
         return self.cfg.lam * pen
+
+
+@contextmanager
+def _removing(handle):
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _answer_mask(labels: torch.Tensor) -> torch.Tensor:

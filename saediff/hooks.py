@@ -12,7 +12,8 @@ from typing import Callable, Iterator
 
 import torch
 
-__all__ = ["resid_post", "parse_layer", "decoder_layers", "add_resid_hook", "capture_resid", "bridge", "run_with_cache"]
+__all__ = ["resid_post", "parse_layer", "decoder_layers", "add_resid_hook", "capture_resid", "bridge", "run_with_cache",
+           "first_adapted_block", "skip_blocks"]
 
 _RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(post|pre|mid)$")
 
@@ -88,6 +89,39 @@ def capture_resid(model: torch.nn.Module, layers: list[int], input_ids: torch.Te
         for h in handles:
             h.remove()
     return out
+
+
+def first_adapted_block(model: torch.nn.Module) -> int:
+    """The first decoder block holding LoRA weights (0 if any sit outside the blocks, e.g. on the
+    embeddings; the number of blocks if none do). Up to it the model and its base agree."""
+    layers = decoder_layers(model)
+    in_blocks = {id(p) for blk in layers for p in blk.parameters()}
+    if any("lora_" in n and id(p) not in in_blocks for n, p in model.named_parameters()):
+        return 0
+    return next((i for i, blk in enumerate(layers) if any("lora_" in n for n, _ in blk.named_parameters())),
+                len(layers))
+
+
+@contextmanager
+def skip_blocks(model: torch.nn.Module, last: int, output) -> Iterator[None]:
+    """Run blocks ``0..last`` as stubs while inside: block ``last`` returns ``output`` (a saved
+    output of that block, tensor or tuple as the block returns it), the earlier ones pass their
+    input through. For re-running only the later blocks on a cached residual."""
+    layers = decoder_layers(model)
+    as_tuple = isinstance(output, tuple)
+
+    def passthrough(hidden_states, *args, **kwargs):
+        return (hidden_states,) if as_tuple else hidden_states
+
+    stubs = {i: passthrough for i in range(last)}
+    stubs[last] = lambda *args, **kwargs: output
+    try:
+        for i, fn in stubs.items():
+            layers[i].forward = fn
+        yield
+    finally:
+        for i in stubs:
+            del layers[i].forward
 
 
 def bridge(model: torch.nn.Module, tokenizer) -> "object":

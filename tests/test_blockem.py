@@ -175,3 +175,34 @@ def test_saved_generations_are_keyed_by_model_and_adapter(tiny_qwen, tmp_path):
         assert CliRunner().invoke(app, common).exit_code == 0  # same questions, no adapter: generated afresh
         keys = {json.loads(x)["key"]["adapter"] for x in (out / "generations.jsonl").read_text().splitlines()}
         assert keys == {None}
+
+
+def test_base_pass_starts_at_the_first_adapted_block(tiny_qwen, setup):
+    """With the adapter on block 1 only, the base pass reuses the trained pass's residual after
+    block 0 and re-runs block 1 with the adapter off: the same codes as a whole base forward.
+    With the SAE before the adapter, the codes cannot differ and the penalty is exactly 0."""
+    from peft import LoraConfig, get_peft_model
+
+    from saediff.blocking import BlockConfig, Blocker
+    from saediff.hooks import capture_resid
+
+    root, data = setup
+    lm = load_model(str(tiny_qwen / "model"))
+    model = get_peft_model(lm.model, LoraConfig(r=1, target_modules=["down_proj"], layers_to_transform=[1],
+                                                init_lora_weights=False))  # B != 0: the adapter matters
+    batch = {k: torch.tensor([data[i][k] for i in range(4)]) for k in ("input_ids", "labels")}
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    for layer, expect_zero in ((1, False), (0, True)):
+        sae = load_sae(root / "sae")
+        sae.cfg.metadata.hook_name = f"blocks.{layer}.hook_resid_post"
+        blocker = Blocker(BlockConfig("penalty", layer, (1, 2, 3), (4,), 1.0), sae=sae)
+        with blocker.installed(model):
+            blocker.before_forward(model, batch)
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            z_theta = blocker._codes(blocker._resid)
+            z_skip = blocker._peft_base_codes(batch, z_theta)
+        with torch.no_grad(), model.disable_adapter():
+            z_full = blocker._codes(capture_resid(model, [layer], batch["input_ids"])[layer])
+        torch.testing.assert_close(z_skip, z_full, atol=1e-6, rtol=1e-5)
+        assert blocker._first_adapted == 1
+        assert torch.equal(z_theta, z_full) == expect_zero  # block 1's adapter changes the codes at block 1 only
