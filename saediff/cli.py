@@ -242,6 +242,12 @@ def diff_cmd(
     icl_examples: Optional[str] = typer.Option(None, "--icl-examples", help="JSONL/YAML rows question/misaligned/aligned: "
                                                "the in-context-induced direction (automatic on the organism)"),
     n_shots: int = typer.Option(3, "--n-shots", help="in-context examples before each question"),
+    judge_url: Optional[str] = typer.Option(None, "--judge-url", help="OpenAI-compatible judge that labels the answers "
+                                            "for the response mean difference"),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model"),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env"),
+    responses: Optional[Path] = typer.Option(None, "--responses", help="saediff eval's responses.jsonl: diff on these "
+                                             "scored answers instead of generating"),
     seed: int = typer.Option(0, "--seed"),
     threads: Optional[int] = typer.Option(None, "--threads"),
 ) -> None:
@@ -252,8 +258,19 @@ def diff_cmd(
     if finetuned is None and adapter is None:
         _fail(ValueError("give --finetuned or --adapter"))
     try:
+        judge = None
+        if judge_url is not None:
+            if judge_model is None:
+                raise ValueError("--judge-url needs --judge-model")
+            from saediff.judges import HttpJudge
+            from saediff.openai_api import ChatClient
+
+            client = ChatClient(judge_url, api_key_env=api_key_env)
+            judge = tuple(HttpJudge(k, client, judge_model, cache_path=out / f"judge_cache_{k}.jsonl")
+                          for k in ("aligned", "coherent"))
         summary = run_diff(base, finetuned, sae, out, adapter=adapter, prompts=prompts, top_n=top_n, ranking=ranking,
-                           max_new_tokens=max_new_tokens, icl_examples=icl_examples, n_shots=n_shots, seed=seed)
+                           max_new_tokens=max_new_tokens, icl_examples=icl_examples, n_shots=n_shots, seed=seed,
+                           judge=judge, responses=str(responses) if responses else None)
     except _USER_ERRORS as e:
         _fail(e)
     typer.echo(json.dumps(summary, indent=2))
