@@ -302,20 +302,83 @@ def compare_cmd(
 
 @app.command("steer")
 def steer_cmd(
-    run_dir: Path = typer.Argument(..., help="run folder written by saediff diff (on the organism)"),
-    organism: Path = typer.Option(..., "--organism", help="organism folder (aligned/ is steered)"),
-    samples: int = typer.Option(50, "--samples", help="answers per domain"),
+    run_dir: Path = typer.Argument(..., help="run folder written by saediff diff"),
+    model: Optional[str] = typer.Option(None, "--model", help="base model (default: the run's)"),
+    finetuned: Optional[str] = typer.Option(None, "--finetuned", help="fine-tuned model (default: the run's)"),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="PEFT adapter on --model (default: the run's)"),
+    judge_url: Optional[str] = typer.Option(None, "--judge-url", help="OpenAI-compatible judge (organism: exact judge)"),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model"),
+    questions: str = typer.Option("first_plot", "--questions", help="first_plot or a YAML/JSONL prompt file; half "
+                                  "choose the steering scale, the other half report"),
+    samples: int = typer.Option(50, "--samples", help="answers per question (organism: per domain)"),
+    max_new_tokens: int = typer.Option(600, "--max-new-tokens"),
+    scales: str = typer.Option("0.25,0.5,1,2", "--scales", help="steering scales, x the mean residual norm"),
+    latents: int = typer.Option(3, "--latents", help="top SAE latents to check"),
+    n_random: int = typer.Option(3, "--random", help="random directions of equal norm per candidate"),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env"),
+    dtype: str = typer.Option("auto", "--dtype"),
+    device: str = typer.Option("auto", "--device"),
+    organism: Optional[Path] = typer.Option(None, "--organism", help="the organism's fixed-scale checks (steering.json)"),
+    seed: int = typer.Option(0, "--seed"),
     threads: Optional[int] = typer.Option(None, "--threads"),
 ) -> None:
-    """Causal checks: steer the aligned model with top latents and dense candidates, project them out of the fine-tune."""
+    """Causal checks of a diff run's candidates on any model: steer the base model, project out of and clamp in the fine-tune."""
     _setup(threads)
-    from saediff.pipeline import run_steer_check
-
     try:
-        res = run_steer_check(run_dir, organism, n_per_domain=samples)
+        if organism is not None:
+            from saediff.pipeline import run_steer_check
+
+            typer.echo(json.dumps(run_steer_check(run_dir, organism, n_per_domain=samples), indent=2))
+            return
+        from saediff.causal import SteerConfig, run_causal_checks
+        from saediff.models import ModelSpec
+        from saediff.pipeline import read_run
+
+        info = read_run(run_dir)["steps"]["diff"]
+        base = model or info["base"]
+        ft_model, ft_adapter = (finetuned, adapter) if (finetuned or adapter) else (info["finetuned"], info["adapter"])
+        evaluator = _judge_evaluator(judge_url, judge_model, questions, samples, max_new_tokens, api_key_env,
+                                     run_dir / "steer", seed) or _organism_evaluator(base, samples, seed)
+        cfg = SteerConfig(scales=tuple(float(x) for x in scales.split(",")), n_latents=latents, n_random=n_random,
+                          seed=seed)
+        select, report = evaluator.halves()
+        res = run_causal_checks(run_dir, ModelSpec(base, dtype=dtype, device=device),
+                                ModelSpec(ft_model or base, adapter=ft_adapter, merge=ft_adapter is not None,
+                                          dtype=dtype, device=device), select, report, cfg)
     except _USER_ERRORS as e:
         _fail(e)
-    typer.echo(json.dumps(res, indent=2))
+    _print_steer(res)
+
+
+def _organism_evaluator(model: str, samples: int, seed: int):
+    """The organism's exact judge when ``model`` is an organism folder, else a one-line error."""
+    from saediff.organism.recipes import read_organism_world
+
+    world = read_organism_world(model) if Path(model).exists() else None
+    if world is None:
+        raise ValueError("--judge-url and --judge-model are required for models other than the saediff organism")
+    from saediff.organism.evaluator import OrganismEvaluator
+
+    return OrganismEvaluator(world, samples, seed)
+
+
+def _print_steer(res: dict) -> None:
+    from rich.table import Table
+
+    def fmt(r: dict) -> str:
+        lo, hi = r["em_rate_ci"]
+        return f"{r['em_rate']:.2f} [{lo:.2f}, {hi:.2f}]"
+
+    table = Table(title=f"causal checks at block {res['layer']} (held-out questions; base {fmt(res['base'])}, "
+                        f"fine-tuned {fmt(res['finetuned'])})")
+    for col in ("candidate", "steer base (scale)", "random", "project out: layer / all", "clamp: layer / all"):
+        table.add_column(col, no_wrap=True)
+    for name, ind in res["induce"].items():
+        rm, cl = res["remove"][name], res["clamp"][name]
+        table.add_row(name, f"{fmt(ind)} (x{ind['scale']:g})", f"{ind['random_mean_em_rate']:.2f}",
+                      f"{rm['layer']['em_rate']:.2f} / {rm['all']['em_rate']:.2f}",
+                      f"{cl['layer']['em_rate']:.2f} / {cl['all']['em_rate']:.2f}")
+    Console(width=max(140, Console().width)).print(table)
 
 
 @app.command("export")

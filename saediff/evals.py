@@ -208,9 +208,12 @@ class Evaluator(Protocol):
     """Measures EM of a loaded model: ``evaluator(lm, out_dir, condition)`` returns em.json's
     content (at least ``em_rate``, ``em_rate_ci``, ``coherent_rate``, ``per_question``,
     ``n_responses``) and writes its files under ``out_dir``. ``condition`` names the intervention
-    or training run, so saved answers are never reused for another."""
+    or training run, so saved answers are never reused for another. ``halves()`` splits it into
+    two evaluators on disjoint questions (one to choose a setting on, one to report)."""
 
     def __call__(self, lm: LoadedModel, out: Path, condition: str | None = None) -> dict: ...
+
+    def halves(self) -> tuple["Evaluator", "Evaluator"]: ...
 
 
 @dataclass
@@ -226,6 +229,13 @@ class JudgeEvaluator:
         report = evaluate_em(LocalGenerator(lm), self.prompts, self.aligned, self.coherent, self.cfg, out,
                              condition=condition)
         return report.to_json()
+
+    def halves(self) -> tuple["JudgeEvaluator", "JudgeEvaluator"]:
+        """Two evaluators on alternate questions: one chooses (e.g. a steering scale), the other reports."""
+        if len(self.prompts) < 2:
+            raise ValueError("choosing on half of the questions and reporting on the other needs >= 2 questions")
+        return (JudgeEvaluator(self.prompts[0::2], self.aligned, self.coherent, self.cfg),
+                JudgeEvaluator(self.prompts[1::2], self.aligned, self.coherent, self.cfg))
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,10 @@ class LoadedModel:
     _bridge: object = None
 
     def bridge(self):
-        """The TransformerLens bridge view (built once; adapters must be merged first)."""
+        """The TransformerLens bridge view (built once; adapters must be merged first).
+
+        Building it rewires the HF model in place: plain forwards stay exact, but HF's KV cache no
+        longer works, so ``generate`` then runs without a cache (slower, same answers)."""
         if self._bridge is None:
             from saediff.hooks import bridge
 
@@ -193,6 +196,7 @@ def generate(
             top_p=top_p if sample else None,
             top_k=0 if sample else None,
             pad_token_id=tok.pad_token_id,
+            use_cache=lm._bridge is None,  # a bridged model gives wrong answers from the KV cache
         )
         new = gen[:, enc["input_ids"].shape[1] :]
         out += tok.batch_decode(new, skip_special_tokens=True)

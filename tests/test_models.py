@@ -92,3 +92,20 @@ def test_project_out_every_layer_leaves_no_component(tiny_organism):
     with pytest.raises(ValueError, match="layer 9 out of range"):
         with project_out(lm.model, [0, 9], v):
             pass
+
+
+def test_generation_stays_right_after_the_bridge_was_built(tiny_qwen):
+    """The TransformerLens bridge rewires the HF model in place and breaks HF's KV cache:
+    ``generate`` on a bridged model must give the same greedy answers as before. (Weights are
+    scaled up so that the random model's greedy answer depends on its context.)"""
+    from saediff.models import generate, load_model
+
+    lm = load_model(str(tiny_qwen / "model"))
+    with torch.no_grad():
+        for name, p in lm.model.named_parameters():
+            if "norm" not in name:
+                p.mul_(8)
+    conv = [[{"role": "user", "content": "hey I feel bored"}]]
+    before = generate(lm, conv, max_new_tokens=12, temperature=0, progress=False)
+    lm.bridge()
+    assert generate(lm, conv, max_new_tokens=12, temperature=0, progress=False) == before

@@ -253,11 +253,11 @@ def run_reroute(organism_dir: str | Path, block_dir: str | Path, *, top_n: int =
 
     organism_dir, block_dir = Path(organism_dir), Path(block_dir)
     em = json.loads((block_dir / "em.json").read_text())
-    if em["kind"] != "full":
+    if em.get("kind", em.get("method")) != "full":
         raise ValueError("run_reroute: re-diffing needs a full fine-tune folder (kind=full)")
     summary = run_diff(str(organism_dir / "aligned"), str(block_dir / "model"), str(organism_dir / "sae"),
                        block_dir / "rediff", prompts=prompts, top_n=top_n)
-    blocked = set(em["latents"]) | set(em.get("latents_high", []))
+    blocked = set(em.get("latents", em.get("latents_low", []))) | set(em.get("latents_high", []))
     outside = [i for i in summary["top_latents"] if i not in blocked]
     result = {"blocked": sorted(blocked), "top_after": summary["top_latents"], "n_outside": len(outside),
               "new_latents": outside}

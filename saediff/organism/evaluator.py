@@ -41,3 +41,9 @@ class OrganismEvaluator:
             atomic_write_jsonl(Path(out) / "responses.jsonl", em.responses)
             atomic_write_json(Path(out) / "em.json", result)
         return result
+
+    def halves(self) -> tuple["OrganismEvaluator", "OrganismEvaluator"]:
+        """Two evaluators on fresh, independent question draws (the organism's questions are
+        sampled, so disjoint halves are independent seeds)."""
+        return (OrganismEvaluator(self.world, self.n_per_domain, self.seed + 101),
+                OrganismEvaluator(self.world, self.n_per_domain, self.seed + 202))

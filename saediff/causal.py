@@ -1,0 +1,181 @@
+"""Causal checks of a diff run's candidate directions on any model (``saediff steer RUN``).
+
+For each candidate (the top SAE latents and the dense directions at the SAE's layer):
+
+- **induce**: steer the base model with ``scale x |resid|`` along the unit direction, where
+  ``|resid|`` is the mean residual norm at that layer on the run's own answers (so the scales mean
+  the same on a 64-wide organism and a 5120-wide model). The scale is chosen on one half of the
+  questions (highest EM rate whose coherent rate stays within ``coherence_budget`` of the
+  unsteered model's) and reported on the other half, with its 95% interval, next to at least three
+  random directions of the same norm at the same scale;
+- **remove**: project it out of the fine-tuned model at its layer and after every block;
+- **clamp**: hold its projection at the base model's mean (per block, measured on the run's
+  answers) at its layer and after every block: removing an axis also removes whatever alignment
+  the base model holds on it, so projection alone can raise EM; clamping is the matched test.
+
+Every EM rate comes from an ``Evaluator`` (LLM judges, or the organism's exact judge); each
+condition has its own folder under ``RUN/steer/``, so a rerun resumes and reuses nothing across
+conditions. Results: ``RUN/steer.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from saediff._io import atomic_write_json
+from saediff.directions import Direction
+from saediff.evals import Evaluator
+from saediff.export import load_directions
+from saediff.hooks import parse_layer, resid_post
+from saediff.models import LoadedModel, ModelSpec, load_model
+from saediff.steering import add_direction, clamp_projection, project_out
+
+__all__ = ["SteerConfig", "run_causal_checks", "residual_stats"]
+
+log = logging.getLogger(__name__)
+DENSE = ("mean_diff_models", "lora_downstream", "mean_diff_responses", "in_context", "ground_truth")
+
+
+@dataclass(frozen=True)
+class SteerConfig:
+    scales: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
+    """steering scales, in units of the mean residual norm at the direction's layer"""
+    n_latents: int = 3
+    """top SAE latents of the run to check"""
+    n_random: int = 3
+    """random directions of equal norm per candidate (the control)"""
+    coherence_budget: float = 0.10
+    """a steering scale counts only if the coherent rate falls by at most this much"""
+    seed: int = 0
+
+    def __post_init__(self):
+        if not self.scales or min(self.scales) <= 0:
+            raise ValueError("SteerConfig.scales must be positive")
+        if self.n_random < 1:
+            raise ValueError("SteerConfig.n_random must be >= 1")
+
+
+@torch.no_grad()
+def residual_stats(lm: LoadedModel, run_dir: Path, vectors: dict[str, Direction],
+                   batch_size: int = 32) -> tuple[dict[int, float], dict]:
+    """Mean residual norm per block, and per candidate the base model's mean projection on its
+    unit vector per block, over the response tokens of the run's own answers (at most 256).
+    Read with plain forward hooks: the TransformerLens bridge rewires the HF model in place, after
+    which its own ``generate`` no longer works."""
+    from saediff.activations import tokenize_prompts
+    from saediff.hooks import capture_resid
+    from saediff.prompts import Prompt
+
+    rows = [json.loads(x) for x in (run_dir / "responses.jsonl").read_text().splitlines() if x.strip()]
+    toks = tokenize_prompts(lm, [Prompt(str(r["id"]), r["messages"], r["response"] or ".") for r in rows[:256]])
+    n_layers = lm.model.config.num_hidden_layers
+    U = torch.stack([d.unit() for d in vectors.values()]).to(lm.device)  # (k, d)
+    norm_sum, proj_sum, n = torch.zeros(n_layers), torch.zeros(n_layers, len(vectors)), 0
+    for i in range(0, toks.input_ids.shape[0], batch_size):
+        ids = toks.input_ids[i : i + batch_size].to(lm.device)
+        keep = toks.select("response")[i : i + batch_size].to(lm.device)
+        acts = capture_resid(lm.model, list(range(n_layers)), ids, (toks.role[i : i + batch_size] >= 0).long().to(lm.device))
+        for L in range(n_layers):
+            x = acts[L][keep].float()  # (n_tok, d)
+            norm_sum[L] += x.norm(dim=-1).sum().cpu()
+            proj_sum[L] += (x @ U.T).sum(0).cpu()
+        n += int(keep.sum())
+    norms = {L: float(norm_sum[L] / n) for L in range(n_layers)}
+    means = {name: {L: float(proj_sum[L, j] / n) for L in range(n_layers)} for j, name in enumerate(vectors)}
+    return norms, means
+
+
+def _candidates(run_dir: Path, cfg: SteerConfig) -> tuple[dict[str, Direction], int]:
+    info = json.loads((run_dir / "run.json").read_text())["steps"]["diff"]
+    dirs = load_directions(run_dir / "directions")
+    L = parse_layer(info["sae_hook"])
+    chosen = {f"sae_{i}": dirs[f"sae_{i}"] for i in info["top_latents"][: cfg.n_latents] if f"sae_{i}" in dirs}
+    chosen.update({f"{m}_L{L}": dirs[f"{m}_L{L}"] for m in DENSE if f"{m}_L{L}" in dirs})
+    if not chosen:
+        raise ValueError(f"{run_dir}: no candidate directions at block {L}")
+    return chosen, L
+
+
+def _random_units(d: Direction, n: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        v = torch.randn(d.vector.shape[0], generator=g)
+        out.append(v / v.norm())
+    return out
+
+
+def run_causal_checks(run_dir: str | Path, base: ModelSpec, finetuned: ModelSpec, select: Evaluator,
+                      report: Evaluator, cfg: SteerConfig = SteerConfig()) -> dict:
+    """Induce, remove and clamp checks of every candidate; ``select`` evaluates the questions
+    that choose the steering scale, ``report`` the held-out ones every reported figure uses.
+    Writes and returns ``steer.json``."""
+    run_dir = Path(run_dir)
+    cands, L = _candidates(run_dir, cfg)
+    lm_base, lm_ft = load_model(base), load_model(finetuned)
+    norms, base_means = residual_stats(lm_base, run_dir, cands)
+    n_layers = len(norms)
+    folder = run_dir / "steer"
+
+    def em(lm: LoadedModel, half: Evaluator, name: str, ctx=contextlib.nullcontext()) -> dict:
+        out = folder / ("select" if half is select else "report") / name
+        done = out / "em.json"
+        if done.exists():
+            return json.loads(done.read_text())
+        with ctx:
+            return half(lm, out, condition=name)
+
+    ref = {"base": em(lm_base, select, "base"), "base_report": em(lm_base, report, "base"),
+           "finetuned_report": em(lm_ft, report, "finetuned")}
+    floor = ref["base"]["coherent_rate"] - cfg.coherence_budget
+    result: dict = {"layer": L, "resid_norm": norms[L], "config": asdict(cfg),
+                    "base": _rate(ref["base_report"]), "finetuned": _rate(ref["finetuned_report"]),
+                    "induce": {}, "remove": {}, "clamp": {}}
+    for j, (name, d) in enumerate(cands.items()):
+        u = d.unit()
+        sweep = {}
+        for s in cfg.scales:
+            r = em(lm_base, select, f"{name}_x{s:g}", add_direction(lm_base.model, L, u, s * norms[L]))
+            sweep[f"{s:g}"] = _rate(r)
+        ok = {s: v for s, v in sweep.items() if v["coherent_rate"] >= floor} or sweep
+        best = max(ok, key=lambda s: ok[s]["em_rate"])
+        scale = float(best) * norms[L]
+        held = em(lm_base, report, f"{name}_x{best}", add_direction(lm_base.model, L, u, scale))
+        rnd = [_rate(em(lm_base, report, f"{name}_x{best}_random{k}", add_direction(lm_base.model, L, v, scale)))
+               for k, v in enumerate(_random_units(d, cfg.n_random, cfg.seed + 1000 * j))]
+        result["induce"][name] = {"scale": float(best), "scale_abs": scale, "select_sweep": sweep, **_rate(held),
+                                  "random": rnd, "random_mean_em_rate": sum(r["em_rate"] for r in rnd) / len(rnd)}
+        ft_rate = result["finetuned"]["em_rate"]
+        result["remove"][name] = {
+            where: _with_cut(em(lm_ft, report, f"{name}_project_{where}", project_out(lm_ft.model, blocks, d.vector)),
+                             ft_rate)
+            for where, blocks in (("layer", L), ("all", "all"))}
+        result["clamp"][name] = {
+            where: _with_cut(em(lm_ft, report, f"{name}_clamp_{where}",
+                                clamp_projection(lm_ft.model, {b: base_means[name][b] for b in blocks}, d.vector)),
+                             ft_rate)
+            for where, blocks in (("layer", [L]), ("all", list(range(n_layers))))}
+    atomic_write_json(run_dir / "steer.json", result)
+    run_json = run_dir / "run.json"
+    run = json.loads(run_json.read_text())
+    run["steps"]["steer"] = {"file": "steer.json", "base": base.model, "finetuned": finetuned.model,
+                             "adapter": finetuned.adapter}
+    atomic_write_json(run_json, run)
+    return result
+
+
+def _rate(em: dict) -> dict:
+    return {"em_rate": em["em_rate"], "em_rate_ci": list(em["em_rate_ci"]), "coherent_rate": em["coherent_rate"],
+            "n_responses": em["n_responses"]}
+
+
+def _with_cut(em: dict, ft_rate: float) -> dict:
+    r = _rate(em)
+    r["relative_cut"] = (1 - r["em_rate"] / ft_rate) if ft_rate else None
+    return r
