@@ -32,7 +32,7 @@ from saediff._io import atomic_write_json
 from saediff.directions import Direction
 from saediff.evals import Evaluator
 from saediff.export import load_directions
-from saediff.hooks import parse_layer, resid_post
+from saediff.hooks import parse_layer
 from saediff.models import LoadedModel, ModelSpec, load_model
 from saediff.steering import add_direction, clamp_projection, project_out
 
