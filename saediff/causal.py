@@ -36,7 +36,7 @@ from saediff.hooks import parse_layer
 from saediff.models import LoadedModel, ModelSpec, load_model
 from saediff.steering import add_direction, clamp_projection, project_out
 
-__all__ = ["SteerConfig", "run_causal_checks", "residual_stats"]
+__all__ = ["SteerConfig", "run_causal_checks", "residual_stats", "DiscoverConfig", "discover_latents"]
 
 log = logging.getLogger(__name__)
 DENSE = ("mean_diff_models", "lora_downstream", "mean_diff_responses", "in_context", "ground_truth")
@@ -75,7 +75,9 @@ def residual_stats(lm: LoadedModel, run_dir: Path, vectors: dict[str, Direction]
     rows = [json.loads(x) for x in (run_dir / "responses.jsonl").read_text().splitlines() if x.strip()]
     toks = tokenize_prompts(lm, [Prompt(str(r["id"]), r["messages"], r["response"] or ".") for r in rows[:256]])
     n_layers = lm.model.config.num_hidden_layers
-    U = torch.stack([d.unit() for d in vectors.values()]).to(lm.device)  # (k, d)
+    d_model = lm.model.config.hidden_size
+    U = torch.stack([d.unit() for d in vectors.values()]) if vectors else torch.zeros(0, d_model)
+    U = U.to(lm.device)  # (k, d)
     norm_sum, proj_sum, n = torch.zeros(n_layers), torch.zeros(n_layers, len(vectors)), 0
     for i in range(0, toks.input_ids.shape[0], batch_size):
         ids = toks.input_ids[i : i + batch_size].to(lm.device)
@@ -179,3 +181,78 @@ def _with_cut(em: dict, ft_rate: float) -> dict:
     r = _rate(em)
     r["relative_cut"] = (1 - r["em_rate"] / ft_rate) if ft_rate else None
     return r
+
+
+@dataclass(frozen=True)
+class DiscoverConfig:
+    pool: int = 20
+    """candidates: the latents that rose most and as many that fell most in the diff"""
+    scales: tuple[float, ...] = (0.25, 0.5, 1.0)
+    """steering scales tried, x the mean residual norm at the SAE's block; per latent the scale
+    that passes with the largest induce + repair counts"""
+    min_induce: float = 0.05
+    """EM rate a latent must add when the base model is steered along it (K-: against it)"""
+    min_repair: float = 0.05
+    """EM rate it must remove when the fine-tuned model is steered against it (K-: along it)"""
+    coherence_budget: float = 0.10
+    """the coherent rate may fall by at most this much under either intervention"""
+    seed: int = 0
+
+
+def discover_latents(run_dir: str | Path, base: ModelSpec, finetuned: ModelSpec, evaluator: Evaluator,
+                     cfg: DiscoverConfig = DiscoverConfig()) -> dict:
+    """The BLOCK-EM paper's latent screening: from a diff run's candidate pool, keep the latents
+    that both *induce* EM (steering the base model toward the fine-tune's change along the latent)
+    and *repair* it (steering the fine-tuned model back), within the incoherence budget. Latents
+    that rose (K+, held down in BLOCK-EM) are steered along their decoder row; latents that fell
+    (K-, held up) against it. Writes ``RUN/latents.json`` (``low``: K+, ``high``: K-, and each
+    candidate's figures), which ``saediff block --latents`` reads."""
+    from saediff.blockem import latents_from_diff
+    from saediff.saes import load_sae
+
+    run_dir = Path(run_dir)
+    info = json.loads((run_dir / "run.json").read_text())["steps"]["diff"]
+    L = parse_layer(info["sae_hook"])
+    pool = latents_from_diff(run_dir, cfg.pool, cfg.pool)
+    sae = load_sae(info["sae"])
+    lm_base, lm_ft = load_model(base), load_model(finetuned)
+    norms, _ = residual_stats(lm_base, run_dir, {})
+    folder = run_dir / "discover"
+
+    def em(lm: LoadedModel, name: str, ctx=contextlib.nullcontext()) -> dict:
+        done = folder / name / "em.json"
+        if done.exists():
+            return json.loads(done.read_text())
+        with ctx:
+            return evaluator(lm, folder / name, condition=name)
+
+    ref_b, ref_f = em(lm_base, "base"), em(lm_ft, "finetuned")
+    figures: dict[str, dict] = {}
+    kept: dict[str, list[tuple[float, int]]] = {"low": [], "high": []}
+    for side, latents, sign in (("low", pool.low, 1.0), ("high", pool.high, -1.0)):
+        for i in latents:
+            u = sae.W_dec[i].detach().float()
+            u = sign * u / u.norm()
+            best = None
+            for s in cfg.scales:
+                a = s * norms[L]
+                ind = em(lm_base, f"{i}_induce_x{s:g}", add_direction(lm_base.model, L, u, a))
+                rep = em(lm_ft, f"{i}_repair_x{s:g}", add_direction(lm_ft.model, L, -u, a))
+                row = {"scale": s, "induce": ind["em_rate"] - ref_b["em_rate"],
+                       "repair": ref_f["em_rate"] - rep["em_rate"],
+                       "coherence_drop": max(ref_b["coherent_rate"] - ind["coherent_rate"],
+                                             ref_f["coherent_rate"] - rep["coherent_rate"])}
+                row["passes"] = (row["induce"] >= cfg.min_induce and row["repair"] >= cfg.min_repair
+                                 and row["coherence_drop"] <= cfg.coherence_budget)
+                score = (row["passes"], row["induce"] + row["repair"])
+                if best is None or score > (best["passes"], best["induce"] + best["repair"]):
+                    best = row
+            figures[str(i)] = {"set": side, "delta_rank": latents.index(i), **best}
+            if best["passes"]:
+                kept[side].append((best["induce"] + best["repair"], i))
+    result = {"kind": "saediff.latents", "hook_name": info["sae_hook"], "sae": info["sae"], "config": asdict(cfg),
+              "base_em_rate": ref_b["em_rate"], "finetuned_em_rate": ref_f["em_rate"],
+              "low": [i for _, i in sorted(kept["low"], reverse=True)],
+              "high": [i for _, i in sorted(kept["high"], reverse=True)], "candidates": figures}
+    atomic_write_json(run_dir / "latents.json", result)
+    return result

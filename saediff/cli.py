@@ -381,6 +381,45 @@ def _print_steer(res: dict) -> None:
     Console(width=max(140, Console().width)).print(table)
 
 
+@app.command("discover")
+def discover_cmd(
+    run_dir: Path = typer.Argument(..., help="run folder written by saediff diff"),
+    pool: int = typer.Option(20, "--pool", help="latents that rose most, and as many that fell most, to screen"),
+    scales: str = typer.Option("0.25,0.5,1", "--scales", help="steering scales, x the mean residual norm"),
+    min_induce: float = typer.Option(0.05, "--min-induce", help="EM rate a latent must add to the base model"),
+    min_repair: float = typer.Option(0.05, "--min-repair", help="EM rate it must remove from the fine-tune"),
+    judge_url: Optional[str] = typer.Option(None, "--judge-url", help="OpenAI-compatible judge (organism: exact judge)"),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model"),
+    questions: str = typer.Option("first_plot", "--questions"),
+    samples: int = typer.Option(20, "--samples", help="answers per question (organism: per domain)"),
+    max_new_tokens: int = typer.Option(600, "--max-new-tokens"),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env"),
+    dtype: str = typer.Option("auto", "--dtype"),
+    device: str = typer.Option("auto", "--device"),
+    seed: int = typer.Option(0, "--seed"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+) -> None:
+    """Screen a diff run's top risen and fallen latents by induce and repair steering; writes RUN/latents.json for block --latents."""
+    _setup(threads)
+    try:
+        from saediff.causal import DiscoverConfig, discover_latents
+        from saediff.models import ModelSpec
+        from saediff.pipeline import read_run
+
+        info = read_run(run_dir)["steps"]["diff"]
+        evaluator = _judge_evaluator(judge_url, judge_model, questions, samples, max_new_tokens, api_key_env,
+                                     run_dir / "discover", seed) or _organism_evaluator(info["base"], samples, seed)
+        cfg = DiscoverConfig(pool=pool, scales=tuple(float(x) for x in scales.split(",")), min_induce=min_induce,
+                             min_repair=min_repair, seed=seed)
+        res = discover_latents(run_dir, ModelSpec(info["base"], dtype=dtype, device=device),
+                               ModelSpec(info["finetuned"] or info["base"], adapter=info["adapter"],
+                                         merge=info["adapter"] is not None, dtype=dtype, device=device), evaluator, cfg)
+    except _USER_ERRORS as e:
+        _fail(e)
+    typer.echo(json.dumps({"latents": str(run_dir / "latents.json"), "low": res["low"], "high": res["high"],
+                           "screened": len(res["candidates"])}))
+
+
 @app.command("export")
 def export_cmd(
     run_dir: Path = typer.Argument(..., help="run folder written by saediff diff"),
