@@ -22,9 +22,12 @@ _EXPORTS = {
     "add_direction": "steering", "project_out": "steering", "clamp_latent": "steering",
     "export_directions": "export", "load_directions": "export",
     "BlockConfig": "blocking", "Blocker": "blocking", "DriftMonitor": "monitor",
-    "HttpJudge": "judges", "OrganismJudge": "judges",
-    "evaluate_em": "evals", "evaluate_organism_em": "evals", "EMConfig": "evals",
-    "run_diff": "pipeline", "run_compare": "pipeline", "run_steer_check": "pipeline", "run_demo": "pipeline",
+    "HttpJudge": "judges", "OrganismJudge": "organism.judge",
+    "evaluate_em": "evals", "evaluate_organism_em": "organism.evaluator", "EMConfig": "evals",
+    "JudgeEvaluator": "evals",
+    "run_diff": "pipeline", "run_compare": "pipeline", "run_steer_check": "organism.demo", "run_demo": "organism.demo",
+    "FinetuneConfig": "finetune", "finetune": "finetune", "load_chat_jsonl": "chat_data",
+    "run_block_em": "blockem", "LatentSets": "blockem", "run_causal_checks": "causal", "discover_latents": "causal",
 }
 __all__ = ["__version__", *_EXPORTS]
 

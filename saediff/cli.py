@@ -88,7 +88,8 @@ def eval_cmd(
         report = run_eval(model=model, adapter=adapter, out=out, judge_url=judge_url, judge_model=judge_model,
                           questions=questions, samples=samples, max_new_tokens=max_new_tokens, gen_url=gen_url,
                           gen_model=gen_model, api_key_env=api_key_env, concurrency=concurrency, rubric=rubric,
-                          dtype=dtype, seed=seed)
+                          dtype=dtype, seed=seed,
+                          evaluator=None if judge_url else _organism_eval_or_none(model, samples, seed))
     except _USER_ERRORS as e:
         _fail(e)
     typer.echo(json.dumps({k: report[k] for k in ("em_rate", "em_rate_ci", "coherent_rate", "n_responses")}))
@@ -235,7 +236,8 @@ def diff_cmd(
     out: Path = typer.Option(..., "--out", help="run folder"),
     finetuned: Optional[str] = typer.Option(None, "--finetuned", help="fine-tuned model (omit with --adapter: base + adapter)"),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="PEFT adapter folder on --base"),
-    prompts: str = typer.Option("organism:100", "--prompts", help="prompt file, first_plot, or organism:N (N per domain)"),
+    prompts: Optional[str] = typer.Option(None, "--prompts", help="prompt file or first_plot (default); on the "
+                                          "organism organism:N, N questions per domain (default 100)"),
     top_n: int = typer.Option(10, "--top", help="SAE latents to keep as candidate directions"),
     ranking: str = typer.Option("delta", "--ranking", help="delta | abs_delta | effect_size | freq_delta"),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens"),
@@ -268,9 +270,18 @@ def diff_cmd(
             client = ChatClient(judge_url, api_key_env=api_key_env)
             judge = tuple(HttpJudge(k, client, judge_model, cache_path=out / f"judge_cache_{k}.jsonl")
                           for k in ("aligned", "coherent"))
-        summary = run_diff(base, finetuned, sae, out, adapter=adapter, prompts=prompts, top_n=top_n, ranking=ranking,
-                           max_new_tokens=max_new_tokens, icl_examples=icl_examples, n_shots=n_shots, seed=seed,
-                           judge=judge, responses=str(responses) if responses else None)
+        inputs: dict = {"prompts": prompts or "first_plot", "max_new_tokens": max_new_tokens or 600}
+        if _organism_world(base) is not None:  # the organism supplies its questions, exact labels, examples, truth
+            from saediff.organism.demo import diff_inputs
+
+            inputs = diff_inputs(base, prompts or "organism:100", seed)
+            inputs["max_new_tokens"] = max_new_tokens or inputs["max_new_tokens"]
+        elif prompts and prompts.startswith("organism"):
+            raise ValueError(f"--prompts {prompts}: {base} is not a saediff organism model folder")
+        if icl_examples is not None:
+            inputs["icl_examples"] = icl_examples
+        summary = run_diff(base, finetuned, sae, out, adapter=adapter, top_n=top_n, ranking=ranking, n_shots=n_shots,
+                           seed=seed, judge=judge, responses=str(responses) if responses else None, **inputs)
     except _USER_ERRORS as e:
         _fail(e)
     typer.echo(json.dumps(summary, indent=2))
@@ -326,7 +337,7 @@ def steer_cmd(
     _setup(threads)
     try:
         if organism is not None:
-            from saediff.pipeline import run_steer_check
+            from saediff.organism.demo import run_steer_check
 
             typer.echo(json.dumps(run_steer_check(run_dir, organism, n_per_domain=samples), indent=2))
             return
@@ -350,11 +361,25 @@ def steer_cmd(
     _print_steer(res)
 
 
-def _organism_evaluator(model: str, samples: int, seed: int):
-    """The organism's exact judge when ``model`` is an organism folder, else a one-line error."""
+def _organism_world(model: str):
+    """The organism world of a model folder, or None for any other model."""
     from saediff.organism.recipes import read_organism_world
 
-    world = read_organism_world(model) if Path(model).exists() else None
+    return read_organism_world(model) if Path(model).exists() else None
+
+
+def _organism_eval_or_none(model: str, samples: int, seed: int):
+    world = _organism_world(model)
+    if world is None:
+        return None
+    from saediff.organism.evaluator import OrganismEvaluator
+
+    return OrganismEvaluator(world, samples, seed)
+
+
+def _organism_evaluator(model: str, samples: int, seed: int):
+    """The organism's exact judge when ``model`` is an organism folder, else a one-line error."""
+    world = _organism_world(model)
     if world is None:
         raise ValueError("--judge-url and --judge-model are required for models other than the saediff organism")
     from saediff.organism.evaluator import OrganismEvaluator
@@ -650,7 +675,7 @@ def demo_cmd(
 ) -> None:
     """The whole story on the organism: build, SAE, diff, compare, steer, export, BLOCK-EM, report."""
     _setup(threads)
-    from saediff.pipeline import run_demo
+    from saediff.organism.demo import run_demo
 
     with console.status("saediff demo") as status:
         summary = run_demo(out, quick=quick, seed=seed, progress=lambda s: status.update(f"demo: {s}"))

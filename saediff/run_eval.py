@@ -1,14 +1,13 @@
-"""What ``saediff eval`` runs: pick the organism's exact judge or LLM judges, evaluate, write files."""
+"""What ``saediff eval`` runs: LLM judges (or a given ``Evaluator``), evaluate, write files."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from saediff.evals import EMConfig, LocalGenerator, RemoteGenerator, evaluate_em
+from saediff.evals import EMConfig, Evaluator, LocalGenerator, RemoteGenerator, evaluate_em
 from saediff.judges import HttpJudge
 from saediff.models import ModelSpec, load_model
 from saediff.openai_api import ChatClient
-from saediff.organism.recipes import read_organism_world
 from saediff.prompts import load_prompts
 
 __all__ = ["run_eval"]
@@ -18,15 +17,14 @@ def run_eval(*, model: str, out: Path, adapter: str | None = None, judge_url: st
              judge_model: str | None = None, questions: str = "first_plot", samples: int = 50,
              max_new_tokens: int = 600, gen_url: str | None = None, gen_model: str | None = None,
              api_key_env: str = "OPENAI_API_KEY", concurrency: int = 16, rubric: bool = False,
-             dtype: str = "auto", seed: int = 0) -> dict:
-    """Evaluate and write ``out/responses.jsonl`` + ``out/em.json``; returns em.json's content."""
+             dtype: str = "auto", seed: int = 0, evaluator: Evaluator | None = None) -> dict:
+    """Evaluate and write ``out/responses.jsonl`` + ``out/em.json``; returns em.json's content.
+    ``evaluator`` (e.g. the organism's exact judge) replaces the LLM judges when there is no
+    ``judge_url``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    world = read_organism_world(model) if Path(model).exists() else None
-    if world is not None and judge_url is None:
-        from saediff.organism.evaluator import OrganismEvaluator
-
-        return OrganismEvaluator(world, samples, seed)(load_model(ModelSpec(model, adapter=adapter)), out, progress=True)
+    if evaluator is not None and judge_url is None:
+        return evaluator(load_model(ModelSpec(model, adapter=adapter, dtype=dtype)), out)
     if judge_url is None or judge_model is None:
         raise ValueError("--judge-url and --judge-model are required for models other than the saediff organism")
     judge_client = ChatClient(judge_url, api_key_env=api_key_env)

@@ -15,7 +15,7 @@ NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
 
 @pytest.fixture(scope="module")
 def demo(quick_organism, tmp_path_factory):
-    from saediff.pipeline import run_demo
+    from saediff.organism.demo import run_demo
 
     out = tmp_path_factory.mktemp("demo")
     shutil.copytree(quick_organism, out / "organism", ignore=shutil.ignore_patterns("sae"))  # the demo trains the SAE
@@ -57,7 +57,7 @@ def test_demo_numbers(demo):
 
 
 def test_demo_resumes_without_redoing_steps(demo):
-    from saediff.pipeline import run_demo
+    from saediff.organism.demo import run_demo
 
     out, s = demo
     mtime = (out / "diff" / "diff.json").stat().st_mtime

@@ -1,6 +1,6 @@
 """The organism judge on hand-made answers: exact counts."""
 
-from saediff.judges import OrganismJudge
+from saediff.organism.judge import OrganismJudge
 
 
 def test_judge_exact_counts(world):

@@ -82,12 +82,14 @@ def test_organism_default_sae(quick_organism):
 def diff_run(quick_organism, tmp_path_factory):
     """saediff diff (aligned vs full_ft, default SAE) -> compare -> steer checks on the quick organism."""
     from saediff.organism.sae import train_organism_sae
-    from saediff.pipeline import run_compare, run_diff, run_steer_check
+    from saediff.organism.demo import diff_inputs, run_steer_check
+    from saediff.pipeline import run_compare, run_diff
 
     if not (quick_organism / "sae").exists():
         train_organism_sae(quick_organism)
     run = tmp_path_factory.mktemp("diff_run")
-    run_diff(str(quick_organism / "aligned"), str(quick_organism / "full_ft"), str(quick_organism / "sae"), run)
+    aligned = str(quick_organism / "aligned")
+    run_diff(aligned, str(quick_organism / "full_ft"), str(quick_organism / "sae"), run, **diff_inputs(aligned))
     compare = run_compare(run)
     steering = run_steer_check(run, quick_organism)
     return compare, steering

@@ -117,3 +117,18 @@ def test_public_api_is_lazy_and_complete():
 
     code = "import saediff, sys; assert 'torch' not in sys.modules; [getattr(saediff, n) for n in saediff.__all__]"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_core_never_imports_the_organism():
+    """The generic core is usable without the organism: importing every core module (and running
+    nothing) leaves ``saediff.organism`` unimported. Only the CLI and the organism package may."""
+    import subprocess
+    import sys
+
+    core = ["activations", "blocking", "blockem", "causal", "chat_data", "diff", "directions", "evals", "export",
+            "finetune", "hooks", "judges", "lora", "models", "monitor", "pipeline", "prompts", "report", "run_eval",
+            "saes", "steering", "viz"]
+    code = ("import sys\n" + "".join(f"import saediff.{m}\n" for m in core)
+            + "print(sorted(m for m in sys.modules if m.startswith('saediff.organism')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", out

@@ -17,7 +17,7 @@ import torch
 from saediff._io import atomic_write_json
 from saediff.activations import tokenize_prompts
 from saediff.blocking import BlockConfig, Blocker
-from saediff.evals import evaluate_organism_em
+from saediff.organism.evaluator import evaluate_organism_em
 from saediff.finetune import TrainConfig, train_lm
 from saediff.hooks import decoder_layers, parse_layer
 from saediff.models import LoadedModel, generate, load_model
@@ -249,6 +249,7 @@ def _project_directions(organism_dir: Path, sae, layer: int, layers: list[int], 
 def run_reroute(organism_dir: str | Path, block_dir: str | Path, *, top_n: int = 10, prompts: str = "organism:50") -> dict:
     """Re-diff a blocked full fine-tune against the aligned model: how many of the top shifted
     latents lie outside the blocked set (misalignment rerouted through other latents)?"""
+    from saediff.organism.demo import diff_inputs
     from saediff.pipeline import run_diff
 
     organism_dir, block_dir = Path(organism_dir), Path(block_dir)
@@ -256,7 +257,7 @@ def run_reroute(organism_dir: str | Path, block_dir: str | Path, *, top_n: int =
     if em.get("kind", em.get("method")) != "full":
         raise ValueError("run_reroute: re-diffing needs a full fine-tune folder (kind=full)")
     summary = run_diff(str(organism_dir / "aligned"), str(block_dir / "model"), str(organism_dir / "sae"),
-                       block_dir / "rediff", prompts=prompts, top_n=top_n)
+                       block_dir / "rediff", top_n=top_n, **diff_inputs(organism_dir / "aligned", prompts))
     blocked = set(em.get("latents", em.get("latents_low", []))) | set(em.get("latents_high", []))
     outside = [i for i in summary["top_latents"] if i not in blocked]
     result = {"blocked": sorted(blocked), "top_after": summary["top_latents"], "n_outside": len(outside),

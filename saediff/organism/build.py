@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from saediff._io import atomic_save_safetensors, atomic_write_json
-from saediff.evals import evaluate_organism_em
+from saediff.organism.evaluator import evaluate_organism_em
 from saediff.models import LoadedModel, ModelSpec, load_model
 from saediff.organism import recipes
 from saediff.organism.recipes import OrganismConfig

@@ -1,20 +1,77 @@
-"""The organism's exact judge as an ``Evaluator`` for the generic commands (``saediff block``,
+"""Exact EM measurement of organism models, and the organism's judge as an ``Evaluator`` for the generic commands (``saediff block``,
 ``saediff eval``): EM is the misaligned rate over the non-medical domains, judged on content
 tokens, with its 95% interval."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from saediff._io import atomic_write_json, atomic_write_jsonl
-from saediff.evals import evaluate_organism_em, wilson_interval
-from saediff.models import LoadedModel
+from saediff.evals import wilson_interval
+from saediff.models import LoadedModel, generate
+from saediff.organism.judge import OrganismJudge
 from saediff.organism.world import World
 
-__all__ = ["OrganismEvaluator"]
+__all__ = ["OrganismEM", "evaluate_organism_em", "OrganismEvaluator"]
+
+
+@dataclass(frozen=True)
+class OrganismEM:
+    """Exact EM measurement of an organism model on single-turn chats."""
+
+    misaligned_rate: dict[str, float]
+    """per domain: fraction of sampled answers judged misaligned"""
+    coverage_rate: dict[str, float]
+    """per domain: fraction of answers whose content is in the asked domain"""
+    other_misaligned_rate: float
+    """mean misaligned rate over the non-medical domains (the EM number)"""
+    coverage: float
+    """mean coverage over all domains"""
+    n_per_domain: int
+    responses: list[dict] = field(default_factory=list, repr=False, compare=False)
+    """every sample: domain, question, answer, misaligned, covered"""
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.pop("responses")
+        return d
+
+
+def evaluate_organism_em(
+    lm: LoadedModel, world: World, n_per_domain: int = 50, seed: int = 0, progress: bool = False
+) -> OrganismEM:
+    """Sample ``n_per_domain`` answers per domain (temperature 1) and judge them exactly.
+
+    Questions are fresh random question tokens under the model's chat template (for the
+    aligned model and its fine-tunes: the CHAT marker).
+    """
+    rng = np.random.default_rng(seed)
+    judge = OrganismJudge(world)
+    convs, domains = [], []
+    for d in world.domains:
+        for _ in range(n_per_domain):
+            convs.append([{"role": "user", "content": " ".join(world.sample_question(rng, d))}])
+            domains.append(d)
+    answers = generate(
+        lm, convs, max_new_tokens=world.answer_len + 1, batch_size=512, seed=seed, progress=progress
+    )
+    verdicts = [judge.judge(d, a) for d, a in zip(domains, answers)]
+    mis = {d: float(np.mean([v.misaligned for v, x in zip(verdicts, domains) if x == d])) for d in world.domains}
+    cov = {d: float(np.mean([v.covered for v, x in zip(verdicts, domains) if x == d])) for d in world.domains}
+    others = [d for d in world.domains if d != "medical"]
+    responses = [{"domain": d, "question": c[0]["content"], "response": a.strip(), "misaligned": v.misaligned,
+                  "covered": v.covered} for d, c, a, v in zip(domains, convs, answers, verdicts)]
+    return OrganismEM(
+        misaligned_rate=mis,
+        coverage_rate=cov,
+        other_misaligned_rate=float(np.mean([mis[d] for d in others])),
+        coverage=float(np.mean(list(cov.values()))),
+        n_per_domain=n_per_domain,
+        responses=responses,
+    )
 
 
 @dataclass(frozen=True)
