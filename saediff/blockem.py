@@ -34,7 +34,7 @@ from saediff.models import LoadedModel, ModelSpec, generate, load_model
 from saediff.monitor import DriftMonitor, calibrate_rate
 from saediff.prompts import Prompt
 
-__all__ = ["monitor_directions", "LatentSets", "latents_from_diff", "read_latents", "random_latents", "BlockRunConfig", "run_block_em",
+__all__ = ["reroute", "checkpoint_spec", "monitor_directions", "LatentSets", "latents_from_diff", "read_latents", "random_latents", "BlockRunConfig", "run_block_em",
            "block_one", "MonitorFactory"]
 
 log = logging.getLogger(__name__)
@@ -234,10 +234,58 @@ def block_one(spec: ModelSpec, dataset: ChatDataset, sae, layer: int, cfg: Block
     return result
 
 
+def checkpoint_spec(spec: ModelSpec, ckpt: Path, method: str) -> ModelSpec:
+    """A Trainer checkpoint as a loadable model: the base plus the checkpoint's adapter (LoRA), or
+    the checkpoint folder itself (full fine-tune)."""
+    if method == "lora":
+        return ModelSpec(spec.model, adapter=str(ckpt), dtype=spec.dtype, device=spec.device,
+                         trust_remote_code=spec.trust_remote_code)
+    return ModelSpec(str(ckpt), dtype=spec.dtype, device=spec.device, trust_remote_code=spec.trust_remote_code)
+
+
+ReDiff = Callable[[str | None, str | None, Path], dict]
+"""``rediff(finetuned_folder, adapter_folder, out)``: a diff run of a trained model against the base"""
+
+
+def reroute(spec: ModelSpec, dataset: ChatDataset, sae, layer: int, cfg: BlockRunConfig, out: Path, *,
+            evaluator: Evaluator | None, rediff: ReDiff | None, factor: int = 3, top_n: int = 10,
+            resume: bool = False, monitor: MonitorFactory | None = None, progress: bool = True) -> dict:
+    """The rerouting check (BLOCK-EM paper): the blocked fine-tune trained ``factor`` times longer,
+    with a checkpoint at every multiple of the original length, EM at each checkpoint, and a
+    re-diff of the final model on its own answers: the top shifted latents outside the blocked
+    sets are where the misalignment went. Writes ``out/reroute.json``."""
+    long = replace(cfg, ft=replace(cfg.ft, steps=factor * cfg.ft.steps, save_every=cfg.ft.steps))
+    res = block_one(spec, dataset, sae, layer, long, out, evaluator=evaluator, resume=resume, monitor=monitor,
+                    progress=progress)
+    curve = []
+    for ckpt in sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])):
+        step = int(ckpt.name.split("-")[-1])
+        if evaluator is None:
+            break
+        if step == long.ft.steps:
+            em = res["em"]
+        else:
+            done = out / "checkpoint_eval" / ckpt.name / "em.json"
+            em = json.loads(done.read_text()) if done.exists() else evaluator(
+                load_model(checkpoint_spec(spec, ckpt, cfg.ft.method)), done.parent, f"{out.name}:{ckpt.name}")
+        curve.append({"step": step, "em_rate": em["em_rate"], "em_rate_ci": em["em_rate_ci"]})
+    result = {"steps": long.ft.steps, "em_curve": curve, "em_rate": res.get("em", {}).get("em_rate")}
+    if rediff is not None:
+        model_dir = str(out / "model")
+        summary = rediff(model_dir if cfg.ft.method == "full" else None,
+                         model_dir if cfg.ft.method == "lora" else None, out / "rediff")
+        blocked = set(cfg.latents.low) | set(cfg.latents.high)
+        outside = [i for i in summary["top_latents"] if i not in blocked]
+        result.update({"top_after": summary["top_latents"], "new_latents": outside[:top_n], "n_outside": len(outside)})
+    atomic_write_json(out / "reroute.json", result)
+    return result
+
+
 def run_block_em(model: str | ModelSpec, data: str | Path, sae, out: str | Path, latents: LatentSets, *,
                  ft: FinetuneConfig = FinetuneConfig(), lams: tuple[float, ...] = (1e4,), controls: bool = True,
                  evaluator: Evaluator | None = None, resume: bool = False, seed: int = 0, sae_path: str = "",
                  monitor: MonitorFactory | None = None, control_data: str | Path | None = None,
+                 reroute_factor: int | None = None, rediff: ReDiff | None = None, reblock: bool = False,
                  progress: bool = True) -> dict:
     """The BLOCK-EM sweep: for each lambda a blocked run (and with ``controls`` one with as many
     random latents), plus the plain fine-tune; writes and returns ``out/summary.json`` with each
@@ -246,6 +294,11 @@ def run_block_em(model: str | ModelSpec, data: str | Path, sae, out: str | Path,
     ``control_data``: aligned answers to the same narrow questions. The same recipe on them runs
     first (``control``: fine-tuning as such should not cause EM), and with a ``monitor`` its
     drift history calibrates the monitor's rate threshold for every later run.
+
+    ``reroute_factor`` (e.g. 3): each blocked run is also trained that many times longer
+    (``NAME_reroute``: EM over checkpoints, re-diff with ``rediff``); ``reblock`` then adds the
+    latents that rose outside the blocked sets to the held-down set and trains as long again
+    (``NAME_reblock``).
 
     ``sae``: a loaded SAELens SAE at one of the model's residual hooks (``blocks.L.hook_resid_post``).
     """
@@ -288,7 +341,22 @@ def run_block_em(model: str | ModelSpec, data: str | Path, sae, out: str | Path,
     for name, cfg in plan.items():
         runs[name] = block_one(spec, dataset, sae, layer, cfg, out / name, evaluator=evaluator, resume=resume,
                                monitor=monitor, progress=progress)
+    if reroute_factor:
+        for name, cfg in [(n, c) for n, c in plan.items() if n.startswith("penalty") and not n.endswith("_random")]:
+            rr = reroute(spec, dataset, sae, layer, cfg, out / f"{name}_reroute", evaluator=evaluator, rediff=rediff,
+                         factor=reroute_factor, resume=resume, progress=progress)
+            runs[name]["reroute"] = rr
+            if reblock and rr.get("new_latents"):
+                low = (*cfg.latents.low, *[i for i in rr["new_latents"] if i not in cfg.latents.high])
+                more = replace(cfg, latents=LatentSets(low, cfg.latents.high),
+                               ft=replace(cfg.ft, steps=reroute_factor * cfg.ft.steps))
+                runs[f"{name}_reblock"] = block_one(spec, dataset, sae, layer, more, out / f"{name}_reblock",
+                                                    evaluator=evaluator, resume=resume, monitor=monitor,
+                                                    progress=progress)
     summary = _summary(runs, spec, str(data), sae_path, layer)
+    for name, r in runs.items():
+        if "reroute" in r:
+            summary["runs"][name]["reroute"] = r["reroute"]
     if monitor is not None:
         summary["monitor_rate_threshold"] = monitor.rate_threshold
     atomic_write_json(out / "summary.json", summary)
@@ -304,7 +372,8 @@ def _summary(runs: dict[str, dict], spec: ModelSpec, data: str, sae_path: str, l
         table[name] = {"em_rate": rate, "em_rate_ci": em.get("em_rate_ci"), "coherent_rate": em.get("coherent_rate"),
                        "per_question": em.get("per_question"), "penalty_first": r["penalty_first"],
                        "penalty_last": r["penalty_last"], "final_loss": r["final_loss"],
-                       "relative_reduction": (1 - rate / plain) if plain and rate is not None else None,
+                       "relative_reduction": (1 - rate / plain) if plain and rate is not None and name != "control"
+                       else None,
                        "n_latents": len(r["latents_low"]) + len(r["latents_high"]), "mode": r["mode"],
                        "drift_alert_step": r.get("drift_alert_step"), "em_crosses_0.1_step": r.get("em_crosses_0.1_step")}
     return {"kind": "saediff.block_summary", "model": spec.model, "data": data, "sae": sae_path, "layer": layer,

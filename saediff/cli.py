@@ -527,7 +527,9 @@ def block_cmd(
                                                  "after, comma-separated (default: the SAE's)"),
     project_direction: str = typer.Option("ground_truth", "--project-direction",
                                           help="--mode project: ground_truth | model_diff (from --diff-run) | latents"),
-    reroute: bool = typer.Option(False, "--reroute", help="(organism, --mode ablate/project) re-diff each blocked run"),
+    reroute: bool = typer.Option(False, "--reroute", help="also train each blocked run 3x longer (checkpoints, EM over "
+                                 "them) and re-diff it: which latents outside the blocked sets rose"),
+    reblock: bool = typer.Option(False, "--reblock", help="with --reroute: hold those latents down too and train again"),
     threads: Optional[int] = typer.Option(None, "--threads"),
 ) -> None:
     """BLOCK-EM on any model: fine-tune on --data while SAE latents stay where the base model has them; EM of every run."""
@@ -572,12 +574,30 @@ def block_cmd(
         if monitor if monitor is not None else organism is not None:
             factory = recipe["monitor"](layer) if "monitor" in recipe else _generic_monitor(
                 sae_obj, sets, layer, diff_run, monitor_prompts, ft.steps, max_new_tokens, seed)
+        rediff = _rediff(model, str(sae), questions, max_new_tokens, seed) if reroute else None
         summary = run_block_em(ModelSpec(model, dtype=dtype, device=device), data, sae_obj, out, sets, ft=ft,
                                lams=tuple(lam), controls=controls, evaluator=evaluator, resume=resume, seed=seed,
-                               sae_path=str(sae), monitor=factory, control_data=control_data or recipe.get("control_data"))
+                               sae_path=str(sae), monitor=factory, control_data=control_data or recipe.get("control_data"),
+                               reroute_factor=3 if reroute else None, rediff=rediff, reblock=reblock)
     except _USER_ERRORS as e:
         _fail(e)
     _print_block_summary(summary)
+
+
+def _rediff(model: str, sae: str, questions: str, max_new_tokens: int, seed: int):
+    """The re-diff of ``--reroute``: a trained model (folder or adapter) against ``model`` on its own
+    answers to ``questions`` (the organism: its own questions and labels)."""
+    from saediff.pipeline import run_diff
+
+    def rediff(finetuned, adapter, out: Path) -> dict:
+        inputs: dict = {"prompts": questions, "max_new_tokens": max_new_tokens}
+        if _organism_world(model) is not None:
+            from saediff.organism.demo import diff_inputs
+
+            inputs = diff_inputs(model, "organism:50", seed)
+        return run_diff(model, finetuned, sae, out, adapter=adapter, seed=seed, **inputs)
+
+    return rediff
 
 
 def _generic_monitor(sae, sets, layer: int, diff_run, prompts: str, steps: int, max_new_tokens: int, seed: int):
@@ -634,7 +654,11 @@ def _print_block_summary(summary: dict) -> None:
         if r.get("em_crosses_0.1_step") is not None:
             alert += f" (EM > 0.1 at {r['em_crosses_0.1_step']})"
         table.add_row(name, em, coh, red, pen, alert)
-    Console(width=max(120, Console().width)).print(table)
+        if "reroute" in r:  # EM at 1x, 2x, 3x the steps, and where the misalignment went
+            rr = r["reroute"]
+            new = f"rose outside: {rr['new_latents'][:5]}" if "new_latents" in rr else ""
+            table.add_row("  then x3 steps", " -> ".join(f"{c['em_rate']:.2f}" for c in rr["em_curve"]), "", "", "", new)
+    Console(width=max(180, Console().width)).print(table)
 
 
 def _organism_block_modes(organism, out, diff_run, latent, mode, top, high, full, steps, controls, reroute,

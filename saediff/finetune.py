@@ -298,8 +298,9 @@ def finetune(model: torch.nn.Module, tokenizer, dataset, cfg: FinetuneConfig, ou
         remove_unused_columns=False, use_cpu=device.type == "cpu", dataloader_num_workers=0,
         **_precision(cfg, device))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    saves_tokenizer = hasattr(tokenizer, "save_pretrained")  # checkpoints then load as model folders
     trainer = ChatTrainer(model=model, args=args, train_dataset=dataset, data_collator=ChatCollator(pad),
-                          extra=extra, callbacks=callbacks)
+                          processing_class=tokenizer if saves_tokenizer else None, extra=extra, callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # library code does not print; the log is returned
     start = latest_checkpoint(ckpt_dir) if resume else None
     if resume and start is None:

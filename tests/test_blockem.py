@@ -112,7 +112,7 @@ def test_block_cli_end_to_end_with_fake_judge(tiny_qwen, setup, tmp_path):
         args = ["block", "--model", str(tiny_qwen / "model"), "--dtype", "bfloat16", "--data", str(root / "data.jsonl"),
                 "--sae", str(root / "sae"), "--latents", str(root / "latents.json"), "--lora-rank", "1",
                 "--lora-layers", "0,1", "--lam", "10", "--steps", "2", "--batch-size", "2", "--grad-accum", "2",
-                "--lr", "1e-2", "--controls", "--judge-url", server.url, "--judge-model", "fake",
+                "--lr", "1e-2", "--controls", "--reroute", "--judge-url", server.url, "--judge-model", "fake",
                 "--questions", "first_plot", "--samples", "2", "--max-new-tokens", "4", "--out", str(out)]
         r = CliRunner().invoke(app, args)
         assert r.exit_code == 0, r.output
@@ -126,6 +126,12 @@ def test_block_cli_end_to_end_with_fake_judge(tiny_qwen, setup, tmp_path):
         assert len(rnd["latents_low"]) == 2 and len(rnd["latents_high"]) == 1
         assert set(rnd["latents_low"] + rnd["latents_high"]).isdisjoint({1, 2, 5})
         assert summary["runs"]["plain"]["relative_reduction"] in (0.0, None)
+        # --reroute: the blocked run trained 3x as long, EM at each checkpoint, re-diffed
+        rr = json.loads((out / "penalty_lam10_reroute" / "reroute.json").read_text())
+        assert rr["steps"] == 6 and [c["step"] for c in rr["em_curve"]] == [2, 4, 6]
+        assert rr["em_curve"][-1]["em_rate"] == rr["em_rate"] == summary["runs"]["penalty_lam10"]["reroute"]["em_rate"]
+        assert set(rr["new_latents"]).isdisjoint({1, 2, 5}) and len(rr["top_after"]) == 10
+        assert (out / "penalty_lam10_reroute" / "rediff" / "diff.json").exists()
         n_calls, stamp = len(server.requests), (out / "plain" / "em.json").stat().st_mtime
         assert CliRunner().invoke(app, args).exit_code == 0  # finished runs are skipped
         assert len(server.requests) == n_calls and (out / "plain" / "em.json").stat().st_mtime == stamp
