@@ -701,8 +701,11 @@ def demo_cmd(
     _setup(threads)
     from saediff.organism.demo import run_demo
 
-    with console.status("saediff demo") as status:
-        summary = run_demo(out, quick=quick, seed=seed, progress=lambda s: status.update(f"demo: {s}"))
+    try:
+        with console.status("saediff demo") as status:
+            summary = run_demo(out, quick=quick, seed=seed, progress=lambda s: status.update(f"demo: {s}"))
+    except _USER_ERRORS as e:
+        _fail(e)
     typer.echo(json.dumps(summary, indent=2))
     console.print(f"report: {out / 'report.html'}")
 

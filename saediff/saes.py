@@ -376,7 +376,10 @@ def ce_loss_recovered(model, sae, layer: int, input_ids: torch.Tensor, labels: t
     from saediff.finetune import lm_loss
     from saediff.hooks import add_resid_hook
 
-    labels = input_ids.clone() if labels is None else labels
+    device = next(model.parameters()).device
+    input_ids = input_ids.to(device)
+    labels = input_ids.clone() if labels is None else labels.to(device)
+    sae.to(device)
     with torch.no_grad():
         clean = float(lm_loss(model, input_ids, labels, pad_id=None))
         with add_resid_hook(model, layer, lambda r: sae.decode(sae.encode(r))):

@@ -64,6 +64,8 @@ def test_demo_resumes_without_redoing_steps(demo):
     again = run_demo(out, quick=True)
     assert (out / "diff" / "diff.json").stat().st_mtime == mtime
     assert again["diff"]["top_latents"] == s["diff"]["top_latents"]
+    with pytest.raises(ValueError, match="another seed"):  # never mixes another seed's results in
+        run_demo(out, quick=True, seed=1)
 
 
 def test_report_is_self_contained(demo):

@@ -125,6 +125,7 @@ def run_demo(out: str | Path, *, quick: bool = True, seed: int = 0, progress=Non
         timing[name] = round(time.perf_counter() - t0, 2)
 
     cfg = OrganismConfig.quick(seed) if quick else OrganismConfig(seed=seed)
+    _check_demo_config(out, {"kind": "saediff.demo", "seed": seed, "quick": quick, "organism": cfg.to_json()})
     step("organism", org / "organism.json", lambda: build_organism(org, cfg))
     step("sae", org / "sae" / "cfg.json", lambda: train_organism_sae(org, seed=seed))
     aligned, sae = str(org / "aligned"), str(org / "sae")
@@ -172,6 +173,26 @@ def run_demo(out: str | Path, *, quick: bool = True, seed: int = 0, progress=Non
     summary["timing_s"]["report"] = round(time.perf_counter() - t0, 2)
     atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+def _check_demo_config(out: Path, config: dict) -> None:
+    """Record the demo's configuration in ``demo.json``; a folder holding another seed or size is
+    refused rather than mixed into (its finished steps would be skipped as if they matched)."""
+    path = out / "demo.json"
+    if path.exists():
+        old = json.loads(path.read_text())
+        differs = [k for k in ("seed", "quick", "organism") if old.get(k) != config[k]]
+        if differs:
+            raise ValueError(f"{out} holds a demo with another {', '.join(differs)} "
+                             f"(seed {old.get('seed')}, quick {old.get('quick')}): choose another --out")
+        return
+    built = out / "organism" / "organism.json"
+    if built.exists():  # an organism placed there before the first demo run: its recipe must match
+        recorded = json.loads(built.read_text()).get("config")
+        if recorded != json.loads(json.dumps(config["organism"])):
+            raise ValueError(f"{built} was built with another configuration than seed {config['seed']}, "
+                             f"quick {config['quick']}: choose another --out")
+    atomic_write_json(path, config)
 
 
 def _demo_summary(out: Path) -> dict:
