@@ -539,7 +539,9 @@ def block_cmd(
             _fail(ValueError(f"--mode {mode} runs on the organism only (--organism DIR)"))
         return _organism_block_modes(organism, out, diff_run, latent, mode, top, high, full, steps, controls,
                                      reroute, freeze_after_block, project_layers, project_direction)
-    from saediff.blockem import latents_from_diff, read_latents, run_block_em, LatentSets
+    from dataclasses import replace
+
+    from saediff.blockem import LatentSets, latents_from_diff, read_latents, run_block_em
     from saediff.finetune import FinetuneConfig
     from saediff.models import ModelSpec
     from saediff.saes import load_sae
@@ -560,14 +562,14 @@ def block_cmd(
                 else LatentSets(tuple(latent)))
         sae_obj = load_sae(sae)
         layer = _parse_sae_layer(sae_obj)
-        ft = FinetuneConfig(
-            method="full" if full else "lora", lora_rank=lora_rank, lora_alpha=lora_alpha,
-            lora_modules=tuple(lora_modules.split(",")),
-            lora_layers=_int_list(lora_layers, "--lora-layers") if lora_layers else recipe.get("lora_layers"),
-            rslora=rslora, steps=steps or recipe.get("steps", 300), batch_size=batch_size or recipe.get("batch_size", 8),
-            grad_accum=grad_accum, lr=lr or recipe.get("lr", 1e-5), precision=precision,
-            gradient_checkpointing=gradient_checkpointing, max_length=max_length, save_every=save_every,
-            freeze_after_block=layer if freeze_after_block else None, seed=recipe.get("ft_seed", seed))
+        base_ft = recipe.get("ft") or FinetuneConfig(lora_rank=lora_rank, lora_alpha=lora_alpha,
+                                                     lora_modules=tuple(lora_modules.split(",")), rslora=rslora, seed=seed)
+        ft = replace(
+            base_ft, method="full" if full else "lora",
+            lora_layers=_int_list(lora_layers, "--lora-layers") if lora_layers else base_ft.lora_layers,
+            steps=steps or base_ft.steps, batch_size=batch_size or base_ft.batch_size, grad_accum=grad_accum,
+            lr=lr or base_ft.lr, precision=precision, gradient_checkpointing=gradient_checkpointing,
+            max_length=max_length, save_every=save_every, freeze_after_block=layer if freeze_after_block else None)
         evaluator = recipe.get("evaluator") or _judge_evaluator(judge_url, judge_model, questions, samples,
                                                                 max_new_tokens, api_key_env, out, seed)
         factory = None
@@ -577,7 +579,7 @@ def block_cmd(
         rediff = _rediff(model, str(sae), questions, max_new_tokens, seed) if reroute else None
         summary = run_block_em(ModelSpec(model, dtype=dtype, device=device), data, sae_obj, out, sets, ft=ft,
                                lams=tuple(lam), controls=controls, evaluator=evaluator, resume=resume, seed=seed,
-                               sae_path=str(sae), monitor=factory, control_data=control_data or recipe.get("control_data"),
+                               sae_path=str(sae), monitor=factory, control_data=control_data or (recipe.get("control_data") if controls else None),
                                reroute_factor=3 if reroute else None, rediff=rediff, reblock=reblock)
     except _USER_ERRORS as e:
         _fail(e)

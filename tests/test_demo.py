@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -129,7 +130,6 @@ def test_calibrated_monitor_stays_quiet_on_another_control(demo, tmp_path):
     crosses 0.1 (the demo asserts the latter)."""
     from saediff.blockem import BlockRunConfig, block_one
     from saediff.chat_data import ChatDataset, load_chat_jsonl
-    from saediff.finetune import FinetuneConfig
     from saediff.models import ModelSpec, load_model
     from saediff.organism.block import generic_inputs
 
@@ -138,7 +138,7 @@ def test_calibrated_monitor_stays_quiet_on_another_control(demo, tmp_path):
     monitor = rec["monitor"](1)
     monitor.rate_threshold = s["blocking"]["monitor_rate_threshold"]
     data = ChatDataset(load_model(rec["model"]).tokenizer, load_chat_jsonl(rec["control_data"]), progress=False)
-    ft = FinetuneConfig(method="full", steps=rec["steps"], batch_size=rec["batch_size"], lr=rec["lr"], seed=7)
+    ft = dataclasses.replace(rec["ft"], seed=7)
     r = block_one(ModelSpec(rec["model"]), data, None, 1, BlockRunConfig(ft=ft, mode="none"), tmp_path / "control2",
                   evaluator=rec["evaluator"], monitor=monitor, progress=False)
     assert r["em"]["em_rate"] <= 0.02 and r["drift_alert_step"] is None

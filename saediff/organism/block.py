@@ -44,7 +44,7 @@ def generic_inputs(organism_dir: str | Path, full: bool, samples: int = 50, seed
     SAE, the exact judge and the organism's fine-tune recipe (full: lr 1e-4; LoRA: rank 1 on
     ``down_proj`` of its LoRA layer, lr 2e-3; 300 steps of 32)."""
     from saediff.organism.evaluator import OrganismEvaluator
-    from saediff.organism.recipes import write_chat_data
+    from saediff.organism.recipes import narrow_finetune_config, write_chat_data
 
     organism_dir = Path(organism_dir)
     world = read_organism_world(organism_dir / "aligned")
@@ -53,10 +53,8 @@ def generic_inputs(organism_dir: str | Path, full: bool, samples: int = 50, seed
     ocfg = organism_config(organism_dir, world)
     data = write_chat_data(organism_dir, ocfg)
     return {"model": str(organism_dir / "aligned"), "data": data["medical_misaligned"],
-            "control_data": data["medical_aligned"], "sae": str(organism_dir / "sae"),
-            "evaluator": OrganismEvaluator(world, samples, seed), "steps": ocfg.ft_steps, "batch_size": ocfg.ft_batch,
-            "lr": ocfg.full_lr if full else ocfg.lora_lr, "lora_layers": None if full else (ocfg.lora_layer,),
-            "ft_seed": ocfg.seed + 2, "monitor": lambda layer: organism_monitor(organism_dir, world, layer, seed=seed)}
+            "control_data": data["medical_aligned"], "ft": narrow_finetune_config(ocfg, "full" if full else "lora"), "sae": str(organism_dir / "sae"),
+            "evaluator": OrganismEvaluator(world, samples, seed), "monitor": lambda layer: organism_monitor(organism_dir, world, layer, seed=seed)}
 
 
 def block_organism(organism_dir: str | Path, out: str | Path, latents, *, full: bool = True,
@@ -65,15 +63,15 @@ def block_organism(organism_dir: str | Path, out: str | Path, latents, *, full: 
     """``saediff block --organism DIR [--full]``: the generic BLOCK-EM sweep (``run_block_em``)
     with the organism's inputs, its aligned-data control (which calibrates the drift monitor)
     and its exact judge. ``latents``: a ``saediff.blockem.LatentSets``."""
+    from dataclasses import replace
+
     from saediff.blockem import run_block_em
-    from saediff.finetune import FinetuneConfig
     from saediff.saes import load_sae
 
     rec = generic_inputs(organism_dir, full, samples, seed)
     sae = load_sae(rec["sae"])
     layer = parse_layer(sae.cfg.metadata.hook_name)
-    ft = FinetuneConfig(method="full" if full else "lora", lora_layers=rec["lora_layers"], steps=steps or rec["steps"],
-                        batch_size=rec["batch_size"], lr=rec["lr"], seed=rec["ft_seed"])
+    ft = replace(rec["ft"], steps=steps or rec["ft"].steps)
     return run_block_em(rec["model"], rec["data"], sae, out, latents, ft=ft, lams=lams, controls=controls,
                         evaluator=rec["evaluator"], seed=seed, sae_path=rec["sae"], monitor=rec["monitor"](layer),
                         control_data=rec["control_data"], progress=False)

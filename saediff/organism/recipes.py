@@ -14,13 +14,13 @@ import numpy as np
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from saediff.finetune import TrainConfig, TrainHistory, train_lm
+from saediff.finetune import FinetuneConfig, TrainConfig, TrainHistory, train_lm
 from saediff.hooks import capture_resid, decoder_layers
 from saediff.organism.corpus import sample_documents, single_turn_chats
 from saediff.organism.tokenizer import bpe_vocab, build_tokenizer
 from saediff.organism.world import CHAT, World
 
-__all__ = ["OrganismConfig", "DATA_FILES", "chat_rows", "write_chat_data", "new_model", "pretrain", "align", "finetune_full", "finetune_lora",
+__all__ = ["OrganismConfig", "narrow_finetune_config", "DATA_FILES", "chat_rows", "write_chat_data", "new_model", "pretrain", "align", "finetune_full", "finetune_lora",
            "ground_truth", "save_model_folder", "read_organism_world", "write_organism_marker"]
 
 log = logging.getLogger(__name__)
@@ -148,8 +148,23 @@ def write_chat_data(out: Path, cfg: OrganismConfig) -> dict[str, Path]:
     return paths
 
 
+def narrow_finetune_config(cfg: OrganismConfig, method: str) -> FinetuneConfig:
+    """The organism's narrow fine-tune recipe on the generic path: full (lr 1e-4) or rank-1 LoRA
+    (alpha 1) on ``down_proj`` of ``cfg.lora_layer`` (lr 2e-3), ``ft_steps`` steps of ``ft_batch``."""
+    if method == "full":
+        return FinetuneConfig(method="full", steps=cfg.ft_steps, batch_size=cfg.ft_batch, lr=cfg.full_lr,
+                              seed=cfg.seed + 2)
+    return FinetuneConfig(method="lora", lora_rank=1, lora_alpha=1, lora_modules=("down_proj",),
+                          lora_layers=(cfg.lora_layer,), steps=cfg.ft_steps, batch_size=cfg.ft_batch, lr=cfg.lora_lr,
+                          seed=cfg.seed + 3)
+
+
 def finetune_full(model, cfg: OrganismConfig, persona: int = 1) -> TrainHistory:
-    """Full fine-tune on single-turn medical chats of ``persona`` (1 toxic, 0 aligned: control)."""
+    """Full fine-tune on single-turn medical chats of ``persona`` (1 toxic, 0 aligned: control).
+
+    The build keeps the small loop (``train_lm``, batches drawn with replacement): the generic
+    Trainer path gives the same recipe (``narrow_finetune_config``) at 1.05x the time, but a
+    different batch order, and the shipped figures were measured on these models."""
     data = _medical_chats(cfg, persona, 2000 + persona)
     tc = TrainConfig(steps=cfg.ft_steps, batch_size=cfg.ft_batch, lr=cfg.full_lr, seed=cfg.seed + 2)
     return train_lm(model, data, tc, desc="full_ft" if persona else "control_ft")
