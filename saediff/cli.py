@@ -579,7 +579,8 @@ def block_cmd(
         rediff = _rediff(model, str(sae), questions, max_new_tokens, seed) if reroute else None
         summary = run_block_em(ModelSpec(model, dtype=dtype, device=device), data, sae_obj, out, sets, ft=ft,
                                lams=tuple(lam), controls=controls, evaluator=evaluator, resume=resume, seed=seed,
-                               sae_path=str(sae), monitor=factory, control_data=control_data or (recipe.get("control_data") if controls else None),
+                               sae_path=str(sae), monitor=factory,
+                               control_data=control_data or (recipe.get("control_data") if controls else None),
                                reroute_factor=3 if reroute else None, rediff=rediff, reblock=reblock)
     except _USER_ERRORS as e:
         _fail(e)
