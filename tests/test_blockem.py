@@ -112,7 +112,7 @@ def test_block_cli_end_to_end_with_fake_judge(tiny_qwen, setup, tmp_path):
         args = ["block", "--model", str(tiny_qwen / "model"), "--dtype", "bfloat16", "--data", str(root / "data.jsonl"),
                 "--sae", str(root / "sae"), "--latents", str(root / "latents.json"), "--lora-rank", "1",
                 "--lora-layers", "0,1", "--lam", "10", "--steps", "2", "--batch-size", "2", "--grad-accum", "2",
-                "--lr", "1e-2", "--controls", "--reroute", "--judge-url", server.url, "--judge-model", "fake",
+                "--lr", "1e-2", "--controls", "--reroute", "--monitor", "--judge-url", server.url, "--judge-model", "fake",
                 "--questions", "first_plot", "--samples", "2", "--max-new-tokens", "4", "--out", str(out)]
         r = CliRunner().invoke(app, args)
         assert r.exit_code == 0, r.output
@@ -132,6 +132,9 @@ def test_block_cli_end_to_end_with_fake_judge(tiny_qwen, setup, tmp_path):
         assert rr["em_curve"][-1]["em_rate"] == rr["em_rate"] == summary["runs"]["penalty_lam10"]["reroute"]["em_rate"]
         assert set(rr["new_latents"]).isdisjoint({1, 2, 5}) and len(rr["top_after"]) == 10
         assert (out / "penalty_lam10_reroute" / "rediff" / "diff.json").exists()
+        # --monitor on a bfloat16 model: the decoder rows of the held-down latents, read every step
+        drift = json.loads((out / "penalty_lam10" / "history.json").read_text())["drift"]
+        assert drift["steps"] == [0, 1, 2] and len(drift["t_stat"]) == 3
         n_calls, stamp = len(server.requests), (out / "plain" / "em.json").stat().st_mtime
         assert CliRunner().invoke(app, args).exit_code == 0  # finished runs are skipped
         assert len(server.requests) == n_calls and (out / "plain" / "em.json").stat().st_mtime == stamp

@@ -38,7 +38,7 @@ def test_steer_cli_on_a_real_model(tiny_qwen, tmp_path):
                                      "--sae", str(tmp_path / "sae"), "--prompts", "first_plot", "--max-new-tokens", "4",
                                      "--top", "2", "--out", str(tmp_path / "run")])
         assert r.exit_code == 0, r.output
-        args = ["steer", str(tmp_path / "run"), *judge, "--samples", "2", "--max-new-tokens", "4",
+        args = ["steer", str(tmp_path / "run"), *judge, "--samples", "2", "--max-new-tokens", "4", "--dtype", "bfloat16",
                 "--scales", "0.5,1", "--latents", "2", "--random", "3"]
         r = CliRunner().invoke(app, args)
         assert r.exit_code == 0, r.output
