@@ -212,6 +212,9 @@ def block_one(spec: ModelSpec, dataset: ChatDataset, sae, layer: int, cfg: Block
     else:
         history = finetune(model, lm.tokenizer, dataset, cfg.ft, out, resume=resume, callbacks=callbacks,
                            progress=progress)
+    if not _is_main_process():  # under accelerate launch / torchrun: one process saves and evaluates
+        _wait_for_everyone()
+        return json.loads(done.read_text())
     model.save_pretrained(out / "model")
     if cfg.ft.method == "full":
         lm.tokenizer.save_pretrained(out / "model")
@@ -231,7 +234,20 @@ def block_one(spec: ModelSpec, dataset: ChatDataset, sae, layer: int, cfg: Block
         trained = LoadedModel(model, lm.tokenizer, spec)
         result["em"] = evaluator(trained, out / "eval", f"block:{out.name}:{cfg.fingerprint()}")
     atomic_write_json(done, result)
+    _wait_for_everyone()
     return result
+
+
+def _is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def _wait_for_everyone() -> None:
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()
 
 
 def checkpoint_spec(spec: ModelSpec, ckpt: Path, method: str) -> ModelSpec:
@@ -257,6 +273,9 @@ def reroute(spec: ModelSpec, dataset: ChatDataset, sae, layer: int, cfg: BlockRu
     long = replace(cfg, ft=replace(cfg.ft, steps=factor * cfg.ft.steps, save_every=cfg.ft.steps))
     res = block_one(spec, dataset, sae, layer, long, out, evaluator=evaluator, resume=resume, monitor=monitor,
                     progress=progress)
+    if not _is_main_process():
+        _wait_for_everyone()
+        return json.loads((out / "reroute.json").read_text())
     curve = []
     for ckpt in sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])):
         step = int(ckpt.name.split("-")[-1])
@@ -278,6 +297,7 @@ def reroute(spec: ModelSpec, dataset: ChatDataset, sae, layer: int, cfg: BlockRu
         outside = [i for i in summary["top_latents"] if i not in blocked]
         result.update({"top_after": summary["top_latents"], "new_latents": outside[:top_n], "n_outside": len(outside)})
     atomic_write_json(out / "reroute.json", result)
+    _wait_for_everyone()
     return result
 
 
@@ -359,7 +379,8 @@ def run_block_em(model: str | ModelSpec, data: str | Path, sae, out: str | Path,
             summary["runs"][name]["reroute"] = r["reroute"]
     if monitor is not None:
         summary["monitor_rate_threshold"] = monitor.rate_threshold
-    atomic_write_json(out / "summary.json", summary)
+    if _is_main_process():
+        atomic_write_json(out / "summary.json", summary)
     return summary
 
 

@@ -584,7 +584,10 @@ def block_cmd(
                                reroute_factor=3 if reroute else None, rediff=rediff, reblock=reblock)
     except _USER_ERRORS as e:
         _fail(e)
-    _print_block_summary(summary)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # one table under accelerate launch
+        _print_block_summary(summary)
 
 
 def _rediff(model: str, sae: str, questions: str, max_new_tokens: int, seed: int):

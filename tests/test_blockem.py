@@ -215,3 +215,24 @@ def test_base_pass_starts_at_the_first_adapted_block(tiny_qwen, setup):
         torch.testing.assert_close(z_skip, z_full, atol=1e-6, rtol=1e-5)
         assert blocker._first_adapted == 1
         assert torch.equal(z_theta, z_full) == expect_zero  # block 1's adapter changes the codes at block 1 only
+
+
+@pytest.mark.slow
+def test_block_runs_data_parallel_under_accelerate_launch(tiny_qwen, setup, tmp_path):
+    """``accelerate launch --num_processes 2 -m saediff.cli block ...`` (gloo on CPU): the Trainer
+    trains data parallel, one process saves, evaluates and writes, one table is printed."""
+    import os
+    import subprocess
+    import sys
+
+    root, _ = setup
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "saediff.cli", "block", "--model",
+           str(tiny_qwen / "model"), "--data", str(root / "data.jsonl"), "--sae", str(root / "sae"), "--latent", "1",
+           "--latent", "2", "--steps", "2", "--batch-size", "2", "--no-controls", "--out", str(tmp_path / "dp")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("BLOCK-EM at layer 0") == 1
+    em = json.loads((tmp_path / "dp" / "penalty_lam10000" / "em.json").read_text())
+    assert em["steps"] == 2 and em["penalty_first"] == 0.0
+    assert (tmp_path / "dp" / "penalty_lam10000" / "model" / "adapter_model.safetensors").exists()
