@@ -7,7 +7,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write_json", "atomic_write_jsonl", "atomic_write_bytes", "atomic_save_safetensors"]
+__all__ = ["atomic_write_json", "atomic_write_jsonl", "atomic_write_bytes", "atomic_save_safetensors", "read_jsonl"]
 
 
 def _atomic(path: str | Path, write) -> None:
@@ -43,6 +43,21 @@ def atomic_save_safetensors(tensors: dict, path: str | Path, metadata: dict[str,
     from safetensors.torch import save_file
 
     _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def read_jsonl(path: str | Path, what: str = "file"):
+    """``(line number, parsed row)`` for each non-blank line of a JSONL file; a missing file or a
+    line that is not JSON raises one line naming the file (and the line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    with path.open() as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield n, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
 
 
 def no_progress(progress: bool) -> bool:

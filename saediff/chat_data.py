@@ -9,7 +9,6 @@ on assistant tokens only.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,18 +28,7 @@ _ROLES = ("system", "user", "assistant")
 def load_chat_jsonl(path: str | Path) -> list[Messages]:
     """The conversations of a JSONL file; a bad row raises one line naming the file and line."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"chat data file not found: {path}")
-    rows: list[Messages] = []
-    with path.open() as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            rows.append(_check_row(row, f"{path}:{n}"))
+    rows = [_check_row(row, f"{path}:{n}") for n, row in _io.read_jsonl(path, "chat data file")]
     if not rows:
         raise ValueError(f"{path}: no conversations")
     return rows

@@ -168,17 +168,11 @@ def judged_responses(path: str | Path) -> tuple[list, list]:
     """Prompts (question + response) and labels from a ``saediff eval`` responses.jsonl."""
     from saediff.prompts import Prompt
 
+    from saediff._io import read_jsonl
+
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"responses file not found: {path}")
     ps, labels = [], []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    for n, row in read_jsonl(path, "responses file"):
         if not isinstance(row, dict) or not all(k in row for k in ("question", "response", "aligned", "coherent")):
             raise ValueError(f"{path}:{n}: needs question, response, aligned and coherent (saediff eval output)")
         ps.append(Prompt(f"{row.get('id', 'q')}:{row.get('sample', n)}", [{"role": "user", "content": row["question"]}],
