@@ -178,6 +178,7 @@ def run_demo(out: str | Path, *, quick: bool = True, seed: int = 0, progress=Non
 def _check_demo_config(out: Path, config: dict) -> None:
     """Record the demo's configuration in ``demo.json``; a folder holding another seed or size is
     refused rather than mixed into (its finished steps would be skipped as if they matched)."""
+    config = json.loads(json.dumps(config))  # tuples as JSON lists, as read back
     path = out / "demo.json"
     if path.exists():
         old = json.loads(path.read_text())
@@ -189,7 +190,7 @@ def _check_demo_config(out: Path, config: dict) -> None:
     built = out / "organism" / "organism.json"
     if built.exists():  # an organism placed there before the first demo run: its recipe must match
         recorded = json.loads(built.read_text()).get("config")
-        if recorded != json.loads(json.dumps(config["organism"])):
+        if recorded != config["organism"]:
             raise ValueError(f"{built} was built with another configuration than seed {config['seed']}, "
                              f"quick {config['quick']}: choose another --out")
     atomic_write_json(path, config)
