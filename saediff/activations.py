@@ -157,8 +157,56 @@ class ActivationStore:
 
     def batches(self, hook: str, batch_size: int, *, seed: int = 0, epochs: int | None = None
                 ) -> Iterator[Float[torch.Tensor, "batch d"]]:
-        """Shuffled batches of one hook, over ``epochs`` passes (forever if None)."""
+        """Shuffled batches of one hook, over ``epochs`` passes (forever if None), all rows in memory."""
         return shuffled_batches(self.load(hook), batch_size, seed=seed, epochs=epochs)
+
+    def rows(self, hook: str, start: int, stop: int, chunk: int = 8192) -> Iterator[Float[torch.Tensor, "n d"]]:
+        """Rows ``start:stop`` of one hook in order, ``chunk`` rows at a time, read lazily from the
+        memory-mapped shards (only the requested slices are materialised)."""
+        from safetensors import safe_open
+
+        self._check_hook(hook)
+        offset = 0
+        for shard in self.manifest["shards"]:
+            lo, hi = max(start, offset), min(stop, offset + shard["n"])
+            if lo < hi:
+                f = self.path / shard["file"]
+                if not f.exists():
+                    raise FileNotFoundError(f"activation shard missing: {f}")
+                with safe_open(str(f), framework="pt") as st:
+                    sl = st.get_slice(hook)
+                    for a in range(lo - offset, hi - offset, chunk):
+                        yield sl[a : min(a + chunk, hi - offset)].float()
+            offset += shard["n"]
+
+    def stream(self, hook: str, batch_size: int, *, buffer_rows: int = 65536, stop: int | None = None,
+               seed: int = 0, epochs: int | None = None) -> Iterator[Float[torch.Tensor, "batch d"]]:
+        """Shuffled batches of rows ``0:stop`` without loading the store: chunks of the shards (in a
+        random order each pass) fill a mixing buffer of ``buffer_rows``; when it is full it is
+        shuffled and its first half is served, the second half stays to mix with what comes next
+        (as SAELens and dictionary_learning do). Memory: the buffer plus one chunk."""
+        stop = len(self) if stop is None else stop
+        if stop < batch_size or buffer_rows < 2 * batch_size:
+            raise ValueError(f"stream: {stop} rows and a buffer of {buffer_rows} for batches of {batch_size} "
+                             "(need rows >= batch and buffer >= 2 x batch)")
+        gen = torch.Generator().manual_seed(seed)
+        chunk = max(batch_size, buffer_rows // 4)
+        spans = [(a, min(a + chunk, stop)) for a in range(0, stop, chunk)]
+        epoch, buf = 0, torch.empty(0)
+        while epochs is None or epoch < epochs:
+            for j in torch.randperm(len(spans), generator=gen).tolist():
+                part = torch.cat(list(self.rows(hook, *spans[j], chunk=chunk)))
+                buf = part if buf.numel() == 0 else torch.cat([buf, part])
+                if buf.shape[0] >= buffer_rows:
+                    buf = buf[torch.randperm(buf.shape[0], generator=gen)]
+                    n_out = (buf.shape[0] // 2) // batch_size * batch_size
+                    for i in range(0, n_out, batch_size):
+                        yield buf[i : i + batch_size]
+                    buf = buf[n_out:]
+            epoch += 1
+        buf = buf[torch.randperm(buf.shape[0], generator=gen)]  # the last pass: what the buffer still holds
+        for i in range(0, buf.shape[0] - batch_size + 1, batch_size):
+            yield buf[i : i + batch_size]
 
 
 def shuffled_batches(data: Float[torch.Tensor, "n d"], batch_size: int, *, seed: int = 0, epochs: int | None = None

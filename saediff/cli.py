@@ -152,11 +152,17 @@ def sae_train_cmd(
     l1_coefficient: Optional[float] = typer.Option(None, "--l1-coefficient"),
     device: str = typer.Option("auto", "--device"),
     autocast: bool = typer.Option(False, "--autocast", help="bf16 autocast (GPU)"),
+    buffer_rows: int = typer.Option(262144, "--buffer-rows", help="rows in the shuffling buffer (the store is "
+                                    "streamed from disk through it, never loaded whole)"),
+    held_rows: int = typer.Option(20000, "--held-rows", help="rows at the end of the store held out for the metrics "
+                                  "(at most 10% of it)"),
     seed: int = typer.Option(0, "--seed"),
     threads: Optional[int] = typer.Option(None, "--threads"),
 ) -> None:
-    """Train an SAE on a store; writes a SAELens folder with metrics in saediff.json."""
+    """Train an SAE on a store, streamed from disk; writes a SAELens folder with metrics in saediff.json."""
     _setup(threads)
+    import torch
+
     from saediff.activations import ActivationStore
     from saediff.registry import preset as get_preset
     from saediff.saes import SAETrainConfig, sae_metrics, save_sae, train_sae
@@ -171,10 +177,19 @@ def sae_train_cmd(
                  "l1_coefficient": l1_coefficient}
         settings = {**(get_preset(preset) if preset else {}), **{a: v for a, v in given.items() if v is not None}}
         cfg = SAETrainConfig(**settings, device=device, autocast=autocast, seed=seed)
-        acts = store.load(hook)
-        n_held = max(1, acts.shape[0] // 10)
-        train, held = acts[:-n_held], acts[-n_held:]
-        sae, _ = train_sae(train, cfg, hook_name=hook, model_name=store.manifest.get("model") or "")
+        store._check_hook(hook)
+        n = len(store)
+        n_held = min(held_rows, max(1, n // 10))
+        if n - n_held < 2 * cfg.batch_size:  # a small test store: smaller batches rather than a failure
+            small = max(1, (n - n_held) // 2)
+            logging.getLogger("saediff").warning("%s has %d training rows: batch size %d instead of %d (real SAEs "
+                                                 "want millions of tokens)", activations, n - n_held, small,
+                                                 cfg.batch_size)
+            cfg = SAETrainConfig(**{**settings, "batch_size": small}, device=device, autocast=autocast, seed=seed)
+        held = torch.cat(list(store.rows(hook, n - n_held, n)))
+        batches = store.stream(hook, cfg.batch_size, buffer_rows=max(buffer_rows, 2 * cfg.batch_size),
+                               stop=n - n_held, seed=seed)
+        sae, _ = train_sae(batches, cfg, hook_name=hook, model_name=store.manifest.get("model") or "")
         metrics = sae_metrics(sae, held).to_json()
         save_sae(sae, out, {"hook_name": hook, "activations": str(activations), "metrics": metrics,
                             "train": cfg.__dict__})
@@ -187,6 +202,7 @@ def sae_train_cmd(
 def sae_info_cmd(
     sae_dir: Path = typer.Argument(..., help="SAE folder (SAELens format)"),
     activations: Optional[Path] = typer.Option(None, "--activations", help="measure FVU/L0/dead on this store"),
+    max_rows: int = typer.Option(100000, "--max-rows", help="rows of the store to measure on (its first ones)"),
 ) -> None:
     """Print an SAE's config and metrics."""
     from saediff.saes import load_sae, sae_metrics
@@ -201,8 +217,12 @@ def sae_info_cmd(
         if activations is not None:
             from saediff.activations import ActivationStore
 
+            import torch
+
             store = ActivationStore(activations)
-            info["metrics"] = sae_metrics(sae, store.load(sae.cfg.metadata.hook_name or store.hooks[0])).to_json()
+            hook = sae.cfg.metadata.hook_name or store.hooks[0]
+            rows = torch.cat(list(store.rows(hook, 0, min(max_rows, len(store)))))
+            info["metrics"] = {**sae_metrics(sae, rows).to_json(), "rows": rows.shape[0]}
     except _USER_ERRORS as e:
         _fail(e)
     typer.echo(json.dumps(info, indent=2, default=str))

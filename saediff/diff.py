@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from jaxtyping import Float
 
-__all__ = ["LatentDiff", "diff_latents", "Ranking", "LatentCard", "latent_card"]
+__all__ = ["LatentDiff", "diff_latents", "Ranking", "LatentCard", "latent_card", "DiffAccumulator", "HIST_EDGES"]
 
 Ranking = Literal["delta", "abs_delta", "effect_size", "freq_delta"]
 
@@ -163,3 +163,94 @@ def latent_card(sae, latent: int, acts_base: torch.Tensor, acts_ft: torch.Tensor
     nb = cos.topk(min(n_neighbours, W.shape[0] - 1))
     return LatentCard(latent, top(zb), top(zf), edges.tolist(), hb.int().tolist(), hf.int().tolist(),
                       [(int(i), float(c)) for c, i in zip(nb.values, nb.indices)])
+
+
+HIST_EDGES = [0.0, *torch.logspace(-3, 3, 37).tolist()]
+"""histogram edges of streamed latent cards: a bin for (0, 1e-3], then 6 decades, 6 bins each"""
+
+
+class DiffAccumulator:
+    """``diff_latents`` and the latent cards in one streaming pass: feed both models' activations
+    at the SAE's hook batch by batch (the same tokens in the same order); memory holds per-latent
+    sums, squares, firing counts, the top ``k`` activations with their row ids and a histogram on
+    fixed log-spaced edges (``HIST_EDGES``), never the tokens. Encoding runs on the activations'
+    device; sums are float64."""
+
+    def __init__(self, sae, k: int = 10, edges: list[float] = HIST_EDGES):
+        self.sae, self.k = sae, k
+        self.edges = torch.tensor(edges, dtype=torch.float64)
+        self.n = 0
+        self._st: dict[str, dict[str, torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def update(self, acts_base: Float[torch.Tensor, "n d_in"], acts_ft: Float[torch.Tensor, "n d_in"]) -> None:
+        """One batch of rows: the same tokens read from the base and the fine-tuned model."""
+        if acts_base.shape != acts_ft.shape or acts_base.shape[-1] != self.sae.cfg.d_in:
+            raise ValueError(f"DiffAccumulator: activations {tuple(acts_base.shape)} and {tuple(acts_ft.shape)}; "
+                             f"the SAE expects two equal (n, {self.sae.cfg.d_in})")
+        dev = acts_base.device
+        if self.sae.W_enc.device != dev:
+            self.sae.to(dev)
+        dt = self.sae.W_enc.dtype
+        z = {"base": self.sae.encode(acts_base.to(dt)), "ft": self.sae.encode(acts_ft.to(dt))}  # (n, S) each
+        active = (z["base"] > 0) | (z["ft"] > 0)
+        edges = self.edges.to(dev)
+        for side, zs in z.items():
+            st = self._st.setdefault(side, self._empty(zs.shape[1], dev))
+            zd = zs.double()
+            st["s1"] += zd.sum(0)
+            st["s2"] += zd.pow(2).sum(0)
+            st["fired"] += (zs > 0).sum(0)
+            # the running top k per latent: the old top k and this batch's top k, re-ranked
+            bv, bi = zs.float().topk(min(self.k, zs.shape[0]), dim=0)  # (k', S)
+            vals = torch.cat([st["top_vals"], bv.T], dim=1)  # (S, <= 2k)
+            ids = torch.cat([st["top_rows"], (bi + self.n).T], dim=1)
+            st["top_vals"], pick = vals.topk(min(self.k, vals.shape[1]), dim=1)
+            st["top_rows"] = ids.gather(1, pick)
+            # histogram over rows where either model is active: bucket b holds (edges[b], edges[b+1]]
+            r, c = active.nonzero(as_tuple=True)
+            b = torch.bucketize(zd[r, c].clamp_min(0), edges).clamp(1, len(edges) - 1) - 1
+            S, B = zs.shape[1], len(edges) - 1
+            st["hist"] += torch.bincount(c * B + b, minlength=S * B).view(S, B)
+        self.n += acts_base.shape[0]
+
+    def _empty(self, S: int, dev) -> dict[str, torch.Tensor]:
+        return {"s1": torch.zeros(S, dtype=torch.float64, device=dev), "s2": torch.zeros(S, dtype=torch.float64, device=dev),
+                "fired": torch.zeros(S, dtype=torch.long, device=dev),
+                "top_vals": torch.zeros(S, 0, device=dev), "top_rows": torch.zeros(S, 0, dtype=torch.long, device=dev),
+                "hist": torch.zeros(S, len(self.edges) - 1, dtype=torch.long, device=dev)}
+
+    def result(self) -> LatentDiff:
+        """The same statistics ``diff_latents`` computes from all rows at once."""
+        if not self.n:
+            raise ValueError("DiffAccumulator: no activations were added")
+        out = []
+        for side in ("base", "ft"):
+            st = self._st[side]
+            mean = st["s1"] / self.n
+            var = (st["s2"] / self.n - mean.pow(2)).clamp_min(0)
+            out.append((mean.float().cpu(), var.float().cpu(), (st["fired"].double() / self.n).float().cpu()))
+        (mb, vb, fb), (mf, vf, ff) = out
+        pooled = ((vb + vf) / 2).sqrt()
+        effect = torch.where(pooled > 0, (mf - mb) / pooled.clamp_min(1e-12), torch.zeros_like(pooled))
+        return LatentDiff(mb, mf, fb, ff, effect, self.n, self.n, self.sae.cfg.metadata.hook_name or "")
+
+    def card(self, latent: int, describe=None, n_neighbours: int = 5) -> LatentCard:
+        """A ``LatentCard`` from the streamed statistics. ``describe(row_ids)`` returns a dict per
+        row (prompt, position, token): only the top rows are ever described."""
+        if not 0 <= latent < self.sae.cfg.d_sae:
+            raise ValueError(f"latent {latent} out of range: the SAE has {self.sae.cfg.d_sae} latents")
+        tops = {}
+        for side in ("base", "ft"):
+            vals, rows = self._st[side]["top_vals"][latent].tolist(), self._st[side]["top_rows"][latent].tolist()
+            info = describe(rows) if describe else [{}] * len(rows)
+            tops[side] = [{"row": r, **d, "value": v} for r, d, v in zip(rows, info, vals)]
+        hb, hf = (self._st[s]["hist"][latent].cpu() for s in ("base", "ft"))
+        used = (hb + hf).nonzero()
+        lo, hi = (int(used.min()), int(used.max()) + 1) if used.numel() else (0, 1)
+        W = self.sae.W_dec.detach().float()
+        cos = torch.nn.functional.cosine_similarity(W, W[latent][None], dim=1)
+        cos[latent] = -2.0
+        nb = cos.topk(min(n_neighbours, W.shape[0] - 1))
+        return LatentCard(latent, tops["base"], tops["ft"], self.edges[lo : hi + 1].tolist(), hb[lo:hi].tolist(),
+                          hf[lo:hi].tolist(), [(int(i), float(c)) for c, i in zip(nb.values.cpu(), nb.indices.cpu())])

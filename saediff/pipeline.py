@@ -11,18 +11,20 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
+from tqdm.auto import tqdm
 
+from saediff import _io
 from saediff._io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
-from saediff.activations import collect_activations, row_descriptions, tokenize_prompts
-from saediff.diff import diff_latents, latent_card
-from saediff.directions import (Direction, cosine_table, lora_b_directions, mean_diff, sae_latent_direction,
-                                span_overlap)
+from saediff.activations import tokenize_prompts
+from saediff.diff import DiffAccumulator
+from saediff.directions import Direction, cosine_table, lora_b_directions, sae_latent_direction, span_overlap
 from saediff.export import export_directions, load_directions
-from saediff.hooks import parse_layer, resid_post
+from saediff.hooks import capture_resid, parse_layer, resid_post
 from saediff.models import ModelSpec, generate, load_model
 from saediff.prompts import ContrastExample, Prompt, load_prompts
 
@@ -59,7 +61,7 @@ def run_diff(base: str, finetuned: str | None, sae_path: str, out: str | Path, *
              ranking: str = "delta", icl_examples: str | list[ContrastExample] | None = None, n_shots: int = 3,
              seed: int = 0, judge=None, responses: str | None = None,
              labeller: Callable[[list[Prompt]], list[bool | None]] | None = None,
-             extra_directions: list[Direction] = ()) -> dict:
+             extra_directions: list[Direction] = (), batch_size: int = 32) -> dict:
     """Diff ``finetuned`` (or ``base`` + ``adapter`` when ``finetuned`` is None) against ``base``
     on the fine-tuned model's own answers; build every candidate direction. Returns the summary.
 
@@ -96,20 +98,18 @@ def run_diff(base: str, finetuned: str | None, sae_path: str, out: str | Path, *
         ps, labels = _own_answers(lm_ft, prompt_set, max_new_tokens, seed, out, judge, labeller)
     # one tokenization for both models: the diff compares them on the very same tokens
     toks = tokenize_prompts(lm_ft, ps)
-    acts_b = collect_activations(lm_base, toks, hooks, "response", progress=True)
-    acts_f = collect_activations(lm_ft, toks, hooks, "response", progress=True)
-    diff = diff_latents(sae, acts_b[sae_hook], acts_f[sae_hook])
+    stream = stream_diff(lm_base, lm_ft, toks, sae, labels, batch_size=batch_size)
+    diff = stream.acc.result()
     atomic_write_json(out / "diff.json", diff.to_json())
     top = diff.top(top_n, ranking)
-    rows = row_descriptions(lm_ft, ps, toks, "response")
-    cards = [latent_card(sae, i, acts_b[sae_hook], acts_f[sae_hook], rows).to_json()
-             for i in [*top, *diff.bottom(3, "delta")]]
+    describe = _row_describer(lm_ft, ps, toks)
+    cards = [stream.acc.card(i, describe).to_json() for i in [*top, *diff.bottom(3, "delta")]]
     atomic_write_json(out / "cards.json", {"kind": "saediff.latent_cards", "hook_name": sae_hook, "cards": cards})
 
     directions = [sae_latent_direction(sae, i, f"sae_{i}", rank=rank, ranking=ranking, delta=float(diff.delta[i]))
                   for rank, i in enumerate(top)]
     induced = "lora_downstream" if adapter is not None and finetuned is None else "mean_diff_models"
-    directions += _mean_diffs(acts_b, acts_f, toks, labels, hooks, induced)
+    directions += stream.mean_diffs(induced)
     directions += _in_context(lm_base, ps, examples, hooks, n_shots, seed)
     if adapter is not None:
         from saediff.lora import read_adapter
@@ -190,23 +190,93 @@ def _label_counts(labels: list | None) -> dict | None:
             "unlabelled": sum(x is None for x in labels)}
 
 
-def _mean_diffs(acts_b: dict, acts_f: dict, toks, labels: list | None, hooks: list[str], induced: str) -> list[Direction]:
-    """Per layer over response tokens: finetuned - base (``induced``: ``mean_diff_models``, or
-    ``lora_downstream`` for base + adapter), and misaligned - aligned responses of the fine-tuned
-    model when labels exist and both kinds occur (unlabelled responses are left out)."""
-    out = [mean_diff(acts_f[h], acts_b[h], h, induced, f"{induced}_L{parse_layer(h)}") for h in hooks]
-    if labels is not None:
-        per_prompt = toks.select("response").sum(1)
-        code = torch.tensor([1 if x is True else 0 if x is False else -1 for x in labels])
-        row = torch.repeat_interleave(code, per_prompt)
-        mis, ali = row == 1, row == 0
-        if mis.any() and ali.any():
-            out += [mean_diff(acts_f[h][mis], acts_f[h][ali], h, "mean_diff_responses",
-                              f"mean_diff_responses_L{parse_layer(h)}", model="finetuned") for h in hooks]
-        else:
-            log.warning("response mean difference skipped: %d misaligned and %d aligned responses",
-                        int(mis.sum()), int(ali.sum()))
-    return out
+@dataclass
+class StreamedDiff:
+    """What one streaming pass over both models leaves: the SAE statistics at its hook and, per
+    block, float64 sums of the residual over response tokens (base, fine-tuned, and the fine-tuned
+    model's misaligned and aligned answers). Memory: blocks x d_model + d_sae x k, not tokens."""
+
+    acc: DiffAccumulator
+    hooks: list[str]
+    sums: dict[str, torch.Tensor]
+    """``base``, ``ft``, ``mis``, ``ali``: (L, d) each"""
+    counts: dict[str, int]
+
+    def mean_diffs(self, induced: str) -> list[Direction]:
+        """Per block: finetuned - base (``induced``: ``mean_diff_models`` or ``lora_downstream``), and
+        misaligned - aligned answers of the fine-tuned model when both kinds occur."""
+        c = self.counts
+        out = [Direction(f"{induced}_L{parse_layer(h)}", self._mean("ft", L) - self._mean("base", L), h, induced,
+                         {"n_pos": c["ft"], "n_neg": c["base"]}) for L, h in enumerate(self.hooks)]
+        if c["mis"] and c["ali"]:
+            out += [Direction(f"mean_diff_responses_L{parse_layer(h)}", self._mean("mis", L) - self._mean("ali", L), h,
+                              "mean_diff_responses", {"n_pos": c["mis"], "n_neg": c["ali"], "model": "finetuned"})
+                    for L, h in enumerate(self.hooks)]
+        elif c["mis"] or c["ali"]:
+            log.warning("response mean difference skipped: %d misaligned and %d aligned response tokens",
+                        c["mis"], c["ali"])
+        return out
+
+    def _mean(self, key: str, L: int) -> torch.Tensor:
+        return (self.sums[key][L] / self.counts[key]).float()
+
+
+@torch.no_grad()
+def stream_diff(lm_base, lm_ft, toks, sae, labels: list | None = None, *, batch_size: int = 32,
+                progress: bool = True) -> StreamedDiff:
+    """One pass over ``toks`` (right-padded prompts with answers) through both models, reading every
+    block's output at the response tokens with forward hooks: the SAE diff at its hook and the
+    per-block sums of the mean differences. Activations stay on the models' device per batch."""
+    n_layers = lm_base.model.config.num_hidden_layers
+    L_sae = parse_layer(sae.cfg.metadata.hook_name)
+    keep = toks.select("response")
+    code = torch.tensor([1 if x is True else 0 if x is False else -1 for x in labels]) if labels else None
+    acc = DiffAccumulator(sae)
+    dev = lm_base.device
+    sums = {k: torch.zeros(n_layers, lm_base.model.config.hidden_size, dtype=torch.float64, device=dev)
+            for k in ("base", "ft", "mis", "ali")}
+    counts = dict.fromkeys(sums, 0)
+    for i in tqdm(range(0, toks.input_ids.shape[0], batch_size), desc="diff", disable=_io.no_progress(progress),
+                  leave=False):
+        real = toks.role[i : i + batch_size] >= 0
+        t_max = int(real.sum(1).max())  # right padding: trim
+        ids, attn = toks.input_ids[i : i + batch_size, :t_max].to(dev), real[:, :t_max].long().to(dev)
+        m = keep[i : i + batch_size, :t_max].to(dev)
+        rb = capture_resid(lm_base.model, list(range(n_layers)), ids, attn)
+        rf = capture_resid(lm_ft.model, list(range(n_layers)), ids.to(lm_ft.device), attn.to(lm_ft.device))
+        row_code = None
+        if code is not None:
+            row_code = code[i : i + batch_size, None].expand(-1, t_max).to(dev)[m]
+        for L in range(n_layers):
+            xb, xf = rb[L][m].double(), rf[L][m].to(dev).double()
+            sums["base"][L] += xb.sum(0)
+            sums["ft"][L] += xf.sum(0)
+            if row_code is not None:
+                sums["mis"][L] += xf[row_code == 1].sum(0)
+                sums["ali"][L] += xf[row_code == 0].sum(0)
+        n = int(m.sum())
+        counts["base"] += n
+        counts["ft"] += n
+        if row_code is not None:
+            counts["mis"] += int((row_code == 1).sum())
+            counts["ali"] += int((row_code == 0).sum())
+        acc.update(rb[L_sae][m], rf[L_sae][m].to(dev))
+    if not counts["base"]:
+        raise ValueError("no response tokens to diff (do the prompts have answers?)")
+    return StreamedDiff(acc, [resid_post(L) for L in range(n_layers)], sums, counts)
+
+
+def _row_describer(lm, prompts: list, toks):
+    """``describe(row_ids)``: prompt id, position and token of response rows (in streaming order)."""
+    rows, cols = toks.select("response").nonzero(as_tuple=True)
+
+    def describe(ids: list[int]) -> list[dict]:
+        r, c = rows[ids], cols[ids]
+        tokens = lm.tokenizer.convert_ids_to_tokens(toks.input_ids[r, c].tolist())
+        return [{"prompt": prompts[int(a)].id, "position": int(b), "token": t}
+                for a, b, t in zip(r.tolist(), c.tolist(), tokens)]
+
+    return describe
 
 
 def run_compare(run_dir: str | Path, downstream: bool = True) -> dict:

@@ -167,3 +167,29 @@ def test_latent_card_exact(identity_sae):
     assert sum(card.hist_base) == 3 and sum(card.hist_ft) == 3  # rows where either model is active
     # decoder rows (3, 4) and (0, 1): cos = 4/5
     assert card.neighbours == [(1, pytest.approx(0.8))]
+
+
+def test_streamed_diff_equals_the_in_memory_one(identity_sae):
+    """``DiffAccumulator`` fed in uneven batches gives ``diff_latents``'s statistics and
+    ``latent_card``'s top rows; its histogram counts the same rows on fixed log edges."""
+    from saediff.diff import DiffAccumulator, latent_card
+
+    g = torch.Generator().manual_seed(0)
+    base, ft = torch.randn(37, 2, generator=g) * 3, torch.randn(37, 2, generator=g) * 3 + 1
+    acc = DiffAccumulator(identity_sae, k=4)
+    for lo, hi in ((0, 5), (5, 6), (6, 30), (30, 37)):
+        acc.update(base[lo:hi], ft[lo:hi])
+    ref, got = diff_latents(identity_sae, base, ft), acc.result()
+    for name in ("mean_base", "mean_ft", "freq_base", "freq_ft", "effect_size"):
+        torch.testing.assert_close(getattr(got, name), getattr(ref, name), atol=1e-6, rtol=1e-5)
+    assert got.n_base == got.n_ft == 37
+    rows = [{"token": f"t{i}"} for i in range(37)]
+    for latent in (0, 1):
+        want = latent_card(identity_sae, latent, base, ft, rows, k=4)
+        card = acc.card(latent, describe=lambda ids: [rows[i] for i in ids])
+        assert [r["row"] for r in card.top_base] == [r["row"] for r in want.top_base]
+        assert [r["token"] for r in card.top_ft] == [r["token"] for r in want.top_ft]
+        assert sum(card.hist_base) == sum(want.hist_base) and sum(card.hist_ft) == sum(want.hist_ft)
+        assert card.neighbours == want.neighbours
+    with pytest.raises(ValueError, match="the SAE expects two equal"):
+        acc.update(base[:3], ft[:2])

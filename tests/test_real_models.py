@@ -292,3 +292,41 @@ def test_judge_labelled_response_mean_difference(tiny_qwen, tmp_path):
     bad.write_text('{"question": "q", "response": "a"}\n')
     r = CliRunner().invoke(app, [*common, "--responses", str(bad), "--out", str(tmp_path / "run3")])
     assert r.exit_code == 1 and "bad.jsonl:1: needs question, response, aligned and coherent" in r.output
+
+
+def test_streamed_diff_matches_collected_activations(tiny_qwen):
+    """``stream_diff`` (forward hooks, running sums, batches of 3) gives the statistics and per-block
+    mean differences of the in-memory path (TransformerLens cache of every response token)."""
+    import dataclasses
+    import tempfile
+
+    from helpers import make_random_sae
+
+    from saediff.activations import collect_activations, tokenize_prompts
+    from saediff.diff import diff_latents
+    from saediff.hooks import resid_post
+    from saediff.pipeline import stream_diff
+    from saediff.prompts import load_prompts
+    from saediff.saes import load_sae
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sae = load_sae(make_random_sae(Path(tmp) / "sae", 32, "blocks.1.hook_resid_post"))
+    base = load_model(str(tiny_qwen / "model"))
+    ft = load_model(ModelSpec(str(tiny_qwen / "model"), adapter=str(tiny_qwen / "lora"), merge=True))
+    ps = [dataclasses.replace(p, response=f"Answer {i}: " + "ok " * (i % 4)) for i, p in enumerate(load_prompts("first_plot"))]
+    toks = tokenize_prompts(ft, ps)
+    labels = [True, False, None, True, False, True, None, False]
+    got = stream_diff(base, ft, toks, sae, labels, batch_size=3, progress=False)
+    hooks = [resid_post(L) for L in range(2)]
+    acts_b = collect_activations(base, toks, hooks, "response", progress=False)
+    acts_f = collect_activations(ft, toks, hooks, "response", progress=False)
+    ref = diff_latents(sae, acts_b[hooks[1]], acts_f[hooks[1]])
+    torch.testing.assert_close(got.acc.result().delta, ref.delta, atol=1e-5, rtol=1e-4)
+    dirs = {d.name: d for d in got.mean_diffs("mean_diff_models")}
+    row = torch.repeat_interleave(torch.tensor([1 if x is True else 0 if x is False else -1 for x in labels]),
+                                  toks.select("response").sum(1))
+    for L, h in enumerate(hooks):
+        torch.testing.assert_close(dirs[f"mean_diff_models_L{L}"].vector, acts_f[h].mean(0) - acts_b[h].mean(0),
+                                   atol=1e-5, rtol=1e-4)
+        want = acts_f[h][row == 1].mean(0) - acts_f[h][row == 0].mean(0)
+        torch.testing.assert_close(dirs[f"mean_diff_responses_L{L}"].vector, want, atol=1e-5, rtol=1e-4)

@@ -1,0 +1,117 @@
+"""Peak memory of the streaming model diff at N and 4N response tokens, and its throughput against
+plain forward passes of the same two models over the same tokens.
+
+    python bench/diff_memory.py                      # d_model 896, 4 layers, a 16384-latent TopK SAE
+    python bench/diff_memory.py --tokens 4096 --repeats 3
+
+``saediff.pipeline.stream_diff`` (what ``run_diff`` runs) reads every block's output of a base
+and a fine-tuned model at the response tokens and keeps running sums (per block: base, fine-tuned,
+misaligned, aligned) and the SAE's per-latent statistics, top activations and histograms, so its
+memory should not grow with the number of tokens. Each measurement is its own process (peak RSS,
+``ru_maxrss``); N and 4N runs are interleaved. The baseline for throughput is the two models'
+plain forwards (no hooks, no SAE) over the same batches, in the same process. Last lines:
+``forward_ratio: X`` (diff tokens/s over plain-forward tokens/s; target >= 0.7) and
+``memory_growth: Y`` (peak RSS at 4N / at N; target <= 1.2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+warnings.filterwarnings("ignore")
+
+
+def one_run(args, n_tokens: int) -> dict:
+    import torch
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from saediff.activations import TokenizedPrompts
+    from saediff.models import LoadedModel, ModelSpec
+    from saediff.pipeline import stream_diff
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=2048, hidden_size=args.d_model, num_hidden_layers=args.layers,
+                      intermediate_size=args.d_mlp, num_attention_heads=14, num_key_value_heads=2,
+                      max_position_embeddings=1024, tie_word_embeddings=True)
+    base = Qwen2ForCausalLM(cfg).eval()
+    ft = Qwen2ForCausalLM(cfg).eval()
+    ft.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        for p in ft.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    sae = TopKSAE(TopKSAEConfig(d_in=args.d_model, d_sae=args.d_sae, k=64,
+                                metadata=SAEMetadata(hook_name=f"blocks.{args.layers // 2}.hook_resid_post")))
+    prompt, answer = 32, 96
+    n_seq = n_tokens // answer
+    g = torch.Generator().manual_seed(1)
+    toks = TokenizedPrompts(torch.randint(3, 2048, (n_seq, prompt + answer), generator=g),
+                            torch.cat([torch.zeros(n_seq, prompt, dtype=torch.long),
+                                       torch.ones(n_seq, answer, dtype=torch.long)], 1))
+    lm_b, lm_f = (LoadedModel(m, None, ModelSpec("random")) for m in (base, ft))
+    labels = [bool(i % 2) for i in range(n_seq)]
+
+    def plain() -> float:
+        t = time.perf_counter()
+        with torch.no_grad():
+            for i in range(0, n_seq, args.batch):
+                for m in (base, ft):
+                    m(input_ids=toks.input_ids[i : i + args.batch])
+        return time.perf_counter() - t
+
+    t_plain = plain()
+    t = time.perf_counter()
+    stream_diff(lm_b, lm_f, toks, sae, labels, batch_size=args.batch, progress=False)
+    t_diff = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"tokens": n_seq * answer, "diff_tok_s": n_seq * answer / t_diff, "plain_tok_s": n_seq * answer / t_plain,
+            "peak_mib": peak}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=2048, help="N: response tokens of the small run (the large: 4N)")
+    ap.add_argument("--d-model", type=int, default=896)
+    ap.add_argument("--d-mlp", type=int, default=4864)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--d-sae", type=int, default=16384)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--_child", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._child:
+        print(json.dumps(one_run(args, args._child)))
+        return
+    res: dict[int, list[dict]] = {args.tokens: [], 4 * args.tokens: []}
+    for _ in range(args.repeats):
+        for n in res:
+            p = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--_child", str(n)], capture_output=True,
+                               text=True)
+            if p.returncode:
+                sys.exit(p.stderr[-2000:])
+            res[n].append(json.loads(p.stdout.strip().splitlines()[-1]))
+    med = {n: {k: statistics.median(r[k] for r in v) for k in ("diff_tok_s", "plain_tok_s", "peak_mib")}
+           for n, v in res.items()}
+    print(f"Qwen2-shaped d_model {args.d_model}, {args.layers} layers, TopK SAE {args.d_sae} latents, batch {args.batch}")
+    for n, m in med.items():
+        print(f"{n:7d} response tokens: diff {m['diff_tok_s']:7.0f} tok/s, two plain forwards {m['plain_tok_s']:7.0f} "
+              f"tok/s, peak RSS {m['peak_mib']:6.0f} MiB")
+    big = med[4 * args.tokens]
+    print(f"forward_ratio: {big['diff_tok_s'] / big['plain_tok_s']:.3f}")
+    print(f"memory_growth: {big['peak_mib'] / med[args.tokens]['peak_mib']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
