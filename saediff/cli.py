@@ -156,6 +156,9 @@ def sae_train_cmd(
                                     "streamed from disk through it, never loaded whole)"),
     held_rows: int = typer.Option(20000, "--held-rows", help="rows at the end of the store held out for the metrics "
                                   "(at most 10% of it)"),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="save the training state every N "
+                                                   "steps (to OUT.ckpt/)"),
+    resume: bool = typer.Option(False, "--resume", help="continue from OUT.ckpt/ (same store, settings and seed)"),
     seed: int = typer.Option(0, "--seed"),
     threads: Optional[int] = typer.Option(None, "--threads"),
 ) -> None:
@@ -189,7 +192,9 @@ def sae_train_cmd(
         held = torch.cat(list(store.rows(hook, n - n_held, n)))
         batches = store.stream(hook, cfg.batch_size, buffer_rows=max(buffer_rows, 2 * cfg.batch_size),
                                stop=n - n_held, seed=seed)
-        sae, _ = train_sae(batches, cfg, hook_name=hook, model_name=store.manifest.get("model") or "")
+        sae, _ = train_sae(batches, cfg, hook_name=hook, model_name=store.manifest.get("model") or "",
+                           checkpoint_dir=Path(f"{out}.ckpt") if (checkpoint_every or resume) else None,
+                           checkpoint_every=checkpoint_every, resume=resume)
         metrics = sae_metrics(sae, held).to_json()
         save_sae(sae, out, {"hook_name": hook, "activations": str(activations), "metrics": metrics,
                             "train": cfg.__dict__})

@@ -181,11 +181,17 @@ def train_sae(
     hook_name: str = "",
     model_name: str = "",
     progress: bool = True,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
 ) -> tuple["object", dict]:
     """Train an SAE; returns (SAELens SAE, history dict with per-step loss, mse, dead fraction).
 
-    ``batches`` is an iterator of (batch, d_in) activations (``ActivationStore.batches``) or one
-    (n, d_in) tensor, which is shuffled into batches here.
+    ``batches`` is an iterator of (batch, d_in) activations (``ActivationStore.stream``) or one
+    (n, d_in) tensor, which is shuffled into batches here. With ``checkpoint_dir`` and
+    ``checkpoint_every`` the full training state (weights, Adam, schedule, dead-latent clocks,
+    history) is saved every N steps; ``resume`` continues from it, skipping the batches already
+    used, so a resumed run ends with the weights of an uninterrupted one (same batch order).
     """
     if isinstance(batches, torch.Tensor):
         data = batches
@@ -210,9 +216,21 @@ def train_sae(
     if cfg.compile:
         step_fn = torch.compile(topk_step_loss)
     hist = {"loss": [], "fvu": [], "dead_fraction": []}
-    tokens = 0
+    tokens, start = 0, 0
+    ckpt = Path(checkpoint_dir) / "train_state.pt" if checkpoint_dir else None
+    if resume and ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, map_location=device, weights_only=True)  # tensors and plain values only
+        p.load_state_dict(state["params"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        last_fired.copy_(state["last_fired"])
+        tokens, start, var, hist = int(state["tokens"]), int(state["step"]), float(state["var"]), state["hist"]
+        for _ in range(start - 1):  # the first batch was read above
+            next(batches)
+        log.info("sae: resumed at step %d from %s", start, ckpt)
     x = first
-    for step in tqdm(range(cfg.steps), desc=f"sae {cfg.arch}", disable=_io.no_progress(progress), leave=False):
+    for step in tqdm(range(start, cfg.steps), desc=f"sae {cfg.arch}", disable=_io.no_progress(progress), leave=False,
+                     initial=start, total=cfg.steps):
         if step > 0:
             x = next(batches).float()
         x = x.to(device, non_blocking=True)
@@ -240,8 +258,20 @@ def train_sae(
             hist["loss"].append(out.loss.item())
             hist["fvu"].append(out.mse.item() / var)
             hist["dead_fraction"].append(float(((tokens - last_fired) > cfg.dead_tokens).float().mean()))
+        if ckpt is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < cfg.steps:
+            state = {"params": p.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                     "last_fired": last_fired, "tokens": tokens, "step": step + 1, "var": var, "hist": hist}
+            _io.atomic_write_bytes(ckpt, _torch_bytes(state))
     sae = to_saelens(p.cpu(), cfg, hook_name=hook_name, model_name=model_name)
     return sae, hist
+
+
+def _torch_bytes(obj) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
 
 
 def to_saelens(p: SAEParams, cfg: SAETrainConfig, *, hook_name: str = "", model_name: str = ""):

@@ -137,3 +137,31 @@ def test_registry_entries_are_known_to_saelens():
         for s in entry["saes"]:
             assert s["sae_id"] in release.saes_map, (entry["release"], s["sae_id"])
     SAETrainConfig(**preset("organism"))
+
+
+def test_sae_training_resumes_from_a_checkpoint(tmp_path, caplog):
+    """Interrupted after its step-10 checkpoint and resumed, SAE training ends with the weights of
+    an uninterrupted run on the same batch order."""
+    from saediff.activations import shuffled_batches
+    from saediff.saes import SAETrainConfig, train_sae
+
+    data = torch.randn(4096, 16, generator=torch.Generator().manual_seed(0))
+    cfg = SAETrainConfig(arch="topk", d_sae=32, k=4, steps=25, batch_size=128, lr=1e-3, dead_tokens=500)
+    ref, _ = train_sae(shuffled_batches(data, 128, seed=1), cfg, progress=False)
+
+    def dies_after(n):
+        for i, b in enumerate(shuffled_batches(data, 128, seed=1)):
+            if i == n:
+                raise KeyboardInterrupt
+            yield b
+
+    with pytest.raises(KeyboardInterrupt):
+        train_sae(dies_after(15), cfg, progress=False, checkpoint_dir=tmp_path, checkpoint_every=10)
+    assert (tmp_path / "train_state.pt").exists()
+    with caplog.at_level("INFO", logger="saediff.saes"):
+        got, hist = train_sae(shuffled_batches(data, 128, seed=1), cfg, progress=False, checkpoint_dir=tmp_path,
+                              checkpoint_every=10, resume=True)
+    assert "resumed at step 10" in caplog.text
+    torch.testing.assert_close(got.W_dec, ref.W_dec, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got.W_enc, ref.W_enc, atol=1e-6, rtol=1e-5)
+    assert len(hist["loss"]) == 4  # steps 0, 10, 20 and the last, across the interruption
