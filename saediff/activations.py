@@ -232,8 +232,10 @@ def collect_activations(
     batch_size: int = 64,
     progress: bool = True,
     dtype: torch.dtype = torch.float32,
+    max_rows: int | None = None,
 ) -> dict[str, torch.Tensor] | ActivationStore:
-    """Activations at ``hooks`` for the chosen positions, in one pass per batch.
+    """Activations at ``hooks`` for the chosen positions, in one pass per batch, stored as
+    ``dtype`` (bfloat16 halves a store; reads come back as float32); at most ``max_rows`` rows.
 
     Runs the TransformerLens bridge with ``names_filter`` and ``stop_at_layer`` (after the
     deepest hooked block). With ``out`` the rows go to a store folder (written shard by shard, the
@@ -254,11 +256,19 @@ def collect_activations(
     chunks: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
     writer = _ShardWriter(Path(out), hooks) if out is not None else None
     device = lm.device
+    n_rows = 0
     for i in tqdm(range(0, toks.input_ids.shape[0], batch_size), desc="collect", disable=_io.no_progress(progress), leave=False):
+        if max_rows is not None and n_rows >= max_rows:
+            break
         ids = toks.input_ids[i : i + batch_size]
         m = keep[i : i + batch_size]
         t_max = int((toks.role[i : i + batch_size] >= 0).sum(1).max())  # right padding: trim
         ids, m = ids[:, :t_max], m[:, :t_max]
+        if max_rows is not None and n_rows + int(m.sum()) > max_rows:  # keep the first rows up to the cap
+            flat = m.flatten().clone()
+            flat[flat.nonzero()[max_rows - n_rows :, 0]] = False
+            m = flat.view(m.shape)
+        n_rows += int(m.sum())
         _, cache = tl.run_with_cache(ids.to(device), names_filter=lambda n: n in names, stop_at_layer=stop)
         batch = {h: cache[h][m.to(device)].to("cpu", dtype) for h in hooks}
         if writer:

@@ -120,6 +120,8 @@ def cache_cmd(
     adapter: Optional[str] = typer.Option(None, "--adapter", help="PEFT adapter folder (merged for analysis)"),
     positions: str = typer.Option("all", "--positions", help="all | response | last_prompt"),
     batch_size: int = typer.Option(64, "--batch-size"),
+    shard_dtype: str = typer.Option("float32", "--shard-dtype", help="float32 | bfloat16 | float16 (halves the store)"),
+    max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="stop after this many rows"),
     threads: Optional[int] = typer.Option(None, "--threads"),
 ) -> None:
     """Collect activations at HOOK for a prompt set into an on-disk store."""
@@ -130,8 +132,13 @@ def cache_cmd(
     try:
         check_positions(positions)
         lm = load_model(ModelSpec(model, adapter=adapter, merge=adapter is not None))
+        import torch
+
+        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        if shard_dtype not in dtypes:
+            raise ValueError(f"--shard-dtype must be float32, bfloat16 or float16, got {shard_dtype!r}")
         store = collect_activations(lm, _load_prompt_set(prompts, model), hook, positions, out=out,
-                                    batch_size=batch_size)
+                                    batch_size=batch_size, dtype=dtypes[shard_dtype], max_rows=max_tokens)
     except _USER_ERRORS as e:
         _fail(e)
     typer.echo(json.dumps({"out": str(out), "rows": len(store), "hooks": store.hooks, "d_model": store.d_model}))

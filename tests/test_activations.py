@@ -162,3 +162,23 @@ def test_streamed_batches_cover_the_store_through_a_bounded_buffer(tmp_path):
     b, _ = train_sae(iter(batches), cfg, progress=False)
     torch.testing.assert_close(a.W_dec, b.W_dec)
     torch.testing.assert_close(a.W_enc, b.W_enc)
+
+
+def test_cache_bfloat16_shards_and_a_token_cap(tiny_organism, tmp_path):
+    """``cache --shard-dtype bfloat16 --max-tokens N``: N rows, stored as bfloat16 (half the bytes),
+    read back as float32 equal to the float32 store's rows rounded to bfloat16."""
+    from safetensors import safe_open
+
+    run = CliRunner()
+    common = ["cache", "--model", str(tiny_organism / "aligned"), "--prompts", "organism:300", "--hook", HOOK,
+              "--positions", "response"]
+    assert run.invoke(app, [*common, "--out", str(tmp_path / "f32")]).exit_code == 0
+    r = run.invoke(app, [*common, "--shard-dtype", "bfloat16", "--max-tokens", "1000", "--out", str(tmp_path / "bf16")])
+    assert r.exit_code == 0, r.output
+    small, full = ActivationStore(tmp_path / "bf16"), ActivationStore(tmp_path / "f32")
+    assert len(small) == 1000 and len(full) == 300 * 6  # 300 chats, 6 answer tokens each
+    with safe_open(str(tmp_path / "bf16" / small.manifest["shards"][0]["file"]), framework="pt") as f:
+        assert f.get_tensor(HOOK).dtype == torch.bfloat16
+    a = next(small.rows(HOOK, 0, 1000))
+    assert a.dtype == torch.float32
+    torch.testing.assert_close(a, full.load(HOOK)[:1000].bfloat16().float())
