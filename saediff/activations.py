@@ -189,6 +189,7 @@ class ActivationStore:
         if stop < batch_size or buffer_rows < 2 * batch_size:
             raise ValueError(f"stream: {stop} rows and a buffer of {buffer_rows} for batches of {batch_size} "
                              "(need rows >= batch and buffer >= 2 x batch)")
+        buffer_rows = min(buffer_rows, max(stop, 2 * batch_size))  # a small store: one pass fills the buffer
         gen = torch.Generator().manual_seed(seed)
         chunk = max(batch_size, buffer_rows // 4)
         spans = [(a, min(a + chunk, stop)) for a in range(0, stop, chunk)]
