@@ -180,11 +180,13 @@ class ActivationStore:
             offset += shard["n"]
 
     def stream(self, hook: str, batch_size: int, *, buffer_rows: int = 65536, stop: int | None = None,
-               seed: int = 0, epochs: int | None = None) -> Iterator[Float[torch.Tensor, "batch d"]]:
+               seed: int = 0, epochs: int | None = None, rank: int = 0, world: int = 1
+               ) -> Iterator[Float[torch.Tensor, "batch d"]]:
         """Shuffled batches of rows ``0:stop`` without loading the store: chunks of the shards (in a
         random order each pass) fill a mixing buffer of ``buffer_rows``; when it is full it is
         shuffled and its first half is served, the second half stays to mix with what comes next
-        (as SAELens and dictionary_learning do). Memory: the buffer plus one chunk."""
+        (as SAELens and dictionary_learning do). Memory: the buffer plus one chunk. Under
+        ``torchrun`` each ``rank`` of ``world`` reads its own share of the chunks."""
         stop = len(self) if stop is None else stop
         if stop < batch_size or buffer_rows < 2 * batch_size:
             raise ValueError(f"stream: {stop} rows and a buffer of {buffer_rows} for batches of {batch_size} "
@@ -192,7 +194,9 @@ class ActivationStore:
         buffer_rows = min(buffer_rows, max(stop, 2 * batch_size))  # a small store: one pass fills the buffer
         gen = torch.Generator().manual_seed(seed)
         chunk = max(batch_size, buffer_rows // 4)
-        spans = [(a, min(a + chunk, stop)) for a in range(0, stop, chunk)]
+        spans = [(a, min(a + chunk, stop)) for a in range(0, stop, chunk)][rank::world]
+        if not spans:
+            raise ValueError(f"stream: rank {rank} of {world} has no rows ({stop} rows in chunks of {chunk})")
         epoch, buf = 0, torch.empty(0)
         while epochs is None or epoch < epochs:
             for j in torch.randperm(len(spans), generator=gen).tolist():

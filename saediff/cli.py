@@ -196,18 +196,36 @@ def sae_train_cmd(
                                                  "want millions of tokens)", activations, n - n_held, small,
                                                  cfg.batch_size)
             cfg = SAETrainConfig(**{**settings, "batch_size": small}, device=device, autocast=autocast, seed=seed)
+        rank, world = _init_distributed(device)
         held = torch.cat(list(store.rows(hook, n - n_held, n)))
         batches = store.stream(hook, cfg.batch_size, buffer_rows=max(buffer_rows, 2 * cfg.batch_size),
-                               stop=n - n_held, seed=seed)
+                               stop=n - n_held, seed=seed, rank=rank, world=world)
         sae, _ = train_sae(batches, cfg, hook_name=hook, model_name=store.manifest.get("model") or "",
                            checkpoint_dir=Path(f"{out}.ckpt") if (checkpoint_every or resume) else None,
                            checkpoint_every=checkpoint_every, resume=resume)
+        if rank != 0:  # under torchrun every rank holds the same weights; rank 0 measures and saves
+            return
         metrics = sae_metrics(sae, held).to_json()
         save_sae(sae, out, {"hook_name": hook, "activations": str(activations), "metrics": metrics,
-                            "train": cfg.__dict__})
+                            "train": cfg.__dict__, "processes": world})
     except _USER_ERRORS as e:
         _fail(e)
     typer.echo(json.dumps({"out": str(out), **metrics}))
+
+
+def _init_distributed(device: str) -> tuple[int, int]:
+    """(rank, world size): under ``torchrun`` the process group (gloo on CPU, nccl on GPU), else (0, 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    import torch
+    import torch.distributed as td
+
+    if not td.is_initialized():
+        gpu = device != "cpu" and torch.cuda.is_available()
+        if gpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        td.init_process_group("nccl" if gpu else "gloo")
+    return td.get_rank(), td.get_world_size()
 
 
 @sae_app.command("info")

@@ -205,9 +205,10 @@ def train_sae(
     first = next(batches).float()
     d_in = first.shape[1]
     p = SAEParams(d_in, cfg.d_sae)
-    p.init_from(first, gen)
+    dist = _Dist(cfg)
+    p.init_from(dist.global_rows_mean(first), gen)  # the same b_dec on every rank
     p.to(device)
-    var = float((first - first.mean(0)).pow(2).sum(-1).mean())
+    var = dist.global_variance(first)
     opt = torch.optim.Adam(p.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(cfg, s))
     last_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=device)
@@ -249,21 +250,62 @@ def train_sae(
                     p.threshold.mul_(0.99).add_(0.01 * kept_min.float())
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
+        dist.average_gradients(p)
         opt.step()
         sched.step()
         p.normalize_decoder()
-        tokens += x.shape[0]
-        last_fired[out.fired_S] = tokens
+        tokens += x.shape[0] * dist.world
+        last_fired[dist.any_rank(out.fired_S)] = tokens
         if step % 10 == 0 or step == cfg.steps - 1:
             hist["loss"].append(out.loss.item())
             hist["fvu"].append(out.mse.item() / var)
             hist["dead_fraction"].append(float(((tokens - last_fired) > cfg.dead_tokens).float().mean()))
-        if ckpt is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < cfg.steps:
+        if (ckpt is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < cfg.steps
+                and dist.rank == 0):
             state = {"params": p.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                      "last_fired": last_fired, "tokens": tokens, "step": step + 1, "var": var, "hist": hist}
             _io.atomic_write_bytes(ckpt, _torch_bytes(state))
     sae = to_saelens(p.cpu(), cfg, hook_name=hook_name, model_name=model_name)
     return sae, hist
+
+
+class _Dist:
+    """Data parallelism under ``torchrun``: every rank trains on its own batches, gradients are
+    averaged, and what depends on the whole batch (the first batch's mean and variance, which
+    latents fired) is reduced across ranks, so W ranks of batch B train as one process on the
+    concatenated W x B batches. A no-op in a single process."""
+
+    def __init__(self, cfg: SAETrainConfig):
+        import torch.distributed as td
+
+        self.td = td
+        self.on = td.is_available() and td.is_initialized() and td.get_world_size() > 1
+        self.world = td.get_world_size() if self.on else 1
+        self.rank = td.get_rank() if self.on else 0
+        if self.on and cfg.arch == "batchtopk":
+            raise ValueError("batchtopk picks its top k over the whole batch: train it in one process")
+
+    def _sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.on:
+            self.td.all_reduce(t)
+        return t
+
+    def global_rows_mean(self, x: torch.Tensor) -> torch.Tensor:
+        return self._sum(x.float().sum(0)) / (x.shape[0] * self.world)
+
+    def global_variance(self, x: torch.Tensor) -> float:
+        mean = self.global_rows_mean(x)
+        return float(self._sum((x.float() - mean).pow(2).sum(-1).sum()[None])[0] / (x.shape[0] * self.world))
+
+    def average_gradients(self, p: torch.nn.Module) -> None:
+        if self.on:
+            for t in p.parameters():
+                if t.grad is not None:
+                    self.td.all_reduce(t.grad)
+                    t.grad.div_(self.world)
+
+    def any_rank(self, fired: torch.Tensor) -> torch.Tensor:
+        return self._sum(fired.to(torch.int32)) > 0 if self.on else fired
 
 
 def _torch_bytes(obj) -> bytes:

@@ -165,3 +165,46 @@ def test_sae_training_resumes_from_a_checkpoint(tmp_path, caplog):
     torch.testing.assert_close(got.W_dec, ref.W_dec, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(got.W_enc, ref.W_enc, atol=1e-6, rtol=1e-5)
     assert len(hist["loss"]) == 4  # steps 0, 10, 20 and the last, across the interruption
+
+
+_DDP_SCRIPT = """
+import sys, torch, torch.distributed as td
+from saediff.saes import SAETrainConfig, train_sae
+td.init_process_group("gloo"); rank, world = td.get_rank(), td.get_world_size()
+torch.set_num_threads(1)
+data = torch.randn(24 * 64, 16, generator=torch.Generator().manual_seed(0))
+batches = [data[i : i + 64] for i in range(0, data.shape[0], 64)]  # 24 batches of 64
+mine = iter(batches[rank::world])  # rank r: batches r, r + world, ...
+cfg = SAETrainConfig(arch="topk", d_sae=32, k=4, steps=12, batch_size=64, lr=1e-3, dead_tokens=256, device="cpu")
+sae, _ = train_sae(mine, cfg, progress=False)
+if rank == 0:
+    torch.save({"W_enc": sae.W_enc.detach(), "W_dec": sae.W_dec.detach(), "b_dec": sae.b_dec.detach()}, sys.argv[1])
+td.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_trains_one_sae_data_parallel(tmp_path):
+    """``torchrun --nproc_per_node 2`` (gloo): two ranks with batches of 64 give the weights of one
+    process on the concatenated batches of 128 (gradients averaged; first-batch statistics and the
+    dead-latent clocks reduced across ranks)."""
+    import os
+    import subprocess
+    import sys
+
+    from saediff.saes import SAETrainConfig, train_sae
+
+    script = tmp_path / "ddp.py"
+    script.write_text(_DDP_SCRIPT)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        "29517", str(script), str(tmp_path / "w.pt")], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    ddp = torch.load(tmp_path / "w.pt", weights_only=True)
+    data = torch.randn(24 * 64, 16, generator=torch.Generator().manual_seed(0))
+    batches = [data[i : i + 64] for i in range(0, data.shape[0], 64)]
+    joined = iter([torch.cat([batches[2 * s], batches[2 * s + 1]]) for s in range(12)])
+    cfg = SAETrainConfig(arch="topk", d_sae=32, k=4, steps=12, batch_size=128, lr=1e-3, dead_tokens=256, device="cpu")
+    one, _ = train_sae(joined, cfg, progress=False)
+    for name in ("W_enc", "W_dec", "b_dec"):
+        torch.testing.assert_close(ddp[name], getattr(one, name).detach(), atol=1e-5, rtol=1e-4)
