@@ -19,7 +19,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal, NamedTuple
+from typing import Callable, Iterator, Literal, NamedTuple
 
 import torch
 from jaxtyping import Float
@@ -184,6 +184,7 @@ def train_sae(
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int | None = None,
     resume: bool = False,
+    callback: Callable[[int, SAEParams], None] | None = None,
 ) -> tuple["object", dict]:
     """Train an SAE; returns (SAELens SAE, history dict with per-step loss, mse, dead fraction).
 
@@ -192,6 +193,7 @@ def train_sae(
     ``checkpoint_every`` the full training state (weights, Adam, schedule, dead-latent clocks,
     history) is saved every N steps; ``resume`` continues from it, skipping the batches already
     used, so a resumed run ends with the weights of an uninterrupted one (same batch order).
+    ``callback(steps_done, params)`` runs after each step (e.g. a benchmark's held-out FVU).
     """
     if isinstance(batches, torch.Tensor):
         data = batches
@@ -260,6 +262,8 @@ def train_sae(
             hist["loss"].append(out.loss.item())
             hist["fvu"].append(out.mse.item() / var)
             hist["dead_fraction"].append(float(((tokens - last_fired) > cfg.dead_tokens).float().mean()))
+        if callback is not None:
+            callback(step + 1, p)
         if (ckpt is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < cfg.steps
                 and dist.rank == 0):
             state = {"params": p.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
@@ -381,8 +385,8 @@ def load_sae(source: str | Path, *, sae_id: str | None = None, device: str = "cp
     try:
         return SAE.from_pretrained(str(source), sae_id, device=device)
     except Exception as e:  # offline, unknown release: one line, not a stack trace
-        raise RuntimeError(f"cannot load SAELens release {source!r} / {sae_id!r}: "
-                           f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+        raise RuntimeError(f"cannot load SAELens release {source!r} / {sae_id!r} (it needs the hub, or a local "
+                           f"SAELens folder instead): {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
 
 
 def check_sae_fits(sae, model: torch.nn.Module, where: str) -> int:

@@ -208,3 +208,16 @@ def test_torchrun_trains_one_sae_data_parallel(tmp_path):
     one, _ = train_sae(joined, cfg, progress=False)
     for name in ("W_enc", "W_dec", "b_dec"):
         torch.testing.assert_close(ddp[name], getattr(one, name).detach(), atol=1e-5, rtol=1e-4)
+
+
+def test_release_sae_offline_is_one_line(tiny_qwen, tmp_path):
+    """``--sae RELEASE:SAE_ID`` goes to the hub; offline that is one line saying so."""
+    from typer.testing import CliRunner
+
+    from saediff.cli import app
+
+    r = CliRunner().invoke(app, ["diff", "--base", str(tiny_qwen / "model"), "--adapter", str(tiny_qwen / "lora"),
+                                 "--sae", "qwen2.5-7b-instruct-andyrdt:resid_post_layer_15_trainer_1",
+                                 "--prompts", "first_plot", "--out", str(tmp_path / "run")])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "qwen2.5-7b-instruct-andyrdt" in r.output and "needs the hub" in r.output
