@@ -24,6 +24,7 @@ from saediff.models import LoadedModel, chat_tokens
 from saediff.prompts import Prompt
 
 __all__ = ["Positions", "POSITIONS", "check_positions", "ActivationStore", "collect_activations", "tokenize_prompts",
+           "model_stream",
            "TokenizedPrompts", "row_descriptions", "shuffled_batches"]
 
 log = logging.getLogger(__name__)
@@ -197,21 +198,65 @@ class ActivationStore:
         spans = [(a, min(a + chunk, stop)) for a in range(0, stop, chunk)][rank::world]
         if not spans:
             raise ValueError(f"stream: rank {rank} of {world} has no rows ({stop} rows in chunks of {chunk})")
-        epoch, buf = 0, torch.empty(0)
-        while epochs is None or epoch < epochs:
-            for j in torch.randperm(len(spans), generator=gen).tolist():
-                part = torch.cat(list(self.rows(hook, *spans[j], chunk=chunk)))
-                buf = part if buf.numel() == 0 else torch.cat([buf, part])
-                if buf.shape[0] >= buffer_rows:
-                    buf = buf[torch.randperm(buf.shape[0], generator=gen)]
-                    n_out = (buf.shape[0] // 2) // batch_size * batch_size
-                    for i in range(0, n_out, batch_size):
-                        yield buf[i : i + batch_size]
-                    buf = buf[n_out:]
-            epoch += 1
-        buf = buf[torch.randperm(buf.shape[0], generator=gen)]  # the last pass: what the buffer still holds
+
+        def parts():
+            epoch = 0
+            while epochs is None or epoch < epochs:
+                for j in torch.randperm(len(spans), generator=gen).tolist():
+                    yield torch.cat(list(self.rows(hook, *spans[j], chunk=chunk)))
+                epoch += 1
+
+        return mixed_batches(parts(), batch_size, buffer_rows, gen)
+
+
+def mixed_batches(parts: Iterator[torch.Tensor], batch_size: int, buffer_rows: int, gen: torch.Generator
+                  ) -> Iterator[Float[torch.Tensor, "batch d"]]:
+    """The mixing buffer: row chunks from ``parts`` fill a buffer of ``buffer_rows``; when full it is
+    shuffled, its first half is served in batches and the second half stays to mix with what comes
+    next; when ``parts`` ends, what is left is shuffled and served (the partial batch dropped)."""
+    buf = torch.empty(0)
+    for part in parts:
+        buf = part if buf.numel() == 0 else torch.cat([buf, part])
+        if buf.shape[0] >= buffer_rows:
+            buf = buf[torch.randperm(buf.shape[0], generator=gen)]
+            n_out = (buf.shape[0] // 2) // batch_size * batch_size
+            for i in range(0, n_out, batch_size):
+                yield buf[i : i + batch_size]
+            buf = buf[n_out:]
+    if buf.numel():
+        buf = buf[torch.randperm(buf.shape[0], generator=gen)]
         for i in range(0, buf.shape[0] - batch_size + 1, batch_size):
             yield buf[i : i + batch_size]
+
+
+def model_stream(lm: LoadedModel, toks: TokenizedPrompts, hook: str, batch_size: int, *,
+                 positions: Positions = "all", buffer_rows: int = 65536, prompt_batch: int = 32, seed: int = 0,
+                 epochs: int | None = None) -> Iterator[Float[torch.Tensor, "batch d"]]:
+    """Shuffled batches of activations at ``hook`` (``blocks.L.hook_resid_post``) read straight from
+    ``lm`` over a prompt corpus, nothing written to disk: each pass runs the prompts in a random
+    order (forward stopped at block L, forward hooks), and the rows go through the same mixing
+    buffer as ``ActivationStore.stream``."""
+    from saediff.hooks import capture_resid, parse_layer
+
+    layer = parse_layer(hook)
+    keep = toks.select(positions)
+    gen = torch.Generator().manual_seed(seed)
+
+    def parts():
+        epoch = 0
+        while epochs is None or epoch < epochs:
+            order = torch.randperm(toks.input_ids.shape[0], generator=gen)
+            for i in range(0, len(order), prompt_batch):
+                idx = order[i : i + prompt_batch]
+                real = toks.role[idx] >= 0
+                t_max = int(real.sum(1).max())
+                with torch.no_grad():
+                    r = capture_resid(lm.model, [layer], toks.input_ids[idx, :t_max].to(lm.device),
+                                      real[:, :t_max].long().to(lm.device))[layer]
+                yield r[keep[idx, :t_max].to(lm.device)].float().cpu()
+            epoch += 1
+
+    return mixed_batches(parts(), batch_size, buffer_rows, gen)
 
 
 def shuffled_batches(data: Float[torch.Tensor, "n d"], batch_size: int, *, seed: int = 0, epochs: int | None = None

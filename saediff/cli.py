@@ -146,9 +146,13 @@ def cache_cmd(
 
 @sae_app.command("train")
 def sae_train_cmd(
-    activations: Path = typer.Option(..., "--activations", help="activation store folder (saediff cache)"),
     out: Path = typer.Option(..., "--out", help="SAE folder to write (SAELens format)"),
-    hook: Optional[str] = typer.Option(None, "--hook", help="which hook of the store (default: its only one)"),
+    activations: Optional[Path] = typer.Option(None, "--activations", help="activation store folder (saediff cache)"),
+    model: Optional[str] = typer.Option(None, "--model", help="or read activations straight from this model "
+                                        "(nothing written to disk), over --prompts"),
+    prompts: Optional[str] = typer.Option(None, "--prompts", help="with --model: prompt file, first_plot or organism[:N]"),
+    positions: str = typer.Option("all", "--positions", help="with --model: all | response | last_prompt"),
+    hook: Optional[str] = typer.Option(None, "--hook", help="which hook (a store's only one by default)"),
     preset: Optional[str] = typer.Option(None, "--preset", help="training preset from saes/registry.yaml"),
     arch: Optional[str] = typer.Option(None, "--arch", help="topk | relu | batchtopk"),
     d_sae: Optional[int] = typer.Option(None, "--d-sae"),
@@ -169,48 +173,89 @@ def sae_train_cmd(
     seed: int = typer.Option(0, "--seed"),
     threads: Optional[int] = typer.Option(None, "--threads"),
 ) -> None:
-    """Train an SAE on a store, streamed from disk; writes a SAELens folder with metrics in saediff.json."""
+    """Train an SAE on a store streamed from disk, or on a model's activations read live; writes a SAELens folder."""
     _setup(threads)
-    import torch
-
-    from saediff.activations import ActivationStore
     from saediff.registry import preset as get_preset
     from saediff.saes import SAETrainConfig, sae_metrics, save_sae, train_sae
 
     try:
-        store = ActivationStore(activations)
-        if hook is None:
-            if len(store.hooks) != 1:
-                raise ValueError(f"{activations} holds hooks {store.hooks}: choose one with --hook")
-            hook = store.hooks[0]
         given = {"arch": arch, "d_sae": d_sae, "k": k, "steps": steps, "batch_size": batch_size, "lr": lr,
                  "l1_coefficient": l1_coefficient}
         settings = {**(get_preset(preset) if preset else {}), **{a: v for a, v in given.items() if v is not None}}
         cfg = SAETrainConfig(**settings, device=device, autocast=autocast, seed=seed)
-        store._check_hook(hook)
-        n = len(store)
-        n_held = min(held_rows, max(1, n // 10))
-        if n - n_held < 2 * cfg.batch_size:  # a small test store: smaller batches rather than a failure
-            small = max(1, (n - n_held) // 2)
-            logging.getLogger("saediff").warning("%s has %d training rows: batch size %d instead of %d (real SAEs "
-                                                 "want millions of tokens)", activations, n - n_held, small,
-                                                 cfg.batch_size)
-            cfg = SAETrainConfig(**{**settings, "batch_size": small}, device=device, autocast=autocast, seed=seed)
         rank, world = _init_distributed(device)
-        held = torch.cat(list(store.rows(hook, n - n_held, n)))
-        batches = store.stream(hook, cfg.batch_size, buffer_rows=max(buffer_rows, 2 * cfg.batch_size),
-                               stop=n - n_held, seed=seed, rank=rank, world=world)
-        sae, _ = train_sae(batches, cfg, hook_name=hook, model_name=store.manifest.get("model") or "",
+        if activations is not None:
+            hook, n_train, held, stream, source = _store_source(activations, hook, held_rows)
+        elif model and prompts and hook:
+            n_train, held, stream, source = _model_source(model, prompts, hook, positions)
+        else:
+            raise ValueError("give --activations, or --model, --prompts and --hook")
+        if n_train < 2 * cfg.batch_size:  # a small test set: smaller batches rather than a failure
+            small = max(1, n_train // 2)
+            logging.getLogger("saediff").warning("%s has %d training rows: batch size %d instead of %d (real SAEs "
+                                                 "want millions of tokens)", source, n_train, small, cfg.batch_size)
+            cfg = SAETrainConfig(**{**settings, "batch_size": small}, device=device, autocast=autocast, seed=seed)
+        batches = stream(cfg.batch_size, max(buffer_rows, 2 * cfg.batch_size), seed, rank, world)
+        sae, _ = train_sae(batches, cfg, hook_name=hook, model_name=model or source,
                            checkpoint_dir=Path(f"{out}.ckpt") if (checkpoint_every or resume) else None,
                            checkpoint_every=checkpoint_every, resume=resume)
         if rank != 0:  # under torchrun every rank holds the same weights; rank 0 measures and saves
             return
         metrics = sae_metrics(sae, held).to_json()
-        save_sae(sae, out, {"hook_name": hook, "activations": str(activations), "metrics": metrics,
+        save_sae(sae, out, {"hook_name": hook, "activations": source, "metrics": metrics,
                             "train": cfg.__dict__, "processes": world})
     except _USER_ERRORS as e:
         _fail(e)
     typer.echo(json.dumps({"out": str(out), **metrics}))
+
+
+def _store_source(activations: Path, hook: str | None, held_rows: int):
+    """(hook, training rows, held-out rows, stream(batch, buffer, seed, rank, world), name) of a store:
+    the last rows (at most 10%) are held out, the rest streamed from disk."""
+    import torch
+
+    from saediff.activations import ActivationStore
+
+    store = ActivationStore(activations)
+    if hook is None:
+        if len(store.hooks) != 1:
+            raise ValueError(f"{activations} holds hooks {store.hooks}: choose one with --hook")
+        hook = store.hooks[0]
+    store._check_hook(hook)
+    n = len(store)
+    n_held = min(held_rows, max(1, n // 10))
+    held = torch.cat(list(store.rows(hook, n - n_held, n)))
+
+    def stream(batch, buffer, seed, rank, world):
+        return store.stream(hook, batch, buffer_rows=buffer, stop=n - n_held, seed=seed, rank=rank, world=world)
+
+    return hook, n - n_held, held, stream, str(activations)
+
+
+def _model_source(model: str, prompts: str, hook: str, positions: str):
+    """(training rows per pass, held-out rows, stream(...), name) read straight from a model over a
+    prompt set: the last tenth of the prompts is held out; every rank reads every prompt."""
+    import torch
+
+    from saediff.activations import TokenizedPrompts, check_positions, model_stream, tokenize_prompts
+    from saediff.models import load_model
+
+    check_positions(positions)
+    lm = load_model(model)
+    toks = tokenize_prompts(lm, _load_prompt_set(prompts, model))
+    n = toks.input_ids.shape[0]
+    cut = n - max(1, n // 10)
+    if cut < 1:
+        raise ValueError(f"--prompts {prompts}: {n} prompt(s) are too few to hold some out")
+    train = TokenizedPrompts(toks.input_ids[:cut], toks.role[:cut])
+    held_toks = TokenizedPrompts(toks.input_ids[cut:], toks.role[cut:])
+    held = torch.cat(list(model_stream(lm, held_toks, hook, 1, positions=positions, buffer_rows=2**62, epochs=1)))
+    n_train = int(train.select(positions).sum())
+
+    def stream(batch, buffer, seed, rank, world):
+        return model_stream(lm, train, hook, batch, positions=positions, buffer_rows=buffer, seed=seed + rank)
+
+    return n_train, held, stream, f"{model} over {prompts}"
 
 
 def _init_distributed(device: str) -> tuple[int, int]:

@@ -182,3 +182,19 @@ def test_cache_bfloat16_shards_and_a_token_cap(tiny_organism, tmp_path):
     a = next(small.rows(HOOK, 0, 1000))
     assert a.dtype == torch.float32
     torch.testing.assert_close(a, full.load(HOOK)[:1000].bfloat16().float())
+
+
+def test_sae_train_straight_from_a_model(tiny_organism, tmp_path):
+    """``sae train --model M --prompts P --hook H``: activations read live from the model (no store on
+    disk), the last tenth of the prompts held out for the metrics."""
+    r = CliRunner().invoke(app, ["sae", "train", "--model", str(tiny_organism / "aligned"), "--prompts", "organism:200",
+                                 "--hook", HOOK, "--arch", "topk", "--d-sae", "64", "--k", "4", "--steps", "60",
+                                 "--batch-size", "128", "--buffer-rows", "1024", "--out", str(tmp_path / "sae")])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["l0"] <= 4.0 + 1e-6 and 0 <= out["fvu"] < 1
+    side = json.loads((tmp_path / "sae" / "saediff.json").read_text())
+    assert "over organism:200" in side["activations"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]  # nothing else written
+    r = CliRunner().invoke(app, ["sae", "train", "--model", str(tiny_organism / "aligned"), "--out", str(tmp_path / "x")])
+    assert r.exit_code == 1 and "give --activations, or --model, --prompts and --hook" in r.output
