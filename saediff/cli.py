@@ -275,7 +275,7 @@ def _init_distributed(device: str) -> tuple[int, int]:
 
 @sae_app.command("info")
 def sae_info_cmd(
-    sae_dir: Path = typer.Argument(..., help="SAE folder (SAELens format)"),
+    sae_dir: str = typer.Argument(..., help="SAE folder (SAELens format) or RELEASE:SAE_ID"),
     activations: Optional[Path] = typer.Option(None, "--activations", help="measure FVU/L0/dead on this store"),
     max_rows: int = typer.Option(100000, "--max-rows", help="rows of the store to measure on (its first ones)"),
 ) -> None:
@@ -286,7 +286,7 @@ def sae_info_cmd(
         sae = load_sae(sae_dir)
         info = {"cfg": {k: v for k, v in sae.cfg.to_dict().items() if not isinstance(v, dict)},
                 "hook_name": sae.cfg.metadata.hook_name}
-        side = sae_dir / "saediff.json"
+        side = Path(sae_dir) / "saediff.json"
         if side.exists():
             info["saediff"] = json.loads(side.read_text())
         if activations is not None:

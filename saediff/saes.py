@@ -380,13 +380,27 @@ def load_sae(source: str | Path, *, sae_id: str | None = None, device: str = "cp
     if sae_id is None and ":" in str(source):
         source, sae_id = str(source).split(":", 1)
     if sae_id is None:
-        raise FileNotFoundError(f"SAE {source!r}: no such folder, and no sae_id given for a SAELens release "
-                                "(use RELEASE:SAE_ID)")
+        sae_id = _only_sae_of(str(source))
     try:
         return SAE.from_pretrained(str(source), sae_id, device=device)
     except Exception as e:  # offline, unknown release: one line, not a stack trace
         raise RuntimeError(f"cannot load SAELens release {source!r} / {sae_id!r} (it needs the hub, or a local "
                            f"SAELens folder instead): {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+
+
+def _only_sae_of(release: str) -> str:
+    """The SAE id of a SAELens release that holds exactly one (offline: sae-lens's own list)."""
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    known = get_pretrained_saes_directory()
+    if release not in known:
+        raise FileNotFoundError(f"SAE {release!r}: no such folder, and not a SAELens release (saes/registry.yaml "
+                                "lists the ones that fit EM models)")
+    ids = list(known[release].saes_map)
+    if len(ids) != 1:
+        raise ValueError(f"SAELens release {release!r} holds {len(ids)} SAEs: name one as {release}:SAE_ID "
+                         f"(e.g. {release}:{ids[0]})")
+    return ids[0]
 
 
 def check_sae_fits(sae, model: torch.nn.Module, where: str) -> int:

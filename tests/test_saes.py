@@ -221,3 +221,11 @@ def test_release_sae_offline_is_one_line(tiny_qwen, tmp_path):
                                  "--prompts", "first_plot", "--out", str(tmp_path / "run")])
     assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
     assert "qwen2.5-7b-instruct-andyrdt" in r.output and "needs the hub" in r.output
+    from saediff.saes import load_sae
+
+    with pytest.raises(ValueError, match=r"holds 7 SAEs: name one as qwen2.5-7b-instruct-andyrdt:SAE_ID"):
+        load_sae("qwen2.5-7b-instruct-andyrdt")  # a bare release with several SAEs
+    with pytest.raises(FileNotFoundError, match="not a SAELens release"):
+        load_sae("no-such-release")
+    r = CliRunner().invoke(app, ["sae", "info", "qwen2.5-7b-instruct-andyrdt:resid_post_layer_15_trainer_1"])
+    assert r.exit_code == 1 and "needs the hub" in r.output
