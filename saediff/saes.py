@@ -208,7 +208,7 @@ def train_sae(
     d_in = first.shape[1]
     p = SAEParams(d_in, cfg.d_sae)
     dist = _Dist(cfg)
-    p.init_from(dist.global_rows_mean(first), gen)  # the same b_dec on every rank
+    p.init_from(dist.global_rows_mean(first)[None], gen)  # b_dec: the (global) first-batch mean, as (1, d)
     p.to(device)
     var = dist.global_variance(first)
     opt = torch.optim.Adam(p.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
@@ -295,9 +295,13 @@ class _Dist:
         return t
 
     def global_rows_mean(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.on:  # bit for bit what a single process always computed (SAE training is chaotic)
+            return x.float().mean(0)
         return self._sum(x.float().sum(0)) / (x.shape[0] * self.world)
 
     def global_variance(self, x: torch.Tensor) -> float:
+        if not self.on:
+            return float((x.float() - x.float().mean(0)).pow(2).sum(-1).mean())
         mean = self.global_rows_mean(x)
         return float(self._sum((x.float() - mean).pow(2).sum(-1).sum()[None])[0] / (x.shape[0] * self.world))
 
