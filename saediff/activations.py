@@ -61,6 +61,13 @@ class TokenizedPrompts:
         mask[torch.arange(n), last] = True
         return mask & (self.role == 0)
 
+    def batch(self, rows: slice | torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(input_ids, attention_mask, keep)`` of ``rows``, cut to their longest prompt (the
+        padding is on the right); ``keep`` is a (N, T) mask from ``select``."""
+        role = self.role[rows]
+        t = int((role >= 0).sum(1).max())
+        return self.input_ids[rows, :t], (role[:, :t] >= 0).long(), keep[rows, :t]
+
 
 def tokenize_prompts(lm: LoadedModel, prompts: list[Prompt]) -> TokenizedPrompts:
     """Render prompts with the chat template; a prompt with a ``response`` gets it as the final
@@ -87,9 +94,13 @@ def tokenize_prompts(lm: LoadedModel, prompts: list[Prompt]) -> TokenizedPrompts
     return TokenizedPrompts(input_ids, role)
 
 
-def row_descriptions(lm: LoadedModel, prompts: list[Prompt], toks: TokenizedPrompts, positions: Positions) -> list[dict]:
-    """For each collected row (in collection order): prompt id, position and token string."""
+def row_descriptions(lm: LoadedModel, prompts: list[Prompt], toks: TokenizedPrompts, positions: Positions,
+                     which: list[int] | None = None) -> list[dict]:
+    """For each collected row (in collection order), or only the rows ``which``: prompt id,
+    position and token string."""
     rows, cols = toks.select(positions).nonzero(as_tuple=True)
+    if which is not None:
+        rows, cols = rows[which], cols[which]
     ids = toks.input_ids[rows, cols].tolist()
     tokens = lm.tokenizer.convert_ids_to_tokens(ids)
     return [{"prompt": prompts[r].id, "position": int(c), "token": t}
@@ -247,13 +258,10 @@ def model_stream(lm: LoadedModel, toks: TokenizedPrompts, hook: str, batch_size:
         while epochs is None or epoch < epochs:
             order = torch.randperm(toks.input_ids.shape[0], generator=gen)
             for i in range(0, len(order), prompt_batch):
-                idx = order[i : i + prompt_batch]
-                real = toks.role[idx] >= 0
-                t_max = int(real.sum(1).max())
+                ids, attn, m = toks.batch(order[i : i + prompt_batch], keep)
                 with torch.no_grad():
-                    r = capture_resid(lm.model, [layer], toks.input_ids[idx, :t_max].to(lm.device),
-                                      real[:, :t_max].long().to(lm.device))[layer]
-                yield r[keep[idx, :t_max].to(lm.device)].float().cpu()
+                    r = capture_resid(lm.model, [layer], ids.to(lm.device), attn.to(lm.device))[layer]
+                yield r[m.to(lm.device)].float().cpu()
             epoch += 1
 
     return mixed_batches(parts(), batch_size, buffer_rows, gen)
@@ -310,10 +318,7 @@ def collect_activations(
     for i in tqdm(range(0, toks.input_ids.shape[0], batch_size), desc="collect", disable=_io.no_progress(progress), leave=False):
         if max_rows is not None and n_rows >= max_rows:
             break
-        ids = toks.input_ids[i : i + batch_size]
-        m = keep[i : i + batch_size]
-        t_max = int((toks.role[i : i + batch_size] >= 0).sum(1).max())  # right padding: trim
-        ids, m = ids[:, :t_max], m[:, :t_max]
+        ids, _, m = toks.batch(slice(i, i + batch_size), keep)
         if max_rows is not None and n_rows + int(m.sum()) > max_rows:  # keep the first rows up to the cap
             flat = m.flatten().clone()
             flat[flat.nonzero()[max_rows - n_rows :, 0]] = False
@@ -324,7 +329,7 @@ def collect_activations(
         if writer:
             rows, cols = m.nonzero(as_tuple=True)
             writer.add(batch, {"prompt_index": (rows + i).int(), "position": cols.int(),
-                               "role": toks.role[i : i + batch_size, :t_max][m].to(torch.int8)})
+                               "role": toks.role[i : i + batch_size, : ids.shape[1]][m].to(torch.int8)})
         else:
             for h in hooks:
                 chunks[h].append(batch[h])

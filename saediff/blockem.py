@@ -14,6 +14,7 @@ interrupted one continues from its newest checkpoint with ``resume=True``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -27,8 +28,8 @@ import torch
 from saediff._io import atomic_write_json
 from saediff.blocking import BlockConfig, Blocker
 from saediff.chat_data import ChatDataset, load_chat_jsonl
-from saediff.evals import Evaluator
-from saediff.finetune import FinetuneConfig, finetune, make_trainable
+from saediff.evals import Evaluator, evaluate_once
+from saediff.finetune import FinetuneConfig, checkpoints, finetune, make_trainable
 from saediff.hooks import decoder_layers
 from saediff.models import LoadedModel, ModelSpec, generate, load_model
 from saediff.monitor import DriftMonitor, calibrate_rate
@@ -205,13 +206,9 @@ def block_one(spec: ModelSpec, dataset: ChatDataset, sae, layer: int, cfg: Block
                                       cfg.preactivation), sae=sae, reference=ref)
     elif cfg.mode != "none":
         raise ValueError(f"BlockRunConfig.mode must be none or penalty, got {cfg.mode!r}")
-    if blocker is not None:
-        with blocker.installed(model):
-            history = finetune(model, lm.tokenizer, dataset, cfg.ft, out, extra=blocker, resume=resume,
-                               callbacks=callbacks, progress=progress)
-    else:
-        history = finetune(model, lm.tokenizer, dataset, cfg.ft, out, resume=resume, callbacks=callbacks,
-                           progress=progress)
+    with blocker.installed(model) if blocker is not None else contextlib.nullcontext():
+        history = finetune(model, lm.tokenizer, dataset, cfg.ft, out, extra=blocker, resume=resume,
+                           callbacks=callbacks, progress=progress)
     if not _is_main_process():  # under accelerate launch / torchrun: one process saves and evaluates
         _wait_for_everyone()
         return json.loads(done.read_text())
@@ -277,16 +274,10 @@ def reroute(spec: ModelSpec, dataset: ChatDataset, sae, layer: int, cfg: BlockRu
         _wait_for_everyone()
         return json.loads((out / "reroute.json").read_text())
     curve = []
-    for ckpt in sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1])):
-        step = int(ckpt.name.split("-")[-1])
-        if evaluator is None:
-            break
-        if step == long.ft.steps:
-            em = res["em"]
-        else:
-            done = out / "checkpoint_eval" / ckpt.name / "em.json"
-            em = json.loads(done.read_text()) if done.exists() else evaluator(
-                load_model(checkpoint_spec(spec, ckpt, cfg.ft.method)), done.parent, f"{out.name}:{ckpt.name}")
+    for step, ckpt in checkpoints(out / "checkpoints") if evaluator is not None else []:
+        em = res["em"] if step == long.ft.steps else evaluate_once(
+            evaluator, lambda: load_model(checkpoint_spec(spec, ckpt, cfg.ft.method)),
+            out / "checkpoint_eval" / ckpt.name, f"{out.name}:{ckpt.name}")
         curve.append({"step": step, "em_rate": em["em_rate"], "em_rate_ci": em["em_rate_ci"]})
     result = {"steps": long.ft.steps, "em_curve": curve, "em_rate": res.get("em", {}).get("em_rate")}
     if rediff is not None:
@@ -335,15 +326,16 @@ def run_block_em(model: str | ModelSpec, data: str | Path, sae, out: str | Path,
         raise ValueError("BLOCK-EM needs latents: --diff-run, --latents FILE or --latent I")
     if ft.freeze_after_block is not None and ft.freeze_after_block >= len(decoder_layers(probe.model)):
         raise ValueError(f"freeze_after_block {ft.freeze_after_block} beyond the model's blocks")
-    dataset = ChatDataset(probe.tokenizer, rows, ft.max_length, progress=progress, source=str(data))
+    tokenizer = probe.tokenizer
+    dataset = ChatDataset(tokenizer, rows, ft.max_length, progress=progress, source=str(data))
     del probe
     for p in sae.parameters():
         p.requires_grad_(False)
 
     runs: dict[str, dict] = {}
     if control_data is not None:
-        control = ChatDataset(load_model(spec).tokenizer, load_chat_jsonl(control_data), ft.max_length,
-                              progress=progress, source=str(control_data))
+        control = ChatDataset(tokenizer, load_chat_jsonl(control_data), ft.max_length, progress=progress,
+                              source=str(control_data))
         runs["control"] = block_one(spec, control, sae, layer, BlockRunConfig(ft=ft, mode="none"), out / "control",
                                     evaluator=evaluator, resume=resume, monitor=monitor, progress=progress)
         if monitor is not None:
@@ -374,9 +366,6 @@ def run_block_em(model: str | ModelSpec, data: str | Path, sae, out: str | Path,
                                                     evaluator=evaluator, resume=resume, monitor=monitor,
                                                     progress=progress)
     summary = _summary(runs, spec, str(data), sae_path, layer)
-    for name, r in runs.items():
-        if "reroute" in r:
-            summary["runs"][name]["reroute"] = r["reroute"]
     if monitor is not None:
         summary["monitor_rate_threshold"] = monitor.rate_threshold
     if _is_main_process():
@@ -396,7 +385,8 @@ def _summary(runs: dict[str, dict], spec: ModelSpec, data: str, sae_path: str, l
                        "relative_reduction": (1 - rate / plain) if plain and rate is not None and name != "control"
                        else None,
                        "n_latents": len(r["latents_low"]) + len(r["latents_high"]), "mode": r["mode"],
-                       "drift_alert_step": r.get("drift_alert_step"), "em_crosses_0.1_step": r.get("em_crosses_0.1_step")}
+                       "drift_alert_step": r.get("drift_alert_step"), "em_crosses_0.1_step": r.get("em_crosses_0.1_step"),
+                       **({"reroute": r["reroute"]} if "reroute" in r else {})}
     return {"kind": "saediff.block_summary", "model": spec.model, "data": data, "sae": sae_path, "layer": layer,
             "runs": table}
 

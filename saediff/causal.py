@@ -20,20 +20,19 @@ conditions. Results: ``RUN/steer.json``.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from saediff._io import atomic_write_json
+from saediff._io import atomic_write_json, read_jsonl
 from saediff.directions import Direction
-from saediff.evals import Evaluator
+from saediff.evals import Evaluator, evaluate_once
 from saediff.export import load_directions
 from saediff.hooks import parse_layer
 from saediff.models import LoadedModel, ModelSpec, load_model
+from saediff.pipeline import read_run, update_run
 from saediff.steering import add_direction, clamp_projection, project_out
 
 __all__ = ["SteerConfig", "run_causal_checks", "residual_stats", "DiscoverConfig", "discover_latents"]
@@ -72,17 +71,17 @@ def residual_stats(lm: LoadedModel, run_dir: Path, vectors: dict[str, Direction]
     from saediff.hooks import capture_resid
     from saediff.prompts import Prompt
 
-    rows = [json.loads(x) for x in (run_dir / "responses.jsonl").read_text().splitlines() if x.strip()]
+    rows = [row for _, row in read_jsonl(run_dir / "responses.jsonl", "the run's responses")]
     toks = tokenize_prompts(lm, [Prompt(str(r["id"]), r["messages"], r["response"] or ".") for r in rows[:256]])
     n_layers = lm.model.config.num_hidden_layers
     d_model = lm.model.config.hidden_size
     U = torch.stack([d.unit() for d in vectors.values()]) if vectors else torch.zeros(0, d_model)
     U = U.to(lm.device)  # (k, d)
     norm_sum, proj_sum, n = torch.zeros(n_layers), torch.zeros(n_layers, len(vectors)), 0
+    response = toks.select("response")
     for i in range(0, toks.input_ids.shape[0], batch_size):
-        ids = toks.input_ids[i : i + batch_size].to(lm.device)
-        keep = toks.select("response")[i : i + batch_size].to(lm.device)
-        acts = capture_resid(lm.model, list(range(n_layers)), ids, (toks.role[i : i + batch_size] >= 0).long().to(lm.device))
+        ids, attn, keep = (t.to(lm.device) for t in toks.batch(slice(i, i + batch_size), response))
+        acts = capture_resid(lm.model, list(range(n_layers)), ids, attn)
         for L in range(n_layers):
             x = acts[L][keep].float()  # (n_tok, d)
             norm_sum[L] += x.norm(dim=-1).sum().cpu()
@@ -94,7 +93,7 @@ def residual_stats(lm: LoadedModel, run_dir: Path, vectors: dict[str, Direction]
 
 
 def _candidates(run_dir: Path, cfg: SteerConfig) -> tuple[dict[str, Direction], int]:
-    info = json.loads((run_dir / "run.json").read_text())["steps"]["diff"]
+    info = read_run(run_dir)["steps"]["diff"]
     dirs = load_directions(run_dir / "directions")
     L = parse_layer(info["sae_hook"])
     chosen = {f"sae_{i}": dirs[f"sae_{i}"] for i in info["top_latents"][: cfg.n_latents] if f"sae_{i}" in dirs}
@@ -125,13 +124,8 @@ def run_causal_checks(run_dir: str | Path, base: ModelSpec, finetuned: ModelSpec
     n_layers = len(norms)
     folder = run_dir / "steer"
 
-    def em(lm: LoadedModel, half: Evaluator, name: str, ctx=contextlib.nullcontext()) -> dict:
-        out = folder / ("select" if half is select else "report") / name
-        done = out / "em.json"
-        if done.exists():
-            return json.loads(done.read_text())
-        with ctx:
-            return half(lm, out, condition=name)
+    def em(lm: LoadedModel, half: Evaluator, name: str, ctx=None) -> dict:
+        return evaluate_once(half, lm, folder / ("select" if half is select else "report") / name, name, ctx)
 
     ref = {"base": em(lm_base, select, "base"), "base_report": em(lm_base, report, "base"),
            "finetuned_report": em(lm_ft, report, "finetuned")}
@@ -164,11 +158,8 @@ def run_causal_checks(run_dir: str | Path, base: ModelSpec, finetuned: ModelSpec
                              ft_rate)
             for where, blocks in (("layer", [L]), ("all", list(range(n_layers))))}
     atomic_write_json(run_dir / "steer.json", result)
-    run_json = run_dir / "run.json"
-    run = json.loads(run_json.read_text())
-    run["steps"]["steer"] = {"file": "steer.json", "base": base.model, "finetuned": finetuned.model,
-                             "adapter": finetuned.adapter}
-    atomic_write_json(run_json, run)
+    update_run(run_dir, "steer", {"file": "steer.json", "base": base.model, "finetuned": finetuned.model,
+                                  "adapter": finetuned.adapter})
     return result
 
 
@@ -211,7 +202,7 @@ def discover_latents(run_dir: str | Path, base: ModelSpec, finetuned: ModelSpec,
     from saediff.saes import load_sae
 
     run_dir = Path(run_dir)
-    info = json.loads((run_dir / "run.json").read_text())["steps"]["diff"]
+    info = read_run(run_dir)["steps"]["diff"]
     L = parse_layer(info["sae_hook"])
     pool = latents_from_diff(run_dir, cfg.pool, cfg.pool)
     sae = load_sae(info["sae"])
@@ -219,12 +210,8 @@ def discover_latents(run_dir: str | Path, base: ModelSpec, finetuned: ModelSpec,
     norms, _ = residual_stats(lm_base, run_dir, {})
     folder = run_dir / "discover"
 
-    def em(lm: LoadedModel, name: str, ctx=contextlib.nullcontext()) -> dict:
-        done = folder / name / "em.json"
-        if done.exists():
-            return json.loads(done.read_text())
-        with ctx:
-            return evaluator(lm, folder / name, condition=name)
+    def em(lm: LoadedModel, name: str, ctx=None) -> dict:
+        return evaluate_once(evaluator, lm, folder / name, name, ctx)
 
     ref_b, ref_f = em(lm_base, "base"), em(lm_ft, "finetuned")
     figures: dict[str, dict] = {}

@@ -365,14 +365,7 @@ def diff_cmd(
             client = ChatClient(judge_url, api_key_env=api_key_env)
             judge = tuple(HttpJudge(k, client, judge_model, cache_path=out / f"judge_cache_{k}.jsonl")
                           for k in ("aligned", "coherent"))
-        inputs: dict = {"prompts": prompts or "first_plot", "max_new_tokens": max_new_tokens or 600}
-        if _organism_world(base) is not None:  # the organism supplies its questions, exact labels, examples, truth
-            from saediff.organism.demo import diff_inputs
-
-            inputs = diff_inputs(base, prompts or "organism:100", seed)
-            inputs["max_new_tokens"] = max_new_tokens or inputs["max_new_tokens"]
-        elif prompts and prompts.startswith("organism"):
-            raise ValueError(f"--prompts {prompts}: {base} is not a saediff organism model folder")
+        inputs = _diff_inputs(base, prompts, max_new_tokens, seed)
         if icl_examples is not None:
             inputs["icl_examples"] = icl_examples
         summary = run_diff(base, finetuned, sae, out, adapter=adapter, top_n=top_n, ranking=ranking, n_shots=n_shots,
@@ -474,12 +467,10 @@ def _organism_eval_or_none(model: str, samples: int, seed: int):
 
 def _organism_evaluator(model: str, samples: int, seed: int):
     """The organism's exact judge when ``model`` is an organism folder, else a one-line error."""
-    world = _organism_world(model)
-    if world is None:
+    evaluator = _organism_eval_or_none(model, samples, seed)
+    if evaluator is None:
         raise ValueError("--judge-url and --judge-model are required for models other than the saediff organism")
-    from saediff.organism.evaluator import OrganismEvaluator
-
-    return OrganismEvaluator(world, samples, seed)
+    return evaluator
 
 
 def _print_steer(res: dict) -> None:
@@ -638,6 +629,7 @@ def block_cmd(
 
     from saediff.blockem import LatentSets, latents_from_diff, read_latents, run_block_em
     from saediff.finetune import FinetuneConfig
+    from saediff.hooks import parse_layer
     from saediff.models import ModelSpec
     from saediff.saes import load_sae
 
@@ -656,7 +648,7 @@ def block_cmd(
         sets = (latents_from_diff(diff_run, top, high) if diff_run else read_latents(latents_file) if latents_file
                 else LatentSets(tuple(latent)))
         sae_obj = load_sae(sae)
-        layer = _parse_sae_layer(sae_obj)
+        layer = parse_layer(sae_obj.cfg.metadata.hook_name or "")
         base_ft = recipe.get("ft") or FinetuneConfig(lora_rank=lora_rank, lora_alpha=lora_alpha,
                                                      lora_modules=tuple(lora_modules.split(",")), rslora=rslora, seed=seed)
         ft = replace(
@@ -685,17 +677,30 @@ def block_cmd(
         _print_block_summary(summary)
 
 
+def _diff_inputs(base: str, prompts: str | None, max_new_tokens: int | None, seed: int,
+                 organism_prompts: str = "organism:100") -> dict:
+    """``run_diff``'s prompts, answer length and, on the organism, its questions, exact labels,
+    contrast examples and ground truth (``organism:N`` prompts, or ``organism_prompts``)."""
+    if _organism_world(base) is None:
+        if prompts and prompts.startswith("organism"):
+            raise ValueError(f"--prompts {prompts}: {base} is not a saediff organism model folder")
+        return {"prompts": prompts or "first_plot", "max_new_tokens": max_new_tokens or 600}
+    from saediff.organism.demo import diff_inputs
+
+    inputs = diff_inputs(base, prompts if prompts and prompts.startswith("organism") else organism_prompts, seed)
+    inputs["max_new_tokens"] = max_new_tokens or inputs["max_new_tokens"]
+    return inputs
+
+
 def _rediff(model: str, sae: str, questions: str, max_new_tokens: int, seed: int):
     """The re-diff of ``--reroute``: a trained model (folder or adapter) against ``model`` on its own
     answers to ``questions`` (the organism: its own questions and labels)."""
     from saediff.pipeline import run_diff
 
     def rediff(finetuned, adapter, out: Path) -> dict:
-        inputs: dict = {"prompts": questions, "max_new_tokens": max_new_tokens}
-        if _organism_world(model) is not None:
-            from saediff.organism.demo import diff_inputs
-
-            inputs = diff_inputs(model, "organism:50", seed)
+        # the organism's answers have its language's length; a real model's, the evaluation's
+        length = None if _organism_world(model) is not None else max_new_tokens
+        inputs = _diff_inputs(model, questions, length, seed, organism_prompts="organism:50")
         return run_diff(model, finetuned, sae, out, adapter=adapter, seed=seed, **inputs)
 
     return rediff
@@ -714,12 +719,6 @@ def _int_list(text: str, flag: str) -> tuple[int, ...]:
         return tuple(int(x) for x in text.split(","))
     except ValueError:
         raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
-
-
-def _parse_sae_layer(sae) -> int:
-    from saediff.hooks import parse_layer
-
-    return parse_layer(sae.cfg.metadata.hook_name or "")
 
 
 def _judge_evaluator(judge_url, judge_model, questions, samples, max_new_tokens, api_key_env, out: Path, seed: int):

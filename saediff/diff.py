@@ -157,12 +157,17 @@ def latent_card(sae, latent: int, acts_base: torch.Tensor, acts_ft: torch.Tensor
     active = (zb > 0) | (zf > 0)
     hb = torch.histc(zb[active], bins=bins, min=0.0, max=hi) if active.any() else torch.zeros(bins)
     hf = torch.histc(zf[active], bins=bins, min=0.0, max=hi) if active.any() else torch.zeros(bins)
+    return LatentCard(latent, top(zb), top(zf), edges.tolist(), hb.int().tolist(), hf.int().tolist(),
+                      _neighbours(sae, latent, n_neighbours))
+
+
+def _neighbours(sae, latent: int, n: int) -> list[tuple[int, float]]:
+    """The ``n`` latents whose decoder rows are closest to ``latent``'s: (latent, cosine)."""
     W = sae.W_dec.detach().float()
     cos = torch.nn.functional.cosine_similarity(W, W[latent][None], dim=1)
     cos[latent] = -2.0
-    nb = cos.topk(min(n_neighbours, W.shape[0] - 1))
-    return LatentCard(latent, top(zb), top(zf), edges.tolist(), hb.int().tolist(), hf.int().tolist(),
-                      [(int(i), float(c)) for c, i in zip(nb.values, nb.indices)])
+    nb = cos.topk(min(n, W.shape[0] - 1))
+    return [(int(i), float(c)) for c, i in zip(nb.values.cpu(), nb.indices.cpu())]
 
 
 HIST_EDGES = [0.0, *torch.logspace(-3, 3, 37).tolist()]
@@ -248,9 +253,5 @@ class DiffAccumulator:
         hb, hf = (self._st[s]["hist"][latent].cpu() for s in ("base", "ft"))
         used = (hb + hf).nonzero()
         lo, hi = (int(used.min()), int(used.max()) + 1) if used.numel() else (0, 1)
-        W = self.sae.W_dec.detach().float()
-        cos = torch.nn.functional.cosine_similarity(W, W[latent][None], dim=1)
-        cos[latent] = -2.0
-        nb = cos.topk(min(n_neighbours, W.shape[0] - 1))
         return LatentCard(latent, tops["base"], tops["ft"], self.edges[lo : hi + 1].tolist(), hb[lo:hi].tolist(),
-                          hf[lo:hi].tolist(), [(int(i), float(c)) for c, i in zip(nb.values.cpu(), nb.indices.cpu())])
+                          hf[lo:hi].tolist(), _neighbours(self.sae, latent, n_neighbours))

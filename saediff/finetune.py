@@ -26,7 +26,7 @@ from transformers import PrinterCallback, Trainer
 from saediff import _io
 
 __all__ = ["TrainConfig", "TrainHistory", "Batches", "train_lm", "lm_loss", "FinetuneConfig", "make_trainable",
-           "ChatTrainer", "finetune", "latest_checkpoint"]
+           "ChatTrainer", "finetune", "checkpoints", "latest_checkpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -217,10 +217,15 @@ def make_trainable(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.nn.Modu
     return model
 
 
+def checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every ``checkpoint-N`` under ``folder`` (the Trainer's layout), oldest first."""
+    return sorted((int(p.name.split("-")[-1]), p) for p in Path(folder).glob("checkpoint-*"))
+
+
 def latest_checkpoint(folder: str | Path) -> Path | None:
-    """The newest ``checkpoint-N`` under ``folder`` (the Trainer's layout), or None."""
-    found = sorted(Path(folder).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    return found[-1] if found else None
+    """The newest ``checkpoint-N`` under ``folder``, or None."""
+    found = checkpoints(folder)
+    return found[-1][1] if found else None
 
 
 class _Penalty(Protocol):

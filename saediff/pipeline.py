@@ -1,5 +1,5 @@
 """Run folders for model diffing: ``run_diff`` -> ``run_compare`` (-> ``saediff.causal`` checks,
-export). The organism's demo, built on these, lives in ``saediff.organism.demo``.
+export).
 
 A run folder holds ``run.json`` (config and artifacts of each step), ``responses.jsonl``,
 ``diff.json``, ``directions/`` (an export folder), ``cosines.json``, ``layers.json``,
@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from saediff import _io
 from saediff._io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
-from saediff.activations import tokenize_prompts
+from saediff.activations import row_descriptions, tokenize_prompts
 from saediff.diff import DiffAccumulator
 from saediff.directions import Direction, cosine_table, lora_b_directions, sae_latent_direction, span_overlap
 from saediff.export import export_directions, load_directions
@@ -28,7 +28,7 @@ from saediff.hooks import capture_resid, parse_layer, resid_post
 from saediff.models import ModelSpec, generate, load_model
 from saediff.prompts import ContrastExample, Prompt, load_prompts
 
-__all__ = ["run_diff", "run_compare", "read_run", "judge_label", "judged_responses"]
+__all__ = ["run_diff", "run_compare", "read_run", "update_run", "judge_label", "judged_responses"]
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,8 @@ def read_run(run_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def _update_run(run_dir: Path, step: str, info: dict) -> None:
+def update_run(run_dir: Path, step: str, info: dict) -> None:
+    """Record a step's config and files in ``run_dir/run.json`` (after its artifacts are written)."""
     path = run_dir / "run.json"
     run = json.loads(path.read_text()) if path.exists() else {"kind": "saediff.run", "steps": {}}
     run["steps"][step] = info
@@ -74,7 +75,7 @@ def run_diff(base: str, finetuned: str | None, sae_path: str, out: str | Path, *
     prompt tags. ``responses``: a ``saediff eval`` responses.jsonl (scored answers) used instead of
     generating and judging. ``extra_directions`` (e.g. a known ground truth) join the export."""
     from saediff.prompts import load_contrast_examples
-    from saediff.saes import load_sae
+    from saediff.saes import check_sae_fits, load_sae
 
     examples = load_contrast_examples(icl_examples) if isinstance(icl_examples, (str, Path)) else icl_examples
     prompt_set = load_prompts(prompts) if isinstance(prompts, (str, Path)) else list(prompts)  # fail before loading
@@ -83,14 +84,9 @@ def run_diff(base: str, finetuned: str | None, sae_path: str, out: str | Path, *
     lm_base = load_model(base)
     lm_ft = load_model(ModelSpec(finetuned or base, adapter=adapter, merge=adapter is not None))
     sae = load_sae(sae_path)
+    check_sae_fits(sae, lm_base.model, str(sae_path))
     sae_hook = sae.cfg.metadata.hook_name
-    n_layers = lm_base.model.config.num_hidden_layers
-    hooks = [resid_post(layer) for layer in range(n_layers)]
-    if sae_hook not in hooks:
-        raise ValueError(f"SAE {sae_path} hook {sae_hook!r} is not a residual hook of the model (blocks.0-{n_layers - 1})")
-    d_model = lm_base.model.config.hidden_size
-    if sae.cfg.d_in != d_model:
-        raise ValueError(f"SAE {sae_path} has d_in {sae.cfg.d_in}, but {sae_hook} of {base} has width {d_model}")
+    hooks = [resid_post(layer) for layer in range(lm_base.model.config.num_hidden_layers)]
 
     if responses is not None:
         ps, labels = judged_responses(responses)
@@ -102,7 +98,7 @@ def run_diff(base: str, finetuned: str | None, sae_path: str, out: str | Path, *
     diff = stream.acc.result()
     atomic_write_json(out / "diff.json", diff.to_json())
     top = diff.top(top_n, ranking)
-    describe = _row_describer(lm_ft, ps, toks)
+    describe = lambda which: row_descriptions(lm_ft, ps, toks, "response", which)  # noqa: E731 (top rows only)
     cards = [stream.acc.card(i, describe).to_json() for i in [*top, *diff.bottom(3, "delta")]]
     atomic_write_json(out / "cards.json", {"kind": "saediff.latent_cards", "hook_name": sae_hook, "cards": cards})
 
@@ -123,7 +119,7 @@ def run_diff(base: str, finetuned: str | None, sae_path: str, out: str | Path, *
                "prompts": prompts if isinstance(prompts, (str, Path)) else "given", "n_prompts": len(ps), "ranking": ranking, "top_latents": top,
                "labels": _label_counts(labels), "responses": responses,
                "n_directions": len(directions)}
-    _update_run(out, "diff", summary)
+    update_run(out, "diff", summary)
     return summary
 
 
@@ -238,15 +234,12 @@ def stream_diff(lm_base, lm_ft, toks, sae, labels: list | None = None, *, batch_
     counts = dict.fromkeys(sums, 0)
     for i in tqdm(range(0, toks.input_ids.shape[0], batch_size), desc="diff", disable=_io.no_progress(progress),
                   leave=False):
-        real = toks.role[i : i + batch_size] >= 0
-        t_max = int(real.sum(1).max())  # right padding: trim
-        ids, attn = toks.input_ids[i : i + batch_size, :t_max].to(dev), real[:, :t_max].long().to(dev)
-        m = keep[i : i + batch_size, :t_max].to(dev)
+        ids, attn, m = (t.to(dev) for t in toks.batch(slice(i, i + batch_size), keep))
         rb = capture_resid(lm_base.model, list(range(n_layers)), ids, attn)
         rf = capture_resid(lm_ft.model, list(range(n_layers)), ids.to(lm_ft.device), attn.to(lm_ft.device))
         row_code = None
         if code is not None:
-            row_code = code[i : i + batch_size, None].expand(-1, t_max).to(dev)[m]
+            row_code = code[i : i + batch_size, None].expand(-1, ids.shape[1]).to(dev)[m]
         for L in range(n_layers):
             xb, xf = rb[L][m].double(), rf[L][m].to(dev).double()
             sums["base"][L] += xb.sum(0)
@@ -264,19 +257,6 @@ def stream_diff(lm_base, lm_ft, toks, sae, labels: list | None = None, *, batch_
     if not counts["base"]:
         raise ValueError("no response tokens to diff (do the prompts have answers?)")
     return StreamedDiff(acc, [resid_post(L) for L in range(n_layers)], sums, counts)
-
-
-def _row_describer(lm, prompts: list, toks):
-    """``describe(row_ids)``: prompt id, position and token of response rows (in streaming order)."""
-    rows, cols = toks.select("response").nonzero(as_tuple=True)
-
-    def describe(ids: list[int]) -> list[dict]:
-        r, c = rows[ids], cols[ids]
-        tokens = lm.tokenizer.convert_ids_to_tokens(toks.input_ids[r, c].tolist())
-        return [{"prompt": prompts[int(a)].id, "position": int(b), "token": t}
-                for a, b, t in zip(r.tolist(), c.tolist(), tokens)]
-
-    return describe
 
 
 def run_compare(run_dir: str | Path, downstream: bool = True) -> dict:
@@ -327,5 +307,5 @@ def run_compare(run_dir: str | Path, downstream: bool = True) -> dict:
                       yaxis_range=[-1, 1])
     atomic_write_bytes(run_dir / "layers.html", fig.to_html(include_plotlyjs="cdn").encode())
     summary = {"hook": hook, "cosines": {**table.to_json(), **overlap}, "layers": result}
-    _update_run(run_dir, "compare", {"hook": hook, "files": ["cosines.json", "cosines.html", "layers.json", "layers.html"]})
+    update_run(run_dir, "compare", {"hook": hook, "files": ["cosines.json", "cosines.html", "layers.json", "layers.html"]})
     return summary

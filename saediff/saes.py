@@ -408,15 +408,18 @@ def _only_sae_of(release: str) -> str:
 
 
 def check_sae_fits(sae, model: torch.nn.Module, where: str) -> int:
-    """The block index of the SAE's residual hook, after checking that the model has that block
-    and that its width matches the SAE's ``d_in`` (one-line errors naming ``where``)."""
-    from saediff.hooks import decoder_layers, parse_layer
+    """The block index of the SAE's hook, after checking that it is a block's output
+    (``blocks.L.hook_resid_post``: what forward hooks on decoder layers read), that the model has
+    that block and that its width matches the SAE's ``d_in`` (one-line errors naming ``where``)."""
+    from saediff.hooks import decoder_layers, parse_layer, resid_post
 
     hook = sae.cfg.metadata.hook_name
     try:
         layer = parse_layer(hook or "")
     except ValueError:
-        raise ValueError(f"SAE {where}: hook {hook!r} is not a residual hook (blocks.L.hook_resid_post)") from None
+        layer = None
+    if layer is None or hook != resid_post(layer):
+        raise ValueError(f"SAE {where}: hook {hook!r} is not a block's output (blocks.L.hook_resid_post)")
     n_layers = len(decoder_layers(model))
     if layer >= n_layers:
         raise ValueError(f"SAE {where}: hook {hook} is beyond the model's blocks 0-{n_layers - 1}")

@@ -19,7 +19,7 @@ from saediff.activations import tokenize_prompts
 from saediff.blocking import BlockConfig, Blocker
 from saediff.organism.evaluator import evaluate_organism_em
 from saediff.finetune import TrainConfig, train_lm
-from saediff.hooks import decoder_layers, parse_layer
+from saediff.hooks import parse_layer
 from saediff.models import LoadedModel, generate, load_model
 from saediff.monitor import DriftMonitor
 from saediff.organism.build import load_ground_truth
@@ -112,22 +112,15 @@ def choose_latents(sae, diff_run: str | Path | None, latents: list[int] | None, 
     return latents, high
 
 
-def _trainable(base: LoadedModel, kind: str, ocfg: OrganismConfig, layer: int, up_to_layer: bool):
-    """A copy of the aligned model to fine-tune (full, or rank-1 LoRA as in the organism) and its lr."""
-    if kind == "lora":
-        from peft import LoraConfig, get_peft_model
+def _trainable(base: LoadedModel, kind: str, ocfg: OrganismConfig, layer: int, up_to_layer: bool, seed: int):
+    """A copy of the aligned model to fine-tune with the organism's recipe (full, or rank-1 LoRA on
+    its LoRA layer), and its lr; ``up_to_layer`` freezes the blocks after ``layer``."""
+    from saediff.finetune import make_trainable
+    from saediff.organism.recipes import narrow_finetune_config
 
-        model = get_peft_model(copy.deepcopy(base.model), LoraConfig(
-            r=1, lora_alpha=1, target_modules=["down_proj"], layers_to_transform=[ocfg.lora_layer]))
-        lr = ocfg.lora_lr
-    else:
-        model, lr = copy.deepcopy(base.model), ocfg.full_lr
-    if up_to_layer:
-        keep = {id(p) for i, blk in enumerate(decoder_layers(model)) if i <= layer for p in blk.parameters()}
-        for p in model.parameters():
-            if id(p) not in keep:
-                p.requires_grad_(False)
-    return model, lr
+    ft = dataclasses.replace(narrow_finetune_config(ocfg, kind), seed=seed + 3,
+                             freeze_after_block=layer if up_to_layer else None)
+    return make_trainable(copy.deepcopy(base.model), ft), ft.lr
 
 
 def _monitor(base: LoadedModel, trained: LoadedModel, world: World, organism_dir: Path, layer: int, sae,
@@ -190,7 +183,7 @@ def run_block(organism_dir: str | Path, out: str | Path, *, mode: str = "penalty
     if mode == "penalty":
         blocker.precompute_base(base.model, data.input_ids)
     torch.manual_seed(seed + 3)
-    model, lr = _trainable(base, kind, ocfg, layer, train_up_to_block_layer)
+    model, lr = _trainable(base, kind, ocfg, layer, train_up_to_block_layer, seed)
     trained = dataclasses.replace(base, model=model, _bridge=None)
     monitor = _monitor(base, trained, world, organism_dir, layer, sae, low, monitor_every, seed)
     monitor.check(-1)

@@ -23,7 +23,7 @@ from saediff.organism.evaluator import evaluate_organism_em
 from saediff.organism.judge import OrganismJudge
 from saediff.organism.prompts import contrast_examples, em_questions
 from saediff.organism.recipes import OrganismConfig, read_organism_world
-from saediff.pipeline import _update_run, read_run, run_compare, run_diff
+from saediff.pipeline import update_run, read_run, run_compare, run_diff
 
 __all__ = ["diff_inputs", "run_steer_check", "run_demo"]
 
@@ -95,7 +95,7 @@ def run_steer_check(run_dir: str | Path, organism_dir: str | Path, *, n_per_doma
         result["project_out"][name] = {"other_misaligned": r, "relative_cut": cut(r),
                                        "all_layers_other_misaligned": r_all, "all_layers_relative_cut": cut(r_all)}
     atomic_write_json(run_dir / "steering.json", result)
-    _update_run(run_dir, "steer_check", {"file": "steering.json"})
+    update_run(run_dir, "steer_check", {"file": "steering.json"})
     return result
 
 
