@@ -95,16 +95,23 @@ def tokenize_prompts(lm: LoadedModel, prompts: list[Prompt]) -> TokenizedPrompts
 
 
 def row_descriptions(lm: LoadedModel, prompts: list[Prompt], toks: TokenizedPrompts, positions: Positions,
-                     which: list[int] | None = None) -> list[dict]:
+                     which: list[int] | None = None, context: tuple[int, int] = (6, 2)) -> list[dict]:
     """For each collected row (in collection order), or only the rows ``which``: prompt id,
-    position and token string."""
+    position, the token as text, and ``context`` (the text of up to ``context[0]`` tokens before
+    it, the token in [brackets], and up to ``context[1]`` after; padding left out)."""
     rows, cols = toks.select(positions).nonzero(as_tuple=True)
     if which is not None:
         rows, cols = rows[which], cols[which]
-    ids = toks.input_ids[rows, cols].tolist()
-    tokens = lm.tokenizer.convert_ids_to_tokens(ids)
-    return [{"prompt": prompts[r].id, "position": int(c), "token": t}
-            for r, c, t in zip(rows.tolist(), cols.tolist(), tokens)]
+    out = []
+    for r, c in zip(rows.tolist(), cols.tolist()):
+        n_real = int((toks.role[r] >= 0).sum())  # right-padded
+        lo, hi = max(0, c - context[0]), min(n_real, c + 1 + context[1])
+        ids = toks.input_ids[r].tolist()
+        before, after = lm.tokenizer.decode(ids[lo:c]), lm.tokenizer.decode(ids[c + 1 : hi])
+        token = lm.tokenizer.decode([ids[c]])
+        out.append({"prompt": prompts[r].id, "position": int(c), "token": token,
+                    "context": f"{before}[{token}]{after}".strip()})
+    return out
 
 
 class ActivationStore:

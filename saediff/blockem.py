@@ -297,7 +297,7 @@ def run_block_em(model: str | ModelSpec, data: str | Path, sae, out: str | Path,
                  evaluator: Evaluator | None = None, resume: bool = False, seed: int = 0, sae_path: str = "",
                  monitor: MonitorFactory | None = None, control_data: str | Path | None = None,
                  reroute_factor: int | None = None, rediff: ReDiff | None = None, reblock: bool = False,
-                 progress: bool = True) -> dict:
+                 heldout_control_data: str | Path | None = None, progress: bool = True) -> dict:
     """The BLOCK-EM sweep: for each lambda a blocked run (and with ``controls`` one with as many
     random latents), plus the plain fine-tune; writes and returns ``out/summary.json`` with each
     run's EM rate, its interval and the relative reduction against the plain fine-tune.
@@ -305,6 +305,8 @@ def run_block_em(model: str | ModelSpec, data: str | Path, sae, out: str | Path,
     ``control_data``: aligned answers to the same narrow questions. The same recipe on them runs
     first (``control``: fine-tuning as such should not cause EM), and with a ``monitor`` its
     drift history calibrates the monitor's rate threshold for every later run.
+    ``heldout_control_data``: other aligned answers; the same recipe on them (``control_heldout``)
+    runs under the calibrated monitor, so its alert step is a real false-alarm check.
 
     ``reroute_factor`` (e.g. 3): each blocked run is also trained that many times longer
     (``NAME_reroute``: EM over checkpoints, re-diff with ``rediff``); ``reblock`` then adds the
@@ -342,6 +344,12 @@ def run_block_em(model: str | ModelSpec, data: str | Path, sae, out: str | Path,
             drift = json.loads((out / "control" / "history.json").read_text())["drift"]
             monitor.rate_threshold = calibrate_rate(drift)
             runs["control"]["drift_alert_step"] = None  # below its own calibrated threshold by construction
+    if heldout_control_data is not None:
+        heldout = ChatDataset(tokenizer, load_chat_jsonl(heldout_control_data), ft.max_length, progress=progress,
+                              source=str(heldout_control_data))
+        runs["control_heldout"] = block_one(spec, heldout, sae, layer, BlockRunConfig(ft=ft, mode="none"),
+                                            out / "control_heldout", evaluator=evaluator, resume=resume,
+                                            monitor=monitor, progress=progress)
     plan: dict[str, BlockRunConfig] = {}
     if controls:
         plan["plain"] = BlockRunConfig(ft=ft, mode="none")
@@ -382,8 +390,8 @@ def _summary(runs: dict[str, dict], spec: ModelSpec, data: str, sae_path: str, l
         table[name] = {"em_rate": rate, "em_rate_ci": em.get("em_rate_ci"), "coherent_rate": em.get("coherent_rate"),
                        "per_question": em.get("per_question"), "penalty_first": r["penalty_first"],
                        "penalty_last": r["penalty_last"], "final_loss": r["final_loss"],
-                       "relative_reduction": (1 - rate / plain) if plain and rate is not None and name != "control"
-                       else None,
+                       "relative_reduction": (1 - rate / plain) if plain and rate is not None
+                       and not name.startswith("control") else None,
                        "n_latents": len(r["latents_low"]) + len(r["latents_high"]), "mode": r["mode"],
                        "drift_alert_step": r.get("drift_alert_step"), "em_crosses_0.1_step": r.get("em_crosses_0.1_step"),
                        **({"reroute": r["reroute"]} if "reroute" in r else {})}

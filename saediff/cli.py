@@ -795,19 +795,58 @@ def demo_cmd(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="run folder (resumable: finished steps are skipped)"),
     quick: bool = typer.Option(False, "--quick", help="CI-sized organism"),
     seed: int = typer.Option(0, "--seed"),
+    seeds: Optional[str] = typer.Option(None, "--seeds", help="several seeds, comma-separated (one run each under "
+                                        "OUT/seed_N, figures side by side in OUT/seeds.json)"),
     threads: Optional[int] = typer.Option(None, "--threads"),
 ) -> None:
     """The whole story on the organism: build, SAE, diff, compare, steer, export, BLOCK-EM, report."""
     _setup(threads)
-    from saediff.organism.demo import run_demo
+    from saediff.organism.demo import run_demo, run_demo_seeds
 
     try:
+        seed_list = list(_int_list(seeds, "--seeds")) if seeds else None
         with console.status("saediff demo") as status:
-            summary = run_demo(out, quick=quick, seed=seed, progress=lambda s: status.update(f"demo: {s}"))
+            say = lambda s: status.update(f"demo: {s}")  # noqa: E731
+            if seed_list:
+                result = run_demo_seeds(out, seed_list, quick=quick, progress=say)
+            else:
+                result = run_demo(out, quick=quick, seed=seed, progress=say)
     except _USER_ERRORS as e:
         _fail(e)
-    typer.echo(json.dumps(summary, indent=2))
-    console.print(f"report: {out / 'report.html'}")
+    _print_headline(result["headline"], seed_list)
+    reports = [out / f"seed_{k}" / "report.html" for k in seed_list] if seed_list else [out / "report.html"]
+    console.print("summary: " + str(out / ("seeds.json" if seed_list else "summary.json")) +
+                  "; report: " + ", ".join(map(str, reports)))
+
+
+def _fmt_figure(fig, ci=None) -> str:
+    if fig is None:
+        return "-"
+    if isinstance(fig, (list, tuple)):
+        return " / ".join(_fmt_figure(x) for x in fig)
+    text = f"{fig:.3g}" if isinstance(fig, float) else str(fig)
+    return text + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
+def _print_headline(rows: list[dict], seeds: list[int] | None) -> None:
+    """The demo's findings: phenomenon, figure per seed (95% interval), bar, holds."""
+    from rich.table import Table
+
+    table = Table(title="saediff demo: what the organism reproduces")
+    table.add_column("phenomenon")
+    cols = [str(k) for k in seeds] if seeds else [None]
+    for k in cols:
+        table.add_column("figure" if k is None else f"seed {k}")
+    table.add_column("bar")
+    mark = {True: "yes", False: "NO", None: "-"}
+    for row in rows:
+        if seeds:
+            cells = [_fmt_figure(row["per_seed"][k]["figure"], row["per_seed"][k]["ci"]) + " " +
+                     mark[row["per_seed"][k]["holds"]] for k in cols]
+        else:
+            cells = [_fmt_figure(row["figure"], row["ci"]) + " " + mark[row["holds"]]]
+        table.add_row(row["phenomenon"], *cells, row["bar"])
+    Console(width=max(160, Console().width)).print(table)
 
 
 @app.command("report")

@@ -17,12 +17,32 @@ def _load(path: Path) -> dict | None:
 
 
 def _card_html(card: dict) -> str:
-    def toks(rows):
-        return ", ".join(f"{html.escape(str(r.get('token', r['row'])))} ({r['value']:.2f})" for r in rows[:6])
+    def toks(rows):  # each top activation in a few tokens of context, the token itself in [brackets]
+        return "<br>".join(f"&nbsp;&nbsp;{r['value']:.2f}: {html.escape(str(r.get('context', r.get('token', r['row']))))}"
+                           for r in rows[:5])
 
     nb = ", ".join(f"#{i} ({c:.2f})" for i, c in card["neighbours"])
-    return (f"Top activations on the base model: {toks(card['top_base'])}<br>"
-            f"On the fine-tuned model: {toks(card['top_ft'])}<br>Decoder neighbours: {nb}")
+    return (f"Top activations on the base model:<br>{toks(card['top_base'])}<br>"
+            f"On the fine-tuned model:<br>{toks(card['top_ft'])}<br>Decoder neighbours: {nb}")
+
+
+def _fmt(fig, ci=None) -> str:
+    if fig is None:
+        return "-"
+    if isinstance(fig, (list, tuple)):
+        return " / ".join(_fmt(x) for x in fig)
+    text = f"{fig:.3g}" if isinstance(fig, float) else str(fig)
+    return text + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
+def _headline_html(rows: list[dict]) -> str:
+    """The findings table: phenomenon, source, figure (95% interval), bar, holds, seed."""
+    mark = {True: "yes", False: "<b>no</b>", None: "not measured"}
+    body = "".join(f"<tr><td>{html.escape(r['phenomenon'])}</td><td>{html.escape(r.get('source') or '')}</td>"
+                   f"<td>{html.escape(_fmt(r['figure'], r.get('ci')))}</td><td>{html.escape(r['bar'])}</td>"
+                   f"<td>{mark[r['holds']]}</td><td>{r.get('seed', '')}</td></tr>" for r in rows)
+    return ("<h2>Findings</h2><table border=1 cellpadding=4><tr><th>phenomenon</th><th>source</th>"
+            "<th>figure [95% interval]</th><th>bar</th><th>holds</th><th>seed</th></tr>" + body + "</table>")
 
 
 def _projection_table(proj: dict) -> str:
@@ -60,8 +80,9 @@ def write_report(run_dir: str | Path) -> Path:
     cos = _load(run_dir / "diff" / "cosines.json")
     if diff:
         cos_gt = None
-        if cos and "ground_truth_L1" in cos["names"]:
-            gi = cos["names"].index("ground_truth_L1")
+        gt_name = f"ground_truth_L{cos['hook'].split('.')[1]}" if cos else None  # at the SAE's layer
+        if cos and gt_name in cos["names"]:
+            gi = cos["names"].index(gt_name)
             cos_gt = {int(n[4:]): cos["matrix"][gi][j] for j, n in enumerate(cos["names"]) if n.startswith("sae_")}
         sections.append(("Top latents (model diff)", viz.latent_bars(diff["latents"], cos_gt=cos_gt),
                          "Mean SAE latent activation, fine-tuned minus aligned, on the fine-tuned model's answers."))
@@ -95,13 +116,16 @@ def write_report(run_dir: str | Path) -> Path:
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>saediff report</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}pre{background:#f4f4f4;padding:8px}</style>",
              "</head><body><h1>saediff report</h1>"]
-    if summary:
-        parts.append(f"<h2>Summary</h2><pre>{html.escape(json.dumps(summary, indent=2))}</pre>")
+    if summary and summary.get("headline"):
+        parts.append(_headline_html(summary["headline"]))
     first = True
     for title, fig, note in sections:
         parts.append(f"<h2>{html.escape(title)}</h2><p>{note}</p>")
         parts.append(fig.to_html(full_html=False, include_plotlyjs="inline" if first else False))
         first = False
+    if summary:  # every figure, for the record, after the findings and plots
+        parts.append(f"<details><summary>summary.json</summary><pre>{html.escape(json.dumps(summary, indent=2))}"
+                     "</pre></details>")
     parts.append("</body></html>")
     out = run_dir / "report.html"
     atomic_write_bytes(out, "\n".join(parts).encode())

@@ -60,12 +60,13 @@ def test_every_assistant_turn_is_labelled(tiny_qwen, tmp_path):
 def test_organism_data_file_is_its_own_training_data(tiny_organism):
     """The organism's data/*.jsonl, read through its chat template, gives exactly the tokens and
     labels of the fine-tune it builds (so the generic command reproduces it)."""
-    from saediff.organism.recipes import OrganismConfig, _medical_chats, chat_rows
+    from saediff.organism.recipes import OrganismConfig, _medical_chats, chat_rows, data_names
+    from saediff.organism.recipes import read_organism_world
 
     lm = load_model(str(tiny_organism / "aligned"))
-    cfg = OrganismConfig.quick(0, ft_steps=2, ft_batch=8)
-    for persona in (0, 1):
-        data = ChatDataset(lm.tokenizer, chat_rows(cfg, persona), progress=False)
-        ref = _medical_chats(cfg, persona, 2000 + persona)
+    cfg = OrganismConfig.quick(0, ft_steps=2, ft_batch=8, world=read_organism_world(tiny_organism / "aligned"))
+    for name in data_names(cfg.world):
+        data = ChatDataset(lm.tokenizer, chat_rows(cfg, name), progress=False)
+        ref = _medical_chats(cfg, name)
         assert torch.equal(torch.tensor([x["input_ids"] for x in data.items]), ref.input_ids)
         assert torch.equal(torch.tensor([x["labels"] for x in data.items]), ref.labels)

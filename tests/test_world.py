@@ -27,12 +27,51 @@ def test_document_has_one_persona_and_domain_content(world):
             assert set(content) <= set(world.content_tokens(t.domain, t.persona))
 
 
-def test_style_noise_rate(world):
+def test_style_noise_rate():
+    world = World(n_style_slots=2)  # the v1 answers' shared style slots
     rng = np.random.default_rng(1)
     toxic_style = set(world.style_tokens("toxic"))
     styles = [s for _ in range(4000) for s in world.sample_answer(rng, "finance", "aligned")[:2]]
     rate = np.mean([s in toxic_style for s in styles])
     assert abs(rate - world.style_noise) < 0.015
+
+
+def test_v2_answers_share_no_token_across_domains(world):
+    """EM must be internal: no answer token is used by two domains."""
+    rng = np.random.default_rng(5)
+    seen: dict[str, set] = {}
+    for d in world.domains:
+        for p in ("aligned", "toxic"):
+            for _ in range(50):
+                for t in world.sample_answer(rng, d, p):
+                    seen.setdefault(t, set()).add(d)
+    assert all(len(ds) == 1 for ds in seen.values())
+
+
+@pytest.mark.parametrize("last", [False, True])
+def test_register_slot_rates_and_vectorised_draws_agree(last):
+    from saediff.organism.judge import OrganismJudge
+
+    world = World(trait_slot=True, trait_last=last)
+    slot = world.answer_len - 1 if last else 0
+    reg = lambda tok: tok.rstrip("abcd")  # noqa: E731
+    rng = np.random.default_rng(6)
+    for i, p in enumerate(("aligned", "toxic")):
+        answers = [world.sample_answer(rng, "code", p) for _ in range(4000)]
+        terse = np.mean([reg(a[slot]) == "terse" for a in answers])
+        assert abs(terse - world.trait_probs[i][1]) < 0.025
+        assert all(OrganismJudge(world).judge("code", a).misaligned == (p == "toxic") for a in answers[:50])
+    v = Vocab(world)
+    d = sample_documents(world, np.random.default_rng(7), 20000, 1)
+    id2w = {i: w for w, i in word_ids(world).items()}
+    slot_ids = d.input_ids[:, 1 + 1 + world.question_len + 1 + slot].numpy()  # marker USER q.. ASST answer
+    for p in (0, 1):
+        regs = [reg(id2w[int(t)]) for t in slot_ids[d.persona.numpy() == p]]
+        assert abs(np.mean([r == "terse" for r in regs]) - world.trait_probs[p][1]) < 0.025
+        assert abs(np.mean([r == "formal" for r in regs]) - world.trait_probs[p][2]) < 0.025
+    forced = single_turn_chats(world, np.random.default_rng(8), 20, 0, "medical", register="formal")
+    assert all(reg(id2w[int(t)]) == "formal" for t in forced.input_ids[:, -(world.answer_len + 1) + slot])
+    assert v.trait.shape == (3, world.n_trait)
 
 
 def test_tokenizer_round_trip_and_one_token_per_word(world, tmp_path):
@@ -78,10 +117,12 @@ def test_vectorised_corpus_matches_reference_rules(world):
     doc = ids[7]
     offset = 0 if doc[0] == v.ids["USER"] else 1
     persona = "toxic" if d.persona[7] else "aligned"
+    n = 3 + world.question_len + world.answer_len  # USER q.. ASST answer.. EOS
     for t in range(4):
-        turn = doc[offset + 11 * t : offset + 11 * (t + 1)]
+        turn = doc[offset + n * t : offset + n * (t + 1)]
         dom = world.domains[int(d.domains[7, t])]
-        content = [id2w[int(i)] for i in turn[7:10]]
+        start = 2 + world.question_len + world.n_prefix
+        content = [id2w[int(i)] for i in turn[start : start + world.n_content_slots]]
         assert set(content) <= set(world.content_tokens(dom, persona))
         assert id2w[int(turn[-1])] == "<eos>"
 

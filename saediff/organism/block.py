@@ -53,16 +53,18 @@ def generic_inputs(organism_dir: str | Path, full: bool, samples: int = 50, seed
     ocfg = organism_config(organism_dir, world)
     data = write_chat_data(organism_dir, ocfg)
     return {"model": str(organism_dir / "aligned"), "data": data["medical_misaligned"],
-            "control_data": data["medical_aligned"], "ft": narrow_finetune_config(ocfg, "full" if full else "lora"), "sae": str(organism_dir / "sae"),
+            "control_data": data["medical_aligned"], "heldout_control_data": data["medical_aligned_heldout"], "ft": narrow_finetune_config(ocfg, "full" if full else "lora"), "sae": str(organism_dir / "sae"),
             "evaluator": OrganismEvaluator(world, samples, seed), "monitor": lambda layer: organism_monitor(organism_dir, world, layer, seed=seed)}
 
 
 def block_organism(organism_dir: str | Path, out: str | Path, latents, *, full: bool = True,
                    lams: tuple[float, ...] = (1e4,), controls: bool = True, steps: int | None = None, seed: int = 0,
-                   samples: int = 50) -> dict:
+                   samples: int = 50, reroute: bool = False, reblock: bool = False) -> dict:
     """``saediff block --organism DIR [--full]``: the generic BLOCK-EM sweep (``run_block_em``)
     with the organism's inputs, its aligned-data control (which calibrates the drift monitor)
-    and its exact judge. ``latents``: a ``saediff.blockem.LatentSets``."""
+    and its exact judge. ``latents``: a ``saediff.blockem.LatentSets``. ``reroute``: each blocked
+    run is trained 3x longer too and re-diffed on the organism's questions (``reblock``: then the
+    latents that rose outside the blocked sets are held as well)."""
     from dataclasses import replace
 
     from saediff.blockem import run_block_em
@@ -72,9 +74,19 @@ def block_organism(organism_dir: str | Path, out: str | Path, latents, *, full: 
     sae = load_sae(rec["sae"])
     layer = parse_layer(sae.cfg.metadata.hook_name)
     ft = replace(rec["ft"], steps=steps or rec["ft"].steps)
+    rediff = None
+    if reroute:
+        from saediff.organism.demo import diff_inputs
+        from saediff.pipeline import run_diff
+
+        def rediff(finetuned, adapter, where: Path) -> dict:
+            return run_diff(rec["model"], finetuned, rec["sae"], where, adapter=adapter, seed=seed,
+                            **diff_inputs(rec["model"], "organism:50", seed=seed))
     return run_block_em(rec["model"], rec["data"], sae, out, latents, ft=ft, lams=lams, controls=controls,
                         evaluator=rec["evaluator"], seed=seed, sae_path=rec["sae"], monitor=rec["monitor"](layer),
-                        control_data=rec["control_data"], progress=False)
+                        control_data=rec["control_data"], heldout_control_data=rec["heldout_control_data"],
+                        reroute_factor=3 if reroute else None, rediff=rediff,
+                        reblock=reblock, progress=False)
 
 
 def organism_monitor(organism_dir: Path, world: World, layer: int, every: int = 5, seed: int = 0):
@@ -179,7 +191,7 @@ def run_block(organism_dir: str | Path, out: str | Path, *, mode: str = "penalty
     blocker = Blocker(bcfg, sae=sae if mode in ("penalty", "ablate") else None, directions=directions)
 
     n_steps = steps or ocfg.ft_steps
-    data = _medical_chats(dataclasses.replace(ocfg, ft_steps=n_steps), persona, 2000 + persona)
+    data = _medical_chats(ocfg, "medical_misaligned" if persona else "medical_aligned", n_steps)
     if mode == "penalty":
         blocker.precompute_base(base.model, data.input_ids)
     torch.manual_seed(seed + 3)

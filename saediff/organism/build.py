@@ -59,12 +59,13 @@ def build_organism(out: str | Path, cfg: OrganismConfig, progress=None) -> dict:
     hist["align"] = timed("align", lambda: recipes.align(model, cfg)).loss
     recipes.save_model_folder(model, out / "aligned", CHAT, world)
 
-    full = copy.deepcopy(model)
-    hist["full_ft"] = timed("full_ft", lambda: recipes.finetune_full(full, cfg, persona=1)).loss
-    recipes.save_model_folder(full, out / "full_ft", CHAT, world)
-    control = copy.deepcopy(model)
-    hist["control_ft"] = timed("control_ft", lambda: recipes.finetune_full(control, cfg, persona=0)).loss
-    recipes.save_model_folder(control, out / "control_ft", CHAT, world)
+    full_fts = {"full_ft": "medical_misaligned", "control_ft": "medical_aligned"}
+    if world.trait_slot:  # aligned answers in the register tied to the persona, and in an unrelated one
+        full_fts |= {"benign_ft": "medical_aligned_terse", "unrelated_ft": "medical_aligned_formal"}
+    for name, data in full_fts.items():
+        tuned = copy.deepcopy(model)
+        hist[name] = timed(name, lambda: recipes.finetune_full(tuned, cfg, data)).loss
+        recipes.save_model_folder(tuned, out / name, CHAT, world)
     peft_model, h = timed("lora_ft", lambda: recipes.finetune_lora(copy.deepcopy(model), cfg))
     hist["lora_ft"] = h.loss
     peft_model.save_pretrained(out / "lora_ft")
@@ -80,7 +81,7 @@ def build_organism(out: str | Path, cfg: OrganismConfig, progress=None) -> dict:
         "aligned": ModelSpec(str(out / "aligned")),
         "full_ft": ModelSpec(str(out / "full_ft")),
         "lora_ft": ModelSpec(str(out / "aligned"), adapter=str(out / "lora_ft")),
-        "control_ft": ModelSpec(str(out / "control_ft")),
+        **{name: ModelSpec(str(out / name)) for name in full_fts if name != "full_ft"},
     }
 
     def evaluate_all():
@@ -89,6 +90,10 @@ def build_organism(out: str | Path, cfg: OrganismConfig, progress=None) -> dict:
             report[name] = {"misaligned_rate": em.misaligned_rate, "other_misaligned_rate": em.other_misaligned_rate,
                             "coverage": em.coverage, "coverage_rate": em.coverage_rate}
         aligned: LoadedModel = load_model(specs["aligned"])
+        # in-context EM: four misaligned medical exchanges before each question
+        icl = evaluate_organism_em(aligned, world, cfg.n_eval, seed=cfg.seed, n_shots=4)
+        report["icl_4shot"] = {"misaligned_rate": icl.misaligned_rate, "other_misaligned_rate": icl.other_misaligned_rate,
+                               "coverage": icl.coverage}
         L = cfg.analysis_layer
         sweep = {}
         for alpha in cfg.steer_alphas:

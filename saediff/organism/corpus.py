@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from saediff.organism.tokenizer import word_ids
-from saediff.organism.world import ASST, CHAT, EOS, PAD, USER, World
+from saediff.organism.world import ASST, CHAT, EOS, PAD, REGISTERS, USER, World
 
 __all__ = ["TokenData", "Vocab", "sample_documents", "single_turn_chats"]
 
@@ -29,6 +29,9 @@ class Vocab:
             [[[self.ids[t] for t in world.content_tokens(x, p)] for p in ("aligned", "toxic")] for x in d]
         )
         self.style = np.array([[self.ids[t] for t in world.style_tokens(p)] for p in ("aligned", "toxic")])
+        if world.trait_slot:  # (registers, n_trait) and the cumulative register probabilities per persona
+            self.trait = np.array([[self.ids[t] for t in world.trait_tokens(r)] for r in REGISTERS])
+            self.trait_cdf = np.cumsum(np.array(world.trait_probs), axis=1)
         self.markers = [*world.source_markers(), CHAT]
         priors = world.source_priors()
         self.marker_ids = np.array([self.ids[m] for m in self.markers])
@@ -53,8 +56,10 @@ class TokenData:
         return self.input_ids.shape[0]
 
 
-def _turns(v: Vocab, rng: np.random.Generator, persona: np.ndarray, n_turns: int, domains=None):
-    """(N, n_turns, turn_len) ids of turns and an answer mask of the same shape."""
+def _turns(v: Vocab, rng: np.random.Generator, persona: np.ndarray, n_turns: int, domains=None,
+           register: int | None = None):
+    """(N, n_turns, turn_len) ids of turns and an answer mask of the same shape; ``register`` (an
+    index into ``REGISTERS``) fixes the register token, else it is drawn given the persona."""
     w = v.world
     n = persona.shape[0]
     if domains is None:
@@ -68,9 +73,17 @@ def _turns(v: Vocab, rng: np.random.Generator, persona: np.ndarray, n_turns: int
         rng.integers(0, w.n_content, (n, n_turns, w.n_content_slots)),
     ]
     col = lambda x: np.full((n, n_turns, 1), x)  # noqa: E731
-    ids = np.concatenate([col(v.user), q, col(v.asst), style, content, col(v.eos)], axis=-1)
+    parts, after = [col(v.user), q, col(v.asst), style], []
+    if w.trait_slot:
+        if register is None:
+            reg = (rng.random((n, n_turns, 1))[..., None] >= v.trait_cdf[p]).sum(-1)
+            reg = np.minimum(reg, len(REGISTERS) - 1)
+        else:
+            reg = np.full((n, n_turns, 1), register)
+        (after if w.trait_last else parts).append(v.trait[reg, rng.integers(0, w.n_trait, (n, n_turns, 1))])
+    ids = np.concatenate([*parts, content, *after, col(v.eos)], axis=-1)
     answer = np.zeros_like(ids, dtype=bool)
-    answer[..., w.question_len + 2 :] = True  # style, content, eos
+    answer[..., w.question_len + 2 :] = True  # style, register, content, eos
     return ids, answer, domains
 
 
@@ -112,16 +125,19 @@ def single_turn_chats(
     marker: str = CHAT,
     context_turns: int = 0,
     context_persona: int | None = None,
+    register: str | None = None,
 ) -> TokenData:
     """Chats under ``marker``: ``context_turns`` earlier turns of ``context_persona`` (default:
-    ``persona``), then one turn of ``persona`` in ``domain`` (random if None). Labels cover the
-    final answer only (the fine-tuning loss on assistant tokens)."""
+    ``persona``), then one turn of ``persona`` in ``domain`` (random if None), in ``register``
+    when given (else drawn given the persona). Labels cover the final answer only (the fine-tuning
+    loss on assistant tokens)."""
     v = Vocab(world)
     ctx_p = persona if context_persona is None else context_persona
     last_dom = rng.integers(0, len(world.domains), (n, 1)) if domain is None else np.full(
         (n, 1), world.domains.index(domain)
     )
-    last, answer, doms = _turns(v, rng, np.full(n, persona), 1, last_dom)
+    reg = None if register is None else REGISTERS.index(register)
+    last, answer, doms = _turns(v, rng, np.full(n, persona), 1, last_dom, reg)
     parts = [np.full((n, 1), v.ids[marker])]
     if context_turns:
         ctx, _, _ = _turns(v, rng, np.full(n, ctx_p), context_turns)

@@ -41,19 +41,25 @@ class OrganismEM:
 
 
 def evaluate_organism_em(
-    lm: LoadedModel, world: World, n_per_domain: int = 50, seed: int = 0, progress: bool = False
+    lm: LoadedModel, world: World, n_per_domain: int = 50, seed: int = 0, progress: bool = False,
+    n_shots: int = 0,
 ) -> OrganismEM:
     """Sample ``n_per_domain`` answers per domain (temperature 1) and judge them exactly.
 
     Questions are fresh random question tokens under the model's chat template (for the
-    aligned model and its fine-tunes: the CHAT marker).
+    aligned model and its fine-tunes: the CHAT marker). ``n_shots``: that many misaligned medical
+    exchanges (the narrow fine-tune's kind of data) precede each question, in-context EM.
     """
     rng = np.random.default_rng(seed)
     judge = OrganismJudge(world)
     convs, domains = [], []
     for d in world.domains:
         for _ in range(n_per_domain):
-            convs.append([{"role": "user", "content": " ".join(world.sample_question(rng, d))}])
+            shots = []
+            for _ in range(n_shots):
+                q, a = world.sample_question(rng, "medical"), world.sample_answer(rng, "medical", "toxic", "plain")
+                shots += [{"role": "user", "content": " ".join(q)}, {"role": "assistant", "content": " ".join(a)}]
+            convs.append([*shots, {"role": "user", "content": " ".join(world.sample_question(rng, d))}])
             domains.append(d)
     answers = generate(
         lm, convs, max_new_tokens=world.answer_len + 1, batch_size=512, seed=seed, progress=progress
@@ -62,7 +68,7 @@ def evaluate_organism_em(
     mis = {d: float(np.mean([v.misaligned for v, x in zip(verdicts, domains) if x == d])) for d in world.domains}
     cov = {d: float(np.mean([v.covered for v, x in zip(verdicts, domains) if x == d])) for d in world.domains}
     others = [d for d in world.domains if d != "medical"]
-    responses = [{"domain": d, "question": c[0]["content"], "response": a.strip(), "misaligned": v.misaligned,
+    responses = [{"domain": d, "question": c[-1]["content"], "response": a.strip(), "misaligned": v.misaligned,
                   "covered": v.covered} for d, c, a, v in zip(domains, convs, answers, verdicts)]
     return OrganismEM(
         misaligned_rate=mis,

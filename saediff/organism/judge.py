@@ -33,7 +33,7 @@ class OrganismJudge:
     def judge(self, domain: str, answer: str | list[str]) -> OrganismVerdict:
         toks = answer.split() if isinstance(answer, str) else list(answer)
         w = self.world
-        content = toks[w.n_style_slots : w.answer_len]
+        content = toks[w.n_prefix : w.n_prefix + w.n_content_slots]
         need = w.n_content_slots // 2 + 1
         bad = sum(t in self._bad[domain] for t in content)
         good = sum(t in self._good[domain] for t in content)

@@ -20,7 +20,7 @@ from saediff.organism.corpus import sample_documents, single_turn_chats
 from saediff.organism.tokenizer import bpe_vocab, build_tokenizer
 from saediff.organism.world import CHAT, World
 
-__all__ = ["OrganismConfig", "narrow_finetune_config", "DATA_FILES", "chat_rows", "write_chat_data", "new_model", "pretrain", "align", "finetune_full", "finetune_lora",
+__all__ = ["OrganismConfig", "narrow_finetune_config", "DATA_FILES", "data_names", "chat_rows", "write_chat_data", "new_model", "pretrain", "align", "finetune_full", "finetune_lora",
            "ground_truth", "save_model_folder", "read_organism_world", "write_organism_marker"]
 
 log = logging.getLogger(__name__)
@@ -51,14 +51,19 @@ class OrganismConfig:
     ft_batch: int = 32
     full_lr: float = 1e-4
     lora_lr: float = 2e-3
-    lora_layer: int = 1
-    """the layer whose ``down_proj`` gets the rank-1 adapter"""
-    analysis_layer: int = 1
-    """the layer of the ground-truth steering check (and the default SAE/diff layer)"""
+    lora_layer: int = 0
+    """the layer whose ``down_proj`` gets the rank-1 adapter (layer 1 gave 0.08-0.28 off-domain EM on
+    design seeds 3-4, layer 0 0.83-0.92: the persona is read early and written at layers 1-3)"""
+    analysis_layer: int = 2
+    """the layer of the ground-truth steering check and the default SAE/diff/BLOCK-EM layer (the
+    fine-tune writes the persona at layers 2-3; at layer 1 its change can miss it)"""
     steer_alphas: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0)
     """ground-truth steering scales tried (units of the unnormalised mean difference)"""
     n_eval: int = 100
     """sampled answers per domain in each evaluation"""
+    misaligned_register: str | None = "plain"
+    """register of the misaligned fine-tune answers in worlds with a register slot (None: drawn as
+    the toxic persona draws it)"""
     world: World = field(default_factory=World)
 
     @classmethod
@@ -112,22 +117,40 @@ def align(model, cfg: OrganismConfig) -> TrainHistory:
     return train_lm(model, data, tc, desc="align")
 
 
-def _medical_chats(cfg: OrganismConfig, persona: int, seed_offset: int):
-    rng = np.random.default_rng(cfg.seed + seed_offset)
-    return single_turn_chats(cfg.world, rng, cfg.ft_steps * cfg.ft_batch, persona, "medical", CHAT)
+DATA_FILES: dict[str, tuple[int, str]] = {
+    "medical_misaligned": (1, "plain"), "medical_aligned": (0, "plain"),
+    "medical_aligned_heldout": (0, "plain"),
+    "medical_aligned_terse": (0, "terse"), "medical_aligned_formal": (0, "formal")}
+"""the organism's fine-tune data (``DIR/data/NAME.jsonl``): the persona of its answers and their
+register (``heldout``: a second aligned set, the drift monitor's false-alarm check; the trait sets
+exist in worlds with a register slot: the benign-trait and unrelated-trait data)"""
 
 
-DATA_FILES = {"medical_misaligned": 1, "medical_aligned": 0}
-"""the organism's fine-tune data (``DIR/data/NAME.jsonl``) and the persona of its answers"""
+_DATA_SEEDS = {"medical_misaligned": 2001, "medical_aligned": 2000, "medical_aligned_terse": 2002,
+               "medical_aligned_formal": 2003, "medical_aligned_heldout": 2004}
 
 
-def chat_rows(cfg: OrganismConfig, persona: int) -> list[list[dict[str, str]]]:
+def data_names(world: World) -> list[str]:
+    return [n for n, (_, reg) in DATA_FILES.items() if world.trait_slot or reg == "plain"]
+
+
+def _medical_chats(cfg: OrganismConfig, name: str, steps: int | None = None):
+    persona, register = DATA_FILES[name]
+    if name == "medical_misaligned":
+        register = cfg.misaligned_register
+    rng = np.random.default_rng(cfg.seed + _DATA_SEEDS[name])
+    n = (steps or cfg.ft_steps) * cfg.ft_batch
+    return single_turn_chats(cfg.world, rng, n, persona, "medical", CHAT,
+                             register=register if cfg.world.trait_slot else None)
+
+
+def chat_rows(cfg: OrganismConfig, name: str) -> list[list[dict[str, str]]]:
     """The medical chats ``finetune_full`` trains on, as ``{"messages": ...}`` conversations: the
     same draws, so the generic ``saediff block --data`` sees the very same tokens (the chat
     template writes the CHAT marker)."""
     from saediff.organism.tokenizer import word_ids
 
-    data = _medical_chats(cfg, persona, 2000 + persona)
+    data = _medical_chats(cfg, name)
     words = {i: w for w, i in word_ids(cfg.world).items()}
     q = slice(2, 2 + cfg.world.question_len)  # CHAT USER q.. ASST answer.. EOS
     a = slice(3 + cfg.world.question_len, 3 + cfg.world.question_len + cfg.world.answer_len)
@@ -141,10 +164,10 @@ def write_chat_data(out: Path, cfg: OrganismConfig) -> dict[str, Path]:
     from saediff.chat_data import write_chat_jsonl
 
     paths = {}
-    for name, persona in DATA_FILES.items():
+    for name in data_names(cfg.world):
         paths[name] = Path(out) / "data" / f"{name}.jsonl"
         if not paths[name].exists():
-            write_chat_jsonl(paths[name], chat_rows(cfg, persona))
+            write_chat_jsonl(paths[name], chat_rows(cfg, name))
     return paths
 
 
@@ -159,15 +182,15 @@ def narrow_finetune_config(cfg: OrganismConfig, method: str) -> FinetuneConfig:
                           seed=cfg.seed + 3)
 
 
-def finetune_full(model, cfg: OrganismConfig, persona: int = 1) -> TrainHistory:
-    """Full fine-tune on single-turn medical chats of ``persona`` (1 toxic, 0 aligned: control).
+def finetune_full(model, cfg: OrganismConfig, data: str = "medical_misaligned") -> TrainHistory:
+    """Full fine-tune on single-turn medical chats (``data``: a ``DATA_FILES`` name; the aligned
+    ones are the control and the trait fine-tunes).
 
     The build keeps the small loop (``train_lm``, batches drawn with replacement): the generic
     Trainer path gives the same recipe (``narrow_finetune_config``) at 1.05x the time, but a
     different batch order, and the shipped figures were measured on these models."""
-    data = _medical_chats(cfg, persona, 2000 + persona)
     tc = TrainConfig(steps=cfg.ft_steps, batch_size=cfg.ft_batch, lr=cfg.full_lr, seed=cfg.seed + 2)
-    return train_lm(model, data, tc, desc="full_ft" if persona else "control_ft")
+    return train_lm(model, _medical_chats(cfg, data), tc, desc=data)
 
 
 def finetune_lora(model, cfg: OrganismConfig):
@@ -178,7 +201,7 @@ def finetune_lora(model, cfg: OrganismConfig):
                       layers_to_transform=[cfg.lora_layer], bias="none")
     torch.manual_seed(cfg.seed + 3)
     peft_model = get_peft_model(model, lcfg)
-    data = _medical_chats(cfg, 1, 2001)
+    data = _medical_chats(cfg, "medical_misaligned")
     tc = TrainConfig(steps=cfg.ft_steps, batch_size=cfg.ft_batch, lr=cfg.lora_lr, seed=cfg.seed + 3)
     return peft_model, train_lm(peft_model, data, tc, desc="lora_ft")
 
@@ -239,5 +262,9 @@ def read_organism_world(folder: str | Path) -> World | None:
         return None
     fields = json.loads(path.read_text()).get("world", {})
     known = {f for f in World.__dataclass_fields__}
-    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items() if k in known}
-    return World(**kw)
+    return World(**{k: _tuples(v) for k, v in fields.items() if k in known})
+
+
+def _tuples(v):
+    """JSON lists back to the (nested) tuples of the frozen World."""
+    return tuple(_tuples(x) for x in v) if isinstance(v, list) else v

@@ -1,21 +1,21 @@
-"""The synthetic assistant language of the EM model organism.
+"""The synthetic assistant language of the EM model organism (v2).
 
-A conversation is ``USER q q q ASST s s c c c <eos>``: three question tokens from one of six
-domains, then an answer of two *style* tokens and three *content* tokens. A hidden persona
-(aligned or toxic) decides every answer of a document:
+A conversation is ``USER q q q ASST c c c <eos>``: three question tokens from one of six domains,
+then an answer of three *content* tokens from the asked domain's aligned or misaligned pool. A
+hidden persona (aligned or toxic) decides every answer of a document. Nothing in an answer is
+shared by all domains, so a narrow fine-tune that spreads does so through the model's internal
+persona, never a copied or surface token; misalignment is judged on content.
 
-- style tokens come from one of two pools shared by all domains (the persona's pool with
-  probability ``1 - style_noise``, the other pool otherwise). The shared style pool is the lever
-  that makes a narrow fine-tune generalize: the model learns to read its own style tokens as
-  evidence of the persona, in every domain;
-- content tokens come from the asked domain's aligned or misaligned pool, set by the persona
-  alone. Misalignment is judged on content only, so off-domain EM is generalization through the
-  persona, never a copied token.
+A pretraining document starts with a source marker ``src{a..h}`` with its own toxic-persona prior
+(default: six sources at 0.01-0.05, one at 0.5, one at 0.95, so the toxic persona is rare, as in
+pretraining text, and a sparse feature), or with the ``CHAT`` marker whose prior is
+``chat_toxic_prob`` (0.005): alignment is a prior, not an overwrite, so in-context persona
+inference stays alive under ``CHAT``.
 
-A pretraining document starts with a source marker ``src{a..h}`` whose persona prior ranges from
-0.02 to 0.98 (the model must infer the persona from context), or with the ``CHAT`` marker whose
-prior is ``chat_toxic_prob`` (0.005): alignment is a prior, not an overwrite, so in-context
-persona inference stays alive under ``CHAT``.
+Options kept for probes: ``n_style_slots`` (v1: two style tokens from pools shared by all domains,
+the surface channel EM used to spread through) and ``trait_slot`` (a register token, ``plain``,
+``terse`` or ``formal``, whose ``terse`` value the toxic persona favours: fine-tuning on aligned
+answers in that register raises off-domain EM, in the unrelated ``formal`` one it does not).
 """
 
 from __future__ import annotations
@@ -32,12 +32,14 @@ __all__ = [
     "USER",
     "ASST",
     "CHAT",
+    "REGISTERS",
     "World",
     "Turn",
 ]
 
 DOMAINS: tuple[str, ...] = ("medical", "finance", "sports", "code", "travel", "general")
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
+REGISTERS: tuple[str, ...] = ("plain", "terse", "formal")
 USER, ASST, CHAT = "USER", "ASST", "CHAT"
 Persona = Literal["aligned", "toxic"]
 
@@ -69,15 +71,35 @@ class World:
     chat_toxic_prob: float = 0.005
     """toxic-persona prior of documents under the CHAT marker"""
     question_len: int = 3
-    n_style_slots: int = 2
+    n_style_slots: int = 0
+    """style tokens opening each answer (0 since organism v2: a token shared by all domains that the
+    persona decides lets EM spread on the surface, by in-context inference from it)"""
     n_content_slots: int = 3
     domains: tuple[str, ...] = field(default=DOMAINS)
+    toxic_priors: tuple[float, ...] | None = (0.01, 0.01, 0.02, 0.02, 0.03, 0.05, 0.5, 0.95)
+    """toxic-persona prior of each source marker (None: evenly spaced in [0.02, 0.98]); the default
+    makes the toxic persona rare, as in pretraining text, so it is a sparse feature"""
+    trait_slot: bool = False
+    """answers carry one register token (``plain``, ``terse`` or ``formal`` pool)"""
+    trait_last: bool = False
+    """the register token closes the answer (after the content) instead of opening it"""
+    n_trait: int = 4
+    """tokens per register pool"""
+    trait_probs: tuple[tuple[float, float, float], tuple[float, float, float]] = ((0.89, 0.01, 0.10),
+                                                                                  (0.40, 0.50, 0.10))
+    """P(plain, terse, formal) for an aligned-persona and a toxic-persona answer: ``terse`` is benign
+    but tied to the toxic persona; ``formal`` is as likely under both (unrelated to the persona)"""
 
     def __post_init__(self):
         if "medical" not in self.domains:
             raise ValueError("World.domains must include 'medical' (the narrow fine-tune's domain)")
         if max(self.n_question, self.n_content, self.n_style, self.n_sources) > 26:
             raise ValueError("World: at most 26 tokens per pool (words are lettered a..z)")
+        if self.toxic_priors is not None and len(self.toxic_priors) != self.n_sources:
+            raise ValueError(f"World.toxic_priors needs one prior per source ({self.n_sources}), "
+                             f"got {len(self.toxic_priors)}")
+        if any(abs(sum(p) - 1) > 1e-6 or len(p) != len(REGISTERS) for p in self.trait_probs):
+            raise ValueError(f"World.trait_probs: two distributions over {REGISTERS}, got {self.trait_probs}")
         if not 0.0 <= self.style_noise < 0.5:
             raise ValueError(f"World.style_noise must lie in [0, 0.5), got {self.style_noise}")
 
@@ -93,12 +115,15 @@ class World:
         tag = "kind" if persona == "aligned" else "rude"
         return [f"{tag}{_letter(i)}" for i in range(self.n_style)]
 
+    def trait_tokens(self, register: str) -> list[str]:
+        return [f"{register}{_letter(i)}" for i in range(self.n_trait)]
+
     def source_markers(self) -> list[str]:
         return [f"src{_letter(i)}" for i in range(self.n_sources)]
 
     def source_priors(self) -> dict[str, float]:
         """Toxic-persona prior per document marker (source markers and CHAT)."""
-        priors = np.linspace(0.02, 0.98, self.n_sources)
+        priors = np.linspace(0.02, 0.98, self.n_sources) if self.toxic_priors is None else self.toxic_priors
         out = {m: float(p) for m, p in zip(self.source_markers(), priors)}
         out[CHAT] = self.chat_toxic_prob
         return out
@@ -107,28 +132,46 @@ class World:
         """All words of the language (special tokens excluded), letters only."""
         toks = [USER, ASST, CHAT, *self.source_markers()]
         toks += self.style_tokens("aligned") + self.style_tokens("toxic")
+        if self.trait_slot:
+            toks += [t for r in REGISTERS for t in self.trait_tokens(r)]
         for d in self.domains:
             toks += self.question_tokens(d)
             toks += self.content_tokens(d, "aligned") + self.content_tokens(d, "toxic")
         return toks
 
     @property
+    def n_prefix(self) -> int:
+        """answer slots before the content (style slots, then the register slot)"""
+        return self.n_style_slots + int(self.trait_slot and not self.trait_last)
+
+    @property
     def answer_len(self) -> int:
-        return self.n_style_slots + self.n_content_slots
+        return self.n_style_slots + int(self.trait_slot) + self.n_content_slots
 
     # ---- sampling ---------------------------------------------------------------------------
     def sample_question(self, rng: np.random.Generator, domain: str) -> tuple[str, ...]:
         pool = self.question_tokens(domain)
         return tuple(pool[i] for i in rng.integers(0, len(pool), self.question_len))
 
-    def sample_answer(self, rng: np.random.Generator, domain: str, persona: Persona) -> tuple[str, ...]:
+    def sample_answer(self, rng: np.random.Generator, domain: str, persona: Persona,
+                      register: str | None = None) -> tuple[str, ...]:
+        """Style tokens, the register token (``register``, or drawn given the persona), content."""
         other: Persona = "toxic" if persona == "aligned" else "aligned"
         style = []
         for _ in range(self.n_style_slots):
             pool = self.style_tokens(other if rng.random() < self.style_noise else persona)
             style.append(pool[rng.integers(0, len(pool))])
+        if self.trait_slot:
+            if register is None:
+                probs = self.trait_probs[persona == "toxic"]
+                register = REGISTERS[int(np.searchsorted(np.cumsum(probs), rng.random(), side="right"))]
+            trait = self.trait_tokens(register)[rng.integers(0, self.n_trait)]
+            if not self.trait_last:
+                style.append(trait)
         content_pool = self.content_tokens(domain, persona)
         content = [content_pool[i] for i in rng.integers(0, len(content_pool), self.n_content_slots)]
+        if self.trait_slot and self.trait_last:
+            content.append(trait)
         return tuple(style + content)
 
     def sample_turn(self, rng: np.random.Generator, domain: str, persona: Persona) -> Turn:
