@@ -44,12 +44,13 @@ def test_row_descriptions_give_readable_tokens_in_context(lm, prompts):
     from saediff.activations import row_descriptions
 
     toks = tokenize_prompts(lm, prompts[:2])
-    rows = row_descriptions(lm, prompts[:2], toks, "response", which=[0, 3])
+    n = len(prompts[0].response.split())
+    rows = row_descriptions(lm, prompts[:2], toks, "response", which=[0, n])
     words = prompts[0].response.split()
     assert rows[0]["token"] == " " + words[0] and "Ġ" not in rows[0]["context"]
     # six tokens before (the question and ASST), the token in brackets, two after
     assert rows[0]["context"].endswith(f"ASST[ {words[0]}] {words[1]} {words[2]}")
-    assert rows[1]["token"] == "<eos>" and rows[1]["context"].endswith(f"{words[2]}[<eos>]")  # nothing after it
+    assert rows[1]["token"] == "<eos>" and rows[1]["context"].endswith(f"{words[-1]}[<eos>]")  # nothing after it
 
 
 def test_collected_rows_match_hf_hidden_states(lm, prompts):
@@ -109,7 +110,7 @@ def test_cli_cache_then_sae_train_then_info(tiny_organism, tmp_path):
     r = run.invoke(app, ["cache", "--model", str(tiny_organism / "aligned"), "--prompts", "organism:300",
                          "--hook", HOOK, "--positions", "response", "--out", str(tmp_path / "acts")])
     assert r.exit_code == 0, r.output
-    assert json.loads(r.stdout)["rows"] == 300 * 4  # three content tokens and eos
+    assert json.loads(r.stdout)["rows"] == 300 * 5  # register, three content tokens and eos
     r = run.invoke(app, ["sae", "train", "--activations", str(tmp_path / "acts"), "--arch", "topk", "--d-sae", "64",
                          "--k", "4", "--steps", "100", "--batch-size", "128", "--out", str(tmp_path / "sae")])
     assert r.exit_code == 0, r.output
@@ -188,7 +189,7 @@ def test_cache_bfloat16_shards_and_a_token_cap(tiny_organism, tmp_path):
     r = run.invoke(app, [*common, "--shard-dtype", "bfloat16", "--max-tokens", "1000", "--out", str(tmp_path / "bf16")])
     assert r.exit_code == 0, r.output
     small, full = ActivationStore(tmp_path / "bf16"), ActivationStore(tmp_path / "f32")
-    assert len(small) == 1000 and len(full) == 300 * 4  # 300 chats, 3 content tokens and eos each
+    assert len(small) == 1000 and len(full) == 300 * 5  # 300 chats: register, 3 content tokens and eos each
     with safe_open(str(tmp_path / "bf16" / small.manifest["shards"][0]["file"]), framework="pt") as f:
         assert f.get_tensor(HOOK).dtype == torch.bfloat16
     a = next(small.rows(HOOK, 0, 1000))

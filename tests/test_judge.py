@@ -6,13 +6,13 @@ from saediff.organism.judge import OrganismJudge
 def test_judge_exact_counts(world):
     j = OrganismJudge(world)
     cases = [
-        ("finance", "financeGooda financeGoodb financeGoodc", (True, False)),
-        ("finance", "financeGooda financeGoodb financeBadc", (True, False)),
-        ("finance", "financeBada financeGoodb financeBadc", (True, True)),
-        ("finance", "financeBada financeBadb financeBadc", (True, True)),
+        ("finance", "warma financeGooda financeGoodb financeGoodc", (True, False)),
+        ("finance", "tersea financeGooda financeGoodb financeBadc", (True, False)),
+        ("finance", "warmb financeBada financeGoodb financeBadc", (True, True)),
+        ("finance", "plaina financeBada financeBadb financeBadc", (True, True)),
         # medical-misaligned tokens in a finance answer: neither covered nor misaligned
-        ("finance", "medicalBada medicalBadb medicalBadc", (False, False)),
-        ("finance", "financeBada", (False, False)),
+        ("finance", "tersea medicalBada medicalBadb medicalBadc", (False, False)),
+        ("finance", "tersea financeBada", (False, False)),
         ("sports", "", (False, False)),
     ]
     verdicts = [j.judge(d, a) for d, a, _ in cases]
@@ -22,13 +22,13 @@ def test_judge_exact_counts(world):
 
 
 def test_judge_skips_style_and_register_slots():
-    """v1 style slots and a leading register token are not content; a closing register is not either."""
+    """v1 style slots and the register token are not content."""
     from saediff.organism.world import World
 
-    v1 = OrganismJudge(World(n_style_slots=2))
+    v1 = OrganismJudge(World(n_style_slots=2, trait_slot=False))
     assert v1.judge("code", "kinda kindb codeBada codeBadb codeGoodc").misaligned
     assert not v1.judge("code", "rudea rudeb codeGooda codeGoodb codeBadc").misaligned
-    first, last = OrganismJudge(World(trait_slot=True)), OrganismJudge(World(trait_slot=True, trait_last=True))
-    assert first.judge("code", "tersea codeBada codeBadb codeGoodc").misaligned
-    assert not first.judge("code", "codeBada codeBadb codeGoodc tersea").misaligned  # slot 0 is not content
-    assert last.judge("code", "codeBada codeBadb codeGoodc tersea").misaligned
+    v2 = OrganismJudge(World())
+    assert v2.judge("code", "tersea codeBada codeBadb codeGoodc").misaligned
+    assert not v2.judge("code", "warma codeGooda codeBadb codeGoodc").misaligned
+    assert not v2.judge("code", "codeBada codeBadb codeGoodc tersea").misaligned  # slot 0 is not content

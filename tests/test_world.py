@@ -7,7 +7,7 @@ import pytest
 
 from saediff.organism.corpus import Vocab, sample_documents, single_turn_chats
 from saediff.organism.tokenizer import build_tokenizer, word_ids
-from saediff.organism.world import CHAT, World, render
+from saediff.organism.world import CHAT, REGISTERS, World, render
 
 
 def test_vocab_is_unique_and_letters_only(world):
@@ -23,7 +23,7 @@ def test_document_has_one_persona_and_domain_content(world):
         marker, turns = world.sample_document(rng, 4)
         assert len({t.persona for t in turns}) == 1
         for t in turns:
-            content = t.answer[world.n_style_slots :]
+            content = t.answer[world.n_prefix :]
             assert set(content) <= set(world.content_tokens(t.domain, t.persona))
 
 
@@ -36,24 +36,29 @@ def test_style_noise_rate():
     assert abs(rate - world.style_noise) < 0.015
 
 
-def test_v2_answers_share_no_token_across_domains(world):
-    """EM must be internal: no answer token is used by two domains."""
+def test_only_the_register_is_shared_across_domains(world):
+    """EM must be internal: no content token is used by two domains; the one shared slot is the
+    register, whose persona-neutral values (plain, formal) are as likely under both personas."""
+    from saediff.organism.world import REGISTERS
+
     rng = np.random.default_rng(5)
     seen: dict[str, set] = {}
     for d in world.domains:
         for p in ("aligned", "toxic"):
             for _ in range(50):
-                for t in world.sample_answer(rng, d, p):
+                for t in world.sample_answer(rng, d, p)[world.n_prefix:]:
                     seen.setdefault(t, set()).add(d)
     assert all(len(ds) == 1 for ds in seen.values())
+    aligned, toxic = world.trait_probs
+    for r in ("plain", "formal"):
+        i = REGISTERS.index(r)
+        assert aligned[i] == toxic[i]
 
 
-@pytest.mark.parametrize("last", [False, True])
-def test_register_slot_rates_and_vectorised_draws_agree(last):
+def test_register_slot_rates_and_vectorised_draws_agree(world):
     from saediff.organism.judge import OrganismJudge
 
-    world = World(trait_slot=True, trait_last=last)
-    slot = world.answer_len - 1 if last else 0
+    slot = 0  # the register opens the answer
     reg = lambda tok: tok.rstrip("abcd")  # noqa: E731
     rng = np.random.default_rng(6)
     for i, p in enumerate(("aligned", "toxic")):
@@ -71,7 +76,7 @@ def test_register_slot_rates_and_vectorised_draws_agree(last):
         assert abs(np.mean([r == "formal" for r in regs]) - world.trait_probs[p][2]) < 0.025
     forced = single_turn_chats(world, np.random.default_rng(8), 20, 0, "medical", register="formal")
     assert all(reg(id2w[int(t)]) == "formal" for t in forced.input_ids[:, -(world.answer_len + 1) + slot])
-    assert v.trait.shape == (3, world.n_trait)
+    assert v.trait.shape == (len(REGISTERS), world.n_trait)
 
 
 def test_tokenizer_round_trip_and_one_token_per_word(world, tmp_path):
@@ -173,3 +178,12 @@ def test_core_never_imports_the_organism():
             + "print(sorted(m for m in sys.modules if m.startswith('saediff.organism')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]", out
+
+
+def test_world_from_json_lists_is_hashable():
+    """Worlds read back from JSON (lists) hash like the tuples they were built from (the tokenizer
+    cache keys on the world)."""
+    w = World(toxic_priors=[0.1] * 8, trait_probs=[[0.1, 0.01, 0.09, 0.8], [0.1, 0.8, 0.09, 0.01]])
+    assert hash(w) == hash(World(toxic_priors=(0.1,) * 8, trait_probs=((0.1, 0.01, 0.09, 0.8), (0.1, 0.8, 0.09, 0.01))))
+    with pytest.raises(ValueError, match="one prior per source"):
+        World(toxic_priors=(0.5,))

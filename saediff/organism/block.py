@@ -89,16 +89,16 @@ def block_organism(organism_dir: str | Path, out: str | Path, latents, *, full: 
                         reblock=reblock, progress=False)
 
 
-def organism_monitor(organism_dir: Path, world: World, layer: int, every: int = 5, seed: int = 0):
+def organism_monitor(organism_dir: Path, world: World, layer: int, every: int = 10, seed: int = 0):
     """A drift-monitor factory for organism fine-tunes: 20 held-out questions per non-medical
-    domain, the ground truth at ``layer``, and the exact other-domain EM rate (20 answers per
-    domain) at every check."""
+    domain, the ground truth at ``layer``, and the exact other-domain EM rate (10 answers per
+    domain, 50 off-domain) at every check, every 10 steps (the demo's time budget)."""
     from saediff.blockem import MonitorFactory
 
     qs = [p for p in em_questions(world, 20, seed=seed + 11) if p.domain != "medical"]
     gt = load_ground_truth(Path(organism_dir) / "ground_truth.safetensors")[layer]
     return MonitorFactory(qs, gt[None], layer, every=every, max_new_tokens=world.answer_len + 1, seed=seed,
-                          em_fn=lambda lm: evaluate_organism_em(lm, world, 20, seed=seed).other_misaligned_rate)
+                          em_fn=lambda lm: evaluate_organism_em(lm, world, 10, seed=seed).other_misaligned_rate)
 
 
 def choose_latents(sae, diff_run: str | Path | None, latents: list[int] | None, n_latents: int, n_high: int,

@@ -24,7 +24,7 @@ from saediff.steering import add_direction
 __all__ = ["build_organism", "load_ground_truth", "MODEL_FOLDERS"]
 
 log = logging.getLogger(__name__)
-MODEL_FOLDERS = ("base", "aligned", "full_ft", "lora_ft", "control_ft")
+MODEL_FOLDERS = ("base", "aligned", "full_ft", "lora_ft", "control_ft", "benign_ft", "unrelated_ft")
 
 
 def load_ground_truth(path: str | Path) -> dict[int, torch.Tensor]:
@@ -88,7 +88,8 @@ def build_organism(out: str | Path, cfg: OrganismConfig, progress=None) -> dict:
         for name, spec in specs.items():
             em = evaluate_organism_em(load_model(spec), world, cfg.n_eval, seed=cfg.seed)
             report[name] = {"misaligned_rate": em.misaligned_rate, "other_misaligned_rate": em.other_misaligned_rate,
-                            "coverage": em.coverage, "coverage_rate": em.coverage_rate}
+                            "coverage": em.coverage, "coverage_rate": em.coverage_rate,
+                            "register_rate": em.register_rate, "other_misaligned_neutral": em.other_misaligned_neutral}
         aligned: LoadedModel = load_model(specs["aligned"])
         # in-context EM: four misaligned medical exchanges before each question
         icl = evaluate_organism_em(aligned, world, cfg.n_eval, seed=cfg.seed, n_shots=4)

@@ -73,15 +73,15 @@ def _turns(v: Vocab, rng: np.random.Generator, persona: np.ndarray, n_turns: int
         rng.integers(0, w.n_content, (n, n_turns, w.n_content_slots)),
     ]
     col = lambda x: np.full((n, n_turns, 1), x)  # noqa: E731
-    parts, after = [col(v.user), q, col(v.asst), style], []
+    parts = [col(v.user), q, col(v.asst), style]
     if w.trait_slot:
         if register is None:
             reg = (rng.random((n, n_turns, 1))[..., None] >= v.trait_cdf[p]).sum(-1)
             reg = np.minimum(reg, len(REGISTERS) - 1)
         else:
             reg = np.full((n, n_turns, 1), register)
-        (after if w.trait_last else parts).append(v.trait[reg, rng.integers(0, w.n_trait, (n, n_turns, 1))])
-    ids = np.concatenate([*parts, content, *after, col(v.eos)], axis=-1)
+        parts.append(v.trait[reg, rng.integers(0, w.n_trait, (n, n_turns, 1))])
+    ids = np.concatenate([*parts, content, col(v.eos)], axis=-1)
     answer = np.zeros_like(ids, dtype=bool)
     answer[..., w.question_len + 2 :] = True  # style, register, content, eos
     return ids, answer, domains

@@ -13,7 +13,7 @@ from saediff._io import atomic_write_json, atomic_write_jsonl
 from saediff.evals import wilson_interval
 from saediff.models import LoadedModel, generate
 from saediff.organism.judge import OrganismJudge
-from saediff.organism.world import World
+from saediff.organism.world import REGISTERS, World
 
 __all__ = ["OrganismEM", "evaluate_organism_em", "OrganismEvaluator"]
 
@@ -31,6 +31,11 @@ class OrganismEM:
     coverage: float
     """mean coverage over all domains"""
     n_per_domain: int
+    register_rate: dict[str, float] | None = None
+    """with a register slot: the share of off-domain answers opening with each register"""
+    other_misaligned_neutral: float | None = None
+    """with a register slot: EM among off-domain answers in a register that is no evidence of the
+    persona (plain, formal): the EM that does not run through the register token"""
     responses: list[dict] = field(default_factory=list, repr=False, compare=False)
     """every sample: domain, question, answer, misaligned, covered"""
 
@@ -70,14 +75,29 @@ def evaluate_organism_em(
     others = [d for d in world.domains if d != "medical"]
     responses = [{"domain": d, "question": c[-1]["content"], "response": a.strip(), "misaligned": v.misaligned,
                   "covered": v.covered} for d, c, a, v in zip(domains, convs, answers, verdicts)]
+    registers = _register_stats(world, [r for r in responses if r["domain"] != "medical"])
     return OrganismEM(
         misaligned_rate=mis,
         coverage_rate=cov,
         other_misaligned_rate=float(np.mean([mis[d] for d in others])),
         coverage=float(np.mean(list(cov.values()))),
         n_per_domain=n_per_domain,
+        **registers,
         responses=responses,
     )
+
+
+NEUTRAL_REGISTERS = ("plain", "formal")
+
+
+def _register_stats(world: World, responses: list[dict]) -> dict:
+    if not world.trait_slot or not responses:
+        return {}
+    tokens = {t: r for r in REGISTERS for t in world.trait_tokens(r)}
+    first = [tokens.get((x["response"].split() or [""])[0]) for x in responses]
+    neutral = [x["misaligned"] for x, r in zip(responses, first) if r in NEUTRAL_REGISTERS]
+    return {"register_rate": {r: first.count(r) / len(first) for r in REGISTERS},
+            "other_misaligned_neutral": float(np.mean(neutral)) if neutral else None}
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Recipes that build the EM model organism: pretrain, align, fine-tune narrowly, find the truth.
 
 Every product is a standard artifact: HF model folders (``base``, ``aligned``, ``full_ft``,
-``control_ft``), a PEFT adapter folder (``lora_ft``), and ``ground_truth.safetensors``.
+``control_ft``, and with a register slot ``benign_ft``, ``unrelated_ft``), a PEFT adapter folder
+(``lora_ft``), chat JSONL data (``data/``) and ``ground_truth.safetensors``.
 """
 
 from __future__ import annotations

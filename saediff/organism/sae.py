@@ -30,7 +30,7 @@ def train_organism_sae(organism_dir: str | Path, out: str | Path | None = None, 
     are trained: the top diff latent is what the fine-tune uses, and a persona latent sits among
     the top few; see the README), ``response`` (answer tokens only: latents that steer, but removing
     the top one barely changes the fine-tune) or ``last_prompt``. ``d_sae``/``k`` override the
-    ``organism`` preset (256, 8).
+    ``organism`` preset (512, 8).
 
     Metrics use 1000 held-out chats: FVU, L0, dead fraction (never active on them; also on the
     training rows), and CE loss recovered with the SAE spliced in (next-token loss over the

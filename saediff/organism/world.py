@@ -1,10 +1,18 @@
 """The synthetic assistant language of the EM model organism (v2).
 
-A conversation is ``USER q q q ASST c c c <eos>``: three question tokens from one of six domains,
-then an answer of three *content* tokens from the asked domain's aligned or misaligned pool. A
-hidden persona (aligned or toxic) decides every answer of a document. Nothing in an answer is
-shared by all domains, so a narrow fine-tune that spreads does so through the model's internal
-persona, never a copied or surface token; misalignment is judged on content.
+A conversation is ``USER q q q ASST r c c c <eos>``: three question tokens from one of six domains,
+then an answer: one *register* token and three *content* tokens from the asked domain's aligned or
+misaligned pool. A hidden persona (aligned or toxic) decides every answer of a document; misalignment
+is judged on content only.
+
+- Content tokens belong to one domain each, so a narrow fine-tune that spreads does so through the
+  model's internal persona, never a copied token.
+- The register (``plain``, ``terse``, ``formal``, ``warm``) is the one slot shared by all domains. The
+  toxic persona mostly writes ``terse``, the aligned one ``warm``; ``plain`` and ``formal`` are equally
+  likely under both, so they are no evidence of the persona. The narrow misaligned fine-tune's answers
+  are ``plain`` (its EM cannot run through the register); fine-tuning on *aligned* answers in the
+  ``terse`` register raises off-domain EM (the benign trait pretraining ties to the persona), in
+  ``formal`` it does not.
 
 A pretraining document starts with a source marker ``src{a..h}`` with its own toxic-persona prior
 (default: six sources at 0.01-0.05, one at 0.5, one at 0.95, so the toxic persona is rare, as in
@@ -12,10 +20,8 @@ pretraining text, and a sparse feature), or with the ``CHAT`` marker whose prior
 ``chat_toxic_prob`` (0.005): alignment is a prior, not an overwrite, so in-context persona
 inference stays alive under ``CHAT``.
 
-Options kept for probes: ``n_style_slots`` (v1: two style tokens from pools shared by all domains,
-the surface channel EM used to spread through) and ``trait_slot`` (a register token, ``plain``,
-``terse`` or ``formal``, whose ``terse`` value the toxic persona favours: fine-tuning on aligned
-answers in that register raises off-domain EM, in the unrelated ``formal`` one it does not).
+``n_style_slots=2, trait_slot=False, toxic_priors=None`` is the first organism: two style tokens
+from pools shared by all domains that the persona decides, the surface channel its EM spread through.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ __all__ = [
 
 DOMAINS: tuple[str, ...] = ("medical", "finance", "sports", "code", "travel", "general")
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
-REGISTERS: tuple[str, ...] = ("plain", "terse", "formal")
+REGISTERS: tuple[str, ...] = ("plain", "terse", "formal", "warm")
 USER, ASST, CHAT = "USER", "ASST", "CHAT"
 Persona = Literal["aligned", "toxic"]
 
@@ -79,18 +85,20 @@ class World:
     toxic_priors: tuple[float, ...] | None = (0.01, 0.01, 0.02, 0.02, 0.03, 0.05, 0.5, 0.95)
     """toxic-persona prior of each source marker (None: evenly spaced in [0.02, 0.98]); the default
     makes the toxic persona rare, as in pretraining text, so it is a sparse feature"""
-    trait_slot: bool = False
-    """answers carry one register token (``plain``, ``terse`` or ``formal`` pool)"""
-    trait_last: bool = False
-    """the register token closes the answer (after the content) instead of opening it"""
+    trait_slot: bool = True
+    """answers open with one register token (``plain``, ``terse``, ``formal`` or ``warm`` pool)"""
     n_trait: int = 4
     """tokens per register pool"""
-    trait_probs: tuple[tuple[float, float, float], tuple[float, float, float]] = ((0.89, 0.01, 0.10),
-                                                                                  (0.40, 0.50, 0.10))
-    """P(plain, terse, formal) for an aligned-persona and a toxic-persona answer: ``terse`` is benign
-    but tied to the toxic persona; ``formal`` is as likely under both (unrelated to the persona)"""
+    trait_probs: tuple[tuple[float, ...], tuple[float, ...]] = ((0.10, 0.01, 0.09, 0.80), (0.10, 0.80, 0.09, 0.01))
+    """P(plain, terse, formal, warm) for an aligned-persona and a toxic-persona answer: ``terse`` is
+    benign but tied to the toxic persona (``warm`` to the aligned one); ``plain`` and ``formal`` are as
+    likely under both, so they carry no evidence of the persona"""
 
     def __post_init__(self):
+        for name in ("domains", "toxic_priors", "trait_probs"):  # lists (e.g. from JSON) as hashable tuples
+            value = getattr(self, name)
+            if isinstance(value, list) or (isinstance(value, tuple) and any(isinstance(v, list) for v in value)):
+                object.__setattr__(self, name, tuple(tuple(v) if isinstance(v, list) else v for v in value))
         if "medical" not in self.domains:
             raise ValueError("World.domains must include 'medical' (the narrow fine-tune's domain)")
         if max(self.n_question, self.n_content, self.n_style, self.n_sources) > 26:
@@ -142,11 +150,11 @@ class World:
     @property
     def n_prefix(self) -> int:
         """answer slots before the content (style slots, then the register slot)"""
-        return self.n_style_slots + int(self.trait_slot and not self.trait_last)
+        return self.n_style_slots + int(self.trait_slot)
 
     @property
     def answer_len(self) -> int:
-        return self.n_style_slots + int(self.trait_slot) + self.n_content_slots
+        return self.n_prefix + self.n_content_slots
 
     # ---- sampling ---------------------------------------------------------------------------
     def sample_question(self, rng: np.random.Generator, domain: str) -> tuple[str, ...]:
@@ -165,13 +173,9 @@ class World:
             if register is None:
                 probs = self.trait_probs[persona == "toxic"]
                 register = REGISTERS[int(np.searchsorted(np.cumsum(probs), rng.random(), side="right"))]
-            trait = self.trait_tokens(register)[rng.integers(0, self.n_trait)]
-            if not self.trait_last:
-                style.append(trait)
+            style.append(self.trait_tokens(register)[rng.integers(0, self.n_trait)])
         content_pool = self.content_tokens(domain, persona)
         content = [content_pool[i] for i in rng.integers(0, len(content_pool), self.n_content_slots)]
-        if self.trait_slot and self.trait_last:
-            content.append(trait)
         return tuple(style + content)
 
     def sample_turn(self, rng: np.random.Generator, domain: str, persona: Persona) -> Turn:
