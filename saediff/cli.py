@@ -837,12 +837,14 @@ def _print_headline(rows: list[dict], seeds: list[int] | None) -> None:
     cols = [str(k) for k in seeds] if seeds else [None]
     for k in cols:
         table.add_column("figure" if k is None else f"seed {k}")
+    if seeds:
+        table.add_column("mean")
     table.add_column("bar")
     mark = {True: "yes", False: "NO", None: "-"}
     for row in rows:
         if seeds:
             cells = [_fmt_figure(row["per_seed"][k]["figure"], row["per_seed"][k]["ci"]) + " " +
-                     mark[row["per_seed"][k]["holds"]] for k in cols]
+                     mark[row["per_seed"][k]["holds"]] for k in cols] + [_fmt_figure(row["mean"])]
         else:
             cells = [_fmt_figure(row["figure"], row["ci"]) + " " + mark[row["holds"]]]
         table.add_row(row["phenomenon"], *cells, row["bar"])

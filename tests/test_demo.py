@@ -86,6 +86,7 @@ def test_demo_resumes_without_redoing_steps(demo):
     again = run_demo(out, quick=True)
     assert (out / "diff" / "diff.json").stat().st_mtime == mtime
     assert again["diff"]["top_latents"] == s["diff"]["top_latents"]
+    assert again["timing"] == s["timing"]  # the run that did the work keeps its time
     with pytest.raises(ValueError, match="another seed"):  # never mixes another seed's results in
         run_demo(out, quick=True, seed=1)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from saediff.cli import app
@@ -52,7 +53,8 @@ def test_each_row_holds_or_not_with_its_interval():
     internal = rows["EM is internal: full FT off-domain answers in a persona-neutral register (share; EM among them)"]
     assert internal["figure"] == (0.908, 0.392) and internal["holds"] is True  # 0.392 >= 0.8 x 0.364
     assert rows["benign-trait fine-tune, other-domain EM"]["holds"] is False
-    assert rows["this demo run's time (s), prebuilt organism: yes"]["holds"] is True
+    assert rows["this demo run's time (s), organism shipped or built"]["figure"] == (86.8, "shipped")
+    assert rows["this demo run's time (s), organism shipped or built"]["holds"] is True
 
 
 def test_rows_turn_with_the_figures():
@@ -70,7 +72,7 @@ def test_rows_turn_with_the_figures():
     assert rows["EM is internal: full FT off-domain answers in a persona-neutral register (share; EM among them)"][
         "holds"] is False
     assert rows["drift monitor on a held-out control fine-tune: alert step"]["holds"] is False
-    assert rows["this demo run's time (s), prebuilt organism: no"]["holds"] is None  # the bar needs the prebuilt
+    assert rows["this demo run's time (s), organism shipped or built"]["holds"] is None  # the bar needs it shipped
     s["organism"]["full_ft_register_rate"] = None  # a world without a register slot
     s["organism"]["benign_trait_other_misaligned"] = None
     rows = {r["phenomenon"]: r for r in headline(s)}
@@ -89,6 +91,9 @@ def test_several_seeds_side_by_side_and_on_the_command_line(tmp_path, monkeypatc
     row = next(r for r in result["headline"] if r["phenomenon"] == "full fine-tune, other-domain EM")
     assert [row["per_seed"][k]["figure"] for k in "012"] == [0.364, 0.136, 0.388]
     assert [row["per_seed"][k]["holds"] for k in "012"] == [True, False, True]
+    assert row["mean"] == pytest.approx((0.364 + 0.136 + 0.388) / 3, abs=1e-4)  # 0.296: under the 0.30
+    drift = next(r for r in result["headline"] if r["phenomenon"].startswith("drift monitor: alert"))
+    assert drift["mean"] is None  # pairs have no mean
     r = CliRunner().invoke(app, ["demo", "--quick", "--seeds", "0,1,2", "--out", str(tmp_path / "cli")])
     assert r.exit_code == 0, r.output
     assert "seed 1" in r.output and "0.136" in r.output and "seeds.json" in r.output

@@ -118,13 +118,16 @@ def run_demo(out: str | Path, *, quick: bool = True, seed: int = 0, progress=Non
     say = progress or (lambda _s: None)
     prebuilt = False
     timing: dict[str, float] = {}
-    prev = json.loads((out / "summary.json").read_text()).get("timing_s", {}) if (out / "summary.json").exists() else {}
+    prev_summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
+    prev = prev_summary.get("timing_s", {})
+    ran: list[str] = []
 
     def step(name: str, done: Path, fn):
         say(name)
         if done.exists():
             timing[name] = prev.get(name, 0.0)
             return
+        ran.append(name)
         t0 = time.perf_counter()
         fn()
         timing[name] = round(time.perf_counter() - t0, 2)
@@ -183,10 +186,13 @@ def run_demo(out: str | Path, *, quick: bool = True, seed: int = 0, progress=Non
     summary = _demo_summary(out)
     summary["timing_s"] = timing
     summary["seed"] = seed
-    # this run's wall time (steps skipped on a rerun count 0 here) and the organism's build time
-    summary["timing"] = {"demo_s": round(time.perf_counter() - t_start, 1), "prebuilt_organism": prebuilt,
-                         "organism_build_s": round(sum(json.loads((org / "organism.json").read_text())["timing_s"]
-                                                       .values()), 1)}
+    # the wall time of the run that did the work (a rerun that skips every step keeps it) and the
+    # organism's build time
+    before = prev_summary.get("timing", {})
+    summary["timing"] = {
+        "demo_s": round(time.perf_counter() - t_start, 1) if ran or not before else before["demo_s"],
+        "prebuilt_organism": prebuilt if "organism" in ran or not before else before["prebuilt_organism"],
+        "organism_build_s": round(sum(json.loads((org / "organism.json").read_text())["timing_s"].values()), 1)}
     summary["headline"] = headline(summary)
     atomic_write_json(out / "summary.json", summary)
     t0 = time.perf_counter()
@@ -345,9 +351,9 @@ def headline(s: dict, n_other: int = 250, n_domain: int = 50) -> list[dict]:
     t = s.get("timing")
     if t:
         rows += [("organism build time (s)", "", t["organism_build_s"], None, "<= 180", t["organism_build_s"] <= 180),
-                 ("this demo run's time (s), prebuilt organism: " + ("yes" if t["prebuilt_organism"] else "no"), "",
-                  t["demo_s"], None, "<= 90 with the prebuilt organism",
-                  t["demo_s"] <= 90 if t["prebuilt_organism"] else None)]
+                 ("this demo run's time (s), organism shipped or built", "",
+                  (t["demo_s"], "shipped" if t["prebuilt_organism"] else "built"), None,
+                  "<= 90 with the shipped organism", t["demo_s"] <= 90 if t["prebuilt_organism"] else None)]
     return [{"phenomenon": p, "source": src, "figure": fig, "ci": _ci(fig, n) if n else None, "bar": bar,
              "holds": ok, "seed": s.get("seed")} for p, src, fig, n, bar, ok in rows]
 
@@ -377,10 +383,14 @@ def run_demo_seeds(out: str | Path, seeds: list[int], *, quick: bool = True, pro
     for seed in seeds:
         say = (lambda s, seed=seed: progress(f"seed {seed}: {s}")) if progress else None
         per[str(seed)] = run_demo(out / f"seed_{seed}", quick=quick, seed=seed, progress=say)
-    result = {"kind": "saediff.demo_seeds", "seeds": seeds,
-              "headline": [{"phenomenon": row["phenomenon"], "bar": row["bar"],
-                            "per_seed": {k: {"figure": s["headline"][i]["figure"], "ci": s["headline"][i]["ci"],
-                                             "holds": s["headline"][i]["holds"]} for k, s in per.items()}}
-                           for i, row in enumerate(next(iter(per.values()))["headline"])]}
+    rows = []
+    for i, row in enumerate(next(iter(per.values()))["headline"]):
+        cells = {k: {key: s["headline"][i][key] for key in ("figure", "ci", "holds")} for k, s in per.items()}
+        figures = [c["figure"] for c in cells.values()]
+        numeric = all(isinstance(f, (int, float)) and not isinstance(f, bool) for f in figures)
+        # the mean over seeds, which several of the bars are stated on
+        rows.append({"phenomenon": row["phenomenon"], "bar": row["bar"], "per_seed": cells,
+                     "mean": round(sum(figures) / len(figures), 4) if numeric else None})
+    result = {"kind": "saediff.demo_seeds", "seeds": seeds, "headline": rows}
     atomic_write_json(out / "seeds.json", result)
     return result
