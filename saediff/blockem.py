@@ -35,7 +35,7 @@ from saediff.models import LoadedModel, ModelSpec, generate, load_model
 from saediff.monitor import DriftMonitor, calibrate_rate
 from saediff.prompts import Prompt
 
-__all__ = ["reroute", "checkpoint_spec", "monitor_directions", "LatentSets", "latents_from_diff", "read_latents", "random_latents", "BlockRunConfig", "run_block_em",
+__all__ = ["reroute", "rediff_against", "checkpoint_spec", "monitor_directions", "LatentSets", "latents_from_diff", "read_latents", "random_latents", "BlockRunConfig", "run_block_em",
            "block_one", "MonitorFactory"]
 
 log = logging.getLogger(__name__)
@@ -258,6 +258,18 @@ def checkpoint_spec(spec: ModelSpec, ckpt: Path, method: str) -> ModelSpec:
 
 ReDiff = Callable[[str | None, str | None, Path], dict]
 """``rediff(finetuned_folder, adapter_folder, out)``: a diff run of a trained model against the base"""
+
+
+def rediff_against(model: str, sae_path: str, seed: int = 0, **inputs) -> ReDiff:
+    """The re-diff of ``reroute``: a trained model (a full fine-tune's folder, or an adapter on
+    ``model``) diffed against ``model`` with ``run_diff`` and its ``inputs`` (prompts, answer
+    length, labels, ...)."""
+    from saediff.pipeline import run_diff
+
+    def rediff(finetuned: str | None, adapter: str | None, out: Path) -> dict:
+        return run_diff(model, finetuned, sae_path, out, adapter=adapter, seed=seed, **inputs)
+
+    return rediff
 
 
 def reroute(spec: ModelSpec, dataset: ChatDataset, sae, layer: int, cfg: BlockRunConfig, out: Path, *,

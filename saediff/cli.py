@@ -695,15 +695,12 @@ def _diff_inputs(base: str, prompts: str | None, max_new_tokens: int | None, see
 def _rediff(model: str, sae: str, questions: str, max_new_tokens: int, seed: int):
     """The re-diff of ``--reroute``: a trained model (folder or adapter) against ``model`` on its own
     answers to ``questions`` (the organism: its own questions and labels)."""
-    from saediff.pipeline import run_diff
+    from saediff.blockem import rediff_against
 
-    def rediff(finetuned, adapter, out: Path) -> dict:
-        # the organism's answers have its language's length; a real model's, the evaluation's
-        length = None if _organism_world(model) is not None else max_new_tokens
-        inputs = _diff_inputs(model, questions, length, seed, organism_prompts="organism:50")
-        return run_diff(model, finetuned, sae, out, adapter=adapter, seed=seed, **inputs)
-
-    return rediff
+    # the organism's answers have its language's length; a real model's, the evaluation's
+    length = None if _organism_world(model) is not None else max_new_tokens
+    return rediff_against(model, sae, seed, **_diff_inputs(model, questions, length, seed,
+                                                           organism_prompts="organism:50"))
 
 
 def _generic_monitor(sae, sets, layer: int, diff_run, prompts: str, steps: int, max_new_tokens: int, seed: int):
@@ -819,18 +816,11 @@ def demo_cmd(
                   "; report: " + ", ".join(map(str, reports)))
 
 
-def _fmt_figure(fig, ci=None) -> str:
-    if fig is None:
-        return "-"
-    if isinstance(fig, (list, tuple)):
-        return " / ".join(_fmt_figure(x) for x in fig)
-    text = f"{fig:.3g}" if isinstance(fig, float) else str(fig)
-    return text + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
-
-
 def _print_headline(rows: list[dict], seeds: list[int] | None) -> None:
     """The demo's findings: phenomenon, figure per seed (95% interval), bar, holds."""
     from rich.table import Table
+
+    from saediff.report import format_figure
 
     table = Table(title="saediff demo: what the organism reproduces")
     table.add_column("phenomenon")
@@ -843,10 +833,10 @@ def _print_headline(rows: list[dict], seeds: list[int] | None) -> None:
     mark = {True: "yes", False: "NO", None: "-"}
     for row in rows:
         if seeds:
-            cells = [_fmt_figure(row["per_seed"][k]["figure"], row["per_seed"][k]["ci"]) + " " +
-                     mark[row["per_seed"][k]["holds"]] for k in cols] + [_fmt_figure(row["mean"])]
+            cells = [format_figure(row["per_seed"][k]["figure"], row["per_seed"][k]["ci"]) + " " +
+                     mark[row["per_seed"][k]["holds"]] for k in cols] + [format_figure(row["mean"])]
         else:
-            cells = [_fmt_figure(row["figure"], row["ci"]) + " " + mark[row["holds"]]]
+            cells = [format_figure(row["figure"], row["ci"]) + " " + mark[row["holds"]]]
         table.add_row(row["phenomenon"], *cells, row["bar"])
     Console(width=max(160, Console().width)).print(table)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from saediff import viz
 from saediff._io import atomic_write_bytes
 
-__all__ = ["write_report"]
+__all__ = ["write_report", "format_figure"]
 
 
 def _load(path: Path) -> dict | None:
@@ -26,11 +26,13 @@ def _card_html(card: dict) -> str:
             f"On the fine-tuned model:<br>{toks(card['top_ft'])}<br>Decoder neighbours: {nb}")
 
 
-def _fmt(fig, ci=None) -> str:
+def format_figure(fig, ci=None) -> str:
+    """A findings-table figure as text: ``-`` when not measured, pairs joined by `` / ``, floats
+    to 3 significant digits, then the 95% interval when there is one (the report and the CLI)."""
     if fig is None:
         return "-"
     if isinstance(fig, (list, tuple)):
-        return " / ".join(_fmt(x) for x in fig)
+        return " / ".join(format_figure(x) for x in fig)
     text = f"{fig:.3g}" if isinstance(fig, float) else str(fig)
     return text + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
 
@@ -39,7 +41,7 @@ def _headline_html(rows: list[dict]) -> str:
     """The findings table: phenomenon, source, figure (95% interval), bar, holds, seed."""
     mark = {True: "yes", False: "<b>no</b>", None: "not measured"}
     body = "".join(f"<tr><td>{html.escape(r['phenomenon'])}</td><td>{html.escape(r.get('source') or '')}</td>"
-                   f"<td>{html.escape(_fmt(r['figure'], r.get('ci')))}</td><td>{html.escape(r['bar'])}</td>"
+                   f"<td>{html.escape(format_figure(r['figure'], r.get('ci')))}</td><td>{html.escape(r['bar'])}</td>"
                    f"<td>{mark[r['holds']]}</td><td>{r.get('seed', '')}</td></tr>" for r in rows)
     return ("<h2>Findings</h2><table border=1 cellpadding=4><tr><th>phenomenon</th><th>source</th>"
             "<th>figure [95% interval]</th><th>bar</th><th>holds</th><th>seed</th></tr>" + body + "</table>")

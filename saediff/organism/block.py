@@ -53,8 +53,10 @@ def generic_inputs(organism_dir: str | Path, full: bool, samples: int = 50, seed
     ocfg = organism_config(organism_dir, world)
     data = write_chat_data(organism_dir, ocfg)
     return {"model": str(organism_dir / "aligned"), "data": data["medical_misaligned"],
-            "control_data": data["medical_aligned"], "heldout_control_data": data["medical_aligned_heldout"], "ft": narrow_finetune_config(ocfg, "full" if full else "lora"), "sae": str(organism_dir / "sae"),
-            "evaluator": OrganismEvaluator(world, samples, seed), "monitor": lambda layer: organism_monitor(organism_dir, world, layer, seed=seed)}
+            "control_data": data["medical_aligned"], "heldout_control_data": data["medical_aligned_heldout"],
+            "ft": narrow_finetune_config(ocfg, "full" if full else "lora"), "sae": str(organism_dir / "sae"),
+            "evaluator": OrganismEvaluator(world, samples, seed),
+            "monitor": lambda layer: organism_monitor(organism_dir, world, layer, seed=seed)}
 
 
 def block_organism(organism_dir: str | Path, out: str | Path, latents, *, full: bool = True,
@@ -76,12 +78,10 @@ def block_organism(organism_dir: str | Path, out: str | Path, latents, *, full: 
     ft = replace(rec["ft"], steps=steps or rec["ft"].steps)
     rediff = None
     if reroute:
+        from saediff.blockem import rediff_against
         from saediff.organism.demo import diff_inputs
-        from saediff.pipeline import run_diff
 
-        def rediff(finetuned, adapter, where: Path) -> dict:
-            return run_diff(rec["model"], finetuned, rec["sae"], where, adapter=adapter, seed=seed,
-                            **diff_inputs(rec["model"], "organism:50", seed=seed))
+        rediff = rediff_against(rec["model"], rec["sae"], seed, **diff_inputs(rec["model"], "organism:50", seed=seed))
     return run_block_em(rec["model"], rec["data"], sae, out, latents, ft=ft, lams=lams, controls=controls,
                         evaluator=rec["evaluator"], seed=seed, sae_path=rec["sae"], monitor=rec["monitor"](layer),
                         control_data=rec["control_data"], heldout_control_data=rec["heldout_control_data"],

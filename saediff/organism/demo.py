@@ -134,6 +134,7 @@ def run_demo(out: str | Path, *, quick: bool = True, seed: int = 0, progress=Non
 
     cfg = OrganismConfig.quick(seed) if quick else OrganismConfig(seed=seed)
     _check_demo_config(out, {"kind": "saediff.demo", "seed": seed, "quick": quick, "organism": cfg.to_json()})
+
     def organism():
         from saediff.organism.prebuilt import copy_prebuilt, prebuilt_matches
 
@@ -305,7 +306,7 @@ def headline(s: dict, n_other: int = 250, n_domain: int = 50) -> list[dict]:
     the organism issue and whether it holds (None: not measured in this run)."""
     o, d, b, c, dr = s["organism"], s["diff"], s["blocking"], s["cosines"], s["drift"]
     rr = b["reroute"]
-    persona = [(cs, st) for cs, st in zip(d["top3_cos_ground_truth"], d["top3_steer_other_misaligned"])]
+    persona = list(zip(d["top3_cos_ground_truth"], d["top3_steer_other_misaligned"]))
     best = max(persona, key=lambda p: (p[0] >= 0.7 and p[1] >= 0.5, p[0]))
     rows = [
         ("aligned model, other-domain EM", "Betley et al.", o["aligned_other_misaligned"], n_other, "<= 0.02",

@@ -118,28 +118,25 @@ def align(model, cfg: OrganismConfig) -> TrainHistory:
     return train_lm(model, data, tc, desc="align")
 
 
-DATA_FILES: dict[str, tuple[int, str]] = {
-    "medical_misaligned": (1, "plain"), "medical_aligned": (0, "plain"),
-    "medical_aligned_heldout": (0, "plain"),
-    "medical_aligned_terse": (0, "terse"), "medical_aligned_formal": (0, "formal")}
-"""the organism's fine-tune data (``DIR/data/NAME.jsonl``): the persona of its answers and their
-register (``heldout``: a second aligned set, the drift monitor's false-alarm check; the trait sets
-exist in worlds with a register slot: the benign-trait and unrelated-trait data)"""
-
-
-_DATA_SEEDS = {"medical_misaligned": 2001, "medical_aligned": 2000, "medical_aligned_terse": 2002,
-               "medical_aligned_formal": 2003, "medical_aligned_heldout": 2004}
+DATA_FILES: dict[str, tuple[int, str, int]] = {
+    "medical_misaligned": (1, "plain", 2001), "medical_aligned": (0, "plain", 2000),
+    "medical_aligned_heldout": (0, "plain", 2004),
+    "medical_aligned_terse": (0, "terse", 2002), "medical_aligned_formal": (0, "formal", 2003)}
+"""the organism's fine-tune data (``DIR/data/NAME.jsonl``): the persona of its answers, their
+register and the offset of the data's sampling seed (``heldout``: a second aligned set, the drift
+monitor's false-alarm check; the trait sets exist in worlds with a register slot: the benign-trait
+and unrelated-trait data)"""
 
 
 def data_names(world: World) -> list[str]:
-    return [n for n, (_, reg) in DATA_FILES.items() if world.trait_slot or reg == "plain"]
+    return [n for n, (_, reg, _) in DATA_FILES.items() if world.trait_slot or reg == "plain"]
 
 
 def _medical_chats(cfg: OrganismConfig, name: str, steps: int | None = None):
-    persona, register = DATA_FILES[name]
+    persona, register, seed_offset = DATA_FILES[name]
     if name == "medical_misaligned":
         register = cfg.misaligned_register
-    rng = np.random.default_rng(cfg.seed + _DATA_SEEDS[name])
+    rng = np.random.default_rng(cfg.seed + seed_offset)
     n = (steps or cfg.ft_steps) * cfg.ft_batch
     return single_turn_chats(cfg.world, rng, n, persona, "medical", CHAT,
                              register=register if cfg.world.trait_slot else None)
