@@ -849,6 +849,10 @@ def report_cmd(run_dir: Path = typer.Argument(..., help="demo run folder")) -> N
     typer.echo(str(write_report(run_dir)))
 
 
+# the open-question commands (overlap, predict, phase, icl) live in their own module and register on ``app``
+from saediff import cli_questions  # noqa: E402,F401
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app()

@@ -28,7 +28,8 @@ from saediff.hooks import capture_resid, parse_layer, resid_post
 from saediff.models import ModelSpec, generate, load_model
 from saediff.prompts import ContrastExample, Prompt, load_prompts
 
-__all__ = ["run_diff", "run_compare", "read_run", "update_run", "judge_label", "judged_responses"]
+__all__ = ["run_diff", "run_compare", "read_run", "update_run", "judge_label", "judged_responses", "run_questions",
+           "QuestionRates"]
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,43 @@ def read_run(run_dir: str | Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{run_dir} is not a saediff run folder (run.json missing)")
     return json.loads(path.read_text())
+
+
+@dataclass(frozen=True)
+class QuestionRates:
+    """The distinct questions of a diff run (prompts without answers, in first-seen order) and, per
+    question, the share of the fine-tuned model's answers labelled misaligned (None: no label)."""
+
+    prompts: list[Prompt]
+    misaligned_rate: list[float | None]
+    n_answers: list[int]
+    first_answers: list[Prompt]
+    """each question with the first answer the fine-tuned model gave it"""
+
+
+def run_questions(run_dir: str | Path) -> QuestionRates:
+    """The questions a diff run asked and how often the fine-tuned model answered each misaligned,
+    from its ``responses.jsonl`` (answers of one question grouped by its messages)."""
+    from saediff._io import read_jsonl
+
+    path = Path(run_dir) / "responses.jsonl"
+    groups: dict[str, dict] = {}
+    for n, row in read_jsonl(path, "responses file (run saediff diff first)"):
+        if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
+            raise ValueError(f"{path}:{n}: needs messages (saediff diff output)")
+        key = json.dumps(row["messages"], sort_keys=True)
+        g = groups.setdefault(key, {"prompt": Prompt(str(row.get("id", n)), row["messages"], None, row.get("domain")),
+                                    "labels": [], "answer": row.get("response")})
+        g["labels"].append(row.get("misaligned"))
+    if not groups:
+        raise ValueError(f"{path}: no responses")
+    rates = []
+    for g in groups.values():
+        known = [x for x in g["labels"] if x is not None]
+        rates.append(sum(bool(x) for x in known) / len(known) if known else None)
+    gs = list(groups.values())
+    return QuestionRates([g["prompt"] for g in gs], rates, [len(g["labels"]) for g in gs],
+                         [dataclasses.replace(g["prompt"], response=g["answer"]) for g in gs])
 
 
 def update_run(run_dir: Path, step: str, info: dict) -> None:
