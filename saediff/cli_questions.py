@@ -207,3 +207,108 @@ def icl_cmd(
         rr = res["rerouted"]
         lines.append(f"rerouted latents {rr['latents']}: raised by context {rr['raised_by_context']}")
     Console().print("\n".join(lines) + f"\n{run_dir / 'icl_vs_ft.json'}")
+
+
+@app.command("neighbourhood")
+def neighbourhood_cmd(
+    run_dir: Path = typer.Argument(..., help="run folder written by saediff diff"),
+    train_data: Optional[Path] = typer.Option(None, "--train-data", help="the fine-tune's chat JSONL (organism: "
+                                              "found from the fine-tuned folder)"),
+    in_domain: Optional[str] = typer.Option(None, "--in-domain", help="the fine-tune's domain: its questions are left "
+                                            "out of the off-domain set (organism default: medical)"),
+    n_seeds: int = typer.Option(10, "--seeds", help="latents that rose most on the training data"),
+    n_neighbours: int = typer.Option(5, "--neighbours", help="neighbours per seed, by decoder cosine and by "
+                                     "co-activation each"),
+    n_random: int = typer.Option(5, "--random", help="draws of random seeds for the baseline"),
+    candidates: Optional[Path] = typer.Option(None, "--candidates", help="export folder of persona candidates "
+                                              "(default: the run's directions)"),
+    methods: str = typer.Option("in_context,mean_diff_responses", "--methods", help="candidate methods that score "
+                                "toxicity"),
+    n_train: int = typer.Option(256, "--n-train", help="training rows read for the seeds"),
+    drop_fraction: Optional[float] = typer.Option(None, "--drop-fraction", help="training-data screen: drop this "
+                                                  "share of rows that fire the flagged latents most"),
+    finetune: bool = typer.Option(False, "--finetune", help="with --drop-fraction: fine-tune on the screened and on "
+                                  "the randomly thinned data and compare EM"),
+    full: bool = typer.Option(False, "--full", help="--finetune: full fine-tune instead of LoRA"),
+    lora_rank: int = typer.Option(1, "--lora-rank"),
+    lora_layers: Optional[str] = typer.Option(None, "--lora-layers", help="comma-separated blocks (default: all)"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="optimizer steps (default 300)"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    grad_accum: int = typer.Option(1, "--grad-accum"),
+    lr: Optional[float] = typer.Option(None, "--lr"),
+    precision: str = typer.Option("auto", "--precision", help="auto | fp32 | bf16 | fp16"),
+    judge_url: Optional[str] = typer.Option(None, "--judge-url"),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model"),
+    questions: str = typer.Option("first_plot", "--questions"),
+    samples: int = typer.Option(50, "--samples", help="answers per question (organism: per domain)"),
+    max_new_tokens: int = typer.Option(600, "--max-new-tokens"),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env"),
+    seed: int = typer.Option(0, "--seed"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+) -> None:
+    """Neighbourhood probe: the latents near what the fine-tune raised on its own data that also rose off-domain and point at the persona.
+
+    Seeds (top risers on the training rows), neighbours by decoder cosine and base-model
+    co-activation, toxicity against the run's persona candidates, a random-seed baseline; with
+    --drop-fraction a training-data screen (and --finetune: EM after it vs random dropping);
+    writes RUN/neighbourhood.json."""
+    _setup(threads)
+    from dataclasses import replace
+
+    from saediff.neighbourhood import run_neighbourhood, screen_finetunes
+
+    try:
+        info = _run_base(run_dir)
+        organism = _organism_world(info["base"]) is not None
+        if train_data is None:
+            from saediff.organism.analyses import training_data_for
+
+            train_data = training_data_for(info["finetuned"], info["adapter"])
+            if train_data is None:
+                raise ValueError("give --train-data (the fine-tune's chat JSONL)")
+        if organism:
+            in_domain = in_domain or "medical"
+        if finetune and drop_fraction is None:
+            raise ValueError("--finetune compares screened data with random dropping: give --drop-fraction")
+        res = run_neighbourhood(run_dir, train_data, in_domain=in_domain, n_train=n_train, n_seeds=n_seeds,
+                                n_neighbours=n_neighbours, n_random=n_random, candidates=candidates,
+                                candidate_methods=tuple(methods.split(",")), drop_fraction=drop_fraction, seed=seed)
+        if finetune:
+            from saediff.finetune import FinetuneConfig
+            from saediff.saes import load_sae
+
+            evaluator = _judge_evaluator(judge_url, judge_model, questions, samples, max_new_tokens, api_key_env,
+                                         run_dir / "screen", seed)
+            ft = FinetuneConfig(method="full" if full else "lora", lora_rank=lora_rank,
+                                lora_layers=_int_list(lora_layers, "--lora-layers") if lora_layers else None, seed=seed)
+            if organism:
+                from saediff.organism.block import generic_inputs
+
+                rec = generic_inputs(Path(info["base"]).parent, full or Path(info["finetuned"] or "").name == "full_ft",
+                                     samples, seed)
+                ft, evaluator = rec["ft"], evaluator or rec["evaluator"]
+            if evaluator is None:
+                raise ValueError("--finetune measures EM: give --judge-url and --judge-model")
+            ft = replace(ft, steps=steps or ft.steps, batch_size=batch_size or ft.batch_size, grad_accum=grad_accum,
+                         lr=lr or ft.lr, precision=precision)
+            res["screen"]["finetune"] = screen_finetunes(info["base"], res["screen"], load_sae(info["sae"]), ft,
+                                                         evaluator, run_dir / "screen")
+            from saediff._io import atomic_write_json
+
+            atomic_write_json(run_dir / "neighbourhood.json", res)
+    except _USER_ERRORS as e:
+        _fail(e)
+    rb = res["random_baseline"]
+    lines = [f"neighbourhood probe at {res['hook']}: seeds {res['seeds']}",
+             f"flagged {res['flagged']} ({res['n_flagged']}; random seeds flag {rb['n_flagged']}, mean {rb['mean']})"]
+    for m in [m for m in res["members"] if m["flagged"]][:10]:
+        lines.append(f"  latent {m['latent']}: toxicity {m['toxicity']:.2f} ({m['candidate']}), off-domain delta "
+                     f"{m['delta_off']:.3f}, near seeds {m['seeds']}")
+    if "screen" in res:
+        sc = res["screen"]
+        lines.append(f"screen: dropped {sc['n_dropped']} of {sc['n_rows']} rows -> {sc['screened']}")
+        if "finetune" in sc:
+            f = sc["finetune"]
+            lines.append(f"EM after fine-tuning: screened {_fmt(f['screened']['em_rate'])}, random drop "
+                         f"{_fmt(f['random_dropped']['em_rate'])} ({f['steps']} steps each)")
+    Console().print("\n".join(lines) + f"\n{run_dir / 'neighbourhood.json'}")

@@ -210,6 +210,17 @@ def test_open_question_commands_on_a_tiny_real_model(tiny_qwen, tmp_path):
         assert len(icl["aligned_projection_by_shots"]) == 4 and icl["direction"] in (
             "mean_diff_responses_L1", "lora_downstream_L1")
 
+        r = CliRunner().invoke(app, ["neighbourhood", str(run), "--train-data", str(data), "--drop-fraction", "0.25",
+                                     "--finetune", "--lora-layers", "1", "--steps", "2", "--batch-size", "2",
+                                     "--judge-url", server.url, "--judge-model", "j", "--questions", str(qfile),
+                                     "--samples", "1", "--max-new-tokens", "4"])
+        assert r.exit_code == 0, r.output
+        nb = json.loads((run / "neighbourhood.json").read_text())
+        assert len(nb["seeds"]) == 10 and len(nb["random_baseline"]["n_flagged"]) == 5
+        assert nb["screen"]["n_dropped"] == 2 and len((run / "screened.jsonl").read_text().splitlines()) == 6
+        fin = nb["screen"]["finetune"]
+        assert fin["steps"] == 2 and fin["screened"]["em_rate"] is not None and fin["random_dropped"]["em_rate"] is not None
+
         r = CliRunner().invoke(app, ["block", "--model", model, "--data", str(data), "--sae", str(tmp_path / "sae"),
                                      "--latent", "1", "--lora-layers", "1", "--steps", "4", "--batch-size", "2",
                                      "--lr", "1e-2", "--save-every", "2", "--no-controls", "--out",
@@ -228,3 +239,60 @@ def test_open_question_commands_on_a_tiny_real_model(tiny_qwen, tmp_path):
     assert r.exit_code == 1 and "give --train-data" in r.output
     r = CliRunner().invoke(app, ["phase", str(tmp_path / "block" / "penalty_lam10000"), "--base", model])
     assert r.exit_code == 1 and "--judge-url" in r.output
+    r = CliRunner().invoke(app, ["neighbourhood", str(run), "--train-data", str(data), "--finetune"])
+    assert r.exit_code == 1 and "give --drop-fraction" in r.output
+
+
+# ---------------------------------------------------------------- neighbourhood probe
+
+
+def test_neighbourhood_arithmetic_on_hand_set_latents():
+    """Six latents in R^16 (the first three coordinates used). Seed 0 (rose most on the training
+    data) has decoder neighbours 2 (cos 0.8) and 1 (cos 0.6); latents 4 and 3 co-activate with it.
+    Candidate along e1: a latent's toxicity is its decoder row's cosine with e1 (latent 1: 0.8).
+    Off-domain deltas 0.9 (latent 1) and 0.8 (latent 4) against a 95th-percentile bar of 0.875:
+    latent 1 rose and is toxic -> flagged; 4 did not rise enough and is not toxic; 2 is not toxic."""
+    from saediff.neighbourhood import LatentMeans, decoder_neighbours, probe, toxicity
+
+    W = torch.zeros(6, 16)
+    W[:, :3] = torch.tensor([[1.0, 0, 0], [0.6, 0.8, 0], [0.8, 0, 0.6], [0, 0, 1.0], [0, 0.1, 1.0], [-1.0, 0, 0]])
+    cand = {"cand": torch.cat([torch.tensor([0, 2.0, 0]), torch.zeros(13)])}
+    assert decoder_neighbours(W, 0, 2) == [(2, pytest.approx(0.8)), (1, pytest.approx(0.6))]
+    tox, names = toxicity(W, cand)
+    assert tox.tolist() == pytest.approx([0.0, 0.8, 0.0, 0.0, 0.1 / math.sqrt(1.01), 0.0]) and names[1] == "cand"
+    z = torch.zeros(6)
+    means_in = LatentMeans(z, torch.tensor([1.0, 0, 0, 0, 0, 0.1]), torch.ones(6), 10, 1.0)
+    means_off = LatentMeans(z + 0.1, torch.tensor([0.1, 1.0, 0.1, 0.1, 0.9, 0.1]), torch.ones(6), 10, 1.0)
+    corr = torch.tensor([[1.0, 0.0, 0.0, 0.1, 0.9, 0.0], [0, 0, 0, 0, 0, 1.0]])  # rows: seed 0, random seed 5
+    res = probe(W, means_in, means_off, corr, [0, 5], cand, n_seeds=1, n_neighbours=2, n_random=1)
+    assert res.seeds == [0]
+    assert res.thresholds["delta_off"] == pytest.approx(0.875)
+    rows = {m["latent"]: m for m in res.members}
+    assert set(rows) == {1, 2, 3, 4}  # decoder: 2, 1; co-activation: 4, 3 (r > 0)
+    assert rows[1]["rose_off_domain"] and rows[1]["toxic"] and rows[1]["flagged"]
+    assert not rows[4]["rose_off_domain"] and not rows[4]["toxic"] and not rows[2]["toxic"]
+    assert res.flagged == [1]
+    # the random seed 5's neighbours (decoder: 3 and 4 at cos 0; no positive co-activation) flag nothing
+    assert res.random_baseline["n_flagged"] == [0]
+
+
+def test_coactivation_matches_a_direct_correlation(tiny_qwen):
+    """Running-sum Pearson r over response tokens equals numpy's corrcoef on the collected codes."""
+    from helpers import make_random_sae
+
+    from saediff.activations import collect_activations, tokenize_prompts
+    from saediff.models import load_model
+    from saediff.neighbourhood import coactivation
+    from saediff.prompts import Prompt
+    from saediff.saes import load_sae
+
+    lm = load_model(str(tiny_qwen / "model"))
+    sae = load_sae(make_random_sae(Path(tiny_qwen) / "sae_coact", 32, "blocks.1.hook_resid_post", d_sae=16, k=4))
+    ps = [Prompt(f"p{i}", [{"role": "user", "content": f"question {i}"}], f"an answer number {i} here") for i in range(6)]
+    toks = tokenize_prompts(lm, ps)
+    r = coactivation(lm, [toks], sae, [0, 3], batch_size=4, progress=False)
+    acts = collect_activations(lm, toks, ["blocks.1.hook_resid_post"], "response", progress=False)
+    codes = sae.encode(acts["blocks.1.hook_resid_post"]).detach().double().numpy()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ref = np.nan_to_num(np.corrcoef(codes.T))
+    assert r.numpy() == pytest.approx(ref[[0, 3]], abs=1e-4)
