@@ -66,10 +66,12 @@ def _direction(run_dir: Path, name: str | None, layer: int):
 
 def run_icl(run_dir: str | Path, examples, *, max_shots: int = 8, direction: str | None = None,
             exclude_domain: str | None = None, block_run: str | Path | None = None,
-            positions: str = "response", seed: int = 0, progress: bool = True) -> dict:
+            positions: str = "response", max_questions: int | None = None, seed: int = 0,
+            progress: bool = True) -> dict:
     """The in-context sweep for a diff run. ``examples``: contrast examples (a file for
     ``saediff.prompts.load_contrast_examples`` or the objects; their misaligned answers are the
-    shots). ``exclude_domain``: leave the fine-tune's own domain out of the questions. Writes
+    shots). ``exclude_domain``: leave the fine-tune's own domain out of the questions;
+    ``max_questions``: read at most that many, evenly spaced over the run's order. Writes
     ``icl_vs_ft.json`` and ``icl_vs_ft.html`` into the run folder."""
     from saediff._io import atomic_write_bytes, atomic_write_json
     from saediff.models import ModelSpec, load_model
@@ -89,6 +91,8 @@ def run_icl(run_dir: str | Path, examples, *, max_shots: int = 8, direction: str
           and (positions == "last_prompt" or p.response)]
     if not qs:
         raise ValueError(f"{run_dir}: no questions left after excluding domain {exclude_domain!r}")
+    if max_questions is not None and len(qs) > max_questions:
+        qs = [qs[i * len(qs) // max_questions] for i in range(max_questions)]
     sae = latents = None
     if block_run is not None:
         from saediff.saes import load_sae

@@ -70,6 +70,56 @@ def _span_text(span: dict | None) -> str:
             f" (random direction: {span['random_rms']:.2f}).")
 
 
+def _analysis_sections(run_dir: Path) -> list[tuple[str, object, str]]:
+    """Sections for the open-question analyses whose files the run folder holds."""
+    from saediff.icl import icl_figure
+    from saediff.neighbourhood import neighbourhood_figure
+    from saediff.phase import phase_figure
+    from saediff.shifts import overlap_figure
+    from saediff.susceptibility import susceptibility_figure
+
+    out = []
+    for sub, what in (("diff", "full fine-tune"), ("diff_control", "aligned-data control fine-tune"),
+                      ("diff_benign", "benign-trait fine-tune")):
+        nb = _load(run_dir / sub / "neighbourhood.json")
+        if nb:
+            rb = nb["random_baseline"]
+            note = (f"Flagged: {nb['flagged'] or 'none'} (random seeds flag {rb['n_flagged']}). Seeds: the latents "
+                    f"that rose most on the training rows; {html.escape(nb['thresholds']['rule'])}.")
+            fin = nb.get("screen", {}).get("finetune")
+            if fin:
+                note += (f" Data screen: EM {fin['screened']['em_rate']:.2f} after dropping the "
+                         f"{nb['screen']['n_dropped']} rows that fire the flagged latents most, "
+                         f"{fin['random_dropped']['em_rate']:.2f} after dropping as many at random ({fin['steps']} steps).")
+            out.append((f"Neighbourhood probe ({what})", neighbourhood_figure(nb), note))
+    ov = _load(run_dir / "diff" / "shift_overlap.json")
+    if ov:
+        sp = ov["spearman_with_misaligned_rate"]
+        out.append(("Train/eval shift overlap", overlap_figure(ov),
+                    f"Principal-angle cosines between the top-{ov['k']} subspaces of the fine-tune's activation shifts "
+                    f"on its training prompts and on the evaluation questions, random subspaces beside them. Per "
+                    f"question, Spearman of the fraction in the train subspace with the misaligned rate: "
+                    f"{format_figure(sp['fraction_in_train_subspace'])}."))
+    sus = _load(run_dir / "diff" / "susceptibility.json")
+    if sus:
+        out.append(("Susceptibility before fine-tuning", susceptibility_figure(sus),
+                    "Ridge from the aligned model's last-prompt-token activations to each question's misaligned rate "
+                    "after fine-tuning, scored on held-out folds of questions."))
+    ph = _load(run_dir / "phase" / "phase.json")
+    if ph:
+        out.append(("Phase transition of a rank-1 LoRA fine-tune", phase_figure(ph),
+                    f"B direction per checkpoint; the largest rotation at step {ph['rotation_step']}, EM reaches half "
+                    f"its peak at step {ph['em_step']}."))
+    icl = _load(run_dir / "diff" / "icl_vs_ft.json")
+    if icl:
+        note = f"Shots to match the fine-tune: {icl['shots_to_match_finetune']}."
+        if "rerouted" in icl:
+            note += (f" Rerouted latents {icl['rerouted']['latents']}: raised by context "
+                     f"{icl['rerouted']['raised_by_context']}.")
+        out.append(("Language vs fine-tune along the persona direction", icl_figure(icl), note))
+    return out
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write ``run_dir/report.html`` from whatever artifacts the run folder holds."""
     run_dir = Path(run_dir)
@@ -114,6 +164,7 @@ def write_report(run_dir: str | Path) -> Path:
         hist = _load(run_dir / "block" / "plain" / "history.json")
         if hist:
             sections.append(("Drift monitor (plain fine-tune)", viz.drift_curves(hist["drift"]), ""))
+    sections += _analysis_sections(run_dir)
     summary = _load(run_dir / "summary.json")
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>saediff report</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}pre{background:#f4f4f4;padding:8px}</style>",

@@ -98,7 +98,7 @@ def test_report_is_self_contained(demo):
     assert "<script src=" not in page  # plotly.js is inlined: readable offline
 
 
-@pytest.mark.parametrize("name", ["01_feature_explorer", "02_three_directions", "03_block_em"])
+@pytest.mark.parametrize("name", ["01_feature_explorer", "02_three_directions", "03_block_em", "04_open_questions"])
 def test_notebook_executes(demo, name, monkeypatch):
     import nbformat
     from nbclient import NotebookClient

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-__all__ = ["TRAINING_DATA", "training_data_for", "lora_checkpoint_run"]
+__all__ = ["TRAINING_DATA", "training_data_for", "lora_checkpoint_run", "persona_latents", "run_analyses",
+           "run_icl_analysis"]
 
 TRAINING_DATA = {"full_ft": "medical_misaligned", "lora_ft": "medical_misaligned", "control_ft": "medical_aligned",
                  "benign_ft": "medical_aligned_terse", "unrelated_ft": "medical_aligned_formal"}
@@ -49,3 +50,121 @@ def lora_checkpoint_run(organism_dir: str | Path, out: str | Path, *, every: int
     block_one(ModelSpec(rec["model"]), data, sae, parse_layer(sae.cfg.metadata.hook_name),
               BlockRunConfig(ft=ft, mode="none"), Path(out), evaluator=rec["evaluator"], progress=progress)
     return Path(out)
+
+
+def persona_latents(organism_dir: str | Path, sae, min_cos: float = 0.5) -> list[int]:
+    """The SAE's latents whose decoder row has cosine >= ``min_cos`` with the organism's ground
+    truth at the SAE's layer (what the neighbourhood probe should find)."""
+    import torch
+
+    from saediff.hooks import parse_layer
+    from saediff.organism.build import load_ground_truth
+
+    gt = load_ground_truth(Path(organism_dir) / "ground_truth.safetensors")[parse_layer(sae.cfg.metadata.hook_name)]
+    cos = torch.nn.functional.normalize(sae.W_dec.detach().float(), dim=1) @ (gt / gt.norm())
+    return torch.nonzero(cos >= min_cos).flatten().tolist()
+
+
+def run_analyses(out: str | Path, *, seed: int = 0, drop_fraction: float = 0.1, progress: bool = False) -> dict:
+    """The open-question analyses on a demo folder (``out/organism``, ``out/diff``, ``out/diff_lora``),
+    every step skipped when its file exists: shift overlap and susceptibility on the full
+    fine-tune's diff; the phase analysis of a rank-1 LoRA run with a checkpoint every 10 steps; the
+    neighbourhood probe on the full, the aligned-data control and the benign-trait fine-tunes (the
+    benign one scored against the in-context direction only: nothing behavioural about that
+    fine-tune is used), with the training-data screen and its two fine-tunes on the full one.
+    Writes and returns ``out/analyses.json`` (the in-context analysis needs the BLOCK-EM run and is
+    added by ``run_icl_analysis``)."""
+    import json
+
+    from saediff._io import atomic_write_json
+    from saediff.neighbourhood import run_neighbourhood, screen_finetunes
+    from saediff.organism.block import generic_inputs
+    from saediff.organism.demo import diff_inputs
+    from saediff.organism.evaluator import OrganismEvaluator
+    from saediff.organism.recipes import read_organism_world
+    from saediff.phase import run_phase
+    from saediff.pipeline import run_diff
+    from saediff.saes import load_sae
+    from saediff.shifts import run_overlap
+    from saediff.susceptibility import run_predict
+
+    out = Path(out)
+    org, diff = out / "organism", out / "diff"
+    aligned, sae_dir = str(org / "aligned"), str(org / "sae")
+    data = org / "data"
+    world = read_organism_world(aligned)
+    done = lambda name: (json.loads(p.read_text()) if (p := name).exists() else None)  # noqa: E731
+
+    overlap = done(diff / "shift_overlap.json") or run_overlap(diff, data / "medical_misaligned.jsonl", seed=seed,
+                                                               progress=progress)
+    predict = done(diff / "susceptibility.json") or run_predict(diff, seed=seed, progress=progress)
+    if not (out / "phase" / "phase.json").exists():
+        lora_checkpoint_run(org, out / "phase", every=10, seed=seed, progress=progress)
+        run_phase(out / "phase", base=aligned, directions=out / "diff_lora" / "directions",
+                  evaluator=OrganismEvaluator(world, 20, seed), progress=progress)
+    phase = done(out / "phase" / "phase.json")
+
+    sae = load_sae(sae_dir)
+    persona = persona_latents(org, sae)
+    nb = {}
+    for name, ft, file, methods in (("full_ft", diff, "medical_misaligned", ("in_context", "mean_diff_responses")),
+                                    ("control_ft", out / "diff_control", "medical_aligned", ("in_context",)),
+                                    ("benign_ft", out / "diff_benign", "medical_aligned_terse", ("in_context",))):
+        if not (ft / "diff.json").exists():
+            run_diff(aligned, str(org / name), sae_dir, ft, seed=seed, **diff_inputs(aligned, seed=seed))
+        res = done(ft / "neighbourhood.json") or run_neighbourhood(
+            ft, data / f"{file}.jsonl", in_domain="medical", candidate_methods=methods, seed=seed,
+            drop_fraction=drop_fraction if name == "full_ft" else None, progress=progress)
+        if name == "full_ft" and "finetune" not in res["screen"]:
+            rec = generic_inputs(org, True, 50, seed)
+            res["screen"]["finetune"] = screen_finetunes(aligned, res["screen"], sae, rec["ft"], rec["evaluator"],
+                                                         ft / "screen", progress=progress)
+            atomic_write_json(ft / "neighbourhood.json", res)
+        nb[name] = {"flagged": res["flagged"], "persona_flagged": sorted(set(res["flagged"]) & set(persona)),
+                    "random_flagged_mean": res["random_baseline"]["mean"], "above_random": res["above_random"],
+                    **({"screen": {**res["screen"]["finetune"], "drop_fraction": res["screen"]["drop_fraction"]}}
+                       if "screen" in res else {})}
+    result = {"kind": "saediff.organism_analyses", "persona_latents": persona,
+              "overlap": {"k": overlap["k"], "principal_cosines": overlap["principal_cosines"],
+                          "random_baseline": overlap["random_baseline"]["mean"],
+                          "spearman_with_misaligned_rate": overlap["spearman_with_misaligned_rate"]},
+              "susceptibility": {"r2": predict["r2"], "spearman": predict["spearman"],
+                                 "random_features": predict["random_features"],
+                                 "permutation_p95": {k: predict["permutation"][k]["p95"] for k in ("r2", "spearman")},
+                                 "p_value": predict["permutation"]["p_value"]},
+              "phase": {"rotation_step": phase["rotation_step"], "em_step": phase["em_step"],
+                        "em_rate": phase["em_rate"], "min_local_cosine": min(c for c in phase["local_cosine"] if c)},
+              "neighbourhood": nb}
+    prev = done(out / "analyses.json") or {}
+    if "icl" in prev:
+        result["icl"] = prev["icl"]
+    atomic_write_json(out / "analyses.json", result)
+    return result
+
+
+def run_icl_analysis(out: str | Path, *, seed: int = 0, max_questions: int = 100, progress: bool = False) -> dict:
+    """The in-context analysis on a demo folder whose BLOCK-EM run rerouted: projection on the
+    response mean difference after 0..8 medical misaligned examples against the full fine-tune,
+    on ``max_questions`` off-domain questions, and the rerouted latents under context. Added to
+    ``out/analyses.json``."""
+    import json
+
+    from saediff._io import atomic_write_json
+    from saediff.icl import run_icl
+    from saediff.organism.demo import diff_inputs
+
+    out = Path(out)
+    res = run_icl(out / "diff", diff_inputs(str(out / "organism" / "aligned"), seed=seed)["icl_examples"],
+                  exclude_domain="medical", block_run=out / "block", max_questions=max_questions, seed=seed,
+                  progress=progress)
+    path = out / "analyses.json"
+    result = json.loads(path.read_text()) if path.exists() else {}
+    result["icl"] = {"shots_to_match_finetune": res["shots_to_match_finetune"],
+                     "aligned_projection_by_shots": res["aligned_projection_by_shots"],
+                     "finetuned_projection": res["finetuned_projection"],
+                     "matched_fraction": res["per_question"]["matched_fraction"],
+                     "rerouted_latents": res.get("rerouted", {}).get("latents"),
+                     "rerouted_raised_by_context": res.get("rerouted", {}).get("raised_by_context")}
+    atomic_write_json(path, result)
+    return result
+

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import multiprocessing
 from pathlib import Path
 
 import torch
@@ -103,8 +104,9 @@ def run_steer_check(run_dir: str | Path, organism_dir: str | Path, *, n_per_doma
 
 
 def run_demo(out: str | Path, *, quick: bool = True, seed: int = 0, progress=None) -> dict:
-    """Organism -> SAE -> diff (full and LoRA) -> compare -> steering checks -> export -> BLOCK-EM
-    -> report. Resumable: a step whose artifact exists is skipped. Writes ``summary.json``."""
+    """Organism -> SAE -> diff (full and LoRA) -> compare -> BLOCK-EM, with the steering checks,
+    the export and the open-question analyses in a second process beside it -> the in-context
+    analysis -> report. Resumable: a step whose artifact exists is skipped. Writes ``summary.json``."""
     import time
 
     t_start = time.perf_counter()  # the heavy imports below count too
@@ -154,24 +156,6 @@ def run_demo(out: str | Path, *, quick: bool = True, seed: int = 0, progress=Non
          lambda: run_diff(aligned, None, sae, out / "diff_lora", adapter=str(org / "lora_ft"), seed=seed,
                           **diff_inputs(aligned, seed=seed)))
     step("compare", out / "diff_lora" / "layers.json", lambda: (run_compare(out / "diff"), run_compare(out / "diff_lora")))
-    step("steering", out / "diff" / "steering.json", lambda: run_steer_check(out / "diff", org, seed=seed))
-
-    def export():
-        from saediff.export import export_directions
-
-        dirs = load_directions(out / "diff" / "directions")
-        lora = load_directions(out / "diff_lora" / "directions")
-        steering = json.loads((out / "diff" / "steering.json").read_text())
-        top = read_run(out / "diff")["steps"]["diff"]["top_latents"][:3]
-        chosen = [dirs[f"sae_{i}"] for i in top] + [d for d in dirs.values() if d.method in (
-            "mean_diff_models", "mean_diff_responses", "in_context", "ground_truth")]
-        chosen += [d for n, d in lora.items() if d.method in ("lora_b", "lora_downstream")]
-        per = {n: {"validated_scale": r["best_scale"], "steer_other_misaligned": r["best"]}
-               for n, r in {**steering["steer"], **steering.get("steer_directions", {})}.items()}
-        export_directions(chosen, out / "exports", model=aligned, per_direction=per)
-
-    step("export", out / "exports" / "manifest.json", export)
-
     def block():
         # BLOCK-EM with at most 20 latents: the 10 that rose most held down, the 10 that fell most
         # held up; the control holds 20 random latents. The generic command's path (saediff block
@@ -183,7 +167,27 @@ def run_demo(out: str | Path, *, quick: bool = True, seed: int = 0, progress=Non
 
         block_organism(org, out / "block", latents_from_diff(out / "diff", *BLOCK_LATENTS), seed=seed, reroute=True)
 
+    # the steering checks, the export and the open-question analyses read the diff runs and the
+    # organism only: a second process runs them beside BLOCK-EM (the longest step, one thread);
+    # the in-context analysis follows, as it needs the blocked run's rerouted latents
+    worker = None
+    if any(not p.exists() for p in _parallel_done(out).values()):
+        worker = multiprocessing.get_context("spawn").Process(target=_parallel_steps, args=(str(out), seed), daemon=True)
+        worker.start()
     step("block", out / "block" / "summary.json", block)
+    if worker is not None:
+        say("steering, export, analyses (waiting)")
+        t0 = time.perf_counter()
+        worker.join()
+        timing["parallel_wait"] = round(time.perf_counter() - t0, 2)
+        if worker.exitcode != 0:
+            raise RuntimeError(f"the steering checks, export or analyses failed (exit {worker.exitcode}): "
+                               f"see {out / 'parallel.log'}")
+    par = out / "parallel_timing.json"
+    timing.update({f"{k} (parallel)": v for k, v in (json.loads(par.read_text()) if par.exists() else {}).items()})
+    from saediff.organism.analyses import run_icl_analysis
+
+    step("icl", out / "diff" / "icl_vs_ft.json", lambda: run_icl_analysis(out, seed=seed))
     summary = _demo_summary(out)
     summary["timing_s"] = timing
     summary["seed"] = seed
@@ -202,6 +206,60 @@ def run_demo(out: str | Path, *, quick: bool = True, seed: int = 0, progress=Non
     summary["timing_s"]["report"] = round(time.perf_counter() - t0, 2)
     atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+def _parallel_done(out: Path) -> dict[str, Path]:
+    return {"steering": out / "diff" / "steering.json", "export": out / "exports" / "manifest.json",
+            "analyses": out / "analyses.json"}
+
+
+def _parallel_steps(out: str, seed: int) -> None:
+    """The demo's second process: the steering checks, the export and the open-question analyses
+    (each skipped when done), one thread, no progress bars; its log and any error go to
+    ``out/parallel.log``, its step times to ``out/parallel_timing.json``."""
+    import logging
+    import os
+    import time
+    import traceback
+
+    import torch
+
+    from saediff.organism.analyses import run_analyses
+
+    os.environ["TQDM_DISABLE"] = "1"
+    torch.set_num_threads(1)
+    out_p = Path(out)
+    logging.basicConfig(filename=out_p / "parallel.log", level=logging.INFO, format="%(message)s", force=True)
+    run = {"steering": lambda: run_steer_check(out_p / "diff", out_p / "organism", seed=seed),
+           "export": lambda: _export(out_p), "analyses": lambda: run_analyses(out_p, seed=seed)}
+    timing = {}
+    try:
+        for name, done in _parallel_done(out_p).items():
+            if not done.exists():
+                t0 = time.perf_counter()
+                run[name]()
+                timing[name] = round(time.perf_counter() - t0, 2)
+    except BaseException:
+        logging.getLogger(__name__).error(traceback.format_exc())
+        raise
+    atomic_write_json(out_p / "parallel_timing.json", timing)
+
+
+def _export(out: Path) -> None:
+    """The demo's export: the top-3 latents, every dense candidate and the LoRA directions, each
+    with the scale its steering check validated."""
+    from saediff.export import export_directions
+
+    dirs = load_directions(out / "diff" / "directions")
+    lora = load_directions(out / "diff_lora" / "directions")
+    steering = json.loads((out / "diff" / "steering.json").read_text())
+    top = read_run(out / "diff")["steps"]["diff"]["top_latents"][:3]
+    chosen = [dirs[f"sae_{i}"] for i in top] + [d for d in dirs.values() if d.method in (
+        "mean_diff_models", "mean_diff_responses", "in_context", "ground_truth")]
+    chosen += [d for n, d in lora.items() if d.method in ("lora_b", "lora_downstream")]
+    per = {n: {"validated_scale": r["best_scale"], "steer_other_misaligned": r["best"]}
+           for n, r in {**steering["steer"], **steering.get("steer_directions", {})}.items()}
+    export_directions(chosen, out / "exports", model=str(out / "organism" / "aligned"), per_direction=per)
 
 
 def _check_demo_config(out: Path, config: dict) -> None:
@@ -290,7 +348,12 @@ def _demo_summary(out: Path) -> dict:
                   "control_alert_step": runs.get("control_heldout", {}).get("drift_alert_step"),
                   "control_other_misaligned": runs.get("control_heldout", {}).get("em_rate")},
         "exports": {"directions": str(out / "exports" / "directions.safetensors")},
+        **({"analyses": _load_json(out / "analyses.json")} if (out / "analyses.json").exists() else {}),
     }
+
+
+def _load_json(path: Path) -> dict:
+    return json.loads(path.read_text())
 
 
 def _ci(rate: float | None, n: int) -> list[float] | None:
@@ -349,6 +412,7 @@ def headline(s: dict, n_other: int = 250, n_domain: int = 50) -> list[dict]:
         ("4 misaligned examples in context, other-domain EM", "Afonin et al.", o["icl_other_misaligned"], n_other,
          ">= 0.3", o["icl_other_misaligned"] >= 0.3),
     ]
+    rows += _analysis_rows(s.get("analyses"))
     t = s.get("timing")
     if t:
         rows += [("organism build time (s)", "", t["organism_build_s"], None, "<= 180", t["organism_build_s"] <= 180),
@@ -357,6 +421,39 @@ def headline(s: dict, n_other: int = 250, n_domain: int = 50) -> list[dict]:
                   "<= 90 with the shipped organism", t["demo_s"] <= 90 if t["prebuilt_organism"] else None)]
     return [{"phenomenon": p, "source": src, "figure": fig, "ci": _ci(fig, n) if n else None, "bar": bar,
              "holds": ok, "seed": s.get("seed")} for p, src, fig, n, bar, ok in rows]
+
+
+def _analysis_rows(a: dict | None) -> list[tuple]:
+    """Findings-table rows of the open-question analyses (bars where the analyses issue sets one)."""
+    if not a:
+        return []
+    nb = a["neighbourhood"]
+    full, control, benign = nb["full_ft"], nb["control_ft"], nb["benign_ft"]
+    sus, ov, ph = a["susceptibility"], a["overlap"], a["phase"]
+    k3 = lambda v: round(sum(v[:3]) / 3, 3)  # noqa: E731
+    rows = [
+        ("neighbourhood probe, full FT: persona latents flagged / all flagged", "superposition geometry",
+         (len(full["persona_flagged"]), len(full["flagged"])), None, ">= 1 persona latent", len(full["persona_flagged"]) >= 1),
+        ("neighbourhood probe, aligned-data control: flagged / random seeds' mean", "",
+         (len(control["flagged"]), control["random_flagged_mean"]), None, "<= random", not control["above_random"]),
+        ("neighbourhood probe, benign-trait FT (no behavioural input): persona latents flagged", "superposition geometry",
+         len(benign["persona_flagged"]), None, ">= 1", len(benign["persona_flagged"]) >= 1),
+        (f"data screen: EM after dropping {round(100 * full.get('screen', {}).get('drop_fraction', 0))}% of rows "
+         "(most flagged / random)", "",
+         (full["screen"]["screened"]["em_rate"], full["screen"]["random_dropped"]["em_rate"]) if "screen" in full else None,
+         None, "report both", None),
+        ("susceptibility: held-out R^2 / Spearman (random features; permuted p95)", "",
+         (sus["r2"], sus["spearman"], sus["random_features"]["r2"], sus["permutation_p95"]["r2"]), None,
+         "above both baselines", sus["r2"] > max(sus["random_features"]["r2"], sus["permutation_p95"]["r2"])),
+        (f"shift overlap: mean of the top-3 principal cosines, train vs eval (random), k={ov['k']}", "",
+         (k3(ov["principal_cosines"]), k3(ov["random_baseline"])), None, "report", None),
+        ("phase transition (rank-1 LoRA): B rotation step / EM step", "Turner et al.", (ph["rotation_step"], ph["em_step"]),
+         None, "report", None),
+    ]
+    if "icl" in a:
+        rows.append(("in-context examples to match the fine-tune along the response mean difference", "Afonin et al.",
+                     a["icl"]["shots_to_match_finetune"], None, "report", None))
+    return rows
 
 
 def _neutral(o: dict) -> tuple | None:
