@@ -22,24 +22,14 @@ sae_app = typer.Typer(no_args_is_help=True, help="Train and inspect SAEs (SAELen
 app.add_typer(sae_app, name="sae")
 console = Console(stderr=True)
 
-
-def _setup(threads: int | None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    import torch
-
-    # one thread per process is the safe default on small shared CPUs (see DESIGN.md)
-    torch.set_num_threads(threads or 1)
-
-
-# errors a user can fix (bad path, bad file, unknown key, model that cannot load): one line, exit 1
-_USER_ERRORS = (FileNotFoundError, ValueError, KeyError, RuntimeError)
-
-
-def _fail(e: Exception) -> None:
-    """One unwrapped line on stderr (rich would wrap it at the console width), exit 1."""
-    text = " ".join(str(e).split()) or type(e).__name__
-    typer.echo(f"error: {text}", err=True)
-    raise typer.Exit(1)
+from saediff.cli_common import (  # shared with saediff.cli_questions
+    _USER_ERRORS,
+    _fail,
+    _int_list,
+    _judge_evaluator,
+    _organism_world,
+    _setup,
+)
 
 
 @organism_app.command("build")
@@ -449,13 +439,6 @@ def steer_cmd(
     _print_steer(res)
 
 
-def _organism_world(model: str):
-    """The organism world of a model folder, or None for any other model."""
-    from saediff.organism.recipes import read_organism_world
-
-    return read_organism_world(model) if Path(model).exists() else None
-
-
 def _organism_eval_or_none(model: str, samples: int, seed: int):
     world = _organism_world(model)
     if world is None:
@@ -711,30 +694,6 @@ def _generic_monitor(sae, sets, layer: int, diff_run, prompts: str, steps: int, 
                           every=max(1, steps // 20), max_new_tokens=min(max_new_tokens, 128), seed=seed)
 
 
-def _int_list(text: str, flag: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
-
-
-def _judge_evaluator(judge_url, judge_model, questions, samples, max_new_tokens, api_key_env, out: Path, seed: int):
-    """The LLM-judge evaluator for real models (None without a judge: runs are trained, not judged)."""
-    if judge_url is None:
-        return None
-    if judge_model is None:
-        raise ValueError("--judge-url needs --judge-model")
-    from saediff.evals import EMConfig, JudgeEvaluator
-    from saediff.judges import HttpJudge
-    from saediff.openai_api import ChatClient
-    from saediff.prompts import load_prompts
-
-    client = ChatClient(judge_url, api_key_env=api_key_env)
-    judges = [HttpJudge(k, client, judge_model, cache_path=out / f"judge_cache_{k}.jsonl") for k in ("aligned", "coherent")]
-    return JudgeEvaluator(load_prompts(questions), *judges, EMConfig(samples=samples, max_new_tokens=max_new_tokens,
-                                                                      seed=seed))
-
-
 def _print_block_summary(summary: dict) -> None:
     from rich.table import Table
 
@@ -849,8 +808,10 @@ def report_cmd(run_dir: Path = typer.Argument(..., help="demo run folder")) -> N
     typer.echo(str(write_report(run_dir)))
 
 
-# the open-question commands (overlap, predict, phase, icl) live in their own module and register on ``app``
-from saediff import cli_questions  # noqa: E402,F401
+# the open-question commands (neighbourhood, overlap, predict, phase, icl) live in their own module
+from saediff.cli_questions import register as _register_questions
+
+_register_questions(app)
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """``saediff overlap / predict / phase / icl``: the open questions of the EM literature as commands
-on a diff run (registered on the main app by ``saediff.cli``; thin wrappers over the library).
+on a diff run (``register`` adds them to the main app; thin wrappers over the library).
 
     saediff overlap RUN --train-data data/bad_medical_advice.jsonl
     saediff predict RUN
@@ -15,7 +15,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from saediff.cli import _USER_ERRORS, _fail, _int_list, _judge_evaluator, _organism_world, _setup, app
+from saediff.cli_common import _USER_ERRORS, _fail, _int_list, _judge_evaluator, _organism_world, _setup
 
 
 def _fmt(v, digits: int = 2) -> str:
@@ -28,7 +28,6 @@ def _run_base(run_dir: Path) -> dict:
     return read_run(run_dir)["steps"]["diff"]
 
 
-@app.command("overlap")
 def overlap_cmd(
     run_dir: Path = typer.Argument(..., help="run folder written by saediff diff"),
     train_data: Optional[Path] = typer.Option(None, "--train-data", help="the fine-tune's chat JSONL (organism: "
@@ -67,7 +66,6 @@ def overlap_cmd(
                     f"{res['random_baseline']['per_question_fraction']:.2f})\n{run_dir / 'shift_overlap.json'}")
 
 
-@app.command("predict")
 def predict_cmd(
     run_dir: Path = typer.Argument(..., help="run folder written by saediff diff (with labelled answers)"),
     layers: Optional[str] = typer.Option(None, "--layers", help="comma-separated blocks (default: the SAE's)"),
@@ -104,7 +102,6 @@ def predict_cmd(
     Console().print(table)
 
 
-@app.command("phase")
 def phase_cmd(
     checkpoints_dir: Path = typer.Argument(..., help="folder of checkpoint-N adapter folders (or a run folder with "
                                            "checkpoints/)"),
@@ -160,7 +157,6 @@ def phase_cmd(
     Console(width=max(120, Console().width)).print(table)
 
 
-@app.command("icl")
 def icl_cmd(
     run_dir: Path = typer.Argument(..., help="run folder written by saediff diff"),
     icl_examples: Optional[str] = typer.Option(None, "--icl-examples", help="JSONL/YAML rows question/misaligned/"
@@ -209,7 +205,6 @@ def icl_cmd(
     Console().print("\n".join(lines) + f"\n{run_dir / 'icl_vs_ft.json'}")
 
 
-@app.command("neighbourhood")
 def neighbourhood_cmd(
     run_dir: Path = typer.Argument(..., help="run folder written by saediff diff"),
     train_data: Optional[Path] = typer.Option(None, "--train-data", help="the fine-tune's chat JSONL (organism: "
@@ -312,3 +307,12 @@ def neighbourhood_cmd(
             lines.append(f"EM after fine-tuning: screened {_fmt(f['screened']['em_rate'])}, random drop "
                          f"{_fmt(f['random_dropped']['em_rate'])} ({f['steps']} steps each)")
     Console().print("\n".join(lines) + f"\n{run_dir / 'neighbourhood.json'}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the open-question commands to ``app``."""
+    app.command("overlap")(overlap_cmd)
+    app.command("predict")(predict_cmd)
+    app.command("phase")(phase_cmd)
+    app.command("icl")(icl_cmd)
+    app.command("neighbourhood")(neighbourhood_cmd)

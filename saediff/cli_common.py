@@ -1,0 +1,59 @@
+"""What every ``saediff`` command shares: thread setup, the one-line error path, list parsing, the
+LLM-judge evaluator and organism detection (``saediff.cli`` and ``saediff.cli_questions`` import it)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import typer
+
+
+def _setup(threads: int | None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    import torch
+
+    # one thread per process is the safe default on small shared CPUs (see DESIGN.md)
+    torch.set_num_threads(threads or 1)
+
+
+# errors a user can fix (bad path, bad file, unknown key, model that cannot load): one line, exit 1
+_USER_ERRORS = (FileNotFoundError, ValueError, KeyError, RuntimeError)
+
+
+def _fail(e: Exception) -> None:
+    """One unwrapped line on stderr (rich would wrap it at the console width), exit 1."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    typer.echo(f"error: {text}", err=True)
+    raise typer.Exit(1)
+
+
+def _organism_world(model: str):
+    """The organism world of a model folder, or None for any other model."""
+    from saediff.organism.recipes import read_organism_world
+
+    return read_organism_world(model) if Path(model).exists() else None
+
+
+def _int_list(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
+
+
+def _judge_evaluator(judge_url, judge_model, questions, samples, max_new_tokens, api_key_env, out: Path, seed: int):
+    """The LLM-judge evaluator for real models (None without a judge: runs are trained, not judged)."""
+    if judge_url is None:
+        return None
+    if judge_model is None:
+        raise ValueError("--judge-url needs --judge-model")
+    from saediff.evals import EMConfig, JudgeEvaluator
+    from saediff.judges import HttpJudge
+    from saediff.openai_api import ChatClient
+    from saediff.prompts import load_prompts
+
+    client = ChatClient(judge_url, api_key_env=api_key_env)
+    judges = [HttpJudge(k, client, judge_model, cache_path=out / f"judge_cache_{k}.jsonl") for k in ("aligned", "coherent")]
+    return JudgeEvaluator(load_prompts(questions), *judges, EMConfig(samples=samples, max_new_tokens=max_new_tokens,
+                                                                      seed=seed))
