@@ -78,6 +78,31 @@ def test_blocked_em_reemerges_when_trained_longer(demo):
     assert s["blocking"]["reroute"]["reemergence"] >= 0.1
 
 
+def test_open_question_analyses(demo):
+    """Seed 0's open-question analyses (figures measured here in brackets), run by the demo in its
+    second process, and their report sections."""
+    out, s = demo
+    a = s["analyses"]
+    nb = a["neighbourhood"]
+    assert nb["full_ft"]["persona_flagged"]  # [319] of flagged [364, 319]
+    assert not nb["control_ft"]["above_random"]  # 0 flagged, random seeds 0
+    assert nb["benign_ft"]["persona_flagged"]  # [47]: from activations only, no behavioural measurement
+    screen = nb["full_ft"]["screen"]
+    assert screen["steps"] == 300 and screen["screened"]["em_rate"] is not None  # 0.31 vs random drop 0.34
+    sus = a["susceptibility"]
+    assert sus["r2"] > max(sus["random_features"]["r2"], sus["permutation_p95"]["r2"]) + 0.1  # 0.24 vs -0.00
+    assert sus["spearman"] > 0.3  # 0.44
+    ov = a["overlap"]
+    assert ov["principal_cosines"][0] > ov["random_baseline"][0] + 0.2  # 1.0 vs 0.59
+    ph = a["phase"]
+    assert ph["rotation_step"] % 10 == 0 and ph["em_step"] is not None  # 20, 70
+    assert 1 <= a["icl"]["shots_to_match_finetune"] <= 8  # 1
+    page = (out / "report.html").read_text()
+    for title in ("Neighbourhood probe (full fine-tune)", "Susceptibility before fine-tuning", "Train/eval shift overlap",
+                  "Phase transition of a rank-1 LoRA fine-tune", "Language vs fine-tune along the persona direction"):
+        assert title in page
+
+
 def test_demo_resumes_without_redoing_steps(demo):
     from saediff.organism.demo import run_demo
 

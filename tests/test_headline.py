@@ -116,3 +116,47 @@ def test_report_leads_with_findings(tmp_path):
 def test_a_bad_seed_list_is_one_line(tmp_path):
     r = CliRunner().invoke(app, ["demo", "--seeds", "1,,2", "--out", str(tmp_path)])
     assert r.exit_code == 1 and r.output.strip().count("\n") == 0 and "--seeds" in r.output
+
+
+def _analyses() -> dict:
+    """The open-question analyses of a summary: seed 0's figures."""
+    return {"neighbourhood": {"full_ft": {"flagged": [364, 319], "persona_flagged": [319], "random_flagged_mean": 1.0,
+                                          "above_random": True,
+                                          "screen": {"screened": {"em_rate": 0.308}, "random_dropped": {"em_rate": 0.336},
+                                                     "drop_fraction": 0.1}},
+                              "control_ft": {"flagged": [], "persona_flagged": [], "random_flagged_mean": 0.0,
+                                             "above_random": False},
+                              "benign_ft": {"flagged": [47], "persona_flagged": [47], "random_flagged_mean": 0.8,
+                                            "above_random": True}},
+            "susceptibility": {"r2": 0.243, "spearman": 0.436, "random_features": {"r2": -0.004, "spearman": -0.06},
+                               "permutation_p95": {"r2": -0.001, "spearman": 0.04}, "p_value": 0.02},
+            "overlap": {"k": 8, "principal_cosines": [1.0, 0.997, 0.982, 0.93], "random_baseline": [0.59, 0.5, 0.41, 0.33]},
+            "phase": {"rotation_step": 20, "em_step": 70},
+            "icl": {"shots_to_match_finetune": 1}}
+
+
+def test_analysis_rows_hold_or_not():
+    s = {**_summary(), "analyses": _analyses()}
+    rows = {r["phenomenon"]: r for r in headline(s)}
+    nb = rows["neighbourhood probe, full FT: persona latents flagged / all flagged"]
+    assert nb["figure"] == (1, 2) and nb["holds"] is True
+    ctl = rows["neighbourhood probe, aligned-data control: flagged / random seeds' mean"]
+    assert ctl["figure"] == (0, 0.0) and ctl["holds"] is True
+    assert rows["neighbourhood probe, benign-trait FT (no behavioural input): persona latents flagged"]["holds"] is True
+    screen = rows["data screen: EM after dropping 10% of rows (most flagged / random)"]
+    assert screen["figure"] == (0.308, 0.336) and screen["holds"] is None
+    sus = rows["susceptibility: held-out R^2 / Spearman (random features; permuted p95)"]
+    assert sus["holds"] is True
+    ov = rows["shift overlap: mean of the top-3 principal cosines, train vs eval (random), k=8"]
+    assert ov["figure"] == (pytest.approx(0.993), pytest.approx(0.5))
+    assert rows["phase transition (rank-1 LoRA): B rotation step / EM step"]["figure"] == (20, 70)
+    assert rows["in-context examples to match the fine-tune along the response mean difference"]["figure"] == 1
+    # the verdicts turn with the figures
+    s["analyses"]["neighbourhood"]["control_ft"]["above_random"] = True
+    s["analyses"]["neighbourhood"]["full_ft"]["persona_flagged"] = []
+    s["analyses"]["susceptibility"]["r2"] = -0.002
+    rows = {r["phenomenon"]: r for r in headline(s)}
+    assert rows["neighbourhood probe, aligned-data control: flagged / random seeds' mean"]["holds"] is False
+    assert rows["neighbourhood probe, full FT: persona latents flagged / all flagged"]["holds"] is False
+    assert rows["susceptibility: held-out R^2 / Spearman (random features; permuted p95)"]["holds"] is False
+    assert not any(r["phenomenon"].startswith("neighbourhood") for r in headline(_summary()))  # no analyses, no rows
