@@ -519,12 +519,17 @@ def export_cmd(
     run_dir: Path = typer.Argument(..., help="run folder written by saediff diff"),
     out: Path = typer.Option(..., "--out", help="export folder (directions.safetensors + manifest.json)"),
     top: int = typer.Option(3, "--top", help="SAE latents to export (by the run's ranking)"),
+    formats: str = typer.Option("saediff", "--format", help="comma-separated: saediff (always written), gguf "
+                                "(llama.cpp control vectors, OUT/gguf/), steering-vectors (OUT/steering_vectors/)"),
 ) -> None:
-    """Export the top SAE latents and every non-SAE direction, steering-ready."""
-    from saediff.export import export_directions, load_directions
+    """Export the top SAE latents and every non-SAE direction, steering-ready (also as llama.cpp control vectors or steering-vectors)."""
+    from saediff.export import FORMATS, export_directions, export_gguf, export_steering_vectors, load_directions
     from saediff.pipeline import read_run
 
     try:
+        wanted = {f.strip() for f in formats.split(",") if f.strip()}
+        if not wanted <= set(FORMATS):
+            raise ValueError(f"--format takes {', '.join(FORMATS)}, got {', '.join(sorted(wanted - set(FORMATS)))}")
         run = read_run(run_dir)
         dirs = load_directions(run_dir / "directions")
         keep_sae = {f"sae_{i}" for i in run["steps"]["diff"]["top_latents"][:top]}
@@ -539,10 +544,31 @@ def export_cmd(
             per.setdefault(entry["name"], {}).update({k: entry[k] for k in ("rank", "score") if k in entry})
         cos_path = run_dir / "cosines.json"
         extra = {"run": str(run_dir), "cosines": json.loads(cos_path.read_text()) if cos_path.exists() else None}
-        export_directions(chosen, out, model=manifest.get("model", ""), per_direction=per, extra=extra)
+        files: dict[str, list[str]] = {}
+        if "gguf" in wanted:
+            scales = {n: p.get("validated_scale") for n, p in per.items()}
+            files["gguf"] = [str(p) for p in export_gguf(chosen, out / "gguf", _model_type(manifest.get("model", "")),
+                                                         scales=scales).values()]
+        if "steering-vectors" in wanted:
+            files["steering-vectors"] = [str(p) for p in export_steering_vectors(chosen, out / "steering_vectors").values()]
+        export_directions(chosen, out, model=manifest.get("model", ""), per_direction=per, extra={**extra, "files": files})
     except _USER_ERRORS as e:
         _fail(e)
-    typer.echo(json.dumps({"out": str(out), "directions": [d.name for d in chosen]}))
+    typer.echo(json.dumps({"out": str(out), "directions": [d.name for d in chosen], "files": files}))
+
+
+def _model_type(model: str) -> str:
+    """``config.json``'s model_type of a local model folder (llama.cpp's model hint), else the hub
+    config's when cached, else empty."""
+    cfg = Path(model) / "config.json"
+    if cfg.exists():
+        return json.loads(cfg.read_text()).get("model_type", "")
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(model).model_type
+    except (OSError, ValueError):
+        return ""
 
 
 @app.command("block")

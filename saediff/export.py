@@ -2,17 +2,22 @@
 
 Each direction is stored twice: ``<name>`` (unnormalised) and ``<name>.unit`` (unit vector, for
 steering); the manifest records hook, method, norm, provenance, score/rank and the scale that was
-validated for steering, if any.
+validated for steering, if any. For deployment the same directions go out as llama.cpp control
+vectors (GGUF, the layout repeng writes) and as files that load as ``steering_vectors.SteeringVector``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from saediff.directions import Direction
 
-__all__ = ["export_directions", "load_directions"]
+__all__ = ["export_directions", "load_directions", "FORMATS", "export_gguf", "read_gguf_control_vector",
+           "export_steering_vectors", "load_steering_vector"]
+
+log = logging.getLogger(__name__)
 
 
 def export_directions(directions: list[Direction], out: str | Path, *, model: str = "", extra: dict | None = None,
@@ -58,3 +63,113 @@ def load_directions(path: str | Path) -> dict[str, Direction]:
             raise ValueError(f"{wpath}: manifest lists {name!r} but the file has no such tensor")
         out[name] = Direction(name, tensors[name], entry["hook"], entry["method"], entry.get("provenance", {}))
     return out
+
+
+# ---- formats used where directions steer or monitor a deployed model ----------------------------
+
+FORMATS = ("saediff", "gguf", "steering-vectors")
+"""``saediff``: directions.safetensors + manifest.json; ``gguf``: llama.cpp control vectors;
+``steering-vectors``: files that load as a ``steering_vectors.SteeringVector``"""
+
+
+def _layer(d: Direction) -> int:
+    from saediff.hooks import parse_layer
+
+    return parse_layer(d.hook)
+
+
+def export_gguf(directions: list[Direction], out: str | Path, model_hint: str, *,
+                scales: dict[str, float] | None = None) -> dict[str, Path]:
+    """One llama.cpp control vector per direction, ``out/NAME.gguf``, in the layout repeng writes
+    (architecture ``controlvector``, ``controlvector.model_hint``, ``controlvector.layer_count``,
+    one float32 tensor ``direction.L``). llama.cpp adds ``direction.L`` to the output of block L
+    (``blocks.L.hook_resid_post``), so the unit vector is stored at its own block index; block 0 is
+    never steered by llama.cpp and is skipped. The vector is the unit direction; the scale its
+    steering check validated (if any) goes into ``saediff.validated_scale`` for
+    ``--control-vector-scaled FILE SCALE``. Written through a temp file, then renamed."""
+    import os
+    import tempfile
+
+    import gguf
+    import numpy as np
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for d in directions:
+        L = _layer(d)
+        if L < 1:
+            log.warning("%s sits at block 0, which llama.cpp control vectors never steer: skipped", d.name)
+            continue
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{d.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            w = gguf.GGUFWriter(tmp, "controlvector")
+            w.add_string("controlvector.model_hint", model_hint)
+            w.add_uint32("controlvector.layer_count", 1)
+            w.add_string("saediff.name", d.name)
+            w.add_string("saediff.method", d.method)
+            w.add_string("saediff.hook", d.hook)
+            w.add_float32("saediff.norm", d.norm)
+            if scales and scales.get(d.name) is not None:
+                w.add_float32("saediff.validated_scale", float(scales[d.name]))
+            w.add_tensor(f"direction.{L}", d.unit().float().numpy().astype(np.float32))
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+            w.close()
+            os.replace(tmp, out / f"{d.name}.gguf")
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        written[d.name] = out / f"{d.name}.gguf"
+    if not written:
+        raise ValueError("no direction to write as a llama.cpp control vector (all at block 0)")
+    return written
+
+
+def read_gguf_control_vector(path: str | Path) -> tuple[str, dict[int, "np.ndarray"]]:
+    """``(model_hint, {block: vector})`` of a llama.cpp control vector file, read with gguf's reader."""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(str(path))
+    arch = reader.get_field("general.architecture")
+    if arch is None or arch.contents() != "controlvector":
+        raise ValueError(f"{path}: not a llama.cpp control vector (general.architecture is not controlvector)")
+    hint = reader.get_field("controlvector.model_hint")
+    vectors = {int(t.name.split(".", 1)[1]): np.asarray(t.data, dtype=np.float32).reshape(-1).copy()
+               for t in reader.tensors if t.name.startswith("direction.")}
+    return (hint.contents() if hint is not None else ""), vectors
+
+
+def export_steering_vectors(directions: list[Direction], out: str | Path) -> dict[str, Path]:
+    """One file per direction, ``out/NAME.safetensors``: tensor ``layer.L`` (the unit direction) with
+    metadata ``layer_type = decoder_block``, which ``load_steering_vector`` turns into a
+    ``steering_vectors.SteeringVector`` that adds it to the output of decoder block L
+    (``blocks.L.hook_resid_post``)."""
+    from saediff._io import atomic_save_safetensors
+
+    out = Path(out)
+    written = {}
+    for d in directions:
+        path = out / f"{d.name}.safetensors"
+        atomic_save_safetensors({f"layer.{_layer(d)}": d.unit().float().contiguous()}, path,
+                                metadata={"kind": "saediff.steering_vector", "layer_type": "decoder_block",
+                                          "name": d.name, "method": d.method, "hook": d.hook, "norm": repr(d.norm)})
+        written[d.name] = path
+    return written
+
+
+def load_steering_vector(path: str | Path, multiplier: float = 1.0):
+    """A ``steering_vectors.SteeringVector`` from a file of ``export_steering_vectors`` (the library:
+    ``pip install --no-deps steering-vectors``; its metadata pins transformers < 5, it runs on 5)."""
+    from safetensors import safe_open
+    from steering_vectors import SteeringVector
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("kind") != "saediff.steering_vector":
+            raise ValueError(f"{path}: not a saediff steering-vector file")
+        acts = {int(k.split(".", 1)[1]): f.get_tensor(k) * multiplier for k in f.keys()}
+    return SteeringVector(layer_activations=acts, layer_type=meta.get("layer_type", "decoder_block"))

@@ -1,0 +1,106 @@
+"""Directions where they are used at inference: llama.cpp control vectors (GGUF, read back with
+gguf's reader) and steering-vectors ``SteeringVector`` objects (applied by that library to a tiny
+Qwen2 and checked against saediff's own steering at the same block)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from saediff.cli import app
+from saediff.directions import Direction
+
+
+def _dirs() -> list[Direction]:
+    g = torch.Generator().manual_seed(0)
+    return [Direction("a_L1", 3 * torch.randn(32, generator=g), "blocks.1.hook_resid_post", "mean_diff_models"),
+            Direction("b_L2", torch.randn(32, generator=g), "blocks.2.hook_resid_post", "sae_latent"),
+            Direction("c_L0", torch.randn(32, generator=g), "blocks.0.hook_resid_post", "in_context")]
+
+
+def test_gguf_control_vectors_read_back_with_gguf(tmp_path):
+    """Each direction becomes direction.L (its own block) as the unit vector, model hint and the
+    validated scale in the metadata; block 0 (never steered by llama.cpp) is skipped."""
+    import gguf
+
+    from saediff.export import export_gguf, read_gguf_control_vector
+
+    dirs = _dirs()
+    files = export_gguf(dirs, tmp_path, "qwen2", scales={"a_L1": 4.0})
+    assert set(files) == {"a_L1", "b_L2"}
+    for d in dirs[:2]:
+        hint, vecs = read_gguf_control_vector(files[d.name])
+        L = int(d.hook.split(".")[1])
+        assert hint == "qwen2" and list(vecs) == [L]
+        np.testing.assert_allclose(vecs[L], d.unit().numpy(), atol=1e-7)
+    reader = gguf.GGUFReader(str(files["a_L1"]))
+    assert reader.get_field("general.architecture").contents() == "controlvector"
+    assert reader.get_field("controlvector.layer_count").contents() == 1
+    assert reader.get_field("saediff.validated_scale").contents() == pytest.approx(4.0)
+    assert reader.get_field("saediff.hook").contents() == "blocks.1.hook_resid_post"
+    assert not list(tmp_path.glob(".*.tmp"))  # temp files renamed or removed
+    with pytest.raises(ValueError, match="block 0"):
+        export_gguf(dirs[2:], tmp_path / "none", "qwen2")
+    (tmp_path / "x.gguf").write_bytes(b"")
+    with pytest.raises(Exception):
+        read_gguf_control_vector(tmp_path / "x.gguf")
+
+
+def test_steering_vector_applies_at_the_same_block(tiny_qwen, tmp_path):
+    """steering-vectors applies the exported vector at decoder block L exactly where
+    saediff.steering.add_direction does (blocks.L.hook_resid_post): same logits."""
+    pytest.importorskip("steering_vectors")  # pip install --no-deps steering-vectors (.ci/run does)
+    from steering_vectors import SteeringVector
+
+    from saediff.export import export_steering_vectors, load_steering_vector
+    from saediff.models import load_model
+    from saediff.steering import add_direction
+
+    lm = load_model(str(tiny_qwen / "model"))
+    d = _dirs()[0]
+    path = export_steering_vectors([d], tmp_path)["a_L1"]
+    sv = load_steering_vector(path, multiplier=1.0)
+    assert isinstance(sv, SteeringVector) and sv.layer_type == "decoder_block" and list(sv.layer_activations) == [1]
+    torch.testing.assert_close(sv.layer_activations[1], d.unit())
+    ids = lm.tokenizer("Hello, how can I help you today?", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        plain = lm.model(ids).logits
+        with sv.apply(lm.model, multiplier=2.5):
+            theirs = lm.model(ids).logits
+        with add_direction(lm.model, 1, d.unit(), 2.5):
+            ours = lm.model(ids).logits
+    assert (theirs - plain).abs().max() > 1e-3  # it does something
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+    bad = tmp_path / "bad.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(2)}, str(bad))
+    with pytest.raises(ValueError, match="not a saediff steering-vector file"):
+        load_steering_vector(bad)
+
+
+def test_export_cli_writes_every_format(tiny_qwen, tmp_path):
+    from helpers import make_random_sae
+
+    from saediff.pipeline import run_diff
+
+    make_random_sae(tmp_path / "sae", 32, "blocks.1.hook_resid_post")
+    run_diff(str(tiny_qwen / "model"), None, str(tmp_path / "sae"), tmp_path / "run", adapter=str(tiny_qwen / "lora"),
+             prompts="first_plot", max_new_tokens=3)
+    r = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "exp"), "--top", "2",
+                                 "--format", "saediff,gguf,steering-vectors"])
+    assert r.exit_code == 0, r.output
+    files = json.loads(r.output.strip().splitlines()[-1])["files"]
+    assert len(files["gguf"]) >= 3 and all(p.endswith(".gguf") for p in files["gguf"])  # sae_* and the L1 directions
+    assert len(files["steering-vectors"]) >= len(files["gguf"])  # block 0 too
+    manifest = json.loads((tmp_path / "exp" / "manifest.json").read_text())
+    assert manifest["files"] == files
+    from saediff.export import read_gguf_control_vector
+
+    assert read_gguf_control_vector(files["gguf"][0])[0] == "qwen2"
+    r = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "e2"), "--format", "onnx"])
+    assert r.exit_code == 1 and "--format takes saediff, gguf, steering-vectors, got onnx" in r.output
