@@ -1,10 +1,13 @@
-"""``saediff overlap / predict / phase / icl``: the open questions of the EM literature as commands
-on a diff run (``register`` adds them to the main app; thin wrappers over the library).
+"""``saediff neighbourhood / overlap / predict / phase / icl / dashboard``: the open questions of
+the EM literature as commands on a diff run (``register`` adds them to the main app; thin wrappers
+over the library).
 
+    saediff neighbourhood RUN --train-data data/bad_medical_advice.jsonl --drop-fraction 0.1
     saediff overlap RUN --train-data data/bad_medical_advice.jsonl
     saediff predict RUN
     saediff phase RUNS/plain --directions RUN/directions --judge-url URL --judge-model M
     saediff icl RUN --icl-examples data/contrast.jsonl
+    saediff dashboard RUN
 """
 
 from __future__ import annotations
@@ -309,6 +312,25 @@ def neighbourhood_cmd(
     Console().print("\n".join(lines) + f"\n{run_dir / 'neighbourhood.json'}")
 
 
+
+def dashboard_cmd(
+    run_dir: Path = typer.Argument(..., help="run folder written by saediff diff"),
+    out: Optional[Path] = typer.Option(None, "--out", help="HTML file (default: RUN/dashboard.html)"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+) -> None:
+    """Feature dashboards: one self-contained HTML page with a Neuronpedia-style card per latent the diff carded, both models side by side.
+
+    Top activations with context in the base and the fine-tuned model, activation histograms before
+    and after, logit effects, decoder neighbours, cosines with the dense candidates."""
+    _setup(threads)
+    from saediff.dashboard import write_dashboard
+
+    try:
+        path = write_dashboard(run_dir, out)
+    except _USER_ERRORS as e:
+        _fail(e)
+    Console().print(str(path))
+
 def register(app: typer.Typer) -> None:
     """Add the open-question commands to ``app``."""
     app.command("overlap")(overlap_cmd)
@@ -316,3 +338,4 @@ def register(app: typer.Typer) -> None:
     app.command("phase")(phase_cmd)
     app.command("icl")(icl_cmd)
     app.command("neighbourhood")(neighbourhood_cmd)
+    app.command("dashboard")(dashboard_cmd)

@@ -104,3 +104,67 @@ def test_export_cli_writes_every_format(tiny_qwen, tmp_path):
     assert read_gguf_control_vector(files["gguf"][0])[0] == "qwen2"
     r = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "e2"), "--format", "onnx"])
     assert r.exit_code == 1 and "--format takes saediff, gguf, steering-vectors, got onnx" in r.output
+
+
+# ---------------------------------------------------------------- dashboards and the explorer
+
+
+def test_logit_effects_and_unembedding_exact(tiny_qwen):
+    """Logit effects are direction @ W_U on hand-set weights; the model's W_U folds in the final
+    RMSNorm weight (lm_head.T scaled per residual dimension)."""
+    from saediff.dashboard import logit_effects, unembedding
+    from saediff.models import load_model
+
+    class Tok:
+        def decode(self, ids):
+            return "abcd"[ids[0]]
+
+    W_U = torch.tensor([[1.0, 0.0, -1.0, 2.0], [0.0, 3.0, 0.0, -2.0]])  # (d=2, vocab=4)
+    eff = logit_effects(torch.tensor([1.0, 1.0]), W_U, Tok(), k=2)  # logits [1, 3, -1, 0]
+    assert eff["promoted"] == [("b", 3.0), ("a", 1.0)] and eff["suppressed"] == [("c", -1.0), ("d", 0.0)]
+    lm = load_model(str(tiny_qwen / "model"))
+    with torch.no_grad():
+        lm.model.model.norm.weight.copy_(torch.linspace(0.5, 2.0, 32))
+    expected = lm.model.lm_head.weight.T * torch.linspace(0.5, 2.0, 32)[:, None]
+    torch.testing.assert_close(unembedding(lm.model), expected)
+
+
+def test_dashboard_and_explorer_on_a_tiny_real_model(tiny_qwen, tmp_path):
+    """saediff dashboard RUN: one page, a section per carded latent with both models' top
+    activations, a histogram, logit effects, neighbours; the explorer steers the base model (the
+    answers change with the latent added) and its widget's button fills the answers."""
+    from helpers import make_random_sae
+
+    from saediff.explorer import LatentExplorer
+    from saediff.pipeline import run_diff
+
+    make_random_sae(tmp_path / "sae", 32, "blocks.1.hook_resid_post")
+    run_diff(str(tiny_qwen / "model"), None, str(tmp_path / "sae"), tmp_path / "run", adapter=str(tiny_qwen / "lora"),
+             prompts="first_plot", max_new_tokens=4, top_n=4)
+    r = CliRunner().invoke(app, ["dashboard", str(tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    page = (tmp_path / "run" / "dashboard.html").read_text()
+    cards = json.loads((tmp_path / "run" / "cards.json").read_text())["cards"]
+    assert len(cards) == 7  # top 4 and bottom 3
+    for c in cards:
+        assert f"id='latent-{c['latent']}'" in page
+    assert page.count("top activations, fine-tuned model") == 7 and page.count("logit effects") == 7
+    assert "<script src=" not in page and page.count("Plotly.newPlot") == 7  # self-contained
+
+    ex = LatentExplorer(tmp_path / "run", n_questions=3, max_new_tokens=4,
+                        labeller=lambda ps: [len(p.response) % 2 == 0 for p in ps])
+    assert [row["latent"] for row in ex.table(4)] == json.loads((tmp_path / "run" / "run.json").read_text())[
+        "steps"]["diff"]["top_latents"][:4]
+    latent = ex.table(1)[0]["latent"]
+    res = ex.steer(latent, scale=5.0)
+    assert len(res["answers"]) == 3 and res["added_norm"] == pytest.approx(5.0 * ex.resid_norm)
+    assert any(a["before"] != a["after"] for a in res["answers"])  # a 5x-norm push changes the answers
+    assert res["misaligned_before"] is not None and 0 <= res["misaligned_after"] <= 1
+    assert f"id='latent-{latent}'" in ex.card_html(latent)
+    pytest.importorskip("ipywidgets")
+    ex.widget(n_latents=4)
+    ex._widgets["scale"].value = 5.0
+    ex._widgets["button"].click()
+    assert "steered" in ex._widgets["answers"].value
+    with pytest.raises(ValueError, match="out of range"):
+        ex.steer(10_000, 1.0)
