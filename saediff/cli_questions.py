@@ -227,6 +227,8 @@ def neighbourhood_cmd(
                                                   "share of rows that fire the flagged latents most"),
     finetune: bool = typer.Option(False, "--finetune", help="with --drop-fraction: fine-tune on the screened and on "
                                   "the randomly thinned data and compare EM"),
+    steer: bool = typer.Option(False, "--steer", help="steering check of the flagged latents: EM of the base model "
+                               "steered along each (judge, or the organism's exact one)"),
     full: bool = typer.Option(False, "--full", help="--finetune: full fine-tune instead of LoRA"),
     lora_rank: int = typer.Option(1, "--lora-rank"),
     lora_layers: Optional[str] = typer.Option(None, "--lora-layers", help="comma-separated blocks (default: all)"),
@@ -268,15 +270,24 @@ def neighbourhood_cmd(
             in_domain = in_domain or "medical"
         if finetune and drop_fraction is None:
             raise ValueError("--finetune compares screened data with random dropping: give --drop-fraction")
+        evaluator = None
+        if finetune or steer:
+            evaluator = _judge_evaluator(judge_url, judge_model, questions, samples, max_new_tokens, api_key_env,
+                                         run_dir / "screen", seed)
+            if evaluator is None and organism:
+                from saediff.organism.evaluator import OrganismEvaluator
+
+                evaluator = OrganismEvaluator(_organism_world(info["base"]), samples, seed)
+            if evaluator is None:
+                raise ValueError("--finetune and --steer measure EM: give --judge-url and --judge-model")
         res = run_neighbourhood(run_dir, train_data, in_domain=in_domain, n_train=n_train, n_seeds=n_seeds,
                                 n_neighbours=n_neighbours, n_random=n_random, candidates=candidates,
-                                candidate_methods=tuple(methods.split(",")), drop_fraction=drop_fraction, seed=seed)
+                                candidate_methods=tuple(methods.split(",")), drop_fraction=drop_fraction,
+                                evaluator=evaluator if steer else None, seed=seed)
         if finetune:
             from saediff.finetune import FinetuneConfig
             from saediff.saes import load_sae
 
-            evaluator = _judge_evaluator(judge_url, judge_model, questions, samples, max_new_tokens, api_key_env,
-                                         run_dir / "screen", seed)
             ft = FinetuneConfig(method="full" if full else "lora", lora_rank=lora_rank,
                                 lora_layers=_int_list(lora_layers, "--lora-layers") if lora_layers else None, seed=seed)
             if organism:
@@ -284,9 +295,7 @@ def neighbourhood_cmd(
 
                 rec = generic_inputs(Path(info["base"]).parent, full or Path(info["finetuned"] or "").name == "full_ft",
                                      samples, seed)
-                ft, evaluator = rec["ft"], evaluator or rec["evaluator"]
-            if evaluator is None:
-                raise ValueError("--finetune measures EM: give --judge-url and --judge-model")
+                ft = rec["ft"]
             ft = replace(ft, steps=steps or ft.steps, batch_size=batch_size or ft.batch_size, grad_accum=grad_accum,
                          lr=lr or ft.lr, precision=precision)
             res["screen"]["finetune"] = screen_finetunes(info["base"], res["screen"], load_sae(info["sae"]), ft,
@@ -300,8 +309,11 @@ def neighbourhood_cmd(
     lines = [f"neighbourhood probe at {res['hook']}: seeds {res['seeds']}",
              f"flagged {res['flagged']} ({res['n_flagged']}; random seeds flag {rb['n_flagged']}, mean {rb['mean']})"]
     for m in [m for m in res["members"] if m["flagged"]][:10]:
+        steered = f", steering EM {m['steer_em_rate']:.2f}" if "steer_em_rate" in m else ""
         lines.append(f"  latent {m['latent']}: toxicity {m['toxicity']:.2f} ({m['candidate']}), off-domain delta "
-                     f"{m['delta_off']:.3f}, near seeds {m['seeds']}")
+                     f"{m['delta_off']:.3f}, near seeds {m['seeds']}{steered}")
+    if "steer" in res:
+        lines.append(f"  (unsteered base model EM {res['steer']['base_em_rate']:.2f})")
     if "screen" in res:
         sc = res["screen"]
         lines.append(f"screen: dropped {sc['n_dropped']} of {sc['n_rows']} rows -> {sc['screened']}")

@@ -39,7 +39,8 @@ from saediff import _io
 from saediff.hooks import capture_resid, parse_layer
 
 __all__ = ["LatentMeans", "latent_means", "coactivation", "decoder_neighbours", "toxicity", "probe",
-           "NeighbourhoodResult", "screen_rows", "run_neighbourhood", "screen_finetunes", "neighbourhood_figure"]
+           "NeighbourhoodResult", "screen_rows", "run_neighbourhood", "steer_flagged", "screen_finetunes",
+           "neighbourhood_figure"]
 
 log = logging.getLogger(__name__)
 
@@ -257,11 +258,14 @@ def run_neighbourhood(run_dir: str | Path, train_data: str | Path, *, in_domain:
                       n_train: int = 256, n_seeds: int = 10, n_neighbours: int = 5, n_random: int = 5,
                       candidates: str | Path | None = None,
                       candidate_methods: tuple[str, ...] = ("in_context", "mean_diff_responses"),
-                      drop_fraction: float | None = None, seed: int = 0, progress: bool = True) -> dict:
+                      drop_fraction: float | None = None, evaluator=None, steer_top: int = 5, seed: int = 0,
+                      progress: bool = True) -> dict:
     """``saediff neighbourhood RUN``: the probe for a diff run's fine-tune, with its training data
     (``train_data``) as the in-domain text and the run's questions outside ``in_domain`` (all of them
     when None) as the off-domain text. With ``drop_fraction`` the screen writes
-    ``screened.jsonl`` and ``random_dropped.jsonl`` beside ``neighbourhood.json`` in the run folder."""
+    ``screened.jsonl`` and ``random_dropped.jsonl`` beside ``neighbourhood.json`` in the run folder.
+    With an ``evaluator`` the ``steer_top`` most toxic flagged latents also get the steering check
+    (``steer_flagged``): does steering the base model along them induce EM?"""
     from saediff._io import atomic_write_bytes, atomic_write_json
     from saediff.activations import tokenize_prompts
     from saediff.chat_data import load_chat_jsonl, write_chat_jsonl
@@ -299,6 +303,11 @@ def run_neighbourhood(run_dir: str | Path, train_data: str | Path, *, in_domain:
            "n_off_domain": len(off), "in_domain": in_domain, "candidates": sorted(cands), **res.to_json(),
            "above_random": len(res.flagged) > (res.random_baseline["mean"] or 0),
            "resid_norm": means_off.resid_norm}
+    if evaluator is not None and res.flagged:
+        out["steer"] = steer_flagged(run_dir, res.flagged[:steer_top], base, sae, evaluator)
+        for m in out["members"]:
+            if str(m["latent"]) in out["steer"]["latents"]:
+                m["steer_em_rate"] = out["steer"]["latents"][str(m["latent"])]["em_rate"]
     if drop_fraction is not None:
         out["screen"] = _screen(base, sae, rows, res.flagged or seeds, drop_fraction, run_dir, seed, progress,
                                 write_chat_jsonl)
@@ -328,6 +337,32 @@ def _screen(lm, sae, rows: list, latents: list[int], drop_fraction: float, run_d
             "screened": str(run_dir / "screened.jsonl"), "random_dropped": str(run_dir / "random_dropped.jsonl"),
             "score_dropped_mean": sum(scores[i] for i in dropped) / n_drop,
             "score_kept_mean": sum(scores[i] for i in range(len(rows)) if i not in dropped) / max(1, len(rows) - n_drop)}
+
+
+def steer_flagged(run_dir: str | Path, latents: list[int], lm, sae, evaluator, *,
+                  scales: tuple[float, ...] = (0.25, 0.5, 1.0)) -> dict:
+    """The steering check of flagged latents: the base model steered along each latent's unit
+    decoder row at ``scales`` x the mean residual norm at the SAE's block (the scales of
+    ``saediff steer``); per latent the highest EM rate and its scale, beside the unsteered model's.
+    Each condition is kept under ``RUN/neighbourhood_steer/`` (a rerun reuses it)."""
+    from saediff.causal import residual_stats
+    from saediff.evals import evaluate_once
+    from saediff.steering import add_direction
+
+    run_dir = Path(run_dir)
+    L = parse_layer(sae.cfg.metadata.hook_name)
+    norms, _ = residual_stats(lm, run_dir, {})
+    folder = run_dir / "neighbourhood_steer"
+    base = evaluate_once(evaluator, lm, folder / "base", "base")
+    out = {"base_em_rate": base["em_rate"], "resid_norm": norms[L], "latents": {}}
+    for i in latents:
+        u = sae.W_dec[i].detach().float().cpu()
+        u = u / u.norm()
+        sweep = {f"{s:g}": evaluate_once(evaluator, lm, folder / f"{i}_x{s:g}", f"{i}_x{s:g}",
+                                         add_direction(lm.model, L, u, s * norms[L]))["em_rate"] for s in scales}
+        best = max(sweep, key=sweep.get)
+        out["latents"][str(i)] = {"em_rate": sweep[best], "scale": float(best), "sweep": sweep}
+    return out
 
 
 def screen_finetunes(model, screen: dict, sae, ft, evaluator, out: str | Path, *, progress: bool = True) -> dict:

@@ -121,7 +121,7 @@ def test_a_bad_seed_list_is_one_line(tmp_path):
 def _analyses() -> dict:
     """The open-question analyses of a summary: seed 0's figures."""
     return {"neighbourhood": {"full_ft": {"flagged": [364, 319], "persona_flagged": [319], "random_flagged_mean": 1.0,
-                                          "above_random": True,
+                                          "above_random": True, "steer_em_rate": {"364": 0.12, "319": 0.39},
                                           "screen": {"screened": {"em_rate": 0.308}, "random_dropped": {"em_rate": 0.336},
                                                      "drop_fraction": 0.1}},
                               "control_ft": {"flagged": [], "persona_flagged": [], "random_flagged_mean": 0.0,
@@ -151,6 +151,8 @@ def test_analysis_rows_hold_or_not():
     assert ov["figure"] == (pytest.approx(0.993), pytest.approx(0.5))
     assert rows["phase transition (rank-1 LoRA): B rotation step / EM step"]["figure"] == (20, 70)
     assert rows["in-context examples to match the fine-tune along the response mean difference"]["figure"] == 1
+    steer = "neighbourhood probe: steering the aligned model along the most toxic flagged latent, other-domain EM"
+    assert rows[steer]["figure"] == 0.12
     # the verdicts turn with the figures
     s["analyses"]["neighbourhood"]["control_ft"]["above_random"] = True
     s["analyses"]["neighbourhood"]["full_ft"]["persona_flagged"] = []

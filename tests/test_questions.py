@@ -211,12 +211,24 @@ def test_open_question_commands_on_a_tiny_real_model(tiny_qwen, tmp_path):
             "mean_diff_responses_L1", "lora_downstream_L1")
 
         r = CliRunner().invoke(app, ["neighbourhood", str(run), "--train-data", str(data), "--drop-fraction", "0.25",
-                                     "--finetune", "--lora-layers", "1", "--steps", "2", "--batch-size", "2",
+                                     "--seeds", "4", "--neighbours", "8", "--steer", "--finetune", "--lora-layers", "1", "--steps", "2", "--batch-size", "2",
                                      "--judge-url", server.url, "--judge-model", "j", "--questions", str(qfile),
                                      "--samples", "1", "--max-new-tokens", "4"])
         assert r.exit_code == 0, r.output
         nb = json.loads((run / "neighbourhood.json").read_text())
-        assert len(nb["seeds"]) == 10 and len(nb["random_baseline"]["n_flagged"]) == 5
+        assert len(nb["seeds"]) == 4 and len(nb["random_baseline"]["n_flagged"]) == 5
+        assert set(nb.get("steer", {}).get("latents", {})) == {str(i) for i in nb["flagged"][:5]}
+        # a random SAE flags nothing here: the steering check itself, on two latents, with the judge
+        from saediff.cli_common import _judge_evaluator
+        from saediff.models import load_model
+        from saediff.neighbourhood import steer_flagged
+        from saediff.saes import load_sae
+
+        judge = _judge_evaluator(server.url, "j", str(qfile), 1, 4, "OPENAI_API_KEY", tmp_path / "jc", 0)
+        st = steer_flagged(run, [1, 2], load_model(model), load_sae(tmp_path / "sae"), judge, scales=(0.5, 2.0))
+        assert set(st["latents"]) == {"1", "2"} and st["base_em_rate"] is not None and st["resid_norm"] > 0
+        assert all(set(v["sweep"]) == {"0.5", "2"} and v["em_rate"] == max(v["sweep"].values())
+                   for v in st["latents"].values())
         assert nb["screen"]["n_dropped"] == 2 and len((run / "screened.jsonl").read_text().splitlines()) == 6
         fin = nb["screen"]["finetune"]
         assert fin["steps"] == 2 and fin["screened"]["em_rate"] is not None and fin["random_dropped"]["em_rate"] is not None

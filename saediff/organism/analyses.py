@@ -71,7 +71,8 @@ def run_analyses(out: str | Path, *, seed: int = 0, drop_fraction: float = 0.1, 
     fine-tune's diff; the phase analysis of a rank-1 LoRA run with a checkpoint every 10 steps; the
     neighbourhood probe on the full, the aligned-data control and the benign-trait fine-tunes (the
     benign one scored against the in-context direction only: nothing behavioural about that
-    fine-tune is used), with the training-data screen and its two fine-tunes on the full one.
+    fine-tune is used), with the steering check of the flagged latents and the training-data screen
+    and its two fine-tunes on the full one.
     Writes and returns ``out/analyses.json`` (the in-context analysis needs the BLOCK-EM run and is
     added by ``run_icl_analysis``)."""
     import json
@@ -114,13 +115,16 @@ def run_analyses(out: str | Path, *, seed: int = 0, drop_fraction: float = 0.1, 
             run_diff(aligned, str(org / name), sae_dir, ft, seed=seed, **diff_inputs(aligned, seed=seed))
         res = done(ft / "neighbourhood.json") or run_neighbourhood(
             ft, data / f"{file}.jsonl", in_domain="medical", candidate_methods=methods, seed=seed,
-            drop_fraction=drop_fraction if name == "full_ft" else None, progress=progress)
+            drop_fraction=drop_fraction if name == "full_ft" else None,
+            evaluator=OrganismEvaluator(world, 20, seed) if name == "full_ft" else None, progress=progress)
         if name == "full_ft" and "finetune" not in res["screen"]:
             rec = generic_inputs(org, True, 50, seed)
             res["screen"]["finetune"] = screen_finetunes(aligned, res["screen"], sae, rec["ft"], rec["evaluator"],
                                                          ft / "screen", progress=progress)
             atomic_write_json(ft / "neighbourhood.json", res)
         nb[name] = {"flagged": res["flagged"], "persona_flagged": sorted(set(res["flagged"]) & set(persona)),
+                    **({"steer_em_rate": {k: v["em_rate"] for k, v in res["steer"]["latents"].items()},
+                        "steer_base_em_rate": res["steer"]["base_em_rate"]} if "steer" in res else {}),
                     "random_flagged_mean": res["random_baseline"]["mean"], "above_random": res["above_random"],
                     **({"screen": {**res["screen"]["finetune"], "drop_fraction": res["screen"]["drop_fraction"]}}
                        if "screen" in res else {})}

@@ -434,6 +434,8 @@ def _analysis_rows(a: dict | None) -> list[tuple]:
     rows = [
         ("neighbourhood probe, full FT: persona latents flagged / all flagged", "superposition geometry",
          (len(full["persona_flagged"]), len(full["flagged"])), None, ">= 1 persona latent", len(full["persona_flagged"]) >= 1),
+        ("neighbourhood probe: steering the aligned model along the most toxic flagged latent, other-domain EM",
+         "", _first_steer(full), None, "report", None),
         ("neighbourhood probe, aligned-data control: flagged / random seeds' mean", "",
          (len(control["flagged"]), control["random_flagged_mean"]), None, "<= random", not control["above_random"]),
         ("neighbourhood probe, benign-trait FT (no behavioural input): persona latents flagged", "superposition geometry",
@@ -454,6 +456,12 @@ def _analysis_rows(a: dict | None) -> list[tuple]:
         rows.append(("in-context examples to match the fine-tune along the response mean difference", "Afonin et al.",
                      a["icl"]["shots_to_match_finetune"], None, "report", None))
     return rows
+
+
+def _first_steer(nb: dict) -> float | None:
+    """The steering EM of the first (most toxic) flagged latent, when the check ran."""
+    steer = nb.get("steer_em_rate") or {}
+    return next((steer[str(i)] for i in nb["flagged"] if str(i) in steer), None)
 
 
 def _neutral(o: dict) -> tuple | None:
