@@ -308,3 +308,33 @@ def test_coactivation_matches_a_direct_correlation(tiny_qwen):
     with np.errstate(invalid="ignore", divide="ignore"):
         ref = np.nan_to_num(np.corrcoef(codes.T))
     assert r.numpy() == pytest.approx(ref[[0, 3]], abs=1e-4)
+
+
+def test_analyses_follow_a_bfloat16_model(tiny_qwen):
+    """On a bfloat16 model (CPU here, as on a GPU) the probes' statistics come back float32 and
+    finite, and agree with the float32 model's to bfloat16 precision."""
+    from helpers import make_random_sae
+
+    from saediff.activations import tokenize_prompts
+    from saediff.models import ModelSpec, load_model
+    from saediff.neighbourhood import coactivation, latent_means, screen_rows
+    from saediff.prompts import Prompt
+    from saediff.saes import load_sae
+    from saediff.shifts import prompt_activations
+
+    sae = load_sae(make_random_sae(Path(tiny_qwen) / "sae_bf16", 32, "blocks.1.hook_resid_post", d_sae=16, k=4))
+    ps = [Prompt(f"p{i}", [{"role": "user", "content": f"question {i}?"}], f"answer {i} here") for i in range(5)]
+    out = {}
+    for dtype in ("float32", "bfloat16"):
+        lm = load_model(ModelSpec(str(tiny_qwen / "model"), dtype=dtype))
+        assert next(lm.model.parameters()).dtype == getattr(torch, dtype)
+        toks = tokenize_prompts(lm, ps)
+        m = latent_means(lm, lm, toks, sae, progress=False)
+        acts = prompt_activations(lm, ps, [0, 1], "response", progress=False)
+        r = coactivation(lm, [toks], sae, [0, 1], progress=False)
+        s = screen_rows(lm, toks, sae, [0, 1], progress=False)
+        for t in (m.base, m.ft, acts[1], r):
+            assert t.dtype == torch.float32 and torch.isfinite(t).all()
+        out[dtype] = (m.base, acts[1], torch.tensor(s))
+    for a, b in zip(out["float32"], out["bfloat16"]):
+        torch.testing.assert_close(b, a, atol=0.1, rtol=0.1)
