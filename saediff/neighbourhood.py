@@ -192,11 +192,11 @@ def _flag(seeds: list[int], W_dec, corr: torch.Tensor, corr_rows: dict[int, int]
 
 
 def probe(W_dec, means_in: LatentMeans, means_off: LatentMeans, corr: torch.Tensor, corr_seeds: list[int],
-          candidates: dict[str, torch.Tensor], *, n_seeds: int = 10, n_neighbours: int = 5, n_random: int = 5,
-          seed: int = 0) -> NeighbourhoodResult:
+          candidates: dict[str, torch.Tensor], *, seeds: list[int], random_draws: list[list[int]],
+          n_neighbours: int = 5) -> NeighbourhoodResult:
     """The probe's arithmetic on precomputed statistics: ``corr`` holds a row of base-model
-    co-activation for each latent in ``corr_seeds`` (the top ``n_seeds`` risers on the training
-    data first, then ``n_random`` draws of as many random active latents, in ``random_seeds`` order)."""
+    co-activation for each latent in ``corr_seeds`` (which must hold ``seeds``, the risers on the
+    training data, and every latent of ``random_draws``, the random seed sets of the baseline)."""
     from saediff.directions import random_cosine_baseline
 
     delta_in, delta_off = means_in.delta, means_off.delta
@@ -207,23 +207,24 @@ def probe(W_dec, means_in: LatentMeans, means_off: LatentMeans, corr: torch.Tens
           "rule": "flagged: delta_off above the 95th percentile of active latents' off-domain deltas, and "
                   "toxicity above both the 99th percentile over all latents and the random-direction p95 |cos|"}
     rows = {s: i for i, s in enumerate(corr_seeds)}
-    seeds = corr_seeds[:n_seeds]
+    missing = [s for s in [*seeds, *(i for d in random_draws for i in d)] if s not in rows]
+    if missing:
+        raise ValueError(f"probe: no co-activation row for latents {missing[:5]}")
     members, flagged = _flag(seeds, W_dec, corr, rows, delta_in, delta_off, tox, names, th, n_neighbours)
-    counts = []
-    for d in range(n_random):
-        rs = corr_seeds[n_seeds * (d + 1) : n_seeds * (d + 2)]
-        counts.append(len(_flag(rs, W_dec, corr, rows, delta_in, delta_off, tox, names, th, n_neighbours)[1]))
-    base = {"draws": n_random, "n_flagged": counts, "mean": sum(counts) / len(counts) if counts else None,
+    counts = [len(_flag(d, W_dec, corr, rows, delta_in, delta_off, tox, names, th, n_neighbours)[1])
+              for d in random_draws]
+    base = {"draws": len(random_draws), "n_flagged": counts, "mean": sum(counts) / len(counts) if counts else None,
             "max": max(counts) if counts else None}
     return NeighbourhoodResult(seeds, members, flagged, th, base)
 
 
-def random_seeds(means_in: LatentMeans, n_seeds: int, n_random: int, exclude: list[int], seed: int = 0) -> list[int]:
-    """``n_random`` draws of ``n_seeds`` latents active on the training data (not in ``exclude``)."""
+def random_seeds(means_in: LatentMeans, n_seeds: int, n_random: int, exclude: list[int],
+                 seed: int = 0) -> list[list[int]]:
+    """``n_random`` draws of ``n_seeds`` latents active on the training data (not in ``exclude``;
+    fewer when fewer are active)."""
     active = [i for i in torch.nonzero((means_in.base > 0) | (means_in.ft > 0)).flatten().tolist() if i not in exclude]
     rng = random.Random(seed)
-    k = min(n_seeds, len(active))
-    return [i for _ in range(n_random) for i in rng.sample(active, k)]
+    return [rng.sample(active, min(n_seeds, len(active))) for _ in range(n_random)]
 
 
 @torch.no_grad()
@@ -294,11 +295,12 @@ def run_neighbourhood(run_dir: str | Path, train_data: str | Path, *, in_domain:
     means_in = latent_means(base, ft, toks_in, sae, progress=progress)
     means_off = latent_means(base, ft, toks_off, sae, progress=progress)
     seeds = [int(i) for i in torch.argsort(means_in.delta, descending=True, stable=True)[:n_seeds]]
-    corr_seeds = seeds + random_seeds(means_in, n_seeds, n_random, seeds, seed)
+    draws = random_seeds(means_in, n_seeds, n_random, seeds, seed)
+    corr_seeds = list(dict.fromkeys([*seeds, *(i for d in draws for i in d)]))
     corr = coactivation(base, [toks_in, toks_off], sae, corr_seeds, progress=progress)
     W_dec = sae.W_dec.detach().float().cpu()
     res = probe(W_dec, means_in, means_off, corr, corr_seeds, {k: v.cpu() for k, v in cands.items()},
-                n_seeds=n_seeds, n_neighbours=n_neighbours, n_random=n_random, seed=seed)
+                seeds=seeds, random_draws=draws, n_neighbours=n_neighbours)
     out = {"kind": "saediff.neighbourhood", "hook": hook, "train_data": str(train_data), "n_train": len(train),
            "n_off_domain": len(off), "in_domain": in_domain, "candidates": sorted(cands), **res.to_json(),
            "above_random": len(res.flagged) > (res.random_baseline["mean"] or 0),

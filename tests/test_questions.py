@@ -276,7 +276,7 @@ def test_neighbourhood_arithmetic_on_hand_set_latents():
     means_in = LatentMeans(z, torch.tensor([1.0, 0, 0, 0, 0, 0.1]), torch.ones(6), 10, 1.0)
     means_off = LatentMeans(z + 0.1, torch.tensor([0.1, 1.0, 0.1, 0.1, 0.9, 0.1]), torch.ones(6), 10, 1.0)
     corr = torch.tensor([[1.0, 0.0, 0.0, 0.1, 0.9, 0.0], [0, 0, 0, 0, 0, 1.0]])  # rows: seed 0, random seed 5
-    res = probe(W, means_in, means_off, corr, [0, 5], cand, n_seeds=1, n_neighbours=2, n_random=1)
+    res = probe(W, means_in, means_off, corr, [0, 5], cand, seeds=[0], random_draws=[[5]], n_neighbours=2)
     assert res.seeds == [0]
     assert res.thresholds["delta_off"] == pytest.approx(0.875)
     rows = {m["latent"]: m for m in res.members}
@@ -286,6 +286,8 @@ def test_neighbourhood_arithmetic_on_hand_set_latents():
     assert res.flagged == [1]
     # the random seed 5's neighbours (decoder: 3 and 4 at cos 0; no positive co-activation) flag nothing
     assert res.random_baseline["n_flagged"] == [0]
+    with pytest.raises(ValueError, match="no co-activation row"):
+        probe(W, means_in, means_off, corr, [0, 5], cand, seeds=[0], random_draws=[[2]], n_neighbours=2)
 
 
 def test_coactivation_matches_a_direct_correlation(tiny_qwen):
