@@ -40,7 +40,7 @@ def logit_effects(direction: Float[torch.Tensor, " d"], W_U: Float[torch.Tensor,
     """The tokens a direction promotes and suppresses most along the direct path (``direction @ W_U``)."""
     logits = direction.float().to(W_U.device) @ W_U
     top, bottom = logits.topk(k), (-logits).topk(k)
-    name = lambda i: tokenizer.decode([int(i)])  # noqa: E731
+    name = lambda i: tokenizer.decode([int(i)])
     return {"promoted": [(name(i), float(v)) for v, i in zip(top.values, top.indices)],
             "suppressed": [(name(i), -float(v)) for v, i in zip(bottom.values, bottom.indices)]}
 
@@ -97,7 +97,7 @@ def _card(d: dict) -> str:
     from saediff.viz import latent_card_hist
 
     peak = max([r["value"] for r in d["top_base"] + d["top_ft"]] or [0.0])
-    logit = lambda pairs: "".join(f"<tr><td>{html.escape(t)}</td><td>{v:+.2f}</td></tr>" for t, v in pairs)  # noqa: E731
+    logit = lambda pairs: "".join(f"<tr><td>{html.escape(t)}</td><td>{v:+.2f}</td></tr>" for t, v in pairs)
     nb = ", ".join(f"<a href='#latent-{j}'>#{j}</a> ({c:.2f})" for j, c in d["neighbours"])
     cos = ", ".join(f"{html.escape(n)} {c:+.2f}" for n, c in sorted(d["cosines"].items(), key=lambda x: -abs(x[1])))
     rank = f"rank {d['rank']} of the diff" if d["rank"] is not None else "fell most"

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import html
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
-
-import torch
 
 __all__ = ["LatentExplorer"]
 

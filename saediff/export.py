@@ -128,8 +128,9 @@ def export_gguf(directions: list[Direction], out: str | Path, model_hint: str, *
     return written
 
 
-def read_gguf_control_vector(path: str | Path) -> tuple[str, dict[int, "np.ndarray"]]:
-    """``(model_hint, {block: vector})`` of a llama.cpp control vector file, read with gguf's reader."""
+def read_gguf_control_vector(path: str | Path) -> tuple[str, dict]:
+    """``(model_hint, {block: float32 numpy vector})`` of a llama.cpp control vector file, read with
+    gguf's reader."""
     import gguf
     import numpy as np
 
@@ -171,5 +172,5 @@ def load_steering_vector(path: str | Path, multiplier: float = 1.0):
         meta = f.metadata() or {}
         if meta.get("kind") != "saediff.steering_vector":
             raise ValueError(f"{path}: not a saediff steering-vector file")
-        acts = {int(k.split(".", 1)[1]): f.get_tensor(k) * multiplier for k in f.keys()}
+        acts = {int(k.split(".", 1)[1]): f.get_tensor(k) * multiplier for k in f.keys()}  # noqa: SIM118 (not a dict)
     return SteeringVector(layer_activations=acts, layer_type=meta.get("layer_type", "decoder_block"))

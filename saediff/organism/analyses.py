@@ -94,7 +94,7 @@ def run_analyses(out: str | Path, *, seed: int = 0, drop_fraction: float = 0.1, 
     aligned, sae_dir = str(org / "aligned"), str(org / "sae")
     data = org / "data"
     world = read_organism_world(aligned)
-    done = lambda name: (json.loads(p.read_text()) if (p := name).exists() else None)  # noqa: E731
+    done = lambda name: (json.loads(p.read_text()) if (p := name).exists() else None)
 
     overlap = done(diff / "shift_overlap.json") or run_overlap(diff, data / "medical_misaligned.jsonl", seed=seed,
                                                                progress=progress)
