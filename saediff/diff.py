@@ -181,18 +181,24 @@ class DiffAccumulator:
     fixed log-spaced edges (``HIST_EDGES``), never the tokens. Encoding runs on the activations'
     device; sums are float64."""
 
-    def __init__(self, sae, k: int = 10, edges: list[float] = HIST_EDGES):
-        self.sae, self.k = sae, k
+    def __init__(self, sae, k: int = 10, edges: list[float] = HIST_EDGES, chunk: int = 2048):
+        self.sae, self.k, self.chunk = sae, k, chunk
         self.edges = torch.tensor(edges, dtype=torch.float64)
         self.n = 0
         self._st: dict[str, dict[str, torch.Tensor]] = {}
 
     @torch.no_grad()
     def update(self, acts_base: Float[torch.Tensor, "n d_in"], acts_ft: Float[torch.Tensor, "n d_in"]) -> None:
-        """One batch of rows: the same tokens read from the base and the fine-tuned model."""
+        """One batch of rows: the same tokens read from the base and the fine-tuned model. Rows are
+        encoded ``chunk`` at a time, so a batch costs chunk x d_sae, not tokens x d_sae (a batch of
+        long answers through a 131k-latent SAE would otherwise take gigabytes)."""
         if acts_base.shape != acts_ft.shape or acts_base.shape[-1] != self.sae.cfg.d_in:
             raise ValueError(f"DiffAccumulator: activations {tuple(acts_base.shape)} and {tuple(acts_ft.shape)}; "
                              f"the SAE expects two equal (n, {self.sae.cfg.d_in})")
+        if acts_base.shape[0] > self.chunk:
+            for i in range(0, acts_base.shape[0], self.chunk):
+                self.update(acts_base[i : i + self.chunk], acts_ft[i : i + self.chunk])
+            return
         dev = acts_base.device
         if self.sae.W_enc.device != dev:
             self.sae.to(dev)

@@ -79,6 +79,12 @@ def _encode(sae, x: torch.Tensor) -> torch.Tensor:
     return sae.encode(x.to(sae.W_enc.device, sae.W_enc.dtype)).float()
 
 
+def _encoded(sae, x_ND: torch.Tensor, chunk: int = 2048):
+    """The SAE codes of the rows of ``x_ND``, ``chunk`` rows at a time (chunk x d_sae in memory)."""
+    for i in range(0, x_ND.shape[0], chunk):
+        yield _encode(sae, x_ND[i : i + chunk])
+
+
 @torch.no_grad()
 def latent_means(lm_base, lm_ft, toks, sae, *, batch_size: int = 32, progress: bool = True) -> LatentMeans:
     """Mean activation of every latent on the response tokens of ``toks`` in both models."""
@@ -90,9 +96,10 @@ def latent_means(lm_base, lm_ft, toks, sae, *, batch_size: int = 32, progress: b
         xb = capture_resid(lm_base.model, [L], ids, attn)[L][m]
         xf = capture_resid(lm_ft.model, [L], ids.to(lm_ft.device), attn.to(lm_ft.device))[L][m.to(lm_ft.device)]
         for key, x in (("base", xb), ("ft", xf)):
-            a = _encode(sae, x).double().cpu()
-            sums[key] += a.sum(0)
-            sums[key + "2"] += (a * a).sum(0)
+            for a in _encoded(sae, x):
+                a = a.double().cpu()
+                sums[key] += a.sum(0)
+                sums[key + "2"] += (a * a).sum(0)
         n += xb.shape[0]
         norm += float(xb.float().norm(dim=-1).sum())
     if not n:
@@ -116,11 +123,12 @@ def coactivation(lm, toks_list: list, sae, seeds: list[int], *, batch_size: int 
     n = 0
     for toks in toks_list:
         for ids, attn, m in _batches(lm, toks, batch_size, "co-activation", progress):
-            a = _encode(sae, capture_resid(lm.model, [L], ids, attn)[L][m]).double().cpu()  # (tokens, S)
-            s1 += a.sum(0)
-            s2 += (a * a).sum(0)
-            cross += a[:, idx].T @ a
-            n += a.shape[0]
+            for a in _encoded(sae, capture_resid(lm.model, [L], ids, attn)[L][m]):
+                a = a.double().cpu()  # (tokens, S)
+                s1 += a.sum(0)
+                s2 += (a * a).sum(0)
+                cross += a[:, idx].T @ a
+                n += a.shape[0]
     mean = s1 / n
     var = (s2 / n - mean**2).clamp_min(0)
     cov = cross / n - mean[idx, None] * mean[None]
@@ -239,7 +247,8 @@ def screen_rows(lm, toks, sae, latents: list[int], *, batch_size: int = 32, prog
                   leave=False):
         ids, attn, m = toks.batch(slice(i, i + batch_size), keep)
         x = capture_resid(lm.model, [L], ids.to(lm.device), attn.to(lm.device))[L]  # (B, T, D)
-        a = _encode(sae, x)[..., idx].sum(-1).cpu() * m  # (B, T)
+        flat = x.reshape(-1, x.shape[-1])
+        a = torch.cat([z[:, idx].sum(-1).cpu() for z in _encoded(sae, flat)]).view(m.shape) * m  # (B, T)
         scores += (a.sum(1) / m.sum(1).clamp_min(1)).tolist()
     return scores
 

@@ -193,3 +193,11 @@ def test_streamed_diff_equals_the_in_memory_one(identity_sae):
         assert card.neighbours == want.neighbours
     with pytest.raises(ValueError, match="the SAE expects two equal"):
         acc.update(base[:3], ft[:2])
+    # one batch encoded 4 rows at a time: the same statistics, top rows and histogram
+    small = DiffAccumulator(identity_sae, k=4, chunk=4)
+    small.update(base, ft)
+    for name in ("mean_base", "mean_ft", "freq_base", "freq_ft", "effect_size"):
+        torch.testing.assert_close(getattr(small.result(), name), getattr(ref, name), atol=1e-6, rtol=1e-5)
+    for latent in (0, 1):
+        a, b = small.card(latent), acc.card(latent)
+        assert [r["row"] for r in a.top_base] == [r["row"] for r in b.top_base] and a.hist_ft == b.hist_ft
