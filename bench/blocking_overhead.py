@@ -24,10 +24,11 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 import warnings
+
+from _children import medians, run_children
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 warnings.filterwarnings("ignore")
@@ -146,15 +147,8 @@ def main() -> None:
     if args._child:
         print(json.dumps(one_run(args, args._child == "blocked")))
         return
-    passthrough = sys.argv[1:]
-    res: dict[str, list[dict]] = {"plain": [], "blocked": []}
-    for _ in range(args.repeats):
-        for kind in ("plain", "blocked"):
-            p = subprocess.run([sys.executable, __file__, *passthrough, "--_child", kind], capture_output=True, text=True)
-            if p.returncode:
-                sys.exit(p.stderr[-2000:])
-            res[kind].append(json.loads(p.stdout.strip().splitlines()[-1]))
-    med = {k: {m: statistics.median(r[m] for r in v) for m in ("step_s", "peak_mib")} for k, v in res.items()}
+    res = run_children(__file__, sys.argv[1:], {"plain": "plain", "blocked": "blocked"}, args.repeats)
+    med = medians(res, ("step_s", "peak_mib"))
     where = "every block's down_proj" if args.lora_layers == "all" else "the SAE block's down_proj"
     print(f"model {args.model or args.shape} on {args.device}, batch {args.batch} x {args.seq} tokens, rank-1 LoRA on "
           f"{where}, {2 * args.latents} latents of a {args.d_sae if not args.sae else 'given'}-latent SAE")

@@ -17,11 +17,11 @@ import argparse
 import json
 import os
 import resource
-import statistics
-import subprocess
 import sys
 import time
 import warnings
+
+from _children import medians, run_children
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 warnings.filterwarnings("ignore")
@@ -67,18 +67,11 @@ def main() -> None:
     if args._child:
         print(json.dumps(one_run(args, args._child)))
         return
-    runs: dict[str, list[dict]] = {"chunked": [], "whole": []}
-    for _ in range(args.repeats):
-        for name, chunk in (("chunked", args.chunk), ("whole", 10**12)):
-            p = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--_child", str(chunk)], capture_output=True,
-                               text=True)
-            if p.returncode:
-                sys.exit(p.stderr[-2000:])
-            runs[name].append(json.loads(p.stdout.strip().splitlines()[-1]))
+    runs = run_children(__file__, sys.argv[1:], {"chunked": str(args.chunk), "whole": str(10**12)}, args.repeats)
     a, b = runs["chunked"][0], runs["whole"][0]
     if abs(a["delta_sum"] - b["delta_sum"]) > 1e-3 * max(1.0, abs(b["delta_sum"])) or a["top"] != b["top"]:
         sys.exit(f"chunked and whole results differ: {a} vs {b}")
-    med = {n: {k: statistics.median(r[k] for r in v) for k in ("seconds", "peak_mib")} for n, v in runs.items()}
+    med = medians(runs, ("seconds", "peak_mib"))
     print(f"one batch of {args.rows} rows, d_model {args.d_model}, TopK SAE {args.d_sae} latents")
     for n, m in med.items():
         print(f"{n:8s}: {m['seconds']:6.2f} s, peak RSS above the start {m['peak_mib']:7.0f} MiB")

@@ -20,11 +20,11 @@ import argparse
 import json
 import os
 import resource
-import statistics
-import subprocess
 import sys
 import time
 import warnings
+
+from _children import medians, run_children
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 warnings.filterwarnings("ignore")
@@ -94,16 +94,8 @@ def main() -> None:
     if args._child:
         print(json.dumps(one_run(args, args._child)))
         return
-    res: dict[int, list[dict]] = {args.tokens: [], 4 * args.tokens: []}
-    for _ in range(args.repeats):
-        for n in res:
-            p = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--_child", str(n)], capture_output=True,
-                               text=True)
-            if p.returncode:
-                sys.exit(p.stderr[-2000:])
-            res[n].append(json.loads(p.stdout.strip().splitlines()[-1]))
-    med = {n: {k: statistics.median(r[k] for r in v) for k in ("diff_tok_s", "plain_tok_s", "peak_mib")}
-           for n, v in res.items()}
+    res = run_children(__file__, sys.argv[1:], {str(n): str(n) for n in (args.tokens, 4 * args.tokens)}, args.repeats)
+    med = {int(n): m for n, m in medians(res, ("diff_tok_s", "plain_tok_s", "peak_mib")).items()}
     print(f"Qwen2-shaped d_model {args.d_model}, {args.layers} layers, TopK SAE {args.d_sae} latents, batch {args.batch}")
     for n, m in med.items():
         print(f"{n:7d} response tokens: diff {m['diff_tok_s']:7.0f} tok/s, two plain forwards {m['plain_tok_s']:7.0f} "
