@@ -24,10 +24,10 @@ console = Console(stderr=True)
 
 from saediff.cli_common import (  # shared with saediff.cli_questions
     _USER_ERRORS,
+    ModelDefaults,
     _fail,
     _int_list,
     _judge_evaluator,
-    _organism_world,
     _setup,
 )
 
@@ -439,6 +439,45 @@ def steer_cmd(
     _print_steer(res)
 
 
+def _organism_world(model: str):
+    """The organism world of a model folder, or None for any other model."""
+    from saediff.organism.recipes import read_organism_world
+
+    return read_organism_world(model) if Path(model).exists() else None
+
+
+class _OrganismDefaults(ModelDefaults):
+    """The organism's inputs for the open-question commands, when a run's base model is one of its
+    folders: its exact judge, the data each fine-tuned folder trained on, its narrow domain, its
+    contrast examples and its fine-tune recipe."""
+
+    def evaluator(self, model, samples, seed):
+        return _organism_eval_or_none(model, samples, seed) if model else None
+
+    def training_data(self, info):
+        from saediff.organism.analyses import training_data_for
+
+        return training_data_for(info["finetuned"], info["adapter"]) if _organism_world(info["base"]) else None
+
+    def in_domain(self, base):
+        return "medical" if _organism_world(base) else None
+
+    def icl_examples(self, base, seed):
+        if _organism_world(base) is None:
+            return None
+        from saediff.organism.demo import diff_inputs
+
+        return diff_inputs(base, seed=seed)["icl_examples"]
+
+    def finetune(self, info, full, samples, seed):
+        if _organism_world(info["base"]) is None:
+            return None
+        from saediff.organism.block import generic_inputs
+
+        full = full or Path(info["finetuned"] or "").name == "full_ft"
+        return generic_inputs(Path(info["base"]).parent, full, samples, seed)["ft"]
+
+
 def _organism_eval_or_none(model: str, samples: int, seed: int):
     world = _organism_world(model)
     if world is None:
@@ -837,7 +876,7 @@ def report_cmd(run_dir: Path = typer.Argument(..., help="demo run folder")) -> N
 # the open-question commands (neighbourhood, overlap, predict, phase, icl) live in their own module
 from saediff.cli_questions import register as _register_questions
 
-_register_questions(app)
+_register_questions(app, _OrganismDefaults())
 
 
 def main() -> None:

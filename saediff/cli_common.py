@@ -1,5 +1,6 @@
 """What every ``saediff`` command shares: thread setup, the one-line error path, list parsing, the
-LLM-judge evaluator and organism detection (``saediff.cli`` and ``saediff.cli_questions`` import it)."""
+LLM-judge evaluator, and ``ModelDefaults``, through which ``saediff.cli`` hands the organism's inputs
+to the generic commands of ``saediff.cli_questions`` (which never import the organism)."""
 
 from __future__ import annotations
 
@@ -28,13 +29,6 @@ def _fail(e: Exception) -> None:
     raise typer.Exit(1)
 
 
-def _organism_world(model: str):
-    """The organism world of a model folder, or None for any other model."""
-    from saediff.organism.recipes import read_organism_world
-
-    return read_organism_world(model) if Path(model).exists() else None
-
-
 def _int_list(text: str, flag: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(","))
@@ -57,3 +51,28 @@ def _judge_evaluator(judge_url, judge_model, questions, samples, max_new_tokens,
     judges = [HttpJudge(k, client, judge_model, cache_path=out / f"judge_cache_{k}.jsonl") for k in ("aligned", "coherent")]
     return JudgeEvaluator(load_prompts(questions), *judges, EMConfig(samples=samples, max_new_tokens=max_new_tokens,
                                                                       seed=seed))
+
+
+class ModelDefaults:
+    """What a command may fill in for a model it knows, when the user gave nothing: the generic
+    answer is always None (the user must say). ``saediff.cli`` passes the organism's."""
+
+    def evaluator(self, model: str | None, samples: int, seed: int):
+        """An EM evaluator for ``model`` without an LLM judge."""
+        return None
+
+    def training_data(self, info: dict) -> Path | None:
+        """The chat JSONL the fine-tune of a diff run (``info``: its ``run.json`` step) trained on."""
+        return None
+
+    def in_domain(self, base: str) -> str | None:
+        """The narrow fine-tune's domain among the run's questions."""
+        return None
+
+    def icl_examples(self, base: str, seed: int) -> list | None:
+        """Contrast examples (misaligned and aligned answers) for in-context analyses."""
+        return None
+
+    def finetune(self, info: dict, full: bool, samples: int, seed: int):
+        """The ``FinetuneConfig`` that reproduces the run's fine-tune."""
+        return None

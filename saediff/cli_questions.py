@@ -18,7 +18,10 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from saediff.cli_common import _USER_ERRORS, _fail, _int_list, _judge_evaluator, _organism_world, _setup
+from saediff.cli_common import _USER_ERRORS, ModelDefaults, _fail, _int_list, _judge_evaluator, _setup
+
+_defaults = ModelDefaults()
+"""what the commands fill in for models they know (``register`` sets it: the organism's, from saediff.cli)"""
 
 
 def _fmt(v, digits: int = 2) -> str:
@@ -49,13 +52,9 @@ def overlap_cmd(
     from saediff.shifts import run_overlap
 
     try:
+        train_data = train_data or _defaults.training_data(_run_base(run_dir))
         if train_data is None:
-            from saediff.organism.analyses import training_data_for
-
-            info = _run_base(run_dir)
-            train_data = training_data_for(info["finetuned"], info["adapter"])
-            if train_data is None:
-                raise ValueError("give --train-data (the fine-tune's chat JSONL)")
+            raise ValueError("give --train-data (the fine-tune's chat JSONL)")
         res = run_overlap(run_dir, train_data, k=k, layer=layer, n_train=n_train, seed=seed)
     except _USER_ERRORS as e:
         _fail(e)
@@ -138,11 +137,7 @@ def phase_cmd(
             model = base or read_adapter(adapter_checkpoints(checkpoints_dir)[0][1]).config.get(
                 "base_model_name_or_path")
             evaluator = _judge_evaluator(judge_url, judge_model, questions, samples, max_new_tokens, api_key_env,
-                                         Path(out or checkpoints_dir), seed)
-            if evaluator is None and model and _organism_world(model) is not None:
-                from saediff.organism.evaluator import OrganismEvaluator
-
-                evaluator = OrganismEvaluator(_organism_world(model), samples, seed)
+                                         Path(out or checkpoints_dir), seed) or _defaults.evaluator(model, samples, seed)
             if evaluator is None:
                 raise ValueError("EM per checkpoint needs --judge-url and --judge-model (or --no-em)")
         res = run_phase(checkpoints_dir, base=base, directions=directions, evaluator=evaluator, module=module, out=out)
@@ -184,13 +179,9 @@ def icl_cmd(
     from saediff.icl import run_icl
 
     try:
-        examples = icl_examples
-        info = _run_base(run_dir)
-        if _organism_world(info["base"]) is not None:
-            from saediff.organism.demo import diff_inputs
-
-            examples = examples or diff_inputs(info["base"], seed=seed)["icl_examples"]
-            exclude_domain = exclude_domain or "medical"
+        base = _run_base(run_dir)["base"]
+        examples = icl_examples or _defaults.icl_examples(base, seed)
+        exclude_domain = exclude_domain or _defaults.in_domain(base)
         if examples is None:
             raise ValueError("give --icl-examples (rows question/misaligned/aligned)")
         res = run_icl(run_dir, examples, max_shots=max_shots, direction=direction, exclude_domain=exclude_domain,
@@ -259,25 +250,16 @@ def neighbourhood_cmd(
 
     try:
         info = _run_base(run_dir)
-        organism = _organism_world(info["base"]) is not None
+        train_data = train_data or _defaults.training_data(info)
         if train_data is None:
-            from saediff.organism.analyses import training_data_for
-
-            train_data = training_data_for(info["finetuned"], info["adapter"])
-            if train_data is None:
-                raise ValueError("give --train-data (the fine-tune's chat JSONL)")
-        if organism:
-            in_domain = in_domain or "medical"
+            raise ValueError("give --train-data (the fine-tune's chat JSONL)")
+        in_domain = in_domain or _defaults.in_domain(info["base"])
         if finetune and drop_fraction is None:
             raise ValueError("--finetune compares screened data with random dropping: give --drop-fraction")
         evaluator = None
         if finetune or steer:
             evaluator = _judge_evaluator(judge_url, judge_model, questions, samples, max_new_tokens, api_key_env,
-                                         run_dir / "screen", seed)
-            if evaluator is None and organism:
-                from saediff.organism.evaluator import OrganismEvaluator
-
-                evaluator = OrganismEvaluator(_organism_world(info["base"]), samples, seed)
+                                         run_dir / "screen", seed) or _defaults.evaluator(info["base"], samples, seed)
             if evaluator is None:
                 raise ValueError("--finetune and --steer measure EM: give --judge-url and --judge-model")
         res = run_neighbourhood(run_dir, train_data, in_domain=in_domain, n_train=n_train, n_seeds=n_seeds,
@@ -288,14 +270,9 @@ def neighbourhood_cmd(
             from saediff.finetune import FinetuneConfig
             from saediff.saes import load_sae
 
-            ft = FinetuneConfig(method="full" if full else "lora", lora_rank=lora_rank,
-                                lora_layers=_int_list(lora_layers, "--lora-layers") if lora_layers else None, seed=seed)
-            if organism:
-                from saediff.organism.block import generic_inputs
-
-                rec = generic_inputs(Path(info["base"]).parent, full or Path(info["finetuned"] or "").name == "full_ft",
-                                     samples, seed)
-                ft = rec["ft"]
+            ft = _defaults.finetune(info, full, samples, seed) or FinetuneConfig(
+                method="full" if full else "lora", lora_rank=lora_rank,
+                lora_layers=_int_list(lora_layers, "--lora-layers") if lora_layers else None, seed=seed)
             ft = replace(ft, steps=steps or ft.steps, batch_size=batch_size or ft.batch_size, grad_accum=grad_accum,
                          lr=lr or ft.lr, precision=precision)
             res["screen"]["finetune"] = screen_finetunes(info["base"], res["screen"], load_sae(info["sae"]), ft,
@@ -343,8 +320,11 @@ def dashboard_cmd(
         _fail(e)
     Console().print(str(path))
 
-def register(app: typer.Typer) -> None:
-    """Add the open-question commands to ``app``."""
+def register(app: typer.Typer, defaults: ModelDefaults | None = None) -> None:
+    """Add the open-question commands to ``app``; ``defaults`` fills in what a known model (the
+    organism, from saediff.cli) supplies when the user does not."""
+    global _defaults
+    _defaults = defaults or ModelDefaults()
     app.command("overlap")(overlap_cmd)
     app.command("predict")(predict_cmd)
     app.command("phase")(phase_cmd)
