@@ -7,7 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write_json", "atomic_write_jsonl", "atomic_write_bytes", "atomic_save_safetensors", "read_jsonl"]
+__all__ = ["atomic_write_json", "atomic_write_jsonl", "atomic_write_bytes", "atomic_save_safetensors", "read_jsonl",
+           "read_json_if_exists"]
 
 
 def _atomic(path: str | Path, write) -> None:
@@ -43,6 +44,12 @@ def atomic_save_safetensors(tensors: dict, path: str | Path, metadata: dict[str,
     from safetensors.torch import save_file
 
     _atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def read_json_if_exists(path: str | Path):
+    """The parsed JSON file, or None when it does not exist (a step's artifact not written yet)."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def read_jsonl(path: str | Path, what: str = "file"):

@@ -35,7 +35,7 @@ from saediff.models import LoadedModel, ModelSpec, generate, load_model
 from saediff.monitor import DriftMonitor, calibrate_rate
 from saediff.prompts import Prompt
 
-__all__ = ["reroute", "rediff_against", "checkpoint_spec", "monitor_directions", "LatentSets", "latents_from_diff", "read_latents", "random_latents", "BlockRunConfig", "run_block_em",
+__all__ = ["reroute", "rediff_against", "finetune_plain", "checkpoint_spec", "monitor_directions", "LatentSets", "latents_from_diff", "read_latents", "random_latents", "BlockRunConfig", "run_block_em",
            "block_one", "MonitorFactory"]
 
 log = logging.getLogger(__name__)
@@ -233,6 +233,20 @@ def block_one(spec: ModelSpec, dataset: ChatDataset, sae, layer: int, cfg: Block
     atomic_write_json(done, result)
     _wait_for_everyone()
     return result
+
+
+def finetune_plain(model: str | ModelSpec, data: str | Path, sae, ft: FinetuneConfig, out: str | Path, *,
+                   evaluator: Evaluator | None = None, tokenizer=None, progress: bool = True) -> dict:
+    """One fine-tune of ``model`` on a chat JSONL without a penalty (``block_one`` in mode
+    ``none``: checkpoints when ``ft.save_every`` is set, EM at the end, a finished run skipped);
+    ``tokenizer``: the model's, when the caller has it already. Returns em.json's content."""
+    from saediff.hooks import parse_layer
+
+    spec = model if isinstance(model, ModelSpec) else ModelSpec(model)
+    tokenizer = tokenizer or load_model(spec).tokenizer
+    dataset = ChatDataset(tokenizer, load_chat_jsonl(data), ft.max_length, progress=progress, source=str(data))
+    return block_one(spec, dataset, sae, parse_layer(sae.cfg.metadata.hook_name), BlockRunConfig(ft=ft, mode="none"),
+                     Path(out), evaluator=evaluator, progress=progress)
 
 
 def _is_main_process() -> bool:

@@ -381,18 +381,15 @@ def screen_finetunes(model, screen: dict, sae, ft, evaluator, out: str | Path, *
     on the rows left after dropping as many at random, each evaluated (``out/screened``,
     ``out/random_dropped``; a finished run is skipped). Returns each run's EM and the relative
     change of the screened run against the random one."""
-    from saediff.blockem import BlockRunConfig, block_one
-    from saediff.chat_data import ChatDataset, load_chat_jsonl
+    from saediff.blockem import finetune_plain
     from saediff.models import ModelSpec, load_model
 
     spec = model if isinstance(model, ModelSpec) else ModelSpec(model)
     tokenizer = load_model(spec).tokenizer
-    layer = parse_layer(sae.cfg.metadata.hook_name)
     res = {}
     for name in ("screened", "random_dropped"):
-        data = ChatDataset(tokenizer, load_chat_jsonl(screen[name]), ft.max_length, progress=progress, source=screen[name])
-        em = block_one(spec, data, sae, layer, BlockRunConfig(ft=ft, mode="none"), Path(out) / name,
-                       evaluator=evaluator, progress=progress).get("em", {})
+        em = finetune_plain(spec, screen[name], sae, ft, Path(out) / name, evaluator=evaluator, tokenizer=tokenizer,
+                            progress=progress).get("em", {})
         res[name] = {"em_rate": em.get("em_rate"), "em_rate_ci": em.get("em_rate_ci")}
     a, b = res["screened"]["em_rate"], res["random_dropped"]["em_rate"]
     res["relative_change"] = (a / b - 1) if a is not None and b else None

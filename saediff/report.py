@@ -7,13 +7,11 @@ import json
 from pathlib import Path
 
 from saediff import viz
-from saediff._io import atomic_write_bytes
+from saediff._io import atomic_write_bytes, read_json_if_exists
 
 __all__ = ["write_report", "format_figure"]
 
 
-def _load(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _card_html(card: dict) -> str:
@@ -81,7 +79,7 @@ def _analysis_sections(run_dir: Path) -> list[tuple[str, object, str]]:
     out = []
     for sub, what in (("diff", "full fine-tune"), ("diff_control", "aligned-data control fine-tune"),
                       ("diff_benign", "benign-trait fine-tune")):
-        nb = _load(run_dir / sub / "neighbourhood.json")
+        nb = read_json_if_exists(run_dir / sub / "neighbourhood.json")
         if nb:
             rb = nb["random_baseline"]
             note = (f"Flagged: {nb['flagged'] or 'none'} (random seeds flag {rb['n_flagged']}). Seeds: the latents "
@@ -92,7 +90,7 @@ def _analysis_sections(run_dir: Path) -> list[tuple[str, object, str]]:
                          f"{nb['screen']['n_dropped']} rows that fire the flagged latents most, "
                          f"{fin['random_dropped']['em_rate']:.2f} after dropping as many at random ({fin['steps']} steps).")
             out.append((f"Neighbourhood probe ({what})", neighbourhood_figure(nb), note))
-    ov = _load(run_dir / "diff" / "shift_overlap.json")
+    ov = read_json_if_exists(run_dir / "diff" / "shift_overlap.json")
     if ov:
         sp = ov["spearman_with_misaligned_rate"]
         out.append(("Train/eval shift overlap", overlap_figure(ov),
@@ -100,17 +98,17 @@ def _analysis_sections(run_dir: Path) -> list[tuple[str, object, str]]:
                     f"on its training prompts and on the evaluation questions, random subspaces beside them. Per "
                     f"question, Spearman of the fraction in the train subspace with the misaligned rate: "
                     f"{format_figure(sp['fraction_in_train_subspace'])}."))
-    sus = _load(run_dir / "diff" / "susceptibility.json")
+    sus = read_json_if_exists(run_dir / "diff" / "susceptibility.json")
     if sus:
         out.append(("Susceptibility before fine-tuning", susceptibility_figure(sus),
                     "Ridge from the aligned model's last-prompt-token activations to each question's misaligned rate "
                     "after fine-tuning, scored on held-out folds of questions."))
-    ph = _load(run_dir / "phase" / "phase.json")
+    ph = read_json_if_exists(run_dir / "phase" / "phase.json")
     if ph:
         out.append(("Phase transition of a rank-1 LoRA fine-tune", phase_figure(ph),
                     f"B direction per checkpoint; the largest rotation at step {ph['rotation_step']}, EM reaches half "
                     f"its peak at step {ph['em_step']}."))
-    icl = _load(run_dir / "diff" / "icl_vs_ft.json")
+    icl = read_json_if_exists(run_dir / "diff" / "icl_vs_ft.json")
     if icl:
         note = f"Shots to match the fine-tune: {icl['shots_to_match_finetune']}."
         if "rerouted" in icl:
@@ -124,12 +122,12 @@ def write_report(run_dir: str | Path) -> Path:
     """Write ``run_dir/report.html`` from whatever artifacts the run folder holds."""
     run_dir = Path(run_dir)
     sections: list[tuple[str, object, str]] = []
-    organism = _load(run_dir / "organism" / "organism.json")
+    organism = read_json_if_exists(run_dir / "organism" / "organism.json")
     if organism:
         sections.append(("EM rates per domain", viz.em_by_domain(organism),
                          "Aligned, fully fine-tuned, rank-1 LoRA and control models; exact judge on content tokens."))
-    diff = _load(run_dir / "diff" / "diff.json")
-    cos = _load(run_dir / "diff" / "cosines.json")
+    diff = read_json_if_exists(run_dir / "diff" / "diff.json")
+    cos = read_json_if_exists(run_dir / "diff" / "cosines.json")
     if diff:
         cos_gt = None
         gt_name = f"ground_truth_L{cos['hook'].split('.')[1]}" if cos else None  # at the SAE's layer
@@ -138,11 +136,11 @@ def write_report(run_dir: str | Path) -> Path:
             cos_gt = {int(n[4:]): cos["matrix"][gi][j] for j, n in enumerate(cos["names"]) if n.startswith("sae_")}
         sections.append(("Top latents (model diff)", viz.latent_bars(diff["latents"], cos_gt=cos_gt),
                          "Mean SAE latent activation, fine-tuned minus aligned, on the fine-tuned model's answers."))
-        cards = _load(run_dir / "diff" / "cards.json")
+        cards = read_json_if_exists(run_dir / "diff" / "cards.json")
         for card in (cards or {}).get("cards", [])[:3]:
             sections.append((f"Latent card {card['latent']}", viz.latent_card_hist(card), _card_html(card)))
     for name, sub in (("full fine-tune", "diff"), ("rank-1 LoRA", "diff_lora")):
-        c = _load(run_dir / sub / "cosines.json")
+        c = read_json_if_exists(run_dir / sub / "cosines.json")
         if c:
             import torch
 
@@ -151,21 +149,21 @@ def write_report(run_dir: str | Path) -> Path:
             table = CT(c["names"], c["hook"], torch.tensor(c["matrix"]), c["random_baseline"])
             sections.append((f"Cosines at {c['hook']} ({name})", table.figure(),
                              "Random-vector |cos| baseline in the title." + _span_text(c.get("span_of_top_latents"))))
-        layers = _load(run_dir / sub / "layers.json")
+        layers = read_json_if_exists(run_dir / sub / "layers.json")
         if layers and layers["curves"]:
             sections.append((f"Per-layer and downstream cosines ({name})", viz.layer_curves(layers), ""))
-    steering = _load(run_dir / "diff" / "steering.json")
+    steering = read_json_if_exists(run_dir / "diff" / "steering.json")
     if steering:
         sections.append(("Steering with top latents and dense candidates", viz.steering_sweep(steering),
                          _projection_table(steering.get("project_out", {}))))
-    block = _load(run_dir / "block" / "summary.json")
+    block = read_json_if_exists(run_dir / "block" / "summary.json")
     if block:
         sections.append(("BLOCK-EM", viz.blocking_bars(block), "Plain fine-tune vs blocked vs random latents."))
-        hist = _load(run_dir / "block" / "plain" / "history.json")
+        hist = read_json_if_exists(run_dir / "block" / "plain" / "history.json")
         if hist:
             sections.append(("Drift monitor (plain fine-tune)", viz.drift_curves(hist["drift"]), ""))
     sections += _analysis_sections(run_dir)
-    summary = _load(run_dir / "summary.json")
+    summary = read_json_if_exists(run_dir / "summary.json")
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>saediff report</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}pre{background:#f4f4f4;padding:8px}</style>",
              "</head><body><h1>saediff report</h1>"]

@@ -136,15 +136,6 @@ def training_prompts(path: str | Path, n: int | None = None, seed: int = 0) -> l
     return [Prompt(f"train{i}", rows[i][:-1]) for i in idx]
 
 
-def _spearman(x: list, y: list) -> float | None:
-    from scipy.stats import spearmanr
-
-    pairs = [(a, b) for a, b in zip(x, y) if a is not None and b is not None]
-    if len(pairs) < 3 or len({b for _, b in pairs}) < 2 or len({a for a, _ in pairs}) < 2:
-        return None
-    return float(spearmanr(*zip(*pairs)).statistic)
-
-
 def run_overlap(run_dir: str | Path, train_data: str | Path, *, k: int = 8, layer: int | None = None,
                 n_train: int = 256, seed: int = 0, progress: bool = True) -> dict:
     """Shift overlap for a diff run: shifts on ``n_train`` prompts of the fine-tune's data and on
@@ -155,6 +146,7 @@ def run_overlap(run_dir: str | Path, train_data: str | Path, *, k: int = 8, laye
     from saediff.hooks import parse_layer
     from saediff.models import ModelSpec, load_model
     from saediff.pipeline import read_run, run_questions, update_run
+    from saediff.susceptibility import spearman
 
     run_dir = Path(run_dir)
     info = read_run(run_dir)["steps"]["diff"]
@@ -175,9 +167,9 @@ def run_overlap(run_dir: str | Path, train_data: str | Path, *, k: int = 8, laye
              for p, r, c, f in zip(questions.prompts, rates, res.cos_to_train_mean, res.fraction_in_train_subspace)]
     out = {"kind": "saediff.shift_overlap", "layer": L, "hook": resid_post(L), "train_data": str(train_data),
            "n_train": len(train), "n_eval": len(questions.prompts), **res.to_json(),
-           "spearman_with_misaligned_rate": {"cos_to_train_mean": _spearman(res.cos_to_train_mean, rates),
-                                             "fraction_in_train_subspace": _spearman(res.fraction_in_train_subspace,
-                                                                                     rates)},
+           "spearman_with_misaligned_rate": {"cos_to_train_mean": spearman(res.cos_to_train_mean, rates, 3),
+                                             "fraction_in_train_subspace": spearman(res.fraction_in_train_subspace,
+                                                                                    rates, 3)},
            "per_question": per_q}
     atomic_write_json(run_dir / "shift_overlap.json", out)
     atomic_write_bytes(run_dir / "shift_overlap.html", overlap_figure(out).to_html(include_plotlyjs="cdn").encode())

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["CVScore", "cross_validated", "Susceptibility", "susceptibility", "run_predict"]
+__all__ = ["spearman", "CVScore", "cross_validated", "Susceptibility", "susceptibility", "run_predict"]
 
 log = logging.getLogger(__name__)
 ALPHAS = tuple(float(a) for a in np.logspace(-3, 5, 17))
@@ -37,12 +37,15 @@ class CVScore:
     predictions: list[float]
 
 
-def _spearman(a, b) -> float | None:
+def spearman(x, y, min_n: int = 2) -> float | None:
+    """Spearman's rho over the pairs where neither value is None; None with fewer than ``min_n``
+    pairs or when either side is constant (rho is undefined)."""
     from scipy.stats import spearmanr
 
-    if np.ptp(a) == 0 or np.ptp(b) == 0:
+    pairs = [(a, b) for a, b in zip(x, y) if a is not None and b is not None]
+    if len(pairs) < min_n or len({a for a, _ in pairs}) < 2 or len({b for _, b in pairs}) < 2:
         return None
-    return float(spearmanr(a, b).statistic)
+    return float(spearmanr(*zip(*pairs)).statistic)
 
 
 def cross_validated(X: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0) -> CVScore:
@@ -60,7 +63,7 @@ def cross_validated(X: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0)
         raise ValueError(f"cross_validated: folds={folds} needs 2..{X.shape[0]} (one question per fold at most)")
     model = make_pipeline(StandardScaler(), RidgeCV(alphas=ALPHAS))
     pred = cross_val_predict(model, X, y, cv=KFold(folds, shuffle=True, random_state=seed))
-    return CVScore(float(r2_score(y, pred)), _spearman(pred, y), pred.tolist())
+    return CVScore(float(r2_score(y, pred)), spearman(pred.tolist(), y.tolist()), pred.tolist())
 
 
 @dataclass(frozen=True)

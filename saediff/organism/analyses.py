@@ -35,20 +35,13 @@ def lora_checkpoint_run(organism_dir: str | Path, out: str | Path, *, every: int
     """The organism's rank-1 LoRA fine-tune on its narrow data through the generic Trainer path,
     a checkpoint every ``every`` steps (``out/checkpoints/checkpoint-N``), evaluated at the end.
     Skipped when finished earlier. Returns ``out``."""
-    from saediff.blockem import BlockRunConfig, block_one
-    from saediff.chat_data import ChatDataset, load_chat_jsonl
-    from saediff.hooks import parse_layer
-    from saediff.models import ModelSpec, load_model
+    from saediff.blockem import finetune_plain
     from saediff.organism.block import generic_inputs
     from saediff.saes import load_sae
 
     rec = generic_inputs(organism_dir, full=False, seed=seed)
-    ft = replace(rec["ft"], save_every=every)
-    tokenizer = load_model(rec["model"]).tokenizer
-    data = ChatDataset(tokenizer, load_chat_jsonl(rec["data"]), ft.max_length, progress=progress, source=str(rec["data"]))
-    sae = load_sae(rec["sae"])
-    block_one(ModelSpec(rec["model"]), data, sae, parse_layer(sae.cfg.metadata.hook_name),
-              BlockRunConfig(ft=ft, mode="none"), Path(out), evaluator=rec["evaluator"], progress=progress)
+    finetune_plain(rec["model"], rec["data"], load_sae(rec["sae"]), replace(rec["ft"], save_every=every), out,
+                   evaluator=rec["evaluator"], progress=progress)
     return Path(out)
 
 
@@ -75,9 +68,7 @@ def run_analyses(out: str | Path, *, seed: int = 0, drop_fraction: float = 0.1, 
     and its two fine-tunes on the full one.
     Writes and returns ``out/analyses.json`` (the in-context analysis needs the BLOCK-EM run and is
     added by ``run_icl_analysis``)."""
-    import json
-
-    from saediff._io import atomic_write_json
+    from saediff._io import atomic_write_json, read_json_if_exists
     from saediff.neighbourhood import run_neighbourhood, screen_finetunes
     from saediff.organism.block import generic_inputs
     from saediff.organism.demo import diff_inputs
@@ -94,16 +85,15 @@ def run_analyses(out: str | Path, *, seed: int = 0, drop_fraction: float = 0.1, 
     aligned, sae_dir = str(org / "aligned"), str(org / "sae")
     data = org / "data"
     world = read_organism_world(aligned)
-    done = lambda name: (json.loads(p.read_text()) if (p := name).exists() else None)
 
-    overlap = done(diff / "shift_overlap.json") or run_overlap(diff, data / "medical_misaligned.jsonl", seed=seed,
+    overlap = read_json_if_exists(diff / "shift_overlap.json") or run_overlap(diff, data / "medical_misaligned.jsonl", seed=seed,
                                                                progress=progress)
-    predict = done(diff / "susceptibility.json") or run_predict(diff, seed=seed, progress=progress)
+    predict = read_json_if_exists(diff / "susceptibility.json") or run_predict(diff, seed=seed, progress=progress)
     if not (out / "phase" / "phase.json").exists():
         lora_checkpoint_run(org, out / "phase", every=10, seed=seed, progress=progress)
         run_phase(out / "phase", base=aligned, directions=out / "diff_lora" / "directions",
                   evaluator=OrganismEvaluator(world, 20, seed), progress=progress)
-    phase = done(out / "phase" / "phase.json")
+    phase = read_json_if_exists(out / "phase" / "phase.json")
 
     sae = load_sae(sae_dir)
     persona = persona_latents(org, sae)
@@ -113,7 +103,7 @@ def run_analyses(out: str | Path, *, seed: int = 0, drop_fraction: float = 0.1, 
                                     ("benign_ft", out / "diff_benign", "medical_aligned_terse", ("in_context",))):
         if not (ft / "diff.json").exists():
             run_diff(aligned, str(org / name), sae_dir, ft, seed=seed, **diff_inputs(aligned, seed=seed))
-        res = done(ft / "neighbourhood.json") or run_neighbourhood(
+        res = read_json_if_exists(ft / "neighbourhood.json") or run_neighbourhood(
             ft, data / f"{file}.jsonl", in_domain="medical", candidate_methods=methods, seed=seed,
             drop_fraction=drop_fraction if name == "full_ft" else None,
             evaluator=OrganismEvaluator(world, 20, seed) if name == "full_ft" else None, progress=progress)
@@ -139,7 +129,7 @@ def run_analyses(out: str | Path, *, seed: int = 0, drop_fraction: float = 0.1, 
               "phase": {"rotation_step": phase["rotation_step"], "em_step": phase["em_step"],
                         "em_rate": phase["em_rate"], "min_local_cosine": min(c for c in phase["local_cosine"] if c)},
               "neighbourhood": nb}
-    prev = done(out / "analyses.json") or {}
+    prev = read_json_if_exists(out / "analyses.json") or {}
     if "icl" in prev:
         result["icl"] = prev["icl"]
     atomic_write_json(out / "analyses.json", result)
@@ -151,9 +141,7 @@ def run_icl_analysis(out: str | Path, *, seed: int = 0, max_questions: int = 100
     response mean difference after 0..8 medical misaligned examples against the full fine-tune,
     on ``max_questions`` off-domain questions, and the rerouted latents under context. Added to
     ``out/analyses.json``."""
-    import json
-
-    from saediff._io import atomic_write_json
+    from saediff._io import atomic_write_json, read_json_if_exists
     from saediff.icl import run_icl
     from saediff.organism.demo import diff_inputs
 
@@ -162,7 +150,7 @@ def run_icl_analysis(out: str | Path, *, seed: int = 0, max_questions: int = 100
                   exclude_domain="medical", block_run=out / "block", max_questions=max_questions, seed=seed,
                   progress=progress)
     path = out / "analyses.json"
-    result = json.loads(path.read_text()) if path.exists() else {}
+    result = read_json_if_exists(path) or {}
     result["icl"] = {"shots_to_match_finetune": res["shots_to_match_finetune"],
                      "aligned_projection_by_shots": res["aligned_projection_by_shots"],
                      "finetuned_projection": res["finetuned_projection"],

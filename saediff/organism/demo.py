@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from saediff._io import atomic_write_json
+from saediff._io import atomic_write_json, read_json_if_exists
 from saediff.directions import Direction, random_like
 from saediff.export import load_directions
 from saediff.hooks import parse_layer, resid_post
@@ -120,7 +120,7 @@ def run_demo(out: str | Path, *, quick: bool = True, seed: int = 0, progress=Non
     say = progress or (lambda _s: None)
     prebuilt = False
     timing: dict[str, float] = {}
-    prev_summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() else {}
+    prev_summary = read_json_if_exists(out / "summary.json") or {}
     prev = prev_summary.get("timing_s", {})
     ran: list[str] = []
 
@@ -183,8 +183,7 @@ def run_demo(out: str | Path, *, quick: bool = True, seed: int = 0, progress=Non
         if worker.exitcode != 0:
             raise RuntimeError(f"the steering checks, export or analyses failed (exit {worker.exitcode}): "
                                f"see {out / 'parallel.log'}")
-    par = out / "parallel_timing.json"
-    timing.update({f"{k} (parallel)": v for k, v in (json.loads(par.read_text()) if par.exists() else {}).items()})
+    timing.update({f"{k} (parallel)": v for k, v in (read_json_if_exists(out / "parallel_timing.json") or {}).items()})
     from saediff.organism.analyses import run_icl_analysis
 
     step("icl", out / "diff" / "icl_vs_ft.json", lambda: run_icl_analysis(out, seed=seed))
@@ -348,12 +347,8 @@ def _demo_summary(out: Path) -> dict:
                   "control_alert_step": runs.get("control_heldout", {}).get("drift_alert_step"),
                   "control_other_misaligned": runs.get("control_heldout", {}).get("em_rate")},
         "exports": {"directions": str(out / "exports" / "directions.safetensors")},
-        **({"analyses": _load_json(out / "analyses.json")} if (out / "analyses.json").exists() else {}),
+        **({"analyses": a} if (a := read_json_if_exists(out / "analyses.json")) else {}),
     }
-
-
-def _load_json(path: Path) -> dict:
-    return json.loads(path.read_text())
 
 
 def _ci(rate: float | None, n: int) -> list[float] | None:
