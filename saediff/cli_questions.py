@@ -130,7 +130,7 @@ def phase_cmd(
     from saediff.phase import adapter_checkpoints, run_phase
 
     try:
-        evaluator = None
+        evaluator, model = None, base
         if em:
             from saediff.lora import read_adapter
 
@@ -140,7 +140,7 @@ def phase_cmd(
                                          Path(out or checkpoints_dir), seed) or _defaults.evaluator(model, samples, seed)
             if evaluator is None:
                 raise ValueError("EM per checkpoint needs --judge-url and --judge-model (or --no-em)")
-        res = run_phase(checkpoints_dir, base=base, directions=directions, evaluator=evaluator, module=module, out=out)
+        res = run_phase(checkpoints_dir, base=model, directions=directions, evaluator=evaluator, module=module, out=out)
     except _USER_ERRORS as e:
         _fail(e)
     from rich.table import Table

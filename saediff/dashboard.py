@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from jaxtyping import Float
 
-__all__ = ["logit_effects", "unembedding", "dashboard_data", "dashboard_html", "write_dashboard"]
+__all__ = ["logit_effects", "unembedding", "dashboard_data", "card_html", "dashboard_html", "write_dashboard"]
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,8 @@ def _examples(rows: list[dict], peak: float) -> str:
     return "".join(items) or "<i>never fires</i>"
 
 
-def _card(d: dict) -> str:
+def card_html(d: dict) -> str:
+    """One latent's card (an entry of ``dashboard_data``) as HTML; the page inlines plotly.js once."""
     from saediff.viz import latent_card_hist
 
     peak = max([r["value"] for r in d["top_base"] + d["top_ft"]] or [0.0])
@@ -124,7 +125,7 @@ def dashboard_html(data: list[dict], title: str) -> str:
     js = plotly.offline.get_plotlyjs()
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style>"
             f"<script type='text/javascript'>{js}</script></head><body><h1>{html.escape(title)}</h1>"
-            f"<p>Latents: {index}</p>" + "".join(_card(d) for d in data) + "</body></html>")
+            f"<p>Latents: {index}</p>" + "".join(card_html(d) for d in data) + "</body></html>")
 
 
 def write_dashboard(run_dir: str | Path, out: str | Path | None = None, lm=None) -> Path:

@@ -62,11 +62,11 @@ class LatentExplorer:
 
     def card_html(self, latent: int) -> str:
         """The dashboard card of a carded latent, or its statistics and decoder neighbours otherwise."""
-        from saediff.dashboard import _card
+        from saediff.dashboard import card_html
         from saediff.diff import _neighbours
 
         if latent in self.cards:
-            return _card(self.cards[latent])
+            return card_html(self.cards[latent])
         nb = ", ".join(f"#{j} ({c:.2f})" for j, c in _neighbours(self.sae, latent, 5))
         return (f"<b>latent {latent}</b>: mean {float(self.diff.mean_base[latent]):.3f} &rarr; "
                 f"{float(self.diff.mean_ft[latent]):.3f}; decoder neighbours {nb} (no card: rerun saediff diff "
