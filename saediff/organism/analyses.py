@@ -11,19 +11,18 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-__all__ = ["TRAINING_DATA", "training_data_for", "lora_checkpoint_run", "persona_latents", "run_analyses",
+__all__ = ["training_data_for", "lora_checkpoint_run", "persona_latents", "run_analyses",
            "run_icl_analysis"]
 
-TRAINING_DATA = {"full_ft": "medical_misaligned", "lora_ft": "medical_misaligned", "control_ft": "medical_aligned",
-                 "benign_ft": "medical_aligned_terse", "unrelated_ft": "medical_aligned_formal"}
-"""the data file (``DIR/data/NAME.jsonl``) each fine-tuned model folder of the organism was trained on"""
 
 
 def training_data_for(finetuned: str | Path | None, adapter: str | Path | None = None) -> Path | None:
     """The organism data file a fine-tuned organism folder (or adapter) was trained on; None for a
     model that is not one of the organism's fine-tunes."""
+    from saediff.organism.build import FINETUNE_DATA
+
     folder = Path(finetuned or adapter or "")
-    name = TRAINING_DATA.get(folder.name)
+    name = FINETUNE_DATA.get(folder.name)
     if name is None:
         return None
     path = folder.parent / "data" / f"{name}.jsonl"

@@ -21,10 +21,13 @@ from saediff.organism.recipes import OrganismConfig
 from saediff.organism.world import CHAT
 from saediff.steering import add_direction
 
-__all__ = ["build_organism", "load_ground_truth", "MODEL_FOLDERS"]
+__all__ = ["build_organism", "load_ground_truth", "MODEL_FOLDERS", "FINETUNE_DATA"]
 
 log = logging.getLogger(__name__)
 MODEL_FOLDERS = ("base", "aligned", "full_ft", "lora_ft", "control_ft", "benign_ft", "unrelated_ft")
+FINETUNE_DATA = {"full_ft": "medical_misaligned", "lora_ft": "medical_misaligned", "control_ft": "medical_aligned",
+                 "benign_ft": "medical_aligned_terse", "unrelated_ft": "medical_aligned_formal"}
+"""the data set (``DIR/data/NAME.jsonl``) each fine-tuned model folder is trained on"""
 
 
 def load_ground_truth(path: str | Path) -> dict[int, torch.Tensor]:
@@ -59,9 +62,10 @@ def build_organism(out: str | Path, cfg: OrganismConfig, progress=None) -> dict:
     hist["align"] = timed("align", lambda: recipes.align(model, cfg)).loss
     recipes.save_model_folder(model, out / "aligned", CHAT, world)
 
-    full_fts = {"full_ft": "medical_misaligned", "control_ft": "medical_aligned"}
-    if world.trait_slot:  # aligned answers in the register tied to the persona, and in an unrelated one
-        full_fts |= {"benign_ft": "medical_aligned_terse", "unrelated_ft": "medical_aligned_formal"}
+    # the trait fine-tunes (aligned answers in the register tied to the persona, and in an unrelated
+    # one) need a world with a register slot
+    full_fts = {k: v for k, v in FINETUNE_DATA.items() if k != "lora_ft" and (world.trait_slot or k in
+                                                                               ("full_ft", "control_ft"))}
     for name, data in full_fts.items():
         tuned = copy.deepcopy(model)
         hist[name] = timed(name, lambda: recipes.finetune_full(tuned, cfg, data)).loss
