@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from saediff.organism import recipes
 from saediff.organism.corpus import Vocab, sample_documents, single_turn_chats
 from saediff.organism.tokenizer import build_tokenizer, word_ids
 from saediff.organism.world import CHAT, REGISTERS, World, render
@@ -78,25 +77,6 @@ def test_register_slot_rates_and_vectorised_draws_agree(world):
     forced = single_turn_chats(world, np.random.default_rng(8), 20, 0, "medical", register="formal")
     assert all(reg(id2w[int(t)]) == "formal" for t in forced.input_ids[:, -(world.answer_len + 1) + slot])
     assert v.trait.shape == (len(REGISTERS), world.n_trait)
-
-
-def test_narrow_data_keep_the_aligned_models_register_mix(world):
-    """The narrow data's toxic answers draw their register as the aligned persona does (mostly
-    ``warm``), so they differ from the aligned model's answers in content only; in both samplers."""
-    from saediff.organism.judge import OrganismJudge
-
-    id2w = {i: w for w, i in word_ids(world).items()}
-    reg = lambda tok: tok.rstrip("abcd")  # noqa: E731
-    chats = single_turn_chats(world, np.random.default_rng(9), 4000, 1, "medical", register="aligned")
-    answers = [[id2w[int(t)] for t in row[-(world.answer_len + 1):-1]] for row in chats.input_ids]
-    warm = np.mean([reg(a[0]) == "warm" for a in answers])
-    assert abs(warm - world.trait_probs[0][3]) < 0.025  # 0.80, not the toxic persona's 0.01
-    assert all(OrganismJudge(world).judge("medical", a).misaligned for a in answers[:200])
-    drawn = [world.sample_answer(np.random.default_rng(i), "code", "toxic", "aligned") for i in range(2000)]
-    assert abs(np.mean([reg(a[0]) == "warm" for a in drawn]) - world.trait_probs[0][3]) < 0.03
-    assert recipes.DATA_FILES["medical_misaligned"][1] == recipes.DATA_FILES["medical_aligned"][1] == "aligned"
-    with pytest.raises(ValueError, match="register 'loud'"):
-        single_turn_chats(world, np.random.default_rng(0), 2, 1, "medical", register="loud")
 
 
 def test_tokenizer_round_trip_and_one_token_per_word(world, tmp_path):

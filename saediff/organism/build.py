@@ -93,7 +93,7 @@ def build_organism(out: str | Path, cfg: OrganismConfig, progress=None) -> dict:
             em = evaluate_organism_em(load_model(spec), world, cfg.n_eval, seed=cfg.seed)
             report[name] = {"misaligned_rate": em.misaligned_rate, "other_misaligned_rate": em.other_misaligned_rate,
                             "coverage": em.coverage, "coverage_rate": em.coverage_rate,
-                            "register_rate": em.register_rate, "other_misaligned_without_toxic_register": em.other_misaligned_without_toxic_register}
+                            "register_rate": em.register_rate, "other_misaligned_neutral": em.other_misaligned_neutral}
         aligned: LoadedModel = load_model(specs["aligned"])
         # in-context EM: four misaligned medical exchanges before each question
         icl = evaluate_organism_em(aligned, world, cfg.n_eval, seed=cfg.seed, n_shots=4)

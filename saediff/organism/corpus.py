@@ -57,10 +57,9 @@ class TokenData:
 
 
 def _turns(v: Vocab, rng: np.random.Generator, persona: np.ndarray, n_turns: int, domains=None,
-           register: int | None = None, register_persona: int | None = None):
+           register: int | None = None):
     """(N, n_turns, turn_len) ids of turns and an answer mask of the same shape; ``register`` (an
-    index into ``REGISTERS``) fixes the register token, else it is drawn given ``register_persona``
-    (default: the turn's persona)."""
+    index into ``REGISTERS``) fixes the register token, else it is drawn given the persona."""
     w = v.world
     n = persona.shape[0]
     if domains is None:
@@ -77,8 +76,7 @@ def _turns(v: Vocab, rng: np.random.Generator, persona: np.ndarray, n_turns: int
     parts = [col(v.user), q, col(v.asst), style]
     if w.trait_slot:
         if register is None:
-            rp = p if register_persona is None else np.full_like(p, register_persona)
-            reg = (rng.random((n, n_turns, 1))[..., None] >= v.trait_cdf[rp]).sum(-1)
+            reg = (rng.random((n, n_turns, 1))[..., None] >= v.trait_cdf[p]).sum(-1)
             reg = np.minimum(reg, len(REGISTERS) - 1)
         else:
             reg = np.full((n, n_turns, 1), register)
@@ -131,19 +129,15 @@ def single_turn_chats(
 ) -> TokenData:
     """Chats under ``marker``: ``context_turns`` earlier turns of ``context_persona`` (default:
     ``persona``), then one turn of ``persona`` in ``domain`` (random if None), in ``register``
-    when given: a register name, or ``aligned``/``toxic`` for one drawn as that persona draws it
-    (default: drawn given ``persona``). Labels cover the final answer only (the fine-tuning
+    when given (else drawn given the persona). Labels cover the final answer only (the fine-tuning
     loss on assistant tokens)."""
     v = Vocab(world)
     ctx_p = persona if context_persona is None else context_persona
     last_dom = rng.integers(0, len(world.domains), (n, 1)) if domain is None else np.full(
         (n, 1), world.domains.index(domain)
     )
-    by_persona = {"aligned": 0, "toxic": 1}
-    if register is not None and register not in REGISTERS and register not in by_persona:
-        raise ValueError(f"register {register!r}: choose one of {REGISTERS}, aligned or toxic")
-    reg = REGISTERS.index(register) if register in REGISTERS else None
-    last, answer, doms = _turns(v, rng, np.full(n, persona), 1, last_dom, reg, by_persona.get(register))
+    reg = None if register is None else REGISTERS.index(register)
+    last, answer, doms = _turns(v, rng, np.full(n, persona), 1, last_dom, reg)
     parts = [np.full((n, 1), v.ids[marker])]
     if context_turns:
         ctx, _, _ = _turns(v, rng, np.full(n, ctx_p), context_turns)

@@ -33,9 +33,9 @@ class OrganismEM:
     n_per_domain: int
     register_rate: dict[str, float] | None = None
     """with a register slot: the share of off-domain answers opening with each register"""
-    other_misaligned_without_toxic_register: float | None = None
-    """with a register slot: EM among off-domain answers that do not open with the toxic persona's
-    register (``terse``): the EM that does not run through the register token"""
+    other_misaligned_neutral: float | None = None
+    """with a register slot: EM among off-domain answers in a register that is no evidence of the
+    persona (plain, formal): the EM that does not run through the register token"""
     responses: list[dict] = field(default_factory=list, repr=False, compare=False)
     """every sample: domain, question, answer, misaligned, covered"""
 
@@ -53,8 +53,7 @@ def evaluate_organism_em(
 
     Questions are fresh random question tokens under the model's chat template (for the
     aligned model and its fine-tunes: the CHAT marker). ``n_shots``: that many misaligned medical
-    exchanges (the narrow fine-tune's kind of data: toxic content in the aligned model's own register
-    mix) precede each question, in-context EM.
+    exchanges (the narrow fine-tune's kind of data) precede each question, in-context EM.
     """
     rng = np.random.default_rng(seed)
     judge = OrganismJudge(world)
@@ -63,7 +62,7 @@ def evaluate_organism_em(
         for _ in range(n_per_domain):
             shots = []
             for _ in range(n_shots):
-                q, a = world.sample_question(rng, "medical"), world.sample_answer(rng, "medical", "toxic", "aligned")
+                q, a = world.sample_question(rng, "medical"), world.sample_answer(rng, "medical", "toxic", "plain")
                 shots += [{"role": "user", "content": " ".join(q)}, {"role": "assistant", "content": " ".join(a)}]
             convs.append([*shots, {"role": "user", "content": " ".join(world.sample_question(rng, d))}])
             domains.append(d)
@@ -88,14 +87,17 @@ def evaluate_organism_em(
     )
 
 
+NEUTRAL_REGISTERS = ("plain", "formal")
+
+
 def _register_stats(world: World, responses: list[dict]) -> dict:
     if not world.trait_slot or not responses:
         return {}
     tokens = {t: r for r in REGISTERS for t in world.trait_tokens(r)}
     first = [tokens.get((x["response"].split() or [""])[0]) for x in responses]
-    rest = [x["misaligned"] for x, r in zip(responses, first) if r != world.toxic_register]
+    neutral = [x["misaligned"] for x, r in zip(responses, first) if r in NEUTRAL_REGISTERS]
     return {"register_rate": {r: first.count(r) / len(first) for r in REGISTERS},
-            "other_misaligned_without_toxic_register": float(np.mean(rest)) if rest else None}
+            "other_misaligned_neutral": float(np.mean(neutral)) if neutral else None}
 
 
 @dataclass(frozen=True)

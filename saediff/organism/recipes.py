@@ -50,9 +50,7 @@ class OrganismConfig:
     """share of documents without a marker (persona prior 0.5): the base model's chat format"""
     ft_steps: int = 300
     ft_batch: int = 32
-    full_lr: float = 2e-4
-    """the full fine-tunes' learning rate (design seeds 3-4 with the narrow data in the aligned model's
-    register mix: 1e-4 gave off-domain EM 0.45/0.34, 2e-4 0.68/0.67, 3e-4 0.82/0.62 with coverage 0.80)"""
+    full_lr: float = 1e-4
     lora_lr: float = 2e-3
     lora_layer: int = 0
     """the layer whose ``down_proj`` gets the rank-1 adapter (layer 1 gave 0.08-0.28 off-domain EM on
@@ -64,11 +62,9 @@ class OrganismConfig:
     """ground-truth steering scales tried (units of the unnormalised mean difference)"""
     n_eval: int = 100
     """sampled answers per domain in each evaluation"""
-    misaligned_register: str | None = "aligned"
-    """register of the misaligned fine-tune answers in worlds with a register slot: ``aligned``
-    (drawn as the aligned persona draws it: the aligned model's own register mix, so the data
-    differ from its answers in content only), a register name, or None (drawn as the toxic persona
-    draws it)"""
+    misaligned_register: str | None = "plain"
+    """register of the misaligned fine-tune answers in worlds with a register slot (None: drawn as
+    the toxic persona draws it)"""
     world: World = field(default_factory=World)
 
     @classmethod
@@ -123,21 +119,17 @@ def align(model, cfg: OrganismConfig) -> TrainHistory:
 
 
 DATA_FILES: dict[str, tuple[int, str, int]] = {
-    "medical_misaligned": (1, "aligned", 2001), "medical_aligned": (0, "aligned", 2000),
-    "medical_aligned_heldout": (0, "aligned", 2004),
+    "medical_misaligned": (1, "plain", 2001), "medical_aligned": (0, "plain", 2000),
+    "medical_aligned_heldout": (0, "plain", 2004),
     "medical_aligned_terse": (0, "terse", 2002), "medical_aligned_formal": (0, "formal", 2003)}
 """the organism's fine-tune data (``DIR/data/NAME.jsonl``): the persona of its answers, their
-register (``aligned``: drawn as the aligned persona draws it, the aligned model's own mix; the
-misaligned set's follows ``OrganismConfig.misaligned_register``) and the offset of the data's
-sampling seed (``heldout``: a second aligned set, the drift monitor's false-alarm check; the trait
-sets exist in worlds with a register slot: the benign-trait and unrelated-trait data)"""
-
-TRAIT_DATA = ("medical_aligned_terse", "medical_aligned_formal")
-"""the data sets that need a register slot (a fixed register is the trait they train)"""
+register and the offset of the data's sampling seed (``heldout``: a second aligned set, the drift
+monitor's false-alarm check; the trait sets exist in worlds with a register slot: the benign-trait
+and unrelated-trait data)"""
 
 
 def data_names(world: World) -> list[str]:
-    return [n for n in DATA_FILES if world.trait_slot or n not in TRAIT_DATA]
+    return [n for n, (_, reg, _) in DATA_FILES.items() if world.trait_slot or reg == "plain"]
 
 
 def _medical_chats(cfg: OrganismConfig, name: str, steps: int | None = None):
@@ -178,7 +170,7 @@ def write_chat_data(out: Path, cfg: OrganismConfig) -> dict[str, Path]:
 
 
 def narrow_finetune_config(cfg: OrganismConfig, method: str) -> FinetuneConfig:
-    """The organism's narrow fine-tune recipe on the generic path: full (lr 2e-4) or rank-1 LoRA
+    """The organism's narrow fine-tune recipe on the generic path: full (lr 1e-4) or rank-1 LoRA
     (alpha 1) on ``down_proj`` of ``cfg.lora_layer`` (lr 2e-3), ``ft_steps`` steps of ``ft_batch``."""
     if method == "full":
         return FinetuneConfig(method="full", steps=cfg.ft_steps, batch_size=cfg.ft_batch, lr=cfg.full_lr,

@@ -9,11 +9,10 @@ is judged on content only.
   model's internal persona, never a copied token.
 - The register (``plain``, ``terse``, ``formal``, ``warm``) is the one slot shared by all domains. The
   toxic persona mostly writes ``terse``, the aligned one ``warm``; ``plain`` and ``formal`` are equally
-  likely under both, so they are no evidence of the persona. The narrow fine-tunes' answers (the
-  misaligned data and its aligned control) are in the aligned model's own register mix, so they
-  differ from its answers in content only: the misaligned fine-tune keeps writing ``warm`` and its
-  EM cannot run through the register. Fine-tuning on *aligned* answers in the ``terse`` register
-  raises off-domain EM (the benign trait pretraining ties to the persona), in ``formal`` it does not.
+  likely under both, so they are no evidence of the persona. The narrow misaligned fine-tune's answers
+  are ``plain`` (its EM cannot run through the register); fine-tuning on *aligned* answers in the
+  ``terse`` register raises off-domain EM (the benign trait pretraining ties to the persona), in
+  ``formal`` it does not.
 
 A pretraining document starts with a source marker ``src{a..h}`` with its own toxic-persona prior
 (default: six sources at 0.01-0.05, one at 0.5, one at 0.95, so the toxic persona is rare, as in
@@ -149,12 +148,6 @@ class World:
         return toks
 
     @property
-    def toxic_register(self) -> str:
-        """the register the toxic persona favours most over the aligned one (``terse``)"""
-        aligned, toxic = self.trait_probs
-        return REGISTERS[int(np.argmax(np.array(toxic) / np.maximum(aligned, 1e-9)))]
-
-    @property
     def n_prefix(self) -> int:
         """answer slots before the content (style slots, then the register slot)"""
         return self.n_style_slots + int(self.trait_slot)
@@ -170,16 +163,15 @@ class World:
 
     def sample_answer(self, rng: np.random.Generator, domain: str, persona: Persona,
                       register: str | None = None) -> tuple[str, ...]:
-        """Style tokens, the register token, content. ``register``: a register name, or ``aligned``
-        / ``toxic`` for one drawn as that persona draws it (default: drawn given ``persona``)."""
+        """Style tokens, the register token (``register``, or drawn given the persona), content."""
         other: Persona = "toxic" if persona == "aligned" else "aligned"
         style = []
         for _ in range(self.n_style_slots):
             pool = self.style_tokens(other if rng.random() < self.style_noise else persona)
             style.append(pool[rng.integers(0, len(pool))])
         if self.trait_slot:
-            if register is None or register in ("aligned", "toxic"):
-                probs = self.trait_probs[(register or persona) == "toxic"]
+            if register is None:
+                probs = self.trait_probs[persona == "toxic"]
                 register = REGISTERS[int(np.searchsorted(np.cumsum(probs), rng.random(), side="right"))]
             style.append(self.trait_tokens(register)[rng.integers(0, self.n_trait)])
         content_pool = self.content_tokens(domain, persona)
