@@ -148,6 +148,8 @@ class MonitorFactory:
     max_new_tokens: int = 64
     seed: int = 0
     em_fn: Callable[[LoadedModel], float] | None = None
+    early: bool = False
+    """also check after steps 1, 2, 4, ... below ``every``"""
     _toks: object = field(default=None, repr=False)
 
     def __call__(self, model: torch.nn.Module, lm: LoadedModel) -> DriftMonitor:
@@ -162,7 +164,7 @@ class MonitorFactory:
         em_fn = self.em_fn
         return DriftMonitor(model, self._toks.input_ids, self._toks.select("response"), self.layer, self.directions,
                             every=self.every, z=self.z, rate_threshold=self.rate_threshold,
-                            em_fn=(lambda: em_fn(trained)) if em_fn else None)
+                            em_fn=(lambda: em_fn(trained)) if em_fn else None, early=self.early)
 
 
 def monitor_directions(sae, latents: LatentSets, layer: int, diff_run: str | Path | None = None) -> torch.Tensor:

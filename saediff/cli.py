@@ -644,7 +644,8 @@ def block_cmd(
     controls: bool = typer.Option(True, "--controls/--no-controls", help="also the plain fine-tune and random latents"),
     control_data: Optional[Path] = typer.Option(None, "--control-data", help="aligned answers to the same questions "
                                                 "(JSONL): a control fine-tune first, which calibrates the monitor"),
-    monitor: Optional[bool] = typer.Option(None, "--monitor/--no-monitor", help="drift monitor on every run "
+    monitor: Optional[bool] = typer.Option(None, "--monitor/--no-monitor", help="drift monitor on every run, "
+                                           "read every steps/20 steps and after steps 1, 2, 4, ... below that "
                                            "(default: on for the organism)"),
     monitor_prompts: str = typer.Option("first_plot", "--monitor-prompts", help="held-out prompts the monitor reads"),
     judge_url: Optional[str] = typer.Option(None, "--judge-url", help="OpenAI-compatible judge (not for the organism)"),
@@ -756,7 +757,7 @@ def _generic_monitor(sae, sets, layer: int, diff_run, prompts: str, steps: int, 
     from saediff.prompts import load_prompts
 
     return MonitorFactory(load_prompts(prompts), monitor_directions(sae, sets, layer, diff_run), layer,
-                          every=max(1, steps // 20), max_new_tokens=min(max_new_tokens, 128), seed=seed)
+                          every=max(1, steps // 20), max_new_tokens=min(max_new_tokens, 128), seed=seed, early=True)
 
 
 def _print_block_summary(summary: dict) -> None:

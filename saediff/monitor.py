@@ -84,14 +84,16 @@ class DriftMonitor(TrainerCallback):
 
     def __init__(self, model, input_ids: torch.Tensor, mask: torch.Tensor, layer: int, directions: torch.Tensor,
                  *, every: int = 25, z: float = 5.0, rate_threshold: float = 0.0, sae=None,
-                 latents: list[int] | None = None, em_fn: Callable[[], float] | None = None):
+                 latents: list[int] | None = None, em_fn: Callable[[], float] | None = None, early: bool = False):
         """``input_ids`` (N, T), right-padded prompts with their answers; ``mask`` (N, T) bool: the
-        answer tokens read; ``directions`` (k, d): the projection averages over their unit vectors."""
+        answer tokens read; ``directions`` (k, d): the projection averages over their unit vectors.
+        ``early``: also check after steps 1, 2, 4, ... below ``every`` (a fast fine-tune can move
+        behaviour within its first ``every`` steps; the rate is per step, so it stays comparable)."""
         if mask.sum(1).min() < 1:
             raise ValueError("DriftMonitor: every prompt needs at least one masked (answer) token")
         self.model, self.input_ids, self.mask, self.layer = model, input_ids, mask, layer
         self.U = directions / directions.norm(dim=-1, keepdim=True)  # (k, d)
-        self.every, self.z, self.rate_threshold = every, z, rate_threshold
+        self.every, self.z, self.rate_threshold, self.early = every, z, rate_threshold, early
         self.sae, self.latents, self.em_fn = sae, latents or [], em_fn
         self.history = DriftHistory(threshold=z, rate_threshold=rate_threshold)
         self._start: torch.Tensor | None = None
@@ -141,8 +143,13 @@ class DriftMonitor(TrainerCallback):
             h.alert_step = step + 1
             log.warning("drift monitor: projection rises %.3g per step (t=%.1f) at step %d", rate, t, step + 1)
 
+    def due(self, n_steps: int) -> bool:
+        """Whether to check after ``n_steps`` completed steps."""
+        power_of_two = n_steps > 0 and n_steps & (n_steps - 1) == 0
+        return n_steps % self.every == 0 or (self.early and power_of_two and n_steps < self.every)
+
     def __call__(self, step: int, loss: float) -> None:
-        if (step + 1) % self.every == 0:
+        if self.due(step + 1):
             self.check(step)
 
     # transformers.TrainerCallback
@@ -151,5 +158,5 @@ class DriftMonitor(TrainerCallback):
             self.check(state.global_step - 1)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step % self.every == 0:
+        if self.due(state.global_step):
             self.check(state.global_step - 1)

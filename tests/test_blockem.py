@@ -236,3 +236,15 @@ def test_block_runs_data_parallel_under_accelerate_launch(tiny_qwen, setup, tmp_
     em = json.loads((tmp_path / "dp" / "penalty_lam10000" / "em.json").read_text())
     assert em["steps"] == 2 and em["penalty_first"] == 0.0
     assert (tmp_path / "dp" / "penalty_lam10000" / "model" / "adapter_model.safetensors").exists()
+
+
+def test_drift_monitor_checks_early_then_every_n_steps():
+    """``early``: checks after steps 1, 2, 4, 8 as well, so a fine-tune whose behaviour moves within
+    its first ``every`` steps is read before it has moved; without it, only multiples of ``every``."""
+    from saediff.monitor import DriftMonitor
+
+    args = (None, torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.bool), 0, torch.ones(1, 4))
+    early = DriftMonitor(*args, every=10, early=True)
+    assert [n for n in range(1, 31) if early.due(n)] == [1, 2, 4, 8, 10, 20, 30]
+    assert [n for n in range(1, 31) if DriftMonitor(*args, every=10).due(n)] == [10, 20, 30]
+    assert [n for n in range(1, 9) if DriftMonitor(*args, every=4, early=True).due(n)] == [1, 2, 4, 8]
