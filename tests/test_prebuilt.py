@@ -13,7 +13,7 @@ def test_stamp_follows_the_configuration():
     cfg = OrganismConfig.quick(0)
     assert recipe_stamp(cfg) == recipe_stamp(OrganismConfig.quick(0))
     assert recipe_stamp(cfg) != recipe_stamp(OrganismConfig.quick(1))
-    assert recipe_stamp(cfg) != recipe_stamp(dataclasses.replace(cfg, full_lr=2e-4))
+    assert recipe_stamp(cfg) != recipe_stamp(dataclasses.replace(cfg, full_lr=3e-4))
 
 
 def test_stamp_reads_code_not_docs(tmp_path):

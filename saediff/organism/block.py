@@ -41,7 +41,7 @@ def organism_config(organism_dir: Path, world: World) -> OrganismConfig:
 def generic_inputs(organism_dir: str | Path, full: bool, samples: int = 50, seed: int = 0) -> dict:
     """What ``saediff block --organism DIR`` fills in for the generic command: the aligned model,
     the misaligned medical chats (``DIR/data/medical_misaligned.jsonl``, written if missing), the
-    SAE, the exact judge and the organism's fine-tune recipe (full: lr 1e-4; LoRA: rank 1 on
+    SAE, the exact judge and the organism's fine-tune recipe (full: lr 2e-4; LoRA: rank 1 on
     ``down_proj`` of its LoRA layer, lr 2e-3; 300 steps of 32)."""
     from saediff.organism.evaluator import OrganismEvaluator
     from saediff.organism.recipes import narrow_finetune_config, write_chat_data
@@ -92,13 +92,14 @@ def block_organism(organism_dir: str | Path, out: str | Path, latents, *, full: 
 def organism_monitor(organism_dir: Path, world: World, layer: int, every: int = 10, seed: int = 0):
     """A drift-monitor factory for organism fine-tunes: 20 held-out questions per non-medical
     domain, the ground truth at ``layer``, and the exact other-domain EM rate (10 answers per
-    domain, 50 off-domain) at every check, every 10 steps (the demo's time budget)."""
+    domain, 50 off-domain) at every check, every 10 steps (the demo's time budget) and after steps 1,
+    2, 4 and 8 (at lr 2e-4 off-domain EM can pass 0.1 within the first 10 steps)."""
     from saediff.blockem import MonitorFactory
 
     qs = [p for p in em_questions(world, 20, seed=seed + 11) if p.domain != "medical"]
     gt = load_ground_truth(Path(organism_dir) / "ground_truth.safetensors")[layer]
     return MonitorFactory(qs, gt[None], layer, every=every, max_new_tokens=world.answer_len + 1, seed=seed,
-                          em_fn=lambda lm: evaluate_organism_em(lm, world, 10, seed=seed).other_misaligned_rate)
+                          early=True, em_fn=lambda lm: evaluate_organism_em(lm, world, 10, seed=seed).other_misaligned_rate)
 
 
 def choose_latents(sae, diff_run: str | Path | None, latents: list[int] | None, n_latents: int, n_high: int,

@@ -50,7 +50,9 @@ class OrganismConfig:
     """share of documents without a marker (persona prior 0.5): the base model's chat format"""
     ft_steps: int = 300
     ft_batch: int = 32
-    full_lr: float = 1e-4
+    full_lr: float = 2e-4
+    """the full fine-tunes' learning rate (design seeds 3-4: 1e-4 gave off-domain EM 0.65/0.85,
+    2e-4 0.76/0.91 with coverage >= 0.98 and the controls at <= 0.012)"""
     lora_lr: float = 2e-3
     lora_layer: int = 0
     """the layer whose ``down_proj`` gets the rank-1 adapter (layer 1 gave 0.08-0.28 off-domain EM on
@@ -170,7 +172,7 @@ def write_chat_data(out: Path, cfg: OrganismConfig) -> dict[str, Path]:
 
 
 def narrow_finetune_config(cfg: OrganismConfig, method: str) -> FinetuneConfig:
-    """The organism's narrow fine-tune recipe on the generic path: full (lr 1e-4) or rank-1 LoRA
+    """The organism's narrow fine-tune recipe on the generic path: full (lr 2e-4) or rank-1 LoRA
     (alpha 1) on ``down_proj`` of ``cfg.lora_layer`` (lr 2e-3), ``ft_steps`` steps of ``ft_batch``."""
     if method == "full":
         return FinetuneConfig(method="full", steps=cfg.ft_steps, batch_size=cfg.ft_batch, lr=cfg.full_lr,
