@@ -36,11 +36,16 @@ def format_figure(fig, ci=None) -> str:
 
 
 def _headline_html(rows: list[dict]) -> str:
-    """The findings table: phenomenon, source, figure (95% interval), bar, holds, seed."""
-    mark = {True: "yes", False: "<b>no</b>", None: "not measured"}
+    """The findings table: phenomenon, source, figure (95% interval), bar, holds, seed. A row without a
+    verdict is ``reported`` (a figure with no bar) or ``not measured`` (no figure)."""
+    def mark(r: dict) -> str:
+        if r["holds"] is None:
+            return "not measured" if r["figure"] is None else "reported"
+        return "yes" if r["holds"] else "<b>no</b>"
+
     body = "".join(f"<tr><td>{html.escape(r['phenomenon'])}</td><td>{html.escape(r.get('source') or '')}</td>"
                    f"<td>{html.escape(format_figure(r['figure'], r.get('ci')))}</td><td>{html.escape(r['bar'])}</td>"
-                   f"<td>{mark[r['holds']]}</td><td>{r.get('seed', '')}</td></tr>" for r in rows)
+                   f"<td>{mark(r)}</td><td>{r.get('seed', '')}</td></tr>" for r in rows)
     return ("<h2>Findings</h2><table border=1 cellpadding=4><tr><th>phenomenon</th><th>source</th>"
             "<th>figure [95% interval]</th><th>bar</th><th>holds</th><th>seed</th></tr>" + body + "</table>")
 

@@ -105,12 +105,16 @@ def test_report_leads_with_findings(tmp_path):
     from saediff.report import write_report
 
     s = _summary()
-    s["headline"] = headline(copy.deepcopy(s))
+    s["headline"] = headline(copy.deepcopy(s)) + [
+        {"phenomenon": "a figure without a bar", "figure": 0.5, "ci": None, "bar": "report", "holds": None, "seed": 0},
+        {"phenomenon": "a figure this run skipped", "figure": None, "ci": None, "bar": ">= 1", "holds": None, "seed": 0}]
     (tmp_path / "summary.json").write_text(json.dumps(s))
     page = write_report(tmp_path).read_text()
     assert page.index("<h2>Findings</h2>") < page.index("<details><summary>summary.json")
     lo, hi = s["headline"][0]["ci"]
     assert f"0.012 [{lo:.2f}, {hi:.2f}]" in page and "<b>no</b>" in page
+    assert "<td>0.5</td><td>report</td><td>reported</td>" in page
+    assert "<td>-</td><td>&gt;= 1</td><td>not measured</td>" in page
 
 
 def test_a_bad_seed_list_is_one_line(tmp_path):
