@@ -4,10 +4,27 @@ as the last line of JSON; the variants are interleaved over the repeats so drift
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import subprocess
 import sys
+
+
+def add_child_options(ap: argparse.ArgumentParser, repeats: int, child_type=str, **child_kw) -> None:
+    """``--repeats``, ``--threads`` and the hidden ``--_child VALUE`` that ``run_children`` passes."""
+    ap.add_argument("--repeats", type=int, default=repeats)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--_child", type=child_type, default=None, help=argparse.SUPPRESS, **child_kw)
+
+
+def run_as_child(args: argparse.Namespace, one_run) -> bool:
+    """In a child (``--_child`` given): print ``one_run(args, args._child)`` as the JSON line
+    ``run_children`` reads and return True; in the parent, False."""
+    if args._child is None:
+        return False
+    print(json.dumps(one_run(args, args._child)))
+    return True
 
 
 def run_children(script: str, argv: list[str], variants: dict[str, str], repeats: int) -> dict[str, list[dict]]:

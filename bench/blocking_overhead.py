@@ -20,7 +20,6 @@ and ``memory_ratio: Y`` (blocked / plain peak memory; target <= 1.3).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import statistics
@@ -28,7 +27,7 @@ import sys
 import time
 import warnings
 
-from _children import medians, run_children
+from _children import add_child_options, medians, run_as_child, run_children
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 warnings.filterwarnings("ignore")
@@ -136,16 +135,13 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=1)
+    add_child_options(ap, repeats=3, choices=["plain", "blocked"])
     ap.add_argument("--lora-layers", choices=["all", "sae"], default="all",
                     help="rank-1 adapters on every block's down_proj, or on the SAE's block only (a narrow "
                          "ModelOrganismsForEM-style adapter: the base pass then starts at that block)")
     ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    ap.add_argument("--_child", choices=["plain", "blocked"], default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args._child:
-        print(json.dumps(one_run(args, args._child == "blocked")))
+    if run_as_child(args, lambda a, variant: one_run(a, variant == "blocked")):
         return
     res = run_children(__file__, sys.argv[1:], {"plain": "plain", "blocked": "blocked"}, args.repeats)
     med = medians(res, ("step_s", "peak_mib"))

@@ -14,14 +14,13 @@ peak; below 1 is less memory).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import sys
 import time
 import warnings
 
-from _children import medians, run_children
+from _children import add_child_options, medians, run_as_child, run_children
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 warnings.filterwarnings("ignore")
@@ -60,12 +59,9 @@ def main() -> None:
     ap.add_argument("--d-model", type=int, default=896)
     ap.add_argument("--d-sae", type=int, default=32768)
     ap.add_argument("--chunk", type=int, default=2048)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--_child", type=int, default=None, help=argparse.SUPPRESS)
+    add_child_options(ap, repeats=2, child_type=int)
     args = ap.parse_args()
-    if args._child:
-        print(json.dumps(one_run(args, args._child)))
+    if run_as_child(args, one_run):
         return
     runs = run_children(__file__, sys.argv[1:], {"chunked": str(args.chunk), "whole": str(10**12)}, args.repeats)
     a, b = runs["chunked"][0], runs["whole"][0]

@@ -17,14 +17,13 @@ plain forwards (no hooks, no SAE) over the same batches, in the same process. La
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import sys
 import time
 import warnings
 
-from _children import medians, run_children
+from _children import add_child_options, medians, run_as_child, run_children
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 warnings.filterwarnings("ignore")
@@ -87,12 +86,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--d-sae", type=int, default=16384)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--_child", type=int, default=None, help=argparse.SUPPRESS)
+    add_child_options(ap, repeats=2, child_type=int)
     args = ap.parse_args()
-    if args._child:
-        print(json.dumps(one_run(args, args._child)))
+    if run_as_child(args, one_run):
         return
     res = run_children(__file__, sys.argv[1:], {str(n): str(n) for n in (args.tokens, 4 * args.tokens)}, args.repeats)
     med = {int(n): m for n, m in medians(res, ("diff_tok_s", "plain_tok_s", "peak_mib")).items()}
