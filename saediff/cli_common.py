@@ -55,24 +55,20 @@ def _judge_evaluator(judge_url, judge_model, questions, samples, max_new_tokens,
 
 class ModelDefaults:
     """What a command may fill in for a model it knows, when the user gave nothing: the generic
-    answer is always None (the user must say). ``saediff.cli`` passes the organism's."""
+    answer is always None (the bodies return nothing; the user must say). ``saediff.cli`` passes
+    the organism's."""
 
     def evaluator(self, model: str | None, samples: int, seed: int):
         """An EM evaluator for ``model`` without an LLM judge."""
-        return None
 
     def training_data(self, info: dict) -> Path | None:
         """The chat JSONL the fine-tune of a diff run (``info``: its ``run.json`` step) trained on."""
-        return None
 
     def in_domain(self, base: str) -> str | None:
         """The narrow fine-tune's domain among the run's questions."""
-        return None
 
     def icl_examples(self, base: str, seed: int) -> list | None:
         """Contrast examples (misaligned and aligned answers) for in-context analyses."""
-        return None
 
     def finetune(self, info: dict, full: bool, samples: int, seed: int):
         """The ``FinetuneConfig`` that reproduces the run's fine-tune."""
-        return None

@@ -15,7 +15,6 @@ __all__ = ["training_data_for", "lora_checkpoint_run", "persona_latents", "run_a
            "run_icl_analysis"]
 
 
-
 def training_data_for(finetuned: str | Path | None, adapter: str | Path | None = None) -> Path | None:
     """The organism data file a fine-tuned organism folder (or adapter) was trained on; None for a
     model that is not one of the organism's fine-tunes."""
