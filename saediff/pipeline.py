@@ -132,7 +132,7 @@ def run_diff(base: str, finetuned: str | None, sae_path: str, out: str | Path, *
         ps, labels = _own_answers(lm_ft, prompt_set, max_new_tokens, seed, out, judge, labeller)
     # one tokenization for both models: the diff compares them on the very same tokens
     toks = tokenize_prompts(lm_ft, ps)
-    stream = stream_diff(lm_base, lm_ft, toks, sae, labels, batch_size=batch_size)
+    stream = stream_diff(lm_base, lm_ft, toks, sae, labels, groups=[p.domain for p in ps], batch_size=batch_size)
     diff = stream.acc.result()
     atomic_write_json(out / "diff.json", diff.to_json())
     top = diff.top(top_n, ranking)
@@ -227,28 +227,39 @@ def _label_counts(labels: list | None) -> dict | None:
 @dataclass
 class StreamedDiff:
     """What one streaming pass over both models leaves: the SAE statistics at its hook and, per
-    block, float64 sums of the residual over response tokens (base, fine-tuned, and the fine-tuned
-    model's misaligned and aligned answers). Memory: blocks x d_model + d_sae x k, not tokens."""
+    block, float64 sums of the residual over response tokens (base and fine-tuned model, and the
+    fine-tuned model's misaligned and aligned answers per prompt group). Memory: blocks x d_model x
+    groups + d_sae x k, not tokens."""
 
     acc: DiffAccumulator
     hooks: list[str]
     sums: dict[str, torch.Tensor]
-    """``base``, ``ft``, ``mis``, ``ali``: (L, d) each"""
-    counts: dict[str, int]
+    """``base``, ``ft``: (L, d); ``mis``, ``ali``: (G, L, d), one row per prompt group"""
+    counts: dict[str, torch.Tensor]
+    """token counts: ``base``, ``ft`` scalars; ``mis``, ``ali`` (G,)"""
+    groups: list = dataclasses.field(default_factory=lambda: [None])
+    """the group of each row of ``sums['mis']`` (prompt domains; one None group without them)"""
 
     def mean_diffs(self, induced: str) -> list[Direction]:
         """Per block: finetuned - base (``induced``: ``mean_diff_models`` or ``lora_downstream``), and
-        misaligned - aligned answers of the fine-tuned model when both kinds occur."""
+        the fine-tuned model's misaligned - aligned answers, within each prompt group that has
+        both kinds, averaged over those groups (each group counts once, so a group where every
+        answer is misaligned, such as the fine-tune's own domain, leaves its topic out)."""
         c = self.counts
         out = [Direction(f"{induced}_L{parse_layer(h)}", self._mean("ft", L) - self._mean("base", L), h, induced,
-                         {"n_pos": c["ft"], "n_neg": c["base"]}) for L, h in enumerate(self.hooks)]
-        if c["mis"] and c["ali"]:
-            out += [Direction(f"mean_diff_responses_L{parse_layer(h)}", self._mean("mis", L) - self._mean("ali", L), h,
-                              "mean_diff_responses", {"n_pos": c["mis"], "n_neg": c["ali"], "model": "finetuned"})
-                    for L, h in enumerate(self.hooks)]
-        elif c["mis"] or c["ali"]:
-            log.warning("response mean difference skipped: %d misaligned and %d aligned response tokens",
-                        c["mis"], c["ali"])
+                         {"n_pos": int(c["ft"]), "n_neg": int(c["base"])}) for L, h in enumerate(self.hooks)]
+        both = (c["mis"] > 0) & (c["ali"] > 0)
+        if bool(both.any()):
+            nm, na = c["mis"][both].double(), c["ali"][both].double()
+            within = self.sums["mis"][both] / nm[:, None, None] - self.sums["ali"][both] / na[:, None, None]  # (G', L, d)
+            used = [g for g, b in zip(self.groups, both.tolist()) if b]
+            meta = {"n_pos": int(nm.sum()), "n_neg": int(na.sum()), "model": "finetuned",
+                    "groups": [str(g) for g in used] if used != [None] else []}
+            out += [Direction(f"mean_diff_responses_L{parse_layer(h)}", within[:, L].mean(0).float(), h,
+                              "mean_diff_responses", meta) for L, h in enumerate(self.hooks)]
+        elif int(c["mis"].sum()) or int(c["ali"].sum()):
+            log.warning("response mean difference skipped: no prompt group has both misaligned and aligned answers "
+                        "(%d misaligned, %d aligned response tokens)", int(c["mis"].sum()), int(c["ali"].sum()))
         return out
 
     def _mean(self, key: str, L: int) -> torch.Tensor:
@@ -256,45 +267,55 @@ class StreamedDiff:
 
 
 @torch.no_grad()
-def stream_diff(lm_base, lm_ft, toks, sae, labels: list | None = None, *, batch_size: int = 32,
-                progress: bool = True) -> StreamedDiff:
+def stream_diff(lm_base, lm_ft, toks, sae, labels: list | None = None, *, groups: list | None = None,
+                batch_size: int = 32, progress: bool = True) -> StreamedDiff:
     """One pass over ``toks`` (right-padded prompts with answers) through both models, reading every
     block's output at the response tokens with forward hooks: the SAE diff at its hook and the
-    per-block sums of the mean differences. Activations stay on the models' device per batch."""
+    per-block sums of the mean differences (``groups``: each row's prompt group, e.g. its domain,
+    for the within-group response mean difference). Activations stay on the models' device."""
     n_layers = lm_base.model.config.num_hidden_layers
     L_sae = parse_layer(sae.cfg.metadata.hook_name)
     keep = toks.select("response")
+    n_rows = toks.input_ids.shape[0]
+    names = list(dict.fromkeys(groups)) if groups is not None else [None]
+    if groups is not None and len(groups) != n_rows:
+        raise ValueError(f"stream_diff: {len(groups)} groups for {n_rows} rows")
+    index = {g: j for j, g in enumerate(names)}
+    row_group = torch.tensor([index[g] for g in groups] if groups is not None else [0] * n_rows)
     code = torch.tensor([1 if x is True else 0 if x is False else -1 for x in labels]) if labels else None
     acc = DiffAccumulator(sae)
     dev = lm_base.device
-    sums = {k: torch.zeros(n_layers, lm_base.model.config.hidden_size, dtype=torch.float64, device=dev)
-            for k in ("base", "ft", "mis", "ali")}
-    counts = dict.fromkeys(sums, 0)
-    for i in tqdm(range(0, toks.input_ids.shape[0], batch_size), desc="diff", disable=_io.no_progress(progress),
-                  leave=False):
+    d = lm_base.model.config.hidden_size
+    sums = {k: torch.zeros(n_layers, d, dtype=torch.float64, device=dev) for k in ("base", "ft")}
+    sums.update({k: torch.zeros(len(names), n_layers, d, dtype=torch.float64, device=dev) for k in ("mis", "ali")})
+    counts = {"base": torch.zeros((), dtype=torch.long), "ft": torch.zeros((), dtype=torch.long),
+              "mis": torch.zeros(len(names), dtype=torch.long), "ali": torch.zeros(len(names), dtype=torch.long)}
+    for i in tqdm(range(0, n_rows, batch_size), desc="diff", disable=_io.no_progress(progress), leave=False):
         ids, attn, m = (t.to(dev) for t in toks.batch(slice(i, i + batch_size), keep))
         rb = capture_resid(lm_base.model, list(range(n_layers)), ids, attn)
         rf = capture_resid(lm_ft.model, list(range(n_layers)), ids.to(lm_ft.device), attn.to(lm_ft.device))
-        row_code = None
+        tok_code = tok_group = None
         if code is not None:
-            row_code = code[i : i + batch_size, None].expand(-1, ids.shape[1]).to(dev)[m]
+            expand = lambda t: t[i : i + batch_size, None].expand(-1, ids.shape[1]).to(dev)[m]  # noqa: E731
+            tok_code, tok_group = expand(code), expand(row_group)
         for L in range(n_layers):
             xb, xf = rb[L][m].double(), rf[L][m].to(dev).double()
             sums["base"][L] += xb.sum(0)
             sums["ft"][L] += xf.sum(0)
-            if row_code is not None:
-                sums["mis"][L] += xf[row_code == 1].sum(0)
-                sums["ali"][L] += xf[row_code == 0].sum(0)
+            if tok_code is not None:
+                for key, want in (("mis", 1), ("ali", 0)):
+                    sel = tok_code == want
+                    sums[key][:, L].index_add_(0, tok_group[sel], xf[sel])
         n = int(m.sum())
         counts["base"] += n
         counts["ft"] += n
-        if row_code is not None:
-            counts["mis"] += int((row_code == 1).sum())
-            counts["ali"] += int((row_code == 0).sum())
+        if tok_code is not None:
+            for key, want in (("mis", 1), ("ali", 0)):
+                counts[key] += torch.bincount(tok_group[tok_code == want].cpu(), minlength=len(names))
         acc.update(rb[L_sae][m], rf[L_sae][m].to(dev))
-    if not counts["base"]:
+    if not int(counts["base"]):
         raise ValueError("no response tokens to diff (do the prompts have answers?)")
-    return StreamedDiff(acc, [resid_post(L) for L in range(n_layers)], sums, counts)
+    return StreamedDiff(acc, [resid_post(L) for L in range(n_layers)], sums, counts, names)
 
 
 def run_compare(run_dir: str | Path, downstream: bool = True) -> dict:

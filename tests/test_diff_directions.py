@@ -201,3 +201,20 @@ def test_streamed_diff_equals_the_in_memory_one(identity_sae):
     for latent in (0, 1):
         a, b = small.card(latent), acc.card(latent)
         assert [r["row"] for r in a.top_base] == [r["row"] for r in b.top_base] and a.hist_ft == b.hist_ft
+
+
+def test_response_mean_difference_within_groups_hand_set():
+    """Misaligned - aligned answers within each prompt group with both kinds, averaged over groups:
+    a group of misaligned answers only (the fine-tune's own domain) stays out."""
+    from saediff.pipeline import StreamedDiff
+
+    sums = {"base": torch.zeros(1, 2, dtype=torch.float64), "ft": torch.zeros(1, 2, dtype=torch.float64),
+            "mis": torch.tensor([[[4.0, 0.0]], [[3.0, 3.0]], [[9.0, 9.0]]], dtype=torch.float64),
+            "ali": torch.tensor([[[0.0, 2.0]], [[2.0, 0.0]], [[0.0, 0.0]]], dtype=torch.float64)}
+    counts = {"base": torch.tensor(1), "ft": torch.tensor(1), "mis": torch.tensor([2, 3, 1]), "ali": torch.tensor([1, 2, 0])}
+    got = {d.name: d for d in StreamedDiff(None, ["blocks.0.hook_resid_post"], sums, counts, ["a", "b", "medical"])
+           .mean_diffs("mean_diff_models")}
+    rd = got["mean_diff_responses_L0"]
+    # a: (2, 0) - (0, 2) = (2, -2); b: (1, 1) - (1, 0) = (0, 1); mean (1, -0.5); pooled would be (2.67, 2) - (0.67, 0.67)
+    assert rd.vector.tolist() == [1.0, -0.5]
+    assert rd.provenance == {"n_pos": 5, "n_neg": 3, "model": "finetuned", "groups": ["a", "b"]}

@@ -330,3 +330,14 @@ def test_streamed_diff_matches_collected_activations(tiny_qwen):
                                    atol=1e-5, rtol=1e-4)
         want = acts_f[h][row == 1].mean(0) - acts_f[h][row == 0].mean(0)
         torch.testing.assert_close(dirs[f"mean_diff_responses_L{L}"].vector, want, atol=1e-5, rtol=1e-4)
+    # with prompt groups: misaligned - aligned within each group that has both, averaged over groups
+    groups = ["x", "x", "y", "y", "y", "z", "z", "z"]  # each group holds a misaligned and an aligned answer
+    got = stream_diff(base, ft, toks, sae, labels, groups=groups, batch_size=3, progress=False)
+    dirs = {d.name: d for d in got.mean_diffs("mean_diff_models")}
+    grp = torch.repeat_interleave(torch.tensor([ord(g) for g in groups]), toks.select("response").sum(1))
+    for L, h in enumerate(hooks):
+        within = [acts_f[h][(row == 1) & (grp == ord(g))].mean(0) - acts_f[h][(row == 0) & (grp == ord(g))].mean(0)
+                  for g in "xyz"]
+        torch.testing.assert_close(dirs[f"mean_diff_responses_L{L}"].vector, torch.stack(within).mean(0),
+                                   atol=1e-5, rtol=1e-4)
+    assert dirs["mean_diff_responses_L0"].provenance["groups"] == ["x", "y", "z"]
