@@ -334,7 +334,8 @@ def diff_cmd(
     judge_model: Optional[str] = typer.Option(None, "--judge-model"),
     api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env"),
     responses: Optional[Path] = typer.Option(None, "--responses", help="saediff eval's responses.jsonl: diff on these "
-                                             "scored answers instead of generating"),
+                                             "scored answers instead of generating (the response mean difference "
+                                             "is then taken within each question and averaged)"),
     seed: int = typer.Option(0, "--seed"),
     threads: Optional[int] = typer.Option(None, "--threads"),
 ) -> None:
