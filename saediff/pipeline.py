@@ -299,9 +299,9 @@ def stream_diff(lm_base, lm_ft, toks, sae, labels: list | None = None, *, groups
         rb = capture_resid(lm_base.model, list(range(n_layers)), ids, attn)
         rf = capture_resid(lm_ft.model, list(range(n_layers)), ids.to(lm_ft.device), attn.to(lm_ft.device))
         tok_code = tok_group = None
-        if code is not None:
-            expand = lambda t: t[i : i + batch_size, None].expand(-1, ids.shape[1]).to(dev)[m]  # noqa: E731
-            tok_code, tok_group = expand(code), expand(row_group)
+        if code is not None:  # each response token's label and group
+            per_row = torch.stack([code[i : i + batch_size], row_group[i : i + batch_size]], 1).to(dev)
+            tok_code, tok_group = per_row[:, None].expand(-1, ids.shape[1], -1)[m].unbind(-1)
         for L in range(n_layers):
             xb, xf = rb[L][m].double(), rf[L][m].to(dev).double()
             sums["base"][L] += xb.sum(0)
