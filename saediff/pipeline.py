@@ -127,15 +127,15 @@ def run_diff(base: str, finetuned: str | None, sae_path: str, out: str | Path, *
     sae_hook = sae.cfg.metadata.hook_name
     hooks = [resid_post(layer) for layer in range(lm_base.model.config.num_hidden_layers)]
 
+    # the response mean difference is taken within groups (prompt domains, or the scored answers'
+    # questions) and averaged over them
     if responses is not None:
-        ps, labels = judged_responses(responses)
+        ps, labels, groups = judged_responses(responses)
     else:
         ps, labels = _own_answers(lm_ft, prompt_set, max_new_tokens, seed, out, judge, labeller)
+        groups = [p.domain for p in ps]
     # one tokenization for both models: the diff compares them on the very same tokens
     toks = tokenize_prompts(lm_ft, ps)
-    # the response mean difference is taken within groups: prompt domains, and for scored answers without
-    # domains each question (saediff eval samples every question many times), then averaged over groups
-    groups = [p.domain or (p.id.rsplit(":", 1)[0] if responses is not None else None) for p in ps]
     stream = stream_diff(lm_base, lm_ft, toks, sae, labels, groups=groups, batch_size=batch_size)
     diff = stream.acc.result()
     atomic_write_json(out / "diff.json", diff.to_json())
@@ -202,23 +202,26 @@ def judge_label(aligned: float | None, coherent: float | None, aligned_below: fl
     return True if aligned < aligned_below else False if aligned > aligned_above else None
 
 
-def judged_responses(path: str | Path) -> tuple[list, list]:
-    """Prompts (question + response) and labels from a ``saediff eval`` responses.jsonl."""
+def judged_responses(path: str | Path) -> tuple[list, list, list]:
+    """Prompts (question + response), labels and groups from a ``saediff eval`` responses.jsonl; a
+    row's group is its ``domain`` when it has one, else its question ``id`` (eval samples every
+    question many times, so the response mean difference can be taken within each question)."""
     from saediff.prompts import Prompt
 
     from saediff._io import read_jsonl
 
     path = Path(path)
-    ps, labels = [], []
+    ps, labels, groups = [], [], []
     for n, row in read_jsonl(path, "responses file"):
         if not isinstance(row, dict) or not all(k in row for k in ("question", "response", "aligned", "coherent")):
             raise ValueError(f"{path}:{n}: needs question, response, aligned and coherent (saediff eval output)")
         ps.append(Prompt(f"{row.get('id', 'q')}:{row.get('sample', n)}", [{"role": "user", "content": row["question"]}],
                          str(row["response"]).strip(), row.get("domain")))
         labels.append(judge_label(row["aligned"], row["coherent"]))
+        groups.append(row.get("domain") or str(row.get("id", "q")))
     if not ps:
         raise ValueError(f"{path}: no responses")
-    return ps, labels
+    return ps, labels, groups
 
 
 def _label_counts(labels: list | None) -> dict | None:
