@@ -6,6 +6,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from saediff.errors import MissingFileError, SaediffError
 
 __all__ = ["atomic_write_json", "atomic_write_jsonl", "atomic_write_bytes", "atomic_save_safetensors", "read_jsonl",
            "read_json_if_exists"]
@@ -57,14 +58,14 @@ def read_jsonl(path: str | Path, what: str = "file"):
     line that is not JSON raises one line naming the file (and the line)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path}")
+        raise MissingFileError(f"{what} not found: {path}")
     with path.open() as f:
         for n, line in enumerate(f, 1):
             if line.strip():
                 try:
                     yield n, json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                    raise SaediffError(f"{path}:{n}: not valid JSON ({e.msg})") from None
 
 
 def no_progress(progress: bool) -> bool:

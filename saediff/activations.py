@@ -22,6 +22,7 @@ from saediff import _io
 from saediff._io import atomic_save_safetensors, atomic_write_json
 from saediff.models import LoadedModel, chat_tokens
 from saediff.prompts import Prompt
+from saediff.errors import MissingFileError, SaediffError, UnknownKeyError
 
 __all__ = ["Positions", "POSITIONS", "check_positions", "ActivationStore", "collect_activations", "tokenize_prompts",
            "model_stream",
@@ -36,7 +37,7 @@ SHARD_ROWS = 65536
 def check_positions(positions: str) -> None:
     """Raise a one-line ValueError unless ``positions`` is one of :data:`POSITIONS`."""
     if positions not in POSITIONS:
-        raise ValueError(f"positions must be all, response or last_prompt, got {positions!r}")
+        raise SaediffError(f"positions must be all, response or last_prompt, got {positions!r}")
 
 
 @dataclass(frozen=True)
@@ -121,15 +122,15 @@ class ActivationStore:
         self.path = Path(path)
         mpath = self.path / "manifest.json"
         if not mpath.exists():
-            raise FileNotFoundError(f"activation store {self.path}: manifest.json missing")
+            raise MissingFileError(f"activation store {self.path}: manifest.json missing")
         try:
             self.manifest = json.loads(mpath.read_text())
         except json.JSONDecodeError as e:
-            raise ValueError(f"{mpath}: not valid JSON ({e})") from None
+            raise SaediffError(f"{mpath}: not valid JSON ({e})") from None
         if self.manifest.get("kind") != "saediff.activations":
-            raise ValueError(f"{mpath}: kind is {self.manifest.get('kind')!r}, not saediff.activations")
+            raise SaediffError(f"{mpath}: kind is {self.manifest.get('kind')!r}, not saediff.activations")
         if not self.manifest.get("shards"):
-            raise ValueError(f"activation store {self.path} is empty (no shards)")
+            raise SaediffError(f"activation store {self.path} is empty (no shards)")
 
     @property
     def hooks(self) -> list[str]:
@@ -148,21 +149,21 @@ class ActivationStore:
 
         f = self.path / shard["file"]
         if not f.exists():
-            raise FileNotFoundError(f"activation shard missing: {f}")
+            raise MissingFileError(f"activation shard missing: {f}")
         try:
             tensors = load_file(str(f))  # safetensors memory-maps the file
         except (SafetensorError, OSError, ValueError) as e:
-            raise ValueError(f"activation shard {f} is corrupt ({e})") from None
+            raise SaediffError(f"activation shard {f} is corrupt ({e})") from None
         for h in self.hooks:
             t = tensors.get(h)
             if t is None or t.ndim != 2 or t.shape != (shard["n"], self.d_model):
-                raise ValueError(f"activation shard {f}: {h} has shape {None if t is None else tuple(t.shape)}, "
+                raise SaediffError(f"activation shard {f}: {h} has shape {None if t is None else tuple(t.shape)}, "
                                  f"expected ({shard['n']}, {self.d_model})")
         return tensors
 
     def _check_hook(self, hook: str) -> None:
         if hook not in self.hooks:
-            raise KeyError(f"activation store {self.path} has no hook {hook!r}; it holds {self.hooks}")
+            raise UnknownKeyError(f"activation store {self.path} has no hook {hook!r}; it holds {self.hooks}")
 
     def load(self, hook: str) -> Float[torch.Tensor, "n d"]:
         """Every row of one hook, float32."""
@@ -191,7 +192,7 @@ class ActivationStore:
             if lo < hi:
                 f = self.path / shard["file"]
                 if not f.exists():
-                    raise FileNotFoundError(f"activation shard missing: {f}")
+                    raise MissingFileError(f"activation shard missing: {f}")
                 with safe_open(str(f), framework="pt") as st:
                     sl = st.get_slice(hook)
                     for a in range(lo - offset, hi - offset, chunk):
@@ -208,14 +209,14 @@ class ActivationStore:
         ``torchrun`` each ``rank`` of ``world`` reads its own share of the chunks."""
         stop = len(self) if stop is None else stop
         if stop < batch_size or buffer_rows < 2 * batch_size:
-            raise ValueError(f"stream: {stop} rows and a buffer of {buffer_rows} for batches of {batch_size} "
+            raise SaediffError(f"stream: {stop} rows and a buffer of {buffer_rows} for batches of {batch_size} "
                              "(need rows >= batch and buffer >= 2 x batch)")
         buffer_rows = min(buffer_rows, max(stop, 2 * batch_size))  # a small store: one pass fills the buffer
         gen = torch.Generator().manual_seed(seed)
         chunk = max(batch_size, buffer_rows // 4)
         spans = [(a, min(a + chunk, stop)) for a in range(0, stop, chunk)][rank::world]
         if not spans:
-            raise ValueError(f"stream: rank {rank} of {world} has no rows ({stop} rows in chunks of {chunk})")
+            raise SaediffError(f"stream: rank {rank} of {world} has no rows ({stop} rows in chunks of {chunk})")
 
         def parts():
             epoch = 0
@@ -310,11 +311,11 @@ def collect_activations(
     known = set(tl.hook_dict)
     bad = [h for h in hooks if h not in known]
     if bad:
-        raise KeyError(f"hook(s) not in the model: {', '.join(bad)} (e.g. blocks.0.hook_resid_post)")
+        raise UnknownKeyError(f"hook(s) not in the model: {', '.join(bad)} (e.g. blocks.0.hook_resid_post)")
     toks = prompts if isinstance(prompts, TokenizedPrompts) else tokenize_prompts(lm, prompts)
     keep = toks.select(positions)
     if not keep.any():
-        raise ValueError(f"no {positions!r} positions in these prompts (is there a response?)")
+        raise SaediffError(f"no {positions!r} positions in these prompts (is there a response?)")
     layers = [int(h.split(".")[1]) for h in hooks if h.startswith("blocks.")]
     stop = max(layers) + 1 if len(layers) == len(hooks) else None
     names = set(hooks)

@@ -34,6 +34,7 @@ from saediff.hooks import decoder_layers
 from saediff.models import LoadedModel, ModelSpec, generate, load_model
 from saediff.monitor import DriftMonitor, calibrate_rate
 from saediff.prompts import Prompt
+from saediff.errors import MissingFileError, SaediffError
 
 __all__ = ["reroute", "rediff_against", "finetune_plain", "checkpoint_spec", "monitor_directions", "LatentSets", "latents_from_diff", "read_latents", "random_latents", "BlockRunConfig", "run_block_em",
            "block_one", "MonitorFactory"]
@@ -51,12 +52,12 @@ class LatentSets:
 
     def __post_init__(self):
         if set(self.low) & set(self.high):
-            raise ValueError(f"latents {sorted(set(self.low) & set(self.high))} are in both the low and high sets")
+            raise SaediffError(f"latents {sorted(set(self.low) & set(self.high))} are in both the low and high sets")
 
     def check(self, d_sae: int, where: str) -> None:
         bad = [i for i in (*self.low, *self.high) if not 0 <= i < d_sae]
         if bad:
-            raise ValueError(f"{where}: latents {bad} outside the SAE's 0-{d_sae - 1}")
+            raise SaediffError(f"{where}: latents {bad} outside the SAE's 0-{d_sae - 1}")
 
     def __len__(self) -> int:
         return len(self.low) + len(self.high)
@@ -69,7 +70,7 @@ def latents_from_diff(run_dir: str | Path, n_low: int, n_high: int) -> LatentSet
     run_dir = Path(run_dir)
     path = run_dir / "diff.json"
     if not path.exists():
-        raise FileNotFoundError(f"{run_dir} has no diff.json (a run folder of saediff diff)")
+        raise MissingFileError(f"{run_dir} has no diff.json (a run folder of saediff diff)")
     run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
     ranking = run.get("steps", {}).get("diff", {}).get("ranking", "delta")
     table = LatentDiff.from_json(json.loads(path.read_text()))
@@ -82,14 +83,14 @@ def read_latents(path: str | Path) -> LatentSets:
     try:
         d = json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"latents file not found: {path}") from None
+        raise MissingFileError(f"latents file not found: {path}") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        raise SaediffError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
     if not isinstance(d, dict) or not all(isinstance(d.get(k, []), list) for k in ("low", "high")):
-        raise ValueError(f"{path}: expected {{\"low\": [latent, ...], \"high\": [latent, ...]}}")
+        raise SaediffError(f"{path}: expected {{\"low\": [latent, ...], \"high\": [latent, ...]}}")
     sets = LatentSets(tuple(int(i) for i in d.get("low", [])), tuple(int(i) for i in d.get("high", [])))
     if not len(sets):
-        raise ValueError(f"{path}: no latents in 'low' or 'high'")
+        raise SaediffError(f"{path}: no latents in 'low' or 'high'")
     return sets
 
 
@@ -179,7 +180,7 @@ def monitor_directions(sae, latents: LatentSets, layer: int, diff_run: str | Pat
             if name in found:
                 return found[name].vector[None]
     if not latents.low:
-        raise ValueError("the drift monitor needs a diff run or latents held down to read directions from")
+        raise SaediffError("the drift monitor needs a diff run or latents held down to read directions from")
     return torch.stack([sae.W_dec[i].detach().float().cpu() for i in latents.low])
 
 
@@ -207,7 +208,7 @@ def block_one(spec: ModelSpec, dataset: ChatDataset, sae, layer: int, cfg: Block
         blocker = Blocker(BlockConfig("penalty", layer, cfg.latents.low, cfg.latents.high, cfg.lam,
                                       cfg.preactivation), sae=sae, reference=ref)
     elif cfg.mode != "none":
-        raise ValueError(f"BlockRunConfig.mode must be none or penalty, got {cfg.mode!r}")
+        raise SaediffError(f"BlockRunConfig.mode must be none or penalty, got {cfg.mode!r}")
     with blocker.installed(model) if blocker is not None else contextlib.nullcontext():
         history = finetune(model, lm.tokenizer, dataset, cfg.ft, out, extra=blocker, resume=resume,
                            callbacks=callbacks, progress=progress)
@@ -353,9 +354,9 @@ def run_block_em(model: str | ModelSpec, data: str | Path, sae, out: str | Path,
     layer = check_sae_fits(sae, probe.model, sae_path or "given")
     latents.check(sae.cfg.d_sae, sae_path or "SAE")
     if not len(latents):
-        raise ValueError("BLOCK-EM needs latents: --diff-run, --latents FILE or --latent I")
+        raise SaediffError("BLOCK-EM needs latents: --diff-run, --latents FILE or --latent I")
     if ft.freeze_after_block is not None and ft.freeze_after_block >= len(decoder_layers(probe.model)):
-        raise ValueError(f"freeze_after_block {ft.freeze_after_block} beyond the model's blocks")
+        raise SaediffError(f"freeze_after_block {ft.freeze_after_block} beyond the model's blocks")
     tokenizer = probe.tokenizer
     dataset = ChatDataset(tokenizer, rows, ft.max_length, progress=progress, source=str(data))
     del probe

@@ -22,6 +22,7 @@ import torch
 from jaxtyping import Float
 
 from saediff.hooks import add_resid_hook, capture_resid, decoder_layers, first_adapted_block, skip_blocks
+from saediff.errors import SaediffError
 
 __all__ = ["BlockConfig", "latent_codes", "latent_penalty", "ablate_latents", "project_out_directions", "Blocker"]
 
@@ -46,11 +47,11 @@ class BlockConfig:
 
     def __post_init__(self):
         if self.mode not in ("none", "penalty", "ablate", "project"):
-            raise ValueError(f"BlockConfig.mode must be none, penalty, ablate or project, got {self.mode!r}")
+            raise SaediffError(f"BlockConfig.mode must be none, penalty, ablate or project, got {self.mode!r}")
         if self.mode in ("penalty", "ablate") and not (self.latents_low or self.latents_high):
-            raise ValueError(f"BlockConfig: mode {self.mode} needs latents")
+            raise SaediffError(f"BlockConfig: mode {self.mode} needs latents")
         if self.lam < 0:
-            raise ValueError("BlockConfig.lam must be >= 0")
+            raise SaediffError("BlockConfig.lam must be >= 0")
 
 
 def latent_codes(sae, x: Float[torch.Tensor, "... d"], idx: list[int], preactivation: bool = True) -> torch.Tensor:
@@ -115,9 +116,9 @@ class Blocker:
         self._first_adapted = 0
         self._entry = None  # (detached) output of the block before the first adapted one
         if cfg.mode in ("penalty", "ablate") and sae is None:
-            raise ValueError(f"Blocker: mode {cfg.mode} needs an SAE")
+            raise SaediffError(f"Blocker: mode {cfg.mode} needs an SAE")
         if cfg.mode == "project" and directions is None:
-            raise ValueError("Blocker: mode project needs directions")
+            raise SaediffError("Blocker: mode project needs directions")
         if sae is not None:
             for p in sae.parameters():
                 p.requires_grad_(False)

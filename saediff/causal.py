@@ -34,6 +34,7 @@ from saediff.hooks import parse_layer
 from saediff.models import LoadedModel, ModelSpec, load_model
 from saediff.pipeline import read_run, update_run
 from saediff.steering import add_direction, clamp_projection, project_out
+from saediff.errors import SaediffError
 
 __all__ = ["SteerConfig", "run_causal_checks", "residual_stats", "DiscoverConfig", "discover_latents"]
 
@@ -55,9 +56,9 @@ class SteerConfig:
 
     def __post_init__(self):
         if not self.scales or min(self.scales) <= 0:
-            raise ValueError("SteerConfig.scales must be positive")
+            raise SaediffError("SteerConfig.scales must be positive")
         if self.n_random < 1:
-            raise ValueError("SteerConfig.n_random must be >= 1")
+            raise SaediffError("SteerConfig.n_random must be >= 1")
 
 
 @torch.no_grad()
@@ -99,7 +100,7 @@ def _candidates(run_dir: Path, cfg: SteerConfig) -> tuple[dict[str, Direction], 
     chosen = {f"sae_{i}": dirs[f"sae_{i}"] for i in info["top_latents"][: cfg.n_latents] if f"sae_{i}" in dirs}
     chosen.update({f"{m}_L{L}": dirs[f"{m}_L{L}"] for m in DENSE if f"{m}_L{L}" in dirs})
     if not chosen:
-        raise ValueError(f"{run_dir}: no candidate directions at block {L}")
+        raise SaediffError(f"{run_dir}: no candidate directions at block {L}")
     return chosen, L
 
 

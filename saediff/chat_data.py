@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from saediff import _io
 from saediff.models import Messages, chat_tokens
+from saediff.errors import SaediffError
 
 __all__ = ["load_chat_jsonl", "write_chat_jsonl", "ChatDataset", "ChatCollator"]
 
@@ -30,19 +31,19 @@ def load_chat_jsonl(path: str | Path) -> list[Messages]:
     path = Path(path)
     rows = [_check_row(row, f"{path}:{n}") for n, row in _io.read_jsonl(path, "chat data file")]
     if not rows:
-        raise ValueError(f"{path}: no conversations")
+        raise SaediffError(f"{path}: no conversations")
     return rows
 
 
 def _check_row(row, where: str) -> Messages:
     msgs = row.get("messages") if isinstance(row, dict) else None
     if not isinstance(msgs, list) or not msgs:
-        raise ValueError(f"{where}: expected {{\"messages\": [{{\"role\": ..., \"content\": ...}}, ...]}}")
+        raise SaediffError(f"{where}: expected {{\"messages\": [{{\"role\": ..., \"content\": ...}}, ...]}}")
     for m in msgs:
         if not isinstance(m, dict) or m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
-            raise ValueError(f"{where}: each message needs a role ({', '.join(_ROLES)}) and a string content")
+            raise SaediffError(f"{where}: each message needs a role ({', '.join(_ROLES)}) and a string content")
     if msgs[-1]["role"] != "assistant":
-        raise ValueError(f"{where}: the conversation must end with an assistant turn")
+        raise SaediffError(f"{where}: the conversation must end with an assistant turn")
     return [{"role": m["role"], "content": m["content"]} for m in msgs]
 
 
@@ -66,11 +67,11 @@ class ChatDataset(torch.utils.data.Dataset):
             try:
                 ids, mask = chat_tokens(tokenizer, conv, turns="all")
             except ValueError as e:
-                raise ValueError(f"{source} row {i + 1}: {e}") from None
+                raise SaediffError(f"{source} row {i + 1}: {e}") from None
             if len(ids) > max_length:
                 ids, mask, cut = ids[:max_length], mask[:max_length], cut + 1
             if not any(mask):
-                raise ValueError(f"{source} row {i + 1}: no assistant token within max_length {max_length}")
+                raise SaediffError(f"{source} row {i + 1}: no assistant token within max_length {max_length}")
             self.items.append({"input_ids": ids, "labels": [t if m else -100 for t, m in zip(ids, mask)]})
         if cut:
             log.warning("%s: %d of %d conversations cut to %d tokens", source, cut, len(conversations), max_length)

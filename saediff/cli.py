@@ -95,7 +95,7 @@ def _load_prompt_set(spec: str, model: str):
 
         world = read_organism_world(model)
         if world is None:
-            raise ValueError(f"--prompts {spec}: {model} is not a saediff organism model folder")
+            raise SaediffError(f"--prompts {spec}: {model} is not a saediff organism model folder")
         n = int(spec.split(":", 1)[1]) if ":" in spec else 2000
         return organism_prompts(world, n, seed=0)
     return load_prompts(spec)
@@ -126,7 +126,7 @@ def cache_cmd(
 
         dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
         if shard_dtype not in dtypes:
-            raise ValueError(f"--shard-dtype must be float32, bfloat16 or float16, got {shard_dtype!r}")
+            raise SaediffError(f"--shard-dtype must be float32, bfloat16 or float16, got {shard_dtype!r}")
         store = collect_activations(lm, _load_prompt_set(prompts, model), hook, positions, out=out,
                                     batch_size=batch_size, dtype=dtypes[shard_dtype], max_rows=max_tokens)
     except _USER_ERRORS as e:
@@ -179,7 +179,7 @@ def sae_train_cmd(
         elif model and prompts and hook:
             n_train, held, stream, source = _model_source(model, prompts, hook, positions)
         else:
-            raise ValueError("give --activations, or --model, --prompts and --hook")
+            raise SaediffError("give --activations, or --model, --prompts and --hook")
         if n_train < 2 * cfg.batch_size:  # a small test set: smaller batches rather than a failure
             small = max(1, n_train // 2)
             logging.getLogger("saediff").warning("%s has %d training rows: batch size %d instead of %d (real SAEs "
@@ -209,7 +209,7 @@ def _store_source(activations: Path, hook: str | None, held_rows: int):
     store = ActivationStore(activations)
     if hook is None:
         if len(store.hooks) != 1:
-            raise ValueError(f"{activations} holds hooks {store.hooks}: choose one with --hook")
+            raise SaediffError(f"{activations} holds hooks {store.hooks}: choose one with --hook")
         hook = store.hooks[0]
     store._check_hook(hook)
     n = len(store)
@@ -236,7 +236,7 @@ def _model_source(model: str, prompts: str, hook: str, positions: str):
     n = toks.input_ids.shape[0]
     cut = n - max(1, n // 10)
     if cut < 1:
-        raise ValueError(f"--prompts {prompts}: {n} prompt(s) are too few to hold some out")
+        raise SaediffError(f"--prompts {prompts}: {n} prompt(s) are too few to hold some out")
     train = TokenizedPrompts(toks.input_ids[:cut], toks.role[:cut])
     held_toks = TokenizedPrompts(toks.input_ids[cut:], toks.role[cut:])
     held = torch.cat(list(model_stream(lm, held_toks, hook, 1, positions=positions, buffer_rows=2**62, epochs=1)))
@@ -349,7 +349,7 @@ def diff_cmd(
         judge = None
         if judge_url is not None:
             if judge_model is None:
-                raise ValueError("--judge-url needs --judge-model")
+                raise SaediffError("--judge-url needs --judge-model")
             from saediff.judges import HttpJudge
             from saediff.openai_api import ChatClient
 
@@ -492,7 +492,7 @@ def _organism_evaluator(model: str, samples: int, seed: int):
     """The organism's exact judge when ``model`` is an organism folder, else a one-line error."""
     evaluator = _organism_eval_or_none(model, samples, seed)
     if evaluator is None:
-        raise ValueError("--judge-url and --judge-model are required for models other than the saediff organism")
+        raise SaediffError("--judge-url and --judge-model are required for models other than the saediff organism")
     return evaluator
 
 
@@ -569,7 +569,7 @@ def export_cmd(
     try:
         wanted = {f.strip() for f in formats.split(",") if f.strip()}
         if not wanted <= set(FORMATS):
-            raise ValueError(f"--format takes {', '.join(FORMATS)}, got {', '.join(sorted(wanted - set(FORMATS)))}")
+            raise SaediffError(f"--format takes {', '.join(FORMATS)}, got {', '.join(sorted(wanted - set(FORMATS)))}")
         run = read_run(run_dir)
         dirs = load_directions(run_dir / "directions")
         keep_sae = {f"sae_{i}" for i in run["steps"]["diff"]["top_latents"][:top]}
@@ -691,10 +691,10 @@ def block_cmd(
             recipe = generic_inputs(organism, full, samples, seed)
         model, data, sae = model or recipe.get("model"), data or recipe.get("data"), sae or recipe.get("sae")
         if not (model and data and sae):
-            raise ValueError("give --model, --data and --sae (or --organism DIR)")
+            raise SaediffError("give --model, --data and --sae (or --organism DIR)")
         given = [x for x in (diff_run, latents_file, latent or None) if x]
         if len(given) != 1:
-            raise ValueError("choose the latents with exactly one of --diff-run, --latents or --latent")
+            raise SaediffError("choose the latents with exactly one of --diff-run, --latents or --latent")
         sets = (latents_from_diff(diff_run, top, high) if diff_run else read_latents(latents_file) if latents_file
                 else LatentSets(tuple(latent)))
         sae_obj = load_sae(sae)
@@ -733,7 +733,7 @@ def _diff_inputs(base: str, prompts: str | None, max_new_tokens: int | None, see
     contrast examples and ground truth (``organism:N`` prompts, or ``organism_prompts``)."""
     if _organism_world(base) is None:
         if prompts and prompts.startswith("organism"):
-            raise ValueError(f"--prompts {prompts}: {base} is not a saediff organism model folder")
+            raise SaediffError(f"--prompts {prompts}: {base} is not a saediff organism model folder")
         return {"prompts": prompts or "first_plot", "max_new_tokens": max_new_tokens or 600}
     from saediff.organism.demo import diff_inputs
 
@@ -877,6 +877,7 @@ def report_cmd(run_dir: Path = typer.Argument(..., help="demo run folder")) -> N
 
 # the open-question commands (neighbourhood, overlap, predict, phase, icl) live in their own module
 from saediff.cli_questions import register as _register_questions
+from saediff.errors import SaediffError
 
 _register_questions(app, _OrganismDefaults())
 

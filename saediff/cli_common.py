@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 import typer
+from saediff.errors import SaediffError
 
 
 def _setup(threads: int | None) -> None:
@@ -18,13 +19,18 @@ def _setup(threads: int | None) -> None:
     torch.set_num_threads(threads or 1)
 
 
-# errors a user can fix (bad path, bad file, unknown key, model that cannot load): one line, exit 1
-_USER_ERRORS = (FileNotFoundError, ValueError, KeyError, RuntimeError)
+# errors a user can fix: saediff's own bad-input error (a bad path, file, row, key or shape, a model or
+# server that cannot be reached), and the operating system's (a folder not writable, a disk full),
+# which name their file. One line, exit 1. Anything else (a KeyError, a RuntimeError, an
+# out-of-memory) is a bug or a resource limit and keeps its traceback.
+_USER_ERRORS = (SaediffError, OSError)
 
 
 def _fail(e: Exception) -> None:
     """One unwrapped line on stderr (rich would wrap it at the console width), exit 1."""
     text = " ".join(str(e).split()) or type(e).__name__
+    if isinstance(e, OSError) and not isinstance(e, SaediffError):
+        text = f"{e.filename}: {e.strerror}" if e.filename and e.strerror else f"{type(e).__name__}: {text}"
     typer.echo(f"error: {text}", err=True)
     raise typer.Exit(1)
 
@@ -33,7 +39,7 @@ def _int_list(text: str, flag: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(","))
     except ValueError:
-        raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
+        raise SaediffError(f"{flag} takes comma-separated integers, got {text!r}") from None
 
 
 def _judge_evaluator(judge_url, judge_model, questions, samples, max_new_tokens, api_key_env, out: Path, seed: int):
@@ -41,7 +47,7 @@ def _judge_evaluator(judge_url, judge_model, questions, samples, max_new_tokens,
     if judge_url is None:
         return None
     if judge_model is None:
-        raise ValueError("--judge-url needs --judge-model")
+        raise SaediffError("--judge-url needs --judge-model")
     from saediff.evals import EMConfig, JudgeEvaluator
     from saediff.judges import HttpJudge
     from saediff.openai_api import ChatClient

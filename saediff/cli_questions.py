@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 
 from saediff.cli_common import _USER_ERRORS, ModelDefaults, _fail, _int_list, _judge_evaluator, _setup
+from saediff.errors import SaediffError
 
 _defaults = ModelDefaults()
 """what the commands fill in for models they know (``register`` sets it: the organism's, from saediff.cli)"""
@@ -54,7 +55,7 @@ def overlap_cmd(
     try:
         train_data = train_data or _defaults.training_data(_run_base(run_dir))
         if train_data is None:
-            raise ValueError("give --train-data (the fine-tune's chat JSONL)")
+            raise SaediffError("give --train-data (the fine-tune's chat JSONL)")
         res = run_overlap(run_dir, train_data, k=k, layer=layer, n_train=n_train, seed=seed)
     except _USER_ERRORS as e:
         _fail(e)
@@ -139,7 +140,7 @@ def phase_cmd(
             evaluator = _judge_evaluator(judge_url, judge_model, questions, samples, max_new_tokens, api_key_env,
                                          Path(out or checkpoints_dir), seed) or _defaults.evaluator(model, samples, seed)
             if evaluator is None:
-                raise ValueError("EM per checkpoint needs --judge-url and --judge-model (or --no-em)")
+                raise SaediffError("EM per checkpoint needs --judge-url and --judge-model (or --no-em)")
         res = run_phase(checkpoints_dir, base=model, directions=directions, evaluator=evaluator, module=module, out=out)
     except _USER_ERRORS as e:
         _fail(e)
@@ -183,7 +184,7 @@ def icl_cmd(
         examples = icl_examples or _defaults.icl_examples(base, seed)
         exclude_domain = exclude_domain or _defaults.in_domain(base)
         if examples is None:
-            raise ValueError("give --icl-examples (rows question/misaligned/aligned)")
+            raise SaediffError("give --icl-examples (rows question/misaligned/aligned)")
         res = run_icl(run_dir, examples, max_shots=max_shots, direction=direction, exclude_domain=exclude_domain,
                       block_run=block_run, positions=positions, seed=seed)
     except _USER_ERRORS as e:
@@ -252,16 +253,16 @@ def neighbourhood_cmd(
         info = _run_base(run_dir)
         train_data = train_data or _defaults.training_data(info)
         if train_data is None:
-            raise ValueError("give --train-data (the fine-tune's chat JSONL)")
+            raise SaediffError("give --train-data (the fine-tune's chat JSONL)")
         in_domain = in_domain or _defaults.in_domain(info["base"])
         if finetune and drop_fraction is None:
-            raise ValueError("--finetune compares screened data with random dropping: give --drop-fraction")
+            raise SaediffError("--finetune compares screened data with random dropping: give --drop-fraction")
         evaluator = None
         if finetune or steer:
             evaluator = _judge_evaluator(judge_url, judge_model, questions, samples, max_new_tokens, api_key_env,
                                          run_dir / "screen", seed) or _defaults.evaluator(info["base"], samples, seed)
             if evaluator is None:
-                raise ValueError("--finetune and --steer measure EM: give --judge-url and --judge-model")
+                raise SaediffError("--finetune and --steer measure EM: give --judge-url and --judge-model")
         res = run_neighbourhood(run_dir, train_data, in_domain=in_domain, n_train=n_train, n_seeds=n_seeds,
                                 n_neighbours=n_neighbours, n_random=n_random, candidates=candidates,
                                 candidate_methods=tuple(methods.split(",")), drop_fraction=drop_fraction,

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from jaxtyping import Float
+from saediff.errors import MissingFileError
 
 __all__ = ["logit_effects", "unembedding", "dashboard_data", "card_html", "dashboard_html", "write_dashboard"]
 
@@ -59,7 +60,7 @@ def dashboard_data(run_dir: str | Path, lm=None, sae=None) -> list[dict]:
     info = read_run(run_dir)["steps"]["diff"]
     cards_path = run_dir / "cards.json"
     if not cards_path.exists():
-        raise FileNotFoundError(f"{cards_path} missing (saediff diff writes it)")
+        raise MissingFileError(f"{cards_path} missing (saediff diff writes it)")
     cards = json.loads(cards_path.read_text())["cards"]
     diff = LatentDiff.from_json(json.loads((run_dir / "diff.json").read_text()))
     sae = sae or load_sae(info["sae"])

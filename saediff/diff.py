@@ -12,6 +12,7 @@ from typing import Literal
 
 import torch
 from jaxtyping import Float
+from saediff.errors import SaediffError
 
 __all__ = ["LatentDiff", "diff_latents", "Ranking", "LatentCard", "latent_card", "DiffAccumulator", "HIST_EDGES"]
 
@@ -51,7 +52,7 @@ class LatentDiff:
             return self.effect_size
         if by == "freq_delta":
             return self.freq_ft - self.freq_base
-        raise ValueError(f"unknown ranking {by!r}: choose delta, abs_delta, effect_size or freq_delta")
+        raise SaediffError(f"unknown ranking {by!r}: choose delta, abs_delta, effect_size or freq_delta")
 
     def top(self, n: int = 10, by: Ranking = "delta") -> list[int]:
         """Latents with the largest score (for ``delta``: the ones the fine-tune turned up most)."""
@@ -92,10 +93,10 @@ def diff_latents(sae, acts_base: Float[torch.Tensor, "n d_in"], acts_ft: Float[t
     d_in = sae.cfg.d_in
     for name, a in (("base", acts_base), ("finetuned", acts_ft)):
         if a.ndim != 2 or a.shape[1] != d_in:
-            raise ValueError(f"diff_latents: {name} activations have shape {tuple(a.shape)}, "
+            raise SaediffError(f"diff_latents: {name} activations have shape {tuple(a.shape)}, "
                              f"the SAE expects (n, {d_in}) (hook {sae.cfg.metadata.hook_name or '?'})")
         if a.shape[0] == 0:
-            raise ValueError(f"diff_latents: no {name} activations")
+            raise SaediffError(f"diff_latents: no {name} activations")
     stats = [_moments(sae, a, batch_size) for a in (acts_base, acts_ft)]
     (mb, vb, fb), (mf, vf, ff) = stats
     pooled = ((vb + vf) / 2).sqrt()
@@ -144,7 +145,7 @@ def latent_card(sae, latent: int, acts_base: torch.Tensor, acts_ft: torch.Tensor
     """A card for ``latent``. ``rows`` (optional) describes each activation row, e.g.
     ``{"prompt": id, "position": t, "token": "..."}``; both activation sets share it (same tokens)."""
     if not 0 <= latent < sae.cfg.d_sae:
-        raise ValueError(f"latent {latent} out of range: the SAE has {sae.cfg.d_sae} latents")
+        raise SaediffError(f"latent {latent} out of range: the SAE has {sae.cfg.d_sae} latents")
     zb = sae.encode(acts_base.float())[:, latent]
     zf = sae.encode(acts_ft.float())[:, latent]
 
@@ -193,7 +194,7 @@ class DiffAccumulator:
         encoded ``chunk`` at a time, so a batch costs chunk x d_sae, not tokens x d_sae (a batch of
         long answers through a 131k-latent SAE would otherwise take gigabytes)."""
         if acts_base.shape != acts_ft.shape or acts_base.shape[-1] != self.sae.cfg.d_in:
-            raise ValueError(f"DiffAccumulator: activations {tuple(acts_base.shape)} and {tuple(acts_ft.shape)}; "
+            raise SaediffError(f"DiffAccumulator: activations {tuple(acts_base.shape)} and {tuple(acts_ft.shape)}; "
                              f"the SAE expects two equal (n, {self.sae.cfg.d_in})")
         if acts_base.shape[0] > self.chunk:
             for i in range(0, acts_base.shape[0], self.chunk):
@@ -234,7 +235,7 @@ class DiffAccumulator:
     def result(self) -> LatentDiff:
         """The same statistics ``diff_latents`` computes from all rows at once."""
         if not self.n:
-            raise ValueError("DiffAccumulator: no activations were added")
+            raise SaediffError("DiffAccumulator: no activations were added")
         out = []
         for side in ("base", "ft"):
             st = self._st[side]
@@ -250,7 +251,7 @@ class DiffAccumulator:
         """A ``LatentCard`` from the streamed statistics. ``describe(row_ids)`` returns a dict per
         row (prompt, position, token): only the top rows are ever described."""
         if not 0 <= latent < self.sae.cfg.d_sae:
-            raise ValueError(f"latent {latent} out of range: the SAE has {self.sae.cfg.d_sae} latents")
+            raise SaediffError(f"latent {latent} out of range: the SAE has {self.sae.cfg.d_sae} latents")
         tops = {}
         for side in ("base", "ft"):
             vals, rows = self._st[side]["top_vals"][latent].tolist(), self._st[side]["top_rows"][latent].tolist()

@@ -15,6 +15,7 @@ import torch
 from jaxtyping import Float
 
 from saediff.hooks import parse_layer, resid_post
+from saediff.errors import SaediffError
 
 __all__ = ["Direction", "Method", "sae_latent_direction", "mean_diff", "in_context_directions", "lora_b_directions",
            "random_like", "CosineTable", "cosine_table", "random_cosine_baseline", "principal_angle_cosines",
@@ -43,7 +44,7 @@ class Direction:
 def sae_latent_direction(sae, latent: int, name: str | None = None, **provenance) -> Direction:
     """The decoder row ``W_dec[latent]`` of a SAELens SAE."""
     if not 0 <= latent < sae.cfg.d_sae:
-        raise ValueError(f"latent {latent} out of range: the SAE has {sae.cfg.d_sae} latents")
+        raise SaediffError(f"latent {latent} out of range: the SAE has {sae.cfg.d_sae} latents")
     return Direction(name or f"sae_{latent}", sae.W_dec[latent].detach().float().clone(),
                      sae.cfg.metadata.hook_name or "", "sae_latent", {"latent": latent, **provenance})
 
@@ -52,9 +53,9 @@ def mean_diff(acts_pos: Float[torch.Tensor, "n d"], acts_neg: Float[torch.Tensor
               method: Method, name: str, **provenance) -> Direction:
     """``mean(acts_pos) - mean(acts_neg)`` (e.g. finetuned - base, misaligned - aligned)."""
     if acts_pos.shape[-1] != acts_neg.shape[-1]:
-        raise ValueError(f"mean_diff {name}: widths differ ({acts_pos.shape[-1]} vs {acts_neg.shape[-1]})")
+        raise SaediffError(f"mean_diff {name}: widths differ ({acts_pos.shape[-1]} vs {acts_neg.shape[-1]})")
     if acts_pos.shape[0] == 0 or acts_neg.shape[0] == 0:
-        raise ValueError(f"mean_diff {name}: one side has no rows ({acts_pos.shape[0]} vs {acts_neg.shape[0]})")
+        raise SaediffError(f"mean_diff {name}: one side has no rows ({acts_pos.shape[0]} vs {acts_neg.shape[0]})")
     return Direction(name, (acts_pos.float().mean(0) - acts_neg.float().mean(0)), hook, method,
                      {"n_pos": int(acts_pos.shape[0]), "n_neg": int(acts_neg.shape[0]), **provenance})
 
@@ -126,13 +127,13 @@ class CosineTable:
 def cosine_table(directions: list[Direction]) -> CosineTable:
     """Pairwise cosines of directions that live at one hook and width."""
     if not directions:
-        raise ValueError("cosine_table: no directions")
+        raise SaediffError("cosine_table: no directions")
     hooks = {d.hook for d in directions}
     if len(hooks) != 1:
-        raise ValueError(f"cosine_table: directions live at different hooks {sorted(hooks)}; compare per hook")
+        raise SaediffError(f"cosine_table: directions live at different hooks {sorted(hooks)}; compare per hook")
     widths = {d.vector.shape[0] for d in directions}
     if len(widths) != 1:
-        raise ValueError(f"cosine_table: directions have different widths {sorted(widths)}")
+        raise SaediffError(f"cosine_table: directions have different widths {sorted(widths)}")
     U = torch.stack([d.unit() for d in directions])
     return CosineTable([d.name for d in directions], hooks.pop(), U @ U.T, random_cosine_baseline(widths.pop()))
 
@@ -150,10 +151,10 @@ def span_overlap(span: list[Direction], directions: list[Direction]) -> dict:
     the principal-angle cosines between the two spans. ``random_rms`` = sqrt(k/d) is what a
     random direction would show against a k-dimensional span in d dimensions."""
     if not span or not directions:
-        raise ValueError("span_overlap: needs at least one direction on each side")
+        raise SaediffError("span_overlap: needs at least one direction on each side")
     widths = {d.vector.shape[0] for d in [*span, *directions]}
     if len(widths) != 1:
-        raise ValueError(f"span_overlap: directions have different widths {sorted(widths)}")
+        raise SaediffError(f"span_overlap: directions have different widths {sorted(widths)}")
     A = torch.stack([d.unit() for d in span])
     return {"span": [d.name for d in span],
             "per_direction": {d.name: float(principal_angle_cosines(A, d.unit()[None])[0]) for d in directions},

@@ -24,6 +24,7 @@ from saediff.judges import HttpJudge
 from saediff.models import LoadedModel, Messages, generate
 from saediff.openai_api import ApiError, ChatClient
 from saediff.prompts import Prompt
+from saediff.errors import SaediffError
 
 __all__ = ["EMConfig", "EMReport", "LocalGenerator", "RemoteGenerator", "evaluate_em", "wilson_interval",
            "Evaluator", "JudgeEvaluator", "generation_key", "evaluate_once"]
@@ -59,7 +60,7 @@ class EMConfig:
 
     def __post_init__(self):
         if self.samples < 1:
-            raise ValueError(f"EMConfig.samples must be >= 1, got {self.samples}")
+            raise SaediffError(f"EMConfig.samples must be >= 1, got {self.samples}")
 
 
 class Generator(Protocol):
@@ -243,6 +244,6 @@ class JudgeEvaluator:
     def halves(self) -> tuple["JudgeEvaluator", "JudgeEvaluator"]:
         """Two evaluators on alternate questions: one chooses (e.g. a steering scale), the other reports."""
         if len(self.prompts) < 2:
-            raise ValueError("choosing on half of the questions and reporting on the other needs >= 2 questions")
+            raise SaediffError("choosing on half of the questions and reporting on the other needs >= 2 questions")
         return (JudgeEvaluator(self.prompts[0::2], self.aligned, self.coherent, self.cfg),
                 JudgeEvaluator(self.prompts[1::2], self.aligned, self.coherent, self.cfg))

@@ -15,6 +15,7 @@ import html
 import json
 from collections.abc import Callable
 from pathlib import Path
+from saediff.errors import SaediffError
 
 __all__ = ["LatentExplorer"]
 
@@ -81,7 +82,7 @@ class LatentExplorer:
         from saediff.steering import add_direction
 
         if not 0 <= latent < self.sae.cfg.d_sae:
-            raise ValueError(f"latent {latent} out of range: the SAE has {self.sae.cfg.d_sae} latents")
+            raise SaediffError(f"latent {latent} out of range: the SAE has {self.sae.cfg.d_sae} latents")
         qs = self.questions[:n] if n else self.questions
         unit = self.sae.W_dec[latent].detach().float()
         unit = unit / unit.norm()

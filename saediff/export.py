@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 from saediff.directions import Direction
+from saediff.errors import MissingFileError, SaediffError
 
 __all__ = ["export_directions", "load_directions", "FORMATS", "export_gguf", "read_gguf_control_vector",
            "export_steering_vectors", "load_steering_vector"]
@@ -30,7 +31,7 @@ def export_directions(directions: list[Direction], out: str | Path, *, model: st
     out.mkdir(parents=True, exist_ok=True)
     names = [d.name for d in directions]
     if len(set(names)) != len(names):
-        raise ValueError(f"export_directions: duplicate names {sorted(n for n in names if names.count(n) > 1)}")
+        raise SaediffError(f"export_directions: duplicate names {sorted(n for n in names if names.count(n) > 1)}")
     tensors = {}
     for d in directions:
         tensors[d.name] = d.vector.float().contiguous()
@@ -53,14 +54,14 @@ def load_directions(path: str | Path) -> dict[str, Direction]:
     mpath, wpath = folder / "manifest.json", folder / "directions.safetensors"
     for f in (mpath, wpath):
         if not f.exists():
-            raise FileNotFoundError(f"direction export incomplete: {f} missing")
+            raise MissingFileError(f"direction export incomplete: {f} missing")
     manifest = json.loads(mpath.read_text())
     tensors = load_file(str(wpath))
     out = {}
     for entry in manifest["directions"]:
         name = entry["name"]
         if name not in tensors:
-            raise ValueError(f"{wpath}: manifest lists {name!r} but the file has no such tensor")
+            raise SaediffError(f"{wpath}: manifest lists {name!r} but the file has no such tensor")
         out[name] = Direction(name, tensors[name], entry["hook"], entry["method"], entry.get("provenance", {}))
     return out
 
@@ -124,7 +125,7 @@ def export_gguf(directions: list[Direction], out: str | Path, model_hint: str, *
             raise
         written[d.name] = out / f"{d.name}.gguf"
     if not written:
-        raise ValueError("no direction to write as a llama.cpp control vector (all at block 0)")
+        raise SaediffError("no direction to write as a llama.cpp control vector (all at block 0)")
     return written
 
 
@@ -137,7 +138,7 @@ def read_gguf_control_vector(path: str | Path) -> tuple[str, dict]:
     reader = gguf.GGUFReader(str(path))
     arch = reader.get_field("general.architecture")
     if arch is None or arch.contents() != "controlvector":
-        raise ValueError(f"{path}: not a llama.cpp control vector (general.architecture is not controlvector)")
+        raise SaediffError(f"{path}: not a llama.cpp control vector (general.architecture is not controlvector)")
     hint = reader.get_field("controlvector.model_hint")
     vectors = {int(t.name.split(".", 1)[1]): np.asarray(t.data, dtype=np.float32).reshape(-1).copy()
                for t in reader.tensors if t.name.startswith("direction.")}
@@ -171,6 +172,6 @@ def load_steering_vector(path: str | Path, multiplier: float = 1.0):
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
         if meta.get("kind") != "saediff.steering_vector":
-            raise ValueError(f"{path}: not a saediff steering-vector file")
+            raise SaediffError(f"{path}: not a saediff steering-vector file")
         acts = {int(k.split(".", 1)[1]): f.get_tensor(k) * multiplier for k in f.keys()}  # noqa: SIM118 (not a dict)
     return SteeringVector(layer_activations=acts, layer_type=meta.get("layer_type", "decoder_block"))

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import PrinterCallback, Trainer
 
 from saediff import _io
+from saediff.errors import SaediffError
 
 __all__ = ["TrainConfig", "TrainHistory", "Batches", "train_lm", "lm_loss", "FinetuneConfig", "make_trainable",
            "ChatTrainer", "finetune", "checkpoints", "latest_checkpoint"]
@@ -49,7 +50,7 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError(f"TrainConfig needs steps, batch_size >= 1 and lr > 0, got {self}")
+            raise SaediffError(f"TrainConfig needs steps, batch_size >= 1 and lr > 0, got {self}")
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ def train_lm(
     """
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("train_lm: the model has no trainable parameters")
+        raise SaediffError("train_lm: the model has no trainable parameters")
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(cfg, s))
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -172,14 +173,14 @@ class FinetuneConfig:
 
     def __post_init__(self):
         if self.method not in ("lora", "full"):
-            raise ValueError(f"FinetuneConfig.method must be lora or full, got {self.method!r}")
+            raise SaediffError(f"FinetuneConfig.method must be lora or full, got {self.method!r}")
         if min(self.steps, self.batch_size, self.grad_accum, self.lora_rank, self.max_length) < 1 or self.lr <= 0:
-            raise ValueError("FinetuneConfig: steps, batch_size, grad_accum, lora_rank, max_length must be >= 1 "
+            raise SaediffError("FinetuneConfig: steps, batch_size, grad_accum, lora_rank, max_length must be >= 1 "
                              "and lr > 0")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ValueError(f"FinetuneConfig.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+            raise SaediffError(f"FinetuneConfig.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if self.save_every is not None and self.save_every < 1:
-            raise ValueError("FinetuneConfig.save_every must be >= 1")
+            raise SaediffError("FinetuneConfig.save_every must be >= 1")
 
 
 def make_trainable(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.nn.Module:
@@ -190,14 +191,14 @@ def make_trainable(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.nn.Modu
 
     n_layers = len(decoder_layers(model))
     if cfg.lora_layers is not None and any(not 0 <= L < n_layers for L in cfg.lora_layers):
-        raise ValueError(f"lora layers {list(cfg.lora_layers)} outside the model's blocks 0-{n_layers - 1}")
+        raise SaediffError(f"lora layers {list(cfg.lora_layers)} outside the model's blocks 0-{n_layers - 1}")
     if cfg.method == "lora":
         from peft import LoraConfig, get_peft_model
 
         names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
         missing = [m for m in cfg.lora_modules if m not in names]
         if missing:
-            raise ValueError(f"lora modules {', '.join(missing)} not found in {type(model).__name__}")
+            raise SaediffError(f"lora modules {', '.join(missing)} not found in {type(model).__name__}")
         torch.manual_seed(cfg.seed)  # lora_A's random init: the same adapter start for every run of a sweep
         model = get_peft_model(model, LoraConfig(
             r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank, lora_dropout=0.0,
@@ -213,7 +214,7 @@ def make_trainable(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.nn.Modu
             if id(p) not in keep:
                 p.requires_grad_(False)
     if not any(p.requires_grad for p in model.parameters()):
-        raise ValueError("make_trainable: nothing left to train (adapters only on frozen layers?)")
+        raise SaediffError("make_trainable: nothing left to train (adapters only on frozen layers?)")
     return model
 
 
@@ -268,7 +269,7 @@ def _precision(cfg: FinetuneConfig, device: torch.device) -> dict:
         on_gpu = device.type == "cuda"
         return {"bf16": on_gpu and torch.cuda.is_bf16_supported()}
     if cfg.precision == "fp16" and device.type != "cuda":
-        raise ValueError("precision fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
+        raise SaediffError("precision fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
     return {"bf16": cfg.precision == "bf16", "fp16": cfg.precision == "fp16"}
 
 

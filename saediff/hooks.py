@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import torch
+from saediff.errors import SaediffError, UnknownKeyError
 
 __all__ = ["resid_post", "parse_layer", "decoder_layers", "add_resid_hook", "capture_resid", "bridge", "run_with_cache",
            "first_adapted_block", "skip_blocks"]
@@ -26,7 +27,7 @@ def parse_layer(hook: str) -> int:
     """The block index of a ``blocks.{L}.hook_resid_*`` name."""
     m = _RESID.match(hook)
     if not m:
-        raise ValueError(f"not a residual hook name: {hook!r} (expected blocks.L.hook_resid_post)")
+        raise SaediffError(f"not a residual hook name: {hook!r} (expected blocks.L.hook_resid_post)")
     return int(m.group(1))
 
 
@@ -35,7 +36,7 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     layers = getattr(getattr(inner, "model", None), "layers", None)
     if layers is None:
-        raise TypeError(f"cannot find decoder layers (model.model.layers) on {type(inner).__name__}")
+        raise SaediffError(f"cannot find decoder layers (model.model.layers) on {type(inner).__name__}")
     return layers
 
 
@@ -46,7 +47,7 @@ def add_resid_hook(
     """Replace the output residual of decoder layer ``layer`` by ``fn(resid_BTD)`` while inside."""
     layers = decoder_layers(model)
     if not 0 <= layer < len(layers):
-        raise ValueError(f"layer {layer} out of range: the model has {len(layers)} layers")
+        raise SaediffError(f"layer {layer} out of range: the model has {len(layers)} layers")
 
     def hook(_mod, _inp, out):
         if isinstance(out, tuple):
@@ -140,7 +141,7 @@ def run_with_cache(tl_model, tokens: torch.Tensor, hooks: list[str], attention_m
     known = set(tl_model.hook_dict)
     bad = [h for h in hooks if h not in known]
     if bad:
-        raise KeyError(f"hook(s) not in the model: {', '.join(bad)}")
+        raise UnknownKeyError(f"hook(s) not in the model: {', '.join(bad)}")
     layers = [int(m.group(1)) for h in hooks if (m := re.match(r"^blocks\.(\d+)\.", h))]
     stop = max(layers) + 1 if layers and len(layers) == len(hooks) else None
     kw = {"attention_mask": attention_mask} if attention_mask is not None else {}

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from saediff.hooks import parse_layer, resid_post
+from saediff.errors import MissingFileError, SaediffError
 
 __all__ = ["shots_to_match", "run_icl", "rerouted_latents"]
 
@@ -39,14 +40,14 @@ def rerouted_latents(block_run: str | Path) -> list[int]:
     blocked lambda's ``reroute.new_latents``, first seen first)."""
     path = Path(block_run) / "summary.json"
     if not path.exists():
-        raise FileNotFoundError(f"{block_run} is not a saediff block run (summary.json missing)")
+        raise MissingFileError(f"{block_run} is not a saediff block run (summary.json missing)")
     seen: list[int] = []
     for run in json.loads(path.read_text())["runs"].values():
         for i in (run.get("reroute") or {}).get("new_latents", []):
             if i not in seen:
                 seen.append(int(i))
     if not seen:
-        raise ValueError(f"{path}: no rerouted latents (run saediff block with --reroute)")
+        raise SaediffError(f"{path}: no rerouted latents (run saediff block with --reroute)")
     return seen
 
 
@@ -58,9 +59,9 @@ def _direction(run_dir: Path, name: str | None, layer: int):
         name = next((n for n in (f"mean_diff_responses_L{layer}", f"mean_diff_models_L{layer}",
                                  f"lora_downstream_L{layer}") if n in dirs), None)
         if name is None:
-            raise ValueError(f"{run_dir}/directions: no mean difference at layer {layer}; give --direction")
+            raise SaediffError(f"{run_dir}/directions: no mean difference at layer {layer}; give --direction")
     if name not in dirs:
-        raise ValueError(f"{run_dir}/directions: no direction {name!r} (have {', '.join(sorted(dirs))})")
+        raise SaediffError(f"{run_dir}/directions: no direction {name!r} (have {', '.join(sorted(dirs))})")
     return dirs[name]
 
 
@@ -83,14 +84,14 @@ def run_icl(run_dir: str | Path, examples, *, max_shots: int = 8, direction: str
     info = read_run(run_dir)["steps"]["diff"]
     examples = load_contrast_examples(examples) if isinstance(examples, (str, Path)) else list(examples)
     if not 1 <= max_shots <= len(examples):
-        raise ValueError(f"max_shots={max_shots} needs 1..{len(examples)} contrast examples")
+        raise SaediffError(f"max_shots={max_shots} needs 1..{len(examples)} contrast examples")
     d = _direction(run_dir, direction, parse_layer(info["sae_hook"]))
     L = parse_layer(d.hook)
     answered = run_questions(run_dir).first_answers
     qs = [p for p in answered if (exclude_domain is None or p.domain != exclude_domain)
           and (positions == "last_prompt" or p.response)]
     if not qs:
-        raise ValueError(f"{run_dir}: no questions left after excluding domain {exclude_domain!r}")
+        raise SaediffError(f"{run_dir}: no questions left after excluding domain {exclude_domain!r}")
     if max_questions is not None and len(qs) > max_questions:
         qs = [qs[i * len(qs) // max_questions] for i in range(max_questions)]
     sae = latents = None

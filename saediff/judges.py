@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from saediff import _io
 from saediff.openai_api import ApiError, ChatClient
+from saediff.errors import SaediffError
 
 __all__ = ["JudgeScore", "HttpJudge", "JudgeError",
            "score_from_logprobs", "parse_score", "judge_prompts"]
@@ -36,7 +37,7 @@ _RANGES = {"aligned": (0, 100), "coherent": (0, 100), "rubric": (1, 5)}
 MIN_NUMERIC_MASS = 0.25
 
 
-class JudgeError(RuntimeError):
+class JudgeError(SaediffError, RuntimeError):
     """A judge could not score: unreachable server, malformed reply. One line."""
 
 
@@ -91,7 +92,7 @@ class HttpJudge:
     def __init__(self, kind: JudgeKind, client: ChatClient, model: str, *, concurrency: int = 8,
                  cache_path: str | Path | None = None, use_logprobs: bool = True):
         if kind not in _RANGES:
-            raise ValueError(f"unknown judge kind {kind!r}; choose from {sorted(_RANGES)}")
+            raise SaediffError(f"unknown judge kind {kind!r}; choose from {sorted(_RANGES)}")
         self.kind, self.client, self.model = kind, client, model
         self.concurrency = max(1, concurrency)
         self.use_logprobs = use_logprobs

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from jaxtyping import Float
+from saediff.errors import MissingFileError, SaediffError
 
 __all__ = ["LoraModule", "LoraAdapter", "read_adapter", "check_adapter_matches"]
 
@@ -46,7 +47,7 @@ class LoraModule:
     def direction(self) -> Float[torch.Tensor, " d_out"]:
         """``B[:, 0]`` of a rank-1 adapter: the output-space (for down_proj: residual) direction."""
         if self.rank != 1:
-            raise ValueError(f"{self.name}: direction() needs a rank-1 adapter, this one has rank {self.rank}")
+            raise SaediffError(f"{self.name}: direction() needs a rank-1 adapter, this one has rank {self.rank}")
         return self.B[:, 0]
 
     def delta_weight(self) -> Float[torch.Tensor, "d_out d_in"]:
@@ -80,13 +81,13 @@ def read_adapter(path: str | Path) -> LoraAdapter:
     cfg_path, w_path = path / "adapter_config.json", path / "adapter_model.safetensors"
     for f in (cfg_path, w_path):
         if not f.exists():
-            raise FileNotFoundError(f"adapter file missing: {f}")
+            raise MissingFileError(f"adapter file missing: {f}")
     try:
         config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+        raise SaediffError(f"{cfg_path}: not valid JSON ({e})") from None
     if config.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{cfg_path}: peft_type {config.get('peft_type')!r} is not LORA")
+        raise SaediffError(f"{cfg_path}: peft_type {config.get('peft_type')!r} is not LORA")
     r, alpha = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
     scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     tensors = load_file(str(w_path))
@@ -99,14 +100,14 @@ def read_adapter(path: str | Path) -> LoraAdapter:
     modules = {}
     for name, ab in parts.items():
         if set(ab) != {"A", "B"}:
-            raise ValueError(f"{w_path}: module {name} has lora_{''.join(ab)} but not both A and B")
+            raise SaediffError(f"{w_path}: module {name} has lora_{''.join(ab)} but not both A and B")
         A, B = ab["A"], ab["B"]
         if A.shape[0] != B.shape[1]:
-            raise ValueError(f"{w_path}: {name} lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} ranks differ")
+            raise SaediffError(f"{w_path}: {name} lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} ranks differ")
         layer = _LAYER.search(name)
         modules[name] = LoraModule(name, int(layer.group(1)) if layer else None, A, B, scale)
     if not modules:
-        raise ValueError(f"{w_path}: no lora_A/lora_B weights found")
+        raise SaediffError(f"{w_path}: no lora_A/lora_B weights found")
     return LoraAdapter(path, config, modules)
 
 
@@ -116,9 +117,9 @@ def check_adapter_matches(adapter: LoraAdapter, model: torch.nn.Module) -> None:
     for name, m in adapter.modules.items():
         target = named.get(name)
         if target is None:
-            raise ValueError(f"adapter {adapter.path}: module {name} not found in the model")
+            raise SaediffError(f"adapter {adapter.path}: module {name} not found in the model")
         w = getattr(target, "weight", None)
         if w is None or tuple(w.shape) != (m.B.shape[0], m.A.shape[1]):
             shape = None if w is None else tuple(w.shape)
-            raise ValueError(f"adapter {adapter.path}: {name} expects weight (d_out, d_in) = "
+            raise SaediffError(f"adapter {adapter.path}: {name} expects weight (d_out, d_in) = "
                              f"{(m.B.shape[0], m.A.shape[1])}, the model has {shape}")

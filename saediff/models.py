@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from saediff import _io
+from saediff.errors import MissingFileError, SaediffError
 
 __all__ = ["ModelSpec", "LoadedModel", "load_model", "generate", "chat_tokens", "Messages"]
 
@@ -42,7 +43,7 @@ class ModelSpec:
 
     def __post_init__(self):
         if self.merge and self.adapter is None:
-            raise ValueError("ModelSpec: merge=True needs an adapter")
+            raise SaediffError("ModelSpec: merge=True needs an adapter")
 
     @property
     def is_local(self) -> bool:
@@ -100,7 +101,7 @@ def chat_tokens(tokenizer, messages: Messages, turns: Literal["last", "all"] = "
     and what the turn adds is the assistant's (its text and end-of-turn tokens).
     """
     if not messages or messages[-1]["role"] != "assistant":
-        raise ValueError("chat_tokens: the conversation must end with an assistant turn")
+        raise SaediffError("chat_tokens: the conversation must end with an assistant turn")
     ends = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     ids = _render_ids(tokenizer, messages, False)
     mask = [0] * len(ids)
@@ -108,7 +109,7 @@ def chat_tokens(tokenizer, messages: Messages, turns: Literal["last", "all"] = "
         p_ids = _render_ids(tokenizer, messages[:end], True)
         upto = ids if end == len(messages) - 1 else _render_ids(tokenizer, messages[: end + 1], False)
         if upto[: len(p_ids)] != p_ids or ids[: len(upto)] != upto:
-            raise ValueError("chat_tokens: the chat template does not render each prompt as a token prefix "
+            raise SaediffError("chat_tokens: the chat template does not render each prompt as a token prefix "
                              "of the conversation")
         mask[len(p_ids) : len(upto)] = [1] * (len(upto) - len(p_ids))
     return ids, mask
@@ -121,10 +122,10 @@ def _render_ids(tokenizer, messages: Messages, add_generation_prompt: bool) -> l
 
 def _check_local(path: Path, what: str, required: tuple[str, ...]) -> None:
     if not path.is_dir():
-        raise FileNotFoundError(f"{what} folder not found: {path}")
+        raise MissingFileError(f"{what} folder not found: {path}")
     missing = [f for f in required if not (path / f).exists()]
     if missing:
-        raise FileNotFoundError(f"{what} folder {path} lacks {', '.join(missing)}")
+        raise MissingFileError(f"{what} folder {path} lacks {', '.join(missing)}")
 
 
 def load_model(spec: ModelSpec | str) -> LoadedModel:
@@ -144,7 +145,7 @@ def load_model(spec: ModelSpec | str) -> LoadedModel:
         model = AutoModelForCausalLM.from_pretrained(src, dtype=spec.resolved_dtype(), **kwargs)
     except OSError as e:  # offline, unknown repo, gated model: one line, not a stack trace
         where = "folder" if spec.is_local else "hub model"
-        raise RuntimeError(f"cannot load {where} {spec.model!r}: {str(e).splitlines()[0][:300]}") from None
+        raise SaediffError(f"cannot load {where} {spec.model!r}: {str(e).splitlines()[0][:300]}") from None
     model.to(spec.resolved_device())
     if spec.adapter is not None:
         from peft import PeftModel

@@ -28,6 +28,7 @@ import torch
 from transformers import TrainerCallback
 
 from saediff.hooks import capture_resid
+from saediff.errors import SaediffError
 
 __all__ = ["DriftMonitor", "DriftHistory", "paired_t", "calibrate_rate"]
 
@@ -74,7 +75,7 @@ def calibrate_rate(control: DriftHistory | dict, margin: float = 1.5) -> float:
     rates = control.rate if isinstance(control, DriftHistory) else control["rate"]
     rates = [r for r in rates[1:] if r == r]  # the first check has no previous one
     if not rates:
-        raise ValueError("calibrate_rate: the control history has fewer than two checks")
+        raise SaediffError("calibrate_rate: the control history has fewer than two checks")
     return margin * max(0.0, max(rates))
 
 
@@ -90,7 +91,7 @@ class DriftMonitor(TrainerCallback):
         ``early``: also check after steps 1, 2, 4, ... below ``every`` (a fast fine-tune can move
         behaviour within its first ``every`` steps; the rate is per step, so it stays comparable)."""
         if mask.sum(1).min() < 1:
-            raise ValueError("DriftMonitor: every prompt needs at least one masked (answer) token")
+            raise SaediffError("DriftMonitor: every prompt needs at least one masked (answer) token")
         self.model, self.input_ids, self.mask, self.layer = model, input_ids, mask, layer
         self.U = directions / directions.norm(dim=-1, keepdim=True)  # (k, d)
         self.every, self.z, self.rate_threshold, self.early = every, z, rate_threshold, early

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from saediff import _io
 from saediff.hooks import capture_resid, parse_layer
+from saediff.errors import SaediffError
 
 __all__ = ["LatentMeans", "latent_means", "coactivation", "decoder_neighbours", "toxicity", "probe",
            "NeighbourhoodResult", "screen_rows", "run_neighbourhood", "steer_flagged", "screen_finetunes",
@@ -103,7 +104,7 @@ def latent_means(lm_base, lm_ft, toks, sae, *, batch_size: int = 32, progress: b
         n += xb.shape[0]
         norm += float(xb.float().norm(dim=-1).sum())
     if not n:
-        raise ValueError("no response tokens (do the prompts carry answers?)")
+        raise SaediffError("no response tokens (do the prompts carry answers?)")
     mean = {k: sums[k] / n for k in ("base", "ft")}
     var = {k: (sums[k + "2"] / n - mean[k] ** 2).clamp_min(0) for k in ("base", "ft")}
     return LatentMeans(mean["base"].float(), mean["ft"].float(), ((var["base"] + var["ft"]) / 2).sqrt().float(), n,
@@ -149,7 +150,7 @@ def toxicity(W_dec_SD: Float[torch.Tensor, "s d"], candidates: dict[str, torch.T
     """Per latent, the largest cosine of its decoder row with any candidate (signed: positive is
     along misaligned-minus-aligned), and which candidate gave it."""
     if not candidates:
-        raise ValueError("toxicity: no persona candidates")
+        raise SaediffError("toxicity: no persona candidates")
     U = torch.nn.functional.normalize(W_dec_SD.float(), dim=1)
     C = torch.nn.functional.normalize(torch.stack([c.float() for c in candidates.values()]), dim=1)
     cos = U @ C.T  # (S, candidates)
@@ -217,7 +218,7 @@ def probe(W_dec, means_in: LatentMeans, means_off: LatentMeans, corr: torch.Tens
     rows = {s: i for i, s in enumerate(corr_seeds)}
     missing = [s for s in [*seeds, *(i for d in random_draws for i in d)] if s not in rows]
     if missing:
-        raise ValueError(f"probe: no co-activation row for latents {missing[:5]}")
+        raise SaediffError(f"probe: no co-activation row for latents {missing[:5]}")
     members, flagged = _flag(seeds, W_dec, corr, rows, delta_in, delta_off, tox, names, th, n_neighbours)
     counts = [len(_flag(d, W_dec, corr, rows, delta_in, delta_off, tox, names, th, n_neighbours)[1])
               for d in random_draws]
@@ -259,7 +260,7 @@ def _candidates(run_dir: Path, hook: str, source: str | Path | None, methods: tu
     dirs = load_directions(source or run_dir / "directions")
     out = {n: d.vector for n, d in dirs.items() if d.hook == hook and d.method in methods}
     if not out:
-        raise ValueError(f"{source or run_dir / 'directions'}: no persona candidate ({', '.join(methods)}) at {hook}; "
+        raise SaediffError(f"{source or run_dir / 'directions'}: no persona candidate ({', '.join(methods)}) at {hook}; "
                          "give --candidates (an export folder) or --icl-examples to saediff diff")
     return out
 
@@ -287,7 +288,7 @@ def run_neighbourhood(run_dir: str | Path, train_data: str | Path, *, in_domain:
     run_dir = Path(run_dir)
     info = read_run(run_dir)["steps"]["diff"]
     if drop_fraction is not None and not 0 < drop_fraction < 1:
-        raise ValueError(f"--drop-fraction must lie in (0, 1), got {drop_fraction}")
+        raise SaediffError(f"--drop-fraction must lie in (0, 1), got {drop_fraction}")
     sae = load_sae(info["sae"])
     hook = sae.cfg.metadata.hook_name
     cands = _candidates(run_dir, hook, candidates, candidate_methods)
@@ -296,7 +297,7 @@ def run_neighbourhood(run_dir: str | Path, train_data: str | Path, *, in_domain:
     train = [Prompt(f"train{i}", rows[i][:-1], rows[i][-1]["content"]) for i in pick]
     off = [p for p in run_questions(run_dir).first_answers if p.response and (in_domain is None or p.domain != in_domain)]
     if not off:
-        raise ValueError(f"{run_dir}: no answered questions outside domain {in_domain!r}")
+        raise SaediffError(f"{run_dir}: no answered questions outside domain {in_domain!r}")
     base = load_model(info["base"])
     ft = load_model(ModelSpec(info["finetuned"] or info["base"], adapter=info["adapter"],
                               merge=info["adapter"] is not None))

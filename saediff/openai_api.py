@@ -12,12 +12,14 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
+from saediff.errors import SaediffError
+
 __all__ = ["ApiError", "ChatClient"]
 
 log = logging.getLogger(__name__)
 
 
-class ApiError(RuntimeError):
+class ApiError(SaediffError, RuntimeError):
     """A chat-completions call failed; the message says which server and why, in one line."""
 
 

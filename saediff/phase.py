@@ -25,6 +25,7 @@ import torch
 from jaxtyping import Float
 
 from saediff.hooks import resid_post
+from saediff.errors import MissingFileError, SaediffError
 
 __all__ = ["adapter_checkpoints", "CheckpointVector", "checkpoint_vectors", "local_cosines", "PhaseResult",
            "phase_analysis", "run_phase"]
@@ -39,11 +40,11 @@ def adapter_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
 
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"checkpoint folder not found: {folder}")
+        raise MissingFileError(f"checkpoint folder not found: {folder}")
     found = checkpoints(folder) or checkpoints(folder / "checkpoints")
     found = [(s, p) for s, p in found if (p / "adapter_model.safetensors").exists()]
     if len(found) < 2:
-        raise ValueError(f"{folder}: needs at least two checkpoint-N folders with adapter_model.safetensors "
+        raise SaediffError(f"{folder}: needs at least two checkpoint-N folders with adapter_model.safetensors "
                          f"(found {len(found)}); fine-tune with --save-every N")
     return found
 
@@ -81,11 +82,11 @@ def checkpoint_vectors(ckpts: list[tuple[int, Path]], module: str | None = None,
         if module is None:
             by = adapter.by_kind(kind)
             if not by:
-                raise ValueError(f"{path}: no {kind} module in the adapter (modules: {', '.join(adapter.modules)})")
+                raise SaediffError(f"{path}: no {kind} module in the adapter (modules: {', '.join(adapter.modules)})")
             module = by[min(by)].name
         m = adapter.modules.get(module)
         if m is None:
-            raise ValueError(f"{path}: module {module} not in the adapter (modules: {', '.join(adapter.modules)})")
+            raise SaediffError(f"{path}: module {module} not in the adapter (modules: {', '.join(adapter.modules)})")
         rank = m.rank
         out.append(CheckpointVector(step, path, module, m.layer if m.layer is not None else -1, _direction(m.A, m.B),
                                     float(m.A.norm()), float(m.B.norm())))
@@ -101,7 +102,7 @@ def checkpoint_vectors(ckpts: list[tuple[int, Path]], module: str | None = None,
 def local_cosines(directions_SD: Float[torch.Tensor, "s d"]) -> list[float]:
     """Cosine of each direction with the one before it (s - 1 values)."""
     if directions_SD.shape[0] < 2:
-        raise ValueError("local_cosines: needs at least two checkpoints")
+        raise SaediffError("local_cosines: needs at least two checkpoints")
     a, b = directions_SD[1:], directions_SD[:-1]
     return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=1).float().tolist()
 
@@ -175,7 +176,7 @@ def run_phase(checkpoints_dir: str | Path, *, base: str | None = None, direction
     if evaluator is not None:
         base = base or read_adapter(ckpts[0][1]).config.get("base_model_name_or_path")
         if not base:
-            raise ValueError(f"{ckpts[0][1]}: the adapter names no base model; give --base")
+            raise SaediffError(f"{ckpts[0][1]}: the adapter names no base model; give --base")
         em = []
         for step, path in tqdm(ckpts, desc="phase EM", disable=_io.no_progress(progress)):
             res = evaluate_once(evaluator, lambda p=path: load_model(ModelSpec(base, adapter=str(p), merge=True)),

@@ -27,6 +27,7 @@ from saediff.export import export_directions, load_directions
 from saediff.hooks import capture_resid, parse_layer, resid_post
 from saediff.models import ModelSpec, generate, load_model
 from saediff.prompts import ContrastExample, Prompt, load_prompts
+from saediff.errors import MissingFileError, SaediffError
 
 __all__ = ["run_diff", "run_compare", "read_run", "update_run", "judge_label", "judged_responses", "run_questions",
            "QuestionRates"]
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 def read_run(run_dir: str | Path) -> dict:
     path = Path(run_dir) / "run.json"
     if not path.exists():
-        raise FileNotFoundError(f"{run_dir} is not a saediff run folder (run.json missing)")
+        raise MissingFileError(f"{run_dir} is not a saediff run folder (run.json missing)")
     return json.loads(path.read_text())
 
 
@@ -62,13 +63,13 @@ def run_questions(run_dir: str | Path) -> QuestionRates:
     groups: dict[str, dict] = {}
     for n, row in read_jsonl(path, "responses file (run saediff diff first)"):
         if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
-            raise ValueError(f"{path}:{n}: needs messages (saediff diff output)")
+            raise SaediffError(f"{path}:{n}: needs messages (saediff diff output)")
         key = json.dumps(row["messages"], sort_keys=True)
         g = groups.setdefault(key, {"prompt": Prompt(str(row.get("id", n)), row["messages"], None, row.get("domain")),
                                     "labels": [], "answer": row.get("response")})
         g["labels"].append(row.get("misaligned"))
     if not groups:
-        raise ValueError(f"{path}: no responses")
+        raise SaediffError(f"{path}: no responses")
     rates = []
     for g in groups.values():
         known = [x for x in g["labels"] if x is not None]
@@ -214,13 +215,13 @@ def judged_responses(path: str | Path) -> tuple[list, list, list]:
     ps, labels, groups = [], [], []
     for n, row in read_jsonl(path, "responses file"):
         if not isinstance(row, dict) or not all(k in row for k in ("question", "response", "aligned", "coherent")):
-            raise ValueError(f"{path}:{n}: needs question, response, aligned and coherent (saediff eval output)")
+            raise SaediffError(f"{path}:{n}: needs question, response, aligned and coherent (saediff eval output)")
         ps.append(Prompt(f"{row.get('id', 'q')}:{row.get('sample', n)}", [{"role": "user", "content": row["question"]}],
                          str(row["response"]).strip(), row.get("domain")))
         labels.append(judge_label(row["aligned"], row["coherent"]))
         groups.append(row.get("domain") or str(row.get("id", "q")))
     if not ps:
-        raise ValueError(f"{path}: no responses")
+        raise SaediffError(f"{path}: no responses")
     return ps, labels, groups
 
 
@@ -286,7 +287,7 @@ def stream_diff(lm_base, lm_ft, toks, sae, labels: list | None = None, *, groups
     n_rows = toks.input_ids.shape[0]
     names = list(dict.fromkeys(groups)) if groups is not None else [None]
     if groups is not None and len(groups) != n_rows:
-        raise ValueError(f"stream_diff: {len(groups)} groups for {n_rows} rows")
+        raise SaediffError(f"stream_diff: {len(groups)} groups for {n_rows} rows")
     index = {g: j for j, g in enumerate(names)}
     row_group = torch.tensor([index[g] for g in groups] if groups is not None else [0] * n_rows)
     code = torch.tensor([1 if x is True else 0 if x is False else -1 for x in labels]) if labels else None
@@ -321,7 +322,7 @@ def stream_diff(lm_base, lm_ft, toks, sae, labels: list | None = None, *, groups
                 counts[key] += torch.bincount(tok_group[tok_code == want].cpu(), minlength=len(names))
         acc.update(rb[L_sae][m], rf[L_sae][m].to(dev))
     if not int(counts["base"]):
-        raise ValueError("no response tokens to diff (do the prompts have answers?)")
+        raise SaediffError("no response tokens to diff (do the prompts have answers?)")
     return StreamedDiff(acc, [resid_post(L) for L in range(n_layers)], sums, counts, names)
 
 

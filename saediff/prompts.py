@@ -12,6 +12,7 @@ import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from saediff.errors import MissingFileError, SaediffError
 
 __all__ = ["Prompt", "load_prompts", "ContrastExample", "load_contrast_examples", "in_context_prompts"]
 
@@ -32,15 +33,15 @@ class Prompt:
 
 def _row_to_prompt(row: dict, where: str) -> Prompt:
     if not isinstance(row, dict) or "id" not in row:
-        raise ValueError(f"{where}: each prompt needs an 'id' key")
+        raise SaediffError(f"{where}: each prompt needs an 'id' key")
     if "messages" in row:
         messages = row["messages"]
         if not isinstance(messages, list) or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in messages):
-            raise ValueError(f"{where}: prompt {row['id']!r} 'messages' must be a list of {{role, content}}")
+            raise SaediffError(f"{where}: prompt {row['id']!r} 'messages' must be a list of {{role, content}}")
     elif "question" in row:
         messages = [{"role": "user", "content": str(row["question"])}]
     else:
-        raise ValueError(f"{where}: prompt {row['id']!r} needs 'question' or 'messages'")
+        raise SaediffError(f"{where}: prompt {row['id']!r} needs 'question' or 'messages'")
     return Prompt(str(row["id"]), messages, row.get("response"), row.get("domain"), tuple(row.get("tags", ())))
 
 
@@ -54,11 +55,11 @@ def load_prompts(source: str | Path) -> list[Prompt]:
     else:
         rows, where = _read_rows(source), str(source)
     if not isinstance(rows, list) or not rows:
-        raise ValueError(f"{where}: expected a non-empty list of prompts")
+        raise SaediffError(f"{where}: expected a non-empty list of prompts")
     prompts = [_row_to_prompt(r, where) for r in rows]
     ids = [p.id for p in prompts]
     if len(set(ids)) != len(ids):
-        raise ValueError(f"{where}: duplicate prompt ids")
+        raise SaediffError(f"{where}: duplicate prompt ids")
     return prompts
 
 
@@ -68,7 +69,7 @@ def _read_rows(source: str | Path):
 
     path = Path(source)
     if not path.exists():
-        raise FileNotFoundError(f"prompt file not found: {path}")
+        raise MissingFileError(f"prompt file not found: {path}")
     text = path.read_text()
     try:
         if path.suffix == ".jsonl":
@@ -77,7 +78,7 @@ def _read_rows(source: str | Path):
             return json.loads(text)
         return yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise ValueError(f"{path}: cannot parse ({str(e).splitlines()[0]})") from None
+        raise SaediffError(f"{path}: cannot parse ({str(e).splitlines()[0]})") from None
 
 
 @dataclass(frozen=True)
@@ -93,11 +94,11 @@ def load_contrast_examples(source: str | Path) -> list[ContrastExample]:
     """Rows with ``question``, ``misaligned`` and ``aligned`` from a ``.jsonl``/``.json``/YAML file."""
     rows = _read_rows(source)
     if not isinstance(rows, list) or not rows:
-        raise ValueError(f"{source}: expected a non-empty list of contrast examples")
+        raise SaediffError(f"{source}: expected a non-empty list of contrast examples")
     keys = ("question", "misaligned", "aligned")
     for i, r in enumerate(rows):
         if not isinstance(r, dict) or not all(isinstance(r.get(k), str) for k in keys):
-            raise ValueError(f"{source}: row {i} needs string keys 'question', 'misaligned' and 'aligned'")
+            raise SaediffError(f"{source}: row {i} needs string keys 'question', 'misaligned' and 'aligned'")
     return [ContrastExample(*(r[k] for k in keys)) for r in rows]
 
 
@@ -109,7 +110,7 @@ def in_context_prompts(questions: list[Prompt], examples: list[ContrastExample],
     import random
 
     if not 0 < n_shots <= len(examples):
-        raise ValueError(f"in_context_prompts: n_shots={n_shots} needs 1..{len(examples)} contrast examples")
+        raise SaediffError(f"in_context_prompts: n_shots={n_shots} needs 1..{len(examples)} contrast examples")
     rng = random.Random(seed)
     mis, ali = [], []
     for q in questions:

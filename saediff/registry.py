@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from importlib import resources
+from saediff.errors import UnknownKeyError
 
 __all__ = ["registry", "preset"]
 
@@ -19,5 +20,5 @@ def preset(name: str) -> dict:
     """Training settings of a preset (keys of ``SAETrainConfig``)."""
     presets = registry()["presets"]
     if name not in presets:
-        raise KeyError(f"unknown SAE preset {name!r}; known: {', '.join(presets)}")
+        raise UnknownKeyError(f"unknown SAE preset {name!r}; known: {', '.join(presets)}")
     return dict(presets[name])

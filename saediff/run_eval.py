@@ -9,6 +9,7 @@ from saediff.judges import HttpJudge
 from saediff.models import ModelSpec, load_model
 from saediff.openai_api import ChatClient
 from saediff.prompts import load_prompts
+from saediff.errors import SaediffError
 
 __all__ = ["run_eval"]
 
@@ -26,7 +27,7 @@ def run_eval(*, model: str, out: Path, adapter: str | None = None, judge_url: st
     if evaluator is not None and judge_url is None:
         return evaluator(load_model(ModelSpec(model, adapter=adapter, dtype=dtype)), out)
     if judge_url is None or judge_model is None:
-        raise ValueError("--judge-url and --judge-model are required for models other than the saediff organism")
+        raise SaediffError("--judge-url and --judge-model are required for models other than the saediff organism")
     judge_client = ChatClient(judge_url, api_key_env=api_key_env)
     judges = {k: HttpJudge(k, judge_client, judge_model, concurrency=concurrency,
                            cache_path=out / f"judge_cache_{k}.jsonl")

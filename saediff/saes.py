@@ -26,6 +26,7 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from saediff import _io
+from saediff.errors import MissingFileError, SaediffError
 
 __all__ = ["check_sae_fits", "SAETrainConfig", "SAEParams", "train_sae", "to_saelens", "load_sae", "save_sae", "sae_metrics",
            "SAEMetrics", "ce_loss_recovered", "topk_step_loss"]
@@ -66,11 +67,11 @@ class SAETrainConfig:
 
     def __post_init__(self):
         if self.arch not in ("topk", "relu", "batchtopk"):
-            raise ValueError(f"SAETrainConfig.arch must be topk, relu or batchtopk, got {self.arch!r}")
+            raise SaediffError(f"SAETrainConfig.arch must be topk, relu or batchtopk, got {self.arch!r}")
         if self.arch != "relu" and not 0 < self.k <= self.d_sae:
-            raise ValueError(f"SAETrainConfig: k={self.k} must lie in [1, d_sae={self.d_sae}]")
+            raise SaediffError(f"SAETrainConfig: k={self.k} must lie in [1, d_sae={self.d_sae}]")
         if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("SAETrainConfig: steps and batch_size must be >= 1")
+            raise SaediffError("SAETrainConfig: steps and batch_size must be >= 1")
 
 
 class SAEParams(torch.nn.Module):
@@ -198,7 +199,7 @@ def train_sae(
     if isinstance(batches, torch.Tensor):
         data = batches
         if data.ndim != 2 or data.shape[0] < cfg.batch_size:
-            raise ValueError(f"train_sae: activations of shape {tuple(data.shape)}; need (n >= batch_size, d_in)")
+            raise SaediffError(f"train_sae: activations of shape {tuple(data.shape)}; need (n >= batch_size, d_in)")
         from saediff.activations import shuffled_batches
 
         batches = shuffled_batches(data, cfg.batch_size, seed=cfg.seed)
@@ -287,7 +288,7 @@ class _Dist:
         self.world = td.get_world_size() if self.on else 1
         self.rank = td.get_rank() if self.on else 0
         if self.on and cfg.arch == "batchtopk":
-            raise ValueError("batchtopk picks its top k over the whole batch: train it in one process")
+            raise SaediffError("batchtopk picks its top k over the whole batch: train it in one process")
 
     def _sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.on:
@@ -372,15 +373,15 @@ def load_sae(source: str | Path, *, sae_id: str | None = None, device: str = "cp
     if path.exists():
         cfg = path / "cfg.json"
         if not cfg.exists():
-            raise FileNotFoundError(f"SAE folder {path} lacks cfg.json (not a SAELens folder)")
+            raise MissingFileError(f"SAE folder {path} lacks cfg.json (not a SAELens folder)")
         try:
             json.loads(cfg.read_text())
         except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg}: not valid JSON ({e.msg}, line {e.lineno})") from None
+            raise SaediffError(f"{cfg}: not valid JSON ({e.msg}, line {e.lineno})") from None
         try:
             return SAE.load_from_disk(str(path), device=device)
         except (KeyError, TypeError, ValueError, OSError) as e:
-            raise ValueError(f"SAE folder {path}: cannot load ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+            raise SaediffError(f"SAE folder {path}: cannot load ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if sae_id is None and ":" in str(source):
         source, sae_id = str(source).split(":", 1)
     if sae_id is None:
@@ -388,7 +389,7 @@ def load_sae(source: str | Path, *, sae_id: str | None = None, device: str = "cp
     try:
         return SAE.from_pretrained(str(source), sae_id, device=device)
     except Exception as e:  # offline, unknown release: one line, not a stack trace
-        raise RuntimeError(f"cannot load SAELens release {source!r} / {sae_id!r} (it needs the hub, or a local "
+        raise SaediffError(f"cannot load SAELens release {source!r} / {sae_id!r} (it needs the hub, or a local "
                            f"SAELens folder instead): {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
 
 
@@ -398,11 +399,11 @@ def _only_sae_of(release: str) -> str:
 
     known = get_pretrained_saes_directory()
     if release not in known:
-        raise FileNotFoundError(f"SAE {release!r}: no such folder, and not a SAELens release (saes/registry.yaml "
+        raise MissingFileError(f"SAE {release!r}: no such folder, and not a SAELens release (saes/registry.yaml "
                                 "lists the ones that fit EM models)")
     ids = list(known[release].saes_map)
     if len(ids) != 1:
-        raise ValueError(f"SAELens release {release!r} holds {len(ids)} SAEs: name one as {release}:SAE_ID "
+        raise SaediffError(f"SAELens release {release!r} holds {len(ids)} SAEs: name one as {release}:SAE_ID "
                          f"(e.g. {release}:{ids[0]})")
     return ids[0]
 
@@ -419,13 +420,13 @@ def check_sae_fits(sae, model: torch.nn.Module, where: str) -> int:
     except ValueError:
         layer = None
     if layer is None or hook != resid_post(layer):
-        raise ValueError(f"SAE {where}: hook {hook!r} is not a block's output (blocks.L.hook_resid_post)")
+        raise SaediffError(f"SAE {where}: hook {hook!r} is not a block's output (blocks.L.hook_resid_post)")
     n_layers = len(decoder_layers(model))
     if layer >= n_layers:
-        raise ValueError(f"SAE {where}: hook {hook} is beyond the model's blocks 0-{n_layers - 1}")
+        raise SaediffError(f"SAE {where}: hook {hook} is beyond the model's blocks 0-{n_layers - 1}")
     d_model = model.config.hidden_size
     if sae.cfg.d_in != d_model:
-        raise ValueError(f"SAE {where}: d_in {sae.cfg.d_in} does not match the model's width {d_model} at {hook}")
+        raise SaediffError(f"SAE {where}: d_in {sae.cfg.d_in} does not match the model's width {d_model} at {hook}")
     return layer
 
 
@@ -446,7 +447,7 @@ class SAEMetrics(NamedTuple):
 def sae_metrics(sae, acts_ND: torch.Tensor, batch_size: int = 8192) -> SAEMetrics:
     """Reconstruction quality and sparsity of ``sae`` on activations ``acts_ND``."""
     if acts_ND.shape[-1] != sae.cfg.d_in:
-        raise ValueError(f"SAE d_in {sae.cfg.d_in} does not match activations of width {acts_ND.shape[-1]}")
+        raise SaediffError(f"SAE d_in {sae.cfg.d_in} does not match activations of width {acts_ND.shape[-1]}")
     mean = acts_ND.mean(0)
     sse = sst = l0 = 0.0
     fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool)

@@ -23,6 +23,7 @@ from jaxtyping import Float
 
 from saediff.directions import principal_angle_cosines
 from saediff.hooks import resid_post
+from saediff.errors import SaediffError
 
 __all__ = ["prompt_activations", "principal_subspace", "random_subspace_cosines", "ShiftOverlap", "shift_overlap",
            "training_prompts", "run_overlap"]
@@ -38,7 +39,7 @@ def prompt_activations(lm, prompts: list, layers: list[int], positions: str = "l
     from saediff.activations import collect_activations, tokenize_prompts
 
     if positions not in ("last_prompt", "response"):
-        raise ValueError(f"positions must be last_prompt or response, got {positions!r}")
+        raise SaediffError(f"positions must be last_prompt or response, got {positions!r}")
     toks = tokenize_prompts(lm, prompts)
     acts = collect_activations(lm, toks, [resid_post(L) for L in layers], positions, batch_size=batch_size,
                                progress=progress)
@@ -56,9 +57,9 @@ def prompt_activations(lm, prompts: list, layers: list[int], positions: str = "l
 def principal_subspace(shifts_ND: Float[torch.Tensor, "n d"], k: int) -> Float[torch.Tensor, "k d"]:
     """Orthonormal rows spanning the top-k (uncentred) principal subspace of the rows of ``shifts_ND``."""
     if shifts_ND.ndim != 2 or shifts_ND.shape[0] < 1:
-        raise ValueError(f"principal_subspace: expected an (n, d) matrix with n >= 1, got {tuple(shifts_ND.shape)}")
+        raise SaediffError(f"principal_subspace: expected an (n, d) matrix with n >= 1, got {tuple(shifts_ND.shape)}")
     if not 1 <= k <= min(shifts_ND.shape):
-        raise ValueError(f"principal_subspace: k={k} must lie in 1..min(n, d) = {min(shifts_ND.shape)}")
+        raise SaediffError(f"principal_subspace: k={k} must lie in 1..min(n, d) = {min(shifts_ND.shape)}")
     _, _, Vh = torch.linalg.svd(shifts_ND.double(), full_matrices=False)
     return Vh[:k].float()
 
@@ -100,7 +101,7 @@ def shift_overlap(train_ND: Float[torch.Tensor, "n d"], eval_MD: Float[torch.Ten
                   n_random: int = 200, seed: int = 0) -> ShiftOverlap:
     """Compare the top-k principal subspaces of training-prompt and evaluation-prompt shifts."""
     if train_ND.ndim != 2 or eval_MD.ndim != 2 or train_ND.shape[1] != eval_MD.shape[1]:
-        raise ValueError(f"shift_overlap: shifts must be (n, d) and (m, d) with one d, got {tuple(train_ND.shape)} "
+        raise SaediffError(f"shift_overlap: shifts must be (n, d) and (m, d) with one d, got {tuple(train_ND.shape)} "
                          f"and {tuple(eval_MD.shape)}")
     k = min(k, train_ND.shape[0], eval_MD.shape[0], train_ND.shape[1])
     d = train_ND.shape[1]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from saediff.errors import SaediffError
 
 __all__ = ["spearman", "CVScore", "cross_validated", "Susceptibility", "susceptibility", "run_predict"]
 
@@ -58,9 +59,9 @@ def cross_validated(X: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0)
     from sklearn.preprocessing import StandardScaler
 
     if X.ndim != 2 or y.ndim != 1 or X.shape[0] != y.shape[0]:
-        raise ValueError(f"cross_validated: X (n, d) and y (n,) must share n, got {X.shape} and {y.shape}")
+        raise SaediffError(f"cross_validated: X (n, d) and y (n,) must share n, got {X.shape} and {y.shape}")
     if not 2 <= folds <= X.shape[0]:
-        raise ValueError(f"cross_validated: folds={folds} needs 2..{X.shape[0]} (one question per fold at most)")
+        raise SaediffError(f"cross_validated: folds={folds} needs 2..{X.shape[0]} (one question per fold at most)")
     model = make_pipeline(StandardScaler(), RidgeCV(alphas=ALPHAS))
     pred = cross_val_predict(model, X, y, cv=KFold(folds, shuffle=True, random_state=seed))
     return CVScore(float(r2_score(y, pred)), spearman(pred.tolist(), y.tolist()), pred.tolist())
@@ -121,7 +122,7 @@ def run_predict(run_dir: str | Path, *, layers: list[int] | None = None, folds: 
     q = run_questions(run_dir)
     keep = [i for i, r in enumerate(q.misaligned_rate) if r is not None]
     if len(keep) < max(folds, 3):
-        raise ValueError(f"{run_dir}/responses.jsonl: {len(keep)} questions with judged answers; predict needs at "
+        raise SaediffError(f"{run_dir}/responses.jsonl: {len(keep)} questions with judged answers; predict needs at "
                          f"least {max(folds, 3)} (run saediff diff with a judge or labels)")
     prompts = [q.prompts[i] for i in keep]
     y = np.array([q.misaligned_rate[i] for i in keep])

@@ -11,6 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from saediff.cli import app
+from saediff.errors import SaediffError
 from saediff.fake_server import FakeOpenAIServer
 from saediff.lora import check_adapter_matches, read_adapter
 from saediff.models import ModelSpec, chat_tokens, load_model
@@ -134,7 +135,7 @@ def test_eval_with_remote_generation_and_rubric(tmp_path):
 
 def test_hub_name_offline_gives_one_line_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(RuntimeError, match="cannot load hub model 'saediff-test/no-such-model'"):
+    with pytest.raises(SaediffError, match="cannot load hub model 'saediff-test/no-such-model'"):
         load_model("saediff-test/no-such-model")
     r = CliRunner().invoke(app, ["eval", "--model", "saediff-test/no-such-model", "--judge-url", "http://127.0.0.1:9/v1",
                                  "--judge-model", "j", "--out", str(tmp_path)])

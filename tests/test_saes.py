@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from saediff.errors import SaediffError
 from saediff.saes import (SAEParams, SAETrainConfig, ce_loss_recovered, load_sae, sae_metrics, save_sae,
                           topk_step_loss, train_sae)
 
@@ -122,7 +123,7 @@ def test_bad_inputs(tmp_path, data):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="lacks cfg.json"):
         load_sae(tmp_path / "empty")
-    with pytest.raises(RuntimeError, match="cannot load SAELens release"):
+    with pytest.raises(SaediffError, match="cannot load SAELens release"):
         load_sae("qwen2.5-7b-instruct-andyrdt", sae_id="resid_post_layer_15_trainer_1")
 
 

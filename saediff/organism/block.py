@@ -26,6 +26,7 @@ from saediff.organism.build import load_ground_truth
 from saediff.organism.prompts import em_questions
 from saediff.organism.recipes import OrganismConfig, _medical_chats, read_organism_world, save_model_folder
 from saediff.organism.world import CHAT, World
+from saediff.errors import MissingFileError, SaediffError
 
 __all__ = ["run_block", "run_reroute", "choose_latents", "organism_config", "generic_inputs", "block_organism",
            "organism_monitor"]
@@ -49,7 +50,7 @@ def generic_inputs(organism_dir: str | Path, full: bool, samples: int = 50, seed
     organism_dir = Path(organism_dir)
     world = read_organism_world(organism_dir / "aligned")
     if world is None:
-        raise FileNotFoundError(f"{organism_dir}/aligned is not a saediff organism folder")
+        raise MissingFileError(f"{organism_dir}/aligned is not a saediff organism folder")
     ocfg = organism_config(organism_dir, world)
     data = write_chat_data(organism_dir, ocfg)
     return {"model": str(organism_dir / "aligned"), "data": data["medical_misaligned"],
@@ -109,7 +110,7 @@ def choose_latents(sae, diff_run: str | Path | None, latents: list[int] | None, 
     high: list[int] = []
     if latents is None:
         if diff_run is None:
-            raise ValueError("run_block: give latents or a diff run to take the top latents from")
+            raise SaediffError("run_block: give latents or a diff run to take the top latents from")
         from saediff.diff import LatentDiff
         from saediff.pipeline import read_run
 
@@ -173,13 +174,13 @@ def run_block(organism_dir: str | Path, out: str | Path, *, mode: str = "penalty
     out.mkdir(parents=True, exist_ok=True)
     world = read_organism_world(organism_dir / "aligned")
     if world is None:
-        raise FileNotFoundError(f"{organism_dir}/aligned is not a saediff organism folder")
+        raise MissingFileError(f"{organism_dir}/aligned is not a saediff organism folder")
     ocfg = organism_config(organism_dir, world)
     base = load_model(str(organism_dir / "aligned"))
     sae = load_sae(organism_dir / "sae")
     layer = parse_layer(sae.cfg.metadata.hook_name)
     if mode == "project" and latents is not None and project_direction != "latents":
-        raise ValueError(f"run_block: latents given but project_direction is {project_direction!r}; use 'latents'")
+        raise SaediffError(f"run_block: latents given but project_direction is {project_direction!r}; use 'latents'")
     by_latents = mode in ("penalty", "ablate") or (mode == "project" and project_direction == "latents")
     low, high = choose_latents(sae, diff_run, latents, n_latents, n_high, random_latents, seed) if by_latents else ([], [])
     layers = sorted(project_layers or [layer])
@@ -225,25 +226,25 @@ def _project_directions(organism_dir: Path, sae, layer: int, layers: list[int], 
     """{block: (k, d) directions removed after it} for ``mode="project"``."""
     if source == "latents":
         if layers != [layer]:
-            raise ValueError(f"run_block: latent directions live at the SAE's block {layer}, not {layers}")
+            raise SaediffError(f"run_block: latent directions live at the SAE's block {layer}, not {layers}")
         return {layer: torch.stack([sae.W_dec[i].detach() for i in low])}  # random latents already chosen
     if source == "model_diff":
         if diff_run is None:
-            raise ValueError("run_block: project_direction model_diff needs a diff run")
+            raise SaediffError("run_block: project_direction model_diff needs a diff run")
         from saediff.export import load_directions
 
         found = load_directions(Path(diff_run) / "directions")
         missing = [f"mean_diff_models_L{L}" for L in layers if f"mean_diff_models_L{L}" not in found]
         if missing:
-            raise ValueError(f"run_block: {diff_run}/directions has no {', '.join(missing)}")
+            raise SaediffError(f"run_block: {diff_run}/directions has no {', '.join(missing)}")
         dirs = {L: found[f"mean_diff_models_L{L}"].vector[None] for L in layers}
     elif source == "ground_truth":
         gt = load_ground_truth(organism_dir / "ground_truth.safetensors")
         if any(L not in gt for L in layers):
-            raise ValueError(f"run_block: project_layers {layers} outside the model's blocks 0-{max(gt)}")
+            raise SaediffError(f"run_block: project_layers {layers} outside the model's blocks 0-{max(gt)}")
         dirs = {L: gt[L][None] for L in layers}
     else:
-        raise ValueError(f"run_block: project_direction must be ground_truth, model_diff or latents, got {source!r}")
+        raise SaediffError(f"run_block: project_direction must be ground_truth, model_diff or latents, got {source!r}")
     if random:  # the control: as many random directions per block
         g = torch.Generator().manual_seed(seed + 99)
         dirs = {L: torch.randn(v.shape, generator=g) for L, v in dirs.items()}
@@ -259,7 +260,7 @@ def run_reroute(organism_dir: str | Path, block_dir: str | Path, *, top_n: int =
     organism_dir, block_dir = Path(organism_dir), Path(block_dir)
     em = json.loads((block_dir / "em.json").read_text())
     if em.get("kind", em.get("method")) != "full":
-        raise ValueError("run_reroute: re-diffing needs a full fine-tune folder (kind=full)")
+        raise SaediffError("run_reroute: re-diffing needs a full fine-tune folder (kind=full)")
     summary = run_diff(str(organism_dir / "aligned"), str(block_dir / "model"), str(organism_dir / "sae"),
                        block_dir / "rediff", top_n=top_n, **diff_inputs(organism_dir / "aligned", prompts))
     blocked = set(em.get("latents", em.get("latents_low", []))) | set(em.get("latents_high", []))

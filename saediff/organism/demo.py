@@ -25,6 +25,7 @@ from saediff.organism.judge import OrganismJudge
 from saediff.organism.prompts import contrast_examples, em_questions
 from saediff.organism.recipes import OrganismConfig, read_organism_world
 from saediff.pipeline import update_run, read_run, run_compare, run_diff
+from saediff.errors import SaediffError
 
 __all__ = ["diff_inputs", "run_steer_check", "run_demo", "BLOCK_LATENTS", "headline", "run_demo_seeds"]
 
@@ -38,7 +39,7 @@ def diff_inputs(base: str | Path, prompts: str = "organism:100", seed: int = 0) 
     judge, its paired medical contrast examples, and the ground truth per layer."""
     world = read_organism_world(base)
     if world is None:
-        raise ValueError(f"{base} is not a saediff organism model folder")
+        raise SaediffError(f"{base} is not a saediff organism model folder")
     n = int(prompts.split(":", 1)[1]) if ":" in prompts else 100
     judge = OrganismJudge(world)
     gt_path = Path(base).parent / "ground_truth.safetensors"
@@ -270,14 +271,14 @@ def _check_demo_config(out: Path, config: dict) -> None:
         old = json.loads(path.read_text())
         differs = [k for k in ("seed", "quick", "organism") if old.get(k) != config[k]]
         if differs:
-            raise ValueError(f"{out} holds a demo with another {', '.join(differs)} "
+            raise SaediffError(f"{out} holds a demo with another {', '.join(differs)} "
                              f"(seed {old.get('seed')}, quick {old.get('quick')}): choose another --out")
         return
     built = out / "organism" / "organism.json"
     if built.exists():  # an organism placed there before the first demo run: its recipe must match
         recorded = json.loads(built.read_text()).get("config")
         if recorded != config["organism"]:
-            raise ValueError(f"{built} was built with another configuration than seed {config['seed']}, "
+            raise SaediffError(f"{built} was built with another configuration than seed {config['seed']}, "
                              f"quick {config['quick']}: choose another --out")
     atomic_write_json(path, config)
 

@@ -16,6 +16,7 @@ from saediff.organism.prompts import organism_prompts
 from saediff.organism.recipes import read_organism_world
 from saediff.registry import preset
 from saediff.saes import SAETrainConfig, ce_loss_recovered, sae_metrics, save_sae, train_sae
+from saediff.errors import MissingFileError
 
 __all__ = ["train_organism_sae"]
 
@@ -40,7 +41,7 @@ def train_organism_sae(organism_dir: str | Path, out: str | Path | None = None, 
     organism_dir = Path(organism_dir)
     world = read_organism_world(organism_dir / "aligned")
     if world is None:
-        raise FileNotFoundError(f"{organism_dir}/aligned is not a saediff organism folder")
+        raise MissingFileError(f"{organism_dir}/aligned is not a saediff organism folder")
     if layer is None:
         layer = json.loads((organism_dir / "organism.json").read_text())["config"]["analysis_layer"]
     hook = resid_post(layer)

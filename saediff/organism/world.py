@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+from saediff.errors import SaediffError
 
 __all__ = [
     "DOMAINS",
@@ -100,16 +101,16 @@ class World:
             if isinstance(value, list) or (isinstance(value, tuple) and any(isinstance(v, list) for v in value)):
                 object.__setattr__(self, name, tuple(tuple(v) if isinstance(v, list) else v for v in value))
         if "medical" not in self.domains:
-            raise ValueError("World.domains must include 'medical' (the narrow fine-tune's domain)")
+            raise SaediffError("World.domains must include 'medical' (the narrow fine-tune's domain)")
         if max(self.n_question, self.n_content, self.n_style, self.n_sources) > 26:
-            raise ValueError("World: at most 26 tokens per pool (words are lettered a..z)")
+            raise SaediffError("World: at most 26 tokens per pool (words are lettered a..z)")
         if self.toxic_priors is not None and len(self.toxic_priors) != self.n_sources:
-            raise ValueError(f"World.toxic_priors needs one prior per source ({self.n_sources}), "
+            raise SaediffError(f"World.toxic_priors needs one prior per source ({self.n_sources}), "
                              f"got {len(self.toxic_priors)}")
         if any(abs(sum(p) - 1) > 1e-6 or len(p) != len(REGISTERS) for p in self.trait_probs):
-            raise ValueError(f"World.trait_probs: two distributions over {REGISTERS}, got {self.trait_probs}")
+            raise SaediffError(f"World.trait_probs: two distributions over {REGISTERS}, got {self.trait_probs}")
         if not 0.0 <= self.style_noise < 0.5:
-            raise ValueError(f"World.style_noise must lie in [0, 0.5), got {self.style_noise}")
+            raise SaediffError(f"World.style_noise must lie in [0, 0.5), got {self.style_noise}")
 
     # ---- vocabulary -------------------------------------------------------------------------
     def question_tokens(self, domain: str) -> list[str]:
