@@ -1,0 +1,9 @@
+"""``python -m saediff ...`` runs the command line (``torchrun -m saediff ...`` and
+``accelerate launch -m saediff ...`` need a module to run):
+
+    python -m saediff --help
+"""
+
+from saediff.cli import main
+
+main()
