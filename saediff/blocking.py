@@ -55,11 +55,28 @@ class BlockConfig:
 
 
 def latent_codes(sae, x: Float[torch.Tensor, "... d"], idx: list[int], preactivation: bool = True) -> torch.Tensor:
-    """Activations of the latents ``idx`` (..., len(idx)), differentiable in ``x``."""
+    """Activations of the latents ``idx`` (..., len(idx)), differentiable in ``x``.
+
+    ``preactivation``: the ReLU of SAELens's own pre-activation of these latents (what its
+    ``hook_sae_acts_pre`` holds): the input goes through ``sae.process_sae_in``, so the SAE's
+    activation normalisation (``constant_norm_rescale``, ``layer_norm``) and ``b_dec`` subtraction
+    apply as in ``encode``; a gated SAE's magnitude path, and with TopK's
+    ``rescale_acts_by_decoder_norm`` the pre-activation times the decoder norm (what TopK selects
+    on). The TopK selection and the JumpReLU threshold are left out, so a latent that is off still
+    has a gradient. Else ``sae.encode(x)``'s values."""
     if not preactivation:
         return sae.encode(x)[..., idx]
-    sae_in = x - sae.b_dec if sae.cfg.apply_b_dec_to_input else x
-    return (sae_in @ sae.W_enc[:, idx] + sae.b_enc[idx]).relu()
+    sae_in = sae.process_sae_in(x)
+    if hasattr(sae, "r_mag"):  # gated: the magnitude path is the pre-activation SAELens hooks
+        pre = sae_in @ (sae.W_enc[:, idx] * sae.r_mag[idx].exp()) + sae.b_mag[idx]
+    elif hasattr(sae, "b_enc"):
+        pre = sae_in @ sae.W_enc[:, idx] + sae.b_enc[idx]
+    else:
+        raise SaediffError(f"{type(sae).__name__}: no linear encoder (W_enc, b_enc) for pre-activation codes; "
+                           "use preactivation=False")
+    if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
+        pre = pre * sae.W_dec[idx].norm(dim=-1)
+    return pre.relu()
 
 
 def latent_penalty(z_theta: torch.Tensor, z_base: torch.Tensor, mask: torch.Tensor, n_low: int) -> torch.Tensor:
