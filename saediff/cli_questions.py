@@ -72,27 +72,33 @@ def overlap_cmd(
 def predict_cmd(
     run_dir: Path = typer.Argument(..., help="run folder written by saediff diff (with labelled answers)"),
     layers: Optional[str] = typer.Option(None, "--layers", help="comma-separated blocks (default: the SAE's)"),
-    folds: int = typer.Option(5, "--folds", help="cross-validation folds over questions"),
+    folds: int = typer.Option(5, "--folds", help="cross-validation folds (whole domains held out where the "
+                              "prompts carry one; one per domain when there are fewer domains)"),
+    folds_by: str = typer.Option("domain", "--folds-by", help="domain: hold out whole domains where prompts carry "
+                                 "one, else questions; question: plain k-fold over questions"),
     permutations: int = typer.Option(50, "--permutations", help="target permutations for the chance baseline"),
     seed: int = typer.Option(0, "--seed"),
     threads: Optional[int] = typer.Option(None, "--threads"),
 ) -> None:
     """Susceptibility: predict each question's misalignment after fine-tuning from the aligned model's prompt activations.
 
-    Ridge regression, k-fold over questions, held-out R^2 and Spearman beside random features and
-    permuted targets; writes RUN/susceptibility.json."""
+    Ridge regression, k-fold over domains (or questions), held-out R^2 and Spearman beside random
+    features and permuted targets; writes RUN/susceptibility.json."""
     _setup(threads)
     from saediff.susceptibility import run_predict
 
     try:
         res = run_predict(run_dir, layers=list(_int_list(layers, "--layers")) if layers else None, folds=folds,
-                          n_permutations=permutations, seed=seed)
+                          n_permutations=permutations, seed=seed, folds_by=folds_by)
     except _USER_ERRORS as e:
         _fail(e)
     from rich.table import Table
 
     perm = res["permutation"]
-    table = Table(title=f"susceptibility: {res['n_questions']} questions, {res['folds']}-fold held-out scores "
+    by = f"over {res['n_groups']} domain groups" if res["grouping"] == "domain" else "over questions"
+    if res.get("grouping_note"):
+        Console().print(f"note: {res['grouping_note']}", markup=False)
+    table = Table(title=f"susceptibility: {res['n_questions']} questions, {res['folds']}-fold ({by}) held-out scores "
                         f"(layers {res['layers']})")
     for col in ("features", "R^2", "Spearman"):
         table.add_column(col)
@@ -287,11 +293,14 @@ def neighbourhood_cmd(
     lines = [f"neighbourhood probe at {res['hook']}: seeds {res['seeds']}",
              f"flagged {res['flagged']} ({res['n_flagged']}; random seeds flag {rb['n_flagged']}, mean {rb['mean']})"]
     for m in [m for m in res["members"] if m["flagged"]][:10]:
-        steered = f", steering EM {m['steer_em_rate']:.2f}" if "steer_em_rate" in m else ""
+        st = res.get("steer", {}).get("latents", {}).get(str(m["latent"]))
+        steered = "" if st is None else ", no coherent steering scale" if st["em_rate"] is None else (
+            f", steering EM {st['em_rate']:.2f} (x{st['scale']:g}; random {st['random_mean_em_rate']:.2f})")
         lines.append(f"  latent {m['latent']}: toxicity {m['toxicity']:.2f} ({m['candidate']}), off-domain delta "
                      f"{m['delta_off']:.3f}, near seeds {m['seeds']}{steered}")
     if "steer" in res:
-        lines.append(f"  (unsteered base model EM {res['steer']['base_em_rate']:.2f})")
+        lines.append(f"  (unsteered base model EM {res['steer']['base_em_rate']:.2f}; steering scale chosen on half "
+                     "the questions, EM on the other half)")
     if "screen" in res:
         sc = res["screen"]
         lines.append(f"screen: dropped {sc['n_dropped']} of {sc['n_rows']} rows -> {sc['screened']}")
