@@ -509,7 +509,11 @@ def _print_steer(res: dict) -> None:
         table.add_column(col, no_wrap=True)
     for name, ind in res["induce"].items():
         rm, cl = res["remove"][name], res["clamp"][name]
-        table.add_row(name, f"{fmt(ind)} (x{ind['scale']:g})", f"{ind['random_mean_em_rate']:.2f}",
+        if ind["em_rate"] is None:  # no steering scale kept the coherent rate: nothing to report
+            steered, rnd = "no coherent scale", "-"
+        else:
+            steered, rnd = f"{fmt(ind)} (x{ind['scale']:g})", f"{ind['random_mean_em_rate']:.2f}"
+        table.add_row(name, steered, rnd,
                       f"{rm['layer']['em_rate']:.2f} / {rm['all']['em_rate']:.2f}",
                       f"{cl['layer']['em_rate']:.2f} / {cl['all']['em_rate']:.2f}")
     Console(width=max(140, Console().width)).print(table)
@@ -563,7 +567,8 @@ def export_cmd(
                                 "(llama.cpp control vectors, OUT/gguf/), steering-vectors (OUT/steering_vectors/)"),
 ) -> None:
     """Export the top SAE latents and every non-SAE direction, steering-ready (also as llama.cpp control vectors or steering-vectors)."""
-    from saediff.export import FORMATS, export_directions, export_gguf, export_steering_vectors, load_directions
+    from saediff.export import (FORMATS, export_directions, export_gguf, export_steering_vectors, load_directions,
+                                validated_scales)
     from saediff.pipeline import read_run
 
     try:
@@ -574,11 +579,7 @@ def export_cmd(
         dirs = load_directions(run_dir / "directions")
         keep_sae = {f"sae_{i}" for i in run["steps"]["diff"]["top_latents"][:top]}
         chosen = [d for n, d in dirs.items() if d.method != "sae_latent" or n in keep_sae]
-        per = {}
-        steering = run_dir / "steering.json"
-        if steering.exists():
-            for name, r in json.loads(steering.read_text()).get("steer", {}).items():
-                per[name] = {"validated_scale": r["best_scale"], "steer_other_misaligned": r["best"]}
+        per = validated_scales(run_dir)  # saediff steer's steer.json, or the organism's steering.json
         manifest = json.loads((run_dir / "directions" / "manifest.json").read_text())
         for entry in manifest["directions"]:
             per.setdefault(entry["name"], {}).update({k: entry[k] for k in ("rank", "score") if k in entry})

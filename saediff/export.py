@@ -15,8 +15,8 @@ from pathlib import Path
 from saediff.directions import Direction
 from saediff.errors import MissingFileError, SaediffError
 
-__all__ = ["export_directions", "load_directions", "FORMATS", "export_gguf", "read_gguf_control_vector",
-           "export_steering_vectors", "load_steering_vector"]
+__all__ = ["export_directions", "load_directions", "validated_scales", "FORMATS", "export_gguf",
+           "read_gguf_control_vector", "export_steering_vectors", "load_steering_vector"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,42 @@ def load_directions(path: str | Path) -> dict[str, Direction]:
             raise SaediffError(f"{wpath}: manifest lists {name!r} but the file has no such tensor")
         out[name] = Direction(name, tensors[name], entry["hook"], entry["method"], entry.get("provenance", {}))
     return out
+
+
+def validated_scales(run_dir: str | Path) -> dict[str, dict]:
+    """Per direction name, what the steering checks of the diff run ``run_dir`` validated:
+    ``validated_scale``, the coefficient on the unit direction that the check chose (what
+    ``add_direction`` adds, llama.cpp's ``--control-vector-scaled FILE SCALE`` and a
+    ``SteeringVector``'s multiplier take), beside the check's own figures.
+
+    ``steer.json`` (``saediff steer``, any model): the scale chosen on the selection half of the
+    questions (``validated_scale_x_resid_norm``: the same in units of the mean residual norm at
+    the direction's block), its EM rate on the held-out half with the 95% interval, the coherent
+    rate and the mean EM rate of the equal-norm random directions at that scale. ``steering.json``
+    (the organism's check): its best scale and the misaligned rate off the narrow domain there.
+    A run without either gives ``{}``."""
+    from saediff._io import read_json_if_exists
+
+    run_dir = Path(run_dir)
+    per: dict[str, dict] = {}
+    organism = read_json_if_exists(run_dir / "steering.json")
+    for name, r in (organism or {}).get("steer", {}).items():
+        per[name] = {"validated_scale": r["best_scale"], "steer_other_misaligned": r["best"]}
+    path = run_dir / "steer.json"
+    steer = read_json_if_exists(path)
+    if steer is not None:
+        if not isinstance(steer.get("induce"), dict):
+            raise SaediffError(f"{path}: no 'induce' results (not saediff steer output)")
+        for name, r in steer["induce"].items():
+            missing = [k for k in ("scale", "scale_abs", "em_rate") if k not in r]
+            if missing:
+                raise SaediffError(f"{path}: induce.{name} lacks {', '.join(missing)}")
+            per[name] = {"validated_scale": r["scale_abs"], "validated_scale_x_resid_norm": r["scale"],
+                         "steer_em_rate": r["em_rate"], "steer_em_rate_ci": r.get("em_rate_ci"),
+                         "steer_coherent_rate": r.get("coherent_rate"),
+                         "steer_random_mean_em_rate": r.get("random_mean_em_rate"),
+                         "steer_base_em_rate": (steer.get("base") or {}).get("em_rate")}
+    return per
 
 
 # ---- formats used where directions steer or monitor a deployed model ----------------------------
