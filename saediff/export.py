@@ -75,7 +75,8 @@ def validated_scales(run_dir: str | Path) -> dict[str, dict]:
     ``steer.json`` (``saediff steer``, any model): the scale chosen on the selection half of the
     questions (``validated_scale_x_resid_norm``: the same in units of the mean residual norm at
     the direction's block), its EM rate on the held-out half with the 95% interval, the coherent
-    rate and the mean EM rate of the equal-norm random directions at that scale. ``steering.json``
+    rate and the mean EM rate of the equal-norm random directions at that scale; a candidate for
+    which no scale kept the coherent rate gets ``validated_scale`` None. ``steering.json``
     (the organism's check): its best scale and the misaligned rate off the narrow domain there.
     A run without either gives ``{}``."""
     from saediff._io import read_json_if_exists
@@ -94,6 +95,9 @@ def validated_scales(run_dir: str | Path) -> dict[str, dict]:
             missing = [k for k in ("scale", "scale_abs", "em_rate") if k not in r]
             if missing:
                 raise SaediffError(f"{path}: induce.{name} lacks {', '.join(missing)}")
+            if r["scale_abs"] is None:  # no scale kept the coherent rate: nothing validated
+                per[name] = {"validated_scale": None, "steer_note": r.get("note")}
+                continue
             per[name] = {"validated_scale": r["scale_abs"], "validated_scale_x_resid_norm": r["scale"],
                          "steer_em_rate": r["em_rate"], "steer_em_rate_ci": r.get("em_rate_ci"),
                          "steer_coherent_rate": r.get("coherent_rate"),

@@ -53,6 +53,15 @@ def test_export_names_a_broken_steer_json(tiny_qwen, tmp_path):
                                  "--sae", str(tmp_path / "sae"), "--prompts", "first_plot", "--max-new-tokens", "2",
                                  "--top", "1", "--out", str(run)])
     assert r.exit_code == 0, r.output
+    # a candidate no scale kept coherent: no validated scale, none in its control vector
+    top = json.loads((run / "run.json").read_text())["steps"]["diff"]["top_latents"][0]
+    (run / "steer.json").write_text(json.dumps({"induce": {f"sae_{top}": {
+        "scale": None, "scale_abs": None, "em_rate": None, "note": "no coherent scale"}}}))
+    r = CliRunner().invoke(app, ["export", str(run), "--out", str(tmp_path / "e0"), "--format", "saediff,gguf"])
+    assert r.exit_code == 0, r.output
+    entries = {e["name"]: e for e in json.loads((tmp_path / "e0" / "manifest.json").read_text())["directions"]}
+    assert entries[f"sae_{top}"]["validated_scale"] is None
+    assert entries[f"sae_{top}"]["steer_note"] == "no coherent scale"
     (run / "steer.json").write_text(json.dumps({"induce": {"sae_0": {"scale": 1.0}}}))
     r = CliRunner().invoke(app, ["export", str(run), "--out", str(tmp_path / "exp")])
     assert r.exit_code == 1 and "steer.json: induce.sae_0 lacks scale_abs, em_rate" in r.output
