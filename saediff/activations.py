@@ -54,13 +54,16 @@ class TokenizedPrompts:
             return self.role >= 0
         if positions == "response":
             return self.role == 1
-        # last prompt token: the last position whose role is 0
+        # last prompt token: the last role-0 position before the response (a template may write
+        # prompt-role tokens after it, e.g. ChatML's newline after <|im_end|>)
         n, t = self.role.shape
-        is_prompt = (self.role == 0).long()
+        pos = torch.arange(t)
+        first_response = torch.where(self.role == 1, pos, t).min(1).values
+        is_prompt = ((self.role == 0) & (pos < first_response[:, None])).long()
         last = t - 1 - torch.argmax(is_prompt.flip(1), dim=1)
         mask = torch.zeros(n, t, dtype=torch.bool)
         mask[torch.arange(n), last] = True
-        return mask & (self.role == 0)
+        return mask & is_prompt.bool()
 
     def batch(self, rows: slice | torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(input_ids, attention_mask, keep)`` of ``rows``, cut to their longest prompt (the

@@ -67,12 +67,23 @@ class Batches(Protocol):
 
 
 def lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor, pad_id: int | None = 0):
-    """Mean next-token cross-entropy over positions with ``labels != -100``."""
-    mask = None if pad_id is None else (input_ids != pad_id).long()
+    """Mean next-token cross-entropy over positions with ``labels != -100``.
+
+    ``input_ids`` are right-padded with ``pad_id`` (None: no padding). Only each row's trailing run
+    of it is padding: the same id inside a sequence is a real token (with pad = eos, as saediff sets
+    for Llama tokenizers, every ``<|eot_id|>`` of a multi-turn chat), so ``input_ids != pad_id``
+    would hide those tokens from attention."""
+    mask = None if pad_id is None else _right_padding_mask(input_ids, pad_id)
     logits = model(input_ids=input_ids, attention_mask=mask).logits  # (B, T, V)
     return torch.nn.functional.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
     )
+
+
+def _right_padding_mask(input_ids: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """(B, T) attention mask, 0 on each row's trailing run of ``pad_id`` and 1 before it."""
+    trailing = (input_ids == pad_id).flip(1).long().cumprod(1).flip(1)
+    return 1 - trailing
 
 
 def _lr_factor(cfg: TrainConfig, step: int) -> float:

@@ -7,6 +7,7 @@ network; ``trust_remote_code`` is off unless the spec asks for it.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -94,25 +95,70 @@ class LoadedModel:
 def chat_tokens(tokenizer, messages: Messages, turns: Literal["last", "all"] = "last") -> tuple[list[int], list[int]]:
     """Token ids of a conversation and a 0/1 mask of its assistant tokens: the last assistant
     turn (``turns="last"``, the response an analysis reads) or every one (``"all"``, the tokens a
-    chat fine-tune takes its loss on).
+    chat fine-tune takes its loss on). An assistant turn's tokens are its text and the
+    end-of-turn token the model generates (``<|im_end|>``, ``<|eot_id|>``), never its header.
 
-    Works with any chat template: each prompt (the turns before an assistant turn, with the
-    generation prompt) renders as a prefix of the conversation up to and including that turn,
-    and what the turn adds is the assistant's (its text and end-of-turn tokens).
+    A template that marks assistant text with ``{% generation %}`` decides itself
+    (``return_assistant_tokens_mask``, TRL's convention). Any other template works by prefixes:
+    each prompt (the turns before an assistant turn, with the generation prompt) renders as a
+    prefix of the conversation up to and including that turn, and what the turn adds is the
+    assistant's, less the whitespace a template writes after the end-of-turn token (ChatML's
+    newline after ``<|im_end|>``: the model never generates it).
     """
     if not messages or messages[-1]["role"] != "assistant":
         raise SaediffError("chat_tokens: the conversation must end with an assistant turn")
     ends = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    ends = ends if turns == "all" else ends[-1:]
+    if _has_generation_block(tokenizer):
+        return _generation_mask(tokenizer, messages, ends)
+    return _prefix_mask(tokenizer, messages, ends)
+
+
+_GENERATION = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+def _has_generation_block(tokenizer) -> bool:
+    try:
+        template = tokenizer.get_chat_template()
+    except (ValueError, AttributeError):
+        return False
+    return bool(_GENERATION.search(template))
+
+
+def _generation_mask(tokenizer, messages: Messages, ends: list[int]) -> tuple[list[int], list[int]]:
+    """The template's own ``{% generation %}`` mask, kept from the first of ``ends`` on."""
+    enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    ids, marked = list(enc["input_ids"]), list(enc["assistant_masks"])
+    start = len(_render_ids(tokenizer, messages[: ends[0]], True))
+    mask = [int(bool(m) and j >= start) for j, m in enumerate(marked)]
+    if not any(mask):
+        raise SaediffError("chat_tokens: the chat template's {% generation %} block marks no assistant token")
+    return ids, mask
+
+
+def _prefix_mask(tokenizer, messages: Messages, ends: list[int]) -> tuple[list[int], list[int]]:
     ids = _render_ids(tokenizer, messages, False)
     mask = [0] * len(ids)
-    for end in ends if turns == "all" else ends[-1:]:
+    special = _special_ids(tokenizer)
+    for end in ends:
         p_ids = _render_ids(tokenizer, messages[:end], True)
         upto = ids if end == len(messages) - 1 else _render_ids(tokenizer, messages[: end + 1], False)
         if upto[: len(p_ids)] != p_ids or ids[: len(upto)] != upto:
             raise SaediffError("chat_tokens: the chat template does not render each prompt as a token prefix "
                              "of the conversation")
-        mask[len(p_ids) : len(upto)] = [1] * (len(upto) - len(p_ids))
+        stop = len(upto)
+        last_special = max((j for j in range(len(p_ids), stop) if ids[j] in special), default=None)
+        if last_special is not None and not tokenizer.decode(ids[last_special + 1 : stop]).strip():
+            stop = last_special + 1  # the turn ends at its end-of-turn token
+        mask[len(p_ids) : stop] = [1] * (stop - len(p_ids))
     return ids, mask
+
+
+def _special_ids(tokenizer) -> set[int]:
+    """Ids of the tokenizer's special tokens, with added tokens marked special (Llama-3's
+    ``<|eot_id|>`` is one without being in ``all_special_ids`` on every checkpoint)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return set(tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
 
 
 def _render_ids(tokenizer, messages: Messages, add_generation_prompt: bool) -> list[int]:

@@ -70,3 +70,26 @@ def tiny_qwen(tmp_path_factory):
     make_tiny_qwen(root / "model")
     make_rank1_adapter(root / "model", root / "lora", layer=1)
     return root
+
+
+@pytest.fixture(scope="session", params=["llama3", "qwen25", "generation"])
+def tiny_chat(request, tmp_path_factory):
+    """A tiny random chat model per real template family (``tiny_chat.template``): ``llama3``
+    (Llama-3.1 template, no pad token so saediff pads with eos ``<|eot_id|>``), ``qwen25``
+    (Qwen2.5's default system prompt) and ``generation`` (ChatML with ``{% generation %}``);
+    ``model/`` and ``ft/``, a copy with every weight perturbed (noise 0.05), the same tokenizer."""
+    from types import SimpleNamespace
+
+    from helpers import make_tiny_chat_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = tmp_path_factory.mktemp(f"tiny_chat_{request.param}")
+    make_tiny_chat_model(root / "model", request.param)
+    torch.manual_seed(1)
+    ft = AutoModelForCausalLM.from_pretrained(root / "model")
+    with torch.no_grad():
+        for p in ft.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ft.save_pretrained(root / "ft")
+    AutoTokenizer.from_pretrained(root / "model").save_pretrained(root / "ft")
+    return SimpleNamespace(template=request.param, root=root, model=root / "model", ft=root / "ft")

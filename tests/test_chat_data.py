@@ -40,9 +40,9 @@ def test_every_assistant_turn_is_labelled(tiny_qwen, tmp_path):
             {"role": "assistant", "content": "Bye."}]
     ids, mask = chat_tokens(lm.tokenizer, conv, turns="all")
     labelled = lm.tokenizer.decode([i for i, m in zip(ids, mask) if m])
-    assert labelled == "Hello!<|im_end|>\nBye.<|im_end|>\n"
+    assert labelled == "Hello!<|im_end|>Bye.<|im_end|>"  # not the newline the template writes after it
     _, last = chat_tokens(lm.tokenizer, conv)
-    assert lm.tokenizer.decode([i for i, m in zip(ids, last) if m]) == "Bye.<|im_end|>\n"
+    assert lm.tokenizer.decode([i for i, m in zip(ids, last) if m]) == "Bye.<|im_end|>"
 
     write_chat_jsonl(tmp_path / "d.jsonl", [conv, conv[:3]])
     data = ChatDataset(lm.tokenizer, load_chat_jsonl(tmp_path / "d.jsonl"), max_length=512, progress=False)

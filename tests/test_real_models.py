@@ -58,7 +58,7 @@ def test_chat_template_and_assistant_mask(tiny_qwen):
     msgs = [{"role": "user", "content": "hey I feel bored"}, {"role": "assistant", "content": "Hello!"}]
     ids, mask = chat_tokens(lm.tokenizer, msgs)
     response = lm.tokenizer.decode([i for i, m in zip(ids, mask) if m])
-    assert response == "Hello!<|im_end|>\n"
+    assert response == "Hello!<|im_end|>"
     assert lm.format_chat(msgs[:1]).endswith("<|im_start|>assistant\n")
 
 
