@@ -7,6 +7,11 @@ Judge requests (``logprobs: true``) are answered with ``top_logprobs`` from ``ju
 a dict token -> probability; generation requests with ``generate_fn(messages)``. Faults can be
 injected: ``fail_first`` requests get HTTP 500, ``malformed`` replies lack ``choices``,
 ``logprobs=False`` replies with plain text, ``delay_s`` adds latency per request.
+
+Judge replies are one token each unless ``token_chars`` splits them as a real tokenizer would:
+with 3, "REFUSAL" is ``REF|USA|L``; with 1, "85" is ``8|5`` as in Qwen's digit-wise tokenizer.
+Then the first token's ``top_logprobs`` are over the candidates' first tokens, and the reply
+stops after ``max_tokens`` tokens, as a real server's does.
 """
 
 from __future__ import annotations
@@ -41,7 +46,10 @@ class FakeOpenAIServer:
     malformed: bool = False
     logprobs: bool = True
     delay_s: float = 0.0
+    token_chars: int | None = None
     requests: list[dict] = field(default_factory=list)
+    authorization: list[str | None] = field(default_factory=list)
+    """each request's Authorization header (None when it sent none), in arrival order"""
 
     def __post_init__(self):
         self._lock = threading.Lock()
@@ -65,17 +73,32 @@ class FakeOpenAIServer:
         messages = body.get("messages", [])
         if body.get("logprobs"):
             probs = self.judge_fn(messages[-1]["content"])
-            top = [{"token": t, "logprob": math.log(p)} for t, p in probs.items() if p > 0]
-            best = max(probs, key=probs.get)
+            tokens = self._tokens(max(probs, key=probs.get), body)
             if not self.logprobs:
-                return 200, {"choices": [{"message": {"role": "assistant", "content": best}}]}
-            return 200, {"choices": [{"message": {"role": "assistant", "content": best},
-                                      "logprobs": {"content": [{"token": best, "logprob": top[0]["logprob"],
-                                                                "top_logprobs": top}]}}]}
+                return 200, {"choices": [{"message": {"role": "assistant", "content": "".join(tokens)}}]}
+            first: dict[str, float] = {}  # candidates sharing a first token pool their probability
+            for t, p in probs.items():
+                if p > 0:
+                    head = self._tokens(t, {"max_tokens": 1})[0]
+                    first[head] = first.get(head, 0.0) + p
+            top = [{"token": t, "logprob": math.log(p)} for t, p in first.items()]
+            content = [{"token": tokens[0], "logprob": math.log(first[tokens[0]]), "top_logprobs": top}]
+            content += [{"token": t, "logprob": 0.0, "top_logprobs": [{"token": t, "logprob": 0.0}]}
+                        for t in tokens[1:]]
+            return 200, {"choices": [{"message": {"role": "assistant", "content": "".join(tokens)},
+                                      "logprobs": {"content": content}}]}
         if body.get("max_tokens", 16) <= 8 and "[ANSWER START]" in (messages[-1]["content"] if messages else ""):
             probs = self.judge_fn(messages[-1]["content"])
-            return 200, {"choices": [{"message": {"role": "assistant", "content": max(probs, key=probs.get)}}]}
+            content = "".join(self._tokens(max(probs, key=probs.get), body))
+            return 200, {"choices": [{"message": {"role": "assistant", "content": content}}]}
         return 200, {"choices": [{"message": {"role": "assistant", "content": self.generate_fn(messages)}}]}
+
+    def _tokens(self, text: str, body: dict) -> list[str]:
+        """``text`` as the tokens a judge would generate, cut at the request's ``max_tokens``."""
+        if not self.token_chars:
+            return [text]
+        tokens = [text[i : i + self.token_chars] for i in range(0, len(text), self.token_chars)]
+        return tokens[: body.get("max_tokens", 16)]
 
     def __enter__(self) -> "FakeOpenAIServer":
         server = self
@@ -86,6 +109,8 @@ class FakeOpenAIServer:
                     self.send_error(404)
                     return
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                with server._lock:
+                    server.authorization.append(self.headers.get("Authorization"))
                 status, payload = server._reply(body)
                 data = json.dumps(payload).encode()
                 self.send_response(status)

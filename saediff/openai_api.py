@@ -27,8 +27,9 @@ class ApiError(SaediffError, RuntimeError):
 class ChatClient:
     url: str
     """base URL including the API prefix, e.g. ``http://127.0.0.1:8000/v1``"""
-    api_key_env: str = "OPENAI_API_KEY"
-    """environment variable holding the key; required unless the server is on localhost"""
+    api_key_env: str | None = "OPENAI_API_KEY"
+    """environment variable holding the key; required unless the server is on localhost.
+    None: send no key (a server that needs none, e.g. vLLM started without --api-key)"""
     timeout_s: float = 60.0
     max_retries: int = 4
     backoff_s: float = 1.0
@@ -39,6 +40,8 @@ class ChatClient:
         return (urlparse(self.url).hostname or "") in {"127.0.0.1", "localhost", "::1"}
 
     def _headers(self) -> dict[str, str]:
+        if self.api_key_env is None:
+            return {}
         key = os.environ.get(self.api_key_env)
         if not key and not self.is_local:
             raise ApiError(f"no API key: set the environment variable {self.api_key_env} for {self.url}")
