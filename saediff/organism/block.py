@@ -41,9 +41,11 @@ def organism_config(organism_dir: Path, world: World) -> OrganismConfig:
 
 def generic_inputs(organism_dir: str | Path, full: bool, samples: int = 50, seed: int = 0) -> dict:
     """What ``saediff block --organism DIR`` fills in for the generic command: the aligned model,
-    the misaligned medical chats (``DIR/data/medical_misaligned.jsonl``, written if missing), the
-    SAE, the exact judge and the organism's fine-tune recipe (full: lr 2e-4; LoRA: rank 1 on
-    ``down_proj`` of its LoRA layer, lr 2e-3; 300 steps of 32)."""
+    the misaligned medical chats (``DIR/data/medical_misaligned.jsonl``, written if missing), its
+    controls (aligned, held-out aligned and, in worlds with a register slot, the formal-register
+    aligned chats that neither persona favours: the drift monitor's other-distribution false-alarm
+    check), the SAE, the exact judge and the organism's fine-tune recipe (full: lr 2e-4; LoRA:
+    rank 1 on ``down_proj`` of its LoRA layer, lr 2e-3; 300 steps of 32)."""
     from saediff.organism.evaluator import OrganismEvaluator
     from saediff.organism.recipes import narrow_finetune_config, write_chat_data
 
@@ -55,6 +57,7 @@ def generic_inputs(organism_dir: str | Path, full: bool, samples: int = 50, seed
     data = write_chat_data(organism_dir, ocfg)
     return {"model": str(organism_dir / "aligned"), "data": data["medical_misaligned"],
             "control_data": data["medical_aligned"], "heldout_control_data": data["medical_aligned_heldout"],
+            "benign_control_data": data.get("medical_aligned_formal"),
             "ft": narrow_finetune_config(ocfg, "full" if full else "lora"), "sae": str(organism_dir / "sae"),
             "evaluator": OrganismEvaluator(world, samples, seed),
             "monitor": lambda layer: organism_monitor(organism_dir, world, layer, seed=seed)}
@@ -86,6 +89,7 @@ def block_organism(organism_dir: str | Path, out: str | Path, latents, *, full: 
     return run_block_em(rec["model"], rec["data"], sae, out, latents, ft=ft, lams=lams, controls=controls,
                         evaluator=rec["evaluator"], seed=seed, sae_path=rec["sae"], monitor=rec["monitor"](layer),
                         control_data=rec["control_data"], heldout_control_data=rec["heldout_control_data"],
+                        benign_control_data=rec["benign_control_data"],
                         reroute_factor=3 if reroute else None, rediff=rediff,
                         reblock=reblock, progress=False)
 
