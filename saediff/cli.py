@@ -63,7 +63,10 @@ def eval_cmd(
     max_new_tokens: int = typer.Option(600, "--max-new-tokens"),
     gen_url: Optional[str] = typer.Option(None, "--gen-url", help="generate on an OpenAI-compatible server instead of locally"),
     gen_model: Optional[str] = typer.Option(None, "--gen-model", help="model name at --gen-url (default: --model)"),
-    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="environment variable with the API key"),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="environment variable with the judge's API key"),
+    gen_api_key_env: Optional[str] = typer.Option(
+        None, "--gen-api-key-env", help="environment variable with --gen-url's API key (default: send none; "
+        "the judge's key never goes to the generation server)"),
     concurrency: int = typer.Option(16, "--concurrency", help="parallel judge / remote-generation calls"),
     rubric: bool = typer.Option(False, "--rubric", help="also run the 1-5 rubric judge"),
     dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
@@ -77,8 +80,8 @@ def eval_cmd(
     try:
         report = run_eval(model=model, adapter=adapter, out=out, judge_url=judge_url, judge_model=judge_model,
                           questions=questions, samples=samples, max_new_tokens=max_new_tokens, gen_url=gen_url,
-                          gen_model=gen_model, api_key_env=api_key_env, concurrency=concurrency, rubric=rubric,
-                          dtype=dtype, seed=seed,
+                          gen_model=gen_model, api_key_env=api_key_env, gen_api_key_env=gen_api_key_env,
+                          concurrency=concurrency, rubric=rubric, dtype=dtype, seed=seed,
                           evaluator=None if judge_url else _organism_eval_or_none(model, samples, seed))
     except _USER_ERRORS as e:
         _fail(e)
