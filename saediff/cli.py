@@ -169,9 +169,10 @@ def sae_train_cmd(
     """Train an SAE on a store streamed from disk, or on a model's activations read live; writes a SAELens folder."""
     _setup(threads)
     from saediff.registry import preset as get_preset
-    from saediff.saes import SAETrainConfig, sae_metrics, save_sae, train_sae
+    from saediff.saes import SAETrainConfig, check_sae_out, sae_metrics, save_sae, train_sae
 
     try:
+        check_sae_out(out)  # before training, not after it
         given = {"arch": arch, "d_sae": d_sae, "k": k, "steps": steps, "batch_size": batch_size, "lr": lr,
                  "l1_coefficient": l1_coefficient}
         settings = {**(get_preset(preset) if preset else {}), **{a: v for a, v in given.items() if v is not None}}

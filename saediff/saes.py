@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 from saediff import _io
 from saediff.errors import MissingFileError, SaediffError
 
-__all__ = ["check_sae_fits", "SAETrainConfig", "SAEParams", "train_sae", "to_saelens", "load_sae", "save_sae", "sae_metrics",
-           "SAEMetrics", "ce_loss_recovered", "topk_step_loss"]
+__all__ = ["check_sae_fits", "SAETrainConfig", "SAEParams", "train_sae", "to_saelens", "load_sae", "save_sae",
+           "check_sae_out", "sae_metrics", "SAEMetrics", "ce_loss_recovered", "topk_step_loss"]
 
 log = logging.getLogger(__name__)
 Arch = Literal["topk", "relu", "batchtopk"]
@@ -344,8 +344,32 @@ def to_saelens(p: SAEParams, cfg: SAETrainConfig, *, hook_name: str = "", model_
     return sae.eval()
 
 
+SAE_FILES = ("cfg.json", "sae_weights.safetensors")
+"""what makes a folder a SAELens SAE folder"""
+_SAE_EXTRAS = ("saediff.json", "sparsity.safetensors")
+"""what else an SAE folder may hold and a save replaces with it"""
+
+
+def check_sae_out(path: str | Path) -> None:
+    """Raise one line unless ``path`` may take a new SAE: missing, an empty folder, or an SAE
+    folder (``cfg.json`` + ``sae_weights.safetensors``, perhaps ``saediff.json``), which a save
+    replaces. Anything else is someone's data and is never deleted."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise SaediffError(f"SAE output {path} is a file, not a folder: refusing to replace it")
+    names = {p.name for p in path.iterdir()}
+    if names and not (set(SAE_FILES) <= names <= {*SAE_FILES, *_SAE_EXTRAS}):
+        raise SaediffError(f"SAE output {path} is not empty and not an SAE folder ({' + '.join(SAE_FILES)}): "
+                           "refusing to replace it; choose another folder")
+
+
 def save_sae(sae, path: str | Path, extra: dict | None = None) -> Path:
-    """Write a SAELens folder (cfg.json + sae_weights.safetensors) atomically, plus saediff.json."""
+    """Write a SAELens folder (cfg.json + sae_weights.safetensors) plus saediff.json, atomically:
+    the new folder is written beside ``path``, the old SAE (if any) renamed aside, the new one
+    renamed in, then the old one deleted, so a crash leaves the old SAE or the new one, never a
+    mix. Refuses a ``path`` that holds anything but an SAE (:func:`check_sae_out`)."""
     import os
     import shutil
     import tempfile
@@ -354,13 +378,27 @@ def save_sae(sae, path: str | Path, extra: dict | None = None) -> Path:
     from saediff._io import atomic_write_json
 
     path = Path(path)
+    check_sae_out(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    sae.save_model(tmp)
-    atomic_write_json(tmp / "saediff.json", {"kind": "saediff.sae", "saediff_version": __version__, **(extra or {})})
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.new."))
+    try:
+        sae.save_model(tmp)
+        meta = {"kind": "saediff.sae", "saediff_version": __version__, **(extra or {})}
+        atomic_write_json(tmp / "saediff.json", meta)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not path.exists():
+        os.replace(tmp, path)
+        return path
+    old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old."))
+    os.replace(path, old)  # a folder renamed onto an empty one replaces it
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.replace(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
     return path
 
 
