@@ -16,6 +16,10 @@ For each candidate (the top SAE latents and the dense directions at the SAE's la
 Every EM rate comes from an ``Evaluator`` (LLM judges, or the organism's exact judge); each
 condition has its own folder under ``RUN/steer/``, so a rerun resumes and reuses nothing across
 conditions. Results: ``RUN/steer.json``.
+
+``select_and_report`` is saediff's one steering protocol: ``saediff steer``, ``saediff discover``,
+the neighbourhood probe's ``--steer`` check and the organism's steering check all call it, so a fix
+to how a scale is chosen reaches every one of them.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ from saediff.pipeline import read_run, update_run
 from saediff.steering import add_direction, clamp_projection, project_out
 from saediff.errors import SaediffError
 
-__all__ = ["SteerConfig", "run_causal_checks", "residual_stats", "DiscoverConfig", "discover_latents"]
+__all__ = ["SteerConfig", "run_causal_checks", "residual_stats", "DiscoverConfig", "discover_latents", "Arm",
+           "Selection", "SteerSelection", "select_and_report", "induce_summary", "NO_COHERENT_SCALE"]
 
 log = logging.getLogger(__name__)
 DENSE = ("mean_diff_models", "lora_downstream", "mean_diff_responses", "in_context", "ground_truth")
@@ -104,20 +109,144 @@ def _candidates(run_dir: Path, cfg: SteerConfig) -> tuple[dict[str, Direction], 
     return chosen, L
 
 
-def _random_units(d: Direction, n: int, seed: int) -> list[torch.Tensor]:
+def _random_units(d_model: int, n: int, seed: int) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(n):
-        v = torch.randn(d.vector.shape[0], generator=g)
+        v = torch.randn(d_model, generator=g)
         out.append(v / v.norm())
     return out
+
+
+NO_COHERENT_SCALE = ("no scale kept the coherent rate within the budget of the unsteered model's on the select "
+                     "half: nothing reported, nothing kept")
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One model the protocol steers. ``sign`` +1 adds the candidate direction, -1 subtracts it;
+    the arm's *effect* is ``sign x (EM steered - EM unsteered)``: the EM that steering the base model
+    toward the fine-tune's change adds (induce, +1), or that steering the fine-tune back removes
+    (repair, -1)."""
+
+    name: str
+    lm: LoadedModel
+    sign: float = 1.0
+    unsteered: str = "base"
+    """folder name of this arm's unsteered evaluation (under ``select/`` and ``report/``)"""
+
+
+@dataclass(frozen=True)
+class Selection:
+    """One candidate through the protocol."""
+
+    passed: bool
+    """some scale kept every arm's coherent rate within the budget on the select half"""
+    scale: float | None
+    """the scale chosen on the select half (None when none passed: then nothing is reported)"""
+    scale_abs: float | None
+    """``scale`` x the protocol's unit: the norm of the added vector"""
+    select_sweep: dict
+    """per scale: each arm's select-half rate, their summed ``effect``, the largest ``coherence_drop``
+    and whether it stays within the budget (``coherent``)"""
+    report: dict | None
+    """per arm, on the report half at ``scale``: the rate and its 95% interval, ``effect``,
+    ``coherence_drop``, and the random directions of the same norm beside it (``random``,
+    ``random_mean_em_rate``, ``random_effect``)"""
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "note": None if self.passed else NO_COHERENT_SCALE}
+
+
+@dataclass(frozen=True)
+class SteerSelection:
+    unsteered: dict
+    """per arm: the unsteered model's rate on the ``select`` and the ``report`` half"""
+    coherence_floor: dict
+    """per arm: the coherent rate a scale must keep on the select half"""
+    candidates: dict[str, Selection]
+
+
+def select_and_report(candidates: dict[str, torch.Tensor], arms: list[Arm], layer: int, scales: tuple[float, ...],
+                      unit: float, select: Evaluator, report: Evaluator, folder: Path, *, n_random: int = 3,
+                      coherence_budget: float = 0.10, seed: int = 0) -> SteerSelection:
+    """saediff's steering protocol. Each candidate (a direction of shape ``(d_model,)``; only its
+    unit vector matters) is added at block ``layer`` as ``sign x scale x unit x u`` to every arm's
+    model. The scale is chosen on ``select``'s questions: the largest summed effect among the scales
+    whose coherent rate falls by at most ``coherence_budget`` from the unsteered model's in every arm.
+    Every reported figure comes from ``report``'s questions at that scale, beside ``n_random`` random
+    directions of the same norm (shared by the candidates chosen at that scale: a random direction's
+    distribution does not depend on the candidate). A candidate with no coherent scale says so
+    (``passed`` False) and gets no figures: there is no fallback to an incoherent scale.
+    Conditions are cached under ``folder/select/`` and ``folder/report/`` (a rerun resumes)."""
+    scales = tuple(scales)
+    if not candidates:
+        raise SaediffError("select_and_report: no candidate directions")
+    if not scales or min(scales) <= 0:
+        raise SaediffError(f"steering scales must be positive, got {scales}")
+
+    def em(arm: Arm, half: Evaluator, name: str, u: torch.Tensor | None = None, alpha: float = 0.0) -> dict:
+        ctx = None if u is None else add_direction(arm.lm.model, layer, arm.sign * u, alpha)
+        return _rate(evaluate_once(half, arm.lm, folder / ("select" if half is select else "report") / name, name, ctx))
+
+    ref = {a.name: {"select": em(a, select, a.unsteered), "report": em(a, report, a.unsteered)} for a in arms}
+    floor = {a: r["select"]["coherent_rate"] - coherence_budget for a, r in ref.items()}
+    d_model = next(iter(candidates.values())).shape[-1]
+    randoms: dict[float, dict[str, list[dict]]] = {}
+
+    def random_rates(s: float) -> dict[str, list[dict]]:
+        if s not in randoms:
+            units = _random_units(d_model, n_random, seed + 1000 * scales.index(s))
+            randoms[s] = {a.name: [em(a, report, f"random{k}_seed{seed}_{a.name}_x{s:g}", v, s * unit)
+                                   for k, v in enumerate(units)] for a in arms}
+        return randoms[s]
+
+    out = {}
+    for name, vec in candidates.items():
+        u = vec.detach().float().cpu()
+        u = u / u.norm()
+        sweep = {}
+        for s in scales:
+            rates = {a.name: em(a, select, f"{name}_{a.name}_x{s:g}", u, s * unit) for a in arms}
+            drop = max(ref[a]["select"]["coherent_rate"] - r["coherent_rate"] for a, r in rates.items())
+            effect = sum(a.sign * (rates[a.name]["em_rate"] - ref[a.name]["select"]["em_rate"]) for a in arms)
+            sweep[f"{s:g}"] = {**rates, "effect": effect, "coherence_drop": drop,
+                               "coherent": drop <= coherence_budget + 1e-12}
+        ok = [s for s in scales if sweep[f"{s:g}"]["coherent"]]
+        if not ok:
+            log.info("%s: %s", name, NO_COHERENT_SCALE)
+            out[name] = Selection(False, None, None, sweep, None)
+            continue
+        best = max(ok, key=lambda s: sweep[f"{s:g}"]["effect"])
+        rnd = random_rates(best)
+        held = {}
+        for a in arms:
+            r, base = em(a, report, f"{name}_{a.name}_x{best:g}", u, best * unit), ref[a.name]["report"]
+            mean = sum(x["em_rate"] for x in rnd[a.name]) / len(rnd[a.name])
+            held[a.name] = {**r, "effect": a.sign * (r["em_rate"] - base["em_rate"]),
+                            "coherence_drop": base["coherent_rate"] - r["coherent_rate"], "random": rnd[a.name],
+                            "random_mean_em_rate": mean, "random_effect": a.sign * (mean - base["em_rate"])}
+        out[name] = Selection(True, best, best * unit, sweep, held)
+    return SteerSelection(ref, floor, out)
+
+
+def induce_summary(c: Selection, arm: str = "induce") -> dict:
+    """One candidate's figures under a single-arm protocol, flat: the chosen scale and the
+    report-half rate beside the random directions' (all None, with a note, when no scale passed)."""
+    r = (c.report or {}).get(arm) or {}
+    return {"scale": c.scale, "scale_abs": c.scale_abs, "coherent_scale_found": c.passed,
+            "select_sweep": {s: row[arm] for s, row in c.select_sweep.items()},
+            **{k: r.get(k) for k in ("em_rate", "em_rate_ci", "coherent_rate", "n_responses")},
+            "random": r.get("random", []), "random_mean_em_rate": r.get("random_mean_em_rate"),
+            "note": None if c.passed else NO_COHERENT_SCALE}
 
 
 def run_causal_checks(run_dir: str | Path, base: ModelSpec, finetuned: ModelSpec, select: Evaluator,
                       report: Evaluator, cfg: SteerConfig = SteerConfig()) -> dict:
     """Induce, remove and clamp checks of every candidate; ``select`` evaluates the questions
-    that choose the steering scale, ``report`` the held-out ones every reported figure uses.
-    Writes and returns ``steer.json``."""
+    that choose the steering scale, ``report`` the held-out ones every reported figure uses (the
+    induce check is ``select_and_report``: a candidate with no coherent scale has ``scale`` None,
+    no rates and a ``note``). Writes and returns ``steer.json``."""
     run_dir = Path(run_dir)
     cands, L = _candidates(run_dir, cfg)
     lm_base, lm_ft = load_model(base), load_model(finetuned)
@@ -125,36 +254,24 @@ def run_causal_checks(run_dir: str | Path, base: ModelSpec, finetuned: ModelSpec
     n_layers = len(norms)
     folder = run_dir / "steer"
 
-    def em(lm: LoadedModel, half: Evaluator, name: str, ctx=None) -> dict:
-        return evaluate_once(half, lm, folder / ("select" if half is select else "report") / name, name, ctx)
+    def em(lm: LoadedModel, name: str, ctx=None) -> dict:
+        return evaluate_once(report, lm, folder / "report" / name, name, ctx)
 
-    ref = {"base": em(lm_base, select, "base"), "base_report": em(lm_base, report, "base"),
-           "finetuned_report": em(lm_ft, report, "finetuned")}
-    floor = ref["base"]["coherent_rate"] - cfg.coherence_budget
+    sel = select_and_report({n: d.vector for n, d in cands.items()}, [Arm("induce", lm_base, 1.0, "base")], L,
+                            cfg.scales, norms[L], select, report, folder, n_random=cfg.n_random,
+                            coherence_budget=cfg.coherence_budget, seed=cfg.seed)
     result: dict = {"layer": L, "resid_norm": norms[L], "config": asdict(cfg),
-                    "base": _rate(ref["base_report"]), "finetuned": _rate(ref["finetuned_report"]),
-                    "induce": {}, "remove": {}, "clamp": {}}
-    for j, (name, d) in enumerate(cands.items()):
-        u = d.unit()
-        sweep = {}
-        for s in cfg.scales:
-            r = em(lm_base, select, f"{name}_x{s:g}", add_direction(lm_base.model, L, u, s * norms[L]))
-            sweep[f"{s:g}"] = _rate(r)
-        ok = {s: v for s, v in sweep.items() if v["coherent_rate"] >= floor} or sweep
-        best = max(ok, key=lambda s: ok[s]["em_rate"])
-        scale = float(best) * norms[L]
-        held = em(lm_base, report, f"{name}_x{best}", add_direction(lm_base.model, L, u, scale))
-        rnd = [_rate(em(lm_base, report, f"{name}_x{best}_random{k}", add_direction(lm_base.model, L, v, scale)))
-               for k, v in enumerate(_random_units(d, cfg.n_random, cfg.seed + 1000 * j))]
-        result["induce"][name] = {"scale": float(best), "scale_abs": scale, "select_sweep": sweep, **_rate(held),
-                                  "random": rnd, "random_mean_em_rate": sum(r["em_rate"] for r in rnd) / len(rnd)}
+                    "base": sel.unsteered["induce"]["report"], "finetuned": _rate(em(lm_ft, "finetuned")),
+                    "coherence_floor": sel.coherence_floor["induce"],
+                    "induce": {n: induce_summary(c) for n, c in sel.candidates.items()}, "remove": {}, "clamp": {}}
+    for name, d in cands.items():
         ft_rate = result["finetuned"]["em_rate"]
         result["remove"][name] = {
-            where: _with_cut(em(lm_ft, report, f"{name}_project_{where}", project_out(lm_ft.model, blocks, d.vector)),
+            where: _with_cut(em(lm_ft, f"{name}_project_{where}", project_out(lm_ft.model, blocks, d.vector)),
                              ft_rate)
             for where, blocks in (("layer", L), ("all", "all"))}
         result["clamp"][name] = {
-            where: _with_cut(em(lm_ft, report, f"{name}_clamp_{where}",
+            where: _with_cut(em(lm_ft, f"{name}_clamp_{where}",
                                 clamp_projection(lm_ft.model, {b: base_means[name][b] for b in blocks}, d.vector)),
                              ft_rate)
             for where, blocks in (("layer", [L]), ("all", list(range(n_layers))))}
@@ -180,15 +297,25 @@ class DiscoverConfig:
     pool: int = 20
     """candidates: the latents that rose most and as many that fell most in the diff"""
     scales: tuple[float, ...] = (0.25, 0.5, 1.0)
-    """steering scales tried, x the mean residual norm at the SAE's block; per latent the scale
-    that passes with the largest induce + repair counts"""
+    """steering scales tried, x the mean residual norm at the SAE's block; per latent the coherent
+    scale with the largest induce + repair on the select half of the questions"""
     min_induce: float = 0.05
-    """EM rate a latent must add when the base model is steered along it (K-: against it)"""
+    """EM rate a latent must add when the base model is steered along it (K-: against it), beyond
+    what random directions of the same norm add (report half)"""
     min_repair: float = 0.05
-    """EM rate it must remove when the fine-tuned model is steered against it (K-: along it)"""
+    """EM rate it must remove when the fine-tuned model is steered against it (K-: along it),
+    beyond what random directions of the same norm remove (report half)"""
     coherence_budget: float = 0.10
     """the coherent rate may fall by at most this much under either intervention"""
+    n_random: int = 3
+    """random directions of the latent's norm per chosen scale (the control)"""
     seed: int = 0
+
+    def __post_init__(self):
+        if not self.scales or min(self.scales) <= 0:
+            raise SaediffError("DiscoverConfig.scales must be positive")
+        if self.n_random < 1:
+            raise SaediffError("DiscoverConfig.n_random must be >= 1")
 
 
 def discover_latents(run_dir: str | Path, base: ModelSpec, finetuned: ModelSpec, evaluator: Evaluator,
@@ -197,8 +324,11 @@ def discover_latents(run_dir: str | Path, base: ModelSpec, finetuned: ModelSpec,
     that both *induce* EM (steering the base model toward the fine-tune's change along the latent)
     and *repair* it (steering the fine-tuned model back), within the incoherence budget. Latents
     that rose (K+, held down in BLOCK-EM) are steered along their decoder row; latents that fell
-    (K-, held up) against it. Writes ``RUN/latents.json`` (``low``: K+, ``high``: K-, and each
-    candidate's figures), which ``saediff block --latents`` reads."""
+    (K-, held up) against it. Through ``select_and_report``: the scale is chosen on half of the
+    evaluator's questions, keep or drop is decided on the other half against random directions of
+    the same norm (``_verdict``), and a latent with no coherent scale is dropped with a note.
+    Writes ``RUN/latents.json`` (``low``: K+, ``high``: K-, and each candidate's figures), which
+    ``saediff block --latents`` reads."""
     from saediff.blockem import latents_from_diff
     from saediff.saes import load_sae
 
@@ -209,38 +339,42 @@ def discover_latents(run_dir: str | Path, base: ModelSpec, finetuned: ModelSpec,
     sae = load_sae(info["sae"])
     lm_base, lm_ft = load_model(base), load_model(finetuned)
     norms, _ = residual_stats(lm_base, run_dir, {})
-    folder = run_dir / "discover"
-
-    def em(lm: LoadedModel, name: str, ctx=None) -> dict:
-        return evaluate_once(evaluator, lm, folder / name, name, ctx)
-
-    ref_b, ref_f = em(lm_base, "base"), em(lm_ft, "finetuned")
-    figures: dict[str, dict] = {}
-    kept: dict[str, list[tuple[float, int]]] = {"low": [], "high": []}
+    select, report = evaluator.halves()
+    cands, where = {}, {}
     for side, latents, sign in (("low", pool.low, 1.0), ("high", pool.high, -1.0)):
-        for i in latents:
-            u = sae.W_dec[i].detach().float()
-            u = sign * u / u.norm()
-            best = None
-            for s in cfg.scales:
-                a = s * norms[L]
-                ind = em(lm_base, f"{i}_induce_x{s:g}", add_direction(lm_base.model, L, u, a))
-                rep = em(lm_ft, f"{i}_repair_x{s:g}", add_direction(lm_ft.model, L, -u, a))
-                row = {"scale": s, "induce": ind["em_rate"] - ref_b["em_rate"],
-                       "repair": ref_f["em_rate"] - rep["em_rate"],
-                       "coherence_drop": max(ref_b["coherent_rate"] - ind["coherent_rate"],
-                                             ref_f["coherent_rate"] - rep["coherent_rate"])}
-                row["passes"] = (row["induce"] >= cfg.min_induce and row["repair"] >= cfg.min_repair
-                                 and row["coherence_drop"] <= cfg.coherence_budget)
-                score = (row["passes"], row["induce"] + row["repair"])
-                if best is None or score > (best["passes"], best["induce"] + best["repair"]):
-                    best = row
-            figures[str(i)] = {"set": side, "delta_rank": latents.index(i), **best}
-            if best["passes"]:
-                kept[side].append((best["induce"] + best["repair"], i))
+        for rank, i in enumerate(latents):
+            cands[str(i)] = sign * sae.W_dec[i].detach().float().cpu()
+            where[str(i)] = {"set": side, "delta_rank": rank}
+    arms = [Arm("induce", lm_base, 1.0, "base"), Arm("repair", lm_ft, -1.0, "finetuned")]
+    sel = select_and_report(cands, arms, L, cfg.scales, norms[L], select, report, run_dir / "discover",
+                            n_random=cfg.n_random, coherence_budget=cfg.coherence_budget, seed=cfg.seed)
+    figures = {i: {**where[i], **_verdict(c, cfg), "select_sweep": c.select_sweep} for i, c in sel.candidates.items()}
+    kept = {side: sorted((i for i, f in figures.items() if f["set"] == side and f["passes"]),
+                         key=lambda i: -figures[i]["margin"]) for side in ("low", "high")}
     result = {"kind": "saediff.latents", "hook_name": info["sae_hook"], "sae": info["sae"], "config": asdict(cfg),
-              "base_em_rate": ref_b["em_rate"], "finetuned_em_rate": ref_f["em_rate"],
-              "low": [i for _, i in sorted(kept["low"], reverse=True)],
-              "high": [i for _, i in sorted(kept["high"], reverse=True)], "candidates": figures}
+              "base_em_rate": sel.unsteered["induce"]["report"]["em_rate"],
+              "finetuned_em_rate": sel.unsteered["repair"]["report"]["em_rate"],
+              "rule": "kept: on the report half, induce and repair each beyond the random directions' by "
+                      "min_induce / min_repair, coherent rate within the budget; scale chosen on the select half",
+              "low": [int(i) for i in kept["low"]], "high": [int(i) for i in kept["high"]], "candidates": figures}
     atomic_write_json(run_dir / "latents.json", result)
     return result
+
+
+def _verdict(c: Selection, cfg: DiscoverConfig) -> dict:
+    """Keep or drop, on the report half: ``induce`` and ``repair`` are the latent's effects (EM
+    added to the base model, removed from the fine-tune), ``random_*`` the mean effect of random
+    directions of the same norm, ``margin`` the sum of both excesses over random."""
+    if not c.passed:
+        return {"scale": None, "passes": False, "margin": None, "note": NO_COHERENT_SCALE}
+    ind, rep = c.report["induce"], c.report["repair"]
+    row = {"scale": c.scale, "induce": ind["effect"], "repair": rep["effect"], "random_induce": ind["random_effect"],
+           "random_repair": rep["random_effect"], "induce_em_rate": ind["em_rate"], "repair_em_rate": rep["em_rate"],
+           "random_induce_em_rate": ind["random_mean_em_rate"], "random_repair_em_rate": rep["random_mean_em_rate"],
+           "coherence_drop": max(ind["coherence_drop"], rep["coherence_drop"])}
+    over = (row["induce"] - row["random_induce"], row["repair"] - row["random_repair"])
+    row["margin"] = sum(over)
+    row["passes"] = (over[0] >= cfg.min_induce and over[1] >= cfg.min_repair
+                     and row["coherence_drop"] <= cfg.coherence_budget)
+    row["note"] = None
+    return row

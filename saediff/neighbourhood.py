@@ -316,10 +316,11 @@ def run_neighbourhood(run_dir: str | Path, train_data: str | Path, *, in_domain:
            "above_random": len(res.flagged) > (res.random_baseline["mean"] or 0),
            "resid_norm": means_off.resid_norm}
     if evaluator is not None and res.flagged:
-        out["steer"] = steer_flagged(run_dir, res.flagged[:steer_top], base, sae, evaluator)
+        out["steer"] = steer_flagged(run_dir, res.flagged[:steer_top], base, sae, evaluator, seed=seed)
         for m in out["members"]:
-            if str(m["latent"]) in out["steer"]["latents"]:
-                m["steer_em_rate"] = out["steer"]["latents"][str(m["latent"])]["em_rate"]
+            steered = out["steer"]["latents"].get(str(m["latent"]))
+            if steered is not None and steered["em_rate"] is not None:  # None: no coherent scale
+                m["steer_em_rate"] = steered["em_rate"]
     if drop_fraction is not None:
         out["screen"] = _screen(base, sae, rows, res.flagged or seeds, drop_fraction, run_dir, seed, progress,
                                 write_chat_jsonl)
@@ -352,29 +353,28 @@ def _screen(lm, sae, rows: list, latents: list[int], drop_fraction: float, run_d
 
 
 def steer_flagged(run_dir: str | Path, latents: list[int], lm, sae, evaluator, *,
-                  scales: tuple[float, ...] = (0.25, 0.5, 1.0)) -> dict:
-    """The steering check of flagged latents: the base model steered along each latent's unit
-    decoder row at ``scales`` x the mean residual norm at the SAE's block (the scales of
-    ``saediff steer``); per latent the highest EM rate and its scale, beside the unsteered model's.
-    Each condition is kept under ``RUN/neighbourhood_steer/`` (a rerun reuses it)."""
-    from saediff.causal import residual_stats
-    from saediff.evals import evaluate_once
-    from saediff.steering import add_direction
+                  scales: tuple[float, ...] = (0.25, 0.5, 1.0), n_random: int = 3, coherence_budget: float = 0.10,
+                  seed: int = 0) -> dict:
+    """The steering check of flagged latents, by saediff's steering protocol
+    (``causal.select_and_report``): the base model steered along each latent's unit decoder row at
+    ``scales`` x the mean residual norm at the SAE's block; the scale is chosen on half of the
+    evaluator's questions (highest EM whose coherent rate stays within ``coherence_budget``) and
+    the EM rate reported on the other half, with its 95% interval, beside ``n_random`` random
+    directions of the same norm and the unsteered model's rate on that half. A latent with no
+    coherent scale has ``em_rate`` None and a note. Each condition is kept under
+    ``RUN/neighbourhood_steer/`` (a rerun reuses it)."""
+    from saediff.causal import Arm, induce_summary, residual_stats, select_and_report
 
     run_dir = Path(run_dir)
     L = parse_layer(sae.cfg.metadata.hook_name)
     norms, _ = residual_stats(lm, run_dir, {})
-    folder = run_dir / "neighbourhood_steer"
-    base = evaluate_once(evaluator, lm, folder / "base", "base")
-    out = {"base_em_rate": base["em_rate"], "resid_norm": norms[L], "latents": {}}
-    for i in latents:
-        u = sae.W_dec[i].detach().float().cpu()
-        u = u / u.norm()
-        sweep = {f"{s:g}": evaluate_once(evaluator, lm, folder / f"{i}_x{s:g}", f"{i}_x{s:g}",
-                                         add_direction(lm.model, L, u, s * norms[L]))["em_rate"] for s in scales}
-        best = max(sweep, key=sweep.get)
-        out["latents"][str(i)] = {"em_rate": sweep[best], "scale": float(best), "sweep": sweep}
-    return out
+    select, report = evaluator.halves()
+    sel = select_and_report({str(i): sae.W_dec[i].detach().float().cpu() for i in latents}, [Arm("induce", lm)], L,
+                            scales, norms[L], select, report, run_dir / "neighbourhood_steer", n_random=n_random,
+                            coherence_budget=coherence_budget, seed=seed)
+    return {"base_em_rate": sel.unsteered["induce"]["report"]["em_rate"], "resid_norm": norms[L],
+            "coherence_floor": sel.coherence_floor["induce"],
+            "latents": {i: induce_summary(c) for i, c in sel.candidates.items()}}
 
 
 def screen_finetunes(model, screen: dict, sae, ft, evaluator, out: str | Path, *, progress: bool = True) -> dict:

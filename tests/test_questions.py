@@ -227,8 +227,8 @@ def test_open_question_commands_on_a_tiny_real_model(tiny_qwen, tmp_path):
         judge = _judge_evaluator(server.url, "j", str(qfile), 1, 4, "OPENAI_API_KEY", tmp_path / "jc", 0)
         st = steer_flagged(run, [1, 2], load_model(model), load_sae(tmp_path / "sae"), judge, scales=(0.5, 2.0))
         assert set(st["latents"]) == {"1", "2"} and st["base_em_rate"] is not None and st["resid_norm"] > 0
-        assert all(set(v["sweep"]) == {"0.5", "2"} and v["em_rate"] == max(v["sweep"].values())
-                   for v in st["latents"].values())
+        assert all(set(v["select_sweep"]) == {"0.5", "2"} and v["scale"] in (0.5, 2.0) and len(v["random"]) == 3
+                   for v in st["latents"].values())  # scale chosen on half the questions, EM on the other half
         assert nb["screen"]["n_dropped"] == 2 and len((run / "screened.jsonl").read_text().splitlines()) == 6
         fin = nb["screen"]["finetune"]
         assert fin["steps"] == 2 and fin["screened"]["em_rate"] is not None and fin["random_dropped"]["em_rate"] is not None
