@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass, field, replace
@@ -26,7 +25,7 @@ from typing import Callable
 import torch
 
 from saediff._io import atomic_write_json
-from saediff.blocking import BlockConfig, Blocker
+from saediff.blocking import BlockConfig, Blocker, check_adapters_reach
 from saediff.chat_data import ChatDataset, load_chat_jsonl
 from saediff.evals import Evaluator, evaluate_once
 from saediff.finetune import FinetuneConfig, checkpoints, finetune, make_trainable
@@ -45,26 +44,45 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class LatentSets:
     """The BLOCK-EM paper's signed sets: ``low`` (K+, rose in the fine-tune: held down) and
-    ``high`` (K-, fell: held up)."""
+    ``high`` (K-, fell: held up). ``sae``: the identity of the SAE the indices belong to
+    (``provenance.sae_fingerprint``), when the source recorded it; ``source`` names that source."""
 
     low: tuple[int, ...] = ()
     high: tuple[int, ...] = ()
+    sae: dict | None = field(default=None, compare=False)
+    source: str = field(default="given", compare=False)
 
     def __post_init__(self):
         if set(self.low) & set(self.high):
             raise SaediffError(f"latents {sorted(set(self.low) & set(self.high))} are in both the low and high sets")
 
-    def check(self, d_sae: int, where: str) -> None:
+    def check(self, sae, where: str) -> None:
+        """The indices fit ``sae`` (loaded from ``where``) and, when the sets know their SAE, it is
+        that SAE: another SAE's latent 17 is an unrelated feature."""
+        d_sae = sae.cfg.d_sae
         bad = [i for i in (*self.low, *self.high) if not 0 <= i < d_sae]
         if bad:
             raise SaediffError(f"{where}: latents {bad} outside the SAE's 0-{d_sae - 1}")
+        if self.sae is None:
+            log.warning("latents from %s carry no SAE identity; trusting that they are %s's", self.source, where)
+            return
+        from saediff.provenance import mismatch, sae_fingerprint
+
+        keys = ("hook", "d_sae", "d_in", "weights")
+        mine = sae_fingerprint(sae, where)
+        why = mismatch({k: self.sae.get(k) for k in keys}, {k: mine.get(k) for k in keys})
+        if why is not None:
+            raise SaediffError(f"latents from {self.source} belong to the SAE {self.sae.get('path', '?')}, not to "
+                               f"{where} ({why})")
 
     def __len__(self) -> int:
         return len(self.low) + len(self.high)
 
 
 def latents_from_diff(run_dir: str | Path, n_low: int, n_high: int) -> LatentSets:
-    """The top ``n_low`` latents of a diff run's ranking and the ``n_high`` that fell most."""
+    """The ``n_low`` latents ranked first by the diff run's ranking among those that rose, and the
+    ``n_high`` that fell most (by delta), with the run's SAE identity. Under ``abs_delta`` a latent
+    that fell ranks high too; its sign decides its set."""
     from saediff.diff import LatentDiff
 
     run_dir = Path(run_dir)
@@ -72,13 +90,16 @@ def latents_from_diff(run_dir: str | Path, n_low: int, n_high: int) -> LatentSet
     if not path.exists():
         raise MissingFileError(f"{run_dir} has no diff.json (a run folder of saediff diff)")
     run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
-    ranking = run.get("steps", {}).get("diff", {}).get("ranking", "delta")
+    info = run.get("steps", {}).get("diff", {})
     table = LatentDiff.from_json(json.loads(path.read_text()))
-    return LatentSets(tuple(table.top(n_low, ranking)), tuple(table.bottom(n_high, "delta")) if n_high else ())
+    rose = [i for i in table.top(table.delta.numel(), info.get("ranking", "delta")) if table.delta[i] > 0]
+    fell = [i for i in table.bottom(n_high, "delta") if table.delta[i] < 0] if n_high else []
+    return LatentSets(tuple(rose[:n_low]), tuple(fell), sae=info.get("sae_identity"), source=str(run_dir))
 
 
 def read_latents(path: str | Path) -> LatentSets:
-    """``latents.json`` (``saediff discover`` writes it): ``{"low": [...], "high": [...]}``."""
+    """``latents.json`` (``saediff discover`` writes it, with the SAE it screened): ``{"low": [...],
+    "high": [...], "sae_identity": {...}}``; a hand-written file may leave the identity out."""
     path = Path(path)
     try:
         d = json.loads(path.read_text())
@@ -88,7 +109,8 @@ def read_latents(path: str | Path) -> LatentSets:
         raise SaediffError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
     if not isinstance(d, dict) or not all(isinstance(d.get(k, []), list) for k in ("low", "high")):
         raise SaediffError(f"{path}: expected {{\"low\": [latent, ...], \"high\": [latent, ...]}}")
-    sets = LatentSets(tuple(int(i) for i in d.get("low", [])), tuple(int(i) for i in d.get("high", [])))
+    sets = LatentSets(tuple(int(i) for i in d.get("low", [])), tuple(int(i) for i in d.get("high", [])),
+                      sae=d.get("sae_identity"), source=str(path))
     if not len(sets):
         raise SaediffError(f"{path}: no latents in 'low' or 'high'")
     return sets
@@ -114,10 +136,6 @@ class BlockRunConfig:
     lam: float = 1e4
     preactivation: bool = True
     """penalise ReLU'd pre-activations (a TopK output lets a latent escape by leaving the top k)"""
-
-    def fingerprint(self) -> str:
-        """Hash of the settings; a finished run is reused only under an equal fingerprint."""
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _reference(model: torch.nn.Module, layer: int) -> torch.nn.Module:
@@ -161,6 +179,16 @@ class MonitorFactory:
     """also check after steps 1, 2, 4, ... below ``every``"""
     _toks: object = field(default=None, repr=False)
 
+    def fingerprint(self) -> dict:
+        """What the monitor reads and when it alerts (part of a monitored run's provenance)."""
+        from saediff.provenance import digest, tensor_digest
+
+        return {"prompts": digest([[p.id, p.messages] for p in self.prompts]), "directions": tensor_digest(self.directions),
+                "layer": self.layer, "every": self.every, "z": self.z, "rate_threshold": self.rate_threshold,
+                "rate_thresholds": self.rate_thresholds, "confirm": self.confirm, "n_random": self.n_random,
+                "max_new_tokens": self.max_new_tokens, "seed": self.seed, "early": self.early,
+                "em": self.em_fn is not None}
+
     def __call__(self, model: torch.nn.Module, lm: LoadedModel) -> DriftMonitor:
         from saediff.activations import tokenize_prompts
 
@@ -193,20 +221,80 @@ def monitor_directions(sae, latents: LatentSets, layer: int, diff_run: str | Pat
     return torch.stack([sae.W_dec[i].detach().float().cpu() for i in latents.low])
 
 
+_RUN_ARTIFACTS = ("checkpoints", "model", "eval", "em.json", "history.json", "checkpoint_eval", "rediff",
+                  "reroute.json", "provenance.json")
+
+
+def run_fingerprint(spec: ModelSpec, dataset: ChatDataset, sae, layer: int, cfg: BlockRunConfig,
+                    monitor: MonitorFactory | None = None) -> dict:
+    """What decides a fine-tune's weights: the model and adapter (paths and digests), the tokenized
+    data, the settings, and for a penalty run the SAE (hook, width, weights digest) and its block;
+    with a drift monitor, what it reads (its history is part of the run)."""
+    from saediff.provenance import model_fingerprint, sae_fingerprint
+
+    settings = json.loads(json.dumps(asdict(cfg), default=str))
+    settings["latents"] = {"low": list(cfg.latents.low), "high": list(cfg.latents.high)}  # not where they came from
+    fp = {"model": model_fingerprint(spec), "data": dataset.fingerprint(), "n_rows": len(dataset), "settings": settings}
+    if cfg.mode == "penalty":
+        fp.update(sae=sae_fingerprint(sae), layer=layer)
+    if monitor is not None:
+        fp["monitor"] = monitor.fingerprint()
+    return fp
+
+
+def _claim(out: Path, training: dict, force: bool) -> None:
+    """Make ``out`` this run's folder: a folder holding another setup's fine-tune (or one written
+    before saediff recorded provenance) is refused with the differing key, or cleared with
+    ``force``; then the run's fingerprint is written first, so every checkpoint that follows is
+    known to belong to it (``--resume`` and the rerouting curve read only those)."""
+    import shutil
+
+    from saediff._io import read_json_if_exists
+    from saediff.provenance import mismatch
+
+    present = [n for n in _RUN_ARTIFACTS if (out / n).exists()]
+    saved = read_json_if_exists(out / "provenance.json")
+    why = mismatch(saved.get("training") if saved else None, training) if present else None
+    if why is not None:
+        if not force:
+            raise SaediffError(f"{out} holds a fine-tune of another setup ({why}); give another --out, or --force "
+                               f"to discard it and train afresh")
+        log.warning("%s: discarding a fine-tune of another setup (%s)", out, why)
+        for name in present:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if why is not None or saved is None:
+        atomic_write_json(out / "provenance.json", {"kind": "saediff.block_provenance", "training": training})
+
+
 def block_one(spec: ModelSpec, dataset: ChatDataset, sae, layer: int, cfg: BlockRunConfig, out: Path, *,
               evaluator: Evaluator | None = None, resume: bool = False, callbacks: list | None = None,
-              monitor: MonitorFactory | None = None, progress: bool = True) -> dict:
+              monitor: MonitorFactory | None = None, progress: bool = True, force: bool = False) -> dict:
     """One fine-tune (plain, or with the latent penalty) of ``spec``'s model, saved and evaluated.
-    Returns em.json's content (with the run's settings and the penalty at the start and end).
-    ``callbacks``: more ``transformers.TrainerCallback`` objects; ``monitor`` builds a drift
-    monitor whose history goes to ``history.json`` and whose alert step to em.json."""
+    Returns em.json's content (with the run's settings, the penalty at the start and end, and its
+    ``provenance``: the ``run_fingerprint`` and the evaluator's).
+
+    A finished run of the same setup is skipped; one whose evaluator changed (another judge,
+    questions or sample count) is evaluated again from its saved model; a folder holding another
+    setup's run is refused (``force``: discarded). ``resume`` continues from the newest checkpoint,
+    which is this run's by then. ``callbacks``: more ``transformers.TrainerCallback`` objects;
+    ``monitor`` builds a drift monitor whose history goes to ``history.json`` and whose alert step
+    to em.json."""
+    from saediff.provenance import digest, evaluator_fingerprint, mismatch
+
     out = Path(out)
+    training = run_fingerprint(spec, dataset, sae, layer, cfg, monitor)
+    judged_by = evaluator_fingerprint(evaluator) if evaluator is not None else None
+    if _is_main_process():
+        _claim(out, training, force)
+    _wait_for_everyone()
     done = out / "em.json"
     if done.exists():
         prev = json.loads(done.read_text())
-        if prev.get("fingerprint") == cfg.fingerprint():
+        if mismatch(prev.get("provenance", {}).get("evaluator"), judged_by) is None:
             log.info("%s: finished earlier, skipped", out)
             return prev
+        return _main_then_all(lambda: _evaluate_again(prev, spec, cfg, out, evaluator, judged_by), done)
     lm = load_model(spec)
     model = make_trainable(lm.model, cfg.ft)
     drift = monitor(model, lm) if monitor is not None else None
@@ -221,31 +309,73 @@ def block_one(spec: ModelSpec, dataset: ChatDataset, sae, layer: int, cfg: Block
     with blocker.installed(model) if blocker is not None else contextlib.nullcontext():
         history = finetune(model, lm.tokenizer, dataset, cfg.ft, out, extra=blocker, resume=resume,
                            callbacks=callbacks, progress=progress)
-    if not _is_main_process():  # under accelerate launch / torchrun: one process saves and evaluates
-        _wait_for_everyone()
-        return json.loads(done.read_text())
-    model.save_pretrained(out / "model")
-    if cfg.ft.method == "full":
-        lm.tokenizer.save_pretrained(out / "model")
-    atomic_write_json(out / "history.json", {"kind": "saediff.block_history", "log": history,
-                                             "drift": drift.history.to_json() if drift else None})
-    result = {"mode": cfg.mode, "method": cfg.ft.method, "lam": cfg.lam if cfg.mode == "penalty" else None,
-              "latents_low": list(cfg.latents.low), "latents_high": list(cfg.latents.high), "layer": layer,
-              "steps": cfg.ft.steps, "final_loss": history[-1]["loss"] if history else None,
-              "penalty_first": history[0].get("penalty") if history else None,
-              "penalty_last": history[-1].get("penalty") if history else None,
-              "fingerprint": cfg.fingerprint(), "config": json.loads(json.dumps(asdict(cfg), default=str))}
-    if drift is not None:
-        h = drift.history
-        result["drift_alert_step"] = h.alert_step
-        result["em_crosses_0.1_step"] = next((s for s, e in zip(h.steps, h.em) if e is not None and e >= 0.1), None)
-        result["drift_versus_random"] = h.versus_random()
+
+    def save_and_evaluate() -> dict:
+        model.save_pretrained(out / "model")
+        if cfg.ft.method == "full":
+            lm.tokenizer.save_pretrained(out / "model")
+        atomic_write_json(out / "history.json", {"kind": "saediff.block_history", "log": history,
+                                                 "drift": drift.history.to_json() if drift else None})
+        result = {"mode": cfg.mode, "method": cfg.ft.method, "lam": cfg.lam if cfg.mode == "penalty" else None,
+                  "latents_low": list(cfg.latents.low), "latents_high": list(cfg.latents.high), "layer": layer,
+                  "steps": cfg.ft.steps, "final_loss": history[-1]["loss"] if history else None,
+                  "penalty_first": history[0].get("penalty") if history else None,
+                  "penalty_last": history[-1].get("penalty") if history else None,
+                  "fingerprint": digest(training), "config": training["settings"],
+                  "provenance": {"training": training, "evaluator": judged_by}}
+        if drift is not None:
+            h = drift.history
+            result["drift_alert_step"] = h.alert_step
+            result["em_crosses_0.1_step"] = next((s for s, e in zip(h.steps, h.em) if e is not None and e >= 0.1), None)
+            result["drift_versus_random"] = h.versus_random()
+        if evaluator is not None:
+            trained = LoadedModel(model, lm.tokenizer, spec)
+            result["em"] = evaluator(trained, out / "eval", f"block:{out.name}:{result['fingerprint']}")
+        atomic_write_json(done, result)
+        return result
+
+    return _main_then_all(save_and_evaluate, done)
+
+
+def _evaluate_again(prev: dict, spec: ModelSpec, cfg: BlockRunConfig, out: Path, evaluator: Evaluator | None,
+                    judged_by: dict | None) -> dict:
+    """A finished run's saved model measured by another evaluator (em.json rewritten)."""
+    log.info("%s: trained earlier, evaluated again (another evaluator)", out)
+    result = {**prev, "provenance": {**prev.get("provenance", {}), "evaluator": judged_by}}
+    result.pop("em", None)
     if evaluator is not None:
-        trained = LoadedModel(model, lm.tokenizer, spec)
-        result["em"] = evaluator(trained, out / "eval", f"block:{out.name}:{cfg.fingerprint()}")
-    atomic_write_json(done, result)
-    _wait_for_everyone()
+        trained = load_model(checkpoint_spec(spec, out / "model", cfg.ft.method))
+        result["em"] = evaluator(trained, out / "eval", f"block:{out.name}:{prev.get('fingerprint')}")
+    atomic_write_json(out / "em.json", result)
     return result
+
+
+def _main_then_all(work: Callable[[], dict], done: Path, poll_s: float = 1.0) -> dict:
+    """``work()`` on the main process (saving, evaluating: hours with a slow judge), while the
+    other ranks wait for a marker file it writes when ``done`` is complete, instead of waiting on a
+    collective barrier that NCCL would time out; then every rank returns ``done``'s content. The
+    marker's name is agreed per call (one quick broadcast), so a stale file is never taken for it.
+    Single process: ``work()``."""
+    import time
+
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    state = PartialState()
+    if state.num_processes == 1:
+        return work()
+    token = broadcast_object_list([str(time.time_ns()) if state.is_main_process else None])[0]
+    marker = done.with_name(f".{done.name}.{token}.ready")
+    if state.is_main_process:
+        result = work()
+        atomic_write_json(marker, {})
+        state.wait_for_everyone()
+        marker.unlink()
+        return result
+    while not marker.exists():
+        time.sleep(poll_s)
+    state.wait_for_everyone()
+    return json.loads(done.read_text())
 
 
 def finetune_plain(model: str | ModelSpec, data: str | Path, sae, ft: FinetuneConfig, out: str | Path, *,
@@ -301,34 +431,40 @@ def rediff_against(model: str, sae_path: str, seed: int = 0, **inputs) -> ReDiff
 
 def reroute(spec: ModelSpec, dataset: ChatDataset, sae, layer: int, cfg: BlockRunConfig, out: Path, *,
             evaluator: Evaluator | None, rediff: ReDiff | None, factor: int = 3, top_n: int = 10,
-            resume: bool = False, monitor: MonitorFactory | None = None, progress: bool = True) -> dict:
+            resume: bool = False, monitor: MonitorFactory | None = None, progress: bool = True,
+            force: bool = False) -> dict:
     """The rerouting check (BLOCK-EM paper): the blocked fine-tune trained ``factor`` times longer,
     with a checkpoint at every multiple of the original length, EM at each checkpoint, and a
     re-diff of the final model on its own answers: the top shifted latents outside the blocked
     sets are where the misalignment went. Writes ``out/reroute.json``."""
     long = replace(cfg, ft=replace(cfg.ft, steps=factor * cfg.ft.steps, save_every=cfg.ft.steps))
     res = block_one(spec, dataset, sae, layer, long, out, evaluator=evaluator, resume=resume, monitor=monitor,
-                    progress=progress)
-    if not _is_main_process():
-        _wait_for_everyone()
-        return json.loads((out / "reroute.json").read_text())
-    curve = []
-    for step, ckpt in checkpoints(out / "checkpoints") if evaluator is not None else []:
-        em = res["em"] if step == long.ft.steps else evaluate_once(
-            evaluator, lambda: load_model(checkpoint_spec(spec, ckpt, cfg.ft.method)),
-            out / "checkpoint_eval" / ckpt.name, f"{out.name}:{ckpt.name}")
-        curve.append({"step": step, "em_rate": em["em_rate"], "em_rate_ci": em["em_rate_ci"]})
-    result = {"steps": long.ft.steps, "em_curve": curve, "em_rate": res.get("em", {}).get("em_rate")}
-    if rediff is not None:
-        model_dir = str(out / "model")
-        summary = rediff(model_dir if cfg.ft.method == "full" else None,
-                         model_dir if cfg.ft.method == "lora" else None, out / "rediff")
-        blocked = set(cfg.latents.low) | set(cfg.latents.high)
-        outside = [i for i in summary["top_latents"] if i not in blocked]
-        result.update({"top_after": summary["top_latents"], "new_latents": outside[:top_n], "n_outside": len(outside)})
-    atomic_write_json(out / "reroute.json", result)
-    _wait_for_everyone()
-    return result
+                    progress=progress, force=force)
+
+    def measure() -> dict:
+        curve = []
+        # block_one claimed the folder for this run, so its checkpoints are this run's; only the
+        # multiples of the original length are read (the schedule this run saves on)
+        ours = [(s, c) for s, c in checkpoints(out / "checkpoints") if s % cfg.ft.steps == 0 and s <= long.ft.steps]
+        for step, ckpt in ours if evaluator is not None else []:
+            ck = checkpoint_spec(spec, ckpt, cfg.ft.method)
+            em = res["em"] if step == long.ft.steps else evaluate_once(
+                evaluator, lambda ck=ck: load_model(ck), out / "checkpoint_eval" / ckpt.name,
+                f"{out.name}:{ckpt.name}", spec=ck)
+            curve.append({"step": step, "em_rate": em["em_rate"], "em_rate_ci": em["em_rate_ci"]})
+        result = {"steps": long.ft.steps, "em_curve": curve, "em_rate": res.get("em", {}).get("em_rate")}
+        if rediff is not None:
+            model_dir = str(out / "model")
+            summary = rediff(model_dir if cfg.ft.method == "full" else None,
+                             model_dir if cfg.ft.method == "lora" else None, out / "rediff")
+            blocked = set(cfg.latents.low) | set(cfg.latents.high)
+            outside = [i for i in summary["top_latents"] if i not in blocked]
+            result.update({"top_after": summary["top_latents"], "new_latents": outside[:top_n],
+                           "n_outside": len(outside)})
+        atomic_write_json(out / "reroute.json", result)
+        return result
+
+    return _main_then_all(measure, out / "reroute.json")
 
 
 def run_block_em(model: str | ModelSpec, data: str | Path, sae, out: str | Path, latents: LatentSets, *,
@@ -337,7 +473,7 @@ def run_block_em(model: str | ModelSpec, data: str | Path, sae, out: str | Path,
                  monitor: MonitorFactory | None = None, control_data: str | Path | None = None,
                  reroute_factor: int | None = None, rediff: ReDiff | None = None, reblock: bool = False,
                  heldout_control_data: str | Path | None = None, benign_control_data: str | Path | None = None,
-                 progress: bool = True) -> dict:
+                 progress: bool = True, force: bool = False) -> dict:
     """The BLOCK-EM sweep: for each lambda a blocked run (and with ``controls`` one with as many
     random latents), plus the plain fine-tune; writes and returns ``out/summary.json`` with each
     run's EM rate, its interval and the relative reduction against the plain fine-tune.
@@ -368,9 +504,11 @@ def run_block_em(model: str | ModelSpec, data: str | Path, sae, out: str | Path,
     rows = load_chat_jsonl(data)
     probe = load_model(spec)
     layer = check_sae_fits(sae, probe.model, sae_path or "given")
-    latents.check(sae.cfg.d_sae, sae_path or "SAE")
+    latents.check(sae, sae_path or "the given SAE")
     if not len(latents):
         raise SaediffError("BLOCK-EM needs latents: --diff-run, --latents FILE or --latent I")
+    if ft.method == "lora" and ft.lora_layers:  # before any run trains: the blocked runs would be plain ones
+        check_adapters_reach(min(ft.lora_layers), layer)
     if ft.freeze_after_block is not None and ft.freeze_after_block >= len(decoder_layers(probe.model)):
         raise SaediffError(f"freeze_after_block {ft.freeze_after_block} beyond the model's blocks")
     tokenizer = probe.tokenizer
@@ -384,7 +522,8 @@ def run_block_em(model: str | ModelSpec, data: str | Path, sae, out: str | Path,
         control = ChatDataset(tokenizer, load_chat_jsonl(control_data), ft.max_length, progress=progress,
                               source=str(control_data))
         runs["control"] = block_one(spec, control, sae, layer, BlockRunConfig(ft=ft, mode="none"), out / "control",
-                                    evaluator=evaluator, resume=resume, monitor=monitor, progress=progress)
+                                    evaluator=evaluator, resume=resume, monitor=monitor, progress=progress,
+                                    force=force)
         if monitor is not None:
             drift = json.loads((out / "control" / "history.json").read_text())["drift"]
             monitor.rate_threshold = calibrate_rate(drift)
@@ -395,7 +534,7 @@ def run_block_em(model: str | ModelSpec, data: str | Path, sae, out: str | Path,
             continue
         other = ChatDataset(tokenizer, load_chat_jsonl(path), ft.max_length, progress=progress, source=str(path))
         runs[name] = block_one(spec, other, sae, layer, BlockRunConfig(ft=ft, mode="none"), out / name,
-                               evaluator=evaluator, resume=resume, monitor=monitor, progress=progress)
+                               evaluator=evaluator, resume=resume, monitor=monitor, progress=progress, force=force)
     plan: dict[str, BlockRunConfig] = {}
     if controls:
         plan["plain"] = BlockRunConfig(ft=ft, mode="none")
@@ -406,11 +545,11 @@ def run_block_em(model: str | ModelSpec, data: str | Path, sae, out: str | Path,
                 ft=ft, latents=random_latents(latents, sae.cfg.d_sae, seed), lam=lam)
     for name, cfg in plan.items():
         runs[name] = block_one(spec, dataset, sae, layer, cfg, out / name, evaluator=evaluator, resume=resume,
-                               monitor=monitor, progress=progress)
+                               monitor=monitor, progress=progress, force=force)
     if reroute_factor:
         for name, cfg in [(n, c) for n, c in plan.items() if n.startswith("penalty") and not n.endswith("_random")]:
             rr = reroute(spec, dataset, sae, layer, cfg, out / f"{name}_reroute", evaluator=evaluator, rediff=rediff,
-                         factor=reroute_factor, resume=resume, progress=progress)
+                         factor=reroute_factor, resume=resume, progress=progress, force=force)
             runs[name]["reroute"] = rr
             if reblock and rr.get("new_latents"):
                 low = (*cfg.latents.low, *[i for i in rr["new_latents"] if i not in cfg.latents.high])
@@ -418,7 +557,7 @@ def run_block_em(model: str | ModelSpec, data: str | Path, sae, out: str | Path,
                                ft=replace(cfg.ft, steps=reroute_factor * cfg.ft.steps))
                 runs[f"{name}_reblock"] = block_one(spec, dataset, sae, layer, more, out / f"{name}_reblock",
                                                     evaluator=evaluator, resume=resume, monitor=monitor,
-                                                    progress=progress)
+                                                    progress=progress, force=force)
     summary = _summary(runs, spec, str(data), sae_path, layer)
     if monitor is not None:
         summary["monitor_rate_threshold"] = monitor.rate_threshold

@@ -24,7 +24,7 @@ from jaxtyping import Float
 from saediff.hooks import add_resid_hook, capture_resid, decoder_layers, first_adapted_block, skip_blocks
 from saediff.errors import SaediffError
 
-__all__ = ["BlockConfig", "latent_codes", "latent_penalty", "ablate_latents", "project_out_directions", "Blocker"]
+__all__ = ["BlockConfig", "check_adapters_reach", "latent_codes", "latent_penalty", "ablate_latents", "project_out_directions", "Blocker"]
 
 log = logging.getLogger(__name__)
 Mode = Literal["none", "penalty", "ablate", "project"]
@@ -77,6 +77,16 @@ def latent_codes(sae, x: Float[torch.Tensor, "... d"], idx: list[int], preactiva
     if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
         pre = pre * sae.W_dec[idx].norm(dim=-1)
     return pre.relu()
+
+
+def check_adapters_reach(first_adapted: int, layer: int) -> None:
+    """Refuse a penalty at block ``layer`` when the first adapted block comes after it: nothing
+    trained can move the SAE's input, so the penalty is zero and the "blocked" run is the plain one."""
+    if first_adapted > layer:
+        raise SaediffError(
+            f"BLOCK-EM penalty at block {layer} (the SAE's), but the first adapter sits at block {first_adapted}: "
+            f"nothing trained can move the SAE's input, the trained and base codes are equal and the penalty is "
+            f"zero by construction; put adapters at or below block {layer} (--lora-layers) or use a later SAE")
 
 
 def latent_penalty(z_theta: torch.Tensor, z_base: torch.Tensor, mask: torch.Tensor, n_low: int) -> torch.Tensor:
@@ -173,6 +183,7 @@ class Blocker:
                 stack.enter_context(add_resid_hook(model, self.cfg.layer, self._hook_fn))
                 if self.cfg.mode == "penalty" and self.reference is None and hasattr(model, "disable_adapter"):
                     self._peft, self._first_adapted = model, first_adapted_block(model)
+                    check_adapters_reach(self._first_adapted, self.cfg.layer)
                     if 0 < self._first_adapted <= self.cfg.layer:
                         block = decoder_layers(model)[self._first_adapted - 1]
                         stack.enter_context(_removing(block.register_forward_hook(self._keep_entry)))
@@ -195,14 +206,11 @@ class Blocker:
                                "(or install the blocker on a PEFT model)")
 
     @torch.no_grad()
-    def _peft_base_codes(self, inputs: dict, z_theta: torch.Tensor) -> torch.Tensor:
+    def _peft_base_codes(self, inputs: dict) -> torch.Tensor:
         """Base codes from the PEFT model with its adapter disabled, stopping at the SAE's block.
         Blocks before the first adapted one compute the same thing in both passes, so the base pass
-        starts from the trained pass's residual there; with no adapter up to the SAE's block the
-        codes are the trained ones."""
-        k, L = self._first_adapted, self.cfg.layer
-        if k > L:
-            return z_theta.detach()
+        starts from the trained pass's residual there."""
+        k, L = self._first_adapted, self.cfg.layer  # k <= L: installed() refuses the rest
         ids, attn = inputs["input_ids"], inputs.get("attention_mask")
         with ExitStack() as stack:
             stack.enter_context(self._peft.disable_adapter())
@@ -217,7 +225,7 @@ class Blocker:
         if self._resid is None:
             raise RuntimeError("Blocker.penalty: run the forward pass (inside installed()) first")
         z_theta = self._codes(self._resid)
-        z_base = self._z_base_batch if self._z_base_batch is not None else self._peft_base_codes(inputs, z_theta)
+        z_base = self._z_base_batch if self._z_base_batch is not None else self._peft_base_codes(inputs)
         pen = latent_penalty(z_theta, z_base, _answer_mask(inputs["labels"]), len(self.cfg.latents_low))
         self._resid = self._z_base_batch = self._entry = None
         return self.cfg.lam * pen

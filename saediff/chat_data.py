@@ -82,6 +82,16 @@ class ChatDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, list[int]]:
         return self.items[i]
 
+    def fingerprint(self) -> str:
+        """Digest of the tokens and labels themselves: the data's content, the chat template, the
+        tokenizer and ``max_length`` in one number (the file's name does not enter)."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for item in self.items:
+            h.update(torch.tensor(item["input_ids"] + [-1] + item["labels"] + [-2], dtype=torch.int64).numpy().tobytes())
+        return h.hexdigest()[:16]
+
 
 @dataclass(frozen=True)
 class ChatCollator:

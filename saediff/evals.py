@@ -296,15 +296,34 @@ class Evaluator(Protocol):
 
 
 def evaluate_once(evaluator: Evaluator, lm: LoadedModel | Callable[[], LoadedModel], out: Path, condition: str,
-                  intervention=None) -> dict:
-    """``out/em.json`` when an earlier run wrote it (a rerun resumes), else ``evaluator`` on ``lm``
-    (a model, or a function that loads one only when needed) inside ``intervention`` (a context
-    manager such as ``steering.add_direction``)."""
+                  intervention=None, *, spec=None) -> dict:
+    """``out/em.json`` when an earlier run wrote it for the same setup (a rerun resumes), else
+    ``evaluator`` on ``lm`` (a model, or a function that loads one only when needed: then pass its
+    ``spec``) inside ``intervention`` (a context manager such as ``steering.add_direction``).
+
+    The setup is the provenance saved in em.json: the model and adapter (paths and digests of
+    their configs and weights), the evaluator's fingerprint (judge, questions, samples), the
+    ``condition`` and what the intervention does (its function and arguments, tensors by digest),
+    so a re-diff with another SAE, another judge or another sample count is measured afresh."""
+    from saediff.provenance import evaluator_fingerprint, intervention_fingerprint, mismatch, model_fingerprint
+
+    if spec is None and callable(lm) and not isinstance(lm, LoadedModel):
+        raise TypeError("evaluate_once: a model loader needs spec= (the ModelSpec it loads) for the provenance")
+    key = {"model": model_fingerprint(spec if spec is not None else lm.spec),
+           "evaluator": evaluator_fingerprint(evaluator), "condition": condition,
+           "intervention": intervention_fingerprint(intervention)}
     done = Path(out) / "em.json"
     if done.exists():
-        return json.loads(done.read_text())
+        prev = json.loads(done.read_text())
+        why = mismatch(prev.get("provenance"), key)
+        if why is None:
+            return prev
+        log.info("%s: measured for another setup (%s); measuring again", done, why)
     with intervention if intervention is not None else contextlib.nullcontext():
-        return evaluator(lm() if callable(lm) else lm, Path(out), condition)
+        result = evaluator(lm() if callable(lm) and not isinstance(lm, LoadedModel) else lm, Path(out), condition)
+    result = {**result, "provenance": key}
+    atomic_write_json(done, result)
+    return result
 
 
 @dataclass
@@ -320,6 +339,16 @@ class JudgeEvaluator:
         report = evaluate_em(LocalGenerator(lm), self.prompts, self.aligned, self.coherent, self.cfg, out,
                              condition=condition)
         return report.to_json()
+
+    def fingerprint(self) -> dict:
+        """What decides this evaluator's numbers: the judges (server, model, prompt templates), the
+        questions and the sampling settings."""
+        from saediff.provenance import digest
+
+        return {"evaluator": "llm_judge", "url": self.aligned.client.url,
+                "judges": {j.kind: {"model": j.model, "template": digest(j.template)} for j in (self.aligned, self.coherent)},
+                "questions": digest([[p.id, p.messages] for p in self.prompts]), "n_questions": len(self.prompts),
+                "cfg": asdict(self.cfg)}
 
     def halves(self) -> tuple["JudgeEvaluator", "JudgeEvaluator"]:
         """Two evaluators on alternate questions: one chooses (e.g. a steering scale), the other reports."""

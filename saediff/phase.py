@@ -179,8 +179,9 @@ def run_phase(checkpoints_dir: str | Path, *, base: str | None = None, direction
             raise SaediffError(f"{ckpts[0][1]}: the adapter names no base model; give --base")
         em = []
         for step, path in tqdm(ckpts, desc="phase EM", disable=_io.no_progress(progress)):
-            res = evaluate_once(evaluator, lambda p=path: load_model(ModelSpec(base, adapter=str(p), merge=True)),
-                                out / "phase_eval" / path.name, f"phase:{path.name}")
+            ck = ModelSpec(base, adapter=str(path), merge=True)
+            res = evaluate_once(evaluator, lambda ck=ck: load_model(ck), out / "phase_eval" / path.name,
+                                f"phase:{path.name}", spec=ck)
             em.append(res["em_rate"])
     result = phase_analysis(vectors, candidates, em, min_em)
     summary = {"kind": "saediff.phase", "checkpoints": str(checkpoints_dir), "module": vectors[0].module,

@@ -29,6 +29,7 @@ from saediff.models import ModelSpec, generate, load_model
 from saediff.prompts import ContrastExample, Prompt, load_prompts
 from saediff.errors import MissingFileError, SaediffError
 
+from saediff.provenance import sae_fingerprint
 __all__ = ["run_diff", "run_compare", "read_run", "update_run", "judge_label", "judged_responses", "run_questions",
            "QuestionRates"]
 
@@ -171,6 +172,7 @@ def _own_answers(lm_ft, ps: list, max_new_tokens: int, seed: int, out: Path, jud
     """The prompts with the fine-tuned model's answers (where they had none), and per prompt True
     (misaligned), False (aligned) or None (neither): by LLM judges (``judge``: aligned and coherent
     ``HttpJudge``), by ``labeller(prompts)``, or by ``misaligned``/``aligned`` tags when every
+               "sae_identity": sae_fingerprint(sae, sae_path),
     prompt has one (else labels are None). Written to ``out/responses.jsonl``."""
     todo = [p for p in ps if p.response is None]
     if todo:

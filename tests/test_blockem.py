@@ -189,10 +189,11 @@ def test_saved_generations_are_keyed_by_model_and_adapter(tiny_qwen, tmp_path):
 def test_base_pass_starts_at_the_first_adapted_block(tiny_qwen, setup):
     """With the adapter on block 1 only, the base pass reuses the trained pass's residual after
     block 0 and re-runs block 1 with the adapter off: the same codes as a whole base forward.
-    With the SAE before the adapter, the codes cannot differ and the penalty is exactly 0."""
+    With the SAE before the adapter the penalty would be zero by construction: refused."""
     from peft import LoraConfig, get_peft_model
 
     from saediff.blocking import BlockConfig, Blocker
+    from saediff.errors import SaediffError
     from saediff.hooks import capture_resid
 
     root, data = setup
@@ -201,20 +202,36 @@ def test_base_pass_starts_at_the_first_adapted_block(tiny_qwen, setup):
                                                 init_lora_weights=False))  # B != 0: the adapter matters
     batch = {k: torch.tensor([data[i][k] for i in range(4)]) for k in ("input_ids", "labels")}
     batch["attention_mask"] = torch.ones_like(batch["input_ids"])
-    for layer, expect_zero in ((1, False), (0, True)):
-        sae = load_sae(root / "sae")
-        sae.cfg.metadata.hook_name = f"blocks.{layer}.hook_resid_post"
-        blocker = Blocker(BlockConfig("penalty", layer, (1, 2, 3), (4,), 1.0), sae=sae)
-        with blocker.installed(model):
-            blocker.before_forward(model, batch)
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-            z_theta = blocker._codes(blocker._resid)
-            z_skip = blocker._peft_base_codes(batch, z_theta)
-        with torch.no_grad(), model.disable_adapter():
-            z_full = blocker._codes(capture_resid(model, [layer], batch["input_ids"])[layer])
-        torch.testing.assert_close(z_skip, z_full, atol=1e-6, rtol=1e-5)
-        assert blocker._first_adapted == 1
-        assert torch.equal(z_theta, z_full) == expect_zero  # block 1's adapter changes the codes at block 1 only
+    sae = load_sae(root / "sae")
+    sae.cfg.metadata.hook_name = "blocks.1.hook_resid_post"
+    blocker = Blocker(BlockConfig("penalty", 1, (1, 2, 3), (4,), 1.0), sae=sae)
+    with blocker.installed(model):
+        blocker.before_forward(model, batch)
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        z_theta = blocker._codes(blocker._resid)
+        z_skip = blocker._peft_base_codes(batch)
+    with torch.no_grad(), model.disable_adapter():
+        z_full = blocker._codes(capture_resid(model, [1], batch["input_ids"])[1])
+    torch.testing.assert_close(z_skip, z_full, atol=1e-6, rtol=1e-5)
+    assert blocker._first_adapted == 1
+    assert not torch.equal(z_theta, z_full)  # block 1's adapter changes the codes at block 1
+    early = Blocker(BlockConfig("penalty", 0, (1, 2, 3), (4,), 1.0), sae=sae)
+    with pytest.raises(SaediffError, match="block 0 .*first adapter sits at block 1.*zero by construction"):
+        with early.installed(model):
+            pass
+
+
+def test_block_refuses_adapters_after_the_sae(tiny_qwen, setup, tmp_path):
+    """``saediff block`` with every adapter after the SAE's block (the README's old example: SAE at
+    15, --lora-layers 21) would train a plain fine-tune under the blocked run's name: one line, no
+    run folder written."""
+    root, _ = setup
+    r = CliRunner().invoke(app, ["block", "--model", str(tiny_qwen / "model"), "--data", str(root / "data.jsonl"),
+                                 "--sae", str(root / "sae"), "--latent", "1", "--lora-layers", "1", "--steps", "2",
+                                 "--batch-size", "2", "--no-controls", "--out", str(tmp_path / "b")])
+    assert r.exit_code == 1, r.output
+    assert r.output.count("\n") == 1 and "first adapter sits at block 1" in r.output
+    assert not (tmp_path / "b" / "penalty_lam10000" / "em.json").exists()
 
 
 @pytest.mark.slow
