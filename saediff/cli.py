@@ -340,6 +340,14 @@ def diff_cmd(
     responses: Optional[Path] = typer.Option(None, "--responses", help="saediff eval's responses.jsonl: diff on these "
                                              "scored answers instead of generating (the response mean difference "
                                              "is then taken within each question and averaged)"),
+    samples: int = typer.Option(1, "--samples", help="answers per prompt from the fine-tuned model (seeded), all "
+                                "streamed through the diff; with more than one, each question without a domain "
+                                "is its own group for the response mean difference"),
+    batch_size: int = typer.Option(32, "--batch-size", help="prompts per generation batch and rows per forward"),
+    layers: str = typer.Option("all", "--layers", help="blocks for the per-layer mean differences and in-context "
+                               "directions (saediff compare's curves): all (default), sae (the SAE's block only: "
+                               "both models run up to it and are hooked there alone), or indices like 4,8,12 (the "
+                               "SAE's block is always included)"),
     seed: int = typer.Option(0, "--seed"),
     threads: Optional[int] = typer.Option(None, "--threads"),
 ) -> None:
@@ -363,8 +371,10 @@ def diff_cmd(
         inputs = _diff_inputs(base, prompts, max_new_tokens, seed)
         if icl_examples is not None:
             inputs["icl_examples"] = icl_examples
+        blocks = layers if layers in ("sae", "all") else _int_list(layers, "--layers")
         summary = run_diff(base, finetuned, sae, out, adapter=adapter, top_n=top_n, ranking=ranking, n_shots=n_shots,
-                           seed=seed, judge=judge, responses=str(responses) if responses else None, **inputs)
+                           seed=seed, judge=judge, responses=str(responses) if responses else None, samples=samples,
+                           batch_size=batch_size, layers=blocks, **inputs)
     except _USER_ERRORS as e:
         _fail(e)
     typer.echo(json.dumps(summary, indent=2))

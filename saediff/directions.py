@@ -76,12 +76,44 @@ def in_context_directions(lm, questions: list, examples: list, hooks: list[str],
                       n_examples=len(examples)) for h in hooks]
 
 
-def lora_b_directions(adapter, kind: str = "down_proj") -> list[Direction]:
-    """``B[:, 0]`` of each rank-1 adapter module, at the residual stream it writes into
-    (``blocks.L.hook_resid_post``), times the adapter scale."""
-    return [Direction(f"lora_b_L{layer}", m.direction() * m.scale, resid_post(layer), "lora_b",
-                      {"module": m.name, "scale": m.scale, "adapter": str(adapter.path)})
-            for layer, m in sorted(adapter.by_kind(kind).items())]
+def lora_b_directions(adapter, kinds: str | tuple[str, ...] = ("down_proj", "o_proj")) -> list[Direction]:
+    """The residual-space directions of an adapter's modules that write into the residual stream
+    (``o_proj``, ``down_proj``; other kinds have no residual-space output and are left out), at
+    ``blocks.L.hook_resid_post`` (an ``o_proj`` writes at ``hook_resid_mid`` of the same block, where
+    the stream already holds it; ``provenance['writes_into']`` says which).
+
+    Rank 1: ``B[:, 0]`` times the adapter scale, named ``lora_b_L{L}`` (``lora_b_o_proj_L{L}``).
+    Rank r: the r left singular vectors of ``scale * B @ A`` times their singular values (so a
+    direction's norm is its gain), ``lora_b_L{L}_s{i}`` (``lora_b_o_proj_L{L}_s{i}``), with the
+    module, layer, singular index and value, rank and scale (alpha/r, or alpha/sqrt(r) with
+    rsLoRA) in the provenance; singular values of zero (an untrained B) give no direction. An SVD's
+    signs are a convention (``LoraModule.svd``): read a rank-r direction's cosines up to sign."""
+    from saediff.lora import RESIDUAL_WRITERS
+
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    rslora = bool(adapter.config.get("use_rslora"))
+    out = []
+    for kind in kinds:
+        if kind not in RESIDUAL_WRITERS:
+            raise SaediffError(f"lora_b_directions: {kind} does not write into the residual stream "
+                               f"(one of {', '.join(RESIDUAL_WRITERS)})")
+        prefix = "lora_b" if kind == "down_proj" else f"lora_b_{kind}"
+        for layer, m in sorted(adapter.by_kind(kind).items()):
+            where = {"writes_into": f"blocks.{layer}.{RESIDUAL_WRITERS[kind]}"} if kind != "down_proj" else {}
+            if m.rank == 1:
+                out.append(Direction(f"{prefix}_L{layer}", m.direction() * m.scale, resid_post(layer), "lora_b",
+                                     {"module": m.name, "scale": m.scale, "adapter": str(adapter.path), **where}))
+                continue
+            U, S, _ = m.svd()
+            for i in range(m.rank):
+                if float(S[i]) <= 1e-6 * float(S[0]) or float(S[0]) == 0.0:
+                    break  # descending: the rest are zero too
+                out.append(Direction(f"{prefix}_L{layer}_s{i}", U[:, i] * S[i], resid_post(layer), "lora_b",
+                                     {"module": m.name, "kind": kind, "layer": layer, "singular_index": i,
+                                      "singular_value": float(S[i]), "rank": m.rank, "scale": m.scale,
+                                      "rslora": rslora, "adapter": str(adapter.path),
+                                      "writes_into": f"blocks.{layer}.{RESIDUAL_WRITERS[kind]}"}))
+    return out
 
 
 def random_like(d: Direction, seed: int = 0) -> Direction:

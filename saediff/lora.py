@@ -4,7 +4,9 @@ An adapter folder holds ``adapter_config.json`` and ``adapter_model.safetensors`
 ``base_model.model.model.layers.{L}.mlp.down_proj.lora_A.weight`` (r, d_in) and
 ``...lora_B.weight`` (d_out, r). The update a module adds is ``scale * B @ A @ x`` with
 ``scale = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA). For a rank-1 ``down_proj`` adapter,
-``B[:, 0]`` is the residual-stream direction it writes.
+``B[:, 0]`` is the residual-stream direction it writes; a rank-r module writes into the span of
+the left singular vectors of ``scale * B @ A`` (``LoraModule.svd``). Only the modules whose output
+is the residual stream (``o_proj``: attention, ``down_proj``: MLP) have residual-space directions.
 """
 
 from __future__ import annotations
@@ -14,15 +16,29 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from jaxtyping import Float
 from saediff.errors import MissingFileError, SaediffError
 
-__all__ = ["LoraModule", "LoraAdapter", "read_adapter", "check_adapter_matches"]
+__all__ = ["LoraModule", "LoraAdapter", "LoraSVD", "RESIDUAL_WRITERS", "read_adapter", "check_adapter_matches"]
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+RESIDUAL_WRITERS = {"down_proj": "hook_resid_post", "o_proj": "hook_resid_mid"}
+"""module kinds whose output is added to the residual stream, and the hook where it first appears
+in block L (Llama / Qwen / Mistral / Gemma names; q/k/v/gate/up write into the block's inside)"""
+
+
+class LoraSVD(NamedTuple):
+    """``scale * B @ A = U diag(S) V^T``, singular values descending."""
+
+    U: Float[torch.Tensor, "d_out r"]
+    """left singular vectors: the output-space (for o_proj / down_proj: residual) directions"""
+    S: Float[torch.Tensor, " r"]
+    """singular values, the adapter scale included: the output norm per unit input along V[:, i]"""
+    V: Float[torch.Tensor, "d_in r"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +68,18 @@ class LoraModule:
 
     def delta_weight(self) -> Float[torch.Tensor, "d_out d_in"]:
         return self.scale * self.B @ self.A
+
+    def svd(self) -> LoraSVD:
+        """The SVD of ``delta_weight()`` from the thin factors (QR of B and A^T, then an r x r SVD),
+        in float64, never forming the d_out x d_in matrix. Signs, arbitrary in an SVD, are fixed so
+        that each left singular vector's largest-magnitude entry is positive."""
+        qb, rb = torch.linalg.qr(self.B.double())  # (d_out, r), (r, r)
+        qa, ra = torch.linalg.qr(self.A.double().T)  # (d_in, r), (r, r)
+        u, s, vh = torch.linalg.svd(self.scale * rb @ ra.T)
+        U, V = qb @ u, qa @ vh.T
+        sign = torch.sign(U.gather(0, U.abs().argmax(0, keepdim=True)))  # (1, r)
+        sign[sign == 0] = 1
+        return LoraSVD((U * sign).float(), s.float(), (V * sign).float())
 
 
 @dataclass(frozen=True)
