@@ -343,7 +343,8 @@ def diff_cmd(
     samples: int = typer.Option(1, "--samples", help="answers per prompt from the fine-tuned model (seeded), all "
                                 "streamed through the diff; with more than one, each question without a domain "
                                 "is its own group for the response mean difference"),
-    batch_size: int = typer.Option(32, "--batch-size", help="prompts per generation batch and rows per forward"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="prompts per generation batch and rows "
+                                             "per streamed forward (default 64 and 32)"),
     layers: str = typer.Option("all", "--layers", help="blocks for the per-layer mean differences and in-context "
                                "directions (saediff compare's curves): all (default), sae (the SAE's block only: "
                                "both models run up to it and are hooked there alone), or indices like 4,8,12 (the "
@@ -372,9 +373,10 @@ def diff_cmd(
         if icl_examples is not None:
             inputs["icl_examples"] = icl_examples
         blocks = layers if layers in ("sae", "all") else _int_list(layers, "--layers")
+        sizes = {} if batch_size is None else {"batch_size": batch_size, "gen_batch_size": batch_size}
         summary = run_diff(base, finetuned, sae, out, adapter=adapter, top_n=top_n, ranking=ranking, n_shots=n_shots,
                            seed=seed, judge=judge, responses=str(responses) if responses else None, samples=samples,
-                           batch_size=batch_size, layers=blocks, **inputs)
+                           layers=blocks, **sizes, **inputs)
     except _USER_ERRORS as e:
         _fail(e)
     typer.echo(json.dumps(summary, indent=2))

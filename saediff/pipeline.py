@@ -104,7 +104,7 @@ def run_diff(base: str, finetuned: str | None, sae_path: str, out: str | Path, *
              seed: int = 0, judge=None, responses: str | None = None,
              labeller: Callable[[list[Prompt]], list[bool | None]] | None = None,
              extra_directions: list[Direction] = (), batch_size: int = 32, samples: int = 1,
-             layers: str | Sequence[int] = "all") -> dict:
+             layers: str | Sequence[int] = "all", gen_batch_size: int = 64) -> dict:
     """Diff ``finetuned`` (or ``base`` + ``adapter`` when ``finetuned`` is None) against ``base``
     on the fine-tuned model's own answers; build every candidate direction. Returns the summary.
 
@@ -120,12 +120,16 @@ def run_diff(base: str, finetuned: str | None, sae_path: str, out: str | Path, *
 
     ``samples``: answers per prompt, sampled by the fine-tuned model in one seeded pass; with more
     than one, a prompt without a domain is its own group (as ``responses`` groups by question).
-    ``batch_size``: prompts per generation batch and rows per streamed forward. ``layers``: the
+    ``batch_size``: rows per streamed forward; ``gen_batch_size``: prompts per generation batch
+    (seeded sampling depends on the batches, so the default keeps earlier answers). ``layers``: the
     blocks whose mean differences (and in-context directions) are built, ``"all"``, ``"sae"`` (the
     SAE's block only) or block indices; the SAE's block is always among them, and both models run
     only up to the deepest, with hooks on those blocks alone."""
     from saediff.prompts import load_contrast_examples
     from saediff.saes import check_sae_fits, load_sae
+
+    if responses is not None and samples != 1:
+        raise SaediffError(f"samples={samples} applies to generated answers; {responses} has its own")
 
     examples = load_contrast_examples(icl_examples) if isinstance(icl_examples, (str, Path)) else icl_examples
     prompt_set = load_prompts(prompts) if isinstance(prompts, (str, Path)) else list(prompts)  # fail before loading
@@ -147,7 +151,7 @@ def run_diff(base: str, finetuned: str | None, sae_path: str, out: str | Path, *
     else:
         questions = prompt_set
         ps, labels, groups = _own_answers(lm_ft, prompt_set, max_new_tokens, seed, out, judge, labeller,
-                                          samples=samples, batch_size=batch_size)
+                                          samples=samples, batch_size=gen_batch_size)
     # one tokenization for both models: the diff compares them on the very same tokens
     toks = tokenize_prompts(lm_ft, ps)
     stream = stream_diff(lm_base, lm_ft, toks, sae, labels, groups=groups, batch_size=batch_size, layers=blocks)

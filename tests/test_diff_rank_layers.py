@@ -166,3 +166,24 @@ def test_diff_cli_samples_batch_size_and_compare(deep_qwen, tmp_path):
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(app, [*args, "--layers", "9", "--out", str(tmp_path / "bad")])
     assert r.exit_code == 1 and "layers [9] outside the model's blocks 0..3" in r.output
+
+
+def test_sampled_answers_are_generates_own(deep_qwen, tmp_path):
+    """run_diff's answers are ``generate``'s with its default batching (seeded sampling depends on
+    the batches: a diff of 40 answers samples them as saediff eval / generate would); samples with
+    --responses is refused."""
+    from saediff.models import ModelSpec, generate, load_model
+    from saediff.pipeline import run_diff
+    from saediff.prompts import load_prompts
+
+    run_diff(str(deep_qwen / "model"), None, str(deep_qwen / "sae"), tmp_path / "run", adapter=str(deep_qwen / "lora"),
+             prompts="first_plot", max_new_tokens=3, samples=5, layers="sae", seed=2)
+    got = [json.loads(x)["response"] for x in (tmp_path / "run" / "responses.jsonl").read_text().splitlines()]
+    lm = load_model(ModelSpec(str(deep_qwen / "model"), adapter=str(deep_qwen / "lora"), merge=True))
+    msgs = [p.messages for p in load_prompts("first_plot") for _ in range(5)]
+    assert got == [a.strip() for a in generate(lm, msgs, max_new_tokens=3, seed=2, progress=False)]
+    from saediff.errors import SaediffError
+
+    with pytest.raises(SaediffError, match="samples=3 applies to generated answers"):
+        run_diff(str(deep_qwen / "model"), None, str(deep_qwen / "sae"), tmp_path / "r2", responses="x.jsonl",
+                 samples=3)
