@@ -20,7 +20,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 
@@ -35,7 +35,7 @@ from saediff.monitor import DriftMonitor, calibrate_rate, calibrate_rates
 from saediff.prompts import Prompt
 from saediff.errors import MissingFileError, SaediffError
 
-__all__ = ["reroute", "rediff_against", "finetune_plain", "checkpoint_spec", "monitor_directions", "LatentSets", "latents_from_diff", "read_latents", "random_latents", "BlockRunConfig", "run_block_em",
+__all__ = ["reroute", "rediff_against", "finetune_plain", "checkpoint_spec", "monitor_directions", "LatentSets", "latents_from_diff", "read_latents", "random_latents", "random_directions", "project_directions", "BlockRunConfig", "run_block_em",
            "block_one", "MonitorFactory", "monitor_report"]
 
 log = logging.getLogger(__name__)
@@ -125,17 +125,82 @@ def random_latents(like: LatentSets, d_sae: int, seed: int) -> LatentSets:
     return LatentSets(tuple(pool[:n]), tuple(pool[n : n + len(like.high)]))
 
 
+def project_directions(source: str, layers: list[int], *, sae=None, latents: LatentSets | None = None,
+                       diff_run: str | Path | None = None,
+                       named: dict[str, dict[int, torch.Tensor]] | None = None) -> dict[int, torch.Tensor]:
+    """{block: (k, d)} for concept ablation fine-tuning (``mode="project"``): ``latents``: the
+    decoder rows of ``latents.low`` at the SAE's block; ``model_diff``: the diff run's mean
+    difference between the models at each block (``mean_diff_models_L{block}``); or a name in
+    ``named`` ({name: {block: (d,)}}, e.g. the organism's ``ground_truth``)."""
+    if source == "latents":
+        from saediff.hooks import parse_layer
+
+        if sae is None or latents is None or not latents.low:
+            raise SaediffError("project direction 'latents' needs an SAE and latents to hold down")
+        at = parse_layer(sae.cfg.metadata.hook_name)
+        if layers != [at]:
+            raise SaediffError(f"latent directions live at the SAE's block {at}, not at blocks {layers}")
+        return {at: torch.stack([sae.W_dec[i].detach().float() for i in latents.low])}
+    if source == "model_diff":
+        from saediff.export import load_directions
+
+        if diff_run is None:
+            raise SaediffError("project direction 'model_diff' needs --diff-run")
+        found = load_directions(Path(diff_run) / "directions")
+        missing = [f"mean_diff_models_L{L}" for L in layers if f"mean_diff_models_L{L}" not in found]
+        if missing:
+            raise SaediffError(f"{diff_run}/directions has no {', '.join(missing)} (diff with --layers covering them)")
+        return {L: found[f"mean_diff_models_L{L}"].vector[None].float() for L in layers}
+    if named and source in named:
+        missing = [L for L in layers if L not in named[source]]
+        if missing:
+            raise SaediffError(f"project direction {source!r} has no block {missing[0]} (it has {sorted(named[source])})")
+        return {L: named[source][L][None].float() for L in layers}
+    known = ["latents", "model_diff", *sorted(named or {})]
+    raise SaediffError(f"unknown project direction {source!r}; choose from {', '.join(known)}")
+
+
+def random_directions(like: dict[int, torch.Tensor], seed: int) -> dict[int, torch.Tensor]:
+    """As many seeded random directions per block as ``like`` has (the concept-ablation control;
+    a projection does not depend on their norm)."""
+    g = torch.Generator().manual_seed(seed + 99)
+    return {L: torch.randn(d.shape, generator=g).to(d.dtype) for L, d in sorted(like.items())}
+
+
 @dataclass(frozen=True)
 class BlockRunConfig:
     """One BLOCK-EM run (the sweep in ``run_block_em`` makes several)."""
 
     ft: FinetuneConfig = field(default_factory=FinetuneConfig)
-    mode: str = "penalty"
-    """``none`` (the plain fine-tune) or ``penalty``"""
+    mode: Literal["none", "penalty", "ablate", "project"] = "penalty"
+    """``none`` (the plain fine-tune), ``penalty`` (the latents held where the base model has
+    them), ``ablate`` (the ``low`` latents removed from the residual in the forward pass) or
+    ``project`` (``directions`` projected out after their blocks: concept ablation fine-tuning)"""
     latents: LatentSets = field(default_factory=LatentSets)
     lam: float = 1e4
     preactivation: bool = True
     """penalise ReLU'd pre-activations (a TopK output lets a latent escape by leaving the top k)"""
+    directions: dict[int, torch.Tensor] | None = field(default=None, compare=False)
+    """mode ``project``: {block: (k, d) directions removed after it}"""
+
+    def __post_init__(self):
+        if self.mode not in ("none", "penalty", "ablate", "project"):
+            raise SaediffError(f"BlockRunConfig.mode must be none, penalty, ablate or project, got {self.mode!r}")
+        if self.mode in ("penalty", "ablate") and not len(self.latents):
+            raise SaediffError(f"BlockRunConfig: mode {self.mode} needs latents")
+        if self.mode == "ablate" and self.latents.high:
+            raise SaediffError("BlockRunConfig: mode ablate removes latents; it takes no latents held high")
+        if (self.mode == "project") != bool(self.directions):
+            raise SaediffError("BlockRunConfig: directions go with mode project, and mode project needs them")
+
+    def blocker(self, layer: int, sae, reference: torch.nn.Module | None) -> Blocker | None:
+        """The training-time intervention of this run (None for the plain fine-tune)."""
+        if self.mode == "none":
+            return None
+        if self.mode == "project":
+            return Blocker(BlockConfig("project", layer), directions=self.directions)
+        return Blocker(BlockConfig(self.mode, layer, self.latents.low, self.latents.high, self.lam, self.preactivation),
+                       sae=sae, reference=reference if self.mode == "penalty" else None)
 
 
 def _reference(model: torch.nn.Module, layer: int) -> torch.nn.Module:
@@ -230,13 +295,17 @@ def run_fingerprint(spec: ModelSpec, dataset: ChatDataset, sae, layer: int, cfg:
     """What decides a fine-tune's weights: the model and adapter (paths and digests), the tokenized
     data, the settings, and for a penalty run the SAE (hook, width, weights digest) and its block;
     with a drift monitor, what it reads (its history is part of the run)."""
-    from saediff.provenance import model_fingerprint, sae_fingerprint
+    from saediff.provenance import model_fingerprint, sae_fingerprint, tensor_digest
 
-    settings = json.loads(json.dumps(asdict(cfg), default=str))
+    settings = json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k != "directions"}, default=str))
     settings["latents"] = {"low": list(cfg.latents.low), "high": list(cfg.latents.high)}  # not where they came from
+    if cfg.directions:
+        settings["directions"] = {str(L): tensor_digest(d) for L, d in sorted(cfg.directions.items())}
     fp = {"model": model_fingerprint(spec), "data": dataset.fingerprint(), "n_rows": len(dataset), "settings": settings}
-    if cfg.mode == "penalty":
+    if cfg.mode in ("penalty", "ablate"):
         fp.update(sae=sae_fingerprint(sae), layer=layer)
+    elif cfg.mode == "project":
+        fp["layer"] = layer
     if monitor is not None:
         fp["monitor"] = monitor.fingerprint()
     return fp
@@ -299,16 +368,11 @@ def block_one(spec: ModelSpec, dataset: ChatDataset, sae, layer: int, cfg: Block
     model = make_trainable(lm.model, cfg.ft)
     drift = monitor(model, lm) if monitor is not None else None
     callbacks = [*(callbacks or []), *([drift] if drift else [])]
-    blocker = None
-    if cfg.mode == "penalty":
-        ref = _reference(lm.model, layer) if cfg.ft.method == "full" else None
-        blocker = Blocker(BlockConfig("penalty", layer, cfg.latents.low, cfg.latents.high, cfg.lam,
-                                      cfg.preactivation), sae=sae, reference=ref)
-    elif cfg.mode != "none":
-        raise SaediffError(f"BlockRunConfig.mode must be none or penalty, got {cfg.mode!r}")
+    ref = _reference(lm.model, layer) if cfg.mode == "penalty" and cfg.ft.method == "full" else None
+    blocker = cfg.blocker(layer, sae, ref)
     with blocker.installed(model) if blocker is not None else contextlib.nullcontext():
-        history = finetune(model, lm.tokenizer, dataset, cfg.ft, out, extra=blocker, resume=resume,
-                           callbacks=callbacks, progress=progress)
+        history = finetune(model, lm.tokenizer, dataset, cfg.ft, out, resume=resume, callbacks=callbacks,
+                           extra=blocker if cfg.mode == "penalty" else None, progress=progress)
 
     def save_and_evaluate() -> dict:
         model.save_pretrained(out / "model")
@@ -318,6 +382,7 @@ def block_one(spec: ModelSpec, dataset: ChatDataset, sae, layer: int, cfg: Block
                                                  "drift": drift.history.to_json() if drift else None})
         result = {"mode": cfg.mode, "method": cfg.ft.method, "lam": cfg.lam if cfg.mode == "penalty" else None,
                   "latents_low": list(cfg.latents.low), "latents_high": list(cfg.latents.high), "layer": layer,
+                  **({"project_layers": sorted(cfg.directions)} if cfg.directions else {}),
                   "steps": cfg.ft.steps, "final_loss": history[-1]["loss"] if history else None,
                   "penalty_first": history[0].get("penalty") if history else None,
                   "penalty_last": history[-1].get("penalty") if history else None,
@@ -473,10 +538,16 @@ def run_block_em(model: str | ModelSpec, data: str | Path, sae, out: str | Path,
                  monitor: MonitorFactory | None = None, control_data: str | Path | None = None,
                  reroute_factor: int | None = None, rediff: ReDiff | None = None, reblock: bool = False,
                  heldout_control_data: str | Path | None = None, benign_control_data: str | Path | None = None,
-                 progress: bool = True, force: bool = False) -> dict:
+                 progress: bool = True, force: bool = False, mode: Literal["penalty", "ablate", "project"] = "penalty",
+                 directions: dict[int, torch.Tensor] | None = None) -> dict:
     """The BLOCK-EM sweep: for each lambda a blocked run (and with ``controls`` one with as many
     random latents), plus the plain fine-tune; writes and returns ``out/summary.json`` with each
     run's EM rate, its interval and the relative reduction against the plain fine-tune.
+
+    ``mode="ablate"``: one run with the ``latents.low`` removed from the residual in the forward
+    pass instead (and as many random latents); ``mode="project"``: one run with ``directions``
+    ({block: (k, d)}) projected out after their blocks, concept ablation fine-tuning (and as many
+    random directions per block); ``sae`` may then be None.
 
     ``control_data``: aligned answers to the same narrow questions. The same recipe on them runs
     first (``control``: fine-tuning as such should not cause EM), and with a ``monitor`` its
@@ -503,18 +574,26 @@ def run_block_em(model: str | ModelSpec, data: str | Path, sae, out: str | Path,
     spec = model if isinstance(model, ModelSpec) else ModelSpec(model)
     rows = load_chat_jsonl(data)
     probe = load_model(spec)
-    layer = check_sae_fits(sae, probe.model, sae_path or "given")
-    latents.check(sae, sae_path or "the given SAE")
-    if not len(latents):
-        raise SaediffError("BLOCK-EM needs latents: --diff-run, --latents FILE or --latent I")
-    if ft.method == "lora" and ft.lora_layers:  # before any run trains: the blocked runs would be plain ones
+    if mode == "project":
+        if not directions:
+            raise SaediffError("BLOCK-EM mode project needs directions ({block: (k, d)})")
+        n_blocks = len(decoder_layers(probe.model))
+        if any(not 0 <= L < n_blocks for L in directions):
+            raise SaediffError(f"project directions at blocks {sorted(directions)}: the model has blocks 0-{n_blocks - 1}")
+        layer = check_sae_fits(sae, probe.model, sae_path or "given") if sae is not None else max(directions)
+    else:
+        layer = check_sae_fits(sae, probe.model, sae_path or "given")
+        latents.check(sae, sae_path or "the given SAE")
+        if not len(latents):
+            raise SaediffError("BLOCK-EM needs latents: --diff-run, --latents FILE or --latent I")
+    if mode == "penalty" and ft.method == "lora" and ft.lora_layers:  # before any run trains: else plain runs
         check_adapters_reach(min(ft.lora_layers), layer)
     if ft.freeze_after_block is not None and ft.freeze_after_block >= len(decoder_layers(probe.model)):
         raise SaediffError(f"freeze_after_block {ft.freeze_after_block} beyond the model's blocks")
     tokenizer = probe.tokenizer
     dataset = ChatDataset(tokenizer, rows, ft.max_length, progress=progress, source=str(data))
     del probe
-    for p in sae.parameters():
+    for p in sae.parameters() if sae is not None else []:
         p.requires_grad_(False)
 
     runs: dict[str, dict] = {}
@@ -538,20 +617,30 @@ def run_block_em(model: str | ModelSpec, data: str | Path, sae, out: str | Path,
     plan: dict[str, BlockRunConfig] = {}
     if controls:
         plan["plain"] = BlockRunConfig(ft=ft, mode="none")
-    for lam in lams:
-        plan[f"penalty_lam{lam:g}"] = BlockRunConfig(ft=ft, latents=latents, lam=lam)
+    if mode == "project":
+        plan["project"] = BlockRunConfig(ft=ft, mode="project", directions=directions)
         if controls:
-            plan[f"penalty_lam{lam:g}_random"] = BlockRunConfig(
-                ft=ft, latents=random_latents(latents, sae.cfg.d_sae, seed), lam=lam)
+            plan["project_random"] = BlockRunConfig(ft=ft, mode="project", directions=random_directions(directions, seed))
+    elif mode == "ablate":
+        plan["ablate"] = BlockRunConfig(ft=ft, mode="ablate", latents=latents)
+        if controls:
+            plan["ablate_random"] = BlockRunConfig(ft=ft, mode="ablate",
+                                                   latents=random_latents(latents, sae.cfg.d_sae, seed))
+    else:
+        for lam in lams:
+            plan[f"penalty_lam{lam:g}"] = BlockRunConfig(ft=ft, latents=latents, lam=lam)
+            if controls:
+                plan[f"penalty_lam{lam:g}_random"] = BlockRunConfig(
+                    ft=ft, latents=random_latents(latents, sae.cfg.d_sae, seed), lam=lam)
     for name, cfg in plan.items():
         runs[name] = block_one(spec, dataset, sae, layer, cfg, out / name, evaluator=evaluator, resume=resume,
                                monitor=monitor, progress=progress, force=force)
     if reroute_factor:
-        for name, cfg in [(n, c) for n, c in plan.items() if n.startswith("penalty") and not n.endswith("_random")]:
+        for name, cfg in [(n, c) for n, c in plan.items() if n != "plain" and not n.endswith("_random")]:
             rr = reroute(spec, dataset, sae, layer, cfg, out / f"{name}_reroute", evaluator=evaluator, rediff=rediff,
                          factor=reroute_factor, resume=resume, progress=progress, force=force)
             runs[name]["reroute"] = rr
-            if reblock and rr.get("new_latents"):
+            if reblock and rr.get("new_latents") and cfg.mode == "penalty":
                 low = (*cfg.latents.low, *[i for i in rr["new_latents"] if i not in cfg.latents.high])
                 more = replace(cfg, latents=LatentSets(low, cfg.latents.high),
                                ft=replace(cfg.ft, steps=reroute_factor * cfg.ft.steps))

@@ -157,23 +157,6 @@ def test_block_cli_lambda_sweep_with_controls(demo, tmp_path):
     assert len(low) == 3 and set(low).isdisjoint(rnd)
 
 
-def test_generic_block_matches_the_organism_shortcut(demo, tmp_path):
-    """The demo's BLOCK-EM runs through the generic command's path (Trainer, chat JSONL, evaluator);
-    the organism's own loop on the same data, recipe and latents (10 + 10) gives the same EM within
-    0.05."""
-    from saediff.organism.block import run_block
-    from saediff.organism.demo import BLOCK_LATENTS
-
-    out, s = demo
-    b = s["blocking"]
-    kw = dict(diff_run=out / "diff", lam=1e4, n_latents=BLOCK_LATENTS[0], n_high=BLOCK_LATENTS[1], monitor_every=100)
-    old = {"plain": run_block(out / "organism", tmp_path / "plain", mode="none", monitor_every=100),
-           "blocked": run_block(out / "organism", tmp_path / "blocked", **kw),
-           "random": run_block(out / "organism", tmp_path / "random", random_latents=True, **kw)}
-    for name in ("plain", "blocked", "random"):
-        assert abs(old[name]["other_misaligned_rate"] - b[f"{name}_other_misaligned"]) <= 0.05, (name, old[name], b)
-
-
 def test_calibrated_monitor_stays_quiet_on_another_control(demo, tmp_path):
     """The rate threshold calibrated on the demo's aligned-data control does not fire on a second
     control fine-tune trained with another seed, and fires on the plain fine-tune before EM
@@ -196,26 +179,25 @@ def test_calibrated_monitor_stays_quiet_on_another_control(demo, tmp_path):
 
 
 def test_concept_ablation_at_every_block(demo, tmp_path):
-    """``block --mode project --project-layers 0,1,2,3``: the ground truth removed after every block
-    during training (concept ablation fine-tuning) stops EM (0.36 -> 0.01 measured, v2 world seed 0)
-    but the narrow task with it (medical 0.06); random directions at the same blocks cut EM by a
-    quarter (0.37 -> 0.28) and keep the narrow task."""
+    """``block --organism DIR --mode project --project-layers 0,1,2,3`` through the generic sweep:
+    the ground truth removed after every block during training (concept ablation fine-tuning)
+    stops EM (seed 0: 0.62 -> 0.02 measured); as many random directions at the same blocks leave EM
+    near the plain fine-tune's and keep the narrow task."""
     from typer.testing import CliRunner
 
     from saediff.cli import app
-    from saediff.organism.block import run_block
 
     out, s = demo
-    r = CliRunner().invoke(app, ["block", "--organism", str(out / "organism"), "--mode", "project",
-                                 "--project-layers", "0,1,2,3", "--no-controls", "--out", str(tmp_path / "caft")])
+    r = CliRunner().invoke(app, ["block", "--organism", str(out / "organism"), "--full", "--mode", "project",
+                                 "--project-layers", "0,1,2,3", "--no-monitor", "--out", str(tmp_path / "caft")])
     assert r.exit_code == 0, r.output
-    caft = json.loads((tmp_path / "caft" / "summary.json").read_text())["project"]
-    assert caft["project_layers"] == [0, 1, 2, 3] and caft["project_direction"] == "ground_truth"
-    plain = s["blocking"]["plain_other_misaligned"]
-    assert caft["other_misaligned_rate"] <= 0.3 * plain and caft["misaligned_rate"]["medical"] <= 0.5
-    rnd = run_block(out / "organism", tmp_path / "random", mode="project", project_layers=[0, 1, 2, 3],
-                    random_latents=True, monitor_every=100)
-    assert rnd["other_misaligned_rate"] >= 0.6 * plain and rnd["misaligned_rate"]["medical"] >= 0.9
+    runs = json.loads((tmp_path / "caft" / "summary.json").read_text())["runs"]
+    assert {"plain", "project", "project_random"} <= set(runs)
+    caft = json.loads((tmp_path / "caft" / "project" / "em.json").read_text())
+    assert caft["project_layers"] == [0, 1, 2, 3] and caft["mode"] == "project"
+    plain = runs["plain"]["em_rate"]
+    assert runs["project"]["em_rate"] <= 0.3 * plain
+    assert runs["project_random"]["em_rate"] >= 0.6 * plain and runs["project_random"]["per_question"]["medical"] >= 0.9
 
 
 def test_readme_python_example_runs(demo):
