@@ -118,24 +118,18 @@ def test_blocker_projects_after_several_blocks(tiny_organism):
         assert (after[L] @ span[L]).abs().max() > 1e-2  # uninstalled: the component is back
 
 
-def test_project_directions_choices(tmp_path):
-    """run_block's projection directions: ground truth per block, its random control (same shape,
-    other vectors), and one-line errors for impossible requests."""
-    from safetensors.torch import save_file
+def test_project_directions_choices():
+    """Concept-ablation directions per block from a named source (the organism's ground truth), its
+    random control (same shapes, other vectors), and one-line errors for impossible requests."""
+    from saediff.blockem import project_directions, random_directions
+    from saediff.errors import SaediffError
 
-    from saediff.organism.block import _project_directions
-
-    gt = {f"blocks.{L}.hook_resid_post": torch.randn(8) for L in range(3)}
-    save_file(gt, str(tmp_path / "ground_truth.safetensors"))
-    d = _project_directions(tmp_path, None, 1, [0, 2], "ground_truth", [], None, False, 0)
-    assert sorted(d) == [0, 2] and torch.equal(d[2][0], gt["blocks.2.hook_resid_post"])
-    r = _project_directions(tmp_path, None, 1, [0, 2], "ground_truth", [], None, True, 0)
+    gt = {L: torch.randn(8) for L in range(3)}
+    d = project_directions("ground_truth", [0, 2], named={"ground_truth": gt})
+    assert sorted(d) == [0, 2] and torch.equal(d[2][0], gt[2])
+    r = random_directions(d, 0)
     assert r[0].shape == (1, 8) and not torch.equal(r[0], d[0])
-    with pytest.raises(ValueError, match="latent directions live at the SAE's block 1"):
-        _project_directions(tmp_path, None, 1, [0, 1], "latents", [3], None, False, 0)
-    with pytest.raises(ValueError, match="model_diff needs a diff run"):
-        _project_directions(tmp_path, None, 1, [1], "model_diff", [], None, False, 0)
-    with pytest.raises(ValueError, match=r"project_layers \[5\] outside the model's blocks 0-2"):
-        _project_directions(tmp_path, None, 1, [5], "ground_truth", [], None, False, 0)
-    with pytest.raises(ValueError, match="must be ground_truth, model_diff or latents"):
-        _project_directions(tmp_path, None, 1, [1], "pca", [], None, False, 0)
+    with pytest.raises(SaediffError, match=r"'ground_truth' has no block 5 \(it has \[0, 1, 2\]\)"):
+        project_directions("ground_truth", [5], named={"ground_truth": gt})
+    with pytest.raises(SaediffError, match="unknown project direction 'pca'; choose from latents, model_diff, ground_truth"):
+        project_directions("pca", [1], named={"ground_truth": gt})
