@@ -309,6 +309,12 @@ def collect_activations(
     Runs the TransformerLens bridge with ``names_filter`` and ``stop_at_layer`` (after the
     deepest hooked block). With ``out`` the rows go to a store folder (written shard by shard, the
     manifest last) and the store is returned; otherwise a dict hook -> (n, d) tensor.
+
+    Why two activation paths: this one reads any TransformerLens hook (``mlp.hook_post``,
+    attention, resid_pre/mid) for analysis, on a merged model; ``hooks.capture_resid`` reads block
+    outputs with plain forward hooks on the live (PEFT, training, bf16) model, which the bridge
+    cannot wrap without renaming its parameters. At ``hook_resid_post`` they agree
+    (``tests/test_activations.py::test_bridge_and_forward_hook_paths_agree``).
     """
     tl = lm.bridge()
     known = set(tl.hook_dict)

@@ -211,3 +211,21 @@ def test_sae_train_straight_from_a_model(tiny_organism, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]  # nothing else written
     r = CliRunner().invoke(app, ["sae", "train", "--model", str(tiny_organism / "aligned"), "--out", str(tmp_path / "x")])
     assert r.exit_code == 1 and "give --activations, or --model, --prompts and --hook" in r.output
+
+
+def test_bridge_and_forward_hook_paths_agree(tiny_qwen):
+    """The analysis path (TransformerLens bridge) and the training-time path (forward hooks on the
+    HF model) read the same residual stream at every block."""
+    from saediff.activations import collect_activations, tokenize_prompts
+    from saediff.hooks import capture_resid
+    from saediff.models import load_model
+    from saediff.prompts import Prompt
+
+    lm = load_model(str(tiny_qwen / "model"))
+    prompts = [Prompt(id="a", messages=[{"role": "user", "content": "Hello there, how are you?"}], response="Fine.")]
+    toks = tokenize_prompts(lm, prompts)
+    hooks = [f"blocks.{L}.hook_resid_post" for L in (0, 1)]
+    via_bridge = collect_activations(lm, toks, hooks, "all", progress=False)
+    via_hooks = capture_resid(lm.model, [0, 1], toks.input_ids)
+    for L, h in enumerate(hooks):
+        torch.testing.assert_close(via_bridge[h], via_hooks[L][0], atol=1e-5, rtol=1e-5)
