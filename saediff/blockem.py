@@ -204,14 +204,29 @@ class BlockRunConfig:
 
 
 def _reference(model: torch.nn.Module, layer: int) -> torch.nn.Module:
-    """A frozen copy of a full model cut after block ``layer``: base codes for full fine-tunes
-    need only the blocks up to the SAE's."""
-    ref = copy.deepcopy(model)
-    inner = ref.get_base_model() if hasattr(ref, "get_base_model") else ref
-    inner.model.layers = inner.model.layers[: layer + 1]
-    inner.lm_head = torch.nn.Identity()  # untied: the copy's embedding stays, its unembedding is never run
-    for p in ref.parameters():
-        p.requires_grad_(False)
+    """A frozen copy of ``model`` (a plain HF decoder, not a PEFT model) cut after block ``layer``:
+    a full fine-tune's base codes need only the blocks up to the SAE's.
+
+    The copy is built from the model's own config with ``num_hidden_layers = layer + 1`` on the
+    meta device and then given clones of the live model's tensors (the embedding, blocks
+    0..``layer``, rotary buffers), each in its own dtype and device: only those blocks are ever
+    allocated, and it works however the model was loaded (hub name, folder, GGUF file)."""
+    live = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
+    cfg = copy.deepcopy(model.config)
+    per_layer = [k for k, v in vars(cfg).items() if isinstance(v, (list, tuple)) and len(v) == cfg.num_hidden_layers]
+    for key in per_layer:  # per-block settings (layer_types: sliding or full attention, ...) follow the cut
+        setattr(cfg, key, getattr(cfg, key)[: layer + 1])
+    cfg.num_hidden_layers = layer + 1
+    with torch.device("meta"):
+        ref = type(model)(cfg)
+    ref.lm_head = torch.nn.Identity()  # its unembedding is never run (capture_resid stops at the block)
+    with torch.no_grad():
+        for prefix, mod in ref.named_modules():
+            for key, t in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]:
+                src = live[f"{prefix}.{key}" if prefix else key].detach().clone()
+                # setattr keeps a buffer's persistence; a parameter is frozen
+                setattr(mod, key, torch.nn.Parameter(src, requires_grad=False) if isinstance(t, torch.nn.Parameter)
+                        else src)
     return ref.eval()
 
 

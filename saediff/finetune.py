@@ -172,7 +172,8 @@ class FinetuneConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """mixed precision; ``auto``: bf16 autocast on a GPU that supports it, none on CPU"""
+    """mixed precision (autocast) over float32 trainable weights, whatever dtype the model was
+    loaded in; ``auto``: bf16 autocast on a GPU that supports it, none on CPU"""
     gradient_checkpointing: bool = False
     max_length: int = 2048
     """tokens per conversation (longer ones are cut)"""
@@ -197,7 +198,13 @@ class FinetuneConfig:
 def make_trainable(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.nn.Module:
     """``model`` wrapped with a fresh PEFT LoRA adapter (``method="lora"``), or itself with every
     weight trainable (``"full"``); with ``freeze_after_block`` only decoder layers up to that block
-    train (embeddings stay frozen: they are tied to the unembedding in small models)."""
+    train (embeddings stay frozen: they are tied to the unembedding in small models).
+
+    Trainable weights are float32 masters even when the model was loaded in bfloat16 (``--dtype
+    auto`` on a GPU): an AdamW step of ~lr (1e-5) is below half a bfloat16 ulp of a weight of
+    size ~0.01 and would round away. A full fine-tune casts the whole model to float32 in place
+    (frozen blocks too, so a run without autocast never mixes dtypes); a LoRA fine-tune keeps its
+    frozen weights in the load dtype and its adapter in float32."""
     from saediff.hooks import decoder_layers
 
     n_layers = len(decoder_layers(model))
@@ -216,6 +223,7 @@ def make_trainable(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.nn.Modu
             target_modules=list(cfg.lora_modules), use_rslora=cfg.rslora, bias="none",
             layers_to_transform=list(cfg.lora_layers) if cfg.lora_layers is not None else None))
     else:
+        model.float()
         for p in model.parameters():
             p.requires_grad_(True)
     if cfg.freeze_after_block is not None:
@@ -226,6 +234,9 @@ def make_trainable(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.nn.Modu
                 p.requires_grad_(False)
     if not any(p.requires_grad for p in model.parameters()):
         raise SaediffError("make_trainable: nothing left to train (adapters only on frozen layers?)")
+    for p in model.parameters():
+        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):  # PEFT upcasts its adapters already
+            p.data = p.data.float()
     return model
 
 
@@ -257,10 +268,15 @@ class ChatTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.extra is None or not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        self.extra.before_forward(self.accelerator.unwrap_model(model), inputs)
+        # the base pass (a frozen reference, or the adapter disabled) and both SAE encodes run under
+        # the mixed precision accelerate gives the trained forward, so at the base weights the
+        # penalty is exactly 0 under bf16 autocast as in fp32
+        with self.accelerator.autocast():
+            self.extra.before_forward(self.accelerator.unwrap_model(model), inputs)
         out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss = out[0] if return_outputs else out
-        pen = self.extra.penalty(inputs)
+        with self.accelerator.autocast():
+            pen = self.extra.penalty(inputs)
         self._extra_sum, self._extra_n = self._extra_sum + float(pen.detach()), self._extra_n + 1
         # the LM loss above is already normalised over the accumulated batch; the penalty is a
         # per-micro-batch mean, so it is divided by the number of micro-batches here
