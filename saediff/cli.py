@@ -658,6 +658,8 @@ def block_cmd(
     max_length: int = typer.Option(2048, "--max-length", help="tokens per conversation"),
     save_every: Optional[int] = typer.Option(None, "--save-every", help="checkpoint every N steps"),
     resume: bool = typer.Option(False, "--resume", help="continue each unfinished run from its newest checkpoint"),
+    force: bool = typer.Option(False, "--force", help="discard runs under --out that another setup (model, data, SAE, "
+                               "latents, settings) trained, instead of stopping"),
     freeze_after_block: bool = typer.Option(False, "--freeze-after-block", help="train only blocks <= the SAE's"),
     controls: bool = typer.Option(True, "--controls/--no-controls", help="also the plain fine-tune and random latents"),
     control_data: Optional[Path] = typer.Option(None, "--control-data", help="aligned answers to the same questions "
@@ -675,11 +677,14 @@ def block_cmd(
     dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
     seed: int = typer.Option(0, "--seed"),
-    mode: str = typer.Option("penalty", "--mode", help="penalty (any model) | ablate | project (organism only)"),
+    mode: str = typer.Option("penalty", "--mode", help="penalty (latents held at the base model's values) | "
+                             "ablate (the latents removed in the forward pass) | project (directions projected out "
+                             "after their blocks: concept ablation fine-tuning)"),
     project_layers: Optional[str] = typer.Option(None, "--project-layers", help="--mode project: blocks to project "
                                                  "after, comma-separated (default: the SAE's)"),
-    project_direction: str = typer.Option("ground_truth", "--project-direction",
-                                          help="--mode project: ground_truth | model_diff (from --diff-run) | latents"),
+    project_direction: Optional[str] = typer.Option(None, "--project-direction", help="--mode project: model_diff (the "
+                                                    "models' mean difference from --diff-run) | latents (their decoder "
+                                                    "rows) | ground_truth (--organism; its default)"),
     reroute: bool = typer.Option(False, "--reroute", help="also train each blocked run 3x longer (checkpoints, EM over "
                                  "them) and re-diff it: which latents outside the blocked sets rose"),
     reblock: bool = typer.Option(False, "--reblock", help="with --reroute: hold those latents down too and train again"),
@@ -687,14 +692,9 @@ def block_cmd(
 ) -> None:
     """BLOCK-EM on any model: fine-tune on --data while SAE latents stay where the base model has them; EM of every run."""
     _setup(threads)
-    if mode != "penalty":
-        if organism is None:
-            _fail(ValueError(f"--mode {mode} runs on the organism only (--organism DIR)"))
-        return _organism_block_modes(organism, out, diff_run, latent, mode, top, high, full, steps, controls,
-                                     reroute, freeze_after_block, project_layers, project_direction)
     from dataclasses import replace
 
-    from saediff.blockem import LatentSets, latents_from_diff, read_latents, run_block_em
+    from saediff.blockem import LatentSets, latents_from_diff, project_directions, read_latents, run_block_em
     from saediff.finetune import FinetuneConfig
     from saediff.hooks import parse_layer
     from saediff.models import ModelSpec
@@ -709,13 +709,23 @@ def block_cmd(
         model, data, sae = model or recipe.get("model"), data or recipe.get("data"), sae or recipe.get("sae")
         if not (model and data and sae):
             raise SaediffError("give --model, --data and --sae (or --organism DIR)")
+        if mode not in ("penalty", "ablate", "project"):
+            raise SaediffError(f"--mode must be penalty, ablate or project, got {mode!r}")
+        source = project_direction or ("ground_truth" if organism is not None else "model_diff")
+        needs_latents = mode != "project" or source == "latents"
         given = [x for x in (diff_run, latents_file, latent or None) if x]
-        if len(given) != 1:
+        if needs_latents and len(given) != 1:
             raise SaediffError("choose the latents with exactly one of --diff-run, --latents or --latent")
-        sets = (latents_from_diff(diff_run, top, high) if diff_run else read_latents(latents_file) if latents_file
-                else LatentSets(tuple(latent)))
+        n_high = high if mode == "penalty" else 0  # ablate removes latents; it holds none up
+        sets = (LatentSets() if not needs_latents else latents_from_diff(diff_run, top, n_high) if diff_run
+                else read_latents(latents_file) if latents_file else LatentSets(tuple(latent)))
         sae_obj = load_sae(sae)
         layer = parse_layer(sae_obj.cfg.metadata.hook_name or "")
+        directions = None
+        if mode == "project":
+            blocks = list(_int_list(project_layers, "--project-layers")) if project_layers else [layer]
+            directions = project_directions(source, blocks, sae=sae_obj, latents=sets, diff_run=diff_run,
+                                            named=recipe.get("directions"))
         base_ft = recipe.get("ft") or FinetuneConfig(lora_rank=lora_rank, lora_alpha=lora_alpha,
                                                      lora_modules=tuple(lora_modules.split(",")), rslora=rslora, seed=seed)
         ft = replace(
@@ -737,7 +747,8 @@ def block_cmd(
                                control_data=control_data or (recipe.get("control_data") if controls else None),
                                heldout_control_data=recipe.get("heldout_control_data") if controls else None,
                                benign_control_data=recipe.get("benign_control_data") if controls else None,
-                               reroute_factor=3 if reroute else None, rediff=rediff, reblock=reblock)
+                               reroute_factor=3 if reroute else None, rediff=rediff, reblock=reblock, force=force,
+                               mode=mode, directions=directions)
     except _USER_ERRORS as e:
         _fail(e)
     from accelerate import PartialState
@@ -801,35 +812,6 @@ def _print_block_summary(summary: dict) -> None:
             new = f"rose outside: {rr['new_latents'][:5]}" if "new_latents" in rr else ""
             table.add_row("  then x3 steps", " -> ".join(f"{c['em_rate']:.2f}" for c in rr["em_curve"]), "", "", "", new)
     Console(width=max(180, Console().width)).print(table)
-
-
-def _organism_block_modes(organism, out, diff_run, latent, mode, top, high, full, steps, controls, reroute,
-                          up_to_layer, project_layers, project_direction) -> None:
-    """``--mode ablate|project`` on the organism (forward-pass interventions during training)."""
-    from saediff._io import atomic_write_json
-    from saediff.organism.block import run_block, run_reroute
-
-    kind = "full" if full else "lora"
-    runs: dict[str, dict] = {}
-    try:
-        layers = list(_int_list(project_layers, "--project-layers")) if project_layers else None
-        common = dict(diff_run=diff_run, latents=latent or None, n_latents=top, n_high=high, kind=kind, steps=steps,
-                      train_up_to_block_layer=up_to_layer, project_layers=layers, project_direction=project_direction)
-        if controls:
-            runs["plain"] = run_block(organism, out / "plain", mode="none", kind=kind, steps=steps)
-        runs[mode] = run_block(organism, out / mode, mode=mode, **common)
-        if controls:
-            runs[f"{mode}_random"] = run_block(organism, out / f"{mode}_random", mode=mode, random_latents=True, **common)
-        if reroute and kind == "full":
-            runs[mode]["reroute"] = run_reroute(organism, out / mode)
-    except _USER_ERRORS as e:
-        _fail(e)
-    plain = runs.get("plain", {}).get("other_misaligned_rate")
-    for r in runs.values():
-        r["relative_reduction"] = (1 - r["other_misaligned_rate"] / plain) if plain else None
-    atomic_write_json(out / "summary.json", runs)
-    typer.echo(json.dumps({k: {"other": v["other_misaligned_rate"], "medical": v["misaligned_rate"]["medical"],
-                               "relative_reduction": v["relative_reduction"]} for k, v in runs.items()}, indent=2))
 
 
 @app.command("demo")
