@@ -39,6 +39,7 @@ from saediff.models import LoadedModel, ModelSpec, load_model
 from saediff.pipeline import read_run, update_run
 from saediff.steering import add_direction, clamp_projection, project_out
 from saediff.errors import SaediffError
+from saediff.provenance import sae_fingerprint
 
 __all__ = ["SteerConfig", "run_causal_checks", "residual_stats", "DiscoverConfig", "discover_latents", "Arm",
            "Selection", "SteerSelection", "select_and_report", "induce_summary", "NO_COHERENT_SCALE"]
@@ -337,6 +338,7 @@ def discover_latents(run_dir: str | Path, base: ModelSpec, finetuned: ModelSpec,
     L = parse_layer(info["sae_hook"])
     pool = latents_from_diff(run_dir, cfg.pool, cfg.pool)
     sae = load_sae(info["sae"])
+    pool.check(sae, info["sae"])  # the SAE folder may have been retrained since the diff
     lm_base, lm_ft = load_model(base), load_model(finetuned)
     norms, _ = residual_stats(lm_base, run_dir, {})
     select, report = evaluator.halves()
@@ -351,7 +353,8 @@ def discover_latents(run_dir: str | Path, base: ModelSpec, finetuned: ModelSpec,
     figures = {i: {**where[i], **_verdict(c, cfg), "select_sweep": c.select_sweep} for i, c in sel.candidates.items()}
     kept = {side: sorted((i for i, f in figures.items() if f["set"] == side and f["passes"]),
                          key=lambda i: -figures[i]["margin"]) for side in ("low", "high")}
-    result = {"kind": "saediff.latents", "hook_name": info["sae_hook"], "sae": info["sae"], "config": asdict(cfg),
+    result = {"kind": "saediff.latents", "hook_name": info["sae_hook"], "sae": info["sae"],
+              "sae_identity": sae_fingerprint(sae, info["sae"]), "config": asdict(cfg),
               "base_em_rate": sel.unsteered["induce"]["report"]["em_rate"],
               "finetuned_em_rate": sel.unsteered["repair"]["report"]["em_rate"],
               "rule": "kept: on the report half, induce and repair each beyond the random directions' by "

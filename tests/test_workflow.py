@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from helpers import write_narrow_data
+from helpers import make_random_sae, write_narrow_data
 from typer.testing import CliRunner
 
 from saediff.cli import app
@@ -59,6 +59,13 @@ def test_real_model_workflow_end_to_end(tiny_qwen, tmp_path):
     assert "steer" in run and all(len(v["random"]) == 3 for v in steer["induce"].values())
     latents = json.loads((tmp_path / "run" / "latents.json").read_text())
     assert len(latents["candidates"]) == 4  # 2 risen + 2 fallen screened
+    assert latents["sae_identity"]["d_sae"] == 32 and latents["sae_identity"]["hook"] == hook
+    other = make_random_sae(tmp_path / "sae_other", 32, hook, d_sae=32)  # same hook and width, other weights
+    latents["low"] = latents["low"] or [1]
+    (tmp_path / "run" / "latents.json").write_text(json.dumps(latents))
+    r = CliRunner().invoke(app, ["block", "--model", model, "--data", str(data), "--sae", str(other), "--latents",
+                                 str(tmp_path / "run" / "latents.json"), "--steps", "1", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and "belong to the SAE" in r.output
     block = json.loads((tmp_path / "block" / "summary.json").read_text())["runs"]
     assert set(block) == {"plain", "penalty_lam10000", "penalty_lam10000_random"}
     assert block["penalty_lam10000"]["n_latents"] == 3 and "reroute" in block["penalty_lam10000"]
