@@ -23,6 +23,7 @@ from saediff.judges import HttpJudge
 from saediff.models import ModelSpec, load_model
 from saediff.openai_api import ChatClient
 from saediff.prompts import load_prompts
+from saediff.provenance import sae_fingerprint
 from saediff.saes import load_sae, save_sae
 
 IDS = torch.tensor([[5, 17, 42, 99]])
@@ -155,7 +156,8 @@ def test_discover_decides_on_the_report_half_against_random_and_keeps_no_incoher
         run2 = tmp_path / "run2"
         shutil.copytree(diff_run / "run", run2)
         info = json.loads((run2 / "run.json").read_text())
-        info["steps"]["diff"]["sae"] = str(sae_dir)
+        info["steps"]["diff"]["sae"] = str(sae_dir)  # as if the diff had run with this SAE (same ranking)
+        info["steps"]["diff"]["sae_identity"] = sae_fingerprint(sae, sae_dir)
         (run2 / "run.json").write_text(json.dumps(info))
         res = discover_latents(run2, base, ft, _evaluator(server, tmp_path / "2"), cfg)
     assert res["low"] == [] and res["high"] == [] and {f["set"] for f in res["candidates"].values()} == {"low", "high"}
