@@ -12,7 +12,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal, NamedTuple
 
 import torch
 from jaxtyping import Float
@@ -26,7 +26,8 @@ from saediff.errors import MissingFileError, SaediffError, UnknownKeyError
 
 __all__ = ["Positions", "POSITIONS", "check_positions", "ActivationStore", "collect_activations", "tokenize_prompts",
            "model_stream",
-           "TokenizedPrompts", "row_descriptions", "shuffled_batches"]
+           "TokenizedPrompts", "row_descriptions", "shuffled_batches", "ActivationSource", "store_source",
+           "model_source"]
 
 log = logging.getLogger(__name__)
 Positions = Literal["last_prompt", "response", "all"]
@@ -392,3 +393,53 @@ class _ShardWriter:
             "kind": "saediff.activations", "saediff_version": __version__, "hooks": self.hooks,
             "d_model": d_model, "n_rows": sum(s["n"] for s in self.shards), "shards": self.shards, **meta})
         return ActivationStore(self.path)
+
+
+class ActivationSource(NamedTuple):
+    """Where an SAE's training rows come from: ``stream(batch, buffer, seed, rank, world)`` yields
+    (batch, d) training rows; ``held`` are rows kept apart for the metrics."""
+
+    hook: str
+    n_train: int
+    held: torch.Tensor
+    stream: Callable
+    name: str
+
+
+def store_source(path: str | Path, hook: str | None, held_rows: int) -> ActivationSource:
+    """A store streamed from disk: its last rows (``held_rows``, at most 10%) held out, the rest
+    streamed through the shuffling buffer, each rank its own share."""
+    store = ActivationStore(path)
+    if hook is None:
+        if len(store.hooks) != 1:
+            raise SaediffError(f"{path} holds hooks {store.hooks}: choose one with --hook")
+        hook = store.hooks[0]
+    store._check_hook(hook)
+    n = len(store)
+    n_held = min(held_rows, max(1, n // 10))
+    held = torch.cat(list(store.rows(hook, n - n_held, n)))
+
+    def stream(batch, buffer, seed, rank, world):
+        return store.stream(hook, batch, buffer_rows=buffer, stop=n - n_held, seed=seed, rank=rank, world=world)
+
+    return ActivationSource(hook, n - n_held, held, stream, str(path))
+
+
+def model_source(lm: LoadedModel, prompts: list[Prompt], hook: str, positions: Positions, name: str) -> ActivationSource:
+    """Rows read straight from a model over a prompt set, nothing written: the last tenth of the
+    prompts is held out; every rank reads every prompt (seeded by its rank)."""
+    check_positions(positions)
+    toks = tokenize_prompts(lm, prompts)
+    n = toks.input_ids.shape[0]
+    cut = n - max(1, n // 10)
+    if cut < 1:
+        raise SaediffError(f"{name}: {n} prompt(s) are too few to hold some out")
+    train = TokenizedPrompts(toks.input_ids[:cut], toks.role[:cut])
+    held_toks = TokenizedPrompts(toks.input_ids[cut:], toks.role[cut:])
+    held = torch.cat(list(model_stream(lm, held_toks, hook, 1, positions=positions, buffer_rows=2**62, epochs=1)))
+
+    def stream(batch, buffer, seed, rank, world):
+        return model_stream(lm, train, hook, batch, positions=positions, buffer_rows=buffer, seed=seed + rank)
+
+    return ActivationSource(hook, int(train.select(positions).sum()), held, stream, name)
+

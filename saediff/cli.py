@@ -168,8 +168,10 @@ def sae_train_cmd(
 ) -> None:
     """Train an SAE on a store streamed from disk, or on a model's activations read live; writes a SAELens folder."""
     _setup(threads)
+    from saediff.activations import check_positions, model_source, store_source
+    from saediff.models import load_model
     from saediff.registry import preset as get_preset
-    from saediff.saes import SAETrainConfig, check_sae_out, sae_metrics, save_sae, train_sae
+    from saediff.saes import SAETrainConfig, check_sae_out, init_distributed, sae_metrics, save_sae, train_sae
 
     try:
         check_sae_out(out)  # before training, not after it
@@ -177,11 +179,13 @@ def sae_train_cmd(
                  "l1_coefficient": l1_coefficient}
         settings = {**(get_preset(preset) if preset else {}), **{a: v for a, v in given.items() if v is not None}}
         cfg = SAETrainConfig(**settings, device=device, autocast=autocast, seed=seed)
-        rank, world = _init_distributed(device)
+        rank, world = init_distributed(device)
         if activations is not None:
-            hook, n_train, held, stream, source = _store_source(activations, hook, held_rows)
+            hook, n_train, held, stream, source = store_source(activations, hook, held_rows)
         elif model and prompts and hook:
-            n_train, held, stream, source = _model_source(model, prompts, hook, positions)
+            check_positions(positions)  # before the model loads
+            _, n_train, held, stream, source = model_source(load_model(model), _load_prompt_set(prompts, model), hook,
+                                                            positions, f"{model} over {prompts}")
         else:
             raise SaediffError("give --activations, or --model, --prompts and --hook")
         if n_train < 2 * cfg.batch_size:  # a small test set: smaller batches rather than a failure
@@ -201,70 +205,6 @@ def sae_train_cmd(
     except _USER_ERRORS as e:
         _fail(e)
     typer.echo(json.dumps({"out": str(out), **metrics}))
-
-
-def _store_source(activations: Path, hook: str | None, held_rows: int):
-    """(hook, training rows, held-out rows, stream(batch, buffer, seed, rank, world), name) of a store:
-    the last rows (at most 10%) are held out, the rest streamed from disk."""
-    import torch
-
-    from saediff.activations import ActivationStore
-
-    store = ActivationStore(activations)
-    if hook is None:
-        if len(store.hooks) != 1:
-            raise SaediffError(f"{activations} holds hooks {store.hooks}: choose one with --hook")
-        hook = store.hooks[0]
-    store._check_hook(hook)
-    n = len(store)
-    n_held = min(held_rows, max(1, n // 10))
-    held = torch.cat(list(store.rows(hook, n - n_held, n)))
-
-    def stream(batch, buffer, seed, rank, world):
-        return store.stream(hook, batch, buffer_rows=buffer, stop=n - n_held, seed=seed, rank=rank, world=world)
-
-    return hook, n - n_held, held, stream, str(activations)
-
-
-def _model_source(model: str, prompts: str, hook: str, positions: str):
-    """(training rows per pass, held-out rows, stream(...), name) read straight from a model over a
-    prompt set: the last tenth of the prompts is held out; every rank reads every prompt."""
-    import torch
-
-    from saediff.activations import TokenizedPrompts, check_positions, model_stream, tokenize_prompts
-    from saediff.models import load_model
-
-    check_positions(positions)
-    lm = load_model(model)
-    toks = tokenize_prompts(lm, _load_prompt_set(prompts, model))
-    n = toks.input_ids.shape[0]
-    cut = n - max(1, n // 10)
-    if cut < 1:
-        raise SaediffError(f"--prompts {prompts}: {n} prompt(s) are too few to hold some out")
-    train = TokenizedPrompts(toks.input_ids[:cut], toks.role[:cut])
-    held_toks = TokenizedPrompts(toks.input_ids[cut:], toks.role[cut:])
-    held = torch.cat(list(model_stream(lm, held_toks, hook, 1, positions=positions, buffer_rows=2**62, epochs=1)))
-    n_train = int(train.select(positions).sum())
-
-    def stream(batch, buffer, seed, rank, world):
-        return model_stream(lm, train, hook, batch, positions=positions, buffer_rows=buffer, seed=seed + rank)
-
-    return n_train, held, stream, f"{model} over {prompts}"
-
-
-def _init_distributed(device: str) -> tuple[int, int]:
-    """(rank, world size): under ``torchrun`` the process group (gloo on CPU, nccl on GPU), else (0, 1)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1
-    import torch
-    import torch.distributed as td
-
-    if not td.is_initialized():
-        gpu = device != "cpu" and torch.cuda.is_available()
-        if gpu:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        td.init_process_group("nccl" if gpu else "gloo")
-    return td.get_rank(), td.get_world_size()
 
 
 @sae_app.command("info")
@@ -583,49 +523,13 @@ def export_cmd(
                                 "(llama.cpp control vectors, OUT/gguf/), steering-vectors (OUT/steering_vectors/)"),
 ) -> None:
     """Export the top SAE latents and every non-SAE direction, steering-ready (also as llama.cpp control vectors or steering-vectors)."""
-    from saediff.export import (FORMATS, export_directions, export_gguf, export_steering_vectors, load_directions,
-                                validated_scales)
-    from saediff.pipeline import read_run
+    from saediff.export import export_run
 
     try:
-        wanted = {f.strip() for f in formats.split(",") if f.strip()}
-        if not wanted <= set(FORMATS):
-            raise SaediffError(f"--format takes {', '.join(FORMATS)}, got {', '.join(sorted(wanted - set(FORMATS)))}")
-        run = read_run(run_dir)
-        dirs = load_directions(run_dir / "directions")
-        keep_sae = {f"sae_{i}" for i in run["steps"]["diff"]["top_latents"][:top]}
-        chosen = [d for n, d in dirs.items() if d.method != "sae_latent" or n in keep_sae]
-        per = validated_scales(run_dir)  # saediff steer's steer.json, or the organism's steering.json
-        manifest = json.loads((run_dir / "directions" / "manifest.json").read_text())
-        for entry in manifest["directions"]:
-            per.setdefault(entry["name"], {}).update({k: entry[k] for k in ("rank", "score") if k in entry})
-        cos_path = run_dir / "cosines.json"
-        extra = {"run": str(run_dir), "cosines": json.loads(cos_path.read_text()) if cos_path.exists() else None}
-        files: dict[str, list[str]] = {}
-        if "gguf" in wanted:
-            scales = {n: p.get("validated_scale") for n, p in per.items()}
-            files["gguf"] = [str(p) for p in export_gguf(chosen, out / "gguf", _model_type(manifest.get("model", "")),
-                                                         scales=scales).values()]
-        if "steering-vectors" in wanted:
-            files["steering-vectors"] = [str(p) for p in export_steering_vectors(chosen, out / "steering_vectors").values()]
-        export_directions(chosen, out, model=manifest.get("model", ""), per_direction=per, extra={**extra, "files": files})
+        res = export_run(run_dir, out, top, {f.strip() for f in formats.split(",") if f.strip()})
     except _USER_ERRORS as e:
         _fail(e)
-    typer.echo(json.dumps({"out": str(out), "directions": [d.name for d in chosen], "files": files}))
-
-
-def _model_type(model: str) -> str:
-    """``config.json``'s model_type of a local model folder (llama.cpp's model hint), else the hub
-    config's when cached, else empty."""
-    cfg = Path(model) / "config.json"
-    if cfg.exists():
-        return json.loads(cfg.read_text()).get("model_type", "")
-    try:
-        from transformers import AutoConfig
-
-        return AutoConfig.from_pretrained(model).model_type
-    except (OSError, ValueError):
-        return ""
+    typer.echo(json.dumps(res))
 
 
 @app.command("block")

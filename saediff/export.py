@@ -15,7 +15,7 @@ from pathlib import Path
 from saediff.directions import Direction
 from saediff.errors import MissingFileError, SaediffError
 
-__all__ = ["export_directions", "load_directions", "validated_scales", "FORMATS", "export_gguf",
+__all__ = ["export_directions", "export_run", "model_type", "load_directions", "validated_scales", "FORMATS", "export_gguf",
            "read_gguf_control_vector", "export_steering_vectors", "load_steering_vector"]
 
 log = logging.getLogger(__name__)
@@ -215,3 +215,51 @@ def load_steering_vector(path: str | Path, multiplier: float = 1.0):
             raise SaediffError(f"{path}: not a saediff steering-vector file")
         acts = {int(k.split(".", 1)[1]): f.get_tensor(k) * multiplier for k in f.keys()}  # noqa: SIM118 (not a dict)
     return SteeringVector(layer_activations=acts, layer_type=meta.get("layer_type", "decoder_block"))
+
+
+def export_run(run_dir: str | Path, out: str | Path, top: int = 3, formats: set[str] | None = None) -> dict:
+    """``saediff export``: a diff run's top ``top`` SAE latents (by its ranking) and every non-SAE
+    direction into ``out`` (``directions.safetensors`` + ``manifest.json``, each direction with its
+    rank, score and validated steering scale when a steering check ran), plus llama.cpp control
+    vectors (``gguf``) and steering-vectors files (``steering-vectors``) when asked. Returns
+    ``{"out", "directions", "files"}``."""
+    from saediff.pipeline import read_run
+
+    run_dir, out = Path(run_dir), Path(out)
+    wanted = set(formats or ())
+    if not wanted <= set(FORMATS):
+        raise SaediffError(f"--format takes {', '.join(FORMATS)}, got {', '.join(sorted(wanted - set(FORMATS)))}")
+    run = read_run(run_dir)
+    dirs = load_directions(run_dir / "directions")
+    keep_sae = {f"sae_{i}" for i in run["steps"]["diff"]["top_latents"][:top]}
+    chosen = [d for n, d in dirs.items() if d.method != "sae_latent" or n in keep_sae]
+    per = validated_scales(run_dir)  # saediff steer's steer.json, or the organism's steering.json
+    manifest = json.loads((run_dir / "directions" / "manifest.json").read_text())
+    for entry in manifest["directions"]:
+        per.setdefault(entry["name"], {}).update({k: entry[k] for k in ("rank", "score") if k in entry})
+    cos_path = run_dir / "cosines.json"
+    extra = {"run": str(run_dir), "cosines": json.loads(cos_path.read_text()) if cos_path.exists() else None}
+    files: dict[str, list[str]] = {}
+    if "gguf" in wanted:
+        scales = {n: p.get("validated_scale") for n, p in per.items()}
+        files["gguf"] = [str(p) for p in export_gguf(chosen, out / "gguf", model_type(manifest.get("model", "")),
+                                                     scales=scales).values()]
+    if "steering-vectors" in wanted:
+        files["steering-vectors"] = [str(p) for p in export_steering_vectors(chosen, out / "steering_vectors").values()]
+    export_directions(chosen, out, model=manifest.get("model", ""), per_direction=per, extra={**extra, "files": files})
+    return {"out": str(out), "directions": [d.name for d in chosen], "files": files}
+
+
+def model_type(model: str) -> str:
+    """``config.json``'s model_type of a local model folder (llama.cpp's model hint), else the hub
+    config's when cached, else empty."""
+    cfg = Path(model) / "config.json"
+    if cfg.exists():
+        return json.loads(cfg.read_text()).get("model_type", "")
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(model).model_type
+    except (OSError, ValueError):
+        return ""
+

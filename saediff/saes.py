@@ -29,7 +29,7 @@ from saediff import _io
 from saediff.errors import MissingFileError, SaediffError
 
 __all__ = ["check_sae_fits", "SAETrainConfig", "SAEParams", "train_sae", "to_saelens", "load_sae", "save_sae",
-           "check_sae_out", "sae_metrics", "SAEMetrics", "ce_loss_recovered", "topk_step_loss"]
+           "check_sae_out", "sae_metrics", "SAEMetrics", "ce_loss_recovered", "topk_step_loss", "init_distributed"]
 
 log = logging.getLogger(__name__)
 Arch = Literal["topk", "relu", "batchtopk"]
@@ -524,3 +524,21 @@ def ce_loss_recovered(model, sae, layer: int, input_ids: torch.Tensor, labels: t
             zero = float(lm_loss(model, input_ids, labels, pad_id=None))
     return {"ce_clean": clean, "ce_sae": spliced, "ce_zero": zero,
             "ce_loss_recovered": (zero - spliced) / (zero - clean) if zero != clean else float("nan")}
+
+
+def init_distributed(device: str) -> tuple[int, int]:
+    """(rank, world size) of data-parallel SAE training: under ``torchrun`` the process group (gloo
+    on CPU, nccl on GPU, each rank on its own GPU), else (0, 1)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    import torch.distributed as td
+
+    if not td.is_initialized():
+        gpu = device != "cpu" and torch.cuda.is_available()
+        if gpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        td.init_process_group("nccl" if gpu else "gloo")
+    return td.get_rank(), td.get_world_size()
+
