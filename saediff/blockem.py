@@ -35,7 +35,7 @@ from saediff.monitor import DriftMonitor, calibrate_rate, calibrate_rates
 from saediff.prompts import Prompt
 from saediff.errors import MissingFileError, SaediffError
 
-__all__ = ["reroute", "rediff_against", "finetune_plain", "checkpoint_spec", "monitor_directions", "LatentSets", "latents_from_diff", "read_latents", "random_latents", "random_directions", "project_directions", "BlockRunConfig", "run_block_em",
+__all__ = ["reroute", "rediff_against", "finetune_plain", "checkpoint_spec", "monitor_directions", "LatentSets", "latents_from_diff", "read_latents", "random_latents", "random_directions", "project_directions", "sweep_plan", "BlockRunConfig", "run_block_em",
            "block_one", "MonitorFactory", "monitor_report"]
 
 log = logging.getLogger(__name__)
@@ -582,86 +582,49 @@ def run_block_em(model: str | ModelSpec, data: str | Path, sae, out: str | Path,
 
     ``sae``: a loaded SAELens SAE at one of the model's residual hooks (``blocks.L.hook_resid_post``).
     """
-    from saediff.saes import check_sae_fits
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     spec = model if isinstance(model, ModelSpec) else ModelSpec(model)
     rows = load_chat_jsonl(data)
     probe = load_model(spec)
-    if mode == "project":
-        if not directions:
-            raise SaediffError("BLOCK-EM mode project needs directions ({block: (k, d)})")
-        n_blocks = len(decoder_layers(probe.model))
-        if any(not 0 <= L < n_blocks for L in directions):
-            raise SaediffError(f"project directions at blocks {sorted(directions)}: the model has blocks 0-{n_blocks - 1}")
-        layer = check_sae_fits(sae, probe.model, sae_path or "given") if sae is not None else max(directions)
-    else:
-        layer = check_sae_fits(sae, probe.model, sae_path or "given")
-        latents.check(sae, sae_path or "the given SAE")
-        if not len(latents):
-            raise SaediffError("BLOCK-EM needs latents: --diff-run, --latents FILE or --latent I")
-    if mode == "penalty" and ft.method == "lora" and ft.lora_layers:  # before any run trains: else plain runs
-        check_adapters_reach(min(ft.lora_layers), layer)
-    if ft.freeze_after_block is not None and ft.freeze_after_block >= len(decoder_layers(probe.model)):
-        raise SaediffError(f"freeze_after_block {ft.freeze_after_block} beyond the model's blocks")
+    layer = _check_sweep(probe.model, sae, sae_path, latents, ft, mode, directions)
     tokenizer = probe.tokenizer
-    dataset = ChatDataset(tokenizer, rows, ft.max_length, progress=progress, source=str(data))
     del probe
     for p in sae.parameters() if sae is not None else []:
         p.requires_grad_(False)
 
+    def chats(path) -> ChatDataset:
+        rows_ = rows if path == data else load_chat_jsonl(path)
+        return ChatDataset(tokenizer, rows_, ft.max_length, progress=progress, source=str(path))
+
+    def one(name: str, dataset: ChatDataset, cfg: BlockRunConfig) -> dict:
+        return block_one(spec, dataset, sae, layer, cfg, out / name, evaluator=evaluator, resume=resume,
+                         monitor=monitor, progress=progress, force=force)
+
     runs: dict[str, dict] = {}
     if control_data is not None:
-        control = ChatDataset(tokenizer, load_chat_jsonl(control_data), ft.max_length, progress=progress,
-                              source=str(control_data))
-        runs["control"] = block_one(spec, control, sae, layer, BlockRunConfig(ft=ft, mode="none"), out / "control",
-                                    evaluator=evaluator, resume=resume, monitor=monitor, progress=progress,
-                                    force=force)
+        runs["control"] = one("control", chats(control_data), BlockRunConfig(ft=ft, mode="none"))
         if monitor is not None:
             drift = json.loads((out / "control" / "history.json").read_text())["drift"]
             monitor.rate_threshold = calibrate_rate(drift)
             monitor.rate_thresholds = calibrate_rates(drift)
             runs["control"]["drift_alert_step"] = None  # below its own calibrated threshold by construction
     for name, path in (("control_heldout", heldout_control_data), ("control_benign", benign_control_data)):
-        if path is None:
-            continue
-        other = ChatDataset(tokenizer, load_chat_jsonl(path), ft.max_length, progress=progress, source=str(path))
-        runs[name] = block_one(spec, other, sae, layer, BlockRunConfig(ft=ft, mode="none"), out / name,
-                               evaluator=evaluator, resume=resume, monitor=monitor, progress=progress, force=force)
-    plan: dict[str, BlockRunConfig] = {}
-    if controls:
-        plan["plain"] = BlockRunConfig(ft=ft, mode="none")
-    if mode == "project":
-        plan["project"] = BlockRunConfig(ft=ft, mode="project", directions=directions)
-        if controls:
-            plan["project_random"] = BlockRunConfig(ft=ft, mode="project", directions=random_directions(directions, seed))
-    elif mode == "ablate":
-        plan["ablate"] = BlockRunConfig(ft=ft, mode="ablate", latents=latents)
-        if controls:
-            plan["ablate_random"] = BlockRunConfig(ft=ft, mode="ablate",
-                                                   latents=random_latents(latents, sae.cfg.d_sae, seed))
-    else:
-        for lam in lams:
-            plan[f"penalty_lam{lam:g}"] = BlockRunConfig(ft=ft, latents=latents, lam=lam)
-            if controls:
-                plan[f"penalty_lam{lam:g}_random"] = BlockRunConfig(
-                    ft=ft, latents=random_latents(latents, sae.cfg.d_sae, seed), lam=lam)
+        if path is not None:
+            runs[name] = one(name, chats(path), BlockRunConfig(ft=ft, mode="none"))
+    dataset = chats(data)
+    plan = sweep_plan(ft, mode, latents, lams, directions, controls, sae.cfg.d_sae if sae is not None else 0, seed)
     for name, cfg in plan.items():
-        runs[name] = block_one(spec, dataset, sae, layer, cfg, out / name, evaluator=evaluator, resume=resume,
-                               monitor=monitor, progress=progress, force=force)
-    if reroute_factor:
-        for name, cfg in [(n, c) for n, c in plan.items() if n != "plain" and not n.endswith("_random")]:
-            rr = reroute(spec, dataset, sae, layer, cfg, out / f"{name}_reroute", evaluator=evaluator, rediff=rediff,
-                         factor=reroute_factor, resume=resume, progress=progress, force=force)
-            runs[name]["reroute"] = rr
-            if reblock and rr.get("new_latents") and cfg.mode == "penalty":
-                low = (*cfg.latents.low, *[i for i in rr["new_latents"] if i not in cfg.latents.high])
-                more = replace(cfg, latents=LatentSets(low, cfg.latents.high),
-                               ft=replace(cfg.ft, steps=reroute_factor * cfg.ft.steps))
-                runs[f"{name}_reblock"] = block_one(spec, dataset, sae, layer, more, out / f"{name}_reblock",
-                                                    evaluator=evaluator, resume=resume, monitor=monitor,
-                                                    progress=progress, force=force)
+        runs[name] = one(name, dataset, cfg)
+    blocked = [(n, c) for n, c in plan.items() if n != "plain" and not n.endswith("_random")]
+    for name, cfg in blocked if reroute_factor else []:
+        rr = reroute(spec, dataset, sae, layer, cfg, out / f"{name}_reroute", evaluator=evaluator, rediff=rediff,
+                     factor=reroute_factor, resume=resume, progress=progress, force=force)
+        runs[name]["reroute"] = rr
+        if reblock and rr.get("new_latents") and cfg.mode == "penalty":
+            low = (*cfg.latents.low, *[i for i in rr["new_latents"] if i not in cfg.latents.high])
+            runs[f"{name}_reblock"] = one(f"{name}_reblock", dataset, replace(
+                cfg, latents=LatentSets(low, cfg.latents.high), ft=replace(cfg.ft, steps=reroute_factor * cfg.ft.steps)))
     summary = _summary(runs, spec, str(data), sae_path, layer)
     if monitor is not None:
         summary["monitor_rate_threshold"] = monitor.rate_threshold
@@ -669,6 +632,56 @@ def run_block_em(model: str | ModelSpec, data: str | Path, sae, out: str | Path,
     if _is_main_process():
         atomic_write_json(out / "summary.json", summary)
     return summary
+
+
+def _check_sweep(model: torch.nn.Module, sae, sae_path: str, latents: LatentSets, ft: FinetuneConfig, mode: str,
+                 directions: dict[int, torch.Tensor] | None) -> int:
+    """The block the sweep works at, after refusing what cannot work: an SAE that does not fit the
+    model, latents outside it or of another SAE, directions outside the model, a penalty whose
+    adapters all sit after the SAE's block, ``freeze_after_block`` beyond the model."""
+    from saediff.saes import check_sae_fits
+
+    n_blocks = len(decoder_layers(model))
+    if mode == "project":
+        if not directions:
+            raise SaediffError("BLOCK-EM mode project needs directions ({block: (k, d)})")
+        if any(not 0 <= L < n_blocks for L in directions):
+            raise SaediffError(f"project directions at blocks {sorted(directions)}: the model has blocks 0-{n_blocks - 1}")
+        layer = check_sae_fits(sae, model, sae_path or "given") if sae is not None else max(directions)
+    else:
+        layer = check_sae_fits(sae, model, sae_path or "given")
+        latents.check(sae, sae_path or "the given SAE")
+        if not len(latents):
+            raise SaediffError("BLOCK-EM needs latents: --diff-run, --latents FILE or --latent I")
+    if mode == "penalty" and ft.method == "lora" and ft.lora_layers:  # before any run trains: else plain runs
+        check_adapters_reach(min(ft.lora_layers), layer)
+    if ft.freeze_after_block is not None and ft.freeze_after_block >= n_blocks:
+        raise SaediffError(f"freeze_after_block {ft.freeze_after_block} beyond the model's blocks")
+    return layer
+
+
+def sweep_plan(ft: FinetuneConfig, mode: str, latents: LatentSets, lams: tuple[float, ...],
+               directions: dict[int, torch.Tensor] | None, controls: bool, d_sae: int, seed: int
+               ) -> dict[str, BlockRunConfig]:
+    """The runs of a sweep by name: with ``controls`` the plain fine-tune first; then per lambda a
+    penalty run (``penalty_lam1e+04``), or one ``ablate`` or ``project`` run, each with its random
+    control (``..._random``: as many random latents, or random directions of the same shapes)."""
+    plan: dict[str, BlockRunConfig] = {"plain": BlockRunConfig(ft=ft, mode="none")} if controls else {}
+    if mode == "project":
+        plan["project"] = BlockRunConfig(ft=ft, mode="project", directions=directions)
+        if controls:
+            plan["project_random"] = BlockRunConfig(ft=ft, mode="project", directions=random_directions(directions, seed))
+    elif mode == "ablate":
+        plan["ablate"] = BlockRunConfig(ft=ft, mode="ablate", latents=latents)
+        if controls:
+            plan["ablate_random"] = BlockRunConfig(ft=ft, mode="ablate", latents=random_latents(latents, d_sae, seed))
+    else:
+        for lam in lams:
+            plan[f"penalty_lam{lam:g}"] = BlockRunConfig(ft=ft, latents=latents, lam=lam)
+            if controls:
+                plan[f"penalty_lam{lam:g}_random"] = BlockRunConfig(
+                    ft=ft, latents=random_latents(latents, d_sae, seed), lam=lam)
+    return plan
 
 
 def _summary(runs: dict[str, dict], spec: ModelSpec, data: str, sae_path: str, layer: int) -> dict:
