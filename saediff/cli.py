@@ -598,7 +598,7 @@ def block_cmd(
     _setup(threads)
     from dataclasses import replace
 
-    from saediff.blockem import LatentSets, latents_from_diff, project_directions, read_latents, run_block_em
+    from saediff.blockem import project_directions, run_block_em
     from saediff.finetune import FinetuneConfig
     from saediff.hooks import parse_layer
     from saediff.models import ModelSpec
@@ -613,16 +613,8 @@ def block_cmd(
         model, data, sae = model or recipe.get("model"), data or recipe.get("data"), sae or recipe.get("sae")
         if not (model and data and sae):
             raise SaediffError("give --model, --data and --sae (or --organism DIR)")
-        if mode not in ("penalty", "ablate", "project"):
-            raise SaediffError(f"--mode must be penalty, ablate or project, got {mode!r}")
         source = project_direction or ("ground_truth" if organism is not None else "model_diff")
-        needs_latents = mode != "project" or source == "latents"
-        given = [x for x in (diff_run, latents_file, latent or None) if x]
-        if needs_latents and len(given) != 1:
-            raise SaediffError("choose the latents with exactly one of --diff-run, --latents or --latent")
-        n_high = high if mode == "penalty" else 0  # ablate removes latents; it holds none up
-        sets = (LatentSets() if not needs_latents else latents_from_diff(diff_run, top, n_high) if diff_run
-                else read_latents(latents_file) if latents_file else LatentSets(tuple(latent)))
+        sets = _block_latents(mode, source, diff_run, latents_file, latent, top, high)
         sae_obj = load_sae(sae)
         layer = parse_layer(sae_obj.cfg.metadata.hook_name or "")
         directions = None
@@ -659,6 +651,23 @@ def block_cmd(
 
     if PartialState().is_main_process:  # one table under accelerate launch
         _print_block_summary(summary)
+
+
+def _block_latents(mode: str, source: str, diff_run, latents_file, latent: list[int], top: int, high: int):
+    """The latent sets of saediff block from exactly one of --diff-run, --latents, --latent (none
+    for --mode project along a dense direction); ablate removes latents and holds none up."""
+    from saediff.blockem import LatentSets, latents_from_diff, read_latents
+
+    if mode not in ("penalty", "ablate", "project"):
+        raise SaediffError(f"--mode must be penalty, ablate or project, got {mode!r}")
+    if mode == "project" and source != "latents":
+        return LatentSets()
+    given = [x for x in (diff_run, latents_file, latent or None) if x]
+    if len(given) != 1:
+        raise SaediffError("choose the latents with exactly one of --diff-run, --latents or --latent")
+    if diff_run:
+        return latents_from_diff(diff_run, top, high if mode == "penalty" else 0)
+    return read_latents(latents_file) if latents_file else LatentSets(tuple(latent))
 
 
 def _diff_inputs(base: str, prompts: str | None, max_new_tokens: int | None, seed: int,
