@@ -14,7 +14,7 @@ import torch
 from saediff.errors import SaediffError, UnknownKeyError
 
 __all__ = ["resid_post", "parse_layer", "decoder_layers", "add_resid_hook", "capture_resid", "bridge", "run_with_cache",
-           "first_adapted_block", "skip_blocks"]
+           "first_adapted_block", "skip_blocks", "read_blocks"]
 
 _RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(post|pre|mid)$")
 
@@ -69,19 +69,27 @@ def capture_resid(model: torch.nn.Module, layers: list[int], input_ids: torch.Te
                   attention_mask: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
     """Outputs (B, T, D) of the given decoder layers; the forward stops after the deepest one.
     Pass ``attention_mask`` whenever the batch is padded."""
-    decoder = decoder_layers(model)
-    last = max(layers)
     out: dict[int, torch.Tensor] = {}
+    read_blocks(model, layers, input_ids, attention_mask, out.__setitem__)
+    return out
 
-    def make(i):
+
+def read_blocks(model: torch.nn.Module, blocks: list[int], input_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None, read: Callable[[int, torch.Tensor], None]) -> None:
+    """Run ``model`` on a batch, calling ``read(block, output)`` (B, T, D) as each of ``blocks``
+    finishes, through forward hooks on those blocks alone; the forward stops after the deepest.
+    Nothing is kept unless ``read`` keeps it (a streamed diff sums each block as it passes)."""
+    decoder, last = decoder_layers(model), max(blocks)
+
+    def make(block: int):
         def hook(_mod, _inp, o):
-            out[i] = o[0] if isinstance(o, tuple) else o
-            if i == last:
+            read(block, o[0] if isinstance(o, tuple) else o)
+            if block == last:
                 raise _Stop
 
         return hook
 
-    handles = [decoder[i].register_forward_hook(make(i)) for i in layers]
+    handles = [decoder[b].register_forward_hook(make(b)) for b in blocks]
     try:
         model(input_ids=input_ids, attention_mask=attention_mask)
     except _Stop:
@@ -89,7 +97,6 @@ def capture_resid(model: torch.nn.Module, layers: list[int], input_ids: torch.Te
     finally:
         for h in handles:
             h.remove()
-    return out
 
 
 def first_adapted_block(model: torch.nn.Module) -> int:

@@ -25,7 +25,7 @@ from saediff.activations import row_descriptions, tokenize_prompts
 from saediff.diff import DiffAccumulator
 from saediff.directions import Direction, cosine_table, lora_b_directions, sae_latent_direction, span_overlap
 from saediff.export import export_directions, load_directions
-from saediff.hooks import decoder_layers, parse_layer, resid_post
+from saediff.hooks import parse_layer, read_blocks, resid_post
 from saediff.models import ModelSpec, generate, load_model
 from saediff.prompts import ContrastExample, Prompt, load_prompts
 from saediff.errors import MissingFileError, SaediffError
@@ -371,8 +371,8 @@ def stream_diff(lm_base, lm_ft, toks, sae, labels: list | None = None, *, groups
             per_row = torch.stack([code[i : i + batch_size], row_group[i : i + batch_size]], 1).to(dev)
             tok_code, tok_group = per_row[:, None].expand(-1, ids.shape[1], -1)[m].unbind(-1)
         at_sae: dict[str, torch.Tensor] = {}
-        _read_blocks(lm_base.model, hooked, ids, attn, reader("base", m, tok_code, tok_group, at_sae))
-        _read_blocks(lm_ft.model, hooked, ids.to(lm_ft.device), attn.to(lm_ft.device),
+        read_blocks(lm_base.model, hooked, ids, attn, reader("base", m, tok_code, tok_group, at_sae))
+        read_blocks(lm_ft.model, hooked, ids.to(lm_ft.device), attn.to(lm_ft.device),
                      reader("ft", m, tok_code, tok_group, at_sae))
         n = int(m.sum())
         counts["base"] += n
@@ -384,35 +384,6 @@ def stream_diff(lm_base, lm_ft, toks, sae, labels: list | None = None, *, groups
     if not int(counts["base"]):
         raise SaediffError("no response tokens to diff (do the prompts have answers?)")
     return StreamedDiff(acc, [resid_post(L) for L in blocks], sums, counts, names)
-
-
-class _Stop(Exception):
-    pass
-
-
-def _read_blocks(model: torch.nn.Module, blocks: list[int], input_ids: torch.Tensor,
-                 attention_mask: torch.Tensor, read: Callable[[int, torch.Tensor], None]) -> None:
-    """Run ``model`` on a batch, calling ``read(block, output)`` (B, T, D) as each of ``blocks``
-    finishes, through forward hooks on those blocks alone; the forward stops after the deepest.
-    Nothing is kept unless ``read`` keeps it."""
-    decoder, last = decoder_layers(model), max(blocks)
-
-    def make(block: int):
-        def hook(_mod, _inp, out):
-            read(block, out[0] if isinstance(out, tuple) else out)
-            if block == last:
-                raise _Stop
-
-        return hook
-
-    handles = [decoder[b].register_forward_hook(make(b)) for b in blocks]
-    try:
-        model(input_ids=input_ids, attention_mask=attention_mask)
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def run_compare(run_dir: str | Path, downstream: bool = True) -> dict:
