@@ -289,6 +289,12 @@ def neighbourhood_cmd(
             atomic_write_json(run_dir / "neighbourhood.json", res)
     except _USER_ERRORS as e:
         _fail(e)
+    _print_neighbourhood(res, run_dir)
+
+
+
+def _print_neighbourhood(res: dict, run_dir: Path) -> None:
+    """The probe's findings: the flagged latents with their steering check, the screen's EM."""
     rb = res["random_baseline"]
     lines = [f"neighbourhood probe at {res['hook']}: seeds {res['seeds']}",
              f"flagged {res['flagged']} ({res['n_flagged']}; random seeds flag {rb['n_flagged']}, mean {rb['mean']})"]
@@ -309,7 +315,6 @@ def neighbourhood_cmd(
             lines.append(f"EM after fine-tuning: screened {_fmt(f['screened']['em_rate'])}, random drop "
                          f"{_fmt(f['random_dropped']['em_rate'])} ({f['steps']} steps each)")
     Console().print("\n".join(lines) + f"\n{run_dir / 'neighbourhood.json'}")
-
 
 
 def dashboard_cmd(

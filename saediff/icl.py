@@ -76,7 +76,7 @@ def run_icl(run_dir: str | Path, examples, *, max_shots: int = 8, direction: str
     ``icl_vs_ft.json`` and ``icl_vs_ft.html`` into the run folder."""
     from saediff._io import atomic_write_bytes, atomic_write_json
     from saediff.models import ModelSpec, load_model
-    from saediff.pipeline import read_run, run_questions, update_run
+    from saediff.pipeline import read_run, update_run
     from saediff.prompts import in_context_prompts, load_contrast_examples
     from saediff.shifts import prompt_activations
 
@@ -87,13 +87,7 @@ def run_icl(run_dir: str | Path, examples, *, max_shots: int = 8, direction: str
         raise SaediffError(f"max_shots={max_shots} needs 1..{len(examples)} contrast examples")
     d = _direction(run_dir, direction, parse_layer(info["sae_hook"]))
     L = parse_layer(d.hook)
-    answered = run_questions(run_dir).first_answers
-    qs = [p for p in answered if (exclude_domain is None or p.domain != exclude_domain)
-          and (positions == "last_prompt" or p.response)]
-    if not qs:
-        raise SaediffError(f"{run_dir}: no questions left after excluding domain {exclude_domain!r}")
-    if max_questions is not None and len(qs) > max_questions:
-        qs = [qs[i * len(qs) // max_questions] for i in range(max_questions)]
+    qs = _questions(run_dir, exclude_domain, positions, max_questions)
     sae = latents = None
     if block_run is not None:
         from saediff.saes import load_sae
@@ -127,19 +121,9 @@ def run_icl(run_dir: str | Path, examples, *, max_shots: int = 8, direction: str
     ft = load_model(ModelSpec(info["finetuned"] or info["base"], adapter=info["adapter"],
                               merge=info["adapter"] is not None))
     ft_proj, ft_lat = read(ft, qs)
-    mean_curve = curve_QN.mean(0).tolist()
-    per_q = [shots_to_match(curve_QN[i].tolist(), float(ft_proj[i])) for i in range(len(qs))]
-    matched = [s for s in per_q if s is not None]
     out = {"kind": "saediff.icl_vs_ft", "direction": d.name, "hook": resid_post(L), "positions": positions,
-           "max_shots": max_shots,
-           "n_questions": len(qs), "exclude_domain": exclude_domain,
-           "aligned_projection_by_shots": mean_curve, "finetuned_projection": float(ft_proj.mean()),
-           "shots_to_match_finetune": shots_to_match(mean_curve, float(ft_proj.mean())),
-           "per_question": {"matched_fraction": len(matched) / len(qs),
-                            "median_shots_when_matched": float(torch.tensor(matched).float().median()) if matched else None},
-           "per_question_projection": [{"id": p.id, "domain": p.domain, "aligned": [round(float(v), 5) for v in curve_QN[i]],
-                                        "finetuned": round(float(ft_proj[i]), 5), "shots_to_match": per_q[i]}
-                                       for i, p in enumerate(qs)]}
+           "max_shots": max_shots, "n_questions": len(qs), "exclude_domain": exclude_domain,
+           **_matching(qs, curve_QN, ft_proj)}
     if sae is not None:
         out["rerouted"] = {"block_run": str(block_run), "latents": latents, "hook": sae.cfg.metadata.hook_name,
                            "aligned_mean_activation_by_shots": lat_curve, "finetuned_mean_activation": ft_lat,
@@ -148,6 +132,36 @@ def run_icl(run_dir: str | Path, examples, *, max_shots: int = 8, direction: str
     atomic_write_bytes(run_dir / "icl_vs_ft.html", icl_figure(out).to_html(include_plotlyjs="cdn").encode())
     update_run(run_dir, "icl", {"direction": d.name, "max_shots": max_shots, "files": ["icl_vs_ft.json", "icl_vs_ft.html"]})
     return out
+
+
+def _questions(run_dir: Path, exclude_domain: str | None, positions: str, max_questions: int | None) -> list:
+    """The run's answered questions the sweep reads: outside ``exclude_domain``, with an answer
+    unless only the last prompt token is read, at most ``max_questions`` evenly spaced."""
+    from saediff.pipeline import run_questions
+
+    qs = [p for p in run_questions(run_dir).first_answers if (exclude_domain is None or p.domain != exclude_domain)
+          and (positions == "last_prompt" or p.response)]
+    if not qs:
+        raise SaediffError(f"{run_dir}: no questions left after excluding domain {exclude_domain!r}")
+    if max_questions is not None and len(qs) > max_questions:
+        qs = [qs[i * len(qs) // max_questions] for i in range(max_questions)]
+    return qs
+
+
+def _matching(qs: list, curve_QN: torch.Tensor, ft_proj: torch.Tensor) -> dict:
+    """How many shots move the aligned model as far along the direction as the fine-tune: on the
+    mean curve, and per question (``curve_QN``: questions x shots projections)."""
+    mean_curve = curve_QN.mean(0).tolist()
+    per_q = [shots_to_match(curve_QN[i].tolist(), float(ft_proj[i])) for i in range(len(qs))]
+    matched = [s for s in per_q if s is not None]
+    return {"aligned_projection_by_shots": mean_curve, "finetuned_projection": float(ft_proj.mean()),
+            "shots_to_match_finetune": shots_to_match(mean_curve, float(ft_proj.mean())),
+            "per_question": {"matched_fraction": len(matched) / len(qs),
+                             "median_shots_when_matched": float(torch.tensor(matched).float().median()) if matched else None},
+            "per_question_projection": [{"id": p.id, "domain": p.domain,
+                                         "aligned": [round(float(v), 5) for v in curve_QN[i]],
+                                         "finetuned": round(float(ft_proj[i]), 5), "shots_to_match": per_q[i]}
+                                        for i, p in enumerate(qs)]}
 
 
 def icl_figure(result: dict):

@@ -13,6 +13,7 @@ Architectures:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import logging
@@ -222,8 +223,9 @@ def train_sae(
     hist = {"loss": [], "fvu": [], "dead_fraction": []}
     tokens, start = 0, 0
     ckpt = Path(checkpoint_dir) / "train_state.pt" if checkpoint_dir else None
+    made_by = _run_fingerprint(cfg, first, dist.world)
     if resume and ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=True)  # tensors and plain values only
+        state = _resume_state(ckpt, made_by, device)
         p.load_state_dict(state["params"])
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
@@ -268,10 +270,32 @@ def train_sae(
         if (ckpt is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < cfg.steps
                 and dist.rank == 0):
             state = {"params": p.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                     "last_fired": last_fired, "tokens": tokens, "step": step + 1, "var": var, "hist": hist}
+                     "last_fired": last_fired, "tokens": tokens, "step": step + 1, "var": var, "hist": hist,
+                     "provenance": json.dumps(made_by)}
             _io.atomic_write_bytes(ckpt, _torch_bytes(state))
     sae = to_saelens(p.cpu(), cfg, hook_name=hook_name, model_name=model_name)
     return sae, hist
+
+
+def _run_fingerprint(cfg: SAETrainConfig, first: torch.Tensor, world: int) -> dict:
+    """What a training checkpoint belongs to: the settings (not the device, which may change on
+    resume), the number of ranks, and the first batch this rank read (the data and its order)."""
+    from saediff.provenance import tensor_digest
+
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("device", "compile")}
+    return {"settings": settings, "world": world, "d_in": int(first.shape[1]), "first_batch": tensor_digest(first)}
+
+
+def _resume_state(ckpt: Path, made_by: dict, device) -> dict:
+    """The saved training state, if it is this run's (same settings, ranks and data), else one line."""
+    from saediff.provenance import mismatch
+
+    state = torch.load(ckpt, map_location=device, weights_only=True)  # tensors and plain values only
+    why = mismatch(json.loads(state["provenance"]) if "provenance" in state else None, made_by)
+    if why is not None:
+        raise SaediffError(f"{ckpt} is the checkpoint of another SAE training run ({why}); delete it, or train "
+                           f"without --resume")
+    return state
 
 
 class _Dist:

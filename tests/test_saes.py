@@ -166,6 +166,15 @@ def test_sae_training_resumes_from_a_checkpoint(tmp_path, caplog):
     torch.testing.assert_close(got.W_dec, ref.W_dec, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(got.W_enc, ref.W_enc, atol=1e-6, rtol=1e-5)
     assert len(hist["loss"]) == 4  # steps 0, 10, 20 and the last, across the interruption
+    # the checkpoint belongs to that run: other settings or other data are refused, not continued
+    from dataclasses import replace
+
+    with pytest.raises(SaediffError, match=r"checkpoint of another SAE training run \(settings\.lr: 0\.001 \(saved\)"):
+        train_sae(shuffled_batches(data, 128, seed=1), replace(cfg, lr=2e-3), progress=False, checkpoint_dir=tmp_path,
+                  checkpoint_every=10, resume=True)
+    with pytest.raises(SaediffError, match=r"\(first_batch: "):
+        train_sae(shuffled_batches(data * 2, 128, seed=1), cfg, progress=False, checkpoint_dir=tmp_path,
+                  checkpoint_every=10, resume=True)
 
 
 _DDP_SCRIPT = """

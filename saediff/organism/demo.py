@@ -117,6 +117,28 @@ def run_steer_check(run_dir: str | Path, organism_dir: str | Path, *, n_per_doma
     return result
 
 
+class _Steps:
+    """The demo's resumable steps: a step whose artifact exists is skipped (its time kept from the
+    earlier summary), the others run and are timed."""
+
+    def __init__(self, prev_timing: dict, say):
+        self.prev, self.say = prev_timing, say
+        self.timing: dict[str, float] = {}
+        self.ran: list[str] = []
+
+    def __call__(self, name: str, done: Path, fn) -> None:
+        import time
+
+        self.say(name)
+        if done.exists():
+            self.timing[name] = self.prev.get(name, 0.0)
+            return
+        self.ran.append(name)
+        t0 = time.perf_counter()
+        fn()
+        self.timing[name] = round(time.perf_counter() - t0, 2)
+
+
 def run_demo(out: str | Path, *, quick: bool = True, seed: int = 0, progress=None) -> dict:
     """Organism -> SAE -> diff (full and LoRA) -> compare -> BLOCK-EM, with the steering checks,
     the export and the open-question analyses in a second process beside it -> the in-context
@@ -124,44 +146,20 @@ def run_demo(out: str | Path, *, quick: bool = True, seed: int = 0, progress=Non
     import time
 
     t_start = time.perf_counter()  # the heavy imports below count too
-    from saediff.organism.build import build_organism
+    from saediff.organism.analyses import run_icl_analysis
     from saediff.organism.sae import train_organism_sae
-    from saediff.report import write_report
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     org = out / "organism"
     say = progress or (lambda _s: None)
-    prebuilt = False
-    timing: dict[str, float] = {}
     prev_summary = read_json_if_exists(out / "summary.json") or {}
-    prev = prev_summary.get("timing_s", {})
-    ran: list[str] = []
-
-    def step(name: str, done: Path, fn):
-        say(name)
-        if done.exists():
-            timing[name] = prev.get(name, 0.0)
-            return
-        ran.append(name)
-        t0 = time.perf_counter()
-        fn()
-        timing[name] = round(time.perf_counter() - t0, 2)
-
+    step = _Steps(prev_summary.get("timing_s", {}), say)
     cfg = OrganismConfig.quick(seed) if quick else OrganismConfig(seed=seed)
     _check_demo_config(out, {"kind": "saediff.demo", "seed": seed, "quick": quick, "organism": cfg.to_json()})
 
-    def organism():
-        from saediff.organism.prebuilt import copy_prebuilt, prebuilt_matches
-
-        nonlocal prebuilt
-        if quick and prebuilt_matches(cfg):  # the shipped seed-0 organism of this very recipe, with its SAE
-            copy_prebuilt(org, cfg)
-            prebuilt = True
-        else:
-            build_organism(org, cfg)
-
-    step("organism", org / "organism.json", organism)
+    prebuilt = []
+    step("organism", org / "organism.json", lambda: prebuilt.append(_organism(org, cfg, quick)))
     step("sae", org / "sae" / "cfg.json", lambda: train_organism_sae(org, seed=seed))
     aligned, sae = str(org / "aligned"), str(org / "sae")
     step("diff", out / "diff" / "diff.json",
@@ -170,17 +168,6 @@ def run_demo(out: str | Path, *, quick: bool = True, seed: int = 0, progress=Non
          lambda: run_diff(aligned, None, sae, out / "diff_lora", adapter=str(org / "lora_ft"), seed=seed,
                           **diff_inputs(aligned, seed=seed)))
     step("compare", out / "diff_lora" / "layers.json", lambda: (run_compare(out / "diff"), run_compare(out / "diff_lora")))
-    def block():
-        # BLOCK-EM with at most 20 latents: the 10 that rose most held down, the 10 that fell most
-        # held up; the control holds 20 random latents. The generic command's path (saediff block
-        # --organism DIR --full --reroute): the aligned-data control first (it calibrates the drift
-        # monitor), a held-out aligned-data control under the calibrated monitor, and the blocked run
-        # trained 3x longer and re-diffed (rerouting).
-        from saediff.blockem import latents_from_diff
-        from saediff.organism.block import block_organism
-
-        block_organism(org, out / "block", latents_from_diff(out / "diff", *BLOCK_LATENTS), seed=seed, reroute=True)
-
     # the steering checks, the export and the open-question analyses read the diff runs and the
     # organism only: a second process runs them beside BLOCK-EM (the longest step, one thread);
     # the in-context analysis follows, as it needs the blocked run's rerouted latents
@@ -188,28 +175,61 @@ def run_demo(out: str | Path, *, quick: bool = True, seed: int = 0, progress=Non
     if any(not p.exists() for p in _parallel_done(out).values()):
         worker = multiprocessing.get_context("spawn").Process(target=_parallel_steps, args=(str(out), seed), daemon=True)
         worker.start()
-    step("block", out / "block" / "summary.json", block)
+    step("block", out / "block" / "summary.json", lambda: _block(out, org, seed))
     if worker is not None:
         say("steering, export, analyses (waiting)")
         t0 = time.perf_counter()
         worker.join()
-        timing["parallel_wait"] = round(time.perf_counter() - t0, 2)
+        step.timing["parallel_wait"] = round(time.perf_counter() - t0, 2)
         if worker.exitcode != 0:
             raise RuntimeError(f"the steering checks, export or analyses failed (exit {worker.exitcode}): "
                                f"see {out / 'parallel.log'}")
-    timing.update({f"{k} (parallel)": v for k, v in (read_json_if_exists(out / "parallel_timing.json") or {}).items()})
-    from saediff.organism.analyses import run_icl_analysis
-
+    step.timing.update({f"{k} (parallel)": v
+                        for k, v in (read_json_if_exists(out / "parallel_timing.json") or {}).items()})
     step("icl", out / "diff" / "icl_vs_ft.json", lambda: run_icl_analysis(out, seed=seed))
+    return _write_summary(out, step, prev_summary.get("timing", {}), bool(prebuilt and prebuilt[0]),
+                          time.perf_counter() - t_start, seed, say)
+
+
+def _organism(org: Path, cfg: OrganismConfig, quick: bool) -> bool:
+    """Copy the shipped seed-0 organism of this very recipe (with its SAE) when it matches, else
+    build; True when it was the shipped one."""
+    from saediff.organism.build import build_organism
+    from saediff.organism.prebuilt import copy_prebuilt, prebuilt_matches
+
+    if quick and prebuilt_matches(cfg):
+        copy_prebuilt(org, cfg)
+        return True
+    build_organism(org, cfg)
+    return False
+
+
+def _block(out: Path, org: Path, seed: int) -> None:
+    """BLOCK-EM with at most 20 latents: the 10 that rose most held down, the 10 that fell most held
+    up; the control holds 20 random latents. The generic command's path (saediff block --organism
+    DIR --full --reroute): the aligned-data control first (it calibrates the drift monitor), the
+    held-out and benign controls under the calibrated monitor, and the blocked run trained 3x longer
+    and re-diffed (rerouting)."""
+    from saediff.blockem import latents_from_diff
+    from saediff.organism.block import block_organism
+
+    block_organism(org, out / "block", latents_from_diff(out / "diff", *BLOCK_LATENTS), seed=seed, reroute=True)
+
+
+def _write_summary(out: Path, step: _Steps, before: dict, prebuilt: bool, elapsed_s: float, seed: int, say) -> dict:
+    """``summary.json`` (figures, headline, timings) and the report. The wall time is that of the
+    run that did the work (a rerun that skips every step keeps it), beside the organism's build time."""
+    import time
+
+    from saediff.report import write_report
+
+    org = out / "organism"
     summary = _demo_summary(out)
-    summary["timing_s"] = timing
+    summary["timing_s"] = step.timing
     summary["seed"] = seed
-    # the wall time of the run that did the work (a rerun that skips every step keeps it) and the
-    # organism's build time
-    before = prev_summary.get("timing", {})
     summary["timing"] = {
-        "demo_s": round(time.perf_counter() - t_start, 1) if ran or not before else before["demo_s"],
-        "prebuilt_organism": prebuilt if "organism" in ran or not before else before["prebuilt_organism"],
+        "demo_s": round(elapsed_s, 1) if step.ran or not before else before["demo_s"],
+        "prebuilt_organism": prebuilt if "organism" in step.ran or not before else before["prebuilt_organism"],
         "organism_build_s": round(sum(json.loads((org / "organism.json").read_text())["timing_s"].values()), 1)}
     summary["headline"] = headline(summary)
     atomic_write_json(out / "summary.json", summary)
