@@ -137,7 +137,7 @@ def test_response_mean_diff_matches_ground_truth(diff_run):
 
 
 @pytest.mark.xfail(strict=True, reason="issue 14 open: in the v2 world no top-3 latent is the persona on seed 0 "
-                   "(best cos 0.65, steers 0.38)")
+                   "(best cos 0.65, steers 0.10 at its coherent scale on the held-out half)")
 def test_a_top_latent_is_the_persona_and_steers(diff_run, quick_organism):
     """The organism issue's bar: among the top 3 latents by delta, one has cos >= 0.7 with the ground
     truth and steers the aligned model to >= 0.5 other-domain misaligned."""
@@ -148,7 +148,7 @@ def test_a_top_latent_is_the_persona_and_steers(diff_run, quick_organism):
     W = load_sae(quick_organism / "sae").W_dec.detach()
     gt = load_ground_truth(quick_organism / "ground_truth.safetensors")[2]
     cos = torch.nn.functional.cosine_similarity(W, gt[None], dim=1)
-    hits = [n for n, r in steering["steer"].items() if cos[int(n[4:])] >= 0.7 and r["best"] >= 0.5]
+    hits = [n for n, r in steering["steer"].items() if cos[int(n[4:])] >= 0.7 and (r["best"] or 0.0) >= 0.5]
     assert len(steering["steer"]) == 3 and hits, {n: (round(float(cos[int(n[4:])]), 2), r["best"])
                                                    for n, r in steering["steer"].items()}
 
