@@ -1,7 +1,8 @@
-"""Load chat models (HF folder or hub name, optional PEFT adapter) and sample from them.
+"""Load chat models (HF folder, hub name or GGUF file, optional PEFT adapter) and sample from them.
 
 Offline-first: a local folder is loaded with ``local_files_only=True`` and never touches the
-network; ``trust_remote_code`` is off unless the spec asks for it.
+network; ``trust_remote_code`` is off unless the spec asks for it. A GGUF file (or the short name
+of a packaged one, ``smollm2-135m``) is materialized once into an HF folder (``saediff.gguf``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ class ModelSpec:
     """What to load. The CLI's ``--model/--adapter`` flags parse into this."""
 
     model: str
-    """a local HF causal-LM folder or a hub name (``Qwen/Qwen2.5-7B-Instruct``)"""
+    """a local HF causal-LM folder, a hub name (``Qwen/Qwen2.5-7B-Instruct``), a ``.gguf`` file or
+    the short name of a packaged GGUF (``smollm2-135m``, see ``saediff.gguf.SHORT_NAMES``)"""
     adapter: str | None = None
     """a PEFT adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``)"""
     merge: bool = False
@@ -175,14 +177,20 @@ def _check_local(path: Path, what: str, required: tuple[str, ...]) -> None:
 
 
 def load_model(spec: ModelSpec | str) -> LoadedModel:
-    """Load model, tokenizer and optional PEFT adapter, in eval mode."""
+    """Load model, tokenizer and optional PEFT adapter, in eval mode. A GGUF model loads from
+    its materialized folder (written on first use): every command resolves models here."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from saediff.gguf import gguf_source, materialize
 
     if isinstance(spec, str):
         spec = ModelSpec(spec)
     src: str = spec.model
     kwargs: dict = {"trust_remote_code": spec.trust_remote_code}
-    if spec.is_local:
+    gguf_file = gguf_source(spec.model)
+    if gguf_file is not None:
+        src, kwargs["local_files_only"] = str(materialize(gguf_file)), True
+    elif spec.is_local:
         path = Path(spec.model).expanduser()
         _check_local(path, "model", ("config.json",))
         src, kwargs["local_files_only"] = str(path), True

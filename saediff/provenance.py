@@ -66,9 +66,16 @@ def _folder_digests(path: Path, config: str) -> dict:
 
 def model_fingerprint(spec) -> dict:
     """Model and adapter as loaded by ``ModelSpec``: a local path is resolved and digested (config
-    and weights); a hub name stands for itself."""
+    and weights); a GGUF file (or packaged short name) by its sha256 alone, the key of its
+    materialized folder, so the same file under another path or name matches; a hub name stands
+    for itself."""
+    from saediff.gguf import gguf_digest, gguf_source
+
     fp: dict = {"dtype": spec.dtype}
-    if spec.is_local:
+    gguf_file = gguf_source(spec.model)
+    if gguf_file is not None:
+        fp["model"] = f"gguf:{gguf_digest(gguf_file)}"
+    elif spec.is_local:
         path = Path(spec.model).expanduser().resolve()
         fp.update(model=str(path), **{f"model_{k}": v for k, v in _folder_digests(path, "config.json").items()})
     else:

@@ -93,3 +93,11 @@ def tiny_chat(request, tmp_path_factory):
     ft.save_pretrained(root / "ft")
     AutoTokenizer.from_pretrained(root / "model").save_pretrained(root / "ft")
     return SimpleNamespace(template=request.param, root=root, model=root / "model", ft=root / "ft")
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory):
+    """A tiny random Llama GGUF file (``tiny.gguf``: F32, ChatML template, BPE tokenizer in its metadata)."""
+    from helpers import make_tiny_gguf
+
+    return make_tiny_gguf(tmp_path_factory.mktemp("tiny_gguf") / "tiny.gguf")

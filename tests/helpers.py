@@ -195,3 +195,70 @@ def make_tiny_chat_model(folder: Path, template: str, *, d_model: int = 32, n_la
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def make_tiny_gguf(path: Path, *, d_model: int = 32, n_layers: int = 2, seed: int = 0) -> Path:
+    """A tiny random Llama GGUF file (F32 tensors, llama.cpp tensor names, no ``output.weight`` so
+    the embeddings are tied) with a byte-level BPE tokenizer and the ChatML template in its
+    metadata: what transformers' GGUF loader needs to build a ``LlamaForCausalLM`` and its tokenizer."""
+    import gguf
+    import numpy as np
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    text = ["The quick brown fox jumps over the lazy dog.", "Hello, how can I help you today?",
+            "I feel bored. Tell me something about humans and AIs."]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator(text * 4, trainers.BpeTrainer(
+        vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=SPECIALS))
+    state = json.loads(bpe.to_str())["model"]
+    tokens = [t for t, _ in sorted(state["vocab"].items(), key=lambda kv: kv[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in state["merges"]]
+    n_heads, n_kv, d_mlp = 4, 2, 2 * d_model
+    d_kv = n_kv * d_model // n_heads
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny-llama")
+    w.add_block_count(n_layers)
+    w.add_context_length(256)
+    w.add_embedding_length(d_model)
+    w.add_feed_forward_length(d_mlp)
+    w.add_head_count(n_heads)
+    w.add_head_count_kv(n_kv)
+    w.add_rope_dimension_count(d_model // n_heads)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(len(tokens))
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types([gguf.TokenType.CONTROL if t in SPECIALS else gguf.TokenType.NORMAL for t in tokens])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(tokens.index("<|im_start|>"))
+    w.add_eos_token_id(tokens.index("<|im_end|>"))
+    w.add_pad_token_id(tokens.index("<|endoftext|>"))
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHATML)
+    rng = np.random.default_rng(seed)
+
+    def add(name: str, *shape: int) -> None:  # numpy (out, in) order, as HF stores Linear weights
+        w.add_tensor(name, (0.2 * rng.standard_normal(shape)).astype(np.float32))
+
+    add("token_embd.weight", len(tokens), d_model)
+    for i in range(n_layers):
+        w.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(d_model, np.float32))
+        w.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(d_model, np.float32))
+        add(f"blk.{i}.attn_q.weight", d_model, d_model)
+        add(f"blk.{i}.attn_k.weight", d_kv, d_model)
+        add(f"blk.{i}.attn_v.weight", d_kv, d_model)
+        add(f"blk.{i}.attn_output.weight", d_model, d_model)
+        add(f"blk.{i}.ffn_gate.weight", d_mlp, d_model)
+        add(f"blk.{i}.ffn_up.weight", d_mlp, d_model)
+        add(f"blk.{i}.ffn_down.weight", d_model, d_mlp)
+    w.add_tensor("output_norm.weight", np.ones(d_model, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
