@@ -158,8 +158,9 @@ def test_block_cli_lambda_sweep_with_controls(demo, tmp_path):
                                  "--out", str(tmp_path / "block")])
     assert r.exit_code == 0, r.output
     runs = json.loads((tmp_path / "block" / "summary.json").read_text())["runs"]
-    assert set(runs) == {"control", "plain", "penalty_lam10", "penalty_lam10_random", "penalty_lam1000",
-                         "penalty_lam1000_random"}
+    # --organism brings its aligned-data control (it calibrates the monitor) and the two false-alarm controls
+    assert set(runs) == {"control", "control_heldout", "control_benign", "plain", "penalty_lam10", "penalty_lam10_random",
+                         "penalty_lam1000", "penalty_lam1000_random"}
     assert runs["penalty_lam10"]["n_latents"] == 5 and runs["plain"]["relative_reduction"] == 0.0
     low = json.loads((tmp_path / "block" / "penalty_lam10" / "em.json").read_text())["latents_low"]
     rnd = json.loads((tmp_path / "block" / "penalty_lam10_random" / "em.json").read_text())["latents_low"]
