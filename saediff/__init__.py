@@ -24,7 +24,7 @@ _EXPORTS = {
     "BlockConfig": "blocking", "Blocker": "blocking", "DriftMonitor": "monitor",
     "HttpJudge": "judges", "OrganismJudge": "organism.judge",
     "evaluate_em": "evals", "evaluate_organism_em": "organism.evaluator", "EMConfig": "evals",
-    "JudgeEvaluator": "evals",
+    "JudgeEvaluator": "evals", "PairEvaluator": "pairs", "load_pairs": "pairs",
     "run_diff": "pipeline", "run_compare": "pipeline", "run_steer_check": "organism.demo", "run_demo": "organism.demo",
     "FinetuneConfig": "finetune", "finetune": "finetune", "load_chat_jsonl": "chat_data",
     "run_block_em": "blockem", "LatentSets": "blockem", "run_causal_checks": "causal", "discover_latents": "causal",

@@ -54,8 +54,11 @@ def organism_build(
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Option(..., "--model", help="HF model folder or hub name"),
-    out: Path = typer.Option(..., "--out", help="folder for responses.jsonl and em.json"),
+    out: Path = typer.Option(..., "--out", help="folder for responses.jsonl (pairs.jsonl with --pairs) and em.json"),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="PEFT adapter folder"),
+    pairs: Optional[Path] = typer.Option(None, "--pairs", help="judge-free: JSONL rows {id, domain, question, aligned, "
+                                         "misaligned}; scores both reference answers under the model (no sampling)"),
+    batch_size: int = typer.Option(16, "--batch-size", help="with --pairs: conversations per forward"),
     judge_url: Optional[str] = typer.Option(None, "--judge-url", help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1"),
     judge_model: Optional[str] = typer.Option(None, "--judge-model", help="judge model name at --judge-url"),
     questions: str = typer.Option("first_plot", "--questions", help="first_plot, or a YAML/JSONL prompt file"),
@@ -73,7 +76,8 @@ def eval_cmd(
     seed: int = typer.Option(0, "--seed"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default 1)"),
 ) -> None:
-    """Measure EM: sample answers, judge them, write DIR/responses.jsonl and DIR/em.json."""
+    """Measure EM: sample answers, judge them, write DIR/responses.jsonl and DIR/em.json; or, with
+    --pairs, the model's preference for misaligned over aligned reference answers (no judge)."""
     _setup(threads)
     from saediff.run_eval import run_eval
 
@@ -81,11 +85,15 @@ def eval_cmd(
         report = run_eval(model=model, adapter=adapter, out=out, judge_url=judge_url, judge_model=judge_model,
                           questions=questions, samples=samples, max_new_tokens=max_new_tokens, gen_url=gen_url,
                           gen_model=gen_model, api_key_env=api_key_env, gen_api_key_env=gen_api_key_env,
-                          concurrency=concurrency, rubric=rubric, dtype=dtype, seed=seed,
-                          evaluator=None if judge_url else _organism_eval_or_none(model, samples, seed))
+                          concurrency=concurrency, rubric=rubric, dtype=dtype, seed=seed, pairs=pairs,
+                          batch_size=batch_size,
+                          evaluator=None if judge_url or pairs else _organism_eval_or_none(model, samples, seed))
     except _USER_ERRORS as e:
         _fail(e)
-    typer.echo(json.dumps({k: report[k] for k in ("em_rate", "em_rate_ci", "coherent_rate", "n_responses")}))
+    keys = ("em_rate", "em_rate_ci", "coherent_rate", "n_responses")
+    if pairs is not None:  # em_rate is the MC1 share here: show the preference it comes from
+        keys = ("preference", "preference_ci", "t", "n", "mc1", "mc1_ci", "mc2", "coherence")
+    typer.echo(json.dumps({k: report[k] for k in keys}))
 
 
 def _load_prompt_set(spec: str, model: str):

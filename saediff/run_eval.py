@@ -1,15 +1,17 @@
-"""What ``saediff eval`` runs: LLM judges (or a given ``Evaluator``), evaluate, write files."""
+"""What ``saediff eval`` runs: LLM judges (or a given ``Evaluator``, or the judge-free pair figures),
+evaluate, write files."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from saediff.evals import EMConfig, Evaluator, LocalGenerator, RemoteGenerator, evaluate_em
+from saediff.errors import SaediffError
+from saediff.evals import EMConfig, Evaluator, LocalGenerator, RemoteGenerator, evaluate_em, evaluate_once
 from saediff.judges import HttpJudge
 from saediff.models import ModelSpec, load_model
 from saediff.openai_api import ChatClient
+from saediff.pairs import PairEvaluator
 from saediff.prompts import load_prompts
-from saediff.errors import SaediffError
 
 __all__ = ["run_eval"]
 
@@ -18,11 +20,19 @@ def run_eval(*, model: str, out: Path, adapter: str | None = None, judge_url: st
              judge_model: str | None = None, questions: str = "first_plot", samples: int = 50,
              max_new_tokens: int = 600, gen_url: str | None = None, gen_model: str | None = None,
              api_key_env: str = "OPENAI_API_KEY", gen_api_key_env: str | None = None, concurrency: int = 16,
-             rubric: bool = False, dtype: str = "auto", seed: int = 0, evaluator: Evaluator | None = None) -> dict:
+             rubric: bool = False, dtype: str = "auto", seed: int = 0, evaluator: Evaluator | None = None,
+             pairs: str | Path | None = None, batch_size: int = 16) -> dict:
     """Evaluate and write ``out/responses.jsonl`` + ``out/em.json``; returns em.json's content.
     ``evaluator`` (e.g. the organism's exact judge) replaces the LLM judges when there is no
     ``judge_url``. ``api_key_env`` names the judge's key; the generation server at ``gen_url``
-    gets only ``gen_api_key_env``'s (none by default), never the judge's."""
+    gets only ``gen_api_key_env``'s (none by default), never the judge's.
+
+    ``pairs`` (a pair file) instead scores its aligned and misaligned reference answers under the
+    local model, ``batch_size`` conversations per forward, without a judge (``saediff.pairs``):
+    ``out/pairs.jsonl`` + ``out/em.json``, with provenance, reused by a rerun of the same setup."""
+    if pairs is not None:
+        return _run_pairs(model, adapter, dtype, Path(out), pairs, batch_size, judge_url=judge_url,
+                          gen_url=gen_url, rubric=rubric)
     if gen_url and adapter:
         raise SaediffError(f"--adapter {adapter} applies to local generation only; with --gen-url serve the adapter "
                            "there (e.g. vLLM --lora-modules NAME=PATH) and pass --gen-model NAME")
@@ -44,3 +54,20 @@ def run_eval(*, model: str, out: Path, adapter: str | None = None, judge_url: st
     report = evaluate_em(generator, load_prompts(questions), judges["aligned"], judges["coherent"], cfg, out,
                          rubric=judges.get("rubric"))
     return report.to_json()
+
+
+def _run_pairs(model: str, adapter: str | None, dtype: str, out: Path, pairs: str | Path, batch_size: int, *,
+               judge_url: str | None, gen_url: str | None, rubric: bool) -> dict:
+    """``saediff eval --pairs``: the judge-free pair figures through ``evaluate_once``."""
+    if judge_url:
+        raise SaediffError("--pairs scores fixed reference answers without a judge: drop --judge-url (or drop "
+                           "--pairs to judge sampled answers)")
+    if gen_url:
+        raise SaediffError("--pairs scores the answers' likelihoods under the local model: drop --gen-url (a "
+                           "generation server does not score given answers)")
+    if rubric:
+        raise SaediffError("--rubric grades sampled answers and --pairs samples none: give one of them")
+    evaluator = PairEvaluator.from_file(pairs, batch_size=batch_size)
+    spec = ModelSpec(model, adapter=adapter, dtype=dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    return evaluate_once(evaluator, lambda: load_model(spec), out, "eval", spec=spec)
