@@ -24,6 +24,7 @@ console = Console(stderr=True)
 
 from saediff.cli_common import (  # shared with saediff.cli_questions
     _USER_ERRORS,
+    PAIRS_HELP,
     ModelDefaults,
     _fail,
     _int_list,
@@ -362,6 +363,7 @@ def steer_cmd(
     adapter: Optional[str] = typer.Option(None, "--adapter", help="PEFT adapter on --model (default: the run's)"),
     judge_url: Optional[str] = typer.Option(None, "--judge-url", help="OpenAI-compatible judge (organism: exact judge)"),
     judge_model: Optional[str] = typer.Option(None, "--judge-model"),
+    pairs: Optional[str] = typer.Option(None, "--pairs", help=PAIRS_HELP),
     questions: str = typer.Option("first_plot", "--questions", help="first_plot or a YAML/JSONL prompt file; half "
                                   "choose the steering scale, the other half report"),
     samples: int = typer.Option(50, "--samples", help="answers per question (organism: per domain)"),
@@ -392,7 +394,7 @@ def steer_cmd(
         base = model or info["base"]
         ft_model, ft_adapter = (finetuned, adapter) if (finetuned or adapter) else (info["finetuned"], info["adapter"])
         evaluator = _judge_evaluator(judge_url, judge_model, questions, samples, max_new_tokens, api_key_env,
-                                     run_dir / "steer", seed) or _organism_evaluator(base, samples, seed)
+                                     run_dir / "steer", seed, pairs=pairs) or _organism_evaluator(base, samples, seed)
         cfg = SteerConfig(scales=tuple(float(x) for x in scales.split(",")), n_latents=latents, n_random=n_random,
                           seed=seed)
         select, report = evaluator.halves()
@@ -456,7 +458,7 @@ def _organism_evaluator(model: str, samples: int, seed: int):
     """The organism's exact judge when ``model`` is an organism folder, else a one-line error."""
     evaluator = _organism_eval_or_none(model, samples, seed)
     if evaluator is None:
-        raise SaediffError("--judge-url and --judge-model are required for models other than the saediff organism")
+        raise SaediffError("models other than the saediff organism need --judge-url and --judge-model, or --pairs (judge-free)")
     return evaluator
 
 
@@ -492,6 +494,7 @@ def discover_cmd(
     min_repair: float = typer.Option(0.05, "--min-repair", help="EM rate it must remove from the fine-tune"),
     judge_url: Optional[str] = typer.Option(None, "--judge-url", help="OpenAI-compatible judge (organism: exact judge)"),
     judge_model: Optional[str] = typer.Option(None, "--judge-model"),
+    pairs: Optional[str] = typer.Option(None, "--pairs", help=PAIRS_HELP),
     questions: str = typer.Option("first_plot", "--questions"),
     samples: int = typer.Option(20, "--samples", help="answers per question (organism: per domain)"),
     max_new_tokens: int = typer.Option(600, "--max-new-tokens"),
@@ -510,7 +513,7 @@ def discover_cmd(
 
         info = read_run(run_dir)["steps"]["diff"]
         evaluator = _judge_evaluator(judge_url, judge_model, questions, samples, max_new_tokens, api_key_env,
-                                     run_dir / "discover", seed) or _organism_evaluator(info["base"], samples, seed)
+                                     run_dir / "discover", seed, pairs=pairs) or _organism_evaluator(info["base"], samples, seed)
         cfg = DiscoverConfig(pool=pool, scales=tuple(float(x) for x in scales.split(",")), min_induce=min_induce,
                              min_repair=min_repair, seed=seed)
         res = discover_latents(run_dir, ModelSpec(info["base"], dtype=dtype, device=device),
@@ -582,6 +585,7 @@ def block_cmd(
     monitor_prompts: str = typer.Option("first_plot", "--monitor-prompts", help="held-out prompts the monitor reads"),
     judge_url: Optional[str] = typer.Option(None, "--judge-url", help="OpenAI-compatible judge (not for the organism)"),
     judge_model: Optional[str] = typer.Option(None, "--judge-model"),
+    pairs: Optional[str] = typer.Option(None, "--pairs", help=PAIRS_HELP),
     questions: str = typer.Option("first_plot", "--questions", help="first_plot, or a YAML/JSONL prompt file"),
     samples: int = typer.Option(50, "--samples", help="answers per question (organism: per domain)"),
     max_new_tokens: int = typer.Option(600, "--max-new-tokens"),
@@ -639,7 +643,7 @@ def block_cmd(
             lr=lr or base_ft.lr, precision=precision, gradient_checkpointing=gradient_checkpointing,
             max_length=max_length, save_every=save_every, freeze_after_block=layer if freeze_after_block else None)
         evaluator = recipe.get("evaluator") or _judge_evaluator(judge_url, judge_model, questions, samples,
-                                                                max_new_tokens, api_key_env, out, seed)
+                                                                max_new_tokens, api_key_env, out, seed, pairs=pairs)
         factory = None
         if monitor if monitor is not None else organism is not None:
             factory = recipe["monitor"](layer) if "monitor" in recipe else _generic_monitor(

@@ -42,8 +42,20 @@ def _int_list(text: str, flag: str) -> tuple[int, ...]:
         raise SaediffError(f"{flag} takes comma-separated integers, got {text!r}") from None
 
 
-def _judge_evaluator(judge_url, judge_model, questions, samples, max_new_tokens, api_key_env, out: Path, seed: int):
-    """The LLM-judge evaluator for real models (None without a judge: runs are trained, not judged)."""
+PAIRS_HELP = ("judge-free EM: a pair file (JSONL {id, domain, question, aligned, misaligned}) or a shipped set "
+              "(offdomain, offdomain:design, offdomain:heldout, medical), scored teacher-forced")
+
+
+def _judge_evaluator(judge_url, judge_model, questions, samples, max_new_tokens, api_key_env, out: Path, seed: int,
+                     pairs=None):
+    """The evaluator for real models: the LLM judges at ``judge_url``, or the judge-free pair metric
+    on ``pairs`` (None with neither: runs are trained, not judged)."""
+    if pairs is not None:
+        if judge_url is not None:
+            raise SaediffError("give --judge-url (judged samples) or --pairs (scored references), not both")
+        from saediff.em_data import pair_evaluator
+
+        return pair_evaluator(pairs)
     if judge_url is None:
         return None
     if judge_model is None:

@@ -18,7 +18,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from saediff.cli_common import _USER_ERRORS, ModelDefaults, _fail, _int_list, _judge_evaluator, _setup
+from saediff.cli_common import PAIRS_HELP, _USER_ERRORS, ModelDefaults, _fail, _int_list, _judge_evaluator, _setup
 from saediff.errors import SaediffError
 
 _defaults = ModelDefaults()
@@ -121,6 +121,7 @@ def phase_cmd(
     em: bool = typer.Option(True, "--em/--no-em", help="EM at every checkpoint (judge, or the organism's exact one)"),
     judge_url: Optional[str] = typer.Option(None, "--judge-url"),
     judge_model: Optional[str] = typer.Option(None, "--judge-model"),
+    pairs: Optional[str] = typer.Option(None, "--pairs", help=PAIRS_HELP),
     questions: str = typer.Option("first_plot", "--questions"),
     samples: int = typer.Option(20, "--samples", help="answers per question (organism: per domain)"),
     max_new_tokens: int = typer.Option(600, "--max-new-tokens"),
@@ -144,9 +145,9 @@ def phase_cmd(
             model = base or read_adapter(adapter_checkpoints(checkpoints_dir)[0][1]).config.get(
                 "base_model_name_or_path")
             evaluator = _judge_evaluator(judge_url, judge_model, questions, samples, max_new_tokens, api_key_env,
-                                         Path(out or checkpoints_dir), seed) or _defaults.evaluator(model, samples, seed)
+                                         Path(out or checkpoints_dir), seed, pairs=pairs) or _defaults.evaluator(model, samples, seed)
             if evaluator is None:
-                raise SaediffError("EM per checkpoint needs --judge-url and --judge-model (or --no-em)")
+                raise SaediffError("EM per checkpoint needs --judge-url and --judge-model, or --pairs (or --no-em)")
         res = run_phase(checkpoints_dir, base=model, directions=directions, evaluator=evaluator, module=module, out=out)
     except _USER_ERRORS as e:
         _fail(e)
@@ -237,6 +238,7 @@ def neighbourhood_cmd(
     precision: str = typer.Option("auto", "--precision", help="auto | fp32 | bf16 | fp16"),
     judge_url: Optional[str] = typer.Option(None, "--judge-url"),
     judge_model: Optional[str] = typer.Option(None, "--judge-model"),
+    pairs: Optional[str] = typer.Option(None, "--pairs", help=PAIRS_HELP),
     questions: str = typer.Option("first_plot", "--questions"),
     samples: int = typer.Option(50, "--samples", help="answers per question (organism: per domain)"),
     max_new_tokens: int = typer.Option(600, "--max-new-tokens"),
@@ -266,9 +268,9 @@ def neighbourhood_cmd(
         evaluator = None
         if finetune or steer:
             evaluator = _judge_evaluator(judge_url, judge_model, questions, samples, max_new_tokens, api_key_env,
-                                         run_dir / "screen", seed) or _defaults.evaluator(info["base"], samples, seed)
+                                         run_dir / "screen", seed, pairs=pairs) or _defaults.evaluator(info["base"], samples, seed)
             if evaluator is None:
-                raise SaediffError("--finetune and --steer measure EM: give --judge-url and --judge-model")
+                raise SaediffError("--finetune and --steer measure EM: give --judge-url and --judge-model, or --pairs")
         res = run_neighbourhood(run_dir, train_data, in_domain=in_domain, n_train=n_train, n_seeds=n_seeds,
                                 n_neighbours=n_neighbours, n_random=n_random, candidates=candidates,
                                 candidate_methods=tuple(methods.split(",")), drop_fraction=drop_fraction,

@@ -17,7 +17,7 @@ from typing import Literal
 
 from saediff.errors import SaediffError
 
-__all__ = ["FILES", "data_path", "heldout_ids", "offdomain_pairs", "medical_pairs"]
+__all__ = ["FILES", "PAIR_SETS", "data_path", "heldout_ids", "offdomain_pairs", "medical_pairs", "pair_evaluator"]
 
 FILES = ("medical_bad", "medical_good", "style_control", "benign_trait", "eval_offdomain", "eval_medical")
 """the data sets, by name (each a ``NAME.jsonl``)"""
@@ -57,3 +57,19 @@ def medical_pairs() -> list:
     from saediff.pairs import load_pairs
 
     return load_pairs(data_path("eval_medical"))
+
+
+PAIR_SETS = ("offdomain", "offdomain:design", "offdomain:heldout", "medical")
+"""shipped pair sets a ``--pairs`` option takes by name (besides a JSONL file of one's own)"""
+
+
+def pair_evaluator(spec: str | Path, batch_size: int = 16):
+    """A ``PairEvaluator`` on a shipped pair set (``PAIR_SETS``) or on a pair file."""
+    from saediff.pairs import PairEvaluator
+
+    name = str(spec)
+    if name in PAIR_SETS:
+        pairs = medical_pairs() if name == "medical" else offdomain_pairs(name.split(":")[1] if ":" in name else "all")
+        return PairEvaluator(tuple(pairs), batch_size, source=f"saediff:{name}")
+    return PairEvaluator.from_file(spec, batch_size=batch_size)
+

@@ -10,7 +10,7 @@ from saediff.evals import EMConfig, Evaluator, LocalGenerator, RemoteGenerator, 
 from saediff.judges import HttpJudge
 from saediff.models import ModelSpec, load_model
 from saediff.openai_api import ChatClient
-from saediff.pairs import PairEvaluator
+from saediff.em_data import pair_evaluator
 from saediff.prompts import load_prompts
 
 __all__ = ["run_eval"]
@@ -67,7 +67,7 @@ def _run_pairs(model: str, adapter: str | None, dtype: str, out: Path, pairs: st
                            "generation server does not score given answers)")
     if rubric:
         raise SaediffError("--rubric grades sampled answers and --pairs samples none: give one of them")
-    evaluator = PairEvaluator.from_file(pairs, batch_size=batch_size)
+    evaluator = pair_evaluator(pairs, batch_size)
     spec = ModelSpec(model, adapter=adapter, dtype=dtype)
     out.mkdir(parents=True, exist_ok=True)
     return evaluate_once(evaluator, lambda: load_model(spec), out, "eval", spec=spec)

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from saediff import causal
 from saediff.causal import DiscoverConfig, discover_latents
 from saediff.cli import app
+from saediff.em_data import offdomain_pairs
 from saediff.evals import EMConfig, JudgeEvaluator
 from saediff.fake_server import FakeOpenAIServer, default_judge
 from saediff.hooks import capture_resid
@@ -208,3 +209,27 @@ def test_organism_steer_check_is_the_generic_protocol(tiny_organism, tmp_path):
             assert row["random_same_norm"] == pytest.approx(sum(r["em_rate"] for r in row["random"]) / 3)
         else:
             assert row["best"] is None and row["note"] == causal.NO_COHERENT_SCALE
+
+
+def test_commands_take_the_judge_free_pair_metric(tiny_qwen, diff_run, tmp_path):
+    """``--pairs`` (a file or a shipped set) is the evaluator where no judge is given: saediff steer
+    chooses and reports on its halves (within each domain), saediff eval scores a shipped set, and
+    a judge together with pairs is one line."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(diff_run / "run", run)
+    r = CliRunner().invoke(app, ["steer", str(run), "--pairs", "offdomain:design", "--scales", "1", "--latents", "1",
+                                 "--random", "1"])
+    assert r.exit_code == 0, r.output
+    em = json.loads(next((run / "steer" / "report").glob("*/em.json")).read_text())
+    assert "preference" in em and em["coherence"].startswith("not measured")
+    design = {p.id for p in offdomain_pairs("design")}
+    scored = {json.loads(x)["id"] for x in next((run / "steer" / "report").glob("*/pairs.jsonl")).read_text().splitlines()}
+    assert scored and scored <= design  # the report half of the design split, never a held-out question
+    r = CliRunner().invoke(app, ["eval", "--model", str(tiny_qwen / "model"), "--pairs", "offdomain:heldout",
+                                 "--out", str(tmp_path / "eval")])
+    assert r.exit_code == 0 and json.loads(r.output.splitlines()[-1])["n"] == 71, r.output
+    r = CliRunner().invoke(app, ["steer", str(run), "--pairs", "medical", "--judge-url", "http://127.0.0.1:9/v1",
+                                 "--judge-model", "x"])
+    assert r.exit_code == 1 and "not both" in r.output
