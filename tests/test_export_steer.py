@@ -13,15 +13,21 @@ from saediff.cli import app
 from saediff.fake_server import FakeOpenAIServer
 
 
-def test_export_uses_a_real_model_steer_json(tiny_qwen, tmp_path):
-    import gguf
-
+def _diff_run(tiny_qwen, tmp_path, max_new_tokens: int):
+    """A diff run of the tiny Qwen and its adapter through a random SAE at block 1, top latent only."""
     make_random_sae(tmp_path / "sae", 32, "blocks.1.hook_resid_post")
     run = tmp_path / "run"
     r = CliRunner().invoke(app, ["diff", "--base", str(tiny_qwen / "model"), "--adapter", str(tiny_qwen / "lora"),
-                                 "--sae", str(tmp_path / "sae"), "--prompts", "first_plot", "--max-new-tokens", "3",
-                                 "--top", "1", "--out", str(run)])
+                                 "--sae", str(tmp_path / "sae"), "--prompts", "first_plot", "--max-new-tokens",
+                                 str(max_new_tokens), "--top", "1", "--out", str(run)])
     assert r.exit_code == 0, r.output
+    return run
+
+
+def test_export_uses_a_real_model_steer_json(tiny_qwen, tmp_path):
+    import gguf
+
+    run = _diff_run(tiny_qwen, tmp_path, max_new_tokens=3)
     with FakeOpenAIServer() as server:
         r = CliRunner().invoke(app, ["steer", str(run), "--judge-url", server.url, "--judge-model", "j",
                                      "--samples", "1", "--max-new-tokens", "3", "--scales", "0.5,2",
@@ -47,12 +53,7 @@ def test_export_uses_a_real_model_steer_json(tiny_qwen, tmp_path):
 
 
 def test_export_names_a_broken_steer_json(tiny_qwen, tmp_path):
-    make_random_sae(tmp_path / "sae", 32, "blocks.1.hook_resid_post")
-    run = tmp_path / "run"
-    r = CliRunner().invoke(app, ["diff", "--base", str(tiny_qwen / "model"), "--adapter", str(tiny_qwen / "lora"),
-                                 "--sae", str(tmp_path / "sae"), "--prompts", "first_plot", "--max-new-tokens", "2",
-                                 "--top", "1", "--out", str(run)])
-    assert r.exit_code == 0, r.output
+    run = _diff_run(tiny_qwen, tmp_path, max_new_tokens=2)
     # a candidate no scale kept coherent: no validated scale, none in its control vector
     top = json.loads((run / "run.json").read_text())["steps"]["diff"]["top_latents"][0]
     (run / "steer.json").write_text(json.dumps({"induce": {f"sae_{top}": {
