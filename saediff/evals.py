@@ -202,7 +202,7 @@ def generation_key(generator, cfg: EMConfig, condition: str | None = None) -> di
     who = ({"model": lm.spec.model, "adapter": lm.spec.adapter, "dtype": lm.spec.dtype} if lm is not None
            else {"model": getattr(generator, "model", None), "url": getattr(getattr(generator, "client", None), "url", None)})
     return {**who, "condition": condition, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
-            "top_p": cfg.top_p, "seed": cfg.seed}
+            "top_p": cfg.top_p, "seed": cfg.seed, "batch_size": cfg.batch_size}
 
 
 def evaluate_em(

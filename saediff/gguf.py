@@ -187,8 +187,10 @@ def _write_folder(src: Path, dig: str, out: Path) -> None:
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(gguf_model.state_dict())  # strict: every key must match
+    with torch.device("meta"):  # no second, randomly initialised copy: an 8B model would need 2 x 32 GB
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(gguf_model.state_dict(), assign=True)  # strict: every key must match
+    plain.tie_weights()
     plain.generation_config = gguf_model.generation_config
     plain.save_pretrained(out)
     if not tok.chat_template:

@@ -106,7 +106,7 @@ def sae_fingerprint(sae, path: str | Path | None = None) -> dict:
     meta = getattr(sae.cfg, "metadata", None)
     fp = {"hook": getattr(meta, "hook_name", None), "d_sae": int(sae.cfg.d_sae), "d_in": int(sae.cfg.d_in),
           "architecture": sae.cfg.architecture() if callable(getattr(sae.cfg, "architecture", None)) else None,
-          "weights": digest([tensor_digest(sae.W_enc.T), tensor_digest(sae.W_dec), tensor_digest(sae.b_enc)])}
+          "weights": digest({k: tensor_digest(v) for k, v in sorted(sae.state_dict().items()) if v.numel()})}
     if path:
         p = Path(str(path)).expanduser()
         fp["path"] = str(p.resolve()) if p.exists() else str(path)
@@ -162,10 +162,11 @@ def _flatten(d, prefix: str = "") -> dict:
 
 
 def mismatch(old: dict | None, new: dict) -> str | None:
-    """None when ``old`` equals ``new``; else the first differing key with both values, one line
-    (``old`` None: the artifact carries no fingerprint, e.g. written by an older saediff)."""
+    """None when ``old`` equals ``new`` (both None included: nothing was recorded and nothing is
+    asked); else the first differing key with both values, one line (``old`` None alone: the
+    artifact carries no fingerprint, e.g. written by an older saediff)."""
     if old is None:
-        return "no provenance recorded"
+        return None if new is None else "no provenance recorded"
     a, b = _flatten(json.loads(json.dumps(old, default=str))), _flatten(json.loads(json.dumps(new, default=str)))
     for k in sorted(set(a) | set(b)):
         if a.get(k) != b.get(k):

@@ -181,3 +181,17 @@ def test_mismatch_names_the_first_differing_key():
     assert mismatch({"a": {"b": 1, "c": 2}}, {"a": {"b": 1, "c": 2}}) is None
     assert mismatch({"a": {"b": 1, "c": 2}}, {"a": {"b": 1, "c": 3}}) == "a.c: 2 (saved) vs 3 (now)"
     assert mismatch(None, {"a": 1}) == "no provenance recorded"
+    assert mismatch(None, None) is None  # nothing recorded, nothing asked (a run trained without an evaluator)
+
+
+def test_sae_fingerprint_reads_every_architecture():
+    """A gated SAE has no b_enc (SAELens sets it to None): the fingerprint digests the state dict."""
+    from sae_lens import GatedSAE, GatedSAEConfig
+    from sae_lens.saes.sae import SAEMetadata
+
+    torch.manual_seed(0)
+    sae = GatedSAE(GatedSAEConfig(d_in=8, d_sae=16, metadata=SAEMetadata(hook_name=HOOK)))
+    fp = sae_fingerprint(sae)
+    with torch.no_grad():
+        sae.W_dec[0, 0] += 1.0
+    assert fp["d_sae"] == 16 and sae_fingerprint(sae)["weights"] != fp["weights"]
