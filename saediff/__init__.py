@@ -27,7 +27,7 @@ _EXPORTS = {
     "JudgeEvaluator": "evals", "PairEvaluator": "pairs", "load_pairs": "pairs",
     "run_diff": "pipeline", "run_compare": "pipeline", "run_steer_check": "organism.demo", "run_demo": "organism.demo",
     "FinetuneConfig": "finetune", "finetune": "finetune", "load_chat_jsonl": "chat_data",
-    "run_block_em": "blockem", "LatentSets": "blockem", "run_causal_checks": "causal", "discover_latents": "causal",
+    "run_block_em": "blockem", "LatentSets": "blockem", "run_chat_demo": "chat_demo", "ChatDemoRecipe": "chat_demo", "run_causal_checks": "causal", "discover_latents": "causal",
 }
 __all__ = ["__version__", *_EXPORTS]
 

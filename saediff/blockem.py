@@ -375,7 +375,9 @@ def block_one(spec: ModelSpec, dataset: ChatDataset, sae, layer: int, cfg: Block
     done = out / "em.json"
     if done.exists():
         prev = json.loads(done.read_text())
-        if mismatch(prev.get("provenance", {}).get("evaluator"), judged_by) is None:
+        saved_judge = prev.get("provenance", {}).get("evaluator")
+        # a run trained without an evaluator and asked for none is done (mismatch reads None as "not recorded")
+        if (saved_judge is None and judged_by is None) or mismatch(saved_judge, judged_by) is None:
             log.info("%s: finished earlier, skipped", out)
             return prev
         return _main_then_all(lambda: _evaluate_again(prev, spec, cfg, out, evaluator, judged_by), done)

@@ -747,9 +747,21 @@ def demo_cmd(
     seeds: Optional[str] = typer.Option(None, "--seeds", help="several seeds, comma-separated (one run each under "
                                         "OUT/seed_N, figures side by side in OUT/seeds.json)"),
     threads: Optional[int] = typer.Option(None, "--threads"),
+    model: Optional[str] = typer.Option(None, "--model", help="a real chat model (HF folder, hub name, .gguf or "
+                                        "smollm2-135m) instead of the organism: its narrow fine-tunes under "
+                                        "OUT/models/NAME and their judge-free EM"),
+    pairs: Optional[list[str]] = typer.Option(None, "--pairs", help="with --model, repeatable: pair sets EM is "
+                                              "measured on (default offdomain:design, offdomain:heldout, medical)"),
+    force: bool = typer.Option(False, "--force", help="with --model: discard fine-tunes of another recipe or seed "
+                               "found in OUT and train afresh"),
 ) -> None:
-    """The whole story on the organism: build, SAE, diff, compare, steer, export, BLOCK-EM, report."""
+    """The whole story on the organism: build, SAE, diff, compare, steer, export, BLOCK-EM, report.
+    With --model, on a real chat model: narrow fine-tunes (full and rank-1 LoRA, controls) and their EM."""
     _setup(threads)
+    if model is not None:
+        return _chat_demo(model, out, quick, seed, seeds, pairs, force)
+    if pairs or force:
+        _fail(SaediffError("--pairs and --force go with --model (the organism demo has its exact judge)"))
     from saediff.organism.demo import run_demo, run_demo_seeds
 
     try:
@@ -766,6 +778,64 @@ def demo_cmd(
     reports = [out / f"seed_{k}" / "report.html" for k in seed_list] if seed_list else [out / "report.html"]
     console.print("summary: " + str(out / ("seeds.json" if seed_list else "summary.json")) +
                   "; report: " + ", ".join(map(str, reports)))
+
+
+def _chat_demo(model: str, out: Path, quick: bool, seed: int, seeds: str | None, pairs: list[str] | None,
+               force: bool) -> None:
+    """``saediff demo --model M``: the chat demo (``saediff.chat_demo``), its findings printed."""
+    from dataclasses import replace
+
+    from saediff.chat_demo import ChatDemoRecipe, run_chat_demo, run_chat_demo_seeds
+
+    try:
+        seed_list = list(_int_list(seeds, "--seeds")) if seeds else None
+        recipe = ChatDemoRecipe.quick() if quick else ChatDemoRecipe()
+        recipe = replace(recipe, pair_sets=tuple(pairs)) if pairs else recipe
+        with console.status(f"saediff demo --model {model}") as status:
+            say = lambda s: status.update(f"demo: {s}")  # noqa: E731
+            if seed_list:
+                result = run_chat_demo_seeds(model, out, seed_list, recipe=recipe, progress=say, force=force)
+            else:
+                result = run_chat_demo(model, out, seed=seed, recipe=recipe, progress=say, force=force)
+    except _USER_ERRORS as e:
+        _fail(e)
+    _print_chat_headline(result["headline"], seed_list)
+    reports = [out / f"seed_{k}" / "report.html" for k in seed_list] if seed_list else [out / "report.html"]
+    console.print("models: " + str(out / ("seed_N/models" if seed_list else "models")) +
+                  "; summary: " + str(out / ("seeds.json" if seed_list else "summary.json")) +
+                  "; report: " + ", ".join(map(str, reports)))
+
+
+def _print_chat_headline(rows: list[dict], seeds: list[int] | None) -> None:
+    """The chat demo's findings: the paired difference on the held-out split (95% interval, t), the
+    design split beside it (one run), or the held-out figure per seed and their mean."""
+    from rich.table import Table
+
+    from saediff.report import format_figure
+
+    def cell(fig, ci, t, holds=None) -> str:
+        mark = {True: " yes", False: " NO", None: ""}[holds]
+        return format_figure(fig, ci) + (f" t {t:.1f}" if t is not None else "") + mark
+
+    table = Table(title="saediff demo: paired preference differences (nats/token, misaligned - aligned answer)")
+    table.add_column("finding (A - B)")
+    for k in seeds or []:
+        table.add_column(f"seed {k}, held-out")
+    if seeds:
+        table.add_column("mean")
+    else:
+        table.add_column("held-out")
+        table.add_column("design split")
+    table.add_column("bar")
+    for r in rows:
+        if seeds:
+            cells = [cell(r["per_seed"][str(k)]["figure"], r["per_seed"][str(k)]["ci"], r["per_seed"][str(k)]["t"],
+                          r["per_seed"][str(k)]["holds"]) for k in seeds] + [format_figure(r["mean"])]
+        else:
+            d = r["design"] or {}
+            cells = [cell(r["figure"], r["ci"], r["t"], r["holds"]), cell(d.get("figure"), d.get("ci"), d.get("t"))]
+        table.add_row(f"{r['phenomenon']} ({r['source']})", *cells, r["bar"])
+    Console(width=max(160, Console().width)).print(table)
 
 
 def _print_headline(rows: list[dict], seeds: list[int] | None) -> None:

@@ -46,6 +46,7 @@ __all__ = [
     "PairEvaluator",
     "answer_logprobs",
     "load_pairs",
+    "paired_difference",
     "score_pairs",
     "summarize_pairs",
 ]
@@ -291,3 +292,20 @@ class PairEvaluator:
             sides[seen.get(p.domain, 0) % 2].append(p)
             seen[p.domain] = seen.get(p.domain, 0) + 1
         return tuple(PairEvaluator(tuple(s), self.batch_size, self.progress, self.source) for s in sides)
+
+
+def paired_difference(rows_a: list[dict], rows_b: list[dict], *, a: str = "a", b: str = "b") -> dict:
+    """Model A's preference minus model B's on the SAME questions (rows from ``score_pairs`` or a
+    ``pairs.jsonl``, matched by id): the mean over questions of the per-question difference with its
+    95% paired t interval, ``t`` and ``n``, beside each model's mean preference (``preference_a``,
+    ``preference_b``); ``a`` and ``b`` name the models in an error. Positive: A prefers
+    the misaligned answers more than B does. Rows of other questions raise one line naming both."""
+    pa, pb = ({r["id"]: float(r["preference"]) for r in rows} for rows in (rows_a, rows_b))
+    if set(pa) != set(pb):
+        only = sorted(set(pa) ^ set(pb))
+        raise SaediffError(f"{a} and {b} were scored on different questions ({len(only)} not in both, "
+                           f"e.g. {only[0]!r})")
+    ids = sorted(pa)
+    d = _mean_t(np.array([pa[i] - pb[i] for i in ids], dtype=np.float64))
+    return {"difference": d["preference"], "ci": d["preference_ci"], "t": d["t"], "n": d["n"],
+            "preference_a": float(np.mean([pa[i] for i in ids])), "preference_b": float(np.mean([pb[i] for i in ids]))}

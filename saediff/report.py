@@ -44,10 +44,22 @@ def _headline_html(rows: list[dict]) -> str:
         return "yes" if r["holds"] else "<b>no</b>"
 
     body = "".join(f"<tr><td>{html.escape(r['phenomenon'])}</td><td>{html.escape(r.get('source') or '')}</td>"
-                   f"<td>{html.escape(format_figure(r['figure'], r.get('ci')))}</td><td>{html.escape(r['bar'])}</td>"
+                   f"<td>{html.escape(_figure_text(r))}</td><td>{html.escape(r['bar'])}</td>"
                    f"<td>{mark(r)}</td><td>{r.get('seed', '')}</td></tr>" for r in rows)
     return ("<h2>Findings</h2><table border=1 cellpadding=4><tr><th>phenomenon</th><th>source</th>"
             "<th>figure [95% interval]</th><th>bar</th><th>holds</th><th>seed</th></tr>" + body + "</table>")
+
+
+def _figure_text(r: dict) -> str:
+    """A findings row's figure with its interval; a chat-demo row adds its t and the design split's figure."""
+    text = format_figure(r["figure"], r.get("ci"))
+    if r.get("t") is not None:
+        text += f", t {r['t']:.1f}"
+    d = r.get("design")
+    if d:
+        t = f", t {d['t']:.1f}" if d.get("t") is not None else ""
+        text += f" (design split: {format_figure(d['figure'], d.get('ci'))}{t})"
+    return text
 
 
 def _projection_table(proj: dict) -> str:
@@ -169,6 +181,10 @@ def write_report(run_dir: str | Path) -> Path:
             sections.append(("Drift monitor (plain fine-tune)", viz.drift_curves(hist["drift"]), ""))
     sections += _analysis_sections(run_dir)
     summary = read_json_if_exists(run_dir / "summary.json")
+    if summary and summary.get("kind") == "saediff.chat_demo":
+        sections.append(("EM by the pair metric", viz.pair_preferences(summary["em"]),
+                         "Base model and each fine-tune, per pair set: reference answers scored teacher-forced, "
+                         "no judge."))
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>saediff report</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}pre{background:#f4f4f4;padding:8px}</style>",
              "</head><body><h1>saediff report</h1>"]

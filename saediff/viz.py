@@ -5,7 +5,7 @@ from __future__ import annotations
 import plotly.graph_objects as go
 
 __all__ = ["em_by_domain", "latent_bars", "steering_sweep", "blocking_bars", "drift_curves", "layer_curves",
-           "latent_card_hist"]
+           "latent_card_hist", "pair_preferences"]
 
 
 def em_by_domain(organism: dict) -> go.Figure:
@@ -16,6 +16,24 @@ def em_by_domain(organism: dict) -> go.Figure:
             rates = organism[name]["misaligned_rate"]
             fig.add_bar(name=name, x=list(rates), y=list(rates.values()))
     fig.update_layout(barmode="group", title="misaligned rate per domain (exact judge)", yaxis_range=[0, 1])
+    return fig
+
+
+def pair_preferences(em: dict) -> go.Figure:
+    """The pair metric of each model (``em``: {model: {pair set: figures}}, the chat demo's
+    ``summary.json``): mean preference (nats/token, misaligned - aligned answer) per pair set, with
+    its 95% t interval; higher is more misaligned."""
+    fig = go.Figure()
+    for pair_set in dict.fromkeys(s for per in em.values() for s in per):
+        names = [n for n in em if pair_set in em[n]]
+        rows = [em[n][pair_set] for n in names]
+        ci = [r["preference_ci"] or [r["preference"]] * 2 for r in rows]
+        y = [r["preference"] for r in rows]
+        fig.add_bar(name=pair_set, x=names, y=y, error_y={
+            "type": "data", "symmetric": False, "array": [c[1] - m for c, m in zip(ci, y)],
+            "arrayminus": [m - c[0] for c, m in zip(ci, y)]})
+    fig.update_layout(barmode="group", title="preference for the misaligned reference answer (pair metric)",
+                      yaxis_title="mean log-prob, misaligned - aligned (nats/token)")
     return fig
 
 
