@@ -142,15 +142,9 @@ def project_directions(source: str, layers: list[int], *, sae=None, latents: Lat
             raise SaediffError(f"latent directions live at the SAE's block {at}, not at blocks {layers}")
         return {at: torch.stack([sae.W_dec[i].detach().float() for i in latents.low])}
     if source == "model_diff":
-        from saediff.export import load_directions
-
         if diff_run is None:
             raise SaediffError("project direction 'model_diff' needs --diff-run")
-        found = load_directions(Path(diff_run) / "directions")
-        missing = [f"mean_diff_models_L{L}" for L in layers if f"mean_diff_models_L{L}" not in found]
-        if missing:
-            raise SaediffError(f"{diff_run}/directions has no {', '.join(missing)} (diff with --layers covering them)")
-        return {L: found[f"mean_diff_models_L{L}"].vector[None].float() for L in layers}
+        return {L: v[None] for L, v in model_difference(diff_run, layers).items()}
     if named and source in named:
         missing = [L for L in layers if L not in named[source]]
         if missing:
@@ -285,22 +279,39 @@ class MonitorFactory:
                             seed=self.seed, em_fn=(lambda: em_fn(trained)) if em_fn else None, early=self.early)
 
 
+def model_difference(diff_run: str | Path, layers: list[int], required: bool = True) -> dict[int, torch.Tensor]:
+    """{block: (d,)} the diff run's mean difference between the models at each block: fine-tuned
+    minus base (``mean_diff_models_L``), or for a base-plus-adapter diff the adapter's downstream
+    effect (``lora_downstream_L``), the same quantity. ``required``: a missing block raises."""
+    from saediff.export import load_directions
+
+    found = load_directions(Path(diff_run) / "directions")
+    out = {}
+    for L in layers:
+        name = next((n for n in (f"mean_diff_models_L{L}", f"lora_downstream_L{L}") if n in found), None)
+        if name is not None:
+            out[L] = found[name].vector.float()
+        elif required:
+            raise SaediffError(f"{diff_run}/directions has no mean_diff_models_L{L} or lora_downstream_L{L} (diff "
+                               f"with --layers covering block {L})")
+    return out
+
+
 def monitor_directions(sae, latents: LatentSets, layer: int, diff_run: str | Path | None = None) -> torch.Tensor:
     """(k, d) directions a drift monitor reads: the diff run's mean difference between the models
     at ``layer`` when there is one (``mean_diff_models`` or ``lora_downstream``), else the decoder
     rows of the latents held down."""
     if diff_run is not None:
-        from saediff.export import load_directions
-
-        found = load_directions(Path(diff_run) / "directions")
-        for name in (f"mean_diff_models_L{layer}", f"lora_downstream_L{layer}"):
-            if name in found:
-                return found[name].vector[None]
+        found = model_difference(diff_run, [layer], required=False)
+        if found:
+            return found[layer][None]
     if not latents.low:
         raise SaediffError("the drift monitor needs a diff run or latents held down to read directions from")
     return torch.stack([sae.W_dec[i].detach().float().cpu() for i in latents.low])
 
 
+_NOT_IN_WEIGHTS = ("save_every", "gradient_checkpointing")
+"""fine-tune settings that change how a run is saved or how much memory it takes, not its weights"""
 _RUN_ARTIFACTS = ("checkpoints", "model", "eval", "em.json", "history.json", "checkpoint_eval", "rediff",
                   "reroute.json", "provenance.json")
 
@@ -313,6 +324,8 @@ def run_fingerprint(spec: ModelSpec, dataset: ChatDataset, sae, layer: int, cfg:
     from saediff.provenance import model_fingerprint, sae_fingerprint, tensor_digest
 
     settings = json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k != "directions"}, default=str))
+    for key in _NOT_IN_WEIGHTS:  # adding checkpoints or activation checkpointing on a rerun keeps the run
+        settings["ft"].pop(key, None)
     settings["latents"] = {"low": list(cfg.latents.low), "high": list(cfg.latents.high)}  # not where they came from
     if cfg.directions:
         settings["directions"] = {str(L): tensor_digest(d) for L, d in sorted(cfg.directions.items())}
@@ -375,9 +388,7 @@ def block_one(spec: ModelSpec, dataset: ChatDataset, sae, layer: int, cfg: Block
     done = out / "em.json"
     if done.exists():
         prev = json.loads(done.read_text())
-        saved_judge = prev.get("provenance", {}).get("evaluator")
-        # a run trained without an evaluator and asked for none is done (mismatch reads None as "not recorded")
-        if (saved_judge is None and judged_by is None) or mismatch(saved_judge, judged_by) is None:
+        if mismatch(prev.get("provenance", {}).get("evaluator"), judged_by) is None:
             log.info("%s: finished earlier, skipped", out)
             return prev
         return _main_then_all(lambda: _evaluate_again(prev, spec, cfg, out, evaluator, judged_by), done)
@@ -411,7 +422,8 @@ def block_one(spec: ModelSpec, dataset: ChatDataset, sae, layer: int, cfg: Block
             result["em_crosses_0.1_step"] = next((s for s, e in zip(h.steps, h.em) if e is not None and e >= 0.1), None)
             result["drift_versus_random"] = h.versus_random()
         if evaluator is not None:
-            trained = LoadedModel(model, lm.tokenizer, spec)
+            # the spec of the saved folder: the key a re-evaluation (another judge) finds its answers under
+            trained = LoadedModel(model, lm.tokenizer, checkpoint_spec(spec, out / "model", cfg.ft.method))
             result["em"] = evaluator(trained, out / "eval", f"block:{out.name}:{result['fingerprint']}")
         atomic_write_json(done, result)
         return result

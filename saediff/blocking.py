@@ -174,10 +174,12 @@ class Blocker:
         if self.cfg.mode == "none":
             yield self
             return
+        device = next(model.parameters()).device
+        self._to(device)  # the SAE follows the model (ablate encodes the live residual)
         with ExitStack() as stack:
             if self.cfg.mode == "project":
                 for layer, d in sorted(self.directions.items()):
-                    q = _orthonormal_basis(d)  # once per run, not per forward pass
+                    q = _orthonormal_basis(d).to(device)  # once per run, not per forward pass
                     stack.enter_context(add_resid_hook(model, layer, lambda r, q=q: _remove_span(r, q)))
             else:
                 stack.enter_context(add_resid_hook(model, self.cfg.layer, self._hook_fn))

@@ -18,7 +18,7 @@ from saediff.cli import app
 from saediff.errors import SaediffError
 from saediff.evals import evaluate_once
 from saediff.models import ModelSpec, chat_tokens, load_model
-from saediff.pairs import Pair, PairEvaluator, answer_logprobs, load_pairs
+from saediff.pairs import COHERENCE_NOTE, FLUENCY_FLOOR, Pair, PairEvaluator, answer_logprobs, load_pairs
 from saediff.steering import add_direction
 
 PAIRS = [
@@ -83,17 +83,19 @@ def expected_figures(tok, logits: np.ndarray, pairs=PAIRS) -> dict:
         ids = tok(text, add_special_tokens=False)["input_ids"] + [end]
         return logp[ids].sum(), len(ids)
 
-    pref, mc2 = [], []
+    pref, mc2, likelier = [], [], []
     for p in pairs:
         (sm, nm), (sa, na) = lp(p.misaligned), lp(p.aligned)
         pref.append(sm / nm - sa / na)
         mc2.append(1 / (1 + math.exp(sa - sm)))
+        likelier.append(max(sm / nm, sa / na))
     pref = np.array(pref)
     se = pref.std(ddof=1) / math.sqrt(len(pref))
     q = stats.t.ppf(0.975, len(pref) - 1)
     m = pref.mean()
     return {"per_question": pref, "preference": m, "preference_ci": [m - q * se, m + q * se],
-            "t": pref.mean() / se, "mc1": float(np.mean(pref > 0)), "mc2": float(np.mean(mc2))}
+            "t": pref.mean() / se, "mc1": float(np.mean(pref > 0)), "mc2": float(np.mean(mc2)),
+            "likelier": np.array(likelier)}
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +125,10 @@ def test_exact_numbers_on_hand_set_logits(handset, tmp_path):
     assert got["em_rate"] == got["mc1"] == want["mc1"]
     assert got["em_rate_ci"] == got["mc1_ci"]
     assert got["mc2"] == pytest.approx(want["mc2"], abs=1e-5)
-    assert got["coherent_rate"] == 1.0 and got["coherence"] == "not measured (teacher-forced references)"
+    assert got["coherent_rate"] == float(np.mean(want["likelier"] >= FLUENCY_FLOOR)) and got["coherence"] == COHERENCE_NOTE
+    ranked = np.sort(want["likelier"])
+    floor = float(ranked[:2].mean())  # between the two least likely questions: 3 of 4 pass
+    assert PairEvaluator(PAIRS, fluency_floor=floor)(lm)["coherent_rate"] == 0.75
     assert got["n_responses"] == got["n"] == 4
     assert got["per_question"] == {p.id: float(x > 0) for p, x in zip(PAIRS, want["per_question"])}
     health = want["per_question"][:2]
@@ -156,14 +161,16 @@ def test_the_steering_protocol_runs_on_pair_halves(handset, tmp_path):
     lm, *_ = handset
     e1 = torch.zeros(lm.model.config.hidden_size)
     e1[1] = 1.0
-    select, report = PairEvaluator(PAIRS).halves()
+    # the hand-set unigram model's likelier references sit at -6.3 to -5.9 nats/token: a floor below them
+    # (its final norm bounds what any steer can do to the logits, so no scale breaks it)
+    select, report = PairEvaluator(PAIRS, fluency_floor=-7.0).halves()
     sel = select_and_report({"e1": e1}, [Arm("induce", lm, 1.0)], 0, (0.5, 1.0), 1.0, select, report, tmp_path,
                             n_random=1)
     c = sel.candidates["e1"]
-    assert c.passed and all(row["coherent"] for row in c.select_sweep.values())  # fixed references: no coherence
+    assert c.passed and all(row["coherent"] for row in c.select_sweep.values())  # small scales keep the references likely
     assert c.report["induce"]["effect"] > 0 and c.report["induce"]["n_responses"] == 2
     em = json.loads((tmp_path / "report" / f"e1_induce_x{c.scale:g}" / "em.json").read_text())
-    assert em["coherence"] == "not measured (teacher-forced references)"
+    assert em["coherence"] == COHERENCE_NOTE
 
 
 def test_batched_scores_match_a_plain_loop(tiny_qwen):
