@@ -60,4 +60,4 @@ def test_steer_cli_on_a_real_model(tiny_qwen, tmp_path):
         asked[half] = {json.loads(x)["id"] for x in rows}
     assert asked["select"].isdisjoint(asked["report"]) and len(asked["select"]) == 4
     r = CliRunner().invoke(app, ["steer", str(tmp_path / "run"), "--samples", "2"])
-    assert r.exit_code == 1 and "--judge-url and --judge-model are required" in r.output
+    assert r.exit_code == 1 and "need --judge-url and --judge-model, or --pairs" in r.output
