@@ -89,9 +89,7 @@ class LoadedModel:
 
     def format_chat(self, messages: Messages, add_generation_prompt: bool = True) -> str:
         """The conversation rendered with the model's own chat template."""
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        return apply_template(self.tokenizer, messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
 def chat_tokens(tokenizer, messages: Messages, turns: Literal["last", "all"] = "last") -> tuple[list[int], list[int]]:
@@ -129,7 +127,7 @@ def _has_generation_block(tokenizer) -> bool:
 
 def _generation_mask(tokenizer, messages: Messages, ends: list[int]) -> tuple[list[int], list[int]]:
     """The template's own ``{% generation %}`` mask, kept from the first of ``ends`` on."""
-    enc = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    enc = apply_template(tokenizer, messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     ids, marked = list(enc["input_ids"]), list(enc["assistant_masks"])
     start = len(_render_ids(tokenizer, messages[: ends[0]], True))
     mask = [int(bool(m) and j >= start) for j, m in enumerate(marked)]
@@ -163,8 +161,19 @@ def _special_ids(tokenizer) -> set[int]:
     return set(tokenizer.all_special_ids) | {i for i, t in added.items() if getattr(t, "special", False)}
 
 
+def apply_template(tokenizer, messages: Messages, **kwargs):
+    """``tokenizer.apply_chat_template``; a tokenizer without a chat template (a base model) is one
+    line naming it rather than transformers' traceback: every prompt saediff reads is rendered with
+    the model's own template."""
+    if not getattr(tokenizer, "chat_template", None):
+        name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+        raise SaediffError(f"the tokenizer of {name} has no chat template: use a chat (instruct) model, or set "
+                           f"tokenizer.chat_template before loading prompts")
+    return tokenizer.apply_chat_template(messages, **kwargs)
+
+
 def _render_ids(tokenizer, messages: Messages, add_generation_prompt: bool) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    text = apply_template(tokenizer, messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 

@@ -47,3 +47,16 @@ def test_the_subclasses_keep_their_builtin_types():
     assert isinstance(MissingFileError("x"), FileNotFoundError) and isinstance(MissingFileError("x"), SaediffError)
     e = UnknownKeyError("hook blocks.9 not in the model")
     assert isinstance(e, KeyError) and str(e) == "hook blocks.9 not in the model"  # KeyError would quote it
+
+
+def test_a_tokenizer_without_a_chat_template_is_one_line(tiny_qwen):
+    """A base model's tokenizer has no chat template: saediff renders every prompt with one, so this
+    is bad input named in one line, not transformers' traceback."""
+    from transformers import AutoTokenizer
+
+    from saediff.models import chat_tokens
+
+    tok = AutoTokenizer.from_pretrained(tiny_qwen / "model")
+    tok.chat_template = None
+    with pytest.raises(SaediffError, match="has no chat template: use a chat"):
+        chat_tokens(tok, [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}])
