@@ -17,7 +17,7 @@ Layout of ``DIR``:
   time of each step; ``report.html``.
 
 The later parts of the story (SAE, diff, directions, steering, BLOCK-EM) slot in as more steps of
-``run_chat_demo``. This module never imports ``saediff.organism``.
+``run_chat_demo``. Like every core module it knows nothing of the built-in toy model.
 """
 
 from __future__ import annotations

@@ -174,7 +174,7 @@ def test_core_never_imports_the_organism():
     core = ["activations", "blocking", "blockem", "causal", "chat_data", "diff", "directions", "evals", "export",
             "finetune", "hooks", "judges", "lora", "models", "monitor", "pipeline", "prompts", "report", "run_eval",
             "saes", "steering", "viz", "shifts", "phase", "susceptibility", "icl", "neighbourhood", "dashboard", "explorer",
-            "cli_common", "cli_questions"]
+            "cli_common", "cli_questions", "chat_demo", "pairs", "em_data", "gguf", "provenance", "errors"]
     code = ("import sys\n" + "".join(f"import saediff.{m}\n" for m in core)
             + "print(sorted(m for m in sys.modules if m.startswith('saediff.organism')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
