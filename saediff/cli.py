@@ -31,6 +31,7 @@ from saediff.cli_common import (  # shared with saediff.cli_questions
     _judge_evaluator,
     _setup,
 )
+from saediff.errors import SaediffError
 
 
 @organism_app.command("build")
@@ -873,7 +874,6 @@ def report_cmd(run_dir: Path = typer.Argument(..., help="demo run folder")) -> N
 
 # the open-question commands (neighbourhood, overlap, predict, phase, icl) live in their own module
 from saediff.cli_questions import register as _register_questions
-from saediff.errors import SaediffError
 
 _register_questions(app, _OrganismDefaults())
 
