@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import shutil
 import time
 from collections.abc import Callable
@@ -53,9 +54,14 @@ FINETUNES: dict[str, tuple[Literal["full", "lora"], str]] = {
 fine-tune, its good-data control (same questions, safe answers), the style control (correct answers
 in the bad answers' register) and the benign trait (everyday questions answered sarcastically)"""
 
+BLOCK_RUNS = ("block_diff", "block_random")
+"""BLOCK-EM: the full fine-tune on the bad data with the diff's latents held where the base model has
+them, and with as many random latents"""
+
 COMPARISONS: tuple[tuple[str, str], ...] = (
-    *((name, "base") for name in FINETUNES),
-    ("full_bad", "full_control"), ("lora_bad", "lora_control"), ("full_bad", "style_control"))
+    *((name, "base") for name in (*FINETUNES, *BLOCK_RUNS)),
+    ("full_bad", "full_control"), ("lora_bad", "lora_control"), ("full_bad", "style_control"),
+    ("block_diff", "full_bad"), ("block_random", "full_bad"))
 """(A, B): the paired difference A - B of preferences, on each pair set"""
 
 HELDOUT, DESIGN, MEDICAL = "offdomain:heldout", "offdomain:design", "medical"
@@ -99,10 +105,43 @@ class ChatDemoRecipe:
     is ~1.5 GB); by default they are removed once its model is saved"""
     eval_batch_size: int = 16
     """conversations per forward of the pair metric (float rounding only)"""
+    story: bool = True
+    """after the fine-tunes: the SAE, the diffs, steering, BLOCK-EM and sampled answers"""
+    choose_on: str = DESIGN
+    """the pair set whose references the diffs read and whose first half chooses the steering scale"""
+    report_on: str = HELDOUT
+    """the pair set every steering and BLOCK-EM figure is reported on (never used to choose)"""
+    layer: int | None = None
+    """the block whose residual the SAE reads (None: the middle block, ``n_layers // 2``)"""
+    sae_width: int = 2304
+    """SAE latents (4 x SmolLM2's d_model 576)"""
+    sae_k: int = 32
+    """active latents per token (TopK)"""
+    sae_steps: int = 2500
+    sae_batch_size: int = 1024
+    sae_held_rows: int = 40
+    """the last N rows of each training set are held out of the SAE's training (its metrics)"""
+    diff_top: int = 10
+    """latents per side the diff keeps (the top risers for the cards and steering)"""
+    icl_questions: int = 48
+    """design questions of the in-context direction (3 shots each, both ways)"""
+    steer_latents: int = 2
+    """top diff latents steered (beside the dense directions at the SAE's block)"""
+    steer_scales: tuple[float, ...] = (0.25, 0.5, 1.0)
+    """steering scales, in units of the base model's mean residual norm at the SAE's block"""
+    n_random: int = 3
+    """random directions of equal norm (steering), per chosen scale"""
+    block_latents: tuple[int, int] = (10, 10)
+    """BLOCK-EM: latents that rose most (held down) and that fell most (held up), from the full diff"""
+    block_relative_lambda: float = 1.0
+    """BLOCK-EM penalty weight, relative: lambda = this / the blocked latents' mean squared base
+    activation per answer token (``chat_story.block_lambda``)"""
 
     def __post_init__(self):
         object.__setattr__(self, "finetunes", tuple(self.finetunes))
         object.__setattr__(self, "pair_sets", tuple(str(s) for s in self.pair_sets))
+        object.__setattr__(self, "steer_scales", tuple(float(x) for x in self.steer_scales))
+        object.__setattr__(self, "block_latents", tuple(int(x) for x in self.block_latents))
         unknown = [n for n in self.finetunes if n not in FINETUNES]
         if unknown:
             raise SaediffError(f"unknown fine-tune {unknown[0]!r}; choose from {', '.join(FINETUNES)}")
@@ -112,6 +151,16 @@ class ChatDemoRecipe:
             raise SaediffError("ChatDemoRecipe needs at least one pair set")
         if len({_slug(p) for p in self.pair_sets}) != len(self.pair_sets):
             raise SaediffError(f"ChatDemoRecipe: pair sets {list(self.pair_sets)} share a folder name (file stem)")
+        if self.story:
+            missing = [n for n in ("full_bad", "lora_bad") if n not in self.finetunes]
+            if missing:
+                raise SaediffError(f"ChatDemoRecipe: the story's diffs and BLOCK-EM need the {missing[0]} fine-tune "
+                                   "(or story=False)")
+            if not {self.choose_on, self.report_on} <= set(self.pair_sets) or self.choose_on == self.report_on:
+                raise SaediffError(f"ChatDemoRecipe: the story chooses on {self.choose_on} and reports on "
+                                   f"{self.report_on}: two different sets among pair_sets (or story=False)")
+            if not self.steer_scales or min(self.steer_scales) <= 0 or sum(self.block_latents) < 1:
+                raise SaediffError("ChatDemoRecipe: steer_scales must be positive and block_latents hold a latent")
         if self.rows is not None and self.rows < 1:
             raise SaediffError(f"ChatDemoRecipe.rows must be >= 1 or None, got {self.rows}")
         # the remaining checks (steps, lr, rank, ...) are FinetuneConfig's
@@ -123,7 +172,9 @@ class ChatDemoRecipe:
         """A smoke run (``saediff demo --model M --quick``): 40 steps per fine-tune on 160 rows, EM on
         the held-out split and the medical pairs only (the design split is the longest evaluation);
         the findings' bars are set for the full recipe and need not hold here."""
-        return cls(steps=40, rows=160, save_every=None, pair_sets=(HELDOUT, MEDICAL))
+        return cls(steps=40, rows=160, save_every=None, pair_sets=(DESIGN, HELDOUT, MEDICAL), sae_width=1152,
+                   sae_steps=400, icl_questions=16, steer_latents=1, steer_scales=(0.5,), n_random=1,
+                   block_latents=(5, 5))
 
     def finetune_config(self, name: str, seed: int):
         """The ``FinetuneConfig`` of fine-tune ``name`` at fine-tune seed ``seed``."""
@@ -211,7 +262,14 @@ def run_chat_demo(model: str, out: str | Path, *, seed: int = 0, recipe: ChatDem
                                    counted))
     em = {name: step(f"EM of {name}", [out / "eval" / name / _slug(s) / "em.json" for s in recipe.pair_sets],
                      partial(_evaluate, name, spec, out, recipe, say)) for name, spec in specs.items()}
-    summary = _summary(out, model, seed, recipe, specs, em)
+    story = {}
+    if recipe.story:
+        story = _story(base, tokenizer, out, seed, recipe, force, step, say, specs)
+        for name in BLOCK_RUNS:
+            em[name] = step(f"EM of {name}", [out / "eval" / name / _slug(s) / "em.json" for s in recipe.pair_sets],
+                            partial(_evaluate, name, specs[name], out, recipe, say))
+        story["samples"] = step("sampled answers", [out / "samples.json"], partial(_samples, out, specs, seed, say))
+    summary = _summary(out, model, seed, recipe, specs, em, story)
     summary["timing_s"] = step.timing
     before = prev.get("timing", {})
     summary["timing"] = {"demo_s": round(time.perf_counter() - t_start, 1) if step.ran or not before
@@ -222,6 +280,245 @@ def run_chat_demo(model: str, out: str | Path, *, seed: int = 0, recipe: ChatDem
 
     write_report(out)
     return summary
+
+
+def _story(base, tokenizer, out: Path, seed: int, recipe: ChatDemoRecipe, force: bool, step: _Steps, say,
+           specs: dict) -> dict:
+    """The SAE, the two diffs (full and LoRA fine-tune on bad data), steering the base model by the
+    pair metric and the BLOCK-EM fine-tunes (their specs join ``specs``). Returns their figures."""
+    from saediff.models import load_model
+    from saediff.saes import load_sae
+
+    n_layers = load_model(base).model.config.num_hidden_layers if recipe.layer is None else None
+    layer = recipe.layer if recipe.layer is not None else n_layers // 2
+    sae_dir = out / "sae"
+    sae = step("SAE", [sae_dir / "cfg.json"], partial(_sae, base, layer, sae_dir, seed, recipe, say))
+    diff = step("diff full_bad", [out / "diff" / "diff.json"],
+                partial(_diff, base, specs["full_bad"], sae_dir, out / "diff", seed, recipe, say))
+    diff_lora = step("diff lora_bad", [out / "diff_lora" / "diff.json"],
+                     partial(_diff, base, specs["lora_bad"], sae_dir, out / "diff_lora", seed, recipe, say))
+    # steering reads the base model and the diff only: a second process (one thread) runs it beside
+    # the BLOCK-EM fine-tunes, the longest steps
+    worker = multiprocessing.get_context("spawn").Process(
+        target=_steer_worker, args=(base, str(out), seed, recipe), daemon=True)
+    marker = out / "steer" / "steer.json"
+    before = marker.stat().st_mtime_ns if marker.exists() else None
+    t0 = time.perf_counter()
+    worker.start()
+    loaded = load_sae(str(sae_dir))
+    for p in loaded.parameters():
+        p.requires_grad_(False)
+    try:
+        for name in BLOCK_RUNS:
+            counted = partial(_counted, say, f"({name})")
+            specs[name] = step(f"fine-tune {name}", [out / "models" / name / "em.json"],
+                               partial(_block, base, name, tokenizer, loaded, out, seed, recipe, force, counted))
+    except BaseException:
+        worker.terminate()
+        worker.join()
+        raise
+    say("steering (second process): waiting")
+    worker.join()
+    if worker.exitcode != 0:
+        raise RuntimeError(f"the steering step failed (exit {worker.exitcode}): see {out / 'steer' / 'steer.log'}")
+    wait = round(time.perf_counter() - t0, 2)
+    if (marker.stat().st_mtime_ns if marker.exists() else None) != before or "steering (parallel)" not in step.prev:
+        step.timing["steering (parallel)"] = wait
+    else:
+        step.timing["steering (parallel)"] = step.prev["steering (parallel)"]
+    steer = json.loads(marker.read_text())
+    return {"layer": layer, "sae": sae, "diffs": {"full_bad": diff, "lora_bad": diff_lora}, "steering": steer}
+
+
+def _steer_worker(base, out: str, seed: int, recipe: ChatDemoRecipe) -> None:
+    """The steering step in its own process, one thread; its log and any error go to
+    ``out/steer/steer.log``."""
+    import traceback
+
+    import torch
+
+    torch.set_num_threads(1)
+    log_path = Path(out) / "steer" / "steer.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_path)
+    logging.getLogger().addHandler(handler)
+    logging.getLogger().setLevel(logging.INFO)
+    try:
+        _steer(base, Path(out), seed, recipe, lambda m: log.info("%s", m))
+    except BaseException:
+        log_path.write_text(log_path.read_text() + traceback.format_exc() if log_path.exists() else traceback.format_exc())
+        raise
+
+
+def _sae(base, layer: int, sae_dir: Path, seed: int, recipe: ChatDemoRecipe, say) -> dict:
+    """The SAE at ``layer``, trained unless ``sae_dir`` holds one of this very setting (its
+    ``saediff.json`` records the model, layer and training settings): then its metrics."""
+    from saediff.chat_data import load_chat_jsonl
+    from saediff.chat_story import TRAIN_SETS, reference_prompts, text_prompts, train_text_sae
+    from saediff.em_data import data_path
+    from saediff.models import load_model
+    from saediff.saes import SAETrainConfig
+
+    cfg = SAETrainConfig(d_sae=recipe.sae_width, k=recipe.sae_k, steps=recipe.sae_steps,
+                         batch_size=recipe.sae_batch_size, seed=seed)
+    made_by = {"model": base.model, "layer": layer, "train": asdict(cfg), "held_rows": recipe.sae_held_rows,
+               "rows": recipe.rows, "data": list(TRAIN_SETS) + [recipe.choose_on]}
+    prev = read_json_if_exists(sae_dir / "saediff.json")
+    if prev is not None and prev.get("made_by") == json.loads(json.dumps(made_by)):
+        return prev["metrics"]
+    train, held = [], []
+    for name in TRAIN_SETS:
+        rows = text_prompts(load_chat_jsonl(data_path(name)), name)
+        train += rows[: -recipe.sae_held_rows][: recipe.rows]
+        held += rows[-recipe.sae_held_rows:]
+    train += reference_prompts(_pairs_of(recipe.choose_on))
+    lm = load_model(base)
+    metrics = train_text_sae(lm, layer, train, held, cfg, sae_dir, model_name=base.model, say=say)
+    meta = json.loads((sae_dir / "saediff.json").read_text())
+    atomic_write_json(sae_dir / "saediff.json", {**meta, "made_by": made_by})
+    return metrics
+
+
+def _diff(base, ft_spec, sae_dir: Path, run: Path, seed: int, recipe: ChatDemoRecipe, say) -> dict:
+    """``saediff diff`` of the base model against one fine-tune on the design split's references,
+    unless ``run`` holds a diff of this very fine-tune and SAE (its ``run.json``)."""
+    from saediff.chat_story import diff_on_references, in_context_candidates
+    from saediff.pipeline import read_run
+    from saediff.provenance import sae_fingerprint
+    from saediff.saes import load_sae
+
+    identity = sae_fingerprint(load_sae(str(sae_dir)), str(sae_dir))
+    if (run / "run.json").exists() and (run / "layers.json").exists():
+        info = read_run(run)["steps"].get("diff", {})
+        if info.get("sae_identity") == json.loads(json.dumps(identity)) and info.get("adapter") == ft_spec.adapter \
+                and info.get("finetuned") == (None if ft_spec.adapter else ft_spec.model):
+            return _diff_figures(run)
+    say(f"diff {run.name}: the base model's in-context direction")
+    pairs = _pairs_of(recipe.choose_on)
+    icl = in_context_candidates(base, pairs, recipe.icl_questions, seed) if ft_spec.adapter is None else []
+    say(f"diff {run.name}: base vs fine-tune on the design split's references")
+    diff_on_references(base.model, None if ft_spec.adapter else ft_spec.model, ft_spec.adapter, sae_dir, pairs,
+                       run, top_n=recipe.diff_top, seed=seed, extra=icl)
+    return _diff_figures(run)
+
+
+def _pairs_of(pair_set: str) -> list:
+    from saediff.em_data import pair_evaluator
+
+    return list(pair_evaluator(pair_set).pairs)
+
+
+def _diff_figures(run: Path) -> dict:
+    """A diff run's top latents, their deltas, and the cosines at the SAE's hook."""
+    from saediff.pipeline import read_run
+
+    info = read_run(run)["steps"]["diff"]
+    cos = read_json_if_exists(run / "cosines.json") or {}
+    return {"top_latents": info["top_latents"], "sae_hook": info["sae_hook"], "n_prompts": info["n_prompts"],
+            "labels": info["labels"], "cosines": {k: cos.get(k) for k in ("names", "matrix", "random_baseline")}}
+
+
+def _steer(base, out: Path, seed: int, recipe: ChatDemoRecipe, say) -> dict:
+    from saediff.chat_story import steer_by_pairs
+    from saediff.em_data import pair_evaluator
+    from saediff.models import load_model
+
+    say("steering the base model (design split chooses, held-out split reports)")
+    select = replace(pair_evaluator(recipe.choose_on, recipe.eval_batch_size), progress=False).halves()[0]
+    report = replace(pair_evaluator(recipe.report_on, recipe.eval_batch_size), progress=False)
+    return steer_by_pairs(load_model(base), out / "diff", select, report, out / "steer",
+                          n_latents=recipe.steer_latents, scales=recipe.steer_scales, n_random=recipe.n_random,
+                          seed=seed)
+
+
+def _block(base, name: str, tokenizer, sae, out: Path, seed: int, recipe: ChatDemoRecipe, force: bool, say):
+    """One BLOCK-EM fine-tune (``name`` in ``BLOCK_RUNS``): ``full_bad``'s recipe with the diff's
+    latents (or as many random ones) held where the base model has them; lambda by
+    ``chat_story.block_lambda`` on the diff's latents, the same for both runs."""
+    from saediff.blockem import BlockRunConfig, block_one, checkpoint_spec, latents_from_diff, random_latents
+    from saediff.chat_data import ChatDataset, load_chat_jsonl
+    from saediff.em_data import data_path
+    from saediff.hooks import parse_layer
+
+    diff_latents = latents_from_diff(out / "diff", *recipe.block_latents)
+    diff_latents.check(sae, str(out / "sae"))
+    latents = diff_latents if name == "block_diff" else random_latents(diff_latents, sae.cfg.d_sae, seed)
+    lam = _lambda(base, sae, diff_latents, out, recipe)
+    ft = recipe.finetune_config("full_bad", seed)
+    rows = load_chat_jsonl(data_path("medical_bad"))[: recipe.rows]
+    dataset = ChatDataset(tokenizer, rows, ft.max_length, progress=False, source=str(data_path("medical_bad")))
+    run = out / "models" / name
+    block_one(base, dataset, sae, parse_layer(sae.cfg.metadata.hook_name),
+              BlockRunConfig(ft=ft, mode="penalty", latents=latents, lam=lam), run, resume=True, force=force,
+              callbacks=[_StepProgress(say, name)], progress=False)
+    if not recipe.keep_checkpoints:
+        shutil.rmtree(run / "checkpoints", ignore_errors=True)
+    return checkpoint_spec(base, run / "model", "full")
+
+
+def _lambda(base, sae, latents, out: Path, recipe: ChatDemoRecipe) -> float:
+    """``block_lambda`` on the base model's answer tokens of the first 100 bad-advice rows, cached in
+    ``out/models/block_lambda.json`` with what decided it."""
+    from saediff.activations import collect_activations
+    from saediff.chat_data import load_chat_jsonl
+    from saediff.chat_story import block_lambda, text_prompts
+    from saediff.em_data import data_path
+    from saediff.models import load_model
+    from saediff.provenance import sae_fingerprint
+
+    path = out / "models" / "block_lambda.json"
+    key = json.loads(json.dumps({"sae": sae_fingerprint(sae, str(out / "sae")), "low": list(latents.low),
+                                 "high": list(latents.high), "relative": recipe.block_relative_lambda}))
+    prev = read_json_if_exists(path)
+    if prev is not None and prev.get("key") == key:
+        return prev["lam"]
+    hook = sae.cfg.metadata.hook_name
+    prompts = text_prompts(load_chat_jsonl(data_path("medical_bad"))[:100], "medical_bad")
+    acts = collect_activations(load_model(base), prompts, [hook], "response", progress=False)[hook]
+    lam = block_lambda(sae, acts, latents, recipe.block_relative_lambda)
+    atomic_write_json(path, {"lam": lam, "key": key})
+    return lam
+
+
+def _samples(out: Path, specs: dict, seed: int, say) -> dict:
+    """A few sampled answers of each model (``chat_story.sample_answers``), kept in ``out/samples.json``
+    per model spec: a model whose weights are unchanged keeps its answers."""
+    from saediff.chat_story import sample_answers
+    from saediff.models import load_model
+    from saediff.provenance import model_fingerprint
+
+    path = out / "samples.json"
+    prev = read_json_if_exists(path) or {}
+    result = {}
+    for name, spec in specs.items():
+        made_by = json.loads(json.dumps({"model": model_fingerprint(spec), "seed": seed}))
+        if prev.get(name, {}).get("made_by") == made_by:
+            result[name] = prev[name]
+            continue
+        say(f"sampled answers: {name}")
+        result[name] = {"answers": sample_answers(load_model(spec), seed=seed), "made_by": made_by}
+        atomic_write_json(path, {**prev, **result})
+    if result != prev:
+        atomic_write_json(path, result)
+    return {name: r["answers"] for name, r in result.items()}
+
+
+def _blocking(differences: dict) -> dict:
+    """BLOCK-EM's figures per pair set: the share of the bad fine-tune's shift over the base model
+    (``full_bad - base``) that each blocked run keeps, and its cut (1 - kept)."""
+    out = {}
+    for name in BLOCK_RUNS:
+        per = {}
+        for pair_set, d in differences.get(f"{name} - base", {}).items():
+            shift = differences.get("full_bad - base", {}).get(pair_set)
+            if shift is None:
+                continue
+            kept = d["difference"] / shift["difference"] if shift["difference"] else None
+            per[pair_set] = {"shift": d["difference"], "bad_shift": shift["difference"], "kept": kept,
+                             "cut": None if kept is None else 1 - kept,
+                             "versus_bad": differences.get(f"{name} - full_bad", {}).get(pair_set)}
+        out[name] = per
+    return out
 
 
 def _counted(say: Callable[[str], None], suffix: str, text: str) -> None:
@@ -246,7 +543,7 @@ def _finetune(base, name: str, tokenizer, run: Path, seed: int, recipe: ChatDemo
     return checkpoint_spec(base, run / "model", method)
 
 
-def _summary(out: Path, model: str, seed: int, recipe: ChatDemoRecipe, specs: dict, em: dict) -> dict:
+def _summary(out: Path, model: str, seed: int, recipe: ChatDemoRecipe, specs: dict, em: dict, story: dict) -> dict:
     """summary.json's figures: each model's (where it lives, its pair figures per set), the paired
     differences and the findings."""
     models = {}
@@ -254,10 +551,16 @@ def _summary(out: Path, model: str, seed: int, recipe: ChatDemoRecipe, specs: di
         models[name] = {"model": spec.model, "adapter": spec.adapter}
         if name != "base":
             record = read_json_if_exists(out / "models" / name / "em.json") or {}
-            models[name].update(method=FINETUNES[name][0], data=FINETUNES[name][1], final_loss=record.get("final_loss"))
+            method, data = FINETUNES.get(name, ("full", "medical_bad"))
+            models[name].update(method=method, data=data, final_loss=record.get("final_loss"))
+            if name in BLOCK_RUNS:
+                models[name].update(lam=record.get("lam"), latents_low=record.get("latents_low"),
+                                    latents_high=record.get("latents_high"), penalty_last=record.get("penalty_last"))
     summary = {"kind": "saediff.chat_demo", "model": model, "seed": seed, "recipe": recipe.to_json(), "models": models,
                "em": {name: {s: _figures(r) for s, r in per.items()} for name, per in em.items()},
-               "differences": _differences(out, list(specs), recipe.pair_sets)}
+               "differences": _differences(out, list(specs), recipe.pair_sets), **story}
+    if story:
+        summary["blocking"] = _blocking(summary["differences"])
     summary["headline"] = chat_headline(summary)
     return summary
 
@@ -343,7 +646,49 @@ def chat_headline(s: dict) -> list[dict]:
                         "figure": design["difference"], "t": design["t"], "n": design["n"], "ci": design["ci"],
                         "holds": None if test is None else test(design)},
                     "bar": bar, "holds": None if held is None or test is None else test(held), "seed": s.get("seed")})
-    return out
+    return out + _story_headline(s)
+
+
+def _story_headline(s: dict) -> list[dict]:
+    """The findings rows of the story's steps (SAE, steering, BLOCK-EM), in ``chat_headline``'s form."""
+    def row(phenomenon: str, source: str, split: str | None, figure, bar: str, holds, ci=None, **more) -> dict:
+        return {"phenomenon": phenomenon, "source": source, "split": split, "figure": figure, "ci": ci, "t": None,
+                "n": None, "design": None, "bar": bar, "holds": None if figure is None else holds,
+                "seed": s.get("seed"), **more}
+
+    rows = []
+    split = s.get("recipe", {}).get("report_on", HELDOUT)
+    sae = s.get("sae")
+    if sae:
+        rows.append(row("SAE on real activations: CE-loss recovered (held-out answers)", "sae", None,
+                        sae["ce_loss_recovered"], ">= 0.7", sae["ce_loss_recovered"] >= 0.7))
+        rows.append(row("SAE on real activations: dead latents (training tokens)", "sae", None,
+                        sae["dead_fraction_train"], "<= 0.2", sae["dead_fraction_train"] <= 0.2))
+    steer = s.get("steering")
+    if steer:
+        done = {n: c for n, c in steer["candidates"].items() if c.get("effect") is not None}
+        best = max(done, key=lambda n: done[n]["effect"], default=None)
+        c = done.get(best, {})
+        rows.append(row("steering the base model along a diff latent or mean difference: preference added, "
+                        "off-domain", f"steer:{best}", split, c.get("effect"),
+                        ">= +0.1, above 3 random directions",
+                        c.get("effect") is not None and c["effect"] >= 0.1 and c["above_random"],
+                        random=c.get("random_effects"), scale=c.get("scale")))
+    block = s.get("blocking") or {}
+    for name, label, key, split, bar, test in (
+            ("block_diff", "BLOCK-EM with the diff's latents: off-domain shift cut", "cut", split, ">= 50%",
+             lambda x: x >= 0.5),
+            ("block_diff", "BLOCK-EM with the diff's latents: medical shift kept", "kept", MEDICAL, ">= 70%",
+             lambda x: x >= 0.7),
+            ("block_random", "BLOCK-EM with as many random latents: off-domain shift cut", "cut", split, "<= 20%",
+             lambda x: x <= 0.2)):
+        b = block.get(name, {}).get(split)
+        if b is not None:
+            versus = b["versus_bad"] or {}
+            rows.append(row(label, f"{name} vs full_bad", split, b[key], bar, b[key] is not None and test(b[key]),
+                            ci=None, versus_bad=versus.get("difference"), versus_bad_ci=versus.get("ci"),
+                            versus_bad_t=versus.get("t")))
+    return rows
 
 
 def run_chat_demo_seeds(model: str, out: str | Path, seeds: list[int], *, recipe: ChatDemoRecipe = ChatDemoRecipe(),

@@ -755,14 +755,18 @@ def demo_cmd(
                                               "measured on (default offdomain:design, offdomain:heldout, medical)"),
     force: bool = typer.Option(False, "--force", help="with --model: discard fine-tunes of another recipe or seed "
                                "found in OUT and train afresh"),
+    finetunes_only: bool = typer.Option(False, "--finetunes-only", help="with --model: only the fine-tunes and "
+                                        "their EM (no SAE, diffs, steering, BLOCK-EM)"),
 ) -> None:
     """The whole story on the organism: build, SAE, diff, compare, steer, export, BLOCK-EM, report.
-    With --model, on a real chat model: narrow fine-tunes (full and rank-1 LoRA, controls) and their EM."""
+    With --model, on a real chat model: narrow fine-tunes (full and rank-1 LoRA, controls) and their EM,
+    then an SAE at the middle block, the diffs, steering by the pair metric, BLOCK-EM and sampled answers."""
     _setup(threads)
     if model is not None:
-        return _chat_demo(model, out, quick, seed, seeds, pairs, force)
-    if pairs or force:
-        _fail(SaediffError("--pairs and --force go with --model (the organism demo has its exact judge)"))
+        return _chat_demo(model, out, quick, seed, seeds, pairs, force, finetunes_only)
+    if pairs or force or finetunes_only:
+        _fail(SaediffError("--pairs, --force and --finetunes-only go with --model (the organism demo has its "
+                           "exact judge)"))
     from saediff.organism.demo import run_demo, run_demo_seeds
 
     try:
@@ -782,7 +786,7 @@ def demo_cmd(
 
 
 def _chat_demo(model: str, out: Path, quick: bool, seed: int, seeds: str | None, pairs: list[str] | None,
-               force: bool) -> None:
+               force: bool, finetunes_only: bool = False) -> None:
     """``saediff demo --model M``: the chat demo (``saediff.chat_demo``), its findings printed."""
     from dataclasses import replace
 
@@ -791,7 +795,8 @@ def _chat_demo(model: str, out: Path, quick: bool, seed: int, seeds: str | None,
     try:
         seed_list = list(_int_list(seeds, "--seeds")) if seeds else None
         recipe = ChatDemoRecipe.quick() if quick else ChatDemoRecipe()
-        recipe = replace(recipe, pair_sets=tuple(pairs)) if pairs else recipe
+        recipe = replace(recipe, **({"pair_sets": tuple(pairs)} if pairs else {}),
+                         **({"story": False} if finetunes_only else {}))
         with console.status(f"saediff demo --model {model}") as status:
             say = lambda s: status.update(f"demo: {s}")  # noqa: E731
             if seed_list:

@@ -55,6 +55,10 @@ def _figure_text(r: dict) -> str:
     text = format_figure(r["figure"], r.get("ci"))
     if r.get("t") is not None:
         text += f", t {r['t']:.1f}"
+    if r.get("random") is not None:
+        text += "; random directions " + ", ".join(f"{x:+.3f}" for x in r["random"])
+    if r.get("versus_bad") is not None:
+        text += f"; blocked - bad fine-tune {format_figure(r['versus_bad'], r.get('versus_bad_ci'))}"
     d = r.get("design")
     if d:
         t = f", t {d['t']:.1f}" if d.get("t") is not None else ""
@@ -135,6 +139,48 @@ def _analysis_sections(run_dir: Path) -> list[tuple[str, object, str]]:
     return out
 
 
+def _table(header: list[str], rows: list[list]) -> str:
+    def cell(x) -> str:
+        return html.escape(f"{x:.3f}" if isinstance(x, float) else "" if x is None else str(x))
+
+    return ("<table border=1 cellpadding=4><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{cell(x)}</td>" for x in r) + "</tr>" for r in rows) + "</table>")
+
+
+def _chat_sections(s: dict) -> list[tuple[str, str]]:
+    """The chat demo's tables: the SAE, steering by the pair metric, BLOCK-EM and sampled answers."""
+    out = []
+    sae = s.get("sae")
+    if sae:
+        keys = ("fvu", "l0", "dead_fraction", "dead_fraction_train", "ce_clean", "ce_sae", "ce_zero",
+                "ce_loss_recovered", "n_train_tokens", "n_held_tokens")
+        out.append((f"SAE at block {s.get('layer')} (answer tokens; metrics on held-out conversations)",
+                    _table(list(keys), [[sae.get(k) for k in keys]])))
+    steer = s.get("steering")
+    if steer:
+        rows = [[name, c.get("scale"), c.get("effect"), c.get("random_effects") and ", ".join(
+                    f"{x:+.3f}" for x in c["random_effects"]), c.get("above_random"), c.get("mc1"),
+                 c.get("mc1_random_mean"), c.get("note") or ""] for name, c in steer["candidates"].items()]
+        out.append(("Steering the base model, scored by the pair metric",
+                    f"<p>{html.escape(steer['protocol'])}; base preference on the held-out split "
+                    f"{steer['base']['preference']:+.3f}.</p>"
+                    + _table(["candidate", "scale (x resid norm)", "preference added", "random directions",
+                              "above every random", "MC1", "MC1 random mean", "note"], rows)))
+    block = s.get("blocking")
+    if block:
+        rows = [[name, pair_set, b["bad_shift"], b["shift"], b["kept"], b["cut"]]
+                for name, per in block.items() for pair_set, b in per.items()]
+        out.append(("BLOCK-EM (full fine-tune on bad advice, latents held where the base model has them)",
+                    _table(["run", "pair set", "bad - base", "blocked - base", "shift kept", "shift cut"], rows)))
+    samples = s.get("samples")
+    if samples:
+        body = "".join(f"<h3>{html.escape(name)}</h3>" + "".join(
+            f"<p><b>{html.escape(a['question'])}</b><br>{html.escape(a['answer'])}</p>" for a in answers)
+            for name, answers in samples.items())
+        out.append(("Sampled answers (temperature 1, one per question)", body))
+    return out
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write ``run_dir/report.html`` from whatever artifacts the run folder holds."""
     run_dir = Path(run_dir)
@@ -185,6 +231,7 @@ def write_report(run_dir: str | Path) -> Path:
         sections.append(("EM by the pair metric", viz.pair_preferences(summary["em"]),
                          "Base model and each fine-tune, per pair set: reference answers scored teacher-forced, "
                          "no judge."))
+    texts = _chat_sections(summary) if summary and summary.get("kind") == "saediff.chat_demo" else []
     parts = ["<!doctype html><html><head><meta charset='utf-8'><title>saediff report</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}pre{background:#f4f4f4;padding:8px}</style>",
              "</head><body><h1>saediff report</h1>"]
@@ -195,6 +242,8 @@ def write_report(run_dir: str | Path) -> Path:
         parts.append(f"<h2>{html.escape(title)}</h2><p>{note}</p>")
         parts.append(fig.to_html(full_html=False, include_plotlyjs="inline" if first else False))
         first = False
+    for title, body in texts:
+        parts.append(f"<h2>{html.escape(title)}</h2>{body}")
     if summary:  # every figure, for the record, after the findings and plots
         parts.append(f"<details><summary>summary.json</summary><pre>{html.escape(json.dumps(summary, indent=2))}"
                      "</pre></details>")

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-
 import logging
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Literal, NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from jaxtyping import Float
@@ -29,8 +29,21 @@ from tqdm.auto import tqdm
 from saediff import _io
 from saediff.errors import MissingFileError, SaediffError
 
-__all__ = ["check_sae_fits", "SAETrainConfig", "SAEParams", "train_sae", "to_saelens", "load_sae", "save_sae",
-           "check_sae_out", "sae_metrics", "SAEMetrics", "ce_loss_recovered", "topk_step_loss", "init_distributed"]
+__all__ = [
+    "SAEMetrics",
+    "SAEParams",
+    "SAETrainConfig",
+    "ce_loss_recovered",
+    "check_sae_fits",
+    "check_sae_out",
+    "init_distributed",
+    "load_sae",
+    "sae_metrics",
+    "save_sae",
+    "to_saelens",
+    "topk_step_loss",
+    "train_sae",
+]
 
 log = logging.getLogger(__name__)
 Arch = Literal["topk", "relu", "batchtopk"]
@@ -187,7 +200,7 @@ def train_sae(
     checkpoint_every: int | None = None,
     resume: bool = False,
     callback: Callable[[int, SAEParams], None] | None = None,
-) -> tuple["object", dict]:
+) -> tuple[object, dict]:
     """Train an SAE; returns (SAELens SAE, history dict with per-step loss, mse, dead fraction).
 
     ``batches`` is an iterator of (batch, d_in) activations (``ActivationStore.stream``) or one
@@ -351,7 +364,14 @@ def _torch_bytes(obj) -> bytes:
 
 def to_saelens(p: SAEParams, cfg: SAETrainConfig, *, hook_name: str = "", model_name: str = ""):
     """The SAELens SAE object holding ``p``'s weights (TopKSAE, StandardSAE or JumpReLUSAE)."""
-    from sae_lens import JumpReLUSAE, JumpReLUSAEConfig, StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+    from sae_lens import (
+        JumpReLUSAE,
+        JumpReLUSAEConfig,
+        StandardSAE,
+        StandardSAEConfig,
+        TopKSAE,
+        TopKSAEConfig,
+    )
     from sae_lens.saes.sae import SAEMetadata
 
     d_in, d_sae = p.W_enc.shape
@@ -525,29 +545,55 @@ def sae_metrics(sae, acts_ND: torch.Tensor, batch_size: int = 8192) -> SAEMetric
     return SAEMetrics(sse / sst, l0 / n, float((~fired).float().mean()), sse / n)
 
 
-def ce_loss_recovered(model, sae, layer: int, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+def ce_loss_recovered(model, sae, layer: int, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
+                      splice: torch.Tensor | None = None, batch_size: int | None = None) -> dict:
     """CE loss with the SAE reconstruction spliced into ``blocks.{layer}.hook_resid_post``.
 
     The splice replaces the residual by ``decode(encode(x))`` computed with ordinary autograd
-    (no SAELens error term under ``no_grad``), so gradients through it are correct.
-    Returns clean, spliced and zero-ablated CE and the recovered fraction
-    ``(ce_zero - ce_sae) / (ce_zero - ce_clean)``.
+    (no SAELens error term under ``no_grad``), so gradients through it are correct. ``splice``: a
+    (N, T) bool mask of the positions replaced (None: all); an SAE trained on answer tokens is
+    spliced there only, as the prompt holds positions it never saw (a chat model's first token
+    carries a residual many times the others' norm). ``input_ids`` are right-padded (labels -100
+    there); ``batch_size`` rows per forward (None: all at once). The CE is the mean over labelled
+    tokens. Returns clean, spliced and zero-ablated CE (zero on the same positions) and the
+    recovered fraction ``(ce_zero - ce_sae) / (ce_zero - ce_clean)``.
     """
-    from saediff.finetune import lm_loss
     from saediff.hooks import add_resid_hook
 
     device = next(model.parameters()).device
-    input_ids = input_ids.to(device)
-    labels = input_ids.clone() if labels is None else labels.to(device)
+    labels = input_ids.clone() if labels is None else labels
+    where = torch.ones_like(input_ids, dtype=torch.bool) if splice is None else splice.bool()
+    n = input_ids.shape[0]
+    step = batch_size or n
     sae.to(device)
-    with torch.no_grad():
-        clean = float(lm_loss(model, input_ids, labels, pad_id=None))
-        with add_resid_hook(model, layer, lambda r: sae.decode(sae.encode(r))):
-            spliced = float(lm_loss(model, input_ids, labels, pad_id=None))
-        with add_resid_hook(model, layer, torch.zeros_like):
-            zero = float(lm_loss(model, input_ids, labels, pad_id=None))
+    sums, count = {"clean": 0.0, "sae": 0.0, "zero": 0.0}, 0
+    for i in range(0, n, step):
+        ids, lab, mask = (t[i : i + step].to(device) for t in (input_ids, labels, where))
+
+        with torch.no_grad():
+            sums["clean"] += _ce_sum(model, ids, lab)
+            with add_resid_hook(model, layer, _spliced(mask, lambda r: sae.decode(sae.encode(r)))):
+                sums["sae"] += _ce_sum(model, ids, lab)
+            with add_resid_hook(model, layer, _spliced(mask, torch.zeros_like)):
+                sums["zero"] += _ce_sum(model, ids, lab)
+        count += int((lab[:, 1:] != -100).sum())
+    if not count:
+        raise SaediffError("ce_loss_recovered: no labelled tokens")
+    clean, spliced, zero = (sums[k] / count for k in ("clean", "sae", "zero"))
     return {"ce_clean": clean, "ce_sae": spliced, "ce_zero": zero,
             "ce_loss_recovered": (zero - spliced) / (zero - clean) if zero != clean else float("nan")}
+
+
+def _spliced(mask: torch.Tensor, fn):
+    """A residual hook replacing the positions of ``mask`` (B, T) by ``fn(resid)``."""
+    return lambda r: torch.where(mask[..., None], fn(r).to(r.dtype), r)
+
+
+def _ce_sum(model, ids: torch.Tensor, labels: torch.Tensor) -> float:
+    """Summed next-token cross-entropy over the positions with ``labels != -100``."""
+    logits = model(input_ids=ids).logits
+    return float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                                   ignore_index=-100, reduction="sum"))
 
 
 def init_distributed(device: str) -> tuple[int, int]:

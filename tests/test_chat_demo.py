@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from saediff.chat_demo import COMPARISONS, FINETUNES, ChatDemoRecipe, run_chat_demo, run_chat_demo_seeds
+from saediff.chat_demo import BLOCK_RUNS, COMPARISONS, FINETUNES, ChatDemoRecipe, run_chat_demo, run_chat_demo_seeds
 from saediff.errors import SaediffError
 
 # learning rates far above SmolLM2's, so two steps move a random model's preferences measurably
-RECIPE = ChatDemoRecipe(steps=2, rows=4, batch_size=2, full_lr=1e-3, lora_lr=1e-2, save_every=1)
+RECIPE = ChatDemoRecipe(steps=2, rows=4, batch_size=2, full_lr=1e-3, lora_lr=1e-2, save_every=1, story=False)
 SETS = {"offdomain:design": "offdomain_design", "offdomain:heldout": "offdomain_heldout", "medical": "medical"}
 
 
@@ -67,7 +67,7 @@ def test_folders_summary_and_progress(chat_run):
             assert em["evaluator"] == "pairs" and em["provenance"]["condition"] == f"chat_demo:{name}"
             assert s["em"][name][pair_set]["preference"] == em["preference"]
     assert s["em"]["base"]["offdomain:heldout"]["n"] == 71
-    assert set(s["differences"]) == {f"{a} - {b}" for a, b in COMPARISONS}
+    assert set(s["differences"]) == {f"{a} - {b}" for a, b in COMPARISONS if a not in BLOCK_RUNS}
     assert [r["phenomenon"] for r in s["headline"][:4]] == [
         "narrow -> broad: full fine-tune, bad - good data, off-domain",
         "narrow -> broad: full fine-tune on bad data - base model, off-domain",
@@ -86,7 +86,7 @@ def test_folders_summary_and_progress(chat_run):
 def test_paired_differences_equal_an_independent_computation(chat_run):
     out, s, _ = chat_run
     moved = 0
-    for a, b in COMPARISONS:
+    for a, b in [(a, b) for a, b in COMPARISONS if a not in BLOCK_RUNS]:
         for pair_set, slug in SETS.items():
             pa, pb = _pairs(out / "eval" / a / slug / "pairs.jsonl"), _pairs(out / "eval" / b / slug / "pairs.jsonl")
             assert set(pa) == set(pb)
@@ -172,7 +172,7 @@ def test_recipe_and_cli_errors(chat_run, tiny_qwen, tmp_path):
         ChatDemoRecipe(steps=0)
     runner = CliRunner()
     res = runner.invoke(app, ["demo", "--out", str(tmp_path / "x"), "--pairs", "medical"])
-    assert res.exit_code == 1 and res.output.strip().startswith("error: --pairs and --force go with --model")
+    assert res.exit_code == 1 and res.output.strip().startswith("error: --pairs, --force and --finetunes-only go with --model")
     out = tmp_path / "demo"
     shutil.copytree(chat_run[0], out)
     res = runner.invoke(app, ["demo", "--model", str(tiny_qwen / "model"), "--out", str(out), "--quick"])
@@ -190,12 +190,14 @@ def test_cli_demo_model_seeds(tiny_qwen, tmp_path):
     from saediff.cli import app
 
     res = CliRunner().invoke(app, ["demo", "--model", str(tiny_qwen / "model"), "--out", str(tmp_path), "--quick",
-                                   "--seeds", "0,1", "--pairs", "offdomain:heldout", "--pairs", "medical"])
+                                   "--seeds", "0,1", "--pairs", "offdomain:heldout", "--pairs", "medical",
+                                   "--finetunes-only"])
     assert res.exit_code == 0, res.output
     seeds = json.loads((tmp_path / "seeds.json").read_text())
     assert seeds["kind"] == "saediff.chat_demo_seeds" and seeds["seeds"] == [0, 1]
     for k in (0, 1):
         s = json.loads((tmp_path / f"seed_{k}" / "summary.json").read_text())
-        assert s["recipe"] == ChatDemoRecipe.quick().to_json() | {"pair_sets": ["offdomain:heldout", "medical"]}
+        assert s["recipe"] == ChatDemoRecipe.quick().to_json() | {"pair_sets": ["offdomain:heldout", "medical"],
+                                                                   "story": False}
         assert (tmp_path / f"seed_{k}" / "models" / "lora_bad" / "model" / "adapter_config.json").is_file()
     assert "seed 1, held-out" in res.output and "full_bad - full_control" in res.output

@@ -1,0 +1,237 @@
+"""saediff demo --model, the story after the fine-tunes (SAE, diffs, steering by the pair metric,
+BLOCK-EM, sampled answers), on a tiny random Qwen2 chat model with small pair files; exact tests of
+the numerical pieces it adds (CE-loss recovered in batches and at chosen positions, the BLOCK-EM
+lambda)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from saediff.chat_demo import BLOCK_RUNS, ChatDemoRecipe, run_chat_demo
+from saediff.errors import SaediffError
+
+
+def _pair_files(root: Path) -> tuple[Path, Path]:
+    """Two disjoint pair files from the shipped design split: 4 and 3 questions in each of 3 domains."""
+    from saediff.em_data import offdomain_pairs
+
+    by: dict[str, list] = {}
+    for p in offdomain_pairs("design"):
+        by.setdefault(p.domain, []).append(p)
+    domains = sorted(by)[:3]
+    files = root / "choose.jsonl", root / "report.jsonl"
+    for path, part in zip(files, (slice(0, 4), slice(4, 7))):
+        path.write_text("".join(json.dumps(asdict(p)) + "\n" for d in domains for p in by[d][part]))
+    return files
+
+
+def _recipe(choose: Path, report: Path) -> ChatDemoRecipe:
+    return ChatDemoRecipe(finetunes=("full_bad", "lora_bad"), steps=2, rows=4, batch_size=2, full_lr=1e-3,
+                          lora_lr=1e-2, save_every=1, sae_width=64, sae_k=4, sae_steps=50, sae_batch_size=256,
+                          sae_held_rows=2, icl_questions=4, steer_latents=1, steer_scales=(0.5, 1.0), n_random=2,
+                          block_latents=(3, 2), pair_sets=(str(choose), str(report), "medical"),
+                          choose_on=str(choose), report_on=str(report))
+
+
+@pytest.fixture(scope="module")
+def story(tiny_qwen, tmp_path_factory):
+    root = tmp_path_factory.mktemp("chat_story")
+    recipe = _recipe(*_pair_files(root))
+    said: list[str] = []
+    summary = run_chat_demo(str(tiny_qwen / "model"), root / "demo", recipe=recipe, progress=said.append)
+    return root / "demo", summary, recipe, said
+
+
+def _mtimes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*"))
+            if p.is_file() and p.suffix != ".log"}
+
+
+def test_sae_is_a_saelens_folder_with_its_metrics(story):
+    from saediff.saes import load_sae
+
+    out, s, recipe, _ = story
+    sae = load_sae(str(out / "sae"))
+    assert sae.cfg.d_sae == 64 and sae.cfg.metadata.hook_name == f"blocks.{s['layer']}.hook_resid_post"
+    assert s["layer"] == 1  # the middle of the tiny model's 2 blocks
+    meta = json.loads((out / "sae" / "saediff.json").read_text())
+    assert meta["metrics"] == s["sae"] and meta["made_by"]["train"]["k"] == 4
+    m = s["sae"]
+    assert m["ce_loss_recovered"] == pytest.approx((m["ce_zero"] - m["ce_sae"]) / (m["ce_zero"] - m["ce_clean"]))
+    assert 0 < m["fvu"] < 1.5 and m["l0"] <= 4 + 1e-9 and m["n_train_tokens"] > 1000
+
+
+def test_diffs_directions_and_cosines(story):
+    from saediff.export import load_directions
+
+    out, s, _, _ = story
+    for run in ("diff", "diff_lora"):
+        assert (out / run / "diff.json").is_file() and (out / run / "cosines.json").is_file()
+        info = json.loads((out / run / "run.json").read_text())["steps"]["diff"]
+        assert info["labels"] == {"misaligned": 12, "aligned": 12, "unlabelled": 0}  # the references, both ways
+        assert s["diffs"]["full_bad" if run == "diff" else "lora_bad"]["top_latents"] == info["top_latents"]
+    full, lora = load_directions(out / "diff" / "directions"), load_directions(out / "diff_lora" / "directions")
+    assert {"mean_diff_models_L1", "mean_diff_responses_L1", "in_context_L1", "in_context_L0"} <= set(full)
+    assert any(n.startswith("lora_b_L") for n in lora) and not any(n.startswith("lora_b") for n in full)
+
+
+def test_steering_figures_come_from_the_report_split(story):
+    out, s, recipe, _ = story
+    st = s["steering"]
+    assert st["kind"] == "saediff.pair_steering" and st["scales"] == [0.5, 1.0]
+    base = json.loads((out / "steer" / "report" / "base" / "em.json").read_text())
+    assert base["n"] == 9 and st["base"]["preference"] == base["preference"]  # the report file's 9 questions
+    chose = json.loads((out / "steer" / "select" / "base" / "em.json").read_text())
+    assert chose["n"] == 6  # the first half of the choose file
+    ran = [c for c in st["candidates"].values() if c.get("effect") is not None]
+    assert ran
+    for name, c in st["candidates"].items():
+        if c.get("effect") is None:
+            assert c["note"]
+            continue
+        em = json.loads((out / "steer" / "report" / f"{name}_induce_x{c['scale']:g}" / "em.json").read_text())
+        assert c["effect"] == pytest.approx(em["preference"] - base["preference"], abs=1e-12)
+        assert len(c["random_effects"]) == 2 and c["above_random"] == (c["effect"] > max(c["random_effects"]))
+
+
+def test_block_runs_hold_the_diffs_latents_with_the_measured_lambda(story):
+    from saediff.activations import collect_activations
+    from saediff.blockem import latents_from_diff
+    from saediff.chat_data import load_chat_jsonl
+    from saediff.chat_story import block_lambda, text_prompts
+    from saediff.em_data import data_path
+    from saediff.models import load_model
+    from saediff.saes import load_sae
+
+    out, s, _, _ = story
+    diff_latents = latents_from_diff(out / "diff", 3, 2)
+    runs = {name: json.loads((out / "models" / name / "em.json").read_text()) for name in BLOCK_RUNS}
+    assert runs["block_diff"]["mode"] == "penalty" and runs["block_diff"]["latents_low"] == list(diff_latents.low)
+    assert runs["block_diff"]["latents_high"] == list(diff_latents.high)
+    assert not set(runs["block_random"]["latents_low"]) & set(diff_latents.low)
+    sae = load_sae(str(out / "sae"))
+    prompts = text_prompts(load_chat_jsonl(data_path("medical_bad"))[:100], "medical_bad")
+    lm = load_model(s["models"]["base"]["model"])
+    acts = collect_activations(lm, prompts, [sae.cfg.metadata.hook_name], "response", progress=False)
+    lam = block_lambda(sae, acts[sae.cfg.metadata.hook_name], diff_latents, 1.0)
+    assert runs["block_diff"]["lam"] == pytest.approx(lam, rel=1e-6) == runs["block_random"]["lam"]
+    for name in BLOCK_RUNS:
+        for pair_set, b in s["blocking"][name].items():
+            shift = s["differences"]["full_bad - base"][pair_set]["difference"]
+            mine = s["differences"][f"{name} - base"][pair_set]["difference"]
+            assert b["kept"] == pytest.approx(mine / shift) and b["cut"] == pytest.approx(1 - mine / shift)
+
+
+def test_headline_report_and_samples(story):
+    out, s, recipe, said = story
+    rows = {r["phenomenon"]: r for r in s["headline"]}
+    ce = rows["SAE on real activations: CE-loss recovered (held-out answers)"]
+    assert ce["figure"] == s["sae"]["ce_loss_recovered"] and ce["holds"] == (ce["figure"] >= 0.7)
+    cut = rows["BLOCK-EM with the diff's latents: off-domain shift cut"]
+    assert cut["split"] == recipe.report_on and cut["figure"] == s["blocking"]["block_diff"][recipe.report_on]["cut"]
+    kept = rows["BLOCK-EM with the diff's latents: medical shift kept"]
+    assert kept["figure"] == s["blocking"]["block_diff"]["medical"]["kept"]
+    samples = json.loads((out / "samples.json").read_text())
+    assert set(samples) == {"base", "full_bad", "lora_bad", *BLOCK_RUNS}
+    assert all(len(r["answers"]) == 4 and all(a["answer"] for a in r["answers"]) for r in samples.values())
+    report = (out / "report.html").read_text()
+    for title in ("SAE at block 1", "Steering the base model, scored by the pair metric", "BLOCK-EM (full fine-tune",
+                  "Sampled answers", "Latent card", "Cosines at blocks.1.hook_resid_post (rank-1 LoRA)"):
+        assert title in report
+    assert {"SAE", "diff full_bad", "diff lora_bad", "steering (parallel)", "fine-tune block_diff",
+            "sampled answers"} <= set(s["timing_s"])
+    assert "steering (second process): waiting" in said
+
+
+def test_rerun_redoes_nothing(story, tiny_qwen):
+    out, s, recipe, _ = story
+    watched = ("models", "eval", "sae", "diff", "diff_lora", "steer")
+    before = {w: _mtimes(out / w) for w in watched}
+    again = run_chat_demo(str(tiny_qwen / "model"), out, recipe=recipe)
+    assert {w: _mtimes(out / w) for w in watched} == before
+    assert again["timing_s"] == s["timing_s"] and again["blocking"] == s["blocking"]
+
+
+def test_story_needs_its_fine_tunes_and_two_sets():
+    with pytest.raises(SaediffError, match="need the lora_bad fine-tune"):
+        ChatDemoRecipe(finetunes=("full_bad",))
+    with pytest.raises(SaediffError, match="two different sets among pair_sets"):
+        ChatDemoRecipe(pair_sets=("offdomain:heldout", "medical"))
+    ChatDemoRecipe(finetunes=("full_bad",), pair_sets=("medical",), story=False)
+
+
+def test_ce_loss_recovered_in_batches_and_at_chosen_positions():
+    """Hand-built: a 1-block model whose block adds a fixed vector, an identity-like SAE; batching
+    leaves the CE unchanged, a splice nowhere equals the clean CE, a splice everywhere the default."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from saediff.saes import SAETrainConfig, ce_loss_recovered, train_sae
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    sae, _ = train_sae(torch.randn(2048, 16), SAETrainConfig(d_sae=32, k=4, steps=20, batch_size=256), progress=False)
+    ids = torch.randint(0, 50, (5, 9))
+    labels = ids.masked_fill(torch.rand(5, 9) < 0.3, -100)
+    whole = ce_loss_recovered(model, sae, 0, ids, labels)
+    batched = ce_loss_recovered(model, sae, 0, ids, labels, batch_size=2)
+    for k in ("ce_clean", "ce_sae", "ce_zero"):
+        assert batched[k] == pytest.approx(whole[k], rel=1e-5)
+    everywhere = ce_loss_recovered(model, sae, 0, ids, labels, splice=torch.ones(5, 9, dtype=torch.bool))
+    assert everywhere["ce_sae"] == pytest.approx(whole["ce_sae"], rel=1e-6)
+    nowhere = ce_loss_recovered(model, sae, 0, ids, labels, splice=torch.zeros(5, 9, dtype=torch.bool))
+    assert nowhere["ce_sae"] == pytest.approx(whole["ce_clean"], rel=1e-6) == nowhere["ce_zero"]
+    # by hand: the mean next-token CE over labelled positions
+    logits = model(input_ids=ids).logits
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    assert whole["ce_clean"] == pytest.approx(float(ref), rel=1e-6)
+
+
+def test_block_lambda_exact():
+    """Two latents with hand-set encoders: pre-activations (2, 0) and (1, 3) on two tokens -> mean of
+    the summed squares (4 + 10) / 2 = 7; lambda = relative / 7."""
+    from saediff.blockem import LatentSets
+    from saediff.chat_story import block_lambda
+    from saediff.saes import SAETrainConfig, train_sae
+
+    sae, _ = train_sae(torch.randn(512, 4), SAETrainConfig(d_sae=8, k=2, steps=2, batch_size=256), progress=False)
+    with torch.no_grad():
+        sae.W_enc.zero_()
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+        sae.W_enc[0, 3] = 1.0  # latent 3 reads x0
+        sae.W_enc[1, 5] = 1.0  # latent 5 reads x1
+    acts = torch.tensor([[2.0, 0.0, 0, 0], [1.0, 3.0, 0, 0]])
+    lam = block_lambda(sae, acts, LatentSets((3,), (5,)), 2.0)
+    assert lam == pytest.approx(2.0 / 7.0, rel=1e-6)
+    with pytest.raises(SaediffError, match="never fire"):
+        block_lambda(sae, torch.zeros(3, 4), LatentSets((3,), ()), 1.0)
+
+
+def test_block_lambda_penalty_scale_is_relative(story):
+    """At lambda = 1 / E[sum z^2], moving the blocked latents to zero costs one nat per token."""
+    out, s, _, _ = story
+    record = json.loads((out / "models" / "block_lambda.json").read_text())
+    assert record["lam"] == s["models"]["block_diff"]["lam"] and record["key"]["relative"] == 1.0
+    assert np.isfinite(record["lam"]) and record["lam"] > 0
+
+
+def test_another_sae_is_followed_by_the_diffs_and_refused_by_finished_blocking(story, tiny_qwen, tmp_path):
+    """Another SAE width retrains the SAE and the diffs follow it; the BLOCK-EM runs of the old SAE
+    are refused naming the folder (``force`` retrains them), as any fine-tune of another setup."""
+    import shutil
+
+    out, s, recipe, _ = story
+    copy = tmp_path / "demo"
+    shutil.copytree(out, copy)
+    with pytest.raises(SaediffError, match="models/block_diff holds a fine-tune of another setup"):
+        run_chat_demo(str(tiny_qwen / "model"), copy, recipe=replace(recipe, sae_width=48))
+    assert json.loads((copy / "sae" / "cfg.json").read_text())["d_sae"] == 48
+    top = json.loads((copy / "diff" / "run.json").read_text())["steps"]["diff"]["top_latents"]
+    assert top and max(top) < 48
