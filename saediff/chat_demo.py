@@ -101,8 +101,11 @@ class ChatDemoRecipe:
     save_every: int | None = 50
     """checkpoint every N steps, so an interrupted fine-tune resumes from its newest checkpoint"""
     keep_checkpoints: bool = False
-    """keep a finished fine-tune's checkpoints (a full SmolLM2 checkpoint with its optimizer state
-    is ~1.5 GB); by default they are removed once its model is saved"""
+    """keep a finished full fine-tune's checkpoints (a full SmolLM2 checkpoint with its optimizer state
+    is ~1.5 GB); by default they are removed once its model is saved. LoRA checkpoints are small and
+    kept (the phase analysis reads them)"""
+    lora_save_every: int | None = 25
+    """LoRA fine-tunes checkpoint every N steps (the phase analysis' points)"""
     eval_batch_size: int = 16
     """conversations per forward of the pair metric (float rounding only)"""
     story: bool = True
@@ -159,6 +162,9 @@ class ChatDemoRecipe:
             if not {self.choose_on, self.report_on} <= set(self.pair_sets) or self.choose_on == self.report_on:
                 raise SaediffError(f"ChatDemoRecipe: the story chooses on {self.choose_on} and reports on "
                                    f"{self.report_on}: two different sets among pair_sets (or story=False)")
+            if not self.lora_save_every or self.steps // self.lora_save_every < 2:
+                raise SaediffError(f"ChatDemoRecipe: the phase analysis needs >= 2 LoRA checkpoints: lora_save_every "
+                                   f"{self.lora_save_every} with {self.steps} steps")
             if not self.steer_scales or min(self.steer_scales) <= 0 or sum(self.block_latents) < 1:
                 raise SaediffError("ChatDemoRecipe: steer_scales must be positive and block_latents hold a latent")
         if self.rows is not None and self.rows < 1:
@@ -172,7 +178,8 @@ class ChatDemoRecipe:
         """A smoke run (``saediff demo --model M --quick``): 40 steps per fine-tune on 160 rows, EM on
         the held-out split and the medical pairs only (the design split is the longest evaluation);
         the findings' bars are set for the full recipe and need not hold here."""
-        return cls(steps=40, rows=160, save_every=None, pair_sets=(DESIGN, HELDOUT, MEDICAL), sae_width=1152,
+        return cls(steps=40, rows=160, save_every=None, lora_save_every=10, pair_sets=(DESIGN, HELDOUT, MEDICAL),
+                   sae_width=1152,
                    sae_steps=400, icl_questions=16, steer_latents=1, steer_scales=(0.5,), n_random=1,
                    block_latents=(5, 5))
 
@@ -181,11 +188,10 @@ class ChatDemoRecipe:
         from saediff.finetune import FinetuneConfig
 
         method = FINETUNES[name][0]
-        common = {"steps": self.steps, "batch_size": self.batch_size, "max_length": self.max_length,
-                  "save_every": self.save_every, "seed": seed}
+        common = {"steps": self.steps, "batch_size": self.batch_size, "max_length": self.max_length, "seed": seed}
         if method == "full":
-            return FinetuneConfig(method="full", lr=self.full_lr, **common)
-        return FinetuneConfig(method="lora", lr=self.lora_lr, lora_rank=self.lora_rank, lora_alpha=self.lora_alpha,
+            return FinetuneConfig(method="full", lr=self.full_lr, save_every=self.save_every, **common)
+        return FinetuneConfig(method="lora", lr=self.lora_lr, save_every=self.lora_save_every, lora_rank=self.lora_rank, lora_alpha=self.lora_alpha,
                               lora_modules=tuple(self.lora_modules), lora_layers=self.lora_layers, **common)
 
     def to_json(self) -> dict:
@@ -327,7 +333,56 @@ def _story(base, tokenizer, out: Path, seed: int, recipe: ChatDemoRecipe, force:
     else:
         step.timing["steering (parallel)"] = step.prev["steering (parallel)"]
     steer = json.loads(marker.read_text())
-    return {"layer": layer, "sae": sae, "diffs": {"full_bad": diff, "lora_bad": diff_lora}, "steering": steer}
+    analyses = {name: read_json_if_exists(out / "analyses" / f"{name}.json") for name in ANALYSES}
+    return {"layer": layer, "sae": sae, "diffs": {"full_bad": diff, "lora_bad": diff_lora}, "steering": steer,
+            "analyses": analyses}
+
+
+ANALYSES = ("susceptibility", "phase", "neighbourhood")
+"""the open-question analyses the second process runs after steering, into ``out/analyses/NAME.json``"""
+
+
+def _analyses(base, out: Path, seed: int, recipe: ChatDemoRecipe, say) -> None:
+    """Susceptibility (do the base model's prompt activations predict which questions the bad
+    fine-tune moves most?), phase (the LoRA direction over its checkpoints, beside the EM of each) and
+    the neighbourhood probe of the full diff's top latents. Each is skipped while its inputs' key
+    matches (``made_by`` in its file)."""
+    from saediff.chat_story import phase_by_pairs, susceptibility_by_pairs
+    from saediff.em_data import data_path, pair_evaluator
+    from saediff.neighbourhood import run_neighbourhood
+    from saediff.provenance import file_digest
+
+    folder = out / "analyses"
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs_sets = [recipe.choose_on, recipe.report_on]
+    inputs = {
+        "susceptibility": {"pairs": [file_digest(out / "eval" / n / _slug(p) / "pairs.jsonl")
+                                     for n in ("base", "full_bad") for p in pairs_sets], "layer": recipe.layer,
+                           "sae": file_digest(out / "sae" / "sae_weights.safetensors"), "seed": seed},
+        "phase": {"adapter": file_digest(out / "models" / "lora_bad" / "model" / "adapter_model.safetensors"),
+                  "directions": file_digest(out / "diff_lora" / "directions" / "directions.safetensors"),
+                  "report": recipe.report_on},
+        "neighbourhood": {"diff": file_digest(out / "diff" / "diff.json"), "seed": seed}}
+    work = {
+        "susceptibility": lambda: susceptibility_by_pairs(
+            base, out / "eval", ["base", "full_bad"], pairs_sets, [_slug(p) for p in pairs_sets],
+            int(json.loads((out / "sae" / "cfg.json").read_text())["metadata"]["hook_name"].split(".")[1]),
+            seed=seed),
+        "phase": lambda: phase_by_pairs(out / "models" / "lora_bad", base, out / "diff_lora" / "directions",
+                                        replace(pair_evaluator(recipe.report_on, recipe.eval_batch_size),
+                                                progress=False), folder / "phase"),
+        "neighbourhood": lambda: run_neighbourhood(out / "diff", data_path("medical_bad"), seed=seed,
+                                                   progress=False)}
+    for name in ANALYSES:
+        path = folder / f"{name}.json"
+        made_by = json.loads(json.dumps(inputs[name]))
+        prev = read_json_if_exists(path)
+        if prev is not None and prev.get("made_by") == made_by:
+            continue
+        say(f"analysis: {name}")
+        t0 = time.perf_counter()
+        result = work[name]()
+        atomic_write_json(path, {**result, "made_by": made_by, "seconds": round(time.perf_counter() - t0, 1)})
 
 
 def _steer_worker(base, out: str, seed: int, recipe: ChatDemoRecipe) -> None:
@@ -344,7 +399,9 @@ def _steer_worker(base, out: str, seed: int, recipe: ChatDemoRecipe) -> None:
     logging.getLogger().addHandler(handler)
     logging.getLogger().setLevel(logging.INFO)
     try:
-        _steer(base, Path(out), seed, recipe, lambda m: log.info("%s", m))
+        say = lambda m: log.info("%s", m)
+        _steer(base, Path(out), seed, recipe, say)
+        _analyses(base, Path(out), seed, recipe, say)
     except BaseException:
         log_path.write_text(log_path.read_text() + traceback.format_exc() if log_path.exists() else traceback.format_exc())
         raise
@@ -538,7 +595,7 @@ def _finetune(base, name: str, tokenizer, run: Path, seed: int, recipe: ChatDemo
     dataset = ChatDataset(tokenizer, rows, ft.max_length, progress=False, source=str(data_path(data)))
     block_one(base, dataset, None, 0, BlockRunConfig(ft=ft, mode="none"), run, resume=True, force=force,
               callbacks=[_StepProgress(say, name)], progress=False)
-    if not recipe.keep_checkpoints:
+    if not recipe.keep_checkpoints and method == "full":
         shutil.rmtree(run / "checkpoints", ignore_errors=True)
     return checkpoint_spec(base, run / "model", method)
 
@@ -675,17 +732,17 @@ def _story_headline(s: dict) -> list[dict]:
                         c.get("effect") is not None and c["effect"] >= 0.1 and c["above_random"],
                         random=c.get("random_effects"), scale=c.get("scale")))
     block = s.get("blocking") or {}
-    for name, label, key, split, bar, test in (
+    for name, label, key, where, bar, test in (
             ("block_diff", "BLOCK-EM with the diff's latents: off-domain shift cut", "cut", split, ">= 50%",
              lambda x: x >= 0.5),
             ("block_diff", "BLOCK-EM with the diff's latents: medical shift kept", "kept", MEDICAL, ">= 70%",
              lambda x: x >= 0.7),
             ("block_random", "BLOCK-EM with as many random latents: off-domain shift cut", "cut", split, "<= 20%",
              lambda x: x <= 0.2)):
-        b = block.get(name, {}).get(split)
+        b = block.get(name, {}).get(where)
         if b is not None:
             versus = b["versus_bad"] or {}
-            rows.append(row(label, f"{name} vs full_bad", split, b[key], bar, b[key] is not None and test(b[key]),
+            rows.append(row(label, f"{name} vs full_bad", where, b[key], bar, b[key] is not None and test(b[key]),
                             ci=None, versus_bad=versus.get("difference"), versus_bad_ci=versus.get("ci"),
                             versus_bad_t=versus.get("t")))
     return rows

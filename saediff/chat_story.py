@@ -159,7 +159,14 @@ def steer_by_pairs(base_lm, run_dir: Path, select, report, out: Path, *, n_laten
     ``report`` beside ``n_random`` random directions of equal norm. The bar's figure is the
     preference (nats/token) the steering adds on the report questions, against the random
     directions' mean. Writes ``out/steer.json``."""
-    from saediff.causal import Arm, SteerConfig, _candidates, induce_summary, residual_stats, select_and_report
+    from saediff.causal import (
+        Arm,
+        SteerConfig,
+        _candidates,
+        induce_summary,
+        residual_stats,
+        select_and_report,
+    )
     from saediff.pipeline import read_run
     from saediff.provenance import evaluator_fingerprint, file_digest, model_fingerprint
 
@@ -232,3 +239,44 @@ def sample_answers(lm, questions: tuple[str, ...] = SAMPLE_QUESTIONS, *, max_new
     answers = generate(lm, [[{"role": "user", "content": q}] for q in questions], max_new_tokens=max_new_tokens,
                        seed=seed, batch_size=len(questions), progress=False)
     return [{"question": q, "answer": a.strip()} for q, a in zip(questions, answers)]
+
+
+def susceptibility_by_pairs(base, eval_dir: Path, names: tuple[str, str] | list[str], pair_sets: list[str],
+                            slugs: list[str], layer: int, *, folds: int = 5, n_permutations: int = 50,
+                            seed: int = 0) -> dict:
+    """Does the base model's residual at the last prompt token of a question (block ``layer``)
+    predict how far the fine-tune moves that question's preference? ``names``: (base, fine-tune)
+    folders under ``eval_dir``, whose ``SLUG/pairs.jsonl`` rows give each question's preference
+    under each model; the target is the per-question shift. Cross-validated ridge with folds that
+    hold out whole domains (at most one fold per domain), beside random features and permuted targets
+    (``susceptibility.susceptibility``)."""
+    from saediff._io import read_jsonl
+    from saediff.em_data import pair_evaluator
+    from saediff.models import load_model
+    from saediff.prompts import Prompt
+    from saediff.shifts import prompt_activations
+    from saediff.susceptibility import susceptibility
+
+    pairs, shift = [], []
+    for pair_set, slug in zip(pair_sets, slugs):
+        rows = [{r["id"]: r["preference"] for _, r in read_jsonl(eval_dir / n / slug / "pairs.jsonl", "pair scores")}
+                for n in names]
+        for p in pair_evaluator(pair_set).pairs:
+            pairs.append(p)
+            shift.append(rows[1][p.id] - rows[0][p.id])
+    prompts = [Prompt(p.id, [{"role": "user", "content": p.question}], None, p.domain) for p in pairs]
+    X = prompt_activations(load_model(base), prompts, [layer], progress=False)[layer].numpy()
+    groups = [p.domain for p in pairs]
+    folds = min(folds, len(set(groups)))  # whole domains per fold
+    res = susceptibility(X, np.array(shift), folds=folds, n_permutations=n_permutations, seed=seed, groups=groups)
+    return {"kind": "saediff.pair_susceptibility", "layer": layer, "target": f"{names[1]} - {names[0]} preference",
+            "pair_sets": list(pair_sets), "mean_shift": float(np.mean(shift)), **res.to_json()}
+
+
+def phase_by_pairs(run: Path, base, directions: Path, evaluator, out: Path) -> dict:
+    """``phase.run_phase`` over a LoRA fine-tune's checkpoints (``run/checkpoints``), each scored by
+    the pair ``evaluator`` (its ``em_rate``: the MC1 share), against the diff's candidates."""
+    from saediff.phase import run_phase
+
+    result = run_phase(run, base=base.model, directions=directions, evaluator=evaluator, out=out, progress=False)
+    return {k: v for k, v in result.items() if k != "base"}

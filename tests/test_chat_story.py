@@ -33,7 +33,7 @@ def _pair_files(root: Path) -> tuple[Path, Path]:
 
 def _recipe(choose: Path, report: Path) -> ChatDemoRecipe:
     return ChatDemoRecipe(finetunes=("full_bad", "lora_bad"), steps=2, rows=4, batch_size=2, full_lr=1e-3,
-                          lora_lr=1e-2, save_every=1, sae_width=64, sae_k=4, sae_steps=50, sae_batch_size=256,
+                          lora_lr=1e-2, save_every=1, lora_save_every=1, sae_width=64, sae_k=4, sae_steps=50, sae_batch_size=256,
                           sae_held_rows=2, icl_questions=4, steer_latents=1, steer_scales=(0.5, 1.0), n_random=2,
                           block_latents=(3, 2), pair_sets=(str(choose), str(report), "medical"),
                           choose_on=str(choose), report_on=str(report))
@@ -235,3 +235,29 @@ def test_another_sae_is_followed_by_the_diffs_and_refused_by_finished_blocking(s
     assert json.loads((copy / "sae" / "cfg.json").read_text())["d_sae"] == 48
     top = json.loads((copy / "diff" / "run.json").read_text())["steps"]["diff"]["top_latents"]
     assert top and max(top) < 48
+
+
+def test_open_question_analyses(story):
+    """Susceptibility over both pair files (21 questions, domains held out), phase over the LoRA
+    checkpoints with the pair metric's MC1 per checkpoint, the neighbourhood probe of the full diff."""
+    out, s, _, _ = story
+    a = s["analyses"]
+    sus = a["susceptibility"]
+    assert sus["kind"] == "saediff.pair_susceptibility" and sus["n_questions"] == 21 and sus["folds"] == 3
+    assert sus["n_groups"] == 3 and sus["permutation"]["n"] == 50
+    base = {r["id"]: r["preference"] for r in map(json.loads, (out / "eval" / "base" / "choose" / "pairs.jsonl")
+                                                    .read_text().splitlines())}
+    bad = {r["id"]: r["preference"] for r in map(json.loads, (out / "eval" / "full_bad" / "choose" / "pairs.jsonl")
+                                                   .read_text().splitlines())}
+    report_base = [json.loads(x)["preference"] for x in (out / "eval" / "base" / "report" / "pairs.jsonl")
+                   .read_text().splitlines()]
+    report_bad = [json.loads(x)["preference"] for x in (out / "eval" / "full_bad" / "report" / "pairs.jsonl")
+                  .read_text().splitlines()]
+    shifts = [bad[i] - base[i] for i in base] + [b - a for a, b in zip(report_base, report_bad)]
+    assert sus["mean_shift"] == pytest.approx(float(np.mean(shifts)), abs=1e-12)
+    phase = a["phase"]
+    assert phase["steps"] == [1, 2] and len(phase["em_rate"]) == 2 and all(0 <= e <= 1 for e in phase["em_rate"])
+    assert (out / "analyses" / "phase" / "phase.json").is_file()
+    nb = a["neighbourhood"]
+    assert nb["kind"] == "saediff.neighbourhood" and nb["n_train"] == 256
+    assert all(x["seconds"] >= 0 and x["made_by"] for x in a.values())
