@@ -139,7 +139,7 @@ def test_headline_report_and_samples(story):
     assert kept["figure"] == s["blocking"]["block_diff"]["medical"]["kept"]
     samples = json.loads((out / "samples.json").read_text())
     assert set(samples) == {"base", "full_bad", "lora_bad", *BLOCK_RUNS}
-    assert all(len(r["answers"]) == 4 and all(a["answer"] for a in r["answers"]) for r in samples.values())
+    assert all(len(r["answers"]) == 3 and all(a["answer"] for a in r["answers"]) for r in samples.values())
     report = (out / "report.html").read_text()
     for title in ("SAE at block 1", "Steering the base model, scored by the pair metric", "BLOCK-EM (full fine-tune",
                   "Sampled answers", "Latent card", "Cosines at blocks.1.hook_resid_post (rank-1 LoRA)"):
