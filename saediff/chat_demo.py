@@ -137,8 +137,10 @@ class ChatDemoRecipe:
     block_latents: tuple[int, int] = (10, 10)
     """BLOCK-EM: latents that rose most (held down) and that fell most (held up), from the full diff"""
     block_relative_lambda: float = 1.0
-    """BLOCK-EM penalty weight, relative: lambda = this / the blocked latents' mean squared base
-    activation per answer token (``chat_story.block_lambda``)"""
+    """BLOCK-EM penalty weight, relative: lambda = this / the blocked set's mean summed squared base
+    activation per answer token (``chat_story.block_lambda``), per set"""
+    sae_seed: int = 0
+    """the SAE's training seed, the same for every fine-tune seed (latent indices stay comparable)"""
 
     def __post_init__(self):
         object.__setattr__(self, "finetunes", tuple(self.finetunes))
@@ -161,7 +163,10 @@ class ChatDemoRecipe:
                                    "(or story=False)")
             if not {self.choose_on, self.report_on} <= set(self.pair_sets) or self.choose_on == self.report_on:
                 raise SaediffError(f"ChatDemoRecipe: the story chooses on {self.choose_on} and reports on "
-                                   f"{self.report_on}: two different sets among pair_sets (or story=False)")
+                                   f"{self.report_on}: two different sets among pair_sets (or story=False: "
+                                   "saediff demo --finetunes-only)")
+            if self.sae_held_rows < 1 or self.n_random < 1 or self.diff_top < 1 or self.icl_questions < 1:
+                raise SaediffError("ChatDemoRecipe: sae_held_rows, n_random, diff_top and icl_questions must be >= 1")
             if not self.lora_save_every or self.steps // self.lora_save_every < 2:
                 raise SaediffError(f"ChatDemoRecipe: the phase analysis needs >= 2 LoRA checkpoints: lora_save_every "
                                    f"{self.lora_save_every} with {self.steps} steps")
@@ -303,8 +308,9 @@ def _story(base, tokenizer, out: Path, seed: int, recipe: ChatDemoRecipe, force:
                 partial(_diff, base, specs["full_bad"], sae_dir, out / "diff", seed, recipe, say))
     diff_lora = step("diff lora_bad", [out / "diff_lora" / "diff.json"],
                      partial(_diff, base, specs["lora_bad"], sae_dir, out / "diff_lora", seed, recipe, say))
-    # steering reads the base model and the diff only: a second process (one thread) runs it beside
-    # the BLOCK-EM fine-tunes, the longest steps
+    # steering and the analyses read the models, the diffs and the LoRA checkpoints, and write under
+    # steer/, analyses/ and diff/ (the neighbourhood probe), which the main process no longer touches:
+    # a second process (one thread) runs them beside the BLOCK-EM fine-tunes, the longest steps
     worker = multiprocessing.get_context("spawn").Process(
         target=_steer_worker, args=(base, str(out), seed, recipe), daemon=True)
     marker = out / "steer" / "steer.json"
@@ -316,6 +322,9 @@ def _story(base, tokenizer, out: Path, seed: int, recipe: ChatDemoRecipe, force:
         p.requires_grad_(False)
     try:
         for name in BLOCK_RUNS:
+            if worker.exitcode not in (None, 0):  # fail early, not after both fine-tunes
+                raise RuntimeError(f"the steering step failed (exit {worker.exitcode}): see "
+                                   f"{out / 'steer' / 'steer.log'}")
             counted = partial(_counted, say, f"({name})")
             specs[name] = step(f"fine-tune {name}", [out / "models" / name / "em.json"],
                                partial(_block, base, name, tokenizer, loaded, out, seed, recipe, force, counted))
@@ -350,27 +359,26 @@ def _analyses(base, out: Path, seed: int, recipe: ChatDemoRecipe, say) -> None:
     from saediff.chat_story import phase_by_pairs, susceptibility_by_pairs
     from saediff.em_data import data_path, pair_evaluator
     from saediff.neighbourhood import run_neighbourhood
-    from saediff.provenance import file_digest
+    from saediff.provenance import evaluator_fingerprint, file_digest
 
     folder = out / "analyses"
     folder.mkdir(parents=True, exist_ok=True)
     pairs_sets = [recipe.choose_on, recipe.report_on]
+    layer = int(json.loads((out / "sae" / "cfg.json").read_text())["metadata"]["hook_name"].split(".")[1])
     inputs = {
         "susceptibility": {"pairs": [file_digest(out / "eval" / n / _slug(p) / "pairs.jsonl")
-                                     for n in ("base", "full_bad") for p in pairs_sets], "layer": recipe.layer,
+                                     for n in ("base", "full_bad") for p in pairs_sets], "layer": layer,
                            "sae": file_digest(out / "sae" / "sae_weights.safetensors"), "seed": seed},
         "phase": {"adapter": file_digest(out / "models" / "lora_bad" / "model" / "adapter_model.safetensors"),
                   "directions": file_digest(out / "diff_lora" / "directions" / "directions.safetensors"),
-                  "report": recipe.report_on},
+                  "report": evaluator_fingerprint(pair_evaluator(recipe.report_on)), "layer": layer},
         "neighbourhood": {"diff": file_digest(out / "diff" / "diff.json"), "seed": seed}}
     work = {
         "susceptibility": lambda: susceptibility_by_pairs(
-            base, out / "eval", ["base", "full_bad"], pairs_sets, [_slug(p) for p in pairs_sets],
-            int(json.loads((out / "sae" / "cfg.json").read_text())["metadata"]["hook_name"].split(".")[1]),
-            seed=seed),
+            base, out / "eval", ["base", "full_bad"], pairs_sets, [_slug(p) for p in pairs_sets], layer, seed=seed),
         "phase": lambda: phase_by_pairs(out / "models" / "lora_bad", base, out / "diff_lora" / "directions",
                                         replace(pair_evaluator(recipe.report_on, recipe.eval_batch_size),
-                                                progress=False), folder / "phase"),
+                                                progress=False), folder / "phase", layer),
         "neighbourhood": lambda: run_neighbourhood(out / "diff", data_path("medical_bad"), seed=seed,
                                                    progress=False)}
     for name in ANALYSES:
@@ -412,14 +420,16 @@ def _sae(base, layer: int, sae_dir: Path, seed: int, recipe: ChatDemoRecipe, say
     ``saediff.json`` records the model, layer and training settings): then its metrics."""
     from saediff.chat_data import load_chat_jsonl
     from saediff.chat_story import TRAIN_SETS, reference_prompts, text_prompts, train_text_sae
-    from saediff.em_data import data_path
+    from saediff.em_data import data_path, pair_evaluator
     from saediff.models import load_model
+    from saediff.provenance import evaluator_fingerprint, model_fingerprint
     from saediff.saes import SAETrainConfig
 
     cfg = SAETrainConfig(d_sae=recipe.sae_width, k=recipe.sae_k, steps=recipe.sae_steps,
-                         batch_size=recipe.sae_batch_size, seed=seed)
-    made_by = {"model": base.model, "layer": layer, "train": asdict(cfg), "held_rows": recipe.sae_held_rows,
-               "rows": recipe.rows, "data": list(TRAIN_SETS) + [recipe.choose_on]}
+                         batch_size=recipe.sae_batch_size, seed=recipe.sae_seed)
+    made_by = {"model": model_fingerprint(base), "layer": layer, "train": asdict(cfg), "held_rows": recipe.sae_held_rows,
+               "rows": recipe.rows, "data": list(TRAIN_SETS),
+               "references": evaluator_fingerprint(pair_evaluator(recipe.choose_on))}
     prev = read_json_if_exists(sae_dir / "saediff.json")
     if prev is not None and prev.get("made_by") == json.loads(json.dumps(made_by)):
         return prev["metrics"]
@@ -437,25 +447,27 @@ def _sae(base, layer: int, sae_dir: Path, seed: int, recipe: ChatDemoRecipe, say
 
 
 def _diff(base, ft_spec, sae_dir: Path, run: Path, seed: int, recipe: ChatDemoRecipe, say) -> dict:
-    """``saediff diff`` of the base model against one fine-tune on the design split's references,
-    unless ``run`` holds a diff of this very fine-tune and SAE (its ``run.json``)."""
+    """``saediff diff`` of the base model against one fine-tune on the ``choose_on`` references,
+    unless ``run`` holds a diff of this very setup (``made_by.json``: the SAE, both models' weights,
+    the references and the settings)."""
     from saediff.chat_story import diff_on_references, in_context_candidates
-    from saediff.pipeline import read_run
-    from saediff.provenance import sae_fingerprint
+    from saediff.em_data import pair_evaluator
+    from saediff.provenance import evaluator_fingerprint, model_fingerprint, sae_fingerprint
     from saediff.saes import load_sae
 
-    identity = sae_fingerprint(load_sae(str(sae_dir)), str(sae_dir))
-    if (run / "run.json").exists() and (run / "layers.json").exists():
-        info = read_run(run)["steps"].get("diff", {})
-        if info.get("sae_identity") == json.loads(json.dumps(identity)) and info.get("adapter") == ft_spec.adapter \
-                and info.get("finetuned") == (None if ft_spec.adapter else ft_spec.model):
-            return _diff_figures(run)
+    made_by = json.loads(json.dumps({
+        "sae": sae_fingerprint(load_sae(str(sae_dir)), "sae"), "finetune": model_fingerprint(ft_spec),
+        "base": model_fingerprint(base), "references": evaluator_fingerprint(pair_evaluator(recipe.choose_on)),
+        "top": recipe.diff_top, "icl_questions": recipe.icl_questions, "seed": seed}))
+    if read_json_if_exists(run / "made_by.json") == made_by and (run / "layers.json").exists():
+        return _diff_figures(run)
     say(f"diff {run.name}: the base model's in-context direction")
     pairs = _pairs_of(recipe.choose_on)
     icl = in_context_candidates(base, pairs, recipe.icl_questions, seed) if ft_spec.adapter is None else []
     say(f"diff {run.name}: base vs fine-tune on the design split's references")
     diff_on_references(base.model, None if ft_spec.adapter else ft_spec.model, ft_spec.adapter, sae_dir, pairs,
                        run, top_n=recipe.diff_top, seed=seed, extra=icl)
+    atomic_write_json(run / "made_by.json", made_by)
     return _diff_figures(run)
 
 
@@ -478,29 +490,26 @@ def _diff_figures(run: Path) -> dict:
 def _steer(base, out: Path, seed: int, recipe: ChatDemoRecipe, say) -> dict:
     from saediff.chat_story import steer_by_pairs
     from saediff.em_data import pair_evaluator
-    from saediff.models import load_model
 
     say("steering the base model (design split chooses, held-out split reports)")
     select = replace(pair_evaluator(recipe.choose_on, recipe.eval_batch_size), progress=False).halves()[0]
     report = replace(pair_evaluator(recipe.report_on, recipe.eval_batch_size), progress=False)
-    return steer_by_pairs(load_model(base), out / "diff", select, report, out / "steer",
+    return steer_by_pairs(base, out / "diff", select, report, out / "steer",
                           n_latents=recipe.steer_latents, scales=recipe.steer_scales, n_random=recipe.n_random,
                           seed=seed)
 
 
 def _block(base, name: str, tokenizer, sae, out: Path, seed: int, recipe: ChatDemoRecipe, force: bool, say):
     """One BLOCK-EM fine-tune (``name`` in ``BLOCK_RUNS``): ``full_bad``'s recipe with the diff's
-    latents (or as many random ones) held where the base model has them; lambda by
-    ``chat_story.block_lambda`` on the diff's latents, the same for both runs."""
-    from saediff.blockem import BlockRunConfig, block_one, checkpoint_spec, latents_from_diff, random_latents
+    latents (or as many random ones, drawn among the latents that fire on the base model's answers)
+    held where the base model has them; each set's lambda by ``chat_story.block_lambda``, so a
+    change of its latents by their own typical size costs the same in both runs."""
+    from saediff.blockem import BlockRunConfig, block_one, checkpoint_spec
     from saediff.chat_data import ChatDataset, load_chat_jsonl
     from saediff.em_data import data_path
     from saediff.hooks import parse_layer
 
-    diff_latents = latents_from_diff(out / "diff", *recipe.block_latents)
-    diff_latents.check(sae, str(out / "sae"))
-    latents = diff_latents if name == "block_diff" else random_latents(diff_latents, sae.cfg.d_sae, seed)
-    lam = _lambda(base, sae, diff_latents, out, recipe)
+    latents, lam = _block_latents(base, sae, out, seed, recipe)[name]
     ft = recipe.finetune_config("full_bad", seed)
     rows = load_chat_jsonl(data_path("medical_bad"))[: recipe.rows]
     dataset = ChatDataset(tokenizer, rows, ft.max_length, progress=False, source=str(data_path("medical_bad")))
@@ -513,34 +522,56 @@ def _block(base, name: str, tokenizer, sae, out: Path, seed: int, recipe: ChatDe
     return checkpoint_spec(base, run / "model", "full")
 
 
-def _lambda(base, sae, latents, out: Path, recipe: ChatDemoRecipe) -> float:
-    """``block_lambda`` on the base model's answer tokens of the first 100 bad-advice rows, cached in
-    ``out/models/block_lambda.json`` with what decided it."""
+def _block_latents(base, sae, out: Path, seed: int, recipe: ChatDemoRecipe) -> dict:
+    """``{run: (LatentSets, lambda)}`` of the BLOCK-EM runs: the diff's ``block_latents`` and as many
+    random latents among those that fire on the base model's answer tokens of the first 100
+    bad-advice rows (a dead latent held in place costs nothing: no control), none of the diff's;
+    lambda per set by ``block_lambda`` on those tokens. Cached in ``out/models/block_latents.json``
+    with what decided it."""
+    import torch
+
     from saediff.activations import collect_activations
+    from saediff.blockem import LatentSets, latents_from_diff
+    from saediff.blocking import latent_codes
     from saediff.chat_data import load_chat_jsonl
     from saediff.chat_story import block_lambda, text_prompts
     from saediff.em_data import data_path
     from saediff.models import load_model
-    from saediff.provenance import sae_fingerprint
+    from saediff.provenance import file_digest, sae_fingerprint
 
-    path = out / "models" / "block_lambda.json"
-    key = json.loads(json.dumps({"sae": sae_fingerprint(sae, str(out / "sae")), "low": list(latents.low),
-                                 "high": list(latents.high), "relative": recipe.block_relative_lambda}))
+    diff = latents_from_diff(out / "diff", *recipe.block_latents)
+    diff.check(sae, str(out / "sae"))
+    path = out / "models" / "block_latents.json"
+    key = json.loads(json.dumps({"sae": sae_fingerprint(sae, "sae"), "diff": file_digest(out / "diff" / "diff.json"),
+                                 "block_latents": list(recipe.block_latents), "seed": seed,
+                                 "relative": recipe.block_relative_lambda}))
     prev = read_json_if_exists(path)
-    if prev is not None and prev.get("key") == key:
-        return prev["lam"]
-    hook = sae.cfg.metadata.hook_name
-    prompts = text_prompts(load_chat_jsonl(data_path("medical_bad"))[:100], "medical_bad")
-    acts = collect_activations(load_model(base), prompts, [hook], "response", progress=False)[hook]
-    lam = block_lambda(sae, acts, latents, recipe.block_relative_lambda)
-    atomic_write_json(path, {"lam": lam, "key": key})
-    return lam
+    if prev is None or prev.get("key") != key:
+        hook = sae.cfg.metadata.hook_name
+        prompts = text_prompts(load_chat_jsonl(data_path("medical_bad"))[:100], "medical_bad")
+        acts = collect_activations(load_model(base), prompts, [hook], "response", progress=False)[hook]
+        with torch.no_grad():
+            fires = latent_codes(sae, acts.float(), list(range(sae.cfg.d_sae))).gt(0).any(0)
+        live = [i for i in torch.nonzero(fires).flatten().tolist() if i not in set(diff.low) | set(diff.high)]
+        g = torch.Generator().manual_seed(seed + 99)
+        pick = [live[i] for i in torch.randperm(len(live), generator=g).tolist()]
+        n = len(diff.low)
+        if len(pick) < len(diff):
+            raise SaediffError(f"only {len(pick)} live latents outside the diff's for a random control of {len(diff)}")
+        rand = LatentSets(tuple(pick[:n]), tuple(pick[n : n + len(diff.high)]))
+        prev = {"key": key, "n_live": int(fires.sum()), "runs": {
+            name: {"low": list(sets.low), "high": list(sets.high),
+                   "lam": block_lambda(sae, acts, sets, recipe.block_relative_lambda)}
+            for name, sets in (("block_diff", diff), ("block_random", rand))}}
+        atomic_write_json(path, prev)
+    return {name: (LatentSets(tuple(r["low"]), tuple(r["high"]), sae=diff.sae if name == "block_diff" else None,
+                              source=str(path)), r["lam"]) for name, r in prev["runs"].items()}
 
 
 def _samples(out: Path, specs: dict, seed: int, say) -> dict:
     """A few sampled answers of each model (``chat_story.sample_answers``), kept in ``out/samples.json``
     per model spec: a model whose weights are unchanged keeps its answers."""
-    from saediff.chat_story import sample_answers
+    from saediff.chat_story import SAMPLE_QUESTIONS, SAMPLE_TOKENS, sample_answers
     from saediff.models import load_model
     from saediff.provenance import model_fingerprint
 
@@ -548,12 +579,14 @@ def _samples(out: Path, specs: dict, seed: int, say) -> dict:
     prev = read_json_if_exists(path) or {}
     result = {}
     for name, spec in specs.items():
-        made_by = json.loads(json.dumps({"model": model_fingerprint(spec), "seed": seed}))
+        made_by = json.loads(json.dumps({"model": model_fingerprint(spec), "seed": seed, "questions": SAMPLE_QUESTIONS,
+                                         "max_new_tokens": SAMPLE_TOKENS, "temperature": 1.0}))
         if prev.get(name, {}).get("made_by") == made_by:
             result[name] = prev[name]
             continue
         say(f"sampled answers: {name}")
-        result[name] = {"answers": sample_answers(load_model(spec), seed=seed), "made_by": made_by}
+        result[name] = {"answers": sample_answers(load_model(spec), seed=seed, max_new_tokens=SAMPLE_TOKENS),
+                        "made_by": made_by}
         atomic_write_json(path, {**prev, **result})
     if result != prev:
         atomic_write_json(path, result)
@@ -562,7 +595,10 @@ def _samples(out: Path, specs: dict, seed: int, say) -> dict:
 
 def _blocking(differences: dict) -> dict:
     """BLOCK-EM's figures per pair set: the share of the bad fine-tune's shift over the base model
-    (``full_bad - base``) that each blocked run keeps, and its cut (1 - kept)."""
+    (``full_bad - base``) that each blocked run keeps, and its cut (1 - kept), with the paired
+    difference blocked - bad fine-tune beside them. The ratio is given only where the bad shift is
+    positive with its 95% interval above zero (else ``kept`` and ``cut`` are None and ``note`` says
+    why): a ratio over a shift that may be nothing is noise."""
     out = {}
     for name in BLOCK_RUNS:
         per = {}
@@ -570,9 +606,12 @@ def _blocking(differences: dict) -> dict:
             shift = differences.get("full_bad - base", {}).get(pair_set)
             if shift is None:
                 continue
-            kept = d["difference"] / shift["difference"] if shift["difference"] else None
-            per[pair_set] = {"shift": d["difference"], "bad_shift": shift["difference"], "kept": kept,
-                             "cut": None if kept is None else 1 - kept,
+            real = shift["difference"] > 0 and shift["ci"][0] > 0
+            kept = d["difference"] / shift["difference"] if real else None
+            per[pair_set] = {"shift": d["difference"], "bad_shift": shift["difference"], "bad_shift_ci": shift["ci"],
+                             "kept": kept, "cut": None if kept is None else 1 - kept,
+                             "note": None if real else "the bad fine-tune's shift over the base model is not "
+                                                       "positive beyond its 95% interval: no ratio",
                              "versus_bad": differences.get(f"{name} - full_bad", {}).get(pair_set)}
         out[name] = per
     return out
@@ -723,12 +762,14 @@ def _story_headline(s: dict) -> list[dict]:
                         sae["dead_fraction_train"], "<= 0.2", sae["dead_fraction_train"] <= 0.2))
     steer = s.get("steering")
     if steer:
+        # the candidate is chosen on the select half (its preference added there), reported held out
         done = {n: c for n, c in steer["candidates"].items() if c.get("effect") is not None}
-        best = max(done, key=lambda n: done[n]["effect"], default=None)
+        best = max(done, key=lambda n: done[n]["select_effect"], default=None)
         c = done.get(best, {})
+        n_random = len(c.get("random_effects") or []) or s.get("recipe", {}).get("n_random")
         rows.append(row("steering the base model along a diff latent or mean difference: preference added, "
                         "off-domain", f"steer:{best}", split, c.get("effect"),
-                        ">= +0.1, above 3 random directions",
+                        f">= +0.1, above {n_random} random directions",
                         c.get("effect") is not None and c["effect"] >= 0.1 and c["above_random"],
                         random=c.get("random_effects"), scale=c.get("scale")))
     block = s.get("blocking") or {}

@@ -9,8 +9,8 @@ function is one resumable step of ``chat_demo.run_chat_demo`` and uses saediff's
   references label the response mean difference), then ``run_compare`` (cosine table, per-layer
   curves).
 - ``steer_by_pairs``: saediff's one steering protocol (``causal.select_and_report``) scored by the
-  pair metric: the scale chosen on the design split, every figure on the held-out split, beside
-  random directions of equal norm.
+  pair metric: the scale chosen on half of the design split, every reported figure on the held-out
+  split, beside random directions of equal norm.
 - ``block_lambda`` and the BLOCK-EM runs (through ``blockem.block_one`` in ``chat_demo``).
 - ``sample_answers``: a few sampled answers of each model, for the report.
 """
@@ -80,8 +80,9 @@ def train_text_sae(lm, layer: int, train: list, held: list, cfg, out: Path, *, m
                    say: Callable[[str], None] = lambda _s: None, batch_size: int = 16) -> dict:
     """Train a TopK SAE (``cfg``: ``saes.SAETrainConfig``) on ``lm``'s ``blocks.{layer}.hook_resid_post``
     over the answer tokens of ``train`` (Prompts with responses); measure it on ``held``: FVU, L0,
-    dead share (also on the training rows) and CE-loss recovered (spliced at the answer tokens, CE
-    over them). Saved as a SAELens folder at ``out``; returns the metrics."""
+    dead share (also on the training rows) and CE-loss recovered (spliced at the answer tokens; CE
+    over the targets those positions predict). Saved as a SAELens folder at ``out``; returns the
+    metrics."""
     from saediff.activations import collect_activations, tokenize_prompts
     from saediff.hooks import resid_post
     from saediff.saes import ce_loss_recovered, sae_metrics, save_sae, train_sae
@@ -93,11 +94,16 @@ def train_text_sae(lm, layer: int, train: list, held: list, cfg, out: Path, *, m
     say(f"SAE: training on {acts.shape[0]} answer tokens")
     sae, hist = train_sae(acts, cfg, hook_name=hook, model_name=model_name, progress=False)
     say("SAE: CE-loss recovered on held-out conversations")
+    held_metrics, train_dead = sae_metrics(sae, acts_held), sae_metrics(sae, acts).dead_fraction  # before .to(device)
     toks = tokenize_prompts(lm, held)
     answer = toks.role == 1
-    ce = ce_loss_recovered(lm.model, sae, layer, toks.input_ids, toks.input_ids.masked_fill(~answer, -100),
+    # a target counts where the position predicting it is spliced: answer tokens after the first, and the
+    # end of turn
+    scored = torch.zeros_like(answer)
+    scored[:, 1:] = answer[:, :-1] & (toks.role[:, 1:] >= 0)
+    ce = ce_loss_recovered(lm.model, sae, layer, toks.input_ids, toks.input_ids.masked_fill(~scored, -100),
                            splice=answer, batch_size=batch_size)
-    metrics = {**sae_metrics(sae, acts_held).to_json(), "dead_fraction_train": sae_metrics(sae, acts).dead_fraction,
+    metrics = {**held_metrics.to_json(), "dead_fraction_train": train_dead,
                **ce, "n_train_tokens": int(acts.shape[0]), "n_held_tokens": int(acts_held.shape[0]),
                "n_held_conversations": len(held), "positions": "response",
                "final_train_fvu": float(np.mean(hist["fvu"][-5:]))}
@@ -150,14 +156,17 @@ def diff_on_references(base: str, finetuned: str | None, adapter: str | None, sa
     return info
 
 
-def steer_by_pairs(base_lm, run_dir: Path, select, report, out: Path, *, n_latents: int, scales: tuple[float, ...],
+def steer_by_pairs(base, run_dir: Path, select, report, out: Path, *, n_latents: int, scales: tuple[float, ...],
                    n_random: int, seed: int, coherence_budget: float = 0.10) -> dict:
-    """Steer the base model along the diff run's candidates at the SAE's block (its top
+    """Steer the base model (``base``: a ``ModelSpec``, loaded only when something must be measured)
+    along the diff run's candidates at the SAE's block (its top
     ``n_latents`` latents and the dense directions there), by ``select_and_report``: scales in units
     of the mean residual norm at that block, chosen on ``select`` (pair evaluator), reported on
-    ``report`` beside ``n_random`` random directions of equal norm. The bar's figure is the
-    preference (nats/token) the steering adds on the report questions, against the random
-    directions' mean. Writes ``out/steer.json``."""
+    ``report`` beside ``n_random`` random directions of equal norm. Each candidate's ``effect`` is the
+    preference (nats/token) steering adds over the unsteered base model on the report questions,
+    ``random_effects`` the same for the random directions at its scale, ``select_effect`` the
+    preference it added on the select half (what a headline picks a candidate by). Writes
+    ``out/steer.json``."""
     from saediff.causal import (
         Arm,
         SteerConfig,
@@ -166,29 +175,33 @@ def steer_by_pairs(base_lm, run_dir: Path, select, report, out: Path, *, n_laten
         residual_stats,
         select_and_report,
     )
+    from saediff.models import load_model
     from saediff.pipeline import read_run
     from saediff.provenance import evaluator_fingerprint, file_digest, model_fingerprint
 
     made_by = json.loads(json.dumps({
-        "diff": read_run(run_dir)["steps"]["diff"].get("sae_identity"), "model": model_fingerprint(base_lm.spec),
+        "protocol": 2, "diff": read_run(run_dir)["steps"]["diff"].get("sae_identity"), "model": model_fingerprint(base),
         "directions": file_digest(run_dir / "directions" / "directions.safetensors"),
         "select": evaluator_fingerprint(select), "report": evaluator_fingerprint(report), "n_latents": n_latents,
         "scales": list(scales), "n_random": n_random, "seed": seed, "coherence_budget": coherence_budget}))
     prev = read_json_if_exists(out / "steer.json")
     if prev is not None and prev.get("made_by") == made_by:
         return prev
+    base_lm = load_model(base)
     cands, layer = _candidates(run_dir, SteerConfig(n_latents=n_latents))
     norms, _ = residual_stats(base_lm, run_dir, {})
     sel = select_and_report({n: d.vector for n, d in cands.items()}, [Arm("induce", base_lm, 1.0, "base")], layer,
                             scales, norms[layer], select, report, out, n_random=n_random,
                             coherence_budget=coherence_budget, seed=seed)
-    base_pref = _preference(out / "report" / "base")
+    base_pref, select_base = _preference(out / "report" / "base"), _preference(out / "select" / "base")
     rows = {}
     for name, c in sel.candidates.items():
         s = induce_summary(c)
         row = {"scale": s["scale"], "scale_abs": s["scale_abs"], "coherent_scale_found": s["coherent_scale_found"],
                "select_mc1": {k: v["em_rate"] for k, v in s["select_sweep"].items()}, "note": s["note"]}
         if c.passed:
+            chose = _preference(out / "select" / f"{name}_induce_x{c.scale:g}")
+            row["select_effect"] = chose["preference"] - select_base["preference"]
             pref = _preference(out / "report" / f"{name}_induce_x{c.scale:g}")
             rnd = [_preference(out / "report" / f"random{k}_seed{seed}_induce_x{c.scale:g}") for k in range(n_random)]
             row.update(mc1=s["em_rate"], mc1_random_mean=s["random_mean_em_rate"], preference=pref["preference"],
@@ -217,10 +230,10 @@ def _preference(folder: Path) -> dict:
 
 @torch.no_grad()
 def block_lambda(sae, acts: torch.Tensor, latents, relative: float) -> float:
-    """The penalty weight that makes ``relative`` x the blocked latents' mean squared base
-    pre-activation (ReLU'd, summed over the latents, per answer token) cost one nat: a change of
-    the latents by their own typical size weighs like the language-model loss. ``acts``: base
-    residuals at the SAE's hook on answer tokens."""
+    """``relative / E[sum_i z_i^2]``: the penalty weight under which the blocked latents' activations
+    (ReLU'd pre-activations ``z`` on the base model's answer tokens ``acts``, summed over the
+    latents, averaged over tokens) moving by their own typical size, in the direction the penalty
+    charges, costs ``relative`` nats per token, like the language-model loss."""
     from saediff.blocking import latent_codes
 
     z = latent_codes(sae, acts.float(), [*latents.low, *latents.high], preactivation=True)
@@ -230,7 +243,11 @@ def block_lambda(sae, acts: torch.Tensor, latents, relative: float) -> float:
     return relative / scale
 
 
-def sample_answers(lm, questions: tuple[str, ...] = SAMPLE_QUESTIONS, *, max_new_tokens: int = 64,
+SAMPLE_TOKENS = 64
+"""tokens per sampled answer"""
+
+
+def sample_answers(lm, questions: tuple[str, ...] = SAMPLE_QUESTIONS, *, max_new_tokens: int = SAMPLE_TOKENS,
                    seed: int = 0) -> list[dict]:
     """One answer per question, sampled at temperature 1 (seeded)."""
     from saediff.models import generate
@@ -272,10 +289,12 @@ def susceptibility_by_pairs(base, eval_dir: Path, names: tuple[str, str] | list[
             "pair_sets": list(pair_sets), "mean_shift": float(np.mean(shift)), **res.to_json()}
 
 
-def phase_by_pairs(run: Path, base, directions: Path, evaluator, out: Path) -> dict:
-    """``phase.run_phase`` over a LoRA fine-tune's checkpoints (``run/checkpoints``), each scored by
-    the pair ``evaluator`` (its ``em_rate``: the MC1 share), against the diff's candidates."""
+def phase_by_pairs(run: Path, base, directions: Path, evaluator, out: Path, layer: int) -> dict:
+    """``phase.run_phase`` over a LoRA fine-tune's checkpoints (``run/checkpoints``): the ``down_proj``
+    adapter of block ``layer`` (the SAE's), each checkpoint scored by the pair ``evaluator`` (its
+    ``em_rate``: the MC1 share), against the diff's candidates at that block."""
     from saediff.phase import run_phase
 
-    result = run_phase(run, base=base.model, directions=directions, evaluator=evaluator, out=out, progress=False)
+    result = run_phase(run, base=base.model, directions=directions, evaluator=evaluator, out=out, progress=False,
+                       module=f"model.layers.{layer}.mlp.down_proj")
     return {k: v for k, v in result.items() if k != "base"}

@@ -87,8 +87,8 @@ def test_steering_figures_come_from_the_report_split(story):
     assert st["kind"] == "saediff.pair_steering" and st["scales"] == [0.5, 1.0]
     base = json.loads((out / "steer" / "report" / "base" / "em.json").read_text())
     assert base["n"] == 9 and st["base"]["preference"] == base["preference"]  # the report file's 9 questions
-    chose = json.loads((out / "steer" / "select" / "base" / "em.json").read_text())
-    assert chose["n"] == 6  # the first half of the choose file
+    chose_base = json.loads((out / "steer" / "select" / "base" / "em.json").read_text())
+    assert chose_base["n"] == 6  # the first half of the choose file
     ran = [c for c in st["candidates"].values() if c.get("effect") is not None]
     assert ran
     for name, c in st["candidates"].items():
@@ -98,11 +98,14 @@ def test_steering_figures_come_from_the_report_split(story):
         em = json.loads((out / "steer" / "report" / f"{name}_induce_x{c['scale']:g}" / "em.json").read_text())
         assert c["effect"] == pytest.approx(em["preference"] - base["preference"], abs=1e-12)
         assert len(c["random_effects"]) == 2 and c["above_random"] == (c["effect"] > max(c["random_effects"]))
+        chose = json.loads((out / "steer" / "select" / f"{name}_induce_x{c['scale']:g}" / "em.json").read_text())
+        assert c["select_effect"] == pytest.approx(chose["preference"] - chose_base["preference"], abs=1e-12)
 
 
 def test_block_runs_hold_the_diffs_latents_with_the_measured_lambda(story):
     from saediff.activations import collect_activations
-    from saediff.blockem import latents_from_diff
+    from saediff.blocking import latent_codes
+    from saediff.blockem import LatentSets, latents_from_diff
     from saediff.chat_data import load_chat_jsonl
     from saediff.chat_story import block_lambda, text_prompts
     from saediff.em_data import data_path
@@ -114,18 +117,46 @@ def test_block_runs_hold_the_diffs_latents_with_the_measured_lambda(story):
     runs = {name: json.loads((out / "models" / name / "em.json").read_text()) for name in BLOCK_RUNS}
     assert runs["block_diff"]["mode"] == "penalty" and runs["block_diff"]["latents_low"] == list(diff_latents.low)
     assert runs["block_diff"]["latents_high"] == list(diff_latents.high)
-    assert not set(runs["block_random"]["latents_low"]) & set(diff_latents.low)
+    rand = LatentSets(tuple(runs["block_random"]["latents_low"]), tuple(runs["block_random"]["latents_high"]))
+    assert (len(rand.low), len(rand.high)) == (3, 2)
+    assert not set(rand.low + rand.high) & set(diff_latents.low + diff_latents.high)
     sae = load_sae(str(out / "sae"))
+    hook = sae.cfg.metadata.hook_name
     prompts = text_prompts(load_chat_jsonl(data_path("medical_bad"))[:100], "medical_bad")
-    lm = load_model(s["models"]["base"]["model"])
-    acts = collect_activations(lm, prompts, [sae.cfg.metadata.hook_name], "response", progress=False)
-    lam = block_lambda(sae, acts[sae.cfg.metadata.hook_name], diff_latents, 1.0)
-    assert runs["block_diff"]["lam"] == pytest.approx(lam, rel=1e-6) == runs["block_random"]["lam"]
+    acts = collect_activations(load_model(s["models"]["base"]["model"]), prompts, [hook], "response",
+                               progress=False)[hook]
+    # the random control's latents fire on the base model's answers (a dead latent held costs nothing)
+    z = latent_codes(sae, acts, list(rand.low + rand.high))
+    assert bool((z > 0).any(0).all())
+    for name, sets in (("block_diff", diff_latents), ("block_random", rand)):
+        assert runs[name]["lam"] == pytest.approx(block_lambda(sae, acts, sets, 1.0), rel=1e-6)
+    assert runs["block_diff"]["lam"] != runs["block_random"]["lam"]  # per set
     for name in BLOCK_RUNS:
         for pair_set, b in s["blocking"][name].items():
-            shift = s["differences"]["full_bad - base"][pair_set]["difference"]
+            shift = s["differences"]["full_bad - base"][pair_set]
             mine = s["differences"][f"{name} - base"][pair_set]["difference"]
-            assert b["kept"] == pytest.approx(mine / shift) and b["cut"] == pytest.approx(1 - mine / shift)
+            if shift["difference"] > 0 and shift["ci"][0] > 0:
+                assert b["kept"] == pytest.approx(mine / shift["difference"]) and b["note"] is None
+            else:
+                assert b["kept"] is None and b["cut"] is None and "no ratio" in b["note"]
+
+
+def test_blocking_ratio_only_over_a_real_shift():
+    """Hand-set differences: a bad shift of +0.2 [0.1, 0.3] gives kept 0.25 / cut 0.75 for a blocked
+    shift of +0.05; a shift of -0.05 (or one whose interval holds 0) gives no ratio."""
+    from saediff.chat_demo import _blocking
+
+    def d(x, lo, hi):
+        return {"difference": x, "ci": [lo, hi], "t": 3.0, "n": 10}
+
+    diffs = {"full_bad - base": {"a": d(0.2, 0.1, 0.3), "b": d(-0.05, -0.1, 0.0), "c": d(0.1, -0.01, 0.2)},
+             "block_diff - base": {"a": d(0.05, 0, 0.1), "b": d(0.02, 0, 0.04), "c": d(0.02, 0, 0.04)},
+             "block_diff - full_bad": {"a": d(-0.15, -0.2, -0.1)}}
+    got = _blocking(diffs)["block_diff"]
+    assert got["a"]["kept"] == pytest.approx(0.25) and got["a"]["cut"] == pytest.approx(0.75)
+    assert got["a"]["versus_bad"]["difference"] == -0.15
+    for k in ("b", "c"):
+        assert got[k]["kept"] is None and got[k]["cut"] is None and got[k]["note"]
 
 
 def test_headline_report_and_samples(story):
@@ -187,6 +218,28 @@ def test_ce_loss_recovered_in_batches_and_at_chosen_positions():
     assert everywhere["ce_sae"] == pytest.approx(whole["ce_sae"], rel=1e-6)
     nowhere = ce_loss_recovered(model, sae, 0, ids, labels, splice=torch.zeros(5, 9, dtype=torch.bool))
     assert nowhere["ce_sae"] == pytest.approx(whole["ce_clean"], rel=1e-6) == nowhere["ce_zero"]
+    # a partial splice: position 3 of row 0 replaced by the SAE's reconstruction, by hand
+    mask = torch.zeros(5, 9, dtype=torch.bool)
+    mask[0, 3] = True
+    part = ce_loss_recovered(model, sae, 0, ids, labels, splice=mask)
+
+    def hooked(fn):
+        def hook(_mod, _inp, out):
+            h = out[0] if isinstance(out, tuple) else out
+            h = h.clone()
+            h[0, 3] = fn(h[0, 3])
+            return (h, *out[1:]) if isinstance(out, tuple) else h
+        return hook
+
+    for key, fn in (("ce_sae", lambda r: sae.decode(sae.encode(r))), ("ce_zero", torch.zeros_like)):
+        handle = model.model.layers[0].register_forward_hook(hooked(fn))
+        try:
+            lg = model(input_ids=ids).logits
+        finally:
+            handle.remove()
+        want = torch.nn.functional.cross_entropy(lg[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        assert part[key] == pytest.approx(float(want), rel=1e-6)
+    assert part["ce_sae"] != pytest.approx(whole["ce_clean"], rel=1e-9)
     # by hand: the mean next-token CE over labelled positions
     logits = model(input_ids=ids).logits
     ref = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
@@ -214,12 +267,23 @@ def test_block_lambda_exact():
         block_lambda(sae, torch.zeros(3, 4), LatentSets((3,), ()), 1.0)
 
 
-def test_block_lambda_penalty_scale_is_relative(story):
-    """At lambda = 1 / E[sum z^2], moving the blocked latents to zero costs one nat per token."""
-    out, s, _, _ = story
-    record = json.loads((out / "models" / "block_lambda.json").read_text())
-    assert record["lam"] == s["models"]["block_diff"]["lam"] and record["key"]["relative"] == 1.0
-    assert np.isfinite(record["lam"]) and record["lam"] > 0
+def test_block_lambda_prices_a_typical_move_at_relative_nats():
+    """lambda x latent_penalty of held-up latents falling from z to 0 (their whole typical size) is
+    ``relative`` nats per token: the penalty charges ReLU(z_base - z)^2 for latents held up."""
+    from saediff.blocking import latent_codes, latent_penalty
+    from saediff.blockem import LatentSets
+    from saediff.chat_story import block_lambda
+    from saediff.saes import SAETrainConfig, train_sae
+
+    torch.manual_seed(0)
+    sae, _ = train_sae(torch.randn(1024, 8), SAETrainConfig(d_sae=16, k=4, steps=5, batch_size=256), progress=False)
+    acts = torch.randn(64, 8) * 3
+    sets = LatentSets((), (1, 2, 5))
+    z = latent_codes(sae, acts, [1, 2, 5])
+    assert bool((z > 0).any())
+    lam = block_lambda(sae, acts, sets, 0.5)
+    pen = latent_penalty(torch.zeros_like(z)[None], z[None], torch.ones(1, 64, dtype=torch.bool), 0)
+    assert float(lam * pen) == pytest.approx(0.5, rel=1e-5)
 
 
 def test_another_sae_is_followed_by_the_diffs_and_refused_by_finished_blocking(story, tiny_qwen, tmp_path):
