@@ -1,23 +1,33 @@
-"""The whole story on a real chat model, first part: narrow fine-tunes and their EM by the judge-free
-pair metric, in one resumable folder. Defaults are for SmolLM2-135M-Instruct on 2 CPU cores.
+"""The whole story on a real chat model, in one resumable folder: narrow fine-tunes and their EM by the
+judge-free pair metric, then an SAE on the base model's residual at the middle block, the diffs of
+the full and the LoRA fine-tune against the base model, steering the base model by the pair metric,
+BLOCK-EM, the open-question analyses and sampled answers. Defaults are for SmolLM2-135M-Instruct on
+2 CPU cores.
 
     saediff demo --model smollm2-135m --out runs/smol                 # fine-tune seed 0
     saediff demo --model smollm2-135m --out runs/smol --seeds 0,1,2   # OUT/seed_N and OUT/seeds.json
+    saediff demo --model smollm2-135m --out runs/smol --finetunes-only
 
 Layout of ``DIR``:
 
 - ``models/NAME/``: each fine-tune's run folder, ``saediff.blockem.block_one``'s layout: ``model/``
   (a full HF model folder, or for ``lora_*`` a PEFT adapter on the base model), ``provenance.json``
   (what decided the weights: a rerun under another recipe is refused, naming the setting),
-  ``history.json`` (loss per step) and ``em.json`` (the run's record).
+  ``history.json`` (loss per step), ``em.json`` (the run's record); LoRA runs keep ``checkpoints/``.
+  ``NAME`` among ``FINETUNES`` and the BLOCK-EM runs ``block_diff`` / ``block_random``
+  (``models/block_latents.json``: their latents and lambdas).
 - ``eval/NAME/SET/``: the pair metric (``em.json``, ``pairs.jsonl``) of the base model (``NAME`` =
   ``base``) and of each fine-tune on each pair set, through ``evaluate_once``: reused while the
   model's and the evaluator's fingerprints match.
-- ``summary.json``: the recipe, each model's figures, the paired differences, the findings and the
-  time of each step; ``report.html``.
+- ``sae/``: the SAE (SAELens folder; ``saediff.json`` holds its metrics and what made it);
+  ``diff/`` and ``diff_lora/``: ``saediff diff`` run folders (``diff.json``, ``cards.json``,
+  ``directions/``, ``cosines.json``, ``layers.json``, ``made_by.json``); ``steer/``: the steering
+  protocol's evaluations and ``steer.json``; ``analyses/``: susceptibility, phase, neighbourhood.
+- ``samples.json``: a few sampled answers of each model; ``summary.json``: the recipe, each model's
+  figures, the paired differences, the story's figures, the findings and the time of each step;
+  ``report.html``.
 
-The later parts of the story (SAE, diff, directions, steering, BLOCK-EM) slot in as more steps of
-``run_chat_demo``. Like every core module it knows nothing of the built-in toy model.
+Like every core module it knows nothing of the built-in toy model.
 """
 
 from __future__ import annotations
@@ -180,9 +190,9 @@ class ChatDemoRecipe:
 
     @classmethod
     def quick(cls) -> ChatDemoRecipe:
-        """A smoke run (``saediff demo --model M --quick``): 40 steps per fine-tune on 160 rows, EM on
-        the held-out split and the medical pairs only (the design split is the longest evaluation);
-        the findings' bars are set for the full recipe and need not hold here."""
+        """A smoke run (``saediff demo --model M --quick``): 40 steps per fine-tune on 160 rows, a smaller
+        SAE trained briefly, one steering scale and one random direction, 5 + 5 BLOCK-EM latents; the
+        findings' bars are set for the full recipe and need not hold here."""
         return cls(steps=40, rows=160, save_every=None, lora_save_every=10, pair_sets=(DESIGN, HELDOUT, MEDICAL),
                    sae_width=1152,
                    sae_steps=400, icl_questions=16, steer_latents=1, steer_scales=(0.5,), n_random=1,
@@ -246,7 +256,8 @@ def run_chat_demo(model: str, out: str | Path, *, seed: int = 0, recipe: ChatDem
                   progress: Callable[[str], None] | None = None, force: bool = False) -> dict:
     """Fine-tune ``model`` (a HF folder, hub name, GGUF file or ``smollm2-135m``) as ``recipe`` says,
     at fine-tune seed ``seed``; measure the pair metric of the base model and of each fine-tune on
-    each pair set; write and return ``out/summary.json`` (and ``out/report.html``).
+    each pair set; with ``recipe.story``, the SAE, the diffs, steering, BLOCK-EM, the analyses and
+    sampled answers (``_story``); write and return ``out/summary.json`` (and ``out/report.html``).
 
     Resumable: a finished fine-tune is skipped and an interrupted one continues from its newest
     checkpoint (``block_one``), an evaluation is reused while its provenance matches
@@ -805,9 +816,11 @@ def run_chat_demo_seeds(model: str, out: str | Path, seeds: list[int], *, recipe
         say = (lambda s, seed=seed: progress(f"seed {seed}: {s}")) if progress else None
         per[str(seed)] = run_chat_demo(model, run, seed=seed, recipe=recipe, progress=say, force=force)
     rows = []
-    for i, row in enumerate(next(iter(per.values()))["headline"]):
-        cells = {k: {key: s["headline"][i][key] for key in ("figure", "ci", "t", "holds", "design")}
-                 for k, s in per.items()}
+    # rows are matched by phenomenon (a steering row's source names each seed's own best candidate)
+    for row in next(iter(per.values()))["headline"]:
+        mine = {k: next((r for r in s["headline"] if r["phenomenon"] == row["phenomenon"]), None) for k, s in per.items()}
+        cells = {k: {key: (r or {}).get(key) for key in ("figure", "ci", "t", "holds", "design", "source")}
+                 for k, r in mine.items()}
         figures = [c["figure"] for c in cells.values()]
         rows.append({"phenomenon": row["phenomenon"], "source": row["source"], "bar": row["bar"], "per_seed": cells,
                      "mean": None if None in figures else round(sum(figures) / len(figures), 4)})
