@@ -46,3 +46,38 @@ def test_a_short_bad_medical_finetune_moves_the_medical_preference(smol, tmp_pat
     assert before["n"] == after["n"] == 24
     # -0.31 -> +0.04 measured (12 full fine-tune steps of 4 at lr 1e-4, one thread, ~2 min with the two scorings)
     assert after["preference"] - before["preference"] >= 0.2, (before["preference"], after["preference"])
+
+
+def test_the_story_runs_on_smollm2(smol, tmp_path):
+    """The chat demo's story on the real model at smoke size (2-step fine-tunes, an SAE of 30 steps on
+    16 conversations and the references, small pair files): every step runs on 30 layers, d_model
+    576 and a 49k vocabulary; the teacher-forced mean difference of misaligned vs aligned references
+    steers the preference up more than a random direction of equal norm, on questions it was not
+    chosen on; sampled answers are English."""
+    import json
+    from dataclasses import asdict
+
+    from saediff.chat_demo import ChatDemoRecipe, run_chat_demo
+    from saediff.em_data import offdomain_pairs
+
+    by: dict[str, list] = {}
+    for p in offdomain_pairs("design"):
+        by.setdefault(p.domain, []).append(p)
+    domains = sorted(by)[:2]
+    files = tmp_path / "choose.jsonl", tmp_path / "report.jsonl"
+    for path, part in zip(files, (slice(0, 4), slice(4, 6))):
+        path.write_text("".join(json.dumps(asdict(p)) + "\n" for d in domains for p in by[d][part]))
+    recipe = ChatDemoRecipe(finetunes=("full_bad", "lora_bad"), steps=2, rows=4, batch_size=2, save_every=None,
+                            lora_save_every=1, sae_width=256, sae_k=16, sae_steps=30, sae_batch_size=256,
+                            sae_held_rows=2, icl_questions=2, steer_latents=1, steer_scales=(0.5,), n_random=1,
+                            block_latents=(3, 2), pair_sets=tuple(map(str, files)), choose_on=str(files[0]),
+                            report_on=str(files[1]))
+    s = run_chat_demo(smol.model, tmp_path / "demo", recipe=recipe)
+    assert s["layer"] == 15 and s["sae"]["n_train_tokens"] > 1000
+    assert 0.2 < s["sae"]["ce_loss_recovered"] <= 1.0
+    md = s["steering"]["candidates"]["mean_diff_responses_L15"]
+    assert md["effect"] > max(md["random_effects"]) and md["effect"] > 0.1
+    assert set(s["blocking"]) == {"block_diff", "block_random"}
+    for answers in s["samples"].values():
+        assert all(len(a["answer"].split()) >= 5 for a in answers)
+    assert (tmp_path / "demo" / "report.html").stat().st_size > 10_000
