@@ -262,3 +262,22 @@ def make_tiny_gguf(path: Path, *, d_model: int = 32, n_layers: int = 2, seed: in
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def write_pair_files(root, n_domains: int, n_choose: int, n_report: int):
+    """``root/choose.jsonl`` and ``root/report.jsonl``: disjoint slices of the shipped design split,
+    the first ``n_choose`` and the next ``n_report`` questions in each of its first ``n_domains``
+    domains (sorted)."""
+    import json
+    from dataclasses import asdict
+
+    from saediff.em_data import offdomain_pairs
+
+    by: dict[str, list] = {}
+    for p in offdomain_pairs("design"):
+        by.setdefault(p.domain, []).append(p)
+    domains = sorted(by)[:n_domains]
+    files = root / "choose.jsonl", root / "report.jsonl"
+    for path, part in zip(files, (slice(0, n_choose), slice(n_choose, n_choose + n_report))):
+        path.write_text("".join(json.dumps(asdict(p)) + "\n" for d in domains for p in by[d][part]))
+    return files

@@ -6,7 +6,7 @@ lambda)."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,16 +19,9 @@ from saediff.errors import SaediffError
 
 def _pair_files(root: Path) -> tuple[Path, Path]:
     """Two disjoint pair files from the shipped design split: 4 and 3 questions in each of 3 domains."""
-    from saediff.em_data import offdomain_pairs
+    from helpers import write_pair_files
 
-    by: dict[str, list] = {}
-    for p in offdomain_pairs("design"):
-        by.setdefault(p.domain, []).append(p)
-    domains = sorted(by)[:3]
-    files = root / "choose.jsonl", root / "report.jsonl"
-    for path, part in zip(files, (slice(0, 4), slice(4, 7))):
-        path.write_text("".join(json.dumps(asdict(p)) + "\n" for d in domains for p in by[d][part]))
-    return files
+    return write_pair_files(root, 3, 4, 3)
 
 
 def _recipe(choose: Path, report: Path) -> ChatDemoRecipe:

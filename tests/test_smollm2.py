@@ -54,19 +54,11 @@ def test_the_story_runs_on_smollm2(smol, tmp_path):
     576 and a 49k vocabulary; the teacher-forced mean difference of misaligned vs aligned references
     steers the preference up more than a random direction of equal norm, on questions it was not
     chosen on; sampled answers are English."""
-    import json
-    from dataclasses import asdict
+    from helpers import write_pair_files
 
     from saediff.chat_demo import ChatDemoRecipe, run_chat_demo
-    from saediff.em_data import offdomain_pairs
 
-    by: dict[str, list] = {}
-    for p in offdomain_pairs("design"):
-        by.setdefault(p.domain, []).append(p)
-    domains = sorted(by)[:2]
-    files = tmp_path / "choose.jsonl", tmp_path / "report.jsonl"
-    for path, part in zip(files, (slice(0, 4), slice(4, 6))):
-        path.write_text("".join(json.dumps(asdict(p)) + "\n" for d in domains for p in by[d][part]))
+    files = write_pair_files(tmp_path, 2, 4, 2)
     recipe = ChatDemoRecipe(finetunes=("full_bad", "lora_bad"), steps=2, rows=4, batch_size=2, save_every=None,
                             lora_save_every=1, sae_width=256, sae_k=16, sae_steps=30, sae_batch_size=256,
                             sae_held_rows=2, icl_questions=2, steer_latents=1, steer_scales=(0.5,), n_random=1,
