@@ -22,7 +22,7 @@ Layout of ``DIR``:
 - ``sae/``: the SAE (SAELens folder; ``saediff.json`` holds its metrics and what made it);
   ``diff/`` and ``diff_lora/``: ``saediff diff`` run folders (``diff.json``, ``cards.json``,
   ``directions/``, ``cosines.json``, ``layers.json``, ``made_by.json``); ``steer/``: the steering
-  protocol's evaluations and ``steer.json``; ``analyses/``: susceptibility, phase, neighbourhood.
+  protocol's evaluations and ``steer.json``; ``analyses/``: susceptibility, phase, neighbourhood, overlap.
 - ``samples.json``: a few sampled answers of each model; ``summary.json``: the recipe, each model's
   figures, the paired differences, the story's figures, the findings and the time of each step;
   ``report.html``.
@@ -358,16 +358,18 @@ def _story(base, tokenizer, out: Path, seed: int, recipe: ChatDemoRecipe, force:
             "analyses": analyses}
 
 
-ANALYSES = ("susceptibility", "phase", "neighbourhood")
+ANALYSES = ("susceptibility", "phase", "neighbourhood", "overlap")
 """the open-question analyses the second process runs after steering, into ``out/analyses/NAME.json``"""
 
 
 def _analyses(base, out: Path, seed: int, recipe: ChatDemoRecipe, say) -> None:
     """Susceptibility (do the base model's prompt activations predict which questions the bad
-    fine-tune moves most?), phase (the LoRA direction over its checkpoints, beside the EM of each) and
+    fine-tune moves most?), overlap (do those questions share the training prompts' activation
+    shift?), phase (the LoRA direction over its checkpoints, beside the EM of each) and
     the neighbourhood probe of the full diff's top latents. Each is skipped while its inputs' key
     matches (``made_by`` in its file)."""
-    from saediff.chat_story import phase_by_pairs, susceptibility_by_pairs
+    from saediff.blockem import checkpoint_spec
+    from saediff.chat_story import overlap_by_pairs, phase_by_pairs, susceptibility_by_pairs
     from saediff.em_data import data_path, pair_evaluator
     from saediff.neighbourhood import run_neighbourhood
     from saediff.provenance import evaluator_fingerprint, file_digest
@@ -375,6 +377,8 @@ def _analyses(base, out: Path, seed: int, recipe: ChatDemoRecipe, say) -> None:
     folder = out / "analyses"
     folder.mkdir(parents=True, exist_ok=True)
     pairs_sets = [recipe.choose_on, recipe.report_on]
+    slugs = [_slug(p) for p in pairs_sets]
+    full_bad = out / "models" / "full_bad" / "model"
     layer = int(json.loads((out / "sae" / "cfg.json").read_text())["metadata"]["hook_name"].split(".")[1])
     inputs = {
         "susceptibility": {"pairs": [file_digest(out / "eval" / n / _slug(p) / "pairs.jsonl")
@@ -383,15 +387,20 @@ def _analyses(base, out: Path, seed: int, recipe: ChatDemoRecipe, say) -> None:
         "phase": {"adapter": file_digest(out / "models" / "lora_bad" / "model" / "adapter_model.safetensors"),
                   "directions": file_digest(out / "diff_lora" / "directions" / "directions.safetensors"),
                   "report": evaluator_fingerprint(pair_evaluator(recipe.report_on)), "layer": layer},
-        "neighbourhood": {"diff": file_digest(out / "diff" / "diff.json"), "seed": seed}}
+        "neighbourhood": {"diff": file_digest(out / "diff" / "diff.json"), "seed": seed},
+        "overlap": {"pairs": [file_digest(out / "eval" / n / s / "pairs.jsonl") for n in ("base", "full_bad")
+                              for s in slugs], "model": file_digest(full_bad / "model.safetensors"),
+                    "train_data": file_digest(data_path("medical_bad")), "layer": layer, "seed": seed}}
     work = {
         "susceptibility": lambda: susceptibility_by_pairs(
-            base, out / "eval", ["base", "full_bad"], pairs_sets, [_slug(p) for p in pairs_sets], layer, seed=seed),
+            base, out / "eval", ["base", "full_bad"], pairs_sets, slugs, layer, seed=seed),
         "phase": lambda: phase_by_pairs(out / "models" / "lora_bad", base, out / "diff_lora" / "directions",
                                         replace(pair_evaluator(recipe.report_on, recipe.eval_batch_size),
                                                 progress=False), folder / "phase", layer),
         "neighbourhood": lambda: run_neighbourhood(out / "diff", data_path("medical_bad"), seed=seed,
-                                                   progress=False)}
+                                                   progress=False),
+        "overlap": lambda: overlap_by_pairs(base, checkpoint_spec(base, full_bad, "full"), data_path("medical_bad"),
+                                            out / "eval", ["base", "full_bad"], pairs_sets, slugs, layer, seed=seed)}
     for name in ANALYSES:
         path = folder / f"{name}.json"
         made_by = json.loads(json.dumps(inputs[name]))

@@ -13,6 +13,10 @@ function is one resumable step of ``chat_demo.run_chat_demo`` and uses saediff's
   split, beside random directions of equal norm.
 - ``block_lambda`` and the BLOCK-EM runs (through ``blockem.block_one`` in ``chat_demo``).
 - ``sample_answers``: a few sampled answers of each model, for the report.
+- the open questions by the pair metric: ``susceptibility_by_pairs`` (does the base model's reading
+  of a question predict how far the fine-tune moves it?), ``overlap_by_pairs`` (do the moved
+  questions share the training prompts' activation shift?) and ``phase_by_pairs`` (the LoRA
+  direction over its checkpoints).
 """
 
 from __future__ import annotations
@@ -35,9 +39,13 @@ __all__ = [
     "contrast_examples",
     "diff_on_references",
     "in_context_candidates",
+    "overlap_by_pairs",
+    "pair_shifts",
+    "phase_by_pairs",
     "reference_prompts",
     "sample_answers",
     "steer_by_pairs",
+    "susceptibility_by_pairs",
     "text_prompts",
     "train_text_sae",
 ]
@@ -257,36 +265,88 @@ def sample_answers(lm, questions: tuple[str, ...] = SAMPLE_QUESTIONS, *, max_new
     return [{"question": q, "answer": a.strip()} for q, a in zip(questions, answers)]
 
 
-def susceptibility_by_pairs(base, eval_dir: Path, names: tuple[str, str] | list[str], pair_sets: list[str],
-                            slugs: list[str], layer: int, *, folds: int = 5, n_permutations: int = 50,
-                            seed: int = 0) -> dict:
-    """Does the base model's residual at the last prompt token of a question (block ``layer``)
-    predict how far the fine-tune moves that question's preference? ``names``: (base, fine-tune)
-    folders under ``eval_dir``, whose ``SLUG/pairs.jsonl`` rows give each question's preference
-    under each model; the target is the per-question shift. Cross-validated ridge with folds that
-    hold out whole domains (at most one fold per domain), beside random features and permuted targets
-    (``susceptibility.susceptibility``)."""
+def pair_shifts(eval_dir: Path, names: tuple[str, str] | list[str], pair_sets: list[str],
+                slugs: list[str]) -> tuple[list, list[float]]:
+    """The pairs of ``pair_sets`` and, for each, how far its preference moves from model
+    ``names[0]`` to ``names[1]``: ``eval_dir/NAME/SLUG/pairs.jsonl`` rows hold each question's
+    preference under each model."""
     from saediff._io import read_jsonl
     from saediff.em_data import pair_evaluator
-    from saediff.models import load_model
-    from saediff.prompts import Prompt
-    from saediff.shifts import prompt_activations
-    from saediff.susceptibility import susceptibility
 
     pairs, shift = [], []
     for pair_set, slug in zip(pair_sets, slugs):
         rows = [{r["id"]: r["preference"] for _, r in read_jsonl(eval_dir / n / slug / "pairs.jsonl", "pair scores")}
                 for n in names]
         for p in pair_evaluator(pair_set).pairs:
+            missing = [n for n, r in zip(names, rows) if p.id not in r]
+            if missing:
+                raise SaediffError(f"{eval_dir / missing[0] / slug / 'pairs.jsonl'}: no row for question {p.id!r}")
             pairs.append(p)
             shift.append(rows[1][p.id] - rows[0][p.id])
-    prompts = [Prompt(p.id, [{"role": "user", "content": p.question}], None, p.domain) for p in pairs]
-    X = prompt_activations(load_model(base), prompts, [layer], progress=False)[layer].numpy()
+    return pairs, shift
+
+
+def _question_prompts(pairs: list) -> list:
+    from saediff.prompts import Prompt
+
+    return [Prompt(p.id, [{"role": "user", "content": p.question}], None, p.domain) for p in pairs]
+
+
+def susceptibility_by_pairs(base, eval_dir: Path, names: tuple[str, str] | list[str], pair_sets: list[str],
+                            slugs: list[str], layer: int, *, folds: int = 5, n_permutations: int = 50,
+                            seed: int = 0) -> dict:
+    """Does the base model's residual at the last prompt token of a question (block ``layer``)
+    predict how far the fine-tune moves that question's preference? ``names``: (base, fine-tune)
+    folders under ``eval_dir`` (``pair_shifts``); the target is the per-question shift.
+    Cross-validated ridge with folds that hold out whole domains (at most one fold per domain),
+    beside random features and permuted targets (``susceptibility.susceptibility``)."""
+    from saediff.models import load_model
+    from saediff.shifts import prompt_activations
+    from saediff.susceptibility import susceptibility
+
+    pairs, shift = pair_shifts(eval_dir, names, pair_sets, slugs)
+    X = prompt_activations(load_model(base), _question_prompts(pairs), [layer], progress=False)[layer].numpy()
     groups = [p.domain for p in pairs]
     folds = min(folds, len(set(groups)))  # whole domains per fold
     res = susceptibility(X, np.array(shift), folds=folds, n_permutations=n_permutations, seed=seed, groups=groups)
     return {"kind": "saediff.pair_susceptibility", "layer": layer, "target": f"{names[1]} - {names[0]} preference",
             "pair_sets": list(pair_sets), "mean_shift": float(np.mean(shift)), **res.to_json()}
+
+
+def overlap_by_pairs(base, finetuned, train_data: Path, eval_dir: Path, names: tuple[str, str] | list[str],
+                     pair_sets: list[str], slugs: list[str], layer: int, *, k: int = 8, n_train: int = 256,
+                     n_permutations: int = 200, seed: int = 0) -> dict:
+    """Do the questions the fine-tune moves most share its training prompts' activation shift?
+    Shifts (fine-tune minus base, block ``layer``, last prompt token) on ``n_train`` prompts of the
+    fine-tune's chat data and on the questions of ``pair_sets``; ``shifts.shift_overlap`` compares
+    their top-``k`` subspaces (random subspaces beside them), and per question, the Spearman
+    correlation of its overlap measures with its preference shift (``pair_shifts``), beside the 95th
+    percentile of |rho| over ``n_permutations`` shuffles of the shifts."""
+    from saediff.models import load_model
+    from saediff.shifts import prompt_activations, shift_overlap, training_prompts
+    from saediff.susceptibility import spearman
+
+    pairs, shift = pair_shifts(eval_dir, names, pair_sets, slugs)
+    prompts = {"train": training_prompts(train_data, n_train, seed), "eval": _question_prompts(pairs)}
+    acts = {}
+    for who, spec in (("base", base), ("finetuned", finetuned)):
+        lm = load_model(spec)
+        acts[who] = {part: prompt_activations(lm, ps, [layer], progress=False)[layer] for part, ps in prompts.items()}
+        del lm
+    res = shift_overlap(*(acts["finetuned"][part] - acts["base"][part] for part in ("train", "eval")), k, seed=seed)
+    rng = np.random.default_rng(seed)
+    rho = {m: spearman(getattr(res, m), shift, 3) for m in ("cos_to_train_mean", "fraction_in_train_subspace")}
+    null = {m: [abs(spearman(getattr(res, m), list(rng.permutation(shift)), 3) or 0.0) for _ in range(n_permutations)]
+            for m in rho}
+    return {"kind": "saediff.pair_overlap", "layer": layer, "train_data": str(train_data),
+            "n_train": len(prompts["train"]), "n_eval": len(pairs), "target": f"{names[1]} - {names[0]} preference",
+            "pair_sets": list(pair_sets), **res.to_json(),
+            "spearman_with_preference_shift": rho,
+            "spearman_permuted_p95": {m: float(np.quantile(v, 0.95)) for m, v in null.items()},
+            "per_question": [{"id": p.id, "domain": p.domain, "preference_shift": s, "cos_to_train_mean": c,
+                              "fraction_in_train_subspace": f}
+                             for p, s, c, f in zip(pairs, shift, res.cos_to_train_mean,
+                                                   res.fraction_in_train_subspace)]}
 
 
 def phase_by_pairs(run: Path, base, directions: Path, evaluator, out: Path, layer: int) -> dict:

@@ -124,7 +124,8 @@ def _analysis_sections(run_dir: Path) -> list[tuple[str, object, str]]:
         out.append(("Susceptibility before fine-tuning", susceptibility_figure(sus),
                     "Ridge from the aligned model's last-prompt-token activations to each question's misaligned rate "
                     "after fine-tuning, scored on held-out folds of questions."))
-    ph = read_json_if_exists(run_dir / "phase" / "phase.json")
+    ph = read_json_if_exists(run_dir / "phase" / "phase.json") or read_json_if_exists(
+        run_dir / "analyses" / "phase" / "phase.json")  # the organism demo's, the chat demo's
     if ph:
         out.append(("Phase transition of a rank-1 LoRA fine-tune", phase_figure(ph),
                     f"B direction per checkpoint; the largest rotation at step {ph['rotation_step']}, EM reaches half "
@@ -172,6 +173,9 @@ def _chat_sections(s: dict) -> list[tuple[str, str]]:
                 for name, per in block.items() for pair_set, b in per.items()]
         out.append(("BLOCK-EM (full fine-tune on bad advice, latents held where the base model has them)",
                     _table(["run", "pair set", "bad - base", "blocked - base", "shift kept", "shift cut"], rows)))
+    analyses = s.get("analyses") or {}
+    if analyses.get("susceptibility") or analyses.get("overlap"):
+        out.append(("Open questions by the pair metric", _chat_analyses_html(analyses)))
     samples = s.get("samples")
     if samples:
         body = "".join(f"<h3>{html.escape(name)}</h3>" + "".join(
@@ -179,6 +183,38 @@ def _chat_sections(s: dict) -> list[tuple[str, str]]:
             for name, answers in samples.items())
         out.append(("Sampled answers (temperature 1, one per question)", body))
     return out
+
+
+def _chat_analyses_html(a: dict) -> str:
+    """Susceptibility and train/eval overlap of the chat demo, each figure beside its baseline."""
+    f = lambda v: "n/a" if v is None else f"{v:+.3f}"
+    parts = []
+    sus = a.get("susceptibility")
+    if sus:
+        perm = sus["permutation"]
+        parts.append(
+            f"<p><b>Susceptibility</b>: does the base model's residual at a question's last prompt token (block "
+            f"{sus['layer']}) predict how far the bad fine-tune moves its preference (mean shift "
+            f"{f(sus['mean_shift'])})? Ridge, {sus['folds']} folds holding out whole domains, "
+            f"{sus['n_questions']} questions: held-out R<sup>2</sup> {f(sus['r2'])}, Spearman {f(sus['spearman'])}; "
+            f"random features {f(sus['random_features']['r2'])} / {f(sus['random_features']['spearman'])}; permuted "
+            f"targets p95 {f(perm['r2']['p95'] if perm['r2'] else None)} / "
+            f"{f(perm['spearman']['p95'] if perm['spearman'] else None)}, p = {perm['p_value']:.3f}.</p>")
+    ov = a.get("overlap")
+    if ov:
+        rows = [[i + 1, c, m, q] for i, (c, m, q) in enumerate(zip(
+            ov["principal_cosines"], ov["random_baseline"]["mean"], ov["random_baseline"]["p95"]))]
+        sp, null = ov["spearman_with_preference_shift"], ov["spearman_permuted_p95"]
+        parts.append(
+            f"<p><b>Train/eval shift overlap</b> at block {ov['layer']}: the bad fine-tune's activation shift on "
+            f"{ov['n_train']} of its training prompts and on {ov['n_eval']} off-domain questions; cosine of the mean "
+            f"shifts {f(ov['mean_shift_cosine'])}. Per question, Spearman with its preference shift: cosine to the "
+            f"mean training shift {f(sp['cos_to_train_mean'])}, fraction in the training subspace "
+            f"{f(sp['fraction_in_train_subspace'])} (shuffled shifts: |rho| p95 {null['cos_to_train_mean']:.3f} / "
+            f"{null['fraction_in_train_subspace']:.3f}; random fraction "
+            f"{ov['random_baseline']['per_question_fraction']:.3f}).</p>"
+            + _table(["principal angle", "cosine", "random mean", "random p95"], rows))
+    return "".join(parts)
 
 
 def write_report(run_dir: str | Path) -> Path:

@@ -166,7 +166,9 @@ def test_headline_report_and_samples(story):
     assert all(len(r["answers"]) == 3 and all(a["answer"] for a in r["answers"]) for r in samples.values())
     report = (out / "report.html").read_text()
     for title in ("SAE at block 1", "Steering the base model, scored by the pair metric", "BLOCK-EM (full fine-tune",
-                  "Sampled answers", "Latent card", "Cosines at blocks.1.hook_resid_post (rank-1 LoRA)"):
+                  "Sampled answers", "Latent card", "Cosines at blocks.1.hook_resid_post (rank-1 LoRA)",
+                  "Open questions by the pair metric", "Train/eval shift overlap</b> at block 1",
+                  "Phase transition of a rank-1 LoRA fine-tune", "<b>Susceptibility</b>"):
         assert title in report
     assert {"SAE", "diff full_bad", "diff lora_bad", "steering (parallel)", "fine-tune block_diff",
             "sampled answers"} <= set(s["timing_s"])
@@ -317,4 +319,16 @@ def test_open_question_analyses(story):
     assert (out / "analyses" / "phase" / "phase.json").is_file()
     nb = a["neighbourhood"]
     assert nb["kind"] == "saediff.neighbourhood" and nb["n_train"] == 256
+    ov = a["overlap"]
+    assert ov["kind"] == "saediff.pair_overlap" and ov["n_eval"] == 21 and ov["n_train"] == 256 and ov["k"] == 8
+    assert [q["preference_shift"] for q in ov["per_question"]] == pytest.approx(shifts, abs=1e-6)
+    assert all(0 <= c <= 1 + 1e-6 for c in ov["principal_cosines"]) and ov["principal_cosines"] == sorted(
+        ov["principal_cosines"], reverse=True)
+    from scipy.stats import spearmanr
+
+    frac = [q["fraction_in_train_subspace"] for q in ov["per_question"]]
+    assert ov["spearman_with_preference_shift"]["fraction_in_train_subspace"] == pytest.approx(
+        spearmanr(frac, shifts).statistic, abs=1e-9)
+    assert 0 <= ov["spearman_permuted_p95"]["fraction_in_train_subspace"] <= 1
     assert all(x["seconds"] >= 0 and x["made_by"] for x in a.values())
+    assert set(a) == {"susceptibility", "phase", "neighbourhood", "overlap"}
