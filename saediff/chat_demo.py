@@ -508,6 +508,7 @@ def _diff_figures(run: Path) -> dict:
 
 
 def _steer(base, out: Path, seed: int, recipe: ChatDemoRecipe, say) -> dict:
+    from saediff.blockem import checkpoint_spec
     from saediff.chat_story import steer_by_pairs
     from saediff.em_data import pair_evaluator
 
@@ -516,7 +517,7 @@ def _steer(base, out: Path, seed: int, recipe: ChatDemoRecipe, say) -> dict:
     report = replace(pair_evaluator(recipe.report_on, recipe.eval_batch_size), progress=False)
     return steer_by_pairs(base, out / "diff", select, report, out / "steer",
                           n_latents=recipe.steer_latents, scales=recipe.steer_scales, n_random=recipe.n_random,
-                          seed=seed)
+                          seed=seed, finetuned=checkpoint_spec(base, out / "models" / "full_bad" / "model", "full"))
 
 
 def _block(base, name: str, tokenizer, sae, out: Path, seed: int, recipe: ChatDemoRecipe, force: bool, say):
@@ -792,6 +793,13 @@ def _story_headline(s: dict) -> list[dict]:
                         f">= +0.1, above {n_random} random directions",
                         c.get("effect") is not None and c["effect"] >= 0.1 and c["above_random"],
                         random=c.get("random_effects"), scale=c.get("scale")))
+        proj = (steer.get("project") or {}).get("candidates", {}).get(best)
+        if proj is not None:  # the same candidate, removed from the bad fine-tune
+            lo = (proj["removed_ci"] or [None])[0]
+            rows.append(row("projecting that candidate out of the bad fine-tune: preference removed, off-domain",
+                            f"project:{best}", split, proj["removed"], "interval above 0, above every random "
+                            "direction", lo is not None and lo > 0 and proj["above_random"], ci=proj["removed_ci"],
+                            share=proj["share"], random=steer["project"]["random_removed"]))
     block = s.get("blocking") or {}
     for name, label, key, where, bar, test in (
             ("block_diff", "BLOCK-EM with the diff's latents: off-domain shift cut", "cut", split, ">= 50%",

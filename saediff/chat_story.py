@@ -42,6 +42,7 @@ __all__ = [
     "overlap_by_pairs",
     "pair_shifts",
     "phase_by_pairs",
+    "project_by_pairs",
     "reference_prompts",
     "sample_answers",
     "steer_by_pairs",
@@ -165,7 +166,7 @@ def diff_on_references(base: str, finetuned: str | None, adapter: str | None, sa
 
 
 def steer_by_pairs(base, run_dir: Path, select, report, out: Path, *, n_latents: int, scales: tuple[float, ...],
-                   n_random: int, seed: int, coherence_budget: float = 0.10) -> dict:
+                   n_random: int, seed: int, coherence_budget: float = 0.10, finetuned=None) -> dict:
     """Steer the base model (``base``: a ``ModelSpec``, loaded only when something must be measured)
     along the diff run's candidates at the SAE's block (its top
     ``n_latents`` latents and the dense directions there), by ``select_and_report``: scales in units
@@ -173,8 +174,9 @@ def steer_by_pairs(base, run_dir: Path, select, report, out: Path, *, n_latents:
     ``report`` beside ``n_random`` random directions of equal norm. Each candidate's ``effect`` is the
     preference (nats/token) steering adds over the unsteered base model on the report questions,
     ``random_effects`` the same for the random directions at its scale, ``select_effect`` the
-    preference it added on the select half (what a headline picks a candidate by). Writes
-    ``out/steer.json``."""
+    preference it added on the select half (what a headline picks a candidate by). With
+    ``finetuned`` (the fine-tune's ``ModelSpec``), the projection check too (``project_by_pairs``,
+    under ``project``). Writes ``out/steer.json``."""
     from saediff.causal import (
         Arm,
         SteerConfig,
@@ -191,7 +193,8 @@ def steer_by_pairs(base, run_dir: Path, select, report, out: Path, *, n_latents:
         "protocol": 2, "diff": read_run(run_dir)["steps"]["diff"].get("sae_identity"), "model": model_fingerprint(base),
         "directions": file_digest(run_dir / "directions" / "directions.safetensors"),
         "select": evaluator_fingerprint(select), "report": evaluator_fingerprint(report), "n_latents": n_latents,
-        "scales": list(scales), "n_random": n_random, "seed": seed, "coherence_budget": coherence_budget}))
+        "scales": list(scales), "n_random": n_random, "seed": seed, "coherence_budget": coherence_budget,
+        "finetuned": None if finetuned is None else model_fingerprint(finetuned)}))
     prev = read_json_if_exists(out / "steer.json")
     if prev is not None and prev.get("made_by") == made_by:
         return prev
@@ -225,8 +228,54 @@ def steer_by_pairs(base, run_dir: Path, select, report, out: Path, *, n_latents:
               "base": base_pref, "coherence_floor": sel.coherence_floor["induce"], "candidates": rows}
     best = [r for r in rows.values() if r.get("effect") is not None]
     result["best_effect"] = max((r["effect"] for r in best), default=None)
+    if finetuned is not None:
+        del base_lm
+        result["project"] = project_by_pairs(finetuned, {n: d.vector for n, d in cands.items()}, report, out,
+                                             base_preference=base_pref["preference"], n_random=n_random, seed=seed)
     atomic_write_json(out / "steer.json", result)
     return result
+
+
+def project_by_pairs(finetuned, candidates: dict[str, torch.Tensor], report, out: Path, *, base_preference: float,
+                     n_random: int, seed: int) -> dict:
+    """The projection check: each candidate direction removed from the fine-tune's residual after
+    every block (directional ablation, ``steering.project_out``), scored by the pair evaluator
+    ``report``, beside ``n_random`` random directions removed the same way. ``removed``: the
+    preference the projection takes away from the fine-tune, paired over the same questions (95%
+    t interval); ``share``: that over the fine-tune's
+    shift from the base model (``base_preference``), when the shift is positive. Evaluations are
+    cached under ``out/report/`` (``evals.evaluate_once``)."""
+    from saediff._io import read_jsonl
+    from saediff.causal import _random_units
+    from saediff.evals import evaluate_once
+    from saediff.models import load_model
+    from saediff.pairs import paired_difference
+    from saediff.steering import project_out
+
+    read_pairs = lambda folder: [r for _, r in read_jsonl(folder / "pairs.jsonl", "pair scores")]
+    lm = load_model(finetuned)
+
+    def em(name: str, vector: torch.Tensor | None = None) -> dict:
+        ctx = None if vector is None else project_out(lm.model, "all", vector)
+        return evaluate_once(report, lm, out / "report" / name, name, ctx)
+
+    ft = em("finetuned")["preference"]
+    shift = ft - base_preference
+    d_model = next(iter(candidates.values())).shape[-1]
+    random_removed = [ft - em(f"random{k}_seed{seed}_project_all", u)["preference"]
+                      for k, u in enumerate(_random_units(d_model, n_random, seed + 5000))]
+    rows = {}
+    for name, vec in candidates.items():
+        r = em(f"{name}_project_all", vec.detach().float().cpu())
+        paired = paired_difference(*(read_pairs(out / "report" / n) for n in ("finetuned", f"{name}_project_all")),
+                                   a="finetuned", b=name)
+        removed = paired["difference"]
+        rows[name] = {"preference": r["preference"], "mc1": r["em_rate"], "removed": removed,
+                      "removed_ci": paired["ci"], "removed_t": paired["t"],
+                      "share": removed / shift if shift > 0 else None, "above_random": removed > max(random_removed)}
+    return {"finetuned_preference": ft, "shift": shift, "random_removed": random_removed, "candidates": rows,
+            "protocol": "each direction projected out after every block of the fine-tune; preference (nats/token) "
+                        "on the held-out split beside random directions projected out the same way"}
 
 
 def _preference(folder: Path) -> dict:

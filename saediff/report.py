@@ -167,6 +167,16 @@ def _chat_sections(s: dict) -> list[tuple[str, str]]:
                     f"{steer['base']['preference']:+.3f}.</p>"
                     + _table(["candidate", "scale (x resid norm)", "preference added", "random directions",
                               "above every random", "MC1", "MC1 random mean", "note"], rows)))
+    project = (steer or {}).get("project")
+    if project:
+        rows = [[name, c["removed"], c["removed_ci"] and f"[{c['removed_ci'][0]:+.3f}, {c['removed_ci'][1]:+.3f}]",
+                 c["share"], c["above_random"], c["mc1"]] for name, c in project["candidates"].items()]
+        out.append(("Projecting each candidate out of the bad fine-tune, scored by the pair metric",
+                    f"<p>{html.escape(project['protocol'])}; the fine-tune's held-out preference "
+                    f"{project['finetuned_preference']:+.3f}, its shift from the base model {project['shift']:+.3f}; "
+                    f"random directions remove {', '.join(f'{x:+.3f}' for x in project['random_removed'])}.</p>"
+                    + _table(["candidate", "preference removed", "95% CI (paired)", "share of the shift",
+                              "above every random", "MC1 after"], rows)))
     block = s.get("blocking")
     if block:
         rows = [[name, pair_set, b["bad_shift"], b["shift"], b["kept"], b["cut"]]

@@ -3,7 +3,9 @@
     python tools/build_prebuilt.py
 
 Run it after changing any file in ``saediff.organism.prebuilt.RECIPE_FILES``: the demo only uses the
-shipped organism while its stamp matches the recipe (a fast test checks that it does).
+shipped organism while its stamp matches the recipe (a fast test checks that it does). The weights
+are bit-reproducible on one CPU family only (an AVX-512 Xeon and the CPU of the earlier builds differ
+from pretraining step 3 on), so a rebuild on another machine changes them although the recipe did not.
 """
 
 from __future__ import annotations
