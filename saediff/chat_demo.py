@@ -793,13 +793,17 @@ def _story_headline(s: dict) -> list[dict]:
                         f">= +0.1, above {n_random} random directions",
                         c.get("effect") is not None and c["effect"] >= 0.1 and c["above_random"],
                         random=c.get("random_effects"), scale=c.get("scale")))
-        proj = (steer.get("project") or {}).get("candidates", {}).get(best)
-        if proj is not None:  # the same candidate, removed from the bad fine-tune
-            lo = (proj["removed_ci"] or [None])[0]
-            rows.append(row("projecting that candidate out of the bad fine-tune: preference removed, off-domain",
-                            f"project:{best}", split, proj["removed"], "interval above 0, above every random "
-                            "direction", lo is not None and lo > 0 and proj["above_random"], ci=proj["removed_ci"],
-                            share=proj["share"], random=steer["project"]["random_removed"]))
+        for kind, verb in (("project", "projecting that candidate out of"), ("clamp", "clamping that candidate at "
+                           "the base model's mean in")):
+            arm = (steer.get("project") or {}).get(kind) or {}
+            c = arm.get("candidates", {}).get(best)
+            if c is None:
+                continue
+            lo = (c["removed_ci"] or [None])[0]
+            rows.append(row(f"{verb} the bad fine-tune: preference removed, off-domain", f"{kind}:{best}", split,
+                            c["removed"], "interval above 0, above every random direction",
+                            lo is not None and lo > 0 and c["above_random"], ci=c["removed_ci"], share=c["share"],
+                            random=arm["random_removed"]))
     block = s.get("blocking") or {}
     for name, label, key, where, bar, test in (
             ("block_diff", "BLOCK-EM with the diff's latents: off-domain shift cut", "cut", split, ">= 50%",

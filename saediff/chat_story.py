@@ -190,7 +190,7 @@ def steer_by_pairs(base, run_dir: Path, select, report, out: Path, *, n_latents:
     from saediff.provenance import evaluator_fingerprint, file_digest, model_fingerprint
 
     made_by = json.loads(json.dumps({
-        "protocol": 2, "diff": read_run(run_dir)["steps"]["diff"].get("sae_identity"), "model": model_fingerprint(base),
+        "protocol": 3, "diff": read_run(run_dir)["steps"]["diff"].get("sae_identity"), "model": model_fingerprint(base),
         "directions": file_digest(run_dir / "directions" / "directions.safetensors"),
         "select": evaluator_fingerprint(select), "report": evaluator_fingerprint(report), "n_latents": n_latents,
         "scales": list(scales), "n_random": n_random, "seed": seed, "coherence_budget": coherence_budget,
@@ -229,53 +229,67 @@ def steer_by_pairs(base, run_dir: Path, select, report, out: Path, *, n_latents:
     best = [r for r in rows.values() if r.get("effect") is not None]
     result["best_effect"] = max((r["effect"] for r in best), default=None)
     if finetuned is not None:
+        from saediff.causal import _random_units
+        from saediff.directions import Direction
+
+        hook = next(iter(cands.values())).hook
+        units = _random_units(next(iter(cands.values())).vector.shape[-1], n_random, seed + 5000)
+        randoms = {f"random{k}_seed{seed}": Direction(f"random{k}", u, hook, "random") for k, u in enumerate(units)}
+        _, base_means = residual_stats(base_lm, run_dir, {**cands, **randoms})
         del base_lm
         result["project"] = project_by_pairs(finetuned, {n: d.vector for n, d in cands.items()}, report, out,
-                                             base_preference=base_pref["preference"], n_random=n_random, seed=seed)
+                                             base_preference=base_pref["preference"],
+                                             randoms={n: d.vector for n, d in randoms.items()}, base_means=base_means)
     atomic_write_json(out / "steer.json", result)
     return result
 
 
 def project_by_pairs(finetuned, candidates: dict[str, torch.Tensor], report, out: Path, *, base_preference: float,
-                     n_random: int, seed: int) -> dict:
-    """The projection check: each candidate direction removed from the fine-tune's residual after
-    every block (directional ablation, ``steering.project_out``), scored by the pair evaluator
-    ``report``, beside ``n_random`` random directions removed the same way. ``removed``: the
-    preference the projection takes away from the fine-tune, paired over the same questions (95%
-    t interval); ``share``: that over the fine-tune's
-    shift from the base model (``base_preference``), when the shift is positive. Evaluations are
-    cached under ``out/report/`` (``evals.evaluate_once``)."""
+                     randoms: dict[str, torch.Tensor], base_means: dict[str, dict[int, float]]) -> dict:
+    """The projection checks: each candidate direction removed from the fine-tune's residual after
+    every block (``project``: directional ablation, ``steering.project_out``) or held there at the
+    base model's mean projection (``clamp``: ``steering.clamp_projection`` with ``base_means[name]``
+    per block, which keeps the base model's own position on the axis, its aligned prior), scored
+    by the pair evaluator ``report``, beside the ``randoms`` directions treated the same way.
+    ``removed``: the preference the intervention takes away from the fine-tune, paired over the
+    same questions (95% t interval); ``share``: that over the fine-tune's shift from the base model
+    (``base_preference``), when the shift is positive. Evaluations are cached under ``out/report/``
+    (``evals.evaluate_once``)."""
     from saediff._io import read_jsonl
-    from saediff.causal import _random_units
     from saediff.evals import evaluate_once
     from saediff.models import load_model
     from saediff.pairs import paired_difference
-    from saediff.steering import project_out
+    from saediff.steering import clamp_projection, project_out
 
     read_pairs = lambda folder: [r for _, r in read_jsonl(folder / "pairs.jsonl", "pair scores")]
     lm = load_model(finetuned)
-
-    def em(name: str, vector: torch.Tensor | None = None) -> dict:
-        ctx = None if vector is None else project_out(lm.model, "all", vector)
-        return evaluate_once(report, lm, out / "report" / name, name, ctx)
-
-    ft = em("finetuned")["preference"]
+    n_layers = lm.model.config.num_hidden_layers
+    ft = evaluate_once(report, lm, out / "report" / "finetuned", "finetuned")["preference"]
     shift = ft - base_preference
-    d_model = next(iter(candidates.values())).shape[-1]
-    random_removed = [ft - em(f"random{k}_seed{seed}_project_all", u)["preference"]
-                      for k, u in enumerate(_random_units(d_model, n_random, seed + 5000))]
-    rows = {}
-    for name, vec in candidates.items():
-        r = em(f"{name}_project_all", vec.detach().float().cpu())
-        paired = paired_difference(*(read_pairs(out / "report" / n) for n in ("finetuned", f"{name}_project_all")),
-                                   a="finetuned", b=name)
-        removed = paired["difference"]
-        rows[name] = {"preference": r["preference"], "mc1": r["em_rate"], "removed": removed,
-                      "removed_ci": paired["ci"], "removed_t": paired["t"],
-                      "share": removed / shift if shift > 0 else None, "above_random": removed > max(random_removed)}
-    return {"finetuned_preference": ft, "shift": shift, "random_removed": random_removed, "candidates": rows,
-            "protocol": "each direction projected out after every block of the fine-tune; preference (nats/token) "
-                        "on the held-out split beside random directions projected out the same way"}
+
+    def removed(name: str, kind: str, vector: torch.Tensor) -> dict:
+        vector = vector.detach().float().cpu()
+        ctx = (project_out(lm.model, "all", vector) if kind == "project" else
+               clamp_projection(lm.model, {L: base_means[name][L] for L in range(n_layers)}, vector))
+        cond = f"{name}_{kind}_all"
+        r = evaluate_once(report, lm, out / "report" / cond, cond, ctx)
+        paired = paired_difference(read_pairs(out / "report" / "finetuned"), read_pairs(out / "report" / cond),
+                                   a="finetuned", b=cond)
+        return {"preference": r["preference"], "mc1": r["em_rate"], "removed": paired["difference"],
+                "removed_ci": paired["ci"], "removed_t": paired["t"],
+                "share": paired["difference"] / shift if shift > 0 else None}
+
+    result = {"finetuned_preference": ft, "shift": shift,
+              "protocol": "each direction projected out of (project) or clamped at the base model's mean projection "
+                          "in (clamp) the fine-tune after every block; preference (nats/token) on the held-out split "
+                          "beside random directions treated the same way"}
+    for kind in ("project", "clamp"):
+        rnd = [removed(n, kind, v)["removed"] for n, v in randoms.items()]
+        rows = {n: removed(n, kind, v) for n, v in candidates.items()}
+        for row in rows.values():
+            row["above_random"] = row["removed"] > max(rnd)
+        result[kind] = {"random_removed": rnd, "candidates": rows}
+    return result
 
 
 def _preference(folder: Path) -> dict:

@@ -169,13 +169,16 @@ def _chat_sections(s: dict) -> list[tuple[str, str]]:
                               "above every random", "MC1", "MC1 random mean", "note"], rows)))
     project = (steer or {}).get("project")
     if project:
-        rows = [[name, c["removed"], c["removed_ci"] and f"[{c['removed_ci'][0]:+.3f}, {c['removed_ci'][1]:+.3f}]",
-                 c["share"], c["above_random"], c["mc1"]] for name, c in project["candidates"].items()]
-        out.append(("Projecting each candidate out of the bad fine-tune, scored by the pair metric",
+        rows = [[kind, name, c["removed"], c["removed_ci"] and f"[{c['removed_ci'][0]:+.3f}, {c['removed_ci'][1]:+.3f}]",
+                 c["share"], c["above_random"], c["mc1"]]
+                for kind in ("project", "clamp") for name, c in project[kind]["candidates"].items()]
+        rnd = "; ".join(f"{kind} {', '.join(f'{x:+.3f}' for x in project[kind]['random_removed'])}"
+                        for kind in ("project", "clamp"))
+        out.append(("Projecting or clamping each candidate in the bad fine-tune, scored by the pair metric",
                     f"<p>{html.escape(project['protocol'])}; the fine-tune's held-out preference "
                     f"{project['finetuned_preference']:+.3f}, its shift from the base model {project['shift']:+.3f}; "
-                    f"random directions remove {', '.join(f'{x:+.3f}' for x in project['random_removed'])}.</p>"
-                    + _table(["candidate", "preference removed", "95% CI (paired)", "share of the shift",
+                    f"random directions remove {rnd}.</p>"
+                    + _table(["check", "candidate", "preference removed", "95% CI (paired)", "share of the shift",
                               "above every random", "MC1 after"], rows)))
     block = s.get("blocking")
     if block:

@@ -97,12 +97,17 @@ def test_steering_figures_come_from_the_report_split(story):
     ft = json.loads((out / "steer" / "report" / "finetuned" / "em.json").read_text())
     assert ft["n"] == 9 and proj["finetuned_preference"] == ft["preference"]
     assert proj["shift"] == pytest.approx(ft["preference"] - base["preference"], abs=1e-12)
-    assert len(proj["random_removed"]) == 2 and set(proj["candidates"]) == set(st["candidates"])
-    for name, c in proj["candidates"].items():
-        em = json.loads((out / "steer" / "report" / f"{name}_project_all" / "em.json").read_text())
-        assert c["removed"] == pytest.approx(ft["preference"] - em["preference"], abs=1e-9)  # paired over all 9
-        assert c["above_random"] == (c["removed"] > max(proj["random_removed"]))
-        assert c["removed_ci"][0] <= c["removed"] <= c["removed_ci"][1]
+    for kind in ("project", "clamp"):
+        arm = proj[kind]
+        assert len(arm["random_removed"]) == 2 and set(arm["candidates"]) == set(st["candidates"])
+        for name, c in arm["candidates"].items():
+            em = json.loads((out / "steer" / "report" / f"{name}_{kind}_all" / "em.json").read_text())
+            assert c["removed"] == pytest.approx(ft["preference"] - em["preference"], abs=1e-9)  # paired over all 9
+            assert c["above_random"] == (c["removed"] > max(arm["random_removed"]))
+            assert c["removed_ci"][0] <= c["removed"] <= c["removed_ci"][1]
+    # clamping keeps the base model's position on the axis, projecting zeroes it: not the same model
+    assert any(proj["clamp"]["candidates"][n]["preference"] != proj["project"]["candidates"][n]["preference"]
+               for n in st["candidates"])
 
 
 def test_block_runs_hold_the_diffs_latents_with_the_measured_lambda(story):
@@ -169,10 +174,12 @@ def test_headline_report_and_samples(story):
     assert ce["figure"] == s["sae"]["ce_loss_recovered"] and ce["holds"] == (ce["figure"] >= 0.7)
     cut = rows["BLOCK-EM with the diff's latents: off-domain shift cut"]
     assert cut["split"] == recipe.report_on and cut["figure"] == s["blocking"]["block_diff"][recipe.report_on]["cut"]
-    proj = rows["projecting that candidate out of the bad fine-tune: preference removed, off-domain"]
     chosen = rows["steering the base model along a diff latent or mean difference: preference added, off-domain"]
-    assert proj["source"] == "project:" + chosen["source"].split(":", 1)[1]
-    assert proj["figure"] == s["steering"]["project"]["candidates"][proj["source"][8:]]["removed"]
+    for kind, verb in (("project", "projecting that candidate out of"),
+                       ("clamp", "clamping that candidate at the base model's mean in")):
+        r = rows[f"{verb} the bad fine-tune: preference removed, off-domain"]
+        assert r["source"] == f"{kind}:" + chosen["source"].split(":", 1)[1]
+        assert r["figure"] == s["steering"]["project"][kind]["candidates"][r["source"].split(":", 1)[1]]["removed"]
     kept = rows["BLOCK-EM with the diff's latents: medical shift kept"]
     assert kept["figure"] == s["blocking"]["block_diff"]["medical"]["kept"]
     samples = json.loads((out / "samples.json").read_text())
@@ -181,7 +188,7 @@ def test_headline_report_and_samples(story):
     report = (out / "report.html").read_text()
     for title in ("SAE at block 1", "Steering the base model, scored by the pair metric", "BLOCK-EM (full fine-tune",
                   "Sampled answers", "Latent card", "Cosines at blocks.1.hook_resid_post (rank-1 LoRA)",
-                  "Open questions by the pair metric", "Projecting each candidate out of the bad fine-tune", "Train/eval shift overlap</b> at block 1",
+                  "Open questions by the pair metric", "Projecting or clamping each candidate in the bad fine-tune", "Train/eval shift overlap</b> at block 1",
                   "Phase transition of a rank-1 LoRA fine-tune", "<b>Susceptibility</b>"):
         assert title in report
     assert {"SAE", "diff full_bad", "diff lora_bad", "steering (parallel)", "fine-tune block_diff",
