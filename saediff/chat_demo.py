@@ -368,7 +368,6 @@ def _analyses(base, out: Path, seed: int, recipe: ChatDemoRecipe, say) -> None:
     shift?), phase (the LoRA direction over its checkpoints, beside the EM of each) and
     the neighbourhood probe of the full diff's top latents. Each is skipped while its inputs' key
     matches (``made_by`` in its file)."""
-    from saediff.blockem import checkpoint_spec
     from saediff.chat_story import overlap_by_pairs, phase_by_pairs, susceptibility_by_pairs
     from saediff.em_data import data_path, pair_evaluator
     from saediff.neighbourhood import run_neighbourhood
@@ -380,16 +379,15 @@ def _analyses(base, out: Path, seed: int, recipe: ChatDemoRecipe, say) -> None:
     slugs = [_slug(p) for p in pairs_sets]
     full_bad = out / "models" / "full_bad" / "model"
     layer = int(json.loads((out / "sae" / "cfg.json").read_text())["metadata"]["hook_name"].split(".")[1])
+    pair_digests = [file_digest(out / "eval" / n / s / "pairs.jsonl") for n in ("base", "full_bad") for s in slugs]
     inputs = {
-        "susceptibility": {"pairs": [file_digest(out / "eval" / n / _slug(p) / "pairs.jsonl")
-                                     for n in ("base", "full_bad") for p in pairs_sets], "layer": layer,
+        "susceptibility": {"pairs": pair_digests, "layer": layer,
                            "sae": file_digest(out / "sae" / "sae_weights.safetensors"), "seed": seed},
         "phase": {"adapter": file_digest(out / "models" / "lora_bad" / "model" / "adapter_model.safetensors"),
                   "directions": file_digest(out / "diff_lora" / "directions" / "directions.safetensors"),
                   "report": evaluator_fingerprint(pair_evaluator(recipe.report_on)), "layer": layer},
         "neighbourhood": {"diff": file_digest(out / "diff" / "diff.json"), "seed": seed},
-        "overlap": {"pairs": [file_digest(out / "eval" / n / s / "pairs.jsonl") for n in ("base", "full_bad")
-                              for s in slugs], "model": file_digest(full_bad / "model.safetensors"),
+        "overlap": {"pairs": pair_digests, "model": file_digest(full_bad / "model.safetensors"),
                     "train_data": file_digest(data_path("medical_bad")), "layer": layer, "seed": seed}}
     work = {
         "susceptibility": lambda: susceptibility_by_pairs(
@@ -399,7 +397,7 @@ def _analyses(base, out: Path, seed: int, recipe: ChatDemoRecipe, say) -> None:
                                                 progress=False), folder / "phase", layer),
         "neighbourhood": lambda: run_neighbourhood(out / "diff", data_path("medical_bad"), seed=seed,
                                                    progress=False),
-        "overlap": lambda: overlap_by_pairs(base, checkpoint_spec(base, full_bad, "full"), data_path("medical_bad"),
+        "overlap": lambda: overlap_by_pairs(base, _full_bad_spec(base, out), data_path("medical_bad"),
                                             out / "eval", ["base", "full_bad"], pairs_sets, slugs, layer, seed=seed)}
     for name in ANALYSES:
         path = folder / f"{name}.json"
@@ -507,8 +505,14 @@ def _diff_figures(run: Path) -> dict:
             "labels": info["labels"], "cosines": {k: cos.get(k) for k in ("names", "matrix", "random_baseline")}}
 
 
-def _steer(base, out: Path, seed: int, recipe: ChatDemoRecipe, say) -> dict:
+def _full_bad_spec(base, out: Path):
+    """The full fine-tune on bad data, as ``_finetune`` saved it (what the second process checks)."""
     from saediff.blockem import checkpoint_spec
+
+    return checkpoint_spec(base, out / "models" / "full_bad" / "model", FINETUNES["full_bad"][0])
+
+
+def _steer(base, out: Path, seed: int, recipe: ChatDemoRecipe, say) -> dict:
     from saediff.chat_story import steer_by_pairs
     from saediff.em_data import pair_evaluator
 
@@ -517,7 +521,7 @@ def _steer(base, out: Path, seed: int, recipe: ChatDemoRecipe, say) -> dict:
     report = replace(pair_evaluator(recipe.report_on, recipe.eval_batch_size), progress=False)
     return steer_by_pairs(base, out / "diff", select, report, out / "steer",
                           n_latents=recipe.steer_latents, scales=recipe.steer_scales, n_random=recipe.n_random,
-                          seed=seed, finetuned=checkpoint_spec(base, out / "models" / "full_bad" / "model", "full"))
+                          seed=seed, finetuned=_full_bad_spec(base, out))
 
 
 def _block(base, name: str, tokenizer, sae, out: Path, seed: int, recipe: ChatDemoRecipe, force: bool, say):

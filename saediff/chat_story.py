@@ -181,10 +181,12 @@ def steer_by_pairs(base, run_dir: Path, select, report, out: Path, *, n_latents:
         Arm,
         SteerConfig,
         _candidates,
+        _random_units,
         induce_summary,
         residual_stats,
         select_and_report,
     )
+    from saediff.directions import Direction
     from saediff.models import load_model
     from saediff.pipeline import read_run
     from saediff.provenance import evaluator_fingerprint, file_digest, model_fingerprint
@@ -200,7 +202,12 @@ def steer_by_pairs(base, run_dir: Path, select, report, out: Path, *, n_latents:
         return prev
     base_lm = load_model(base)
     cands, layer = _candidates(run_dir, SteerConfig(n_latents=n_latents))
-    norms, _ = residual_stats(base_lm, run_dir, {})
+    randoms = {}
+    if finetuned is not None:  # the projection check's controls; their base means come from the same pass
+        first = next(iter(cands.values()))
+        randoms = {f"random{k}_seed{seed}": Direction(f"random{k}", u, first.hook, "random")
+                   for k, u in enumerate(_random_units(first.vector.shape[-1], n_random, seed + 5000))}
+    norms, base_means = residual_stats(base_lm, run_dir, {**cands, **randoms} if randoms else {})
     sel = select_and_report({n: d.vector for n, d in cands.items()}, [Arm("induce", base_lm, 1.0, "base")], layer,
                             scales, norms[layer], select, report, out, n_random=n_random,
                             coherence_budget=coherence_budget, seed=seed)
@@ -229,13 +236,6 @@ def steer_by_pairs(base, run_dir: Path, select, report, out: Path, *, n_latents:
     best = [r for r in rows.values() if r.get("effect") is not None]
     result["best_effect"] = max((r["effect"] for r in best), default=None)
     if finetuned is not None:
-        from saediff.causal import _random_units
-        from saediff.directions import Direction
-
-        hook = next(iter(cands.values())).hook
-        units = _random_units(next(iter(cands.values())).vector.shape[-1], n_random, seed + 5000)
-        randoms = {f"random{k}_seed{seed}": Direction(f"random{k}", u, hook, "random") for k, u in enumerate(units)}
-        _, base_means = residual_stats(base_lm, run_dir, {**cands, **randoms})
         del base_lm
         result["project"] = project_by_pairs(finetuned, {n: d.vector for n, d in cands.items()}, report, out,
                                              base_preference=base_pref["preference"],
@@ -265,6 +265,7 @@ def project_by_pairs(finetuned, candidates: dict[str, torch.Tensor], report, out
     lm = load_model(finetuned)
     n_layers = lm.model.config.num_hidden_layers
     ft = evaluate_once(report, lm, out / "report" / "finetuned", "finetuned")["preference"]
+    ft_rows = read_pairs(out / "report" / "finetuned")
     shift = ft - base_preference
 
     def removed(name: str, kind: str, vector: torch.Tensor) -> dict:
@@ -273,8 +274,7 @@ def project_by_pairs(finetuned, candidates: dict[str, torch.Tensor], report, out
                clamp_projection(lm.model, {L: base_means[name][L] for L in range(n_layers)}, vector))
         cond = f"{name}_{kind}_all"
         r = evaluate_once(report, lm, out / "report" / cond, cond, ctx)
-        paired = paired_difference(read_pairs(out / "report" / "finetuned"), read_pairs(out / "report" / cond),
-                                   a="finetuned", b=cond)
+        paired = paired_difference(ft_rows, read_pairs(out / "report" / cond), a="finetuned", b=cond)
         return {"preference": r["preference"], "mc1": r["em_rate"], "removed": paired["difference"],
                 "removed_ci": paired["ci"], "removed_t": paired["t"],
                 "share": paired["difference"] / shift if shift > 0 else None}
@@ -385,18 +385,13 @@ def overlap_by_pairs(base, finetuned, train_data: Path, eval_dir: Path, names: t
     their top-``k`` subspaces (random subspaces beside them), and per question, the Spearman
     correlation of its overlap measures with its preference shift (``pair_shifts``), beside the 95th
     percentile of |rho| over ``n_permutations`` shuffles of the shifts."""
-    from saediff.models import load_model
-    from saediff.shifts import prompt_activations, shift_overlap, training_prompts
+    from saediff.shifts import prompt_shifts, shift_overlap, training_prompts
     from saediff.susceptibility import spearman
 
     pairs, shift = pair_shifts(eval_dir, names, pair_sets, slugs)
     prompts = {"train": training_prompts(train_data, n_train, seed), "eval": _question_prompts(pairs)}
-    acts = {}
-    for who, spec in (("base", base), ("finetuned", finetuned)):
-        lm = load_model(spec)
-        acts[who] = {part: prompt_activations(lm, ps, [layer], progress=False)[layer] for part, ps in prompts.items()}
-        del lm
-    res = shift_overlap(*(acts["finetuned"][part] - acts["base"][part] for part in ("train", "eval")), k, seed=seed)
+    shifts = prompt_shifts(base, finetuned, prompts, layer, progress=False)
+    res = shift_overlap(shifts["train"], shifts["eval"], k, seed=seed)
     rng = np.random.default_rng(seed)
     rho = {m: spearman(getattr(res, m), shift, 3) for m in ("cos_to_train_mean", "fraction_in_train_subspace")}
     null = {m: [abs(spearman(getattr(res, m), list(rng.permutation(shift)), 3) or 0.0) for _ in range(n_permutations)]

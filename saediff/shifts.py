@@ -26,7 +26,7 @@ from saediff.hooks import resid_post
 from saediff.errors import SaediffError
 
 __all__ = ["prompt_activations", "principal_subspace", "random_subspace_cosines", "ShiftOverlap", "shift_overlap",
-           "training_prompts", "run_overlap"]
+           "prompt_shifts", "training_prompts", "run_overlap"]
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,22 @@ def shift_overlap(train_ND: Float[torch.Tensor, "n d"], eval_MD: Float[torch.Ten
         train_shift_norm=float(train_ND.float().norm(dim=1).mean()), eval_shift_norm=float(norms.mean()))
 
 
+def prompt_shifts(base, finetuned, prompt_sets: dict[str, list], layer: int, *,
+                  progress: bool = True) -> dict[str, Float[torch.Tensor, "n d"]]:
+    """Per set of prompts, the activation shift at the last prompt token after block ``layer``:
+    fine-tuned minus base (``prompt_activations``), the two models (``ModelSpec`` or path) loaded
+    one at a time."""
+    from saediff.models import load_model
+
+    acts = {}
+    for who, spec in (("base", base), ("finetuned", finetuned)):
+        lm = load_model(spec)
+        acts[who] = {name: prompt_activations(lm, ps, [layer], progress=progress)[layer]
+                     for name, ps in prompt_sets.items()}
+        del lm
+    return {name: acts["finetuned"][name] - acts["base"][name] for name in prompt_sets}
+
+
 def training_prompts(path: str | Path, n: int | None = None, seed: int = 0) -> list:
     """The prompts of a chat JSONL fine-tune file (each conversation without its last assistant
     turn), ``n`` of them drawn without replacement (all when None)."""
@@ -145,7 +161,7 @@ def run_overlap(run_dir: str | Path, train_data: str | Path, *, k: int = 8, laye
     ``shift_overlap.html`` into the run folder."""
     from saediff._io import atomic_write_bytes, atomic_write_json
     from saediff.hooks import parse_layer
-    from saediff.models import ModelSpec, load_model
+    from saediff.models import ModelSpec
     from saediff.pipeline import read_run, run_questions, update_run
     from saediff.susceptibility import spearman
 
@@ -154,13 +170,8 @@ def run_overlap(run_dir: str | Path, train_data: str | Path, *, k: int = 8, laye
     L = parse_layer(info["sae_hook"]) if layer is None else layer
     questions = run_questions(run_dir)
     train = training_prompts(train_data, n_train, seed)
-    base = load_model(info["base"])
-    ft = load_model(ModelSpec(info["finetuned"] or info["base"], adapter=info["adapter"],
-                              merge=info["adapter"] is not None))
-    shifts = {}
-    for name, ps in (("train", train), ("eval", questions.prompts)):
-        shifts[name] = (prompt_activations(ft, ps, [L], progress=progress)[L]
-                        - prompt_activations(base, ps, [L], progress=progress)[L])
+    ft = ModelSpec(info["finetuned"] or info["base"], adapter=info["adapter"], merge=info["adapter"] is not None)
+    shifts = prompt_shifts(info["base"], ft, {"train": train, "eval": questions.prompts}, L, progress=progress)
     res = shift_overlap(shifts["train"], shifts["eval"], k, seed=seed)
     rates = questions.misaligned_rate
     per_q = [{"id": p.id, "domain": p.domain, "misaligned_rate": r, "cos_to_train_mean": round(c, 6),
