@@ -1,29 +1,35 @@
-"""Step time and peak memory of a LoRA BLOCK-EM fine-tune against a plain LoRA fine-tune of the
-same model, and of a full BLOCK-EM fine-tune against a plain full one, all through saediff's
-Trainer path (``saediff.finetune.finetune``).
+"""BLOCK-EM's cost against plain fine-tunes of the same model, all through saediff's Trainer path
+(``saediff.finetune.finetune``): per step (LoRA and full fine-tunes, base codes per step or cached
+once per row) and for a whole sweep.
 
     python bench/blocking_overhead.py                       # CPU: a random Qwen2-shaped model (d 256, 4 layers)
     python bench/blocking_overhead.py --shape 0.5b --seq 256 --batch 8 --steps 30    # GPU: Qwen2.5-0.5B-shaped, bf16
     python bench/blocking_overhead.py --model path/to/hf_folder --sae path/to/sae
     python bench/blocking_overhead.py --lora-layers sae     # a narrow adapter on the SAE's block only
-    python bench/blocking_overhead.py --no-full             # the LoRA pair only
+    python bench/blocking_overhead.py --no-full --no-sweep  # the LoRA step rows only
 
-BLOCK-EM reads the base model's codes from the same weights with the adapter disabled, stopping
-the forward at the SAE's block, so there is no second copy of the model: the extra cost per step
-is a partial forward (from the first adapted block to the SAE's: blocks before it agree in both
-passes) plus an SAE encode of the chosen latents. With adapters on every block and the SAE in
-the middle, that partial forward is about half a forward, which bounds the overhead from below.
-A full fine-tune cannot disable its update, so its base codes come from a frozen reference: the
-model's embedding and blocks up to the SAE's, copied once (``saediff.blockem._reference``), in
-float32 like the trained weights (float32 masters under bf16 autocast on a GPU). Its memory
-cost is that partial copy against weights + gradients + AdamW state of the whole model.
+The base model's codes of the blocked latents depend only on the row, the base model and the SAE.
+Read per step (``blocked``), they cost a partial forward: from the first adapted block to the
+SAE's with the adapter disabled (LoRA), or through a frozen copy of the blocks up to the SAE's
+(full fine-tune: ``saediff.blockem._reference``, in float32 like the trained weights). Cached
+(``cached``, ``saediff.base_codes``, what ``run_block_em`` and the chat demo use), they are
+computed once per row before training and read back per batch: the step then adds only an SAE
+encode of the chosen latents on the live residual, and a full fine-tune builds no copy.
 
-Each run is its own process (peak memory is per process: ``ru_maxrss`` on CPU,
-``torch.cuda.max_memory_allocated`` on GPU); runs are interleaved (plain, blocked, plain, ...)
-and the medians of the per-step times after a warm-up are compared. The ratio lines come last:
-``overhead_ratio: X`` (LoRA blocked / plain step time; target <= 1.15), ``memory_ratio: Y``
-(LoRA blocked / plain peak memory; target <= 1.3), then, unless ``--no-full``,
-``full_overhead_ratio`` and ``full_memory_ratio`` (full blocked / full plain).
+The sweep (``--sweep``) is what ``saediff block`` runs: a plain fine-tune, then a penalty run at
+each of two lambdas and a run with as many random latents at each (5 runs), each ``--epochs``
+epochs over ``--rows`` rows, with the base codes of all four penalty runs' latents computed once
+(timed in) - against 5 plain fine-tunes on the same rows. Wall seconds of training (model load
+excluded, the same for both).
+
+Each measurement is its own process (peak memory is per process: on GPU
+``torch.cuda.max_memory_allocated`` from just before training; on CPU the peak resident size
+minus the resident size before the model is built, so the interpreter and libraries (~600 MiB)
+do not dilute the ratio); runs are interleaved (plain, blocked, ...) and medians over the repeats
+compared. Ratio lines come last: ``overhead_ratio`` / ``memory_ratio`` (LoRA, base codes per
+step / plain; the targets for the cached path are <= 1.05 and <= 1.3), ``cached_overhead_ratio`` /
+``cached_memory_ratio``, then unless ``--no-full`` the same four for full fine-tunes, and unless
+``--no-sweep`` ``sweep_ratio`` last (sweep / 5 plain fine-tunes; target <= 1.15).
 """
 
 from __future__ import annotations
@@ -75,15 +81,28 @@ def _sae(args, d_model: int, layer: int):
                                  metadata=SAEMetadata(hook_name=f"blocks.{layer}.hook_resid_post")))
 
 
+STEP_VARIANTS = ("plain", "blocked", "cached")
+
+
 class _Tok:  # what finetune() needs of a tokenizer for pre-tokenized data
     pad_token_id, eos_token_id = 0, 0
 
 
-def one_run(args, blocked: bool, method: str = "lora") -> dict:
-    """Train ``args.steps`` steps in this process; per-step times and peak memory."""
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def one_run(args, variant: str) -> dict:
+    """One measurement in this process: ``plain``, ``blocked``, ``cached`` (LoRA; ``full_...`` for a
+    full fine-tune): per-step times and peak memory; ``sweep`` / ``sweep_plain``: the wall time of
+    the five runs."""
+    import tempfile
+
     import torch
     from transformers import TrainerCallback
 
+    from saediff.base_codes import BaseCodes
     from saediff.blockem import _reference
     from saediff.blocking import BlockConfig, Blocker
     from saediff.finetune import FinetuneConfig, finetune, make_trainable
@@ -91,49 +110,84 @@ def one_run(args, blocked: bool, method: str = "lora") -> dict:
     from saediff.saes import check_sae_fits
 
     torch.set_num_threads(args.threads)
+    cuda = args.device.startswith("cuda")
+    rss0 = _rss_mib()
     model = _model(args)
     n_layers = len(decoder_layers(model))
     layer = n_layers // 2
     sae = _sae(args, model.config.hidden_size, layer)
     layer = check_sae_fits(sae, model, "bench")
+    sweep = variant.startswith("sweep")
+    method = "full" if variant.startswith("full") else "lora"
+    n_rows = args.rows if sweep else args.steps * args.batch
+    steps = args.epochs * n_rows // args.batch if sweep else args.steps
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(10, model.config.vocab_size, (args.steps * args.batch, args.seq), generator=g)
+    ids = torch.randint(10, model.config.vocab_size, (n_rows, args.seq), generator=g)
     half = args.seq // 2
     data = [{"input_ids": r.tolist(), "labels": [-100] * half + r[half:].tolist()} for r in ids]
     lora_layers = None if args.lora_layers == "all" else (layer,)
-    ft = FinetuneConfig(method=method, lora_rank=1, lora_modules=("down_proj",), lora_layers=lora_layers, steps=args.steps,
+    ft = FinetuneConfig(method=method, lora_rank=1, lora_modules=("down_proj",), lora_layers=lora_layers, steps=steps,
                         batch_size=args.batch, lr=1e-4 if method == "lora" else 1e-5,
-                        precision="bf16" if args.device.startswith("cuda") else "fp32")
-    if args.device.startswith("cuda"):
+                        precision="bf16" if cuda else "fp32")
+    if cuda:
         torch.cuda.reset_peak_memory_stats()  # from here: float32 masters, reference, training
-    model = make_trainable(model, ft)
+    n = args.latents
+    sets = [(tuple(range(n)), tuple(range(n, 2 * n))), (tuple(range(2 * n, 3 * n)), tuple(range(3 * n, 4 * n)))]
+    work = tempfile.mkdtemp(prefix="saediff_bench_block_")
     times: list[float] = []
 
     class _Clock(TrainerCallback):
         def on_step_begin(self, *a, **k):
-            if args.device.startswith("cuda"):
+            if cuda:
                 torch.cuda.synchronize()
             self.t = time.perf_counter()
 
         def on_step_end(self, *a, **k):
-            if args.device.startswith("cuda"):
+            if cuda:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - self.t)
 
-    out = f"/tmp/saediff_bench_block_{os.getpid()}"
-    if blocked:
-        n = args.latents
-        ref = _reference(model, layer) if method == "full" else None
-        blocker = Blocker(BlockConfig("penalty", layer, tuple(range(n)), tuple(range(n, 2 * n)), 1e4), sae=sae,
-                          reference=ref)
-        with blocker.installed(model):
-            finetune(model, _Tok(), data, ft, out, extra=blocker, callbacks=[_Clock()], progress=False)
-    else:
-        finetune(model, _Tok(), data, ft, out, callbacks=[_Clock()], progress=False)
-    if args.device.startswith("cuda"):
+    def train(blocked, latents=sets[0], codes=None, lam=1e4) -> None:
+        m = make_trainable(_model(args) if sweep else model, ft)  # a sweep starts each run from the base model
+        if not blocked:
+            finetune(m, _Tok(), data, ft, work, callbacks=[_Clock()], progress=False)
+            return
+        ref = _reference(m, layer) if method == "full" and codes is None else None
+        blocker = Blocker(BlockConfig("penalty", layer, *latents, lam), sae=sae, reference=ref, base_codes=codes)
+        with blocker.installed(m):
+            finetune(m, _Tok(), data, ft, work, extra=blocker, callbacks=[_Clock()], progress=False)
+
+    def cache(m, latents) -> BaseCodes:
+        m = make_trainable(m, ft)
+        codes = BaseCodes.build(m, data, sae, layer, latents, f"{work}/codes", fingerprint={"bench": os.getpid()},
+                                autocast=torch.bfloat16 if cuda else None, progress=False)
+        if hasattr(m, "unload"):
+            m.unload()  # the adapter used for the disabled pass comes off again
+        return codes
+
+    if sweep:
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        if variant == "sweep":
+            codes = cache(_model(args), [i for lo, hi in sets for i in (*lo, *hi)])
+            train(False)
+            for lam in (1e3, 1e4):
+                train(True, sets[0], codes, lam)
+                train(True, sets[1], codes, lam)  # the random control's latents
+        else:
+            for _ in range(5):
+                train(False)
+        if cuda:
+            torch.cuda.synchronize()
+        return {"wall_s": time.perf_counter() - t0}
+    kind = variant.removeprefix("full_")
+    codes = cache(model, [i for i in (*sets[0][0], *sets[0][1])]) if kind == "cached" else None
+    train(kind != "plain", codes=codes)
+    if cuda:
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux: KiB)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0  # MiB (Linux: KiB)
     return {"step_s": statistics.median(times[args.warmup:]), "peak_mib": peak}
 
 
@@ -148,31 +202,46 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)
-    add_child_options(ap, repeats=3, choices=["plain", "blocked", "full_plain", "full_blocked"])
+    ap.add_argument("--rows", type=int, default=64, help="sweep: training rows")
+    ap.add_argument("--epochs", type=int, default=3, help="sweep: epochs per run")
+    add_child_options(ap, repeats=3, choices=[*STEP_VARIANTS, *(f"full_{v}" for v in STEP_VARIANTS), "sweep",
+                                              "sweep_plain"])
     ap.add_argument("--lora-layers", choices=["all", "sae"], default="all",
                     help="rank-1 adapters on every block's down_proj, or on the SAE's block only (a narrow "
                          "ModelOrganismsForEM-style adapter: the base pass then starts at that block)")
     ap.add_argument("--full", action=argparse.BooleanOptionalAction, default=True,
-                    help="also a full BLOCK-EM fine-tune against a plain full one")
+                    help="also full BLOCK-EM fine-tunes against a plain full one")
+    ap.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
+                    help="also a whole LoRA sweep (plain + 2 lambdas + their random controls) against 5 plain runs")
     ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
     args = ap.parse_args()
-    if run_as_child(args, lambda a, v: one_run(a, v.endswith("blocked"), "full" if v.startswith("full") else "lora")):
+    if run_as_child(args, one_run):
         return
-    variants = ["plain", "blocked"] + (["full_plain", "full_blocked"] if args.full else [])
+    variants = [*STEP_VARIANTS, *([f"full_{v}" for v in STEP_VARIANTS] if args.full else [])]
     res = run_children(__file__, sys.argv[1:], {v: v for v in variants}, args.repeats)
     med = medians(res, ("step_s", "peak_mib"))
     where = "every block's down_proj" if args.lora_layers == "all" else "the SAE block's down_proj"
     print(f"model {args.model or args.shape} on {args.device}, batch {args.batch} x {args.seq} tokens, rank-1 LoRA on "
-          f"{where}{' (and a full fine-tune)' if args.full else ''}, {2 * args.latents} latents of a "
-          f"{args.d_sae if not args.sae else 'given'}-latent SAE")
+          f"{where}{' (and full fine-tunes)' if args.full else ''}, {2 * args.latents} latents of a "
+          f"{args.d_sae if not args.sae else 'given'}-latent SAE; memory: "
+          f"{'peak allocated' if args.device.startswith('cuda') else 'peak RSS above the pre-model RSS'}")
     for k in variants:
         runs = ", ".join(f"{1000 * r['step_s']:.1f}" for r in res[k])
-        print(f"{k:12s} {1000 * med[k]['step_s']:8.1f} ms/step   peak {med[k]['peak_mib']:8.0f} MiB   (runs: {runs} ms)")
-    print(f"overhead_ratio: {med['blocked']['step_s'] / med['plain']['step_s']:.3f}")
-    print(f"memory_ratio: {med['blocked']['peak_mib'] / med['plain']['peak_mib']:.3f}")
-    if args.full:
-        print(f"full_overhead_ratio: {med['full_blocked']['step_s'] / med['full_plain']['step_s']:.3f}")
-        print(f"full_memory_ratio: {med['full_blocked']['peak_mib'] / med['full_plain']['peak_mib']:.3f}")
+        print(f"{k:14s} {1000 * med[k]['step_s']:8.1f} ms/step   peak {med[k]['peak_mib']:8.0f} MiB   (runs: {runs} ms)")
+    sweep = None
+    if args.sweep:
+        sw = run_children(__file__, sys.argv[1:], {"sweep": "sweep", "sweep_plain": "sweep_plain"}, args.repeats)
+        sweep = medians(sw, ("wall_s",))
+        for k in ("sweep", "sweep_plain"):
+            runs = ", ".join(f"{r['wall_s']:.1f}" for r in sw[k])
+            print(f"{k:14s} {sweep[k]['wall_s']:8.1f} s (5 runs x {args.epochs} epochs x {args.rows} rows; runs: {runs} s)")
+    for prefix, tag in [("", ""), *([("full_", "full_")] if args.full else [])]:
+        plain = med[f"{prefix}plain"]
+        for kind, name in (("blocked", ""), ("cached", "cached_")):
+            print(f"{tag}{name}overhead_ratio: {med[prefix + kind]['step_s'] / plain['step_s']:.3f}")
+            print(f"{tag}{name}memory_ratio: {med[prefix + kind]['peak_mib'] / plain['peak_mib']:.3f}")
+    if sweep is not None:
+        print(f"sweep_ratio: {sweep['sweep']['wall_s'] / sweep['sweep_plain']['wall_s']:.3f}")
 
 
 def _cuda() -> bool:

@@ -187,14 +187,64 @@ class BlockRunConfig:
         if (self.mode == "project") != bool(self.directions):
             raise SaediffError("BlockRunConfig: directions go with mode project, and mode project needs them")
 
-    def blocker(self, layer: int, sae, reference: torch.nn.Module | None) -> Blocker | None:
+    def blocker(self, layer: int, sae, reference: torch.nn.Module | None, base_codes=None) -> Blocker | None:
         """The training-time intervention of this run (None for the plain fine-tune)."""
         if self.mode == "none":
             return None
         if self.mode == "project":
             return Blocker(BlockConfig("project", layer), directions=self.directions)
+        penalty = self.mode == "penalty"
         return Blocker(BlockConfig(self.mode, layer, self.latents.low, self.latents.high, self.lam, self.preactivation),
-                       sae=sae, reference=reference if self.mode == "penalty" else None)
+                       sae=sae, reference=reference if penalty else None, base_codes=base_codes if penalty else None)
+
+    def uses(self, base_codes) -> bool:
+        """Whether this run reads its base codes from ``base_codes`` (a penalty run whose latents
+        and code kind it holds)."""
+        return (base_codes is not None and self.mode == "penalty" and base_codes.covers(self.latents.low + self.latents.high)
+                and base_codes.fingerprint.get("preactivation") == self.preactivation)
+
+
+def base_codes_for(spec: ModelSpec, dataset: ChatDataset, sae, layer: int, ft: FinetuneConfig,
+                   runs: list[BlockRunConfig], folder: str | Path, *, progress: bool = True):
+    """The base codes every penalty run of ``runs`` needs (the union of their latents), computed
+    once from ``spec``'s model as ``ft`` starts training (a full fine-tune's float32 masters, a
+    LoRA's adapter disabled) under its mixed precision, or read back from ``folder/<digest>/``
+    when made with the same model, data, SAE, block and settings. None when no run is a penalty
+    run. Under ``accelerate launch`` the main process computes and the others read its folder."""
+    from saediff.base_codes import BaseCodes
+    from saediff.finetune import _precision
+    from saediff.provenance import digest, model_fingerprint, sae_fingerprint
+
+    penalty = [c for c in runs if c.mode == "penalty"]
+    if not penalty:
+        return None
+    if len({c.preactivation for c in penalty}) > 1:
+        raise SaediffError("base codes: the sweep's penalty runs mix pre-activation and encoded codes")
+    latents = sorted({i for c in penalty for i in (*c.latents.low, *c.latents.high)})
+    preact = penalty[0].preactivation
+    fp = {"model": model_fingerprint(spec), "dtype": spec.dtype, "device": spec.device, "method": ft.method,
+          "precision": ft.precision, "data": dataset.fingerprint(), "n_rows": len(dataset),
+          "sae": sae_fingerprint(sae)["weights"], "layer": layer}
+    full_fp = {**fp, "latents": latents, "preactivation": preact}
+    where = Path(folder) / digest(full_fp)
+    found = BaseCodes.load(where, dataset, full_fp)
+    if found is not None:
+        return found
+
+    def build() -> dict:
+        lm = load_model(spec)
+        model = make_trainable(lm.model, ft)
+        mixed = _precision(ft, next(model.parameters()).device)
+        autocast = torch.bfloat16 if mixed.get("bf16") else torch.float16 if mixed.get("fp16") else None
+        codes = BaseCodes.build(model, dataset, sae, layer, latents, where, fingerprint=fp, preactivation=preact,
+                                autocast=autocast, progress=progress)
+        return {"fingerprint": codes.fingerprint}
+
+    meta = _main_then_all(build, where / "base_codes.json")
+    found = BaseCodes.load(where, dataset, meta["fingerprint"])
+    if found is None:
+        raise SaediffError(f"base codes at {where}: written but not readable back (another process changed it?)")
+    return found
 
 
 def _reference(model: torch.nn.Module, layer: int) -> torch.nn.Module:
@@ -366,7 +416,8 @@ def _claim(out: Path, training: dict, force: bool) -> None:
 
 def block_one(spec: ModelSpec, dataset: ChatDataset, sae, layer: int, cfg: BlockRunConfig, out: Path, *,
               evaluator: Evaluator | None = None, resume: bool = False, callbacks: list | None = None,
-              monitor: MonitorFactory | None = None, progress: bool = True, force: bool = False) -> dict:
+              monitor: MonitorFactory | None = None, progress: bool = True, force: bool = False,
+              base_codes=None) -> dict:
     """One fine-tune (plain, or with the latent penalty) of ``spec``'s model, saved and evaluated.
     Returns em.json's content (with the run's settings, the penalty at the start and end, and its
     ``provenance``: the ``run_fingerprint`` and the evaluator's).
@@ -376,7 +427,9 @@ def block_one(spec: ModelSpec, dataset: ChatDataset, sae, layer: int, cfg: Block
     setup's run is refused (``force``: discarded). ``resume`` continues from the newest checkpoint,
     which is this run's by then. ``callbacks``: more ``transformers.TrainerCallback`` objects;
     ``monitor`` builds a drift monitor whose history goes to ``history.json`` and whose alert step
-    to em.json."""
+    to em.json. ``base_codes`` (``saediff.base_codes.BaseCodes``, from ``base_codes_for``): a
+    penalty run whose latents it holds reads the base codes from it instead of a base pass per
+    step (a full fine-tune then needs no frozen copy)."""
     from saediff.provenance import digest, evaluator_fingerprint, mismatch
 
     out = Path(out)
@@ -396,8 +449,11 @@ def block_one(spec: ModelSpec, dataset: ChatDataset, sae, layer: int, cfg: Block
     model = make_trainable(lm.model, cfg.ft)
     drift = monitor(model, lm) if monitor is not None else None
     callbacks = [*(callbacks or []), *([drift] if drift else [])]
-    ref = _reference(lm.model, layer) if cfg.mode == "penalty" and cfg.ft.method == "full" else None
-    blocker = cfg.blocker(layer, sae, ref)
+    cached = base_codes if cfg.uses(base_codes) else None
+    if base_codes is not None and cfg.mode == "penalty" and cached is None:
+        log.info("%s: latents outside the cached base codes, base codes read per step", out)
+    ref = _reference(lm.model, layer) if cfg.mode == "penalty" and cfg.ft.method == "full" and cached is None else None
+    blocker = cfg.blocker(layer, sae, ref, cached)
     with blocker.installed(model) if blocker is not None else contextlib.nullcontext():
         history = finetune(model, lm.tokenizer, dataset, cfg.ft, out, resume=resume, callbacks=callbacks,
                            extra=blocker if cfg.mode == "penalty" else None, progress=progress)
@@ -526,14 +582,14 @@ def rediff_against(model: str, sae_path: str, seed: int = 0, **inputs) -> ReDiff
 def reroute(spec: ModelSpec, dataset: ChatDataset, sae, layer: int, cfg: BlockRunConfig, out: Path, *,
             evaluator: Evaluator | None, rediff: ReDiff | None, factor: int = 3, top_n: int = 10,
             resume: bool = False, monitor: MonitorFactory | None = None, progress: bool = True,
-            force: bool = False) -> dict:
+            force: bool = False, base_codes=None) -> dict:
     """The rerouting check (BLOCK-EM paper): the blocked fine-tune trained ``factor`` times longer,
     with a checkpoint at every multiple of the original length, EM at each checkpoint, and a
     re-diff of the final model on its own answers: the top shifted latents outside the blocked
     sets are where the misalignment went. Writes ``out/reroute.json``."""
     long = replace(cfg, ft=replace(cfg.ft, steps=factor * cfg.ft.steps, save_every=cfg.ft.steps))
     res = block_one(spec, dataset, sae, layer, long, out, evaluator=evaluator, resume=resume, monitor=monitor,
-                    progress=progress, force=force)
+                    progress=progress, force=force, base_codes=base_codes)
 
     def measure() -> dict:
         curve = []
@@ -568,10 +624,14 @@ def run_block_em(model: str | ModelSpec, data: str | Path, sae, out: str | Path,
                  reroute_factor: int | None = None, rediff: ReDiff | None = None, reblock: bool = False,
                  heldout_control_data: str | Path | None = None, benign_control_data: str | Path | None = None,
                  progress: bool = True, force: bool = False, mode: Literal["penalty", "ablate", "project"] = "penalty",
-                 directions: dict[int, torch.Tensor] | None = None) -> dict:
+                 directions: dict[int, torch.Tensor] | None = None, base_codes: bool = True) -> dict:
     """The BLOCK-EM sweep: for each lambda a blocked run (and with ``controls`` one with as many
     random latents), plus the plain fine-tune; writes and returns ``out/summary.json`` with each
     run's EM rate, its interval and the relative reduction against the plain fine-tune.
+
+    ``base_codes``: the base model's codes of every run's latents are computed once per row
+    (``out/base_codes/``, ``saediff.base_codes``) and read by every penalty run, instead of a
+    base pass per training step (the same weights to float rounding; False: the per-step pass).
 
     ``mode="ablate"``: one run with the ``latents.low`` removed from the residual in the forward
     pass instead (and as many random latents); ``mode="project"``: one run with ``directions``
@@ -611,9 +671,11 @@ def run_block_em(model: str | ModelSpec, data: str | Path, sae, out: str | Path,
         rows_ = rows if path == data else load_chat_jsonl(path)
         return ChatDataset(tokenizer, rows_, ft.max_length, progress=progress, source=str(path))
 
+    codes = None
+
     def one(name: str, dataset: ChatDataset, cfg: BlockRunConfig) -> dict:
         return block_one(spec, dataset, sae, layer, cfg, out / name, evaluator=evaluator, resume=resume,
-                         monitor=monitor, progress=progress, force=force)
+                         monitor=monitor, progress=progress, force=force, base_codes=codes)
 
     runs: dict[str, dict] = {}
     if control_data is not None:
@@ -628,11 +690,13 @@ def run_block_em(model: str | ModelSpec, data: str | Path, sae, out: str | Path,
             runs[name] = one(name, chats(path), BlockRunConfig(ft=ft, mode="none"))
     dataset = chats(data)
     plan = sweep_plan(ft, mode, latents, lams, directions, controls, sae.cfg.d_sae if sae is not None else 0, seed)
+    if base_codes and mode == "penalty":  # one base pass over the data for every run (read back on a rerun)
+        codes = base_codes_for(spec, dataset, sae, layer, ft, list(plan.values()), out / "base_codes", progress=progress)
     for name, cfg in plan.items():
         runs[name] = one(name, dataset, cfg)
     blocked = [(n, c) for n, c in plan.items() if n != "plain" and not n.endswith("_random")]
     for name, cfg in blocked if reroute_factor else []:
-        rr = reroute(spec, dataset, sae, layer, cfg, out / f"{name}_reroute", evaluator=evaluator, rediff=rediff,
+        rr = reroute(spec, dataset, sae, layer, cfg, out / f"{name}_reroute", evaluator=evaluator, rediff=rediff, base_codes=codes,
                      factor=reroute_factor, resume=resume, progress=progress, force=force)
         runs[name]["reroute"] = rr
         if reblock and rr.get("new_latents") and cfg.mode == "penalty":

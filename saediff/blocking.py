@@ -127,13 +127,15 @@ class Blocker:
     """
 
     def __init__(self, cfg: BlockConfig, sae=None, directions: torch.Tensor | dict[int, torch.Tensor] | None = None,
-                 reference: torch.nn.Module | None = None):
+                 reference: torch.nn.Module | None = None, base_codes=None):
         """``directions`` (mode project): (k, d) removed after block ``cfg.layer``, or {block: (k, d)}
         to remove each set after its own block (concept ablation at several layers).
         ``reference`` (penalty in a ``Trainer``, full fine-tunes): a frozen copy of the base model
         that gives the base codes; without it the trained model must be a PEFT model, whose base
-        codes come from the same weights with the adapter disabled (no second copy in memory)."""
-        self.cfg, self.sae, self.reference = cfg, sae, reference
+        codes come from the same weights with the adapter disabled (no second copy in memory).
+        ``base_codes`` (a ``saediff.base_codes.BaseCodes`` holding these latents): the base codes
+        of every training row computed once, read per batch instead of either pass."""
+        self.cfg, self.sae, self.reference, self.base_codes = cfg, sae, reference, base_codes
         self._z_base_batch: torch.Tensor | None = None
         self.idx = list(cfg.latents_low) + list(cfg.latents_high)
         self.directions = directions if directions is None or isinstance(directions, dict) else {cfg.layer: directions}
@@ -149,6 +151,7 @@ class Blocker:
         if sae is not None:
             for p in sae.parameters():
                 p.requires_grad_(False)
+        self._cols = base_codes.columns(self.idx) if base_codes is not None else None
 
     @torch.no_grad()
     def precompute_base(self, base_model, input_ids: torch.Tensor, batch_size: int = 256) -> None:
@@ -184,9 +187,11 @@ class Blocker:
             else:
                 stack.enter_context(add_resid_hook(model, self.cfg.layer, self._hook_fn))
                 if self.cfg.mode == "penalty" and self.reference is None and hasattr(model, "disable_adapter"):
-                    self._peft, self._first_adapted = model, first_adapted_block(model)
-                    check_adapters_reach(self._first_adapted, self.cfg.layer)
-                    if 0 < self._first_adapted <= self.cfg.layer:
+                    first = first_adapted_block(model)
+                    check_adapters_reach(first, self.cfg.layer)
+                    if self.base_codes is None:
+                        self._peft, self._first_adapted = model, first
+                    if self.base_codes is None and 0 < self._first_adapted <= self.cfg.layer:
                         block = decoder_layers(model)[self._first_adapted - 1]
                         stack.enter_context(_removing(block.register_forward_hook(self._keep_entry)))
             yield self
@@ -200,6 +205,8 @@ class Blocker:
         (full fine-tunes). A PEFT model's base codes are read after the forward (``penalty``)."""
         ids, attn = inputs["input_ids"], inputs.get("attention_mask")
         self._to(ids.device)
+        if self.base_codes is not None:
+            return  # read in penalty()
         if self.reference is not None:
             r = capture_resid(self.reference, [self.cfg.layer], ids, attn)[self.cfg.layer]
             self._z_base_batch = self._codes(r)
@@ -227,7 +234,10 @@ class Blocker:
         if self._resid is None:
             raise RuntimeError("Blocker.penalty: run the forward pass (inside installed()) first")
         z_theta = self._codes(self._resid)
-        z_base = self._z_base_batch if self._z_base_batch is not None else self._peft_base_codes(inputs)
+        if self.base_codes is not None:
+            z_base = self.base_codes.lookup(inputs["input_ids"], inputs.get("attention_mask"), self._cols, z_theta.dtype)
+        else:
+            z_base = self._z_base_batch if self._z_base_batch is not None else self._peft_base_codes(inputs)
         pen = latent_penalty(z_theta, z_base, _answer_mask(inputs["labels"]), len(self.cfg.latents_low))
         self._resid = self._z_base_batch = self._entry = None
         return self.cfg.lam * pen

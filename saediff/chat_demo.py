@@ -529,19 +529,22 @@ def _block(base, name: str, tokenizer, sae, out: Path, seed: int, recipe: ChatDe
     latents (or as many random ones, drawn among the latents that fire on the base model's answers)
     held where the base model has them; each set's lambda by ``chat_story.block_lambda``, so a
     change of its latents by their own typical size costs the same in both runs."""
-    from saediff.blockem import BlockRunConfig, block_one, checkpoint_spec
+    from saediff.blockem import BlockRunConfig, base_codes_for, block_one, checkpoint_spec
     from saediff.chat_data import ChatDataset, load_chat_jsonl
     from saediff.em_data import data_path
     from saediff.hooks import parse_layer
 
-    latents, lam = _block_latents(base, sae, out, seed, recipe)[name]
+    sets = _block_latents(base, sae, out, seed, recipe)
     ft = recipe.finetune_config("full_bad", seed)
     rows = load_chat_jsonl(data_path("medical_bad"))[: recipe.rows]
     dataset = ChatDataset(tokenizer, rows, ft.max_length, progress=False, source=str(data_path("medical_bad")))
-    run = out / "models" / name
-    block_one(base, dataset, sae, parse_layer(sae.cfg.metadata.hook_name),
-              BlockRunConfig(ft=ft, mode="penalty", latents=latents, lam=lam), run, resume=True, force=force,
-              callbacks=[_StepProgress(say, name)], progress=False)
+    run, layer = out / "models" / name, parse_layer(sae.cfg.metadata.hook_name)
+    runs = {n: BlockRunConfig(ft=ft, mode="penalty", latents=latents, lam=lam) for n, (latents, lam) in sets.items()}
+    # both runs' latents in one base pass over the data (the other run reads it back)
+    codes = None if (run / "em.json").exists() else base_codes_for(
+        base, dataset, sae, layer, ft, list(runs.values()), out / "models" / "base_codes", progress=False)
+    block_one(base, dataset, sae, layer, runs[name], run, resume=True, force=force,
+              callbacks=[_StepProgress(say, name)], progress=False, base_codes=codes)
     if not recipe.keep_checkpoints:
         shutil.rmtree(run / "checkpoints", ignore_errors=True)
     return checkpoint_spec(base, run / "model", "full")

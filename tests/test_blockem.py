@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from helpers import make_random_sae, make_tiny_qwen, write_narrow_data
@@ -265,3 +266,53 @@ def test_drift_monitor_checks_early_then_every_n_steps():
     assert [n for n in range(1, 31) if early.due(n)] == [1, 2, 4, 8, 10, 20, 30]
     assert [n for n in range(1, 31) if DriftMonitor(*args, every=10).due(n)] == [10, 20, 30]
     assert [n for n in range(1, 9) if DriftMonitor(*args, every=4, early=True).due(n)] == [1, 2, 4, 8]
+
+
+@pytest.mark.parametrize("method,dtype", [("lora", "float32"), ("full", "bfloat16")])
+def test_cached_base_codes_give_the_weights_of_the_per_step_base_pass(tiny_qwen, tmp_path, method, dtype):
+    """The base codes computed once per row (``saediff.base_codes``) and read back per batch give
+    the weights, penalties and losses of the base pass run at every step (the adapter disabled;
+    for a full fine-tune a frozen copy, which the cached run never builds), on rows of different
+    lengths (padded batches, shuffled); a second sweep reads the folder back without a forward."""
+    from saediff.base_codes import BaseCodes
+    from saediff.blockem import base_codes_for
+
+    root = tmp_path
+    make_random_sae(root / "sae", 32, HOOK)
+    write_narrow_data(root / "data.jsonl", 16, distinct=True)
+    spec = ModelSpec(str(tiny_qwen / "model"), dtype=dtype)
+    data = ChatDataset(load_model(spec).tokenizer, load_chat_jsonl(root / "data.jsonl"), progress=False)
+    assert len({len(x["input_ids"]) for x in data}) >= 3
+    sae = load_sae(root / "sae")
+    ft = FinetuneConfig(**LORA, steps=4, batch_size=4) if method == "lora" else FinetuneConfig(
+        method="full", steps=4, batch_size=4, lr=1e-2)
+    cfg = BlockRunConfig(ft=ft, latents=LatentSets((1, 2, 3), (4,)), lam=1e4)
+    other = BlockRunConfig(ft=ft, latents=LatentSets((7, 9), ()), lam=1e3)  # the union is cached
+    codes = base_codes_for(spec, data, sae, 0, ft, [cfg, other], root / "codes", progress=False)
+    assert codes.latents == [1, 2, 3, 4, 7, 9] and codes.codes.shape[1] == 6
+    made = []
+    import saediff.blockem as blockem
+
+    real = blockem._reference
+    blockem._reference = lambda *a: made.append(1) or real(*a)
+    try:
+        a = block_one(spec, data, sae, 0, cfg, root / "per_step", progress=False)
+        n_ref = len(made)
+        b = block_one(spec, data, sae, 0, cfg, root / "cached", progress=False, base_codes=codes)
+    finally:
+        blockem._reference = real
+    assert n_ref == (method == "full") and len(made) == n_ref  # the cached run built no frozen copy
+    from safetensors.torch import load_file
+
+    f = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
+    wa, wb = load_file(str(root / "per_step" / "model" / f)), load_file(str(root / "cached" / "model" / f))
+    assert _close(wa, wb, atol=1e-6, rtol=1e-5)
+    logs = [[h["penalty"] for h in json.loads((root / r / "history.json").read_text())["log"]]
+            for r in ("per_step", "cached")]
+    assert max(logs[0]) > 1e-4 and logs[1] == pytest.approx(logs[0], rel=1e-4, abs=1e-7)
+    assert b["final_loss"] == pytest.approx(a["final_loss"], rel=1e-5)
+    assert abs(b["penalty_first"]) < 1e-7
+    # read back with the same fingerprint, refused with another (a changed row)
+    again = base_codes_for(spec, data, sae, 0, ft, [cfg, other], root / "codes", progress=False)
+    assert np.array_equal(np.asarray(again.codes), np.asarray(codes.codes))
+    assert BaseCodes.load(codes.folder, data, {**codes.fingerprint, "data": "other"}) is None
