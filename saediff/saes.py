@@ -70,8 +70,10 @@ class SAETrainConfig:
     aux_coefficient: float = 1 / 32
     dead_tokens: int = 20_000
     """a latent that has not fired for this many training tokens counts as dead"""
-    sparse_decode: bool = True
-    """decode TopK activations with ``embedding_bag`` (faster on CPU) instead of a dense matmul"""
+    sparse_decode: bool | Literal["auto"] = "auto"
+    """decode TopK codes with ``embedding_bag`` over the k active rows (True) or a dense matmul
+    (False, the reference path); ``auto``: whichever trains faster on this device and shape,
+    timed on the first batch (``history["sparse_decode"]`` says which ran)"""
     autocast: bool = False
     """bf16 autocast (GPU)"""
     compile: bool = False
@@ -247,6 +249,12 @@ def train_sae(
         for _ in range(start - 1):  # the first batch was read above
             next(batches)
         log.info("sae: resumed at step %d from %s", start, ckpt)
+    sparse = cfg.sparse_decode
+    if resume and ckpt is not None and ckpt.exists():
+        sparse = hist.get("sparse_decode", sparse)  # a resumed run keeps the path it chose
+    if cfg.arch == "topk" and sparse == "auto":
+        sparse = _faster_decode(p, first.to(device), cfg, var, aux_k, dist)
+    hist["sparse_decode"] = sparse if cfg.arch == "topk" else None
     x = first
     for step in tqdm(range(start, cfg.steps), desc=f"sae {cfg.arch}", disable=_io.no_progress(progress), leave=False,
                      initial=start, total=cfg.steps):
@@ -256,7 +264,7 @@ def train_sae(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast):
             if cfg.arch == "topk":
                 dead = (tokens - last_fired) > cfg.dead_tokens
-                out = step_fn(p, x, cfg.k, var, dead, aux_k, cfg.aux_coefficient, cfg.sparse_decode)
+                out = step_fn(p, x, cfg.k, var, dead, aux_k, cfg.aux_coefficient, sparse)
             elif cfg.arch == "relu":
                 l1 = cfg.l1_coefficient * min(1.0, (step + 1) / max(1, cfg.steps // 10))
                 out = _relu_step(p, x, l1, var)
@@ -288,6 +296,32 @@ def train_sae(
             _io.atomic_write_bytes(ckpt, _torch_bytes(state))
     sae = to_saelens(p.cpu(), cfg, hook_name=hook_name, model_name=model_name)
     return sae, hist
+
+
+def _faster_decode(p: SAEParams, x_BD: torch.Tensor, cfg: SAETrainConfig, var: float, aux_k: int, dist) -> bool:
+    """True when the ``embedding_bag`` decode trains faster than the dense one here: three
+    forward and backward passes of each on the first batch, twice, interleaved, best time each
+    (nothing is stepped; the gradients are dropped). Under ``torchrun`` sparse wins if it wins on
+    any rank, so every rank runs the same path."""
+    import time
+
+    dead = torch.zeros(cfg.d_sae, dtype=torch.bool, device=x_BD.device)
+    sync = torch.cuda.synchronize if x_BD.device.type == "cuda" else (lambda: None)
+    best = {True: float("inf"), False: float("inf")}
+    for sparse in (True, False) * 3:  # the first round warms both up
+        sync()
+        t = time.perf_counter()
+        for _ in range(3):
+            with torch.autocast(x_BD.device.type, dtype=torch.bfloat16, enabled=cfg.autocast):
+                out = topk_step_loss(p, x_BD, cfg.k, var, dead, aux_k, cfg.aux_coefficient, sparse)
+            out.loss.backward()
+        sync()
+        best[sparse] = min(best[sparse], time.perf_counter() - t)
+    p.zero_grad(set_to_none=True)
+    choice = bool(dist.any_rank(torch.tensor([best[True] <= best[False]], device=x_BD.device)).item())
+    log.info("sae: %s decode (sparse %.1f ms, dense %.1f ms per 3 steps)", "sparse" if choice else "dense",
+             1000 * best[True], 1000 * best[False])
+    return choice
 
 
 def _run_fingerprint(cfg: SAETrainConfig, first: torch.Tensor, world: int) -> dict:
