@@ -3,15 +3,17 @@ plain forward passes of the same two models over the same tokens.
 
     python bench/diff_memory.py                      # d_model 896, 4 layers, a 16384-latent TopK SAE
     python bench/diff_memory.py --tokens 4096 --repeats 3
+    python bench/diff_memory.py --device cuda --layers 24 --vocab 151936 --tokens 25000   # 0.5B-shaped, bf16
 
 ``saediff.pipeline.stream_diff`` (what ``run_diff`` runs) reads every block's output of a base
 and a fine-tuned model at the response tokens and keeps running sums (per block: base, fine-tuned,
 misaligned, aligned) and the SAE's per-latent statistics, top activations and histograms, so its
 memory should not grow with the number of tokens. Each measurement is its own process (peak RSS,
-``ru_maxrss``); N and 4N runs are interleaved. The baseline for throughput is the two models'
+``ru_maxrss``; on a GPU ``torch.cuda.max_memory_allocated``, the models in bfloat16); N and 4N runs
+are interleaved. The baseline for throughput is the two models'
 plain forwards (no hooks, no SAE) over the same batches, in the same process. Last lines:
 ``forward_ratio: X`` (diff tokens/s over plain-forward tokens/s; target >= 0.7) and
-``memory_growth: Y`` (peak RSS at 4N / at N; target <= 1.2).
+``memory_growth: Y`` (peak memory at 4N / at N; target <= 1.2).
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ def one_run(args, n_tokens: int) -> dict:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=2048, hidden_size=args.d_model, num_hidden_layers=args.layers,
+    cuda = args.device.startswith("cuda")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    cfg = Qwen2Config(vocab_size=args.vocab, hidden_size=args.d_model, num_hidden_layers=args.layers,
                       intermediate_size=args.d_mlp, num_attention_heads=14, num_key_value_heads=2,
                       max_position_embeddings=1024, tie_word_embeddings=True)
     base = Qwen2ForCausalLM(cfg).eval()
@@ -50,12 +54,15 @@ def one_run(args, n_tokens: int) -> dict:
     with torch.no_grad():
         for p in ft.parameters():
             p.add_(0.01 * torch.randn_like(p))
+    base, ft = base.to(args.device, dtype), ft.to(args.device, dtype)
     sae = TopKSAE(TopKSAEConfig(d_in=args.d_model, d_sae=args.d_sae, k=64,
-                                metadata=SAEMetadata(hook_name=f"blocks.{args.layers // 2}.hook_resid_post")))
+                                metadata=SAEMetadata(hook_name=f"blocks.{args.layers // 2}.hook_resid_post"))).to(args.device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()  # from here: the diff's own memory on top of the two models
     prompt, answer = 32, 96
     n_seq = n_tokens // answer
     g = torch.Generator().manual_seed(1)
-    toks = TokenizedPrompts(torch.randint(3, 2048, (n_seq, prompt + answer), generator=g),
+    toks = TokenizedPrompts(torch.randint(3, args.vocab, (n_seq, prompt + answer), generator=g),
                             torch.cat([torch.zeros(n_seq, prompt, dtype=torch.long),
                                        torch.ones(n_seq, answer, dtype=torch.long)], 1))
     lm_b, lm_f = (LoadedModel(m, None, ModelSpec("random")) for m in (base, ft))
@@ -66,14 +73,18 @@ def one_run(args, n_tokens: int) -> dict:
         with torch.no_grad():
             for i in range(0, n_seq, args.batch):
                 for m in (base, ft):
-                    m(input_ids=toks.input_ids[i : i + args.batch])
+                    m(input_ids=toks.input_ids[i : i + args.batch].to(args.device))
+        if cuda:
+            torch.cuda.synchronize()
         return time.perf_counter() - t
 
     t_plain = plain()
     t = time.perf_counter()
     stream_diff(lm_b, lm_f, toks, sae, labels, batch_size=args.batch, progress=False)
+    if cuda:
+        torch.cuda.synchronize()
     t_diff = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"tokens": n_seq * answer, "diff_tok_s": n_seq * answer / t_diff, "plain_tok_s": n_seq * answer / t_plain,
             "peak_mib": peak}
 
@@ -86,6 +97,8 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--d-sae", type=int, default=16384)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--vocab", type=int, default=2048)
+    ap.add_argument("--device", default="cpu")
     add_child_options(ap, repeats=2, child_type=int)
     args = ap.parse_args()
     if run_as_child(args, one_run):
@@ -95,7 +108,7 @@ def main() -> None:
     print(f"Qwen2-shaped d_model {args.d_model}, {args.layers} layers, TopK SAE {args.d_sae} latents, batch {args.batch}")
     for n, m in med.items():
         print(f"{n:7d} response tokens: diff {m['diff_tok_s']:7.0f} tok/s, two plain forwards {m['plain_tok_s']:7.0f} "
-              f"tok/s, peak RSS {m['peak_mib']:6.0f} MiB")
+              f"tok/s, peak {m['peak_mib']:6.0f} MiB")
     big = med[4 * args.tokens]
     print(f"forward_ratio: {big['diff_tok_s'] / big['plain_tok_s']:.3f}")
     print(f"memory_growth: {big['peak_mib'] / med[args.tokens]['peak_mib']:.3f}")

@@ -145,7 +145,7 @@ def run_saediff(data, held, a, lr: float) -> list:
 
     cfg = SAETrainConfig(arch="topk", d_sae=a.d_sae, k=a.k, steps=a.steps, batch_size=a.batch, lr=lr,
                          warmup_steps=0, decay_fraction=0.0, aux_coefficient=1 / 32, dead_tokens=a.dead_steps * a.batch,
-                         device=a.device, autocast=a.autocast, compile=a.compile, sparse_decode=a.device == "cpu")
+                         device=a.device, autocast=a.autocast, compile=a.compile, kernel="auto")
     clock = Clock(a.device)
     h = held.to(a.device)
 
@@ -290,7 +290,7 @@ def stream_bench(data, a) -> None:
     from saediff.saes import SAETrainConfig, train_sae
 
     cfg = SAETrainConfig(arch="topk", d_sae=a.d_sae, k=a.k, steps=a.steps, batch_size=a.batch, lr=a.lr,
-                         device=a.device, sparse_decode=a.device == "cpu")
+                         device=a.device, kernel="auto")
     with tempfile.TemporaryDirectory() as tmp:
         w = _ShardWriter(__import__("pathlib").Path(tmp) / "store", ["h"])
         w.add({"h": data}, {"prompt_index": torch.zeros(len(data), dtype=torch.int32),

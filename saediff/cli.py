@@ -174,6 +174,8 @@ def sae_train_cmd(
                                                    "steps (to OUT.ckpt/)"),
     resume: bool = typer.Option(False, "--resume", help="continue from OUT.ckpt/ (same store, settings and seed)"),
     seed: int = typer.Option(0, "--seed"),
+    kernel: str = typer.Option("sparse_decode", "--kernel", help="TopK step: dense | sparse_decode | sparse | auto "
+                               "(the fastest here, timed on the first batch; bench/sae_decode.py)"),
     threads: Optional[int] = typer.Option(None, "--threads"),
 ) -> None:
     """Train an SAE on a store streamed from disk, or on a model's activations read live; writes a SAELens folder."""
@@ -188,7 +190,7 @@ def sae_train_cmd(
         given = {"arch": arch, "d_sae": d_sae, "k": k, "steps": steps, "batch_size": batch_size, "lr": lr,
                  "l1_coefficient": l1_coefficient}
         settings = {**(get_preset(preset) if preset else {}), **{a: v for a, v in given.items() if v is not None}}
-        cfg = SAETrainConfig(**settings, device=device, autocast=autocast, seed=seed)
+        cfg = SAETrainConfig(**settings, device=device, autocast=autocast, seed=seed, kernel=kernel)
         rank, world = init_distributed(device)
         if activations is not None:
             hook, n_train, held, stream, source = store_source(activations, hook, held_rows)

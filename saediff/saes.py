@@ -47,6 +47,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 Arch = Literal["topk", "relu", "batchtopk"]
+Kernel = Literal["auto", "dense", "sparse_decode", "sparse"]
+KERNELS = ("dense", "sparse_decode", "sparse")
 
 
 @dataclass(frozen=True)
@@ -70,10 +72,14 @@ class SAETrainConfig:
     aux_coefficient: float = 1 / 32
     dead_tokens: int = 20_000
     """a latent that has not fired for this many training tokens counts as dead"""
-    sparse_decode: bool | Literal["auto"] = "auto"
-    """decode TopK codes with ``embedding_bag`` over the k active rows (True) or a dense matmul
-    (False, the reference path); ``auto``: whichever trains faster on this device and shape,
-    timed on the first batch (``history["sparse_decode"]`` says which ran)"""
+    kernel: Kernel = "sparse_decode"
+    """how a TopK step computes: ``dense`` (the reference: codes scattered into a (B, d_sae)
+    matrix, autograd through dense matmuls), ``sparse_decode`` (the decoder an ``embedding_bag``
+    over the k active rows), ``sparse`` (that, and the encoder's backward only at the selected
+    latents, ``_TopKEncode``); ``auto``: whichever trains fastest on this device and shape, timed
+    on the first batch (``history["kernel"]`` says which ran; bench/sae_decode.py). All agree to
+    float rounding, but a TopK run amplifies rounding, so the default is one fixed path: the same
+    run gives the same SAE on every machine."""
     autocast: bool = False
     """bf16 autocast (GPU)"""
     compile: bool = False
@@ -84,6 +90,8 @@ class SAETrainConfig:
     def __post_init__(self):
         if self.arch not in ("topk", "relu", "batchtopk"):
             raise SaediffError(f"SAETrainConfig.arch must be topk, relu or batchtopk, got {self.arch!r}")
+        if self.kernel not in ("auto", *KERNELS):
+            raise SaediffError(f"SAETrainConfig.kernel must be auto, {', '.join(KERNELS)}, got {self.kernel!r}")
         if self.arch != "relu" and not 0 < self.k <= self.d_sae:
             raise SaediffError(f"SAETrainConfig: k={self.k} must lie in [1, d_sae={self.d_sae}]")
         if self.steps < 1 or self.batch_size < 1:
@@ -128,31 +136,77 @@ def _topk_codes(pre_BS: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     return vals.relu(), idx
 
 
+class _TopKEncode(torch.autograd.Function):
+    """The top-k pre-activations of ``xc_BD @ W_enc + b_enc`` per row, and (with ``dead_S``) the
+    top-``aux_k`` among dead latents, as (values, indices) pairs. Only the selected entries carry a
+    gradient, so the backward works on them alone (B x (k + aux_k) rows of ``W_enc``, by
+    ``embedding_bag`` and ``index_add_``) instead of two dense (B, d_sae) matmuls; autograd
+    through ``topk`` gives the same numbers (tests/test_saes.py)."""
+
+    @staticmethod
+    def forward(ctx, xc_BD, W_enc, b_enc, k: int, dead_S, aux_k: int):
+        pre_BS = xc_BD @ W_enc + b_enc
+        vals_BK, idx_BK = pre_BS.topk(k, dim=-1, sorted=False)
+        if dead_S is not None:
+            a_vals, a_idx = pre_BS.masked_fill(~dead_S, float("-inf")).topk(aux_k, dim=-1, sorted=False)
+        else:
+            a_vals, a_idx = pre_BS.new_zeros(pre_BS.shape[0], 0), idx_BK.new_zeros(pre_BS.shape[0], 0)
+        ctx.save_for_backward(xc_BD, W_enc, idx_BK, a_idx)
+        ctx.mark_non_differentiable(idx_BK, a_idx)
+        return vals_BK, idx_BK, a_vals, a_idx
+
+    @staticmethod
+    def backward(ctx, g_vals, _g_idx, g_avals, _g_aidx):
+        xc_BD, W_enc, idx_BK, a_idx = ctx.saved_tensors
+        idx = torch.cat([idx_BK, a_idx], 1)  # (B, k + aux_k)
+        g = torch.cat([g_vals, torch.nan_to_num(g_avals) if g_avals is not None else g_vals.new_zeros(a_idx.shape)], 1)
+        g_xc = torch.nn.functional.embedding_bag(idx, W_enc.T, per_sample_weights=g.to(W_enc.dtype), mode="sum")
+        gW_SD = torch.zeros(W_enc.shape[1], W_enc.shape[0], dtype=W_enc.dtype, device=W_enc.device)
+        n = idx.shape[1]
+        for i in range(0, idx.shape[0], 256):  # in row chunks: (rows x n, d) at a time, not (B x n, d)
+            rows = slice(i, i + 256)
+            contrib = g[rows].reshape(-1, 1).to(W_enc.dtype) * xc_BD[rows].to(W_enc.dtype).repeat_interleave(n, 0)
+            gW_SD.index_add_(0, idx[rows].reshape(-1), contrib)
+        g_b = torch.zeros(W_enc.shape[1], dtype=W_enc.dtype, device=W_enc.device).index_add_(
+            0, idx.reshape(-1), g.reshape(-1).to(W_enc.dtype))
+        return g_xc.to(xc_BD.dtype), gW_SD.T, g_b, None, None, None
+
+
 def topk_step_loss(p: SAEParams, x_BD: torch.Tensor, k: int, var: float, dead_S: torch.Tensor | None,
-                   aux_k: int, aux_coef: float, sparse_decode: bool) -> StepOut:
+                   aux_k: int, aux_coef: float, kernel: str = "dense") -> StepOut:
     """TopK reconstruction loss (normalised by the data variance) plus the AuxK term.
 
-    With ``sparse_decode`` the decoder is an ``embedding_bag`` over the k active rows; otherwise
-    the codes are scattered into a dense (B, S) matrix (the reference path: both must agree).
+    ``kernel`` (``SAETrainConfig.kernel``): ``dense`` scatters the codes into a (B, S) matrix and
+    lets autograd run dense matmuls (the reference path); ``sparse_decode`` decodes with an
+    ``embedding_bag`` over the k active rows; ``sparse`` also runs the encoder's backward at the
+    selected latents only (``_TopKEncode``). All must agree.
     """
-    pre_BS = (x_BD - p.b_dec) @ p.W_enc + p.b_enc
-    vals_BK, idx_BK = _topk_codes(pre_BS, k)
-    if sparse_decode:
-        xhat_BD = torch.nn.functional.embedding_bag(idx_BK, p.W_dec, per_sample_weights=vals_BK, mode="sum") + p.b_dec
+    with_aux = dead_S is not None and aux_coef > 0 and bool(dead_S.any())
+    n_aux = min(aux_k, int(dead_S.sum())) if with_aux else 0
+    if kernel == "sparse":
+        vals_BK, idx_BK, a_vals, a_idx = _TopKEncode.apply(x_BD - p.b_dec, p.W_enc, p.b_enc, k,
+                                                           dead_S if with_aux else None, n_aux)
+        vals_BK, a_vals = vals_BK.relu(), a_vals.relu()
+        pre_BS = None
     else:
+        pre_BS = (x_BD - p.b_dec) @ p.W_enc + p.b_enc
+        vals_BK, idx_BK = _topk_codes(pre_BS, k)
+    if kernel == "dense":
         z_BS = torch.zeros_like(pre_BS).scatter(-1, idx_BK, vals_BK)
         xhat_BD = z_BS @ p.W_dec + p.b_dec
+    else:
+        xhat_BD = torch.nn.functional.embedding_bag(idx_BK, p.W_dec, per_sample_weights=vals_BK, mode="sum") + p.b_dec
     err_BD = x_BD - xhat_BD
     mse = err_BD.pow(2).sum(-1).mean()
     aux = mse.new_zeros(())
-    if dead_S is not None and aux_coef > 0 and bool(dead_S.any()):
-        n_dead = int(dead_S.sum())
-        masked = pre_BS.masked_fill(~dead_S, float("-inf"))
-        a_vals, a_idx = _topk_codes(masked, min(aux_k, n_dead))
+    if with_aux:
+        if pre_BS is not None:
+            masked = pre_BS.masked_fill(~dead_S, float("-inf"))
+            a_vals, a_idx = _topk_codes(masked, n_aux)
         a_vals = torch.nan_to_num(a_vals, neginf=0.0)
         recon = torch.nn.functional.embedding_bag(a_idx, p.W_dec, per_sample_weights=a_vals, mode="sum")
         aux = (err_BD.detach() - recon).pow(2).sum(-1).mean() / var
-    fired_S = torch.zeros(pre_BS.shape[-1], dtype=torch.bool, device=x_BD.device)
+    fired_S = torch.zeros(p.W_enc.shape[1], dtype=torch.bool, device=x_BD.device)
     fired_S[idx_BK[vals_BK > 0]] = True
     return StepOut(mse / var + aux_coef * aux, mse, aux, fired_S)
 
@@ -249,12 +303,12 @@ def train_sae(
         for _ in range(start - 1):  # the first batch was read above
             next(batches)
         log.info("sae: resumed at step %d from %s", start, ckpt)
-    sparse = cfg.sparse_decode
+    kernel = cfg.kernel
     if resume and ckpt is not None and ckpt.exists():
-        sparse = hist.get("sparse_decode", sparse)  # a resumed run keeps the path it chose
-    if cfg.arch == "topk" and sparse == "auto":
-        sparse = _faster_decode(p, first.to(device), cfg, var, aux_k, dist)
-    hist["sparse_decode"] = sparse if cfg.arch == "topk" else None
+        kernel = hist.get("kernel", kernel)  # a resumed run keeps the path it chose
+    if cfg.arch == "topk" and kernel == "auto":
+        kernel = _fastest_kernel(p, first.to(device), cfg, var, aux_k, dist)
+    hist["kernel"] = kernel if cfg.arch == "topk" else None
     x = first
     for step in tqdm(range(start, cfg.steps), desc=f"sae {cfg.arch}", disable=_io.no_progress(progress), leave=False,
                      initial=start, total=cfg.steps):
@@ -264,7 +318,7 @@ def train_sae(
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast):
             if cfg.arch == "topk":
                 dead = (tokens - last_fired) > cfg.dead_tokens
-                out = step_fn(p, x, cfg.k, var, dead, aux_k, cfg.aux_coefficient, sparse)
+                out = step_fn(p, x, cfg.k, var, dead, aux_k, cfg.aux_coefficient, kernel)
             elif cfg.arch == "relu":
                 l1 = cfg.l1_coefficient * min(1.0, (step + 1) / max(1, cfg.steps // 10))
                 out = _relu_step(p, x, l1, var)
@@ -298,30 +352,35 @@ def train_sae(
     return sae, hist
 
 
-def _faster_decode(p: SAEParams, x_BD: torch.Tensor, cfg: SAETrainConfig, var: float, aux_k: int, dist) -> bool:
-    """True when the ``embedding_bag`` decode trains faster than the dense one here: three
-    forward and backward passes of each on the first batch, twice, interleaved, best time each
-    (nothing is stepped; the gradients are dropped). Under ``torchrun`` sparse wins if it wins on
-    any rank, so every rank runs the same path."""
+def _fastest_kernel(p: SAEParams, x_BD: torch.Tensor, cfg: SAETrainConfig, var: float, aux_k: int, dist) -> str:
+    """The ``KERNELS`` entry that trains fastest here: three forward and backward passes of each
+    on the first batch (some latents marked dead, so the AuxK term runs), twice, interleaved, best
+    time each (nothing is stepped; the gradients are dropped). Under ``torchrun`` rank 0's choice
+    is every rank's, so all run the same path."""
     import time
 
     dead = torch.zeros(cfg.d_sae, dtype=torch.bool, device=x_BD.device)
+    dead[:: max(2, cfg.d_sae // 64)] = True
     sync = torch.cuda.synchronize if x_BD.device.type == "cuda" else (lambda: None)
-    best = {True: float("inf"), False: float("inf")}
-    for sparse in (True, False) * 3:  # the first round warms both up
+    best = {k: float("inf") for k in KERNELS}
+    for kernel in KERNELS * 3:  # the first round warms each up
         sync()
         t = time.perf_counter()
         for _ in range(3):
             with torch.autocast(x_BD.device.type, dtype=torch.bfloat16, enabled=cfg.autocast):
-                out = topk_step_loss(p, x_BD, cfg.k, var, dead, aux_k, cfg.aux_coefficient, sparse)
+                out = topk_step_loss(p, x_BD, cfg.k, var, dead, aux_k, cfg.aux_coefficient, kernel)
             out.loss.backward()
         sync()
-        best[sparse] = min(best[sparse], time.perf_counter() - t)
+        best[kernel] = min(best[kernel], time.perf_counter() - t)
     p.zero_grad(set_to_none=True)
-    choice = bool(dist.any_rank(torch.tensor([best[True] <= best[False]], device=x_BD.device)).item())
-    log.info("sae: %s decode (sparse %.1f ms, dense %.1f ms per 3 steps)", "sparse" if choice else "dense",
-             1000 * best[True], 1000 * best[False])
-    return choice
+    choice = torch.tensor([KERNELS.index(min(best, key=best.get))], device=x_BD.device)
+    if dist.on:
+        import torch.distributed as td
+
+        td.broadcast(choice, 0)
+    kernel = KERNELS[int(choice.item())]
+    log.info("sae: %s kernel (%s ms per 3 steps)", kernel, ", ".join(f"{k} {1000 * v:.1f}" for k, v in best.items()))
+    return kernel
 
 
 def _run_fingerprint(cfg: SAETrainConfig, first: torch.Tensor, world: int) -> dict:

@@ -53,22 +53,39 @@ def test_topk_sae_learns_sparse_dictionary(data):
     assert m.fvu < 0.1 and m.dead_fraction <= 0.25
 
 
-def test_sparse_decode_matches_dense_reference():
+@pytest.mark.parametrize("kernel", ["sparse_decode", "sparse"])
+def test_sparse_kernels_match_the_dense_reference(kernel):
+    """Loss and every gradient of the sparse paths (embedding_bag decode; and the encoder's
+    backward at the selected latents only, with AuxK on dead latents) equal the dense reference's."""
+    from saediff.saes import SAEParams, topk_step_loss
+
     g = torch.Generator().manual_seed(1)
     p = SAEParams(8, 32)
     p.init_from(torch.randn(64, 8, generator=g), g)
-    x = torch.randn(64, 8, generator=g)
+    with torch.no_grad():
+        p.b_enc.copy_(0.1 * torch.randn(32, generator=g))
+    x = torch.randn(300, 8, generator=g)  # more rows than the backward's chunk of 256
     dead = torch.zeros(32, dtype=torch.bool)
     dead[::3] = True
     outs = []
-    for sparse in (True, False):
+    for k in ("dense", kernel):
         p.zero_grad()
-        out = topk_step_loss(p, x, 4, 2.0, dead, 6, 0.1, sparse)
+        out = topk_step_loss(p, x, 4, 2.0, dead, 6, 0.1, k)
         out.loss.backward()
-        outs.append((out.loss.detach(), [q.grad.clone() for q in p.parameters()]))
+        outs.append((out.loss.detach(), out.aux.detach(), [q.grad.clone() for q in p.parameters()], out.fired_S))
     torch.testing.assert_close(outs[0][0], outs[1][0])
-    for a, b in zip(outs[0][1], outs[1][1]):
+    assert outs[0][1] > 0 and torch.equal(outs[0][3], outs[1][3])
+    torch.testing.assert_close(outs[0][1], outs[1][1])
+    for a, b in zip(outs[0][2], outs[1][2]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_auto_kernel_is_recorded():
+    from saediff.saes import SAETrainConfig, train_sae
+
+    data = torch.randn(512, 8, generator=torch.Generator().manual_seed(0))
+    _, hist = train_sae(data, SAETrainConfig(d_sae=32, k=4, steps=3, batch_size=64, device="cpu", kernel="auto"), progress=False)
+    assert hist["kernel"] in ("dense", "sparse_decode", "sparse")
 
 
 def test_metrics_exact_on_hand_set_sae():
