@@ -30,10 +30,10 @@ from pathlib import Path
 os.environ.setdefault("TQDM_DISABLE", "1")
 warnings.filterwarnings("ignore")
 
-import torch  # noqa: E402
+import torch
 
-from saediff.activations import collect_activations, tokenize_prompts  # noqa: E402
-from saediff.models import ModelSpec, load_model  # noqa: E402
+from saediff.activations import collect_activations, tokenize_prompts
+from saediff.models import ModelSpec, load_model
 
 
 def organism(arg: str | None):

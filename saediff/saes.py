@@ -139,16 +139,18 @@ def _topk_codes(pre_BS: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
 class _TopKEncode(torch.autograd.Function):
     """The top-k pre-activations of ``xc_BD @ W_enc + b_enc`` per row, and (with ``dead_S``) the
     top-``aux_k`` among dead latents, as (values, indices) pairs. Only the selected entries carry a
-    gradient, so the backward works on them alone (B x (k + aux_k) rows of ``W_enc``, by
-    ``embedding_bag`` and ``index_add_``) instead of two dense (B, d_sae) matmuls; autograd
-    through ``topk`` gives the same numbers (tests/test_saes.py)."""
+    gradient, so the backward multiplies by a sparse (B, d_sae) matrix of B x (k + aux_k) entries
+    (``torch.sparse.mm``) instead of two dense (B, d_sae) matmuls, and the AuxK selection reads
+    the dead columns alone; autograd through ``topk`` gives the same numbers (tests/test_saes.py)."""
 
     @staticmethod
     def forward(ctx, xc_BD, W_enc, b_enc, k: int, dead_S, aux_k: int):
         pre_BS = xc_BD @ W_enc + b_enc
         vals_BK, idx_BK = pre_BS.topk(k, dim=-1, sorted=False)
         if dead_S is not None:
-            a_vals, a_idx = pre_BS.masked_fill(~dead_S, float("-inf")).topk(aux_k, dim=-1, sorted=False)
+            dead_idx = dead_S.nonzero()[:, 0]
+            a_vals, a_pos = pre_BS[:, dead_idx].topk(aux_k, dim=-1, sorted=False)
+            a_idx = dead_idx[a_pos]
         else:
             a_vals, a_idx = pre_BS.new_zeros(pre_BS.shape[0], 0), idx_BK.new_zeros(pre_BS.shape[0], 0)
         ctx.save_for_backward(xc_BD, W_enc, idx_BK, a_idx)
@@ -158,18 +160,16 @@ class _TopKEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_vals, _g_idx, g_avals, _g_aidx):
         xc_BD, W_enc, idx_BK, a_idx = ctx.saved_tensors
+        B, S = xc_BD.shape[0], W_enc.shape[1]
         idx = torch.cat([idx_BK, a_idx], 1)  # (B, k + aux_k)
-        g = torch.cat([g_vals, torch.nan_to_num(g_avals) if g_avals is not None else g_vals.new_zeros(a_idx.shape)], 1)
-        g_xc = torch.nn.functional.embedding_bag(idx, W_enc.T, per_sample_weights=g.to(W_enc.dtype), mode="sum")
-        gW_SD = torch.zeros(W_enc.shape[1], W_enc.shape[0], dtype=W_enc.dtype, device=W_enc.device)
-        n = idx.shape[1]
-        for i in range(0, idx.shape[0], 256):  # in row chunks: (rows x n, d) at a time, not (B x n, d)
-            rows = slice(i, i + 256)
-            contrib = g[rows].reshape(-1, 1).to(W_enc.dtype) * xc_BD[rows].to(W_enc.dtype).repeat_interleave(n, 0)
-            gW_SD.index_add_(0, idx[rows].reshape(-1), contrib)
-        g_b = torch.zeros(W_enc.shape[1], dtype=W_enc.dtype, device=W_enc.device).index_add_(
-            0, idx.reshape(-1), g.reshape(-1).to(W_enc.dtype))
-        return g_xc.to(xc_BD.dtype), gW_SD.T, g_b, None, None, None
+        g = torch.cat([g_vals, g_avals if g_avals is not None else g_vals.new_zeros(a_idx.shape)], 1).to(W_enc.dtype)
+        rows = torch.arange(B, device=idx.device).repeat_interleave(idx.shape[1])
+        G_BS = torch.sparse_coo_tensor(torch.stack([rows, idx.reshape(-1)]), g.reshape(-1), (B, S),
+                                       check_invariants=False)
+        g_xc = torch.sparse.mm(G_BS, W_enc.T)  # (B, d)
+        g_W = torch.sparse.mm(G_BS.t(), xc_BD.to(W_enc.dtype)).T  # (d, S)
+        g_b = torch.zeros(S, dtype=W_enc.dtype, device=W_enc.device).index_add_(0, idx.reshape(-1), g.reshape(-1))
+        return g_xc.to(xc_BD.dtype), g_W, g_b, None, None, None
 
 
 def topk_step_loss(p: SAEParams, x_BD: torch.Tensor, k: int, var: float, dead_S: torch.Tensor | None,
