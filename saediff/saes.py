@@ -139,9 +139,9 @@ def _topk_codes(pre_BS: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
 class _TopKEncode(torch.autograd.Function):
     """The top-k pre-activations of ``xc_BD @ W_enc + b_enc`` per row, and (with ``dead_S``) the
     top-``aux_k`` among dead latents, as (values, indices) pairs. Only the selected entries carry a
-    gradient, so the backward multiplies by a sparse (B, d_sae) matrix of B x (k + aux_k) entries
-    (``torch.sparse.mm``) instead of two dense (B, d_sae) matmuls, and the AuxK selection reads
-    the dead columns alone; autograd through ``topk`` gives the same numbers (tests/test_saes.py)."""
+    gradient, so the backward reads and writes only the B x (k + aux_k) selected rows of ``W_enc``
+    (``embedding_bag``, ``index_add_``) instead of two dense (B, d_sae) matmuls, and the AuxK
+    selection reads the dead columns alone; autograd through ``topk`` gives the same numbers (tests/test_saes.py)."""
 
     @staticmethod
     def forward(ctx, xc_BD, W_enc, b_enc, k: int, dead_S, aux_k: int):
@@ -160,16 +160,19 @@ class _TopKEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_vals, _g_idx, g_avals, _g_aidx):
         xc_BD, W_enc, idx_BK, a_idx = ctx.saved_tensors
-        B, S = xc_BD.shape[0], W_enc.shape[1]
-        idx = torch.cat([idx_BK, a_idx], 1)  # (B, k + aux_k)
+        B, D, S = xc_BD.shape[0], W_enc.shape[0], W_enc.shape[1]
+        idx = torch.cat([idx_BK, a_idx], 1)  # (B, n = k + aux_k)
         g = torch.cat([g_vals, g_avals if g_avals is not None else g_vals.new_zeros(a_idx.shape)], 1).to(W_enc.dtype)
-        rows = torch.arange(B, device=idx.device).repeat_interleave(idx.shape[1])
-        G_BS = torch.sparse_coo_tensor(torch.stack([rows, idx.reshape(-1)]), g.reshape(-1), (B, S),
-                                       check_invariants=False)
-        g_xc = torch.sparse.mm(G_BS, W_enc.T)  # (B, d)
-        g_W = torch.sparse.mm(G_BS.t(), xc_BD.to(W_enc.dtype)).T  # (d, S)
+        W_SD = W_enc.T.contiguous()  # rows per latent: embedding_bag and index_add_ read and write whole rows
+        g_xc = torch.nn.functional.embedding_bag(idx, W_SD, per_sample_weights=g, mode="sum")  # (B, D)
+        g_W_SD = torch.zeros(S, D, dtype=W_enc.dtype, device=W_enc.device)
+        xc = xc_BD.to(W_enc.dtype)
+        step = max(1, 2**24 // (idx.shape[1] * D))  # rows at a time: (rows, n, D) products, at most 16M numbers
+        for i in range(0, B, step):
+            rows = slice(i, i + step)
+            g_W_SD.index_add_(0, idx[rows].reshape(-1), (g[rows, :, None] * xc[rows, None, :]).reshape(-1, D))
         g_b = torch.zeros(S, dtype=W_enc.dtype, device=W_enc.device).index_add_(0, idx.reshape(-1), g.reshape(-1))
-        return g_xc.to(xc_BD.dtype), g_W, g_b, None, None, None
+        return g_xc.to(xc_BD.dtype), g_W_SD.T.contiguous(), g_b, None, None, None
 
 
 def topk_step_loss(p: SAEParams, x_BD: torch.Tensor, k: int, var: float, dead_S: torch.Tensor | None,
