@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from saediff.errors import MissingFileError, SaediffError
 
-__all__ = ["atomic_write_json", "atomic_write_jsonl", "atomic_write_bytes", "atomic_save_safetensors", "read_jsonl",
+__all__ = ["replace_folder", "atomic_write_json", "atomic_write_jsonl", "atomic_write_bytes", "atomic_save_safetensors", "read_jsonl",
            "read_json_if_exists"]
 
 
@@ -25,6 +25,33 @@ def _atomic(path: str | Path, write) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def replace_folder(path: str | Path, write) -> None:
+    """``write(tmp)`` fills a new folder beside ``path``, which then takes its place: the old folder
+    (if any) is renamed aside, the new one renamed in, the old one deleted, so a crash leaves the
+    old folder or the new one, never a mix. The caller checks that ``path`` may be replaced."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.new."))
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not path.exists():
+        os.replace(tmp, path)
+        return
+    old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old."))
+    os.replace(path, old)  # a folder renamed onto an empty one replaces it
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.replace(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -25,9 +25,9 @@ from saediff.prompts import Prompt
 from saediff.errors import MissingFileError, SaediffError, UnknownKeyError
 
 __all__ = ["Positions", "POSITIONS", "check_positions", "ActivationStore", "collect_activations", "tokenize_prompts",
-           "model_stream",
+           "model_stream", "paired_model_stream", "paired_rows", "check_same_tokenizer",
            "TokenizedPrompts", "row_descriptions", "shuffled_batches", "ActivationSource", "store_source",
-           "model_source"]
+           "model_source", "paired_source"]
 
 log = logging.getLogger(__name__)
 Positions = Literal["last_prompt", "response", "all"]
@@ -259,24 +259,61 @@ def model_stream(lm: LoadedModel, toks: TokenizedPrompts, hook: str, batch_size:
     ``lm`` over a prompt corpus, nothing written to disk: each pass runs the prompts in a random
     order (forward stopped at block L, forward hooks), and the rows go through the same mixing
     buffer as ``ActivationStore.stream``."""
+    gen = torch.Generator().manual_seed(seed)
+    parts = _model_parts([lm], toks, hook, toks.select(positions), gen, prompt_batch, epochs)
+    return mixed_batches((p[:, 0] for p in parts), batch_size, buffer_rows, gen)
+
+
+def paired_model_stream(lm_base: LoadedModel, lm_ft: LoadedModel, toks: TokenizedPrompts, hook: str, batch_size: int,
+                        *, positions: Positions = "all", buffer_rows: int = 65536, prompt_batch: int = 32,
+                        seed: int = 0, epochs: int | None = None) -> Iterator[Float[torch.Tensor, "batch 2 d"]]:
+    """``model_stream`` over two models at once: each row holds the same token read from the base
+    (``[:, 0]``) and the fine-tuned model (``[:, 1]``), shuffled together, for crosscoders and
+    SAEs on activation differences. The two must share a tokenizer (``check_same_tokenizer``)."""
+    check_same_tokenizer(lm_base, lm_ft)
+    gen = torch.Generator().manual_seed(seed)
+    parts = _model_parts([lm_base, lm_ft], toks, hook, toks.select(positions), gen, prompt_batch, epochs)
+    return mixed_batches(parts, batch_size, buffer_rows, gen)
+
+
+def check_same_tokenizer(lm_a: LoadedModel, lm_b: LoadedModel) -> None:
+    """Refuse a pair whose tokenizers differ (vocabulary or chat template): their rows would not be the same tokens."""
+    a, b = lm_a.tokenizer, lm_b.tokenizer
+    if a.get_vocab() != b.get_vocab() or getattr(a, "chat_template", None) != getattr(b, "chat_template", None):
+        raise SaediffError(f"{lm_a.spec.model} and {lm_b.spec.model} have different tokenizers or chat templates: "
+                           "a paired read needs the same tokens in both models")
+
+
+def paired_rows(lm_base: LoadedModel, lm_ft: LoadedModel, toks: TokenizedPrompts, hook: str, *,
+                positions: Positions = "all", prompt_batch: int = 32) -> Iterator[Float[torch.Tensor, "rows 2 d"]]:
+    """One pass of both models over the prompts in their order, rows in collection order (the
+    order of ``toks.select(positions).nonzero()``, so ``row_descriptions`` names them)."""
+    check_same_tokenizer(lm_base, lm_ft)
+    return _model_parts([lm_base, lm_ft], toks, hook, toks.select(positions), None, prompt_batch, 1)
+
+
+def _model_parts(lms: list[LoadedModel], toks: TokenizedPrompts, hook: str, keep: torch.Tensor,
+                 gen: torch.Generator | None, prompt_batch: int, epochs: int | None
+                 ) -> Iterator[Float[torch.Tensor, "rows models d"]]:
+    """The kept rows of each prompt batch, in a fresh random prompt order each pass (in order
+    without ``gen``), read from every model in ``lms`` (forward stopped at the hook's block), as
+    (rows, len(lms), d) float32."""
     from saediff.hooks import capture_resid, parse_layer
 
     layer = parse_layer(hook)
-    keep = toks.select(positions)
-    gen = torch.Generator().manual_seed(seed)
-
-    def parts():
-        epoch = 0
-        while epochs is None or epoch < epochs:
-            order = torch.randperm(toks.input_ids.shape[0], generator=gen)
-            for i in range(0, len(order), prompt_batch):
-                ids, attn, m = toks.batch(order[i : i + prompt_batch], keep)
+    epoch = 0
+    while epochs is None or epoch < epochs:
+        n = toks.input_ids.shape[0]
+        order = torch.randperm(n, generator=gen) if gen is not None else torch.arange(n)
+        for i in range(0, len(order), prompt_batch):
+            ids, attn, m = toks.batch(order[i : i + prompt_batch], keep)
+            reads = []
+            for lm in lms:
                 with torch.no_grad():
                     r = capture_resid(lm.model, [layer], ids.to(lm.device), attn.to(lm.device))[layer]
-                yield r[m.to(lm.device)].float().cpu()
-            epoch += 1
-
-    return mixed_batches(parts(), batch_size, buffer_rows, gen)
+                reads.append(r[m.to(lm.device)].float().cpu())
+            yield torch.stack(reads, 1)
+        epoch += 1
 
 
 def shuffled_batches(data: Float[torch.Tensor, "n d"], batch_size: int, *, seed: int = 0, epochs: int | None = None
@@ -443,3 +480,28 @@ def model_source(lm: LoadedModel, prompts: list[Prompt], hook: str, positions: P
 
     return ActivationSource(hook, int(train.select(positions).sum()), held, stream, name)
 
+
+
+def paired_source(lm_base: LoadedModel, lm_ft: LoadedModel, prompts: list[Prompt], hook: str, positions: Positions,
+                  name: str, difference: bool = False) -> ActivationSource:
+    """``model_source`` over a base and a fine-tuned model at once: rows (batch, 2, d) of the same
+    tokens (``[:, 0]`` base), or with ``difference`` the fine-tune minus the base (batch, d), for an
+    SAE on activation differences. The last tenth of the prompts is held out."""
+    check_positions(positions)
+    check_same_tokenizer(lm_base, lm_ft)
+    toks = tokenize_prompts(lm_base, prompts)
+    n = toks.input_ids.shape[0]
+    cut = n - max(1, n // 10)
+    if cut < 1:
+        raise SaediffError(f"{name}: {n} prompt(s) are too few to hold some out")
+    train = TokenizedPrompts(toks.input_ids[:cut], toks.role[:cut])
+    held_toks = TokenizedPrompts(toks.input_ids[cut:], toks.role[cut:])
+    out = (lambda r: r[:, 1] - r[:, 0]) if difference else (lambda r: r)
+    held = out(torch.cat(list(paired_model_stream(lm_base, lm_ft, held_toks, hook, 1, positions=positions,
+                                                  buffer_rows=2**62, epochs=1))))
+
+    def stream(batch, buffer, seed, rank, world):
+        return (out(r) for r in paired_model_stream(lm_base, lm_ft, train, hook, batch, positions=positions,
+                                                    buffer_rows=buffer, seed=seed + rank))
+
+    return ActivationSource(hook, int(train.select(positions).sum()), held, stream, name)

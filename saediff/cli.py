@@ -156,6 +156,12 @@ def sae_train_cmd(
     prompts: Optional[str] = typer.Option(None, "--prompts", help="with --model: prompt file, first_plot or organism[:N]"),
     positions: str = typer.Option("all", "--positions", help="with --model: all | response | last_prompt"),
     hook: Optional[str] = typer.Option(None, "--hook", help="which hook (a store's only one by default)"),
+    on_difference: bool = typer.Option(False, "--on-difference", help="with --model (the base) and --finetuned or "
+                                       "--adapter: train on the fine-tune's minus the base model's activations of "
+                                       "the same tokens (the diffing-toolkit's diff-SAE); its latents ranked by mean "
+                                       "activation go to saediff.json as candidate directions"),
+    finetuned: Optional[str] = typer.Option(None, "--finetuned", help="with --on-difference: the fine-tuned model"),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="with --on-difference: a PEFT adapter on --model"),
     preset: Optional[str] = typer.Option(None, "--preset", help="training preset from saes/registry.yaml"),
     arch: Optional[str] = typer.Option(None, "--arch", help="topk | relu | batchtopk"),
     d_sae: Optional[int] = typer.Option(None, "--d-sae"),
@@ -180,10 +186,11 @@ def sae_train_cmd(
 ) -> None:
     """Train an SAE on a store streamed from disk, or on a model's activations read live; writes a SAELens folder."""
     _setup(threads)
-    from saediff.activations import check_positions, model_source, store_source
-    from saediff.models import load_model
+    from saediff.activations import check_positions, model_source, paired_source, store_source
+    from saediff.models import load_model, load_pair
     from saediff.registry import preset as get_preset
-    from saediff.saes import SAETrainConfig, check_sae_out, init_distributed, sae_metrics, save_sae, train_sae
+    from saediff.saes import (SAETrainConfig, check_sae_out, difference_latents, init_distributed, sae_metrics,
+                              save_sae, train_sae)
 
     try:
         check_sae_out(out)  # before training, not after it
@@ -192,7 +199,15 @@ def sae_train_cmd(
         settings = {**(get_preset(preset) if preset else {}), **{a: v for a, v in given.items() if v is not None}}
         cfg = SAETrainConfig(**settings, device=device, autocast=autocast, seed=seed, kernel=kernel)
         rank, world = init_distributed(device)
-        if activations is not None:
+        if on_difference:
+            if not (model and prompts and hook) or (finetuned is None and adapter is None):
+                raise SaediffError("--on-difference needs --model (the base), --finetuned or --adapter, --prompts and --hook")
+            check_positions(positions)
+            lm_base, lm_ft = load_pair(model, finetuned, adapter)
+            _, n_train, held, stream, source = paired_source(
+                lm_base, lm_ft, _load_prompt_set(prompts, model), hook, positions,
+                f"{finetuned or adapter} minus {model} over {prompts}", difference=True)
+        elif activations is not None:
             hook, n_train, held, stream, source = store_source(activations, hook, held_rows)
         elif model and prompts and hook:
             check_positions(positions)  # before the model loads
@@ -204,7 +219,10 @@ def sae_train_cmd(
             small = max(1, n_train // 2)
             logging.getLogger("saediff").warning("%s has %d training rows: batch size %d instead of %d (real SAEs "
                                                  "want millions of tokens)", source, n_train, small, cfg.batch_size)
-            cfg = SAETrainConfig(**{**settings, "batch_size": small}, device=device, autocast=autocast, seed=seed)
+            cfg = SAETrainConfig(**{**settings, "batch_size": small}, device=device, autocast=autocast, seed=seed,
+                                 kernel=kernel)
+        if model is not None and activations is None:  # a buffer larger than the corpus would read it many times over
+            buffer_rows = min(buffer_rows, n_train)
         batches = stream(cfg.batch_size, max(buffer_rows, 2 * cfg.batch_size), seed, rank, world)
         sae, _ = train_sae(batches, cfg, hook_name=hook, model_name=model or source,
                            checkpoint_dir=Path(f"{out}.ckpt") if (checkpoint_every or resume) else None,
@@ -212,8 +230,9 @@ def sae_train_cmd(
         if rank != 0:  # under torchrun every rank holds the same weights; rank 0 measures and saves
             return
         metrics = sae_metrics(sae, held).to_json()
+        extra = {"difference_latents": difference_latents(sae, held)} if on_difference else {}
         save_sae(sae, out, {"hook_name": hook, "activations": source, "metrics": metrics,
-                            "train": cfg.__dict__, "processes": world})
+                            "train": cfg.__dict__, "processes": world, "on_difference": on_difference, **extra})
     except _USER_ERRORS as e:
         _fail(e)
     typer.echo(json.dumps({"out": str(out), **metrics}))
@@ -446,6 +465,9 @@ class _OrganismDefaults(ModelDefaults):
 
         full = full or Path(info["finetuned"] or "").name == "full_ft"
         return generic_inputs(Path(info["base"]).parent, full, samples, seed)["ft"]
+
+    def prompt_set(self, spec, model):
+        return _load_prompt_set(spec, model)
 
 
 def _organism_eval_or_none(model: str, samples: int, seed: int):
@@ -883,6 +905,9 @@ def report_cmd(run_dir: Path = typer.Argument(..., help="demo run folder")) -> N
 from saediff.cli_questions import register as _register_questions
 
 _register_questions(app, _OrganismDefaults())
+from saediff.cli_methods import register as _register_methods
+
+_register_methods(app, _OrganismDefaults())
 
 
 def main() -> None:

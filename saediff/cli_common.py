@@ -90,3 +90,9 @@ class ModelDefaults:
 
     def finetune(self, info: dict, full: bool, samples: int, seed: int):
         """The ``FinetuneConfig`` that reproduces the run's fine-tune."""
+
+    def prompt_set(self, spec: str, model: str) -> list:
+        """A prompt set by name: a prompt file or ``first_plot`` (a known model may add its own)."""
+        from saediff.prompts import load_prompts
+
+        return load_prompts(spec)

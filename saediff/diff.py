@@ -171,6 +171,17 @@ def _neighbours(sae, latent: int, n: int) -> list[tuple[int, float]]:
     return [(int(i), float(c)) for c, i in zip(nb.values.cpu(), nb.indices.cpu())]
 
 
+def merge_top(top_vals_SK: torch.Tensor, top_rows_SK: torch.Tensor, z_BS: torch.Tensor, offset: int, k: int
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The running top ``k`` activations per latent and their row ids: the old top k and this
+    batch's (rows numbered from ``offset``), re-ranked."""
+    bv, bi = z_BS.topk(min(k, z_BS.shape[0]), dim=0)  # (k', S)
+    vals = torch.cat([top_vals_SK, bv.T], dim=1)  # (S, <= 2k)
+    ids = torch.cat([top_rows_SK, (bi + offset).T], dim=1)
+    top, pick = vals.topk(min(k, vals.shape[1]), dim=1)
+    return top, ids.gather(1, pick)
+
+
 HIST_EDGES = [0.0, *torch.logspace(-3, 3, 37).tolist()]
 """histogram edges of streamed latent cards: a bin for (0, 1e-3], then 6 decades, 6 bins each"""
 
@@ -213,12 +224,7 @@ class DiffAccumulator:
             st["s1"] += zd.sum(0)
             st["s2"] += zd.pow(2).sum(0)
             st["fired"] += (zs > 0).sum(0)
-            # the running top k per latent: the old top k and this batch's top k, re-ranked
-            bv, bi = zs.float().topk(min(self.k, zs.shape[0]), dim=0)  # (k', S)
-            vals = torch.cat([st["top_vals"], bv.T], dim=1)  # (S, <= 2k)
-            ids = torch.cat([st["top_rows"], (bi + self.n).T], dim=1)
-            st["top_vals"], pick = vals.topk(min(self.k, vals.shape[1]), dim=1)
-            st["top_rows"] = ids.gather(1, pick)
+            st["top_vals"], st["top_rows"] = merge_top(st["top_vals"], st["top_rows"], zs.float(), self.n, self.k)
             # histogram over rows where either model is active: bucket b holds (edges[b], edges[b+1]]
             r, c = active.nonzero(as_tuple=True)
             b = torch.bucketize(zd[r, c].clamp_min(0), edges).clamp(1, len(edges) - 1) - 1

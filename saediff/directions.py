@@ -22,7 +22,7 @@ __all__ = ["Direction", "Method", "sae_latent_direction", "mean_diff", "in_conte
            "span_overlap"]
 
 Method = Literal["sae_latent", "mean_diff_models", "mean_diff_responses", "in_context", "lora_b",
-                 "lora_downstream", "ground_truth", "random"]
+                 "lora_downstream", "ground_truth", "random", "crosscoder", "diff_sae", "adl", "persona"]
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from saediff import _io
 from saediff.errors import MissingFileError, SaediffError
 
-__all__ = ["ModelSpec", "LoadedModel", "load_model", "generate", "chat_tokens", "Messages"]
+__all__ = ["ModelSpec", "LoadedModel", "load_model", "load_pair", "generate", "chat_tokens", "Messages"]
 
 log = logging.getLogger(__name__)
 Messages = list[dict[str, str]]
@@ -225,6 +225,14 @@ def load_model(spec: ModelSpec | str) -> LoadedModel:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     return LoadedModel(model, tok, spec)
+
+
+def load_pair(base: str, finetuned: str | None = None, adapter: str | None = None) -> tuple[LoadedModel, LoadedModel]:
+    """A base model and its fine-tune (``finetuned``, or ``base`` plus a PEFT ``adapter``, merged),
+    both loaded, for the methods that read the same tokens in both."""
+    if finetuned is None and adapter is None:
+        raise SaediffError("give a fine-tuned model or an adapter")
+    return load_model(base), load_model(ModelSpec(finetuned or base, adapter=adapter, merge=adapter is not None))
 
 
 @torch.no_grad()

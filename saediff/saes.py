@@ -36,6 +36,7 @@ __all__ = [
     "ce_loss_recovered",
     "check_sae_fits",
     "check_sae_out",
+    "difference_latents",
     "init_distributed",
     "load_sae",
     "sae_metrics",
@@ -510,35 +511,17 @@ def save_sae(sae, path: str | Path, extra: dict | None = None) -> Path:
     the new folder is written beside ``path``, the old SAE (if any) renamed aside, the new one
     renamed in, then the old one deleted, so a crash leaves the old SAE or the new one, never a
     mix. Refuses a ``path`` that holds anything but an SAE (:func:`check_sae_out`)."""
-    import os
-    import shutil
-    import tempfile
-
     from saediff import __version__
-    from saediff._io import atomic_write_json
+    from saediff._io import atomic_write_json, replace_folder
 
     path = Path(path)
     check_sae_out(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.new."))
-    try:
+
+    def write(tmp: Path) -> None:
         sae.save_model(tmp)
-        meta = {"kind": "saediff.sae", "saediff_version": __version__, **(extra or {})}
-        atomic_write_json(tmp / "saediff.json", meta)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if not path.exists():
-        os.replace(tmp, path)
-        return path
-    old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old."))
-    os.replace(path, old)  # a folder renamed onto an empty one replaces it
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        os.replace(old, path)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+        atomic_write_json(tmp / "saediff.json", {"kind": "saediff.sae", "saediff_version": __version__, **(extra or {})})
+
+    replace_folder(path, write)
     return path
 
 
@@ -639,6 +622,27 @@ def sae_metrics(sae, acts_ND: torch.Tensor, batch_size: int = 8192) -> SAEMetric
         fired |= (z > 0).any(0)
     n = acts_ND.shape[0]
     return SAEMetrics(sse / sst, l0 / n, float((~fired).float().mean()), sse / n)
+
+
+@torch.no_grad()
+def difference_latents(sae, diffs_ND: Float[torch.Tensor, "n d_in"], top: int = 20, batch_size: int = 8192) -> list[dict]:
+    """For an SAE trained on activation differences (fine-tune minus base): its ``top`` latents by
+    mean activation over ``diffs_ND``, the share of the mean difference each one carries along its
+    own decoder row (``mean_act * <W_dec_j, mean diff> / |mean diff|^2``, unit-norm decoders: the
+    shares of all latents and b_dec sum to 1 when the SAE is exact), and its firing rate."""
+    s1 = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
+    fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
+    for i in range(0, diffs_ND.shape[0], batch_size):
+        z = sae.encode(diffs_ND[i : i + batch_size].float().to(sae.W_enc.device)).cpu()
+        s1 += z.double().sum(0)
+        fired += (z > 0).sum(0)
+    n = max(1, diffs_ND.shape[0])
+    mean_act = (s1 / n).float()
+    mean_diff = diffs_ND.float().mean(0)
+    share = mean_act * (sae.W_dec.detach().float().cpu() @ mean_diff) / mean_diff.pow(2).sum().clamp_min(1e-12)
+    order = mean_act.argsort(descending=True)[:top]
+    return [{"latent": int(j), "mean_act": float(mean_act[j]), "share_of_mean_diff": float(share[j]),
+             "freq": float(fired[j]) / n} for j in order]
 
 
 def ce_loss_recovered(model, sae, layer: int, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
