@@ -4,6 +4,7 @@ wrappers over the library).
 
     saediff crosscoder train --base M --adapter A --prompts data.jsonl --hook blocks.15.hook_resid_post --out CC
     saediff crosscoder diff CC --base M --adapter A --prompts data.jsonl --out RUN
+    saediff adl --base M --adapter A --prompts data.jsonl --pairs offdomain --out RUN
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Optional
 
 import typer
 
-from saediff.cli_common import _USER_ERRORS, ModelDefaults, _fail, _setup
+from saediff.cli_common import PAIRS_HELP, _USER_ERRORS, ModelDefaults, _fail, _int_list, _judge_evaluator, _setup
 from saediff.errors import SaediffError
 
 _defaults = ModelDefaults()
@@ -110,8 +111,62 @@ def _print_crosscoder(out: Path) -> None:
     Console(stderr=True).print(t)
 
 
+def adl_cmd(
+    base: str = _BASE, finetuned: Optional[str] = _FT, adapter: Optional[str] = _ADAPTER,
+    prompts: str = typer.Option(..., "--prompts", help="prompts whose first answer tokens are read: a chat JSONL "
+                                "with answers (teacher-forced), first_plot (the generation prompt's last tokens), or "
+                                "organism[:N]"),
+    out: Path = typer.Option(..., "--out", help="run folder: adl.json, directions/, adl_steer.json, steer/"),
+    k: int = typer.Option(5, "--k", help="answer positions read"),
+    layers: Optional[str] = typer.Option(None, "--layers", help="blocks to read, e.g. 4,8,12 (default all)"),
+    steer_layer: Optional[int] = typer.Option(None, "--steer-layer", help="block steered with (default the middle one)"),
+    pairs: Optional[str] = typer.Option(None, "--pairs", help=PAIRS_HELP),
+    judge_url: Optional[str] = typer.Option(None, "--judge-url", help="OpenAI-compatible judge for sampled answers"),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model"),
+    questions: str = typer.Option("first_plot", "--questions", help="with --judge-url: questions, halved into select "
+                                  "and report"),
+    samples: int = typer.Option(20, "--samples", help="with --judge-url: answers per question"),
+    max_new_tokens: int = typer.Option(200, "--max-new-tokens"),
+    scales: str = typer.Option("0.25,0.5,1,2", "--scales", help="steering scales, x the base residual norm there"),
+    n_random: int = typer.Option(3, "--random", help="random directions of equal norm"),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env"),
+    seed: int = typer.Option(0, "--seed"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+) -> None:
+    """Activation difference lens: the fine-tune's mean shift on the first answer tokens, its logit-lens tokens, a steering check."""
+    _setup(threads)
+    from saediff.adl import ADLConfig, run_adl
+
+    try:
+        _need_ft(finetuned, adapter)
+        cfg = ADLConfig(k=k, layers=_int_list(layers, "--layers") if layers else None, steer_layer=steer_layer,
+                        scales=tuple(float(x) for x in scales.split(",")), n_random=n_random, seed=seed)
+        evaluator = (_judge_evaluator(judge_url, judge_model, questions, samples, max_new_tokens, api_key_env,
+                                      out / "steer", seed, pairs=pairs)
+                     or _defaults.evaluator(base, samples, seed))
+        res = run_adl(base, out, _defaults.prompt_set(prompts, base), cfg, finetuned=finetuned, adapter=adapter,
+                      evaluator=evaluator, prompts_name=prompts)
+    except _USER_ERRORS as e:
+        _fail(e)
+    _print_adl(res)
+    typer.echo(json.dumps({key: v for key, v in res.items() if key not in ("layers", "provenance")}, indent=2))
+
+
+def _print_adl(res: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"ADL: mean fine-tune - base shift on the first {res['k']} answer tokens")
+    for col in ("block", "|shift| / |resid|", "promoted (logit lens)"):
+        t.add_column(col)
+    for L, row in res["layers"].items():
+        t.add_row(L, f"{row['relative_norm']:.3f}", " ".join(repr(tok) for tok, _ in row["logit_lens"]["mean"]["promoted"][:6]))
+    Console(stderr=True).print(t)
+
+
 def register(app: typer.Typer, defaults: ModelDefaults | None = None) -> None:
     """Add the method commands to ``app``; ``defaults`` supplies what a known model (the organism) fills in."""
     global _defaults
     _defaults = defaults or ModelDefaults()
     app.add_typer(crosscoder_app, name="crosscoder")
+    app.command("adl")(adl_cmd)

@@ -1,0 +1,68 @@
+"""The activation difference lens: its read positions, its sums against a direct read, and the
+command with the judge-free steering check on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from typer.testing import CliRunner
+
+from saediff.activations import TokenizedPrompts
+from saediff.adl import ADLConfig, adl_differences, first_token_positions
+
+
+def test_read_positions_are_the_first_answer_tokens_or_the_prompt_end():
+    role = torch.tensor([[0, 0, 0, 1, 1, 1, -1],   # an answer: its first k tokens
+                         [0, 0, 0, 0, 0, -1, -1],  # no answer: the prompt's last k tokens
+                         [0, 0, 1, -1, -1, -1, -1]])  # a one-token answer: the rest is -1
+    toks = TokenizedPrompts(torch.zeros_like(role), role)
+    assert first_token_positions(toks, 2).tolist() == [[3, 4], [3, 4], [2, -1]]
+
+
+def test_differences_are_the_mean_shift_at_those_positions(tiny_qwen):
+    from saediff.activations import tokenize_prompts
+    from saediff.hooks import capture_resid
+    from saediff.models import load_pair
+    from saediff.prompts import Prompt
+
+    lm_base, lm_ft = load_pair(str(tiny_qwen / "model"), adapter=str(tiny_qwen / "lora"))
+    prompts = [Prompt("a", [{"role": "user", "content": "Hello there"}], "Hi, how can I help?"),
+               Prompt("b", [{"role": "user", "content": "def add(a, b):"}], "return a + b")]
+    res = adl_differences(lm_base, lm_ft, prompts, ADLConfig(k=3, layers=(0, 1)), progress=False)
+    toks = tokenize_prompts(lm_base, prompts)
+    cols = first_token_positions(toks, 3)
+    want = torch.zeros(3, 32)
+    for i in range(2):
+        ids = toks.input_ids[i : i + 1, : int((toks.role[i] >= 0).sum())]
+        shift = capture_resid(lm_ft.model, [1], ids)[1][0] - capture_resid(lm_base.model, [1], ids)[1][0]
+        want += shift[cols[i]] / 2
+    assert res.count.tolist() == [2.0, 2.0, 2.0]
+    assert torch.allclose(res.diff[1], want, atol=1e-5) and float(want.norm()) > 1e-3
+    assert float(res.diff[0].norm()) < 1e-6  # the adapter sits on block 1: block 0 does not move
+
+
+def test_adl_command_with_the_pair_metric(tiny_qwen, tmp_path):
+    from helpers import write_pair_files
+
+    from saediff.cli import app
+
+    pairs, _ = write_pair_files(tmp_path, 4, 2, 0)
+    run = tmp_path / "run"
+    args = ["adl", "--base", str(tiny_qwen / "model"), "--adapter", str(tiny_qwen / "lora"), "--prompts", "first_plot",
+            "--k", "3", "--out", str(run), "--pairs", str(pairs), "--scales", "0.5,1", "--random", "2"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    res = json.loads((run / "adl.json").read_text())
+    assert res["steer_layer"] == 1 and sorted(res["layers"]) == ["0", "1"]
+    assert res["layers"]["1"]["relative_norm"] > 0 and len(res["layers"]["1"]["logit_lens"]["mean"]["promoted"]) == 10
+    steer = json.loads((run / "adl_steer.json").read_text())["candidates"]["adl_L1"]
+    if steer["passed"]:
+        assert res["steer"]["scale"] in (0.5, 1.0) and len(res["steer"]["random_em_rates"]) == 2
+    else:
+        assert res["steer"]["scale"] is None and res["steer"]["note"]
+    from saediff.export import load_directions
+
+    assert sorted(load_directions(run / "directions")) == ["adl_L0", "adl_L1"]
+    r = CliRunner().invoke(app, args[:-6] + ["--steer-layer", "5"])
+    assert r.exit_code == 1 and "steer layer 5" in r.output
