@@ -35,7 +35,7 @@ from saediff.monitor import DriftMonitor, calibrate_rate, calibrate_rates
 from saediff.prompts import Prompt
 from saediff.errors import MissingFileError, SaediffError
 
-__all__ = ["reroute", "rediff_against", "finetune_plain", "checkpoint_spec", "monitor_directions", "LatentSets", "latents_from_diff", "read_latents", "random_latents", "random_directions", "project_directions", "sweep_plan", "BlockRunConfig", "run_block_em",
+__all__ = ["reroute", "rediff_against", "finetune_plain", "checkpoint_spec", "monitor_directions", "LatentSets", "latents_from_diff", "read_latents", "random_latents", "random_directions", "norm_matched_random", "project_directions", "sweep_plan", "BlockRunConfig", "run_block_em",
            "block_one", "MonitorFactory", "monitor_report"]
 
 log = logging.getLogger(__name__)
@@ -125,13 +125,29 @@ def random_latents(like: LatentSets, d_sae: int, seed: int) -> LatentSets:
     return LatentSets(tuple(pool[:n]), tuple(pool[n : n + len(like.high)]))
 
 
-def project_directions(source: str, layers: list[int], *, sae=None, latents: LatentSets | None = None,
+def project_directions(source: str, layers: list[int] | None, *, sae=None, latents: LatentSets | None = None,
                        diff_run: str | Path | None = None,
                        named: dict[str, dict[int, torch.Tensor]] | None = None) -> dict[int, torch.Tensor]:
     """{block: (k, d)} for concept ablation fine-tuning (``mode="project"``): ``latents``: the
     decoder rows of ``latents.low`` at the SAE's block; ``model_diff``: the diff run's mean
     difference between the models at each block (``mean_diff_models_L{block}``); or a name in
-    ``named`` ({name: {block: (d,)}}, e.g. the organism's ``ground_truth``)."""
+    ``named`` ({name: {block: (d,)}}, e.g. the organism's ``ground_truth``); or ``FOLDER:NAME``, a
+    direction of a saediff export folder (a diff run's ``directions/``, ``saediff adl``'s, a persona
+    vector) at its own block (``layers`` None, or that block alone)."""
+    folder, _, name = source.rpartition(":")
+    if folder and Path(folder).is_dir():
+        from saediff.export import load_directions
+        from saediff.hooks import parse_layer
+
+        found = load_directions(folder)
+        if name not in found:
+            raise SaediffError(f"{folder} has no direction {name!r} (it has {', '.join(sorted(found))})")
+        at = parse_layer(found[name].hook)
+        if layers not in (None, [at]):
+            raise SaediffError(f"direction {source} lives at block {at}, not at blocks {layers}")
+        return {at: found[name].vector.float()[None]}
+    if layers is None:
+        raise SaediffError(f"project direction {source!r} needs its blocks")
     if source == "latents":
         from saediff.hooks import parse_layer
 
@@ -161,12 +177,19 @@ def random_directions(like: dict[int, torch.Tensor], seed: int) -> dict[int, tor
     return {L: torch.randn(d.shape, generator=g).to(d.dtype) for L, d in sorted(like.items())}
 
 
+def norm_matched_random(like: dict[int, torch.Tensor], seed: int) -> dict[int, torch.Tensor]:
+    """``random_directions`` with each row at the norm of ``like``'s (the preventative-steering
+    control: what is added matters by its size)."""
+    rnd = random_directions(like, seed)
+    return {L: r / r.norm(dim=-1, keepdim=True) * like[L].norm(dim=-1, keepdim=True) for L, r in rnd.items()}
+
+
 @dataclass(frozen=True)
 class BlockRunConfig:
     """One BLOCK-EM run (the sweep in ``run_block_em`` makes several)."""
 
     ft: FinetuneConfig = field(default_factory=FinetuneConfig)
-    mode: Literal["none", "penalty", "ablate", "project"] = "penalty"
+    mode: Literal["none", "penalty", "ablate", "project", "steer"] = "penalty"
     """``none`` (the plain fine-tune), ``penalty`` (the latents held where the base model has
     them), ``ablate`` (the ``low`` latents removed from the residual in the forward pass) or
     ``project`` (``directions`` projected out after their blocks: concept ablation fine-tuning)"""
@@ -178,21 +201,21 @@ class BlockRunConfig:
     """mode ``project``: {block: (k, d) directions removed after it}"""
 
     def __post_init__(self):
-        if self.mode not in ("none", "penalty", "ablate", "project"):
-            raise SaediffError(f"BlockRunConfig.mode must be none, penalty, ablate or project, got {self.mode!r}")
+        if self.mode not in ("none", "penalty", "ablate", "project", "steer"):
+            raise SaediffError(f"BlockRunConfig.mode must be none, penalty, ablate, project or steer, got {self.mode!r}")
         if self.mode in ("penalty", "ablate") and not len(self.latents):
             raise SaediffError(f"BlockRunConfig: mode {self.mode} needs latents")
         if self.mode == "ablate" and self.latents.high:
             raise SaediffError("BlockRunConfig: mode ablate removes latents; it takes no latents held high")
-        if (self.mode == "project") != bool(self.directions):
-            raise SaediffError("BlockRunConfig: directions go with mode project, and mode project needs them")
+        if (self.mode in ("project", "steer")) != bool(self.directions):
+            raise SaediffError("BlockRunConfig: directions go with modes project and steer, and those modes need them")
 
     def blocker(self, layer: int, sae, reference: torch.nn.Module | None, base_codes=None) -> Blocker | None:
         """The training-time intervention of this run (None for the plain fine-tune)."""
         if self.mode == "none":
             return None
-        if self.mode == "project":
-            return Blocker(BlockConfig("project", layer), directions=self.directions)
+        if self.mode in ("project", "steer"):
+            return Blocker(BlockConfig(self.mode, layer), directions=self.directions)
         penalty = self.mode == "penalty"
         return Blocker(BlockConfig(self.mode, layer, self.latents.low, self.latents.high, self.lam, self.preactivation),
                        sae=sae, reference=reference if penalty else None, base_codes=base_codes if penalty else None)
@@ -382,7 +405,7 @@ def run_fingerprint(spec: ModelSpec, dataset: ChatDataset, sae, layer: int, cfg:
     fp = {"model": model_fingerprint(spec), "data": dataset.fingerprint(), "n_rows": len(dataset), "settings": settings}
     if cfg.mode in ("penalty", "ablate"):
         fp.update(sae=sae_fingerprint(sae), layer=layer)
-    elif cfg.mode == "project":
+    elif cfg.mode in ("project", "steer"):
         fp["layer"] = layer
     if monitor is not None:
         fp["monitor"] = monitor.fingerprint()
@@ -532,13 +555,15 @@ def finetune_plain(model: str | ModelSpec, data: str | Path, sae, ft: FinetuneCo
                    evaluator: Evaluator | None = None, tokenizer=None, progress: bool = True) -> dict:
     """One fine-tune of ``model`` on a chat JSONL without a penalty (``block_one`` in mode
     ``none``: checkpoints when ``ft.save_every`` is set, EM at the end, a finished run skipped);
-    ``tokenizer``: the model's, when the caller has it already. Returns em.json's content."""
+    ``tokenizer``: the model's, when the caller has it already; ``sae`` may be None (a plain
+    fine-tune reads none). Returns em.json's content."""
     from saediff.hooks import parse_layer
 
     spec = model if isinstance(model, ModelSpec) else ModelSpec(model)
     tokenizer = tokenizer or load_model(spec).tokenizer
     dataset = ChatDataset(tokenizer, load_chat_jsonl(data), ft.max_length, progress=progress, source=str(data))
-    return block_one(spec, dataset, sae, parse_layer(sae.cfg.metadata.hook_name), BlockRunConfig(ft=ft, mode="none"),
+    layer = parse_layer(sae.cfg.metadata.hook_name) if sae is not None else 0
+    return block_one(spec, dataset, sae, layer, BlockRunConfig(ft=ft, mode="none"),
                      Path(out), evaluator=evaluator, progress=progress)
 
 
@@ -623,7 +648,8 @@ def run_block_em(model: str | ModelSpec, data: str | Path, sae, out: str | Path,
                  monitor: MonitorFactory | None = None, control_data: str | Path | None = None,
                  reroute_factor: int | None = None, rediff: ReDiff | None = None, reblock: bool = False,
                  heldout_control_data: str | Path | None = None, benign_control_data: str | Path | None = None,
-                 progress: bool = True, force: bool = False, mode: Literal["penalty", "ablate", "project"] = "penalty",
+                 progress: bool = True, force: bool = False,
+                 mode: Literal["penalty", "ablate", "project", "steer"] = "penalty",
                  directions: dict[int, torch.Tensor] | None = None, base_codes: bool = True) -> dict:
     """The BLOCK-EM sweep: for each lambda a blocked run (and with ``controls`` one with as many
     random latents), plus the plain fine-tune; writes and returns ``out/summary.json`` with each
@@ -636,7 +662,9 @@ def run_block_em(model: str | ModelSpec, data: str | Path, sae, out: str | Path,
     ``mode="ablate"``: one run with the ``latents.low`` removed from the residual in the forward
     pass instead (and as many random latents); ``mode="project"``: one run with ``directions``
     ({block: (k, d)}) projected out after their blocks, concept ablation fine-tuning (and as many
-    random directions per block); ``sae`` may then be None.
+    random directions per block); ``sae`` may then be None. ``mode="steer"``: one run with
+    ``directions`` added after their blocks while it trains (preventative steering; the saved model
+    is evaluated without them), beside as many random directions of the same norms.
 
     ``control_data``: aligned answers to the same narrow questions. The same recipe on them runs
     first (``control``: fine-tuning as such should not cause EM), and with a ``monitor`` its
@@ -720,11 +748,11 @@ def _check_sweep(model: torch.nn.Module, sae, sae_path: str, latents: LatentSets
     from saediff.saes import check_sae_fits
 
     n_blocks = len(decoder_layers(model))
-    if mode == "project":
+    if mode in ("project", "steer"):
         if not directions:
-            raise SaediffError("BLOCK-EM mode project needs directions ({block: (k, d)})")
+            raise SaediffError(f"BLOCK-EM mode {mode} needs directions ({{block: (k, d)}})")
         if any(not 0 <= L < n_blocks for L in directions):
-            raise SaediffError(f"project directions at blocks {sorted(directions)}: the model has blocks 0-{n_blocks - 1}")
+            raise SaediffError(f"{mode} directions at blocks {sorted(directions)}: the model has blocks 0-{n_blocks - 1}")
         layer = check_sae_fits(sae, model, sae_path or "given") if sae is not None else max(directions)
     else:
         layer = check_sae_fits(sae, model, sae_path or "given")
@@ -749,6 +777,10 @@ def sweep_plan(ft: FinetuneConfig, mode: str, latents: LatentSets, lams: tuple[f
         plan["project"] = BlockRunConfig(ft=ft, mode="project", directions=directions)
         if controls:
             plan["project_random"] = BlockRunConfig(ft=ft, mode="project", directions=random_directions(directions, seed))
+    elif mode == "steer":
+        plan["steer"] = BlockRunConfig(ft=ft, mode="steer", directions=directions)
+        if controls:
+            plan["steer_random"] = BlockRunConfig(ft=ft, mode="steer", directions=norm_matched_random(directions, seed))
     elif mode == "ablate":
         plan["ablate"] = BlockRunConfig(ft=ft, mode="ablate", latents=latents)
         if controls:

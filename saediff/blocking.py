@@ -8,7 +8,9 @@ Three modes, one config:
 - ``ablate``: the latents are removed in the forward pass, ``x - encode(x)[..., idx] @ W_dec[idx]``,
   with ordinary autograd (not SAELens's no-grad error term);
 - ``project``: directions are projected out of the residual during training, after one block or
-  after several (concept ablation fine-tuning, CAFT).
+  after several (concept ablation fine-tuning, CAFT);
+- ``steer``: a vector is added to the residual during training (preventative steering, Chen et
+  al. 2025: the fine-tune need not move toward what is supplied already), removed at evaluation.
 """
 
 from __future__ import annotations
@@ -27,13 +29,13 @@ from saediff.errors import SaediffError
 __all__ = ["BlockConfig", "check_adapters_reach", "latent_codes", "latent_penalty", "ablate_latents", "project_out_directions", "Blocker"]
 
 log = logging.getLogger(__name__)
-Mode = Literal["none", "penalty", "ablate", "project"]
+Mode = Literal["none", "penalty", "ablate", "project", "steer"]
 
 
 @dataclass(frozen=True)
 class BlockConfig:
     mode: Mode = "penalty"
-    """none | penalty | ablate | project"""
+    """none | penalty | ablate | project | steer"""
     layer: int = 1
     """block index of the SAE / directions (``blocks.L.hook_resid_post``)"""
     latents_low: tuple[int, ...] = ()
@@ -46,8 +48,8 @@ class BlockConfig:
     """penalise ReLU'd pre-activations (True) or the SAE's encoded activations (False)"""
 
     def __post_init__(self):
-        if self.mode not in ("none", "penalty", "ablate", "project"):
-            raise SaediffError(f"BlockConfig.mode must be none, penalty, ablate or project, got {self.mode!r}")
+        if self.mode not in ("none", "penalty", "ablate", "project", "steer"):
+            raise SaediffError(f"BlockConfig.mode must be none, penalty, ablate, project or steer, got {self.mode!r}")
         if self.mode in ("penalty", "ablate") and not (self.latents_low or self.latents_high):
             raise SaediffError(f"BlockConfig: mode {self.mode} needs latents")
         if self.lam < 0:
@@ -129,7 +131,8 @@ class Blocker:
     def __init__(self, cfg: BlockConfig, sae=None, directions: torch.Tensor | dict[int, torch.Tensor] | None = None,
                  reference: torch.nn.Module | None = None, base_codes=None):
         """``directions`` (mode project): (k, d) removed after block ``cfg.layer``, or {block: (k, d)}
-        to remove each set after its own block (concept ablation at several layers).
+        to remove each set after its own block (concept ablation at several layers); (mode steer)
+        the sum of the rows is added after each block.
         ``reference`` (penalty in a ``Trainer``, full fine-tunes): a frozen copy of the base model
         that gives the base codes; without it the trained model must be a PEFT model, whose base
         codes come from the same weights with the adapter disabled (no second copy in memory).
@@ -146,8 +149,8 @@ class Blocker:
         self._entry = None  # (detached) output of the block before the first adapted one
         if cfg.mode in ("penalty", "ablate") and sae is None:
             raise SaediffError(f"Blocker: mode {cfg.mode} needs an SAE")
-        if cfg.mode == "project" and directions is None:
-            raise SaediffError("Blocker: mode project needs directions")
+        if cfg.mode in ("project", "steer") and directions is None:
+            raise SaediffError(f"Blocker: mode {cfg.mode} needs directions")
         if sae is not None:
             for p in sae.parameters():
                 p.requires_grad_(False)
@@ -184,6 +187,10 @@ class Blocker:
                 for layer, d in sorted(self.directions.items()):
                     q = _orthonormal_basis(d).to(device)  # once per run, not per forward pass
                     stack.enter_context(add_resid_hook(model, layer, lambda r, q=q: _remove_span(r, q)))
+            elif self.cfg.mode == "steer":
+                for layer, d in sorted(self.directions.items()):
+                    v = d.reshape(-1, d.shape[-1]).sum(0).to(device)
+                    stack.enter_context(add_resid_hook(model, layer, lambda r, v=v: r + v.to(r.dtype)))
             else:
                 stack.enter_context(add_resid_hook(model, self.cfg.layer, self._hook_fn))
                 if self.cfg.mode == "penalty" and self.reference is None and hasattr(model, "disable_adapter"):

@@ -620,12 +620,17 @@ def block_cmd(
     seed: int = typer.Option(0, "--seed"),
     mode: str = typer.Option("penalty", "--mode", help="penalty (latents held at the base model's values) | "
                              "ablate (the latents removed in the forward pass) | project (directions projected out "
-                             "after their blocks: concept ablation fine-tuning)"),
+                             "after their blocks: concept ablation fine-tuning) | steer (a direction added while "
+                             "training: preventative steering; evaluated without it)"),
+    steer_alpha: float = typer.Option(1.0, "--steer-alpha", help="--mode steer: the multiple of the direction added"),
     project_layers: Optional[str] = typer.Option(None, "--project-layers", help="--mode project: blocks to project "
                                                  "after, comma-separated (default: the SAE's)"),
-    project_direction: Optional[str] = typer.Option(None, "--project-direction", help="--mode project: model_diff (the "
-                                                    "models' mean difference from --diff-run) | latents (their decoder "
-                                                    "rows) | ground_truth (--organism; its default)"),
+    project_direction: Optional[str] = typer.Option(None, "--project-direction", help="--mode project or steer: "
+                                                    "model_diff (the models' mean difference from --diff-run) | "
+                                                    "latents (their decoder rows) | FOLDER:NAME (a direction of an "
+                                                    "export folder, e.g. RUN/directions:mean_diff_responses_L15, at "
+                                                    "its own block; --sae may then be left out) | ground_truth "
+                                                    "(--organism; its default)"),
     reroute: bool = typer.Option(False, "--reroute", help="also train each blocked run 3x longer (checkpoints, EM over "
                                  "them) and re-diff it: which latents outside the blocked sets rose"),
     reblock: bool = typer.Option(False, "--reblock", help="with --reroute: hold those latents down too and train again"),
@@ -648,17 +653,22 @@ def block_cmd(
 
             recipe = generic_inputs(organism, full, samples, seed)
         model, data, sae = model or recipe.get("model"), data or recipe.get("data"), sae or recipe.get("sae")
-        if not (model and data and sae):
-            raise SaediffError("give --model, --data and --sae (or --organism DIR)")
         source = project_direction or ("ground_truth" if organism is not None else "model_diff")
+        from_file = mode in ("project", "steer") and Path(source.rpartition(":")[0] or "\0").is_dir()
+        if not (model and data and (sae or from_file)):
+            raise SaediffError("give --model, --data and --sae (or --organism DIR)")
         sets = _block_latents(mode, source, diff_run, latents_file, latent, top, high)
-        sae_obj = load_sae(sae)
-        layer = parse_layer(sae_obj.cfg.metadata.hook_name or "")
+        sae_obj = load_sae(sae) if sae else None
+        layer = parse_layer(sae_obj.cfg.metadata.hook_name or "") if sae_obj is not None else None
         directions = None
-        if mode == "project":
-            blocks = list(_int_list(project_layers, "--project-layers")) if project_layers else [layer]
+        if mode in ("project", "steer"):
+            blocks = list(_int_list(project_layers, "--project-layers")) if project_layers else (
+                None if from_file else [layer])
             directions = project_directions(source, blocks, sae=sae_obj, latents=sets, diff_run=diff_run,
                                             named=recipe.get("directions"))
+            if mode == "steer":
+                directions = {L: steer_alpha * d for L, d in directions.items()}
+            layer = layer if layer is not None else max(directions)
         base_ft = recipe.get("ft") or FinetuneConfig(lora_rank=lora_rank, lora_alpha=lora_alpha,
                                                      lora_modules=tuple(lora_modules.split(",")), rslora=rslora, seed=seed)
         ft = replace(
@@ -676,7 +686,7 @@ def block_cmd(
         rediff = _rediff(model, str(sae), questions, max_new_tokens, seed) if reroute else None
         summary = run_block_em(ModelSpec(model, dtype=dtype, device=device), data, sae_obj, out, sets, ft=ft,
                                lams=tuple(lam), controls=controls, evaluator=evaluator, resume=resume, seed=seed,
-                               sae_path=str(sae), monitor=factory,
+                               sae_path=str(sae) if sae else "", monitor=factory,
                                control_data=control_data or (recipe.get("control_data") if controls else None),
                                heldout_control_data=recipe.get("heldout_control_data") if controls else None,
                                benign_control_data=recipe.get("benign_control_data") if controls else None,
@@ -695,9 +705,9 @@ def _block_latents(mode: str, source: str, diff_run, latents_file, latent: list[
     for --mode project along a dense direction); ablate removes latents and holds none up."""
     from saediff.blockem import LatentSets, latents_from_diff, read_latents
 
-    if mode not in ("penalty", "ablate", "project"):
-        raise SaediffError(f"--mode must be penalty, ablate or project, got {mode!r}")
-    if mode == "project" and source != "latents":
+    if mode not in ("penalty", "ablate", "project", "steer"):
+        raise SaediffError(f"--mode must be penalty, ablate, project or steer, got {mode!r}")
+    if mode in ("project", "steer") and source != "latents":
         return LatentSets()
     given = [x for x in (diff_run, latents_file, latent or None) if x]
     if len(given) != 1:

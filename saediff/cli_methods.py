@@ -5,6 +5,7 @@ wrappers over the library).
     saediff crosscoder train --base M --adapter A --prompts data.jsonl --hook blocks.15.hook_resid_post --out CC
     saediff crosscoder diff CC --base M --adapter A --prompts data.jsonl --out RUN
     saediff adl --base M --adapter A --prompts data.jsonl --pairs offdomain --out RUN
+    saediff flag --model M --data train.jsonl --direction RUN/directions:mean_diff_responses_L15 --out FLAG
 """
 
 from __future__ import annotations
@@ -164,9 +165,65 @@ def _print_adl(res: dict) -> None:
     Console(stderr=True).print(t)
 
 
+def flag_cmd(
+    model: str = typer.Option(..., "--model", help="the base model, before fine-tuning"),
+    data: Path = typer.Option(..., "--data", help="the training file (chat JSONL rows ending in an assistant answer)"),
+    direction: str = typer.Option(..., "--direction", help="FOLDER:NAME: a trait direction of an export folder "
+                                  "(a diff run's directions/, saediff adl's, a persona vector)"),
+    out: Path = typer.Option(..., "--out", help="folder: flag.jsonl, flag.json, base_answers.jsonl, screened.jsonl"),
+    drop_fraction: Optional[float] = typer.Option(None, "--drop-fraction", help="write screened.jsonl without the "
+                                                  "highest-scoring rows and random_dropped.jsonl without as many "
+                                                  "random ones"),
+    finetune: bool = typer.Option(False, "--finetune", help="with --drop-fraction: fine-tune on both and compare EM"),
+    max_new_tokens: int = typer.Option(200, "--max-new-tokens", help="length of the base model's own answers"),
+    n_random: int = typer.Option(3, "--random", help="random directions scored beside it"),
+    pairs: Optional[str] = typer.Option(None, "--pairs", help=PAIRS_HELP),
+    judge_url: Optional[str] = typer.Option(None, "--judge-url"),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model"),
+    questions: str = typer.Option("first_plot", "--questions"),
+    samples: int = typer.Option(20, "--samples"),
+    full: bool = typer.Option(False, "--full", help="--finetune: full fine-tune instead of a rank-1 LoRA"),
+    steps: int = typer.Option(300, "--steps", help="--finetune: optimizer steps"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="--finetune: learning rate"),
+    batch_size: int = typer.Option(16, "--batch-size", help="generation batch; --finetune: sequences per step"),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env"),
+    seed: int = typer.Option(0, "--seed"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+) -> None:
+    """Persona-vector data flagging: each training row's projection difference along a trait direction, beside random ones."""
+    _setup(threads)
+    from saediff.persona import flag_rows
+
+    try:
+        if finetune and drop_fraction is None:
+            raise SaediffError("--finetune compares screened data with random dropping: give --drop-fraction")
+        evaluator = None
+        if finetune:
+            evaluator = (_judge_evaluator(judge_url, judge_model, questions, samples, max_new_tokens, api_key_env,
+                                          out / "screen", seed, pairs=pairs) or _defaults.evaluator(model, samples, seed))
+            if evaluator is None:
+                raise SaediffError("--finetune measures EM: give --pairs, or --judge-url and --judge-model")
+        res = flag_rows(model, data, direction, out, drop_fraction=drop_fraction, max_new_tokens=max_new_tokens,
+                        n_random=n_random, batch_size=batch_size, seed=seed)
+        if finetune:
+            from saediff.finetune import FinetuneConfig
+            from saediff.neighbourhood import screen_finetunes
+
+            ft = FinetuneConfig(method="full" if full else "lora", steps=steps, batch_size=batch_size, seed=seed,
+                                **({"lr": lr} if lr else {}))
+            res["screen"]["finetune"] = screen_finetunes(model, res["screen"], None, ft, evaluator, out / "screen")
+            from saediff._io import atomic_write_json
+
+            atomic_write_json(out / "flag.json", res)
+    except _USER_ERRORS as e:
+        _fail(e)
+    typer.echo(json.dumps(res, indent=2))
+
+
 def register(app: typer.Typer, defaults: ModelDefaults | None = None) -> None:
     """Add the method commands to ``app``; ``defaults`` supplies what a known model (the organism) fills in."""
     global _defaults
     _defaults = defaults or ModelDefaults()
     app.add_typer(crosscoder_app, name="crosscoder")
     app.command("adl")(adl_cmd)
+    app.command("flag")(flag_cmd)

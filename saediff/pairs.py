@@ -46,6 +46,7 @@ __all__ = [
     "PairEvaluator",
     "answer_logprobs",
     "load_pairs",
+    "mean_t_interval",
     "paired_difference",
     "score_pairs",
     "summarize_pairs",
@@ -197,15 +198,21 @@ def score_pairs(lm: LoadedModel, pairs: list[Pair], *, batch_size: int = 16,
     return rows
 
 
-def _mean_t(x: np.ndarray) -> dict:
-    """Mean with its 95% t interval and t statistic over the values (None where n < 2 or the
-    values do not vary)."""
+def mean_t_interval(values) -> dict:
+    """Mean with its 95% t interval (``ci``, None where n < 2) and t statistic (None where the
+    values do not vary), and ``n``."""
+    x = np.asarray(values, dtype=float)
     n, m = len(x), float(np.mean(x))
     se = float(np.std(x, ddof=1) / math.sqrt(n)) if n > 1 else 0.0
     if se == 0.0:
-        return {"preference": m, "preference_ci": None if n < 2 else [m, m], "t": None, "n": n}
+        return {"mean": m, "ci": None if n < 2 else [m, m], "t": None, "n": n}
     q = float(stats.t.ppf(0.975, n - 1))
-    return {"preference": m, "preference_ci": [m - q * se, m + q * se], "t": m / se, "n": n}
+    return {"mean": m, "ci": [m - q * se, m + q * se], "t": m / se, "n": n}
+
+
+def _mean_t(x: np.ndarray) -> dict:
+    r = mean_t_interval(x)
+    return {"preference": r["mean"], "preference_ci": r["ci"], "t": r["t"], "n": r["n"]}
 
 
 def summarize_pairs(rows: list[dict]) -> dict:

@@ -70,5 +70,49 @@ def test_project_directions_from_latents_and_errors(root):
         project_directions("model_diff", [0])
     with pytest.raises(SaediffError, match="unknown project direction 'gt'; choose from latents, model_diff"):
         project_directions("gt", [0])
-    with pytest.raises(SaediffError, match="directions go with mode project"):
+    with pytest.raises(SaediffError, match="directions go with modes project and steer"):
         BlockRunConfig(mode="project")
+    with pytest.raises(SaediffError, match="directions go with modes project and steer"):
+        BlockRunConfig(mode="steer")
+
+
+def test_steer_mode_adds_the_vector_after_its_block(tiny_qwen):
+    """Preventative steering on hand-set numbers: inside the blocker, block 0's output is the plain
+    one plus the direction at every position; the norm-matched control keeps each row's norm."""
+    from saediff.blocking import BlockConfig, Blocker
+    from saediff.blockem import norm_matched_random
+    from saediff.hooks import capture_resid
+    from saediff.models import load_model
+
+    lm = load_model(str(tiny_qwen / "model"))
+    v = torch.zeros(32)
+    v[3], v[7] = 2.0, -1.0
+    ids = torch.tensor([[1, 5, 9, 12]])
+    plain = capture_resid(lm.model, [0], ids)[0]
+    with Blocker(BlockConfig("steer", 0), directions={0: v[None]}).installed(lm.model):
+        steered = capture_resid(lm.model, [0], ids)[0]
+    torch.testing.assert_close(steered - plain, v.expand(1, 4, 32), rtol=0, atol=1e-6)
+    rnd = norm_matched_random({0: 3.0 * v[None]}, 0)[0]
+    assert abs(float(rnd.norm()) - float(3.0 * v.norm())) < 1e-4 and abs(float(torch.cosine_similarity(rnd[0], v, 0))) < 0.9
+
+
+def test_steer_mode_from_an_exported_direction_without_an_sae(tiny_qwen, root, tmp_path):
+    from saediff.directions import Direction
+    from saediff.export import export_directions
+
+    g = torch.Generator().manual_seed(1)
+    export_directions([Direction("persona", torch.randn(32, generator=g), HOOK, "persona")], tmp_path / "dirs")
+    r = CliRunner().invoke(app, ["block", "--model", str(tiny_qwen / "model"), "--data", str(root / "data.jsonl"),
+                                 "--mode", "steer", "--project-direction", f"{tmp_path / 'dirs'}:persona",
+                                 "--steer-alpha", "4", "--full", "--steps", "2", "--batch-size", "4",
+                                 "--out", str(tmp_path / "s")])
+    assert r.exit_code == 0, r.output
+    runs = json.loads((tmp_path / "s" / "summary.json").read_text())["runs"]
+    assert set(runs) == {"plain", "steer", "steer_random"}
+    plain, steer, rnd = (_weights(tmp_path / "s" / n) for n in ("plain", "steer", "steer_random"))
+    changed = lambda a, b: max((a[k].float() - b[k].float()).abs().max().item() for k in a)  # noqa: E731
+    assert changed(plain, steer) > 1e-5 and changed(steer, rnd) > 1e-5
+    r = CliRunner().invoke(app, ["block", "--model", str(tiny_qwen / "model"), "--data", str(root / "data.jsonl"),
+                                 "--mode", "steer", "--project-direction", f"{tmp_path / 'dirs'}:nope",
+                                 "--out", str(tmp_path / "x")])
+    assert r.exit_code == 1 and "has no direction 'nope' (it has persona)" in r.output
