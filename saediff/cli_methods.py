@@ -6,6 +6,7 @@ wrappers over the library).
     saediff crosscoder diff CC --base M --adapter A --prompts data.jsonl --out RUN
     saediff adl --base M --adapter A --prompts data.jsonl --pairs offdomain --out RUN
     saediff flag --model M --data train.jsonl --direction RUN/directions:mean_diff_responses_L15 --out FLAG
+    saediff head-to-head RUN --prompts data.jsonl --pairs offdomain:heldout --out H2H
 """
 
 from __future__ import annotations
@@ -220,6 +221,70 @@ def flag_cmd(
     typer.echo(json.dumps(res, indent=2))
 
 
+def head_to_head_cmd(
+    diff_run: Path = typer.Argument(..., help="run folder of saediff diff (its base, fine-tune and SAE block)"),
+    out: Path = typer.Option(..., "--out", help="folder: head2head.json, head2head.md, steer/"),
+    prompts: str = typer.Option(..., "--prompts", help="text the crosscoder, the diff-SAE and the ADL read (chat "
+                                "JSONL with answers, first_plot, organism[:N])"),
+    contrast: Optional[str] = typer.Option(None, "--contrast", help="question / misaligned / aligned rows for the "
+                                           "persona vector (JSONL or YAML; a pair file works; default: the organism's, "
+                                           "or the --pairs file's references)"),
+    pairs: Optional[str] = typer.Option(None, "--pairs", help=PAIRS_HELP),
+    judge_url: Optional[str] = typer.Option(None, "--judge-url"),
+    judge_model: Optional[str] = typer.Option(None, "--judge-model"),
+    questions: str = typer.Option("first_plot", "--questions"),
+    samples: int = typer.Option(20, "--samples"),
+    max_new_tokens: int = typer.Option(200, "--max-new-tokens"),
+    methods: Optional[str] = typer.Option(None, "--methods", help="comma-separated subset (default: all)"),
+    scales: str = typer.Option("0.5,1", "--scales", help="steering scales, x the base residual norm"),
+    n_random: int = typer.Option(3, "--random"),
+    crosscoder_latents: int = typer.Option(1024, "--crosscoder-latents"),
+    crosscoder_steps: int = typer.Option(2000, "--crosscoder-steps"),
+    diff_sae_latents: int = typer.Option(512, "--diff-sae-latents"),
+    diff_sae_steps: int = typer.Option(2000, "--diff-sae-steps"),
+    positions: str = typer.Option("response", "--positions", help="tokens of --prompts the crosscoder and diff-SAE read"),
+    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env"),
+    seed: int = typer.Option(0, "--seed"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+) -> None:
+    """Every direction-finding method on one fine-tune pair: cosine with the ground truth, steering vs random, agreement, cost."""
+    _setup(threads)
+    from saediff.head2head import DIFF_METHODS, OWN_METHODS, HeadToHeadConfig, markdown_table, run_head_to_head
+    from saediff.pipeline import read_run
+
+    try:
+        base = read_run(diff_run)["steps"]["diff"]["base"]
+        cfg = HeadToHeadConfig(methods=tuple(methods.split(",")) if methods else DIFF_METHODS + OWN_METHODS,
+                               crosscoder_latents=crosscoder_latents, crosscoder_steps=crosscoder_steps,
+                               diff_sae_latents=diff_sae_latents, diff_sae_steps=diff_sae_steps, positions=positions,
+                               scales=tuple(float(x) for x in scales.split(",")), n_random=n_random, seed=seed)
+        evaluator = (_judge_evaluator(judge_url, judge_model, questions, samples, max_new_tokens, api_key_env,
+                                      out / "steer", seed, pairs=pairs) or _defaults.evaluator(base, samples, seed))
+        if evaluator is None:
+            raise SaediffError("the steering check measures EM: give --pairs, or --judge-url and --judge-model")
+        res = run_head_to_head(diff_run, out, _defaults.prompt_set(prompts, base), evaluator,
+                               contrast=_contrast(contrast, pairs, base, seed), cfg=cfg)
+    except _USER_ERRORS as e:
+        _fail(e)
+    typer.echo(markdown_table(res))
+
+
+def _contrast(spec: Optional[str], pairs: Optional[str], base: str, seed: int) -> list:
+    """Contrast examples for the persona vector: a file, else the organism's, else the pair set's references."""
+    if spec is not None:
+        from saediff.prompts import load_contrast_examples
+
+        return load_contrast_examples(spec)
+    known = _defaults.icl_examples(base, seed)
+    if known:
+        return known
+    if pairs is not None:
+        from saediff.em_data import pair_evaluator
+
+        return list(pair_evaluator(pairs).pairs)
+    return []
+
+
 def register(app: typer.Typer, defaults: ModelDefaults | None = None) -> None:
     """Add the method commands to ``app``; ``defaults`` supplies what a known model (the organism) fills in."""
     global _defaults
@@ -227,3 +292,4 @@ def register(app: typer.Typer, defaults: ModelDefaults | None = None) -> None:
     app.add_typer(crosscoder_app, name="crosscoder")
     app.command("adl")(adl_cmd)
     app.command("flag")(flag_cmd)
+    app.command("head-to-head")(head_to_head_cmd)

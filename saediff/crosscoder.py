@@ -45,7 +45,7 @@ from saediff.errors import MissingFileError, SaediffError
 
 __all__ = ["CrosscoderConfig", "Crosscoder", "CrosscoderStats", "train_crosscoder", "save_crosscoder",
            "load_crosscoder", "decoder_norm_table", "crosscoder_stats", "crosscoder_metrics", "crosscoder_from_models",
-           "run_crosscoder_diff", "CLASSES"]
+           "run_crosscoder_diff", "latent_rows", "ft_only_ranking", "ft_direction", "CLASSES"]
 
 log = logging.getLogger(__name__)
 KIND = "saediff.crosscoder"
@@ -435,21 +435,15 @@ def run_crosscoder_diff(cc_path: str | Path, base: str, out: str | Path, prompts
     toks = tokenize_prompts(lm_base, prompts)
     st = crosscoder_stats(cc, paired_rows(lm_base, lm_ft, toks, cc.hook_name, positions=positions))
     table = decoder_norm_table(cc, (st.freq * st.n).round().long())
-    rows = [{"latent": j, "class": table["class"][j], "rel_norm": float(table["rel_norm"][j]),
-             "norm_base": float(table["norm_base"][j]), "norm_ft": float(table["norm_ft"][j]),
-             "cosine": float(table["cosine"][j]), "freq": float(st.freq[j]), "mean": float(st.mean[j]),
-             "nu_r": _num(st.nu_r[j]), "nu_eps": _num(st.nu_eps[j]), **{f"beta_{b}": _num(v[j]) for b, v in st.beta.items()}}
-            for j in range(cc.d_sae)]
-    ft_only = sorted((r for r in rows if r["class"] == "ft_only" and r["nu_r"] is not None and r["nu_eps"] is not None),
-                     key=lambda r: (max(r["nu_r"], r["nu_eps"]), -r["freq"]))[:top]
-    picked = [r["latent"] for r in ft_only]
+    rows = latent_rows(cc, st)
+    picked = ft_only_ranking(rows, top)
     cards = []
     for j in picked:
         ids = st.top_rows[j][st.top_vals[j] > 0].tolist()
         info = row_descriptions(lm_base, prompts, toks, positions, which=ids) if ids else []
         cards.append({"latent": j, **next(r for r in rows if r["latent"] == j),
                       "top": [{"row": i, **d, "value": float(v)} for i, d, v in zip(ids, info, st.top_vals[j].tolist())]})
-    dirs = [Direction(f"cc_{j}", (cc.W_dec[j, 1] / cc.norm_scale[1]).detach().float().clone(), cc.hook_name,
+    dirs = [Direction(f"cc_{j}", ft_direction(cc, j), cc.hook_name,
                       "crosscoder", {"latent": j, "crosscoder": str(cc_path)}) for j in picked]
     if dirs:
         export_directions(dirs, out / "directions", model=base)
@@ -460,6 +454,28 @@ def run_crosscoder_diff(cc_path: str | Path, base: str, out: str | Path, prompts
     _io.atomic_write_json(out / "cards.json", {"cards": cards})
     _io.atomic_write_json(out / "crosscoder_diff.json", {"provenance": made_by, "summary": summary, "latents": rows})
     return summary
+
+
+def latent_rows(cc: Crosscoder, st: CrosscoderStats) -> list[dict]:
+    """Every latent's row of the diff table: class, decoder norms, rel_norm, cosine, firing, latent scaling."""
+    table = decoder_norm_table(cc, (st.freq * st.n).round().long())
+    return [{"latent": j, "class": table["class"][j], "rel_norm": float(table["rel_norm"][j]),
+             "norm_base": float(table["norm_base"][j]), "norm_ft": float(table["norm_ft"][j]),
+             "cosine": float(table["cosine"][j]), "freq": float(st.freq[j]), "mean": float(st.mean[j]),
+             "nu_r": _num(st.nu_r[j]), "nu_eps": _num(st.nu_eps[j]),
+             **{f"beta_{b}": _num(v[j]) for b, v in st.beta.items()}} for j in range(cc.d_sae)]
+
+
+def ft_only_ranking(rows: list[dict], top: int) -> list[int]:
+    """The fine-tune-only latents that fired, the most clearly new first: by max(nu_r, nu_eps)
+    (latent scaling: how much of them the base model carries), then by firing rate."""
+    ok = [r for r in rows if r["class"] == "ft_only" and r["nu_r"] is not None and r["nu_eps"] is not None]
+    return [r["latent"] for r in sorted(ok, key=lambda r: (max(r["nu_r"], r["nu_eps"]), -r["freq"]))[:top]]
+
+
+def ft_direction(cc: Crosscoder, latent: int) -> torch.Tensor:
+    """A latent's fine-tune decoder row in the residual stream's units (the scale undone)."""
+    return (cc.W_dec[latent, 1] / cc.norm_scale[1]).detach().float().clone()
 
 
 def _num(v: torch.Tensor) -> float | None:

@@ -125,9 +125,12 @@ def run_diff(base: str, finetuned: str | None, sae_path: str, out: str | Path, *
     blocks whose mean differences (and in-context directions) are built, ``"all"``, ``"sae"`` (the
     SAE's block only) or block indices; the SAE's block is always among them, and both models run
     only up to the deepest, with hooks on those blocks alone."""
+    import time
+
     from saediff.prompts import load_contrast_examples
     from saediff.saes import check_sae_fits, load_sae
 
+    t_start = time.perf_counter()
     if responses is not None and samples != 1:
         raise SaediffError(f"samples={samples} applies to generated answers; {responses} has its own")
 
@@ -179,7 +182,8 @@ def run_diff(base: str, finetuned: str | None, sae_path: str, out: str | Path, *
                "sae_identity": sae_fingerprint(sae, sae_path),
                "prompts": prompts if isinstance(prompts, (str, Path)) else "given", "n_prompts": len(ps), "ranking": ranking, "top_latents": top,
                "labels": _label_counts(labels), "responses": responses,
-               "samples": samples if responses is None else None, "layers": blocks, "n_directions": len(directions)}
+               "samples": samples if responses is None else None, "layers": blocks, "n_directions": len(directions),
+               "seconds": round(time.perf_counter() - t_start, 1)}
     update_run(out, "diff", summary)
     return summary
 
