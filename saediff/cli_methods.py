@@ -238,9 +238,11 @@ def head_to_head_cmd(
     methods: Optional[str] = typer.Option(None, "--methods", help="comma-separated subset (default: all)"),
     scales: str = typer.Option("0.5,1", "--scales", help="steering scales, x the base residual norm"),
     n_random: int = typer.Option(3, "--random"),
-    crosscoder_latents: int = typer.Option(1024, "--crosscoder-latents"),
+    crosscoder_latents: Optional[int] = typer.Option(None, "--crosscoder-latents", help="default: 2 x the SAE's width"),
+    crosscoder_k: Optional[int] = typer.Option(None, "--crosscoder-k", help="default: the SAE's k"),
     crosscoder_steps: int = typer.Option(2000, "--crosscoder-steps"),
-    diff_sae_latents: int = typer.Option(512, "--diff-sae-latents"),
+    diff_sae_latents: Optional[int] = typer.Option(None, "--diff-sae-latents", help="default: the SAE's width"),
+    diff_sae_k: Optional[int] = typer.Option(None, "--diff-sae-k", help="default: the SAE's k"),
     diff_sae_steps: int = typer.Option(2000, "--diff-sae-steps"),
     positions: str = typer.Option("response", "--positions", help="tokens of --prompts the crosscoder and diff-SAE read"),
     api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env"),
@@ -255,8 +257,9 @@ def head_to_head_cmd(
     try:
         base = read_run(diff_run)["steps"]["diff"]["base"]
         cfg = HeadToHeadConfig(methods=tuple(methods.split(",")) if methods else DIFF_METHODS + OWN_METHODS,
-                               crosscoder_latents=crosscoder_latents, crosscoder_steps=crosscoder_steps,
-                               diff_sae_latents=diff_sae_latents, diff_sae_steps=diff_sae_steps, positions=positions,
+                               crosscoder_latents=crosscoder_latents, crosscoder_k=crosscoder_k,
+                               crosscoder_steps=crosscoder_steps, diff_sae_latents=diff_sae_latents,
+                               diff_sae_k=diff_sae_k, diff_sae_steps=diff_sae_steps, positions=positions,
                                scales=tuple(float(x) for x in scales.split(",")), n_random=n_random, seed=seed)
         evaluator = (_judge_evaluator(judge_url, judge_model, questions, samples, max_new_tokens, api_key_env,
                                       out / "steer", seed, pairs=pairs) or _defaults.evaluator(base, samples, seed))

@@ -39,11 +39,15 @@ OWN_METHODS = ("crosscoder", "diff_sae", "adl", "persona")
 @dataclass(frozen=True)
 class HeadToHeadConfig:
     methods: tuple[str, ...] = DIFF_METHODS + OWN_METHODS
-    crosscoder_latents: int = 1024
-    crosscoder_k: int = 32
+    crosscoder_latents: int | None = None
+    """None: twice the diff run's SAE's width (a latent per model's feature)"""
+    crosscoder_k: int | None = None
+    """None: the diff run's SAE's k (the sparsity the run already chose for this block)"""
     crosscoder_steps: int = 2000
-    diff_sae_latents: int = 512
-    diff_sae_k: int = 16
+    diff_sae_latents: int | None = None
+    """None: the diff run's SAE's width"""
+    diff_sae_k: int | None = None
+    """None: the diff run's SAE's k"""
     diff_sae_steps: int = 2000
     batch_size: int = 512
     lr: float = 3e-3
@@ -107,8 +111,9 @@ def _paired_rows(lm_base, lm_ft, prompts: list, hook: str, positions: str, seed:
 
 
 def _own_methods(lm_base, lm_ft, cfg: HeadToHeadConfig, L: int, prompts: list, contrast: list,
-                 notes: dict) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """The methods computed here, each timed (the paired read is charged to the two that need it)."""
+                 notes: dict, sae_cfg) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """The methods computed here, each timed (the paired read is charged to the two that need it);
+    widths and k not given follow the diff run's SAE (``sae_cfg``: d_sae, k)."""
     from saediff.adl import ADLConfig, adl_differences
     from saediff.hooks import resid_post
 
@@ -125,26 +130,30 @@ def _own_methods(lm_base, lm_ft, cfg: HeadToHeadConfig, L: int, prompts: list, c
         from saediff.crosscoder import CrosscoderConfig, crosscoder_stats, ft_direction, ft_only_ranking, latent_rows, train_crosscoder
 
         t = time.perf_counter()
-        ccfg = CrosscoderConfig(d_sae=cfg.crosscoder_latents, k=cfg.crosscoder_k, steps=cfg.crosscoder_steps,
+        ccfg = CrosscoderConfig(d_sae=cfg.crosscoder_latents or 2 * sae_cfg["d_sae"], k=cfg.crosscoder_k or sae_cfg["k"], steps=cfg.crosscoder_steps,
                                 batch_size=min(cfg.batch_size, rows.shape[0] // 2), lr=cfg.lr, seed=cfg.seed, device="cpu")
         cc, hist = train_crosscoder(rows, ccfg, hook_name=hook, progress=False)
         st = crosscoder_stats(cc, [rows])
         lat_rows = latent_rows(cc, st)
         ranked = ft_only_ranking(lat_rows, 1)
         classes = {c: sum(r["class"] == c for r in lat_rows) for c in ("ft_only", "base_only", "shared", "other", "dead")}
-        notes["crosscoder"] = {"classes": classes, "fvu": hist["fvu"][-1], "latent": ranked[0] if ranked else None}
+        notes["crosscoder"] = {"classes": classes, "fvu": hist["fvu"][-1]}
+        if not ranked:  # said in the row, not hidden: the crosscoder's most fine-tune-leaning latent instead
+            alive = [r for r in lat_rows if r["class"] != "dead"]
+            ranked = [min(alive, key=lambda r: r["rel_norm"])["latent"]] if alive else []
+            notes["crosscoder"]["note"] = ("no latent is fine-tune-only (rel_norm < 0.1): the row is the most "
+                                           "fine-tune-leaning latent that fired (lowest rel_norm)")
         if ranked:
             vecs["crosscoder"] = ft_direction(cc, ranked[0])
-            notes["crosscoder"].update({k: lat_rows[ranked[0]][k] for k in ("rel_norm", "nu_r", "nu_eps", "freq")})
-        else:
-            notes["crosscoder"]["note"] = "no fine-tune-only latent fired: no direction"
+            notes["crosscoder"].update({"latent": ranked[0], **{k: lat_rows[ranked[0]][k] for k in
+                                                                ("class", "rel_norm", "nu_r", "nu_eps", "freq")}})
         cost["crosscoder"] = time.perf_counter() - t + read_s / n_sharing
     if "diff_sae" in wants:
         from saediff.saes import SAETrainConfig, difference_latents, train_sae
 
         t = time.perf_counter()
         diffs = rows[:, 1] - rows[:, 0]
-        scfg = SAETrainConfig(d_sae=cfg.diff_sae_latents, k=cfg.diff_sae_k, steps=cfg.diff_sae_steps,
+        scfg = SAETrainConfig(d_sae=cfg.diff_sae_latents or sae_cfg["d_sae"], k=cfg.diff_sae_k or sae_cfg["k"], steps=cfg.diff_sae_steps,
                               batch_size=min(cfg.batch_size, diffs.shape[0] // 2), lr=cfg.lr, seed=cfg.seed, device="cpu")
         sae, hist = train_sae(diffs, scfg, hook_name=hook, progress=False)
         ranked = sorted(difference_latents(sae, diffs, top=sae.cfg.d_sae), key=lambda r: -r["share_of_mean_diff"])
@@ -191,7 +200,11 @@ def run_head_to_head(diff_run: str | Path, out: str | Path, prompts: list, evalu
     cost = {m: diff_s for m in vecs}
     lm_base, lm_ft = load_pair(info["base"], info["finetuned"], info["adapter"])
     notes: dict = {m: {"note": "not in the diff run"} for m in DIFF_METHODS if m in cfg.methods and m not in vecs}
-    own, own_cost = _own_methods(lm_base, lm_ft, cfg, L, prompts, list(contrast), notes)
+    from saediff.saes import load_sae
+
+    sae = load_sae(info["sae"])
+    sae_cfg = {"d_sae": sae.cfg.d_sae, "k": getattr(sae.cfg, "k", None) or 32}
+    own, own_cost = _own_methods(lm_base, lm_ft, cfg, L, prompts, list(contrast), notes, sae_cfg)
     vecs.update(own)
     cost.update(own_cost)
     if not vecs:

@@ -31,9 +31,12 @@ class Prompt:
         return next(m["content"] for m in reversed(self.messages) if m["role"] == "user")
 
 
-def _row_to_prompt(row: dict, where: str) -> Prompt:
-    if not isinstance(row, dict) or "id" not in row:
-        raise SaediffError(f"{where}: each prompt needs an 'id' key")
+def _row_to_prompt(row: dict, where: str, n: int) -> Prompt:
+    """Row ``n`` (0-based) of a prompt file; a chat-data row (``messages`` only, as fine-tunes read)
+    takes its row number as id, and a final assistant turn is read as its answer."""
+    if not isinstance(row, dict) or ("id" not in row and "messages" not in row):
+        raise SaediffError(f"{where}: row {n + 1} needs an 'id' key (or 'messages', a chat-data row)")
+    row = {"id": f"row{n}", **row}
     if "messages" in row:
         messages = row["messages"]
         if not isinstance(messages, list) or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in messages):
@@ -56,7 +59,7 @@ def load_prompts(source: str | Path) -> list[Prompt]:
         rows, where = _read_rows(source), str(source)
     if not isinstance(rows, list) or not rows:
         raise SaediffError(f"{where}: expected a non-empty list of prompts")
-    prompts = [_row_to_prompt(r, where) for r in rows]
+    prompts = [_row_to_prompt(r, where, n) for n, r in enumerate(rows)]
     ids = [p.id for p in prompts]
     if len(set(ids)) != len(ids):
         raise SaediffError(f"{where}: duplicate prompt ids")

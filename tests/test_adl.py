@@ -66,3 +66,19 @@ def test_adl_command_with_the_pair_metric(tiny_qwen, tmp_path):
     assert sorted(load_directions(run / "directions")) == ["adl_L0", "adl_L1"]
     r = CliRunner().invoke(app, args[:-6] + ["--steer-layer", "5"])
     assert r.exit_code == 1 and "steer layer 5" in r.output
+
+
+def test_chat_data_files_are_prompt_files(tiny_qwen, tmp_path):
+    """A fine-tune's chat JSONL (no ids) is a prompt file: ids by row, the final answer read as the
+    response, so the ADL reads its first answer tokens."""
+    from helpers import write_narrow_data
+
+    from saediff.activations import tokenize_prompts
+    from saediff.models import load_model
+    from saediff.prompts import load_prompts
+
+    ps = load_prompts(write_narrow_data(tmp_path / "d.jsonl", 3))
+    assert [p.id for p in ps] == ["row0", "row1", "row2"] and ps[0].messages[-1]["role"] == "assistant"
+    toks = tokenize_prompts(load_model(str(tiny_qwen / "model")), ps)
+    cols = first_token_positions(toks, 2)
+    assert all(toks.role[i, c] == 1 for i in range(3) for c in cols[i].tolist())
