@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -256,15 +257,19 @@ def run_sparsify(data, held, a, lr: float) -> list:
             clock.check(n, value)
 
     model = _ActsModel(data.to(a.device), before)
+    save_dir = tempfile.mkdtemp(prefix="saediff_bench_sparsify_")  # its Trainer insists on one; removed below
     cfg = TrainConfig(SaeConfig(num_latents=a.d_sae, k=a.k), batch_size=a.batch // ctx, loss_fn="fvu", lr=lr,
                       lr_warmup_steps=0, auxk_alpha=1 / 32, dead_feature_threshold=a.dead_steps * a.batch,
                       hookpoints=["acts"], log_to_wandb=False, save_every=10**9,
-                      save_dir=tempfile.mkdtemp(prefix="saediff_bench_sparsify_"))
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its prints, its bar
-        state["trainer"] = Trainer(cfg, dataset, model)
-        clock.start()
-        state["trainer"].fit()
-    clock.check(a.steps, value)
+                      save_dir=save_dir)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its prints, its bar
+            state["trainer"] = Trainer(cfg, dataset, model)
+            clock.start()
+            state["trainer"].fit()
+        clock.check(a.steps, value)
+    finally:
+        shutil.rmtree(save_dir, ignore_errors=True)
     return clock.curve
 
 

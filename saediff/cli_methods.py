@@ -17,7 +17,15 @@ from typing import Optional
 
 import typer
 
-from saediff.cli_common import PAIRS_HELP, _USER_ERRORS, ModelDefaults, _fail, _int_list, _judge_evaluator, _setup
+from saediff.cli_common import (
+    _USER_ERRORS,
+    PAIRS_HELP,
+    ModelDefaults,
+    _fail,
+    _int_list,
+    _judge_evaluator,
+    _setup,
+)
 from saediff.errors import SaediffError
 
 _defaults = ModelDefaults()
@@ -251,7 +259,13 @@ def head_to_head_cmd(
 ) -> None:
     """Every direction-finding method on one fine-tune pair: cosine with the ground truth, steering vs random, agreement, cost."""
     _setup(threads)
-    from saediff.head2head import DIFF_METHODS, OWN_METHODS, HeadToHeadConfig, markdown_table, run_head_to_head
+    from saediff.head2head import (
+        DIFF_METHODS,
+        OWN_METHODS,
+        HeadToHeadConfig,
+        markdown_table,
+        run_head_to_head,
+    )
     from saediff.pipeline import read_run
 
     try:

@@ -74,7 +74,7 @@ def persona_vector(lm, examples: list, layer: int, batch_size: int = 16) -> torc
     from saediff.prompts import Prompt
     from saediff.shifts import prompt_activations
 
-    msgs = lambda e: [{"role": "user", "content": e.question}]  # noqa: E731
+    msgs = lambda e: [{"role": "user", "content": e.question}]
     mis = [Prompt(f"m{i}", msgs(e), e.misaligned) for i, e in enumerate(examples)]
     ali = [Prompt(f"a{i}", msgs(e), e.aligned) for i, e in enumerate(examples)]
     a = prompt_activations(lm, mis, [layer], "response", batch_size=batch_size, progress=False)[layer]
@@ -127,7 +127,14 @@ def _own_methods(lm_base, lm_ft, cfg: HeadToHeadConfig, L: int, prompts: list, c
         read_s = time.perf_counter() - t
         n_sharing = len({"crosscoder", "diff_sae"} & set(wants))
     if "crosscoder" in wants:
-        from saediff.crosscoder import CrosscoderConfig, crosscoder_stats, ft_direction, ft_only_ranking, latent_rows, train_crosscoder
+        from saediff.crosscoder import (
+            CrosscoderConfig,
+            crosscoder_stats,
+            ft_direction,
+            ft_only_ranking,
+            latent_rows,
+            train_crosscoder,
+        )
 
         t = time.perf_counter()
         ccfg = CrosscoderConfig(d_sae=cfg.crosscoder_latents or 2 * sae_cfg["d_sae"], k=cfg.crosscoder_k or sae_cfg["k"], steps=cfg.crosscoder_steps,
@@ -239,7 +246,7 @@ def run_head_to_head(diff_run: str | Path, out: str | Path, prompts: list, evalu
 
 def markdown_table(res: dict) -> str:
     """The head-to-head as a markdown table, one row per method."""
-    f = lambda v, d=3: "n/a" if v is None else f"{v:.{d}f}"  # noqa: E731
+    f = lambda v, d=3: "n/a" if v is None else f"{v:.{d}f}"
     lines = [f"unsteered report-half rate {f(res['unsteered_em_rate'])}",
              "| method | cos ground truth | steer effect (report half) | random effects | beats random | mean abs cos others | seconds |",
              "|---|---|---|---|---|---|---|"]

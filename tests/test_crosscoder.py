@@ -9,8 +9,17 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from saediff.crosscoder import (Crosscoder, CrosscoderConfig, _batchtopk, crosscoder_metrics, crosscoder_stats,
-                                decoder_norm_table, load_crosscoder, save_crosscoder, train_crosscoder)
+from saediff.crosscoder import (
+    Crosscoder,
+    CrosscoderConfig,
+    _batchtopk,
+    crosscoder_metrics,
+    crosscoder_stats,
+    decoder_norm_table,
+    load_crosscoder,
+    save_crosscoder,
+    train_crosscoder,
+)
 from saediff.errors import SaediffError
 
 
