@@ -448,7 +448,7 @@ def run_crosscoder_diff(cc_path: str | Path, base: str, out: str | Path, prompts
     if dirs:
         export_directions(dirs, out / "directions", model=base)
     summary = {"rows": st.n, "classes": {c: table["class"].count(c) for c in CLASSES}, "ft_only_ranked": picked,
-               "hook": cc.hook_name}
+               "hook": cc.hook_name, "base": base, "crosscoder": str(cc_path)}
     if not picked:
         log.warning("crosscoder diff: no fine-tune-only latent fired on these prompts: no candidate directions")
     _io.atomic_write_json(out / "cards.json", {"cards": cards})

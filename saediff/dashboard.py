@@ -22,7 +22,8 @@ import torch
 from jaxtyping import Float
 from saediff.errors import MissingFileError
 
-__all__ = ["logit_effects", "unembedding", "dashboard_data", "card_html", "dashboard_html", "write_dashboard"]
+__all__ = ["logit_effects", "unembedding", "dashboard_data", "card_html", "dashboard_html", "write_dashboard",
+           "crosscoder_dashboard_data", "crosscoder_card_html"]
 
 log = logging.getLogger(__name__)
 
@@ -115,26 +116,64 @@ def card_html(d: dict) -> str:
             f"</div></div></section>")
 
 
+def crosscoder_dashboard_data(run_dir: str | Path, lm=None) -> list[dict]:
+    """Per carded latent of a ``saediff crosscoder diff`` run: its card (``cards.json``: class,
+    decoder norms, rel_norm, latent scaling, top contexts) and the logit effects of its fine-tune
+    decoder row (``directions/cc_J``) on the run's base model."""
+    from saediff.export import load_directions
+    from saediff.models import load_model
+
+    run_dir = Path(run_dir)
+    summary = json.loads((run_dir / "crosscoder_diff.json").read_text())["summary"]
+    cards = json.loads((run_dir / "cards.json").read_text())["cards"]
+    if not cards:
+        return []
+    lm = lm or load_model(summary["base"])
+    W_U = unembedding(lm.model)
+    dirs = load_directions(run_dir / "directions")
+    return [{**c, "logits": logit_effects(dirs[f"cc_{c['latent']}"].vector, W_U, lm.tokenizer)} for c in cards]
+
+
+def crosscoder_card_html(d: dict) -> str:
+    """One crosscoder latent's card: where it fires (the code reads both models at once), its
+    decoder norms and latent-scaling ratios, and what its fine-tune decoder row promotes."""
+    peak = max([r["value"] for r in d["top"]] or [0.0])
+    logit = lambda pairs: "".join(f"<tr><td>{html.escape(t)}</td><td>{v:+.2f}</td></tr>" for t, v in pairs)  # noqa: E731
+    num = lambda v: "n/a" if v is None else f"{v:.3f}"  # noqa: E731
+    return (f"<section id='latent-{d['latent']}'><h2>latent {d['latent']} <small>{d['class']}: rel_norm "
+            f"{d['rel_norm']:.3f} (|d_base| {d['norm_base']:.3f}, |d_ft| {d['norm_ft']:.3f}, cosine {d['cosine']:+.2f}); "
+            f"nu_r {num(d['nu_r'])}, nu_eps {num(d['nu_eps'])}; fires on {100 * d['freq']:.2f}% of tokens</small></h2>"
+            f"<div class='grid'><div><h3>top activations</h3>{_examples(d['top'], peak)}</div>"
+            f"<div><h3>logit effects of the fine-tune decoder (direct path)</h3><table><tr><th>promoted</th><th></th></tr>"
+            f"{logit(d['logits']['promoted'])}<tr><th>suppressed</th><th></th></tr>{logit(d['logits']['suppressed'])}"
+            f"</table></div></div></section>")
+
+
 def dashboard_html(data: list[dict], title: str) -> str:
-    """The page: an index of the latents, then one card each; plotly.js inlined once."""
+    """The page: an index of the latents, then one card each (a diff run's, or a crosscoder run's);
+    plotly.js inlined once."""
     import plotly.offline
 
-    index = " ".join(f"<a href='#latent-{d['latent']}'>#{d['latent']} ({d['delta']:+.2f})</a>" for d in data)
+    label = lambda d: f"{d['delta']:+.2f}" if "delta" in d else f"rel_norm {d['rel_norm']:.2f}"  # noqa: E731
+    index = " ".join(f"<a href='#latent-{d['latent']}'>#{d['latent']} ({label(d)})</a>" for d in data)
     style = ("body{font-family:sans-serif;max-width:1200px;margin:auto}.grid{display:grid;grid-template-columns:1fr 1fr;"
              "gap:16px}.ex{font-family:monospace;font-size:12px;margin:2px 0}.v{color:#a40;display:inline-block;width:3em}"
              ".p{color:#888}section{border-top:1px solid #ccc;margin-top:16px}table{font-family:monospace;font-size:12px}")
     js = plotly.offline.get_plotlyjs()
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style>"
             f"<script type='text/javascript'>{js}</script></head><body><h1>{html.escape(title)}</h1>"
-            f"<p>Latents: {index}</p>" + "".join(card_html(d) for d in data) + "</body></html>")
+            f"<p>Latents: {index}</p>" + "".join(card_html(d) if "delta" in d else crosscoder_card_html(d) for d in data)
+            + "</body></html>")
 
 
 def write_dashboard(run_dir: str | Path, out: str | Path | None = None, lm=None) -> Path:
-    """``RUN/dashboard.html`` (or ``out``): the dashboards of every latent the diff run carded."""
+    """``RUN/dashboard.html`` (or ``out``): the dashboards of every latent the diff run (or the
+    crosscoder diff run) carded."""
     from saediff._io import atomic_write_bytes
 
     run_dir = Path(run_dir)
-    data = dashboard_data(run_dir, lm=lm)
+    crosscoder = (run_dir / "crosscoder_diff.json").exists()
+    data = crosscoder_dashboard_data(run_dir, lm=lm) if crosscoder else dashboard_data(run_dir, lm=lm)
     path = Path(out or run_dir / "dashboard.html")
     atomic_write_bytes(path, dashboard_html(data, f"saediff feature dashboards: {run_dir}").encode())
     return path

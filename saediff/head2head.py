@@ -232,7 +232,7 @@ def run_head_to_head(diff_run: str | Path, out: str | Path, prompts: list, evalu
                      "steer_scale": c.scale, "steer_effect": r.get("effect"), "steer_em_rate": r.get("em_rate"),
                      "steer_em_rate_ci": r.get("em_rate_ci"), "random_effect": r.get("random_effect"),
                      "random_em_rates": [x["em_rate"] for x in r.get("random", [])],
-                     "beats_random": (r["em_rate"] > max(x["em_rate"] for x in r["random"])) if r else None,
+                     "beats_random": beats_random(r) if r else None,
                      "mean_abs_cos_others": sum(others) / len(others) if others else None,
                      "seconds": cost.get(m), **({"note": c.to_json()["note"]} if not c.passed else {}),
                      **({"detail": notes[m]} if m in notes else {})})
@@ -244,11 +244,17 @@ def run_head_to_head(diff_run: str | Path, out: str | Path, prompts: list, evalu
     return res
 
 
+def beats_random(report: dict) -> bool:
+    """Whether the candidate's report-half rate lies above every random direction's with its 95%
+    interval: the interval's lower end above the highest random rate."""
+    return report["em_rate_ci"][0] > max(x["em_rate"] for x in report["random"])
+
+
 def markdown_table(res: dict) -> str:
     """The head-to-head as a markdown table, one row per method."""
     f = lambda v, d=3: "n/a" if v is None else f"{v:.{d}f}"
     lines = [f"unsteered report-half rate {f(res['unsteered_em_rate'])}",
-             "| method | cos ground truth | steer effect (report half) | random effects | beats random | mean abs cos others | seconds |",
+             "| method | cos ground truth | steer effect (report half) | random effects | above random (95%) | mean abs cos others | seconds |",
              "|---|---|---|---|---|---|---|"]
     for r in res["methods"]:
         rnd = ", ".join(f(x - res["unsteered_em_rate"]) for x in r["random_em_rates"]) or "n/a"

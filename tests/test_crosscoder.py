@@ -151,3 +151,45 @@ def test_crosscoder_commands_on_a_tiny_model(tiny_qwen, tmp_path):
     r = CliRunner().invoke(app, ["crosscoder", "train", "--base", str(model), "--prompts", "first_plot", "--hook",
                                  "blocks.1.hook_resid_post", "--out", str(tmp_path / "x")])
     assert r.exit_code == 1 and r.output.strip().splitlines()[-1] == "error: give --finetuned or --adapter"
+
+
+def test_a_fine_tune_only_latent_gets_a_card_and_a_dashboard_entry(tiny_qwen, tmp_path):
+    """A hand-set crosscoder whose latent 0 reads the fine-tune minus the base along the adapter's
+    B vector and writes it to the fine-tune alone: the diff classes it fine-tune-only, ranks it,
+    cards it with contexts, exports its decoder row, and the dashboard shows it."""
+    from saediff.cli import app
+    from saediff.directions import lora_b_directions
+    from saediff.export import load_directions
+    from saediff.lora import read_adapter
+
+    b = next(d for d in lora_b_directions(read_adapter(str(tiny_qwen / "lora"))) if d.hook == "blocks.1.hook_resid_post")
+    u = b.unit()
+    cc = Crosscoder(32, 4, k=2, hook_name="blocks.1.hook_resid_post")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        cc.W_enc.zero_()
+        cc.W_enc[0, :, 0], cc.W_enc[1, :, 0] = -u, u  # latent 0: <x_ft - x_base, u>
+        shared = torch.randn(3, 32, generator=g)
+        cc.W_enc[0, :, 1:] = shared.T
+        cc.W_dec.zero_()
+        cc.W_dec[0, 1] = u
+        cc.W_dec[1:, 0] = shared
+        cc.W_dec[1:, 1] = shared
+        cc.b_enc.zero_()
+        cc.b_dec.zero_()
+    save_crosscoder(cc, tmp_path / "cc")
+    run = tmp_path / "run"
+    r = CliRunner().invoke(app, ["crosscoder", "diff", str(tmp_path / "cc"), "--base", str(tiny_qwen / "model"),
+                                 "--adapter", str(tiny_qwen / "lora"), "--prompts", "first_plot", "--positions", "all",
+                                 "--out", str(run), "--top", "2"])
+    assert r.exit_code == 0, r.output
+    table = json.loads((run / "crosscoder_diff.json").read_text())
+    assert table["latents"][0]["class"] == "ft_only" and table["latents"][0]["rel_norm"] == 0.0
+    assert table["summary"]["ft_only_ranked"] == [0]
+    card = json.loads((run / "cards.json").read_text())["cards"][0]
+    assert card["latent"] == 0 and card["top"] and card["top"][0]["value"] > 0
+    torch.testing.assert_close(load_directions(run / "directions")["cc_0"].vector, u)
+    r = CliRunner().invoke(app, ["dashboard", str(run)])
+    assert r.exit_code == 0, r.output
+    page = (run / "dashboard.html").read_text()
+    assert "id='latent-0'" in page and "ft_only: rel_norm 0.000" in page and "logit effects" in page
