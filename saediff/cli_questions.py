@@ -320,7 +320,7 @@ def _print_neighbourhood(res: dict, run_dir: Path) -> None:
 
 
 def dashboard_cmd(
-    run_dir: Path = typer.Argument(..., help="run folder written by saediff diff"),
+    run_dir: Path = typer.Argument(..., help="run folder written by saediff diff or saediff crosscoder diff"),
     out: Optional[Path] = typer.Option(None, "--out", help="HTML file (default: RUN/dashboard.html)"),
     threads: Optional[int] = typer.Option(None, "--threads"),
 ) -> None:
