@@ -462,24 +462,28 @@ def store_source(path: str | Path, hook: str | None, held_rows: int) -> Activati
     return ActivationSource(hook, n - n_held, held, stream, str(path))
 
 
+def _hold_out_tenth(toks: TokenizedPrompts, name: str) -> tuple[TokenizedPrompts, TokenizedPrompts]:
+    """(training prompts, held-out prompts): the last tenth (at least one) held out."""
+    n = toks.input_ids.shape[0]
+    cut = n - max(1, n // 10)
+    if cut < 1:
+        raise SaediffError(f"{name}: {n} prompt(s) are too few to hold some out")
+    return (TokenizedPrompts(toks.input_ids[:cut], toks.role[:cut]),
+            TokenizedPrompts(toks.input_ids[cut:], toks.role[cut:]))
+
+
 def model_source(lm: LoadedModel, prompts: list[Prompt], hook: str, positions: Positions, name: str) -> ActivationSource:
     """Rows read straight from a model over a prompt set, nothing written: the last tenth of the
     prompts is held out; every rank reads every prompt (seeded by its rank)."""
     check_positions(positions)
     toks = tokenize_prompts(lm, prompts)
-    n = toks.input_ids.shape[0]
-    cut = n - max(1, n // 10)
-    if cut < 1:
-        raise SaediffError(f"{name}: {n} prompt(s) are too few to hold some out")
-    train = TokenizedPrompts(toks.input_ids[:cut], toks.role[:cut])
-    held_toks = TokenizedPrompts(toks.input_ids[cut:], toks.role[cut:])
+    train, held_toks = _hold_out_tenth(toks, name)
     held = torch.cat(list(model_stream(lm, held_toks, hook, 1, positions=positions, buffer_rows=2**62, epochs=1)))
 
     def stream(batch, buffer, seed, rank, world):
         return model_stream(lm, train, hook, batch, positions=positions, buffer_rows=buffer, seed=seed + rank)
 
     return ActivationSource(hook, int(train.select(positions).sum()), held, stream, name)
-
 
 
 def paired_source(lm_base: LoadedModel, lm_ft: LoadedModel, prompts: list[Prompt], hook: str, positions: Positions,
@@ -490,12 +494,7 @@ def paired_source(lm_base: LoadedModel, lm_ft: LoadedModel, prompts: list[Prompt
     check_positions(positions)
     check_same_tokenizer(lm_base, lm_ft)
     toks = tokenize_prompts(lm_base, prompts)
-    n = toks.input_ids.shape[0]
-    cut = n - max(1, n // 10)
-    if cut < 1:
-        raise SaediffError(f"{name}: {n} prompt(s) are too few to hold some out")
-    train = TokenizedPrompts(toks.input_ids[:cut], toks.role[:cut])
-    held_toks = TokenizedPrompts(toks.input_ids[cut:], toks.role[cut:])
+    train, held_toks = _hold_out_tenth(toks, name)
     out = (lambda r: r[:, 1] - r[:, 0]) if difference else (lambda r: r)
     held = out(torch.cat(list(paired_model_stream(lm_base, lm_ft, held_toks, hook, 1, positions=positions,
                                                   buffer_rows=2**62, epochs=1))))
