@@ -1,0 +1,56 @@
+"""The head-to-head on SmolLM2-135M-Instruct for one fine-tune seed (the README's table).
+
+    python tools/smol_head_to_head.py --seed 0 --out runs/smol_h2h
+
+Steps, each reused on a rerun:
+- the demo's rank-1 LoRA on bad medical advice (``lora_bad``: every ``down_proj``, 150 steps) and its EM
+  on the pair sets (``OUT/s{seed}``);
+- the demo's block-15 SAE (``OUT/sae``, seed 0 for every fine-tune seed);
+- the diff on the design split's teacher-forced references, with the base model's in-context direction;
+- ``run_head_to_head`` on the first 200 rows of the bad medical data, steering scored by the pair
+  metric on the held-out split's halves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from saediff.chat_demo import DESIGN, HELDOUT, MEDICAL, ChatDemoRecipe, _pairs_of, _sae, run_chat_demo
+from saediff.chat_story import diff_on_references, in_context_candidates
+from saediff.em_data import data_path, pair_evaluator
+from saediff.head2head import HeadToHeadConfig, markdown_table, run_head_to_head
+from saediff.models import ModelSpec
+from saediff.prompts import load_prompts
+
+MODEL = "smollm2-135m"
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seed", type=int, default=0, help="fine-tune seed")
+    ap.add_argument("--out", type=Path, default=Path("runs/smol_h2h"))
+    ap.add_argument("--rows", type=int, default=200, help="rows of the bad medical data the crosscoder, diff-SAE and ADL read")
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    say = lambda s: print(s, flush=True)  # noqa: E731
+    root = a.out / f"s{a.seed}"
+    recipe = ChatDemoRecipe(finetunes=("lora_bad",), story=False, pair_sets=(DESIGN, HELDOUT, MEDICAL))
+    run_chat_demo(MODEL, root, seed=a.seed, recipe=recipe, progress=say)
+    sae_dir = a.out / "sae"
+    _sae(ModelSpec(MODEL), 15, sae_dir, 0, ChatDemoRecipe(), say)
+    run, pairs = root / "h2h_diff", _pairs_of(DESIGN)
+    if not (run / "run.json").exists():
+        t = time.perf_counter()
+        icl = in_context_candidates(ModelSpec(MODEL), pairs, 48, a.seed)
+        diff_on_references(MODEL, None, str(root / "models" / "lora_bad" / "model"), sae_dir, pairs, run, top_n=10,
+                           seed=a.seed, extra=icl)
+        say(f"diff and in-context direction: {time.perf_counter() - t:.0f} s")
+    cfg = HeadToHeadConfig(crosscoder_steps=1000, diff_sae_steps=1000, scales=(0.5, 1.0), n_random=3, seed=a.seed)
+    res = run_head_to_head(run, root / "h2h", load_prompts(str(data_path("medical_bad")))[: a.rows],
+                           pair_evaluator(HELDOUT), contrast=pairs, cfg=cfg)
+    print(markdown_table(res))
