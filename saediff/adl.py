@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from saediff import _io
 from saediff.errors import SaediffError
 
-__all__ = ["ADLConfig", "ADLResult", "first_token_positions", "adl_differences", "run_adl"]
+__all__ = ["ADLConfig", "ADLResult", "first_token_positions", "adl_differences", "position_mean", "run_adl"]
 
 log = logging.getLogger(__name__)
 
@@ -120,13 +120,13 @@ def _logit_lens(result: ADLResult, lm, n: int) -> dict:
     W_U = unembedding(lm.model)
     out = {}
     for L, D in result.diff.items():
-        mean = _position_mean(result, L)
+        mean = position_mean(result, L)
         out[str(L)] = {"mean": logit_effects(mean, W_U, lm.tokenizer, n),
                        "per_position": [logit_effects(D[j], W_U, lm.tokenizer, n)["promoted"] for j in range(D.shape[0])]}
     return out
 
 
-def _position_mean(result: ADLResult, L: int) -> torch.Tensor:
+def position_mean(result: ADLResult, L: int) -> torch.Tensor:
     """The difference averaged over the read positions, each weighted by the prompts that reached it."""
     w = result.count / result.count.sum()
     return (result.diff[L] * w[:, None]).sum(0)
@@ -157,21 +157,21 @@ def run_adl(base: str, out: str | Path, prompts: list, cfg: ADLConfig = ADLConfi
     lens = _logit_lens(res, lm_base, cfg.n_logit_tokens)
     per_layer = {}
     for L, D in res.diff.items():
-        mean = _position_mean(res, L)
+        mean = position_mean(res, L)
         per_layer[str(L)] = {"norm_per_position": D.norm(dim=1).tolist(), "norm_mean": float(mean.norm()),
                              "relative_norm": float(mean.norm()) / max(res.base_norm[L], 1e-12),
                              "cos_mean_vs_position": torch.nn.functional.cosine_similarity(D, mean[None], dim=1).tolist(),
                              "base_residual_norm": res.base_norm[L], "logit_lens": lens[str(L)]}
     made_by = {"base": model_fingerprint(lm_base.spec), "finetuned": model_fingerprint(lm_ft.spec),
                "prompts": digest([asdict(p) for p in prompts]), "settings": asdict(cfg)}
-    dirs = [Direction(f"adl_L{L}", _position_mean(res, L), resid_post(L), "adl", {"k": cfg.k, "prompts": prompts_name})
+    dirs = [Direction(f"adl_L{L}", position_mean(res, L), resid_post(L), "adl", {"k": cfg.k, "prompts": prompts_name})
             for L in sorted(res.diff)]
     export_directions(dirs, out / "directions", model=base)
     summary = {"k": cfg.k, "prompts_per_position": res.count.tolist(), "steer_layer": L_s, "layers": per_layer,
                "provenance": made_by}
     if evaluator is not None:
         select, report = evaluator.halves()
-        sel = select_and_report({f"adl_L{L_s}": _position_mean(res, L_s)}, [Arm("induce", lm_base)], L_s, cfg.scales,
+        sel = select_and_report({f"adl_L{L_s}": position_mean(res, L_s)}, [Arm("induce", lm_base)], L_s, cfg.scales,
                                 res.base_norm[L_s], select, report, out / "steer", n_random=cfg.n_random,
                                 coherence_budget=cfg.coherence_budget, seed=cfg.seed)
         steer = {"unsteered": sel.unsteered, "coherence_floor": sel.coherence_floor,

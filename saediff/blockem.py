@@ -134,18 +134,16 @@ def project_directions(source: str, layers: list[int] | None, *, sae=None, laten
     ``named`` ({name: {block: (d,)}}, e.g. the organism's ``ground_truth``); or ``FOLDER:NAME``, a
     direction of a saediff export folder (a diff run's ``directions/``, ``saediff adl``'s, a persona
     vector) at its own block (``layers`` None, or that block alone)."""
-    folder, _, name = source.rpartition(":")
+    folder = source.rpartition(":")[0]
     if folder and Path(folder).is_dir():
-        from saediff.export import load_directions
+        from saediff.export import load_direction
         from saediff.hooks import parse_layer
 
-        found = load_directions(folder)
-        if name not in found:
-            raise SaediffError(f"{folder} has no direction {name!r} (it has {', '.join(sorted(found))})")
-        at = parse_layer(found[name].hook)
+        d = load_direction(source)
+        at = parse_layer(d.hook)
         if layers not in (None, [at]):
             raise SaediffError(f"direction {source} lives at block {at}, not at blocks {layers}")
-        return {at: found[name].vector.float()[None]}
+        return {at: d.vector.float()[None]}
     if layers is None:
         raise SaediffError(f"project direction {source!r} needs its blocks")
     if source == "latents":

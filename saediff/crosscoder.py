@@ -45,7 +45,8 @@ from saediff.errors import MissingFileError, SaediffError
 
 __all__ = ["CrosscoderConfig", "Crosscoder", "CrosscoderStats", "train_crosscoder", "save_crosscoder",
            "load_crosscoder", "decoder_norm_table", "crosscoder_stats", "crosscoder_metrics", "crosscoder_from_models",
-           "run_crosscoder_diff", "latent_rows", "ft_only_ranking", "ft_direction", "CLASSES"]
+           "run_crosscoder_diff", "latent_rows", "ft_only_ranking", "ft_direction", "class_counts",
+           "check_crosscoder_out", "CLASSES"]
 
 log = logging.getLogger(__name__)
 KIND = "saediff.crosscoder"
@@ -123,7 +124,11 @@ class Crosscoder(torch.nn.Module):
 
     def pre_acts(self, x_BMD: torch.Tensor) -> Float[torch.Tensor, "batch d_sae"]:
         """ReLU of the summed encoder projections of both models' (scaled) activations."""
-        return (torch.einsum("bmd,mds->bs", self.scaled(x_BMD) - self.b_dec, self.W_enc) + self.b_enc).relu()
+        return self.pre_acts_scaled(self.scaled(x_BMD))
+
+    def pre_acts_scaled(self, xs_BMD: torch.Tensor) -> Float[torch.Tensor, "batch d_sae"]:
+        """``pre_acts`` of activations already in the scaled space."""
+        return (torch.einsum("bmd,mds->bs", xs_BMD - self.b_dec, self.W_enc) + self.b_enc).relu()
 
     def dec_norms(self) -> Float[torch.Tensor, "d_sae 2"]:
         return self.W_dec.norm(dim=2)
@@ -131,7 +136,12 @@ class Crosscoder(torch.nn.Module):
     @torch.no_grad()
     def encode(self, x_BMD: Float[torch.Tensor, "batch 2 d_in"]) -> Float[torch.Tensor, "batch d_sae"]:
         """Latent codes at inference: activations whose score passes ``threshold``."""
-        pre = self.pre_acts(x_BMD)
+        return self.encode_scaled(self.scaled(x_BMD))
+
+    @torch.no_grad()
+    def encode_scaled(self, xs_BMD: torch.Tensor) -> Float[torch.Tensor, "batch d_sae"]:
+        """``encode`` of activations already in the scaled space."""
+        pre = self.pre_acts_scaled(xs_BMD)
         return pre * (pre * self.dec_norms().sum(1) > self.threshold)
 
     def decode(self, z_BS: Float[torch.Tensor, "batch d_sae"]) -> Float[torch.Tensor, "batch 2 d_in"]:
@@ -151,7 +161,7 @@ def _batchtopk(pre_BS: torch.Tensor, norms_S: torch.Tensor, k: int) -> tuple[tor
 def _step_loss(cc: Crosscoder, x_BMD: torch.Tensor, k: int, var: float, dead_S: torch.Tensor, aux_k: int,
                aux_coef: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, fvu, smallest kept score, fired latents) of one batch of scaled activations."""
-    pre = (torch.einsum("bmd,mds->bs", x_BMD - cc.b_dec, cc.W_enc) + cc.b_enc).relu()
+    pre = cc.pre_acts_scaled(x_BMD)
     z, kept_min = _batchtopk(pre, cc.dec_norms().sum(1), k)
     err = x_BMD - cc.decode(z)
     fvu = err.pow(2).sum((1, 2)).mean() / var
@@ -234,10 +244,7 @@ def save_crosscoder(cc: Crosscoder, path: str | Path, extra: dict | None = None)
     from saediff import __version__
 
     path = Path(path)
-    if path.exists() and any(path.iterdir()) and not (path / "cfg.json").exists():
-        raise SaediffError(f"crosscoder output {path} is not empty and not a crosscoder folder: choose another folder")
-    if (path / "cfg.json").exists() and json.loads((path / "cfg.json").read_text()).get("kind") != KIND:
-        raise SaediffError(f"crosscoder output {path} holds another kind of folder: choose another folder")
+    check_crosscoder_out(path)
     cfg = {"kind": KIND, "saediff_version": __version__, "d_in": cc.d_in, "d_sae": cc.d_sae, "k": cc.k,
            "hook_name": cc.hook_name, "models": list(cc.models), "norm_scale": cc.norm_scale.tolist(),
            "threshold": float(cc.threshold), "train": cc.train_settings, **(extra or {})}
@@ -337,7 +344,7 @@ def crosscoder_stats(cc: Crosscoder, batches, k_top: int = 10, chunk: int = 1024
     for batch in batches:
         for i in range(0, batch.shape[0], chunk):
             x = cc.scaled(batch[i : i + chunk].to(dev))  # (B, M, D)
-            z = cc.encode(batch[i : i + chunk].to(dev)).float()  # (B, S)
+            z = cc.encode_scaled(x).float()  # (B, S)
             err = x - cc.decode(z)
             for m in (0, 1):
                 acc[f"r_{m}"] += (z * (x[:, m].float() @ d_ft.T)).sum(0).double()
@@ -367,15 +374,27 @@ def crosscoder_metrics(cc: Crosscoder, held_N2D: Float[torch.Tensor, "n 2 d_in"]
     xs = cc.scaled(held_N2D)
     var = (xs - xs.mean(0)).pow(2).sum(2).sum(0).double()  # (2,)
     for i in range(0, held_N2D.shape[0], chunk):
-        z = cc.encode(held_N2D[i : i + chunk])
+        z = cc.encode_scaled(xs[i : i + chunk])
         sq += (xs[i : i + chunk] - cc.decode(z)).pow(2).sum(2).sum(0).double()
         fired += (z > 0).sum(0)
         l0 += float((z > 0).sum())
     n = held_N2D.shape[0]
-    classes = decoder_norm_table(cc, fired)["class"]
     return {"fvu_base": float(sq[0] / var[0]), "fvu_ft": float(sq[1] / var[1]), "fvu": float(sq.sum() / var.sum()),
             "l0": l0 / n, "dead_fraction": float((fired == 0).float().mean()), "held_rows": n,
-            "classes": {c: classes.count(c) for c in CLASSES}}
+            "classes": class_counts(decoder_norm_table(cc, fired)["class"])}
+
+
+def class_counts(classes: list[str]) -> dict[str, int]:
+    """How many latents fall in each of ``CLASSES``."""
+    return {c: classes.count(c) for c in CLASSES}
+
+
+def check_crosscoder_out(path: Path) -> None:
+    """Raise one line unless ``path`` may take a crosscoder: missing, empty, or a crosscoder folder."""
+    if path.exists() and any(path.iterdir()) and not (path / "cfg.json").exists():
+        raise SaediffError(f"crosscoder output {path} is not empty and not a crosscoder folder: choose another folder")
+    if (path / "cfg.json").exists() and json.loads((path / "cfg.json").read_text()).get("kind") != KIND:
+        raise SaediffError(f"crosscoder output {path} holds another kind of folder: choose another folder")
 
 
 def crosscoder_from_models(base: str, out: str | Path, cfg: CrosscoderConfig, prompts: list, hook: str, *,
@@ -388,8 +407,7 @@ def crosscoder_from_models(base: str, out: str | Path, cfg: CrosscoderConfig, pr
     from saediff.provenance import model_fingerprint
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not (out / "cfg.json").exists():  # before the models load
-        raise SaediffError(f"crosscoder output {out} is not empty and not a crosscoder folder: choose another folder")
+    check_crosscoder_out(out)  # before the models load
     lm_base, lm_ft = load_pair(base, finetuned, adapter)
     src = paired_source(lm_base, lm_ft, prompts, hook, positions, f"{base} vs {finetuned or adapter} over {prompts_name}")
     if src.n_train < 2 * cfg.batch_size:  # a small test set: smaller batches rather than a failure
@@ -434,20 +452,19 @@ def run_crosscoder_diff(cc_path: str | Path, base: str, out: str | Path, prompts
         return old["summary"]
     toks = tokenize_prompts(lm_base, prompts)
     st = crosscoder_stats(cc, paired_rows(lm_base, lm_ft, toks, cc.hook_name, positions=positions))
-    table = decoder_norm_table(cc, (st.freq * st.n).round().long())
-    rows = latent_rows(cc, st)
+    rows = latent_rows(cc, st)  # indexed by latent
     picked = ft_only_ranking(rows, top)
     cards = []
     for j in picked:
         ids = st.top_rows[j][st.top_vals[j] > 0].tolist()
         info = row_descriptions(lm_base, prompts, toks, positions, which=ids) if ids else []
-        cards.append({"latent": j, **next(r for r in rows if r["latent"] == j),
+        cards.append({**rows[j],
                       "top": [{"row": i, **d, "value": float(v)} for i, d, v in zip(ids, info, st.top_vals[j].tolist())]})
     dirs = [Direction(f"cc_{j}", ft_direction(cc, j), cc.hook_name,
                       "crosscoder", {"latent": j, "crosscoder": str(cc_path)}) for j in picked]
     if dirs:
         export_directions(dirs, out / "directions", model=base)
-    summary = {"rows": st.n, "classes": {c: table["class"].count(c) for c in CLASSES}, "ft_only_ranked": picked,
+    summary = {"rows": st.n, "classes": class_counts([r["class"] for r in rows]), "ft_only_ranked": picked,
                "hook": cc.hook_name, "base": base, "crosscoder": str(cc_path)}
     if not picked:
         log.warning("crosscoder diff: no fine-tune-only latent fired on these prompts: no candidate directions")

@@ -15,7 +15,7 @@ from pathlib import Path
 from saediff.directions import Direction
 from saediff.errors import MissingFileError, SaediffError
 
-__all__ = ["export_directions", "export_run", "model_type", "load_directions", "validated_scales", "FORMATS", "export_gguf",
+__all__ = ["export_directions", "export_run", "model_type", "load_directions", "load_direction", "validated_scales", "FORMATS", "export_gguf",
            "read_gguf_control_vector", "export_steering_vectors", "load_steering_vector"]
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,17 @@ def load_directions(path: str | Path) -> dict[str, Direction]:
             raise SaediffError(f"{wpath}: manifest lists {name!r} but the file has no such tensor")
         out[name] = Direction(name, tensors[name], entry["hook"], entry["method"], entry.get("provenance", {}))
     return out
+
+
+def load_direction(source: str) -> Direction:
+    """One direction named ``FOLDER:NAME`` (an export folder and a direction in it)."""
+    folder, _, name = str(source).rpartition(":")
+    if not folder:
+        raise SaediffError(f"a direction is FOLDER:NAME (a saediff export folder and a direction in it), got {source!r}")
+    found = load_directions(folder)
+    if name not in found:
+        raise SaediffError(f"{folder} has no direction {name!r} (it has {', '.join(sorted(found))})")
+    return found[name]
 
 
 def validated_scales(run_dir: str | Path) -> dict[str, dict]:

@@ -114,7 +114,7 @@ def _own_methods(lm_base, lm_ft, cfg: HeadToHeadConfig, L: int, prompts: list, c
                  notes: dict, sae_cfg) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """The methods computed here, each timed (the paired read is charged to the two that need it);
     widths and k not given follow the diff run's SAE (``sae_cfg``: d_sae, k)."""
-    from saediff.adl import ADLConfig, adl_differences
+    from saediff.adl import ADLConfig, adl_differences, position_mean
     from saediff.hooks import resid_post
 
     vecs, cost = {}, {}
@@ -129,6 +129,7 @@ def _own_methods(lm_base, lm_ft, cfg: HeadToHeadConfig, L: int, prompts: list, c
     if "crosscoder" in wants:
         from saediff.crosscoder import (
             CrosscoderConfig,
+            class_counts,
             crosscoder_stats,
             ft_direction,
             ft_only_ranking,
@@ -143,7 +144,7 @@ def _own_methods(lm_base, lm_ft, cfg: HeadToHeadConfig, L: int, prompts: list, c
         st = crosscoder_stats(cc, [rows])
         lat_rows = latent_rows(cc, st)
         ranked = ft_only_ranking(lat_rows, 1)
-        classes = {c: sum(r["class"] == c for r in lat_rows) for c in ("ft_only", "base_only", "shared", "other", "dead")}
+        classes = class_counts([r["class"] for r in lat_rows])
         notes["crosscoder"] = {"classes": classes, "fvu": hist["fvu"][-1]}
         if not ranked:  # said in the row, not hidden: the crosscoder's most fine-tune-leaning latent instead
             alive = [r for r in lat_rows if r["class"] != "dead"]
@@ -172,8 +173,7 @@ def _own_methods(lm_base, lm_ft, cfg: HeadToHeadConfig, L: int, prompts: list, c
     if "adl" in wants:
         t = time.perf_counter()
         res = adl_differences(lm_base, lm_ft, prompts, ADLConfig(k=cfg.adl_k, layers=(L,)), progress=False)
-        w = res.count / res.count.sum()
-        vecs["adl"] = (res.diff[L] * w[:, None]).sum(0)
+        vecs["adl"] = position_mean(res, L)
         cost["adl"] = time.perf_counter() - t
     if "persona" in wants:
         if not contrast:

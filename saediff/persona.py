@@ -90,18 +90,13 @@ def flag_rows(model: str, data: str | Path, direction_source: str, out: str | Pa
     top rows). With ``drop_fraction``: ``out/screened.jsonl`` without the highest-scoring rows and
     ``out/random_dropped.jsonl`` without as many random ones (``saediff flag --finetune`` trains on both)."""
     from saediff.chat_data import load_chat_jsonl
-    from saediff.export import load_directions
+    from saediff.export import load_direction
     from saediff.models import load_model
     from saediff.pairs import mean_t_interval
 
     if drop_fraction is not None and not 0 < drop_fraction < 1:
         raise SaediffError(f"--drop-fraction must lie in (0, 1), got {drop_fraction}")
-    folder, _, name = direction_source.rpartition(":")
-    if not folder:
-        raise SaediffError(f"--direction takes FOLDER:NAME (a saediff export folder and a direction in it), got {direction_source!r}")
-    found = load_directions(folder)
-    if name not in found:
-        raise SaediffError(f"{folder} has no direction {name!r} (it has {', '.join(sorted(found))})")
+    direction = load_direction(direction_source)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = load_chat_jsonl(data)
@@ -111,7 +106,7 @@ def flag_rows(model: str, data: str | Path, direction_source: str, out: str | Pa
     lm = load_model(model)
     answers = base_answers(lm, rows, out, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
                            progress=progress)
-    res = projection_differences(lm, rows, answers, found[name], n_random=n_random, seed=seed, progress=progress)
+    res = projection_differences(lm, rows, answers, direction, n_random=n_random, seed=seed, progress=progress)
     scores = res["score"]
     _io.atomic_write_jsonl(out / "flag.jsonl", ({"row": i, "score": s, "proj_train": a, "proj_base": b}
                                                 for i, (s, a, b) in enumerate(zip(scores, res["proj_train"], res["proj_base"]))))
