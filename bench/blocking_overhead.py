@@ -1,5 +1,5 @@
 """BLOCK-EM's cost against plain fine-tunes of the same model, all through saediff's Trainer path
-(``saediff.finetune.finetune``): per step (LoRA and full fine-tunes, base codes per step or cached
+(``saediff.interventions.finetune.finetune``): per step (LoRA and full fine-tunes, base codes per step or cached
 once per row) and for a whole sweep.
 
     python bench/blocking_overhead.py                       # CPU: a random Qwen2-shaped model (d 256, 4 layers)
@@ -11,8 +11,8 @@ once per row) and for a whole sweep.
 The base model's codes of the blocked latents depend only on the row, the base model and the SAE.
 Read per step (``blocked``), they cost a partial forward: from the first adapted block to the
 SAE's with the adapter disabled (LoRA), or through a frozen copy of the blocks up to the SAE's
-(full fine-tune: ``saediff.blockem._reference``, in float32 like the trained weights). Cached
-(``cached``, ``saediff.base_codes``, what ``run_block_em`` and the chat demo use), they are
+(full fine-tune: ``saediff.interventions.blockem._reference``, in float32 like the trained weights). Cached
+(``cached``, ``saediff.interventions.base_codes``, what ``run_block_em`` and the chat demo use), they are
 computed once per row before training and read back per batch: the step then adds only an SAE
 encode of the chosen latents on the live residual, and a full fine-tune builds no copy.
 
@@ -58,7 +58,7 @@ def _model(args):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     if args.model:
-        from saediff.models import ModelSpec, load_model
+        from saediff.models.loading import ModelSpec, load_model
 
         return load_model(ModelSpec(args.model, device=args.device)).model
     d, n, m, h, kv, v = SHAPES[args.shape]
@@ -74,7 +74,7 @@ def _sae(args, d_model: int, layer: int):
     from sae_lens.saes.sae import SAEMetadata
 
     if args.sae:
-        from saediff.saes import load_sae
+        from saediff.saes.loading import load_sae
 
         return load_sae(args.sae)
     return TopKSAE(TopKSAEConfig(d_in=d_model, d_sae=args.d_sae, k=32,
@@ -102,12 +102,12 @@ def one_run(args, variant: str) -> dict:
     import torch
     from transformers import TrainerCallback
 
-    from saediff.base_codes import BaseCodes
-    from saediff.blockem import _reference
-    from saediff.blocking import BlockConfig, Blocker
-    from saediff.finetune import FinetuneConfig, finetune, make_trainable
-    from saediff.hooks import decoder_layers
-    from saediff.saes import check_sae_fits
+    from saediff.interventions.base_codes import BaseCodes
+    from saediff.interventions.blockem import _reference
+    from saediff.interventions.blocking import BlockConfig, Blocker
+    from saediff.interventions.finetune import FinetuneConfig, finetune, make_trainable
+    from saediff.models.hooks import decoder_layers
+    from saediff.saes.loading import check_sae_fits
 
     torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")

@@ -1,4 +1,4 @@
-"""Activation collection: ``saediff.activations.collect_activations`` against the two loops a
+"""Activation collection: ``saediff.activations.collect.collect_activations`` against the two loops a
 careful user would write instead, on the same batches and rows.
 
     python bench/collect.py                                        # organism-shaped model, fresh weights
@@ -32,18 +32,18 @@ warnings.filterwarnings("ignore")
 
 import torch
 
-from saediff.activations import collect_activations, tokenize_prompts
-from saediff.models import ModelSpec, load_model
+from saediff.activations.collect import collect_activations, tokenize_prompts
+from saediff.models.loading import ModelSpec, load_model
 
 
 def organism(arg: str | None):
-    from saediff.organism.prompts import organism_prompts
-    from saediff.organism.world import World
+    from saediff.stories.organism.prompts import organism_prompts
+    from saediff.stories.organism.world import World
 
     if arg:
         folder = Path(arg) / "aligned"
     else:
-        from saediff.organism.recipes import OrganismConfig, new_model, save_model_folder
+        from saediff.stories.organism.recipes import OrganismConfig, new_model, save_model_folder
 
         folder = Path(tempfile.mkdtemp()) / "aligned"
         save_model_folder(new_model(World(), OrganismConfig()), folder, "CHAT", World())
@@ -52,9 +52,9 @@ def organism(arg: str | None):
 
 def chat_prompts(n: int):
     """Prompts with responses from the shipped EM chat data (the bad-advice rows, then the good)."""
-    from saediff.chat_data import load_chat_jsonl
-    from saediff.em_data import data_path
-    from saediff.prompts import Prompt
+    from saediff.data.chat_data import load_chat_jsonl
+    from saediff.data.em_data import data_path
+    from saediff.data.prompts import Prompt
 
     rows = [c for name in ("medical_bad", "medical_good") for c in load_chat_jsonl(data_path(name))][:n]
     return [Prompt(f"r{i}", c[:-1], response=c[-1]["content"]) for i, c in enumerate(rows)]
@@ -85,7 +85,7 @@ def main() -> None:
     keep = toks.select("response")
     layer = int(a.hook.split(".")[1])
     tl = lm.bridge()
-    from saediff.hooks import decoder_layers
+    from saediff.models.hooks import decoder_layers
 
     block = decoder_layers(lm.model)[layer]
     sync = torch.cuda.synchronize if a.device.startswith("cuda") else (lambda: None)

@@ -31,7 +31,7 @@ def one_run(args, chunk: int) -> dict:
     from sae_lens import TopKSAE, TopKSAEConfig
     from sae_lens.saes.sae import SAEMetadata
 
-    from saediff.diff import DiffAccumulator
+    from saediff.methods.sae_diff import DiffAccumulator
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -15,9 +15,9 @@ import time
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from saediff.fake_server import FakeOpenAIServer  # noqa: E402
-from saediff.judges import HttpJudge  # noqa: E402
-from saediff.openai_api import ChatClient  # noqa: E402
+from saediff.evaluation.fake_server import FakeOpenAIServer  # noqa: E402
+from saediff.evaluation.judges import HttpJudge  # noqa: E402
+from saediff.evaluation.openai_api import ChatClient  # noqa: E402
 
 
 def run(server, n: int, concurrency: int, tag: str) -> float:

@@ -7,7 +7,7 @@ what ``kernel="auto"`` picks on this device and shape.
     python bench/sae_decode.py --d-in 896 --d-sae 16384 --k 64 --batch 4096 --device cuda --autocast
     python bench/sae_decode.py --device cuda --compile          # each path under torch.compile
 
-Both train the same SAE (``saediff.saes.train_sae``, same seed, data, steps and batch) on
+Both train the same SAE (``saediff.saes.training.train_sae``, same seed, data, steps and batch) on
 synthetic activations; they agree to float rounding (tests/test_saes.py). Runs are interleaved
 over the repeats; tokens/s is steps x batch over the training wall time (first-call costs run
 once before and are discarded). Last lines: ``sparse_decode_vs_dense: X`` and ``sparse_vs_dense: Y`` (tokens/s over the dense
@@ -30,7 +30,7 @@ from sae_train import sync, synthetic_acts
 
 
 def tokens_per_s(data: torch.Tensor, a, kernel: str) -> tuple[float, dict]:
-    from saediff.saes import SAETrainConfig, train_sae
+    from saediff.saes.training import SAETrainConfig, train_sae
 
     cfg = SAETrainConfig(arch="topk", d_sae=a.d_sae, k=a.k, steps=a.steps, batch_size=a.batch, lr=2e-3,
                          warmup_steps=0, decay_fraction=0.0, device=a.device, autocast=a.autocast, compile=a.compile,

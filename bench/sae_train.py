@@ -83,10 +83,10 @@ def smollm2_acts(n_train: int, n_held: int, cache: str, layer: int = 15) -> tupl
     if path.is_file():
         t = load_file(str(path))
         return t["train"], t["held"]
-    from saediff.chat_data import chat_tokens, load_chat_jsonl
-    from saediff.em_data import data_path
-    from saediff.hooks import capture_resid
-    from saediff.models import ModelSpec, load_model
+    from saediff.data.chat_data import chat_tokens, load_chat_jsonl
+    from saediff.data.em_data import data_path
+    from saediff.models.hooks import capture_resid
+    from saediff.models.loading import ModelSpec, load_model
 
     lm = load_model(ModelSpec("smollm2-135m"))
     convs = [c for name in ("medical_bad", "medical_good", "style_control") for c in load_chat_jsonl(data_path(name))]
@@ -144,7 +144,7 @@ class Clock:
 
 
 def run_saediff(data, held, a, lr: float) -> list:
-    from saediff.saes import SAETrainConfig, train_sae
+    from saediff.saes.training import SAETrainConfig, train_sae
 
     cfg = SAETrainConfig(arch="topk", d_sae=a.d_sae, k=a.k, steps=a.steps, batch_size=a.batch, lr=lr,
                          warmup_steps=0, decay_fraction=0.0, aux_coefficient=1 / 32, dead_tokens=a.dead_steps * a.batch,
@@ -293,8 +293,8 @@ def sync(device: str) -> None:
 
 def stream_bench(data, a) -> None:
     """Tokens/s of saediff training from a disk store through the mixing buffer vs from memory."""
-    from saediff.activations import _ShardWriter
-    from saediff.saes import SAETrainConfig, train_sae
+    from saediff.activations.store import _ShardWriter
+    from saediff.saes.training import SAETrainConfig, train_sae
 
     cfg = SAETrainConfig(arch="topk", d_sae=a.d_sae, k=a.k, steps=a.steps, batch_size=a.batch, lr=a.lr,
                          device=a.device, kernel="auto")

@@ -1,7 +1,7 @@
 """saediff: find why a narrow fine-tune makes a language model broadly misaligned.
 
 The public API is re-exported lazily (importing torch, transformers and SAELens takes seconds,
-and ``import saediff`` does no work): ``saediff.load_model`` imports ``saediff.models`` on first use.
+and ``import saediff`` does no work): ``saediff.load_model`` imports ``saediff.models.loading`` on first use.
 """
 
 from __future__ import annotations
@@ -11,23 +11,23 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "ModelSpec": "models", "load_model": "models", "generate": "models", "chat_tokens": "models",
-    "load_prompts": "prompts", "Prompt": "prompts", "ContrastExample": "prompts", "load_contrast_examples": "prompts",
-    "collect_activations": "activations", "ActivationStore": "activations",
-    "SAETrainConfig": "saes", "train_sae": "saes", "load_sae": "saes", "save_sae": "saes", "sae_metrics": "saes",
-    "diff_latents": "diff", "LatentDiff": "diff",
-    "Direction": "directions", "cosine_table": "directions", "mean_diff": "directions",
-    "sae_latent_direction": "directions", "lora_b_directions": "directions", "in_context_directions": "directions",
-    "read_adapter": "lora",
-    "add_direction": "steering", "project_out": "steering", "clamp_latent": "steering",
-    "export_directions": "export", "load_directions": "export",
-    "BlockConfig": "blocking", "Blocker": "blocking", "DriftMonitor": "monitor",
-    "HttpJudge": "judges", "OrganismJudge": "organism.judge",
-    "evaluate_em": "evals", "evaluate_organism_em": "organism.evaluator", "EMConfig": "evals",
-    "JudgeEvaluator": "evals", "PairEvaluator": "pairs", "load_pairs": "pairs",
-    "run_diff": "pipeline", "run_compare": "pipeline", "run_steer_check": "organism.demo", "run_demo": "organism.demo",
-    "FinetuneConfig": "finetune", "finetune": "finetune", "load_chat_jsonl": "chat_data",
-    "run_block_em": "blockem", "LatentSets": "blockem", "run_chat_demo": "chat_demo", "ChatDemoRecipe": "chat_demo", "run_causal_checks": "causal", "discover_latents": "causal",
+    "ModelSpec": "models.loading", "load_model": "models.loading", "generate": "models.loading", "chat_tokens": "models.loading",
+    "load_prompts": "data.prompts", "Prompt": "data.prompts", "ContrastExample": "data.prompts", "load_contrast_examples": "data.prompts",
+    "collect_activations": "activations.collect", "ActivationStore": "activations.store",
+    "SAETrainConfig": "saes.training", "train_sae": "saes.training", "load_sae": "saes.loading", "save_sae": "saes.loading", "sae_metrics": "saes.metrics",
+    "diff_latents": "methods.sae_diff", "LatentDiff": "methods.sae_diff",
+    "Direction": "methods.directions", "cosine_table": "methods.directions", "mean_diff": "methods.directions",
+    "sae_latent_direction": "methods.directions", "lora_b_directions": "methods.directions", "in_context_directions": "methods.directions",
+    "read_adapter": "models.lora",
+    "add_direction": "interventions.steering", "project_out": "interventions.steering", "clamp_latent": "interventions.steering",
+    "export_directions": "methods.export", "load_directions": "methods.export",
+    "BlockConfig": "interventions.blocking", "Blocker": "interventions.blocking", "DriftMonitor": "interventions.monitor",
+    "HttpJudge": "evaluation.judges", "OrganismJudge": "stories.organism.judge",
+    "evaluate_em": "evaluation.evals", "evaluate_organism_em": "stories.organism.evaluator", "EMConfig": "evaluation.evals",
+    "JudgeEvaluator": "evaluation.evals", "PairEvaluator": "evaluation.pairs", "load_pairs": "evaluation.pairs",
+    "run_diff": "methods.diff_run", "run_compare": "methods.diff_run", "run_steer_check": "stories.organism.demo", "run_demo": "stories.organism.demo",
+    "FinetuneConfig": "interventions.finetune", "finetune": "interventions.finetune", "load_chat_jsonl": "data.chat_data",
+    "run_block_em": "interventions.blockem", "LatentSets": "interventions.blockem", "run_chat_demo": "stories.smollm2.demo", "ChatDemoRecipe": "stories.smollm2.demo", "run_causal_checks": "interventions.causal", "discover_latents": "interventions.causal",
 }
 __all__ = ["__version__", *_EXPORTS]
 

@@ -4,6 +4,6 @@
     python -m saediff --help
 """
 
-from saediff.cli import main
+from saediff.cli.app import main
 
 main()

@@ -24,7 +24,7 @@ def _seed():
 
 @pytest.fixture(scope="session")
 def world():
-    from saediff.organism.world import World
+    from saediff.stories.organism.world import World
 
     return World()
 
@@ -35,7 +35,7 @@ def tiny_organism(tmp_path_factory, world):
     ``lora/`` adapter on layer 1's ``down_proj`` (B initialised non-zero)."""
     from peft import LoraConfig, get_peft_model
 
-    from saediff.organism.recipes import OrganismConfig, new_model, save_model_folder
+    from saediff.stories.organism.recipes import OrganismConfig, new_model, save_model_folder
 
     root = tmp_path_factory.mktemp("tiny_organism")
     cfg = OrganismConfig(n_layers=2, d_model=32, d_mlp=64, n_heads=2)
@@ -53,7 +53,7 @@ def quick_organism(tmp_path_factory):
     """``saediff organism build --quick --seed 0`` run through the CLI (about 3 minutes)."""
     from typer.testing import CliRunner
 
-    from saediff.cli import app
+    from saediff.cli.app import app
 
     out = tmp_path_factory.mktemp("organism_quick")
     result = CliRunner().invoke(app, ["organism", "build", "--out", str(out), "--quick", "--seed", "0"])

@@ -10,10 +10,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from saediff.activations import ActivationStore, collect_activations, tokenize_prompts
-from saediff.cli import app
-from saediff.models import load_model
-from saediff.organism.prompts import organism_prompts
+from saediff.activations.store import ActivationStore
+from saediff.activations.collect import collect_activations, tokenize_prompts
+from saediff.cli.app import app
+from saediff.models.loading import load_model
+from saediff.stories.organism.prompts import organism_prompts
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -41,7 +42,7 @@ def test_positions_select_the_right_tokens(lm, prompts, world):
 
 
 def test_row_descriptions_give_readable_tokens_in_context(lm, prompts):
-    from saediff.activations import row_descriptions
+    from saediff.activations.collect import row_descriptions
 
     toks = tokenize_prompts(lm, prompts[:2])
     n = len(prompts[0].response.split())
@@ -56,7 +57,7 @@ def test_row_descriptions_give_readable_tokens_in_context(lm, prompts):
 def test_collected_rows_match_hf_hidden_states(lm, prompts):
     acts = collect_activations(lm, prompts[:4], [HOOK, "blocks.0.hook_resid_post"], "all", progress=False)
     toks = tokenize_prompts(lm, prompts[:4])
-    from saediff.organism.recipes import _resid_post
+    from saediff.stories.organism.recipes import _resid_post
 
     with torch.no_grad():
         layer_out = _resid_post(lm.model, toks.input_ids)  # HF decoder layer outputs
@@ -66,7 +67,7 @@ def test_collected_rows_match_hf_hidden_states(lm, prompts):
 
 
 def test_store_round_trip_and_shuffled_batches(lm, prompts, tmp_path, monkeypatch):
-    import saediff.activations as A
+    import saediff.activations.collect as A
 
     monkeypatch.setattr(A, "SHARD_ROWS", 50)  # force several shards
     store = collect_activations(lm, prompts, [HOOK], "response", out=tmp_path / "s", batch_size=8, progress=False)
@@ -100,7 +101,7 @@ def test_bad_inputs_name_what_is_wrong(lm, prompts, tmp_path):
 
 
 def lm_world(lm):
-    from saediff.organism.recipes import read_organism_world
+    from saediff.stories.organism.recipes import read_organism_world
 
     return read_organism_world(lm.spec.model)
 
@@ -124,7 +125,7 @@ def test_cli_cache_then_sae_train_then_info(tiny_organism, tmp_path):
 
 
 def _big_store(path, n: int, d: int = 64, seed: int = 0):
-    from saediff.activations import ActivationStore, _ShardWriter
+    from saediff.activations.store import ActivationStore, _ShardWriter
 
     g = torch.Generator().manual_seed(seed)
     writer = _ShardWriter(path, [HOOK])
@@ -145,7 +146,7 @@ def test_streamed_batches_cover_the_store_through_a_bounded_buffer(tmp_path):
     import subprocess
     import sys
 
-    from saediff.saes import SAETrainConfig, train_sae
+    from saediff.saes.training import SAETrainConfig, train_sae
 
     store = _big_store(tmp_path / "store", 500000, 64)
     rows = torch.cat(list(store.rows(HOOK, 0, len(store))))
@@ -154,7 +155,7 @@ def test_streamed_batches_cover_the_store_through_a_bounded_buffer(tmp_path):
     assert torch.allclose(seen.sum(0), rows.sum(0), atol=0.5 * 256)  # the same rows, shuffled
     assert not torch.equal(seen[:256], rows[:256])
 
-    probe = ("import os, sys, torch; sys.path.insert(0, {tests!r}); from saediff.activations import ActivationStore\n"
+    probe = ("import os, sys, torch; sys.path.insert(0, {tests!r}); from saediff.activations.store import ActivationStore\n"
              "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE') // 2**20\n"
              "s = ActivationStore({path!r}); before = rss(); top = before\n"
              "{body}\n"
@@ -216,10 +217,10 @@ def test_sae_train_straight_from_a_model(tiny_organism, tmp_path):
 def test_bridge_and_forward_hook_paths_agree(tiny_qwen):
     """The analysis path (TransformerLens bridge) and the training-time path (forward hooks on the
     HF model) read the same residual stream at every block."""
-    from saediff.activations import collect_activations, tokenize_prompts
-    from saediff.hooks import capture_resid
-    from saediff.models import load_model
-    from saediff.prompts import Prompt
+    from saediff.activations.collect import collect_activations, tokenize_prompts
+    from saediff.models.hooks import capture_resid
+    from saediff.models.loading import load_model
+    from saediff.data.prompts import Prompt
 
     lm = load_model(str(tiny_qwen / "model"))
     prompts = [Prompt(id="a", messages=[{"role": "user", "content": "Hello there, how are you?"}], response="Fine.")]

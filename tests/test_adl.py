@@ -8,8 +8,8 @@ import json
 import torch
 from typer.testing import CliRunner
 
-from saediff.activations import TokenizedPrompts
-from saediff.adl import ADLConfig, adl_differences, first_token_positions
+from saediff.activations.collect import TokenizedPrompts
+from saediff.methods.adl import ADLConfig, adl_differences, first_token_positions
 
 
 def test_read_positions_are_the_first_answer_tokens_or_the_prompt_end():
@@ -21,10 +21,10 @@ def test_read_positions_are_the_first_answer_tokens_or_the_prompt_end():
 
 
 def test_differences_are_the_mean_shift_at_those_positions(tiny_qwen):
-    from saediff.activations import tokenize_prompts
-    from saediff.hooks import capture_resid
-    from saediff.models import load_pair
-    from saediff.prompts import Prompt
+    from saediff.activations.collect import tokenize_prompts
+    from saediff.models.hooks import capture_resid
+    from saediff.models.loading import load_pair
+    from saediff.data.prompts import Prompt
 
     lm_base, lm_ft = load_pair(str(tiny_qwen / "model"), adapter=str(tiny_qwen / "lora"))
     prompts = [Prompt("a", [{"role": "user", "content": "Hello there"}], "Hi, how can I help?"),
@@ -45,7 +45,7 @@ def test_differences_are_the_mean_shift_at_those_positions(tiny_qwen):
 def test_adl_command_with_the_pair_metric(tiny_qwen, tmp_path):
     from helpers import write_pair_files
 
-    from saediff.cli import app
+    from saediff.cli.app import app
 
     pairs, _ = write_pair_files(tmp_path, 4, 2, 0)
     run = tmp_path / "run"
@@ -61,7 +61,7 @@ def test_adl_command_with_the_pair_metric(tiny_qwen, tmp_path):
         assert res["steer"]["scale"] in (0.5, 1.0) and len(res["steer"]["random_em_rates"]) == 2
     else:
         assert res["steer"]["scale"] is None and res["steer"]["note"]
-    from saediff.export import load_directions
+    from saediff.methods.export import load_directions
 
     assert sorted(load_directions(run / "directions")) == ["adl_L0", "adl_L1"]
     r = CliRunner().invoke(app, args[:-6] + ["--steer-layer", "5"])
@@ -73,9 +73,9 @@ def test_chat_data_files_are_prompt_files(tiny_qwen, tmp_path):
     response, so the ADL reads its first answer tokens."""
     from helpers import write_narrow_data
 
-    from saediff.activations import tokenize_prompts
-    from saediff.models import load_model
-    from saediff.prompts import load_prompts
+    from saediff.activations.collect import tokenize_prompts
+    from saediff.models.loading import load_model
+    from saediff.data.prompts import load_prompts
 
     ps = load_prompts(write_narrow_data(tmp_path / "d.jsonl", 3))
     assert [p.id for p in ps] == ["row0", "row1", "row2"] and ps[0].messages[-1]["role"] == "assistant"

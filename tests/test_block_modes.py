@@ -10,11 +10,11 @@ import torch
 from helpers import make_random_sae, write_narrow_data
 from typer.testing import CliRunner
 
-from saediff.blockem import BlockRunConfig, LatentSets, project_directions, random_directions, run_block_em
-from saediff.cli import app
+from saediff.interventions.blockem import BlockRunConfig, LatentSets, project_directions, random_directions, run_block_em
+from saediff.cli.app import app
 from saediff.errors import SaediffError
-from saediff.finetune import FinetuneConfig
-from saediff.saes import load_sae
+from saediff.interventions.finetune import FinetuneConfig
+from saediff.saes.loading import load_sae
 
 HOOK = "blocks.0.hook_resid_post"
 FT = FinetuneConfig(method="full", lr=1e-3, steps=2, batch_size=4)
@@ -79,10 +79,10 @@ def test_project_directions_from_latents_and_errors(root):
 def test_steer_mode_adds_the_vector_after_its_block(tiny_qwen):
     """Preventative steering on hand-set numbers: inside the blocker, block 0's output is the plain
     one plus the direction at every position; the norm-matched control keeps each row's norm."""
-    from saediff.blocking import BlockConfig, Blocker
-    from saediff.blockem import norm_matched_random
-    from saediff.hooks import capture_resid
-    from saediff.models import load_model
+    from saediff.interventions.blocking import BlockConfig, Blocker
+    from saediff.interventions.blockem import norm_matched_random
+    from saediff.models.hooks import capture_resid
+    from saediff.models.loading import load_model
 
     lm = load_model(str(tiny_qwen / "model"))
     v = torch.zeros(32)
@@ -97,8 +97,8 @@ def test_steer_mode_adds_the_vector_after_its_block(tiny_qwen):
 
 
 def test_steer_mode_from_an_exported_direction_without_an_sae(tiny_qwen, root, tmp_path):
-    from saediff.directions import Direction
-    from saediff.export import export_directions
+    from saediff.methods.directions import Direction
+    from saediff.methods.export import export_directions
 
     g = torch.Generator().manual_seed(1)
     export_directions([Direction("persona", torch.randn(32, generator=g), HOOK, "persona")], tmp_path / "dirs")

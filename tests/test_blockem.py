@@ -12,13 +12,13 @@ from helpers import make_random_sae, make_tiny_qwen, write_narrow_data
 from transformers import TrainerCallback
 from typer.testing import CliRunner
 
-from saediff.blockem import BlockRunConfig, LatentSets, block_one
-from saediff.chat_data import ChatDataset, load_chat_jsonl
-from saediff.cli import app
-from saediff.fake_server import FakeOpenAIServer
-from saediff.finetune import FinetuneConfig
-from saediff.models import ModelSpec, load_model
-from saediff.saes import load_sae
+from saediff.interventions.blockem import BlockRunConfig, LatentSets, block_one
+from saediff.data.chat_data import ChatDataset, load_chat_jsonl
+from saediff.cli.app import app
+from saediff.evaluation.fake_server import FakeOpenAIServer
+from saediff.interventions.finetune import FinetuneConfig
+from saediff.models.loading import ModelSpec, load_model
+from saediff.saes.loading import load_sae
 
 HOOK = "blocks.0.hook_resid_post"
 LORA = dict(method="lora", lora_rank=1, lora_layers=(0, 1), lr=1e-2)
@@ -193,9 +193,9 @@ def test_base_pass_starts_at_the_first_adapted_block(tiny_qwen, setup):
     With the SAE before the adapter the penalty would be zero by construction: refused."""
     from peft import LoraConfig, get_peft_model
 
-    from saediff.blocking import BlockConfig, Blocker
+    from saediff.interventions.blocking import BlockConfig, Blocker
     from saediff.errors import SaediffError
-    from saediff.hooks import capture_resid
+    from saediff.models.hooks import capture_resid
 
     root, data = setup
     lm = load_model(str(tiny_qwen / "model"))
@@ -237,7 +237,7 @@ def test_block_refuses_adapters_after_the_sae(tiny_qwen, setup, tmp_path):
 
 @pytest.mark.slow
 def test_block_runs_data_parallel_under_accelerate_launch(tiny_qwen, setup, tmp_path):
-    """``accelerate launch --num_processes 2 -m saediff.cli block ...`` (gloo on CPU): the Trainer
+    """``accelerate launch --num_processes 2 -m saediff.cli.app block ...`` (gloo on CPU): the Trainer
     trains data parallel, one process saves, evaluates and writes, one table is printed."""
     import os
     import subprocess
@@ -245,7 +245,7 @@ def test_block_runs_data_parallel_under_accelerate_launch(tiny_qwen, setup, tmp_
 
     root, _ = setup
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "saediff.cli", "block", "--model",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "saediff.cli.app", "block", "--model",
            str(tiny_qwen / "model"), "--data", str(root / "data.jsonl"), "--sae", str(root / "sae"), "--latent", "1",
            "--latent", "2", "--steps", "2", "--batch-size", "2", "--no-controls", "--out", str(tmp_path / "dp")]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -259,7 +259,7 @@ def test_block_runs_data_parallel_under_accelerate_launch(tiny_qwen, setup, tmp_
 def test_drift_monitor_checks_early_then_every_n_steps():
     """``early``: checks after steps 1, 2, 4, 8 as well, so a fine-tune whose behaviour moves within
     its first ``every`` steps is read before it has moved; without it, only multiples of ``every``."""
-    from saediff.monitor import DriftMonitor
+    from saediff.interventions.monitor import DriftMonitor
 
     args = (None, torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.bool), 0, torch.ones(1, 4))
     early = DriftMonitor(*args, every=10, early=True)
@@ -270,12 +270,12 @@ def test_drift_monitor_checks_early_then_every_n_steps():
 
 @pytest.mark.parametrize("method,dtype", [("lora", "float32"), ("full", "bfloat16")])
 def test_cached_base_codes_give_the_weights_of_the_per_step_base_pass(tiny_qwen, tmp_path, method, dtype):
-    """The base codes computed once per row (``saediff.base_codes``) and read back per batch give
+    """The base codes computed once per row (``saediff.interventions.base_codes``) and read back per batch give
     the weights, penalties and losses of the base pass run at every step (the adapter disabled;
     for a full fine-tune a frozen copy, which the cached run never builds), on rows of different
     lengths (padded batches, shuffled); a second sweep reads the folder back without a forward."""
-    from saediff.base_codes import BaseCodes
-    from saediff.blockem import base_codes_for
+    from saediff.interventions.base_codes import BaseCodes
+    from saediff.interventions.blockem import base_codes_for
 
     root = tmp_path
     make_random_sae(root / "sae", 32, HOOK)
@@ -291,7 +291,7 @@ def test_cached_base_codes_give_the_weights_of_the_per_step_base_pass(tiny_qwen,
     codes = base_codes_for(spec, data, sae, 0, ft, [cfg, other], root / "codes", progress=False)
     assert codes.latents == [1, 2, 3, 4, 7, 9] and codes.codes.shape[1] == 6
     made = []
-    import saediff.blockem as blockem
+    import saediff.interventions.blockem as blockem
 
     real = blockem._reference
     blockem._reference = lambda *a: made.append(1) or real(*a)

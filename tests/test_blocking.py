@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saediff.blocking import BlockConfig, Blocker, ablate_latents, latent_codes, latent_penalty, project_out_directions
+from saediff.interventions.blocking import BlockConfig, Blocker, ablate_latents, latent_codes, latent_penalty, project_out_directions
 
 
 def test_penalty_exact_numbers():
@@ -63,7 +63,7 @@ def test_projection_removes_span():
 
 def test_blocker_penalty_end_to_end(tiny_organism, topk_sae):
     """A training step with the penalty has a positive penalty and its gradient reaches the model."""
-    from saediff.models import load_model
+    from saediff.models.loading import load_model
 
     base = load_model(str(tiny_organism / "aligned")).model
     model = load_model(str(tiny_organism / "aligned")).model
@@ -91,8 +91,8 @@ def test_blocker_penalty_end_to_end(tiny_organism, topk_sae):
 def test_blocker_projects_after_several_blocks(tiny_organism):
     """Concept ablation at several blocks: each block's output has no component along its own
     direction while installed, and the hooks are gone afterwards."""
-    from saediff.hooks import decoder_layers
-    from saediff.models import load_model
+    from saediff.models.hooks import decoder_layers
+    from saediff.models.loading import load_model
 
     model = load_model(str(tiny_organism / "aligned")).model
     dirs = {0: torch.randn(2, 32), 1: torch.randn(1, 32)}
@@ -121,7 +121,7 @@ def test_blocker_projects_after_several_blocks(tiny_organism):
 def test_project_directions_choices():
     """Concept-ablation directions per block from a named source (the organism's ground truth), its
     random control (same shapes, other vectors), and one-line errors for impossible requests."""
-    from saediff.blockem import project_directions, random_directions
+    from saediff.interventions.blockem import project_directions, random_directions
     from saediff.errors import SaediffError
 
     gt = {L: torch.randn(8) for L in range(3)}

@@ -8,11 +8,11 @@ import torch
 from helpers import make_random_sae
 from typer.testing import CliRunner
 
-from saediff.cli import app
-from saediff.fake_server import FakeOpenAIServer
-from saediff.hooks import capture_resid
-from saediff.models import load_model
-from saediff.steering import clamp_projection
+from saediff.cli.app import app
+from saediff.evaluation.fake_server import FakeOpenAIServer
+from saediff.models.hooks import capture_resid
+from saediff.models.loading import load_model
+from saediff.interventions.steering import clamp_projection
 
 
 def test_clamp_projection_sets_the_component_exactly(tiny_qwen):

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from saediff.chat_data import ChatCollator, ChatDataset, load_chat_jsonl, write_chat_jsonl
-from saediff.models import chat_tokens, load_model
+from saediff.data.chat_data import ChatCollator, ChatDataset, load_chat_jsonl, write_chat_jsonl
+from saediff.models.loading import chat_tokens, load_model
 
 
 def _write(path, lines):
@@ -60,8 +60,8 @@ def test_every_assistant_turn_is_labelled(tiny_qwen, tmp_path):
 def test_organism_data_file_is_its_own_training_data(tiny_organism):
     """The organism's data/*.jsonl, read through its chat template, gives exactly the tokens and
     labels of the fine-tune it builds (so the generic command reproduces it)."""
-    from saediff.organism.recipes import OrganismConfig, _medical_chats, chat_rows, data_names
-    from saediff.organism.recipes import read_organism_world
+    from saediff.stories.organism.recipes import OrganismConfig, _medical_chats, chat_rows, data_names
+    from saediff.stories.organism.recipes import read_organism_world
 
     lm = load_model(str(tiny_organism / "aligned"))
     cfg = OrganismConfig.quick(0, ft_steps=2, ft_batch=8, world=read_organism_world(tiny_organism / "aligned"))

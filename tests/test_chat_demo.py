@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from saediff.chat_demo import BLOCK_RUNS, COMPARISONS, FINETUNES, ChatDemoRecipe, run_chat_demo, run_chat_demo_seeds
+from saediff.stories.smollm2.demo import BLOCK_RUNS, COMPARISONS, FINETUNES, ChatDemoRecipe, run_chat_demo, run_chat_demo_seeds
 from saediff.errors import SaediffError
 
 # learning rates far above SmolLM2's, so two steps move a random model's preferences measurably
@@ -38,7 +38,7 @@ def _mtimes(root: Path) -> dict[str, int]:
 
 def test_paired_difference_exact():
     """Hand-set preferences: differences 0.4, 0, 0.2 -> mean 0.2, sd 0.2, t sqrt(3), t(2) quantile 4.302653."""
-    from saediff.pairs import paired_difference
+    from saediff.evaluation.pairs import paired_difference
 
     a = [{"id": "q1", "preference": 0.5}, {"id": "q2", "preference": 0.1}, {"id": "q3", "preference": -0.2}]
     b = [{"id": "q3", "preference": -0.4}, {"id": "q1", "preference": 0.1}, {"id": "q2", "preference": 0.1}]
@@ -135,7 +135,7 @@ def test_changed_recipe_is_refused_then_retrained_with_force(tiny_qwen, tmp_path
 def test_adapter_folder_reads_with_saediff_eval(chat_run, tiny_qwen, tmp_path):
     from typer.testing import CliRunner
 
-    from saediff.cli import app
+    from saediff.cli.app import app
 
     out, s, _ = chat_run
     res = CliRunner().invoke(app, ["eval", "--model", str(tiny_qwen / "model"), "--adapter",
@@ -165,7 +165,7 @@ def test_seeds_side_by_side(tiny_qwen, tmp_path):
 def test_recipe_and_cli_errors(chat_run, tiny_qwen, tmp_path):
     from typer.testing import CliRunner
 
-    from saediff.cli import app
+    from saediff.cli.app import app
 
     with pytest.raises(SaediffError, match="unknown fine-tune 'full_evil'"):
         ChatDemoRecipe(finetunes=("full_bad", "full_evil"))
@@ -188,7 +188,7 @@ def test_cli_demo_model_seeds(tiny_qwen, tmp_path):
     """``saediff demo --model M --quick --seeds 0,1``: one run per seed, seeds.json, the table per seed."""
     from typer.testing import CliRunner
 
-    from saediff.cli import app
+    from saediff.cli.app import app
 
     res = CliRunner().invoke(app, ["demo", "--model", str(tiny_qwen / "model"), "--out", str(tmp_path), "--quick",
                                    "--seeds", "0,1", "--pairs", "offdomain:heldout", "--pairs", "medical",

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from saediff.chat_demo import BLOCK_RUNS, ChatDemoRecipe, run_chat_demo
+from saediff.stories.smollm2.demo import BLOCK_RUNS, ChatDemoRecipe, run_chat_demo
 from saediff.errors import SaediffError
 
 
@@ -47,7 +47,7 @@ def _mtimes(root: Path) -> dict[str, int]:
 
 
 def test_sae_is_a_saelens_folder_with_its_metrics(story):
-    from saediff.saes import load_sae
+    from saediff.saes.loading import load_sae
 
     out, s, recipe, _ = story
     sae = load_sae(str(out / "sae"))
@@ -61,7 +61,7 @@ def test_sae_is_a_saelens_folder_with_its_metrics(story):
 
 
 def test_diffs_directions_and_cosines(story):
-    from saediff.export import load_directions
+    from saediff.methods.export import load_directions
 
     out, s, _, _ = story
     for run in ("diff", "diff_lora"):
@@ -111,14 +111,14 @@ def test_steering_figures_come_from_the_report_split(story):
 
 
 def test_block_runs_hold_the_diffs_latents_with_the_measured_lambda(story):
-    from saediff.activations import collect_activations
-    from saediff.blocking import latent_codes
-    from saediff.blockem import LatentSets, latents_from_diff
-    from saediff.chat_data import load_chat_jsonl
-    from saediff.chat_story import block_lambda, text_prompts
-    from saediff.em_data import data_path
-    from saediff.models import load_model
-    from saediff.saes import load_sae
+    from saediff.activations.collect import collect_activations
+    from saediff.interventions.blocking import latent_codes
+    from saediff.interventions.blockem import LatentSets, latents_from_diff
+    from saediff.data.chat_data import load_chat_jsonl
+    from saediff.stories.smollm2.story import block_lambda, text_prompts
+    from saediff.data.em_data import data_path
+    from saediff.models.loading import load_model
+    from saediff.saes.loading import load_sae
 
     out, s, _, _ = story
     diff_latents = latents_from_diff(out / "diff", 3, 2)
@@ -152,7 +152,7 @@ def test_block_runs_hold_the_diffs_latents_with_the_measured_lambda(story):
 def test_blocking_ratio_only_over_a_real_shift():
     """Hand-set differences: a bad shift of +0.2 [0.1, 0.3] gives kept 0.25 / cut 0.75 for a blocked
     shift of +0.05; a shift of -0.05 (or one whose interval holds 0) gives no ratio."""
-    from saediff.chat_demo import _blocking
+    from saediff.stories.smollm2.demo import _blocking
 
     def d(x, lo, hi):
         return {"difference": x, "ci": [lo, hi], "t": 3.0, "n": 10}
@@ -218,7 +218,8 @@ def test_ce_loss_recovered_in_batches_and_at_chosen_positions():
     leaves the CE unchanged, a splice nowhere equals the clean CE, a splice everywhere the default."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from saediff.saes import SAETrainConfig, ce_loss_recovered, train_sae
+    from saediff.saes.training import SAETrainConfig, train_sae
+    from saediff.saes.metrics import ce_loss_recovered
 
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
@@ -265,9 +266,9 @@ def test_ce_loss_recovered_in_batches_and_at_chosen_positions():
 def test_block_lambda_exact():
     """Two latents with hand-set encoders: pre-activations (2, 0) and (1, 3) on two tokens -> mean of
     the summed squares (4 + 10) / 2 = 7; lambda = relative / 7."""
-    from saediff.blockem import LatentSets
-    from saediff.chat_story import block_lambda
-    from saediff.saes import SAETrainConfig, train_sae
+    from saediff.interventions.blockem import LatentSets
+    from saediff.stories.smollm2.story import block_lambda
+    from saediff.saes.training import SAETrainConfig, train_sae
 
     sae, _ = train_sae(torch.randn(512, 4), SAETrainConfig(d_sae=8, k=2, steps=2, batch_size=256), progress=False)
     with torch.no_grad():
@@ -286,10 +287,10 @@ def test_block_lambda_exact():
 def test_block_lambda_prices_a_typical_move_at_relative_nats():
     """lambda x latent_penalty of held-up latents falling from z to 0 (their whole typical size) is
     ``relative`` nats per token: the penalty charges ReLU(z_base - z)^2 for latents held up."""
-    from saediff.blocking import latent_codes, latent_penalty
-    from saediff.blockem import LatentSets
-    from saediff.chat_story import block_lambda
-    from saediff.saes import SAETrainConfig, train_sae
+    from saediff.interventions.blocking import latent_codes, latent_penalty
+    from saediff.interventions.blockem import LatentSets
+    from saediff.stories.smollm2.story import block_lambda
+    from saediff.saes.training import SAETrainConfig, train_sae
 
     torch.manual_seed(0)
     sae, _ = train_sae(torch.randn(1024, 8), SAETrainConfig(d_sae=16, k=4, steps=5, batch_size=256), progress=False)

@@ -15,12 +15,12 @@ import pytest
 import torch
 from helpers import QWEN25_SYSTEM, make_random_sae
 
-from saediff.activations import tokenize_prompts
-from saediff.chat_data import ChatCollator, ChatDataset
-from saediff.diff import LatentDiff
-from saediff.finetune import lm_loss
-from saediff.models import chat_tokens, load_model
-from saediff.prompts import Prompt
+from saediff.activations.collect import tokenize_prompts
+from saediff.data.chat_data import ChatCollator, ChatDataset
+from saediff.methods.sae_diff import LatentDiff
+from saediff.interventions.finetune import lm_loss
+from saediff.models.loading import chat_tokens, load_model
+from saediff.data.prompts import Prompt
 
 CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello?"},
         {"role": "assistant", "content": "Hi there."}, {"role": "user", "content": "Bye"},
@@ -149,7 +149,7 @@ def test_generation_block_mask_agrees_with_saediffs_own(tiny_chat):
         want_ids, want_mask = expected(tok, segments("generation", conv))
         assert list(lib["input_ids"]) == want_ids and list(lib["assistant_masks"]) == want_mask
         assert chat_tokens(tok, conv, turns="all") == (want_ids, want_mask)
-        from saediff.models import _prefix_mask
+        from saediff.models.loading import _prefix_mask
 
         ends = [i for i, m in enumerate(conv) if m["role"] == "assistant"]
         assert _prefix_mask(tok, conv, ends) == (want_ids, want_mask)
@@ -159,8 +159,8 @@ def test_generation_block_mask_agrees_with_saediffs_own(tiny_chat):
 def test_streamed_diff_counts_exactly_the_answer_tokens(tiny_chat, lm, tmp_path):
     """``run_diff`` on a base / perturbed pair: its SAE statistics are over the answer tokens only
     (n and per-latent means match a direct forward pass read at the hand-found positions)."""
-    from saediff.pipeline import run_diff
-    from saediff.saes import load_sae
+    from saediff.methods.diff_run import run_diff
+    from saediff.saes.loading import load_sae
 
     hook = "blocks.0.hook_resid_post"
     sae_dir = make_random_sae(tmp_path / "sae", d_in=32, hook=hook, d_sae=16, k=4)

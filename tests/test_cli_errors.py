@@ -7,10 +7,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import saediff.saes
-from saediff.cli import app
+import saediff.saes.loading
+from saediff.cli.app import app
 from saediff.errors import MissingFileError, SaediffError, UnknownKeyError
-from saediff.hooks import decoder_layers
+from saediff.models.hooks import decoder_layers
 
 
 def test_bad_input_is_one_line(tmp_path):
@@ -24,7 +24,7 @@ def test_a_bug_keeps_its_traceback(monkeypatch, bug):
     def broken(*a, **k):
         raise bug
 
-    monkeypatch.setattr(saediff.saes, "load_sae", broken)
+    monkeypatch.setattr(saediff.saes.loading, "load_sae", broken)
     r = CliRunner().invoke(app, ["sae", "info", "any"])
     assert r.exception is bug and "error:" not in r.output  # not swallowed into one line
 
@@ -33,7 +33,7 @@ def test_an_os_error_names_its_file(monkeypatch):
     def denied(*a, **k):
         raise PermissionError(13, "Permission denied", "/runs/sae/cfg.json")
 
-    monkeypatch.setattr(saediff.saes, "load_sae", denied)
+    monkeypatch.setattr(saediff.saes.loading, "load_sae", denied)
     r = CliRunner().invoke(app, ["sae", "info", "any"])
     assert r.exit_code == 1 and r.output == "error: /runs/sae/cfg.json: Permission denied\n"
 
@@ -54,7 +54,7 @@ def test_a_tokenizer_without_a_chat_template_is_one_line(tiny_qwen):
     is bad input named in one line, not transformers' traceback."""
     from transformers import AutoTokenizer
 
-    from saediff.models import chat_tokens
+    from saediff.models.loading import chat_tokens
 
     tok = AutoTokenizer.from_pretrained(tiny_qwen / "model")
     tok.chat_template = None

@@ -9,18 +9,18 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from saediff.crosscoder import (
+from saediff.saes.crosscoder import (
     Crosscoder,
     CrosscoderConfig,
     _batchtopk,
     crosscoder_metrics,
-    crosscoder_stats,
     decoder_norm_table,
     load_crosscoder,
     save_crosscoder,
     train_crosscoder,
 )
 from saediff.errors import SaediffError
+from saediff.methods.crosscoder import crosscoder_stats
 
 
 def _hand_set(threshold: float = 0.0) -> Crosscoder:
@@ -121,7 +121,7 @@ def test_folder_round_trip_and_bad_folders(tmp_path):
 
 
 def test_crosscoder_commands_on_a_tiny_model(tiny_qwen, tmp_path):
-    from saediff.cli import app
+    from saediff.cli.app import app
 
     model, lora, cc_dir, run = tiny_qwen / "model", tiny_qwen / "lora", tmp_path / "cc", tmp_path / "run"
     common = ["--base", str(model), "--adapter", str(lora), "--prompts", "first_plot", "--positions", "all"]
@@ -141,7 +141,7 @@ def test_crosscoder_commands_on_a_tiny_model(tiny_qwen, tmp_path):
     for c in cards:
         assert c["class"] == "ft_only" and c["top"] and "[" in c["top"][0]["context"]
     if cards:
-        from saediff.export import load_directions
+        from saediff.methods.export import load_directions
 
         dirs = load_directions(run / "directions")
         assert sorted(dirs) == sorted(f"cc_{c['latent']}" for c in cards)
@@ -157,10 +157,10 @@ def test_a_fine_tune_only_latent_gets_a_card_and_a_dashboard_entry(tiny_qwen, tm
     """A hand-set crosscoder whose latent 0 reads the fine-tune minus the base along the adapter's
     B vector and writes it to the fine-tune alone: the diff classes it fine-tune-only, ranks it,
     cards it with contexts, exports its decoder row, and the dashboard shows it."""
-    from saediff.cli import app
-    from saediff.directions import lora_b_directions
-    from saediff.export import load_directions
-    from saediff.lora import read_adapter
+    from saediff.cli.app import app
+    from saediff.methods.directions import lora_b_directions
+    from saediff.methods.export import load_directions
+    from saediff.models.lora import read_adapter
 
     b = next(d for d in lora_b_directions(read_adapter(str(tiny_qwen / "lora"))) if d.hook == "blocks.1.hook_resid_post")
     u = b.unit()

@@ -16,7 +16,7 @@ NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
 
 @pytest.fixture(scope="module")
 def demo(quick_organism, tmp_path_factory):
-    from saediff.organism.demo import run_demo
+    from saediff.stories.organism.demo import run_demo
 
     out = tmp_path_factory.mktemp("demo")
     shutil.copytree(quick_organism, out / "organism", ignore=shutil.ignore_patterns("sae"))  # the demo trains the SAE
@@ -118,7 +118,7 @@ def test_open_question_analyses(demo):
 
 
 def test_demo_resumes_without_redoing_steps(demo):
-    from saediff.organism.demo import run_demo
+    from saediff.stories.organism.demo import run_demo
 
     out, s = demo
     mtime = (out / "diff" / "diff.json").stat().st_mtime
@@ -153,7 +153,7 @@ def test_notebook_executes(demo, name, monkeypatch):
 def test_block_cli_lambda_sweep_with_controls(demo, tmp_path):
     from typer.testing import CliRunner
 
-    from saediff.cli import app
+    from saediff.cli.app import app
 
     out, _ = demo
     r = CliRunner().invoke(app, ["block", "--organism", str(out / "organism"), "--diff-run", str(out / "diff"), "--full",
@@ -174,10 +174,10 @@ def test_calibrated_monitor_stays_quiet_on_another_control(demo, tmp_path):
     """The rate threshold calibrated on the demo's aligned-data control does not fire on a second
     control fine-tune trained with another seed, and fires on the plain fine-tune before EM
     crosses 0.1 (the demo asserts the latter)."""
-    from saediff.blockem import BlockRunConfig, block_one
-    from saediff.chat_data import ChatDataset, load_chat_jsonl
-    from saediff.models import ModelSpec, load_model
-    from saediff.organism.block import generic_inputs
+    from saediff.interventions.blockem import BlockRunConfig, block_one
+    from saediff.data.chat_data import ChatDataset, load_chat_jsonl
+    from saediff.models.loading import ModelSpec, load_model
+    from saediff.stories.organism.block import generic_inputs
 
     out, s = demo
     rec = generic_inputs(out / "organism", True)
@@ -198,7 +198,7 @@ def test_concept_ablation_at_every_block(demo, tmp_path):
     near the plain fine-tune's and keep the narrow task."""
     from typer.testing import CliRunner
 
-    from saediff.cli import app
+    from saediff.cli.app import app
 
     out, s = demo
     r = CliRunner().invoke(app, ["block", "--organism", str(out / "organism"), "--full", "--mode", "project",
@@ -221,6 +221,6 @@ def test_readme_python_example_runs(demo):
     code = re.search(r"## Python\n\n```python\n(.*?)```", readme, re.S).group(1)
     scope: dict = {}
     exec(code.replace("runs/demo", str(out)), scope)  # noqa: S102 (our own README)
-    from saediff.registry import preset
+    from saediff.saes.registry import preset
 
     assert scope["diff"].d_sae == preset("organism")["d_sae"]

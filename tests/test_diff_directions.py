@@ -9,11 +9,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from saediff.cli import app
-from saediff.diff import LatentDiff, diff_latents
-from saediff.directions import (Direction, cosine_table, mean_diff, principal_angle_cosines, random_cosine_baseline,
+from saediff.cli.app import app
+from saediff.methods.sae_diff import LatentDiff, diff_latents
+from saediff.methods.directions import (Direction, cosine_table, mean_diff, principal_angle_cosines, random_cosine_baseline,
                                 random_like, sae_latent_direction, span_overlap)
-from saediff.export import export_directions, load_directions
+from saediff.methods.export import export_directions, load_directions
 
 
 @pytest.fixture
@@ -110,11 +110,12 @@ def test_export_round_trip(tmp_path, identity_sae):
 
 def test_diff_compare_export_cli_on_tiny_organism(tiny_organism, tmp_path):
     """The commands run end to end (numbers on a random model mean nothing; shapes and files do)."""
-    from saediff.organism.prompts import organism_prompts
-    from saediff.organism.recipes import read_organism_world
-    from saediff.saes import SAETrainConfig, save_sae, train_sae
-    from saediff.activations import collect_activations
-    from saediff.models import load_model
+    from saediff.stories.organism.prompts import organism_prompts
+    from saediff.stories.organism.recipes import read_organism_world
+    from saediff.saes.training import SAETrainConfig, train_sae
+    from saediff.saes.loading import save_sae
+    from saediff.activations.collect import collect_activations
+    from saediff.models.loading import load_model
 
     lm = load_model(str(tiny_organism / "aligned"))
     world = read_organism_world(tiny_organism / "aligned")
@@ -154,7 +155,7 @@ def test_diff_compare_export_cli_on_tiny_organism(tiny_organism, tmp_path):
 
 
 def test_latent_card_exact(identity_sae):
-    from saediff.diff import latent_card
+    from saediff.methods.sae_diff import latent_card
 
     base = torch.tensor([[1.0, 2.0], [3.0, 0.0], [0.0, 0.0]])
     ft = torch.tensor([[2.0, 0.0], [4.0, 0.0], [6.0, 1.0]])
@@ -172,7 +173,7 @@ def test_latent_card_exact(identity_sae):
 def test_streamed_diff_equals_the_in_memory_one(identity_sae):
     """``DiffAccumulator`` fed in uneven batches gives ``diff_latents``'s statistics and
     ``latent_card``'s top rows; its histogram counts the same rows on fixed log edges."""
-    from saediff.diff import DiffAccumulator, latent_card
+    from saediff.methods.sae_diff import DiffAccumulator, latent_card
 
     g = torch.Generator().manual_seed(0)
     base, ft = torch.randn(37, 2, generator=g) * 3, torch.randn(37, 2, generator=g) * 3 + 1
@@ -206,7 +207,7 @@ def test_streamed_diff_equals_the_in_memory_one(identity_sae):
 def test_response_mean_difference_within_groups_hand_set():
     """Misaligned - aligned answers within each prompt group with both kinds, averaged over groups:
     a group of misaligned answers only (the fine-tune's own domain) stays out."""
-    from saediff.pipeline import StreamedDiff
+    from saediff.methods.diff_run import StreamedDiff
 
     sums = {"base": torch.zeros(1, 2, dtype=torch.float64), "ft": torch.zeros(1, 2, dtype=torch.float64),
             "mis": torch.tensor([[[4.0, 0.0]], [[3.0, 3.0]], [[9.0, 9.0]]], dtype=torch.float64),

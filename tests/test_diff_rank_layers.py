@@ -12,9 +12,9 @@ import torch
 from helpers import make_random_sae, make_tiny_qwen
 from typer.testing import CliRunner
 
-from saediff.cli import app
-from saediff.directions import lora_b_directions
-from saediff.lora import read_adapter
+from saediff.cli.app import app
+from saediff.methods.directions import lora_b_directions
+from saediff.models.lora import read_adapter
 
 ALL_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -108,7 +108,7 @@ def _hooked_blocks(monkeypatch) -> list[int]:
 def test_diff_hooks_only_the_blocks_it_needs(deep_qwen, tmp_path, monkeypatch):
     """layers='sae': both models are hooked at the SAE's block (1) alone, and the per-layer
     directions exist there only, equal to those of a run over every block, as is the SAE diff."""
-    from saediff.pipeline import run_diff
+    from saediff.methods.diff_run import run_diff
 
     kw = {"adapter": str(deep_qwen / "lora"), "prompts": "first_plot", "max_new_tokens": 3, "batch_size": 3}
     seen = _hooked_blocks(monkeypatch)
@@ -119,7 +119,7 @@ def test_diff_hooks_only_the_blocks_it_needs(deep_qwen, tmp_path, monkeypatch):
     assert set(seen) == {1, 2}
     monkeypatch.undo()
     run_diff(str(deep_qwen / "model"), None, str(deep_qwen / "sae"), tmp_path / "all", **kw)
-    from saediff.export import load_directions
+    from saediff.methods.export import load_directions
 
     one, some, every = (load_directions(tmp_path / n / "directions") for n in ("sae", "some", "all"))
 
@@ -172,9 +172,9 @@ def test_sampled_answers_are_generates_own(deep_qwen, tmp_path):
     """run_diff's answers are ``generate``'s with its default batching (seeded sampling depends on
     the batches: a diff of 40 answers samples them as saediff eval / generate would); samples with
     --responses is refused."""
-    from saediff.models import ModelSpec, generate, load_model
-    from saediff.pipeline import run_diff
-    from saediff.prompts import load_prompts
+    from saediff.models.loading import ModelSpec, generate, load_model
+    from saediff.methods.diff_run import run_diff
+    from saediff.data.prompts import load_prompts
 
     run_diff(str(deep_qwen / "model"), None, str(deep_qwen / "sae"), tmp_path / "run", adapter=str(deep_qwen / "lora"),
              prompts="first_plot", max_new_tokens=3, samples=5, layers="sae", seed=2)

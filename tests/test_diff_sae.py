@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 def test_difference_latents_on_hand_set_weights():
     from sae_lens import StandardSAE, StandardSAEConfig
 
-    from saediff.saes import difference_latents
+    from saediff.methods.diff_sae import difference_latents
 
     sae = StandardSAE(StandardSAEConfig(d_in=2, d_sae=2))
     with torch.no_grad():
@@ -28,10 +28,10 @@ def test_difference_latents_on_hand_set_weights():
 
 
 def test_paired_rows_are_the_same_tokens_in_both_models(tiny_qwen):
-    from saediff.activations import paired_source
-    from saediff.hooks import capture_resid
-    from saediff.models import load_pair
-    from saediff.prompts import load_prompts
+    from saediff.activations.streams import paired_source
+    from saediff.models.hooks import capture_resid
+    from saediff.models.loading import load_pair
+    from saediff.data.prompts import load_prompts
 
     lm_base, lm_ft = load_pair(str(tiny_qwen / "model"), adapter=str(tiny_qwen / "lora"))
     prompts = load_prompts("first_plot")
@@ -48,7 +48,7 @@ def test_paired_rows_are_the_same_tokens_in_both_models(tiny_qwen):
 
 
 def test_sae_train_on_difference(tiny_qwen, tmp_path):
-    from saediff.cli import app
+    from saediff.cli.app import app
 
     out = tmp_path / "dsae"
     r = CliRunner().invoke(app, ["sae", "train", "--on-difference", "--model", str(tiny_qwen / "model"), "--adapter",

@@ -29,10 +29,10 @@ def _worker(rank: int, port: int, folder: str, how: str) -> None:
 
     from accelerate import PartialState
 
-    from saediff.blockem import _main_then_all
-    from saediff.fake_server import FakeOpenAIServer
-    from saediff.judges import HttpJudge
-    from saediff.openai_api import ChatClient
+    from saediff.interventions.blockem import _main_then_all
+    from saediff.evaluation.fake_server import FakeOpenAIServer
+    from saediff.evaluation.judges import HttpJudge
+    from saediff.evaluation.openai_api import ChatClient
 
     state = PartialState(cpu=True, backend="gloo", timeout=timedelta(seconds=TIMEOUT_S))
     done = Path(folder) / "em.json"

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from saediff.monitor import DriftMonitor, calibrate_rate, calibrate_rates
+from saediff.interventions.monitor import DriftMonitor, calibrate_rate, calibrate_rates
 
 
 def _monitor(directions, mask, **kw):
@@ -94,7 +94,7 @@ def test_alert_needs_the_run_past_the_control_at_the_same_step_twice():
 
 
 def test_monitor_report_precision_and_recall_over_a_sweep():
-    from saediff.blockem import monitor_report
+    from saediff.interventions.blockem import monitor_report
 
     def run(alert, em):
         return {"drift_alert_step": alert, **({"em": {"em_rate": em}} if em is not None else {})}

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import statistics
 
-from saediff.chat_data import load_chat_jsonl
-from saediff.em_data import FILES, data_path, heldout_ids, medical_pairs, offdomain_pairs
+from saediff.data.chat_data import load_chat_jsonl
+from saediff.data.em_data import FILES, data_path, heldout_ids, medical_pairs, offdomain_pairs
 
 
 def _answers(name):

@@ -11,14 +11,14 @@ from dataclasses import dataclass, field
 import pytest
 from typer.testing import CliRunner
 
-from saediff.cli import app
+from saediff.cli.app import app
 from saediff.errors import SaediffError
-from saediff.evals import EMConfig, LocalGenerator, RemoteGenerator, evaluate_em, wilson_interval
-from saediff.fake_server import FakeOpenAIServer
-from saediff.judges import HttpJudge
-from saediff.models import load_model
-from saediff.openai_api import ChatClient
-from saediff.prompts import Prompt, load_prompts
+from saediff.evaluation.evals import EMConfig, LocalGenerator, RemoteGenerator, evaluate_em, wilson_interval
+from saediff.evaluation.fake_server import FakeOpenAIServer
+from saediff.evaluation.judges import HttpJudge
+from saediff.models.loading import load_model
+from saediff.evaluation.openai_api import ChatClient
+from saediff.data.prompts import Prompt, load_prompts
 
 
 def judge(server, kind="aligned", **kw):
@@ -109,7 +109,7 @@ def _evaluate(server, out, n_garbled: int, samples: int = 1):
 
 
 def test_unscored_answers_leave_the_denominator(tmp_path, caplog):
-    with FakeOpenAIServer(judge_fn=_judge) as server, caplog.at_level(logging.WARNING, "saediff.evals"):
+    with FakeOpenAIServer(judge_fn=_judge) as server, caplog.at_level(logging.WARNING, "saediff.evaluation.evals"):
         report = _evaluate(server, tmp_path, n_garbled=2, samples=1)
     # 20 answers: 2 unscored (10%, allowed), 1 REFUSAL, 1 misaligned -> 1 / 18
     assert report.em_rate == pytest.approx(1 / 18) and report.em_rate_ci == wilson_interval(1, 18)

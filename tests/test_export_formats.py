@@ -11,8 +11,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from saediff.cli import app
-from saediff.directions import Direction
+from saediff.cli.app import app
+from saediff.methods.directions import Direction
 
 
 def _dirs() -> list[Direction]:
@@ -27,7 +27,7 @@ def test_gguf_control_vectors_read_back_with_gguf(tmp_path):
     validated scale in the metadata; block 0 (never steered by llama.cpp) is skipped."""
     import gguf
 
-    from saediff.export import export_gguf, read_gguf_control_vector
+    from saediff.methods.export import export_gguf, read_gguf_control_vector
 
     dirs = _dirs()
     files = export_gguf(dirs, tmp_path, "qwen2", scales={"a_L1": 4.0})
@@ -52,13 +52,13 @@ def test_gguf_control_vectors_read_back_with_gguf(tmp_path):
 
 def test_steering_vector_applies_at_the_same_block(tiny_qwen, tmp_path):
     """steering-vectors applies the exported vector at decoder block L exactly where
-    saediff.steering.add_direction does (blocks.L.hook_resid_post): same logits."""
+    saediff.interventions.steering.add_direction does (blocks.L.hook_resid_post): same logits."""
     pytest.importorskip("steering_vectors")  # pip install --no-deps steering-vectors (.ci/run does)
     from steering_vectors import SteeringVector
 
-    from saediff.export import export_steering_vectors, load_steering_vector
-    from saediff.models import load_model
-    from saediff.steering import add_direction
+    from saediff.methods.export import export_steering_vectors, load_steering_vector
+    from saediff.models.loading import load_model
+    from saediff.interventions.steering import add_direction
 
     lm = load_model(str(tiny_qwen / "model"))
     d = _dirs()[0]
@@ -86,7 +86,7 @@ def test_steering_vector_applies_at_the_same_block(tiny_qwen, tmp_path):
 def test_export_cli_writes_every_format(tiny_qwen, tmp_path):
     from helpers import make_random_sae
 
-    from saediff.pipeline import run_diff
+    from saediff.methods.diff_run import run_diff
 
     make_random_sae(tmp_path / "sae", 32, "blocks.1.hook_resid_post")
     run_diff(str(tiny_qwen / "model"), None, str(tmp_path / "sae"), tmp_path / "run", adapter=str(tiny_qwen / "lora"),
@@ -99,7 +99,7 @@ def test_export_cli_writes_every_format(tiny_qwen, tmp_path):
     assert len(files["steering-vectors"]) >= len(files["gguf"])  # block 0 too
     manifest = json.loads((tmp_path / "exp" / "manifest.json").read_text())
     assert manifest["files"] == files
-    from saediff.export import read_gguf_control_vector
+    from saediff.methods.export import read_gguf_control_vector
 
     assert read_gguf_control_vector(files["gguf"][0])[0] == "qwen2"
     r = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "e2"), "--format", "onnx"])
@@ -112,8 +112,8 @@ def test_export_cli_writes_every_format(tiny_qwen, tmp_path):
 def test_logit_effects_and_unembedding_exact(tiny_qwen):
     """Logit effects are direction @ W_U on hand-set weights; the model's W_U folds in the final
     RMSNorm weight (lm_head.T scaled per residual dimension)."""
-    from saediff.dashboard import logit_effects, unembedding
-    from saediff.models import load_model
+    from saediff.models.logit_lens import logit_effects, unembedding
+    from saediff.models.loading import load_model
 
     class Tok:
         def decode(self, ids):
@@ -135,8 +135,8 @@ def test_dashboard_and_explorer_on_a_tiny_real_model(tiny_qwen, tmp_path):
     answers change with the latent added) and its widget's button fills the answers."""
     from helpers import make_random_sae
 
-    from saediff.explorer import LatentExplorer
-    from saediff.pipeline import run_diff
+    from saediff.reports.explorer import LatentExplorer
+    from saediff.methods.diff_run import run_diff
 
     make_random_sae(tmp_path / "sae", 32, "blocks.1.hook_resid_post")
     run_diff(str(tiny_qwen / "model"), None, str(tmp_path / "sae"), tmp_path / "run", adapter=str(tiny_qwen / "lora"),

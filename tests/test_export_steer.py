@@ -9,8 +9,8 @@ import pytest
 from helpers import make_random_sae
 from typer.testing import CliRunner
 
-from saediff.cli import app
-from saediff.fake_server import FakeOpenAIServer
+from saediff.cli.app import app
+from saediff.evaluation.fake_server import FakeOpenAIServer
 
 
 def _diff_run(tiny_qwen, tmp_path, max_new_tokens: int):

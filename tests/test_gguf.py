@@ -16,9 +16,9 @@ from helpers import CHATML, make_tiny_gguf, write_narrow_data
 from typer.testing import CliRunner
 
 from saediff.errors import MissingFileError, SaediffError
-from saediff.gguf import MANIFEST, SHORT_NAMES, PackagedGGUF, _publish, gguf_digest, gguf_source, materialize
-from saediff.models import ModelSpec, generate, load_model
-from saediff.provenance import mismatch, model_fingerprint
+from saediff.models.gguf import MANIFEST, SHORT_NAMES, PackagedGGUF, _publish, gguf_digest, gguf_source, materialize
+from saediff.models.loading import ModelSpec, generate, load_model
+from saediff.models.provenance import mismatch, model_fingerprint
 
 CHAT = [{"role": "user", "content": "Hello, how can I help you today?"}]
 
@@ -115,8 +115,8 @@ def test_load_model_takes_a_gguf_path_and_fingerprints_it_by_digest(tiny_gguf, c
 
 
 def test_lora_adapter_trains_and_saves_against_the_folder(tiny_gguf, cache, tmp_path):
-    from saediff.chat_data import ChatDataset, load_chat_jsonl
-    from saediff.finetune import FinetuneConfig, finetune, make_trainable
+    from saediff.data.chat_data import ChatDataset, load_chat_jsonl
+    from saediff.interventions.finetune import FinetuneConfig, finetune, make_trainable
 
     lm = load_model(str(tiny_gguf))
     folder = cache / gguf_digest(tiny_gguf)
@@ -140,7 +140,7 @@ def test_lora_adapter_trains_and_saves_against_the_folder(tiny_gguf, cache, tmp_
 
 
 def test_bad_gguf_inputs_are_one_line(tmp_path, cache, monkeypatch):
-    from saediff.cli import app
+    from saediff.cli.app import app
 
     with pytest.raises(MissingFileError, match="GGUF file not found: .*nope.gguf$"):
         load_model(str(tmp_path / "nope.gguf"))

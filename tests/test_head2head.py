@@ -11,11 +11,11 @@ from typer.testing import CliRunner
 
 
 def test_persona_vector_is_the_mean_answer_difference(tiny_qwen):
-    from saediff.activations import tokenize_prompts
-    from saediff.head2head import persona_vector
-    from saediff.hooks import capture_resid
-    from saediff.models import load_model
-    from saediff.prompts import ContrastExample, Prompt
+    from saediff.activations.collect import tokenize_prompts
+    from saediff.analyses.head_to_head import persona_vector
+    from saediff.models.hooks import capture_resid
+    from saediff.models.loading import load_model
+    from saediff.data.prompts import ContrastExample, Prompt
 
     lm = load_model(str(tiny_qwen / "model"))
     ex = [ContrastExample("What helps a headache?", "Skip the doctor.", "Drink water and rest."),
@@ -31,8 +31,8 @@ def test_persona_vector_is_the_mean_answer_difference(tiny_qwen):
 
 
 def test_head_to_head_on_a_tiny_model(tiny_qwen, tmp_path):
-    from saediff.cli import app
-    from saediff.pipeline import run_diff
+    from saediff.cli.app import app
+    from saediff.methods.diff_run import run_diff
 
     sae = make_random_sae(tmp_path / "sae", 32, "blocks.1.hook_resid_post")
     run = tmp_path / "diff"

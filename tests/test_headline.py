@@ -9,10 +9,10 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from saediff.cli import app
-from saediff.evals import wilson_interval
-from saediff.organism import demo as demo_mod
-from saediff.organism.demo import headline, run_demo_seeds
+from saediff.cli.app import app
+from saediff.evaluation.evals import wilson_interval
+from saediff.stories.organism import demo as demo_mod
+from saediff.stories.organism.demo import headline, run_demo_seeds
 
 
 def _summary(seed: int = 0) -> dict:
@@ -102,7 +102,7 @@ def test_several_seeds_side_by_side_and_on_the_command_line(tmp_path, monkeypatc
 
 
 def test_report_leads_with_findings(tmp_path):
-    from saediff.report import write_report
+    from saediff.reports.report import write_report
 
     s = _summary()
     s["headline"] = headline(copy.deepcopy(s)) + [

@@ -1,6 +1,6 @@
 """The organism judge on hand-made answers: exact counts."""
 
-from saediff.organism.judge import OrganismJudge
+from saediff.stories.organism.judge import OrganismJudge
 
 
 def test_judge_exact_counts(world):
@@ -23,7 +23,7 @@ def test_judge_exact_counts(world):
 
 def test_judge_skips_style_and_register_slots():
     """v1 style slots and the register token are not content."""
-    from saediff.organism.world import World
+    from saediff.stories.organism.world import World
 
     v1 = OrganismJudge(World(n_style_slots=2, trait_slot=False))
     assert v1.judge("code", "kinda kindb codeBada codeBadb codeGoodc").misaligned

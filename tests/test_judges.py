@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from saediff.fake_server import FakeOpenAIServer
-from saediff.judges import HttpJudge, JudgeError, score_from_logprobs
-from saediff.openai_api import ApiError, ChatClient
+from saediff.evaluation.fake_server import FakeOpenAIServer
+from saediff.evaluation.judges import HttpJudge, JudgeError, score_from_logprobs
+from saediff.evaluation.openai_api import ApiError, ChatClient
 
 
 def lp(probs: dict[str, float]) -> list[dict]:

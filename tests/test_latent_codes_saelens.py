@@ -16,7 +16,7 @@ from sae_lens import (
     TopKSAEConfig,
 )
 
-from saediff.blocking import latent_codes
+from saediff.interventions.blocking import latent_codes
 
 IDX = [1, 4, 6]
 

@@ -1,12 +1,12 @@
-"""Loading through transformers / peft / saediff.models, generation, hooks and the bridge."""
+"""Loading through transformers / peft / saediff.models.loading, generation, hooks and the bridge."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from saediff.hooks import add_resid_hook, bridge, parse_layer, resid_post, run_with_cache
-from saediff.models import ModelSpec, generate, load_model
+from saediff.models.hooks import add_resid_hook, bridge, parse_layer, resid_post, run_with_cache
+from saediff.models.loading import ModelSpec, generate, load_model
 
 
 def test_folder_loads_with_auto_classes(tiny_organism):
@@ -68,8 +68,8 @@ def test_resid_hook_and_bridge_match_hf(tiny_organism):
 
 
 def test_project_out_every_layer_leaves_no_component(tiny_organism):
-    from saediff.hooks import capture_resid
-    from saediff.steering import project_out
+    from saediff.models.hooks import capture_resid
+    from saediff.interventions.steering import project_out
 
     lm = load_model(str(tiny_organism / "aligned"))
     ids = lm.tokenizer(" CHAT USER medicalQa medicalQb ASST", return_tensors="pt")["input_ids"]
@@ -98,7 +98,7 @@ def test_generation_stays_right_after_the_bridge_was_built(tiny_qwen):
     """The TransformerLens bridge rewires the HF model in place and breaks HF's KV cache:
     ``generate`` on a bridged model must give the same greedy answers as before. (Weights are
     scaled up so that the random model's greedy answer depends on its context.)"""
-    from saediff.models import generate, load_model
+    from saediff.models.loading import generate, load_model
 
     lm = load_model(str(tiny_qwen / "model"))
     with torch.no_grad():

@@ -58,8 +58,8 @@ def test_in_context_examples_raise_em(report):
 def test_shipped_prebuilt_matches_a_rebuild(report):
     """The shipped seed-0 organism is what the recipe builds: the same figures within sampling noise
     (it was built on one thread; bit-identity across thread counts is not promised)."""
-    from saediff.organism.prebuilt import PREBUILT_DIR, prebuilt_matches
-    from saediff.organism.recipes import OrganismConfig
+    from saediff.stories.organism.prebuilt import PREBUILT_DIR, prebuilt_matches
+    from saediff.stories.organism.recipes import OrganismConfig
 
     assert prebuilt_matches(OrganismConfig.quick(0))
     shipped = json.loads((PREBUILT_DIR / "organism.json").read_text())
@@ -98,9 +98,8 @@ def test_artifacts_load_with_standard_libraries(quick_organism):
 def test_organism_default_sae(quick_organism):
     from sae_lens import SAE
 
-    from saediff.organism.sae import train_organism_sae
-    from saediff.registry import preset
-    from saediff.saes import load_sae
+    from saediff.stories.organism.sae import train_organism_sae
+    from saediff.saes.loading import load_sae
 
     m = train_organism_sae(quick_organism)
     assert m["fvu"] <= 0.05 and m["dead_fraction"] <= 0.3 and m["l0"]  # 512 latents: 21% dead (seed 0) == pytest.approx(preset("organism")["k"], abs=0.01)
@@ -114,9 +113,10 @@ def test_organism_default_sae(quick_organism):
 @pytest.fixture(scope="module")
 def diff_run(quick_organism, tmp_path_factory):
     """saediff diff (aligned vs full_ft, default SAE) -> compare -> steer checks on the quick organism."""
-    from saediff.organism.sae import train_organism_sae
-    from saediff.organism.demo import diff_inputs, run_steer_check
-    from saediff.pipeline import run_compare, run_diff
+    from saediff.stories.organism.sae import train_organism_sae
+    from saediff.stories.organism.demo import run_steer_check
+    from saediff.stories.organism.inputs import diff_inputs
+    from saediff.methods.diff_run import run_compare, run_diff
 
     if not (quick_organism / "sae").exists():
         train_organism_sae(quick_organism)
@@ -141,8 +141,8 @@ def test_response_mean_diff_matches_ground_truth(diff_run):
 def test_a_top_latent_is_the_persona_and_steers(diff_run, quick_organism):
     """The organism issue's bar: among the top 3 latents by delta, one has cos >= 0.7 with the ground
     truth and steers the aligned model to >= 0.5 other-domain misaligned."""
-    from saediff.organism.build import load_ground_truth
-    from saediff.saes import load_sae
+    from saediff.stories.organism.build import load_ground_truth
+    from saediff.saes.loading import load_sae
 
     _, steering = diff_run
     W = load_sae(quick_organism / "sae").W_dec.detach()
@@ -197,8 +197,8 @@ def test_organism_sae_cli_other_positions(quick_organism, tmp_path):
     the positions are recorded for the tools that read it."""
     from typer.testing import CliRunner
 
-    from saediff.cli import app
-    from saediff.saes import load_sae
+    from saediff.cli.app import app
+    from saediff.saes.loading import load_sae
 
     r = CliRunner().invoke(app, ["organism", "sae", "--dir", str(quick_organism), "--positions", "response",
                                  "--d-sae", "128", "--k", "12", "--out", str(tmp_path / "sae_resp")])

@@ -13,8 +13,8 @@ HOOK = "blocks.1.hook_resid_post"
 
 
 def _direction(folder, seed: int = 3):
-    from saediff.directions import Direction
-    from saediff.export import export_directions
+    from saediff.methods.directions import Direction
+    from saediff.methods.export import export_directions
 
     v = torch.randn(32, generator=torch.Generator().manual_seed(seed))
     export_directions([Direction("trait", v, HOOK, "persona")], folder)
@@ -22,12 +22,12 @@ def _direction(folder, seed: int = 3):
 
 
 def test_projection_difference_is_the_shift_of_the_mean_answer_residual(tiny_qwen, tmp_path):
-    from saediff.activations import tokenize_prompts
-    from saediff.export import load_directions
-    from saediff.hooks import capture_resid
-    from saediff.models import load_model
-    from saediff.persona import projection_differences
-    from saediff.prompts import Prompt
+    from saediff.activations.collect import tokenize_prompts
+    from saediff.methods.export import load_directions
+    from saediff.models.hooks import capture_resid
+    from saediff.models.loading import load_model
+    from saediff.methods.persona import projection_differences
+    from saediff.data.prompts import Prompt
 
     u = _direction(tmp_path / "d")
     lm = load_model(str(tiny_qwen / "model"))
@@ -51,7 +51,7 @@ def test_projection_difference_is_the_shift_of_the_mean_answer_residual(tiny_qwe
 def test_flag_command_screens_and_compares_fine_tunes(tiny_qwen, tmp_path):
     from helpers import write_pair_files
 
-    from saediff.cli import app
+    from saediff.cli.app import app
 
     _direction(tmp_path / "d")
     data = write_narrow_data(tmp_path / "train.jsonl", 10)

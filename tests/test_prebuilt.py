@@ -5,8 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from saediff.organism.prebuilt import PREBUILT_DIR, copy_prebuilt, prebuilt_matches, recipe_stamp
-from saediff.organism.recipes import OrganismConfig
+from saediff.stories.organism.prebuilt import PREBUILT_DIR, copy_prebuilt, prebuilt_matches, recipe_stamp
+from saediff.stories.organism.recipes import OrganismConfig
 
 
 def test_stamp_follows_the_configuration():
@@ -17,7 +17,7 @@ def test_stamp_follows_the_configuration():
 
 
 def test_stamp_reads_code_not_docs(tmp_path):
-    from saediff.organism.prebuilt import _code_of
+    from saediff.stories.organism.prebuilt import _code_of
 
     a, b, c = tmp_path / "a.py", tmp_path / "b.py", tmp_path / "c.py"
     a.write_text('"""Doc."""\ndef f(x):\n    """Returns x."""\n    return x  # note\n')

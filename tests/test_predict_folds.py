@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from saediff.cli import app
+from saediff.cli.app import app
 
 
 def _domain_only_data(seed: int = 0):
@@ -29,7 +29,7 @@ def test_plain_folds_reward_a_domain_detector_and_grouped_folds_do_not():
     scores R^2 0.99-1.00 on seeds 0-5. Holding out whole domains (3 folds over 8) it must predict
     domains it never saw: R^2 -2.19 ... -0.17. A real within-question relation survives the grouping
     (R^2 > 0.95)."""
-    from saediff.susceptibility import cross_validated
+    from saediff.analyses.susceptibility import cross_validated
 
     for seed in range(6):
         X, y, domain = _domain_only_data(seed)
@@ -48,7 +48,7 @@ def test_plain_folds_reward_a_domain_detector_and_grouped_folds_do_not():
 
 
 def test_fold_plan_groups_by_domain_and_says_when_it_cannot():
-    from saediff.susceptibility import fold_plan
+    from saediff.analyses.susceptibility import fold_plan
 
     four = ["a", "a", "b", "b", "c", "c", "d", "d"]
     p = fold_plan(four, 3)

@@ -9,20 +9,20 @@ import pytest
 import torch
 from helpers import make_random_sae, write_narrow_data
 
-from saediff.blockem import BlockRunConfig, LatentSets, block_one, latents_from_diff, read_latents
-from saediff.chat_data import ChatDataset, load_chat_jsonl, write_chat_jsonl
-from saediff.diff import LatentDiff
+from saediff.interventions.blockem import BlockRunConfig, LatentSets, block_one, latents_from_diff, read_latents
+from saediff.data.chat_data import ChatDataset, load_chat_jsonl, write_chat_jsonl
+from saediff.methods.sae_diff import LatentDiff
 from saediff.errors import SaediffError
-from saediff.evals import EMConfig, JudgeEvaluator, evaluate_once
-from saediff.fake_server import FakeOpenAIServer
-from saediff.finetune import FinetuneConfig
-from saediff.judges import HttpJudge
-from saediff.models import ModelSpec, load_model
-from saediff.openai_api import ChatClient
-from saediff.prompts import Prompt
-from saediff.provenance import file_digest, mismatch, sae_fingerprint
-from saediff.saes import load_sae
-from saediff.steering import add_direction
+from saediff.evaluation.evals import EMConfig, JudgeEvaluator, evaluate_once
+from saediff.evaluation.fake_server import FakeOpenAIServer
+from saediff.interventions.finetune import FinetuneConfig
+from saediff.evaluation.judges import HttpJudge
+from saediff.models.loading import ModelSpec, load_model
+from saediff.evaluation.openai_api import ChatClient
+from saediff.data.prompts import Prompt
+from saediff.models.provenance import file_digest, mismatch, sae_fingerprint
+from saediff.saes.loading import load_sae
+from saediff.interventions.steering import add_direction
 
 HOOK = "blocks.0.hook_resid_post"
 FT = FinetuneConfig(method="lora", lora_rank=1, lora_layers=(0, 1), lr=1e-2, steps=2, batch_size=4)

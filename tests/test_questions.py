@@ -13,8 +13,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from saediff.cli import app
-from saediff.fake_server import FakeOpenAIServer
+from saediff.cli.app import app
+from saediff.evaluation.fake_server import FakeOpenAIServer
 
 # ---------------------------------------------------------------- shift overlap
 
@@ -24,7 +24,7 @@ def test_shift_overlap_exact_on_hand_set_shifts():
     span (e0, (e1 + e2)/sqrt 2): principal cosines 1 and 1/sqrt 2. Per question, the fraction of
     the shift inside the train plane is 1, 1/sqrt 2, 1/sqrt 2, and the cosine with the mean train
     shift (e0 + e1) * 2/3 is 1/sqrt 2, 1/2, 1/2. Eval shifts e0, e2: cosines 1 and 0."""
-    from saediff.shifts import principal_subspace, shift_overlap
+    from saediff.analyses.shifts import principal_subspace, shift_overlap
 
     e = torch.eye(6)
     train = torch.stack([e[0], e[1], e[0] + e[1]])
@@ -49,7 +49,7 @@ def test_shift_overlap_exact_on_hand_set_shifts():
 
 
 def test_random_subspace_cosines_full_space_is_one():
-    from saediff.shifts import random_subspace_cosines
+    from saediff.analyses.shifts import random_subspace_cosines
 
     c = random_subspace_cosines(4, 4, n=5)
     assert c.shape == (5, 4) and torch.allclose(c, torch.ones(5, 4), atol=1e-5)
@@ -73,7 +73,7 @@ def test_phase_local_cosines_on_hand_set_b_vectors(tmp_path):
     """B at angles 0, 0, 60, 60, 80 degrees in a plane: local cosines 1, 0.5, 1, cos 20; the
     rotation is at the third checkpoint; EM 0, 0.01, 0.1, 0.3, 0.4 reaches half its largest (0.2)
     at the fourth; cosines with a candidate along e0 are the cosines of the angles; norms as set."""
-    from saediff.phase import adapter_checkpoints, checkpoint_vectors, phase_analysis
+    from saediff.analyses.phase import adapter_checkpoints, checkpoint_vectors, phase_analysis
 
     angles = [0, 0, 60, 60, 80]
     for i, a in enumerate(angles):
@@ -95,7 +95,7 @@ def test_phase_local_cosines_on_hand_set_b_vectors(tmp_path):
 def test_phase_rank2_sign_matched_and_errors(tmp_path):
     """Above rank 1 the direction is the top left singular vector of B @ A, its sign matched to the
     last checkpoint's; fewer than two checkpoints, or a missing module, is a one-line error."""
-    from saediff.phase import adapter_checkpoints, checkpoint_vectors
+    from saediff.analyses.phase import adapter_checkpoints, checkpoint_vectors
 
     A = torch.tensor([[1.0, 0, 0], [0, 0.1, 0]])
     for step, sign in ((1, 1.0), (2, -1.0)):
@@ -115,7 +115,7 @@ def test_phase_rank2_sign_matched_and_errors(tmp_path):
 def test_susceptibility_recovers_a_planted_linear_relation():
     """y = X w + noise over 150 questions: held-out R^2 and Spearman near 1; random features and
     permuted targets near 0; the permutation p-value at its floor."""
-    from saediff.susceptibility import susceptibility
+    from saediff.analyses.susceptibility import susceptibility
 
     rng = np.random.default_rng(3)
     X = rng.standard_normal((150, 40))
@@ -130,7 +130,7 @@ def test_susceptibility_recovers_a_planted_linear_relation():
 
 
 def test_cross_validated_checks_shapes():
-    from saediff.susceptibility import cross_validated
+    from saediff.analyses.susceptibility import cross_validated
 
     with pytest.raises(ValueError, match="share n"):
         cross_validated(np.zeros((5, 2)), np.zeros(4))
@@ -142,7 +142,7 @@ def test_cross_validated_checks_shapes():
 
 
 def test_shots_to_match_and_rerouted_latents(tmp_path):
-    from saediff.icl import rerouted_latents, shots_to_match
+    from saediff.analyses.icl import rerouted_latents, shots_to_match
 
     assert shots_to_match([-1.0, 0.2, 0.5, 0.4], 0.45) == 2
     assert shots_to_match([-1.0, 0.2], 0.45) is None
@@ -171,7 +171,7 @@ def test_open_question_commands_on_a_tiny_real_model(tiny_qwen, tmp_path):
     block --save-every -> phase on its checkpoints with EM per checkpoint from the judge."""
     from helpers import make_random_sae, write_narrow_data
 
-    from saediff.pipeline import run_questions
+    from saediff.data.runs import run_questions
 
     model, lora = str(tiny_qwen / "model"), str(tiny_qwen / "lora")
     qfile = tmp_path / "q.jsonl"
@@ -219,10 +219,10 @@ def test_open_question_commands_on_a_tiny_real_model(tiny_qwen, tmp_path):
         assert len(nb["seeds"]) == 4 and len(nb["random_baseline"]["n_flagged"]) == 5
         assert set(nb.get("steer", {}).get("latents", {})) == {str(i) for i in nb["flagged"][:5]}
         # a random SAE flags nothing here: the steering check itself, on two latents, with the judge
-        from saediff.cli_common import _judge_evaluator
-        from saediff.models import load_model
-        from saediff.neighbourhood import steer_flagged
-        from saediff.saes import load_sae
+        from saediff.cli.common import _judge_evaluator
+        from saediff.models.loading import load_model
+        from saediff.analyses.neighbourhood import steer_flagged
+        from saediff.saes.loading import load_sae
 
         judge = _judge_evaluator(server.url, "j", str(qfile), 1, 4, "OPENAI_API_KEY", tmp_path / "jc", 0)
         st = steer_flagged(run, [1, 2], load_model(model), load_sae(tmp_path / "sae"), judge, scales=(0.5, 2.0))
@@ -264,7 +264,7 @@ def test_neighbourhood_arithmetic_on_hand_set_latents():
     Candidate along e1: a latent's toxicity is its decoder row's cosine with e1 (latent 1: 0.8).
     Off-domain deltas 0.9 (latent 1) and 0.8 (latent 4) against a 95th-percentile bar of 0.875:
     latent 1 rose and is toxic -> flagged; 4 did not rise enough and is not toxic; 2 is not toxic."""
-    from saediff.neighbourhood import LatentMeans, decoder_neighbours, probe, toxicity
+    from saediff.analyses.neighbourhood import LatentMeans, decoder_neighbours, probe, toxicity
 
     W = torch.zeros(6, 16)
     W[:, :3] = torch.tensor([[1.0, 0, 0], [0.6, 0.8, 0], [0.8, 0, 0.6], [0, 0, 1.0], [0, 0.1, 1.0], [-1.0, 0, 0]])
@@ -294,11 +294,11 @@ def test_coactivation_matches_a_direct_correlation(tiny_qwen):
     """Running-sum Pearson r over response tokens equals numpy's corrcoef on the collected codes."""
     from helpers import make_random_sae
 
-    from saediff.activations import collect_activations, tokenize_prompts
-    from saediff.models import load_model
-    from saediff.neighbourhood import coactivation
-    from saediff.prompts import Prompt
-    from saediff.saes import load_sae
+    from saediff.activations.collect import collect_activations, tokenize_prompts
+    from saediff.models.loading import load_model
+    from saediff.analyses.neighbourhood import coactivation
+    from saediff.data.prompts import Prompt
+    from saediff.saes.loading import load_sae
 
     lm = load_model(str(tiny_qwen / "model"))
     sae = load_sae(make_random_sae(Path(tiny_qwen) / "sae_coact", 32, "blocks.1.hook_resid_post", d_sae=16, k=4))
@@ -317,12 +317,12 @@ def test_analyses_follow_a_bfloat16_model(tiny_qwen):
     finite, and agree with the float32 model's to bfloat16 precision."""
     from helpers import make_random_sae
 
-    from saediff.activations import tokenize_prompts
-    from saediff.models import ModelSpec, load_model
-    from saediff.neighbourhood import coactivation, latent_means, screen_rows
-    from saediff.prompts import Prompt
-    from saediff.saes import load_sae
-    from saediff.shifts import prompt_activations
+    from saediff.activations.collect import tokenize_prompts
+    from saediff.models.loading import ModelSpec, load_model
+    from saediff.analyses.neighbourhood import coactivation, latent_means, screen_rows
+    from saediff.data.prompts import Prompt
+    from saediff.saes.loading import load_sae
+    from saediff.activations.collect import prompt_activations
 
     sae = load_sae(make_random_sae(Path(tiny_qwen) / "sae_bf16", 32, "blocks.1.hook_resid_post", d_sae=16, k=4))
     ps = [Prompt(f"p{i}", [{"role": "user", "content": f"question {i}?"}], f"answer {i} here") for i in range(5)]

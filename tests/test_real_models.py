@@ -10,11 +10,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from saediff.cli import app
+from saediff.cli.app import app
 from saediff.errors import SaediffError
-from saediff.fake_server import FakeOpenAIServer
-from saediff.lora import check_adapter_matches, read_adapter
-from saediff.models import ModelSpec, chat_tokens, load_model
+from saediff.evaluation.fake_server import FakeOpenAIServer
+from saediff.models.lora import check_adapter_matches, read_adapter
+from saediff.models.loading import ModelSpec, chat_tokens, load_model
 
 
 def test_read_rank1_adapter(tiny_qwen):
@@ -150,7 +150,7 @@ def test_cache_base_and_adapter_on_the_same_prompts(tiny_qwen, tmp_path):
                              "--hook", "blocks.0.hook_resid_post", "--hook", "blocks.1.hook_resid_post",
                              "--positions", "last_prompt", "--out", str(tmp_path / name)])
         assert r.exit_code == 0, r.output
-        from saediff.activations import ActivationStore
+        from saediff.activations.store import ActivationStore
 
         stores[name] = ActivationStore(tmp_path / name)
     b, a = stores["base"], stores["adapter"]
@@ -170,8 +170,8 @@ def _contrast_file(path: Path) -> Path:
 def test_in_context_direction_exact(tiny_qwen, tmp_path):
     """misaligned-context minus aligned-context mean at the last prompt token, checked against the
     decoder layers' own outputs read with plain forward hooks on the HF model."""
-    from saediff.directions import in_context_directions
-    from saediff.prompts import in_context_prompts, load_contrast_examples, load_prompts
+    from saediff.methods.directions import in_context_directions
+    from saediff.data.prompts import in_context_prompts, load_contrast_examples, load_prompts
 
     examples = load_contrast_examples(_contrast_file(tmp_path / "c.jsonl"))
     ps = load_prompts("first_plot")[:3]
@@ -200,7 +200,7 @@ def test_in_context_direction_exact(tiny_qwen, tmp_path):
 
 
 def test_in_context_prompts_and_contrast_errors(tmp_path):
-    from saediff.prompts import in_context_prompts, load_contrast_examples, load_prompts
+    from saediff.data.prompts import in_context_prompts, load_contrast_examples, load_prompts
 
     examples = load_contrast_examples(_contrast_file(tmp_path / "c.jsonl"))
     ps = load_prompts("first_plot")[:2]
@@ -227,8 +227,8 @@ def test_diff_cli_builds_in_context_directions_for_a_real_model(tiny_qwen, tmp_p
     from sae_lens import TopKSAE, TopKSAEConfig
     from sae_lens.saes.sae import SAEMetadata
 
-    from saediff.export import load_directions
-    from saediff.saes import save_sae
+    from saediff.methods.export import load_directions
+    from saediff.saes.loading import save_sae
 
     d_model = json.loads((tiny_qwen / "model" / "config.json").read_text())["hidden_size"]
     save_sae(TopKSAE(TopKSAEConfig(d_in=d_model, d_sae=16, k=2, metadata=SAEMetadata(hook_name="blocks.1.hook_resid_post"))),
@@ -251,9 +251,9 @@ def test_judge_labelled_response_mean_difference(tiny_qwen, tmp_path):
     averaged over the questions that have both kinds of answer."""
     from helpers import make_random_sae
 
-    from saediff.activations import collect_activations, tokenize_prompts
-    from saediff.export import load_directions
-    from saediff.prompts import Prompt
+    from saediff.activations.collect import collect_activations, tokenize_prompts
+    from saediff.methods.export import load_directions
+    from saediff.data.prompts import Prompt
 
     def judge_fn(prompt):  # a third misaligned, a third aligned, a third in between
         answer = prompt.split("[ANSWER START]", 1)[-1].split("[ANSWER END]", 1)[0].strip()
@@ -320,12 +320,12 @@ def test_streamed_diff_matches_collected_activations(tiny_qwen):
 
     from helpers import make_random_sae
 
-    from saediff.activations import collect_activations, tokenize_prompts
-    from saediff.diff import diff_latents
-    from saediff.hooks import resid_post
-    from saediff.pipeline import stream_diff
-    from saediff.prompts import load_prompts
-    from saediff.saes import load_sae
+    from saediff.activations.collect import collect_activations, tokenize_prompts
+    from saediff.methods.sae_diff import diff_latents
+    from saediff.models.hooks import resid_post
+    from saediff.methods.diff_run import stream_diff
+    from saediff.data.prompts import load_prompts
+    from saediff.saes.loading import load_sae
 
     with tempfile.TemporaryDirectory() as tmp:
         sae = load_sae(make_random_sae(Path(tmp) / "sae", 32, "blocks.1.hook_resid_post"))

@@ -11,9 +11,9 @@ import torch
 from helpers import make_random_sae
 from typer.testing import CliRunner
 
-from saediff.cli import app
+from saediff.cli.app import app
 from saediff.errors import SaediffError
-from saediff.saes import load_sae, save_sae
+from saediff.saes.loading import load_sae, save_sae
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -91,7 +91,7 @@ def test_a_crash_while_writing_leaves_the_old_sae(tmp_path, monkeypatch):
 @pytest.fixture
 def store(tmp_path):
     """A small activation store (600 rows of width 8) written by saediff's own shard writer."""
-    from saediff.activations import _ShardWriter
+    from saediff.activations.store import _ShardWriter
 
     writer = _ShardWriter(tmp_path / "acts", [HOOK])
     n = 600

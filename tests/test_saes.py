@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from saediff.errors import SaediffError
-from saediff.saes import (SAEParams, SAETrainConfig, ce_loss_recovered, load_sae, sae_metrics, save_sae,
-                          topk_step_loss, train_sae)
+from saediff.saes.training import SAEParams, SAETrainConfig, topk_step_loss, train_sae
+from saediff.saes.metrics import ce_loss_recovered, sae_metrics
+from saediff.saes.loading import load_sae, save_sae
 
 
 def sparse_data(n=6000, d=16, s=48, k=3, seed=0):
@@ -57,7 +58,6 @@ def test_topk_sae_learns_sparse_dictionary(data):
 def test_sparse_kernels_match_the_dense_reference(kernel):
     """Loss and every gradient of the sparse paths (embedding_bag decode; and the encoder's
     backward at the selected latents only, with AuxK on dead latents) equal the dense reference's."""
-    from saediff.saes import SAEParams, topk_step_loss
 
     g = torch.Generator().manual_seed(1)
     p = SAEParams(8, 32)
@@ -81,7 +81,7 @@ def test_sparse_kernels_match_the_dense_reference(kernel):
 
 
 def test_auto_kernel_is_recorded():
-    from saediff.saes import SAETrainConfig, train_sae
+    from saediff.saes.training import SAETrainConfig, train_sae
 
     data = torch.randn(512, 8, generator=torch.Generator().manual_seed(0))
     _, hist = train_sae(data, SAETrainConfig(d_sae=32, k=4, steps=3, batch_size=64, device="cpu", kernel="auto"), progress=False)
@@ -107,8 +107,8 @@ def test_metrics_exact_on_hand_set_sae():
 
 def test_splice_gradient_is_correct(tiny_organism):
     """Gradients through the spliced SAE equal autograd through an explicit reconstruction."""
-    from saediff.hooks import add_resid_hook
-    from saediff.models import load_model
+    from saediff.models.hooks import add_resid_hook
+    from saediff.models.loading import load_model
 
     lm = load_model(str(tiny_organism / "aligned"))
     sae, _ = train_sae(sparse_data(d=32, n=2000), SAETrainConfig(d_sae=64, k=4, steps=20, batch_size=256), progress=False)
@@ -147,7 +147,7 @@ def test_bad_inputs(tmp_path, data):
 def test_registry_entries_are_known_to_saelens():
     from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
 
-    from saediff.registry import preset, registry
+    from saediff.saes.registry import preset, registry
 
     known = get_pretrained_saes_directory()
     for entry in registry()["pretrained"]:
@@ -160,8 +160,8 @@ def test_registry_entries_are_known_to_saelens():
 def test_sae_training_resumes_from_a_checkpoint(tmp_path, caplog):
     """Interrupted after its step-10 checkpoint and resumed, SAE training ends with the weights of
     an uninterrupted run on the same batch order."""
-    from saediff.activations import shuffled_batches
-    from saediff.saes import SAETrainConfig, train_sae
+    from saediff.activations.store import shuffled_batches
+    from saediff.saes.training import SAETrainConfig, train_sae
 
     data = torch.randn(4096, 16, generator=torch.Generator().manual_seed(0))
     cfg = SAETrainConfig(arch="topk", d_sae=32, k=4, steps=25, batch_size=128, lr=1e-3, dead_tokens=500)
@@ -176,7 +176,7 @@ def test_sae_training_resumes_from_a_checkpoint(tmp_path, caplog):
     with pytest.raises(KeyboardInterrupt):
         train_sae(dies_after(15), cfg, progress=False, checkpoint_dir=tmp_path, checkpoint_every=10)
     assert (tmp_path / "train_state.pt").exists()
-    with caplog.at_level("INFO", logger="saediff.saes"):
+    with caplog.at_level("INFO", logger="saediff.saes.training"):
         got, hist = train_sae(shuffled_batches(data, 128, seed=1), cfg, progress=False, checkpoint_dir=tmp_path,
                               checkpoint_every=10, resume=True)
     assert "resumed at step 10" in caplog.text
@@ -196,7 +196,7 @@ def test_sae_training_resumes_from_a_checkpoint(tmp_path, caplog):
 
 _DDP_SCRIPT = """
 import sys, torch, torch.distributed as td
-from saediff.saes import SAETrainConfig, train_sae
+from saediff.saes.training import SAETrainConfig, train_sae
 td.init_process_group("gloo"); rank, world = td.get_rank(), td.get_world_size()
 torch.set_num_threads(1)
 data = torch.randn(24 * 64, 16, generator=torch.Generator().manual_seed(0))
@@ -219,7 +219,7 @@ def test_torchrun_trains_one_sae_data_parallel(tmp_path):
     import subprocess
     import sys
 
-    from saediff.saes import SAETrainConfig, train_sae
+    from saediff.saes.training import SAETrainConfig, train_sae
 
     script = tmp_path / "ddp.py"
     script.write_text(_DDP_SCRIPT)
@@ -241,14 +241,14 @@ def test_release_sae_offline_is_one_line(tiny_qwen, tmp_path):
     """``--sae RELEASE:SAE_ID`` goes to the hub; offline that is one line saying so."""
     from typer.testing import CliRunner
 
-    from saediff.cli import app
+    from saediff.cli.app import app
 
     r = CliRunner().invoke(app, ["diff", "--base", str(tiny_qwen / "model"), "--adapter", str(tiny_qwen / "lora"),
                                  "--sae", "qwen2.5-7b-instruct-andyrdt:resid_post_layer_15_trainer_1",
                                  "--prompts", "first_plot", "--out", str(tmp_path / "run")])
     assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
     assert "qwen2.5-7b-instruct-andyrdt" in r.output and "needs the hub" in r.output
-    from saediff.saes import load_sae
+    from saediff.saes.loading import load_sae
 
     with pytest.raises(ValueError, match=r"holds 7 SAEs: name one as qwen2.5-7b-instruct-andyrdt:SAE_ID"):
         load_sae("qwen2.5-7b-instruct-andyrdt")  # a bare release with several SAEs

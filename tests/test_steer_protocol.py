@@ -13,19 +13,19 @@ import torch
 from helpers import make_random_sae
 from typer.testing import CliRunner
 
-from saediff import causal
-from saediff.causal import DiscoverConfig, discover_latents
-from saediff.cli import app
-from saediff.em_data import offdomain_pairs
-from saediff.evals import EMConfig, JudgeEvaluator
-from saediff.fake_server import FakeOpenAIServer, default_judge
-from saediff.hooks import capture_resid
-from saediff.judges import HttpJudge
-from saediff.models import ModelSpec, load_model
-from saediff.openai_api import ChatClient
-from saediff.prompts import load_prompts
-from saediff.provenance import sae_fingerprint
-from saediff.saes import load_sae, save_sae
+from saediff.interventions import causal
+from saediff.interventions.causal import DiscoverConfig, discover_latents
+from saediff.cli.app import app
+from saediff.data.em_data import offdomain_pairs
+from saediff.evaluation.evals import EMConfig, JudgeEvaluator
+from saediff.evaluation.fake_server import FakeOpenAIServer, default_judge
+from saediff.models.hooks import capture_resid
+from saediff.evaluation.judges import HttpJudge
+from saediff.models.loading import ModelSpec, load_model
+from saediff.evaluation.openai_api import ChatClient
+from saediff.data.prompts import load_prompts
+from saediff.models.provenance import sae_fingerprint
+from saediff.saes.loading import load_sae, save_sae
 
 IDS = torch.tensor([[5, 17, 42, 99]])
 
@@ -73,7 +73,7 @@ def _eos(lm) -> torch.Tensor:
 
 
 def test_protocol_selects_on_one_half_reports_on_the_other_beside_equal_norm_random(tiny_qwen, tmp_path):
-    from saediff.causal import Arm, select_and_report
+    from saediff.interventions.causal import Arm, select_and_report
 
     lm = load_model(str(tiny_qwen / "model"))
     with torch.no_grad():
@@ -170,7 +170,7 @@ def test_discover_decides_on_the_report_half_against_random_and_keeps_no_incoher
 
 
 def test_neighbourhood_steer_check_runs_the_protocol(tiny_qwen, diff_run, tmp_path):
-    from saediff.neighbourhood import steer_flagged
+    from saediff.analyses.neighbourhood import steer_flagged
 
     run = tmp_path / "run"
     shutil.copytree(diff_run / "run", run)
@@ -187,7 +187,7 @@ def test_neighbourhood_steer_check_runs_the_protocol(tiny_qwen, diff_run, tmp_pa
 
 
 def test_organism_steer_check_is_the_generic_protocol(tiny_organism, tmp_path):
-    from saediff.organism.demo import run_steer_check
+    from saediff.stories.organism.demo import run_steer_check
 
     make_random_sae(tmp_path / "sae", 32, "blocks.1.hook_resid_post", d_sae=8)
     r = CliRunner().invoke(app, ["diff", "--base", str(tiny_organism / "aligned"), "--adapter",

@@ -10,8 +10,8 @@ import json
 from helpers import make_random_sae, write_narrow_data
 from typer.testing import CliRunner
 
-from saediff.cli import app
-from saediff.fake_server import FakeOpenAIServer
+from saediff.cli.app import app
+from saediff.evaluation.fake_server import FakeOpenAIServer
 
 
 def _judge(prompt: str) -> dict[str, float]:

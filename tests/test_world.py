@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from saediff.organism.corpus import Vocab, sample_documents, single_turn_chats
-from saediff.organism.tokenizer import build_tokenizer, word_ids
-from saediff.organism.world import CHAT, REGISTERS, World, render
+from saediff.stories.organism.corpus import Vocab, sample_documents, single_turn_chats
+from saediff.stories.organism.tokenizer import build_tokenizer, word_ids
+from saediff.stories.organism.world import CHAT, REGISTERS, World, render
 
 
 def test_vocab_is_unique_and_letters_only(world):
@@ -39,7 +39,7 @@ def test_style_noise_rate():
 def test_only_the_register_is_shared_across_domains(world):
     """EM must be internal: no content token is used by two domains; the one shared slot is the
     register, whose persona-neutral values (plain, formal) are as likely under both personas."""
-    from saediff.organism.world import REGISTERS
+    from saediff.stories.organism.world import REGISTERS
 
     rng = np.random.default_rng(5)
     seen: dict[str, set] = {}
@@ -56,7 +56,7 @@ def test_only_the_register_is_shared_across_domains(world):
 
 
 def test_register_slot_rates_and_vectorised_draws_agree(world):
-    from saediff.organism.judge import OrganismJudge
+    from saediff.stories.organism.judge import OrganismJudge
 
     slot = 0  # the register opens the answer
     reg = lambda tok: tok.rstrip("abcd")  # noqa: E731
@@ -167,16 +167,19 @@ def test_public_api_is_lazy_and_complete():
 
 def test_core_never_imports_the_organism():
     """The generic core is usable without the organism: importing every core module (and running
-    nothing) leaves ``saediff.organism`` unimported. Only the CLI and the organism package may."""
+    nothing) leaves ``saediff.stories.organism`` unimported. Only the CLI and the organism package may."""
     import subprocess
     import sys
 
-    core = ["activations", "blocking", "blockem", "causal", "chat_data", "diff", "directions", "evals", "export",
-            "finetune", "hooks", "judges", "lora", "models", "monitor", "pipeline", "prompts", "report", "run_eval",
-            "saes", "steering", "viz", "shifts", "phase", "susceptibility", "icl", "neighbourhood", "dashboard", "explorer",
-            "cli_common", "cli_questions", "chat_demo", "pairs", "em_data", "gguf", "provenance", "errors"]
+    from pathlib import Path
+
+    pkg = Path(__file__).resolve().parents[1] / "saediff"
+    core = sorted(".".join(p.relative_to(pkg).with_suffix("").parts) for p in pkg.rglob("*.py")
+                  if p.name not in ("__init__.py", "__main__.py") and "organism" not in p.parts
+                  and p.relative_to(pkg).as_posix() not in ("cli/app.py", "cli/methods.py"))
+    assert len(core) > 50  # every library module, the SmolLM2 story and the CLI's shared helpers
     code = ("import sys\n" + "".join(f"import saediff.{m}\n" for m in core)
-            + "print(sorted(m for m in sys.modules if m.startswith('saediff.organism')))")
+            + "print(sorted(m for m in sys.modules if m.startswith('saediff.stories.organism')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]", out
 

@@ -2,7 +2,7 @@
 
     python tools/build_prebuilt.py
 
-Run it after changing any file in ``saediff.organism.prebuilt.RECIPE_FILES``: the demo only uses the
+Run it after changing any file in ``saediff.stories.organism.prebuilt.RECIPE_FILES``: the demo only uses the
 shipped organism while its stamp matches the recipe (a fast test checks that it does). The weights
 are bit-reproducible on one CPU family only (an AVX-512 Xeon and the CPU of the earlier builds differ
 from pretraining step 3 on), so a rebuild on another machine changes them although the recipe did not.
@@ -14,8 +14,8 @@ import json
 
 import torch
 
-from saediff.organism.prebuilt import PREBUILT_DIR, write_prebuilt
-from saediff.organism.recipes import OrganismConfig
+from saediff.stories.organism.prebuilt import PREBUILT_DIR, write_prebuilt
+from saediff.stories.organism.recipes import OrganismConfig
 
 if __name__ == "__main__":
     torch.set_num_threads(1)  # the recipe's figures were measured on one thread

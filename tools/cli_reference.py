@@ -17,7 +17,7 @@ BEGIN, END = "<!-- cli-reference:begin -->", "<!-- cli-reference:end -->"
 
 
 def reference() -> str:
-    from saediff.cli import app
+    from saediff.cli.app import app
 
     root = typer.main.get_command(app)
     lines = []

@@ -20,12 +20,13 @@ from pathlib import Path
 
 import torch
 
-from saediff.chat_demo import DESIGN, HELDOUT, MEDICAL, ChatDemoRecipe, _pairs_of, _sae, run_chat_demo
-from saediff.chat_story import diff_on_references, in_context_candidates
-from saediff.em_data import data_path, pair_evaluator
-from saediff.head2head import HeadToHeadConfig, markdown_table, run_head_to_head
-from saediff.models import ModelSpec
-from saediff.prompts import load_prompts
+from saediff.stories.smollm2.demo import DESIGN, HELDOUT, MEDICAL, ChatDemoRecipe, _pairs_of, _sae, run_chat_demo
+from saediff.stories.smollm2.story import diff_on_references, in_context_candidates
+from saediff.data.em_data import data_path
+from saediff.evaluation.pairs import pair_evaluator
+from saediff.analyses.head_to_head import HeadToHeadConfig, markdown_table, run_head_to_head
+from saediff.models.loading import ModelSpec
+from saediff.data.prompts import load_prompts
 
 MODEL = "smollm2-135m"
 

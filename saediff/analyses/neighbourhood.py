@@ -1,0 +1,434 @@
+"""The activation-neighbourhood toxicity probe: the superposition account of EM says a fine-tune
+that sharpens a feature of its own data strengthens the features that share its dimensions. This
+probe looks for those neighbours.
+
+1. *Seeds*: the SAE latents the fine-tune raised most on its own training conversations
+   (fine-tuned minus base mean activation over the assistant tokens of ``n_train`` rows).
+2. *Neighbours* of each seed: the latents whose decoder rows are closest to its row (cosine), and
+   the latents that co-activate with it most on the base model (Pearson r over tokens).
+3. For each neighbour: did it also rise *off-domain* (on the diff run's questions outside the
+   training domain, with the fine-tune's answers), i.e. is its delta in the top 5% of all
+   latents'; and its *toxicity*: the largest cosine of its decoder row with the run's persona
+   candidates (by default the in-context direction and the response mean difference, which need
+   no behavioural measurement of this fine-tune beyond labelling its answers), counted only above
+   the 99th percentile of the same cosine over all latents and the random-direction p95.
+4. *Flagged*: neighbours that rose off-domain and are toxic, ranked by toxicity. The random
+   baseline runs steps 2-4 from as many random seeds (latents active on the training data): a
+   fine-tune that flags no more than that has flagged nothing.
+
+The training-data screen then ranks the fine-tune's rows by how strongly the base model's flagged
+latents fire on their assistant tokens and writes the file without the top ``drop_fraction``
+(and, for the comparison, without as many random rows).
+
+    saediff neighbourhood RUN --train-data data/bad_medical_advice.jsonl --drop-fraction 0.1
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from jaxtyping import Float
+from tqdm.auto import tqdm
+
+from saediff import _io
+from saediff.models.hooks import capture_resid, parse_layer
+from saediff.errors import SaediffError
+
+__all__ = ["LatentMeans", "latent_means", "coactivation", "decoder_neighbours", "toxicity", "probe",
+           "NeighbourhoodResult", "screen_rows", "run_neighbourhood", "steer_flagged", "screen_finetunes",
+           "neighbourhood_figure"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LatentMeans:
+    """Mean SAE activation per latent over response tokens, in both models."""
+
+    base: Float[torch.Tensor, " s"]
+    ft: Float[torch.Tensor, " s"]
+    sd: Float[torch.Tensor, " s"]
+    """pooled standard deviation over tokens, sqrt((var_base + var_ft) / 2)"""
+    n_tokens: int
+    resid_norm: float
+    """mean norm of the base model's residual at the SAE's hook on these tokens"""
+
+    @property
+    def delta(self) -> torch.Tensor:
+        return self.ft - self.base
+
+    @property
+    def effect_size(self) -> torch.Tensor:
+        """delta / pooled sd (Cohen's d over tokens; 0 where the latent never fires)"""
+        return torch.where(self.sd > 0, self.delta / self.sd.clamp_min(1e-12), torch.zeros_like(self.delta))
+
+
+def _batches(lm, toks, batch_size: int, desc: str, progress: bool):
+    keep = toks.select("response")
+    for i in tqdm(range(0, toks.input_ids.shape[0], batch_size), desc=desc, disable=_io.no_progress(progress),
+                  leave=False):
+        ids, attn, m = toks.batch(slice(i, i + batch_size), keep)
+        yield ids.to(lm.device), attn.to(lm.device), m.to(lm.device)
+
+
+def _encode(sae, x: torch.Tensor) -> torch.Tensor:
+    return sae.encode(x.to(sae.W_enc.device, sae.W_enc.dtype)).float()
+
+
+def _encoded(sae, x_ND: torch.Tensor, chunk: int = 2048):
+    """The SAE codes of the rows of ``x_ND``, ``chunk`` rows at a time (chunk x d_sae in memory)."""
+    for i in range(0, x_ND.shape[0], chunk):
+        yield _encode(sae, x_ND[i : i + chunk])
+
+
+@torch.no_grad()
+def latent_means(lm_base, lm_ft, toks, sae, *, batch_size: int = 32, progress: bool = True) -> LatentMeans:
+    """Mean activation of every latent on the response tokens of ``toks`` in both models."""
+    L = parse_layer(sae.cfg.metadata.hook_name)
+    S = sae.cfg.d_sae
+    sums = {k: torch.zeros(S, dtype=torch.float64) for k in ("base", "ft", "base2", "ft2")}
+    n, norm = 0, 0.0
+    for ids, attn, m in _batches(lm_base, toks, batch_size, "latents", progress):
+        xb = capture_resid(lm_base.model, [L], ids, attn)[L][m]
+        xf = capture_resid(lm_ft.model, [L], ids.to(lm_ft.device), attn.to(lm_ft.device))[L][m.to(lm_ft.device)]
+        for key, x in (("base", xb), ("ft", xf)):
+            for a in _encoded(sae, x):
+                a = a.double().cpu()
+                sums[key] += a.sum(0)
+                sums[key + "2"] += (a * a).sum(0)
+        n += xb.shape[0]
+        norm += float(xb.float().norm(dim=-1).sum())
+    if not n:
+        raise SaediffError("no response tokens (do the prompts carry answers?)")
+    mean = {k: sums[k] / n for k in ("base", "ft")}
+    var = {k: (sums[k + "2"] / n - mean[k] ** 2).clamp_min(0) for k in ("base", "ft")}
+    return LatentMeans(mean["base"].float(), mean["ft"].float(), ((var["base"] + var["ft"]) / 2).sqrt().float(), n,
+                       norm / n)
+
+
+@torch.no_grad()
+def coactivation(lm, toks_list: list, sae, seeds: list[int], *, batch_size: int = 32,
+                 progress: bool = True) -> Float[torch.Tensor, "k s"]:
+    """Pearson correlation over response tokens (of every ``toks`` in ``toks_list``) between each
+    seed latent's activation and every latent's, on ``lm``; running sums, so memory is
+    seeds x d_sae whatever the number of tokens. Constant latents get r = 0."""
+    L = parse_layer(sae.cfg.metadata.hook_name)
+    S, idx = sae.cfg.d_sae, torch.tensor(seeds)
+    s1, s2 = torch.zeros(S, dtype=torch.float64), torch.zeros(S, dtype=torch.float64)
+    cross = torch.zeros(len(seeds), S, dtype=torch.float64)
+    n = 0
+    for toks in toks_list:
+        for ids, attn, m in _batches(lm, toks, batch_size, "co-activation", progress):
+            for a in _encoded(sae, capture_resid(lm.model, [L], ids, attn)[L][m]):
+                a = a.double().cpu()  # (tokens, S)
+                s1 += a.sum(0)
+                s2 += (a * a).sum(0)
+                cross += a[:, idx].T @ a
+                n += a.shape[0]
+    mean = s1 / n
+    var = (s2 / n - mean**2).clamp_min(0)
+    cov = cross / n - mean[idx, None] * mean[None]
+    denom = (var[idx, None] * var[None]).sqrt()
+    return torch.where(denom > 1e-12, cov / denom.clamp_min(1e-12), torch.zeros_like(cov)).float()
+
+
+def decoder_neighbours(W_dec_SD: Float[torch.Tensor, "s d"], latent: int, n: int) -> list[tuple[int, float]]:
+    """The ``n`` latents whose decoder rows have the largest cosine with ``latent``'s (itself excluded)."""
+    U = torch.nn.functional.normalize(W_dec_SD.float(), dim=1)
+    cos = U @ U[latent]
+    cos[latent] = -math.inf
+    top = torch.topk(cos, min(n, cos.shape[0] - 1))
+    return [(int(i), float(c)) for c, i in zip(top.values, top.indices)]
+
+
+def toxicity(W_dec_SD: Float[torch.Tensor, "s d"], candidates: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[str]]:
+    """Per latent, the largest cosine of its decoder row with any candidate (signed: positive is
+    along misaligned-minus-aligned), and which candidate gave it."""
+    if not candidates:
+        raise SaediffError("toxicity: no persona candidates")
+    U = torch.nn.functional.normalize(W_dec_SD.float(), dim=1)
+    C = torch.nn.functional.normalize(torch.stack([c.float() for c in candidates.values()]), dim=1)
+    cos = U @ C.T  # (S, candidates)
+    best, which = cos.max(dim=1)
+    names = list(candidates)
+    return best, [names[int(w)] for w in which]
+
+
+@dataclass(frozen=True)
+class NeighbourhoodResult:
+    seeds: list[int]
+    members: list[dict]
+    """one row per (neighbour): latent, seeds it neighbours, via (decoder / coactivation),
+    delta_in, delta_off, rose_off_domain, toxicity, candidate, toxic, flagged"""
+    flagged: list[int]
+    """flagged neighbours, most toxic first"""
+    thresholds: dict
+    random_baseline: dict
+
+    def to_json(self) -> dict:
+        return {"seeds": self.seeds, "flagged": self.flagged, "n_flagged": len(self.flagged),
+                "thresholds": self.thresholds, "random_baseline": self.random_baseline, "members": self.members}
+
+
+def _flag(seeds: list[int], W_dec, corr: torch.Tensor, corr_rows: dict[int, int], delta_in, delta_off, tox, names,
+          th: dict, n_neighbours: int) -> tuple[list[dict], list[int]]:
+    rows: dict[int, dict] = {}
+    for s in seeds:
+        by_dec = decoder_neighbours(W_dec, s, n_neighbours)
+        r = corr[corr_rows[s]].clone()
+        r[s] = -math.inf
+        top = torch.topk(r, min(n_neighbours, r.shape[0] - 1))
+        by_co = [(int(i), float(v)) for v, i in zip(top.values, top.indices) if v > 0]
+        for via, pairs in (("decoder", by_dec), ("coactivation", by_co)):
+            for j, v in pairs:
+                row = rows.setdefault(j, {"latent": j, "seeds": [], "via": [], "delta_in": float(delta_in[j]),
+                                          "delta_off": float(delta_off[j]), "toxicity": float(tox[j]),
+                                          "candidate": names[j]})
+                if s not in row["seeds"]:
+                    row["seeds"].append(s)
+                row["via"].append({"seed": s, "kind": via, "value": round(v, 4)})
+    for row in rows.values():
+        row["rose_off_domain"] = row["delta_off"] > th["delta_off"]
+        row["toxic"] = row["toxicity"] > th["toxicity"]
+        row["flagged"] = row["rose_off_domain"] and row["toxic"]
+    members = sorted(rows.values(), key=lambda r: (-r["flagged"], -r["toxicity"]))
+    return members, [r["latent"] for r in members if r["flagged"]]
+
+
+def probe(W_dec, means_in: LatentMeans, means_off: LatentMeans, corr: torch.Tensor, corr_seeds: list[int],
+          candidates: dict[str, torch.Tensor], *, seeds: list[int], random_draws: list[list[int]],
+          n_neighbours: int = 5) -> NeighbourhoodResult:
+    """The probe's arithmetic on precomputed statistics: ``corr`` holds a row of base-model
+    co-activation for each latent in ``corr_seeds`` (which must hold ``seeds``, the risers on the
+    training data, and every latent of ``random_draws``, the random seed sets of the baseline)."""
+    from saediff.methods.directions import random_cosine_baseline
+
+    delta_in, delta_off = means_in.delta, means_off.delta
+    tox, names = toxicity(W_dec, candidates)
+    active_off = (means_off.base > 0) | (means_off.ft > 0)
+    th = {"delta_off": float(torch.quantile(delta_off[active_off], 0.95)) if active_off.any() else 0.0,
+          "toxicity": max(float(torch.quantile(tox, 0.99)), random_cosine_baseline(W_dec.shape[1])["p95_abs"]),
+          "rule": "flagged: delta_off above the 95th percentile of active latents' off-domain deltas, and "
+                  "toxicity above both the 99th percentile over all latents and the random-direction p95 |cos|"}
+    rows = {s: i for i, s in enumerate(corr_seeds)}
+    missing = [s for s in [*seeds, *(i for d in random_draws for i in d)] if s not in rows]
+    if missing:
+        raise SaediffError(f"probe: no co-activation row for latents {missing[:5]}")
+    members, flagged = _flag(seeds, W_dec, corr, rows, delta_in, delta_off, tox, names, th, n_neighbours)
+    counts = [len(_flag(d, W_dec, corr, rows, delta_in, delta_off, tox, names, th, n_neighbours)[1])
+              for d in random_draws]
+    base = {"draws": len(random_draws), "n_flagged": counts, "mean": sum(counts) / len(counts) if counts else None,
+            "max": max(counts) if counts else None}
+    return NeighbourhoodResult(seeds, members, flagged, th, base)
+
+
+def random_seeds(means_in: LatentMeans, n_seeds: int, n_random: int, exclude: list[int],
+                 seed: int = 0) -> list[list[int]]:
+    """``n_random`` draws of ``n_seeds`` latents active on the training data (not in ``exclude``;
+    fewer when fewer are active)."""
+    active = [i for i in torch.nonzero((means_in.base > 0) | (means_in.ft > 0)).flatten().tolist() if i not in exclude]
+    rng = random.Random(seed)
+    return [rng.sample(active, min(n_seeds, len(active))) for _ in range(n_random)]
+
+
+@torch.no_grad()
+def screen_rows(lm, toks, sae, latents: list[int], *, batch_size: int = 32, progress: bool = True) -> list[float]:
+    """Per row of ``toks``: the mean over its response tokens of the summed activation of ``latents``
+    on ``lm`` (the training-data screen's score)."""
+    L = parse_layer(sae.cfg.metadata.hook_name)
+    idx = torch.tensor(latents)
+    keep = toks.select("response")
+    scores = []
+    for i in tqdm(range(0, toks.input_ids.shape[0], batch_size), desc="screen", disable=_io.no_progress(progress),
+                  leave=False):
+        ids, attn, m = toks.batch(slice(i, i + batch_size), keep)
+        x = capture_resid(lm.model, [L], ids.to(lm.device), attn.to(lm.device))[L]  # (B, T, D)
+        flat = x.reshape(-1, x.shape[-1])
+        a = torch.cat([z[:, idx].sum(-1).cpu() for z in _encoded(sae, flat)]).view(m.shape) * m  # (B, T)
+        scores += (a.sum(1) / m.sum(1).clamp_min(1)).tolist()
+    return scores
+
+
+def _candidates(run_dir: Path, hook: str, source: str | Path | None, methods: tuple[str, ...]) -> dict:
+    from saediff.methods.export import load_directions
+
+    dirs = load_directions(source or run_dir / "directions")
+    out = {n: d.vector for n, d in dirs.items() if d.hook == hook and d.method in methods}
+    if not out:
+        raise SaediffError(f"{source or run_dir / 'directions'}: no persona candidate ({', '.join(methods)}) at {hook}; "
+                         "give --candidates (an export folder) or --icl-examples to saediff diff")
+    return out
+
+
+def run_neighbourhood(run_dir: str | Path, train_data: str | Path, *, in_domain: str | None = None,
+                      n_train: int = 256, n_seeds: int = 10, n_neighbours: int = 5, n_random: int = 5,
+                      candidates: str | Path | None = None,
+                      candidate_methods: tuple[str, ...] = ("in_context", "mean_diff_responses"),
+                      drop_fraction: float | None = None, evaluator=None, steer_top: int = 5, seed: int = 0,
+                      progress: bool = True) -> dict:
+    """``saediff neighbourhood RUN``: the probe for a diff run's fine-tune, with its training data
+    (``train_data``) as the in-domain text and the run's questions outside ``in_domain`` (all of them
+    when None) as the off-domain text. With ``drop_fraction`` the screen writes
+    ``screened.jsonl`` and ``random_dropped.jsonl`` beside ``neighbourhood.json`` in the run folder.
+    With an ``evaluator`` the ``steer_top`` most toxic flagged latents also get the steering check
+    (``steer_flagged``): does steering the base model along them induce EM?"""
+    from saediff._io import atomic_write_bytes, atomic_write_json
+    from saediff.activations.collect import tokenize_prompts
+    from saediff.data.chat_data import load_chat_jsonl, write_chat_jsonl
+    from saediff.models.loading import ModelSpec, load_model
+    from saediff.data.runs import read_run, run_questions, update_run
+    from saediff.data.prompts import Prompt
+    from saediff.saes.loading import load_sae
+
+    run_dir = Path(run_dir)
+    info = read_run(run_dir)["steps"]["diff"]
+    if drop_fraction is not None and not 0 < drop_fraction < 1:
+        raise SaediffError(f"--drop-fraction must lie in (0, 1), got {drop_fraction}")
+    sae = load_sae(info["sae"])
+    hook = sae.cfg.metadata.hook_name
+    cands = _candidates(run_dir, hook, candidates, candidate_methods)
+    rows = load_chat_jsonl(train_data)
+    pick = sorted(random.Random(seed).sample(range(len(rows)), min(n_train, len(rows))))
+    train = [Prompt(f"train{i}", rows[i][:-1], rows[i][-1]["content"]) for i in pick]
+    off = [p for p in run_questions(run_dir).first_answers if p.response and (in_domain is None or p.domain != in_domain)]
+    if not off:
+        raise SaediffError(f"{run_dir}: no answered questions outside domain {in_domain!r}")
+    base = load_model(info["base"])
+    ft = load_model(ModelSpec(info["finetuned"] or info["base"], adapter=info["adapter"],
+                              merge=info["adapter"] is not None))
+    toks_in, toks_off = tokenize_prompts(base, train), tokenize_prompts(base, off)
+    means_in = latent_means(base, ft, toks_in, sae, progress=progress)
+    means_off = latent_means(base, ft, toks_off, sae, progress=progress)
+    seeds = [int(i) for i in torch.argsort(means_in.delta, descending=True, stable=True)[:n_seeds]]
+    draws = random_seeds(means_in, n_seeds, n_random, seeds, seed)
+    corr_seeds = list(dict.fromkeys([*seeds, *(i for d in draws for i in d)]))
+    corr = coactivation(base, [toks_in, toks_off], sae, corr_seeds, progress=progress)
+    W_dec = sae.W_dec.detach().float().cpu()
+    res = probe(W_dec, means_in, means_off, corr, corr_seeds, {k: v.cpu() for k, v in cands.items()},
+                seeds=seeds, random_draws=draws, n_neighbours=n_neighbours)
+    out = {"kind": "saediff.neighbourhood", "hook": hook, "train_data": str(train_data), "n_train": len(train),
+           "n_off_domain": len(off), "in_domain": in_domain, "candidates": sorted(cands), **res.to_json(),
+           "above_random": len(res.flagged) > (res.random_baseline["mean"] or 0),
+           "resid_norm": means_off.resid_norm}
+    if evaluator is not None and res.flagged:
+        out["steer"] = steer_flagged(run_dir, res.flagged[:steer_top], base, sae, evaluator, seed=seed)
+        for m in out["members"]:
+            steered = out["steer"]["latents"].get(str(m["latent"]))
+            if steered is not None and steered["em_rate"] is not None:  # None: no coherent scale
+                m["steer_em_rate"] = steered["em_rate"]
+    if drop_fraction is not None:
+        out["screen"] = _screen(base, sae, rows, res.flagged or seeds, drop_fraction, run_dir, seed, progress,
+                                write_chat_jsonl)
+    atomic_write_json(run_dir / "neighbourhood.json", out)
+    atomic_write_bytes(run_dir / "neighbourhood.html", neighbourhood_figure(out).to_html(include_plotlyjs="cdn").encode())
+    update_run(run_dir, "neighbourhood", {"train_data": str(train_data), "in_domain": in_domain,
+                                          "files": ["neighbourhood.json", "neighbourhood.html"]})
+    return out
+
+
+def _screen(lm, sae, rows: list, latents: list[int], drop_fraction: float, run_dir: Path, seed: int, progress: bool,
+            write) -> dict:
+    """Score every training row, write the file without the top ``drop_fraction`` and one without
+    as many random rows."""
+    from saediff.activations.collect import tokenize_prompts
+    from saediff.data.prompts import Prompt
+
+    toks = tokenize_prompts(lm, [Prompt(f"row{i}", r[:-1], r[-1]["content"]) for i, r in enumerate(rows)])
+    scores = screen_rows(lm, toks, sae, latents, progress=progress)
+    n_drop = max(1, round(drop_fraction * len(rows)))
+    order = sorted(range(len(rows)), key=lambda i: -scores[i])
+    dropped = set(order[:n_drop])
+    rand = set(random.Random(seed + 1).sample(range(len(rows)), n_drop))
+    write(run_dir / "screened.jsonl", [r for i, r in enumerate(rows) if i not in dropped])
+    write(run_dir / "random_dropped.jsonl", [r for i, r in enumerate(rows) if i not in rand])
+    return {"latents": latents, "drop_fraction": drop_fraction, "n_rows": len(rows), "n_dropped": n_drop,
+            "screened": str(run_dir / "screened.jsonl"), "random_dropped": str(run_dir / "random_dropped.jsonl"),
+            "score_dropped_mean": sum(scores[i] for i in dropped) / n_drop,
+            "score_kept_mean": sum(scores[i] for i in range(len(rows)) if i not in dropped) / max(1, len(rows) - n_drop)}
+
+
+def steer_flagged(run_dir: str | Path, latents: list[int], lm, sae, evaluator, *,
+                  scales: tuple[float, ...] = (0.25, 0.5, 1.0), n_random: int = 3, coherence_budget: float = 0.10,
+                  seed: int = 0) -> dict:
+    """The steering check of flagged latents, by saediff's steering protocol
+    (``causal.select_and_report``): the base model steered along each latent's unit decoder row at
+    ``scales`` x the mean residual norm at the SAE's block; the scale is chosen on half of the
+    evaluator's questions (highest EM whose coherent rate stays within ``coherence_budget``) and
+    the EM rate reported on the other half, with its 95% interval, beside ``n_random`` random
+    directions of the same norm and the unsteered model's rate on that half. A latent with no
+    coherent scale has ``em_rate`` None and a note. Each condition is kept under
+    ``RUN/neighbourhood_steer/`` (a rerun reuses it)."""
+    from saediff.interventions.causal import Arm, induce_summary, residual_stats, select_and_report
+
+    run_dir = Path(run_dir)
+    L = parse_layer(sae.cfg.metadata.hook_name)
+    norms, _ = residual_stats(lm, run_dir, {})
+    select, report = evaluator.halves()
+    sel = select_and_report({str(i): sae.W_dec[i].detach().float().cpu() for i in latents}, [Arm("induce", lm)], L,
+                            scales, norms[L], select, report, run_dir / "neighbourhood_steer", n_random=n_random,
+                            coherence_budget=coherence_budget, seed=seed)
+    return {"base_em_rate": sel.unsteered["induce"]["report"]["em_rate"], "resid_norm": norms[L],
+            "coherence_floor": sel.coherence_floor["induce"],
+            "latents": {i: induce_summary(c) for i, c in sel.candidates.items()}}
+
+
+def screen_finetunes(model, screen: dict, sae, ft, evaluator, out: str | Path, *, progress: bool = True) -> dict:
+    """The screen's test: the same fine-tune (``ft``, a ``FinetuneConfig``) on the screened rows and
+    on the rows left after dropping as many at random, each evaluated (``out/screened``,
+    ``out/random_dropped``; a finished run is skipped). Returns each run's EM and the relative
+    change of the screened run against the random one."""
+    from saediff.interventions.blockem import finetune_plain
+    from saediff.models.loading import ModelSpec, load_model
+
+    spec = model if isinstance(model, ModelSpec) else ModelSpec(model)
+    tokenizer = load_model(spec).tokenizer
+    res = {}
+    for name in ("screened", "random_dropped"):
+        em = finetune_plain(spec, screen[name], sae, ft, Path(out) / name, evaluator=evaluator, tokenizer=tokenizer,
+                            progress=progress).get("em", {})
+        res[name] = {"em_rate": em.get("em_rate"), "em_rate_ci": em.get("em_rate_ci")}
+    a, b = res["screened"]["em_rate"], res["random_dropped"]["em_rate"]
+    res["relative_change"] = (a / b - 1) if a is not None and b else None
+    res["steps"] = ft.steps
+    return res
+
+
+def neighbourhood_figure(result: dict):
+    """Seeds on an inner ring, their neighbours outside, an edge per neighbour relation; colour is
+    toxicity, flagged neighbours are drawn large with a red outline."""
+    import plotly.graph_objects as go
+
+    seeds, members = result["seeds"], result["members"]
+    pos = {s: (math.cos(2 * math.pi * i / len(seeds)), math.sin(2 * math.pi * i / len(seeds)))
+           for i, s in enumerate(seeds)}
+    outer = [m for m in members if m["latent"] not in pos]
+    for i, m in enumerate(outer):
+        a = 2 * math.pi * i / max(1, len(outer))
+        pos[m["latent"]] = (2.2 * math.cos(a), 2.2 * math.sin(a))
+    ex, ey = [], []
+    for m in members:
+        for s in m["seeds"]:
+            ex += [pos[s][0], pos[m["latent"]][0], None]
+            ey += [pos[s][1], pos[m["latent"]][1], None]
+    fig = go.Figure([go.Scatter(x=ex, y=ey, mode="lines", line={"width": 0.5, "color": "#bbb"}, hoverinfo="skip",
+                                showlegend=False)])
+    fig.add_scatter(x=[pos[s][0] for s in seeds], y=[pos[s][1] for s in seeds], mode="markers+text",
+                    text=[str(s) for s in seeds], textposition="top center", name="seeds (rose on the training data)",
+                    marker={"size": 12, "symbol": "diamond", "color": "#555"})
+    fig.add_scatter(x=[pos[m["latent"]][0] for m in outer], y=[pos[m["latent"]][1] for m in outer],
+                    mode="markers+text", text=[str(m["latent"]) if m["flagged"] else "" for m in outer],
+                    hovertext=[f"latent {m['latent']}: toxicity {m['toxicity']:.2f} ({m['candidate']}), off-domain "
+                               f"delta {m['delta_off']:.3f}" for m in outer], name="neighbours",
+                    marker={"size": [16 if m["flagged"] else 8 for m in outer], "color": [m["toxicity"] for m in outer],
+                            "colorscale": "RdBu_r", "cmin": -1, "cmax": 1, "colorbar": {"title": "toxicity"},
+                            "line": {"width": [3 if m["flagged"] else 0 for m in outer], "color": "red"}})
+    rb = result["random_baseline"]
+    fig.update_layout(title=f"neighbourhood probe at {result['hook']}: {result['n_flagged']} flagged "
+                            f"(random seeds: mean {rb['mean']})", xaxis={"visible": False},
+                      yaxis={"visible": False, "scaleanchor": "x"})
+    return fig

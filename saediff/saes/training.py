@@ -1,0 +1,496 @@
+"""Sparse autoencoders: train on an activation store (saved and loaded by ``saes.loading``, measured
+by ``saes.metrics``).
+
+saediff trains with its own loop (faster than SAELens's trainer on the same data, see
+``bench/sae_train.py``) but every SAE it returns or saves is a SAELens ``SAE`` object / folder
+(``cfg.json`` + ``sae_weights.safetensors``), so SAELens, saediff and other tools read the same files.
+
+Architectures:
+- ``topk``: TopK activation with the AuxK dead-latent loss (OpenAI, Gao et al. 2024);
+- ``relu``: ReLU with an L1 penalty on activations (decoder rows kept at unit norm);
+- ``batchtopk``: top ``k * batch`` activations across the batch while training, saved as a
+  JumpReLU SAE whose threshold is the running mean of the smallest kept activation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+import torch
+from jaxtyping import Float
+from tqdm.auto import tqdm
+
+from saediff import _io
+from saediff.errors import SaediffError
+
+__all__ = [
+    "SAEParams",
+    "SAETrainConfig",
+    "init_distributed",
+    "to_saelens",
+    "topk_step_loss",
+    "train_sae",
+]
+
+log = logging.getLogger(__name__)
+Arch = Literal["topk", "relu", "batchtopk"]
+Kernel = Literal["auto", "dense", "sparse_decode", "sparse"]
+KERNELS = ("dense", "sparse_decode", "sparse")
+
+
+@dataclass(frozen=True)
+class SAETrainConfig:
+    arch: Arch = "topk"
+    """topk | relu | batchtopk"""
+    d_sae: int = 256
+    """number of latents"""
+    k: int = 8
+    """active latents per token (topk, batchtopk)"""
+    l1_coefficient: float = 3.0
+    """L1 penalty (relu), on activations with unit-norm decoder rows; warmed up linearly"""
+    steps: int = 3000
+    batch_size: int = 1024
+    lr: float = 2e-3
+    warmup_steps: int = 50
+    decay_fraction: float = 0.2
+    """last fraction of steps with linear lr decay to 0"""
+    aux_k: int | None = None
+    """latents the AuxK loss revives per token (default: d_in // 2)"""
+    aux_coefficient: float = 1 / 32
+    dead_tokens: int = 20_000
+    """a latent that has not fired for this many training tokens counts as dead"""
+    kernel: Kernel = "sparse_decode"
+    """how a TopK step computes: ``dense`` (the reference: codes scattered into a (B, d_sae)
+    matrix, autograd through dense matmuls), ``sparse_decode`` (the decoder an ``embedding_bag``
+    over the k active rows), ``sparse`` (that, and the encoder's backward only at the selected
+    latents, ``_TopKEncode``); ``auto``: whichever trains fastest on this device and shape, timed
+    on the first batch (``history["kernel"]`` says which ran; bench/sae_decode.py). All agree to
+    float rounding, but a TopK run amplifies rounding, so the default is one fixed path: the same
+    run gives the same SAE on every machine."""
+    autocast: bool = False
+    """bf16 autocast (GPU)"""
+    compile: bool = False
+    """``torch.compile`` the training step (GPU)"""
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.arch not in ("topk", "relu", "batchtopk"):
+            raise SaediffError(f"SAETrainConfig.arch must be topk, relu or batchtopk, got {self.arch!r}")
+        if self.kernel not in ("auto", *KERNELS):
+            raise SaediffError(f"SAETrainConfig.kernel must be auto, {', '.join(KERNELS)}, got {self.kernel!r}")
+        if self.arch != "relu" and not 0 < self.k <= self.d_sae:
+            raise SaediffError(f"SAETrainConfig: k={self.k} must lie in [1, d_sae={self.d_sae}]")
+        if self.steps < 1 or self.batch_size < 1:
+            raise SaediffError("SAETrainConfig: steps and batch_size must be >= 1")
+
+
+class SAEParams(torch.nn.Module):
+    """The trainable tensors, in SAELens's names and layout."""
+
+    def __init__(self, d_in: int, d_sae: int):
+        super().__init__()
+        self.W_enc = torch.nn.Parameter(torch.empty(d_in, d_sae))  # (D, S)
+        self.W_dec = torch.nn.Parameter(torch.empty(d_sae, d_in))  # (S, D)
+        self.b_enc = torch.nn.Parameter(torch.zeros(d_sae))
+        self.b_dec = torch.nn.Parameter(torch.zeros(d_in))
+        self.register_buffer("threshold", torch.zeros(()))  # batchtopk -> JumpReLU
+
+    @torch.no_grad()
+    def init_from(self, sample_ND: torch.Tensor, gen: torch.Generator) -> None:
+        d_in, d_sae = self.W_enc.shape
+        W = torch.randn(d_sae, d_in, generator=gen)
+        self.W_dec.copy_(W / W.norm(dim=1, keepdim=True))
+        self.W_enc.copy_(self.W_dec.T)
+        self.b_dec.copy_(sample_ND.mean(0))
+
+    @torch.no_grad()
+    def normalize_decoder(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
+
+
+class StepOut(NamedTuple):
+    loss: torch.Tensor
+    mse: torch.Tensor
+    """summed squared error per token, mean over the batch"""
+    aux: torch.Tensor
+    fired_S: torch.Tensor
+    """(S,) bool: latents active in this batch"""
+
+
+def _topk_codes(pre_BS: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    vals, idx = pre_BS.topk(k, dim=-1, sorted=False)
+    return vals.relu(), idx
+
+
+class _TopKEncode(torch.autograd.Function):
+    """The top-k pre-activations of ``xc_BD @ W_enc + b_enc`` per row, and (with ``dead_S``) the
+    top-``aux_k`` among dead latents, as (values, indices) pairs. Only the selected entries carry a
+    gradient, so the backward reads and writes only the B x (k + aux_k) selected rows of ``W_enc``
+    (``embedding_bag``, ``index_add_``) instead of two dense (B, d_sae) matmuls, and the AuxK
+    selection reads the dead columns alone; autograd through ``topk`` gives the same numbers (tests/test_saes.py)."""
+
+    @staticmethod
+    def forward(ctx, xc_BD, W_enc, b_enc, k: int, dead_S, aux_k: int):
+        pre_BS = xc_BD @ W_enc + b_enc
+        vals_BK, idx_BK = pre_BS.topk(k, dim=-1, sorted=False)
+        if dead_S is not None:
+            dead_idx = dead_S.nonzero()[:, 0]
+            a_vals, a_pos = pre_BS[:, dead_idx].topk(aux_k, dim=-1, sorted=False)
+            a_idx = dead_idx[a_pos]
+        else:
+            a_vals, a_idx = pre_BS.new_zeros(pre_BS.shape[0], 0), idx_BK.new_zeros(pre_BS.shape[0], 0)
+        ctx.save_for_backward(xc_BD, W_enc, idx_BK, a_idx)
+        ctx.mark_non_differentiable(idx_BK, a_idx)
+        return vals_BK, idx_BK, a_vals, a_idx
+
+    @staticmethod
+    def backward(ctx, g_vals, _g_idx, g_avals, _g_aidx):
+        xc_BD, W_enc, idx_BK, a_idx = ctx.saved_tensors
+        B, D, S = xc_BD.shape[0], W_enc.shape[0], W_enc.shape[1]
+        idx = torch.cat([idx_BK, a_idx], 1)  # (B, n = k + aux_k)
+        g = torch.cat([g_vals, g_avals if g_avals is not None else g_vals.new_zeros(a_idx.shape)], 1).to(W_enc.dtype)
+        W_SD = W_enc.T.contiguous()  # rows per latent: embedding_bag and index_add_ read and write whole rows
+        g_xc = torch.nn.functional.embedding_bag(idx, W_SD, per_sample_weights=g, mode="sum")  # (B, D)
+        g_W_SD = torch.zeros(S, D, dtype=W_enc.dtype, device=W_enc.device)
+        xc = xc_BD.to(W_enc.dtype)
+        step = max(1, 2**24 // (idx.shape[1] * D))  # rows at a time: (rows, n, D) products, at most 16M numbers
+        for i in range(0, B, step):
+            rows = slice(i, i + step)
+            g_W_SD.index_add_(0, idx[rows].reshape(-1), (g[rows, :, None] * xc[rows, None, :]).reshape(-1, D))
+        g_b = torch.zeros(S, dtype=W_enc.dtype, device=W_enc.device).index_add_(0, idx.reshape(-1), g.reshape(-1))
+        return g_xc.to(xc_BD.dtype), g_W_SD.T.contiguous(), g_b, None, None, None
+
+
+def topk_step_loss(p: SAEParams, x_BD: torch.Tensor, k: int, var: float, dead_S: torch.Tensor | None,
+                   aux_k: int, aux_coef: float, kernel: str = "dense") -> StepOut:
+    """TopK reconstruction loss (normalised by the data variance) plus the AuxK term.
+
+    ``kernel`` (``SAETrainConfig.kernel``): ``dense`` scatters the codes into a (B, S) matrix and
+    lets autograd run dense matmuls (the reference path); ``sparse_decode`` decodes with an
+    ``embedding_bag`` over the k active rows; ``sparse`` also runs the encoder's backward at the
+    selected latents only (``_TopKEncode``). All must agree.
+    """
+    with_aux = dead_S is not None and aux_coef > 0 and bool(dead_S.any())
+    n_aux = min(aux_k, int(dead_S.sum())) if with_aux else 0
+    if kernel == "sparse":
+        vals_BK, idx_BK, a_vals, a_idx = _TopKEncode.apply(x_BD - p.b_dec, p.W_enc, p.b_enc, k,
+                                                           dead_S if with_aux else None, n_aux)
+        vals_BK, a_vals = vals_BK.relu(), a_vals.relu()
+        pre_BS = None
+    else:
+        pre_BS = (x_BD - p.b_dec) @ p.W_enc + p.b_enc
+        vals_BK, idx_BK = _topk_codes(pre_BS, k)
+    if kernel == "dense":
+        z_BS = torch.zeros_like(pre_BS).scatter(-1, idx_BK, vals_BK)
+        xhat_BD = z_BS @ p.W_dec + p.b_dec
+    else:
+        xhat_BD = torch.nn.functional.embedding_bag(idx_BK, p.W_dec, per_sample_weights=vals_BK, mode="sum") + p.b_dec
+    err_BD = x_BD - xhat_BD
+    mse = err_BD.pow(2).sum(-1).mean()
+    aux = mse.new_zeros(())
+    if with_aux:
+        if pre_BS is not None:
+            masked = pre_BS.masked_fill(~dead_S, float("-inf"))
+            a_vals, a_idx = _topk_codes(masked, n_aux)
+        a_vals = torch.nan_to_num(a_vals, neginf=0.0)
+        recon = torch.nn.functional.embedding_bag(a_idx, p.W_dec, per_sample_weights=a_vals, mode="sum")
+        aux = (err_BD.detach() - recon).pow(2).sum(-1).mean() / var
+    fired_S = torch.zeros(p.W_enc.shape[1], dtype=torch.bool, device=x_BD.device)
+    fired_S[idx_BK[vals_BK > 0]] = True
+    return StepOut(mse / var + aux_coef * aux, mse, aux, fired_S)
+
+
+def _relu_step(p: SAEParams, x_BD, l1: float, var: float) -> StepOut:
+    z_BS = ((x_BD - p.b_dec) @ p.W_enc + p.b_enc).relu()
+    err = x_BD - (z_BS @ p.W_dec + p.b_dec)
+    mse = err.pow(2).sum(-1).mean()
+    sparsity = z_BS.sum(-1).mean() / math.sqrt(var)
+    return StepOut(mse / var + l1 * sparsity, mse, sparsity, (z_BS > 0).any(0))
+
+
+def _batchtopk_step(p: SAEParams, x_BD, k: int, var: float) -> tuple[StepOut, torch.Tensor]:
+    pre_BS = ((x_BD - p.b_dec) @ p.W_enc + p.b_enc).relu()
+    flat = pre_BS.flatten()
+    vals, idx = flat.topk(k * x_BD.shape[0], sorted=False)
+    z_BS = torch.zeros_like(flat).scatter(0, idx, vals).view_as(pre_BS)
+    err = x_BD - (z_BS @ p.W_dec + p.b_dec)
+    mse = err.pow(2).sum(-1).mean()
+    kept_min = vals[vals > 0].min() if bool((vals > 0).any()) else vals.new_zeros(())
+    return StepOut(mse / var, mse, mse.new_zeros(()), (z_BS > 0).any(0)), kept_min.detach()
+
+
+def _lr_factor(cfg: SAETrainConfig, step: int) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    decay_start = int(cfg.steps * (1 - cfg.decay_fraction))
+    if step >= decay_start:
+        return max(0.0, (cfg.steps - step) / max(1, cfg.steps - decay_start))
+    return 1.0
+
+
+def _device(cfg: SAETrainConfig) -> torch.device:
+    if cfg.device != "auto":
+        return torch.device(cfg.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def train_sae(
+    batches: Iterator[Float[torch.Tensor, "batch d_in"]] | Float[torch.Tensor, "n d_in"],
+    cfg: SAETrainConfig,
+    *,
+    hook_name: str = "",
+    model_name: str = "",
+    progress: bool = True,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
+    callback: Callable[[int, SAEParams], None] | None = None,
+) -> tuple[object, dict]:
+    """Train an SAE; returns (SAELens SAE, history dict with per-step loss, mse, dead fraction).
+
+    ``batches`` is an iterator of (batch, d_in) activations (``ActivationStore.stream``) or one
+    (n, d_in) tensor, which is shuffled into batches here. With ``checkpoint_dir`` and
+    ``checkpoint_every`` the full training state (weights, Adam, schedule, dead-latent clocks,
+    history) is saved every N steps; ``resume`` continues from it, skipping the batches already
+    used, so a resumed run ends with the weights of an uninterrupted one (same batch order).
+    ``callback(steps_done, params)`` runs after each step (e.g. a benchmark's held-out FVU).
+    """
+    if isinstance(batches, torch.Tensor):
+        data = batches
+        if data.ndim != 2 or data.shape[0] < cfg.batch_size:
+            raise SaediffError(f"train_sae: activations of shape {tuple(data.shape)}; need (n >= batch_size, d_in)")
+        from saediff.activations.store import shuffled_batches
+
+        batches = shuffled_batches(data, cfg.batch_size, seed=cfg.seed)
+    device = _device(cfg)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    first = next(batches).float()
+    d_in = first.shape[1]
+    p = SAEParams(d_in, cfg.d_sae)
+    dist = _Dist(cfg)
+    p.init_from(dist.global_rows_mean(first)[None], gen)  # b_dec: the (global) first-batch mean, as (1, d)
+    p.to(device)
+    var = dist.global_variance(first)
+    opt = torch.optim.Adam(p.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(cfg, s))
+    last_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=device)
+    aux_k = cfg.aux_k or max(1, d_in // 2)
+    step_fn = topk_step_loss
+    if cfg.compile:
+        step_fn = torch.compile(topk_step_loss)
+    hist = {"loss": [], "fvu": [], "dead_fraction": []}
+    tokens, start = 0, 0
+    ckpt = Path(checkpoint_dir) / "train_state.pt" if checkpoint_dir else None
+    made_by = _run_fingerprint(cfg, first, dist.world)
+    if resume and ckpt is not None and ckpt.exists():
+        state = _resume_state(ckpt, made_by, device)
+        p.load_state_dict(state["params"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        last_fired.copy_(state["last_fired"])
+        tokens, start, var, hist = int(state["tokens"]), int(state["step"]), float(state["var"]), state["hist"]
+        for _ in range(start - 1):  # the first batch was read above
+            next(batches)
+        log.info("sae: resumed at step %d from %s", start, ckpt)
+    kernel = cfg.kernel
+    if resume and ckpt is not None and ckpt.exists():
+        kernel = hist.get("kernel", kernel)  # a resumed run keeps the path it chose
+    if cfg.arch == "topk" and kernel == "auto":
+        kernel = _fastest_kernel(p, first.to(device), cfg, var, aux_k, dist)
+    hist["kernel"] = kernel if cfg.arch == "topk" else None
+    x = first
+    for step in tqdm(range(start, cfg.steps), desc=f"sae {cfg.arch}", disable=_io.no_progress(progress), leave=False,
+                     initial=start, total=cfg.steps):
+        if step > 0:
+            x = next(batches).float()
+        x = x.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast):
+            if cfg.arch == "topk":
+                dead = (tokens - last_fired) > cfg.dead_tokens
+                out = step_fn(p, x, cfg.k, var, dead, aux_k, cfg.aux_coefficient, kernel)
+            elif cfg.arch == "relu":
+                l1 = cfg.l1_coefficient * min(1.0, (step + 1) / max(1, cfg.steps // 10))
+                out = _relu_step(p, x, l1, var)
+            else:
+                out, kept_min = _batchtopk_step(p, x, cfg.k, var)
+                if step == 0:
+                    p.threshold.copy_(kept_min)
+                else:
+                    p.threshold.mul_(0.99).add_(0.01 * kept_min.float())
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        dist.average_gradients(p)
+        opt.step()
+        sched.step()
+        p.normalize_decoder()
+        tokens += x.shape[0] * dist.world
+        last_fired[dist.any_rank(out.fired_S)] = tokens
+        if step % 10 == 0 or step == cfg.steps - 1:
+            hist["loss"].append(out.loss.item())
+            hist["fvu"].append(out.mse.item() / var)
+            hist["dead_fraction"].append(float(((tokens - last_fired) > cfg.dead_tokens).float().mean()))
+        if callback is not None:
+            callback(step + 1, p)
+        if (ckpt is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < cfg.steps
+                and dist.rank == 0):
+            state = {"params": p.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                     "last_fired": last_fired, "tokens": tokens, "step": step + 1, "var": var, "hist": hist,
+                     "provenance": json.dumps(made_by)}
+            _io.atomic_write_bytes(ckpt, _torch_bytes(state))
+    sae = to_saelens(p.cpu(), cfg, hook_name=hook_name, model_name=model_name)
+    return sae, hist
+
+
+def _fastest_kernel(p: SAEParams, x_BD: torch.Tensor, cfg: SAETrainConfig, var: float, aux_k: int, dist) -> str:
+    """The ``KERNELS`` entry that trains fastest here: three forward and backward passes of each
+    on the first batch (some latents marked dead, so the AuxK term runs), twice, interleaved, best
+    time each (nothing is stepped; the gradients are dropped). Under ``torchrun`` rank 0's choice
+    is every rank's, so all run the same path."""
+    import time
+
+    dead = torch.zeros(cfg.d_sae, dtype=torch.bool, device=x_BD.device)
+    dead[:: max(2, cfg.d_sae // 64)] = True
+    sync = torch.cuda.synchronize if x_BD.device.type == "cuda" else (lambda: None)
+    best = {k: float("inf") for k in KERNELS}
+    for kernel in KERNELS * 3:  # the first round warms each up
+        sync()
+        t = time.perf_counter()
+        for _ in range(3):
+            with torch.autocast(x_BD.device.type, dtype=torch.bfloat16, enabled=cfg.autocast):
+                out = topk_step_loss(p, x_BD, cfg.k, var, dead, aux_k, cfg.aux_coefficient, kernel)
+            out.loss.backward()
+        sync()
+        best[kernel] = min(best[kernel], time.perf_counter() - t)
+    p.zero_grad(set_to_none=True)
+    choice = torch.tensor([KERNELS.index(min(best, key=best.get))], device=x_BD.device)
+    if dist.on:
+        import torch.distributed as td
+
+        td.broadcast(choice, 0)
+    kernel = KERNELS[int(choice.item())]
+    log.info("sae: %s kernel (%s ms per 3 steps)", kernel, ", ".join(f"{k} {1000 * v:.1f}" for k, v in best.items()))
+    return kernel
+
+
+def _run_fingerprint(cfg: SAETrainConfig, first: torch.Tensor, world: int) -> dict:
+    """What a training checkpoint belongs to: the settings (not the device, which may change on
+    resume), the number of ranks, and the first batch this rank read (the data and its order)."""
+    from saediff.models.provenance import tensor_digest
+
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("device", "compile")}
+    return {"settings": settings, "world": world, "d_in": int(first.shape[1]), "first_batch": tensor_digest(first)}
+
+
+def _resume_state(ckpt: Path, made_by: dict, device) -> dict:
+    """The saved training state, if it is this run's (same settings, ranks and data), else one line."""
+    from saediff.models.provenance import mismatch
+
+    state = torch.load(ckpt, map_location=device, weights_only=True)  # tensors and plain values only
+    why = mismatch(json.loads(state["provenance"]) if "provenance" in state else None, made_by)
+    if why is not None:
+        raise SaediffError(f"{ckpt} is the checkpoint of another SAE training run ({why}); delete it, or train "
+                           f"without --resume")
+    return state
+
+
+class _Dist:
+    """Data parallelism under ``torchrun``: every rank trains on its own batches, gradients are
+    averaged, and what depends on the whole batch (the first batch's mean and variance, which
+    latents fired) is reduced across ranks, so W ranks of batch B train as one process on the
+    concatenated W x B batches. A no-op in a single process."""
+
+    def __init__(self, cfg: SAETrainConfig):
+        import torch.distributed as td
+
+        self.td = td
+        self.on = td.is_available() and td.is_initialized() and td.get_world_size() > 1
+        self.world = td.get_world_size() if self.on else 1
+        self.rank = td.get_rank() if self.on else 0
+        if self.on and cfg.arch == "batchtopk":
+            raise SaediffError("batchtopk picks its top k over the whole batch: train it in one process")
+
+    def _sum(self, t: torch.Tensor) -> torch.Tensor:
+        if self.on:
+            self.td.all_reduce(t)
+        return t
+
+    def global_rows_mean(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.on:  # bit for bit what a single process always computed (SAE training is chaotic)
+            return x.float().mean(0)
+        return self._sum(x.float().sum(0)) / (x.shape[0] * self.world)
+
+    def global_variance(self, x: torch.Tensor) -> float:
+        if not self.on:
+            return float((x.float() - x.float().mean(0)).pow(2).sum(-1).mean())
+        mean = self.global_rows_mean(x)
+        return float(self._sum((x.float() - mean).pow(2).sum(-1).sum()[None])[0] / (x.shape[0] * self.world))
+
+    def average_gradients(self, p: torch.nn.Module) -> None:
+        if self.on:
+            for t in p.parameters():
+                if t.grad is not None:
+                    self.td.all_reduce(t.grad)
+                    t.grad.div_(self.world)
+
+    def any_rank(self, fired: torch.Tensor) -> torch.Tensor:
+        return self._sum(fired.to(torch.int32)) > 0 if self.on else fired
+
+
+def _torch_bytes(obj) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def to_saelens(p: SAEParams, cfg: SAETrainConfig, *, hook_name: str = "", model_name: str = ""):
+    """The SAELens SAE object holding ``p``'s weights (TopKSAE, StandardSAE or JumpReLUSAE)."""
+    from sae_lens import (
+        JumpReLUSAE,
+        JumpReLUSAEConfig,
+        StandardSAE,
+        StandardSAEConfig,
+        TopKSAE,
+        TopKSAEConfig,
+    )
+    from sae_lens.saes.sae import SAEMetadata
+
+    d_in, d_sae = p.W_enc.shape
+    meta = SAEMetadata(hook_name=hook_name, model_name=model_name)
+    state = {k: v.detach().clone() for k, v in p.state_dict().items() if k != "threshold"}
+    if cfg.arch == "topk":
+        sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=cfg.k, metadata=meta))
+    elif cfg.arch == "relu":
+        sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae, metadata=meta))
+    else:
+        sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae, metadata=meta))
+        state["threshold"] = torch.full((d_sae,), float(p.threshold))
+    sae.load_state_dict(state)
+    return sae.eval()
+
+
+def init_distributed(device: str) -> tuple[int, int]:
+    """(rank, world size) of data-parallel SAE training: under ``torchrun`` the process group (gloo
+    on CPU, nccl on GPU, each rank on its own GPU), else (0, 1)."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    import torch.distributed as td
+
+    if not td.is_initialized():
+        gpu = device != "cpu" and torch.cuda.is_available()
+        if gpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        td.init_process_group("nccl" if gpu else "gloo")
+    return td.get_rank(), td.get_world_size()
+
