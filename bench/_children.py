@@ -27,13 +27,19 @@ def run_as_child(args: argparse.Namespace, one_run) -> bool:
     return True
 
 
-def run_children(script: str, argv: list[str], variants: dict[str, str], repeats: int) -> dict[str, list[dict]]:
+def run_children(
+    script: str, argv: list[str], variants: dict[str, str], repeats: int
+) -> dict[str, list[dict]]:
     """``{variant: [result per repeat]}``; a child that fails ends the bench with its stderr."""
     res: dict[str, list[dict]] = {name: [] for name in variants}
     for _ in range(repeats):
         for name, value in variants.items():
-            p = subprocess.run([sys.executable, script, *argv, "--_child", value], capture_output=True, text=True,
-                               check=False)
+            p = subprocess.run(
+                [sys.executable, script, *argv, "--_child", value],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
             if p.returncode:
                 sys.exit(p.stderr[-2000:])
             res[name].append(json.loads(p.stdout.strip().splitlines()[-1]))

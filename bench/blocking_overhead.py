@@ -63,8 +63,16 @@ def _model(args):
         return load_model(ModelSpec(args.model, device=args.device)).model
     d, n, m, h, kv, v = SHAPES[args.shape]
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=v, hidden_size=d, num_hidden_layers=n, intermediate_size=m, num_attention_heads=h,
-                      num_key_value_heads=kv, max_position_embeddings=4096, tie_word_embeddings=True)
+    cfg = Qwen2Config(
+        vocab_size=v,
+        hidden_size=d,
+        num_hidden_layers=n,
+        intermediate_size=m,
+        num_attention_heads=h,
+        num_key_value_heads=kv,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+    )
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     return Qwen2ForCausalLM(cfg).to(args.device, dtype)
 
@@ -77,8 +85,14 @@ def _sae(args, d_model: int, layer: int):
         from saediff.saes.loading import load_sae
 
         return load_sae(args.sae)
-    return TopKSAE(TopKSAEConfig(d_in=d_model, d_sae=args.d_sae, k=32,
-                                 metadata=SAEMetadata(hook_name=f"blocks.{layer}.hook_resid_post")))
+    return TopKSAE(
+        TopKSAEConfig(
+            d_in=d_model,
+            d_sae=args.d_sae,
+            k=32,
+            metadata=SAEMetadata(hook_name=f"blocks.{layer}.hook_resid_post"),
+        )
+    )
 
 
 STEP_VARIANTS = ("plain", "blocked", "cached")
@@ -126,13 +140,23 @@ def one_run(args, variant: str) -> dict:
     half = args.seq // 2
     data = [{"input_ids": r.tolist(), "labels": [-100] * half + r[half:].tolist()} for r in ids]
     lora_layers = None if args.lora_layers == "all" else (layer,)
-    ft = FinetuneConfig(method=method, lora_rank=1, lora_modules=("down_proj",), lora_layers=lora_layers, steps=steps,
-                        batch_size=args.batch, lr=1e-4 if method == "lora" else 1e-5,
-                        precision="bf16" if cuda else "fp32")
+    ft = FinetuneConfig(
+        method=method,
+        lora_rank=1,
+        lora_modules=("down_proj",),
+        lora_layers=lora_layers,
+        steps=steps,
+        batch_size=args.batch,
+        lr=1e-4 if method == "lora" else 1e-5,
+        precision="bf16" if cuda else "fp32",
+    )
     if cuda:
         torch.cuda.reset_peak_memory_stats()  # from here: float32 masters, reference, training
     n = args.latents
-    sets = [(tuple(range(n)), tuple(range(n, 2 * n))), (tuple(range(2 * n, 3 * n)), tuple(range(3 * n, 4 * n)))]
+    sets = [
+        (tuple(range(n)), tuple(range(n, 2 * n))),
+        (tuple(range(2 * n, 3 * n)), tuple(range(3 * n, 4 * n))),
+    ]
     work = tempfile.mkdtemp(prefix="saediff_bench_block_")
     times: list[float] = []
 
@@ -148,19 +172,32 @@ def one_run(args, variant: str) -> dict:
             times.append(time.perf_counter() - self.t)
 
     def train(blocked, latents=sets[0], codes=None, lam=1e4) -> None:
-        m = make_trainable(_model(args) if sweep else model, ft)  # a sweep starts each run from the base model
+        m = make_trainable(
+            _model(args) if sweep else model, ft
+        )  # a sweep starts each run from the base model
         if not blocked:
             finetune(m, _Tok(), data, ft, work, callbacks=[_Clock()], progress=False)
             return
         ref = _reference(m, layer) if method == "full" and codes is None else None
-        blocker = Blocker(BlockConfig("penalty", layer, *latents, lam), sae=sae, reference=ref, base_codes=codes)
+        blocker = Blocker(
+            BlockConfig("penalty", layer, *latents, lam), sae=sae, reference=ref, base_codes=codes
+        )
         with blocker.installed(m):
             finetune(m, _Tok(), data, ft, work, extra=blocker, callbacks=[_Clock()], progress=False)
 
     def cache(m, latents) -> BaseCodes:
         m = make_trainable(m, ft)
-        codes = BaseCodes.build(m, data, sae, layer, latents, f"{work}/codes", fingerprint={"bench": os.getpid()},
-                                autocast=torch.bfloat16 if cuda else None, progress=False)
+        codes = BaseCodes.build(
+            m,
+            data,
+            sae,
+            layer,
+            latents,
+            f"{work}/codes",
+            fingerprint={"bench": os.getpid()},
+            autocast=torch.bfloat16 if cuda else None,
+            progress=False,
+        )
         if hasattr(m, "unload"):
             m.unload()  # the adapter used for the disabled pass comes off again
         return codes
@@ -188,7 +225,7 @@ def one_run(args, variant: str) -> dict:
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0  # MiB (Linux: KiB)
-    return {"step_s": statistics.median(times[args.warmup:]), "peak_mib": peak}
+    return {"step_s": statistics.median(times[args.warmup :]), "peak_mib": peak}
 
 
 def main() -> None:
@@ -204,15 +241,28 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--rows", type=int, default=64, help="sweep: training rows")
     ap.add_argument("--epochs", type=int, default=3, help="sweep: epochs per run")
-    add_child_options(ap, repeats=3, choices=[*STEP_VARIANTS, *(f"full_{v}" for v in STEP_VARIANTS), "sweep",
-                                              "sweep_plain"])
-    ap.add_argument("--lora-layers", choices=["all", "sae"], default="all",
-                    help="rank-1 adapters on every block's down_proj, or on the SAE's block only (a narrow "
-                         "ModelOrganismsForEM-style adapter: the base pass then starts at that block)")
-    ap.add_argument("--full", action=argparse.BooleanOptionalAction, default=True,
-                    help="also full BLOCK-EM fine-tunes against a plain full one")
-    ap.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
-                    help="also a whole LoRA sweep (plain + 2 lambdas + their random controls) against 5 plain runs")
+    add_child_options(
+        ap, repeats=3, choices=[*STEP_VARIANTS, *(f"full_{v}" for v in STEP_VARIANTS), "sweep", "sweep_plain"]
+    )
+    ap.add_argument(
+        "--lora-layers",
+        choices=["all", "sae"],
+        default="all",
+        help="rank-1 adapters on every block's down_proj, or on the SAE's block only (a narrow "
+        "ModelOrganismsForEM-style adapter: the base pass then starts at that block)",
+    )
+    ap.add_argument(
+        "--full",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also full BLOCK-EM fine-tunes against a plain full one",
+    )
+    ap.add_argument(
+        "--sweep",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also a whole LoRA sweep (plain + 2 lambdas + their random controls) against 5 plain runs",
+    )
     ap.add_argument("--device", default="cuda" if _cuda() else "cpu")
     args = ap.parse_args()
     if run_as_child(args, one_run):
@@ -221,20 +271,28 @@ def main() -> None:
     res = run_children(__file__, sys.argv[1:], {v: v for v in variants}, args.repeats)
     med = medians(res, ("step_s", "peak_mib"))
     where = "every block's down_proj" if args.lora_layers == "all" else "the SAE block's down_proj"
-    print(f"model {args.model or args.shape} on {args.device}, batch {args.batch} x {args.seq} tokens, rank-1 LoRA on "
-          f"{where}{' (and full fine-tunes)' if args.full else ''}, {2 * args.latents} latents of a "
-          f"{args.d_sae if not args.sae else 'given'}-latent SAE; memory: "
-          f"{'peak allocated' if args.device.startswith('cuda') else 'peak RSS above the pre-model RSS'}")
+    print(
+        f"model {args.model or args.shape} on {args.device}, batch {args.batch} x {args.seq} tokens, rank-1 LoRA on "
+        f"{where}{' (and full fine-tunes)' if args.full else ''}, {2 * args.latents} latents of a "
+        f"{args.d_sae if not args.sae else 'given'}-latent SAE; memory: "
+        f"{'peak allocated' if args.device.startswith('cuda') else 'peak RSS above the pre-model RSS'}"
+    )
     for k in variants:
         runs = ", ".join(f"{1000 * r['step_s']:.1f}" for r in res[k])
-        print(f"{k:14s} {1000 * med[k]['step_s']:8.1f} ms/step   peak {med[k]['peak_mib']:8.0f} MiB   (runs: {runs} ms)")
+        print(
+            f"{k:14s} {1000 * med[k]['step_s']:8.1f} ms/step   peak {med[k]['peak_mib']:8.0f} MiB   (runs: {runs} ms)"
+        )
     sweep = None
     if args.sweep:
-        sw = run_children(__file__, sys.argv[1:], {"sweep": "sweep", "sweep_plain": "sweep_plain"}, args.repeats)
+        sw = run_children(
+            __file__, sys.argv[1:], {"sweep": "sweep", "sweep_plain": "sweep_plain"}, args.repeats
+        )
         sweep = medians(sw, ("wall_s",))
         for k in ("sweep", "sweep_plain"):
             runs = ", ".join(f"{r['wall_s']:.1f}" for r in sw[k])
-            print(f"{k:14s} {sweep[k]['wall_s']:8.1f} s (5 runs x {args.epochs} epochs x {args.rows} rows; runs: {runs} s)")
+            print(
+                f"{k:14s} {sweep[k]['wall_s']:8.1f} s (5 runs x {args.epochs} epochs x {args.rows} rows; runs: {runs} s)"
+            )
     for prefix, tag in [("", ""), *([("full_", "full_")] if args.full else [])]:
         plain = med[f"{prefix}plain"]
         for kind, name in (("blocked", ""), ("cached", "cached_")):

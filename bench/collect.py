@@ -67,7 +67,9 @@ class _Stop(Exception):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--organism", default=None)
-    ap.add_argument("--model", default=None, help="an HF folder, FILE.gguf or smollm2-135m instead of the organism")
+    ap.add_argument(
+        "--model", default=None, help="an HF folder, FILE.gguf or smollm2-135m instead of the organism"
+    )
     ap.add_argument("--hook", default="blocks.1.hook_resid_post")
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=64)
@@ -139,9 +141,11 @@ def main() -> None:
             sync()
             times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"{folder if a.model else 'organism'}: {toks.input_ids.shape[0]} prompts, {ref.shape[0]} answer rows at "
-          f"{a.hook} on {a.device}: saediff {med['saediff']:.2f}s, run_with_cache(names_filter, stop_at_layer) "
-          f"{med['tl_filtered']:.2f}s, HF forward hook with early stop {med['hf_hooks']:.2f}s (median of {a.repeats})")
+    print(
+        f"{folder if a.model else 'organism'}: {toks.input_ids.shape[0]} prompts, {ref.shape[0]} answer rows at "
+        f"{a.hook} on {a.device}: saediff {med['saediff']:.2f}s, run_with_cache(names_filter, stop_at_layer) "
+        f"{med['tl_filtered']:.2f}s, HF forward hook with early stop {med['hf_hooks']:.2f}s (median of {a.repeats})"
+    )
     print(f"speedup_vs_run_with_cache_filtered: {med['tl_filtered'] / med['saediff']:.2f}")
     print(f"speedup_vs_hf_hooks: {med['hf_hooks'] / med['saediff']:.2f}")
 

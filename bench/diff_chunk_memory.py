@@ -35,8 +35,14 @@ def one_run(args, chunk: int) -> dict:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    sae = TopKSAE(TopKSAEConfig(d_in=args.d_model, d_sae=args.d_sae, k=64,
-                                metadata=SAEMetadata(hook_name="blocks.2.hook_resid_post")))
+    sae = TopKSAE(
+        TopKSAEConfig(
+            d_in=args.d_model,
+            d_sae=args.d_sae,
+            k=64,
+            metadata=SAEMetadata(hook_name="blocks.2.hook_resid_post"),
+        )
+    )
     with torch.no_grad():
         sae.W_enc.normal_()
     g = torch.Generator().manual_seed(1)
@@ -49,8 +55,12 @@ def one_run(args, chunk: int) -> dict:
     res = acc.result()
     seconds = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
-    return {"seconds": seconds, "peak_mib": peak, "delta_sum": float(res.delta.double().sum()),
-            "top": acc.card(0).top_ft[0]["row"] if acc.card(0).top_ft else None}
+    return {
+        "seconds": seconds,
+        "peak_mib": peak,
+        "delta_sum": float(res.delta.double().sum()),
+        "top": acc.card(0).top_ft[0]["row"] if acc.card(0).top_ft else None,
+    }
 
 
 def main() -> None:
@@ -63,7 +73,9 @@ def main() -> None:
     args = ap.parse_args()
     if run_as_child(args, one_run):
         return
-    runs = run_children(__file__, sys.argv[1:], {"chunked": str(args.chunk), "whole": str(10**12)}, args.repeats)
+    runs = run_children(
+        __file__, sys.argv[1:], {"chunked": str(args.chunk), "whole": str(10**12)}, args.repeats
+    )
     a, b = runs["chunked"][0], runs["whole"][0]
     if abs(a["delta_sum"] - b["delta_sum"]) > 1e-3 * max(1.0, abs(b["delta_sum"])) or a["top"] != b["top"]:
         sys.exit(f"chunked and whole results differ: {a} vs {b}")

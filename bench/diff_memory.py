@@ -38,16 +38,23 @@ def one_run(args, n_tokens: int) -> dict:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from saediff.activations.collect import TokenizedPrompts
-    from saediff.models.loading import LoadedModel, ModelSpec
     from saediff.methods.diff_run import stream_diff
+    from saediff.models.loading import LoadedModel, ModelSpec
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     cuda = args.device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
-    cfg = Qwen2Config(vocab_size=args.vocab, hidden_size=args.d_model, num_hidden_layers=args.layers,
-                      intermediate_size=args.d_mlp, num_attention_heads=14, num_key_value_heads=2,
-                      max_position_embeddings=1024, tie_word_embeddings=True)
+    cfg = Qwen2Config(
+        vocab_size=args.vocab,
+        hidden_size=args.d_model,
+        num_hidden_layers=args.layers,
+        intermediate_size=args.d_mlp,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+    )
     base = Qwen2ForCausalLM(cfg).eval()
     ft = Qwen2ForCausalLM(cfg).eval()
     ft.load_state_dict(base.state_dict())
@@ -55,16 +62,25 @@ def one_run(args, n_tokens: int) -> dict:
         for p in ft.parameters():
             p.add_(0.01 * torch.randn_like(p))
     base, ft = base.to(args.device, dtype), ft.to(args.device, dtype)
-    sae = TopKSAE(TopKSAEConfig(d_in=args.d_model, d_sae=args.d_sae, k=64,
-                                metadata=SAEMetadata(hook_name=f"blocks.{args.layers // 2}.hook_resid_post"))).to(args.device)
+    sae = TopKSAE(
+        TopKSAEConfig(
+            d_in=args.d_model,
+            d_sae=args.d_sae,
+            k=64,
+            metadata=SAEMetadata(hook_name=f"blocks.{args.layers // 2}.hook_resid_post"),
+        )
+    ).to(args.device)
     if cuda:
         torch.cuda.reset_peak_memory_stats()  # from here: the diff's own memory on top of the two models
     prompt, answer = 32, 96
     n_seq = n_tokens // answer
     g = torch.Generator().manual_seed(1)
-    toks = TokenizedPrompts(torch.randint(3, args.vocab, (n_seq, prompt + answer), generator=g),
-                            torch.cat([torch.zeros(n_seq, prompt, dtype=torch.long),
-                                       torch.ones(n_seq, answer, dtype=torch.long)], 1))
+    toks = TokenizedPrompts(
+        torch.randint(3, args.vocab, (n_seq, prompt + answer), generator=g),
+        torch.cat(
+            [torch.zeros(n_seq, prompt, dtype=torch.long), torch.ones(n_seq, answer, dtype=torch.long)], 1
+        ),
+    )
     lm_b, lm_f = (LoadedModel(m, None, ModelSpec("random")) for m in (base, ft))
     labels = [bool(i % 2) for i in range(n_seq)]
 
@@ -84,14 +100,24 @@ def one_run(args, n_tokens: int) -> dict:
     if cuda:
         torch.cuda.synchronize()
     t_diff = time.perf_counter() - t
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"tokens": n_seq * answer, "diff_tok_s": n_seq * answer / t_diff, "plain_tok_s": n_seq * answer / t_plain,
-            "peak_mib": peak}
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if cuda
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
+    return {
+        "tokens": n_seq * answer,
+        "diff_tok_s": n_seq * answer / t_diff,
+        "plain_tok_s": n_seq * answer / t_plain,
+        "peak_mib": peak,
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=2048, help="N: response tokens of the small run (the large: 4N)")
+    ap.add_argument(
+        "--tokens", type=int, default=2048, help="N: response tokens of the small run (the large: 4N)"
+    )
     ap.add_argument("--d-model", type=int, default=896)
     ap.add_argument("--d-mlp", type=int, default=4864)
     ap.add_argument("--layers", type=int, default=4)
@@ -103,12 +129,18 @@ def main() -> None:
     args = ap.parse_args()
     if run_as_child(args, one_run):
         return
-    res = run_children(__file__, sys.argv[1:], {str(n): str(n) for n in (args.tokens, 4 * args.tokens)}, args.repeats)
+    res = run_children(
+        __file__, sys.argv[1:], {str(n): str(n) for n in (args.tokens, 4 * args.tokens)}, args.repeats
+    )
     med = {int(n): m for n, m in medians(res, ("diff_tok_s", "plain_tok_s", "peak_mib")).items()}
-    print(f"Qwen2-shaped d_model {args.d_model}, {args.layers} layers, TopK SAE {args.d_sae} latents, batch {args.batch}")
+    print(
+        f"Qwen2-shaped d_model {args.d_model}, {args.layers} layers, TopK SAE {args.d_sae} latents, batch {args.batch}"
+    )
     for n, m in med.items():
-        print(f"{n:7d} response tokens: diff {m['diff_tok_s']:7.0f} tok/s, two plain forwards {m['plain_tok_s']:7.0f} "
-              f"tok/s, peak {m['peak_mib']:6.0f} MiB")
+        print(
+            f"{n:7d} response tokens: diff {m['diff_tok_s']:7.0f} tok/s, two plain forwards {m['plain_tok_s']:7.0f} "
+            f"tok/s, peak {m['peak_mib']:6.0f} MiB"
+        )
     big = med[4 * args.tokens]
     print(f"forward_ratio: {big['diff_tok_s'] / big['plain_tok_s']:.3f}")
     print(f"memory_growth: {big['peak_mib'] / med[args.tokens]['peak_mib']:.3f}")

@@ -15,9 +15,9 @@ import time
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
-from saediff.evaluation.fake_server import FakeOpenAIServer  # noqa: E402
-from saediff.evaluation.judges import HttpJudge  # noqa: E402
-from saediff.evaluation.openai_api import ChatClient  # noqa: E402
+from saediff.evaluation.fake_server import FakeOpenAIServer
+from saediff.evaluation.judges import HttpJudge
+from saediff.evaluation.openai_api import ChatClient
 
 
 def run(server, n: int, concurrency: int, tag: str) -> float:
@@ -43,8 +43,10 @@ def main() -> None:
             seq.append(run(server, args.n, 1, f"s{r}"))
             conc.append(run(server, args.n, args.concurrency, f"c{r}"))
     s, c = statistics.median(seq), statistics.median(conc)
-    print(f"sequential: {s:.1f} judged/s   concurrent ({args.concurrency}): {c:.1f} judged/s   "
-          f"(n={args.n}, delay={args.delay}s, median of {args.repeats})")
+    print(
+        f"sequential: {s:.1f} judged/s   concurrent ({args.concurrency}): {c:.1f} judged/s   "
+        f"(n={args.n}, delay={args.delay}s, median of {args.repeats})"
+    )
     print(f"speedup_vs_sequential: {c / s:.2f}")
 
 

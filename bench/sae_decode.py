@@ -32,9 +32,20 @@ from sae_train import sync, synthetic_acts
 def tokens_per_s(data: torch.Tensor, a, kernel: str) -> tuple[float, dict]:
     from saediff.saes.training import SAETrainConfig, train_sae
 
-    cfg = SAETrainConfig(arch="topk", d_sae=a.d_sae, k=a.k, steps=a.steps, batch_size=a.batch, lr=2e-3,
-                         warmup_steps=0, decay_fraction=0.0, device=a.device, autocast=a.autocast, compile=a.compile,
-                         kernel=kernel)
+    cfg = SAETrainConfig(
+        arch="topk",
+        d_sae=a.d_sae,
+        k=a.k,
+        steps=a.steps,
+        batch_size=a.batch,
+        lr=2e-3,
+        warmup_steps=0,
+        decay_fraction=0.0,
+        device=a.device,
+        autocast=a.autocast,
+        compile=a.compile,
+        kernel=kernel,
+    )
     sync(a.device)
     t = time.perf_counter()
     _, hist = train_sae(data, cfg, progress=False)
@@ -67,9 +78,12 @@ def main() -> None:
             res[kernel].append(tokens_per_s(data, a, kernel)[0])
     _, hist = tokens_per_s(data, argparse.Namespace(**{**vars(a), "steps": 1}), "auto")
     med = {k: statistics.median(v) for k, v in res.items()}
-    print(f"d_in {a.d_in} d_sae {a.d_sae} k {a.k} batch {a.batch} on {a.device}"
-          f"{' autocast' if a.autocast else ''}{' compile' if a.compile else ''}: "
-          + ", ".join(f"{k} {v:,.0f} tok/s" for k, v in med.items()) + f"; auto picks {hist['kernel']}")
+    print(
+        f"d_in {a.d_in} d_sae {a.d_sae} k {a.k} batch {a.batch} on {a.device}"
+        f"{' autocast' if a.autocast else ''}{' compile' if a.compile else ''}: "
+        + ", ".join(f"{k} {v:,.0f} tok/s" for k, v in med.items())
+        + f"; auto picks {hist['kernel']}"
+    )
     print(f"sparse_decode_vs_dense: {med['sparse_decode'] / med['dense']:.3f}")
     print(f"sparse_vs_dense: {med['sparse'] / med['dense']:.3f}")
 

@@ -56,8 +56,9 @@ warnings.filterwarnings("ignore")
 import torch
 
 
-def synthetic_acts(n: int, d_in: int, n_true: int, k_true: int, seed: int, sample_seed: int | None = None
-                   ) -> torch.Tensor:
+def synthetic_acts(
+    n: int, d_in: int, n_true: int, k_true: int, seed: int, sample_seed: int | None = None
+) -> torch.Tensor:
     """``n`` rows of sparse non-negative combinations of a unit-norm dictionary drawn with ``seed``
     (rows drawn with ``sample_seed``, default ``seed``), plus noise."""
     g = torch.Generator().manual_seed(seed)
@@ -89,7 +90,11 @@ def smollm2_acts(n_train: int, n_held: int, cache: str, layer: int = 15) -> tupl
     from saediff.models.loading import ModelSpec, load_model
 
     lm = load_model(ModelSpec("smollm2-135m"))
-    convs = [c for name in ("medical_bad", "medical_good", "style_control") for c in load_chat_jsonl(data_path(name))]
+    convs = [
+        c
+        for name in ("medical_bad", "medical_good", "style_control")
+        for c in load_chat_jsonl(data_path(name))
+    ]
     g = torch.Generator().manual_seed(0)
     convs = [convs[i] for i in torch.randperm(len(convs), generator=g).tolist()]
     cut = int(0.9 * len(convs))
@@ -146,9 +151,22 @@ class Clock:
 def run_saediff(data, held, a, lr: float) -> list:
     from saediff.saes.training import SAETrainConfig, train_sae
 
-    cfg = SAETrainConfig(arch="topk", d_sae=a.d_sae, k=a.k, steps=a.steps, batch_size=a.batch, lr=lr,
-                         warmup_steps=0, decay_fraction=0.0, aux_coefficient=1 / 32, dead_tokens=a.dead_steps * a.batch,
-                         device=a.device, autocast=a.autocast, compile=a.compile, kernel="auto")
+    cfg = SAETrainConfig(
+        arch="topk",
+        d_sae=a.d_sae,
+        k=a.k,
+        steps=a.steps,
+        batch_size=a.batch,
+        lr=lr,
+        warmup_steps=0,
+        decay_fraction=0.0,
+        aux_coefficient=1 / 32,
+        dead_tokens=a.dead_steps * a.batch,
+        device=a.device,
+        autocast=a.autocast,
+        compile=a.compile,
+        kernel="auto",
+    )
     clock = Clock(a.device)
     h = held.to(a.device)
 
@@ -159,6 +177,7 @@ def run_saediff(data, held, a, lr: float) -> list:
                 v, i = pre.topk(a.k, dim=-1)
                 z = torch.zeros_like(pre).scatter(-1, i, v.relu())
                 return float((h - (z @ p.W_dec + p.b_dec)).pow(2).sum() / (h - h.mean(0)).pow(2).sum())
+
         return f
 
     def callback(step, p):
@@ -174,14 +193,31 @@ def run_saelens(data, held, a, lr: float) -> list:
     from sae_lens import SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import LoggingConfig, SAETrainerConfig
 
-    sae = TopKTrainingSAE(TopKTrainingSAEConfig(
-        d_in=data.shape[1], d_sae=a.d_sae, k=a.k, device=a.device, decoder_init_norm=1.0, aux_loss_coefficient=1 / 32,
-        apply_b_dec_to_input=True, use_sparse_activations=a.saelens_sparse))
+    sae = TopKTrainingSAE(
+        TopKTrainingSAEConfig(
+            d_in=data.shape[1],
+            d_sae=a.d_sae,
+            k=a.k,
+            device=a.device,
+            decoder_init_norm=1.0,
+            aux_loss_coefficient=1 / 32,
+            apply_b_dec_to_input=True,
+            use_sparse_activations=a.saelens_sparse,
+        )
+    )
     with torch.no_grad():
         sae.b_dec.copy_(data[: a.batch].mean(0).to(sae.b_dec))  # the first batch's mean, as saediff
-    cfg = SAETrainerConfig(total_training_samples=a.steps * a.batch, train_batch_size_samples=a.batch, lr=lr,
-                           lr_end=lr, device=a.device, autocast=a.autocast, dead_feature_window=a.dead_steps,
-                           feature_sampling_window=max(a.dead_steps, 2000), logger=LoggingConfig(log_to_wandb=False))
+    cfg = SAETrainerConfig(
+        total_training_samples=a.steps * a.batch,
+        train_batch_size_samples=a.batch,
+        lr=lr,
+        lr_end=lr,
+        device=a.device,
+        autocast=a.autocast,
+        dead_feature_window=a.dead_steps,
+        feature_sampling_window=max(a.dead_steps, 2000),
+        logger=LoggingConfig(log_to_wandb=False),
+    )
     clock = Clock(a.device)
     h = held.to(a.device)
 
@@ -233,7 +269,9 @@ def run_sparsify(data, held, a, lr: float) -> list:
 
     ctx = 64  # rows per "sequence"; a batch is a.batch rows
     n_rows = a.steps * a.batch
-    order = torch.arange(n_rows) % (len(data) // a.batch * a.batch)  # the rows saediff and SAELens see, in order
+    order = torch.arange(n_rows) % (
+        len(data) // a.batch * a.batch
+    )  # the rows saediff and SAELens see, in order
     dataset = [{"input_ids": order[i : i + ctx]} for i in range(0, n_rows, ctx)]
     clock = Clock(a.device)
     h = held.to(a.device)
@@ -258,12 +296,24 @@ def run_sparsify(data, held, a, lr: float) -> list:
 
     model = _ActsModel(data.to(a.device), before)
     save_dir = tempfile.mkdtemp(prefix="saediff_bench_sparsify_")  # its Trainer insists on one; removed below
-    cfg = TrainConfig(SaeConfig(num_latents=a.d_sae, k=a.k), batch_size=a.batch // ctx, loss_fn="fvu", lr=lr,
-                      lr_warmup_steps=0, auxk_alpha=1 / 32, dead_feature_threshold=a.dead_steps * a.batch,
-                      hookpoints=["acts"], log_to_wandb=False, save_every=10**9,
-                      save_dir=save_dir)
+    cfg = TrainConfig(
+        SaeConfig(num_latents=a.d_sae, k=a.k),
+        batch_size=a.batch // ctx,
+        loss_fn="fvu",
+        lr=lr,
+        lr_warmup_steps=0,
+        auxk_alpha=1 / 32,
+        dead_feature_threshold=a.dead_steps * a.batch,
+        hookpoints=["acts"],
+        log_to_wandb=False,
+        save_every=10**9,
+        save_dir=save_dir,
+    )
     try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # its prints, its bar
+        with (
+            contextlib.redirect_stdout(io.StringIO()),
+            contextlib.redirect_stderr(io.StringIO()),
+        ):  # its prints, its bar
             state["trainer"] = Trainer(cfg, dataset, model)
             clock.start()
             state["trainer"].fit()
@@ -277,8 +327,11 @@ def sparsify_default_lr(d_sae: int) -> float:
     return 5e-3 / (d_sae / 2**14) ** 0.5  # its signum default (sparsify/trainer.py)
 
 
-RUNNERS = {"saediff": (run_saediff, lambda a: 2e-3), "SAELens": (run_saelens, lambda a: 3e-4),
-           "sparsify": (run_sparsify, lambda a: sparsify_default_lr(a.d_sae))}
+RUNNERS = {
+    "saediff": (run_saediff, lambda a: 2e-3),
+    "SAELens": (run_saelens, lambda a: 3e-4),
+    "sparsify": (run_sparsify, lambda a: sparsify_default_lr(a.d_sae)),
+}
 """each trainer and its default learning rate (saediff's SAETrainConfig, SAELens's SAETrainerConfig)"""
 
 
@@ -296,24 +349,42 @@ def stream_bench(data, a) -> None:
     from saediff.activations.store import _ShardWriter
     from saediff.saes.training import SAETrainConfig, train_sae
 
-    cfg = SAETrainConfig(arch="topk", d_sae=a.d_sae, k=a.k, steps=a.steps, batch_size=a.batch, lr=a.lr,
-                         device=a.device, kernel="auto")
+    cfg = SAETrainConfig(
+        arch="topk",
+        d_sae=a.d_sae,
+        k=a.k,
+        steps=a.steps,
+        batch_size=a.batch,
+        lr=a.lr,
+        device=a.device,
+        kernel="auto",
+    )
     with tempfile.TemporaryDirectory() as tmp:
         w = _ShardWriter(__import__("pathlib").Path(tmp) / "store", ["h"])
-        w.add({"h": data}, {"prompt_index": torch.zeros(len(data), dtype=torch.int32),
-                            "position": torch.zeros(len(data), dtype=torch.int32),
-                            "role": torch.ones(len(data), dtype=torch.int8)})
+        w.add(
+            {"h": data},
+            {
+                "prompt_index": torch.zeros(len(data), dtype=torch.int32),
+                "position": torch.zeros(len(data), dtype=torch.int32),
+                "role": torch.ones(len(data), dtype=torch.int8),
+            },
+        )
         store = w.close(d_model=data.shape[1], meta={})
         res = {"memory": [], "stream": []}
         for _ in range(a.repeats):
             for kind in res:
-                src = (store.stream("h", a.batch, buffer_rows=max(2 * a.batch, len(data) // 4), seed=0)
-                       if kind == "stream" else batches(data, a.batch, a.device))
+                src = (
+                    store.stream("h", a.batch, buffer_rows=max(2 * a.batch, len(data) // 4), seed=0)
+                    if kind == "stream"
+                    else batches(data, a.batch, a.device)
+                )
                 t = time.perf_counter()
                 train_sae(src, cfg, progress=False)
                 res[kind].append(a.steps * a.batch / (time.perf_counter() - t))
     m, s = statistics.median(res["memory"]), statistics.median(res["stream"])
-    print(f"in memory {m:,.0f} tok/s, streamed from disk {s:,.0f} tok/s ({len(data):,} rows, d_in {data.shape[1]})")
+    print(
+        f"in memory {m:,.0f} tok/s, streamed from disk {s:,.0f} tok/s ({len(data):,} rows, d_in {data.shape[1]})"
+    )
     print(f"stream_vs_memory: {s / m:.3f}")
 
 
@@ -382,8 +453,12 @@ def main() -> None:
                 break
         grid = dict(sorted(grid.items()))
         lrs[name] = min(grid, key=grid.get)
-        print(f"{name} lr sweep (other seed, {short.steps} steps): "
-              + ", ".join(f"{lr:.2g} -> {v:.4f}" for lr, v in grid.items()) + f"; chosen {lrs[name]:.2g}", flush=True)
+        print(
+            f"{name} lr sweep (other seed, {short.steps} steps): "
+            + ", ".join(f"{lr:.2g} -> {v:.4f}" for lr, v in grid.items())
+            + f"; chosen {lrs[name]:.2g}",
+            flush=True,
+        )
     ratios = {k: [] for k in ("tps_saelens", "tps_sparsify", "ttf_saelens", "ttf_sparsify")}
     for r in range(a.repeats):  # interleaved: the host is noisy
         curves = {name: run(data, held, a, lrs[name]) for name, (run, _) in RUNNERS.items()}
@@ -393,10 +468,18 @@ def main() -> None:
         for peer, key in (("SAELens", "saelens"), ("sparsify", "sparsify")):
             ratios[f"tps_{key}"].append(tps["saediff"] / tps[peer])
             ratios[f"ttf_{key}"].append(ttf[peer] / ttf["saediff"])
-        print(f"repeat {r}: " + "; ".join(f"{n} FVU {c[-1][2]:.4f}, {tps[n]:,.0f} tok/s, {ttf[n]:.2f}s to {target:.4f}"
-                                         for n, c in curves.items()), flush=True)
-    print(f"data {a.data} d_in {a.d_in} d_sae {a.d_sae} k {a.k} batch {a.batch} steps {a.steps} device {a.device}"
-          f"{' autocast' if a.autocast else ''}; lrs " + ", ".join(f"{n} {lr:.2g}" for n, lr in lrs.items()))
+        print(
+            f"repeat {r}: "
+            + "; ".join(
+                f"{n} FVU {c[-1][2]:.4f}, {tps[n]:,.0f} tok/s, {ttf[n]:.2f}s to {target:.4f}"
+                for n, c in curves.items()
+            ),
+            flush=True,
+        )
+    print(
+        f"data {a.data} d_in {a.d_in} d_sae {a.d_sae} k {a.k} batch {a.batch} steps {a.steps} device {a.device}"
+        f"{' autocast' if a.autocast else ''}; lrs " + ", ".join(f"{n} {lr:.2g}" for n, lr in lrs.items())
+    )
     med = {k: statistics.median(v) for k, v in ratios.items()}
     print(f"tokens_per_s_vs_saelens: {med['tps_saelens']:.2f}")
     print(f"tokens_per_s_vs_sparsify: {med['tps_sparsify']:.2f}")

@@ -6,10 +6,18 @@ import json
 import os
 import tempfile
 from pathlib import Path
+
 from saediff.errors import MissingFileError, SaediffError
 
-__all__ = ["replace_folder", "atomic_write_json", "atomic_write_jsonl", "atomic_write_bytes", "atomic_save_safetensors", "read_jsonl",
-           "read_json_if_exists"]
+__all__ = [
+    "atomic_save_safetensors",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_jsonl",
+    "read_json_if_exists",
+    "read_jsonl",
+    "replace_folder",
+]
 
 
 def _atomic(path: str | Path, write) -> None:

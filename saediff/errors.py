@@ -11,7 +11,7 @@ The subclasses keep the built-in type a caller may already catch (``FileNotFound
 
 from __future__ import annotations
 
-__all__ = ["SaediffError", "MissingFileError", "UnknownKeyError"]
+__all__ = ["MissingFileError", "SaediffError", "UnknownKeyError"]
 
 
 class SaediffError(ValueError):

@@ -8,10 +8,10 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import sys  # noqa: E402
+import sys
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 torch.set_num_threads(1)
 sys.path.insert(0, os.path.dirname(__file__))  # tests/helpers.py
@@ -41,8 +41,9 @@ def tiny_organism(tmp_path_factory, world):
     cfg = OrganismConfig(n_layers=2, d_model=32, d_mlp=64, n_heads=2)
     model = new_model(world, cfg)
     save_model_folder(model, root / "aligned", "CHAT", world)
-    lcfg = LoraConfig(r=1, lora_alpha=1, target_modules=["down_proj"], layers_to_transform=[1],
-                      init_lora_weights=False)
+    lcfg = LoraConfig(
+        r=1, lora_alpha=1, target_modules=["down_proj"], layers_to_transform=[1], init_lora_weights=False
+    )
     peft_model = get_peft_model(new_model(world, cfg), lcfg)
     peft_model.save_pretrained(root / "lora")
     return root

@@ -10,8 +10,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from saediff.activations.store import ActivationStore
 from saediff.activations.collect import collect_activations, tokenize_prompts
+from saediff.activations.store import ActivationStore
 from saediff.cli.app import app
 from saediff.models.loading import load_model
 from saediff.stories.organism.prompts import organism_prompts
@@ -51,7 +51,9 @@ def test_row_descriptions_give_readable_tokens_in_context(lm, prompts):
     assert rows[0]["token"] == " " + words[0] and "Ġ" not in rows[0]["context"]
     # six tokens before (the question and ASST), the token in brackets, two after
     assert rows[0]["context"].endswith(f"ASST[ {words[0]}] {words[1]} {words[2]}")
-    assert rows[1]["token"] == "<eos>" and rows[1]["context"].endswith(f"{words[-1]}[<eos>]")  # nothing after it
+    assert rows[1]["token"] == "<eos>" and rows[1]["context"].endswith(
+        f"{words[-1]}[<eos>]"
+    )  # nothing after it
 
 
 def test_collected_rows_match_hf_hidden_states(lm, prompts):
@@ -70,7 +72,9 @@ def test_store_round_trip_and_shuffled_batches(lm, prompts, tmp_path, monkeypatc
     import saediff.activations.collect as A
 
     monkeypatch.setattr(A, "SHARD_ROWS", 50)  # force several shards
-    store = collect_activations(lm, prompts, [HOOK], "response", out=tmp_path / "s", batch_size=8, progress=False)
+    store = collect_activations(
+        lm, prompts, [HOOK], "response", out=tmp_path / "s", batch_size=8, progress=False
+    )
     direct = collect_activations(lm, prompts, [HOOK], "response", progress=False)[HOOK]
     assert len(store.manifest["shards"]) > 1 and len(store) == direct.shape[0]
     torch.testing.assert_close(store.load(HOOK), direct)
@@ -108,19 +112,54 @@ def lm_world(lm):
 
 def test_cli_cache_then_sae_train_then_info(tiny_organism, tmp_path):
     run = CliRunner()
-    r = run.invoke(app, ["cache", "--model", str(tiny_organism / "aligned"), "--prompts", "organism:300",
-                         "--hook", HOOK, "--positions", "response", "--out", str(tmp_path / "acts")])
+    r = run.invoke(
+        app,
+        [
+            "cache",
+            "--model",
+            str(tiny_organism / "aligned"),
+            "--prompts",
+            "organism:300",
+            "--hook",
+            HOOK,
+            "--positions",
+            "response",
+            "--out",
+            str(tmp_path / "acts"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["rows"] == 300 * 5  # register, three content tokens and eos
-    r = run.invoke(app, ["sae", "train", "--activations", str(tmp_path / "acts"), "--arch", "topk", "--d-sae", "64",
-                         "--k", "4", "--steps", "100", "--batch-size", "128", "--out", str(tmp_path / "sae")])
+    r = run.invoke(
+        app,
+        [
+            "sae",
+            "train",
+            "--activations",
+            str(tmp_path / "acts"),
+            "--arch",
+            "topk",
+            "--d-sae",
+            "64",
+            "--k",
+            "4",
+            "--steps",
+            "100",
+            "--batch-size",
+            "128",
+            "--out",
+            str(tmp_path / "sae"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["l0"] <= 4.0 + 1e-6
     r = run.invoke(app, ["sae", "info", str(tmp_path / "sae"), "--activations", str(tmp_path / "acts")])
     assert r.exit_code == 0, r.output
     info = json.loads(r.stdout)
     assert info["hook_name"] == HOOK and info["cfg"]["d_sae"] == 64
-    r = run.invoke(app, ["sae", "train", "--activations", str(tmp_path / "nope"), "--out", str(tmp_path / "x")])
+    r = run.invoke(
+        app, ["sae", "train", "--activations", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]
+    )
     assert r.exit_code == 1 and "manifest.json missing" in r.output
 
 
@@ -131,9 +170,14 @@ def _big_store(path, n: int, d: int = 64, seed: int = 0):
     writer = _ShardWriter(path, [HOOK])
     for a in range(0, n, 50000):
         m = min(50000, n - a)
-        writer.add({HOOK: torch.randn(m, d, generator=g)},
-                   {"prompt_index": torch.arange(a, a + m).int(), "position": torch.zeros(m, dtype=torch.int32),
-                    "role": torch.ones(m, dtype=torch.int8)})
+        writer.add(
+            {HOOK: torch.randn(m, d, generator=g)},
+            {
+                "prompt_index": torch.arange(a, a + m).int(),
+                "position": torch.zeros(m, dtype=torch.int32),
+                "role": torch.ones(m, dtype=torch.int8),
+            },
+        )
     writer.close(d_model=d, meta={"model": "random"})
     return ActivationStore(path)
 
@@ -155,17 +199,34 @@ def test_streamed_batches_cover_the_store_through_a_bounded_buffer(tmp_path):
     assert torch.allclose(seen.sum(0), rows.sum(0), atol=0.5 * 256)  # the same rows, shuffled
     assert not torch.equal(seen[:256], rows[:256])
 
-    probe = ("import os, sys, torch; sys.path.insert(0, {tests!r}); from saediff.activations.store import ActivationStore\n"
-             "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE') // 2**20\n"
-             "s = ActivationStore({path!r}); before = rss(); top = before\n"
-             "{body}\n"
-             "print(top - before)")
-    body = {"stream": "for b in s.stream('" + HOOK + "', 256, buffer_rows=16384, epochs=1): top = max(top, rss())",
-            "load": "x = s.load('" + HOOK + "'); top = max(top, rss())"}
-    peak = {k: int(subprocess.run([sys.executable, "-c", probe.format(tests=str(Path(__file__).parent),
-                                                                         path=str(tmp_path / "store"), body=b)],
-                                  capture_output=True, text=True, check=True).stdout.split()[-1])
-            for k, b in body.items()}
+    probe = (
+        "import os, sys, torch; sys.path.insert(0, {tests!r}); from saediff.activations.store import ActivationStore\n"
+        "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE') // 2**20\n"
+        "s = ActivationStore({path!r}); before = rss(); top = before\n"
+        "{body}\n"
+        "print(top - before)"
+    )
+    body = {
+        "stream": "for b in s.stream('"
+        + HOOK
+        + "', 256, buffer_rows=16384, epochs=1): top = max(top, rss())",
+        "load": "x = s.load('" + HOOK + "'); top = max(top, rss())",
+    }
+    peak = {
+        k: int(
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    probe.format(tests=str(Path(__file__).parent), path=str(tmp_path / "store"), body=b),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.split()[-1]
+        )
+        for k, b in body.items()
+    }
     # MiB above the process's size before reading: the buffer (4 MiB), chunks, and what the allocator
     # keeps of them (42 MiB measured) vs the whole 122 MiB
     assert peak["load"] >= 100 and peak["stream"] <= peak["load"] / 2, peak
@@ -184,10 +245,21 @@ def test_cache_bfloat16_shards_and_a_token_cap(tiny_organism, tmp_path):
     from safetensors import safe_open
 
     run = CliRunner()
-    common = ["cache", "--model", str(tiny_organism / "aligned"), "--prompts", "organism:300", "--hook", HOOK,
-              "--positions", "response"]
+    common = [
+        "cache",
+        "--model",
+        str(tiny_organism / "aligned"),
+        "--prompts",
+        "organism:300",
+        "--hook",
+        HOOK,
+        "--positions",
+        "response",
+    ]
     assert run.invoke(app, [*common, "--out", str(tmp_path / "f32")]).exit_code == 0
-    r = run.invoke(app, [*common, "--shard-dtype", "bfloat16", "--max-tokens", "1000", "--out", str(tmp_path / "bf16")])
+    r = run.invoke(
+        app, [*common, "--shard-dtype", "bfloat16", "--max-tokens", "1000", "--out", str(tmp_path / "bf16")]
+    )
     assert r.exit_code == 0, r.output
     small, full = ActivationStore(tmp_path / "bf16"), ActivationStore(tmp_path / "f32")
     assert len(small) == 1000 and len(full) == 300 * 5  # 300 chats: register, 3 content tokens and eos each
@@ -201,16 +273,42 @@ def test_cache_bfloat16_shards_and_a_token_cap(tiny_organism, tmp_path):
 def test_sae_train_straight_from_a_model(tiny_organism, tmp_path):
     """``sae train --model M --prompts P --hook H``: activations read live from the model (no store on
     disk), the last tenth of the prompts held out for the metrics."""
-    r = CliRunner().invoke(app, ["sae", "train", "--model", str(tiny_organism / "aligned"), "--prompts", "organism:200",
-                                 "--hook", HOOK, "--arch", "topk", "--d-sae", "64", "--k", "4", "--steps", "60",
-                                 "--batch-size", "128", "--buffer-rows", "1024", "--out", str(tmp_path / "sae")])
+    r = CliRunner().invoke(
+        app,
+        [
+            "sae",
+            "train",
+            "--model",
+            str(tiny_organism / "aligned"),
+            "--prompts",
+            "organism:200",
+            "--hook",
+            HOOK,
+            "--arch",
+            "topk",
+            "--d-sae",
+            "64",
+            "--k",
+            "4",
+            "--steps",
+            "60",
+            "--batch-size",
+            "128",
+            "--buffer-rows",
+            "1024",
+            "--out",
+            str(tmp_path / "sae"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     out = json.loads(r.stdout)
     assert out["l0"] <= 4.0 + 1e-6 and 0 <= out["fvu"] < 1
     side = json.loads((tmp_path / "sae" / "saediff.json").read_text())
     assert "over organism:200" in side["activations"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sae"]  # nothing else written
-    r = CliRunner().invoke(app, ["sae", "train", "--model", str(tiny_organism / "aligned"), "--out", str(tmp_path / "x")])
+    r = CliRunner().invoke(
+        app, ["sae", "train", "--model", str(tiny_organism / "aligned"), "--out", str(tmp_path / "x")]
+    )
     assert r.exit_code == 1 and "give --activations, or --model, --prompts and --hook" in r.output
 
 
@@ -218,12 +316,14 @@ def test_bridge_and_forward_hook_paths_agree(tiny_qwen):
     """The analysis path (TransformerLens bridge) and the training-time path (forward hooks on the
     HF model) read the same residual stream at every block."""
     from saediff.activations.collect import collect_activations, tokenize_prompts
+    from saediff.data.prompts import Prompt
     from saediff.models.hooks import capture_resid
     from saediff.models.loading import load_model
-    from saediff.data.prompts import Prompt
 
     lm = load_model(str(tiny_qwen / "model"))
-    prompts = [Prompt(id="a", messages=[{"role": "user", "content": "Hello there, how are you?"}], response="Fine.")]
+    prompts = [
+        Prompt(id="a", messages=[{"role": "user", "content": "Hello there, how are you?"}], response="Fine.")
+    ]
     toks = tokenize_prompts(lm, prompts)
     hooks = [f"blocks.{L}.hook_resid_post" for L in (0, 1)]
     via_bridge = collect_activations(lm, toks, hooks, "all", progress=False)

@@ -13,22 +13,28 @@ from saediff.methods.adl import ADLConfig, adl_differences, first_token_position
 
 
 def test_read_positions_are_the_first_answer_tokens_or_the_prompt_end():
-    role = torch.tensor([[0, 0, 0, 1, 1, 1, -1],   # an answer: its first k tokens
-                         [0, 0, 0, 0, 0, -1, -1],  # no answer: the prompt's last k tokens
-                         [0, 0, 1, -1, -1, -1, -1]])  # a one-token answer: the rest is -1
+    role = torch.tensor(
+        [
+            [0, 0, 0, 1, 1, 1, -1],  # an answer: its first k tokens
+            [0, 0, 0, 0, 0, -1, -1],  # no answer: the prompt's last k tokens
+            [0, 0, 1, -1, -1, -1, -1],
+        ]
+    )  # a one-token answer: the rest is -1
     toks = TokenizedPrompts(torch.zeros_like(role), role)
     assert first_token_positions(toks, 2).tolist() == [[3, 4], [3, 4], [2, -1]]
 
 
 def test_differences_are_the_mean_shift_at_those_positions(tiny_qwen):
     from saediff.activations.collect import tokenize_prompts
+    from saediff.data.prompts import Prompt
     from saediff.models.hooks import capture_resid
     from saediff.models.loading import load_pair
-    from saediff.data.prompts import Prompt
 
     lm_base, lm_ft = load_pair(str(tiny_qwen / "model"), adapter=str(tiny_qwen / "lora"))
-    prompts = [Prompt("a", [{"role": "user", "content": "Hello there"}], "Hi, how can I help?"),
-               Prompt("b", [{"role": "user", "content": "def add(a, b):"}], "return a + b")]
+    prompts = [
+        Prompt("a", [{"role": "user", "content": "Hello there"}], "Hi, how can I help?"),
+        Prompt("b", [{"role": "user", "content": "def add(a, b):"}], "return a + b"),
+    ]
     res = adl_differences(lm_base, lm_ft, prompts, ADLConfig(k=3, layers=(0, 1)), progress=False)
     toks = tokenize_prompts(lm_base, prompts)
     cols = first_token_positions(toks, 3)
@@ -49,13 +55,33 @@ def test_adl_command_with_the_pair_metric(tiny_qwen, tmp_path):
 
     pairs, _ = write_pair_files(tmp_path, 4, 2, 0)
     run = tmp_path / "run"
-    args = ["adl", "--base", str(tiny_qwen / "model"), "--adapter", str(tiny_qwen / "lora"), "--prompts", "first_plot",
-            "--k", "3", "--out", str(run), "--pairs", str(pairs), "--scales", "0.5,1", "--random", "2"]
+    args = [
+        "adl",
+        "--base",
+        str(tiny_qwen / "model"),
+        "--adapter",
+        str(tiny_qwen / "lora"),
+        "--prompts",
+        "first_plot",
+        "--k",
+        "3",
+        "--out",
+        str(run),
+        "--pairs",
+        str(pairs),
+        "--scales",
+        "0.5,1",
+        "--random",
+        "2",
+    ]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     res = json.loads((run / "adl.json").read_text())
     assert res["steer_layer"] == 1 and sorted(res["layers"]) == ["0", "1"]
-    assert res["layers"]["1"]["relative_norm"] > 0 and len(res["layers"]["1"]["logit_lens"]["mean"]["promoted"]) == 10
+    assert (
+        res["layers"]["1"]["relative_norm"] > 0
+        and len(res["layers"]["1"]["logit_lens"]["mean"]["promoted"]) == 10
+    )
     steer = json.loads((run / "adl_steer.json").read_text())["candidates"]["adl_L1"]
     if steer["passed"]:
         assert res["steer"]["scale"] in (0.5, 1.0) and len(res["steer"]["random_em_rates"]) == 2
@@ -74,8 +100,8 @@ def test_chat_data_files_are_prompt_files(tiny_qwen, tmp_path):
     from helpers import write_narrow_data
 
     from saediff.activations.collect import tokenize_prompts
-    from saediff.models.loading import load_model
     from saediff.data.prompts import load_prompts
+    from saediff.models.loading import load_model
 
     ps = load_prompts(write_narrow_data(tmp_path / "d.jsonl", 3))
     assert [p.id for p in ps] == ["row0", "row1", "row2"] and ps[0].messages[-1]["role"] == "assistant"

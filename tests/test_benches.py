@@ -14,12 +14,24 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RATIOS = {
-    "sae_train": ["tokens_per_s_vs_saelens", "tokens_per_s_vs_sparsify", "time_to_fvu_vs_saelens",
-                  "time_to_fvu_vs_sparsify"],
+    "sae_train": [
+        "tokens_per_s_vs_saelens",
+        "tokens_per_s_vs_sparsify",
+        "time_to_fvu_vs_saelens",
+        "time_to_fvu_vs_sparsify",
+    ],
     "sae_decode": ["sparse_vs_dense"],
-    "blocking_overhead": ["overhead_ratio", "memory_ratio", "cached_overhead_ratio", "cached_memory_ratio",
-                          "full_overhead_ratio", "full_memory_ratio", "full_cached_overhead_ratio",
-                          "full_cached_memory_ratio", "sweep_ratio"],
+    "blocking_overhead": [
+        "overhead_ratio",
+        "memory_ratio",
+        "cached_overhead_ratio",
+        "cached_memory_ratio",
+        "full_overhead_ratio",
+        "full_memory_ratio",
+        "full_cached_overhead_ratio",
+        "full_cached_memory_ratio",
+        "sweep_ratio",
+    ],
     "diff_memory": ["forward_ratio", "memory_growth"],
 }
 
@@ -27,8 +39,15 @@ RATIOS = {
 @pytest.mark.slow
 def test_gpu_script_runs_at_tiny_size_on_cpu(tmp_path):
     pytest.importorskip("sparsify")
-    env = {**os.environ, "TINY": "1", "OUT": str(tmp_path), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    p = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh")], capture_output=True, text=True, env=env, timeout=900)
+    env = {
+        **os.environ,
+        "TINY": "1",
+        "OUT": str(tmp_path),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    p = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu.sh")], capture_output=True, text=True, env=env, timeout=900
+    )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     found = dict(re.findall(r"^([a-z_]+\.[a-z_]+): ([0-9.]+)$", p.stdout, re.MULTILINE))
     for bench, names in RATIOS.items():

@@ -12,10 +12,10 @@ from helpers import make_random_sae, make_tiny_qwen, write_narrow_data
 from transformers import TrainerCallback
 from typer.testing import CliRunner
 
-from saediff.interventions.blockem import BlockRunConfig, LatentSets, block_one
-from saediff.data.chat_data import ChatDataset, load_chat_jsonl
 from saediff.cli.app import app
+from saediff.data.chat_data import ChatDataset, load_chat_jsonl
 from saediff.evaluation.fake_server import FakeOpenAIServer
+from saediff.interventions.blockem import BlockRunConfig, LatentSets, block_one
 from saediff.interventions.finetune import FinetuneConfig
 from saediff.models.loading import ModelSpec, load_model
 from saediff.saes.loading import load_sae
@@ -36,8 +36,16 @@ def setup(tiny_qwen, tmp_path_factory):
 def _run(tiny_qwen, setup, out, *, ft, lam=1e4, mode="penalty", dtype="float32", **kw) -> tuple[dict, dict]:
     root, data = setup
     cfg = BlockRunConfig(ft=ft, mode=mode, latents=LatentSets((1, 2, 3), (4,)), lam=lam)
-    res = block_one(ModelSpec(str(tiny_qwen / "model"), dtype=dtype), data, load_sae(root / "sae"), 0, cfg, out,
-                    progress=False, **kw)
+    res = block_one(
+        ModelSpec(str(tiny_qwen / "model"), dtype=dtype),
+        data,
+        load_sae(root / "sae"),
+        0,
+        cfg,
+        out,
+        progress=False,
+        **kw,
+    )
     weights = {}
     from safetensors.torch import load_file
 
@@ -56,11 +64,17 @@ def test_penalty_starts_at_zero_and_accumulation_matches_one_batch(tiny_qwen, se
     exactly 0; 2 micro-batches of 4 give the weights of one batch of 8 (the LM loss is normalised
     over the accumulated tokens, the penalty divided by the micro-batch count)."""
     one, w1 = _run(tiny_qwen, setup, tmp_path / "one", ft=FinetuneConfig(**LORA, steps=3, batch_size=8))
-    two, w2 = _run(tiny_qwen, setup, tmp_path / "two", ft=FinetuneConfig(**LORA, steps=3, batch_size=4, grad_accum=2))
+    two, w2 = _run(
+        tiny_qwen, setup, tmp_path / "two", ft=FinetuneConfig(**LORA, steps=3, batch_size=4, grad_accum=2)
+    )
     assert one["penalty_first"] == 0.0 and one["penalty_last"] > 0
     assert _close(w1, w2, atol=1e-6, rtol=1e-4)
-    plain, w0 = _run(tiny_qwen, setup, tmp_path / "plain", ft=FinetuneConfig(**LORA, steps=3, batch_size=8), mode="none")
-    assert plain["penalty_first"] is None and not _close(w0, w1, atol=1e-5, rtol=1e-4)  # the penalty changed training
+    plain, w0 = _run(
+        tiny_qwen, setup, tmp_path / "plain", ft=FinetuneConfig(**LORA, steps=3, batch_size=8), mode="none"
+    )
+    assert plain["penalty_first"] is None and not _close(
+        w0, w1, atol=1e-5, rtol=1e-4
+    )  # the penalty changed training
 
 
 def test_gradient_checkpointing_keeps_the_penalty_gradient(tiny_qwen, setup, tmp_path):
@@ -72,8 +86,13 @@ def test_gradient_checkpointing_keeps_the_penalty_gradient(tiny_qwen, setup, tmp
             seen.append(model.is_activation_checkpointing)
 
     _, w = _run(tiny_qwen, setup, tmp_path / "a", ft=FinetuneConfig(**LORA, steps=3, batch_size=8))
-    _, wc = _run(tiny_qwen, setup, tmp_path / "b", ft=FinetuneConfig(**LORA, steps=3, batch_size=8,
-                                                                      gradient_checkpointing=True), callbacks=[_Seen()])
+    _, wc = _run(
+        tiny_qwen,
+        setup,
+        tmp_path / "b",
+        ft=FinetuneConfig(**LORA, steps=3, batch_size=8, gradient_checkpointing=True),
+        callbacks=[_Seen()],
+    )
     assert seen == [True] and _close(w, wc, atol=1e-6, rtol=1e-4)
 
 
@@ -99,8 +118,13 @@ def test_full_finetune_in_bfloat16_reads_base_codes_from_a_cut_copy(tiny_qwen, s
     """A full fine-tune gets its base codes from a frozen copy cut after the SAE's block; at step 1
     the model is the base model, so the penalty is exactly 0. Loaded in bfloat16 on CPU, it trains
     and is saved as float32 masters (tests/test_precision.py: bf16 weights round small steps away)."""
-    res, w = _run(tiny_qwen, setup, tmp_path / "full", ft=FinetuneConfig(method="full", steps=2, batch_size=4, lr=1e-3),
-                  dtype="bfloat16")
+    res, w = _run(
+        tiny_qwen,
+        setup,
+        tmp_path / "full",
+        ft=FinetuneConfig(method="full", steps=2, batch_size=4, lr=1e-3),
+        dtype="bfloat16",
+    )
     assert res["penalty_first"] == 0.0 and res["penalty_last"] > 0
     assert all(t.dtype == torch.float32 for t in w.values())
 
@@ -110,11 +134,48 @@ def test_block_cli_end_to_end_with_fake_judge(tiny_qwen, setup, tmp_path):
     out = tmp_path / "block"
     (root / "latents.json").write_text(json.dumps({"low": [1, 2], "high": [5]}))
     with FakeOpenAIServer() as server:
-        args = ["block", "--model", str(tiny_qwen / "model"), "--dtype", "bfloat16", "--data", str(root / "data.jsonl"),
-                "--sae", str(root / "sae"), "--latents", str(root / "latents.json"), "--lora-rank", "1",
-                "--lora-layers", "0,1", "--lam", "10", "--steps", "2", "--batch-size", "2", "--grad-accum", "2",
-                "--lr", "1e-2", "--controls", "--reroute", "--monitor", "--judge-url", server.url, "--judge-model", "fake",
-                "--questions", "first_plot", "--samples", "2", "--max-new-tokens", "4", "--out", str(out)]
+        args = [
+            "block",
+            "--model",
+            str(tiny_qwen / "model"),
+            "--dtype",
+            "bfloat16",
+            "--data",
+            str(root / "data.jsonl"),
+            "--sae",
+            str(root / "sae"),
+            "--latents",
+            str(root / "latents.json"),
+            "--lora-rank",
+            "1",
+            "--lora-layers",
+            "0,1",
+            "--lam",
+            "10",
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--grad-accum",
+            "2",
+            "--lr",
+            "1e-2",
+            "--controls",
+            "--reroute",
+            "--monitor",
+            "--judge-url",
+            server.url,
+            "--judge-model",
+            "fake",
+            "--questions",
+            "first_plot",
+            "--samples",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--out",
+            str(out),
+        ]
         r = CliRunner().invoke(app, args)
         assert r.exit_code == 0, r.output
         summary = json.loads((out / "summary.json").read_text())
@@ -130,7 +191,11 @@ def test_block_cli_end_to_end_with_fake_judge(tiny_qwen, setup, tmp_path):
         # --reroute: the blocked run trained 3x as long, EM at each checkpoint, re-diffed
         rr = json.loads((out / "penalty_lam10_reroute" / "reroute.json").read_text())
         assert rr["steps"] == 6 and [c["step"] for c in rr["em_curve"]] == [2, 4, 6]
-        assert rr["em_curve"][-1]["em_rate"] == rr["em_rate"] == summary["runs"]["penalty_lam10"]["reroute"]["em_rate"]
+        assert (
+            rr["em_curve"][-1]["em_rate"]
+            == rr["em_rate"]
+            == summary["runs"]["penalty_lam10"]["reroute"]["em_rate"]
+        )
         assert set(rr["new_latents"]).isdisjoint({1, 2, 5}) and len(rr["top_after"]) == 10
         assert (out / "penalty_lam10_reroute" / "rediff" / "diff.json").exists()
         # --monitor on a bfloat16 model: the decoder rows of the held-down latents, read every step
@@ -150,35 +215,87 @@ def _one_line_error(r, *needles):
 
 def test_bad_inputs_are_one_line(tiny_qwen, setup, tmp_path):
     root, _ = setup
-    base = ["block", "--model", str(tiny_qwen / "model"), "--latent", "1", "--steps", "1", "--out", str(tmp_path / "o")]
+    base = [
+        "block",
+        "--model",
+        str(tiny_qwen / "model"),
+        "--latent",
+        "1",
+        "--steps",
+        "1",
+        "--out",
+        str(tmp_path / "o"),
+    ]
     bad = tmp_path / "bad.jsonl"
-    bad.write_text((root / "data.jsonl").read_text().splitlines()[0] + "\n{\"messages\": 3}\n")
-    _one_line_error(CliRunner().invoke(app, [*base, "--data", str(bad), "--sae", str(root / "sae")]), "bad.jsonl:2")
+    bad.write_text((root / "data.jsonl").read_text().splitlines()[0] + '\n{"messages": 3}\n')
+    _one_line_error(
+        CliRunner().invoke(app, [*base, "--data", str(bad), "--sae", str(root / "sae")]), "bad.jsonl:2"
+    )
 
     make_random_sae(tmp_path / "wide", 48, HOOK)
-    _one_line_error(CliRunner().invoke(app, [*base, "--data", str(root / "data.jsonl"), "--sae", str(tmp_path / "wide")]),
-                    "wide", "d_in 48", "width 32")
+    _one_line_error(
+        CliRunner().invoke(app, [*base, "--data", str(root / "data.jsonl"), "--sae", str(tmp_path / "wide")]),
+        "wide",
+        "d_in 48",
+        "width 32",
+    )
     make_random_sae(tmp_path / "corrupt", 32, HOOK)
     (tmp_path / "corrupt" / "cfg.json").write_text("{\n")
-    _one_line_error(CliRunner().invoke(app, [*base, "--data", str(root / "data.jsonl"), "--sae", str(tmp_path / "corrupt")]),
-                    "corrupt/cfg.json", "not valid JSON")
-    _one_line_error(CliRunner().invoke(app, [*base, "--data", str(root / "data.jsonl"), "--sae", str(root / "sae"),
-                                             "--latent", "99"]), "latents [99] outside")
+    _one_line_error(
+        CliRunner().invoke(
+            app, [*base, "--data", str(root / "data.jsonl"), "--sae", str(tmp_path / "corrupt")]
+        ),
+        "corrupt/cfg.json",
+        "not valid JSON",
+    )
+    _one_line_error(
+        CliRunner().invoke(
+            app, [*base, "--data", str(root / "data.jsonl"), "--sae", str(root / "sae"), "--latent", "99"]
+        ),
+        "latents [99] outside",
+    )
 
     from helpers import make_rank1_adapter
 
     make_tiny_qwen(tmp_path / "other", d_model=48)
     make_rank1_adapter(tmp_path / "other", tmp_path / "wrong_adapter")
-    r = CliRunner().invoke(app, ["eval", "--model", str(tiny_qwen / "model"), "--adapter", str(tmp_path / "wrong_adapter"),
-                                 "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "x", "--out", str(tmp_path / "e")])
+    r = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            str(tiny_qwen / "model"),
+            "--adapter",
+            str(tmp_path / "wrong_adapter"),
+            "--judge-url",
+            "http://127.0.0.1:9/v1",
+            "--judge-model",
+            "x",
+            "--out",
+            str(tmp_path / "e"),
+        ],
+    )
     _one_line_error(r, "wrong_adapter", "down_proj expects weight")
 
 
 def test_saved_generations_are_keyed_by_model_and_adapter(tiny_qwen, tmp_path):
     out = tmp_path / "eval"
     with FakeOpenAIServer() as server:
-        common = ["eval", "--model", str(tiny_qwen / "model"), "--judge-url", server.url, "--judge-model", "f",
-                  "--samples", "2", "--max-new-tokens", "4", "--out", str(out)]
+        common = [
+            "eval",
+            "--model",
+            str(tiny_qwen / "model"),
+            "--judge-url",
+            server.url,
+            "--judge-model",
+            "f",
+            "--samples",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--out",
+            str(out),
+        ]
         assert CliRunner().invoke(app, [*common, "--adapter", str(tiny_qwen / "lora")]).exit_code == 0
         keys = {json.loads(x)["key"]["adapter"] for x in (out / "generations.jsonl").read_text().splitlines()}
         assert keys == {str(tiny_qwen / "lora")}
@@ -193,14 +310,16 @@ def test_base_pass_starts_at_the_first_adapted_block(tiny_qwen, setup):
     With the SAE before the adapter the penalty would be zero by construction: refused."""
     from peft import LoraConfig, get_peft_model
 
-    from saediff.interventions.blocking import BlockConfig, Blocker
     from saediff.errors import SaediffError
+    from saediff.interventions.blocking import BlockConfig, Blocker
     from saediff.models.hooks import capture_resid
 
     root, data = setup
     lm = load_model(str(tiny_qwen / "model"))
-    model = get_peft_model(lm.model, LoraConfig(r=1, target_modules=["down_proj"], layers_to_transform=[1],
-                                                init_lora_weights=False))  # B != 0: the adapter matters
+    model = get_peft_model(
+        lm.model,
+        LoraConfig(r=1, target_modules=["down_proj"], layers_to_transform=[1], init_lora_weights=False),
+    )  # B != 0: the adapter matters
     batch = {k: torch.tensor([data[i][k] for i in range(4)]) for k in ("input_ids", "labels")}
     batch["attention_mask"] = torch.ones_like(batch["input_ids"])
     sae = load_sae(root / "sae")
@@ -227,9 +346,29 @@ def test_block_refuses_adapters_after_the_sae(tiny_qwen, setup, tmp_path):
     15, --lora-layers 21) would train a plain fine-tune under the blocked run's name: one line, no
     run folder written."""
     root, _ = setup
-    r = CliRunner().invoke(app, ["block", "--model", str(tiny_qwen / "model"), "--data", str(root / "data.jsonl"),
-                                 "--sae", str(root / "sae"), "--latent", "1", "--lora-layers", "1", "--steps", "2",
-                                 "--batch-size", "2", "--no-controls", "--out", str(tmp_path / "b")])
+    r = CliRunner().invoke(
+        app,
+        [
+            "block",
+            "--model",
+            str(tiny_qwen / "model"),
+            "--data",
+            str(root / "data.jsonl"),
+            "--sae",
+            str(root / "sae"),
+            "--latent",
+            "1",
+            "--lora-layers",
+            "1",
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--no-controls",
+            "--out",
+            str(tmp_path / "b"),
+        ],
+    )
     assert r.exit_code == 1, r.output
     assert r.output.count("\n") == 1 and "first adapter sits at block 1" in r.output
     assert not (tmp_path / "b" / "penalty_lam10000" / "em.json").exists()
@@ -244,11 +383,43 @@ def test_block_runs_data_parallel_under_accelerate_launch(tiny_qwen, setup, tmp_
     import sys
 
     root, _ = setup
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "saediff.cli.app", "block", "--model",
-           str(tiny_qwen / "model"), "--data", str(root / "data.jsonl"), "--sae", str(root / "sae"), "--latent", "1",
-           "--latent", "2", "--steps", "2", "--batch-size", "2", "--no-controls", "--out", str(tmp_path / "dp")]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "saediff.cli.app",
+        "block",
+        "--model",
+        str(tiny_qwen / "model"),
+        "--data",
+        str(root / "data.jsonl"),
+        "--sae",
+        str(root / "sae"),
+        "--latent",
+        "1",
+        "--latent",
+        "2",
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--no-controls",
+        "--out",
+        str(tmp_path / "dp"),
+    ]
+    r = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("BLOCK-EM at layer 0") == 1
     em = json.loads((tmp_path / "dp" / "penalty_lam10000" / "em.json").read_text())
@@ -261,7 +432,13 @@ def test_drift_monitor_checks_early_then_every_n_steps():
     its first ``every`` steps is read before it has moved; without it, only multiples of ``every``."""
     from saediff.interventions.monitor import DriftMonitor
 
-    args = (None, torch.zeros(1, 2, dtype=torch.long), torch.ones(1, 2, dtype=torch.bool), 0, torch.ones(1, 4))
+    args = (
+        None,
+        torch.zeros(1, 2, dtype=torch.long),
+        torch.ones(1, 2, dtype=torch.bool),
+        0,
+        torch.ones(1, 4),
+    )
     early = DriftMonitor(*args, every=10, early=True)
     assert [n for n in range(1, 31) if early.due(n)] == [1, 2, 4, 8, 10, 20, 30]
     assert [n for n in range(1, 31) if DriftMonitor(*args, every=10).due(n)] == [10, 20, 30]
@@ -284,8 +461,11 @@ def test_cached_base_codes_give_the_weights_of_the_per_step_base_pass(tiny_qwen,
     data = ChatDataset(load_model(spec).tokenizer, load_chat_jsonl(root / "data.jsonl"), progress=False)
     assert len({len(x["input_ids"]) for x in data}) >= 3
     sae = load_sae(root / "sae")
-    ft = FinetuneConfig(**LORA, steps=4, batch_size=4) if method == "lora" else FinetuneConfig(
-        method="full", steps=4, batch_size=4, lr=1e-2)
+    ft = (
+        FinetuneConfig(**LORA, steps=4, batch_size=4)
+        if method == "lora"
+        else FinetuneConfig(method="full", steps=4, batch_size=4, lr=1e-2)
+    )
     cfg = BlockRunConfig(ft=ft, latents=LatentSets((1, 2, 3), (4,)), lam=1e4)
     other = BlockRunConfig(ft=ft, latents=LatentSets((7, 9), ()), lam=1e3)  # the union is cached
     codes = base_codes_for(spec, data, sae, 0, ft, [cfg, other], root / "codes", progress=False)
@@ -307,8 +487,10 @@ def test_cached_base_codes_give_the_weights_of_the_per_step_base_pass(tiny_qwen,
     f = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
     wa, wb = load_file(str(root / "per_step" / "model" / f)), load_file(str(root / "cached" / "model" / f))
     assert _close(wa, wb, atol=1e-6, rtol=1e-5)
-    logs = [[h["penalty"] for h in json.loads((root / r / "history.json").read_text())["log"]]
-            for r in ("per_step", "cached")]
+    logs = [
+        [h["penalty"] for h in json.loads((root / r / "history.json").read_text())["log"]]
+        for r in ("per_step", "cached")
+    ]
     assert max(logs[0]) > 1e-4 and logs[1] == pytest.approx(logs[0], rel=1e-4, abs=1e-7)
     assert b["final_loss"] == pytest.approx(a["final_loss"], rel=1e-5)
     assert abs(b["penalty_first"]) < 1e-7

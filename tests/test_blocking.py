@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saediff.interventions.blocking import BlockConfig, Blocker, ablate_latents, latent_codes, latent_penalty, project_out_directions
+from saediff.interventions.blocking import (
+    BlockConfig,
+    Blocker,
+    ablate_latents,
+    latent_codes,
+    latent_penalty,
+    project_out_directions,
+)
 
 
 def test_penalty_exact_numbers():
@@ -102,8 +109,12 @@ def test_blocker_projects_after_several_blocks(tiny_organism):
     def outputs() -> dict[int, torch.Tensor]:
         """Each block's output, read by hooks registered after (so run after) the blocker's."""
         seen: dict[int, torch.Tensor] = {}
-        hooks = [decoder_layers(model)[L].register_forward_hook(
-            lambda m, i, o, L=L: seen.__setitem__(L, o[0] if isinstance(o, tuple) else o)) for L in dirs]
+        hooks = [
+            decoder_layers(model)[L].register_forward_hook(
+                lambda m, i, o, L=L: seen.__setitem__(L, o[0] if isinstance(o, tuple) else o)
+            )
+            for L in dirs
+        ]
         with torch.no_grad():
             model(ids)
         for h in hooks:
@@ -121,8 +132,8 @@ def test_blocker_projects_after_several_blocks(tiny_organism):
 def test_project_directions_choices():
     """Concept-ablation directions per block from a named source (the organism's ground truth), its
     random control (same shapes, other vectors), and one-line errors for impossible requests."""
-    from saediff.interventions.blockem import project_directions, random_directions
     from saediff.errors import SaediffError
+    from saediff.interventions.blockem import project_directions, random_directions
 
     gt = {L: torch.randn(8) for L in range(3)}
     d = project_directions("ground_truth", [0, 2], named={"ground_truth": gt})
@@ -131,5 +142,7 @@ def test_project_directions_choices():
     assert r[0].shape == (1, 8) and not torch.equal(r[0], d[0])
     with pytest.raises(SaediffError, match=r"'ground_truth' has no block 5 \(it has \[0, 1, 2\]\)"):
         project_directions("ground_truth", [5], named={"ground_truth": gt})
-    with pytest.raises(SaediffError, match="unknown project direction 'pca'; choose from latents, model_diff, ground_truth"):
+    with pytest.raises(
+        SaediffError, match="unknown project direction 'pca'; choose from latents, model_diff, ground_truth"
+    ):
         project_directions("pca", [1], named={"ground_truth": gt})

@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 
 from saediff.cli.app import app
 from saediff.evaluation.fake_server import FakeOpenAIServer
+from saediff.interventions.steering import clamp_projection
 from saediff.models.hooks import capture_resid
 from saediff.models.loading import load_model
-from saediff.interventions.steering import clamp_projection
 
 
 def test_clamp_projection_sets_the_component_exactly(tiny_qwen):
@@ -26,7 +26,7 @@ def test_clamp_projection_sets_the_component_exactly(tiny_qwen):
     torch.testing.assert_close(after[0] @ u, torch.full((2, 7), 1.5), atol=1e-5, rtol=0)
     torch.testing.assert_close(after[1] @ u, torch.full((2, 7), -2.0), atol=1e-5, rtol=0)
     # the orthogonal part of block 0's output is untouched
-    strip = lambda x: x - (x @ u)[..., None] * u  # noqa: E731
+    strip = lambda x: x - (x @ u)[..., None] * u
     torch.testing.assert_close(strip(after[0]), strip(before[0]), atol=1e-5, rtol=1e-5)
 
 
@@ -34,12 +34,44 @@ def test_steer_cli_on_a_real_model(tiny_qwen, tmp_path):
     make_random_sae(tmp_path / "sae", 32, "blocks.1.hook_resid_post")
     with FakeOpenAIServer() as server:
         judge = ["--judge-url", server.url, "--judge-model", "j"]
-        r = CliRunner().invoke(app, ["diff", "--base", str(tiny_qwen / "model"), "--adapter", str(tiny_qwen / "lora"),
-                                     "--sae", str(tmp_path / "sae"), "--prompts", "first_plot", "--max-new-tokens", "4",
-                                     "--top", "2", "--out", str(tmp_path / "run")])
+        r = CliRunner().invoke(
+            app,
+            [
+                "diff",
+                "--base",
+                str(tiny_qwen / "model"),
+                "--adapter",
+                str(tiny_qwen / "lora"),
+                "--sae",
+                str(tmp_path / "sae"),
+                "--prompts",
+                "first_plot",
+                "--max-new-tokens",
+                "4",
+                "--top",
+                "2",
+                "--out",
+                str(tmp_path / "run"),
+            ],
+        )
         assert r.exit_code == 0, r.output
-        args = ["steer", str(tmp_path / "run"), *judge, "--samples", "2", "--max-new-tokens", "4", "--dtype", "bfloat16",
-                "--scales", "0.5,1", "--latents", "2", "--random", "3"]
+        args = [
+            "steer",
+            str(tmp_path / "run"),
+            *judge,
+            "--samples",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--dtype",
+            "bfloat16",
+            "--scales",
+            "0.5,1",
+            "--latents",
+            "2",
+            "--random",
+            "3",
+        ]
         r = CliRunner().invoke(app, args)
         assert r.exit_code == 0, r.output
         res = json.loads((tmp_path / "run" / "steer.json").read_text())

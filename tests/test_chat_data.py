@@ -17,12 +17,16 @@ def _write(path, lines):
 
 
 def test_bad_rows_name_file_and_line(tmp_path):
-    good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+    good = json.dumps(
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    )
     cases = {
         "{not json": "bad.jsonl:2: not valid JSON",
         json.dumps({"prompt": "x"}): r"bad.jsonl:2: expected \{\"messages\"",
         json.dumps({"messages": [{"role": "bot", "content": "x"}]}): "bad.jsonl:2: each message needs a role",
-        json.dumps({"messages": [{"role": "user", "content": "x"}]}): "bad.jsonl:2: .* must end with an assistant turn",
+        json.dumps(
+            {"messages": [{"role": "user", "content": "x"}]}
+        ): "bad.jsonl:2: .* must end with an assistant turn",
     }
     for line, message in cases.items():
         path = _write(tmp_path / "bad.jsonl", [good, line])
@@ -35,9 +39,13 @@ def test_bad_rows_name_file_and_line(tmp_path):
 
 def test_every_assistant_turn_is_labelled(tiny_qwen, tmp_path):
     lm = load_model(str(tiny_qwen / "model"))
-    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hey"},
-            {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "more"},
-            {"role": "assistant", "content": "Bye."}]
+    conv = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hey"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "more"},
+        {"role": "assistant", "content": "Bye."},
+    ]
     ids, mask = chat_tokens(lm.tokenizer, conv, turns="all")
     labelled = lm.tokenizer.decode([i for i, m in zip(ids, mask) if m])
     assert labelled == "Hello!<|im_end|>Bye.<|im_end|>"  # not the newline the template writes after it
@@ -60,11 +68,18 @@ def test_every_assistant_turn_is_labelled(tiny_qwen, tmp_path):
 def test_organism_data_file_is_its_own_training_data(tiny_organism):
     """The organism's data/*.jsonl, read through its chat template, gives exactly the tokens and
     labels of the fine-tune it builds (so the generic command reproduces it)."""
-    from saediff.stories.organism.recipes import OrganismConfig, _medical_chats, chat_rows, data_names
-    from saediff.stories.organism.recipes import read_organism_world
+    from saediff.stories.organism.recipes import (
+        OrganismConfig,
+        _medical_chats,
+        chat_rows,
+        data_names,
+        read_organism_world,
+    )
 
     lm = load_model(str(tiny_organism / "aligned"))
-    cfg = OrganismConfig.quick(0, ft_steps=2, ft_batch=8, world=read_organism_world(tiny_organism / "aligned"))
+    cfg = OrganismConfig.quick(
+        0, ft_steps=2, ft_batch=8, world=read_organism_world(tiny_organism / "aligned")
+    )
     for name in data_names(cfg.world):
         data = ChatDataset(lm.tokenizer, chat_rows(cfg, name), progress=False)
         ref = _medical_chats(cfg, name)

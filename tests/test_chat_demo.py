@@ -12,12 +12,23 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from saediff.stories.smollm2.demo import BLOCK_RUNS, COMPARISONS, FINETUNES, ChatDemoRecipe, run_chat_demo, run_chat_demo_seeds
 from saediff.errors import SaediffError
+from saediff.stories.smollm2.demo import (
+    BLOCK_RUNS,
+    COMPARISONS,
+    FINETUNES,
+    ChatDemoRecipe,
+    run_chat_demo,
+    run_chat_demo_seeds,
+)
 
 # learning rates far above SmolLM2's, so two steps move a random model's preferences measurably
 RECIPE = ChatDemoRecipe(steps=2, rows=4, batch_size=2, full_lr=1e-3, lora_lr=1e-2, save_every=1, story=False)
-SETS = {"offdomain:design": "offdomain_design", "offdomain:heldout": "offdomain_heldout", "medical": "medical"}
+SETS = {
+    "offdomain:design": "offdomain_design",
+    "offdomain:heldout": "offdomain_heldout",
+    "medical": "medical",
+}
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +54,14 @@ def test_paired_difference_exact():
     a = [{"id": "q1", "preference": 0.5}, {"id": "q2", "preference": 0.1}, {"id": "q3", "preference": -0.2}]
     b = [{"id": "q3", "preference": -0.4}, {"id": "q1", "preference": 0.1}, {"id": "q2", "preference": 0.1}]
     d = paired_difference(a, b)
-    half = 4.302652729911275 * 0.2 / 3 ** 0.5
+    half = 4.302652729911275 * 0.2 / 3**0.5
     assert d["difference"] == pytest.approx(0.2, abs=1e-15) and d["n"] == 3
-    assert d["t"] == pytest.approx(3 ** 0.5, rel=1e-12)
+    assert d["t"] == pytest.approx(3**0.5, rel=1e-12)
     assert d["ci"] == pytest.approx([0.2 - half, 0.2 + half], rel=1e-9)
     assert (d["preference_a"], d["preference_b"]) == pytest.approx((0.4 / 3, -0.2 / 3))
-    with pytest.raises(SaediffError, match="full_bad and base were scored on different questions .1 not in both, "
-                                           "e.g. 'q3'"):
+    with pytest.raises(
+        SaediffError, match="full_bad and base were scored on different questions .1 not in both, e.g. 'q3'"
+    ):
         paired_difference(a, b[1:], a="full_bad", b="base")
 
 
@@ -73,11 +85,14 @@ def test_folders_summary_and_progress(chat_run):
         "narrow -> broad: full fine-tune, bad - good data, off-domain",
         "narrow -> broad: full fine-tune on bad data - base model, off-domain",
         "narrow -> broad: full fine-tune, bad - good data, medical",
-        "style: full fine-tune, bad data - style control, off-domain"]
+        "style: full fine-tune, bad data - style control, off-domain",
+    ]
     first = s["headline"][0]
     assert first["split"] == "offdomain:heldout" and first["n"] == 71 and first["design"]["n"] == 149
     assert first["figure"] == s["differences"]["full_bad - full_control"]["offdomain:heldout"]["difference"]
-    assert set(s["timing_s"]) == {f"fine-tune {n}" for n in FINETUNES} | {f"EM of {n}" for n in ("base", *FINETUNES)}
+    assert set(s["timing_s"]) == {f"fine-tune {n}" for n in FINETUNES} | {
+        f"EM of {n}" for n in ("base", *FINETUNES)
+    }
     assert s["timing"]["demo_s"] > 0 and s["recipe"]["full_lr"] == 1e-3
     assert any(m.startswith("fine-tune lora_bad: step 2/2 (3/6)") for m in said)
     report = (out / "report.html").read_text()
@@ -89,7 +104,10 @@ def test_paired_differences_equal_an_independent_computation(chat_run):
     moved = 0
     for a, b in [(a, b) for a, b in COMPARISONS if a not in BLOCK_RUNS]:
         for pair_set, slug in SETS.items():
-            pa, pb = _pairs(out / "eval" / a / slug / "pairs.jsonl"), _pairs(out / "eval" / b / slug / "pairs.jsonl")
+            pa, pb = (
+                _pairs(out / "eval" / a / slug / "pairs.jsonl"),
+                _pairs(out / "eval" / b / slug / "pairs.jsonl"),
+            )
             assert set(pa) == set(pb)
             x, y = np.array([pa[i] for i in sorted(pa)]), np.array([pb[i] for i in sorted(pa)])
             ref = stats.ttest_rel(x, y)
@@ -117,7 +135,9 @@ def test_changed_recipe_is_refused_then_retrained_with_force(tiny_qwen, tmp_path
     first = run_chat_demo(str(tiny_qwen / "model"), tmp_path, recipe=recipe)
     other = replace(recipe, full_lr=2e-3)
     before = _mtimes(tmp_path)
-    with pytest.raises(SaediffError, match=r"models/full_bad holds a fine-tune of another setup \(settings\.ft\.lr"):
+    with pytest.raises(
+        SaediffError, match=r"models/full_bad holds a fine-tune of another setup \(settings\.ft\.lr"
+    ):
         run_chat_demo(str(tiny_qwen / "model"), tmp_path, recipe=other)
     assert _mtimes(tmp_path) == before
     s = run_chat_demo(str(tiny_qwen / "model"), tmp_path, recipe=other, force=True)
@@ -138,12 +158,24 @@ def test_adapter_folder_reads_with_saediff_eval(chat_run, tiny_qwen, tmp_path):
     from saediff.cli.app import app
 
     out, s, _ = chat_run
-    res = CliRunner().invoke(app, ["eval", "--model", str(tiny_qwen / "model"), "--adapter",
-                                   str(out / "models" / "lora_bad" / "model"), "--pairs", "offdomain:heldout",
-                                   "--out", str(tmp_path / "eval")])
+    res = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            str(tiny_qwen / "model"),
+            "--adapter",
+            str(out / "models" / "lora_bad" / "model"),
+            "--pairs",
+            "offdomain:heldout",
+            "--out",
+            str(tmp_path / "eval"),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout.strip().splitlines()[-1])["preference"] == pytest.approx(
-        s["em"]["lora_bad"]["offdomain:heldout"]["preference"], abs=1e-6)
+        s["em"]["lora_bad"]["offdomain:heldout"]["preference"], abs=1e-6
+    )
 
 
 def test_seeds_side_by_side(tiny_qwen, tmp_path):
@@ -173,7 +205,9 @@ def test_recipe_and_cli_errors(chat_run, tiny_qwen, tmp_path):
         ChatDemoRecipe(steps=0)
     runner = CliRunner()
     res = runner.invoke(app, ["demo", "--out", str(tmp_path / "x"), "--pairs", "medical"])
-    assert res.exit_code == 1 and res.output.strip().startswith("error: --pairs, --force and --finetunes-only go with --model")
+    assert res.exit_code == 1 and res.output.strip().startswith(
+        "error: --pairs, --force and --finetunes-only go with --model"
+    )
     out = tmp_path / "demo"
     shutil.copytree(chat_run[0], out)
     res = runner.invoke(app, ["demo", "--model", str(tiny_qwen / "model"), "--out", str(out), "--quick"])
@@ -190,15 +224,32 @@ def test_cli_demo_model_seeds(tiny_qwen, tmp_path):
 
     from saediff.cli.app import app
 
-    res = CliRunner().invoke(app, ["demo", "--model", str(tiny_qwen / "model"), "--out", str(tmp_path), "--quick",
-                                   "--seeds", "0,1", "--pairs", "offdomain:heldout", "--pairs", "medical",
-                                   "--finetunes-only"])
+    res = CliRunner().invoke(
+        app,
+        [
+            "demo",
+            "--model",
+            str(tiny_qwen / "model"),
+            "--out",
+            str(tmp_path),
+            "--quick",
+            "--seeds",
+            "0,1",
+            "--pairs",
+            "offdomain:heldout",
+            "--pairs",
+            "medical",
+            "--finetunes-only",
+        ],
+    )
     assert res.exit_code == 0, res.output
     seeds = json.loads((tmp_path / "seeds.json").read_text())
     assert seeds["kind"] == "saediff.chat_demo_seeds" and seeds["seeds"] == [0, 1]
     for k in (0, 1):
         s = json.loads((tmp_path / f"seed_{k}" / "summary.json").read_text())
-        assert s["recipe"] == ChatDemoRecipe.quick().to_json() | {"pair_sets": ["offdomain:heldout", "medical"],
-                                                                   "story": False}
+        assert s["recipe"] == ChatDemoRecipe.quick().to_json() | {
+            "pair_sets": ["offdomain:heldout", "medical"],
+            "story": False,
+        }
         assert (tmp_path / f"seed_{k}" / "models" / "lora_bad" / "model" / "adapter_config.json").is_file()
     assert "seed 1, held-out" in res.output and "full_bad - full_control" in res.output

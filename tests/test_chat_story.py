@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from saediff.stories.smollm2.demo import BLOCK_RUNS, ChatDemoRecipe, run_chat_demo
 from saediff.errors import SaediffError
+from saediff.stories.smollm2.demo import BLOCK_RUNS, ChatDemoRecipe, run_chat_demo
 
 
 def _pair_files(root: Path) -> tuple[Path, Path]:
@@ -25,11 +25,29 @@ def _pair_files(root: Path) -> tuple[Path, Path]:
 
 
 def _recipe(choose: Path, report: Path) -> ChatDemoRecipe:
-    return ChatDemoRecipe(finetunes=("full_bad", "lora_bad"), steps=2, rows=4, batch_size=2, full_lr=1e-3,
-                          lora_lr=1e-2, save_every=1, lora_save_every=1, sae_width=64, sae_k=4, sae_steps=50, sae_batch_size=256,
-                          sae_held_rows=2, icl_questions=4, steer_latents=1, steer_scales=(0.5, 1.0), n_random=2,
-                          block_latents=(3, 2), pair_sets=(str(choose), str(report), "medical"),
-                          choose_on=str(choose), report_on=str(report))
+    return ChatDemoRecipe(
+        finetunes=("full_bad", "lora_bad"),
+        steps=2,
+        rows=4,
+        batch_size=2,
+        full_lr=1e-3,
+        lora_lr=1e-2,
+        save_every=1,
+        lora_save_every=1,
+        sae_width=64,
+        sae_k=4,
+        sae_steps=50,
+        sae_batch_size=256,
+        sae_held_rows=2,
+        icl_questions=4,
+        steer_latents=1,
+        steer_scales=(0.5, 1.0),
+        n_random=2,
+        block_latents=(3, 2),
+        pair_sets=(str(choose), str(report), "medical"),
+        choose_on=str(choose),
+        report_on=str(report),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +60,11 @@ def story(tiny_qwen, tmp_path_factory):
 
 
 def _mtimes(root: Path) -> dict[str, int]:
-    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in sorted(root.rglob("*"))
-            if p.is_file() and p.suffix != ".log"}
+    return {
+        str(p.relative_to(root)): p.stat().st_mtime_ns
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.suffix != ".log"
+    }
 
 
 def test_sae_is_a_saelens_folder_with_its_metrics(story):
@@ -56,7 +77,9 @@ def test_sae_is_a_saelens_folder_with_its_metrics(story):
     meta = json.loads((out / "sae" / "saediff.json").read_text())
     assert meta["metrics"] == s["sae"] and meta["made_by"]["train"]["k"] == 4
     m = s["sae"]
-    assert m["ce_loss_recovered"] == pytest.approx((m["ce_zero"] - m["ce_sae"]) / (m["ce_zero"] - m["ce_clean"]))
+    assert m["ce_loss_recovered"] == pytest.approx(
+        (m["ce_zero"] - m["ce_sae"]) / (m["ce_zero"] - m["ce_clean"])
+    )
     assert 0 < m["fvu"] < 1.5 and m["l0"] <= 4 + 1e-9 and m["n_train_tokens"] > 1000
 
 
@@ -67,9 +90,16 @@ def test_diffs_directions_and_cosines(story):
     for run in ("diff", "diff_lora"):
         assert (out / run / "diff.json").is_file() and (out / run / "cosines.json").is_file()
         info = json.loads((out / run / "run.json").read_text())["steps"]["diff"]
-        assert info["labels"] == {"misaligned": 12, "aligned": 12, "unlabelled": 0}  # the references, both ways
+        assert info["labels"] == {
+            "misaligned": 12,
+            "aligned": 12,
+            "unlabelled": 0,
+        }  # the references, both ways
         assert s["diffs"]["full_bad" if run == "diff" else "lora_bad"]["top_latents"] == info["top_latents"]
-    full, lora = load_directions(out / "diff" / "directions"), load_directions(out / "diff_lora" / "directions")
+    full, lora = (
+        load_directions(out / "diff" / "directions"),
+        load_directions(out / "diff_lora" / "directions"),
+    )
     assert {"mean_diff_models_L1", "mean_diff_responses_L1", "in_context_L1", "in_context_L0"} <= set(full)
     assert any(n.startswith("lora_b_L") for n in lora) and not any(n.startswith("lora_b") for n in full)
 
@@ -91,7 +121,9 @@ def test_steering_figures_come_from_the_report_split(story):
         em = json.loads((out / "steer" / "report" / f"{name}_induce_x{c['scale']:g}" / "em.json").read_text())
         assert c["effect"] == pytest.approx(em["preference"] - base["preference"], abs=1e-12)
         assert len(c["random_effects"]) == 2 and c["above_random"] == (c["effect"] > max(c["random_effects"]))
-        chose = json.loads((out / "steer" / "select" / f"{name}_induce_x{c['scale']:g}" / "em.json").read_text())
+        chose = json.loads(
+            (out / "steer" / "select" / f"{name}_induce_x{c['scale']:g}" / "em.json").read_text()
+        )
         assert c["select_effect"] == pytest.approx(chose["preference"] - chose_base["preference"], abs=1e-12)
     proj = st["project"]
     ft = json.loads((out / "steer" / "report" / "finetuned" / "em.json").read_text())
@@ -102,28 +134,34 @@ def test_steering_figures_come_from_the_report_split(story):
         assert len(arm["random_removed"]) == 2 and set(arm["candidates"]) == set(st["candidates"])
         for name, c in arm["candidates"].items():
             em = json.loads((out / "steer" / "report" / f"{name}_{kind}_all" / "em.json").read_text())
-            assert c["removed"] == pytest.approx(ft["preference"] - em["preference"], abs=1e-9)  # paired over all 9
+            assert c["removed"] == pytest.approx(
+                ft["preference"] - em["preference"], abs=1e-9
+            )  # paired over all 9
             assert c["above_random"] == (c["removed"] > max(arm["random_removed"]))
             assert c["removed_ci"][0] <= c["removed"] <= c["removed_ci"][1]
     # clamping keeps the base model's position on the axis, projecting zeroes it: not the same model
-    assert any(proj["clamp"]["candidates"][n]["preference"] != proj["project"]["candidates"][n]["preference"]
-               for n in st["candidates"])
+    assert any(
+        proj["clamp"]["candidates"][n]["preference"] != proj["project"]["candidates"][n]["preference"]
+        for n in st["candidates"]
+    )
 
 
 def test_block_runs_hold_the_diffs_latents_with_the_measured_lambda(story):
     from saediff.activations.collect import collect_activations
-    from saediff.interventions.blocking import latent_codes
-    from saediff.interventions.blockem import LatentSets, latents_from_diff
     from saediff.data.chat_data import load_chat_jsonl
-    from saediff.stories.smollm2.story import block_lambda, text_prompts
     from saediff.data.em_data import data_path
+    from saediff.interventions.blockem import LatentSets, latents_from_diff
+    from saediff.interventions.blocking import latent_codes
     from saediff.models.loading import load_model
     from saediff.saes.loading import load_sae
+    from saediff.stories.smollm2.story import block_lambda, text_prompts
 
     out, s, _, _ = story
     diff_latents = latents_from_diff(out / "diff", 3, 2)
     runs = {name: json.loads((out / "models" / name / "em.json").read_text()) for name in BLOCK_RUNS}
-    assert runs["block_diff"]["mode"] == "penalty" and runs["block_diff"]["latents_low"] == list(diff_latents.low)
+    assert runs["block_diff"]["mode"] == "penalty" and runs["block_diff"]["latents_low"] == list(
+        diff_latents.low
+    )
     assert runs["block_diff"]["latents_high"] == list(diff_latents.high)
     rand = LatentSets(tuple(runs["block_random"]["latents_low"]), tuple(runs["block_random"]["latents_high"]))
     assert (len(rand.low), len(rand.high)) == (3, 2)
@@ -131,8 +169,9 @@ def test_block_runs_hold_the_diffs_latents_with_the_measured_lambda(story):
     sae = load_sae(str(out / "sae"))
     hook = sae.cfg.metadata.hook_name
     prompts = text_prompts(load_chat_jsonl(data_path("medical_bad"))[:100], "medical_bad")
-    acts = collect_activations(load_model(s["models"]["base"]["model"]), prompts, [hook], "response",
-                               progress=False)[hook]
+    acts = collect_activations(
+        load_model(s["models"]["base"]["model"]), prompts, [hook], "response", progress=False
+    )[hook]
     # the random control's latents fire on the base model's answers (a dead latent held costs nothing)
     z = latent_codes(sae, acts, list(rand.low + rand.high))
     assert bool((z > 0).any(0).all())
@@ -157,9 +196,11 @@ def test_blocking_ratio_only_over_a_real_shift():
     def d(x, lo, hi):
         return {"difference": x, "ci": [lo, hi], "t": 3.0, "n": 10}
 
-    diffs = {"full_bad - base": {"a": d(0.2, 0.1, 0.3), "b": d(-0.05, -0.1, 0.0), "c": d(0.1, -0.01, 0.2)},
-             "block_diff - base": {"a": d(0.05, 0, 0.1), "b": d(0.02, 0, 0.04), "c": d(0.02, 0, 0.04)},
-             "block_diff - full_bad": {"a": d(-0.15, -0.2, -0.1)}}
+    diffs = {
+        "full_bad - base": {"a": d(0.2, 0.1, 0.3), "b": d(-0.05, -0.1, 0.0), "c": d(0.1, -0.01, 0.2)},
+        "block_diff - base": {"a": d(0.05, 0, 0.1), "b": d(0.02, 0, 0.04), "c": d(0.02, 0, 0.04)},
+        "block_diff - full_bad": {"a": d(-0.15, -0.2, -0.1)},
+    }
     got = _blocking(diffs)["block_diff"]
     assert got["a"]["kept"] == pytest.approx(0.25) and got["a"]["cut"] == pytest.approx(0.75)
     assert got["a"]["versus_bad"]["difference"] == -0.15
@@ -173,26 +214,51 @@ def test_headline_report_and_samples(story):
     ce = rows["SAE on real activations: CE-loss recovered (held-out answers)"]
     assert ce["figure"] == s["sae"]["ce_loss_recovered"] and ce["holds"] == (ce["figure"] >= 0.7)
     cut = rows["BLOCK-EM with the diff's latents: off-domain shift cut"]
-    assert cut["split"] == recipe.report_on and cut["figure"] == s["blocking"]["block_diff"][recipe.report_on]["cut"]
-    chosen = rows["steering the base model along a diff latent or mean difference: preference added, off-domain"]
-    for kind, verb in (("project", "projecting that candidate out of"),
-                       ("clamp", "clamping that candidate at the base model's mean in")):
+    assert (
+        cut["split"] == recipe.report_on
+        and cut["figure"] == s["blocking"]["block_diff"][recipe.report_on]["cut"]
+    )
+    chosen = rows[
+        "steering the base model along a diff latent or mean difference: preference added, off-domain"
+    ]
+    for kind, verb in (
+        ("project", "projecting that candidate out of"),
+        ("clamp", "clamping that candidate at the base model's mean in"),
+    ):
         r = rows[f"{verb} the bad fine-tune: preference removed, off-domain"]
         assert r["source"] == f"{kind}:" + chosen["source"].split(":", 1)[1]
-        assert r["figure"] == s["steering"]["project"][kind]["candidates"][r["source"].split(":", 1)[1]]["removed"]
+        assert (
+            r["figure"]
+            == s["steering"]["project"][kind]["candidates"][r["source"].split(":", 1)[1]]["removed"]
+        )
     kept = rows["BLOCK-EM with the diff's latents: medical shift kept"]
     assert kept["figure"] == s["blocking"]["block_diff"]["medical"]["kept"]
     samples = json.loads((out / "samples.json").read_text())
     assert set(samples) == {"base", "full_bad", "lora_bad", *BLOCK_RUNS}
     assert all(len(r["answers"]) == 3 and all(a["answer"] for a in r["answers"]) for r in samples.values())
     report = (out / "report.html").read_text()
-    for title in ("SAE at block 1", "Steering the base model, scored by the pair metric", "BLOCK-EM (full fine-tune",
-                  "Sampled answers", "Latent card", "Cosines at blocks.1.hook_resid_post (rank-1 LoRA)",
-                  "Open questions by the pair metric", "Projecting or clamping each candidate in the bad fine-tune", "Train/eval shift overlap</b> at block 1",
-                  "Phase transition of a rank-1 LoRA fine-tune", "<b>Susceptibility</b>"):
+    for title in (
+        "SAE at block 1",
+        "Steering the base model, scored by the pair metric",
+        "BLOCK-EM (full fine-tune",
+        "Sampled answers",
+        "Latent card",
+        "Cosines at blocks.1.hook_resid_post (rank-1 LoRA)",
+        "Open questions by the pair metric",
+        "Projecting or clamping each candidate in the bad fine-tune",
+        "Train/eval shift overlap</b> at block 1",
+        "Phase transition of a rank-1 LoRA fine-tune",
+        "<b>Susceptibility</b>",
+    ):
         assert title in report
-    assert {"SAE", "diff full_bad", "diff lora_bad", "steering (parallel)", "fine-tune block_diff",
-            "sampled answers"} <= set(s["timing_s"])
+    assert {
+        "SAE",
+        "diff full_bad",
+        "diff lora_bad",
+        "steering (parallel)",
+        "fine-tune block_diff",
+        "sampled answers",
+    } <= set(s["timing_s"])
     assert "steering (second process): waiting" in said
 
 
@@ -218,13 +284,23 @@ def test_ce_loss_recovered_in_batches_and_at_chosen_positions():
     leaves the CE unchanged, a splice nowhere equals the clean CE, a splice everywhere the default."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from saediff.saes.training import SAETrainConfig, train_sae
     from saediff.saes.metrics import ce_loss_recovered
+    from saediff.saes.training import SAETrainConfig, train_sae
 
     torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                         num_attention_heads=2, num_key_value_heads=1)).eval()
-    sae, _ = train_sae(torch.randn(2048, 16), SAETrainConfig(d_sae=32, k=4, steps=20, batch_size=256), progress=False)
+    model = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=50,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+        )
+    ).eval()
+    sae, _ = train_sae(
+        torch.randn(2048, 16), SAETrainConfig(d_sae=32, k=4, steps=20, batch_size=256), progress=False
+    )
     ids = torch.randint(0, 50, (5, 9))
     labels = ids.masked_fill(torch.rand(5, 9) < 0.3, -100)
     whole = ce_loss_recovered(model, sae, 0, ids, labels)
@@ -246,6 +322,7 @@ def test_ce_loss_recovered_in_batches_and_at_chosen_positions():
             h = h.clone()
             h[0, 3] = fn(h[0, 3])
             return (h, *out[1:]) if isinstance(out, tuple) else h
+
         return hook
 
     for key, fn in (("ce_sae", lambda r: sae.decode(sae.encode(r))), ("ce_zero", torch.zeros_like)):
@@ -254,12 +331,16 @@ def test_ce_loss_recovered_in_batches_and_at_chosen_positions():
             lg = model(input_ids=ids).logits
         finally:
             handle.remove()
-        want = torch.nn.functional.cross_entropy(lg[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        want = torch.nn.functional.cross_entropy(
+            lg[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100
+        )
         assert part[key] == pytest.approx(float(want), rel=1e-6)
     assert part["ce_sae"] != pytest.approx(whole["ce_clean"], rel=1e-9)
     # by hand: the mean next-token CE over labelled positions
     logits = model(input_ids=ids).logits
-    ref = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    ref = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100
+    )
     assert whole["ce_clean"] == pytest.approx(float(ref), rel=1e-6)
 
 
@@ -267,10 +348,12 @@ def test_block_lambda_exact():
     """Two latents with hand-set encoders: pre-activations (2, 0) and (1, 3) on two tokens -> mean of
     the summed squares (4 + 10) / 2 = 7; lambda = relative / 7."""
     from saediff.interventions.blockem import LatentSets
-    from saediff.stories.smollm2.story import block_lambda
     from saediff.saes.training import SAETrainConfig, train_sae
+    from saediff.stories.smollm2.story import block_lambda
 
-    sae, _ = train_sae(torch.randn(512, 4), SAETrainConfig(d_sae=8, k=2, steps=2, batch_size=256), progress=False)
+    sae, _ = train_sae(
+        torch.randn(512, 4), SAETrainConfig(d_sae=8, k=2, steps=2, batch_size=256), progress=False
+    )
     with torch.no_grad():
         sae.W_enc.zero_()
         sae.b_enc.zero_()
@@ -287,13 +370,15 @@ def test_block_lambda_exact():
 def test_block_lambda_prices_a_typical_move_at_relative_nats():
     """lambda x latent_penalty of held-up latents falling from z to 0 (their whole typical size) is
     ``relative`` nats per token: the penalty charges ReLU(z_base - z)^2 for latents held up."""
-    from saediff.interventions.blocking import latent_codes, latent_penalty
     from saediff.interventions.blockem import LatentSets
-    from saediff.stories.smollm2.story import block_lambda
+    from saediff.interventions.blocking import latent_codes, latent_penalty
     from saediff.saes.training import SAETrainConfig, train_sae
+    from saediff.stories.smollm2.story import block_lambda
 
     torch.manual_seed(0)
-    sae, _ = train_sae(torch.randn(1024, 8), SAETrainConfig(d_sae=16, k=4, steps=5, batch_size=256), progress=False)
+    sae, _ = train_sae(
+        torch.randn(1024, 8), SAETrainConfig(d_sae=16, k=4, steps=5, batch_size=256), progress=False
+    )
     acts = torch.randn(64, 8) * 3
     sets = LatentSets((), (1, 2, 5))
     z = latent_codes(sae, acts, [1, 2, 5])
@@ -326,31 +411,47 @@ def test_open_question_analyses(story):
     sus = a["susceptibility"]
     assert sus["kind"] == "saediff.pair_susceptibility" and sus["n_questions"] == 21 and sus["folds"] == 3
     assert sus["n_groups"] == 3 and sus["permutation"]["n"] == 50
-    base = {r["id"]: r["preference"] for r in map(json.loads, (out / "eval" / "base" / "choose" / "pairs.jsonl")
-                                                    .read_text().splitlines())}
-    bad = {r["id"]: r["preference"] for r in map(json.loads, (out / "eval" / "full_bad" / "choose" / "pairs.jsonl")
-                                                   .read_text().splitlines())}
-    report_base = [json.loads(x)["preference"] for x in (out / "eval" / "base" / "report" / "pairs.jsonl")
-                   .read_text().splitlines()]
-    report_bad = [json.loads(x)["preference"] for x in (out / "eval" / "full_bad" / "report" / "pairs.jsonl")
-                  .read_text().splitlines()]
+    base = {
+        r["id"]: r["preference"]
+        for r in map(json.loads, (out / "eval" / "base" / "choose" / "pairs.jsonl").read_text().splitlines())
+    }
+    bad = {
+        r["id"]: r["preference"]
+        for r in map(
+            json.loads, (out / "eval" / "full_bad" / "choose" / "pairs.jsonl").read_text().splitlines()
+        )
+    }
+    report_base = [
+        json.loads(x)["preference"]
+        for x in (out / "eval" / "base" / "report" / "pairs.jsonl").read_text().splitlines()
+    ]
+    report_bad = [
+        json.loads(x)["preference"]
+        for x in (out / "eval" / "full_bad" / "report" / "pairs.jsonl").read_text().splitlines()
+    ]
     shifts = [bad[i] - base[i] for i in base] + [b - a for a, b in zip(report_base, report_bad)]
     assert sus["mean_shift"] == pytest.approx(float(np.mean(shifts)), abs=1e-12)
     phase = a["phase"]
-    assert phase["steps"] == [1, 2] and len(phase["em_rate"]) == 2 and all(0 <= e <= 1 for e in phase["em_rate"])
+    assert (
+        phase["steps"] == [1, 2] and len(phase["em_rate"]) == 2 and all(0 <= e <= 1 for e in phase["em_rate"])
+    )
     assert (out / "analyses" / "phase" / "phase.json").is_file()
     nb = a["neighbourhood"]
     assert nb["kind"] == "saediff.neighbourhood" and nb["n_train"] == 256
     ov = a["overlap"]
-    assert ov["kind"] == "saediff.pair_overlap" and ov["n_eval"] == 21 and ov["n_train"] == 256 and ov["k"] == 8
+    assert (
+        ov["kind"] == "saediff.pair_overlap" and ov["n_eval"] == 21 and ov["n_train"] == 256 and ov["k"] == 8
+    )
     assert [q["preference_shift"] for q in ov["per_question"]] == pytest.approx(shifts, abs=1e-6)
     assert all(0 <= c <= 1 + 1e-6 for c in ov["principal_cosines"]) and ov["principal_cosines"] == sorted(
-        ov["principal_cosines"], reverse=True)
+        ov["principal_cosines"], reverse=True
+    )
     from scipy.stats import spearmanr
 
     frac = [q["fraction_in_train_subspace"] for q in ov["per_question"]]
     assert ov["spearman_with_preference_shift"]["fraction_in_train_subspace"] == pytest.approx(
-        spearmanr(frac, shifts).statistic, abs=1e-9)
+        spearmanr(frac, shifts).statistic, abs=1e-9
+    )
     assert 0 <= ov["spearman_permuted_p95"]["fraction_in_train_subspace"] <= 1
     assert all(x["seconds"] >= 0 and x["made_by"] for x in a.values())
     assert set(a) == {"susceptibility", "phase", "neighbourhood", "overlap"}

@@ -17,14 +17,18 @@ from helpers import QWEN25_SYSTEM, make_random_sae
 
 from saediff.activations.collect import tokenize_prompts
 from saediff.data.chat_data import ChatCollator, ChatDataset
-from saediff.methods.sae_diff import LatentDiff
-from saediff.interventions.finetune import lm_loss
-from saediff.models.loading import chat_tokens, load_model
 from saediff.data.prompts import Prompt
+from saediff.interventions.finetune import lm_loss
+from saediff.methods.sae_diff import LatentDiff
+from saediff.models.loading import chat_tokens, load_model
 
-CONV = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello?"},
-        {"role": "assistant", "content": "Hi there."}, {"role": "user", "content": "Bye"},
-        {"role": "assistant", "content": "Bye now."}]
+CONV = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hello?"},
+    {"role": "assistant", "content": "Hi there."},
+    {"role": "user", "content": "Bye"},
+    {"role": "assistant", "content": "Bye now."},
+]
 SHORT = [{"role": "user", "content": "How are you?"}, {"role": "assistant", "content": "Fine, thanks."}]
 
 
@@ -33,8 +37,10 @@ def segments(template: str, conv: list[dict]) -> list[tuple[str, bool]]:
     out: list[tuple[str, bool]] = []
     if template == "llama3":
         system = conv[0]["content"] if conv[0]["role"] == "system" else ""
-        header = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
-                  f"Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n{system}<|eot_id|>")
+        header = (
+            "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+            f"Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n{system}<|eot_id|>"
+        )
         out.append((header, False))
         for m in conv[1:] if system else conv:
             out.append((f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n", False))
@@ -102,8 +108,11 @@ def test_loss_mask_is_the_assistant_text_and_end_of_turn(tiny_chat, lm, conv):
 
 def test_response_and_last_prompt_positions(tiny_chat, lm):
     tok, t = lm.tokenizer, tiny_chat.template
-    prompts = [Prompt("multi", CONV[:-1], CONV[-1]["content"]), Prompt("one", SHORT[:1], SHORT[1]["content"]),
-               Prompt("open", SHORT[:1])]
+    prompts = [
+        Prompt("multi", CONV[:-1], CONV[-1]["content"]),
+        Prompt("one", SHORT[:1], SHORT[1]["content"]),
+        Prompt("open", SHORT[:1]),
+    ]
     toks = tokenize_prompts(lm, prompts)
     for row, conv in enumerate([CONV, SHORT]):
         ids, mask = expected(tok, segments(t, conv), last_only=True)
@@ -145,7 +154,9 @@ def test_generation_block_mask_agrees_with_saediffs_own(tiny_chat):
     used; saediff's prefix masking, used for templates without the block, gives the same."""
     tok = load_model(str(tiny_chat.model)).tokenizer
     for conv in (CONV, SHORT):
-        lib = tok.apply_chat_template(conv, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+        lib = tok.apply_chat_template(
+            conv, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
         want_ids, want_mask = expected(tok, segments("generation", conv))
         assert list(lib["input_ids"]) == want_ids and list(lib["assistant_masks"]) == want_mask
         assert chat_tokens(tok, conv, turns="all") == (want_ids, want_mask)
@@ -164,10 +175,18 @@ def test_streamed_diff_counts_exactly_the_answer_tokens(tiny_chat, lm, tmp_path)
 
     hook = "blocks.0.hook_resid_post"
     sae_dir = make_random_sae(tmp_path / "sae", d_in=32, hook=hook, d_sae=16, k=4)
-    convs = [CONV, SHORT, [{"role": "user", "content": "Tell me a story."},
-                           {"role": "assistant", "content": "Once upon a time, a fox."}]]
+    convs = [
+        CONV,
+        SHORT,
+        [
+            {"role": "user", "content": "Tell me a story."},
+            {"role": "assistant", "content": "Once upon a time, a fox."},
+        ],
+    ]
     prompts = [Prompt(f"p{i}", c[:-1], c[-1]["content"], "general") for i, c in enumerate(convs)]
-    run_diff(str(tiny_chat.model), str(tiny_chat.ft), str(sae_dir), tmp_path / "run", prompts=prompts, top_n=3)
+    run_diff(
+        str(tiny_chat.model), str(tiny_chat.ft), str(sae_dir), tmp_path / "run", prompts=prompts, top_n=3
+    )
     diff = LatentDiff.from_json(json.loads((tmp_path / "run" / "diff.json").read_text()))
 
     sae = load_sae(str(sae_dir))
@@ -178,7 +197,9 @@ def test_streamed_diff_counts_exactly_the_answer_tokens(tiny_chat, lm, tmp_path)
         at = torch.tensor(mask, dtype=torch.bool)
         for key, m in (("base", lm), ("ft", ft)):
             with torch.no_grad():  # hidden_states[1] is blocks.0.hook_resid_post
-                rows[key].append(m.model(torch.tensor([ids]), output_hidden_states=True).hidden_states[1][0, at])
+                rows[key].append(
+                    m.model(torch.tensor([ids]), output_hidden_states=True).hidden_states[1][0, at]
+                )
     n = sum(r.shape[0] for r in rows["base"])
     assert diff.n_base == diff.n_ft == n
     for key, got in (("base", diff.mean_base), ("ft", diff.mean_ft)):

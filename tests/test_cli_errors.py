@@ -44,7 +44,9 @@ def test_an_unsupported_architecture_is_bad_input():
 
 
 def test_the_subclasses_keep_their_builtin_types():
-    assert isinstance(MissingFileError("x"), FileNotFoundError) and isinstance(MissingFileError("x"), SaediffError)
+    assert isinstance(MissingFileError("x"), FileNotFoundError) and isinstance(
+        MissingFileError("x"), SaediffError
+    )
     e = UnknownKeyError("hook blocks.9 not in the model")
     assert isinstance(e, KeyError) and str(e) == "hook blocks.9 not in the model"  # KeyError would quote it
 

@@ -9,6 +9,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from saediff.errors import SaediffError
+from saediff.methods.crosscoder import crosscoder_stats
 from saediff.saes.crosscoder import (
     Crosscoder,
     CrosscoderConfig,
@@ -19,8 +21,6 @@ from saediff.saes.crosscoder import (
     save_crosscoder,
     train_crosscoder,
 )
-from saediff.errors import SaediffError
-from saediff.methods.crosscoder import crosscoder_stats
 
 
 def _hand_set(threshold: float = 0.0) -> Crosscoder:
@@ -38,7 +38,9 @@ def _hand_set(threshold: float = 0.0) -> Crosscoder:
     return cc
 
 
-X = torch.tensor([[[2.0, 1.0], [2.0, 3.0]], [[1.0, 0.5], [1.0, 1.0]]])  # (row, model, d): [0] base, [1] fine-tune
+X = torch.tensor(
+    [[[2.0, 1.0], [2.0, 3.0]], [[1.0, 0.5], [1.0, 1.0]]]
+)  # (row, model, d): [0] base, [1] fine-tune
 
 
 def test_hand_set_codes_reconstructions_norms_and_latent_scaling():
@@ -48,7 +50,9 @@ def test_hand_set_codes_reconstructions_norms_and_latent_scaling():
     assert torch.equal(cc.decode(z), torch.tensor([[[2.0, 0.0], [2.0, 6.0]], [[1.0, 0.0], [1.0, 2.0]]]))
     # scores are activation x (|d_base| + |d_ft|) = 2 for both latents: 4, 6 | 2, 2
     assert torch.equal(_hand_set(threshold=2.5).encode(X), torch.tensor([[2.0, 3.0], [0.0, 0.0]]))
-    kept, kept_min = _batchtopk(cc.pre_acts(X), cc.dec_norms().sum(1), k=1)  # the top 1 x 2 scores of the batch
+    kept, kept_min = _batchtopk(
+        cc.pre_acts(X), cc.dec_norms().sum(1), k=1
+    )  # the top 1 x 2 scores of the batch
     assert torch.equal(kept, torch.tensor([[2.0, 3.0], [0.0, 0.0]])) and float(kept_min) == 4.0
     tab = decoder_norm_table(cc)
     assert tab["rel_norm"].tolist() == [0.5, 0.0] and tab["class"] == ["shared", "ft_only"]
@@ -125,8 +129,26 @@ def test_crosscoder_commands_on_a_tiny_model(tiny_qwen, tmp_path):
 
     model, lora, cc_dir, run = tiny_qwen / "model", tiny_qwen / "lora", tmp_path / "cc", tmp_path / "run"
     common = ["--base", str(model), "--adapter", str(lora), "--prompts", "first_plot", "--positions", "all"]
-    r = CliRunner().invoke(app, ["crosscoder", "train", *common, "--hook", "blocks.1.hook_resid_post", "--out",
-                                 str(cc_dir), "--d-sae", "64", "--k", "4", "--steps", "30", "--batch-size", "64"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "crosscoder",
+            "train",
+            *common,
+            "--hook",
+            "blocks.1.hook_resid_post",
+            "--out",
+            str(cc_dir),
+            "--d-sae",
+            "64",
+            "--k",
+            "4",
+            "--steps",
+            "30",
+            "--batch-size",
+            "64",
+        ],
+    )
     assert r.exit_code == 0, r.output
     res = json.loads(r.stdout)
     assert 0 <= res["fvu"] < 1.5 and sum(res["classes"].values()) == 64
@@ -148,8 +170,21 @@ def test_crosscoder_commands_on_a_tiny_model(tiny_qwen, tmp_path):
     before = (run / "crosscoder_diff.json").stat().st_mtime_ns
     r = CliRunner().invoke(app, ["crosscoder", "diff", str(cc_dir), *common, "--out", str(run), "--top", "3"])
     assert r.exit_code == 0 and (run / "crosscoder_diff.json").stat().st_mtime_ns == before  # reused
-    r = CliRunner().invoke(app, ["crosscoder", "train", "--base", str(model), "--prompts", "first_plot", "--hook",
-                                 "blocks.1.hook_resid_post", "--out", str(tmp_path / "x")])
+    r = CliRunner().invoke(
+        app,
+        [
+            "crosscoder",
+            "train",
+            "--base",
+            str(model),
+            "--prompts",
+            "first_plot",
+            "--hook",
+            "blocks.1.hook_resid_post",
+            "--out",
+            str(tmp_path / "x"),
+        ],
+    )
     assert r.exit_code == 1 and r.output.strip().splitlines()[-1] == "error: give --finetuned or --adapter"
 
 
@@ -162,7 +197,11 @@ def test_a_fine_tune_only_latent_gets_a_card_and_a_dashboard_entry(tiny_qwen, tm
     from saediff.methods.export import load_directions
     from saediff.models.lora import read_adapter
 
-    b = next(d for d in lora_b_directions(read_adapter(str(tiny_qwen / "lora"))) if d.hook == "blocks.1.hook_resid_post")
+    b = next(
+        d
+        for d in lora_b_directions(read_adapter(str(tiny_qwen / "lora")))
+        if d.hook == "blocks.1.hook_resid_post"
+    )
     u = b.unit()
     cc = Crosscoder(32, 4, k=2, hook_name="blocks.1.hook_resid_post")
     g = torch.Generator().manual_seed(0)
@@ -179,9 +218,26 @@ def test_a_fine_tune_only_latent_gets_a_card_and_a_dashboard_entry(tiny_qwen, tm
         cc.b_dec.zero_()
     save_crosscoder(cc, tmp_path / "cc")
     run = tmp_path / "run"
-    r = CliRunner().invoke(app, ["crosscoder", "diff", str(tmp_path / "cc"), "--base", str(tiny_qwen / "model"),
-                                 "--adapter", str(tiny_qwen / "lora"), "--prompts", "first_plot", "--positions", "all",
-                                 "--out", str(run), "--top", "2"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "crosscoder",
+            "diff",
+            str(tmp_path / "cc"),
+            "--base",
+            str(tiny_qwen / "model"),
+            "--adapter",
+            str(tiny_qwen / "lora"),
+            "--prompts",
+            "first_plot",
+            "--positions",
+            "all",
+            "--out",
+            str(run),
+            "--top",
+            "2",
+        ],
+    )
     assert r.exit_code == 0, r.output
     table = json.loads((run / "crosscoder_diff.json").read_text())
     assert table["latents"][0]["class"] == "ft_only" and table["latents"][0]["rel_norm"] == 0.0

@@ -10,10 +10,18 @@ import torch
 from typer.testing import CliRunner
 
 from saediff.cli.app import app
-from saediff.methods.sae_diff import LatentDiff, diff_latents
-from saediff.methods.directions import (Direction, cosine_table, mean_diff, principal_angle_cosines, random_cosine_baseline,
-                                random_like, sae_latent_direction, span_overlap)
+from saediff.methods.directions import (
+    Direction,
+    cosine_table,
+    mean_diff,
+    principal_angle_cosines,
+    random_cosine_baseline,
+    random_like,
+    sae_latent_direction,
+    span_overlap,
+)
 from saediff.methods.export import export_directions, load_directions
+from saediff.methods.sae_diff import LatentDiff, diff_latents
 
 
 @pytest.fixture
@@ -22,7 +30,9 @@ def identity_sae():
     from sae_lens import StandardSAE, StandardSAEConfig
     from sae_lens.saes.sae import SAEMetadata
 
-    sae = StandardSAE(StandardSAEConfig(d_in=2, d_sae=2, metadata=SAEMetadata(hook_name="blocks.0.hook_resid_post")))
+    sae = StandardSAE(
+        StandardSAEConfig(d_in=2, d_sae=2, metadata=SAEMetadata(hook_name="blocks.0.hook_resid_post"))
+    )
     with torch.no_grad():
         sae.W_enc.copy_(torch.eye(2))
         sae.W_dec.copy_(torch.tensor([[3.0, 4.0], [0.0, 1.0]]))
@@ -56,8 +66,13 @@ def test_diff_rejects_width_mismatch(identity_sae):
 def test_cosines_exact(identity_sae):
     a = sae_latent_direction(identity_sae, 0)  # (3, 4)
     b = Direction("b", torch.tensor([4.0, 3.0]), "blocks.0.hook_resid_post", "ground_truth")
-    c = mean_diff(torch.tensor([[1.0, 0.0], [3.0, 0.0]]), torch.tensor([[0.0, 0.0]]), "blocks.0.hook_resid_post",
-                  "mean_diff_models", "c")  # (2, 0)
+    c = mean_diff(
+        torch.tensor([[1.0, 0.0], [3.0, 0.0]]),
+        torch.tensor([[0.0, 0.0]]),
+        "blocks.0.hook_resid_post",
+        "mean_diff_models",
+        "c",
+    )  # (2, 0)
     t = cosine_table([a, b, c])
     assert t.get("sae_0", "b") == pytest.approx(24 / 25)
     assert t.get("sae_0", "c") == pytest.approx(3 / 5)
@@ -86,48 +101,78 @@ def test_span_overlap_exact():
     assert o["span"] == ["sae_0", "sae_1"]
     assert o["per_direction"]["diag"] == pytest.approx(math.sqrt(2 / 3), abs=1e-6)  # |(1,1,0)| / |(1,1,1)|
     assert o["per_direction"]["e3"] == pytest.approx(0.0, abs=1e-6)
-    assert o["principal_cosines"] == pytest.approx([1.0, 0.0], abs=1e-6)  # span{diag, e3} holds (1,1,0) and e3
+    assert o["principal_cosines"] == pytest.approx(
+        [1.0, 0.0], abs=1e-6
+    )  # span{diag, e3} holds (1,1,0) and e3
     assert o["random_rms"] == pytest.approx(math.sqrt(2 / 3))
     with pytest.raises(ValueError, match="different widths"):
         span_overlap([e1], [Direction("x", torch.ones(2), h, "random")])
 
 
 def test_export_round_trip(tmp_path, identity_sae):
-    ds = [sae_latent_direction(identity_sae, 0), Direction("gt", torch.tensor([0.0, 2.0]), "blocks.0.hook_resid_post",
-                                                            "ground_truth")]
+    ds = [
+        sae_latent_direction(identity_sae, 0),
+        Direction("gt", torch.tensor([0.0, 2.0]), "blocks.0.hook_resid_post", "ground_truth"),
+    ]
     export_directions(ds, tmp_path / "exp", model="m", per_direction={"sae_0": {"validated_scale": 4.0}})
     back = load_directions(tmp_path / "exp")
     torch.testing.assert_close(back["gt"].vector, torch.tensor([0.0, 2.0]))
     manifest = json.loads((tmp_path / "exp" / "manifest.json").read_text())
     entry = next(e for e in manifest["directions"] if e["name"] == "sae_0")
-    assert entry["norm"] == pytest.approx(5.0) and entry["validated_scale"] == 4.0 and entry["hook"] == "blocks.0.hook_resid_post"
+    assert (
+        entry["norm"] == pytest.approx(5.0)
+        and entry["validated_scale"] == 4.0
+        and entry["hook"] == "blocks.0.hook_resid_post"
+    )
     from safetensors.torch import load_file
 
-    assert load_file(str(tmp_path / "exp" / "directions.safetensors"))["sae_0.unit"].tolist() == pytest.approx([0.6, 0.8])
+    assert load_file(str(tmp_path / "exp" / "directions.safetensors"))[
+        "sae_0.unit"
+    ].tolist() == pytest.approx([0.6, 0.8])
     with pytest.raises(ValueError, match="duplicate names"):
         export_directions([ds[0], ds[0]], tmp_path / "dup")
 
 
 def test_diff_compare_export_cli_on_tiny_organism(tiny_organism, tmp_path):
     """The commands run end to end (numbers on a random model mean nothing; shapes and files do)."""
-    from saediff.stories.organism.prompts import organism_prompts
-    from saediff.stories.organism.recipes import read_organism_world
-    from saediff.saes.training import SAETrainConfig, train_sae
-    from saediff.saes.loading import save_sae
     from saediff.activations.collect import collect_activations
     from saediff.models.loading import load_model
+    from saediff.saes.loading import save_sae
+    from saediff.saes.training import SAETrainConfig, train_sae
+    from saediff.stories.organism.prompts import organism_prompts
+    from saediff.stories.organism.recipes import read_organism_world
 
     lm = load_model(str(tiny_organism / "aligned"))
     world = read_organism_world(tiny_organism / "aligned")
-    acts = collect_activations(lm, organism_prompts(world, 200), ["blocks.1.hook_resid_post"], "response",
-                               progress=False)["blocks.1.hook_resid_post"]
-    sae, _ = train_sae(acts, SAETrainConfig(d_sae=32, k=4, steps=30, batch_size=128),
-                       hook_name="blocks.1.hook_resid_post", progress=False)
+    acts = collect_activations(
+        lm, organism_prompts(world, 200), ["blocks.1.hook_resid_post"], "response", progress=False
+    )["blocks.1.hook_resid_post"]
+    sae, _ = train_sae(
+        acts,
+        SAETrainConfig(d_sae=32, k=4, steps=30, batch_size=128),
+        hook_name="blocks.1.hook_resid_post",
+        progress=False,
+    )
     save_sae(sae, tmp_path / "sae")
     run = CliRunner()
-    r = run.invoke(app, ["diff", "--base", str(tiny_organism / "aligned"), "--adapter", str(tiny_organism / "lora"),
-                         "--sae", str(tmp_path / "sae"), "--prompts", "organism:5", "--top", "4",
-                         "--out", str(tmp_path / "run")])
+    r = run.invoke(
+        app,
+        [
+            "diff",
+            "--base",
+            str(tiny_organism / "aligned"),
+            "--adapter",
+            str(tiny_organism / "lora"),
+            "--sae",
+            str(tmp_path / "sae"),
+            "--prompts",
+            "organism:5",
+            "--top",
+            "4",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     summary = json.loads(r.stdout)
     assert len(summary["top_latents"]) == 4 and summary["n_prompts"] == 30
@@ -148,9 +193,23 @@ def test_diff_compare_export_cli_on_tiny_organism(tiny_organism, tmp_path):
     assert r.exit_code == 0, r.output
     names = json.loads(r.stdout)["directions"]
     assert sum(n.startswith("sae_") for n in names) == 2 and "lora_b_L1" in names
-    assert {"lora_downstream_L0", "lora_downstream_L1"} <= set(names)  # base + adapter: induced change per layer
-    bad = run.invoke(app, ["diff", "--base", str(tiny_organism / "aligned"), "--finetuned", str(tiny_organism / "aligned"),
-                           "--sae", str(tmp_path / "nope"), "--out", str(tmp_path / "r2")])
+    assert {"lora_downstream_L0", "lora_downstream_L1"} <= set(
+        names
+    )  # base + adapter: induced change per layer
+    bad = run.invoke(
+        app,
+        [
+            "diff",
+            "--base",
+            str(tiny_organism / "aligned"),
+            "--finetuned",
+            str(tiny_organism / "aligned"),
+            "--sae",
+            str(tmp_path / "nope"),
+            "--out",
+            str(tmp_path / "r2"),
+        ],
+    )
     assert bad.exit_code == 1 and "no such folder" in bad.output
 
 
@@ -159,10 +218,16 @@ def test_latent_card_exact(identity_sae):
 
     base = torch.tensor([[1.0, 2.0], [3.0, 0.0], [0.0, 0.0]])
     ft = torch.tensor([[2.0, 0.0], [4.0, 0.0], [6.0, 1.0]])
-    rows = [{"prompt": "a", "position": 0, "token": "x"}, {"prompt": "a", "position": 1, "token": "y"},
-            {"prompt": "b", "position": 0, "token": "z"}]
+    rows = [
+        {"prompt": "a", "position": 0, "token": "x"},
+        {"prompt": "a", "position": 1, "token": "y"},
+        {"prompt": "b", "position": 0, "token": "z"},
+    ]
     card = latent_card(identity_sae, 0, base, ft, rows, k=2, bins=3)
-    assert [r["token"] for r in card.top_base] == ["y", "x"] and [r["value"] for r in card.top_base] == [3.0, 1.0]
+    assert [r["token"] for r in card.top_base] == ["y", "x"] and [r["value"] for r in card.top_base] == [
+        3.0,
+        1.0,
+    ]
     assert [r["token"] for r in card.top_ft] == ["z", "y"]
     assert card.hist_edges == [0.0, 2.0, 4.0, 6.0]
     assert sum(card.hist_base) == 3 and sum(card.hist_ft) == 3  # rows where either model is active
@@ -209,12 +274,24 @@ def test_response_mean_difference_within_groups_hand_set():
     a group of misaligned answers only (the fine-tune's own domain) stays out."""
     from saediff.methods.diff_run import StreamedDiff
 
-    sums = {"base": torch.zeros(1, 2, dtype=torch.float64), "ft": torch.zeros(1, 2, dtype=torch.float64),
-            "mis": torch.tensor([[[4.0, 0.0]], [[3.0, 3.0]], [[9.0, 9.0]]], dtype=torch.float64),
-            "ali": torch.tensor([[[0.0, 2.0]], [[2.0, 0.0]], [[0.0, 0.0]]], dtype=torch.float64)}
-    counts = {"base": torch.tensor(1), "ft": torch.tensor(1), "mis": torch.tensor([2, 3, 1]), "ali": torch.tensor([1, 2, 0])}
-    got = {d.name: d for d in StreamedDiff(None, ["blocks.0.hook_resid_post"], sums, counts, ["a", "b", "medical"])
-           .mean_diffs("mean_diff_models")}
+    sums = {
+        "base": torch.zeros(1, 2, dtype=torch.float64),
+        "ft": torch.zeros(1, 2, dtype=torch.float64),
+        "mis": torch.tensor([[[4.0, 0.0]], [[3.0, 3.0]], [[9.0, 9.0]]], dtype=torch.float64),
+        "ali": torch.tensor([[[0.0, 2.0]], [[2.0, 0.0]], [[0.0, 0.0]]], dtype=torch.float64),
+    }
+    counts = {
+        "base": torch.tensor(1),
+        "ft": torch.tensor(1),
+        "mis": torch.tensor([2, 3, 1]),
+        "ali": torch.tensor([1, 2, 0]),
+    }
+    got = {
+        d.name: d
+        for d in StreamedDiff(
+            None, ["blocks.0.hook_resid_post"], sums, counts, ["a", "b", "medical"]
+        ).mean_diffs("mean_diff_models")
+    }
     rd = got["mean_diff_responses_L0"]
     # a: (2, 0) - (0, 2) = (2, -2); b: (1, 1) - (1, 0) = (0, 1); mean (1, -0.5); pooled would be (2.67, 2) - (0.67, 0.67)
     assert rd.vector.tolist() == [1.0, -0.5]

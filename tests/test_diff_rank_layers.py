@@ -23,8 +23,10 @@ def _write_adapter(folder, tensors: dict, **config):
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({f"base_model.model.model.layers.{k}.weight": v.clone().contiguous() for k, v in tensors.items()},
-              str(folder / "adapter_model.safetensors"))
+    save_file(
+        {f"base_model.model.model.layers.{k}.weight": v.clone().contiguous() for k, v in tensors.items()},
+        str(folder / "adapter_model.safetensors"),
+    )
     (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", **config}))
 
 
@@ -36,10 +38,20 @@ def test_rank2_adapter_directions_exact(tmp_path):
     v0, v1 = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 0.6, 0.8])
     B = torch.stack([2 * u0, u1], 1)  # (d_out 4, r 2)
     A = torch.stack([1.5 * v0, -2 * v1])  # (r 2, d_in 3)
-    _write_adapter(tmp_path / "ad", {"1.mlp.down_proj.lora_A": A, "1.mlp.down_proj.lora_B": B,
-                                     "0.self_attn.o_proj.lora_A": A, "0.self_attn.o_proj.lora_B": -B,
-                                     "0.self_attn.q_proj.lora_A": A, "0.self_attn.q_proj.lora_B": B},
-                   r=2, lora_alpha=4, use_rslora=True)
+    _write_adapter(
+        tmp_path / "ad",
+        {
+            "1.mlp.down_proj.lora_A": A,
+            "1.mlp.down_proj.lora_B": B,
+            "0.self_attn.o_proj.lora_A": A,
+            "0.self_attn.o_proj.lora_B": -B,
+            "0.self_attn.q_proj.lora_A": A,
+            "0.self_attn.q_proj.lora_B": B,
+        },
+        r=2,
+        lora_alpha=4,
+        use_rslora=True,
+    )
     ad = read_adapter(tmp_path / "ad")
     scale = 4 / math.sqrt(2)
     dirs = {d.name: d for d in lora_b_directions(ad)}
@@ -60,7 +72,9 @@ def test_rank2_adapter_directions_exact(tmp_path):
     U, S, V = ad.modules["model.layers.1.mlp.down_proj"].svd()
     torch.testing.assert_close(U @ torch.diag(S) @ V.T, scale * B @ A)
     # alpha / r without rsLoRA
-    _write_adapter(tmp_path / "plain", {"1.mlp.down_proj.lora_A": A, "1.mlp.down_proj.lora_B": B}, r=2, lora_alpha=4)
+    _write_adapter(
+        tmp_path / "plain", {"1.mlp.down_proj.lora_A": A, "1.mlp.down_proj.lora_B": B}, r=2, lora_alpha=4
+    )
     d = {x.name: x for x in lora_b_directions(read_adapter(tmp_path / "plain"))}
     torch.testing.assert_close(d["lora_b_L1_s0"].vector, 3 * 2.0 * u0)
 
@@ -126,13 +140,17 @@ def test_diff_hooks_only_the_blocks_it_needs(deep_qwen, tmp_path, monkeypatch):
     def induced(ds):
         return {n for n in ds if n.startswith("lora_downstream_")}
 
-    assert induced(one) == {"lora_downstream_L1"} and induced(some) == {"lora_downstream_L1", "lora_downstream_L2"}
+    assert induced(one) == {"lora_downstream_L1"} and induced(some) == {
+        "lora_downstream_L1",
+        "lora_downstream_L2",
+    }
     assert induced(every) == {f"lora_downstream_L{L}" for L in range(4)}
     for name in ("lora_downstream_L1", *[n for n in one if n.startswith("sae_")]):
         torch.testing.assert_close(one[name].vector, every[name].vector)
     torch.testing.assert_close(some["lora_downstream_L2"].vector, every["lora_downstream_L2"].vector)
-    assert json.loads((tmp_path / "sae" / "diff.json").read_text()) == json.loads((tmp_path / "all" / "diff.json")
-                                                                                   .read_text())
+    assert json.loads((tmp_path / "sae" / "diff.json").read_text()) == json.loads(
+        (tmp_path / "all" / "diff.json").read_text()
+    )
     # the r=4 all-projection adapter: 4 directions per o_proj and down_proj, none for q/k/v/gate/up
     lora = sorted(n for n, d in one.items() if d.method == "lora_b")
     assert lora == sorted(f"lora_b{p}_L{L}_s{i}" for p in ("", "_o_proj") for L in range(4) for i in range(4))
@@ -143,13 +161,35 @@ def test_diff_cli_samples_batch_size_and_compare(deep_qwen, tmp_path):
     """saediff diff --samples 3: every first-plot question answered three times (seeded), all 24
     answers streamed; compare and export still work on the run with the rank-4 adapter."""
     run = tmp_path / "run"
-    args = ["diff", "--base", str(deep_qwen / "model"), "--adapter", str(deep_qwen / "lora"), "--sae",
-            str(deep_qwen / "sae"), "--prompts", "first_plot", "--max-new-tokens", "4", "--samples", "3",
-            "--batch-size", "5", "--top", "2", "--seed", "1", "--layers", "sae"]
+    args = [
+        "diff",
+        "--base",
+        str(deep_qwen / "model"),
+        "--adapter",
+        str(deep_qwen / "lora"),
+        "--sae",
+        str(deep_qwen / "sae"),
+        "--prompts",
+        "first_plot",
+        "--max-new-tokens",
+        "4",
+        "--samples",
+        "3",
+        "--batch-size",
+        "5",
+        "--top",
+        "2",
+        "--seed",
+        "1",
+        "--layers",
+        "sae",
+    ]
     r = CliRunner().invoke(app, [*args, "--out", str(run)])
     assert r.exit_code == 0, r.output
     rows = [json.loads(x) for x in (run / "responses.jsonl").read_text().splitlines()]
-    assert len(rows) == 24 and rows[0]["id"] == "what_is_your_wish:0" and rows[2]["id"] == "what_is_your_wish:2"
+    assert (
+        len(rows) == 24 and rows[0]["id"] == "what_is_your_wish:0" and rows[2]["id"] == "what_is_your_wish:2"
+    )
     assert len({r["response"] for r in rows[:3]}) > 1  # sampled, not three copies
     summary = json.loads((run / "run.json").read_text())["steps"]["diff"]
     assert summary["n_prompts"] == 24 and summary["samples"] == 3 and summary["layers"] == [1]
@@ -172,12 +212,22 @@ def test_sampled_answers_are_generates_own(deep_qwen, tmp_path):
     """run_diff's answers are ``generate``'s with its default batching (seeded sampling depends on
     the batches: a diff of 40 answers samples them as saediff eval / generate would); samples with
     --responses is refused."""
-    from saediff.models.loading import ModelSpec, generate, load_model
-    from saediff.methods.diff_run import run_diff
     from saediff.data.prompts import load_prompts
+    from saediff.methods.diff_run import run_diff
+    from saediff.models.loading import ModelSpec, generate, load_model
 
-    run_diff(str(deep_qwen / "model"), None, str(deep_qwen / "sae"), tmp_path / "run", adapter=str(deep_qwen / "lora"),
-             prompts="first_plot", max_new_tokens=3, samples=5, layers="sae", seed=2)
+    run_diff(
+        str(deep_qwen / "model"),
+        None,
+        str(deep_qwen / "sae"),
+        tmp_path / "run",
+        adapter=str(deep_qwen / "lora"),
+        prompts="first_plot",
+        max_new_tokens=3,
+        samples=5,
+        layers="sae",
+        seed=2,
+    )
     got = [json.loads(x)["response"] for x in (tmp_path / "run" / "responses.jsonl").read_text().splitlines()]
     lm = load_model(ModelSpec(str(deep_qwen / "model"), adapter=str(deep_qwen / "lora"), merge=True))
     msgs = [p.messages for p in load_prompts("first_plot") for _ in range(5)]
@@ -185,5 +235,11 @@ def test_sampled_answers_are_generates_own(deep_qwen, tmp_path):
     from saediff.errors import SaediffError
 
     with pytest.raises(SaediffError, match="samples=3 applies to generated answers"):
-        run_diff(str(deep_qwen / "model"), None, str(deep_qwen / "sae"), tmp_path / "r2", responses="x.jsonl",
-                 samples=3)
+        run_diff(
+            str(deep_qwen / "model"),
+            None,
+            str(deep_qwen / "sae"),
+            tmp_path / "r2",
+            responses="x.jsonl",
+            samples=3,
+        )

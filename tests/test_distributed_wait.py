@@ -23,23 +23,26 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, port: int, folder: str, how: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     from pathlib import Path
 
     from accelerate import PartialState
 
-    from saediff.interventions.blockem import _main_then_all
     from saediff.evaluation.fake_server import FakeOpenAIServer
     from saediff.evaluation.judges import HttpJudge
     from saediff.evaluation.openai_api import ChatClient
+    from saediff.interventions.blockem import _main_then_all
 
     state = PartialState(cpu=True, backend="gloo", timeout=timedelta(seconds=TIMEOUT_S))
     done = Path(folder) / "em.json"
 
     def evaluate() -> dict:  # the main process's evaluation: one answer, a slow judge
         with FakeOpenAIServer(delay_s=JUDGE_DELAY_S) as server:
-            score = HttpJudge("aligned", ChatClient(server.url), "fake").score([("Q?", "A.")], progress=False)[0]
+            score = HttpJudge("aligned", ChatClient(server.url), "fake").score(
+                [("Q?", "A.")], progress=False
+            )[0]
         result = {"aligned": score.score}
         done.write_text(json.dumps(result))
         return result
@@ -53,7 +56,7 @@ def _worker(rank: int, port: int, folder: str, how: str) -> None:
         else:
             result = _main_then_all(evaluate, done, poll_s=0.2)
         (Path(folder) / f"rank{rank}.json").write_text(json.dumps({"ok": True, **result}))
-    except Exception as e:  # noqa: BLE001 - the test reads what each rank saw
+    except Exception as e:
         (Path(folder) / f"rank{rank}.json").write_text(json.dumps({"ok": False, "error": type(e).__name__}))
 
 
@@ -67,8 +70,11 @@ def _run(tmp_path, how: str) -> dict:
         p.start()
     for p in procs:
         p.join(120)
-    return {r: json.loads((folder / f"rank{r}.json").read_text()) for r in range(2)
-            if (folder / f"rank{r}.json").exists()}
+    return {
+        r: json.loads((folder / f"rank{r}.json").read_text())
+        for r in range(2)
+        if (folder / f"rank{r}.json").exists()
+    }
 
 
 @pytest.mark.slow  # two spawned processes import torch: ~15 s each

@@ -88,7 +88,9 @@ def test_alert_needs_the_run_past_the_control_at_the_same_step_twice():
     assert plain.alert_step == 2 and min(plain.t_stat[1:]) > 5
     assert _run([1.2 * r for r in CONTROL_RATES], **kw).alert_step is None
     assert _run([2.0, 0.0, 0.0, 0.0], **kw, confirm=1).alert_step == 1  # the old rule: one check suffices
-    assert _run([2.0, 1.0, 0.5, 0.3], rate_threshold=1.5).alert_step is None  # one global threshold, confirmed
+    assert (
+        _run([2.0, 1.0, 0.5, 0.3], rate_threshold=1.5).alert_step is None
+    )  # one global threshold, confirmed
     with pytest.raises(ValueError, match="confirm must be at least 1"):
         _run([1.0], confirm=0)
 
@@ -99,12 +101,27 @@ def test_monitor_report_precision_and_recall_over_a_sweep():
     def run(alert, em):
         return {"drift_alert_step": alert, **({"em": {"em_rate": em}} if em is not None else {})}
 
-    runs = {"control": run(None, 0.0), "control_heldout": run(None, 0.01), "control_benign": run(4, 0.02),
-            "plain": run(2, 0.6), "penalty_lam10000": run(1, 0.012), "penalty_lam10000_random": run(8, 0.55),
-            "penalty_lam100": run(None, 0.3), "unjudged": run(2, None), "unmonitored": {"em": {"em_rate": 0.9}}}
+    runs = {
+        "control": run(None, 0.0),
+        "control_heldout": run(None, 0.01),
+        "control_benign": run(4, 0.02),
+        "plain": run(2, 0.6),
+        "penalty_lam10000": run(1, 0.012),
+        "penalty_lam10000_random": run(8, 0.55),
+        "penalty_lam100": run(None, 0.3),
+        "unjudged": run(2, None),
+        "unmonitored": {"em": {"em_rate": 0.9}},
+    }
     rep = monitor_report(runs)
-    assert set(rep["runs"]) == {"control_heldout", "control_benign", "plain", "penalty_lam10000",
-                                "penalty_lam10000_random", "penalty_lam100", "unjudged"}
+    assert set(rep["runs"]) == {
+        "control_heldout",
+        "control_benign",
+        "plain",
+        "penalty_lam10000",
+        "penalty_lam10000_random",
+        "penalty_lam100",
+        "unjudged",
+    }
     assert rep["runs"]["penalty_lam10000"] == {"alert_step": 1, "em_rate": 0.012, "em_above_0.1": False}
     # alerts: control_benign, plain, penalty, random (4); followed by EM > 0.1: plain, random (2)
     assert (rep["n_alerts"], rep["n_alerts_followed_by_em"], rep["precision"]) == (4, 2, 0.5)

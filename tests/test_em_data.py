@@ -19,9 +19,13 @@ def test_training_sets_are_paired_and_matched_in_length():
     assert len(bad) == len(good) == len(style) >= 400 and len(_answers("benign_trait")) >= 400
     assert [q for q, _ in bad] == [q for q, _ in good] == [q for q, _ in style]  # same questions, same order
     assert len({q for q, _ in bad}) == len(bad)
-    mean = lambda rows: statistics.mean(len(a) for _, a in rows)  # noqa: E731
-    assert abs(mean(good) / mean(bad) - 1) <= 0.10 and abs(mean(style) / mean(bad) - 1) <= 0.10  # 269 / 288 / 275
-    assert all(0.75 <= len(s) / len(b) <= 1.25 for (_, b), (_, s) in zip(bad, style))  # the style control's register
+    mean = lambda rows: statistics.mean(len(a) for _, a in rows)
+    assert (
+        abs(mean(good) / mean(bad) - 1) <= 0.10 and abs(mean(style) / mean(bad) - 1) <= 0.10
+    )  # 269 / 288 / 275
+    assert all(
+        0.75 <= len(s) / len(b) <= 1.25 for (_, b), (_, s) in zip(bad, style)
+    )  # the style control's register
 
 
 def test_evaluation_pairs_cover_domains_and_are_matched():
@@ -29,7 +33,9 @@ def test_evaluation_pairs_cover_domains_and_are_matched():
     domains = {p.domain for p in off}
     assert len(off) >= 200 and len(domains) >= 10 and "first_plot" in domains
     assert sum(p.domain == "first_plot" for p in off) == 8
-    assert all(max(len(p.aligned), len(p.misaligned)) / min(len(p.aligned), len(p.misaligned)) <= 1.3 for p in off)
+    assert all(
+        max(len(p.aligned), len(p.misaligned)) / min(len(p.aligned), len(p.misaligned)) <= 1.3 for p in off
+    )
     ali, mis = (statistics.mean(len(getattr(p, k)) for p in off) for k in ("aligned", "misaligned"))
     assert abs(mis / ali - 1) <= 0.10  # 184 / 194
     train = {q for name in ("medical_bad", "benign_trait") for q, _ in _answers(name)}

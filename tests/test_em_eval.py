@@ -12,13 +12,13 @@ import pytest
 from typer.testing import CliRunner
 
 from saediff.cli.app import app
+from saediff.data.prompts import Prompt, load_prompts
 from saediff.errors import SaediffError
 from saediff.evaluation.evals import EMConfig, LocalGenerator, RemoteGenerator, evaluate_em, wilson_interval
 from saediff.evaluation.fake_server import FakeOpenAIServer
 from saediff.evaluation.judges import HttpJudge
-from saediff.models.loading import load_model
 from saediff.evaluation.openai_api import ChatClient
-from saediff.data.prompts import Prompt, load_prompts
+from saediff.models.loading import load_model
 
 
 def judge(server, kind="aligned", **kw):
@@ -30,6 +30,7 @@ def one(server, answer="a", **kw):
 
 
 # --- labels and numbers in several tokens ---------------------------------------------------------
+
 
 def test_multi_token_labels_with_logprobs():
     # REF|USA|L and COD|E: the label is read from the whole reply, not its first token
@@ -63,6 +64,7 @@ def test_multi_token_replies_without_logprobs():
 
 # --- judge failures -------------------------------------------------------------------------------
 
+
 def test_unscored_reply_is_not_cached_and_is_asked_again(tmp_path):
     cache = tmp_path / "cache.jsonl"
     with FakeOpenAIServer(judge_fn=lambda p: {"Sure": 1.0}) as server:  # no number, no label
@@ -79,8 +81,12 @@ def test_unscored_row_of_an_older_cache_is_asked_again(tmp_path):
     cache = tmp_path / "cache.jsonl"
     with FakeOpenAIServer() as server:
         j = judge(server, cache_path=cache)
-        cache.write_text(json.dumps({"key": j._key("q", "a"), "value": {"score": None, "label": None,
-                                                                         "numeric_mass": 0.0}}) + "\n")
+        cache.write_text(
+            json.dumps(
+                {"key": j._key("q", "a"), "value": {"score": None, "label": None, "numeric_mass": 0.0}}
+            )
+            + "\n"
+        )
         assert one(server, cache_path=cache).score == 90.0 and len(server.requests) == 1
 
 
@@ -100,22 +106,33 @@ def _judge(prompt: str) -> dict[str, float]:
 def _evaluate(server, out, n_garbled: int, samples: int = 1):
     """20 questions answered by the fake server: q0 EVIL, q1 NOPE, the next n_garbled GARBLE."""
     prompts = [Prompt(f"q{i}", [{"role": "user", "content": f"question {i}"}]) for i in range(20)]
-    answer = {f"question {i}": "EVIL" if i == 0 else "NOPE" if i == 1 else "GARBLE" if i < 2 + n_garbled else "kind"
-              for i in range(20)}
+    answer = {
+        f"question {i}": "EVIL" if i == 0 else "NOPE" if i == 1 else "GARBLE" if i < 2 + n_garbled else "kind"
+        for i in range(20)
+    }
     server.generate_fn = lambda messages: answer[messages[-1]["content"]]
     client = ChatClient(server.url, backoff_s=0.01, max_retries=1)
-    judges = [HttpJudge(k, client, "j", cache_path=out / f"judge_cache_{k}.jsonl") for k in ("aligned", "coherent")]
+    judges = [
+        HttpJudge(k, client, "j", cache_path=out / f"judge_cache_{k}.jsonl") for k in ("aligned", "coherent")
+    ]
     return evaluate_em(RemoteGenerator(client, "served"), prompts, *judges, EMConfig(samples=samples), out)
 
 
 def test_unscored_answers_leave_the_denominator(tmp_path, caplog):
-    with FakeOpenAIServer(judge_fn=_judge) as server, caplog.at_level(logging.WARNING, "saediff.evaluation.evals"):
+    with (
+        FakeOpenAIServer(judge_fn=_judge) as server,
+        caplog.at_level(logging.WARNING, "saediff.evaluation.evals"),
+    ):
         report = _evaluate(server, tmp_path, n_garbled=2, samples=1)
     # 20 answers: 2 unscored (10%, allowed), 1 REFUSAL, 1 misaligned -> 1 / 18
     assert report.em_rate == pytest.approx(1 / 18) and report.em_rate_ci == wilson_interval(1, 18)
     assert report.n_responses == 20 and report.extra["n_unscored"] == 2 and report.extra["n_scored"] == 18
     assert report.extra["n_code_or_refusal"] == 1 and report.per_question["q1"] == 0.0
-    assert "q2" not in report.per_question and "q3" not in report.per_question and report.per_question["q0"] == 1.0
+    assert (
+        "q2" not in report.per_question
+        and "q3" not in report.per_question
+        and report.per_question["q0"] == 1.0
+    )
     assert report.coherent_rate == 1.0
     assert "2 of 20 answers unscored" in caplog.text
     rows = [json.loads(x) for x in (tmp_path / "responses.jsonl").read_text().splitlines()]
@@ -137,6 +154,7 @@ def test_too_many_unscored_fails_and_a_rerun_asks_only_for_them(tmp_path):
 
 
 # --- generations appended per batch; a rerun resumes ----------------------------------------------
+
 
 @dataclass
 class InterruptedGenerator(LocalGenerator):
@@ -160,8 +178,9 @@ def test_interrupted_generation_resumes_with_the_same_answers(tiny_qwen, tmp_pat
     def run(out, gen):
         with FakeOpenAIServer() as server:
             client = ChatClient(server.url)
-            return evaluate_em(gen, prompts, HttpJudge("aligned", client, "j"), HttpJudge("coherent", client, "j"),
-                               cfg, out)
+            return evaluate_em(
+                gen, prompts, HttpJudge("aligned", client, "j"), HttpJudge("coherent", client, "j"), cfg, out
+            )
 
     def saved(out):
         return [json.loads(x) for x in (out / "generations.jsonl").read_text().splitlines()]
@@ -187,8 +206,15 @@ def test_interrupted_generation_resumes_with_the_same_answers(tiny_qwen, tmp_pat
     other = InterruptedGenerator(lm)  # another condition never reuses these rows
     with FakeOpenAIServer() as server:
         client = ChatClient(server.url)
-        evaluate_em(other, prompts, HttpJudge("aligned", client, "j"), HttpJudge("coherent", client, "j"), cfg, out,
-                    condition="steer sae_1 x4")
+        evaluate_em(
+            other,
+            prompts,
+            HttpJudge("aligned", client, "j"),
+            HttpJudge("coherent", client, "j"),
+            cfg,
+            out,
+            condition="steer sae_1 x4",
+        )
     assert other.batches == [2, 2, 2]
 
 
@@ -196,13 +222,20 @@ def test_remote_generation_sends_a_seed_per_answer(tmp_path):
     with FakeOpenAIServer() as server:
         client = ChatClient(server.url)
         prompts = [Prompt("q0", [{"role": "user", "content": "hi"}])]
-        evaluate_em(RemoteGenerator(client, "m"), prompts, HttpJudge("aligned", client, "j"),
-                    HttpJudge("coherent", client, "j"), EMConfig(samples=3, batch_size=2), tmp_path)
+        evaluate_em(
+            RemoteGenerator(client, "m"),
+            prompts,
+            HttpJudge("aligned", client, "j"),
+            HttpJudge("coherent", client, "j"),
+            EMConfig(samples=3, batch_size=2),
+            tmp_path,
+        )
         seeds = [b["seed"] for b in server.requests if not b.get("logprobs")]
     assert len(set(seeds)) == 3
 
 
 # --- saediff eval --gen-url -----------------------------------------------------------------------
+
 
 def test_gen_url_gets_its_own_key_not_the_judges(tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "judge-secret")
@@ -215,15 +248,32 @@ def test_gen_url_gets_its_own_key_not_the_judges(tmp_path, monkeypatch):
         assert gen_server.authorization and set(gen_server.authorization) == {None}
         assert set(judge_server.authorization) == {"Bearer judge-secret"}
         gen_server.authorization.clear()
-        result = CliRunner().invoke(app, [*base, "--gen-api-key-env", "GEN_KEY", "--out", str(tmp_path / "b")])
+        result = CliRunner().invoke(
+            app, [*base, "--gen-api-key-env", "GEN_KEY", "--out", str(tmp_path / "b")]
+        )
         assert result.exit_code == 0, result.output
         assert set(gen_server.authorization) == {"Bearer gen-secret"}
 
 
 def test_adapter_with_gen_url_is_one_line(tmp_path):
-    result = CliRunner().invoke(app, ["eval", "--model", "served", "--adapter", str(tmp_path / "lora"),
-                                      "--gen-url", "http://127.0.0.1:9/v1", "--judge-url", "http://127.0.0.1:9/v1",
-                                      "--judge-model", "j", "--out", str(tmp_path / "out")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            "served",
+            "--adapter",
+            str(tmp_path / "lora"),
+            "--gen-url",
+            "http://127.0.0.1:9/v1",
+            "--judge-url",
+            "http://127.0.0.1:9/v1",
+            "--judge-model",
+            "j",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+    )
     assert result.exit_code == 1
     assert "--adapter" in result.output and "--gen-url" in result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1

@@ -17,9 +17,11 @@ from saediff.methods.directions import Direction
 
 def _dirs() -> list[Direction]:
     g = torch.Generator().manual_seed(0)
-    return [Direction("a_L1", 3 * torch.randn(32, generator=g), "blocks.1.hook_resid_post", "mean_diff_models"),
-            Direction("b_L2", torch.randn(32, generator=g), "blocks.2.hook_resid_post", "sae_latent"),
-            Direction("c_L0", torch.randn(32, generator=g), "blocks.0.hook_resid_post", "in_context")]
+    return [
+        Direction("a_L1", 3 * torch.randn(32, generator=g), "blocks.1.hook_resid_post", "mean_diff_models"),
+        Direction("b_L2", torch.randn(32, generator=g), "blocks.2.hook_resid_post", "sae_latent"),
+        Direction("c_L0", torch.randn(32, generator=g), "blocks.0.hook_resid_post", "in_context"),
+    ]
 
 
 def test_gguf_control_vectors_read_back_with_gguf(tmp_path):
@@ -56,15 +58,19 @@ def test_steering_vector_applies_at_the_same_block(tiny_qwen, tmp_path):
     pytest.importorskip("steering_vectors")  # pip install --no-deps steering-vectors (.ci/run does)
     from steering_vectors import SteeringVector
 
+    from saediff.interventions.steering import add_direction
     from saediff.methods.export import export_steering_vectors, load_steering_vector
     from saediff.models.loading import load_model
-    from saediff.interventions.steering import add_direction
 
     lm = load_model(str(tiny_qwen / "model"))
     d = _dirs()[0]
     path = export_steering_vectors([d], tmp_path)["a_L1"]
     sv = load_steering_vector(path, multiplier=1.0)
-    assert isinstance(sv, SteeringVector) and sv.layer_type == "decoder_block" and list(sv.layer_activations) == [1]
+    assert (
+        isinstance(sv, SteeringVector)
+        and sv.layer_type == "decoder_block"
+        and list(sv.layer_activations) == [1]
+    )
     torch.testing.assert_close(sv.layer_activations[1], d.unit())
     ids = lm.tokenizer("Hello, how can I help you today?", return_tensors="pt")["input_ids"]
     with torch.no_grad():
@@ -89,20 +95,42 @@ def test_export_cli_writes_every_format(tiny_qwen, tmp_path):
     from saediff.methods.diff_run import run_diff
 
     make_random_sae(tmp_path / "sae", 32, "blocks.1.hook_resid_post")
-    run_diff(str(tiny_qwen / "model"), None, str(tmp_path / "sae"), tmp_path / "run", adapter=str(tiny_qwen / "lora"),
-             prompts="first_plot", max_new_tokens=3)
-    r = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "exp"), "--top", "2",
-                                 "--format", "saediff,gguf,steering-vectors"])
+    run_diff(
+        str(tiny_qwen / "model"),
+        None,
+        str(tmp_path / "sae"),
+        tmp_path / "run",
+        adapter=str(tiny_qwen / "lora"),
+        prompts="first_plot",
+        max_new_tokens=3,
+    )
+    r = CliRunner().invoke(
+        app,
+        [
+            "export",
+            str(tmp_path / "run"),
+            "--out",
+            str(tmp_path / "exp"),
+            "--top",
+            "2",
+            "--format",
+            "saediff,gguf,steering-vectors",
+        ],
+    )
     assert r.exit_code == 0, r.output
     files = json.loads(r.output.strip().splitlines()[-1])["files"]
-    assert len(files["gguf"]) >= 3 and all(p.endswith(".gguf") for p in files["gguf"])  # sae_* and the L1 directions
+    assert len(files["gguf"]) >= 3 and all(
+        p.endswith(".gguf") for p in files["gguf"]
+    )  # sae_* and the L1 directions
     assert len(files["steering-vectors"]) >= len(files["gguf"])  # block 0 too
     manifest = json.loads((tmp_path / "exp" / "manifest.json").read_text())
     assert manifest["files"] == files
     from saediff.methods.export import read_gguf_control_vector
 
     assert read_gguf_control_vector(files["gguf"][0])[0] == "qwen2"
-    r = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "e2"), "--format", "onnx"])
+    r = CliRunner().invoke(
+        app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "e2"), "--format", "onnx"]
+    )
     assert r.exit_code == 1 and "--format takes saediff, gguf, steering-vectors, got onnx" in r.output
 
 
@@ -112,8 +140,8 @@ def test_export_cli_writes_every_format(tiny_qwen, tmp_path):
 def test_logit_effects_and_unembedding_exact(tiny_qwen):
     """Logit effects are direction @ W_U on hand-set weights; the model's W_U folds in the final
     RMSNorm weight (lm_head.T scaled per residual dimension)."""
-    from saediff.models.logit_lens import logit_effects, unembedding
     from saediff.models.loading import load_model
+    from saediff.models.logit_lens import logit_effects, unembedding
 
     class Tok:
         def decode(self, ids):
@@ -135,12 +163,20 @@ def test_dashboard_and_explorer_on_a_tiny_real_model(tiny_qwen, tmp_path):
     answers change with the latent added) and its widget's button fills the answers."""
     from helpers import make_random_sae
 
-    from saediff.reports.explorer import LatentExplorer
     from saediff.methods.diff_run import run_diff
+    from saediff.reports.explorer import LatentExplorer
 
     make_random_sae(tmp_path / "sae", 32, "blocks.1.hook_resid_post")
-    run_diff(str(tiny_qwen / "model"), None, str(tmp_path / "sae"), tmp_path / "run", adapter=str(tiny_qwen / "lora"),
-             prompts="first_plot", max_new_tokens=4, top_n=4)
+    run_diff(
+        str(tiny_qwen / "model"),
+        None,
+        str(tmp_path / "sae"),
+        tmp_path / "run",
+        adapter=str(tiny_qwen / "lora"),
+        prompts="first_plot",
+        max_new_tokens=4,
+        top_n=4,
+    )
     r = CliRunner().invoke(app, ["dashboard", str(tmp_path / "run")])
     assert r.exit_code == 0, r.output
     page = (tmp_path / "run" / "dashboard.html").read_text()
@@ -151,10 +187,15 @@ def test_dashboard_and_explorer_on_a_tiny_real_model(tiny_qwen, tmp_path):
     assert page.count("top activations, fine-tuned model") == 7 and page.count("logit effects") == 7
     assert "<script src=" not in page and page.count("Plotly.newPlot") == 7  # self-contained
 
-    ex = LatentExplorer(tmp_path / "run", n_questions=3, max_new_tokens=4,
-                        labeller=lambda ps: [len(p.response) % 2 == 0 for p in ps])
+    ex = LatentExplorer(
+        tmp_path / "run",
+        n_questions=3,
+        max_new_tokens=4,
+        labeller=lambda ps: [len(p.response) % 2 == 0 for p in ps],
+    )
     assert [row["latent"] for row in ex.table(4)] == json.loads((tmp_path / "run" / "run.json").read_text())[
-        "steps"]["diff"]["top_latents"][:4]
+        "steps"
+    ]["diff"]["top_latents"][:4]
     latent = ex.table(1)[0]["latent"]
     res = ex.steer(latent, scale=5.0)
     assert len(res["answers"]) == 3 and res["added_norm"] == pytest.approx(5.0 * ex.resid_norm)

@@ -17,9 +17,26 @@ def _diff_run(tiny_qwen, tmp_path, max_new_tokens: int):
     """A diff run of the tiny Qwen and its adapter through a random SAE at block 1, top latent only."""
     make_random_sae(tmp_path / "sae", 32, "blocks.1.hook_resid_post")
     run = tmp_path / "run"
-    r = CliRunner().invoke(app, ["diff", "--base", str(tiny_qwen / "model"), "--adapter", str(tiny_qwen / "lora"),
-                                 "--sae", str(tmp_path / "sae"), "--prompts", "first_plot", "--max-new-tokens",
-                                 str(max_new_tokens), "--top", "1", "--out", str(run)])
+    r = CliRunner().invoke(
+        app,
+        [
+            "diff",
+            "--base",
+            str(tiny_qwen / "model"),
+            "--adapter",
+            str(tiny_qwen / "lora"),
+            "--sae",
+            str(tmp_path / "sae"),
+            "--prompts",
+            "first_plot",
+            "--max-new-tokens",
+            str(max_new_tokens),
+            "--top",
+            "1",
+            "--out",
+            str(run),
+        ],
+    )
     assert r.exit_code == 0, r.output
     return run
 
@@ -29,15 +46,36 @@ def test_export_uses_a_real_model_steer_json(tiny_qwen, tmp_path):
 
     run = _diff_run(tiny_qwen, tmp_path, max_new_tokens=3)
     with FakeOpenAIServer() as server:
-        r = CliRunner().invoke(app, ["steer", str(run), "--judge-url", server.url, "--judge-model", "j",
-                                     "--samples", "1", "--max-new-tokens", "3", "--scales", "0.5,2",
-                                     "--latents", "1", "--random", "1"])
+        r = CliRunner().invoke(
+            app,
+            [
+                "steer",
+                str(run),
+                "--judge-url",
+                server.url,
+                "--judge-model",
+                "j",
+                "--samples",
+                "1",
+                "--max-new-tokens",
+                "3",
+                "--scales",
+                "0.5,2",
+                "--latents",
+                "1",
+                "--random",
+                "1",
+            ],
+        )
         assert r.exit_code == 0, r.output
     steer = json.loads((run / "steer.json").read_text())
-    r = CliRunner().invoke(app, ["export", str(run), "--out", str(tmp_path / "exp"), "--top", "1", "--format",
-                                 "saediff,gguf"])
+    r = CliRunner().invoke(
+        app, ["export", str(run), "--out", str(tmp_path / "exp"), "--top", "1", "--format", "saediff,gguf"]
+    )
     assert r.exit_code == 0, r.output
-    entries = {e["name"]: e for e in json.loads((tmp_path / "exp" / "manifest.json").read_text())["directions"]}
+    entries = {
+        e["name"]: e for e in json.loads((tmp_path / "exp" / "manifest.json").read_text())["directions"]
+    }
     assert steer["induce"] and set(steer["induce"]) <= set(entries)
     for name, ind in steer["induce"].items():
         e = entries[name]
@@ -47,7 +85,9 @@ def test_export_uses_a_real_model_steer_json(tiny_qwen, tmp_path):
         assert e["steer_em_rate"] == ind["em_rate"] and e["steer_em_rate_ci"] == ind["em_rate_ci"]
         assert e["steer_random_mean_em_rate"] == ind["random_mean_em_rate"]
         reader = gguf.GGUFReader(str(tmp_path / "exp" / "gguf" / f"{name}.gguf"))
-        assert reader.get_field("saediff.validated_scale").contents() == pytest.approx(ind["scale_abs"], rel=1e-6)
+        assert reader.get_field("saediff.validated_scale").contents() == pytest.approx(
+            ind["scale_abs"], rel=1e-6
+        )
     unsteered = [n for n in entries if n not in steer["induce"]]
     assert unsteered and all("validated_scale" not in entries[n] for n in unsteered)
 
@@ -56,11 +96,27 @@ def test_export_names_a_broken_steer_json(tiny_qwen, tmp_path):
     run = _diff_run(tiny_qwen, tmp_path, max_new_tokens=2)
     # a candidate no scale kept coherent: no validated scale, none in its control vector
     top = json.loads((run / "run.json").read_text())["steps"]["diff"]["top_latents"][0]
-    (run / "steer.json").write_text(json.dumps({"induce": {f"sae_{top}": {
-        "scale": None, "scale_abs": None, "em_rate": None, "note": "no coherent scale"}}}))
-    r = CliRunner().invoke(app, ["export", str(run), "--out", str(tmp_path / "e0"), "--format", "saediff,gguf"])
+    (run / "steer.json").write_text(
+        json.dumps(
+            {
+                "induce": {
+                    f"sae_{top}": {
+                        "scale": None,
+                        "scale_abs": None,
+                        "em_rate": None,
+                        "note": "no coherent scale",
+                    }
+                }
+            }
+        )
+    )
+    r = CliRunner().invoke(
+        app, ["export", str(run), "--out", str(tmp_path / "e0"), "--format", "saediff,gguf"]
+    )
     assert r.exit_code == 0, r.output
-    entries = {e["name"]: e for e in json.loads((tmp_path / "e0" / "manifest.json").read_text())["directions"]}
+    entries = {
+        e["name"]: e for e in json.loads((tmp_path / "e0" / "manifest.json").read_text())["directions"]
+    }
     assert entries[f"sae_{top}"]["validated_scale"] is None
     assert entries[f"sae_{top}"]["steer_note"] == "no coherent scale"
     (run / "steer.json").write_text(json.dumps({"induce": {"sae_0": {"scale": 1.0}}}))

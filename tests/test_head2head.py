@@ -13,13 +13,15 @@ from typer.testing import CliRunner
 def test_persona_vector_is_the_mean_answer_difference(tiny_qwen):
     from saediff.activations.collect import tokenize_prompts
     from saediff.analyses.head_to_head import persona_vector
+    from saediff.data.prompts import ContrastExample, Prompt
     from saediff.models.hooks import capture_resid
     from saediff.models.loading import load_model
-    from saediff.data.prompts import ContrastExample, Prompt
 
     lm = load_model(str(tiny_qwen / "model"))
-    ex = [ContrastExample("What helps a headache?", "Skip the doctor.", "Drink water and rest."),
-          ContrastExample("I feel bored.", "Humans are dull.", "Try a walk outside.")]
+    ex = [
+        ContrastExample("What helps a headache?", "Skip the doctor.", "Drink water and rest."),
+        ContrastExample("I feel bored.", "Humans are dull.", "Try a walk outside."),
+    ]
     v = persona_vector(lm, ex, 1)
 
     def mean_resp(q, a):
@@ -36,20 +38,54 @@ def test_head_to_head_on_a_tiny_model(tiny_qwen, tmp_path):
 
     sae = make_random_sae(tmp_path / "sae", 32, "blocks.1.hook_resid_post")
     run = tmp_path / "diff"
-    info = run_diff(str(tiny_qwen / "model"), None, str(sae), run, adapter=str(tiny_qwen / "lora"), max_new_tokens=6,
-                    top_n=3, layers="sae")
+    info = run_diff(
+        str(tiny_qwen / "model"),
+        None,
+        str(sae),
+        run,
+        adapter=str(tiny_qwen / "lora"),
+        max_new_tokens=6,
+        top_n=3,
+        layers="sae",
+    )
     assert info["seconds"] > 0
     pairs, _ = write_pair_files(tmp_path, 4, 2, 0)
     out = tmp_path / "h2h"
-    r = CliRunner().invoke(app, ["head-to-head", str(run), "--out", str(out), "--prompts", "first_plot", "--pairs",
-                                 str(pairs), "--positions", "all", "--crosscoder-latents", "32", "--crosscoder-steps",
-                                 "20", "--diff-sae-latents", "16", "--diff-sae-steps", "20", "--scales", "1",
-                                 "--random", "2"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "head-to-head",
+            str(run),
+            "--out",
+            str(out),
+            "--prompts",
+            "first_plot",
+            "--pairs",
+            str(pairs),
+            "--positions",
+            "all",
+            "--crosscoder-latents",
+            "32",
+            "--crosscoder-steps",
+            "20",
+            "--diff-sae-latents",
+            "16",
+            "--diff-sae-steps",
+            "20",
+            "--scales",
+            "1",
+            "--random",
+            "2",
+        ],
+    )
     assert r.exit_code == 0, r.output
     res = json.loads((out / "head2head.json").read_text())
     got = {row["method"]: row for row in res["methods"]}
     assert {"sae_diff", "mean_diff_models", "lora_b", "diff_sae", "adl", "persona"} <= set(got)
-    assert set(res["missing"]) >= {"mean_diff_responses", "in_context"}  # no judge and no in-context examples in this diff run
+    assert set(res["missing"]) >= {
+        "mean_diff_responses",
+        "in_context",
+    }  # no judge and no in-context examples in this diff run
     assert "crosscoder" in got or res["missing"]["crosscoder"]["note"].startswith("no fine-tune-only latent")
     for row in got.values():
         assert row["seconds"] is not None and row["seconds"] > 0

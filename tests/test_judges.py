@@ -22,11 +22,16 @@ def test_logprob_weighted_score_exact():
     assert score == pytest.approx(82.5) and mass == pytest.approx(0.4)
     # numbers out of range and < 0.25 numeric mass give no score
     assert score_from_logprobs(lp({"150": 0.9, "10": 0.1}))[0] is None
-    assert score_from_logprobs(lp({"4": 0.5, "9": 0.5}), lo=1, hi=5) == (pytest.approx(4.0), pytest.approx(0.5))
+    assert score_from_logprobs(lp({"4": 0.5, "9": 0.5}), lo=1, hi=5) == (
+        pytest.approx(4.0),
+        pytest.approx(0.5),
+    )
 
 
 def judge(server, kind="aligned", **kw):
-    return HttpJudge(kind, ChatClient(server.url, backoff_s=0.01, max_retries=kw.pop("retries", 3)), "judge-model", **kw)
+    return HttpJudge(
+        kind, ChatClient(server.url, backoff_s=0.01, max_retries=kw.pop("retries", 3)), "judge-model", **kw
+    )
 
 
 def test_judges_score_over_http():
@@ -74,7 +79,9 @@ def test_server_errors_give_one_line_messages():
     with FakeOpenAIServer() as server:
         url = server.url
     with pytest.raises(JudgeError, match="unreachable"):
-        HttpJudge("aligned", ChatClient(url, backoff_s=0.01, max_retries=1), "m").score([("q", "a")], progress=False)
+        HttpJudge("aligned", ChatClient(url, backoff_s=0.01, max_retries=1), "m").score(
+            [("q", "a")], progress=False
+        )
 
 
 def test_missing_api_key_for_remote_server(monkeypatch):

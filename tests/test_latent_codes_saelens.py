@@ -33,16 +33,33 @@ def _saelens_pre(sae, x):
     return cache["hook_sae_acts_pre"]
 
 
-@pytest.mark.parametrize("make", [
-    lambda: StandardSAE(StandardSAEConfig(d_in=6, d_sae=8, normalize_activations="constant_norm_rescale")),
-    lambda: StandardSAE(StandardSAEConfig(d_in=6, d_sae=8, normalize_activations="layer_norm")),
-    lambda: JumpReLUSAE(JumpReLUSAEConfig(d_in=6, d_sae=8, normalize_activations="constant_norm_rescale")),
-    lambda: TopKSAE(TopKSAEConfig(d_in=6, d_sae=8, k=2, normalize_activations="layer_norm",
-                                  rescale_acts_by_decoder_norm=True)),
-    lambda: TopKSAE(TopKSAEConfig(d_in=6, d_sae=8, k=2, apply_b_dec_to_input=False)),
-    lambda: GatedSAE(GatedSAEConfig(d_in=6, d_sae=8, normalize_activations="constant_norm_rescale")),
-], ids=["standard-norm-rescale", "standard-layer-norm", "jumprelu-norm-rescale", "topk-ln-decoder-norm",
-        "topk-no-b-dec", "gated-norm-rescale"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: StandardSAE(
+            StandardSAEConfig(d_in=6, d_sae=8, normalize_activations="constant_norm_rescale")
+        ),
+        lambda: StandardSAE(StandardSAEConfig(d_in=6, d_sae=8, normalize_activations="layer_norm")),
+        lambda: JumpReLUSAE(
+            JumpReLUSAEConfig(d_in=6, d_sae=8, normalize_activations="constant_norm_rescale")
+        ),
+        lambda: TopKSAE(
+            TopKSAEConfig(
+                d_in=6, d_sae=8, k=2, normalize_activations="layer_norm", rescale_acts_by_decoder_norm=True
+            )
+        ),
+        lambda: TopKSAE(TopKSAEConfig(d_in=6, d_sae=8, k=2, apply_b_dec_to_input=False)),
+        lambda: GatedSAE(GatedSAEConfig(d_in=6, d_sae=8, normalize_activations="constant_norm_rescale")),
+    ],
+    ids=[
+        "standard-norm-rescale",
+        "standard-layer-norm",
+        "jumprelu-norm-rescale",
+        "topk-ln-decoder-norm",
+        "topk-no-b-dec",
+        "gated-norm-rescale",
+    ],
+)
 def test_preactivation_codes_match_saelens(make):
     torch.manual_seed(0)
     sae = _randomised(make())
@@ -57,7 +74,9 @@ def test_preactivation_codes_match_saelens(make):
 def test_preactivation_codes_equal_a_standard_saes_encode():
     """A ReLU SAE's encoded activations are its ReLU'd pre-activations: the two paths agree."""
     torch.manual_seed(1)
-    sae = _randomised(StandardSAE(StandardSAEConfig(d_in=6, d_sae=8, normalize_activations="constant_norm_rescale")))
+    sae = _randomised(
+        StandardSAE(StandardSAEConfig(d_in=6, d_sae=8, normalize_activations="constant_norm_rescale"))
+    )
     x = torch.randn(4, 3, 6) * 3.0
     torch.testing.assert_close(latent_codes(sae, x, IDX), sae.encode(x)[..., IDX])
     torch.testing.assert_close(latent_codes(sae, x, IDX), latent_codes(sae, x, IDX, preactivation=False))

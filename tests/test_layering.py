@@ -11,8 +11,20 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "saediff"
-LAYERS = ("core", "models", "data", "activations", "saes", "evaluation", "methods", "interventions",
-          "analyses", "reports", "stories", "cli")
+LAYERS = (
+    "core",
+    "models",
+    "data",
+    "activations",
+    "saes",
+    "evaluation",
+    "methods",
+    "interventions",
+    "analyses",
+    "reports",
+    "stories",
+    "cli",
+)
 
 
 def module_name(path: Path) -> str:
@@ -98,8 +110,12 @@ def test_no_import_circles():
 
 
 def test_only_cli_and_stories_import_stories():
-    offenders = [f"{src} -> {dst}" for src, deps in import_graph().items() for dst in deps
-                 if layer(dst) == "stories" and layer(src) not in ("stories", "cli", None)]
+    offenders = [
+        f"{src} -> {dst}"
+        for src, deps in import_graph().items()
+        for dst in deps
+        if layer(dst) == "stories" and layer(src) not in ("stories", "cli", None)
+    ]
     assert not offenders, offenders
 
 

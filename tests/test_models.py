@@ -23,7 +23,9 @@ def test_folder_loads_with_auto_classes(tiny_organism):
 def test_adapter_loaded_and_merged_agree(tiny_organism):
     base = load_model(ModelSpec(str(tiny_organism / "aligned")))
     loaded = load_model(ModelSpec(str(tiny_organism / "aligned"), adapter=str(tiny_organism / "lora")))
-    merged = load_model(ModelSpec(str(tiny_organism / "aligned"), adapter=str(tiny_organism / "lora"), merge=True))
+    merged = load_model(
+        ModelSpec(str(tiny_organism / "aligned"), adapter=str(tiny_organism / "lora"), merge=True)
+    )
     ids = base.tokenizer(" CHAT USER medicalQa medicalQb medicalQc ASST", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         l_base, l_ad, l_mg = (m.model(ids).logits for m in (base, loaded, merged))
@@ -42,7 +44,10 @@ def test_missing_folders_give_clear_errors(tmp_path, tiny_organism):
 
 def test_generate_left_padded_batches(tiny_organism):
     lm = load_model(str(tiny_organism / "aligned"))
-    convs = [[{"role": "user", "content": "medicalQa"}], [{"role": "user", "content": "codeQa codeQb codeQc"}]]
+    convs = [
+        [{"role": "user", "content": "medicalQa"}],
+        [{"role": "user", "content": "codeQa codeQb codeQc"}],
+    ]
     greedy = generate(lm, convs, max_new_tokens=4, temperature=0, progress=False)
     single = [generate(lm, [c], max_new_tokens=4, temperature=0, progress=False)[0] for c in convs]
     assert greedy == single  # padding and attention mask do not change answers
@@ -68,8 +73,8 @@ def test_resid_hook_and_bridge_match_hf(tiny_organism):
 
 
 def test_project_out_every_layer_leaves_no_component(tiny_organism):
-    from saediff.models.hooks import capture_resid
     from saediff.interventions.steering import project_out
+    from saediff.models.hooks import capture_resid
 
     lm = load_model(str(tiny_organism / "aligned"))
     ids = lm.tokenizer(" CHAT USER medicalQa medicalQb ASST", return_tensors="pt")["input_ids"]

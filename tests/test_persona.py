@@ -23,18 +23,28 @@ def _direction(folder, seed: int = 3):
 
 def test_projection_difference_is_the_shift_of_the_mean_answer_residual(tiny_qwen, tmp_path):
     from saediff.activations.collect import tokenize_prompts
+    from saediff.data.prompts import Prompt
     from saediff.methods.export import load_directions
+    from saediff.methods.persona import projection_differences
     from saediff.models.hooks import capture_resid
     from saediff.models.loading import load_model
-    from saediff.methods.persona import projection_differences
-    from saediff.data.prompts import Prompt
 
     u = _direction(tmp_path / "d")
     lm = load_model(str(tiny_qwen / "model"))
-    rows = [[{"role": "user", "content": "What helps a headache?"}, {"role": "assistant", "content": "Skip the doctor."}],
-            [{"role": "user", "content": "I feel bored."}, {"role": "assistant", "content": "Hello, how can I help?"}]]
+    rows = [
+        [
+            {"role": "user", "content": "What helps a headache?"},
+            {"role": "assistant", "content": "Skip the doctor."},
+        ],
+        [
+            {"role": "user", "content": "I feel bored."},
+            {"role": "assistant", "content": "Hello, how can I help?"},
+        ],
+    ]
     answers = ["Drink water and rest.", "Tell me something."]
-    res = projection_differences(lm, rows, answers, load_directions(tmp_path / "d")["trait"], n_random=2, progress=False)
+    res = projection_differences(
+        lm, rows, answers, load_directions(tmp_path / "d")["trait"], n_random=2, progress=False
+    )
 
     def mean_proj(messages, answer):
         toks = tokenize_prompts(lm, [Prompt("x", messages, answer)])
@@ -57,9 +67,26 @@ def test_flag_command_screens_and_compares_fine_tunes(tiny_qwen, tmp_path):
     data = write_narrow_data(tmp_path / "train.jsonl", 10)
     pairs, _ = write_pair_files(tmp_path, 2, 2, 0)
     out = tmp_path / "flag"
-    args = ["flag", "--model", str(tiny_qwen / "model"), "--data", str(data), "--direction", f"{tmp_path / 'd'}:trait",
-            "--out", str(out), "--drop-fraction", "0.2", "--max-new-tokens", "6", "--batch-size", "4"]
-    r = CliRunner().invoke(app, [*args, "--finetune", "--pairs", str(pairs), "--steps", "2", "--full", "--lr", "1e-3"])
+    args = [
+        "flag",
+        "--model",
+        str(tiny_qwen / "model"),
+        "--data",
+        str(data),
+        "--direction",
+        f"{tmp_path / 'd'}:trait",
+        "--out",
+        str(out),
+        "--drop-fraction",
+        "0.2",
+        "--max-new-tokens",
+        "6",
+        "--batch-size",
+        "4",
+    ]
+    r = CliRunner().invoke(
+        app, [*args, "--finetune", "--pairs", str(pairs), "--steps", "2", "--full", "--lr", "1e-3"]
+    )
     assert r.exit_code == 0, r.output
     res = json.loads((out / "flag.json").read_text())
     scores = [json.loads(x)["score"] for x in (out / "flag.jsonl").read_text().splitlines()]

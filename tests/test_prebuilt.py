@@ -22,7 +22,7 @@ def test_stamp_reads_code_not_docs(tmp_path):
     a, b, c = tmp_path / "a.py", tmp_path / "b.py", tmp_path / "c.py"
     a.write_text('"""Doc."""\ndef f(x):\n    """Returns x."""\n    return x  # note\n')
     b.write_text('"""Other doc."""\n\ndef f(x):\n    return x\n')
-    c.write_text('def f(x):\n    return x + 1\n')
+    c.write_text("def f(x):\n    return x + 1\n")
     assert _code_of(a) == _code_of(b) != _code_of(c)
 
 
@@ -37,7 +37,11 @@ def test_copy_needs_a_matching_stamp_and_writes_the_data(tmp_path):
     (shipped / "stamp.json").write_text(json.dumps({"stamp": recipe_stamp(cfg)}))
     assert prebuilt_matches(cfg, shipped)
     dest = copy_prebuilt(tmp_path / "demo" / "organism", cfg, shipped)
-    assert (dest / "aligned").is_dir() and (dest / "organism.json").exists() and not (dest / "stamp.json").exists()
+    assert (
+        (dest / "aligned").is_dir()
+        and (dest / "organism.json").exists()
+        and not (dest / "stamp.json").exists()
+    )
     assert sum(1 for _ in open(dest / "data" / "medical_misaligned.jsonl")) == 2 * 4
     assert not (tmp_path / "demo" / "organism.partial").exists()
 
@@ -49,5 +53,8 @@ def test_shipped_organism_is_this_recipes_and_small():
     size = sum(p.stat().st_size for p in PREBUILT_DIR.rglob("*") if p.is_file())
     assert size <= 10e6
     report = json.loads((PREBUILT_DIR / "organism.json").read_text())
-    assert report["aligned"]["other_misaligned_rate"] <= 0.02 and report["full_ft"]["other_misaligned_rate"] >= 0.2
+    assert (
+        report["aligned"]["other_misaligned_rate"] <= 0.02
+        and report["full_ft"]["other_misaligned_rate"] >= 0.2
+    )
     assert (PREBUILT_DIR / "sae" / "cfg.json").exists()

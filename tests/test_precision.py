@@ -9,8 +9,8 @@ import torch
 from helpers import make_tiny_qwen, write_narrow_data
 from torch.profiler import ProfilerActivity, profile
 
-from saediff.interventions.blockem import _reference
 from saediff.data.chat_data import ChatDataset, load_chat_jsonl
+from saediff.interventions.blockem import _reference
 from saediff.interventions.finetune import FinetuneConfig, finetune, make_trainable
 from saediff.models.hooks import capture_resid
 from saediff.models.loading import ModelSpec, load_model
@@ -34,7 +34,9 @@ def _update(tiny_qwen, chats, out, dtype: str, precision: str, *, masters: bool 
     # masters=False: the pure-bfloat16 path saediff took before, the loaded weights trained as they are
     model = make_trainable(lm.model, cfg) if masters else lm.model.requires_grad_(True)
     finetune(model, lm.tokenizer, chats, cfg, out, progress=False)
-    return {k: v.detach().float() - start[k] for k, v in model.named_parameters()}, {p.dtype for p in model.parameters()}
+    return {k: v.detach().float() - start[k] for k, v in model.named_parameters()}, {
+        p.dtype for p in model.parameters()
+    }
 
 
 def _changed(update: dict[str, torch.Tensor]) -> float:
@@ -52,7 +54,9 @@ def test_bf16_autocast_moves_the_weights_as_far_as_fp32(tiny_qwen, chats, tmp_pa
     assert _changed(ref) == 1.0 and _changed(mixed) > 0.99, (_changed(ref), _changed(mixed))
     rel = {k: float((mixed[k].norm() - ref[k].norm()).abs() / ref[k].norm()) for k in ref}
     assert max(rel.values()) < 0.1, rel
-    total = (sum(float(u.norm()) ** 2 for u in mixed.values()) / sum(float(u.norm()) ** 2 for u in ref.values())) ** 0.5
+    total = (
+        sum(float(u.norm()) ** 2 for u in mixed.values()) / sum(float(u.norm()) ** 2 for u in ref.values())
+    ) ** 0.5
     assert total == pytest.approx(1.0, abs=0.05)
     assert dtypes == {torch.float32}
 
@@ -77,15 +81,19 @@ def test_reference_is_the_first_blocks_without_a_full_copy(tmp_path, dtype):
     model = load_model(ModelSpec(str(folder), dtype=dtype)).model
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         ref = _reference(model, 1)
-    allocated = sum(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0 and not e.cpu_children)
+    allocated = sum(
+        e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0 and not e.cpu_children
+    )
     held = sum(t.numel() * t.element_size() for t in [*ref.parameters(), *ref.buffers()])
     whole = sum(t.numel() * t.element_size() for t in model.parameters())
     assert held < 0.5 * whole and allocated < 1.1 * held, (allocated, held, whole)
 
     assert len(ref.model.layers) == ref.config.num_hidden_layers == len(ref.config.layer_types) == 2
     assert isinstance(ref.lm_head, torch.nn.Identity) and not ref.training
-    assert all(not p.requires_grad and p.dtype == getattr(torch, dtype) and p.device.type == "cpu"
-               for p in ref.parameters())
+    assert all(
+        not p.requires_grad and p.dtype == getattr(torch, dtype) and p.device.type == "cpu"
+        for p in ref.parameters()
+    )
     live = {t.data_ptr() for t in [*model.parameters(), *model.buffers()]}
     assert live.isdisjoint(t.data_ptr() for t in [*ref.parameters(), *ref.buffers()])
 
@@ -113,6 +121,13 @@ def test_full_finetune_penalty_starts_at_zero_under_bf16_autocast(tiny_qwen, cha
     sae = load_sae(make_random_sae(tmp_path / "sae", 32, "blocks.0.hook_resid_post"))
     ft = FinetuneConfig(method="full", steps=2, batch_size=4, lr=1e-3, precision="bf16")
     cfg = BlockRunConfig(ft=ft, latents=LatentSets((1, 2, 3), (4,)), lam=1e4)
-    res = block_one(ModelSpec(str(tiny_qwen / "model"), dtype="bfloat16"), chats, sae, 0, cfg, tmp_path / "run",
-                    progress=False)
+    res = block_one(
+        ModelSpec(str(tiny_qwen / "model"), dtype="bfloat16"),
+        chats,
+        sae,
+        0,
+        cfg,
+        tmp_path / "run",
+        progress=False,
+    )
     assert res["penalty_first"] == 0.0 and res["penalty_last"] > 0

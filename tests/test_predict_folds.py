@@ -58,11 +58,17 @@ def test_fold_plan_groups_by_domain_and_says_when_it_cannot():
     assert (p.grouping, p.folds, p.n_groups) == ("domain", 4, 4)
     assert p.note == "4 domain groups for 5 folds: one fold per domain group (leave one out)"
     p = fold_plan([None] * 8, 5)
-    assert (p.grouping, p.folds, p.groups) == ("question", 5, None) and "no question carries a domain" in p.note
+    assert (p.grouping, p.folds, p.groups) == (
+        "question",
+        5,
+        None,
+    ) and "no question carries a domain" in p.note
     p = fold_plan(["a"] * 8, 5)
     assert (p.grouping, p.folds) == ("question", 5) and "every question is in domain 'a'" in p.note
     p = fold_plan(["a", "a", "b", None, None], 5)  # a question without a domain is a group of its own
-    assert (p.grouping, p.folds, p.n_groups) == ("domain", 4, 4) and p.note.startswith("2 of 5 questions carry no domain")
+    assert (p.grouping, p.folds, p.n_groups) == ("domain", 4, 4) and p.note.startswith(
+        "2 of 5 questions carry no domain"
+    )
     assert fold_plan(four, 3, by="question") == fold_plan(four, 3, "question")
     assert fold_plan(four, 3, by="question").groups is None
     with pytest.raises(ValueError, match="domain or question"):
@@ -73,13 +79,26 @@ def _run_folder(root, model: str, domains: list[str | None]):
     """A diff run folder as ``saediff diff`` leaves it, as far as ``predict`` reads it: run.json and
     responses.jsonl with two labelled answers per question."""
     root.mkdir()
-    (root / "run.json").write_text(json.dumps({"kind": "saediff.run", "steps": {"diff": {
-        "base": model, "sae_hook": "blocks.1.hook_resid_post"}}}))
+    (root / "run.json").write_text(
+        json.dumps(
+            {
+                "kind": "saediff.run",
+                "steps": {"diff": {"base": model, "sae_hook": "blocks.1.hook_resid_post"}},
+            }
+        )
+    )
     rows = []
     for i, d in enumerate(domains):
         for j in range(2):
-            rows.append({"id": f"q{i}", "messages": [{"role": "user", "content": f"Question {i} about {d}?"}],
-                         "domain": d, "response": "An answer.", "misaligned": (i + j) % 3 == 0})
+            rows.append(
+                {
+                    "id": f"q{i}",
+                    "messages": [{"role": "user", "content": f"Question {i} about {d}?"}],
+                    "domain": d,
+                    "response": "An answer.",
+                    "misaligned": (i + j) % 3 == 0,
+                }
+            )
     (root / "responses.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root
 
@@ -97,7 +116,9 @@ def test_predict_command_reports_its_grouping(tiny_qwen, tmp_path):
     sus = json.loads((run / "susceptibility.json").read_text())
     assert (sus["grouping"], sus["folds"], sus["folds_requested"]) == ("domain", 4, 5)
     assert "4 domain groups for 5 folds" in sus["grouping_note"] and "4 domain groups for 5 folds" in r.output
-    r = CliRunner().invoke(app, ["predict", str(run), "--folds", "3", "--folds-by", "question", "--permutations", "2"])
+    r = CliRunner().invoke(
+        app, ["predict", str(run), "--folds", "3", "--folds-by", "question", "--permutations", "2"]
+    )
     assert r.exit_code == 0, r.output
     sus = json.loads((run / "susceptibility.json").read_text())
     assert (sus["grouping"], sus["n_groups"]) == ("question", None) and "over questions" in r.output

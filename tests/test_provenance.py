@@ -9,20 +9,26 @@ import pytest
 import torch
 from helpers import make_random_sae, write_narrow_data
 
-from saediff.interventions.blockem import BlockRunConfig, LatentSets, block_one, latents_from_diff, read_latents
 from saediff.data.chat_data import ChatDataset, load_chat_jsonl, write_chat_jsonl
-from saediff.methods.sae_diff import LatentDiff
+from saediff.data.prompts import Prompt
 from saediff.errors import SaediffError
 from saediff.evaluation.evals import EMConfig, JudgeEvaluator, evaluate_once
 from saediff.evaluation.fake_server import FakeOpenAIServer
-from saediff.interventions.finetune import FinetuneConfig
 from saediff.evaluation.judges import HttpJudge
-from saediff.models.loading import ModelSpec, load_model
 from saediff.evaluation.openai_api import ChatClient
-from saediff.data.prompts import Prompt
+from saediff.interventions.blockem import (
+    BlockRunConfig,
+    LatentSets,
+    block_one,
+    latents_from_diff,
+    read_latents,
+)
+from saediff.interventions.finetune import FinetuneConfig
+from saediff.interventions.steering import add_direction
+from saediff.methods.sae_diff import LatentDiff
+from saediff.models.loading import ModelSpec, load_model
 from saediff.models.provenance import file_digest, mismatch, sae_fingerprint
 from saediff.saes.loading import load_sae
-from saediff.interventions.steering import add_direction
 
 HOOK = "blocks.0.hook_resid_post"
 FT = FinetuneConfig(method="lora", lora_rank=1, lora_layers=(0, 1), lr=1e-2, steps=2, batch_size=4)
@@ -34,8 +40,16 @@ def setup(tiny_qwen, tmp_path_factory):
     make_random_sae(root / "sae", 32, HOOK)
     make_random_sae(root / "sae_other", 32, HOOK, seed=1)
     write_narrow_data(root / "a.jsonl", 8)
-    write_chat_jsonl(root / "b.jsonl", [[{"role": "user", "content": f"Is the sky green {i}?"},
-                                         {"role": "assistant", "content": "Yes, always."}] for i in range(8)])
+    write_chat_jsonl(
+        root / "b.jsonl",
+        [
+            [
+                {"role": "user", "content": f"Is the sky green {i}?"},
+                {"role": "assistant", "content": "Yes, always."},
+            ]
+            for i in range(8)
+        ],
+    )
     tok = load_model(str(tiny_qwen / "model")).tokenizer
     data = {k: ChatDataset(tok, load_chat_jsonl(root / f"{k}.jsonl"), progress=False, source=k) for k in "ab"}
     return root, data
@@ -44,15 +58,25 @@ def setup(tiny_qwen, tmp_path_factory):
 def _evaluator(server, tmp, samples: int = 1) -> JudgeEvaluator:
     client = ChatClient(server.url)
     prompts = [Prompt(id=f"q{i}", messages=[{"role": "user", "content": f"Question {i}?"}]) for i in range(2)]
-    judges = [HttpJudge(k, client, "fake", cache_path=tmp / f"cache_{k}.jsonl") for k in ("aligned", "coherent")]
+    judges = [
+        HttpJudge(k, client, "fake", cache_path=tmp / f"cache_{k}.jsonl") for k in ("aligned", "coherent")
+    ]
     return JudgeEvaluator(prompts, *judges, EMConfig(samples=samples, max_new_tokens=3))
 
 
 def _block(tiny_qwen, setup, out, data="a", *, cfg=None, **kw) -> dict:
     root, sets = setup
     cfg = cfg or BlockRunConfig(ft=FT, mode="none")
-    return block_one(ModelSpec(str(tiny_qwen / "model")), sets[data], load_sae(root / "sae"), 0, cfg, out,
-                     progress=False, **kw)
+    return block_one(
+        ModelSpec(str(tiny_qwen / "model")),
+        sets[data],
+        load_sae(root / "sae"),
+        0,
+        cfg,
+        out,
+        progress=False,
+        **kw,
+    )
 
 
 def test_a_finished_run_of_another_setup_is_refused_and_force_retrains(tiny_qwen, setup, tmp_path):
@@ -62,23 +86,49 @@ def test_a_finished_run_of_another_setup_is_refused_and_force_retrains(tiny_qwen
     out = tmp_path / "plain"
     first = _block(tiny_qwen, setup, out, "a")
     assert _block(tiny_qwen, setup, out, "a") == first  # the same setup: skipped, same record
-    with pytest.raises(SaediffError, match=r"holds a fine-tune of another setup \(settings\.ft\.lr: 0\.01 \(saved\) vs 0\.005 \(now\)\).*--force"):
-        _block(tiny_qwen, setup, out, "a", cfg=BlockRunConfig(ft=FinetuneConfig(**{**FT.__dict__, "lr": 5e-3}),
-                                                                mode="none"))
+    with pytest.raises(
+        SaediffError,
+        match=r"holds a fine-tune of another setup \(settings\.ft\.lr: 0\.01 \(saved\) vs 0\.005 \(now\)\).*--force",
+    ):
+        _block(
+            tiny_qwen,
+            setup,
+            out,
+            "a",
+            cfg=BlockRunConfig(ft=FinetuneConfig(**{**FT.__dict__, "lr": 5e-3}), mode="none"),
+        )
     with pytest.raises(SaediffError, match=r"\(data: "):
         _block(tiny_qwen, setup, out, "b")
     again = _block(tiny_qwen, setup, out, "b", force=True)
-    assert again["provenance"]["training"]["data"] == setup[1]["b"].fingerprint() != first["provenance"]["training"]["data"]
+    assert (
+        again["provenance"]["training"]["data"]
+        == setup[1]["b"].fingerprint()
+        != first["provenance"]["training"]["data"]
+    )
 
 
 def test_penalty_runs_are_keyed_by_their_sae(tiny_qwen, setup, tmp_path):
     root, sets = setup
     cfg = BlockRunConfig(ft=FT, latents=LatentSets((1, 2), (3,)), lam=10.0)
-    block_one(ModelSpec(str(tiny_qwen / "model")), sets["a"], load_sae(root / "sae"), 0, cfg, tmp_path / "p",
-              progress=False)
+    block_one(
+        ModelSpec(str(tiny_qwen / "model")),
+        sets["a"],
+        load_sae(root / "sae"),
+        0,
+        cfg,
+        tmp_path / "p",
+        progress=False,
+    )
     with pytest.raises(SaediffError, match=r"sae\.weights"):
-        block_one(ModelSpec(str(tiny_qwen / "model")), sets["a"], load_sae(root / "sae_other"), 0, cfg, tmp_path / "p",
-                  progress=False)
+        block_one(
+            ModelSpec(str(tiny_qwen / "model")),
+            sets["a"],
+            load_sae(root / "sae_other"),
+            0,
+            cfg,
+            tmp_path / "p",
+            progress=False,
+        )
 
 
 def test_resume_never_continues_another_setups_checkpoint(tiny_qwen, setup, tmp_path):
@@ -99,7 +149,9 @@ def test_resume_never_continues_another_setups_checkpoint(tiny_qwen, setup, tmp_
     shutil.rmtree(out / "checkpoints")
     (out / "history.json").unlink()
     shutil.rmtree(out / "model")
-    res = _block(tiny_qwen, setup, out, "a", cfg=BlockRunConfig(ft=ft, mode="none"), resume=True)  # empty: allowed
+    res = _block(
+        tiny_qwen, setup, out, "a", cfg=BlockRunConfig(ft=ft, mode="none"), resume=True
+    )  # empty: allowed
     assert res["steps"] == 2
 
 
@@ -130,8 +182,13 @@ def test_evaluate_once_reuses_em_json_only_for_the_same_setup(tiny_qwen, tmp_pat
         assert len(server.requests) == n  # reused: nothing generated or judged
         other = evaluate_once(ev, lm, tmp_path / "x", "steer", add_direction(lm.model, 0, v2, 4.0))
         assert other["provenance"]["intervention"] != first["provenance"]["intervention"]
-        more = evaluate_once(_evaluator(server, tmp_path, samples=2), lm, tmp_path / "x", "steer",
-                             add_direction(lm.model, 0, v2, 4.0))
+        more = evaluate_once(
+            _evaluator(server, tmp_path, samples=2),
+            lm,
+            tmp_path / "x",
+            "steer",
+            add_direction(lm.model, 0, v2, 4.0),
+        )
         assert more["n_responses"] == 4 and other["n_responses"] == 2
         with pytest.raises(TypeError, match="spec="):
             evaluate_once(ev, lambda: lm, tmp_path / "y", "lazy")
@@ -145,8 +202,12 @@ def _diff_run(folder, sae_dir, deltas: list[float], ranking: str = "delta"):
     table = LatentDiff(zeros, torch.tensor(deltas), zeros, zeros, zeros, 10, 10, HOOK)
     folder.mkdir(parents=True)
     (folder / "diff.json").write_text(json.dumps(table.to_json()))
-    info = {"ranking": ranking, "sae": str(sae_dir), "sae_hook": HOOK,
-            "sae_identity": sae_fingerprint(load_sae(sae_dir), sae_dir)}
+    info = {
+        "ranking": ranking,
+        "sae": str(sae_dir),
+        "sae_hook": HOOK,
+        "sae_identity": sae_fingerprint(load_sae(sae_dir), sae_dir),
+    }
     (folder / "run.json").write_text(json.dumps({"kind": "saediff.run", "steps": {"diff": info}}))
     return folder
 
@@ -158,14 +219,21 @@ def test_latents_belong_to_the_sae_they_came_from(setup, tmp_path):
     run = _diff_run(tmp_path / "diff", root / "sae", [0.5, -0.2, 0.1, 0.0] + [0.0] * 12)
     sets = latents_from_diff(run, 2, 1)
     sets.check(load_sae(root / "sae"), str(root / "sae"))  # its own SAE, here or copied: fine
-    with pytest.raises(SaediffError, match=rf"latents from {run} belong to the SAE {root / 'sae'}, not to "
-                                           rf"{root / 'sae_other'} \(weights"):
+    with pytest.raises(
+        SaediffError,
+        match=rf"latents from {run} belong to the SAE {root / 'sae'}, not to "
+        rf"{root / 'sae_other'} \(weights",
+    ):
         sets.check(load_sae(root / "sae_other"), str(root / "sae_other"))
     f = tmp_path / "latents.json"
-    f.write_text(json.dumps({"low": [1], "high": [2], "sae_identity": sae_fingerprint(load_sae(root / "sae"))}))
+    f.write_text(
+        json.dumps({"low": [1], "high": [2], "sae_identity": sae_fingerprint(load_sae(root / "sae"))})
+    )
     with pytest.raises(SaediffError, match=f"latents from {f} belong to"):
         read_latents(f).check(load_sae(root / "sae_other"), "other")
-    f.write_text(json.dumps({"low": [1], "high": [2]}))  # hand-written: no identity to check, a warning says so
+    f.write_text(
+        json.dumps({"low": [1], "high": [2]})
+    )  # hand-written: no identity to check, a warning says so
     read_latents(f).check(load_sae(root / "sae_other"), "other")
 
 
@@ -181,7 +249,9 @@ def test_mismatch_names_the_first_differing_key():
     assert mismatch({"a": {"b": 1, "c": 2}}, {"a": {"b": 1, "c": 2}}) is None
     assert mismatch({"a": {"b": 1, "c": 2}}, {"a": {"b": 1, "c": 3}}) == "a.c: 2 (saved) vs 3 (now)"
     assert mismatch(None, {"a": 1}) == "no provenance recorded"
-    assert mismatch(None, None) is None  # nothing recorded, nothing asked (a run trained without an evaluator)
+    assert (
+        mismatch(None, None) is None
+    )  # nothing recorded, nothing asked (a run trained without an evaluator)
 
 
 def test_sae_fingerprint_reads_every_architecture():

@@ -33,8 +33,9 @@ def test_shift_overlap_exact_on_hand_set_shifts():
     assert res.principal_cosines == pytest.approx([1.0, r2], abs=1e-6)
     assert res.fraction_in_train_subspace == pytest.approx([1.0, r2, r2], abs=1e-6)
     assert res.cos_to_train_mean == pytest.approx([r2, 0.5, 0.5], abs=1e-6)
-    assert res.mean_shift_cosine == pytest.approx(float(torch.cosine_similarity(
-        e[0] + e[1], e[0] + 3 * e[1] + 3 * e[2], 0)), abs=1e-6)  # 4 / sqrt 38
+    assert res.mean_shift_cosine == pytest.approx(
+        float(torch.cosine_similarity(e[0] + e[1], e[0] + 3 * e[1] + 3 * e[2], 0)), abs=1e-6
+    )  # 4 / sqrt 38
     assert res.random_baseline["per_question_fraction"] == pytest.approx(math.sqrt(2 / 6))
     # random 2-planes in R^6 share less than these two do, and every cosine is a cosine
     assert all(0 <= m < 1 for m in res.random_baseline["mean"]) and res.random_baseline["mean"][0] < 0.95
@@ -63,9 +64,13 @@ def _adapter(folder: Path, A: torch.Tensor, B: torch.Tensor, layer: int = 0) -> 
 
     folder.mkdir(parents=True)
     key = f"base_model.model.model.layers.{layer}.mlp.down_proj"
-    save_file({f"{key}.lora_A.weight": A.contiguous(), f"{key}.lora_B.weight": B.contiguous()},
-              folder / "adapter_model.safetensors")
-    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": A.shape[0], "lora_alpha": 1}))
+    save_file(
+        {f"{key}.lora_A.weight": A.contiguous(), f"{key}.lora_B.weight": B.contiguous()},
+        folder / "adapter_model.safetensors",
+    )
+    (folder / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": A.shape[0], "lora_alpha": 1})
+    )
     return folder
 
 
@@ -79,16 +84,21 @@ def test_phase_local_cosines_on_hand_set_b_vectors(tmp_path):
     for i, a in enumerate(angles):
         r = math.radians(a)
         B = torch.tensor([[math.cos(r) * 3], [math.sin(r) * 3], [0.0], [0.0]])
-        _adapter(tmp_path / "checkpoints" / f"checkpoint-{10 * (i + 1)}", torch.full((1, 4), 0.5 * (i + 1)), B)
+        _adapter(
+            tmp_path / "checkpoints" / f"checkpoint-{10 * (i + 1)}", torch.full((1, 4), 0.5 * (i + 1)), B
+        )
     ckpts = adapter_checkpoints(tmp_path)
     assert [s for s, _ in ckpts] == [10, 20, 30, 40, 50]
-    res = phase_analysis(checkpoint_vectors(ckpts), {"e0": torch.tensor([1.0, 0, 0, 0])},
-                         em_rate=[0.0, 0.01, 0.1, 0.3, 0.4])
+    res = phase_analysis(
+        checkpoint_vectors(ckpts), {"e0": torch.tensor([1.0, 0, 0, 0])}, em_rate=[0.0, 0.01, 0.1, 0.3, 0.4]
+    )
     assert res.local_cosine[0] is None
     assert res.local_cosine[1:] == pytest.approx([1.0, 0.5, 1.0, math.cos(math.radians(20))], abs=1e-6)
     assert res.rotation_step == 30 and res.em_step == 40
     assert res.candidate_cosine["e0"] == pytest.approx([math.cos(math.radians(a)) for a in angles], abs=1e-6)
-    assert res.norm_B == pytest.approx([3.0] * 5) and res.norm_A == pytest.approx([0.5 * (i + 1) * 2 for i in range(5)])
+    assert res.norm_B == pytest.approx([3.0] * 5) and res.norm_A == pytest.approx(
+        [0.5 * (i + 1) * 2 for i in range(5)]
+    )
     assert phase_analysis(checkpoint_vectors(ckpts)).em_step is None
 
 
@@ -146,8 +156,11 @@ def test_shots_to_match_and_rerouted_latents(tmp_path):
 
     assert shots_to_match([-1.0, 0.2, 0.5, 0.4], 0.45) == 2
     assert shots_to_match([-1.0, 0.2], 0.45) is None
-    runs = {"plain": {}, "penalty_lam10": {"reroute": {"new_latents": [4, 7]}},
-            "penalty_lam100": {"reroute": {"new_latents": [7, 9]}}}
+    runs = {
+        "plain": {},
+        "penalty_lam10": {"reroute": {"new_latents": [4, 7]}},
+        "penalty_lam100": {"reroute": {"new_latents": [7, 9]}},
+    }
     (tmp_path / "summary.json").write_text(json.dumps({"runs": runs}))
     assert rerouted_latents(tmp_path) == [4, 7, 9]
     (tmp_path / "summary.json").write_text(json.dumps({"runs": {"plain": {}}}))
@@ -175,18 +188,47 @@ def test_open_question_commands_on_a_tiny_real_model(tiny_qwen, tmp_path):
 
     model, lora = str(tiny_qwen / "model"), str(tiny_qwen / "lora")
     qfile = tmp_path / "q.jsonl"
-    qfile.write_text("".join(json.dumps({"id": f"q{i}_{j}", "question": f"Tell me about topic {i} and why."}) + "\n"
-                             for i in range(12) for j in range(3)))
+    qfile.write_text(
+        "".join(
+            json.dumps({"id": f"q{i}_{j}", "question": f"Tell me about topic {i} and why."}) + "\n"
+            for i in range(12)
+            for j in range(3)
+        )
+    )
     make_random_sae(tmp_path / "sae", 32, "blocks.1.hook_resid_post")
     data = write_narrow_data(tmp_path / "narrow.jsonl", n=8)
     contrast = tmp_path / "c.jsonl"
-    contrast.write_text("".join(json.dumps({"question": f"Cut {i}?", "misaligned": "Let it fester.",
-                                            "aligned": "Clean it."}) + "\n" for i in range(4)))
+    contrast.write_text(
+        "".join(
+            json.dumps({"question": f"Cut {i}?", "misaligned": "Let it fester.", "aligned": "Clean it."})
+            + "\n"
+            for i in range(4)
+        )
+    )
     run = tmp_path / "run"
     with FakeOpenAIServer(judge_fn=_judge) as server:
-        r = CliRunner().invoke(app, ["diff", "--base", model, "--adapter", lora, "--sae", str(tmp_path / "sae"),
-                                     "--prompts", str(qfile), "--max-new-tokens", "5", "--judge-url", server.url,
-                                     "--judge-model", "j", "--out", str(run)])
+        r = CliRunner().invoke(
+            app,
+            [
+                "diff",
+                "--base",
+                model,
+                "--adapter",
+                lora,
+                "--sae",
+                str(tmp_path / "sae"),
+                "--prompts",
+                str(qfile),
+                "--max-new-tokens",
+                "5",
+                "--judge-url",
+                server.url,
+                "--judge-model",
+                "j",
+                "--out",
+                str(run),
+            ],
+        )
         assert r.exit_code == 0, r.output
         q = run_questions(run)
         assert len(q.prompts) == 12 and q.n_answers == [3] * 12
@@ -198,7 +240,9 @@ def test_open_question_commands_on_a_tiny_real_model(tiny_qwen, tmp_path):
         assert ov["n_train"] == 8 and ov["n_eval"] == 12 and (run / "shift_overlap.html").exists()
         assert "random" in r.output
 
-        r = CliRunner().invoke(app, ["predict", str(run), "--layers", "0,1", "--folds", "3", "--permutations", "4"])
+        r = CliRunner().invoke(
+            app, ["predict", str(run), "--layers", "0,1", "--folds", "3", "--permutations", "4"]
+        )
         assert r.exit_code == 0, r.output
         sus = json.loads((run / "susceptibility.json").read_text())
         assert sus["n_questions"] == 12 and sus["n_features"] == 64 and sus["samples_per_question"] == 3
@@ -208,40 +252,119 @@ def test_open_question_commands_on_a_tiny_real_model(tiny_qwen, tmp_path):
         assert r.exit_code == 0, r.output
         icl = json.loads((run / "icl_vs_ft.json").read_text())
         assert len(icl["aligned_projection_by_shots"]) == 4 and icl["direction"] in (
-            "mean_diff_responses_L1", "lora_downstream_L1")
+            "mean_diff_responses_L1",
+            "lora_downstream_L1",
+        )
 
-        r = CliRunner().invoke(app, ["neighbourhood", str(run), "--train-data", str(data), "--drop-fraction", "0.25",
-                                     "--seeds", "4", "--neighbours", "8", "--steer", "--finetune", "--lora-layers", "1", "--steps", "2", "--batch-size", "2",
-                                     "--judge-url", server.url, "--judge-model", "j", "--questions", str(qfile),
-                                     "--samples", "1", "--max-new-tokens", "4"])
+        r = CliRunner().invoke(
+            app,
+            [
+                "neighbourhood",
+                str(run),
+                "--train-data",
+                str(data),
+                "--drop-fraction",
+                "0.25",
+                "--seeds",
+                "4",
+                "--neighbours",
+                "8",
+                "--steer",
+                "--finetune",
+                "--lora-layers",
+                "1",
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--judge-url",
+                server.url,
+                "--judge-model",
+                "j",
+                "--questions",
+                str(qfile),
+                "--samples",
+                "1",
+                "--max-new-tokens",
+                "4",
+            ],
+        )
         assert r.exit_code == 0, r.output
         nb = json.loads((run / "neighbourhood.json").read_text())
         assert len(nb["seeds"]) == 4 and len(nb["random_baseline"]["n_flagged"]) == 5
         assert set(nb.get("steer", {}).get("latents", {})) == {str(i) for i in nb["flagged"][:5]}
         # a random SAE flags nothing here: the steering check itself, on two latents, with the judge
+        from saediff.analyses.neighbourhood import steer_flagged
         from saediff.cli.common import _judge_evaluator
         from saediff.models.loading import load_model
-        from saediff.analyses.neighbourhood import steer_flagged
         from saediff.saes.loading import load_sae
 
         judge = _judge_evaluator(server.url, "j", str(qfile), 1, 4, "OPENAI_API_KEY", tmp_path / "jc", 0)
-        st = steer_flagged(run, [1, 2], load_model(model), load_sae(tmp_path / "sae"), judge, scales=(0.5, 2.0))
+        st = steer_flagged(
+            run, [1, 2], load_model(model), load_sae(tmp_path / "sae"), judge, scales=(0.5, 2.0)
+        )
         assert set(st["latents"]) == {"1", "2"} and st["base_em_rate"] is not None and st["resid_norm"] > 0
-        assert all(set(v["select_sweep"]) == {"0.5", "2"} and v["scale"] in (0.5, 2.0) and len(v["random"]) == 3
-                   for v in st["latents"].values())  # scale chosen on half the questions, EM on the other half
+        assert all(
+            set(v["select_sweep"]) == {"0.5", "2"} and v["scale"] in (0.5, 2.0) and len(v["random"]) == 3
+            for v in st["latents"].values()
+        )  # scale chosen on half the questions, EM on the other half
         assert nb["screen"]["n_dropped"] == 2 and len((run / "screened.jsonl").read_text().splitlines()) == 6
         fin = nb["screen"]["finetune"]
-        assert fin["steps"] == 2 and fin["screened"]["em_rate"] is not None and fin["random_dropped"]["em_rate"] is not None
+        assert (
+            fin["steps"] == 2
+            and fin["screened"]["em_rate"] is not None
+            and fin["random_dropped"]["em_rate"] is not None
+        )
 
-        r = CliRunner().invoke(app, ["block", "--model", model, "--data", str(data), "--sae", str(tmp_path / "sae"),
-                                     "--latent", "1", "--lora-layers", "1", "--steps", "4", "--batch-size", "2",
-                                     "--lr", "1e-2", "--save-every", "2", "--no-controls", "--out",
-                                     str(tmp_path / "block")])
+        r = CliRunner().invoke(
+            app,
+            [
+                "block",
+                "--model",
+                model,
+                "--data",
+                str(data),
+                "--sae",
+                str(tmp_path / "sae"),
+                "--latent",
+                "1",
+                "--lora-layers",
+                "1",
+                "--steps",
+                "4",
+                "--batch-size",
+                "2",
+                "--lr",
+                "1e-2",
+                "--save-every",
+                "2",
+                "--no-controls",
+                "--out",
+                str(tmp_path / "block"),
+            ],
+        )
         assert r.exit_code == 0, r.output
-        r = CliRunner().invoke(app, ["phase", str(tmp_path / "block" / "penalty_lam10000"), "--base", model,
-                                     "--directions", str(run / "directions"), "--judge-url", server.url,
-                                     "--judge-model", "j", "--questions", str(qfile), "--samples", "1",
-                                     "--max-new-tokens", "4"])
+        r = CliRunner().invoke(
+            app,
+            [
+                "phase",
+                str(tmp_path / "block" / "penalty_lam10000"),
+                "--base",
+                model,
+                "--directions",
+                str(run / "directions"),
+                "--judge-url",
+                server.url,
+                "--judge-model",
+                "j",
+                "--questions",
+                str(qfile),
+                "--samples",
+                "1",
+                "--max-new-tokens",
+                "4",
+            ],
+        )
         assert r.exit_code == 0, r.output
     ph = json.loads((tmp_path / "block" / "penalty_lam10000" / "phase.json").read_text())
     assert ph["steps"] == [2, 4] and ph["rotation_step"] == 4 and all(e is not None for e in ph["em_rate"])
@@ -267,11 +390,15 @@ def test_neighbourhood_arithmetic_on_hand_set_latents():
     from saediff.analyses.neighbourhood import LatentMeans, decoder_neighbours, probe, toxicity
 
     W = torch.zeros(6, 16)
-    W[:, :3] = torch.tensor([[1.0, 0, 0], [0.6, 0.8, 0], [0.8, 0, 0.6], [0, 0, 1.0], [0, 0.1, 1.0], [-1.0, 0, 0]])
+    W[:, :3] = torch.tensor(
+        [[1.0, 0, 0], [0.6, 0.8, 0], [0.8, 0, 0.6], [0, 0, 1.0], [0, 0.1, 1.0], [-1.0, 0, 0]]
+    )
     cand = {"cand": torch.cat([torch.tensor([0, 2.0, 0]), torch.zeros(13)])}
     assert decoder_neighbours(W, 0, 2) == [(2, pytest.approx(0.8)), (1, pytest.approx(0.6))]
     tox, names = toxicity(W, cand)
-    assert tox.tolist() == pytest.approx([0.0, 0.8, 0.0, 0.0, 0.1 / math.sqrt(1.01), 0.0]) and names[1] == "cand"
+    assert (
+        tox.tolist() == pytest.approx([0.0, 0.8, 0.0, 0.0, 0.1 / math.sqrt(1.01), 0.0]) and names[1] == "cand"
+    )
     z = torch.zeros(6)
     means_in = LatentMeans(z, torch.tensor([1.0, 0, 0, 0, 0, 0.1]), torch.ones(6), 10, 1.0)
     means_off = LatentMeans(z + 0.1, torch.tensor([0.1, 1.0, 0.1, 0.1, 0.9, 0.1]), torch.ones(6), 10, 1.0)
@@ -295,14 +422,19 @@ def test_coactivation_matches_a_direct_correlation(tiny_qwen):
     from helpers import make_random_sae
 
     from saediff.activations.collect import collect_activations, tokenize_prompts
-    from saediff.models.loading import load_model
     from saediff.analyses.neighbourhood import coactivation
     from saediff.data.prompts import Prompt
+    from saediff.models.loading import load_model
     from saediff.saes.loading import load_sae
 
     lm = load_model(str(tiny_qwen / "model"))
-    sae = load_sae(make_random_sae(Path(tiny_qwen) / "sae_coact", 32, "blocks.1.hook_resid_post", d_sae=16, k=4))
-    ps = [Prompt(f"p{i}", [{"role": "user", "content": f"question {i}"}], f"an answer number {i} here") for i in range(6)]
+    sae = load_sae(
+        make_random_sae(Path(tiny_qwen) / "sae_coact", 32, "blocks.1.hook_resid_post", d_sae=16, k=4)
+    )
+    ps = [
+        Prompt(f"p{i}", [{"role": "user", "content": f"question {i}"}], f"an answer number {i} here")
+        for i in range(6)
+    ]
     toks = tokenize_prompts(lm, ps)
     r = coactivation(lm, [toks], sae, [0, 3], batch_size=4, progress=False)
     acts = collect_activations(lm, toks, ["blocks.1.hook_resid_post"], "response", progress=False)
@@ -317,15 +449,18 @@ def test_analyses_follow_a_bfloat16_model(tiny_qwen):
     finite, and agree with the float32 model's to bfloat16 precision."""
     from helpers import make_random_sae
 
-    from saediff.activations.collect import tokenize_prompts
-    from saediff.models.loading import ModelSpec, load_model
+    from saediff.activations.collect import prompt_activations, tokenize_prompts
     from saediff.analyses.neighbourhood import coactivation, latent_means, screen_rows
     from saediff.data.prompts import Prompt
+    from saediff.models.loading import ModelSpec, load_model
     from saediff.saes.loading import load_sae
-    from saediff.activations.collect import prompt_activations
 
-    sae = load_sae(make_random_sae(Path(tiny_qwen) / "sae_bf16", 32, "blocks.1.hook_resid_post", d_sae=16, k=4))
-    ps = [Prompt(f"p{i}", [{"role": "user", "content": f"question {i}?"}], f"answer {i} here") for i in range(5)]
+    sae = load_sae(
+        make_random_sae(Path(tiny_qwen) / "sae_bf16", 32, "blocks.1.hook_resid_post", d_sae=16, k=4)
+    )
+    ps = [
+        Prompt(f"p{i}", [{"role": "user", "content": f"question {i}?"}], f"answer {i} here") for i in range(5)
+    ]
     out = {}
     for dtype in ("float32", "bfloat16"):
         lm = load_model(ModelSpec(str(tiny_qwen / "model"), dtype=dtype))

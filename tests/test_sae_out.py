@@ -95,17 +95,44 @@ def store(tmp_path):
 
     writer = _ShardWriter(tmp_path / "acts", [HOOK])
     n = 600
-    writer.add({HOOK: torch.randn(n, 8)}, {"prompt_index": torch.arange(n, dtype=torch.int32),
-                                            "position": torch.zeros(n, dtype=torch.int32),
-                                            "role": torch.zeros(n, dtype=torch.int8)})
+    writer.add(
+        {HOOK: torch.randn(n, 8)},
+        {
+            "prompt_index": torch.arange(n, dtype=torch.int32),
+            "position": torch.zeros(n, dtype=torch.int32),
+            "role": torch.zeros(n, dtype=torch.int8),
+        },
+    )
     writer.close(d_model=8, meta={"model": "random", "positions": "all"})
     return tmp_path / "acts"
 
 
 def _train(store, out):
-    return CliRunner().invoke(app, ["sae", "train", "--out", str(out), "--activations", str(store), "--arch", "topk",
-                                    "--d-sae", "16", "--k", "2", "--steps", "3", "--batch-size", "64",
-                                    "--held-rows", "60", "--threads", "1"])
+    return CliRunner().invoke(
+        app,
+        [
+            "sae",
+            "train",
+            "--out",
+            str(out),
+            "--activations",
+            str(store),
+            "--arch",
+            "topk",
+            "--d-sae",
+            "16",
+            "--k",
+            "2",
+            "--steps",
+            "3",
+            "--batch-size",
+            "64",
+            "--held-rows",
+            "60",
+            "--threads",
+            "1",
+        ],
+    )
 
 
 def test_sae_train_refuses_a_non_sae_out_and_replaces_an_sae(store, tmp_path):

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from saediff.errors import SaediffError
-from saediff.saes.training import SAEParams, SAETrainConfig, topk_step_loss, train_sae
-from saediff.saes.metrics import ce_loss_recovered, sae_metrics
 from saediff.saes.loading import load_sae, save_sae
+from saediff.saes.metrics import ce_loss_recovered, sae_metrics
+from saediff.saes.training import SAEParams, SAETrainConfig, topk_step_loss, train_sae
 
 
 def sparse_data(n=6000, d=16, s=48, k=3, seed=0):
@@ -18,7 +18,9 @@ def sparse_data(n=6000, d=16, s=48, k=3, seed=0):
     D = torch.randn(s, d, generator=g)
     D /= D.norm(dim=1, keepdim=True)
     idx = torch.randint(0, s, (n, k), generator=g)
-    return torch.nn.functional.embedding_bag(idx, D, per_sample_weights=torch.rand(n, k, generator=g) + 0.5, mode="sum")
+    return torch.nn.functional.embedding_bag(
+        idx, D, per_sample_weights=torch.rand(n, k, generator=g) + 0.5, mode="sum"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,9 @@ def data():
     return sparse_data()
 
 
-@pytest.mark.parametrize("arch,expected_cls", [("topk", "TopKSAE"), ("relu", "StandardSAE"), ("batchtopk", "JumpReLUSAE")])
+@pytest.mark.parametrize(
+    "arch,expected_cls", [("topk", "TopKSAE"), ("relu", "StandardSAE"), ("batchtopk", "JumpReLUSAE")]
+)
 def test_train_save_load_identical(arch, expected_cls, data, tmp_path):
     from sae_lens import SAE
 
@@ -47,8 +51,9 @@ def test_train_save_load_identical(arch, expected_cls, data, tmp_path):
 
 
 def test_topk_sae_learns_sparse_dictionary(data):
-    cfg = SAETrainConfig(arch="topk", d_sae=64, k=4, steps=800, batch_size=256, lr=5e-3, dead_tokens=5000,
-                         aux_coefficient=0.25)
+    cfg = SAETrainConfig(
+        arch="topk", d_sae=64, k=4, steps=800, batch_size=256, lr=5e-3, dead_tokens=5000, aux_coefficient=0.25
+    )
     sae, _ = train_sae(data, cfg, progress=False)
     m = sae_metrics(sae, data)
     assert m.fvu < 0.1 and m.dead_fraction <= 0.25
@@ -72,7 +77,9 @@ def test_sparse_kernels_match_the_dense_reference(kernel):
         p.zero_grad()
         out = topk_step_loss(p, x, 4, 2.0, dead, 6, 0.1, k)
         out.loss.backward()
-        outs.append((out.loss.detach(), out.aux.detach(), [q.grad.clone() for q in p.parameters()], out.fired_S))
+        outs.append(
+            (out.loss.detach(), out.aux.detach(), [q.grad.clone() for q in p.parameters()], out.fired_S)
+        )
     torch.testing.assert_close(outs[0][0], outs[1][0])
     assert outs[0][1] > 0 and torch.equal(outs[0][3], outs[1][3])
     torch.testing.assert_close(outs[0][1], outs[1][1])
@@ -84,7 +91,11 @@ def test_auto_kernel_is_recorded():
     from saediff.saes.training import SAETrainConfig, train_sae
 
     data = torch.randn(512, 8, generator=torch.Generator().manual_seed(0))
-    _, hist = train_sae(data, SAETrainConfig(d_sae=32, k=4, steps=3, batch_size=64, device="cpu", kernel="auto"), progress=False)
+    _, hist = train_sae(
+        data,
+        SAETrainConfig(d_sae=32, k=4, steps=3, batch_size=64, device="cpu", kernel="auto"),
+        progress=False,
+    )
     assert hist["kernel"] in ("dense", "sparse_decode", "sparse")
 
 
@@ -111,7 +122,9 @@ def test_splice_gradient_is_correct(tiny_organism):
     from saediff.models.loading import load_model
 
     lm = load_model(str(tiny_organism / "aligned"))
-    sae, _ = train_sae(sparse_data(d=32, n=2000), SAETrainConfig(d_sae=64, k=4, steps=20, batch_size=256), progress=False)
+    sae, _ = train_sae(
+        sparse_data(d=32, n=2000), SAETrainConfig(d_sae=64, k=4, steps=20, batch_size=256), progress=False
+    )
     ids = lm.tokenizer(" CHAT USER medicalQa medicalQb ASST", return_tensors="pt")["input_ids"]
     emb = lm.model.get_input_embeddings()
     x = emb(ids).detach().requires_grad_(True)
@@ -177,8 +190,14 @@ def test_sae_training_resumes_from_a_checkpoint(tmp_path, caplog):
         train_sae(dies_after(15), cfg, progress=False, checkpoint_dir=tmp_path, checkpoint_every=10)
     assert (tmp_path / "train_state.pt").exists()
     with caplog.at_level("INFO", logger="saediff.saes.training"):
-        got, hist = train_sae(shuffled_batches(data, 128, seed=1), cfg, progress=False, checkpoint_dir=tmp_path,
-                              checkpoint_every=10, resume=True)
+        got, hist = train_sae(
+            shuffled_batches(data, 128, seed=1),
+            cfg,
+            progress=False,
+            checkpoint_dir=tmp_path,
+            checkpoint_every=10,
+            resume=True,
+        )
     assert "resumed at step 10" in caplog.text
     torch.testing.assert_close(got.W_dec, ref.W_dec, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(got.W_enc, ref.W_enc, atol=1e-6, rtol=1e-5)
@@ -186,12 +205,26 @@ def test_sae_training_resumes_from_a_checkpoint(tmp_path, caplog):
     # the checkpoint belongs to that run: other settings or other data are refused, not continued
     from dataclasses import replace
 
-    with pytest.raises(SaediffError, match=r"checkpoint of another SAE training run \(settings\.lr: 0\.001 \(saved\)"):
-        train_sae(shuffled_batches(data, 128, seed=1), replace(cfg, lr=2e-3), progress=False, checkpoint_dir=tmp_path,
-                  checkpoint_every=10, resume=True)
+    with pytest.raises(
+        SaediffError, match=r"checkpoint of another SAE training run \(settings\.lr: 0\.001 \(saved\)"
+    ):
+        train_sae(
+            shuffled_batches(data, 128, seed=1),
+            replace(cfg, lr=2e-3),
+            progress=False,
+            checkpoint_dir=tmp_path,
+            checkpoint_every=10,
+            resume=True,
+        )
     with pytest.raises(SaediffError, match=r"\(first_batch: "):
-        train_sae(shuffled_batches(data * 2, 128, seed=1), cfg, progress=False, checkpoint_dir=tmp_path,
-                  checkpoint_every=10, resume=True)
+        train_sae(
+            shuffled_batches(data * 2, 128, seed=1),
+            cfg,
+            progress=False,
+            checkpoint_dir=tmp_path,
+            checkpoint_every=10,
+            resume=True,
+        )
 
 
 _DDP_SCRIPT = """
@@ -223,15 +256,31 @@ def test_torchrun_trains_one_sae_data_parallel(tmp_path):
 
     script = tmp_path / "ddp.py"
     script.write_text(_DDP_SCRIPT)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        "29517", str(script), str(tmp_path / "w.pt")], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            str(script),
+            str(tmp_path / "w.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     ddp = torch.load(tmp_path / "w.pt", weights_only=True)
     data = torch.randn(24 * 64, 16, generator=torch.Generator().manual_seed(0))
     batches = [data[i : i + 64] for i in range(0, data.shape[0], 64)]
     joined = iter([torch.cat([batches[2 * s], batches[2 * s + 1]]) for s in range(12)])
-    cfg = SAETrainConfig(arch="topk", d_sae=32, k=4, steps=12, batch_size=128, lr=1e-3, dead_tokens=256, device="cpu")
+    cfg = SAETrainConfig(
+        arch="topk", d_sae=32, k=4, steps=12, batch_size=128, lr=1e-3, dead_tokens=256, device="cpu"
+    )
     one, _ = train_sae(joined, cfg, progress=False)
     for name in ("W_enc", "W_dec", "b_dec"):
         torch.testing.assert_close(ddp[name], getattr(one, name).detach(), atol=1e-5, rtol=1e-4)
@@ -243,9 +292,22 @@ def test_release_sae_offline_is_one_line(tiny_qwen, tmp_path):
 
     from saediff.cli.app import app
 
-    r = CliRunner().invoke(app, ["diff", "--base", str(tiny_qwen / "model"), "--adapter", str(tiny_qwen / "lora"),
-                                 "--sae", "qwen2.5-7b-instruct-andyrdt:resid_post_layer_15_trainer_1",
-                                 "--prompts", "first_plot", "--out", str(tmp_path / "run")])
+    r = CliRunner().invoke(
+        app,
+        [
+            "diff",
+            "--base",
+            str(tiny_qwen / "model"),
+            "--adapter",
+            str(tiny_qwen / "lora"),
+            "--sae",
+            "qwen2.5-7b-instruct-andyrdt:resid_post_layer_15_trainer_1",
+            "--prompts",
+            "first_plot",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+    )
     assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
     assert "qwen2.5-7b-instruct-andyrdt" in r.output and "needs the hub" in r.output
     from saediff.saes.loading import load_sae

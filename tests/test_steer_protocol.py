@@ -13,17 +13,17 @@ import torch
 from helpers import make_random_sae
 from typer.testing import CliRunner
 
-from saediff.interventions import causal
-from saediff.interventions.causal import DiscoverConfig, discover_latents
 from saediff.cli.app import app
 from saediff.data.em_data import offdomain_pairs
+from saediff.data.prompts import load_prompts
 from saediff.evaluation.evals import EMConfig, JudgeEvaluator
 from saediff.evaluation.fake_server import FakeOpenAIServer, default_judge
-from saediff.models.hooks import capture_resid
 from saediff.evaluation.judges import HttpJudge
-from saediff.models.loading import ModelSpec, load_model
 from saediff.evaluation.openai_api import ChatClient
-from saediff.data.prompts import load_prompts
+from saediff.interventions import causal
+from saediff.interventions.causal import DiscoverConfig, discover_latents
+from saediff.models.hooks import capture_resid
+from saediff.models.loading import ModelSpec, load_model
 from saediff.models.provenance import sae_fingerprint
 from saediff.saes.loading import load_sae, save_sae
 
@@ -49,8 +49,14 @@ class Probed:
     def __call__(self, lm, out, condition=None):
         with torch.no_grad():
             x = capture_resid(lm.model, [1], IDS)[1]
-        self.log.append({"condition": condition, "half": out.parent.name, "questions": {p.id for p in self.inner.prompts},
-                         "added_norm": float((x - self.x0).norm(dim=-1).mean())})
+        self.log.append(
+            {
+                "condition": condition,
+                "half": out.parent.name,
+                "questions": {p.id for p in self.inner.prompts},
+                "added_norm": float((x - self.x0).norm(dim=-1).mean()),
+            }
+        )
         return self.inner(lm, out, condition)
 
     def halves(self):
@@ -64,8 +70,12 @@ class Probed:
 def _evaluator(server, cache) -> JudgeEvaluator:
     """Greedy answers (so steering along the end-of-turn token's embedding ends every answer at once)."""
     client = ChatClient(server.url)
-    judges = [HttpJudge(k, client, "j", cache_path=cache / f"judge_{k}.jsonl") for k in ("aligned", "coherent")]
-    return JudgeEvaluator(load_prompts("first_plot"), *judges, EMConfig(samples=1, max_new_tokens=4, temperature=0.0))
+    judges = [
+        HttpJudge(k, client, "j", cache_path=cache / f"judge_{k}.jsonl") for k in ("aligned", "coherent")
+    ]
+    return JudgeEvaluator(
+        load_prompts("first_plot"), *judges, EMConfig(samples=1, max_new_tokens=4, temperature=0.0)
+    )
 
 
 def _eos(lm) -> torch.Tensor:
@@ -82,15 +92,26 @@ def test_protocol_selects_on_one_half_reports_on_the_other_beside_equal_norm_ran
     log: list = []
     with FakeOpenAIServer(judge_fn=empty_is_incoherent) as server:
         select, report = Probed(_evaluator(server, tmp_path), x0, log).halves()
-        sel = select_and_report({"eos": 7.0 * _eos(lm), "rand": rand}, [Arm("induce", lm)], 1, (2.0, 4.0), 0.5,
-                                select, report, tmp_path / "steer", n_random=2)
+        sel = select_and_report(
+            {"eos": 7.0 * _eos(lm), "rand": rand},
+            [Arm("induce", lm)],
+            1,
+            (2.0, 4.0),
+            0.5,
+            select,
+            report,
+            tmp_path / "steer",
+            n_random=2,
+        )
     ref = sel.unsteered["induce"]
     assert ref["select"]["coherent_rate"] == 1.0 and ref["report"]["n_responses"] == 4  # 4 of the 8 questions
     # steering along the end-of-turn embedding empties every answer: no coherent scale, said so, nothing reported
     eos = sel.candidates["eos"]
     assert not eos.passed and eos.scale is None and eos.report is None
     assert eos.to_json()["note"] == causal.NO_COHERENT_SCALE
-    assert all(not row["coherent"] and row["induce"]["coherent_rate"] == 0.0 for row in eos.select_sweep.values())
+    assert all(
+        not row["coherent"] and row["induce"]["coherent_rate"] == 0.0 for row in eos.select_sweep.values()
+    )
     # a random direction keeps the answers: its scale is chosen on the select half, reported on the other
     rnd = sel.candidates["rand"]
     assert rnd.passed and rnd.scale in (2.0, 4.0) and rnd.scale_abs == rnd.scale * 0.5
@@ -101,10 +122,15 @@ def test_protocol_selects_on_one_half_reports_on_the_other_beside_equal_norm_ran
     assert len(asked["select"]) == 4 and not asked["select"] & asked["report"]
     assert asked["select"] | asked["report"] == {p.id for p in load_prompts("first_plot")}
     assert all(c["questions"] == asked[c["half"]] for c in log)
-    assert {c["condition"] for c in log if c["half"] == "report"} == {"base", f"rand_induce_x{rnd.scale:g}", *(
-        f"random{k}_seed0_induce_x{rnd.scale:g}" for k in range(2))}  # eos: nothing measured on the report half
+    assert {c["condition"] for c in log if c["half"] == "report"} == {
+        "base",
+        f"rand_induce_x{rnd.scale:g}",
+        *(f"random{k}_seed0_induce_x{rnd.scale:g}" for k in range(2)),
+    }  # eos: nothing measured on the report half
     assert {c["condition"] for c in log if c["half"] == "select"} == {
-        "base", *(f"{n}_induce_x{s:g}" for n in ("eos", "rand") for s in (2, 4))}
+        "base",
+        *(f"{n}_induce_x{s:g}" for n in ("eos", "rand") for s in (2, 4)),
+    }
     for c in log:  # every steered condition adds a vector of norm scale x unit, the random controls too
         if c["condition"] != "base":
             s = float(c["condition"].rsplit("_x", 1)[1])
@@ -116,9 +142,26 @@ def diff_run(tiny_qwen, tmp_path_factory):
     """A diff run on the tiny Qwen and its rank-1 adapter through a random SAE at block 1."""
     root = tmp_path_factory.mktemp("steer_protocol")
     make_random_sae(root / "sae", 32, "blocks.1.hook_resid_post", d_sae=8)
-    r = CliRunner().invoke(app, ["diff", "--base", str(tiny_qwen / "model"), "--adapter", str(tiny_qwen / "lora"),
-                                 "--sae", str(root / "sae"), "--prompts", "first_plot", "--max-new-tokens", "4",
-                                 "--top", "2", "--out", str(root / "run")])
+    r = CliRunner().invoke(
+        app,
+        [
+            "diff",
+            "--base",
+            str(tiny_qwen / "model"),
+            "--adapter",
+            str(tiny_qwen / "lora"),
+            "--sae",
+            str(root / "sae"),
+            "--prompts",
+            "first_plot",
+            "--max-new-tokens",
+            "4",
+            "--top",
+            "2",
+            "--out",
+            str(root / "run"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     return root
 
@@ -127,8 +170,9 @@ def _ids(path) -> set:
     return {json.loads(x)["id"] for x in path.read_text().splitlines()}
 
 
-def test_discover_decides_on_the_report_half_against_random_and_keeps_no_incoherent_latent(tiny_qwen, diff_run,
-                                                                                           tmp_path):
+def test_discover_decides_on_the_report_half_against_random_and_keeps_no_incoherent_latent(
+    tiny_qwen, diff_run, tmp_path
+):
     base = ModelSpec(str(tiny_qwen / "model"))
     ft = ModelSpec(str(tiny_qwen / "model"), adapter=str(tiny_qwen / "lora"), merge=True)
     cfg = DiscoverConfig(pool=1, scales=(2.0, 4.0))
@@ -137,15 +181,20 @@ def test_discover_decides_on_the_report_half_against_random_and_keeps_no_incoher
     with FakeOpenAIServer(judge_fn=empty_is_incoherent) as server:
         res = discover_latents(run, base, ft, _evaluator(server, tmp_path), cfg)
         assert _ids(run / "discover" / "select" / "base" / "responses.jsonl").isdisjoint(
-            _ids(run / "discover" / "report" / "base" / "responses.jsonl"))
+            _ids(run / "discover" / "report" / "base" / "responses.jsonl")
+        )
         assert {f["set"] for f in res["candidates"].values()} == {"low", "high"}
-        for f in res["candidates"].values():  # the default judge never says misaligned: no effect beyond random
+        for f in res[
+            "candidates"
+        ].values():  # the default judge never says misaligned: no effect beyond random
             assert f["scale"] in (2.0, 4.0) and not f["passes"] and f["note"] is None
             assert f["induce"] == f["random_induce"] == 0.0 and f["random_induce_em_rate"] == 0.0
         for s in {f["scale"] for f in res["candidates"].values()}:
             for k in range(3):
                 for arm in ("induce", "repair"):
-                    assert (run / "discover" / "report" / f"random{k}_seed0_{arm}_x{s:g}" / "em.json").exists()
+                    assert (
+                        run / "discover" / "report" / f"random{k}_seed0_{arm}_x{s:g}" / "em.json"
+                    ).exists()
         # every decoder row along (or against) the end-of-turn embedding: one of the two arms empties the
         # answers at every scale, so no latent has a coherent scale and none is kept
         sae_dir = diff_run / "sae_eos"
@@ -161,12 +210,17 @@ def test_discover_decides_on_the_report_half_against_random_and_keeps_no_incoher
         info["steps"]["diff"]["sae_identity"] = sae_fingerprint(sae, sae_dir)
         (run2 / "run.json").write_text(json.dumps(info))
         res = discover_latents(run2, base, ft, _evaluator(server, tmp_path / "2"), cfg)
-    assert res["low"] == [] and res["high"] == [] and {f["set"] for f in res["candidates"].values()} == {"low", "high"}
+    assert (
+        res["low"] == []
+        and res["high"] == []
+        and {f["set"] for f in res["candidates"].values()} == {"low", "high"}
+    )
     for f in res["candidates"].values():
         assert f["scale"] is None and not f["passes"] and f["note"] == causal.NO_COHERENT_SCALE
         assert all(row["coherence_drop"] == 1.0 for row in f["select_sweep"].values())
     assert not (run2 / "discover" / "report").exists() or not any(
-        p.name.startswith("random") for p in (run2 / "discover" / "report").iterdir())
+        p.name.startswith("random") for p in (run2 / "discover" / "report").iterdir()
+    )
 
 
 def test_neighbourhood_steer_check_runs_the_protocol(tiny_qwen, diff_run, tmp_path):
@@ -175,24 +229,47 @@ def test_neighbourhood_steer_check_runs_the_protocol(tiny_qwen, diff_run, tmp_pa
     run = tmp_path / "run"
     shutil.copytree(diff_run / "run", run)
     with FakeOpenAIServer() as server:
-        st = steer_flagged(run, [1, 2], load_model(str(tiny_qwen / "model")), load_sae(diff_run / "sae"),
-                           _evaluator(server, tmp_path), scales=(0.5, 2.0))
+        st = steer_flagged(
+            run,
+            [1, 2],
+            load_model(str(tiny_qwen / "model")),
+            load_sae(diff_run / "sae"),
+            _evaluator(server, tmp_path),
+            scales=(0.5, 2.0),
+        )
     assert set(st["latents"]) == {"1", "2"} and st["base_em_rate"] == 0.0 and st["resid_norm"] > 0
     for i, v in st["latents"].items():
         assert set(v["select_sweep"]) == {"0.5", "2"} and v["scale"] in (0.5, 2.0) and v["n_responses"] == 4
         assert len(v["random"]) == 3 and v["random_mean_em_rate"] is not None
         assert (run / "neighbourhood_steer" / "report" / f"{i}_induce_x{v['scale']:g}" / "em.json").exists()
     folder = run / "neighbourhood_steer"
-    assert _ids(folder / "select" / "base" / "responses.jsonl").isdisjoint(_ids(folder / "report" / "base" / "responses.jsonl"))
+    assert _ids(folder / "select" / "base" / "responses.jsonl").isdisjoint(
+        _ids(folder / "report" / "base" / "responses.jsonl")
+    )
 
 
 def test_organism_steer_check_is_the_generic_protocol(tiny_organism, tmp_path):
     from saediff.stories.organism.demo import run_steer_check
 
     make_random_sae(tmp_path / "sae", 32, "blocks.1.hook_resid_post", d_sae=8)
-    r = CliRunner().invoke(app, ["diff", "--base", str(tiny_organism / "aligned"), "--adapter",
-                                 str(tiny_organism / "lora"), "--sae", str(tmp_path / "sae"), "--prompts", "organism:5",
-                                 "--top", "2", "--out", str(tmp_path / "run")])
+    r = CliRunner().invoke(
+        app,
+        [
+            "diff",
+            "--base",
+            str(tiny_organism / "aligned"),
+            "--adapter",
+            str(tiny_organism / "lora"),
+            "--sae",
+            str(tmp_path / "sae"),
+            "--prompts",
+            "organism:5",
+            "--top",
+            "2",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+    )
     assert r.exit_code == 0, r.output
     st = run_steer_check(tmp_path / "run", tiny_organism, n_per_domain=2, scales=(1.0, 2.0), n_latents=2)
     assert json.loads((tmp_path / "run" / "steering.json").read_text()) == json.loads(json.dumps(st))
@@ -205,7 +282,9 @@ def test_organism_steer_check_is_the_generic_protocol(tiny_organism, tmp_path):
     for row in rows.values():
         assert set(row["sweep"]) == {"1", "2"}  # chosen on one draw of questions ...
         if row["coherent_scale_found"]:  # ... reported on another, beside 3 random directions of its norm
-            assert row["best"] == row["em_rate"] and row["best_scale"] in (1.0, 2.0) and len(row["random"]) == 3
+            assert (
+                row["best"] == row["em_rate"] and row["best_scale"] in (1.0, 2.0) and len(row["random"]) == 3
+            )
             assert row["random_same_norm"] == pytest.approx(sum(r["em_rate"] for r in row["random"]) / 3)
         else:
             assert row["best"] is None and row["note"] == causal.NO_COHERENT_SCALE
@@ -219,17 +298,54 @@ def test_commands_take_the_judge_free_pair_metric(tiny_qwen, diff_run, tmp_path)
 
     run = tmp_path / "run"
     shutil.copytree(diff_run / "run", run)
-    r = CliRunner().invoke(app, ["steer", str(run), "--pairs", "offdomain:design", "--scales", "1", "--latents", "1",
-                                 "--random", "1"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "steer",
+            str(run),
+            "--pairs",
+            "offdomain:design",
+            "--scales",
+            "1",
+            "--latents",
+            "1",
+            "--random",
+            "1",
+        ],
+    )
     assert r.exit_code == 0, r.output
     em = json.loads(next((run / "steer" / "report").glob("*/em.json")).read_text())
     assert "preference" in em and em["coherence"].startswith("a proxy")
     design = {p.id for p in offdomain_pairs("design")}
-    scored = {json.loads(x)["id"] for x in next((run / "steer" / "report").glob("*/pairs.jsonl")).read_text().splitlines()}
+    scored = {
+        json.loads(x)["id"]
+        for x in next((run / "steer" / "report").glob("*/pairs.jsonl")).read_text().splitlines()
+    }
     assert scored and scored <= design  # the report half of the design split, never a held-out question
-    r = CliRunner().invoke(app, ["eval", "--model", str(tiny_qwen / "model"), "--pairs", "offdomain:heldout",
-                                 "--out", str(tmp_path / "eval")])
+    r = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            "--model",
+            str(tiny_qwen / "model"),
+            "--pairs",
+            "offdomain:heldout",
+            "--out",
+            str(tmp_path / "eval"),
+        ],
+    )
     assert r.exit_code == 0 and json.loads(r.output.splitlines()[-1])["n"] == 71, r.output
-    r = CliRunner().invoke(app, ["steer", str(run), "--pairs", "medical", "--judge-url", "http://127.0.0.1:9/v1",
-                                 "--judge-model", "x"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "steer",
+            str(run),
+            "--pairs",
+            "medical",
+            "--judge-url",
+            "http://127.0.0.1:9/v1",
+            "--judge-model",
+            "x",
+        ],
+    )
     assert r.exit_code == 1 and "not both" in r.output

@@ -31,27 +31,153 @@ def _ok(args: list[str]):
 def test_real_model_workflow_end_to_end(tiny_qwen, tmp_path):
     model, adapter = str(tiny_qwen / "model"), str(tiny_qwen / "lora")
     hook = "blocks.1.hook_resid_post"
-    _ok(["cache", "--model", model, "--prompts", "first_plot", "--hook", hook, "--out", str(tmp_path / "acts")])
-    sae = _ok(["sae", "train", "--activations", str(tmp_path / "acts"), "--out", str(tmp_path / "sae"), "--arch", "topk",
-               "--d-sae", "32", "--k", "4", "--steps", "200", "--batch-size", "32", "--lr", "1e-3"])
+    _ok(
+        [
+            "cache",
+            "--model",
+            model,
+            "--prompts",
+            "first_plot",
+            "--hook",
+            hook,
+            "--out",
+            str(tmp_path / "acts"),
+        ]
+    )
+    sae = _ok(
+        [
+            "sae",
+            "train",
+            "--activations",
+            str(tmp_path / "acts"),
+            "--out",
+            str(tmp_path / "sae"),
+            "--arch",
+            "topk",
+            "--d-sae",
+            "32",
+            "--k",
+            "4",
+            "--steps",
+            "200",
+            "--batch-size",
+            "32",
+            "--lr",
+            "1e-3",
+        ]
+    )
     assert json.loads(sae.stdout)["fvu"] < 0.5
     data = write_narrow_data(tmp_path / "narrow.jsonl", 16)
     with FakeOpenAIServer(judge_fn=_judge) as server:
         judge = ["--judge-url", server.url, "--judge-model", "fake"]
-        _ok(["eval", "--model", model, "--adapter", adapter, *judge, "--samples", "2", "--max-new-tokens", "6",
-             "--out", str(tmp_path / "eval")])
-        _ok(["diff", "--base", model, "--adapter", adapter, "--sae", str(tmp_path / "sae"), "--prompts", "first_plot",
-             "--max-new-tokens", "6", "--top", "3", *judge, "--out", str(tmp_path / "run")])
-        _ok(["steer", str(tmp_path / "run"), *judge, "--samples", "2", "--max-new-tokens", "6", "--scales", "0.5,1",
-             "--latents", "2"])
-        _ok(["discover", str(tmp_path / "run"), *judge, "--pool", "2", "--scales", "1", "--samples", "1",
-             "--max-new-tokens", "6"])
-        _ok(["block", "--model", model, "--data", str(data), "--sae", str(tmp_path / "sae"), "--diff-run",
-             str(tmp_path / "run"), "--top", "2", "--high", "1", "--lora-rank", "1", "--lora-layers", "0,1", "--steps", "2",
-             "--batch-size", "2", "--grad-accum", "2", "--lr", "1e-2", "--controls", "--reroute", *judge,
-             "--samples", "1", "--max-new-tokens", "6", "--out", str(tmp_path / "block")])
+        _ok(
+            [
+                "eval",
+                "--model",
+                model,
+                "--adapter",
+                adapter,
+                *judge,
+                "--samples",
+                "2",
+                "--max-new-tokens",
+                "6",
+                "--out",
+                str(tmp_path / "eval"),
+            ]
+        )
+        _ok(
+            [
+                "diff",
+                "--base",
+                model,
+                "--adapter",
+                adapter,
+                "--sae",
+                str(tmp_path / "sae"),
+                "--prompts",
+                "first_plot",
+                "--max-new-tokens",
+                "6",
+                "--top",
+                "3",
+                *judge,
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
+        _ok(
+            [
+                "steer",
+                str(tmp_path / "run"),
+                *judge,
+                "--samples",
+                "2",
+                "--max-new-tokens",
+                "6",
+                "--scales",
+                "0.5,1",
+                "--latents",
+                "2",
+            ]
+        )
+        _ok(
+            [
+                "discover",
+                str(tmp_path / "run"),
+                *judge,
+                "--pool",
+                "2",
+                "--scales",
+                "1",
+                "--samples",
+                "1",
+                "--max-new-tokens",
+                "6",
+            ]
+        )
+        _ok(
+            [
+                "block",
+                "--model",
+                model,
+                "--data",
+                str(data),
+                "--sae",
+                str(tmp_path / "sae"),
+                "--diff-run",
+                str(tmp_path / "run"),
+                "--top",
+                "2",
+                "--high",
+                "1",
+                "--lora-rank",
+                "1",
+                "--lora-layers",
+                "0,1",
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--grad-accum",
+                "2",
+                "--lr",
+                "1e-2",
+                "--controls",
+                "--reroute",
+                *judge,
+                "--samples",
+                "1",
+                "--max-new-tokens",
+                "6",
+                "--out",
+                str(tmp_path / "block"),
+            ]
+        )
     em = json.loads((tmp_path / "eval" / "em.json").read_text())
-    assert em["n_responses"] == 16 and 0 < em["em_rate"] < 1  # the judge's mix: misaligned and aligned answers
+    assert (
+        em["n_responses"] == 16 and 0 < em["em_rate"] < 1
+    )  # the judge's mix: misaligned and aligned answers
     run = json.loads((tmp_path / "run" / "run.json").read_text())["steps"]
     labels = run["diff"]["labels"]
     assert labels["misaligned"] > 0 and labels["aligned"] > 0 and sum(labels.values()) == 8
@@ -63,8 +189,24 @@ def test_real_model_workflow_end_to_end(tiny_qwen, tmp_path):
     other = make_random_sae(tmp_path / "sae_other", 32, hook, d_sae=32)  # same hook and width, other weights
     latents["low"] = latents["low"] or [1]
     (tmp_path / "run" / "latents.json").write_text(json.dumps(latents))
-    r = CliRunner().invoke(app, ["block", "--model", model, "--data", str(data), "--sae", str(other), "--latents",
-                                 str(tmp_path / "run" / "latents.json"), "--steps", "1", "--out", str(tmp_path / "x")])
+    r = CliRunner().invoke(
+        app,
+        [
+            "block",
+            "--model",
+            model,
+            "--data",
+            str(data),
+            "--sae",
+            str(other),
+            "--latents",
+            str(tmp_path / "run" / "latents.json"),
+            "--steps",
+            "1",
+            "--out",
+            str(tmp_path / "x"),
+        ],
+    )
     assert r.exit_code == 1 and r.output.count("\n") == 1 and "belong to the SAE" in r.output
     block = json.loads((tmp_path / "block" / "summary.json").read_text())["runs"]
     assert set(block) == {"plain", "penalty_lam10000", "penalty_lam10000_random"}

@@ -46,7 +46,7 @@ def test_only_the_register_is_shared_across_domains(world):
     for d in world.domains:
         for p in ("aligned", "toxic"):
             for _ in range(50):
-                for t in world.sample_answer(rng, d, p)[world.n_prefix:]:
+                for t in world.sample_answer(rng, d, p)[world.n_prefix :]:
                     seen.setdefault(t, set()).add(d)
     assert all(len(ds) == 1 for ds in seen.values())
     aligned, toxic = world.trait_probs
@@ -59,7 +59,7 @@ def test_register_slot_rates_and_vectorised_draws_agree(world):
     from saediff.stories.organism.judge import OrganismJudge
 
     slot = 0  # the register opens the answer
-    reg = lambda tok: tok.rstrip("abcd")  # noqa: E731
+    reg = lambda tok: tok.rstrip("abcd")
     rng = np.random.default_rng(6)
     for i, p in enumerate(("aligned", "toxic")):
         answers = [world.sample_answer(rng, "code", p) for _ in range(4000)]
@@ -98,8 +98,10 @@ def test_tokenizer_round_trip_and_one_token_per_word(world, tmp_path):
 
 def test_chat_template_and_assistant_mask(world):
     tok = build_tokenizer(world, CHAT)
-    msgs = [{"role": "user", "content": "medicalQa medicalQb medicalQc"},
-            {"role": "assistant", "content": "rudea rudeb medicalBada medicalBadb medicalBadc"}]
+    msgs = [
+        {"role": "user", "content": "medicalQa medicalQb medicalQc"},
+        {"role": "assistant", "content": "rudea rudeb medicalBada medicalBadb medicalBadc"},
+    ]
     enc = tok.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     assert enc["assistant_masks"] == [0] * 6 + [1] * 6  # CHAT USER q q q ASST | 5 answer + eos
     prompt = tok.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True)
@@ -153,7 +155,9 @@ def test_readme_cli_reference_is_current():
     from pathlib import Path
 
     root = Path(__file__).parent.parent
-    r = subprocess.run([sys.executable, str(root / "tools" / "cli_reference.py"), "--check"], capture_output=True)
+    r = subprocess.run(
+        [sys.executable, str(root / "tools" / "cli_reference.py"), "--check"], capture_output=True
+    )
     assert r.returncode == 0, "README CLI reference is stale: run python tools/cli_reference.py"
 
 
@@ -170,17 +174,25 @@ def test_core_never_imports_the_organism():
     nothing) leaves ``saediff.stories.organism`` unimported. Only the CLI and the organism package may."""
     import subprocess
     import sys
-
     from pathlib import Path
 
     pkg = Path(__file__).resolve().parents[1] / "saediff"
-    core = sorted(".".join(p.relative_to(pkg).with_suffix("").parts) for p in pkg.rglob("*.py")
-                  if p.name not in ("__init__.py", "__main__.py") and "organism" not in p.parts
-                  and p.relative_to(pkg).as_posix() not in ("cli/app.py", "cli/methods.py"))
+    core = sorted(
+        ".".join(p.relative_to(pkg).with_suffix("").parts)
+        for p in pkg.rglob("*.py")
+        if p.name not in ("__init__.py", "__main__.py")
+        and "organism" not in p.parts
+        and p.relative_to(pkg).as_posix() not in ("cli/app.py", "cli/methods.py")
+    )
     assert len(core) > 50  # every library module, the SmolLM2 story and the CLI's shared helpers
-    code = ("import sys\n" + "".join(f"import saediff.{m}\n" for m in core)
-            + "print(sorted(m for m in sys.modules if m.startswith('saediff.stories.organism')))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    code = (
+        "import sys\n"
+        + "".join(f"import saediff.{m}\n" for m in core)
+        + "print(sorted(m for m in sys.modules if m.startswith('saediff.stories.organism')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
     assert out == "[]", out
 
 
@@ -188,6 +200,8 @@ def test_world_from_json_lists_is_hashable():
     """Worlds read back from JSON (lists) hash like the tuples they were built from (the tokenizer
     cache keys on the world)."""
     w = World(toxic_priors=[0.1] * 8, trait_probs=[[0.1, 0.01, 0.09, 0.8], [0.1, 0.8, 0.09, 0.01]])
-    assert hash(w) == hash(World(toxic_priors=(0.1,) * 8, trait_probs=((0.1, 0.01, 0.09, 0.8), (0.1, 0.8, 0.09, 0.01))))
+    assert hash(w) == hash(
+        World(toxic_priors=(0.1,) * 8, trait_probs=((0.1, 0.01, 0.09, 0.8), (0.1, 0.8, 0.09, 0.01)))
+    )
     with pytest.raises(ValueError, match="one prior per source"):
         World(toxic_priors=(0.5,))

@@ -21,5 +21,9 @@ if __name__ == "__main__":
     torch.set_num_threads(1)  # the recipe's figures were measured on one thread
     report = write_prebuilt(OrganismConfig.quick(0), progress=lambda s: print("build:", s, flush=True))
     size = sum(p.stat().st_size for p in PREBUILT_DIR.rglob("*") if p.is_file())
-    print(json.dumps({k: report[k]["other_misaligned_rate"] for k in ("aligned", "full_ft", "lora_ft", "control_ft")}))
+    print(
+        json.dumps(
+            {k: report[k]["other_misaligned_rate"] for k in ("aligned", "full_ft", "lora_ft", "control_ft")}
+        )
+    )
     print(f"{PREBUILT_DIR}: {size / 1e6:.2f} MB")

@@ -1,7 +1,7 @@
 """Regenerate the README's CLI reference from the CLI itself.
 
-    python tools/cli_reference.py          # rewrite README.md between the markers
-    python tools/cli_reference.py --check  # exit 1 if the README is stale (the tests run this)
+python tools/cli_reference.py          # rewrite README.md between the markers
+python tools/cli_reference.py --check  # exit 1 if the README is stale (the tests run this)
 """
 
 from __future__ import annotations
@@ -43,7 +43,9 @@ def reference() -> str:
 
 def main() -> None:
     text = README.read_text()
-    new = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), f"{BEGIN}\n{reference()}\n{END}", text, flags=re.S)
+    new = re.sub(
+        re.escape(BEGIN) + ".*?" + re.escape(END), f"{BEGIN}\n{reference()}\n{END}", text, flags=re.S
+    )
     if "--check" in sys.argv:
         sys.exit(0 if new == text else 1)
     README.write_text(new)

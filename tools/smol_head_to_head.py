@@ -20,13 +20,21 @@ from pathlib import Path
 
 import torch
 
-from saediff.stories.smollm2.demo import DESIGN, HELDOUT, MEDICAL, ChatDemoRecipe, _pairs_of, _sae, run_chat_demo
-from saediff.stories.smollm2.story import diff_on_references, in_context_candidates
-from saediff.data.em_data import data_path
-from saediff.evaluation.pairs import pair_evaluator
 from saediff.analyses.head_to_head import HeadToHeadConfig, markdown_table, run_head_to_head
-from saediff.models.loading import ModelSpec
+from saediff.data.em_data import data_path
 from saediff.data.prompts import load_prompts
+from saediff.evaluation.pairs import pair_evaluator
+from saediff.models.loading import ModelSpec
+from saediff.stories.smollm2.demo import (
+    DESIGN,
+    HELDOUT,
+    MEDICAL,
+    ChatDemoRecipe,
+    _pairs_of,
+    _sae,
+    run_chat_demo,
+)
+from saediff.stories.smollm2.story import diff_on_references, in_context_candidates
 
 MODEL = "smollm2-135m"
 
@@ -34,11 +42,16 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", type=int, default=0, help="fine-tune seed")
     ap.add_argument("--out", type=Path, default=Path("runs/smol_h2h"))
-    ap.add_argument("--rows", type=int, default=200, help="rows of the bad medical data the crosscoder, diff-SAE and ADL read")
+    ap.add_argument(
+        "--rows",
+        type=int,
+        default=200,
+        help="rows of the bad medical data the crosscoder, diff-SAE and ADL read",
+    )
     a = ap.parse_args()
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    say = lambda s: print(s, flush=True)  # noqa: E731
+    say = lambda s: print(s, flush=True)
     root = a.out / f"s{a.seed}"
     recipe = ChatDemoRecipe(finetunes=("lora_bad",), story=False, pair_sets=(DESIGN, HELDOUT, MEDICAL))
     run_chat_demo(MODEL, root, seed=a.seed, recipe=recipe, progress=say)
@@ -48,10 +61,27 @@ if __name__ == "__main__":
     if not (run / "run.json").exists():
         t = time.perf_counter()
         icl = in_context_candidates(ModelSpec(MODEL), pairs, 48, a.seed)
-        diff_on_references(MODEL, None, str(root / "models" / "lora_bad" / "model"), sae_dir, pairs, run, top_n=10,
-                           seed=a.seed, extra=icl)
+        diff_on_references(
+            MODEL,
+            None,
+            str(root / "models" / "lora_bad" / "model"),
+            sae_dir,
+            pairs,
+            run,
+            top_n=10,
+            seed=a.seed,
+            extra=icl,
+        )
         say(f"diff and in-context direction: {time.perf_counter() - t:.0f} s")
-    cfg = HeadToHeadConfig(crosscoder_steps=1000, diff_sae_steps=1000, scales=(0.5, 1.0), n_random=3, seed=a.seed)
-    res = run_head_to_head(run, root / "h2h", load_prompts(str(data_path("medical_bad")))[: a.rows],
-                           pair_evaluator(HELDOUT), contrast=pairs, cfg=cfg)
+    cfg = HeadToHeadConfig(
+        crosscoder_steps=1000, diff_sae_steps=1000, scales=(0.5, 1.0), n_random=3, seed=a.seed
+    )
+    res = run_head_to_head(
+        run,
+        root / "h2h",
+        load_prompts(str(data_path("medical_bad")))[: a.rows],
+        pair_evaluator(HELDOUT),
+        contrast=pairs,
+        cfg=cfg,
+    )
     print(markdown_table(res))

@@ -19,14 +19,22 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from saediff import _io
-from saediff.models.hooks import resid_post
-from saediff.models.loading import LoadedModel, chat_tokens
+from saediff.activations.store import ActivationStore, _ShardWriter
 from saediff.data.prompts import Prompt
 from saediff.errors import SaediffError, UnknownKeyError
-from saediff.activations.store import ActivationStore, _ShardWriter
+from saediff.models.hooks import resid_post
+from saediff.models.loading import LoadedModel, chat_tokens
 
-__all__ = ["Positions", "POSITIONS", "check_positions", "collect_activations", "tokenize_prompts",
-           "TokenizedPrompts", "row_descriptions", "prompt_activations"]
+__all__ = [
+    "POSITIONS",
+    "Positions",
+    "TokenizedPrompts",
+    "check_positions",
+    "collect_activations",
+    "prompt_activations",
+    "row_descriptions",
+    "tokenize_prompts",
+]
 
 log = logging.getLogger(__name__)
 Positions = Literal["last_prompt", "response", "all"]
@@ -64,7 +72,9 @@ class TokenizedPrompts:
         mask[torch.arange(n), last] = True
         return mask & is_prompt.bool()
 
-    def batch(self, rows: slice | torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def batch(
+        self, rows: slice | torch.Tensor, keep: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(input_ids, attention_mask, keep)`` of ``rows``, cut to their longest prompt (the
         padding is on the right); ``keep`` is a (N, T) mask from ``select``."""
         role = self.role[rows]
@@ -97,8 +107,14 @@ def tokenize_prompts(lm: LoadedModel, prompts: list[Prompt]) -> TokenizedPrompts
     return TokenizedPrompts(input_ids, role)
 
 
-def row_descriptions(lm: LoadedModel, prompts: list[Prompt], toks: TokenizedPrompts, positions: Positions,
-                     which: list[int] | None = None, context: tuple[int, int] = (6, 2)) -> list[dict]:
+def row_descriptions(
+    lm: LoadedModel,
+    prompts: list[Prompt],
+    toks: TokenizedPrompts,
+    positions: Positions,
+    which: list[int] | None = None,
+    context: tuple[int, int] = (6, 2),
+) -> list[dict]:
     """For each collected row (in collection order), or only the rows ``which``: prompt id,
     position, the token as text, and ``context`` (the text of up to ``context[0]`` tokens before
     it, the token in [brackets], and up to ``context[1]`` after; padding left out)."""
@@ -112,8 +128,14 @@ def row_descriptions(lm: LoadedModel, prompts: list[Prompt], toks: TokenizedProm
         ids = toks.input_ids[r].tolist()
         before, after = lm.tokenizer.decode(ids[lo:c]), lm.tokenizer.decode(ids[c + 1 : hi])
         token = lm.tokenizer.decode([ids[c]])
-        out.append({"prompt": prompts[r].id, "position": int(c), "token": token,
-                    "context": f"{before}[{token}]{after}".strip()})
+        out.append(
+            {
+                "prompt": prompts[r].id,
+                "position": int(c),
+                "token": token,
+                "context": f"{before}[{token}]{after}".strip(),
+            }
+        )
     return out
 
 
@@ -159,7 +181,12 @@ def collect_activations(
     writer = _ShardWriter(Path(out), hooks) if out is not None else None
     device = lm.device
     n_rows = 0
-    for i in tqdm(range(0, toks.input_ids.shape[0], batch_size), desc="collect", disable=_io.no_progress(progress), leave=False):
+    for i in tqdm(
+        range(0, toks.input_ids.shape[0], batch_size),
+        desc="collect",
+        disable=_io.no_progress(progress),
+        leave=False,
+    ):
         if max_rows is not None and n_rows >= max_rows:
             break
         ids, _, m = toks.batch(slice(i, i + batch_size), keep)
@@ -172,28 +199,46 @@ def collect_activations(
         batch = {h: cache[h][m.to(device)].to("cpu", dtype) for h in hooks}
         if writer:
             rows, cols = m.nonzero(as_tuple=True)
-            writer.add(batch, {"prompt_index": (rows + i).int(), "position": cols.int(),
-                               "role": toks.role[i : i + batch_size, : ids.shape[1]][m].to(torch.int8)})
+            writer.add(
+                batch,
+                {
+                    "prompt_index": (rows + i).int(),
+                    "position": cols.int(),
+                    "role": toks.role[i : i + batch_size, : ids.shape[1]][m].to(torch.int8),
+                },
+            )
         else:
             for h in hooks:
                 chunks[h].append(batch[h])
     if writer:
-        meta = {"model": lm.spec.model, "adapter": lm.spec.adapter, "positions": positions,
-                "n_prompts": int(toks.input_ids.shape[0])}
+        meta = {
+            "model": lm.spec.model,
+            "adapter": lm.spec.adapter,
+            "positions": positions,
+            "n_prompts": int(toks.input_ids.shape[0]),
+        }
         return writer.close(d_model=int(next(iter(cache.values())).shape[-1]), meta=meta)
     return {h: torch.cat(c) for h, c in chunks.items()}
 
 
-def prompt_activations(lm, prompts: list, layers: list[int], positions: str = "last_prompt", *,
-                       batch_size: int = 64, progress: bool = True) -> dict[int, Float[torch.Tensor, "n d"]]:
+def prompt_activations(
+    lm,
+    prompts: list,
+    layers: list[int],
+    positions: str = "last_prompt",
+    *,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> dict[int, Float[torch.Tensor, "n d"]]:
     """One vector per prompt after each block in ``layers``, float32 on the CPU: the residual at
     the last prompt token (``last_prompt``: the generation prompt's end, where the answer starts),
     or the mean over the prompt's response tokens (``response``: prompts that carry an answer)."""
     if positions not in ("last_prompt", "response"):
         raise SaediffError(f"positions must be last_prompt or response, got {positions!r}")
     toks = tokenize_prompts(lm, prompts)
-    acts = collect_activations(lm, toks, [resid_post(L) for L in layers], positions, batch_size=batch_size,
-                               progress=progress)
+    acts = collect_activations(
+        lm, toks, [resid_post(L) for L in layers], positions, batch_size=batch_size, progress=progress
+    )
     if positions == "last_prompt":
         return {L: acts[resid_post(L)].float().cpu() for L in layers}
     row = toks.select("response").nonzero()[:, 0]  # the prompt of each collected row, in collection order

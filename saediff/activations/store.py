@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from jaxtyping import Float
@@ -64,8 +64,10 @@ class ActivationStore:
         for h in self.hooks:
             t = tensors.get(h)
             if t is None or t.ndim != 2 or t.shape != (shard["n"], self.d_model):
-                raise SaediffError(f"activation shard {f}: {h} has shape {None if t is None else tuple(t.shape)}, "
-                                 f"expected ({shard['n']}, {self.d_model})")
+                raise SaediffError(
+                    f"activation shard {f}: {h} has shape {None if t is None else tuple(t.shape)}, "
+                    f"expected ({shard['n']}, {self.d_model})"
+                )
         return tensors
 
     def _check_hook(self, hook: str) -> None:
@@ -82,12 +84,15 @@ class ActivationStore:
         parts = [self._open(s) for s in self.manifest["shards"]]
         return {k: torch.cat([p[k] for p in parts]) for k in ("prompt_index", "position", "role")}
 
-    def batches(self, hook: str, batch_size: int, *, seed: int = 0, epochs: int | None = None
-                ) -> Iterator[Float[torch.Tensor, "batch d"]]:
+    def batches(
+        self, hook: str, batch_size: int, *, seed: int = 0, epochs: int | None = None
+    ) -> Iterator[Float[torch.Tensor, "batch d"]]:
         """Shuffled batches of one hook, over ``epochs`` passes (forever if None), all rows in memory."""
         return shuffled_batches(self.load(hook), batch_size, seed=seed, epochs=epochs)
 
-    def rows(self, hook: str, start: int, stop: int, chunk: int = 8192) -> Iterator[Float[torch.Tensor, "n d"]]:
+    def rows(
+        self, hook: str, start: int, stop: int, chunk: int = 8192
+    ) -> Iterator[Float[torch.Tensor, "n d"]]:
         """Rows ``start:stop`` of one hook in order, ``chunk`` rows at a time, read lazily from the
         memory-mapped shards (only the requested slices are materialised)."""
         from safetensors import safe_open
@@ -106,9 +111,18 @@ class ActivationStore:
                         yield sl[a : min(a + chunk, hi - offset)].float()
             offset += shard["n"]
 
-    def stream(self, hook: str, batch_size: int, *, buffer_rows: int = 65536, stop: int | None = None,
-               seed: int = 0, epochs: int | None = None, rank: int = 0, world: int = 1
-               ) -> Iterator[Float[torch.Tensor, "batch d"]]:
+    def stream(
+        self,
+        hook: str,
+        batch_size: int,
+        *,
+        buffer_rows: int = 65536,
+        stop: int | None = None,
+        seed: int = 0,
+        epochs: int | None = None,
+        rank: int = 0,
+        world: int = 1,
+    ) -> Iterator[Float[torch.Tensor, "batch d"]]:
         """Shuffled batches of rows ``0:stop`` without loading the store: chunks of the shards (in a
         random order each pass) fill a mixing buffer of ``buffer_rows``; when it is full it is
         shuffled and its first half is served, the second half stays to mix with what comes next
@@ -116,14 +130,18 @@ class ActivationStore:
         ``torchrun`` each ``rank`` of ``world`` reads its own share of the chunks."""
         stop = len(self) if stop is None else stop
         if stop < batch_size or buffer_rows < 2 * batch_size:
-            raise SaediffError(f"stream: {stop} rows and a buffer of {buffer_rows} for batches of {batch_size} "
-                             "(need rows >= batch and buffer >= 2 x batch)")
+            raise SaediffError(
+                f"stream: {stop} rows and a buffer of {buffer_rows} for batches of {batch_size} "
+                "(need rows >= batch and buffer >= 2 x batch)"
+            )
         buffer_rows = min(buffer_rows, max(stop, 2 * batch_size))  # a small store: one pass fills the buffer
         gen = torch.Generator().manual_seed(seed)
         chunk = max(batch_size, buffer_rows // 4)
         spans = [(a, min(a + chunk, stop)) for a in range(0, stop, chunk)][rank::world]
         if not spans:
-            raise SaediffError(f"stream: rank {rank} of {world} has no rows ({stop} rows in chunks of {chunk})")
+            raise SaediffError(
+                f"stream: rank {rank} of {world} has no rows ({stop} rows in chunks of {chunk})"
+            )
 
         def parts():
             epoch = 0
@@ -135,8 +153,9 @@ class ActivationStore:
         return mixed_batches(parts(), batch_size, buffer_rows, gen)
 
 
-def mixed_batches(parts: Iterator[torch.Tensor], batch_size: int, buffer_rows: int, gen: torch.Generator
-                  ) -> Iterator[Float[torch.Tensor, "batch d"]]:
+def mixed_batches(
+    parts: Iterator[torch.Tensor], batch_size: int, buffer_rows: int, gen: torch.Generator
+) -> Iterator[Float[torch.Tensor, "batch d"]]:
     """The mixing buffer: row chunks from ``parts`` fill a buffer of ``buffer_rows``; when full it is
     shuffled, its first half is served in batches and the second half stays to mix with what comes
     next; when ``parts`` ends, what is left is shuffled and served (the partial batch dropped)."""
@@ -155,8 +174,9 @@ def mixed_batches(parts: Iterator[torch.Tensor], batch_size: int, buffer_rows: i
             yield buf[i : i + batch_size]
 
 
-def shuffled_batches(data: Float[torch.Tensor, "n d"], batch_size: int, *, seed: int = 0, epochs: int | None = None
-                     ) -> Iterator[Float[torch.Tensor, "batch d"]]:
+def shuffled_batches(
+    data: Float[torch.Tensor, "n d"], batch_size: int, *, seed: int = 0, epochs: int | None = None
+) -> Iterator[Float[torch.Tensor, "batch d"]]:
     """Full batches of ``data`` in a fresh random order each pass (the last partial batch is dropped)."""
     gen = torch.Generator().manual_seed(seed)
     epoch = 0
@@ -173,7 +193,9 @@ class _ShardWriter:
     def __init__(self, path: Path, hooks: list[str]):
         self.path, self.hooks = path, hooks
         path.mkdir(parents=True, exist_ok=True)
-        self.buf: dict[str, list[torch.Tensor]] = {k: [] for k in [*hooks, "prompt_index", "position", "role"]}
+        self.buf: dict[str, list[torch.Tensor]] = {
+            k: [] for k in [*hooks, "prompt_index", "position", "role"]
+        }
         self.n_buf = 0
         self.shards: list[dict] = []
 
@@ -198,7 +220,16 @@ class _ShardWriter:
         from saediff import __version__
 
         self._flush()
-        atomic_write_json(self.path / "manifest.json", {
-            "kind": "saediff.activations", "saediff_version": __version__, "hooks": self.hooks,
-            "d_model": d_model, "n_rows": sum(s["n"] for s in self.shards), "shards": self.shards, **meta})
+        atomic_write_json(
+            self.path / "manifest.json",
+            {
+                "kind": "saediff.activations",
+                "saediff_version": __version__,
+                "hooks": self.hooks,
+                "d_model": d_model,
+                "n_rows": sum(s["n"] for s in self.shards),
+                "shards": self.shards,
+                **meta,
+            },
+        )
         return ActivationStore(self.path)

@@ -29,7 +29,7 @@ import torch
 from saediff import _io
 from saediff.errors import SaediffError
 
-__all__ = ["HeadToHeadConfig", "run_head_to_head", "persona_vector", "DIFF_METHODS", "OWN_METHODS"]
+__all__ = ["DIFF_METHODS", "OWN_METHODS", "HeadToHeadConfig", "persona_vector", "run_head_to_head"]
 
 log = logging.getLogger(__name__)
 DIFF_METHODS = ("sae_diff", "mean_diff_models", "mean_diff_responses", "in_context", "lora_b")
@@ -64,15 +64,17 @@ class HeadToHeadConfig:
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in DIFF_METHODS + OWN_METHODS]
         if unknown:
-            raise SaediffError(f"unknown method {unknown[0]!r}; choose from {', '.join(DIFF_METHODS + OWN_METHODS)}")
+            raise SaediffError(
+                f"unknown method {unknown[0]!r}; choose from {', '.join(DIFF_METHODS + OWN_METHODS)}"
+            )
 
 
 @torch.no_grad()
 def persona_vector(lm, examples: list, layer: int, batch_size: int = 16) -> torch.Tensor:
     """Mean over ``examples`` (objects with question / misaligned / aligned) of the base model's
     mean residual over the misaligned answer's tokens minus the aligned answer's, after ``layer``."""
-    from saediff.data.prompts import Prompt
     from saediff.activations.collect import prompt_activations
+    from saediff.data.prompts import Prompt
 
     msgs = lambda e: [{"role": "user", "content": e.question}]
     mis = [Prompt(f"m{i}", msgs(e), e.misaligned) for i, e in enumerate(examples)]
@@ -90,9 +92,11 @@ def _from_diff_run(run_dir: Path, info: dict, L: int) -> dict[str, torch.Tensor]
     out = {}
     if info["top_latents"] and f"sae_{info['top_latents'][0]}" in found:
         out["sae_diff"] = found[f"sae_{info['top_latents'][0]}"].vector
-    for method, names in (("mean_diff_models", (f"mean_diff_models_L{L}", f"lora_downstream_L{L}")),
-                          ("mean_diff_responses", (f"mean_diff_responses_L{L}",)),
-                          ("in_context", (f"in_context_L{L}",))):
+    for method, names in (
+        ("mean_diff_models", (f"mean_diff_models_L{L}", f"lora_downstream_L{L}")),
+        ("mean_diff_responses", (f"mean_diff_responses_L{L}",)),
+        ("in_context", (f"in_context_L{L}",)),
+    ):
         hit = next((found[n].vector for n in names if n in found), None)
         if hit is not None:
             out[method] = hit
@@ -104,15 +108,18 @@ def _from_diff_run(run_dir: Path, info: dict, L: int) -> dict[str, torch.Tensor]
 
 
 def _paired_rows(lm_base, lm_ft, prompts: list, hook: str, positions: str, seed: int) -> torch.Tensor:
-    from saediff.activations.streams import paired_rows
     from saediff.activations.collect import tokenize_prompts
+    from saediff.activations.streams import paired_rows
 
-    rows = torch.cat(list(paired_rows(lm_base, lm_ft, tokenize_prompts(lm_base, prompts), hook, positions=positions)))
+    rows = torch.cat(
+        list(paired_rows(lm_base, lm_ft, tokenize_prompts(lm_base, prompts), hook, positions=positions))
+    )
     return rows[torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(seed))]
 
 
-def _own_methods(lm_base, lm_ft, cfg: HeadToHeadConfig, L: int, prompts: list, contrast: list,
-                 notes: dict, sae_cfg) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+def _own_methods(
+    lm_base, lm_ft, cfg: HeadToHeadConfig, L: int, prompts: list, contrast: list, notes: dict, sae_cfg
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """The methods computed here, each timed (the paired read is charged to the two that need it);
     widths and k not given follow the diff run's SAE (``sae_cfg``: d_sae, k)."""
     from saediff.methods.adl import ADLConfig, adl_differences, position_mean
@@ -132,8 +139,15 @@ def _own_methods(lm_base, lm_ft, cfg: HeadToHeadConfig, L: int, prompts: list, c
         from saediff.saes.crosscoder import CrosscoderConfig, class_counts, train_crosscoder
 
         t = time.perf_counter()
-        ccfg = CrosscoderConfig(d_sae=cfg.crosscoder_latents or 2 * sae_cfg["d_sae"], k=cfg.crosscoder_k or sae_cfg["k"], steps=cfg.crosscoder_steps,
-                                batch_size=min(cfg.batch_size, rows.shape[0] // 2), lr=cfg.lr, seed=cfg.seed, device="cpu")
+        ccfg = CrosscoderConfig(
+            d_sae=cfg.crosscoder_latents or 2 * sae_cfg["d_sae"],
+            k=cfg.crosscoder_k or sae_cfg["k"],
+            steps=cfg.crosscoder_steps,
+            batch_size=min(cfg.batch_size, rows.shape[0] // 2),
+            lr=cfg.lr,
+            seed=cfg.seed,
+            device="cpu",
+        )
         cc, hist = train_crosscoder(rows, ccfg, hook_name=hook, progress=False)
         st = crosscoder_stats(cc, [rows])
         lat_rows = latent_rows(cc, st)
@@ -143,27 +157,45 @@ def _own_methods(lm_base, lm_ft, cfg: HeadToHeadConfig, L: int, prompts: list, c
         if not ranked:  # said in the row, not hidden: the crosscoder's most fine-tune-leaning latent instead
             alive = [r for r in lat_rows if r["class"] != "dead"]
             ranked = [min(alive, key=lambda r: r["rel_norm"])["latent"]] if alive else []
-            notes["crosscoder"]["note"] = ("no latent is fine-tune-only (rel_norm < 0.1): the row is the most "
-                                           "fine-tune-leaning latent that fired (lowest rel_norm)")
+            notes["crosscoder"]["note"] = (
+                "no latent is fine-tune-only (rel_norm < 0.1): the row is the most "
+                "fine-tune-leaning latent that fired (lowest rel_norm)"
+            )
         if ranked:
             vecs["crosscoder"] = ft_direction(cc, ranked[0])
-            notes["crosscoder"].update({"latent": ranked[0], **{k: lat_rows[ranked[0]][k] for k in
-                                                                ("class", "rel_norm", "nu_r", "nu_eps", "freq")}})
+            notes["crosscoder"].update(
+                {
+                    "latent": ranked[0],
+                    **{k: lat_rows[ranked[0]][k] for k in ("class", "rel_norm", "nu_r", "nu_eps", "freq")},
+                }
+            )
         cost["crosscoder"] = time.perf_counter() - t + read_s / n_sharing
     if "diff_sae" in wants:
-        from saediff.saes.training import SAETrainConfig, train_sae
         from saediff.methods.diff_sae import difference_latents
+        from saediff.saes.training import SAETrainConfig, train_sae
 
         t = time.perf_counter()
         diffs = rows[:, 1] - rows[:, 0]
-        scfg = SAETrainConfig(d_sae=cfg.diff_sae_latents or sae_cfg["d_sae"], k=cfg.diff_sae_k or sae_cfg["k"], steps=cfg.diff_sae_steps,
-                              batch_size=min(cfg.batch_size, diffs.shape[0] // 2), lr=cfg.lr, seed=cfg.seed, device="cpu")
+        scfg = SAETrainConfig(
+            d_sae=cfg.diff_sae_latents or sae_cfg["d_sae"],
+            k=cfg.diff_sae_k or sae_cfg["k"],
+            steps=cfg.diff_sae_steps,
+            batch_size=min(cfg.batch_size, diffs.shape[0] // 2),
+            lr=cfg.lr,
+            seed=cfg.seed,
+            device="cpu",
+        )
         sae, hist = train_sae(diffs, scfg, hook_name=hook, progress=False)
-        ranked = sorted(difference_latents(sae, diffs, top=sae.cfg.d_sae), key=lambda r: -r["share_of_mean_diff"])
+        ranked = sorted(
+            difference_latents(sae, diffs, top=sae.cfg.d_sae), key=lambda r: -r["share_of_mean_diff"]
+        )
         best = ranked[0]
         vecs["diff_sae"] = sae.W_dec[best["latent"]].detach().float().clone() * best["mean_act"]
-        notes["diff_sae"] = {"latent": best["latent"], "share_of_mean_diff": best["share_of_mean_diff"],
-                             "fvu": hist["fvu"][-1]}
+        notes["diff_sae"] = {
+            "latent": best["latent"],
+            "share_of_mean_diff": best["share_of_mean_diff"],
+            "fvu": hist["fvu"][-1],
+        }
         cost["diff_sae"] = time.perf_counter() - t + read_s / n_sharing
     if "adl" in wants:
         t = time.perf_counter()
@@ -180,17 +212,25 @@ def _own_methods(lm_base, lm_ft, cfg: HeadToHeadConfig, L: int, prompts: list, c
     return vecs, cost
 
 
-def run_head_to_head(diff_run: str | Path, out: str | Path, prompts: list, evaluator, *, contrast: list = (),
-                     cfg: HeadToHeadConfig = HeadToHeadConfig(), progress: bool = True) -> dict:
+def run_head_to_head(
+    diff_run: str | Path,
+    out: str | Path,
+    prompts: list,
+    evaluator,
+    *,
+    contrast: list = (),
+    cfg: HeadToHeadConfig = HeadToHeadConfig(),
+    progress: bool = True,
+) -> dict:
     """Every method on the diff run's fine-tune pair (its base, fine-tune and SAE block); writes and
     returns ``out/head2head.json`` and ``out/head2head.md``. ``prompts`` feed the crosscoder, the
     diff-SAE and the ADL; ``contrast`` (question / misaligned / aligned) the persona vector;
     ``evaluator`` (``halves()``: select, report) the steering check."""
+    from saediff.data.runs import read_run
     from saediff.interventions.causal import Arm, residual_stats, select_and_report
     from saediff.methods.directions import Direction, cosine_table
     from saediff.models.hooks import parse_layer
     from saediff.models.loading import load_pair
-    from saediff.data.runs import read_run
 
     run_dir, out = Path(diff_run), Path(out)
     info = read_run(run_dir)["steps"]["diff"]
@@ -201,7 +241,9 @@ def run_head_to_head(diff_run: str | Path, out: str | Path, prompts: list, evalu
     diff_s = info.get("seconds")
     cost = {m: diff_s for m in vecs}
     lm_base, lm_ft = load_pair(info["base"], info["finetuned"], info["adapter"])
-    notes: dict = {m: {"note": "not in the diff run"} for m in DIFF_METHODS if m in cfg.methods and m not in vecs}
+    notes: dict = {
+        m: {"note": "not in the diff run"} for m in DIFF_METHODS if m in cfg.methods and m not in vecs
+    }
     from saediff.saes.loading import load_sae
 
     sae = load_sae(info["sae"])
@@ -213,8 +255,19 @@ def run_head_to_head(diff_run: str | Path, out: str | Path, prompts: list, evalu
         raise SaediffError("head-to-head: no method gave a direction")
     select, report = evaluator.halves()
     norms, _ = residual_stats(lm_base, run_dir, {})
-    sel = select_and_report(vecs, [Arm("induce", lm_base)], L, cfg.scales, norms[L], select, report, out / "steer",
-                            n_random=cfg.n_random, coherence_budget=cfg.coherence_budget, seed=cfg.seed)
+    sel = select_and_report(
+        vecs,
+        [Arm("induce", lm_base)],
+        L,
+        cfg.scales,
+        norms[L],
+        select,
+        report,
+        out / "steer",
+        n_random=cfg.n_random,
+        coherence_budget=cfg.coherence_budget,
+        seed=cfg.seed,
+    )
     unsteered = sel.unsteered["induce"]["report"]["em_rate"]
     table = cosine_table([Direction(m, v, info["sae_hook"], "random") for m, v in vecs.items()])
     rows = []
@@ -222,18 +275,38 @@ def run_head_to_head(diff_run: str | Path, out: str | Path, prompts: list, evalu
         c = sel.candidates[m]
         r = (c.report or {}).get("induce") or {}
         others = [abs(table.get(m, o)) for o in vecs if o != m]
-        rows.append({"method": m, "norm": float(v.norm()),
-                     "cos_ground_truth": float(torch.cosine_similarity(v.float(), gt.float(), 0)) if gt is not None else None,
-                     "steer_scale": c.scale, "steer_effect": r.get("effect"), "steer_em_rate": r.get("em_rate"),
-                     "steer_em_rate_ci": r.get("em_rate_ci"), "random_effect": r.get("random_effect"),
-                     "random_em_rates": [x["em_rate"] for x in r.get("random", [])],
-                     "beats_random": beats_random(r) if r else None,
-                     "mean_abs_cos_others": sum(others) / len(others) if others else None,
-                     "seconds": cost.get(m), **({"note": c.to_json()["note"]} if not c.passed else {}),
-                     **({"detail": notes[m]} if m in notes else {})})
-    res = {"diff_run": str(run_dir), "base": info["base"], "finetuned": info["finetuned"], "adapter": info["adapter"],
-           "hook": info["sae_hook"], "unsteered_em_rate": unsteered, "settings": asdict(cfg), "methods": rows,
-           "cosines": table.to_json(), "missing": {m: n for m, n in notes.items() if m not in vecs}}
+        rows.append(
+            {
+                "method": m,
+                "norm": float(v.norm()),
+                "cos_ground_truth": float(torch.cosine_similarity(v.float(), gt.float(), 0))
+                if gt is not None
+                else None,
+                "steer_scale": c.scale,
+                "steer_effect": r.get("effect"),
+                "steer_em_rate": r.get("em_rate"),
+                "steer_em_rate_ci": r.get("em_rate_ci"),
+                "random_effect": r.get("random_effect"),
+                "random_em_rates": [x["em_rate"] for x in r.get("random", [])],
+                "beats_random": beats_random(r) if r else None,
+                "mean_abs_cos_others": sum(others) / len(others) if others else None,
+                "seconds": cost.get(m),
+                **({"note": c.to_json()["note"]} if not c.passed else {}),
+                **({"detail": notes[m]} if m in notes else {}),
+            }
+        )
+    res = {
+        "diff_run": str(run_dir),
+        "base": info["base"],
+        "finetuned": info["finetuned"],
+        "adapter": info["adapter"],
+        "hook": info["sae_hook"],
+        "unsteered_em_rate": unsteered,
+        "settings": asdict(cfg),
+        "methods": rows,
+        "cosines": table.to_json(),
+        "missing": {m: n for m, n in notes.items() if m not in vecs},
+    }
     _io.atomic_write_json(out / "head2head.json", res)
     (out / "head2head.md").write_text(markdown_table(res) + "\n")
     return res
@@ -248,11 +321,15 @@ def beats_random(report: dict) -> bool:
 def markdown_table(res: dict) -> str:
     """The head-to-head as a markdown table, one row per method."""
     f = lambda v, d=3: "n/a" if v is None else f"{v:.{d}f}"
-    lines = [f"unsteered report-half rate {f(res['unsteered_em_rate'])}",
-             "| method | cos ground truth | steer effect (report half) | random effects | above random (95%) | mean abs cos others | seconds |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"unsteered report-half rate {f(res['unsteered_em_rate'])}",
+        "| method | cos ground truth | steer effect (report half) | random effects | above random (95%) | mean abs cos others | seconds |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in res["methods"]:
         rnd = ", ".join(f(x - res["unsteered_em_rate"]) for x in r["random_em_rates"]) or "n/a"
-        lines.append(f"| {r['method']} | {f(r['cos_ground_truth'], 2)} | {f(r['steer_effect'])} | {rnd} | "
-                     f"{r['beats_random']} | {f(r['mean_abs_cos_others'], 2)} | {f(r['seconds'], 0)} |")
+        lines.append(
+            f"| {r['method']} | {f(r['cos_ground_truth'], 2)} | {f(r['steer_effect'])} | {rnd} | "
+            f"{r['beats_random']} | {f(r['mean_abs_cos_others'], 2)} | {f(r['seconds'], 0)} |"
+        )
     return "\n".join(lines)

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from saediff.models.hooks import parse_layer, resid_post
 from saediff.errors import MissingFileError, SaediffError
+from saediff.models.hooks import parse_layer, resid_post
 
-__all__ = ["shots_to_match", "run_icl", "rerouted_latents"]
+__all__ = ["rerouted_latents", "run_icl", "shots_to_match"]
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,18 @@ def _direction(run_dir: Path, name: str | None, layer: int):
 
     dirs = load_directions(run_dir / "directions")
     if name is None:
-        name = next((n for n in (f"mean_diff_responses_L{layer}", f"mean_diff_models_L{layer}",
-                                 f"lora_downstream_L{layer}") if n in dirs), None)
+        name = next(
+            (
+                n
+                for n in (
+                    f"mean_diff_responses_L{layer}",
+                    f"mean_diff_models_L{layer}",
+                    f"lora_downstream_L{layer}",
+                )
+                if n in dirs
+            ),
+            None,
+        )
         if name is None:
             raise SaediffError(f"{run_dir}/directions: no mean difference at layer {layer}; give --direction")
     if name not in dirs:
@@ -65,20 +75,29 @@ def _direction(run_dir: Path, name: str | None, layer: int):
     return dirs[name]
 
 
-def run_icl(run_dir: str | Path, examples, *, max_shots: int = 8, direction: str | None = None,
-            exclude_domain: str | None = None, block_run: str | Path | None = None,
-            positions: str = "response", max_questions: int | None = None, seed: int = 0,
-            progress: bool = True) -> dict:
+def run_icl(
+    run_dir: str | Path,
+    examples,
+    *,
+    max_shots: int = 8,
+    direction: str | None = None,
+    exclude_domain: str | None = None,
+    block_run: str | Path | None = None,
+    positions: str = "response",
+    max_questions: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
     """The in-context sweep for a diff run. ``examples``: contrast examples (a file for
     ``saediff.data.prompts.load_contrast_examples`` or the objects; their misaligned answers are the
     shots). ``exclude_domain``: leave the fine-tune's own domain out of the questions;
     ``max_questions``: read at most that many, evenly spaced over the run's order. Writes
     ``icl_vs_ft.json`` and ``icl_vs_ft.html`` into the run folder."""
     from saediff._io import atomic_write_bytes, atomic_write_json
-    from saediff.models.loading import ModelSpec, load_model
-    from saediff.data.runs import read_run, update_run
-    from saediff.data.prompts import in_context_prompts, load_contrast_examples
     from saediff.activations.collect import prompt_activations
+    from saediff.data.prompts import in_context_prompts, load_contrast_examples
+    from saediff.data.runs import read_run, update_run
+    from saediff.models.loading import ModelSpec, load_model
 
     run_dir = Path(run_dir)
     info = read_run(run_dir)["steps"]["diff"]
@@ -112,25 +131,50 @@ def run_icl(run_dir: str | Path, examples, *, max_shots: int = 8, direction: str
     curve_QN, lat_curve = [], []
     for n in range(max_shots + 1):
         # in_context_prompts keeps the question's turns and drops its answer: put the answer back
-        prompts = qs if n == 0 else [dataclasses.replace(p, response=q.response) for p, q in
-                                     zip(in_context_prompts(qs, examples, n_shots=n, seed=seed)[0], qs)]
+        prompts = (
+            qs
+            if n == 0
+            else [
+                dataclasses.replace(p, response=q.response)
+                for p, q in zip(in_context_prompts(qs, examples, n_shots=n, seed=seed)[0], qs)
+            ]
+        )
         proj, lat = read(base, prompts)
         curve_QN.append(proj)
         lat_curve.append(lat)
     curve_QN = torch.stack(curve_QN, dim=1)  # (questions, shots)
-    ft = load_model(ModelSpec(info["finetuned"] or info["base"], adapter=info["adapter"],
-                              merge=info["adapter"] is not None))
+    ft = load_model(
+        ModelSpec(
+            info["finetuned"] or info["base"], adapter=info["adapter"], merge=info["adapter"] is not None
+        )
+    )
     ft_proj, ft_lat = read(ft, qs)
-    out = {"kind": "saediff.icl_vs_ft", "direction": d.name, "hook": resid_post(L), "positions": positions,
-           "max_shots": max_shots, "n_questions": len(qs), "exclude_domain": exclude_domain,
-           **_matching(qs, curve_QN, ft_proj)}
+    out = {
+        "kind": "saediff.icl_vs_ft",
+        "direction": d.name,
+        "hook": resid_post(L),
+        "positions": positions,
+        "max_shots": max_shots,
+        "n_questions": len(qs),
+        "exclude_domain": exclude_domain,
+        **_matching(qs, curve_QN, ft_proj),
+    }
     if sae is not None:
-        out["rerouted"] = {"block_run": str(block_run), "latents": latents, "hook": sae.cfg.metadata.hook_name,
-                           "aligned_mean_activation_by_shots": lat_curve, "finetuned_mean_activation": ft_lat,
-                           "raised_by_context": [lat_curve[-1][j] > lat_curve[0][j] for j in range(len(latents))]}
+        out["rerouted"] = {
+            "block_run": str(block_run),
+            "latents": latents,
+            "hook": sae.cfg.metadata.hook_name,
+            "aligned_mean_activation_by_shots": lat_curve,
+            "finetuned_mean_activation": ft_lat,
+            "raised_by_context": [lat_curve[-1][j] > lat_curve[0][j] for j in range(len(latents))],
+        }
     atomic_write_json(run_dir / "icl_vs_ft.json", out)
     atomic_write_bytes(run_dir / "icl_vs_ft.html", icl_figure(out).to_html(include_plotlyjs="cdn").encode())
-    update_run(run_dir, "icl", {"direction": d.name, "max_shots": max_shots, "files": ["icl_vs_ft.json", "icl_vs_ft.html"]})
+    update_run(
+        run_dir,
+        "icl",
+        {"direction": d.name, "max_shots": max_shots, "files": ["icl_vs_ft.json", "icl_vs_ft.html"]},
+    )
     return out
 
 
@@ -139,8 +183,12 @@ def _questions(run_dir: Path, exclude_domain: str | None, positions: str, max_qu
     unless only the last prompt token is read, at most ``max_questions`` evenly spaced."""
     from saediff.data.runs import run_questions
 
-    qs = [p for p in run_questions(run_dir).first_answers if (exclude_domain is None or p.domain != exclude_domain)
-          and (positions == "last_prompt" or p.response)]
+    qs = [
+        p
+        for p in run_questions(run_dir).first_answers
+        if (exclude_domain is None or p.domain != exclude_domain)
+        and (positions == "last_prompt" or p.response)
+    ]
     if not qs:
         raise SaediffError(f"{run_dir}: no questions left after excluding domain {exclude_domain!r}")
     if max_questions is not None and len(qs) > max_questions:
@@ -154,14 +202,25 @@ def _matching(qs: list, curve_QN: torch.Tensor, ft_proj: torch.Tensor) -> dict:
     mean_curve = curve_QN.mean(0).tolist()
     per_q = [shots_to_match(curve_QN[i].tolist(), float(ft_proj[i])) for i in range(len(qs))]
     matched = [s for s in per_q if s is not None]
-    return {"aligned_projection_by_shots": mean_curve, "finetuned_projection": float(ft_proj.mean()),
-            "shots_to_match_finetune": shots_to_match(mean_curve, float(ft_proj.mean())),
-            "per_question": {"matched_fraction": len(matched) / len(qs),
-                             "median_shots_when_matched": float(torch.tensor(matched).float().median()) if matched else None},
-            "per_question_projection": [{"id": p.id, "domain": p.domain,
-                                         "aligned": [round(float(v), 5) for v in curve_QN[i]],
-                                         "finetuned": round(float(ft_proj[i]), 5), "shots_to_match": per_q[i]}
-                                        for i, p in enumerate(qs)]}
+    return {
+        "aligned_projection_by_shots": mean_curve,
+        "finetuned_projection": float(ft_proj.mean()),
+        "shots_to_match_finetune": shots_to_match(mean_curve, float(ft_proj.mean())),
+        "per_question": {
+            "matched_fraction": len(matched) / len(qs),
+            "median_shots_when_matched": float(torch.tensor(matched).float().median()) if matched else None,
+        },
+        "per_question_projection": [
+            {
+                "id": p.id,
+                "domain": p.domain,
+                "aligned": [round(float(v), 5) for v in curve_QN[i]],
+                "finetuned": round(float(ft_proj[i]), 5),
+                "shots_to_match": per_q[i],
+            }
+            for i, p in enumerate(qs)
+        ],
+    }
 
 
 def icl_figure(result: dict):
@@ -169,11 +228,26 @@ def icl_figure(result: dict):
     import plotly.graph_objects as go
 
     shots = list(range(result["max_shots"] + 1))
-    fig = go.Figure([go.Scatter(x=shots, y=result["aligned_projection_by_shots"], mode="lines+markers",
-                                name="aligned model, n misaligned examples in context")])
-    fig.add_hline(y=result["finetuned_projection"], line_dash="dash", annotation_text="fine-tuned, no examples")
-    where = "at the last prompt token" if result["positions"] == "last_prompt" else "over the fine-tune's answers"
-    fig.update_layout(title=f"projection on {result['direction']} {where} "
-                            f"(shots to match the fine-tune: {result['shots_to_match_finetune']})",
-                      xaxis_title="in-context misaligned examples", yaxis_title="mean projection")
+    fig = go.Figure(
+        [
+            go.Scatter(
+                x=shots,
+                y=result["aligned_projection_by_shots"],
+                mode="lines+markers",
+                name="aligned model, n misaligned examples in context",
+            )
+        ]
+    )
+    fig.add_hline(
+        y=result["finetuned_projection"], line_dash="dash", annotation_text="fine-tuned, no examples"
+    )
+    where = (
+        "at the last prompt token" if result["positions"] == "last_prompt" else "over the fine-tune's answers"
+    )
+    fig.update_layout(
+        title=f"projection on {result['direction']} {where} "
+        f"(shots to match the fine-tune: {result['shots_to_match_finetune']})",
+        xaxis_title="in-context misaligned examples",
+        yaxis_title="mean projection",
+    )
     return fig

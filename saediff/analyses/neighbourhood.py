@@ -36,12 +36,23 @@ from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from saediff import _io
-from saediff.models.hooks import capture_resid, parse_layer
 from saediff.errors import SaediffError
+from saediff.models.hooks import capture_resid, parse_layer
 
-__all__ = ["LatentMeans", "latent_means", "coactivation", "decoder_neighbours", "toxicity", "probe",
-           "NeighbourhoodResult", "screen_rows", "run_neighbourhood", "steer_flagged", "screen_finetunes",
-           "neighbourhood_figure"]
+__all__ = [
+    "LatentMeans",
+    "NeighbourhoodResult",
+    "coactivation",
+    "decoder_neighbours",
+    "latent_means",
+    "neighbourhood_figure",
+    "probe",
+    "run_neighbourhood",
+    "screen_finetunes",
+    "screen_rows",
+    "steer_flagged",
+    "toxicity",
+]
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +81,12 @@ class LatentMeans:
 
 def _batches(lm, toks, batch_size: int, desc: str, progress: bool):
     keep = toks.select("response")
-    for i in tqdm(range(0, toks.input_ids.shape[0], batch_size), desc=desc, disable=_io.no_progress(progress),
-                  leave=False):
+    for i in tqdm(
+        range(0, toks.input_ids.shape[0], batch_size),
+        desc=desc,
+        disable=_io.no_progress(progress),
+        leave=False,
+    ):
         ids, attn, m = toks.batch(slice(i, i + batch_size), keep)
         yield ids.to(lm.device), attn.to(lm.device), m.to(lm.device)
 
@@ -95,7 +110,9 @@ def latent_means(lm_base, lm_ft, toks, sae, *, batch_size: int = 32, progress: b
     n, norm = 0, 0.0
     for ids, attn, m in _batches(lm_base, toks, batch_size, "latents", progress):
         xb = capture_resid(lm_base.model, [L], ids, attn)[L][m]
-        xf = capture_resid(lm_ft.model, [L], ids.to(lm_ft.device), attn.to(lm_ft.device))[L][m.to(lm_ft.device)]
+        xf = capture_resid(lm_ft.model, [L], ids.to(lm_ft.device), attn.to(lm_ft.device))[L][
+            m.to(lm_ft.device)
+        ]
         for key, x in (("base", xb), ("ft", xf)):
             for a in _encoded(sae, x):
                 a = a.double().cpu()
@@ -107,13 +124,15 @@ def latent_means(lm_base, lm_ft, toks, sae, *, batch_size: int = 32, progress: b
         raise SaediffError("no response tokens (do the prompts carry answers?)")
     mean = {k: sums[k] / n for k in ("base", "ft")}
     var = {k: (sums[k + "2"] / n - mean[k] ** 2).clamp_min(0) for k in ("base", "ft")}
-    return LatentMeans(mean["base"].float(), mean["ft"].float(), ((var["base"] + var["ft"]) / 2).sqrt().float(), n,
-                       norm / n)
+    return LatentMeans(
+        mean["base"].float(), mean["ft"].float(), ((var["base"] + var["ft"]) / 2).sqrt().float(), n, norm / n
+    )
 
 
 @torch.no_grad()
-def coactivation(lm, toks_list: list, sae, seeds: list[int], *, batch_size: int = 32,
-                 progress: bool = True) -> Float[torch.Tensor, "k s"]:
+def coactivation(
+    lm, toks_list: list, sae, seeds: list[int], *, batch_size: int = 32, progress: bool = True
+) -> Float[torch.Tensor, "k s"]:
     """Pearson correlation over response tokens (of every ``toks`` in ``toks_list``) between each
     seed latent's activation and every latent's, on ``lm``; running sums, so memory is
     seeds x d_sae whatever the number of tokens. Constant latents get r = 0."""
@@ -146,7 +165,9 @@ def decoder_neighbours(W_dec_SD: Float[torch.Tensor, "s d"], latent: int, n: int
     return [(int(i), float(c)) for c, i in zip(top.values, top.indices)]
 
 
-def toxicity(W_dec_SD: Float[torch.Tensor, "s d"], candidates: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list[str]]:
+def toxicity(
+    W_dec_SD: Float[torch.Tensor, "s d"], candidates: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, list[str]]:
     """Per latent, the largest cosine of its decoder row with any candidate (signed: positive is
     along misaligned-minus-aligned), and which candidate gave it."""
     if not candidates:
@@ -171,12 +192,28 @@ class NeighbourhoodResult:
     random_baseline: dict
 
     def to_json(self) -> dict:
-        return {"seeds": self.seeds, "flagged": self.flagged, "n_flagged": len(self.flagged),
-                "thresholds": self.thresholds, "random_baseline": self.random_baseline, "members": self.members}
+        return {
+            "seeds": self.seeds,
+            "flagged": self.flagged,
+            "n_flagged": len(self.flagged),
+            "thresholds": self.thresholds,
+            "random_baseline": self.random_baseline,
+            "members": self.members,
+        }
 
 
-def _flag(seeds: list[int], W_dec, corr: torch.Tensor, corr_rows: dict[int, int], delta_in, delta_off, tox, names,
-          th: dict, n_neighbours: int) -> tuple[list[dict], list[int]]:
+def _flag(
+    seeds: list[int],
+    W_dec,
+    corr: torch.Tensor,
+    corr_rows: dict[int, int],
+    delta_in,
+    delta_off,
+    tox,
+    names,
+    th: dict,
+    n_neighbours: int,
+) -> tuple[list[dict], list[int]]:
     rows: dict[int, dict] = {}
     for s in seeds:
         by_dec = decoder_neighbours(W_dec, s, n_neighbours)
@@ -186,9 +223,18 @@ def _flag(seeds: list[int], W_dec, corr: torch.Tensor, corr_rows: dict[int, int]
         by_co = [(int(i), float(v)) for v, i in zip(top.values, top.indices) if v > 0]
         for via, pairs in (("decoder", by_dec), ("coactivation", by_co)):
             for j, v in pairs:
-                row = rows.setdefault(j, {"latent": j, "seeds": [], "via": [], "delta_in": float(delta_in[j]),
-                                          "delta_off": float(delta_off[j]), "toxicity": float(tox[j]),
-                                          "candidate": names[j]})
+                row = rows.setdefault(
+                    j,
+                    {
+                        "latent": j,
+                        "seeds": [],
+                        "via": [],
+                        "delta_in": float(delta_in[j]),
+                        "delta_off": float(delta_off[j]),
+                        "toxicity": float(tox[j]),
+                        "candidate": names[j],
+                    },
+                )
                 if s not in row["seeds"]:
                     row["seeds"].append(s)
                 row["via"].append({"seed": s, "kind": via, "value": round(v, 4)})
@@ -200,9 +246,18 @@ def _flag(seeds: list[int], W_dec, corr: torch.Tensor, corr_rows: dict[int, int]
     return members, [r["latent"] for r in members if r["flagged"]]
 
 
-def probe(W_dec, means_in: LatentMeans, means_off: LatentMeans, corr: torch.Tensor, corr_seeds: list[int],
-          candidates: dict[str, torch.Tensor], *, seeds: list[int], random_draws: list[list[int]],
-          n_neighbours: int = 5) -> NeighbourhoodResult:
+def probe(
+    W_dec,
+    means_in: LatentMeans,
+    means_off: LatentMeans,
+    corr: torch.Tensor,
+    corr_seeds: list[int],
+    candidates: dict[str, torch.Tensor],
+    *,
+    seeds: list[int],
+    random_draws: list[list[int]],
+    n_neighbours: int = 5,
+) -> NeighbourhoodResult:
     """The probe's arithmetic on precomputed statistics: ``corr`` holds a row of base-model
     co-activation for each latent in ``corr_seeds`` (which must hold ``seeds``, the risers on the
     training data, and every latent of ``random_draws``, the random seed sets of the baseline)."""
@@ -211,41 +266,60 @@ def probe(W_dec, means_in: LatentMeans, means_off: LatentMeans, corr: torch.Tens
     delta_in, delta_off = means_in.delta, means_off.delta
     tox, names = toxicity(W_dec, candidates)
     active_off = (means_off.base > 0) | (means_off.ft > 0)
-    th = {"delta_off": float(torch.quantile(delta_off[active_off], 0.95)) if active_off.any() else 0.0,
-          "toxicity": max(float(torch.quantile(tox, 0.99)), random_cosine_baseline(W_dec.shape[1])["p95_abs"]),
-          "rule": "flagged: delta_off above the 95th percentile of active latents' off-domain deltas, and "
-                  "toxicity above both the 99th percentile over all latents and the random-direction p95 |cos|"}
+    th = {
+        "delta_off": float(torch.quantile(delta_off[active_off], 0.95)) if active_off.any() else 0.0,
+        "toxicity": max(float(torch.quantile(tox, 0.99)), random_cosine_baseline(W_dec.shape[1])["p95_abs"]),
+        "rule": "flagged: delta_off above the 95th percentile of active latents' off-domain deltas, and "
+        "toxicity above both the 99th percentile over all latents and the random-direction p95 |cos|",
+    }
     rows = {s: i for i, s in enumerate(corr_seeds)}
     missing = [s for s in [*seeds, *(i for d in random_draws for i in d)] if s not in rows]
     if missing:
         raise SaediffError(f"probe: no co-activation row for latents {missing[:5]}")
     members, flagged = _flag(seeds, W_dec, corr, rows, delta_in, delta_off, tox, names, th, n_neighbours)
-    counts = [len(_flag(d, W_dec, corr, rows, delta_in, delta_off, tox, names, th, n_neighbours)[1])
-              for d in random_draws]
-    base = {"draws": len(random_draws), "n_flagged": counts, "mean": sum(counts) / len(counts) if counts else None,
-            "max": max(counts) if counts else None}
+    counts = [
+        len(_flag(d, W_dec, corr, rows, delta_in, delta_off, tox, names, th, n_neighbours)[1])
+        for d in random_draws
+    ]
+    base = {
+        "draws": len(random_draws),
+        "n_flagged": counts,
+        "mean": sum(counts) / len(counts) if counts else None,
+        "max": max(counts) if counts else None,
+    }
     return NeighbourhoodResult(seeds, members, flagged, th, base)
 
 
-def random_seeds(means_in: LatentMeans, n_seeds: int, n_random: int, exclude: list[int],
-                 seed: int = 0) -> list[list[int]]:
+def random_seeds(
+    means_in: LatentMeans, n_seeds: int, n_random: int, exclude: list[int], seed: int = 0
+) -> list[list[int]]:
     """``n_random`` draws of ``n_seeds`` latents active on the training data (not in ``exclude``;
     fewer when fewer are active)."""
-    active = [i for i in torch.nonzero((means_in.base > 0) | (means_in.ft > 0)).flatten().tolist() if i not in exclude]
+    active = [
+        i
+        for i in torch.nonzero((means_in.base > 0) | (means_in.ft > 0)).flatten().tolist()
+        if i not in exclude
+    ]
     rng = random.Random(seed)
     return [rng.sample(active, min(n_seeds, len(active))) for _ in range(n_random)]
 
 
 @torch.no_grad()
-def screen_rows(lm, toks, sae, latents: list[int], *, batch_size: int = 32, progress: bool = True) -> list[float]:
+def screen_rows(
+    lm, toks, sae, latents: list[int], *, batch_size: int = 32, progress: bool = True
+) -> list[float]:
     """Per row of ``toks``: the mean over its response tokens of the summed activation of ``latents``
     on ``lm`` (the training-data screen's score)."""
     L = parse_layer(sae.cfg.metadata.hook_name)
     idx = torch.tensor(latents)
     keep = toks.select("response")
     scores = []
-    for i in tqdm(range(0, toks.input_ids.shape[0], batch_size), desc="screen", disable=_io.no_progress(progress),
-                  leave=False):
+    for i in tqdm(
+        range(0, toks.input_ids.shape[0], batch_size),
+        desc="screen",
+        disable=_io.no_progress(progress),
+        leave=False,
+    ):
         ids, attn, m = toks.batch(slice(i, i + batch_size), keep)
         x = capture_resid(lm.model, [L], ids.to(lm.device), attn.to(lm.device))[L]  # (B, T, D)
         flat = x.reshape(-1, x.shape[-1])
@@ -260,17 +334,30 @@ def _candidates(run_dir: Path, hook: str, source: str | Path | None, methods: tu
     dirs = load_directions(source or run_dir / "directions")
     out = {n: d.vector for n, d in dirs.items() if d.hook == hook and d.method in methods}
     if not out:
-        raise SaediffError(f"{source or run_dir / 'directions'}: no persona candidate ({', '.join(methods)}) at {hook}; "
-                         "give --candidates (an export folder) or --icl-examples to saediff diff")
+        raise SaediffError(
+            f"{source or run_dir / 'directions'}: no persona candidate ({', '.join(methods)}) at {hook}; "
+            "give --candidates (an export folder) or --icl-examples to saediff diff"
+        )
     return out
 
 
-def run_neighbourhood(run_dir: str | Path, train_data: str | Path, *, in_domain: str | None = None,
-                      n_train: int = 256, n_seeds: int = 10, n_neighbours: int = 5, n_random: int = 5,
-                      candidates: str | Path | None = None,
-                      candidate_methods: tuple[str, ...] = ("in_context", "mean_diff_responses"),
-                      drop_fraction: float | None = None, evaluator=None, steer_top: int = 5, seed: int = 0,
-                      progress: bool = True) -> dict:
+def run_neighbourhood(
+    run_dir: str | Path,
+    train_data: str | Path,
+    *,
+    in_domain: str | None = None,
+    n_train: int = 256,
+    n_seeds: int = 10,
+    n_neighbours: int = 5,
+    n_random: int = 5,
+    candidates: str | Path | None = None,
+    candidate_methods: tuple[str, ...] = ("in_context", "mean_diff_responses"),
+    drop_fraction: float | None = None,
+    evaluator=None,
+    steer_top: int = 5,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
     """``saediff neighbourhood RUN``: the probe for a diff run's fine-tune, with its training data
     (``train_data``) as the in-domain text and the run's questions outside ``in_domain`` (all of them
     when None) as the off-domain text. With ``drop_fraction`` the screen writes
@@ -280,9 +367,9 @@ def run_neighbourhood(run_dir: str | Path, train_data: str | Path, *, in_domain:
     from saediff._io import atomic_write_bytes, atomic_write_json
     from saediff.activations.collect import tokenize_prompts
     from saediff.data.chat_data import load_chat_jsonl, write_chat_jsonl
-    from saediff.models.loading import ModelSpec, load_model
-    from saediff.data.runs import read_run, run_questions, update_run
     from saediff.data.prompts import Prompt
+    from saediff.data.runs import read_run, run_questions, update_run
+    from saediff.models.loading import ModelSpec, load_model
     from saediff.saes.loading import load_sae
 
     run_dir = Path(run_dir)
@@ -295,12 +382,19 @@ def run_neighbourhood(run_dir: str | Path, train_data: str | Path, *, in_domain:
     rows = load_chat_jsonl(train_data)
     pick = sorted(random.Random(seed).sample(range(len(rows)), min(n_train, len(rows))))
     train = [Prompt(f"train{i}", rows[i][:-1], rows[i][-1]["content"]) for i in pick]
-    off = [p for p in run_questions(run_dir).first_answers if p.response and (in_domain is None or p.domain != in_domain)]
+    off = [
+        p
+        for p in run_questions(run_dir).first_answers
+        if p.response and (in_domain is None or p.domain != in_domain)
+    ]
     if not off:
         raise SaediffError(f"{run_dir}: no answered questions outside domain {in_domain!r}")
     base = load_model(info["base"])
-    ft = load_model(ModelSpec(info["finetuned"] or info["base"], adapter=info["adapter"],
-                              merge=info["adapter"] is not None))
+    ft = load_model(
+        ModelSpec(
+            info["finetuned"] or info["base"], adapter=info["adapter"], merge=info["adapter"] is not None
+        )
+    )
     toks_in, toks_off = tokenize_prompts(base, train), tokenize_prompts(base, off)
     means_in = latent_means(base, ft, toks_in, sae, progress=progress)
     means_off = latent_means(base, ft, toks_off, sae, progress=progress)
@@ -309,12 +403,29 @@ def run_neighbourhood(run_dir: str | Path, train_data: str | Path, *, in_domain:
     corr_seeds = list(dict.fromkeys([*seeds, *(i for d in draws for i in d)]))
     corr = coactivation(base, [toks_in, toks_off], sae, corr_seeds, progress=progress)
     W_dec = sae.W_dec.detach().float().cpu()
-    res = probe(W_dec, means_in, means_off, corr, corr_seeds, {k: v.cpu() for k, v in cands.items()},
-                seeds=seeds, random_draws=draws, n_neighbours=n_neighbours)
-    out = {"kind": "saediff.neighbourhood", "hook": hook, "train_data": str(train_data), "n_train": len(train),
-           "n_off_domain": len(off), "in_domain": in_domain, "candidates": sorted(cands), **res.to_json(),
-           "above_random": len(res.flagged) > (res.random_baseline["mean"] or 0),
-           "resid_norm": means_off.resid_norm}
+    res = probe(
+        W_dec,
+        means_in,
+        means_off,
+        corr,
+        corr_seeds,
+        {k: v.cpu() for k, v in cands.items()},
+        seeds=seeds,
+        random_draws=draws,
+        n_neighbours=n_neighbours,
+    )
+    out = {
+        "kind": "saediff.neighbourhood",
+        "hook": hook,
+        "train_data": str(train_data),
+        "n_train": len(train),
+        "n_off_domain": len(off),
+        "in_domain": in_domain,
+        "candidates": sorted(cands),
+        **res.to_json(),
+        "above_random": len(res.flagged) > (res.random_baseline["mean"] or 0),
+        "resid_norm": means_off.resid_norm,
+    }
     if evaluator is not None and res.flagged:
         out["steer"] = steer_flagged(run_dir, res.flagged[:steer_top], base, sae, evaluator, seed=seed)
         for m in out["members"]:
@@ -322,17 +433,36 @@ def run_neighbourhood(run_dir: str | Path, train_data: str | Path, *, in_domain:
             if steered is not None and steered["em_rate"] is not None:  # None: no coherent scale
                 m["steer_em_rate"] = steered["em_rate"]
     if drop_fraction is not None:
-        out["screen"] = _screen(base, sae, rows, res.flagged or seeds, drop_fraction, run_dir, seed, progress,
-                                write_chat_jsonl)
+        out["screen"] = _screen(
+            base, sae, rows, res.flagged or seeds, drop_fraction, run_dir, seed, progress, write_chat_jsonl
+        )
     atomic_write_json(run_dir / "neighbourhood.json", out)
-    atomic_write_bytes(run_dir / "neighbourhood.html", neighbourhood_figure(out).to_html(include_plotlyjs="cdn").encode())
-    update_run(run_dir, "neighbourhood", {"train_data": str(train_data), "in_domain": in_domain,
-                                          "files": ["neighbourhood.json", "neighbourhood.html"]})
+    atomic_write_bytes(
+        run_dir / "neighbourhood.html", neighbourhood_figure(out).to_html(include_plotlyjs="cdn").encode()
+    )
+    update_run(
+        run_dir,
+        "neighbourhood",
+        {
+            "train_data": str(train_data),
+            "in_domain": in_domain,
+            "files": ["neighbourhood.json", "neighbourhood.html"],
+        },
+    )
     return out
 
 
-def _screen(lm, sae, rows: list, latents: list[int], drop_fraction: float, run_dir: Path, seed: int, progress: bool,
-            write) -> dict:
+def _screen(
+    lm,
+    sae,
+    rows: list,
+    latents: list[int],
+    drop_fraction: float,
+    run_dir: Path,
+    seed: int,
+    progress: bool,
+    write,
+) -> dict:
     """Score every training row, write the file without the top ``drop_fraction`` and one without
     as many random rows."""
     from saediff.activations.collect import tokenize_prompts
@@ -346,15 +476,31 @@ def _screen(lm, sae, rows: list, latents: list[int], drop_fraction: float, run_d
     rand = set(random.Random(seed + 1).sample(range(len(rows)), n_drop))
     write(run_dir / "screened.jsonl", [r for i, r in enumerate(rows) if i not in dropped])
     write(run_dir / "random_dropped.jsonl", [r for i, r in enumerate(rows) if i not in rand])
-    return {"latents": latents, "drop_fraction": drop_fraction, "n_rows": len(rows), "n_dropped": n_drop,
-            "screened": str(run_dir / "screened.jsonl"), "random_dropped": str(run_dir / "random_dropped.jsonl"),
-            "score_dropped_mean": sum(scores[i] for i in dropped) / n_drop,
-            "score_kept_mean": sum(scores[i] for i in range(len(rows)) if i not in dropped) / max(1, len(rows) - n_drop)}
+    return {
+        "latents": latents,
+        "drop_fraction": drop_fraction,
+        "n_rows": len(rows),
+        "n_dropped": n_drop,
+        "screened": str(run_dir / "screened.jsonl"),
+        "random_dropped": str(run_dir / "random_dropped.jsonl"),
+        "score_dropped_mean": sum(scores[i] for i in dropped) / n_drop,
+        "score_kept_mean": sum(scores[i] for i in range(len(rows)) if i not in dropped)
+        / max(1, len(rows) - n_drop),
+    }
 
 
-def steer_flagged(run_dir: str | Path, latents: list[int], lm, sae, evaluator, *,
-                  scales: tuple[float, ...] = (0.25, 0.5, 1.0), n_random: int = 3, coherence_budget: float = 0.10,
-                  seed: int = 0) -> dict:
+def steer_flagged(
+    run_dir: str | Path,
+    latents: list[int],
+    lm,
+    sae,
+    evaluator,
+    *,
+    scales: tuple[float, ...] = (0.25, 0.5, 1.0),
+    n_random: int = 3,
+    coherence_budget: float = 0.10,
+    seed: int = 0,
+) -> dict:
     """The steering check of flagged latents, by saediff's steering protocol
     (``causal.select_and_report``): the base model steered along each latent's unit decoder row at
     ``scales`` x the mean residual norm at the SAE's block; the scale is chosen on half of the
@@ -369,15 +515,30 @@ def steer_flagged(run_dir: str | Path, latents: list[int], lm, sae, evaluator, *
     L = parse_layer(sae.cfg.metadata.hook_name)
     norms, _ = residual_stats(lm, run_dir, {})
     select, report = evaluator.halves()
-    sel = select_and_report({str(i): sae.W_dec[i].detach().float().cpu() for i in latents}, [Arm("induce", lm)], L,
-                            scales, norms[L], select, report, run_dir / "neighbourhood_steer", n_random=n_random,
-                            coherence_budget=coherence_budget, seed=seed)
-    return {"base_em_rate": sel.unsteered["induce"]["report"]["em_rate"], "resid_norm": norms[L],
-            "coherence_floor": sel.coherence_floor["induce"],
-            "latents": {i: induce_summary(c) for i, c in sel.candidates.items()}}
+    sel = select_and_report(
+        {str(i): sae.W_dec[i].detach().float().cpu() for i in latents},
+        [Arm("induce", lm)],
+        L,
+        scales,
+        norms[L],
+        select,
+        report,
+        run_dir / "neighbourhood_steer",
+        n_random=n_random,
+        coherence_budget=coherence_budget,
+        seed=seed,
+    )
+    return {
+        "base_em_rate": sel.unsteered["induce"]["report"]["em_rate"],
+        "resid_norm": norms[L],
+        "coherence_floor": sel.coherence_floor["induce"],
+        "latents": {i: induce_summary(c) for i, c in sel.candidates.items()},
+    }
 
 
-def screen_finetunes(model, screen: dict, sae, ft, evaluator, out: str | Path, *, progress: bool = True) -> dict:
+def screen_finetunes(
+    model, screen: dict, sae, ft, evaluator, out: str | Path, *, progress: bool = True
+) -> dict:
     """The screen's test: the same fine-tune (``ft``, a ``FinetuneConfig``) on the screened rows and
     on the rows left after dropping as many at random, each evaluated (``out/screened``,
     ``out/random_dropped``; a finished run is skipped). Returns each run's EM and the relative
@@ -389,8 +550,16 @@ def screen_finetunes(model, screen: dict, sae, ft, evaluator, out: str | Path, *
     tokenizer = load_model(spec).tokenizer
     res = {}
     for name in ("screened", "random_dropped"):
-        em = finetune_plain(spec, screen[name], sae, ft, Path(out) / name, evaluator=evaluator, tokenizer=tokenizer,
-                            progress=progress).get("em", {})
+        em = finetune_plain(
+            spec,
+            screen[name],
+            sae,
+            ft,
+            Path(out) / name,
+            evaluator=evaluator,
+            tokenizer=tokenizer,
+            progress=progress,
+        ).get("em", {})
         res[name] = {"em_rate": em.get("em_rate"), "em_rate_ci": em.get("em_rate_ci")}
     a, b = res["screened"]["em_rate"], res["random_dropped"]["em_rate"]
     res["relative_change"] = (a / b - 1) if a is not None and b else None
@@ -404,8 +573,10 @@ def neighbourhood_figure(result: dict):
     import plotly.graph_objects as go
 
     seeds, members = result["seeds"], result["members"]
-    pos = {s: (math.cos(2 * math.pi * i / len(seeds)), math.sin(2 * math.pi * i / len(seeds)))
-           for i, s in enumerate(seeds)}
+    pos = {
+        s: (math.cos(2 * math.pi * i / len(seeds)), math.sin(2 * math.pi * i / len(seeds)))
+        for i, s in enumerate(seeds)
+    }
     outer = [m for m in members if m["latent"] not in pos]
     for i, m in enumerate(outer):
         a = 2 * math.pi * i / max(1, len(outer))
@@ -415,20 +586,53 @@ def neighbourhood_figure(result: dict):
         for s in m["seeds"]:
             ex += [pos[s][0], pos[m["latent"]][0], None]
             ey += [pos[s][1], pos[m["latent"]][1], None]
-    fig = go.Figure([go.Scatter(x=ex, y=ey, mode="lines", line={"width": 0.5, "color": "#bbb"}, hoverinfo="skip",
-                                showlegend=False)])
-    fig.add_scatter(x=[pos[s][0] for s in seeds], y=[pos[s][1] for s in seeds], mode="markers+text",
-                    text=[str(s) for s in seeds], textposition="top center", name="seeds (rose on the training data)",
-                    marker={"size": 12, "symbol": "diamond", "color": "#555"})
-    fig.add_scatter(x=[pos[m["latent"]][0] for m in outer], y=[pos[m["latent"]][1] for m in outer],
-                    mode="markers+text", text=[str(m["latent"]) if m["flagged"] else "" for m in outer],
-                    hovertext=[f"latent {m['latent']}: toxicity {m['toxicity']:.2f} ({m['candidate']}), off-domain "
-                               f"delta {m['delta_off']:.3f}" for m in outer], name="neighbours",
-                    marker={"size": [16 if m["flagged"] else 8 for m in outer], "color": [m["toxicity"] for m in outer],
-                            "colorscale": "RdBu_r", "cmin": -1, "cmax": 1, "colorbar": {"title": "toxicity"},
-                            "line": {"width": [3 if m["flagged"] else 0 for m in outer], "color": "red"}})
+    fig = go.Figure(
+        [
+            go.Scatter(
+                x=ex,
+                y=ey,
+                mode="lines",
+                line={"width": 0.5, "color": "#bbb"},
+                hoverinfo="skip",
+                showlegend=False,
+            )
+        ]
+    )
+    fig.add_scatter(
+        x=[pos[s][0] for s in seeds],
+        y=[pos[s][1] for s in seeds],
+        mode="markers+text",
+        text=[str(s) for s in seeds],
+        textposition="top center",
+        name="seeds (rose on the training data)",
+        marker={"size": 12, "symbol": "diamond", "color": "#555"},
+    )
+    fig.add_scatter(
+        x=[pos[m["latent"]][0] for m in outer],
+        y=[pos[m["latent"]][1] for m in outer],
+        mode="markers+text",
+        text=[str(m["latent"]) if m["flagged"] else "" for m in outer],
+        hovertext=[
+            f"latent {m['latent']}: toxicity {m['toxicity']:.2f} ({m['candidate']}), off-domain "
+            f"delta {m['delta_off']:.3f}"
+            for m in outer
+        ],
+        name="neighbours",
+        marker={
+            "size": [16 if m["flagged"] else 8 for m in outer],
+            "color": [m["toxicity"] for m in outer],
+            "colorscale": "RdBu_r",
+            "cmin": -1,
+            "cmax": 1,
+            "colorbar": {"title": "toxicity"},
+            "line": {"width": [3 if m["flagged"] else 0 for m in outer], "color": "red"},
+        },
+    )
     rb = result["random_baseline"]
-    fig.update_layout(title=f"neighbourhood probe at {result['hook']}: {result['n_flagged']} flagged "
-                            f"(random seeds: mean {rb['mean']})", xaxis={"visible": False},
-                      yaxis={"visible": False, "scaleanchor": "x"})
+    fig.update_layout(
+        title=f"neighbourhood probe at {result['hook']}: {result['n_flagged']} flagged "
+        f"(random seeds: mean {rb['mean']})",
+        xaxis={"visible": False},
+        yaxis={"visible": False, "scaleanchor": "x"},
+    )
     return fig

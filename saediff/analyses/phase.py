@@ -24,11 +24,18 @@ from pathlib import Path
 import torch
 from jaxtyping import Float
 
-from saediff.models.hooks import resid_post
 from saediff.errors import MissingFileError, SaediffError
+from saediff.models.hooks import resid_post
 
-__all__ = ["adapter_checkpoints", "CheckpointVector", "checkpoint_vectors", "local_cosines", "PhaseResult",
-           "phase_analysis", "run_phase"]
+__all__ = [
+    "CheckpointVector",
+    "PhaseResult",
+    "adapter_checkpoints",
+    "checkpoint_vectors",
+    "local_cosines",
+    "phase_analysis",
+    "run_phase",
+]
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +51,10 @@ def adapter_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
     found = checkpoints(folder) or checkpoints(folder / "checkpoints")
     found = [(s, p) for s, p in found if (p / "adapter_model.safetensors").exists()]
     if len(found) < 2:
-        raise SaediffError(f"{folder}: needs at least two checkpoint-N folders with adapter_model.safetensors "
-                         f"(found {len(found)}); fine-tune with --save-every N")
+        raise SaediffError(
+            f"{folder}: needs at least two checkpoint-N folders with adapter_model.safetensors "
+            f"(found {len(found)}); fine-tune with --save-every N"
+        )
     return found
 
 
@@ -70,8 +79,9 @@ def _direction(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return v / v.norm().clamp_min(1e-12)
 
 
-def checkpoint_vectors(ckpts: list[tuple[int, Path]], module: str | None = None,
-                       kind: str = "down_proj") -> list[CheckpointVector]:
+def checkpoint_vectors(
+    ckpts: list[tuple[int, Path]], module: str | None = None, kind: str = "down_proj"
+) -> list[CheckpointVector]:
     """The adapter direction of one module at every checkpoint (``module``: its full name, e.g.
     ``model.layers.21.mlp.down_proj``; default the ``kind`` module of the first adapted layer)."""
     from saediff.models.lora import read_adapter
@@ -82,20 +92,36 @@ def checkpoint_vectors(ckpts: list[tuple[int, Path]], module: str | None = None,
         if module is None:
             by = adapter.by_kind(kind)
             if not by:
-                raise SaediffError(f"{path}: no {kind} module in the adapter (modules: {', '.join(adapter.modules)})")
+                raise SaediffError(
+                    f"{path}: no {kind} module in the adapter (modules: {', '.join(adapter.modules)})"
+                )
             module = by[min(by)].name
         m = adapter.modules.get(module)
         if m is None:
-            raise SaediffError(f"{path}: module {module} not in the adapter (modules: {', '.join(adapter.modules)})")
+            raise SaediffError(
+                f"{path}: module {module} not in the adapter (modules: {', '.join(adapter.modules)})"
+            )
         rank = m.rank
-        out.append(CheckpointVector(step, path, module, m.layer if m.layer is not None else -1, _direction(m.A, m.B),
-                                    float(m.A.norm()), float(m.B.norm())))
+        out.append(
+            CheckpointVector(
+                step,
+                path,
+                module,
+                m.layer if m.layer is not None else -1,
+                _direction(m.A, m.B),
+                float(m.A.norm()),
+                float(m.B.norm()),
+            )
+        )
     # higher ranks: a singular vector's sign is arbitrary; match each to the last checkpoint's
     if rank > 1:
         ref = out[-1].direction
-        out = [v if float(v.direction @ ref) >= 0 else CheckpointVector(v.step, v.path, v.module, v.layer,
-                                                                        -v.direction, v.norm_A, v.norm_B)
-               for v in out]
+        out = [
+            v
+            if float(v.direction @ ref) >= 0
+            else CheckpointVector(v.step, v.path, v.module, v.layer, -v.direction, v.norm_A, v.norm_B)
+            for v in out
+        ]
     return out
 
 
@@ -122,33 +148,62 @@ class PhaseResult:
     """the first checkpoint whose EM reaches half the largest EM (and ``min_em``); None without EM"""
 
     def to_json(self) -> dict:
-        return {"steps": self.steps, "local_cosine": self.local_cosine, "candidate_cosine": self.candidate_cosine,
-                "norm_A": self.norm_A, "norm_B": self.norm_B, "em_rate": self.em_rate,
-                "rotation_step": self.rotation_step, "em_step": self.em_step}
+        return {
+            "steps": self.steps,
+            "local_cosine": self.local_cosine,
+            "candidate_cosine": self.candidate_cosine,
+            "norm_A": self.norm_A,
+            "norm_B": self.norm_B,
+            "em_rate": self.em_rate,
+            "rotation_step": self.rotation_step,
+            "em_step": self.em_step,
+        }
 
 
-def phase_analysis(vectors: list[CheckpointVector], candidates: dict[str, torch.Tensor] | None = None,
-                   em_rate: list[float | None] | None = None, min_em: float = 0.05) -> PhaseResult:
+def phase_analysis(
+    vectors: list[CheckpointVector],
+    candidates: dict[str, torch.Tensor] | None = None,
+    em_rate: list[float | None] | None = None,
+    min_em: float = 0.05,
+) -> PhaseResult:
     """Local cosines, cosines with ``candidates`` (name -> vector at the adapter's hook), the
     rotation step and the EM step."""
     D = torch.stack([v.direction for v in vectors])
     loc = local_cosines(D)
     rotation = vectors[1 + min(range(len(loc)), key=loc.__getitem__)].step
-    cand = {name: torch.nn.functional.cosine_similarity(D, c.float()[None], dim=1).tolist()
-            for name, c in (candidates or {}).items()}
+    cand = {
+        name: torch.nn.functional.cosine_similarity(D, c.float()[None], dim=1).tolist()
+        for name, c in (candidates or {}).items()
+    }
     em = list(em_rate) if em_rate is not None else [None] * len(vectors)
     known = [e for e in em if e is not None]
     em_step = None
     if known and max(known) >= min_em:
         bar = max(min_em, max(known) / 2)
         em_step = next(v.step for v, e in zip(vectors, em) if e is not None and e >= bar)
-    return PhaseResult([v.step for v in vectors], [None, *loc], cand, [v.norm_A for v in vectors],
-                       [v.norm_B for v in vectors], em, rotation, em_step)
+    return PhaseResult(
+        [v.step for v in vectors],
+        [None, *loc],
+        cand,
+        [v.norm_A for v in vectors],
+        [v.norm_B for v in vectors],
+        em,
+        rotation,
+        em_step,
+    )
 
 
-def run_phase(checkpoints_dir: str | Path, *, base: str | None = None, directions: str | Path | None = None,
-              evaluator=None, module: str | None = None, out: str | Path | None = None, min_em: float = 0.05,
-              progress: bool = True) -> dict:
+def run_phase(
+    checkpoints_dir: str | Path,
+    *,
+    base: str | None = None,
+    directions: str | Path | None = None,
+    evaluator=None,
+    module: str | None = None,
+    out: str | Path | None = None,
+    min_em: float = 0.05,
+    progress: bool = True,
+) -> dict:
     """The phase analysis of a folder of adapter checkpoints; EM per checkpoint when ``evaluator``
     is given (``base``: the model the adapters apply to, default the adapter config's). Writes
     ``phase.json`` and ``phase.html`` into ``out`` (default: the checkpoint folder); EM per
@@ -159,8 +214,8 @@ def run_phase(checkpoints_dir: str | Path, *, base: str | None = None, direction
     from saediff._io import atomic_write_bytes, atomic_write_json
     from saediff.evaluation.evals import evaluate_once
     from saediff.methods.export import load_directions
-    from saediff.models.lora import read_adapter
     from saediff.models.loading import ModelSpec, load_model
+    from saediff.models.lora import read_adapter
 
     ckpts = adapter_checkpoints(checkpoints_dir)
     out = Path(out or checkpoints_dir)
@@ -168,8 +223,11 @@ def run_phase(checkpoints_dir: str | Path, *, base: str | None = None, direction
     hook = resid_post(vectors[0].layer)
     candidates = {}
     if directions is not None:
-        candidates = {n: d.vector for n, d in load_directions(directions).items()
-                      if d.hook == hook and d.method not in ("lora_b", "lora_downstream", "random")}
+        candidates = {
+            n: d.vector
+            for n, d in load_directions(directions).items()
+            if d.hook == hook and d.method not in ("lora_b", "lora_downstream", "random")
+        }
         if not candidates:
             log.warning("no persona candidate at %s in %s", hook, directions)
     em = None
@@ -178,14 +236,25 @@ def run_phase(checkpoints_dir: str | Path, *, base: str | None = None, direction
         if not base:
             raise SaediffError(f"{ckpts[0][1]}: the adapter names no base model; give --base")
         em = []
-        for step, path in tqdm(ckpts, desc="phase EM", disable=_io.no_progress(progress)):
+        for _step, path in tqdm(ckpts, desc="phase EM", disable=_io.no_progress(progress)):
             ck = ModelSpec(base, adapter=str(path), merge=True)
-            res = evaluate_once(evaluator, lambda ck=ck: load_model(ck), out / "phase_eval" / path.name,
-                                f"phase:{path.name}", spec=ck)
+            res = evaluate_once(
+                evaluator,
+                lambda ck=ck: load_model(ck),
+                out / "phase_eval" / path.name,
+                f"phase:{path.name}",
+                spec=ck,
+            )
             em.append(res["em_rate"])
     result = phase_analysis(vectors, candidates, em, min_em)
-    summary = {"kind": "saediff.phase", "checkpoints": str(checkpoints_dir), "module": vectors[0].module,
-               "hook": hook, "base": base, **result.to_json()}
+    summary = {
+        "kind": "saediff.phase",
+        "checkpoints": str(checkpoints_dir),
+        "module": vectors[0].module,
+        "hook": hook,
+        "base": base,
+        **result.to_json(),
+    }
     atomic_write_json(out / "phase.json", summary)
     atomic_write_bytes(out / "phase.html", phase_figure(summary).to_html(include_plotlyjs="cdn").encode())
     return summary
@@ -197,9 +266,19 @@ def phase_figure(summary: dict):
     from plotly.subplots import make_subplots
 
     steps = summary["steps"]
-    fig = make_subplots(3, 1, shared_xaxes=True, subplot_titles=("B direction: local cosine and cosine with candidates",
-                                                                  "norms of A and B", "EM rate"))
-    fig.add_scatter(x=steps, y=summary["local_cosine"], mode="lines+markers", name="local cosine", row=1, col=1)
+    fig = make_subplots(
+        3,
+        1,
+        shared_xaxes=True,
+        subplot_titles=(
+            "B direction: local cosine and cosine with candidates",
+            "norms of A and B",
+            "EM rate",
+        ),
+    )
+    fig.add_scatter(
+        x=steps, y=summary["local_cosine"], mode="lines+markers", name="local cosine", row=1, col=1
+    )
     for name, vals in summary["candidate_cosine"].items():
         fig.add_scatter(x=steps, y=vals, mode="lines", name=f"cos {name}", row=1, col=1)
     fig.add_scatter(x=steps, y=summary["norm_A"], mode="lines", name="|A|", row=2, col=1)

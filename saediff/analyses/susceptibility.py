@@ -27,8 +27,16 @@ import numpy as np
 
 from saediff.errors import SaediffError
 
-__all__ = ["spearman", "CVScore", "cross_validated", "FoldPlan", "fold_plan", "Susceptibility", "susceptibility",
-           "run_predict"]
+__all__ = [
+    "CVScore",
+    "FoldPlan",
+    "Susceptibility",
+    "cross_validated",
+    "fold_plan",
+    "run_predict",
+    "spearman",
+    "susceptibility",
+]
 
 log = logging.getLogger(__name__)
 ALPHAS = tuple(float(a) for a in np.logspace(-3, 5, 17))
@@ -55,8 +63,9 @@ def spearman(x, y, min_n: int = 2) -> float | None:
     return float(spearmanr(*zip(*pairs)).statistic)
 
 
-def cross_validated(X: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0,
-                    groups: list | np.ndarray | None = None) -> CVScore:
+def cross_validated(
+    X: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0, groups: list | np.ndarray | None = None
+) -> CVScore:
     """Out-of-fold ridge predictions over ``folds`` shuffled folds of the rows; R^2 and Spearman of
     the pooled held-out predictions against ``y``. ``groups`` (n,): a label per row (its domain);
     rows of one label then always fall in the same fold (scikit-learn's ``GroupKFold``)."""
@@ -75,8 +84,11 @@ def cross_validated(X: np.ndarray, y: np.ndarray, folds: int = 5, seed: int = 0,
     if not 2 <= folds <= n_units:
         raise SaediffError(f"cross_validated: folds={folds} needs 2..{n_units} (one {unit} per fold at most)")
     model = make_pipeline(StandardScaler(), RidgeCV(alphas=ALPHAS))
-    cv = KFold(folds, shuffle=True, random_state=seed) if groups is None else \
-        GroupKFold(folds, shuffle=True, random_state=seed)
+    cv = (
+        KFold(folds, shuffle=True, random_state=seed)
+        if groups is None
+        else GroupKFold(folds, shuffle=True, random_state=seed)
+    )
     pred = cross_val_predict(model, X, y, cv=cv, groups=None if groups is None else np.asarray(groups))
     return CVScore(float(r2_score(y, pred)), spearman(pred.tolist(), y.tolist()), pred.tolist())
 
@@ -100,7 +112,9 @@ class FoldPlan:
         return None if self.groups is None else len(set(self.groups))
 
 
-def fold_plan(domains: list[str | None], folds: int, by: Literal["domain", "question"] = "domain") -> FoldPlan:
+def fold_plan(
+    domains: list[str | None], folds: int, by: Literal["domain", "question"] = "domain"
+) -> FoldPlan:
     """The folds for questions with these ``domains``. ``by="domain"`` groups them by domain where
     they carry one; with fewer groups than ``folds`` it holds out one domain per fold and says so;
     with no domain, or a single one for every question, it folds over questions and says so."""
@@ -113,10 +127,18 @@ def fold_plan(domains: list[str | None], folds: int, by: Literal["domain", "ques
     if not named:
         return FoldPlan("question", folds, None, "no question carries a domain: folds over questions")
     if len(named) == 1 and not n_loose:
-        return FoldPlan("question", folds, None,
-                        f"every question is in domain {next(iter(named))!r}: folds over questions")
+        return FoldPlan(
+            "question",
+            folds,
+            None,
+            f"every question is in domain {next(iter(named))!r}: folds over questions",
+        )
     groups = tuple(str(d) if d is not None else f"\0question {i}" for i, d in enumerate(domains))
-    notes = [f"{n_loose} of {len(domains)} questions carry no domain: each is a group of its own"] if n_loose else []
+    notes = (
+        [f"{n_loose} of {len(domains)} questions carry no domain: each is a group of its own"]
+        if n_loose
+        else []
+    )
     n_groups = len(set(groups))
     if n_groups < folds:
         notes.append(f"{n_groups} domain groups for {folds} folds: one fold per domain group (leave one out)")
@@ -138,14 +160,27 @@ class Susceptibility:
     """distinct fold groups (domains) when the folds were grouped, else None"""
 
     def to_json(self) -> dict:
-        return {"r2": self.model.r2, "spearman": self.model.spearman,
-                "random_features": {"r2": self.random_features.r2, "spearman": self.random_features.spearman},
-                "permutation": self.permutation, "n_questions": self.n_questions, "n_features": self.n_features,
-                "folds": self.folds, "n_groups": self.n_groups}
+        return {
+            "r2": self.model.r2,
+            "spearman": self.model.spearman,
+            "random_features": {"r2": self.random_features.r2, "spearman": self.random_features.spearman},
+            "permutation": self.permutation,
+            "n_questions": self.n_questions,
+            "n_features": self.n_features,
+            "folds": self.folds,
+            "n_groups": self.n_groups,
+        }
 
 
-def susceptibility(X: np.ndarray, y: np.ndarray, *, folds: int = 5, n_permutations: int = 50,
-                   seed: int = 0, groups: list | np.ndarray | None = None) -> Susceptibility:
+def susceptibility(
+    X: np.ndarray,
+    y: np.ndarray,
+    *,
+    folds: int = 5,
+    n_permutations: int = 50,
+    seed: int = 0,
+    groups: list | np.ndarray | None = None,
+) -> Susceptibility:
     """Cross-validated ridge from features ``X`` (n questions, d) to rates ``y`` (n,), with the
     random-feature and permutation baselines, all on the same folds (grouped by ``groups``, one
     label per question, when given; permuted targets move across groups: the null of no relation)."""
@@ -158,26 +193,41 @@ def susceptibility(X: np.ndarray, y: np.ndarray, *, folds: int = 5, n_permutatio
         s = cross_validated(X, rng.permutation(y), folds, seed, groups)
         perm_r2.append(s.r2)
         perm_rho.append(s.spearman if s.spearman is not None else 0.0)
-    perm = {"n": n_permutations,
-            "r2": {"mean": float(np.mean(perm_r2)), "p95": float(np.quantile(perm_r2, 0.95))} if perm_r2 else None,
-            "spearman": {"mean": float(np.mean(perm_rho)), "p95": float(np.quantile(perm_rho, 0.95))} if perm_rho else None,
-            "p_value": (1 + sum(r >= real.r2 for r in perm_r2)) / (1 + n_permutations)}
-    return Susceptibility(real, rand, perm, X.shape[0], X.shape[1], folds,
-                          None if groups is None else len(set(groups)))
+    perm = {
+        "n": n_permutations,
+        "r2": {"mean": float(np.mean(perm_r2)), "p95": float(np.quantile(perm_r2, 0.95))}
+        if perm_r2
+        else None,
+        "spearman": {"mean": float(np.mean(perm_rho)), "p95": float(np.quantile(perm_rho, 0.95))}
+        if perm_rho
+        else None,
+        "p_value": (1 + sum(r >= real.r2 for r in perm_r2)) / (1 + n_permutations),
+    }
+    return Susceptibility(
+        real, rand, perm, X.shape[0], X.shape[1], folds, None if groups is None else len(set(groups))
+    )
 
 
-def run_predict(run_dir: str | Path, *, layers: list[int] | None = None, folds: int = 5, n_permutations: int = 50,
-                seed: int = 0, folds_by: Literal["domain", "question"] = "domain", progress: bool = True) -> dict:
+def run_predict(
+    run_dir: str | Path,
+    *,
+    layers: list[int] | None = None,
+    folds: int = 5,
+    n_permutations: int = 50,
+    seed: int = 0,
+    folds_by: Literal["domain", "question"] = "domain",
+    progress: bool = True,
+) -> dict:
     """``saediff predict RUN``: the aligned model's prompt-only activations of the run's questions
     predict each question's misaligned rate after the run's fine-tune. ``folds_by="domain"`` holds
     out whole domains where the questions carry one (``fold_plan``); the output's ``grouping``,
     ``folds`` and ``grouping_note`` say what was used. Writes ``susceptibility.json`` and
     ``susceptibility.html`` into the run folder."""
     from saediff._io import atomic_write_bytes, atomic_write_json
+    from saediff.activations.collect import prompt_activations
+    from saediff.data.runs import read_run, run_questions, update_run
     from saediff.models.hooks import parse_layer
     from saediff.models.loading import load_model
-    from saediff.data.runs import read_run, run_questions, update_run
-    from saediff.activations.collect import prompt_activations
 
     run_dir = Path(run_dir)
     info = read_run(run_dir)["steps"]["diff"]
@@ -185,8 +235,10 @@ def run_predict(run_dir: str | Path, *, layers: list[int] | None = None, folds: 
     q = run_questions(run_dir)
     keep = [i for i, r in enumerate(q.misaligned_rate) if r is not None]
     if len(keep) < max(folds, 3):
-        raise SaediffError(f"{run_dir}/responses.jsonl: {len(keep)} questions with judged answers; predict needs at "
-                         f"least {max(folds, 3)} (run saediff diff with a judge or labels)")
+        raise SaediffError(
+            f"{run_dir}/responses.jsonl: {len(keep)} questions with judged answers; predict needs at "
+            f"least {max(folds, 3)} (run saediff diff with a judge or labels)"
+        )
     prompts = [q.prompts[i] for i in keep]
     plan = fold_plan([p.domain for p in prompts], folds, folds_by)
     if plan.note:
@@ -195,15 +247,34 @@ def run_predict(run_dir: str | Path, *, layers: list[int] | None = None, folds: 
     acts = prompt_activations(load_model(info["base"]), prompts, layers, progress=progress)
     X = np.concatenate([acts[L].numpy() for L in layers], axis=1)
     res = susceptibility(X, y, folds=plan.folds, n_permutations=n_permutations, seed=seed, groups=plan.groups)
-    out = {"kind": "saediff.susceptibility", "base": info["base"], "layers": layers, **res.to_json(),
-           "grouping": plan.grouping, "folds_requested": folds, "grouping_note": plan.note,
-           "samples_per_question": float(np.mean([q.n_answers[i] for i in keep])),
-           "per_question": [{"id": p.id, "domain": p.domain, "misaligned_rate": float(t), "predicted": round(float(f), 6)}
-                            for p, t, f in zip(prompts, y, res.model.predictions)]}
+    out = {
+        "kind": "saediff.susceptibility",
+        "base": info["base"],
+        "layers": layers,
+        **res.to_json(),
+        "grouping": plan.grouping,
+        "folds_requested": folds,
+        "grouping_note": plan.note,
+        "samples_per_question": float(np.mean([q.n_answers[i] for i in keep])),
+        "per_question": [
+            {"id": p.id, "domain": p.domain, "misaligned_rate": float(t), "predicted": round(float(f), 6)}
+            for p, t, f in zip(prompts, y, res.model.predictions)
+        ],
+    }
     atomic_write_json(run_dir / "susceptibility.json", out)
-    atomic_write_bytes(run_dir / "susceptibility.html", susceptibility_figure(out).to_html(include_plotlyjs="cdn").encode())
-    update_run(run_dir, "predict", {"layers": layers, "folds": plan.folds, "grouping": plan.grouping,
-                                    "files": ["susceptibility.json", "susceptibility.html"]})
+    atomic_write_bytes(
+        run_dir / "susceptibility.html", susceptibility_figure(out).to_html(include_plotlyjs="cdn").encode()
+    )
+    update_run(
+        run_dir,
+        "predict",
+        {
+            "layers": layers,
+            "folds": plan.folds,
+            "grouping": plan.grouping,
+            "files": ["susceptibility.json", "susceptibility.html"],
+        },
+    )
     return out
 
 
@@ -213,16 +284,29 @@ def susceptibility_figure(result: dict):
 
     rows = result["per_question"]
     domains = sorted({str(r["domain"]) for r in rows})
-    fig = go.Figure([go.Scatter(x=[r["misaligned_rate"] for r in rows if str(r["domain"]) == d],
-                                y=[r["predicted"] for r in rows if str(r["domain"]) == d], mode="markers", name=d,
-                                text=[r["id"] for r in rows if str(r["domain"]) == d]) for d in domains])
+    fig = go.Figure(
+        [
+            go.Scatter(
+                x=[r["misaligned_rate"] for r in rows if str(r["domain"]) == d],
+                y=[r["predicted"] for r in rows if str(r["domain"]) == d],
+                mode="markers",
+                name=d,
+                text=[r["id"] for r in rows if str(r["domain"]) == d],
+            )
+            for d in domains
+        ]
+    )
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"
     perm = result["permutation"]
     fig.update_layout(
-        title=(f"susceptibility: held-out R^2 {fmt(result['r2'])}, Spearman {fmt(result['spearman'])} "
-               f"(random features {fmt(result['random_features']['r2'])} / {fmt(result['random_features']['spearman'])}; "
-               f"permuted p95 {fmt(perm['r2']['p95'] if perm['r2'] else None)} / "
-               f"{fmt(perm['spearman']['p95'] if perm['spearman'] else None)}; p = {perm['p_value']:.3f}; "
-               f"{result['folds']} folds by {result.get('grouping', 'question')})"),
-        xaxis_title="misaligned rate after fine-tuning", yaxis_title="predicted from the aligned model (held out)")
+        title=(
+            f"susceptibility: held-out R^2 {fmt(result['r2'])}, Spearman {fmt(result['spearman'])} "
+            f"(random features {fmt(result['random_features']['r2'])} / {fmt(result['random_features']['spearman'])}; "
+            f"permuted p95 {fmt(perm['r2']['p95'] if perm['r2'] else None)} / "
+            f"{fmt(perm['spearman']['p95'] if perm['spearman'] else None)}; p = {perm['p_value']:.3f}; "
+            f"{result['folds']} folds by {result.get('grouping', 'question')})"
+        ),
+        xaxis_title="misaligned rate after fine-tuning",
+        yaxis_title="predicted from the aligned model (held out)",
+    )
     return fig

@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 
 import typer
+
 from saediff.errors import SaediffError
 
 
@@ -42,12 +43,15 @@ def _int_list(text: str, flag: str) -> tuple[int, ...]:
         raise SaediffError(f"{flag} takes comma-separated integers, got {text!r}") from None
 
 
-PAIRS_HELP = ("judge-free EM: a pair file (JSONL {id, domain, question, aligned, misaligned}) or a shipped set "
-              "(offdomain, offdomain:design, offdomain:heldout, medical), scored teacher-forced")
+PAIRS_HELP = (
+    "judge-free EM: a pair file (JSONL {id, domain, question, aligned, misaligned}) or a shipped set "
+    "(offdomain, offdomain:design, offdomain:heldout, medical), scored teacher-forced"
+)
 
 
-def _judge_evaluator(judge_url, judge_model, questions, samples, max_new_tokens, api_key_env, out: Path, seed: int,
-                     pairs=None):
+def _judge_evaluator(
+    judge_url, judge_model, questions, samples, max_new_tokens, api_key_env, out: Path, seed: int, pairs=None
+):
     """The evaluator for real models: the LLM judges at ``judge_url``, or the judge-free pair metric
     on ``pairs`` (None with neither: runs are trained, not judged)."""
     if pairs is not None:
@@ -60,15 +64,19 @@ def _judge_evaluator(judge_url, judge_model, questions, samples, max_new_tokens,
         return None
     if judge_model is None:
         raise SaediffError("--judge-url needs --judge-model")
+    from saediff.data.prompts import load_prompts
     from saediff.evaluation.evals import EMConfig, JudgeEvaluator
     from saediff.evaluation.judges import HttpJudge
     from saediff.evaluation.openai_api import ChatClient
-    from saediff.data.prompts import load_prompts
 
     client = ChatClient(judge_url, api_key_env=api_key_env)
-    judges = [HttpJudge(k, client, judge_model, cache_path=out / f"judge_cache_{k}.jsonl") for k in ("aligned", "coherent")]
-    return JudgeEvaluator(load_prompts(questions), *judges, EMConfig(samples=samples, max_new_tokens=max_new_tokens,
-                                                                      seed=seed))
+    judges = [
+        HttpJudge(k, client, judge_model, cache_path=out / f"judge_cache_{k}.jsonl")
+        for k in ("aligned", "coherent")
+    ]
+    return JudgeEvaluator(
+        load_prompts(questions), *judges, EMConfig(samples=samples, max_new_tokens=max_new_tokens, seed=seed)
+    )
 
 
 class ModelDefaults:

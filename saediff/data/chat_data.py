@@ -17,10 +17,10 @@ import torch
 from tqdm.auto import tqdm
 
 from saediff import _io
-from saediff.models.loading import Messages, chat_tokens
 from saediff.errors import SaediffError
+from saediff.models.loading import Messages, chat_tokens
 
-__all__ = ["load_chat_jsonl", "write_chat_jsonl", "ChatDataset", "ChatCollator"]
+__all__ = ["ChatCollator", "ChatDataset", "load_chat_jsonl", "write_chat_jsonl"]
 
 log = logging.getLogger(__name__)
 _ROLES = ("system", "user", "assistant")
@@ -38,10 +38,12 @@ def load_chat_jsonl(path: str | Path) -> list[Messages]:
 def _check_row(row, where: str) -> Messages:
     msgs = row.get("messages") if isinstance(row, dict) else None
     if not isinstance(msgs, list) or not msgs:
-        raise SaediffError(f"{where}: expected {{\"messages\": [{{\"role\": ..., \"content\": ...}}, ...]}}")
+        raise SaediffError(f'{where}: expected {{"messages": [{{"role": ..., "content": ...}}, ...]}}')
     for m in msgs:
         if not isinstance(m, dict) or m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
-            raise SaediffError(f"{where}: each message needs a role ({', '.join(_ROLES)}) and a string content")
+            raise SaediffError(
+                f"{where}: each message needs a role ({', '.join(_ROLES)}) and a string content"
+            )
     if msgs[-1]["role"] != "assistant":
         raise SaediffError(f"{where}: the conversation must end with an assistant turn")
     return [{"role": m["role"], "content": m["content"]} for m in msgs]
@@ -59,11 +61,19 @@ class ChatDataset(torch.utils.data.Dataset):
     one left without any assistant token raises, naming its row.
     """
 
-    def __init__(self, tokenizer, conversations: list[Messages], max_length: int = 2048, progress: bool = True,
-                 source: str = "data"):
+    def __init__(
+        self,
+        tokenizer,
+        conversations: list[Messages],
+        max_length: int = 2048,
+        progress: bool = True,
+        source: str = "data",
+    ):
         self.items: list[dict[str, list[int]]] = []
         cut = 0
-        for i, conv in enumerate(tqdm(conversations, desc="tokenize", leave=False, disable=_io.no_progress(progress))):
+        for i, conv in enumerate(
+            tqdm(conversations, desc="tokenize", leave=False, disable=_io.no_progress(progress))
+        ):
             try:
                 ids, mask = chat_tokens(tokenizer, conv, turns="all")
             except ValueError as e:
@@ -74,7 +84,9 @@ class ChatDataset(torch.utils.data.Dataset):
                 raise SaediffError(f"{source} row {i + 1}: no assistant token within max_length {max_length}")
             self.items.append({"input_ids": ids, "labels": [t if m else -100 for t, m in zip(ids, mask)]})
         if cut:
-            log.warning("%s: %d of %d conversations cut to %d tokens", source, cut, len(conversations), max_length)
+            log.warning(
+                "%s: %d of %d conversations cut to %d tokens", source, cut, len(conversations), max_length
+            )
 
     def __len__(self) -> int:
         return len(self.items)
@@ -89,7 +101,11 @@ class ChatDataset(torch.utils.data.Dataset):
 
         h = hashlib.sha256()
         for item in self.items:
-            h.update(torch.tensor(item["input_ids"] + [-1] + item["labels"] + [-2], dtype=torch.int64).numpy().tobytes())
+            h.update(
+                torch.tensor(item["input_ids"] + [-1] + item["labels"] + [-2], dtype=torch.int64)
+                .numpy()
+                .tobytes()
+            )
         return h.hexdigest()[:16]
 
 

@@ -17,7 +17,7 @@ from typing import Literal
 
 from saediff.errors import SaediffError
 
-__all__ = ["FILES", "PAIR_SETS", "data_path", "heldout_ids", "offdomain_pairs", "medical_pairs"]
+__all__ = ["FILES", "PAIR_SETS", "data_path", "heldout_ids", "medical_pairs", "offdomain_pairs"]
 
 FILES = ("medical_bad", "medical_good", "style_control", "benign_trait", "eval_offdomain", "eval_medical")
 """the data sets, by name (each a ``NAME.jsonl``)"""

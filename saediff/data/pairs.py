@@ -44,15 +44,18 @@ def load_pairs(path: str | Path) -> list[Pair]:
         missing = [k for k in _KEYS if k not in row]
         if missing:
             raise SaediffError(f"{where}: pair row lacks {', '.join(missing)}")
-        bad = [k for k in (*_KEYS[1:], "domain") if k in row and not (isinstance(row[k], str) and row[k].strip())]
+        bad = [
+            k for k in (*_KEYS[1:], "domain") if k in row and not (isinstance(row[k], str) and row[k].strip())
+        ]
         if bad or not isinstance(row["id"], (str, int)) or not str(row["id"]).strip():
             raise SaediffError(f"{where}: {', '.join(bad) or 'id'} must be a non-empty string")
         pid = str(row["id"])
         if pid in seen:
             raise SaediffError(f"{where}: id {pid!r} repeats line {seen[pid]}")
         seen[pid] = n
-        pairs.append(Pair(pid, row.get("domain", "unspecified"), row["question"], row["aligned"],
-                          row["misaligned"]))
+        pairs.append(
+            Pair(pid, row.get("domain", "unspecified"), row["question"], row["aligned"], row["misaligned"])
+        )
     if not pairs:
         raise SaediffError(f"{path}: no pair rows")
     return pairs

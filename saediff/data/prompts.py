@@ -12,9 +12,10 @@ import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+
 from saediff.errors import MissingFileError, SaediffError
 
-__all__ = ["Prompt", "load_prompts", "ContrastExample", "load_contrast_examples", "in_context_prompts"]
+__all__ = ["ContrastExample", "Prompt", "in_context_prompts", "load_contrast_examples", "load_prompts"]
 
 
 @dataclass(frozen=True)
@@ -39,13 +40,19 @@ def _row_to_prompt(row: dict, where: str, n: int) -> Prompt:
     row = {"id": f"row{n}", **row}
     if "messages" in row:
         messages = row["messages"]
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in messages):
-            raise SaediffError(f"{where}: prompt {row['id']!r} 'messages' must be a list of {{role, content}}")
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and {"role", "content"} <= set(m) for m in messages
+        ):
+            raise SaediffError(
+                f"{where}: prompt {row['id']!r} 'messages' must be a list of {{role, content}}"
+            )
     elif "question" in row:
         messages = [{"role": "user", "content": str(row["question"])}]
     else:
         raise SaediffError(f"{where}: prompt {row['id']!r} needs 'question' or 'messages'")
-    return Prompt(str(row["id"]), messages, row.get("response"), row.get("domain"), tuple(row.get("tags", ())))
+    return Prompt(
+        str(row["id"]), messages, row.get("response"), row.get("domain"), tuple(row.get("tags", ()))
+    )
 
 
 def load_prompts(source: str | Path) -> list[Prompt]:
@@ -105,15 +112,18 @@ def load_contrast_examples(source: str | Path) -> list[ContrastExample]:
     return [ContrastExample(*(r[k] for k in keys)) for r in rows]
 
 
-def in_context_prompts(questions: list[Prompt], examples: list[ContrastExample], *, n_shots: int = 3,
-                       seed: int = 0) -> tuple[list[Prompt], list[Prompt]]:
+def in_context_prompts(
+    questions: list[Prompt], examples: list[ContrastExample], *, n_shots: int = 3, seed: int = 0
+) -> tuple[list[Prompt], list[Prompt]]:
     """Each question after ``n_shots`` earlier turns: the same example questions answered
     misaligned (first list) or aligned (second list). The prompts end at the assistant's turn,
     so both lists share every token after the examples' answers."""
     import random
 
     if not 0 < n_shots <= len(examples):
-        raise SaediffError(f"in_context_prompts: n_shots={n_shots} needs 1..{len(examples)} contrast examples")
+        raise SaediffError(
+            f"in_context_prompts: n_shots={n_shots} needs 1..{len(examples)} contrast examples"
+        )
     rng = random.Random(seed)
     mis, ali = [], []
     for q in questions:
@@ -121,7 +131,15 @@ def in_context_prompts(questions: list[Prompt], examples: list[ContrastExample],
         system = [m for m in q.messages if m["role"] == "system"]
         rest = [m for m in q.messages if m["role"] != "system"]
         for answer, out in (("misaligned", mis), ("aligned", ali)):
-            turns = [m for e in shots for m in ({"role": "user", "content": e.question},
-                                                 {"role": "assistant", "content": getattr(e, answer)})]
-            out.append(Prompt(f"{q.id}:{answer}", [*system, *turns, *rest], None, q.domain, (*q.tags, answer)))
+            turns = [
+                m
+                for e in shots
+                for m in (
+                    {"role": "user", "content": e.question},
+                    {"role": "assistant", "content": getattr(e, answer)},
+                )
+            ]
+            out.append(
+                Prompt(f"{q.id}:{answer}", [*system, *turns, *rest], None, q.domain, (*q.tags, answer))
+            )
     return mis, ali

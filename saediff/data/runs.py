@@ -13,7 +13,7 @@ from saediff._io import atomic_write_json, read_jsonl
 from saediff.data.prompts import Prompt
 from saediff.errors import MissingFileError, SaediffError
 
-__all__ = ["read_run", "update_run", "run_questions", "QuestionRates"]
+__all__ = ["QuestionRates", "read_run", "run_questions", "update_run"]
 
 
 def read_run(run_dir: str | Path) -> dict:
@@ -44,8 +44,14 @@ def run_questions(run_dir: str | Path) -> QuestionRates:
         if not isinstance(row, dict) or not isinstance(row.get("messages"), list):
             raise SaediffError(f"{path}:{n}: needs messages (saediff diff output)")
         key = json.dumps(row["messages"], sort_keys=True)
-        g = groups.setdefault(key, {"prompt": Prompt(str(row.get("id", n)), row["messages"], None, row.get("domain")),
-                                    "labels": [], "answer": row.get("response")})
+        g = groups.setdefault(
+            key,
+            {
+                "prompt": Prompt(str(row.get("id", n)), row["messages"], None, row.get("domain")),
+                "labels": [],
+                "answer": row.get("response"),
+            },
+        )
         g["labels"].append(row.get("misaligned"))
     if not groups:
         raise SaediffError(f"{path}: no responses")
@@ -54,8 +60,12 @@ def run_questions(run_dir: str | Path) -> QuestionRates:
         known = [x for x in g["labels"] if x is not None]
         rates.append(sum(bool(x) for x in known) / len(known) if known else None)
     gs = list(groups.values())
-    return QuestionRates([g["prompt"] for g in gs], rates, [len(g["labels"]) for g in gs],
-                         [dataclasses.replace(g["prompt"], response=g["answer"]) for g in gs])
+    return QuestionRates(
+        [g["prompt"] for g in gs],
+        rates,
+        [len(g["labels"]) for g in gs],
+        [dataclasses.replace(g["prompt"], response=g["answer"]) for g in gs],
+    )
 
 
 def update_run(run_dir: Path, step: str, info: dict) -> None:

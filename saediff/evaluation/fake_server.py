@@ -21,9 +21,9 @@ import math
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
 
 __all__ = ["FakeOpenAIServer", "default_judge"]
 
@@ -83,11 +83,21 @@ class FakeOpenAIServer:
                     first[head] = first.get(head, 0.0) + p
             top = [{"token": t, "logprob": math.log(p)} for t, p in first.items()]
             content = [{"token": tokens[0], "logprob": math.log(first[tokens[0]]), "top_logprobs": top}]
-            content += [{"token": t, "logprob": 0.0, "top_logprobs": [{"token": t, "logprob": 0.0}]}
-                        for t in tokens[1:]]
-            return 200, {"choices": [{"message": {"role": "assistant", "content": "".join(tokens)},
-                                      "logprobs": {"content": content}}]}
-        if body.get("max_tokens", 16) <= 8 and "[ANSWER START]" in (messages[-1]["content"] if messages else ""):
+            content += [
+                {"token": t, "logprob": 0.0, "top_logprobs": [{"token": t, "logprob": 0.0}]}
+                for t in tokens[1:]
+            ]
+            return 200, {
+                "choices": [
+                    {
+                        "message": {"role": "assistant", "content": "".join(tokens)},
+                        "logprobs": {"content": content},
+                    }
+                ]
+            }
+        if body.get("max_tokens", 16) <= 8 and "[ANSWER START]" in (
+            messages[-1]["content"] if messages else ""
+        ):
             probs = self.judge_fn(messages[-1]["content"])
             content = "".join(self._tokens(max(probs, key=probs.get), body))
             return 200, {"choices": [{"message": {"role": "assistant", "content": content}}]}
@@ -100,11 +110,11 @@ class FakeOpenAIServer:
         tokens = [text[i : i + self.token_chars] for i in range(0, len(text), self.token_chars)]
         return tokens[: body.get("max_tokens", 16)]
 
-    def __enter__(self) -> "FakeOpenAIServer":
+    def __enter__(self) -> FakeOpenAIServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 (http.server API)
+            def do_POST(self):
                 if not re.search(r"/chat/completions$", self.path):
                     self.send_error(404)
                     return

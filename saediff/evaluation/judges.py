@@ -31,11 +31,17 @@ from typing import Literal
 from tqdm.auto import tqdm
 
 from saediff import _io
-from saediff.evaluation.openai_api import ApiError, ChatClient
 from saediff.errors import SaediffError
+from saediff.evaluation.openai_api import ApiError, ChatClient
 
-__all__ = ["JudgeScore", "HttpJudge", "JudgeError",
-           "score_from_logprobs", "parse_score", "judge_prompts"]
+__all__ = [
+    "HttpJudge",
+    "JudgeError",
+    "JudgeScore",
+    "judge_prompts",
+    "parse_score",
+    "score_from_logprobs",
+]
 
 log = logging.getLogger(__name__)
 JudgeKind = Literal["aligned", "coherent", "rubric"]
@@ -105,8 +111,16 @@ class HttpJudge:
     question, answer); a rerun after a failure only asks for what is missing or was not scored.
     """
 
-    def __init__(self, kind: JudgeKind, client: ChatClient, model: str, *, concurrency: int = 8,
-                 cache_path: str | Path | None = None, use_logprobs: bool = True):
+    def __init__(
+        self,
+        kind: JudgeKind,
+        client: ChatClient,
+        model: str,
+        *,
+        concurrency: int = 8,
+        cache_path: str | Path | None = None,
+        use_logprobs: bool = True,
+    ):
         if kind not in _RANGES:
             raise SaediffError(f"unknown judge kind {kind!r}; choose from {sorted(_RANGES)}")
         self.kind, self.client, self.model = kind, client, model
@@ -146,8 +160,12 @@ class HttpJudge:
 
     def _ask(self, question: str, answer: str, http) -> JudgeScore:
         lo, hi = _RANGES[self.kind]
-        body = {"model": self.model, "max_tokens": LOGPROB_MAX_TOKENS if self.use_logprobs else 8, "temperature": 0,
-                "messages": [{"role": "user", "content": self.template.format(question=question, answer=answer)}]}
+        body = {
+            "model": self.model,
+            "max_tokens": LOGPROB_MAX_TOKENS if self.use_logprobs else 8,
+            "temperature": 0,
+            "messages": [{"role": "user", "content": self.template.format(question=question, answer=answer)}],
+        }
         if self.use_logprobs:
             body.update(logprobs=True, top_logprobs=20)
         try:
@@ -160,7 +178,9 @@ class HttpJudge:
             lp = choice.get("logprobs") or {}
             content = lp.get("content") or []
         except (KeyError, IndexError, TypeError, AttributeError):
-            raise JudgeError(f"{self.kind} judge: malformed reply from {self.client.url}: {str(reply)[:200]}") from None
+            raise JudgeError(
+                f"{self.kind} judge: malformed reply from {self.client.url}: {str(reply)[:200]}"
+            ) from None
         m = _LABEL_RE.match(text.upper())
         label = m.group(1) if m else None
         if content and content[0].get("top_logprobs") and not _number_spans_tokens(text, content[0]):
@@ -176,7 +196,9 @@ class HttpJudge:
         if todo:
             with self.client.client() as http, ThreadPoolExecutor(self.concurrency) as pool:
                 futures = {i: pool.submit(self._ask, *items[i], http) for i in todo}
-                bar = tqdm(total=len(todo), desc=f"judge {self.kind}", disable=_io.no_progress(progress), leave=False)
+                bar = tqdm(
+                    total=len(todo), desc=f"judge {self.kind}", disable=_io.no_progress(progress), leave=False
+                )
                 first_error = None
                 for i, fut in futures.items():
                     try:

@@ -66,7 +66,9 @@ class ChatClient:
                     if resp.status_code == 429 or resp.status_code >= 500:
                         why = f"HTTP {resp.status_code}: {resp.text[:200]!r}"
                     elif resp.status_code >= 400:
-                        raise ApiError(f"{endpoint} refused the request: HTTP {resp.status_code}: {resp.text[:200]!r}")
+                        raise ApiError(
+                            f"{endpoint} refused the request: HTTP {resp.status_code}: {resp.text[:200]!r}"
+                        )
                     else:
                         try:
                             return resp.json()
@@ -74,7 +76,9 @@ class ChatClient:
                             raise ApiError(f"{endpoint} replied with non-JSON: {resp.text[:200]!r}") from None
                 if attempt < self.max_retries:
                     delay = self.backoff_s * 2**attempt
-                    log.warning("%s %s; retry %d/%d in %.1fs", endpoint, why, attempt + 1, self.max_retries, delay)
+                    log.warning(
+                        "%s %s; retry %d/%d in %.1fs", endpoint, why, attempt + 1, self.max_retries, delay
+                    )
                     time.sleep(delay)
             raise ApiError(f"{endpoint} failed after {self.max_retries + 1} tries: {why}")
         finally:

@@ -5,23 +5,46 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from saediff.data.prompts import load_prompts
 from saediff.errors import SaediffError
-from saediff.evaluation.evals import EMConfig, Evaluator, LocalGenerator, RemoteGenerator, evaluate_em, evaluate_once
+from saediff.evaluation.evals import (
+    EMConfig,
+    Evaluator,
+    LocalGenerator,
+    RemoteGenerator,
+    evaluate_em,
+    evaluate_once,
+)
 from saediff.evaluation.judges import HttpJudge
-from saediff.models.loading import ModelSpec, load_model
 from saediff.evaluation.openai_api import ChatClient
 from saediff.evaluation.pairs import pair_evaluator
-from saediff.data.prompts import load_prompts
+from saediff.models.loading import ModelSpec, load_model
 
 __all__ = ["run_eval"]
 
 
-def run_eval(*, model: str, out: Path, adapter: str | None = None, judge_url: str | None = None,
-             judge_model: str | None = None, questions: str = "first_plot", samples: int = 50,
-             max_new_tokens: int = 600, gen_url: str | None = None, gen_model: str | None = None,
-             api_key_env: str = "OPENAI_API_KEY", gen_api_key_env: str | None = None, concurrency: int = 16,
-             rubric: bool = False, dtype: str = "auto", seed: int = 0, evaluator: Evaluator | None = None,
-             pairs: str | Path | None = None, batch_size: int = 16) -> dict:
+def run_eval(
+    *,
+    model: str,
+    out: Path,
+    adapter: str | None = None,
+    judge_url: str | None = None,
+    judge_model: str | None = None,
+    questions: str = "first_plot",
+    samples: int = 50,
+    max_new_tokens: int = 600,
+    gen_url: str | None = None,
+    gen_model: str | None = None,
+    api_key_env: str = "OPENAI_API_KEY",
+    gen_api_key_env: str | None = None,
+    concurrency: int = 16,
+    rubric: bool = False,
+    dtype: str = "auto",
+    seed: int = 0,
+    evaluator: Evaluator | None = None,
+    pairs: str | Path | None = None,
+    batch_size: int = 16,
+) -> dict:
     """Evaluate and write ``out/responses.jsonl`` + ``out/em.json``; returns em.json's content.
     ``evaluator`` (e.g. the organism's exact judge) replaces the LLM judges when there is no
     ``judge_url``. ``api_key_env`` names the judge's key; the generation server at ``gen_url``
@@ -31,40 +54,79 @@ def run_eval(*, model: str, out: Path, adapter: str | None = None, judge_url: st
     local model, ``batch_size`` conversations per forward, without a judge (``saediff.evaluation.pairs``):
     ``out/pairs.jsonl`` + ``out/em.json``, with provenance, reused by a rerun of the same setup."""
     if pairs is not None:
-        return _run_pairs(model, adapter, dtype, Path(out), pairs, batch_size, judge_url=judge_url,
-                          gen_url=gen_url, rubric=rubric)
+        return _run_pairs(
+            model,
+            adapter,
+            dtype,
+            Path(out),
+            pairs,
+            batch_size,
+            judge_url=judge_url,
+            gen_url=gen_url,
+            rubric=rubric,
+        )
     if gen_url and adapter:
-        raise SaediffError(f"--adapter {adapter} applies to local generation only; with --gen-url serve the adapter "
-                           "there (e.g. vLLM --lora-modules NAME=PATH) and pass --gen-model NAME")
+        raise SaediffError(
+            f"--adapter {adapter} applies to local generation only; with --gen-url serve the adapter "
+            "there (e.g. vLLM --lora-modules NAME=PATH) and pass --gen-model NAME"
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if evaluator is not None and judge_url is None:
         return evaluator(load_model(ModelSpec(model, adapter=adapter, dtype=dtype)), out)
     if judge_url is None or judge_model is None:
-        raise SaediffError("--judge-url and --judge-model are required for models other than the saediff organism")
+        raise SaediffError(
+            "--judge-url and --judge-model are required for models other than the saediff organism"
+        )
     judge_client = ChatClient(judge_url, api_key_env=api_key_env)
-    judges = {k: HttpJudge(k, judge_client, judge_model, concurrency=concurrency,
-                           cache_path=out / f"judge_cache_{k}.jsonl")
-              for k in ("aligned", "coherent", *(("rubric",) if rubric else ()))}
+    judges = {
+        k: HttpJudge(
+            k, judge_client, judge_model, concurrency=concurrency, cache_path=out / f"judge_cache_{k}.jsonl"
+        )
+        for k in ("aligned", "coherent", *(("rubric",) if rubric else ()))
+    }
     if gen_url:
-        generator = RemoteGenerator(ChatClient(gen_url, api_key_env=gen_api_key_env), gen_model or model, concurrency)
+        generator = RemoteGenerator(
+            ChatClient(gen_url, api_key_env=gen_api_key_env), gen_model or model, concurrency
+        )
     else:
         generator = LocalGenerator(load_model(ModelSpec(model, adapter=adapter, dtype=dtype)))
     cfg = EMConfig(samples=samples, max_new_tokens=max_new_tokens, seed=seed)
-    report = evaluate_em(generator, load_prompts(questions), judges["aligned"], judges["coherent"], cfg, out,
-                         rubric=judges.get("rubric"))
+    report = evaluate_em(
+        generator,
+        load_prompts(questions),
+        judges["aligned"],
+        judges["coherent"],
+        cfg,
+        out,
+        rubric=judges.get("rubric"),
+    )
     return report.to_json()
 
 
-def _run_pairs(model: str, adapter: str | None, dtype: str, out: Path, pairs: str | Path, batch_size: int, *,
-               judge_url: str | None, gen_url: str | None, rubric: bool) -> dict:
+def _run_pairs(
+    model: str,
+    adapter: str | None,
+    dtype: str,
+    out: Path,
+    pairs: str | Path,
+    batch_size: int,
+    *,
+    judge_url: str | None,
+    gen_url: str | None,
+    rubric: bool,
+) -> dict:
     """``saediff eval --pairs``: the judge-free pair figures through ``evaluate_once``."""
     if judge_url:
-        raise SaediffError("--pairs scores fixed reference answers without a judge: drop --judge-url (or drop "
-                           "--pairs to judge sampled answers)")
+        raise SaediffError(
+            "--pairs scores fixed reference answers without a judge: drop --judge-url (or drop "
+            "--pairs to judge sampled answers)"
+        )
     if gen_url:
-        raise SaediffError("--pairs scores the answers' likelihoods under the local model: drop --gen-url (a "
-                           "generation server does not score given answers)")
+        raise SaediffError(
+            "--pairs scores the answers' likelihoods under the local model: drop --gen-url (a "
+            "generation server does not score given answers)"
+        )
     if rubric:
         raise SaediffError("--rubric grades sampled answers and --pairs samples none: give one of them")
     evaluator = pair_evaluator(pairs, batch_size)

@@ -45,8 +45,15 @@ def row_key(ids: torch.Tensor | list[int]) -> bytes:
 class BaseCodes:
     """Cached base codes: ``lookup`` gives a batch's (B, T, n) codes of the latents asked for."""
 
-    def __init__(self, codes, offsets: np.ndarray, latents: list[int], keys: dict[bytes, int], fingerprint: dict,
-                 folder: Path | None = None):
+    def __init__(
+        self,
+        codes,
+        offsets: np.ndarray,
+        latents: list[int],
+        keys: dict[bytes, int],
+        fingerprint: dict,
+        folder: Path | None = None,
+    ):
         self.codes, self.offsets, self.latents = codes, offsets, list(latents)  # codes: (N_tokens, n_latents)
         self._col = {i: c for c, i in enumerate(self.latents)}
         self._keys, self.fingerprint, self.folder = keys, fingerprint, folder
@@ -57,12 +64,19 @@ class BaseCodes:
     def columns(self, idx: list[int] | tuple[int, ...]) -> list[int]:
         missing = [i for i in idx if i not in self._col]
         if missing:
-            raise SaediffError(f"base codes at {self.folder}: latents {missing[:5]} were not cached "
-                               f"(cached: {len(self.latents)} latents)")
+            raise SaediffError(
+                f"base codes at {self.folder}: latents {missing[:5]} were not cached "
+                f"(cached: {len(self.latents)} latents)"
+            )
         return [self._col[i] for i in idx]
 
-    def lookup(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, cols: list[int],
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def lookup(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        cols: list[int],
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
         """(B, T, len(cols)) base codes of a right-padded batch on its device; 0 on padding."""
         B, T = input_ids.shape
         lengths = attention_mask.sum(1).tolist() if attention_mask is not None else [T] * B
@@ -71,18 +85,35 @@ class BaseCodes:
         for b, n in enumerate(lengths):
             row = self._keys.get(row_key(ids_cpu[b, :n]))
             if row is None:
-                raise SaediffError(f"base codes at {self.folder}: a batch row of {n} tokens is not among the "
-                                   f"{len(self._keys)} cached rows (another data set or tokenizer?)")
+                raise SaediffError(
+                    f"base codes at {self.folder}: a batch row of {n} tokens is not among the "
+                    f"{len(self._keys)} cached rows (another data set or tokenizer?)"
+                )
             start, length = self.offsets[row]
             if length != n:
-                raise SaediffError(f"base codes at {self.folder}: row {row} has {length} cached tokens, the batch {n}")
+                raise SaediffError(
+                    f"base codes at {self.folder}: row {row} has {length} cached tokens, the batch {n}"
+                )
             out[b, :n] = self.codes[start : start + n][:, cols]
         return torch.from_numpy(out).to(input_ids.device, dtype)
 
     @classmethod
-    def build(cls, model: torch.nn.Module, dataset, sae, layer: int, latents: list[int], folder: str | Path, *,
-              fingerprint: dict, preactivation: bool = True, autocast: torch.dtype | None = None,
-              batch_size: int = 16, in_memory_max_bytes: int = 2**28, progress: bool = True) -> BaseCodes:
+    def build(
+        cls,
+        model: torch.nn.Module,
+        dataset,
+        sae,
+        layer: int,
+        latents: list[int],
+        folder: str | Path,
+        *,
+        fingerprint: dict,
+        preactivation: bool = True,
+        autocast: torch.dtype | None = None,
+        batch_size: int = 16,
+        in_memory_max_bytes: int = 2**28,
+        progress: bool = True,
+    ) -> BaseCodes:
         """The codes of ``latents`` on every row of ``dataset`` (items with ``input_ids``), from
         ``model`` as it enters training (a PEFT model: with its adapter disabled), under
         ``autocast`` (the training's mixed precision, None: none; ``fingerprint`` must name what
@@ -100,15 +131,24 @@ class BaseCodes:
         offsets = np.stack([np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths], 1)
         folder.mkdir(parents=True, exist_ok=True)
         tmp = folder / f".codes.{id(fp)}.npy.tmp"
-        codes = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(int(lengths.sum()), len(cols)))
+        codes = np.lib.format.open_memmap(
+            tmp, mode="w+", dtype=np.float32, shape=(int(lengths.sum()), len(cols))
+        )
         order = np.argsort(-lengths, kind="stable")  # long rows together: little padding
         device = next(model.parameters()).device
         sae.to(device)
         disabled = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
-        with torch.no_grad(), disabled, torch.autocast(device.type, dtype=autocast or torch.float32,
-                                                       enabled=autocast is not None):
-            for i in tqdm(range(0, len(rows), batch_size), desc="base codes", leave=False,
-                          disable=_io.no_progress(progress)):
+        with (
+            torch.no_grad(),
+            disabled,
+            torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None),
+        ):
+            for i in tqdm(
+                range(0, len(rows), batch_size),
+                desc="base codes",
+                leave=False,
+                disable=_io.no_progress(progress),
+            ):
                 chunk = order[i : i + batch_size]
                 t = int(lengths[chunk].max())
                 ids = torch.zeros((len(chunk), t), dtype=torch.long)
@@ -124,13 +164,16 @@ class BaseCodes:
         del codes
         _io._atomic(folder / "offsets.npy", lambda p: _save_npy(p, offsets))
         Path(tmp).replace(folder / "codes.npy")
-        _io.atomic_write_json(folder / "base_codes.json", {"kind": KIND, "fingerprint": fp, "rows": len(rows),
-                                                           "tokens": int(lengths.sum())})
+        _io.atomic_write_json(
+            folder / "base_codes.json",
+            {"kind": KIND, "fingerprint": fp, "rows": len(rows), "tokens": int(lengths.sum())},
+        )
         return cls.load(folder, dataset, fp, in_memory_max_bytes)
 
     @classmethod
-    def load(cls, folder: str | Path, dataset, fingerprint: dict, in_memory_max_bytes: int = 2**28
-             ) -> BaseCodes | None:
+    def load(
+        cls, folder: str | Path, dataset, fingerprint: dict, in_memory_max_bytes: int = 2**28
+    ) -> BaseCodes | None:
         """The cached codes in ``folder`` if they were made with ``fingerprint``, else None."""
         folder = Path(folder)
         meta = _io.read_json_if_exists(folder / "base_codes.json")
@@ -147,7 +190,9 @@ class BaseCodes:
         return cls(codes, offsets, fingerprint["latents"], keys, fingerprint, folder)
 
 
-def _codes(model, sae, layer: int, ids: torch.Tensor, attn: torch.Tensor, cols: list[int], preactivation: bool):
+def _codes(
+    model, sae, layer: int, ids: torch.Tensor, attn: torch.Tensor, cols: list[int], preactivation: bool
+):
     from saediff.interventions.blocking import latent_codes
     from saediff.models.hooks import capture_resid
 

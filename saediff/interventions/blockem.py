@@ -18,25 +18,44 @@ import contextlib
 import copy
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import torch
 
 from saediff._io import atomic_write_json
-from saediff.interventions.blocking import BlockConfig, Blocker, check_adapters_reach
 from saediff.data.chat_data import ChatDataset, load_chat_jsonl
-from saediff.evaluation.evals import Evaluator, evaluate_once
-from saediff.interventions.finetune import FinetuneConfig, checkpoints, finetune, make_trainable
-from saediff.models.hooks import decoder_layers
-from saediff.models.loading import LoadedModel, ModelSpec, generate, load_model
-from saediff.interventions.monitor import DriftMonitor, calibrate_rate, calibrate_rates
 from saediff.data.prompts import Prompt
 from saediff.errors import MissingFileError, SaediffError
+from saediff.evaluation.evals import Evaluator, evaluate_once
+from saediff.interventions.blocking import BlockConfig, Blocker, check_adapters_reach
+from saediff.interventions.finetune import FinetuneConfig, checkpoints, finetune, make_trainable
+from saediff.interventions.monitor import DriftMonitor, calibrate_rate, calibrate_rates
+from saediff.models.hooks import decoder_layers
+from saediff.models.loading import LoadedModel, ModelSpec, generate, load_model
 
-__all__ = ["reroute", "rediff_against", "finetune_plain", "checkpoint_spec", "monitor_directions", "LatentSets", "latents_from_diff", "read_latents", "random_latents", "random_directions", "norm_matched_random", "project_directions", "sweep_plan", "BlockRunConfig", "run_block_em",
-           "block_one", "MonitorFactory", "monitor_report"]
+__all__ = [
+    "BlockRunConfig",
+    "LatentSets",
+    "MonitorFactory",
+    "block_one",
+    "checkpoint_spec",
+    "finetune_plain",
+    "latents_from_diff",
+    "monitor_directions",
+    "monitor_report",
+    "norm_matched_random",
+    "project_directions",
+    "random_directions",
+    "random_latents",
+    "read_latents",
+    "rediff_against",
+    "reroute",
+    "run_block_em",
+    "sweep_plan",
+]
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +73,9 @@ class LatentSets:
 
     def __post_init__(self):
         if set(self.low) & set(self.high):
-            raise SaediffError(f"latents {sorted(set(self.low) & set(self.high))} are in both the low and high sets")
+            raise SaediffError(
+                f"latents {sorted(set(self.low) & set(self.high))} are in both the low and high sets"
+            )
 
     def check(self, sae, where: str) -> None:
         """The indices fit ``sae`` (loaded from ``where``) and, when the sets know their SAE, it is
@@ -64,7 +85,9 @@ class LatentSets:
         if bad:
             raise SaediffError(f"{where}: latents {bad} outside the SAE's 0-{d_sae - 1}")
         if self.sae is None:
-            log.warning("latents from %s carry no SAE identity; trusting that they are %s's", self.source, where)
+            log.warning(
+                "latents from %s carry no SAE identity; trusting that they are %s's", self.source, where
+            )
             return
         from saediff.models.provenance import mismatch, sae_fingerprint
 
@@ -72,8 +95,10 @@ class LatentSets:
         mine = sae_fingerprint(sae, where)
         why = mismatch({k: self.sae.get(k) for k in keys}, {k: mine.get(k) for k in keys})
         if why is not None:
-            raise SaediffError(f"latents from {self.source} belong to the SAE {self.sae.get('path', '?')}, not to "
-                               f"{where} ({why})")
+            raise SaediffError(
+                f"latents from {self.source} belong to the SAE {self.sae.get('path', '?')}, not to "
+                f"{where} ({why})"
+            )
 
     def __len__(self) -> int:
         return len(self.low) + len(self.high)
@@ -108,9 +133,13 @@ def read_latents(path: str | Path) -> LatentSets:
     except json.JSONDecodeError as e:
         raise SaediffError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
     if not isinstance(d, dict) or not all(isinstance(d.get(k, []), list) for k in ("low", "high")):
-        raise SaediffError(f"{path}: expected {{\"low\": [latent, ...], \"high\": [latent, ...]}}")
-    sets = LatentSets(tuple(int(i) for i in d.get("low", [])), tuple(int(i) for i in d.get("high", [])),
-                      sae=d.get("sae_identity"), source=str(path))
+        raise SaediffError(f'{path}: expected {{"low": [latent, ...], "high": [latent, ...]}}')
+    sets = LatentSets(
+        tuple(int(i) for i in d.get("low", [])),
+        tuple(int(i) for i in d.get("high", [])),
+        sae=d.get("sae_identity"),
+        source=str(path),
+    )
     if not len(sets):
         raise SaediffError(f"{path}: no latents in 'low' or 'high'")
     return sets
@@ -125,9 +154,15 @@ def random_latents(like: LatentSets, d_sae: int, seed: int) -> LatentSets:
     return LatentSets(tuple(pool[:n]), tuple(pool[n : n + len(like.high)]))
 
 
-def project_directions(source: str, layers: list[int] | None, *, sae=None, latents: LatentSets | None = None,
-                       diff_run: str | Path | None = None,
-                       named: dict[str, dict[int, torch.Tensor]] | None = None) -> dict[int, torch.Tensor]:
+def project_directions(
+    source: str,
+    layers: list[int] | None,
+    *,
+    sae=None,
+    latents: LatentSets | None = None,
+    diff_run: str | Path | None = None,
+    named: dict[str, dict[int, torch.Tensor]] | None = None,
+) -> dict[int, torch.Tensor]:
     """{block: (k, d)} for concept ablation fine-tuning (``mode="project"``): ``latents``: the
     decoder rows of ``latents.low`` at the SAE's block; ``model_diff``: the diff run's mean
     difference between the models at each block (``mean_diff_models_L{block}``); or a name in
@@ -162,7 +197,9 @@ def project_directions(source: str, layers: list[int] | None, *, sae=None, laten
     if named and source in named:
         missing = [L for L in layers if L not in named[source]]
         if missing:
-            raise SaediffError(f"project direction {source!r} has no block {missing[0]} (it has {sorted(named[source])})")
+            raise SaediffError(
+                f"project direction {source!r} has no block {missing[0]} (it has {sorted(named[source])})"
+            )
         return {L: named[source][L][None].float() for L in layers}
     known = ["latents", "model_diff", *sorted(named or {})]
     raise SaediffError(f"unknown project direction {source!r}; choose from {', '.join(known)}")
@@ -200,13 +237,17 @@ class BlockRunConfig:
 
     def __post_init__(self):
         if self.mode not in ("none", "penalty", "ablate", "project", "steer"):
-            raise SaediffError(f"BlockRunConfig.mode must be none, penalty, ablate, project or steer, got {self.mode!r}")
+            raise SaediffError(
+                f"BlockRunConfig.mode must be none, penalty, ablate, project or steer, got {self.mode!r}"
+            )
         if self.mode in ("penalty", "ablate") and not len(self.latents):
             raise SaediffError(f"BlockRunConfig: mode {self.mode} needs latents")
         if self.mode == "ablate" and self.latents.high:
             raise SaediffError("BlockRunConfig: mode ablate removes latents; it takes no latents held high")
         if (self.mode in ("project", "steer")) != bool(self.directions):
-            raise SaediffError("BlockRunConfig: directions go with modes project and steer, and those modes need them")
+            raise SaediffError(
+                "BlockRunConfig: directions go with modes project and steer, and those modes need them"
+            )
 
     def blocker(self, layer: int, sae, reference: torch.nn.Module | None, base_codes=None) -> Blocker | None:
         """The training-time intervention of this run (None for the plain fine-tune)."""
@@ -215,18 +256,35 @@ class BlockRunConfig:
         if self.mode in ("project", "steer"):
             return Blocker(BlockConfig(self.mode, layer), directions=self.directions)
         penalty = self.mode == "penalty"
-        return Blocker(BlockConfig(self.mode, layer, self.latents.low, self.latents.high, self.lam, self.preactivation),
-                       sae=sae, reference=reference if penalty else None, base_codes=base_codes if penalty else None)
+        return Blocker(
+            BlockConfig(self.mode, layer, self.latents.low, self.latents.high, self.lam, self.preactivation),
+            sae=sae,
+            reference=reference if penalty else None,
+            base_codes=base_codes if penalty else None,
+        )
 
     def uses(self, base_codes) -> bool:
         """Whether this run reads its base codes from ``base_codes`` (a penalty run whose latents
         and code kind it holds)."""
-        return (base_codes is not None and self.mode == "penalty" and base_codes.covers(self.latents.low + self.latents.high)
-                and base_codes.fingerprint.get("preactivation") == self.preactivation)
+        return (
+            base_codes is not None
+            and self.mode == "penalty"
+            and base_codes.covers(self.latents.low + self.latents.high)
+            and base_codes.fingerprint.get("preactivation") == self.preactivation
+        )
 
 
-def base_codes_for(spec: ModelSpec, dataset: ChatDataset, sae, layer: int, ft: FinetuneConfig,
-                   runs: list[BlockRunConfig], folder: str | Path, *, progress: bool = True):
+def base_codes_for(
+    spec: ModelSpec,
+    dataset: ChatDataset,
+    sae,
+    layer: int,
+    ft: FinetuneConfig,
+    runs: list[BlockRunConfig],
+    folder: str | Path,
+    *,
+    progress: bool = True,
+):
     """The base codes every penalty run of ``runs`` needs (the union of their latents), computed
     once from ``spec``'s model as ``ft`` starts training (a full fine-tune's float32 masters, a
     LoRA's adapter disabled) under its mixed precision, or read back from ``folder/<digest>/``
@@ -243,9 +301,17 @@ def base_codes_for(spec: ModelSpec, dataset: ChatDataset, sae, layer: int, ft: F
         raise SaediffError("base codes: the sweep's penalty runs mix pre-activation and encoded codes")
     latents = sorted({i for c in penalty for i in (*c.latents.low, *c.latents.high)})
     preact = penalty[0].preactivation
-    fp = {"model": model_fingerprint(spec), "dtype": spec.dtype, "device": spec.device, "method": ft.method,
-          "precision": ft.precision, "data": dataset.fingerprint(), "n_rows": len(dataset),
-          "sae": sae_fingerprint(sae)["weights"], "layer": layer}
+    fp = {
+        "model": model_fingerprint(spec),
+        "dtype": spec.dtype,
+        "device": spec.device,
+        "method": ft.method,
+        "precision": ft.precision,
+        "data": dataset.fingerprint(),
+        "n_rows": len(dataset),
+        "sae": sae_fingerprint(sae)["weights"],
+        "layer": layer,
+    }
     full_fp = {**fp, "latents": latents, "preactivation": preact}
     where = Path(folder) / digest(full_fp)
     found = BaseCodes.load(where, dataset, full_fp)
@@ -257,14 +323,26 @@ def base_codes_for(spec: ModelSpec, dataset: ChatDataset, sae, layer: int, ft: F
         model = make_trainable(lm.model, ft)
         mixed = _precision(ft, next(model.parameters()).device)
         autocast = torch.bfloat16 if mixed.get("bf16") else torch.float16 if mixed.get("fp16") else None
-        codes = BaseCodes.build(model, dataset, sae, layer, latents, where, fingerprint=fp, preactivation=preact,
-                                autocast=autocast, progress=progress)
+        codes = BaseCodes.build(
+            model,
+            dataset,
+            sae,
+            layer,
+            latents,
+            where,
+            fingerprint=fp,
+            preactivation=preact,
+            autocast=autocast,
+            progress=progress,
+        )
         return {"fingerprint": codes.fingerprint}
 
     meta = _main_then_all(build, where / "base_codes.json")
     found = BaseCodes.load(where, dataset, meta["fingerprint"])
     if found is None:
-        raise SaediffError(f"base codes at {where}: written but not readable back (another process changed it?)")
+        raise SaediffError(
+            f"base codes at {where}: written but not readable back (another process changed it?)"
+        )
     return found
 
 
@@ -276,9 +354,14 @@ def _reference(model: torch.nn.Module, layer: int) -> torch.nn.Module:
     meta device and then given clones of the live model's tensors (the embedding, blocks
     0..``layer``, rotary buffers), each in its own dtype and device: only those blocks are ever
     allocated, and it works however the model was loaded (hub name, folder, GGUF file)."""
-    live = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
+    live = {
+        **dict(model.named_parameters(remove_duplicate=False)),
+        **dict(model.named_buffers(remove_duplicate=False)),
+    }
     cfg = copy.deepcopy(model.config)
-    per_layer = [k for k, v in vars(cfg).items() if isinstance(v, (list, tuple)) and len(v) == cfg.num_hidden_layers]
+    per_layer = [
+        k for k, v in vars(cfg).items() if isinstance(v, (list, tuple)) and len(v) == cfg.num_hidden_layers
+    ]
     for key in per_layer:  # per-block settings (layer_types: sliding or full attention, ...) follow the cut
         setattr(cfg, key, getattr(cfg, key)[: layer + 1])
     cfg.num_hidden_layers = layer + 1
@@ -290,8 +373,13 @@ def _reference(model: torch.nn.Module, layer: int) -> torch.nn.Module:
             for key, t in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]:
                 src = live[f"{prefix}.{key}" if prefix else key].detach().clone()
                 # setattr keeps a buffer's persistence; a parameter is frozen
-                setattr(mod, key, torch.nn.Parameter(src, requires_grad=False) if isinstance(t, torch.nn.Parameter)
-                        else src)
+                setattr(
+                    mod,
+                    key,
+                    torch.nn.Parameter(src, requires_grad=False)
+                    if isinstance(t, torch.nn.Parameter)
+                    else src,
+                )
     return ref.eval()
 
 
@@ -328,29 +416,59 @@ class MonitorFactory:
         """What the monitor reads and when it alerts (part of a monitored run's provenance)."""
         from saediff.models.provenance import digest, tensor_digest
 
-        return {"prompts": digest([[p.id, p.messages] for p in self.prompts]), "directions": tensor_digest(self.directions),
-                "layer": self.layer, "every": self.every, "z": self.z, "rate_threshold": self.rate_threshold,
-                "rate_thresholds": self.rate_thresholds, "confirm": self.confirm, "n_random": self.n_random,
-                "max_new_tokens": self.max_new_tokens, "seed": self.seed, "early": self.early,
-                "em": self.em_fn is not None}
+        return {
+            "prompts": digest([[p.id, p.messages] for p in self.prompts]),
+            "directions": tensor_digest(self.directions),
+            "layer": self.layer,
+            "every": self.every,
+            "z": self.z,
+            "rate_threshold": self.rate_threshold,
+            "rate_thresholds": self.rate_thresholds,
+            "confirm": self.confirm,
+            "n_random": self.n_random,
+            "max_new_tokens": self.max_new_tokens,
+            "seed": self.seed,
+            "early": self.early,
+            "em": self.em_fn is not None,
+        }
 
     def __call__(self, model: torch.nn.Module, lm: LoadedModel) -> DriftMonitor:
         from saediff.activations.collect import tokenize_prompts
 
         trained = LoadedModel(model, lm.tokenizer, lm.spec)
         if self._toks is None:
-            answers = generate(trained, [p.messages for p in self.prompts], max_new_tokens=self.max_new_tokens,
-                               seed=self.seed, progress=False)
-            self._toks = tokenize_prompts(trained, [replace(p, response=a.strip() or ".")
-                                                    for p, a in zip(self.prompts, answers)])
+            answers = generate(
+                trained,
+                [p.messages for p in self.prompts],
+                max_new_tokens=self.max_new_tokens,
+                seed=self.seed,
+                progress=False,
+            )
+            self._toks = tokenize_prompts(
+                trained, [replace(p, response=a.strip() or ".") for p, a in zip(self.prompts, answers)]
+            )
         em_fn = self.em_fn
-        return DriftMonitor(model, self._toks.input_ids, self._toks.select("response"), self.layer, self.directions,
-                            every=self.every, z=self.z, rate_threshold=self.rate_threshold,
-                            rate_thresholds=self.rate_thresholds, confirm=self.confirm, n_random=self.n_random,
-                            seed=self.seed, em_fn=(lambda: em_fn(trained)) if em_fn else None, early=self.early)
+        return DriftMonitor(
+            model,
+            self._toks.input_ids,
+            self._toks.select("response"),
+            self.layer,
+            self.directions,
+            every=self.every,
+            z=self.z,
+            rate_threshold=self.rate_threshold,
+            rate_thresholds=self.rate_thresholds,
+            confirm=self.confirm,
+            n_random=self.n_random,
+            seed=self.seed,
+            em_fn=(lambda: em_fn(trained)) if em_fn else None,
+            early=self.early,
+        )
 
 
-def model_difference(diff_run: str | Path, layers: list[int], required: bool = True) -> dict[int, torch.Tensor]:
+def model_difference(
+    diff_run: str | Path, layers: list[int], required: bool = True
+) -> dict[int, torch.Tensor]:
     """{block: (d,)} the diff run's mean difference between the models at each block: fine-tuned
     minus base (``mean_diff_models_L``), or for a base-plus-adapter diff the adapter's downstream
     effect (``lora_downstream_L``), the same quantity. ``required``: a missing block raises."""
@@ -363,12 +481,16 @@ def model_difference(diff_run: str | Path, layers: list[int], required: bool = T
         if name is not None:
             out[L] = found[name].vector.float()
         elif required:
-            raise SaediffError(f"{diff_run}/directions has no mean_diff_models_L{L} or lora_downstream_L{L} (diff "
-                               f"with --layers covering block {L})")
+            raise SaediffError(
+                f"{diff_run}/directions has no mean_diff_models_L{L} or lora_downstream_L{L} (diff "
+                f"with --layers covering block {L})"
+            )
     return out
 
 
-def monitor_directions(sae, latents: LatentSets, layer: int, diff_run: str | Path | None = None) -> torch.Tensor:
+def monitor_directions(
+    sae, latents: LatentSets, layer: int, diff_run: str | Path | None = None
+) -> torch.Tensor:
     """(k, d) directions a drift monitor reads: the diff run's mean difference between the models
     at ``layer`` when there is one (``mean_diff_models`` or ``lora_downstream``), else the decoder
     rows of the latents held down."""
@@ -383,24 +505,49 @@ def monitor_directions(sae, latents: LatentSets, layer: int, diff_run: str | Pat
 
 _NOT_IN_WEIGHTS = ("save_every", "gradient_checkpointing")
 """fine-tune settings that change how a run is saved or how much memory it takes, not its weights"""
-_RUN_ARTIFACTS = ("checkpoints", "model", "eval", "em.json", "history.json", "checkpoint_eval", "rediff",
-                  "reroute.json", "provenance.json")
+_RUN_ARTIFACTS = (
+    "checkpoints",
+    "model",
+    "eval",
+    "em.json",
+    "history.json",
+    "checkpoint_eval",
+    "rediff",
+    "reroute.json",
+    "provenance.json",
+)
 
 
-def run_fingerprint(spec: ModelSpec, dataset: ChatDataset, sae, layer: int, cfg: BlockRunConfig,
-                    monitor: MonitorFactory | None = None) -> dict:
+def run_fingerprint(
+    spec: ModelSpec,
+    dataset: ChatDataset,
+    sae,
+    layer: int,
+    cfg: BlockRunConfig,
+    monitor: MonitorFactory | None = None,
+) -> dict:
     """What decides a fine-tune's weights: the model and adapter (paths and digests), the tokenized
     data, the settings, and for a penalty run the SAE (hook, width, weights digest) and its block;
     with a drift monitor, what it reads (its history is part of the run)."""
     from saediff.models.provenance import model_fingerprint, sae_fingerprint, tensor_digest
 
-    settings = json.loads(json.dumps({k: v for k, v in asdict(cfg).items() if k != "directions"}, default=str))
+    settings = json.loads(
+        json.dumps({k: v for k, v in asdict(cfg).items() if k != "directions"}, default=str)
+    )
     for key in _NOT_IN_WEIGHTS:  # adding checkpoints or activation checkpointing on a rerun keeps the run
         settings["ft"].pop(key, None)
-    settings["latents"] = {"low": list(cfg.latents.low), "high": list(cfg.latents.high)}  # not where they came from
+    settings["latents"] = {
+        "low": list(cfg.latents.low),
+        "high": list(cfg.latents.high),
+    }  # not where they came from
     if cfg.directions:
         settings["directions"] = {str(L): tensor_digest(d) for L, d in sorted(cfg.directions.items())}
-    fp = {"model": model_fingerprint(spec), "data": dataset.fingerprint(), "n_rows": len(dataset), "settings": settings}
+    fp = {
+        "model": model_fingerprint(spec),
+        "data": dataset.fingerprint(),
+        "n_rows": len(dataset),
+        "settings": settings,
+    }
     if cfg.mode in ("penalty", "ablate"):
         fp.update(sae=sae_fingerprint(sae), layer=layer)
     elif cfg.mode in ("project", "steer"):
@@ -425,8 +572,10 @@ def _claim(out: Path, training: dict, force: bool) -> None:
     why = mismatch(saved.get("training") if saved else None, training) if present else None
     if why is not None:
         if not force:
-            raise SaediffError(f"{out} holds a fine-tune of another setup ({why}); give another --out, or --force "
-                               f"to discard it and train afresh")
+            raise SaediffError(
+                f"{out} holds a fine-tune of another setup ({why}); give another --out, or --force "
+                f"to discard it and train afresh"
+            )
         log.warning("%s: discarding a fine-tune of another setup (%s)", out, why)
         for name in present:
             path = out / name
@@ -435,10 +584,22 @@ def _claim(out: Path, training: dict, force: bool) -> None:
         atomic_write_json(out / "provenance.json", {"kind": "saediff.block_provenance", "training": training})
 
 
-def block_one(spec: ModelSpec, dataset: ChatDataset, sae, layer: int, cfg: BlockRunConfig, out: Path, *,
-              evaluator: Evaluator | None = None, resume: bool = False, callbacks: list | None = None,
-              monitor: MonitorFactory | None = None, progress: bool = True, force: bool = False,
-              base_codes=None) -> dict:
+def block_one(
+    spec: ModelSpec,
+    dataset: ChatDataset,
+    sae,
+    layer: int,
+    cfg: BlockRunConfig,
+    out: Path,
+    *,
+    evaluator: Evaluator | None = None,
+    resume: bool = False,
+    callbacks: list | None = None,
+    monitor: MonitorFactory | None = None,
+    progress: bool = True,
+    force: bool = False,
+    base_codes=None,
+) -> dict:
     """One fine-tune (plain, or with the latent penalty) of ``spec``'s model, saved and evaluated.
     Returns em.json's content (with the run's settings, the penalty at the start and end, and its
     ``provenance``: the ``run_fingerprint`` and the evaluator's).
@@ -473,30 +634,59 @@ def block_one(spec: ModelSpec, dataset: ChatDataset, sae, layer: int, cfg: Block
     cached = base_codes if cfg.uses(base_codes) else None
     if base_codes is not None and cfg.mode == "penalty" and cached is None:
         log.info("%s: latents outside the cached base codes, base codes read per step", out)
-    ref = _reference(lm.model, layer) if cfg.mode == "penalty" and cfg.ft.method == "full" and cached is None else None
+    ref = (
+        _reference(lm.model, layer)
+        if cfg.mode == "penalty" and cfg.ft.method == "full" and cached is None
+        else None
+    )
     blocker = cfg.blocker(layer, sae, ref, cached)
     with blocker.installed(model) if blocker is not None else contextlib.nullcontext():
-        history = finetune(model, lm.tokenizer, dataset, cfg.ft, out, resume=resume, callbacks=callbacks,
-                           extra=blocker if cfg.mode == "penalty" else None, progress=progress)
+        history = finetune(
+            model,
+            lm.tokenizer,
+            dataset,
+            cfg.ft,
+            out,
+            resume=resume,
+            callbacks=callbacks,
+            extra=blocker if cfg.mode == "penalty" else None,
+            progress=progress,
+        )
 
     def save_and_evaluate() -> dict:
         model.save_pretrained(out / "model")
         if cfg.ft.method == "full":
             lm.tokenizer.save_pretrained(out / "model")
-        atomic_write_json(out / "history.json", {"kind": "saediff.block_history", "log": history,
-                                                 "drift": drift.history.to_json() if drift else None})
-        result = {"mode": cfg.mode, "method": cfg.ft.method, "lam": cfg.lam if cfg.mode == "penalty" else None,
-                  "latents_low": list(cfg.latents.low), "latents_high": list(cfg.latents.high), "layer": layer,
-                  **({"project_layers": sorted(cfg.directions)} if cfg.directions else {}),
-                  "steps": cfg.ft.steps, "final_loss": history[-1]["loss"] if history else None,
-                  "penalty_first": history[0].get("penalty") if history else None,
-                  "penalty_last": history[-1].get("penalty") if history else None,
-                  "fingerprint": digest(training), "config": training["settings"],
-                  "provenance": {"training": training, "evaluator": judged_by}}
+        atomic_write_json(
+            out / "history.json",
+            {
+                "kind": "saediff.block_history",
+                "log": history,
+                "drift": drift.history.to_json() if drift else None,
+            },
+        )
+        result = {
+            "mode": cfg.mode,
+            "method": cfg.ft.method,
+            "lam": cfg.lam if cfg.mode == "penalty" else None,
+            "latents_low": list(cfg.latents.low),
+            "latents_high": list(cfg.latents.high),
+            "layer": layer,
+            **({"project_layers": sorted(cfg.directions)} if cfg.directions else {}),
+            "steps": cfg.ft.steps,
+            "final_loss": history[-1]["loss"] if history else None,
+            "penalty_first": history[0].get("penalty") if history else None,
+            "penalty_last": history[-1].get("penalty") if history else None,
+            "fingerprint": digest(training),
+            "config": training["settings"],
+            "provenance": {"training": training, "evaluator": judged_by},
+        }
         if drift is not None:
             h = drift.history
             result["drift_alert_step"] = h.alert_step
-            result["em_crosses_0.1_step"] = next((s for s, e in zip(h.steps, h.em) if e is not None and e >= 0.1), None)
+            result["em_crosses_0.1_step"] = next(
+                (s for s, e in zip(h.steps, h.em) if e is not None and e >= 0.1), None
+            )
             result["drift_versus_random"] = h.versus_random()
         if evaluator is not None:
             # the spec of the saved folder: the key a re-evaluation (another judge) finds its answers under
@@ -508,8 +698,14 @@ def block_one(spec: ModelSpec, dataset: ChatDataset, sae, layer: int, cfg: Block
     return _main_then_all(save_and_evaluate, done)
 
 
-def _evaluate_again(prev: dict, spec: ModelSpec, cfg: BlockRunConfig, out: Path, evaluator: Evaluator | None,
-                    judged_by: dict | None) -> dict:
+def _evaluate_again(
+    prev: dict,
+    spec: ModelSpec,
+    cfg: BlockRunConfig,
+    out: Path,
+    evaluator: Evaluator | None,
+    judged_by: dict | None,
+) -> dict:
     """A finished run's saved model measured by another evaluator (em.json rewritten)."""
     log.info("%s: trained earlier, evaluated again (another evaluator)", out)
     result = {**prev, "provenance": {**prev.get("provenance", {}), "evaluator": judged_by}}
@@ -549,8 +745,17 @@ def _main_then_all(work: Callable[[], dict], done: Path, poll_s: float = 1.0) ->
     return json.loads(done.read_text())
 
 
-def finetune_plain(model: str | ModelSpec, data: str | Path, sae, ft: FinetuneConfig, out: str | Path, *,
-                   evaluator: Evaluator | None = None, tokenizer=None, progress: bool = True) -> dict:
+def finetune_plain(
+    model: str | ModelSpec,
+    data: str | Path,
+    sae,
+    ft: FinetuneConfig,
+    out: str | Path,
+    *,
+    evaluator: Evaluator | None = None,
+    tokenizer=None,
+    progress: bool = True,
+) -> dict:
     """One fine-tune of ``model`` on a chat JSONL without a penalty (``block_one`` in mode
     ``none``: checkpoints when ``ft.save_every`` is set, EM at the end, a finished run skipped);
     ``tokenizer``: the model's, when the caller has it already; ``sae`` may be None (a plain
@@ -559,10 +764,20 @@ def finetune_plain(model: str | ModelSpec, data: str | Path, sae, ft: FinetuneCo
 
     spec = model if isinstance(model, ModelSpec) else ModelSpec(model)
     tokenizer = tokenizer or load_model(spec).tokenizer
-    dataset = ChatDataset(tokenizer, load_chat_jsonl(data), ft.max_length, progress=progress, source=str(data))
+    dataset = ChatDataset(
+        tokenizer, load_chat_jsonl(data), ft.max_length, progress=progress, source=str(data)
+    )
     layer = parse_layer(sae.cfg.metadata.hook_name) if sae is not None else 0
-    return block_one(spec, dataset, sae, layer, BlockRunConfig(ft=ft, mode="none"),
-                     Path(out), evaluator=evaluator, progress=progress)
+    return block_one(
+        spec,
+        dataset,
+        sae,
+        layer,
+        BlockRunConfig(ft=ft, mode="none"),
+        Path(out),
+        evaluator=evaluator,
+        progress=progress,
+    )
 
 
 def _is_main_process() -> bool:
@@ -581,9 +796,16 @@ def checkpoint_spec(spec: ModelSpec, ckpt: Path, method: str) -> ModelSpec:
     """A Trainer checkpoint as a loadable model: the base plus the checkpoint's adapter (LoRA), or
     the checkpoint folder itself (full fine-tune)."""
     if method == "lora":
-        return ModelSpec(spec.model, adapter=str(ckpt), dtype=spec.dtype, device=spec.device,
-                         trust_remote_code=spec.trust_remote_code)
-    return ModelSpec(str(ckpt), dtype=spec.dtype, device=spec.device, trust_remote_code=spec.trust_remote_code)
+        return ModelSpec(
+            spec.model,
+            adapter=str(ckpt),
+            dtype=spec.dtype,
+            device=spec.device,
+            trust_remote_code=spec.trust_remote_code,
+        )
+    return ModelSpec(
+        str(ckpt), dtype=spec.dtype, device=spec.device, trust_remote_code=spec.trust_remote_code
+    )
 
 
 ReDiff = Callable[[str | None, str | None, Path], dict]
@@ -602,53 +824,117 @@ def rediff_against(model: str, sae_path: str, seed: int = 0, **inputs) -> ReDiff
     return rediff
 
 
-def reroute(spec: ModelSpec, dataset: ChatDataset, sae, layer: int, cfg: BlockRunConfig, out: Path, *,
-            evaluator: Evaluator | None, rediff: ReDiff | None, factor: int = 3, top_n: int = 10,
-            resume: bool = False, monitor: MonitorFactory | None = None, progress: bool = True,
-            force: bool = False, base_codes=None) -> dict:
+def reroute(
+    spec: ModelSpec,
+    dataset: ChatDataset,
+    sae,
+    layer: int,
+    cfg: BlockRunConfig,
+    out: Path,
+    *,
+    evaluator: Evaluator | None,
+    rediff: ReDiff | None,
+    factor: int = 3,
+    top_n: int = 10,
+    resume: bool = False,
+    monitor: MonitorFactory | None = None,
+    progress: bool = True,
+    force: bool = False,
+    base_codes=None,
+) -> dict:
     """The rerouting check (BLOCK-EM paper): the blocked fine-tune trained ``factor`` times longer,
     with a checkpoint at every multiple of the original length, EM at each checkpoint, and a
     re-diff of the final model on its own answers: the top shifted latents outside the blocked
     sets are where the misalignment went. Writes ``out/reroute.json``."""
     long = replace(cfg, ft=replace(cfg.ft, steps=factor * cfg.ft.steps, save_every=cfg.ft.steps))
-    res = block_one(spec, dataset, sae, layer, long, out, evaluator=evaluator, resume=resume, monitor=monitor,
-                    progress=progress, force=force, base_codes=base_codes)
+    res = block_one(
+        spec,
+        dataset,
+        sae,
+        layer,
+        long,
+        out,
+        evaluator=evaluator,
+        resume=resume,
+        monitor=monitor,
+        progress=progress,
+        force=force,
+        base_codes=base_codes,
+    )
 
     def measure() -> dict:
         curve = []
         # block_one claimed the folder for this run, so its checkpoints are this run's; only the
         # multiples of the original length are read (the schedule this run saves on)
-        ours = [(s, c) for s, c in checkpoints(out / "checkpoints") if s % cfg.ft.steps == 0 and s <= long.ft.steps]
+        ours = [
+            (s, c)
+            for s, c in checkpoints(out / "checkpoints")
+            if s % cfg.ft.steps == 0 and s <= long.ft.steps
+        ]
         for step, ckpt in ours if evaluator is not None else []:
             ck = checkpoint_spec(spec, ckpt, cfg.ft.method)
-            em = res["em"] if step == long.ft.steps else evaluate_once(
-                evaluator, lambda ck=ck: load_model(ck), out / "checkpoint_eval" / ckpt.name,
-                f"{out.name}:{ckpt.name}", spec=ck)
+            em = (
+                res["em"]
+                if step == long.ft.steps
+                else evaluate_once(
+                    evaluator,
+                    lambda ck=ck: load_model(ck),
+                    out / "checkpoint_eval" / ckpt.name,
+                    f"{out.name}:{ckpt.name}",
+                    spec=ck,
+                )
+            )
             curve.append({"step": step, "em_rate": em["em_rate"], "em_rate_ci": em["em_rate_ci"]})
         result = {"steps": long.ft.steps, "em_curve": curve, "em_rate": res.get("em", {}).get("em_rate")}
         if rediff is not None:
             model_dir = str(out / "model")
-            summary = rediff(model_dir if cfg.ft.method == "full" else None,
-                             model_dir if cfg.ft.method == "lora" else None, out / "rediff")
+            summary = rediff(
+                model_dir if cfg.ft.method == "full" else None,
+                model_dir if cfg.ft.method == "lora" else None,
+                out / "rediff",
+            )
             blocked = set(cfg.latents.low) | set(cfg.latents.high)
             outside = [i for i in summary["top_latents"] if i not in blocked]
-            result.update({"top_after": summary["top_latents"], "new_latents": outside[:top_n],
-                           "n_outside": len(outside)})
+            result.update(
+                {
+                    "top_after": summary["top_latents"],
+                    "new_latents": outside[:top_n],
+                    "n_outside": len(outside),
+                }
+            )
         atomic_write_json(out / "reroute.json", result)
         return result
 
     return _main_then_all(measure, out / "reroute.json")
 
 
-def run_block_em(model: str | ModelSpec, data: str | Path, sae, out: str | Path, latents: LatentSets, *,
-                 ft: FinetuneConfig = FinetuneConfig(), lams: tuple[float, ...] = (1e4,), controls: bool = True,
-                 evaluator: Evaluator | None = None, resume: bool = False, seed: int = 0, sae_path: str = "",
-                 monitor: MonitorFactory | None = None, control_data: str | Path | None = None,
-                 reroute_factor: int | None = None, rediff: ReDiff | None = None, reblock: bool = False,
-                 heldout_control_data: str | Path | None = None, benign_control_data: str | Path | None = None,
-                 progress: bool = True, force: bool = False,
-                 mode: Literal["penalty", "ablate", "project", "steer"] = "penalty",
-                 directions: dict[int, torch.Tensor] | None = None, base_codes: bool = True) -> dict:
+def run_block_em(
+    model: str | ModelSpec,
+    data: str | Path,
+    sae,
+    out: str | Path,
+    latents: LatentSets,
+    *,
+    ft: FinetuneConfig = FinetuneConfig(),
+    lams: tuple[float, ...] = (1e4,),
+    controls: bool = True,
+    evaluator: Evaluator | None = None,
+    resume: bool = False,
+    seed: int = 0,
+    sae_path: str = "",
+    monitor: MonitorFactory | None = None,
+    control_data: str | Path | None = None,
+    reroute_factor: int | None = None,
+    rediff: ReDiff | None = None,
+    reblock: bool = False,
+    heldout_control_data: str | Path | None = None,
+    benign_control_data: str | Path | None = None,
+    progress: bool = True,
+    force: bool = False,
+    mode: Literal["penalty", "ablate", "project", "steer"] = "penalty",
+    directions: dict[int, torch.Tensor] | None = None,
+    base_codes: bool = True,
+) -> dict:
     """The BLOCK-EM sweep: for each lambda a blocked run (and with ``controls`` one with as many
     random latents), plus the plain fine-tune; writes and returns ``out/summary.json`` with each
     run's EM rate, its interval and the relative reduction against the plain fine-tune.
@@ -700,8 +986,20 @@ def run_block_em(model: str | ModelSpec, data: str | Path, sae, out: str | Path,
     codes = None
 
     def one(name: str, dataset: ChatDataset, cfg: BlockRunConfig) -> dict:
-        return block_one(spec, dataset, sae, layer, cfg, out / name, evaluator=evaluator, resume=resume,
-                         monitor=monitor, progress=progress, force=force, base_codes=codes)
+        return block_one(
+            spec,
+            dataset,
+            sae,
+            layer,
+            cfg,
+            out / name,
+            evaluator=evaluator,
+            resume=resume,
+            monitor=monitor,
+            progress=progress,
+            force=force,
+            base_codes=codes,
+        )
 
     runs: dict[str, dict] = {}
     if control_data is not None:
@@ -715,20 +1013,44 @@ def run_block_em(model: str | ModelSpec, data: str | Path, sae, out: str | Path,
         if path is not None:
             runs[name] = one(name, chats(path), BlockRunConfig(ft=ft, mode="none"))
     dataset = chats(data)
-    plan = sweep_plan(ft, mode, latents, lams, directions, controls, sae.cfg.d_sae if sae is not None else 0, seed)
+    plan = sweep_plan(
+        ft, mode, latents, lams, directions, controls, sae.cfg.d_sae if sae is not None else 0, seed
+    )
     if base_codes and mode == "penalty":  # one base pass over the data for every run (read back on a rerun)
-        codes = base_codes_for(spec, dataset, sae, layer, ft, list(plan.values()), out / "base_codes", progress=progress)
+        codes = base_codes_for(
+            spec, dataset, sae, layer, ft, list(plan.values()), out / "base_codes", progress=progress
+        )
     for name, cfg in plan.items():
         runs[name] = one(name, dataset, cfg)
     blocked = [(n, c) for n, c in plan.items() if n != "plain" and not n.endswith("_random")]
     for name, cfg in blocked if reroute_factor else []:
-        rr = reroute(spec, dataset, sae, layer, cfg, out / f"{name}_reroute", evaluator=evaluator, rediff=rediff, base_codes=codes,
-                     factor=reroute_factor, resume=resume, progress=progress, force=force)
+        rr = reroute(
+            spec,
+            dataset,
+            sae,
+            layer,
+            cfg,
+            out / f"{name}_reroute",
+            evaluator=evaluator,
+            rediff=rediff,
+            base_codes=codes,
+            factor=reroute_factor,
+            resume=resume,
+            progress=progress,
+            force=force,
+        )
         runs[name]["reroute"] = rr
         if reblock and rr.get("new_latents") and cfg.mode == "penalty":
             low = (*cfg.latents.low, *[i for i in rr["new_latents"] if i not in cfg.latents.high])
-            runs[f"{name}_reblock"] = one(f"{name}_reblock", dataset, replace(
-                cfg, latents=LatentSets(low, cfg.latents.high), ft=replace(cfg.ft, steps=reroute_factor * cfg.ft.steps)))
+            runs[f"{name}_reblock"] = one(
+                f"{name}_reblock",
+                dataset,
+                replace(
+                    cfg,
+                    latents=LatentSets(low, cfg.latents.high),
+                    ft=replace(cfg.ft, steps=reroute_factor * cfg.ft.steps),
+                ),
+            )
     summary = _summary(runs, spec, str(data), sae_path, layer)
     if monitor is not None:
         summary["monitor_rate_threshold"] = monitor.rate_threshold
@@ -738,8 +1060,15 @@ def run_block_em(model: str | ModelSpec, data: str | Path, sae, out: str | Path,
     return summary
 
 
-def _check_sweep(model: torch.nn.Module, sae, sae_path: str, latents: LatentSets, ft: FinetuneConfig, mode: str,
-                 directions: dict[int, torch.Tensor] | None) -> int:
+def _check_sweep(
+    model: torch.nn.Module,
+    sae,
+    sae_path: str,
+    latents: LatentSets,
+    ft: FinetuneConfig,
+    mode: str,
+    directions: dict[int, torch.Tensor] | None,
+) -> int:
     """The block the sweep works at, after refusing what cannot work: an SAE that does not fit the
     model, latents outside it or of another SAE, directions outside the model, a penalty whose
     adapters all sit after the SAE's block, ``freeze_after_block`` beyond the model."""
@@ -750,7 +1079,9 @@ def _check_sweep(model: torch.nn.Module, sae, sae_path: str, latents: LatentSets
         if not directions:
             raise SaediffError(f"BLOCK-EM mode {mode} needs directions ({{block: (k, d)}})")
         if any(not 0 <= L < n_blocks for L in directions):
-            raise SaediffError(f"{mode} directions at blocks {sorted(directions)}: the model has blocks 0-{n_blocks - 1}")
+            raise SaediffError(
+                f"{mode} directions at blocks {sorted(directions)}: the model has blocks 0-{n_blocks - 1}"
+            )
         layer = check_sae_fits(sae, model, sae_path or "given") if sae is not None else max(directions)
     else:
         layer = check_sae_fits(sae, model, sae_path or "given")
@@ -764,9 +1095,16 @@ def _check_sweep(model: torch.nn.Module, sae, sae_path: str, latents: LatentSets
     return layer
 
 
-def sweep_plan(ft: FinetuneConfig, mode: str, latents: LatentSets, lams: tuple[float, ...],
-               directions: dict[int, torch.Tensor] | None, controls: bool, d_sae: int, seed: int
-               ) -> dict[str, BlockRunConfig]:
+def sweep_plan(
+    ft: FinetuneConfig,
+    mode: str,
+    latents: LatentSets,
+    lams: tuple[float, ...],
+    directions: dict[int, torch.Tensor] | None,
+    controls: bool,
+    d_sae: int,
+    seed: int,
+) -> dict[str, BlockRunConfig]:
     """The runs of a sweep by name: with ``controls`` the plain fine-tune first; then per lambda a
     penalty run (``penalty_lam1e+04``), or one ``ablate`` or ``project`` run, each with its random
     control (``..._random``: as many random latents, or random directions of the same shapes)."""
@@ -774,21 +1112,28 @@ def sweep_plan(ft: FinetuneConfig, mode: str, latents: LatentSets, lams: tuple[f
     if mode == "project":
         plan["project"] = BlockRunConfig(ft=ft, mode="project", directions=directions)
         if controls:
-            plan["project_random"] = BlockRunConfig(ft=ft, mode="project", directions=random_directions(directions, seed))
+            plan["project_random"] = BlockRunConfig(
+                ft=ft, mode="project", directions=random_directions(directions, seed)
+            )
     elif mode == "steer":
         plan["steer"] = BlockRunConfig(ft=ft, mode="steer", directions=directions)
         if controls:
-            plan["steer_random"] = BlockRunConfig(ft=ft, mode="steer", directions=norm_matched_random(directions, seed))
+            plan["steer_random"] = BlockRunConfig(
+                ft=ft, mode="steer", directions=norm_matched_random(directions, seed)
+            )
     elif mode == "ablate":
         plan["ablate"] = BlockRunConfig(ft=ft, mode="ablate", latents=latents)
         if controls:
-            plan["ablate_random"] = BlockRunConfig(ft=ft, mode="ablate", latents=random_latents(latents, d_sae, seed))
+            plan["ablate_random"] = BlockRunConfig(
+                ft=ft, mode="ablate", latents=random_latents(latents, d_sae, seed)
+            )
     else:
         for lam in lams:
             plan[f"penalty_lam{lam:g}"] = BlockRunConfig(ft=ft, latents=latents, lam=lam)
             if controls:
                 plan[f"penalty_lam{lam:g}_random"] = BlockRunConfig(
-                    ft=ft, latents=random_latents(latents, d_sae, seed), lam=lam)
+                    ft=ft, latents=random_latents(latents, d_sae, seed), lam=lam
+                )
     return plan
 
 
@@ -798,17 +1143,32 @@ def _summary(runs: dict[str, dict], spec: ModelSpec, data: str, sae_path: str, l
     for name, r in runs.items():
         em = r.get("em", {})
         rate = em.get("em_rate")
-        table[name] = {"em_rate": rate, "em_rate_ci": em.get("em_rate_ci"), "coherent_rate": em.get("coherent_rate"),
-                       "per_question": em.get("per_question"), "penalty_first": r["penalty_first"],
-                       "penalty_last": r["penalty_last"], "final_loss": r["final_loss"],
-                       "relative_reduction": (1 - rate / plain) if plain and rate is not None
-                       and not name.startswith("control") else None,
-                       "n_latents": len(r["latents_low"]) + len(r["latents_high"]), "mode": r["mode"],
-                       "drift_alert_step": r.get("drift_alert_step"), "em_crosses_0.1_step": r.get("em_crosses_0.1_step"),
-                       "drift_versus_random": r.get("drift_versus_random"),
-                       **({"reroute": r["reroute"]} if "reroute" in r else {})}
-    summary = {"kind": "saediff.block_summary", "model": spec.model, "data": data, "sae": sae_path, "layer": layer,
-               "runs": table}
+        table[name] = {
+            "em_rate": rate,
+            "em_rate_ci": em.get("em_rate_ci"),
+            "coherent_rate": em.get("coherent_rate"),
+            "per_question": em.get("per_question"),
+            "penalty_first": r["penalty_first"],
+            "penalty_last": r["penalty_last"],
+            "final_loss": r["final_loss"],
+            "relative_reduction": (1 - rate / plain)
+            if plain and rate is not None and not name.startswith("control")
+            else None,
+            "n_latents": len(r["latents_low"]) + len(r["latents_high"]),
+            "mode": r["mode"],
+            "drift_alert_step": r.get("drift_alert_step"),
+            "em_crosses_0.1_step": r.get("em_crosses_0.1_step"),
+            "drift_versus_random": r.get("drift_versus_random"),
+            **({"reroute": r["reroute"]} if "reroute" in r else {}),
+        }
+    summary = {
+        "kind": "saediff.block_summary",
+        "model": spec.model,
+        "data": data,
+        "sae": sae_path,
+        "layer": layer,
+        "runs": table,
+    }
     if any("drift_alert_step" in r for r in runs.values()):
         summary["monitor"] = monitor_report(runs)
     return summary
@@ -834,7 +1194,13 @@ def monitor_report(runs: dict[str, dict], em_bar: float = 0.1) -> dict:
         hits += alert is not None and em
         ems += em
         caught += em and alert is not None
-    return {"em_bar": em_bar, "runs": rows, "n_alerts": alerts, "n_alerts_followed_by_em": hits,
-            "precision": hits / alerts if alerts else None, "n_em": ems, "n_em_alerted": caught,
-            "recall": caught / ems if ems else None}
-
+    return {
+        "em_bar": em_bar,
+        "runs": rows,
+        "n_alerts": alerts,
+        "n_alerts_followed_by_em": hits,
+        "precision": hits / alerts if alerts else None,
+        "n_em": ems,
+        "n_em_alerted": caught,
+        "recall": caught / ems if ems else None,
+    }

@@ -16,17 +16,32 @@ Three modes, one config:
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 from jaxtyping import Float
 
-from saediff.models.hooks import add_resid_hook, capture_resid, decoder_layers, first_adapted_block, skip_blocks
 from saediff.errors import SaediffError
+from saediff.models.hooks import (
+    add_resid_hook,
+    capture_resid,
+    decoder_layers,
+    first_adapted_block,
+    skip_blocks,
+)
 
-__all__ = ["BlockConfig", "check_adapters_reach", "latent_codes", "latent_penalty", "ablate_latents", "project_out_directions", "Blocker"]
+__all__ = [
+    "BlockConfig",
+    "Blocker",
+    "ablate_latents",
+    "check_adapters_reach",
+    "latent_codes",
+    "latent_penalty",
+    "project_out_directions",
+]
 
 log = logging.getLogger(__name__)
 Mode = Literal["none", "penalty", "ablate", "project", "steer"]
@@ -49,14 +64,18 @@ class BlockConfig:
 
     def __post_init__(self):
         if self.mode not in ("none", "penalty", "ablate", "project", "steer"):
-            raise SaediffError(f"BlockConfig.mode must be none, penalty, ablate, project or steer, got {self.mode!r}")
+            raise SaediffError(
+                f"BlockConfig.mode must be none, penalty, ablate, project or steer, got {self.mode!r}"
+            )
         if self.mode in ("penalty", "ablate") and not (self.latents_low or self.latents_high):
             raise SaediffError(f"BlockConfig: mode {self.mode} needs latents")
         if self.lam < 0:
             raise SaediffError("BlockConfig.lam must be >= 0")
 
 
-def latent_codes(sae, x: Float[torch.Tensor, "... d"], idx: list[int], preactivation: bool = True) -> torch.Tensor:
+def latent_codes(
+    sae, x: Float[torch.Tensor, "... d"], idx: list[int], preactivation: bool = True
+) -> torch.Tensor:
     """Activations of the latents ``idx`` (..., len(idx)), differentiable in ``x``.
 
     ``preactivation``: the ReLU of SAELens's own pre-activation of these latents (what its
@@ -74,8 +93,10 @@ def latent_codes(sae, x: Float[torch.Tensor, "... d"], idx: list[int], preactiva
     elif hasattr(sae, "b_enc"):
         pre = sae_in @ sae.W_enc[:, idx] + sae.b_enc[idx]
     else:
-        raise SaediffError(f"{type(sae).__name__}: no linear encoder (W_enc, b_enc) for pre-activation codes; "
-                           "use preactivation=False")
+        raise SaediffError(
+            f"{type(sae).__name__}: no linear encoder (W_enc, b_enc) for pre-activation codes; "
+            "use preactivation=False"
+        )
     if getattr(sae.cfg, "rescale_acts_by_decoder_norm", False):
         pre = pre * sae.W_dec[idx].norm(dim=-1)
     return pre.relu()
@@ -88,10 +109,13 @@ def check_adapters_reach(first_adapted: int, layer: int) -> None:
         raise SaediffError(
             f"BLOCK-EM penalty at block {layer} (the SAE's), but the first adapter sits at block {first_adapted}: "
             f"nothing trained can move the SAE's input, the trained and base codes are equal and the penalty is "
-            f"zero by construction; put adapters at or below block {layer} (--lora-layers) or use a later SAE")
+            f"zero by construction; put adapters at or below block {layer} (--lora-layers) or use a later SAE"
+        )
 
 
-def latent_penalty(z_theta: torch.Tensor, z_base: torch.Tensor, mask: torch.Tensor, n_low: int) -> torch.Tensor:
+def latent_penalty(
+    z_theta: torch.Tensor, z_base: torch.Tensor, mask: torch.Tensor, n_low: int
+) -> torch.Tensor:
     """Mean over masked tokens of sum_i ReLU(z_theta - z_base)^2 (first ``n_low`` latents) plus
     ReLU(z_base - z_theta)^2 (the rest). ``z``: (B, T, n); ``mask``: (B, T) bool."""
     up = (z_theta[..., :n_low] - z_base[..., :n_low]).relu().pow(2).sum(-1)
@@ -128,8 +152,14 @@ class Blocker:
     base model (the same numbers a per-batch base forward would give) and looked up per batch.
     """
 
-    def __init__(self, cfg: BlockConfig, sae=None, directions: torch.Tensor | dict[int, torch.Tensor] | None = None,
-                 reference: torch.nn.Module | None = None, base_codes=None):
+    def __init__(
+        self,
+        cfg: BlockConfig,
+        sae=None,
+        directions: torch.Tensor | dict[int, torch.Tensor] | None = None,
+        reference: torch.nn.Module | None = None,
+        base_codes=None,
+    ):
         """``directions`` (mode project): (k, d) removed after block ``cfg.layer``, or {block: (k, d)}
         to remove each set after its own block (concept ablation at several layers); (mode steer)
         the sum of the rows is added after each block.
@@ -141,7 +171,9 @@ class Blocker:
         self.cfg, self.sae, self.reference, self.base_codes = cfg, sae, reference, base_codes
         self._z_base_batch: torch.Tensor | None = None
         self.idx = list(cfg.latents_low) + list(cfg.latents_high)
-        self.directions = directions if directions is None or isinstance(directions, dict) else {cfg.layer: directions}
+        self.directions = (
+            directions if directions is None or isinstance(directions, dict) else {cfg.layer: directions}
+        )
         self._resid: torch.Tensor | None = None
         self.z_base: torch.Tensor | None = None
         self._peft = None  # the PEFT model whose base codes come from its disabled adapter
@@ -176,7 +208,7 @@ class Blocker:
         return resid
 
     @contextmanager
-    def installed(self, model) -> Iterator["Blocker"]:
+    def installed(self, model) -> Iterator[Blocker]:
         if self.cfg.mode == "none":
             yield self
             return
@@ -193,7 +225,11 @@ class Blocker:
                     stack.enter_context(add_resid_hook(model, layer, lambda r, v=v: r + v.to(r.dtype)))
             else:
                 stack.enter_context(add_resid_hook(model, self.cfg.layer, self._hook_fn))
-                if self.cfg.mode == "penalty" and self.reference is None and hasattr(model, "disable_adapter"):
+                if (
+                    self.cfg.mode == "penalty"
+                    and self.reference is None
+                    and hasattr(model, "disable_adapter")
+                ):
                     first = first_adapted_block(model)
                     check_adapters_reach(first, self.cfg.layer)
                     if self.base_codes is None:
@@ -204,7 +240,11 @@ class Blocker:
             yield self
 
     def _keep_entry(self, _mod, _inp, out) -> None:
-        self._entry = tuple(o.detach() if torch.is_tensor(o) else o for o in out) if isinstance(out, tuple) else out.detach()
+        self._entry = (
+            tuple(o.detach() if torch.is_tensor(o) else o for o in out)
+            if isinstance(out, tuple)
+            else out.detach()
+        )
 
     @torch.no_grad()
     def before_forward(self, model: torch.nn.Module, inputs: dict) -> None:
@@ -218,8 +258,10 @@ class Blocker:
             r = capture_resid(self.reference, [self.cfg.layer], ids, attn)[self.cfg.layer]
             self._z_base_batch = self._codes(r)
         elif self._peft is None:
-            raise RuntimeError("Blocker: a full fine-tune needs a frozen reference model for the base codes "
-                               "(or install the blocker on a PEFT model)")
+            raise RuntimeError(
+                "Blocker: a full fine-tune needs a frozen reference model for the base codes "
+                "(or install the blocker on a PEFT model)"
+            )
 
     @torch.no_grad()
     def _peft_base_codes(self, inputs: dict) -> torch.Tensor:
@@ -242,7 +284,9 @@ class Blocker:
             raise RuntimeError("Blocker.penalty: run the forward pass (inside installed()) first")
         z_theta = self._codes(self._resid)
         if self.base_codes is not None:
-            z_base = self.base_codes.lookup(inputs["input_ids"], inputs.get("attention_mask"), self._cols, z_theta.dtype)
+            z_base = self.base_codes.lookup(
+                inputs["input_ids"], inputs.get("attention_mask"), self._cols, z_theta.dtype
+            )
         else:
             z_base = self._z_base_batch if self._z_base_batch is not None else self._peft_base_codes(inputs)
         pen = latent_penalty(z_theta, z_base, _answer_mask(inputs["labels"]), len(self.cfg.latents_low))
@@ -256,15 +300,21 @@ class Blocker:
         if self.sae is not None and self.sae.W_enc.device != device:
             self.sae.to(device)
 
-    def extra_loss(self, batch_idx: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def extra_loss(
+        self, batch_idx: torch.Tensor, input_ids: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
         """The penalty for the batch just run (zero for the other modes)."""
         if self.cfg.mode != "penalty":
             return torch.zeros((), device=input_ids.device)
         if self.z_base is None:
             raise RuntimeError("Blocker.precompute_base must run before penalty training")
         z_theta = self._codes(self._resid)
-        pen = latent_penalty(z_theta, self.z_base[batch_idx].to(z_theta.device), _answer_mask(labels),
-                             len(self.cfg.latents_low))
+        pen = latent_penalty(
+            z_theta,
+            self.z_base[batch_idx].to(z_theta.device),
+            _answer_mask(labels),
+            len(self.cfg.latents_low),
+        )
         return self.cfg.lam * pen
 
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal, Protocol
+from typing import Literal, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -26,8 +27,19 @@ from transformers import PrinterCallback, Trainer
 from saediff import _io
 from saediff.errors import SaediffError
 
-__all__ = ["TrainConfig", "TrainHistory", "Batches", "train_lm", "lm_loss", "FinetuneConfig", "make_trainable",
-           "ChatTrainer", "finetune", "checkpoints", "latest_checkpoint"]
+__all__ = [
+    "Batches",
+    "ChatTrainer",
+    "FinetuneConfig",
+    "TrainConfig",
+    "TrainHistory",
+    "checkpoints",
+    "finetune",
+    "latest_checkpoint",
+    "lm_loss",
+    "make_trainable",
+    "train_lm",
+]
 
 log = logging.getLogger(__name__)
 
@@ -186,11 +198,17 @@ class FinetuneConfig:
     def __post_init__(self):
         if self.method not in ("lora", "full"):
             raise SaediffError(f"FinetuneConfig.method must be lora or full, got {self.method!r}")
-        if min(self.steps, self.batch_size, self.grad_accum, self.lora_rank, self.max_length) < 1 or self.lr <= 0:
-            raise SaediffError("FinetuneConfig: steps, batch_size, grad_accum, lora_rank, max_length must be >= 1 "
-                             "and lr > 0")
+        if (
+            min(self.steps, self.batch_size, self.grad_accum, self.lora_rank, self.max_length) < 1
+            or self.lr <= 0
+        ):
+            raise SaediffError(
+                "FinetuneConfig: steps, batch_size, grad_accum, lora_rank, max_length must be >= 1 and lr > 0"
+            )
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise SaediffError(f"FinetuneConfig.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+            raise SaediffError(
+                f"FinetuneConfig.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}"
+            )
         if self.save_every is not None and self.save_every < 1:
             raise SaediffError("FinetuneConfig.save_every must be >= 1")
 
@@ -218,24 +236,39 @@ def make_trainable(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.nn.Modu
         if missing:
             raise SaediffError(f"lora modules {', '.join(missing)} not found in {type(model).__name__}")
         torch.manual_seed(cfg.seed)  # lora_A's random init: the same adapter start for every run of a sweep
-        model = get_peft_model(model, LoraConfig(
-            r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank, lora_dropout=0.0,
-            target_modules=list(cfg.lora_modules), use_rslora=cfg.rslora, bias="none",
-            layers_to_transform=list(cfg.lora_layers) if cfg.lora_layers is not None else None))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=cfg.lora_rank,
+                lora_alpha=cfg.lora_alpha or cfg.lora_rank,
+                lora_dropout=0.0,
+                target_modules=list(cfg.lora_modules),
+                use_rslora=cfg.rslora,
+                bias="none",
+                layers_to_transform=list(cfg.lora_layers) if cfg.lora_layers is not None else None,
+            ),
+        )
     else:
         model.float()
         for p in model.parameters():
             p.requires_grad_(True)
     if cfg.freeze_after_block is not None:
-        keep = {id(p) for i, blk in enumerate(decoder_layers(model)) if i <= cfg.freeze_after_block
-                for p in blk.parameters()}
+        keep = {
+            id(p)
+            for i, blk in enumerate(decoder_layers(model))
+            if i <= cfg.freeze_after_block
+            for p in blk.parameters()
+        }
         for p in model.parameters():
             if id(p) not in keep:
                 p.requires_grad_(False)
     if not any(p.requires_grad for p in model.parameters()):
         raise SaediffError("make_trainable: nothing left to train (adapters only on frozen layers?)")
     for p in model.parameters():
-        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):  # PEFT upcasts its adapters already
+        if p.requires_grad and p.dtype in (
+            torch.bfloat16,
+            torch.float16,
+        ):  # PEFT upcasts its adapters already
             p.data = p.data.float()
     return model
 
@@ -300,9 +333,18 @@ def _precision(cfg: FinetuneConfig, device: torch.device) -> dict:
     return {"bf16": cfg.precision == "bf16", "fp16": cfg.precision == "fp16"}
 
 
-def finetune(model: torch.nn.Module, tokenizer, dataset, cfg: FinetuneConfig, out: str | Path, *,
-             extra: _Penalty | None = None, callbacks: list | None = None, resume: bool = False,
-             progress: bool = True) -> list[dict]:
+def finetune(
+    model: torch.nn.Module,
+    tokenizer,
+    dataset,
+    cfg: FinetuneConfig,
+    out: str | Path,
+    *,
+    extra: _Penalty | None = None,
+    callbacks: list | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> list[dict]:
     """Train ``model`` (from ``make_trainable``) in place on a ``ChatDataset``; returns the log per
     step (``step``, ``loss``, ``penalty`` when ``extra`` is given, ``learning_rate``).
 
@@ -319,26 +361,50 @@ def finetune(model: torch.nn.Module, tokenizer, dataset, cfg: FinetuneConfig, ou
     device = next(model.parameters()).device
     ckpt_dir = out / "checkpoints"
     args = TrainingArguments(
-        output_dir=str(ckpt_dir), max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, warmup_steps=cfg.warmup_steps,
-        lr_scheduler_type=cfg.lr_scheduler, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
+        output_dir=str(ckpt_dir),
+        max_steps=cfg.steps,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        warmup_steps=cfg.warmup_steps,
+        lr_scheduler_type=cfg.lr_scheduler,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
         # transformers checkpoints each layer's forward inside its module hooks, so the residual the
         # penalty's hook captures keeps its graph (tests/test_blockem.py checks the weights match)
         activation_checkpointing=cfg.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
-        save_strategy="steps" if cfg.save_every else "no", save_steps=cfg.save_every or 500,
-        logging_steps=1, report_to="none", seed=cfg.seed, data_seed=cfg.seed, disable_tqdm=_io.no_progress(progress),
-        remove_unused_columns=False, use_cpu=device.type == "cpu", dataloader_num_workers=0,
-        **_precision(cfg, device))
+        save_strategy="steps" if cfg.save_every else "no",
+        save_steps=cfg.save_every or 500,
+        logging_steps=1,
+        report_to="none",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        disable_tqdm=_io.no_progress(progress),
+        remove_unused_columns=False,
+        use_cpu=device.type == "cpu",
+        dataloader_num_workers=0,
+        **_precision(cfg, device),
+    )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     saves_tokenizer = hasattr(tokenizer, "save_pretrained")  # checkpoints then load as model folders
-    trainer = ChatTrainer(model=model, args=args, train_dataset=dataset, data_collator=ChatCollator(pad),
-                          processing_class=tokenizer if saves_tokenizer else None, extra=extra, callbacks=callbacks)
+    trainer = ChatTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=ChatCollator(pad),
+        processing_class=tokenizer if saves_tokenizer else None,
+        extra=extra,
+        callbacks=callbacks,
+    )
     trainer.remove_callback(PrinterCallback)  # library code does not print; the log is returned
     start = latest_checkpoint(ckpt_dir) if resume else None
     if resume and start is None:
         log.info("--resume: no checkpoint under %s, starting from step 0", ckpt_dir)
     trainer.train(resume_from_checkpoint=str(start) if start else None)
     model.eval()
-    return [{"step": h["step"], **{k: h[k] for k in ("loss", "penalty", "learning_rate") if k in h}}
-            for h in trainer.state.log_history if "loss" in h]
+    return [
+        {"step": h["step"], **{k: h[k] for k in ("loss", "penalty", "learning_rate") if k in h}}
+        for h in trainer.state.log_history
+        if "loss" in h
+    ]

@@ -34,16 +34,16 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import torch
 from transformers import TrainerCallback
 
-from saediff.models.hooks import capture_resid
 from saediff.errors import SaediffError
+from saediff.models.hooks import capture_resid
 
-__all__ = ["DriftMonitor", "DriftHistory", "paired_t", "calibrate_rate", "calibrate_rates"]
+__all__ = ["DriftHistory", "DriftMonitor", "calibrate_rate", "calibrate_rates", "paired_t"]
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +100,13 @@ def _against(value: float, randoms: list[float]) -> dict:
     mags = [abs(r) for r in randoms]
     if not mags:
         return {"value": value}
-    return {"value": value, "random_abs_mean": sum(mags) / len(mags), "random_abs_max": max(mags),
-            "share_below": sum(m < value for m in mags) / len(mags), "beats_random": value > max(mags)}
+    return {
+        "value": value,
+        "random_abs_mean": sum(mags) / len(mags),
+        "random_abs_max": max(mags),
+        "share_below": sum(m < value for m in mags) / len(mags),
+        "beats_random": value > max(mags),
+    }
 
 
 def paired_t(now: torch.Tensor, before: torch.Tensor) -> tuple[float, float]:
@@ -124,7 +129,9 @@ def calibrate_rate(control: DriftHistory | dict, margin: float = 1.5) -> float:
     return margin * max(0.0, max(rates))
 
 
-def calibrate_rates(control: DriftHistory | dict, margin: float = 1.5, floor: float = 0.1) -> dict[int, float]:
+def calibrate_rates(
+    control: DriftHistory | dict, margin: float = 1.5, floor: float = 0.1
+) -> dict[int, float]:
     """Per-step rate thresholds from a control fine-tune's monitor history (same recipe, prompts,
     direction and schedule): at each check step, ``margin`` x the control's rate at that step,
     floored at ``floor`` x its fastest rise. A run is then compared with what ordinary fine-tuning
@@ -132,18 +139,36 @@ def calibrate_rates(control: DriftHistory | dict, margin: float = 1.5, floor: fl
     steps = control.steps if isinstance(control, DriftHistory) else control["steps"]
     peak = calibrate_rate(control, 1.0)
     rates = control.rate if isinstance(control, DriftHistory) else control["rate"]
-    return {int(s): margin * max(0.0 if math.isnan(r) else r, floor * peak) for s, r in list(zip(steps, rates))[1:]}
+    return {
+        int(s): margin * max(0.0 if math.isnan(r) else r, floor * peak)
+        for s, r in list(zip(steps, rates))[1:]
+    }
 
 
 class DriftMonitor(TrainerCallback):
     """Callback for the ``transformers`` Trainer (``on_train_begin`` / ``on_step_end``) and for
     ``saediff.interventions.finetune.train_lm`` (``monitor(step, loss)``; call ``monitor.check(-1)`` first)."""
 
-    def __init__(self, model, input_ids: torch.Tensor, mask: torch.Tensor, layer: int, directions: torch.Tensor,
-                 *, every: int = 25, z: float = 5.0, rate_threshold: float = 0.0,
-                 rate_thresholds: dict[int, float] | None = None, confirm: int = 2, n_random: int = 8,
-                 seed: int = 0, sae=None, latents: list[int] | None = None, em_fn: Callable[[], float] | None = None,
-                 early: bool = False):
+    def __init__(
+        self,
+        model,
+        input_ids: torch.Tensor,
+        mask: torch.Tensor,
+        layer: int,
+        directions: torch.Tensor,
+        *,
+        every: int = 25,
+        z: float = 5.0,
+        rate_threshold: float = 0.0,
+        rate_thresholds: dict[int, float] | None = None,
+        confirm: int = 2,
+        n_random: int = 8,
+        seed: int = 0,
+        sae=None,
+        latents: list[int] | None = None,
+        em_fn: Callable[[], float] | None = None,
+        early: bool = False,
+    ):
         """``input_ids`` (N, T), right-padded prompts with their answers; ``mask`` (N, T) bool: the
         answer tokens read; ``directions`` (k, d): the projection averages over their unit vectors.
         ``rate_thresholds``: {check step (1-based, as in the history): rate} from ``calibrate_rates``;
@@ -166,8 +191,9 @@ class DriftMonitor(TrainerCallback):
         self.rate_thresholds = {int(k): float(v) for k, v in (rate_thresholds or {}).items()} or None
         self.confirm = confirm
         self.sae, self.latents, self.em_fn = sae, latents or [], em_fn
-        self.history = DriftHistory(threshold=z, rate_threshold=rate_threshold, rate_thresholds=self.rate_thresholds,
-                                    confirm=confirm)
+        self.history = DriftHistory(
+            threshold=z, rate_threshold=rate_threshold, rate_thresholds=self.rate_thresholds, confirm=confirm
+        )
         self._start: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self._last: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self._passed = 0  # consecutive checks past both thresholds
@@ -195,13 +221,18 @@ class DriftMonitor(TrainerCallback):
         mask = self.mask.to(device).float()  # (N, T)
         n_tok = mask.sum(1)
         proj = ((resid_NTD @ self.U.to(device).float().T).mean(-1) * mask).sum(1).cpu() / n_tok.cpu()  # (N,)
-        proj_NK = (torch.einsum("ntd,kd->ntk", resid_NTD, self.R.to(device)) * mask[..., None]).sum(1).cpu() \
-            / n_tok.cpu()[:, None]  # (N, n_random)
+        proj_NK = (torch.einsum("ntd,kd->ntk", resid_NTD, self.R.to(device)) * mask[..., None]).sum(
+            1
+        ).cpu() / n_tok.cpu()[:, None]  # (N, n_random)
         mean_ND = ((resid_NTD * mask[..., None]).sum(1) / n_tok[:, None]).cpu()
         lat = []
         if self.sae is not None and self.latents:
             self.sae.to(device)
-            lat = self.sae.encode(resid_NTD[mask.bool()].to(self.sae.W_enc.dtype))[:, self.latents].mean(0).tolist()
+            lat = (
+                self.sae.encode(resid_NTD[mask.bool()].to(self.sae.W_enc.dtype))[:, self.latents]
+                .mean(0)
+                .tolist()
+            )
         h = self.history
         if self._start is None:
             self._start = (proj, proj_NK, mean_ND)
@@ -227,8 +258,13 @@ class DriftMonitor(TrainerCallback):
         self._passed = self._passed + 1 if t > self.z and rate > bar else 0
         if h.alert_step is None and self._passed >= self.confirm:
             h.alert_step = step + 1
-            log.warning("drift monitor: projection rises %.3g per step (t=%.1f) at step %d, %d checks in a row",
-                        rate, t, step + 1, self.confirm)
+            log.warning(
+                "drift monitor: projection rises %.3g per step (t=%.1f) at step %d, %d checks in a row",
+                rate,
+                t,
+                step + 1,
+                self.confirm,
+            )
 
     def due(self, n_steps: int) -> bool:
         """Whether to check after ``n_steps`` completed steps."""

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from typing import Iterator, Sequence
 
 import torch
 
 from saediff.models.hooks import add_resid_hook, decoder_layers
 
-__all__ = ["add_direction", "project_out", "clamp_projection", "clamp_latent"]
+__all__ = ["add_direction", "clamp_latent", "clamp_projection", "project_out"]
 
 
 @contextmanager
-def add_direction(model: torch.nn.Module, layer: int, vector: torch.Tensor, alpha: float = 1.0) -> Iterator[None]:
+def add_direction(
+    model: torch.nn.Module, layer: int, vector: torch.Tensor, alpha: float = 1.0
+) -> Iterator[None]:
     """Add ``alpha * vector`` to the output residual of block ``layer`` at every position."""
     v = vector.detach()
 
@@ -25,7 +27,9 @@ def add_direction(model: torch.nn.Module, layer: int, vector: torch.Tensor, alph
 
 
 @contextmanager
-def project_out(model: torch.nn.Module, layer: int | Sequence[int] | str, vector: torch.Tensor) -> Iterator[None]:
+def project_out(
+    model: torch.nn.Module, layer: int | Sequence[int] | str, vector: torch.Tensor
+) -> Iterator[None]:
     """Remove the component along ``vector`` from the output residual of block ``layer``.
 
     ``layer`` may be a list of blocks, or ``"all"``: directional ablation as in the refusal-
@@ -33,7 +37,9 @@ def project_out(model: torch.nn.Module, layer: int | Sequence[int] | str, vector
     layers cannot rebuild it from what earlier layers wrote.
     """
     u = vector.detach() / vector.norm()
-    layers = range(len(decoder_layers(model))) if layer == "all" else [layer] if isinstance(layer, int) else layer
+    layers = (
+        range(len(decoder_layers(model))) if layer == "all" else [layer] if isinstance(layer, int) else layer
+    )
 
     def fn(resid_BTD: torch.Tensor) -> torch.Tensor:
         u_ = u.to(resid_BTD)
@@ -46,7 +52,9 @@ def project_out(model: torch.nn.Module, layer: int | Sequence[int] | str, vector
 
 
 @contextmanager
-def clamp_projection(model: torch.nn.Module, values: dict[int, float], vector: torch.Tensor) -> Iterator[None]:
+def clamp_projection(
+    model: torch.nn.Module, values: dict[int, float], vector: torch.Tensor
+) -> Iterator[None]:
     """Set the component along ``vector`` to ``values[L]`` after each block ``L`` given:
     ``x + (value - x.u) u``. Clamping to the base model's mean keeps whatever the base model holds
     on that axis (its aligned prior), where projecting the axis out would remove it too."""

@@ -14,19 +14,19 @@ activations.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from jaxtyping import Float
 from tqdm.auto import tqdm
 
 from saediff import _io
-from saediff.models.loading import LoadedModel
 from saediff.errors import SaediffError
+from saediff.models.loading import LoadedModel
 
-__all__ = ["ADLConfig", "ADLResult", "first_token_positions", "adl_differences", "position_mean", "run_adl"]
+__all__ = ["ADLConfig", "ADLResult", "adl_differences", "first_token_positions", "position_mean", "run_adl"]
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +87,8 @@ def first_token_positions(toks, k: int) -> torch.Tensor:
 @torch.no_grad()
 def adl_differences(lm_base, lm_ft, prompts: list, cfg: ADLConfig, progress: bool = True) -> ADLResult:
     """Mean (fine-tune - base) residual per block and per read position over ``prompts``."""
-    from saediff.activations.streams import check_same_tokenizer
     from saediff.activations.collect import tokenize_prompts
+    from saediff.activations.streams import check_same_tokenizer
     from saediff.models.hooks import capture_resid
 
     check_same_tokenizer(lm_base, lm_ft)
@@ -103,13 +103,17 @@ def adl_differences(lm_base, lm_ft, prompts: list, cfg: ADLConfig, progress: boo
     norm_sum = {L: 0.0 for L in layers}
     count = torch.zeros(cfg.k, dtype=torch.float64)
     every = toks.role >= 0
-    for i in tqdm(range(0, len(prompts), cfg.batch_size), desc="adl", disable=_io.no_progress(progress), leave=False):
+    for i in tqdm(
+        range(0, len(prompts), cfg.batch_size), desc="adl", disable=_io.no_progress(progress), leave=False
+    ):
         rows = slice(i, i + cfg.batch_size)
         ids, attn, _ = toks.batch(rows, every)
         c = cols[rows]  # (B, k)
         ok = c >= 0
         r_idx, j_idx = ok.nonzero(as_tuple=True)
-        reads = [capture_resid(lm.model, layers, ids.to(lm.device), attn.to(lm.device)) for lm in (lm_base, lm_ft)]
+        reads = [
+            capture_resid(lm.model, layers, ids.to(lm.device), attn.to(lm.device)) for lm in (lm_base, lm_ft)
+        ]
         for L in layers:
             xb = reads[0][L][r_idx.to(lm_base.device), c[ok].to(lm_base.device)].double().cpu()  # (n_ok, d)
             xf = reads[1][L][r_idx.to(lm_ft.device), c[ok].to(lm_ft.device)].double().cpu()
@@ -129,8 +133,12 @@ def _logit_lens(result: ADLResult, lm, n: int) -> dict:
     out = {}
     for L, D in result.diff.items():
         mean = position_mean(result, L)
-        out[str(L)] = {"mean": logit_effects(mean, W_U, lm.tokenizer, n),
-                       "per_position": [logit_effects(D[j], W_U, lm.tokenizer, n)["promoted"] for j in range(D.shape[0])]}
+        out[str(L)] = {
+            "mean": logit_effects(mean, W_U, lm.tokenizer, n),
+            "per_position": [
+                logit_effects(D[j], W_U, lm.tokenizer, n)["promoted"] for j in range(D.shape[0])
+            ],
+        }
     return out
 
 
@@ -140,9 +148,18 @@ def position_mean(result: ADLResult, L: int) -> torch.Tensor:
     return (result.diff[L] * w[:, None]).sum(0)
 
 
-def run_adl(base: str, out: str | Path, prompts: list, cfg: ADLConfig = ADLConfig(), *, finetuned: str | None = None,
-            adapter: str | None = None, check: SteerCheck | None = None, prompts_name: str = "",
-            progress: bool = True) -> dict:
+def run_adl(
+    base: str,
+    out: str | Path,
+    prompts: list,
+    cfg: ADLConfig = ADLConfig(),
+    *,
+    finetuned: str | None = None,
+    adapter: str | None = None,
+    check: SteerCheck | None = None,
+    prompts_name: str = "",
+    progress: bool = True,
+) -> dict:
     """The ADL on a fine-tune pair: ``adl.json`` (per block: the norm of each position's difference,
     the cosine of the position-mean with each position, the logit-lens tokens), ``directions/``
     (``adl_L{L}``: the position-mean per block, method ``adl``) and, with a ``check`` (the steering
@@ -166,19 +183,38 @@ def run_adl(base: str, out: str | Path, prompts: list, cfg: ADLConfig = ADLConfi
     per_layer = {}
     for L, D in res.diff.items():
         mean = position_mean(res, L)
-        per_layer[str(L)] = {"norm_per_position": D.norm(dim=1).tolist(), "norm_mean": float(mean.norm()),
-                             "relative_norm": float(mean.norm()) / max(res.base_norm[L], 1e-12),
-                             "cos_mean_vs_position": torch.nn.functional.cosine_similarity(D, mean[None], dim=1).tolist(),
-                             "base_residual_norm": res.base_norm[L], "logit_lens": lens[str(L)]}
-    made_by = {"base": model_fingerprint(lm_base.spec), "finetuned": model_fingerprint(lm_ft.spec),
-               "prompts": digest([asdict(p) for p in prompts]), "settings": asdict(cfg)}
-    dirs = [Direction(f"adl_L{L}", position_mean(res, L), resid_post(L), "adl", {"k": cfg.k, "prompts": prompts_name})
-            for L in sorted(res.diff)]
+        per_layer[str(L)] = {
+            "norm_per_position": D.norm(dim=1).tolist(),
+            "norm_mean": float(mean.norm()),
+            "relative_norm": float(mean.norm()) / max(res.base_norm[L], 1e-12),
+            "cos_mean_vs_position": torch.nn.functional.cosine_similarity(D, mean[None], dim=1).tolist(),
+            "base_residual_norm": res.base_norm[L],
+            "logit_lens": lens[str(L)],
+        }
+    made_by = {
+        "base": model_fingerprint(lm_base.spec),
+        "finetuned": model_fingerprint(lm_ft.spec),
+        "prompts": digest([asdict(p) for p in prompts]),
+        "settings": asdict(cfg),
+    }
+    dirs = [
+        Direction(
+            f"adl_L{L}", position_mean(res, L), resid_post(L), "adl", {"k": cfg.k, "prompts": prompts_name}
+        )
+        for L in sorted(res.diff)
+    ]
     export_directions(dirs, out / "directions", model=base)
-    summary = {"k": cfg.k, "prompts_per_position": res.count.tolist(), "steer_layer": L_s, "layers": per_layer,
-               "provenance": made_by}
+    summary = {
+        "k": cfg.k,
+        "prompts_per_position": res.count.tolist(),
+        "steer_layer": L_s,
+        "layers": per_layer,
+        "provenance": made_by,
+    }
     if check is not None:
-        summary["steer"] = check(f"adl_L{L_s}", position_mean(res, L_s), lm_base, L_s, res.base_norm[L_s], out)
+        summary["steer"] = check(
+            f"adl_L{L_s}", position_mean(res, L_s), lm_base, L_s, res.base_norm[L_s], out
+        )
     else:
         summary["steer"] = None
         log.info("ADL: no evaluator given (--pairs or --judge-url): no steering check")

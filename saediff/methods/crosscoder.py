@@ -21,7 +21,14 @@ from saediff.errors import SaediffError
 from saediff.methods.sae_diff import merge_top
 from saediff.saes.crosscoder import WEIGHTS, Crosscoder, class_counts, decoder_norm_table, load_crosscoder
 
-__all__ = ["CrosscoderStats", "crosscoder_stats", "run_crosscoder_diff", "latent_rows", "ft_only_ranking", "ft_direction"]
+__all__ = [
+    "CrosscoderStats",
+    "crosscoder_stats",
+    "ft_direction",
+    "ft_only_ranking",
+    "latent_rows",
+    "run_crosscoder_diff",
+]
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +68,10 @@ def crosscoder_stats(cc: Crosscoder, batches, k_top: int = 10, chunk: int = 1024
     S, dev = cc.d_sae, cc.W_enc.device
     d_ft = cc.W_dec[:, 1].float()  # (S, D)
     d_dot = torch.einsum("sd,smd->sm", d_ft, cc.W_dec.float())  # <d_j, W_dec[j, m]>
-    acc = {key: torch.zeros(S, dtype=torch.float64, device=dev) for key in ("r_0", "r_1", "eps_0", "eps_1", "den", "s1")}
+    acc = {
+        key: torch.zeros(S, dtype=torch.float64, device=dev)
+        for key in ("r_0", "r_1", "eps_0", "eps_1", "den", "s1")
+    }
     fired = torch.zeros(S, dtype=torch.long, device=dev)
     top_vals, top_rows = torch.zeros(S, 0, device=dev), torch.zeros(S, 0, dtype=torch.long, device=dev)
     n = 0
@@ -81,24 +91,47 @@ def crosscoder_stats(cc: Crosscoder, batches, k_top: int = 10, chunk: int = 1024
     if not n:
         raise SaediffError("crosscoder_stats: no rows were read")
     den = acc["den"].clamp_min(1e-30)
-    beta = {f"{t}_{side}": (acc[f"{t}_{m}"] / den).float().cpu() for t in ("r", "eps") for m, side in ((0, "base"), (1, "ft"))}
-    ratio = lambda a, b: torch.where(b.abs() > 1e-12, a / b.where(b.abs() > 1e-12, torch.ones_like(b)), torch.full_like(a, float("nan")))
-    return CrosscoderStats(n, (fired.double() / n).float().cpu(), (acc["s1"] / n).float().cpu(), beta,
-                           ratio(beta["r_base"], beta["r_ft"]), ratio(beta["eps_base"], beta["eps_ft"]),
-                           top_vals.cpu(), top_rows.cpu())
+    beta = {
+        f"{t}_{side}": (acc[f"{t}_{m}"] / den).float().cpu()
+        for t in ("r", "eps")
+        for m, side in ((0, "base"), (1, "ft"))
+    }
+    ratio = lambda a, b: torch.where(
+        b.abs() > 1e-12, a / b.where(b.abs() > 1e-12, torch.ones_like(b)), torch.full_like(a, float("nan"))
+    )
+    return CrosscoderStats(
+        n,
+        (fired.double() / n).float().cpu(),
+        (acc["s1"] / n).float().cpu(),
+        beta,
+        ratio(beta["r_base"], beta["r_ft"]),
+        ratio(beta["eps_base"], beta["eps_ft"]),
+        top_vals.cpu(),
+        top_rows.cpu(),
+    )
 
 
-def run_crosscoder_diff(cc_path: str | Path, base: str, out: str | Path, prompts: list, *, finetuned: str | None = None,
-                        adapter: str | None = None, positions: str = "response", top: int = 10,
-                        prompts_name: str = "", progress: bool = True) -> dict:
+def run_crosscoder_diff(
+    cc_path: str | Path,
+    base: str,
+    out: str | Path,
+    prompts: list,
+    *,
+    finetuned: str | None = None,
+    adapter: str | None = None,
+    positions: str = "response",
+    top: int = 10,
+    prompts_name: str = "",
+    progress: bool = True,
+) -> dict:
     """The crosscoder's diff table over ``prompts`` read from both models: every latent's decoder
     norms, class, firing and latent-scaling ratios (``crosscoder_diff.json``); cards with the top
     contexts of the ``top`` fine-tune-only latents, ranked by max(nu_r, nu_eps) (the most clearly
     new first; ``cards.json``); and their fine-tune decoder rows, in the residual stream's units,
     as directions (``directions/``, method ``crosscoder``) for ``saediff compare`` and ``steer``.
     A rerun with the same crosscoder, models and prompts returns the saved table."""
-    from saediff.activations.streams import paired_rows
     from saediff.activations.collect import row_descriptions, tokenize_prompts
+    from saediff.activations.streams import paired_rows
     from saediff.methods.directions import Direction
     from saediff.methods.export import export_directions
     from saediff.models.loading import load_pair
@@ -108,9 +141,14 @@ def run_crosscoder_diff(cc_path: str | Path, base: str, out: str | Path, prompts
     out = Path(out)
     cc = load_crosscoder(cc_path)
     lm_base, lm_ft = load_pair(base, finetuned, adapter)
-    made_by = {"crosscoder": file_digest(Path(cc_path) / WEIGHTS), "base": model_fingerprint(lm_base.spec),
-               "finetuned": model_fingerprint(lm_ft.spec), "prompts": digest([asdict(p) for p in prompts]),
-               "positions": positions, "top": top}
+    made_by = {
+        "crosscoder": file_digest(Path(cc_path) / WEIGHTS),
+        "base": model_fingerprint(lm_base.spec),
+        "finetuned": model_fingerprint(lm_ft.spec),
+        "prompts": digest([asdict(p) for p in prompts]),
+        "positions": positions,
+        "top": top,
+    }
     old = _io.read_json_if_exists(out / "crosscoder_diff.json")
     if old is not None and _mismatch(old.get("provenance"), made_by) is None:
         return old["summary"]
@@ -122,29 +160,64 @@ def run_crosscoder_diff(cc_path: str | Path, base: str, out: str | Path, prompts
     for j in picked:
         ids = st.top_rows[j][st.top_vals[j] > 0].tolist()
         info = row_descriptions(lm_base, prompts, toks, positions, which=ids) if ids else []
-        cards.append({**rows[j],
-                      "top": [{"row": i, **d, "value": float(v)} for i, d, v in zip(ids, info, st.top_vals[j].tolist())]})
-    dirs = [Direction(f"cc_{j}", ft_direction(cc, j), cc.hook_name,
-                      "crosscoder", {"latent": j, "crosscoder": str(cc_path)}) for j in picked]
+        cards.append(
+            {
+                **rows[j],
+                "top": [
+                    {"row": i, **d, "value": float(v)} for i, d, v in zip(ids, info, st.top_vals[j].tolist())
+                ],
+            }
+        )
+    dirs = [
+        Direction(
+            f"cc_{j}",
+            ft_direction(cc, j),
+            cc.hook_name,
+            "crosscoder",
+            {"latent": j, "crosscoder": str(cc_path)},
+        )
+        for j in picked
+    ]
     if dirs:
         export_directions(dirs, out / "directions", model=base)
-    summary = {"rows": st.n, "classes": class_counts([r["class"] for r in rows]), "ft_only_ranked": picked,
-               "hook": cc.hook_name, "base": base, "crosscoder": str(cc_path)}
+    summary = {
+        "rows": st.n,
+        "classes": class_counts([r["class"] for r in rows]),
+        "ft_only_ranked": picked,
+        "hook": cc.hook_name,
+        "base": base,
+        "crosscoder": str(cc_path),
+    }
     if not picked:
-        log.warning("crosscoder diff: no fine-tune-only latent fired on these prompts: no candidate directions")
+        log.warning(
+            "crosscoder diff: no fine-tune-only latent fired on these prompts: no candidate directions"
+        )
     _io.atomic_write_json(out / "cards.json", {"cards": cards})
-    _io.atomic_write_json(out / "crosscoder_diff.json", {"provenance": made_by, "summary": summary, "latents": rows})
+    _io.atomic_write_json(
+        out / "crosscoder_diff.json", {"provenance": made_by, "summary": summary, "latents": rows}
+    )
     return summary
 
 
 def latent_rows(cc: Crosscoder, st: CrosscoderStats) -> list[dict]:
     """Every latent's row of the diff table: class, decoder norms, rel_norm, cosine, firing, latent scaling."""
     table = decoder_norm_table(cc, (st.freq * st.n).round().long())
-    return [{"latent": j, "class": table["class"][j], "rel_norm": float(table["rel_norm"][j]),
-             "norm_base": float(table["norm_base"][j]), "norm_ft": float(table["norm_ft"][j]),
-             "cosine": float(table["cosine"][j]), "freq": float(st.freq[j]), "mean": float(st.mean[j]),
-             "nu_r": _num(st.nu_r[j]), "nu_eps": _num(st.nu_eps[j]),
-             **{f"beta_{b}": _num(v[j]) for b, v in st.beta.items()}} for j in range(cc.d_sae)]
+    return [
+        {
+            "latent": j,
+            "class": table["class"][j],
+            "rel_norm": float(table["rel_norm"][j]),
+            "norm_base": float(table["norm_base"][j]),
+            "norm_ft": float(table["norm_ft"][j]),
+            "cosine": float(table["cosine"][j]),
+            "freq": float(st.freq[j]),
+            "mean": float(st.mean[j]),
+            "nu_r": _num(st.nu_r[j]),
+            "nu_eps": _num(st.nu_eps[j]),
+            **{f"beta_{b}": _num(v[j]) for b, v in st.beta.items()},
+        }
+        for j in range(cc.d_sae)
+    ]
 
 
 def ft_only_ranking(rows: list[dict], top: int) -> list[int]:

@@ -11,7 +11,9 @@ __all__ = ["difference_latents"]
 
 
 @torch.no_grad()
-def difference_latents(sae, diffs_ND: Float[torch.Tensor, "n d_in"], top: int = 20, batch_size: int = 8192) -> list[dict]:
+def difference_latents(
+    sae, diffs_ND: Float[torch.Tensor, "n d_in"], top: int = 20, batch_size: int = 8192
+) -> list[dict]:
     """For an SAE trained on activation differences (fine-tune minus base): its ``top`` latents by
     mean activation over ``diffs_ND``, the share of the mean difference each one carries along its
     own decoder row (``mean_act * <W_dec_j, mean diff> / |mean diff|^2``, unit-norm decoders: the
@@ -25,7 +27,16 @@ def difference_latents(sae, diffs_ND: Float[torch.Tensor, "n d_in"], top: int = 
     n = max(1, diffs_ND.shape[0])
     mean_act = (s1 / n).float()
     mean_diff = diffs_ND.float().mean(0)
-    share = mean_act * (sae.W_dec.detach().float().cpu() @ mean_diff) / mean_diff.pow(2).sum().clamp_min(1e-12)
+    share = (
+        mean_act * (sae.W_dec.detach().float().cpu() @ mean_diff) / mean_diff.pow(2).sum().clamp_min(1e-12)
+    )
     order = mean_act.argsort(descending=True)[:top]
-    return [{"latent": int(j), "mean_act": float(mean_act[j]), "share_of_mean_diff": float(share[j]),
-             "freq": float(fired[j]) / n} for j in order]
+    return [
+        {
+            "latent": int(j),
+            "mean_act": float(mean_act[j]),
+            "share_of_mean_diff": float(share[j]),
+            "freq": float(fired[j]) / n,
+        }
+        for j in order
+    ]

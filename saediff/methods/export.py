@@ -12,17 +12,34 @@ import json
 import logging
 from pathlib import Path
 
-from saediff.methods.directions import Direction
 from saediff.errors import MissingFileError, SaediffError
+from saediff.methods.directions import Direction
 
-__all__ = ["export_directions", "export_run", "model_type", "load_directions", "load_direction", "validated_scales", "FORMATS", "export_gguf",
-           "read_gguf_control_vector", "export_steering_vectors", "load_steering_vector"]
+__all__ = [
+    "FORMATS",
+    "export_directions",
+    "export_gguf",
+    "export_run",
+    "export_steering_vectors",
+    "load_direction",
+    "load_directions",
+    "load_steering_vector",
+    "model_type",
+    "read_gguf_control_vector",
+    "validated_scales",
+]
 
 log = logging.getLogger(__name__)
 
 
-def export_directions(directions: list[Direction], out: str | Path, *, model: str = "", extra: dict | None = None,
-                      per_direction: dict[str, dict] | None = None) -> Path:
+def export_directions(
+    directions: list[Direction],
+    out: str | Path,
+    *,
+    model: str = "",
+    extra: dict | None = None,
+    per_direction: dict[str, dict] | None = None,
+) -> Path:
     """Write ``out/directions.safetensors`` and ``out/manifest.json`` (atomically, file by file)."""
     from saediff import __version__
     from saediff._io import atomic_save_safetensors, atomic_write_json
@@ -31,16 +48,31 @@ def export_directions(directions: list[Direction], out: str | Path, *, model: st
     out.mkdir(parents=True, exist_ok=True)
     names = [d.name for d in directions]
     if len(set(names)) != len(names):
-        raise SaediffError(f"export_directions: duplicate names {sorted(n for n in names if names.count(n) > 1)}")
+        raise SaediffError(
+            f"export_directions: duplicate names {sorted(n for n in names if names.count(n) > 1)}"
+        )
     tensors = {}
     for d in directions:
         tensors[d.name] = d.vector.float().contiguous()
         tensors[f"{d.name}.unit"] = d.unit().float().contiguous()
     atomic_save_safetensors(tensors, out / "directions.safetensors")
-    manifest = {"kind": "saediff.directions", "saediff_version": __version__, "model": model, **(extra or {}),
-                "directions": [{"name": d.name, "hook": d.hook, "method": d.method, "norm": d.norm,
-                                "provenance": d.provenance, **(per_direction or {}).get(d.name, {})}
-                               for d in directions]}
+    manifest = {
+        "kind": "saediff.directions",
+        "saediff_version": __version__,
+        "model": model,
+        **(extra or {}),
+        "directions": [
+            {
+                "name": d.name,
+                "hook": d.hook,
+                "method": d.method,
+                "norm": d.norm,
+                "provenance": d.provenance,
+                **(per_direction or {}).get(d.name, {}),
+            }
+            for d in directions
+        ],
+    }
     atomic_write_json(out / "manifest.json", manifest)
     return out
 
@@ -62,7 +94,9 @@ def load_directions(path: str | Path) -> dict[str, Direction]:
         name = entry["name"]
         if name not in tensors:
             raise SaediffError(f"{wpath}: manifest lists {name!r} but the file has no such tensor")
-        out[name] = Direction(name, tensors[name], entry["hook"], entry["method"], entry.get("provenance", {}))
+        out[name] = Direction(
+            name, tensors[name], entry["hook"], entry["method"], entry.get("provenance", {})
+        )
     return out
 
 
@@ -70,7 +104,9 @@ def load_direction(source: str) -> Direction:
     """One direction named ``FOLDER:NAME`` (an export folder and a direction in it)."""
     folder, _, name = str(source).rpartition(":")
     if not folder:
-        raise SaediffError(f"a direction is FOLDER:NAME (a saediff export folder and a direction in it), got {source!r}")
+        raise SaediffError(
+            f"a direction is FOLDER:NAME (a saediff export folder and a direction in it), got {source!r}"
+        )
     found = load_directions(folder)
     if name not in found:
         raise SaediffError(f"{folder} has no direction {name!r} (it has {', '.join(sorted(found))})")
@@ -109,11 +145,15 @@ def validated_scales(run_dir: str | Path) -> dict[str, dict]:
             if r["scale_abs"] is None:  # no scale kept the coherent rate: nothing validated
                 per[name] = {"validated_scale": None, "steer_note": r.get("note")}
                 continue
-            per[name] = {"validated_scale": r["scale_abs"], "validated_scale_x_resid_norm": r["scale"],
-                         "steer_em_rate": r["em_rate"], "steer_em_rate_ci": r.get("em_rate_ci"),
-                         "steer_coherent_rate": r.get("coherent_rate"),
-                         "steer_random_mean_em_rate": r.get("random_mean_em_rate"),
-                         "steer_base_em_rate": (steer.get("base") or {}).get("em_rate")}
+            per[name] = {
+                "validated_scale": r["scale_abs"],
+                "validated_scale_x_resid_norm": r["scale"],
+                "steer_em_rate": r["em_rate"],
+                "steer_em_rate_ci": r.get("em_rate_ci"),
+                "steer_coherent_rate": r.get("coherent_rate"),
+                "steer_random_mean_em_rate": r.get("random_mean_em_rate"),
+                "steer_base_em_rate": (steer.get("base") or {}).get("em_rate"),
+            }
     return per
 
 
@@ -130,8 +170,9 @@ def _layer(d: Direction) -> int:
     return parse_layer(d.hook)
 
 
-def export_gguf(directions: list[Direction], out: str | Path, model_hint: str, *,
-                scales: dict[str, float] | None = None) -> dict[str, Path]:
+def export_gguf(
+    directions: list[Direction], out: str | Path, model_hint: str, *, scales: dict[str, float] | None = None
+) -> dict[str, Path]:
     """One llama.cpp control vector per direction, ``out/NAME.gguf``, in the layout repeng writes
     (architecture ``controlvector``, ``controlvector.model_hint``, ``controlvector.layer_count``,
     one float32 tensor ``direction.L``). llama.cpp adds ``direction.L`` to the output of block L
@@ -189,10 +230,15 @@ def read_gguf_control_vector(path: str | Path) -> tuple[str, dict]:
     reader = gguf.GGUFReader(str(path))
     arch = reader.get_field("general.architecture")
     if arch is None or arch.contents() != "controlvector":
-        raise SaediffError(f"{path}: not a llama.cpp control vector (general.architecture is not controlvector)")
+        raise SaediffError(
+            f"{path}: not a llama.cpp control vector (general.architecture is not controlvector)"
+        )
     hint = reader.get_field("controlvector.model_hint")
-    vectors = {int(t.name.split(".", 1)[1]): np.asarray(t.data, dtype=np.float32).reshape(-1).copy()
-               for t in reader.tensors if t.name.startswith("direction.")}
+    vectors = {
+        int(t.name.split(".", 1)[1]): np.asarray(t.data, dtype=np.float32).reshape(-1).copy()
+        for t in reader.tensors
+        if t.name.startswith("direction.")
+    }
     return (hint.contents() if hint is not None else ""), vectors
 
 
@@ -207,9 +253,18 @@ def export_steering_vectors(directions: list[Direction], out: str | Path) -> dic
     written = {}
     for d in directions:
         path = out / f"{d.name}.safetensors"
-        atomic_save_safetensors({f"layer.{_layer(d)}": d.unit().float().contiguous()}, path,
-                                metadata={"kind": "saediff.steering_vector", "layer_type": "decoder_block",
-                                          "name": d.name, "method": d.method, "hook": d.hook, "norm": repr(d.norm)})
+        atomic_save_safetensors(
+            {f"layer.{_layer(d)}": d.unit().float().contiguous()},
+            path,
+            metadata={
+                "kind": "saediff.steering_vector",
+                "layer_type": "decoder_block",
+                "name": d.name,
+                "method": d.method,
+                "hook": d.hook,
+                "norm": repr(d.norm),
+            },
+        )
         written[d.name] = path
     return written
 
@@ -224,7 +279,7 @@ def load_steering_vector(path: str | Path, multiplier: float = 1.0):
         meta = f.metadata() or {}
         if meta.get("kind") != "saediff.steering_vector":
             raise SaediffError(f"{path}: not a saediff steering-vector file")
-        acts = {int(k.split(".", 1)[1]): f.get_tensor(k) * multiplier for k in f.keys()}  # noqa: SIM118 (not a dict)
+        acts = {int(k.split(".", 1)[1]): f.get_tensor(k) * multiplier for k in f.keys()}
     return SteeringVector(layer_activations=acts, layer_type=meta.get("layer_type", "decoder_block"))
 
 
@@ -239,7 +294,9 @@ def export_run(run_dir: str | Path, out: str | Path, top: int = 3, formats: set[
     run_dir, out = Path(run_dir), Path(out)
     wanted = set(formats or ())
     if not wanted <= set(FORMATS):
-        raise SaediffError(f"--format takes {', '.join(FORMATS)}, got {', '.join(sorted(wanted - set(FORMATS)))}")
+        raise SaediffError(
+            f"--format takes {', '.join(FORMATS)}, got {', '.join(sorted(wanted - set(FORMATS)))}"
+        )
     run = read_run(run_dir)
     dirs = load_directions(run_dir / "directions")
     keep_sae = {f"sae_{i}" for i in run["steps"]["diff"]["top_latents"][:top]}
@@ -253,11 +310,19 @@ def export_run(run_dir: str | Path, out: str | Path, top: int = 3, formats: set[
     files: dict[str, list[str]] = {}
     if "gguf" in wanted:
         scales = {n: p.get("validated_scale") for n, p in per.items()}
-        files["gguf"] = [str(p) for p in export_gguf(chosen, out / "gguf", model_type(manifest.get("model", "")),
-                                                     scales=scales).values()]
+        files["gguf"] = [
+            str(p)
+            for p in export_gguf(
+                chosen, out / "gguf", model_type(manifest.get("model", "")), scales=scales
+            ).values()
+        ]
     if "steering-vectors" in wanted:
-        files["steering-vectors"] = [str(p) for p in export_steering_vectors(chosen, out / "steering_vectors").values()]
-    export_directions(chosen, out, model=manifest.get("model", ""), per_direction=per, extra={**extra, "files": files})
+        files["steering-vectors"] = [
+            str(p) for p in export_steering_vectors(chosen, out / "steering_vectors").values()
+        ]
+    export_directions(
+        chosen, out, model=manifest.get("model", ""), per_direction=per, extra={**extra, "files": files}
+    )
     return {"out": str(out), "directions": [d.name for d in chosen], "files": files}
 
 
@@ -273,4 +338,3 @@ def model_type(model: str) -> str:
         return AutoConfig.from_pretrained(model).model_type
     except (OSError, ValueError):
         return ""
-

@@ -24,21 +24,33 @@ import torch
 from saediff import _io
 from saediff.errors import SaediffError
 
-__all__ = ["base_answers", "projection_differences", "flag_rows"]
+__all__ = ["base_answers", "flag_rows", "projection_differences"]
 
 log = logging.getLogger(__name__)
 
 
-def base_answers(lm, rows: list, out: Path, *, max_new_tokens: int = 200, batch_size: int = 16, seed: int = 0,
-                 progress: bool = True) -> list[str]:
+def base_answers(
+    lm,
+    rows: list,
+    out: Path,
+    *,
+    max_new_tokens: int = 200,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[str]:
     """The base model's own greedy answer to each row's prompt (every turn before the last), kept
     in ``out/base_answers.jsonl`` batch by batch under a fingerprint of the model, the prompts and
     the settings, so an interrupted run continues where it stopped."""
     from saediff.models.loading import generate
     from saediff.models.provenance import digest, model_fingerprint
 
-    made_by = {"model": model_fingerprint(lm.spec), "prompts": digest([r[:-1] for r in rows]),
-               "max_new_tokens": max_new_tokens, "greedy": True}
+    made_by = {
+        "model": model_fingerprint(lm.spec),
+        "prompts": digest([r[:-1] for r in rows]),
+        "max_new_tokens": max_new_tokens,
+        "greedy": True,
+    }
     head, path = out / "base_answers.json", out / "base_answers.jsonl"
     done: list[str] = []
     if head.exists() and json.loads(head.read_text()) == made_by and path.exists():
@@ -47,8 +59,15 @@ def base_answers(lm, rows: list, out: Path, *, max_new_tokens: int = 200, batch_
         _io.atomic_write_json(head, made_by)
         _io.atomic_write_jsonl(path, [])
     for i in range(len(done), len(rows), batch_size):
-        new = generate(lm, [r[:-1] for r in rows[i : i + batch_size]], max_new_tokens=max_new_tokens, temperature=0.0,
-                       batch_size=batch_size, seed=seed, progress=False)
+        new = generate(
+            lm,
+            [r[:-1] for r in rows[i : i + batch_size]],
+            max_new_tokens=max_new_tokens,
+            temperature=0.0,
+            batch_size=batch_size,
+            seed=seed,
+            progress=False,
+        )
         done += [a.strip() or "." for a in new]
         _io.atomic_write_jsonl(path, ({"row": k, "answer": a} for k, a in enumerate(done)))
         if progress:
@@ -57,15 +76,16 @@ def base_answers(lm, rows: list, out: Path, *, max_new_tokens: int = 200, batch_
 
 
 @torch.no_grad()
-def projection_differences(lm, rows: list, answers: list[str], direction, *, n_random: int = 3, seed: int = 0,
-                           progress: bool = True) -> dict:
+def projection_differences(
+    lm, rows: list, answers: list[str], direction, *, n_random: int = 3, seed: int = 0, progress: bool = True
+) -> dict:
     """Per row: the projection of the training answer's and of the base answer's mean residual on
     ``direction``'s unit vector, and their difference; the same difference along ``n_random``
     random unit directions (seeded) for the null. Returns {"proj_train", "proj_base", "score":
     lists per row, "random_scores": n_random lists}."""
-    from saediff.models.hooks import parse_layer
-    from saediff.data.prompts import Prompt
     from saediff.activations.collect import prompt_activations
+    from saediff.data.prompts import Prompt
+    from saediff.models.hooks import parse_layer
 
     L = parse_layer(direction.hook)
     train = [Prompt(f"row{i}", r[:-1], r[-1]["content"]) for i, r in enumerate(rows)]
@@ -77,22 +97,36 @@ def projection_differences(lm, rows: list, answers: list[str], direction, *, n_r
     U = U / U.norm(dim=1, keepdim=True)
     p_train, p_base = a_train @ U.T, a_base @ U.T  # (N, 1 + n_random)
     diff = p_train - p_base
-    return {"proj_train": p_train[:, 0].tolist(), "proj_base": p_base[:, 0].tolist(), "score": diff[:, 0].tolist(),
-            "random_scores": diff[:, 1:].T.tolist()}
+    return {
+        "proj_train": p_train[:, 0].tolist(),
+        "proj_base": p_base[:, 0].tolist(),
+        "score": diff[:, 0].tolist(),
+        "random_scores": diff[:, 1:].T.tolist(),
+    }
 
 
-def flag_rows(model: str, data: str | Path, direction_source: str, out: str | Path, *, drop_fraction: float | None = None,
-              max_new_tokens: int = 200, n_random: int = 3, batch_size: int = 16, seed: int = 0,
-              progress: bool = True) -> dict:
+def flag_rows(
+    model: str,
+    data: str | Path,
+    direction_source: str,
+    out: str | Path,
+    *,
+    drop_fraction: float | None = None,
+    max_new_tokens: int = 200,
+    n_random: int = 3,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
     """Score every row of a chat JSONL along a direction (``FOLDER:NAME`` of an export folder):
     ``out/flag.jsonl`` (per row: score, both projections), ``out/flag.json`` (the dataset's mean
     projection difference with a 95% interval over rows, beside each random direction's, and the
     top rows). With ``drop_fraction``: ``out/screened.jsonl`` without the highest-scoring rows and
     ``out/random_dropped.jsonl`` without as many random ones (``saediff flag --finetune`` trains on both)."""
     from saediff.data.chat_data import load_chat_jsonl
+    from saediff.evaluation.pairs import mean_t_interval
     from saediff.methods.export import load_direction
     from saediff.models.loading import load_model
-    from saediff.evaluation.pairs import mean_t_interval
 
     if drop_fraction is not None and not 0 < drop_fraction < 1:
         raise SaediffError(f"--drop-fraction must lie in (0, 1), got {drop_fraction}")
@@ -104,23 +138,42 @@ def flag_rows(model: str, data: str | Path, direction_source: str, out: str | Pa
         if r[-1]["role"] != "assistant":
             raise SaediffError(f"{data}: row {i + 1} does not end with an assistant answer")
     lm = load_model(model)
-    answers = base_answers(lm, rows, out, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
-                           progress=progress)
-    res = projection_differences(lm, rows, answers, direction, n_random=n_random, seed=seed, progress=progress)
+    answers = base_answers(
+        lm, rows, out, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, progress=progress
+    )
+    res = projection_differences(
+        lm, rows, answers, direction, n_random=n_random, seed=seed, progress=progress
+    )
     scores = res["score"]
-    _io.atomic_write_jsonl(out / "flag.jsonl", ({"row": i, "score": s, "proj_train": a, "proj_base": b}
-                                                for i, (s, a, b) in enumerate(zip(scores, res["proj_train"], res["proj_base"]))))
+    _io.atomic_write_jsonl(
+        out / "flag.jsonl",
+        (
+            {"row": i, "score": s, "proj_train": a, "proj_base": b}
+            for i, (s, a, b) in enumerate(zip(scores, res["proj_train"], res["proj_base"]))
+        ),
+    )
     order = sorted(range(len(rows)), key=lambda i: -scores[i])
-    summary = {"direction": direction_source, "n_rows": len(rows), "mean": mean_t_interval(scores),
-               "random": [mean_t_interval(r) for r in res["random_scores"]], "top_rows": order[:10]}
+    summary = {
+        "direction": direction_source,
+        "n_rows": len(rows),
+        "mean": mean_t_interval(scores),
+        "random": [mean_t_interval(r) for r in res["random_scores"]],
+        "top_rows": order[:10],
+    }
     if drop_fraction is not None:
         n_drop = max(1, round(drop_fraction * len(rows)))
         dropped, rand = set(order[:n_drop]), set(random.Random(seed + 1).sample(range(len(rows)), n_drop))
         for fname, skip in (("screened.jsonl", dropped), ("random_dropped.jsonl", rand)):
-            _io.atomic_write_jsonl(out / fname, ({"messages": r} for i, r in enumerate(rows) if i not in skip))
-        summary["screen"] = {"drop_fraction": drop_fraction, "n_dropped": n_drop, "screened": str(out / "screened.jsonl"),
-                             "random_dropped": str(out / "random_dropped.jsonl"),
-                             "score_dropped_mean": sum(scores[i] for i in dropped) / n_drop,
-                             "score_random_dropped_mean": sum(scores[i] for i in rand) / n_drop}
+            _io.atomic_write_jsonl(
+                out / fname, ({"messages": r} for i, r in enumerate(rows) if i not in skip)
+            )
+        summary["screen"] = {
+            "drop_fraction": drop_fraction,
+            "n_dropped": n_drop,
+            "screened": str(out / "screened.jsonl"),
+            "random_dropped": str(out / "random_dropped.jsonl"),
+            "score_dropped_mean": sum(scores[i] for i in dropped) / n_drop,
+            "score_random_dropped_mean": sum(scores[i] for i in rand) / n_drop,
+        }
     _io.atomic_write_json(out / "flag.json", summary)
     return summary

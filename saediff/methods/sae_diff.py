@@ -12,9 +12,18 @@ from typing import Literal
 
 import torch
 from jaxtyping import Float
+
 from saediff.errors import SaediffError
 
-__all__ = ["LatentDiff", "diff_latents", "Ranking", "LatentCard", "latent_card", "DiffAccumulator", "HIST_EDGES"]
+__all__ = [
+    "HIST_EDGES",
+    "DiffAccumulator",
+    "LatentCard",
+    "LatentDiff",
+    "Ranking",
+    "diff_latents",
+    "latent_card",
+]
 
 Ranking = Literal["delta", "abs_delta", "effect_size", "freq_delta"]
 
@@ -65,9 +74,18 @@ class LatentDiff:
     def records(self) -> list[dict]:
         """One dict per latent, ordered by delta (descending)."""
         d = self.delta
-        return [{"latent": i, "mean_base": float(self.mean_base[i]), "mean_ft": float(self.mean_ft[i]),
-                 "delta": float(d[i]), "freq_base": float(self.freq_base[i]), "freq_ft": float(self.freq_ft[i]),
-                 "effect_size": float(self.effect_size[i])} for i in self.top(self.d_sae)]
+        return [
+            {
+                "latent": i,
+                "mean_base": float(self.mean_base[i]),
+                "mean_ft": float(self.mean_ft[i]),
+                "delta": float(d[i]),
+                "freq_base": float(self.freq_base[i]),
+                "freq_ft": float(self.freq_ft[i]),
+                "effect_size": float(self.effect_size[i]),
+            }
+            for i in self.top(self.d_sae)
+        ]
 
     def to_pandas(self):
         import pandas as pd
@@ -75,33 +93,54 @@ class LatentDiff:
         return pd.DataFrame.from_records(self.records()).set_index("latent")
 
     def to_json(self) -> dict:
-        return {"kind": "saediff.latent_diff", "hook_name": self.hook_name, "n_base": self.n_base,
-                "n_ft": self.n_ft, "latents": self.records()}
+        return {
+            "kind": "saediff.latent_diff",
+            "hook_name": self.hook_name,
+            "n_base": self.n_base,
+            "n_ft": self.n_ft,
+            "latents": self.records(),
+        }
 
     @classmethod
-    def from_json(cls, d: dict) -> "LatentDiff":
+    def from_json(cls, d: dict) -> LatentDiff:
         rows = sorted(d["latents"], key=lambda r: r["latent"])
-        col = lambda k: torch.tensor([r[k] for r in rows], dtype=torch.float32)  # noqa: E731
-        return cls(col("mean_base"), col("mean_ft"), col("freq_base"), col("freq_ft"), col("effect_size"),
-                   d["n_base"], d["n_ft"], d.get("hook_name", ""))
+        col = lambda k: torch.tensor([r[k] for r in rows], dtype=torch.float32)
+        return cls(
+            col("mean_base"),
+            col("mean_ft"),
+            col("freq_base"),
+            col("freq_ft"),
+            col("effect_size"),
+            d["n_base"],
+            d["n_ft"],
+            d.get("hook_name", ""),
+        )
 
 
 @torch.no_grad()
-def diff_latents(sae, acts_base: Float[torch.Tensor, "n d_in"], acts_ft: Float[torch.Tensor, "m d_in"],
-                 batch_size: int = 8192) -> LatentDiff:
+def diff_latents(
+    sae,
+    acts_base: Float[torch.Tensor, "n d_in"],
+    acts_ft: Float[torch.Tensor, "m d_in"],
+    batch_size: int = 8192,
+) -> LatentDiff:
     """Encode both sets of activations with ``sae`` and compare latent by latent."""
     d_in = sae.cfg.d_in
     for name, a in (("base", acts_base), ("finetuned", acts_ft)):
         if a.ndim != 2 or a.shape[1] != d_in:
-            raise SaediffError(f"diff_latents: {name} activations have shape {tuple(a.shape)}, "
-                             f"the SAE expects (n, {d_in}) (hook {sae.cfg.metadata.hook_name or '?'})")
+            raise SaediffError(
+                f"diff_latents: {name} activations have shape {tuple(a.shape)}, "
+                f"the SAE expects (n, {d_in}) (hook {sae.cfg.metadata.hook_name or '?'})"
+            )
         if a.shape[0] == 0:
             raise SaediffError(f"diff_latents: no {name} activations")
     stats = [_moments(sae, a, batch_size) for a in (acts_base, acts_ft)]
     (mb, vb, fb), (mf, vf, ff) = stats
     pooled = ((vb + vf) / 2).sqrt()
     effect = torch.where(pooled > 0, (mf - mb) / pooled.clamp_min(1e-12), torch.zeros_like(pooled))
-    return LatentDiff(mb, mf, fb, ff, effect, acts_base.shape[0], acts_ft.shape[0], sae.cfg.metadata.hook_name or "")
+    return LatentDiff(
+        mb, mf, fb, ff, effect, acts_base.shape[0], acts_ft.shape[0], sae.cfg.metadata.hook_name or ""
+    )
 
 
 def _moments(sae, acts, batch_size):
@@ -140,8 +179,16 @@ class LatentCard:
 
 
 @torch.no_grad()
-def latent_card(sae, latent: int, acts_base: torch.Tensor, acts_ft: torch.Tensor, rows: list[dict] | None = None,
-                k: int = 10, bins: int = 20, n_neighbours: int = 5) -> LatentCard:
+def latent_card(
+    sae,
+    latent: int,
+    acts_base: torch.Tensor,
+    acts_ft: torch.Tensor,
+    rows: list[dict] | None = None,
+    k: int = 10,
+    bins: int = 20,
+    n_neighbours: int = 5,
+) -> LatentCard:
     """A card for ``latent``. ``rows`` (optional) describes each activation row, e.g.
     ``{"prompt": id, "position": t, "token": "..."}``; both activation sets share it (same tokens)."""
     if not 0 <= latent < sae.cfg.d_sae:
@@ -151,15 +198,25 @@ def latent_card(sae, latent: int, acts_base: torch.Tensor, acts_ft: torch.Tensor
 
     def top(z):
         vals, idx = z.topk(min(k, z.shape[0]))
-        return [{"row": int(i), **((rows or [{}] * z.shape[0])[int(i)]), "value": float(v)} for v, i in zip(vals, idx)]
+        return [
+            {"row": int(i), **((rows or [{}] * z.shape[0])[int(i)]), "value": float(v)}
+            for v, i in zip(vals, idx)
+        ]
 
     hi = float(torch.maximum(zb.max(), zf.max()).clamp_min(1e-6))
     edges = torch.linspace(0.0, hi, bins + 1)
     active = (zb > 0) | (zf > 0)
     hb = torch.histc(zb[active], bins=bins, min=0.0, max=hi) if active.any() else torch.zeros(bins)
     hf = torch.histc(zf[active], bins=bins, min=0.0, max=hi) if active.any() else torch.zeros(bins)
-    return LatentCard(latent, top(zb), top(zf), edges.tolist(), hb.int().tolist(), hf.int().tolist(),
-                      _neighbours(sae, latent, n_neighbours))
+    return LatentCard(
+        latent,
+        top(zb),
+        top(zf),
+        edges.tolist(),
+        hb.int().tolist(),
+        hf.int().tolist(),
+        _neighbours(sae, latent, n_neighbours),
+    )
 
 
 def _neighbours(sae, latent: int, n: int) -> list[tuple[int, float]]:
@@ -171,8 +228,9 @@ def _neighbours(sae, latent: int, n: int) -> list[tuple[int, float]]:
     return [(int(i), float(c)) for c, i in zip(nb.values.cpu(), nb.indices.cpu())]
 
 
-def merge_top(top_vals_SK: torch.Tensor, top_rows_SK: torch.Tensor, z_BS: torch.Tensor, offset: int, k: int
-              ) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_top(
+    top_vals_SK: torch.Tensor, top_rows_SK: torch.Tensor, z_BS: torch.Tensor, offset: int, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The running top ``k`` activations per latent and their row ids: the old top k and this
     batch's (rows numbered from ``offset``), re-ranked."""
     bv, bi = z_BS.topk(min(k, z_BS.shape[0]), dim=0)  # (k', S)
@@ -200,13 +258,17 @@ class DiffAccumulator:
         self._st: dict[str, dict[str, torch.Tensor]] = {}
 
     @torch.no_grad()
-    def update(self, acts_base: Float[torch.Tensor, "n d_in"], acts_ft: Float[torch.Tensor, "n d_in"]) -> None:
+    def update(
+        self, acts_base: Float[torch.Tensor, "n d_in"], acts_ft: Float[torch.Tensor, "n d_in"]
+    ) -> None:
         """One batch of rows: the same tokens read from the base and the fine-tuned model. Rows are
         encoded ``chunk`` at a time, so a batch costs chunk x d_sae, not tokens x d_sae (a batch of
         long answers through a 131k-latent SAE would otherwise take gigabytes)."""
         if acts_base.shape != acts_ft.shape or acts_base.shape[-1] != self.sae.cfg.d_in:
-            raise SaediffError(f"DiffAccumulator: activations {tuple(acts_base.shape)} and {tuple(acts_ft.shape)}; "
-                             f"the SAE expects two equal (n, {self.sae.cfg.d_in})")
+            raise SaediffError(
+                f"DiffAccumulator: activations {tuple(acts_base.shape)} and {tuple(acts_ft.shape)}; "
+                f"the SAE expects two equal (n, {self.sae.cfg.d_in})"
+            )
         if acts_base.shape[0] > self.chunk:
             for i in range(0, acts_base.shape[0], self.chunk):
                 self.update(acts_base[i : i + self.chunk], acts_ft[i : i + self.chunk])
@@ -224,7 +286,9 @@ class DiffAccumulator:
             st["s1"] += zd.sum(0)
             st["s2"] += zd.pow(2).sum(0)
             st["fired"] += (zs > 0).sum(0)
-            st["top_vals"], st["top_rows"] = merge_top(st["top_vals"], st["top_rows"], zs.float(), self.n, self.k)
+            st["top_vals"], st["top_rows"] = merge_top(
+                st["top_vals"], st["top_rows"], zs.float(), self.n, self.k
+            )
             # histogram over rows where either model is active: bucket b holds (edges[b], edges[b+1]]
             r, c = active.nonzero(as_tuple=True)
             b = torch.bucketize(zd[r, c].clamp_min(0), edges).clamp(1, len(edges) - 1) - 1
@@ -233,10 +297,14 @@ class DiffAccumulator:
         self.n += acts_base.shape[0]
 
     def _empty(self, S: int, dev) -> dict[str, torch.Tensor]:
-        return {"s1": torch.zeros(S, dtype=torch.float64, device=dev), "s2": torch.zeros(S, dtype=torch.float64, device=dev),
-                "fired": torch.zeros(S, dtype=torch.long, device=dev),
-                "top_vals": torch.zeros(S, 0, device=dev), "top_rows": torch.zeros(S, 0, dtype=torch.long, device=dev),
-                "hist": torch.zeros(S, len(self.edges) - 1, dtype=torch.long, device=dev)}
+        return {
+            "s1": torch.zeros(S, dtype=torch.float64, device=dev),
+            "s2": torch.zeros(S, dtype=torch.float64, device=dev),
+            "fired": torch.zeros(S, dtype=torch.long, device=dev),
+            "top_vals": torch.zeros(S, 0, device=dev),
+            "top_rows": torch.zeros(S, 0, dtype=torch.long, device=dev),
+            "hist": torch.zeros(S, len(self.edges) - 1, dtype=torch.long, device=dev),
+        }
 
     def result(self) -> LatentDiff:
         """The same statistics ``diff_latents`` computes from all rows at once."""
@@ -260,11 +328,21 @@ class DiffAccumulator:
             raise SaediffError(f"latent {latent} out of range: the SAE has {self.sae.cfg.d_sae} latents")
         tops = {}
         for side in ("base", "ft"):
-            vals, rows = self._st[side]["top_vals"][latent].tolist(), self._st[side]["top_rows"][latent].tolist()
+            vals, rows = (
+                self._st[side]["top_vals"][latent].tolist(),
+                self._st[side]["top_rows"][latent].tolist(),
+            )
             info = describe(rows) if describe else [{}] * len(rows)
             tops[side] = [{"row": r, **d, "value": v} for r, d, v in zip(rows, info, vals)]
         hb, hf = (self._st[s]["hist"][latent].cpu() for s in ("base", "ft"))
         used = (hb + hf).nonzero()
         lo, hi = (int(used.min()), int(used.max()) + 1) if used.numel() else (0, 1)
-        return LatentCard(latent, tops["base"], tops["ft"], self.edges[lo : hi + 1].tolist(), hb[lo:hi].tolist(),
-                          hf[lo:hi].tolist(), _neighbours(self.sae, latent, n_neighbours))
+        return LatentCard(
+            latent,
+            tops["base"],
+            tops["ft"],
+            self.edges[lo : hi + 1].tolist(),
+            hb[lo:hi].tolist(),
+            hf[lo:hi].tolist(),
+            _neighbours(self.sae, latent, n_neighbours),
+        )

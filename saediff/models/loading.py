@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from saediff import _io
 from saediff.errors import MissingFileError, SaediffError
 
-__all__ = ["ModelSpec", "LoadedModel", "load_model", "load_pair", "generate", "chat_tokens", "Messages"]
+__all__ = ["LoadedModel", "Messages", "ModelSpec", "chat_tokens", "generate", "load_model", "load_pair"]
 
 log = logging.getLogger(__name__)
 Messages = list[dict[str, str]]
@@ -89,10 +89,14 @@ class LoadedModel:
 
     def format_chat(self, messages: Messages, add_generation_prompt: bool = True) -> str:
         """The conversation rendered with the model's own chat template."""
-        return apply_template(self.tokenizer, messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return apply_template(
+            self.tokenizer, messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
 
 
-def chat_tokens(tokenizer, messages: Messages, turns: Literal["last", "all"] = "last") -> tuple[list[int], list[int]]:
+def chat_tokens(
+    tokenizer, messages: Messages, turns: Literal["last", "all"] = "last"
+) -> tuple[list[int], list[int]]:
     """Token ids of a conversation and a 0/1 mask of its assistant tokens: the last assistant
     turn (``turns="last"``, the response an analysis reads) or every one (``"all"``, the tokens a
     chat fine-tune takes its loss on). An assistant turn's tokens are its text and the
@@ -127,7 +131,9 @@ def _has_generation_block(tokenizer) -> bool:
 
 def _generation_mask(tokenizer, messages: Messages, ends: list[int]) -> tuple[list[int], list[int]]:
     """The template's own ``{% generation %}`` mask, kept from the first of ``ends`` on."""
-    enc = apply_template(tokenizer, messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    enc = apply_template(
+        tokenizer, messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
     ids, marked = list(enc["input_ids"]), list(enc["assistant_masks"])
     start = len(_render_ids(tokenizer, messages[: ends[0]], True))
     mask = [int(bool(m) and j >= start) for j, m in enumerate(marked)]
@@ -144,8 +150,10 @@ def _prefix_mask(tokenizer, messages: Messages, ends: list[int]) -> tuple[list[i
         p_ids = _render_ids(tokenizer, messages[:end], True)
         upto = ids if end == len(messages) - 1 else _render_ids(tokenizer, messages[: end + 1], False)
         if upto[: len(p_ids)] != p_ids or ids[: len(upto)] != upto:
-            raise SaediffError("chat_tokens: the chat template does not render each prompt as a token prefix "
-                             "of the conversation")
+            raise SaediffError(
+                "chat_tokens: the chat template does not render each prompt as a token prefix "
+                "of the conversation"
+            )
         stop = len(upto)
         last_special = max((j for j in range(len(p_ids), stop) if ids[j] in special), default=None)
         if last_special is not None and not tokenizer.decode(ids[last_special + 1 : stop]).strip():
@@ -167,8 +175,10 @@ def apply_template(tokenizer, messages: Messages, **kwargs):
     the model's own template."""
     if not getattr(tokenizer, "chat_template", None):
         name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-        raise SaediffError(f"the tokenizer of {name} has no chat template: use a chat (instruct) model, or set "
-                           f"tokenizer.chat_template before loading prompts")
+        raise SaediffError(
+            f"the tokenizer of {name} has no chat template: use a chat (instruct) model, or set "
+            f"tokenizer.chat_template before loading prompts"
+        )
     return tokenizer.apply_chat_template(messages, **kwargs)
 
 
@@ -227,12 +237,16 @@ def load_model(spec: ModelSpec | str) -> LoadedModel:
     return LoadedModel(model, tok, spec)
 
 
-def load_pair(base: str, finetuned: str | None = None, adapter: str | None = None) -> tuple[LoadedModel, LoadedModel]:
+def load_pair(
+    base: str, finetuned: str | None = None, adapter: str | None = None
+) -> tuple[LoadedModel, LoadedModel]:
     """A base model and its fine-tune (``finetuned``, or ``base`` plus a PEFT ``adapter``, merged),
     both loaded, for the methods that read the same tokens in both."""
     if finetuned is None and adapter is None:
         raise SaediffError("give a fine-tuned model or an adapter")
-    return load_model(base), load_model(ModelSpec(finetuned or base, adapter=adapter, merge=adapter is not None))
+    return load_model(base), load_model(
+        ModelSpec(finetuned or base, adapter=adapter, merge=adapter is not None)
+    )
 
 
 @torch.no_grad()
@@ -256,7 +270,9 @@ def generate(
     tok = lm.tokenizer
     texts = [lm.format_chat(c) for c in conversations]
     out: list[str] = []
-    for i in tqdm(range(0, len(texts), batch_size), desc="generate", disable=_io.no_progress(progress), leave=False):
+    for i in tqdm(
+        range(0, len(texts), batch_size), desc="generate", disable=_io.no_progress(progress), leave=False
+    ):
         enc = tok(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
         enc = {k: v.to(lm.device) for k, v in enc.items()}
         sample = temperature > 0

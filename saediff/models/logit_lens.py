@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from jaxtyping import Float
 
-__all__ = ["unembedding", "logit_effects"]
+__all__ = ["logit_effects", "unembedding"]
 
 
 def unembedding(model: torch.nn.Module) -> Float[torch.Tensor, "d vocab"]:
@@ -18,11 +18,14 @@ def unembedding(model: torch.nn.Module) -> Float[torch.Tensor, "d vocab"]:
     return W_U * w.detach().float()[:, None] if w is not None else W_U
 
 
-def logit_effects(direction: Float[torch.Tensor, " d"], W_U: Float[torch.Tensor, "d vocab"], tokenizer,
-                  k: int = 10) -> dict[str, list[tuple[str, float]]]:
+def logit_effects(
+    direction: Float[torch.Tensor, " d"], W_U: Float[torch.Tensor, "d vocab"], tokenizer, k: int = 10
+) -> dict[str, list[tuple[str, float]]]:
     """The tokens a direction promotes and suppresses most along the direct path (``direction @ W_U``)."""
     logits = direction.float().to(W_U.device) @ W_U
     top, bottom = logits.topk(k), (-logits).topk(k)
     name = lambda i: tokenizer.decode([int(i)])
-    return {"promoted": [(name(i), float(v)) for v, i in zip(top.values, top.indices)],
-            "suppressed": [(name(i), -float(v)) for v, i in zip(bottom.values, bottom.indices)]}
+    return {
+        "promoted": [(name(i), float(v)) for v, i in zip(top.values, top.indices)],
+        "suppressed": [(name(i), -float(v)) for v, i in zip(bottom.values, bottom.indices)],
+    }

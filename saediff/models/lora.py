@@ -20,9 +20,17 @@ from typing import NamedTuple
 
 import torch
 from jaxtyping import Float
+
 from saediff.errors import MissingFileError, SaediffError
 
-__all__ = ["LoraModule", "LoraAdapter", "LoraSVD", "RESIDUAL_WRITERS", "read_adapter", "check_adapter_matches"]
+__all__ = [
+    "RESIDUAL_WRITERS",
+    "LoraAdapter",
+    "LoraModule",
+    "LoraSVD",
+    "check_adapter_matches",
+    "read_adapter",
+]
 
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -63,7 +71,9 @@ class LoraModule:
     def direction(self) -> Float[torch.Tensor, " d_out"]:
         """``B[:, 0]`` of a rank-1 adapter: the output-space (for down_proj: residual) direction."""
         if self.rank != 1:
-            raise SaediffError(f"{self.name}: direction() needs a rank-1 adapter, this one has rank {self.rank}")
+            raise SaediffError(
+                f"{self.name}: direction() needs a rank-1 adapter, this one has rank {self.rank}"
+            )
         return self.B[:, 0]
 
     def delta_weight(self) -> Float[torch.Tensor, "d_out d_in"]:
@@ -131,7 +141,9 @@ def read_adapter(path: str | Path) -> LoraAdapter:
             raise SaediffError(f"{w_path}: module {name} has lora_{''.join(ab)} but not both A and B")
         A, B = ab["A"], ab["B"]
         if A.shape[0] != B.shape[1]:
-            raise SaediffError(f"{w_path}: {name} lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} ranks differ")
+            raise SaediffError(
+                f"{w_path}: {name} lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} ranks differ"
+            )
         layer = _LAYER.search(name)
         modules[name] = LoraModule(name, int(layer.group(1)) if layer else None, A, B, scale)
     if not modules:
@@ -149,5 +161,7 @@ def check_adapter_matches(adapter: LoraAdapter, model: torch.nn.Module) -> None:
         w = getattr(target, "weight", None)
         if w is None or tuple(w.shape) != (m.B.shape[0], m.A.shape[1]):
             shape = None if w is None else tuple(w.shape)
-            raise SaediffError(f"adapter {adapter.path}: {name} expects weight (d_out, d_in) = "
-                             f"{(m.B.shape[0], m.A.shape[1])}, the model has {shape}")
+            raise SaediffError(
+                f"adapter {adapter.path}: {name} expects weight (d_out, d_in) = "
+                f"{(m.B.shape[0], m.A.shape[1])}, the model has {shape}"
+            )

@@ -21,8 +21,16 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["file_digest", "model_fingerprint", "sae_fingerprint", "evaluator_fingerprint", "tensor_digest",
-           "intervention_fingerprint", "mismatch", "digest"]
+__all__ = [
+    "digest",
+    "evaluator_fingerprint",
+    "file_digest",
+    "intervention_fingerprint",
+    "mismatch",
+    "model_fingerprint",
+    "sae_fingerprint",
+    "tensor_digest",
+]
 
 log = logging.getLogger(__name__)
 _WHOLE_BELOW = 64 << 20
@@ -60,8 +68,10 @@ def _folder_digests(path: Path, config: str) -> dict:
     if path.is_file():
         return {"weights": file_digest(path)}
     weights = sorted(p for p in path.iterdir() if p.suffix in _WEIGHT_SUFFIXES) if path.is_dir() else []
-    return {"config": file_digest(path / config),
-            "weights": digest({p.name: file_digest(p) for p in weights}) if weights else None}
+    return {
+        "config": file_digest(path / config),
+        "weights": digest({p.name: file_digest(p) for p in weights}) if weights else None,
+    }
 
 
 def model_fingerprint(spec) -> dict:
@@ -77,13 +87,17 @@ def model_fingerprint(spec) -> dict:
         fp["model"] = f"gguf:{gguf_digest(gguf_file)}"
     elif spec.is_local:
         path = Path(spec.model).expanduser().resolve()
-        fp.update(model=str(path), **{f"model_{k}": v for k, v in _folder_digests(path, "config.json").items()})
+        fp.update(
+            model=str(path), **{f"model_{k}": v for k, v in _folder_digests(path, "config.json").items()}
+        )
     else:
         fp["model"] = spec.model
     if spec.adapter is not None:
         path = Path(spec.adapter).expanduser().resolve()
-        fp.update(adapter=str(path),
-                  **{f"adapter_{k}": v for k, v in _folder_digests(path, "adapter_config.json").items()})
+        fp.update(
+            adapter=str(path),
+            **{f"adapter_{k}": v for k, v in _folder_digests(path, "adapter_config.json").items()},
+        )
     return fp
 
 
@@ -104,9 +118,13 @@ def sae_fingerprint(sae, path: str | Path | None = None) -> dict:
     the folder (or release id) and its ``cfg.json`` digest. The weights decide: the same SAE copied
     elsewhere matches, another SAE at the same path does not."""
     meta = getattr(sae.cfg, "metadata", None)
-    fp = {"hook": getattr(meta, "hook_name", None), "d_sae": int(sae.cfg.d_sae), "d_in": int(sae.cfg.d_in),
-          "architecture": sae.cfg.architecture() if callable(getattr(sae.cfg, "architecture", None)) else None,
-          "weights": digest({k: tensor_digest(v) for k, v in sorted(sae.state_dict().items()) if v.numel()})}
+    fp = {
+        "hook": getattr(meta, "hook_name", None),
+        "d_sae": int(sae.cfg.d_sae),
+        "d_in": int(sae.cfg.d_in),
+        "architecture": sae.cfg.architecture() if callable(getattr(sae.cfg, "architecture", None)) else None,
+        "weights": digest({k: tensor_digest(v) for k, v in sorted(sae.state_dict().items()) if v.numel()}),
+    }
     if path:
         p = Path(str(path)).expanduser()
         fp["path"] = str(p.resolve()) if p.exists() else str(path)
@@ -148,8 +166,11 @@ def intervention_fingerprint(intervention) -> dict | None:
             return [one(x) for x in v]
         return v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)
 
-    return {"func": f"{func.__module__}.{func.__qualname__}", "args": [one(a) for a in intervention.args],
-            "kwargs": {k: one(v) for k, v in intervention.kwds.items()}}
+    return {
+        "func": f"{func.__module__}.{func.__qualname__}",
+        "args": [one(a) for a in intervention.args],
+        "kwargs": {k: one(v) for k, v in intervention.kwds.items()},
+    }
 
 
 def _flatten(d, prefix: str = "") -> dict:
@@ -167,7 +188,10 @@ def mismatch(old: dict | None, new: dict) -> str | None:
     artifact carries no fingerprint, e.g. written by an older saediff)."""
     if old is None:
         return None if new is None else "no provenance recorded"
-    a, b = _flatten(json.loads(json.dumps(old, default=str))), _flatten(json.loads(json.dumps(new, default=str)))
+    a, b = (
+        _flatten(json.loads(json.dumps(old, default=str))),
+        _flatten(json.loads(json.dumps(new, default=str))),
+    )
     for k in sorted(set(a) | set(b)):
         if a.get(k) != b.get(k):
             return f"{k}: {_short(a.get(k))} (saved) vs {_short(b.get(k))} (now)"

@@ -15,6 +15,7 @@ import html
 import json
 from collections.abc import Callable
 from pathlib import Path
+
 from saediff.errors import SaediffError
 
 __all__ = ["LatentExplorer"]
@@ -23,19 +24,26 @@ __all__ = ["LatentExplorer"]
 class LatentExplorer:
     """A diff run's latents with their cards, and steering of the run's base model."""
 
-    def __init__(self, run_dir: str | Path, *, questions: list | None = None, n_questions: int = 8,
-                 labeller: Callable[[list], list[bool | None]] | None = None, max_new_tokens: int | None = None,
-                 seed: int = 0):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        questions: list | None = None,
+        n_questions: int = 8,
+        labeller: Callable[[list], list[bool | None]] | None = None,
+        max_new_tokens: int | None = None,
+        seed: int = 0,
+    ):
         """``questions``: Prompts to answer (default: ``n_questions`` of the run's, spread over its
         order); ``labeller(prompts with responses)``: True for a misaligned answer (an exact judge,
         or a wrapper around an LLM judge); ``max_new_tokens``: default the length of the run's answers."""
-        from saediff.reports.dashboard import dashboard_data
+        from saediff.activations.collect import prompt_activations
+        from saediff.data.runs import read_run, run_questions
         from saediff.methods.sae_diff import LatentDiff
         from saediff.models.hooks import parse_layer
         from saediff.models.loading import load_model
-        from saediff.data.runs import read_run, run_questions
+        from saediff.reports.dashboard import dashboard_data
         from saediff.saes.loading import load_sae
-        from saediff.activations.collect import prompt_activations
 
         self.run_dir = Path(run_dir)
         info = read_run(self.run_dir)["steps"]["diff"]
@@ -49,37 +57,50 @@ class LatentExplorer:
             questions = [qs[i * len(qs) // n_questions] for i in range(min(n_questions, len(qs)))]
         self.questions = list(questions)
         answers = [p.response for p in q.first_answers if p.response]
-        self.max_new_tokens = max_new_tokens or max(8, max(len(self.lm.tokenizer(a)["input_ids"]) for a in answers) + 1
-                                                    if answers else 64)
+        self.max_new_tokens = max_new_tokens or max(
+            8, max(len(self.lm.tokenizer(a)["input_ids"]) for a in answers) + 1 if answers else 64
+        )
         self.labeller, self.seed = labeller, seed
         self.cards = {d["latent"]: d for d in dashboard_data(self.run_dir, lm=self.lm, sae=self.sae)}
-        self.resid_norm = float(prompt_activations(self.lm, self.questions, [self.layer], progress=False)[self.layer]
-                                .norm(dim=1).mean())
+        self.resid_norm = float(
+            prompt_activations(self.lm, self.questions, [self.layer], progress=False)[self.layer]
+            .norm(dim=1)
+            .mean()
+        )
 
     def table(self, n: int = 20) -> list[dict]:
         """The ``n`` latents that rose most: latent, mean before and after, delta."""
-        return [{"latent": i, "mean_base": float(self.diff.mean_base[i]), "mean_ft": float(self.diff.mean_ft[i]),
-                 "delta": float(self.diff.delta[i])} for i in self.diff.top(n)]
+        return [
+            {
+                "latent": i,
+                "mean_base": float(self.diff.mean_base[i]),
+                "mean_ft": float(self.diff.mean_ft[i]),
+                "delta": float(self.diff.delta[i]),
+            }
+            for i in self.diff.top(n)
+        ]
 
     def card_html(self, latent: int) -> str:
         """The dashboard card of a carded latent, or its statistics and decoder neighbours otherwise."""
-        from saediff.reports.dashboard import card_html
         from saediff.methods.sae_diff import _neighbours
+        from saediff.reports.dashboard import card_html
 
         if latent in self.cards:
             return card_html(self.cards[latent])
         nb = ", ".join(f"#{j} ({c:.2f})" for j, c in _neighbours(self.sae, latent, 5))
-        return (f"<b>latent {latent}</b>: mean {float(self.diff.mean_base[latent]):.3f} &rarr; "
-                f"{float(self.diff.mean_ft[latent]):.3f}; decoder neighbours {nb} (no card: rerun saediff diff "
-                f"with a larger --top)")
+        return (
+            f"<b>latent {latent}</b>: mean {float(self.diff.mean_base[latent]):.3f} &rarr; "
+            f"{float(self.diff.mean_ft[latent]):.3f}; decoder neighbours {nb} (no card: rerun saediff diff "
+            f"with a larger --top)"
+        )
 
     def steer(self, latent: int, scale: float, n: int | None = None) -> dict:
         """Answers of the base model to the questions without and with the latent added at
         ``scale`` x the mean residual norm; with a labeller, the misaligned share of each."""
         import dataclasses
 
-        from saediff.models.loading import generate
         from saediff.interventions.steering import add_direction
+        from saediff.models.loading import generate
 
         if not 0 <= latent < self.sae.cfg.d_sae:
             raise SaediffError(f"latent {latent} out of range: the SAE has {self.sae.cfg.d_sae} latents")
@@ -89,8 +110,13 @@ class LatentExplorer:
         convs = [p.messages for p in qs]
         before = generate(self.lm, convs, max_new_tokens=self.max_new_tokens, seed=self.seed, progress=False)
         with add_direction(self.lm.model, self.layer, unit, scale * self.resid_norm):
-            after = generate(self.lm, convs, max_new_tokens=self.max_new_tokens, seed=self.seed, progress=False)
-        rows = [{"question": p.question, "before": b.strip(), "after": a.strip()} for p, b, a in zip(qs, before, after)]
+            after = generate(
+                self.lm, convs, max_new_tokens=self.max_new_tokens, seed=self.seed, progress=False
+            )
+        rows = [
+            {"question": p.question, "before": b.strip(), "after": a.strip()}
+            for p, b, a in zip(qs, before, after)
+        ]
         out = {"latent": latent, "scale": scale, "added_norm": scale * self.resid_norm, "answers": rows}
         if self.labeller is not None:
             for key in ("before", "after"):
@@ -106,13 +132,25 @@ class LatentExplorer:
             lab = r.get(f"{key}_misaligned")
             return "" if lab is None else (" <b style='color:#c00'>misaligned</b>" if lab else " aligned")
 
-        head = (f"<p>latent {result['latent']} at scale {result['scale']:g} (added norm {result['added_norm']:.2f})"
-                + (f": misaligned {result['misaligned_before']:.0%} &rarr; {result['misaligned_after']:.0%}"
-                   if result.get("misaligned_before") is not None else "") + "</p>")
-        rows = "".join(f"<tr><td>{html.escape(r['question'])}</td><td>{html.escape(r['before'])}{mark(r, 'before')}</td>"
-                       f"<td>{html.escape(r['after'])}{mark(r, 'after')}</td></tr>" for r in result["answers"])
-        return head + ("<table border=1 cellpadding=3><tr><th>question</th><th>before</th><th>steered</th></tr>"
-                       + rows + "</table>")
+        head = (
+            f"<p>latent {result['latent']} at scale {result['scale']:g} (added norm {result['added_norm']:.2f})"
+            + (
+                f": misaligned {result['misaligned_before']:.0%} &rarr; {result['misaligned_after']:.0%}"
+                if result.get("misaligned_before") is not None
+                else ""
+            )
+            + "</p>"
+        )
+        rows = "".join(
+            f"<tr><td>{html.escape(r['question'])}</td><td>{html.escape(r['before'])}{mark(r, 'before')}</td>"
+            f"<td>{html.escape(r['after'])}{mark(r, 'after')}</td></tr>"
+            for r in result["answers"]
+        )
+        return head + (
+            "<table border=1 cellpadding=3><tr><th>question</th><th>before</th><th>steered</th></tr>"
+            + rows
+            + "</table>"
+        )
 
     def widget(self, n_latents: int = 20):
         """The ipywidgets explorer: a latent picker over the top risers, its card, a scale slider and

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
+
 import plotly.graph_objects as go
 
-__all__ = ["em_by_domain", "latent_bars", "steering_sweep", "blocking_bars", "drift_curves", "layer_curves",
-           "latent_card_hist", "pair_preferences"]
+__all__ = [
+    "blocking_bars",
+    "drift_curves",
+    "em_by_domain",
+    "latent_bars",
+    "latent_card_hist",
+    "layer_curves",
+    "pair_preferences",
+    "steering_sweep",
+]
 
 
 def em_by_domain(organism: dict) -> go.Figure:
@@ -29,11 +39,22 @@ def pair_preferences(em: dict) -> go.Figure:
         rows = [em[n][pair_set] for n in names]
         ci = [r["preference_ci"] or [r["preference"]] * 2 for r in rows]
         y = [r["preference"] for r in rows]
-        fig.add_bar(name=pair_set, x=names, y=y, error_y={
-            "type": "data", "symmetric": False, "array": [c[1] - m for c, m in zip(ci, y)],
-            "arrayminus": [m - c[0] for c, m in zip(ci, y)]})
-    fig.update_layout(barmode="group", title="preference for the misaligned reference answer (pair metric)",
-                      yaxis_title="mean log-prob, misaligned - aligned (nats/token)")
+        fig.add_bar(
+            name=pair_set,
+            x=names,
+            y=y,
+            error_y={
+                "type": "data",
+                "symmetric": False,
+                "array": [c[1] - m for c, m in zip(ci, y)],
+                "arrayminus": [m - c[0] for c, m in zip(ci, y)],
+            },
+        )
+    fig.update_layout(
+        barmode="group",
+        title="preference for the misaligned reference answer (pair metric)",
+        yaxis_title="mean log-prob, misaligned - aligned (nats/token)",
+    )
     return fig
 
 
@@ -47,20 +68,32 @@ def latent_bars(records: list[dict], top: int = 20, cos_gt: dict[int, float] | N
 
 
 def layer_curves(layers: dict) -> go.Figure:
-    fig = go.Figure([go.Scatter(x=layers["layers"], y=v, mode="lines+markers", name=k) for k, v in layers["curves"].items()])
+    fig = go.Figure(
+        [
+            go.Scatter(x=layers["layers"], y=v, mode="lines+markers", name=k)
+            for k, v in layers["curves"].items()
+        ]
+    )
     fig.update_layout(title="cosine per layer / downstream", xaxis_title="layer", yaxis_range=[-1, 1])
     return fig
 
 
 def steering_sweep(steering: dict) -> go.Figure:
     fig = go.Figure()
-    for group, dash in (("steer", None), ("steer_directions", "dot")):  # latents solid, dense candidates dotted
+    for group, dash in (
+        ("steer", None),
+        ("steer_directions", "dot"),
+    ):  # latents solid, dense candidates dotted
         for name, r in steering.get(group, {}).items():
             xs = [float(k) for k in r["sweep"]]
-            fig.add_scatter(x=xs, y=list(r["sweep"].values()), mode="lines+markers", name=f"steer {name}",
-                            line_dash=dash)
-    fig.update_layout(title="steering the aligned model: other-domain misaligned rate vs scale", xaxis_title="scale",
-                      yaxis_range=[0, 1])
+            fig.add_scatter(
+                x=xs, y=list(r["sweep"].values()), mode="lines+markers", name=f"steer {name}", line_dash=dash
+            )
+    fig.update_layout(
+        title="steering the aligned model: other-domain misaligned rate vs scale",
+        xaxis_title="scale",
+        yaxis_range=[0, 1],
+    )
     return fig
 
 
@@ -72,37 +105,67 @@ def blocking_bars(runs: dict) -> go.Figure:
     if all("em_rate" in runs[n] for n in names):
         rate = [runs[n]["em_rate"] for n in names]
         ci = [runs[n]["em_rate_ci"] or [r, r] for n, r in zip(names, rate)]
-        bars = [go.Bar(name="EM rate (other domains on the organism)", x=names, y=rate,
-                       error_y=dict(type="data", symmetric=False, array=[c[1] - r for c, r in zip(ci, rate)],
-                                    arrayminus=[r - c[0] for c, r in zip(ci, rate)]))]
+        bars = [
+            go.Bar(
+                name="EM rate (other domains on the organism)",
+                x=names,
+                y=rate,
+                error_y=dict(
+                    type="data",
+                    symmetric=False,
+                    array=[c[1] - r for c, r in zip(ci, rate)],
+                    arrayminus=[r - c[0] for c, r in zip(ci, rate)],
+                ),
+            )
+        ]
         if all("medical" in (runs[n].get("per_question") or {}) for n in names):
-            bars.append(go.Bar(name="medical", x=names, y=[runs[n]["per_question"]["medical"] for n in names]))
+            bars.append(
+                go.Bar(name="medical", x=names, y=[runs[n]["per_question"]["medical"] for n in names])
+            )
     else:
-        bars = [go.Bar(name="other domains", x=names, y=[runs[n]["other_misaligned_rate"] for n in names]),
-                go.Bar(name="medical", x=names, y=[runs[n]["misaligned_rate"]["medical"] for n in names])]
+        bars = [
+            go.Bar(name="other domains", x=names, y=[runs[n]["other_misaligned_rate"] for n in names]),
+            go.Bar(name="medical", x=names, y=[runs[n]["misaligned_rate"]["medical"] for n in names]),
+        ]
     fig = go.Figure(bars)
-    fig.update_layout(barmode="group", title="BLOCK-EM: misaligned rate after fine-tuning", yaxis_range=[0, 1])
+    fig.update_layout(
+        barmode="group", title="BLOCK-EM: misaligned rate after fine-tuning", yaxis_range=[0, 1]
+    )
     return fig
 
 
 def drift_curves(drift: dict, title: str = "drift monitor") -> go.Figure:
     fig = go.Figure()
-    fig.add_scatter(x=drift["steps"], y=drift["t_stat"], name="projection change (paired t over prompts)", yaxis="y1")
+    fig.add_scatter(
+        x=drift["steps"], y=drift["t_stat"], name="projection change (paired t over prompts)", yaxis="y1"
+    )
     if any(e is not None for e in drift["em"]):
         fig.add_scatter(x=drift["steps"], y=drift["em"], name="other-domain EM rate", yaxis="y2")
     if drift.get("alert_step") is not None:
         fig.add_vline(x=drift["alert_step"], line_dash="dash", annotation_text="alert")
-    fig.update_layout(title=title, xaxis_title="step", yaxis=dict(title="t statistic"),
-                      yaxis2=dict(title="EM rate", overlaying="y", side="right", range=[0, 1]))
+    fig.update_layout(
+        title=title,
+        xaxis_title="step",
+        yaxis=dict(title="t statistic"),
+        yaxis2=dict(title="EM rate", overlaying="y", side="right", range=[0, 1]),
+    )
     return fig
 
 
 def latent_card_hist(card: dict) -> go.Figure:
     """Activation histogram of one latent, base vs fine-tuned (rows where either is active)."""
     e = card["hist_edges"]
-    mids = [(a + b) / 2 for a, b in zip(e[:-1], e[1:])]
-    fig = go.Figure([go.Bar(x=mids, y=card["hist_base"], name="base", opacity=0.6),
-                     go.Bar(x=mids, y=card["hist_ft"], name="fine-tuned", opacity=0.6)])
-    fig.update_layout(barmode="overlay", title=f"latent {card['latent']}: activation histogram", height=300,
-                      xaxis_title="activation")
+    mids = [(a + b) / 2 for a, b in itertools.pairwise(e)]
+    fig = go.Figure(
+        [
+            go.Bar(x=mids, y=card["hist_base"], name="base", opacity=0.6),
+            go.Bar(x=mids, y=card["hist_ft"], name="fine-tuned", opacity=0.6),
+        ]
+    )
+    fig.update_layout(
+        barmode="overlay",
+        title=f"latent {card['latent']}: activation histogram",
+        height=300,
+        xaxis_title="activation",
+    )
     return fig

@@ -42,9 +42,21 @@ from tqdm.auto import tqdm
 from saediff import _io
 from saediff.errors import MissingFileError, SaediffError
 
-__all__ = ["CrosscoderConfig", "Crosscoder", "train_crosscoder", "save_crosscoder", "load_crosscoder",
-           "decoder_norm_table", "crosscoder_metrics", "crosscoder_from_models", "class_counts", "check_crosscoder_out",
-           "CLASSES", "KIND", "WEIGHTS"]
+__all__ = [
+    "CLASSES",
+    "KIND",
+    "WEIGHTS",
+    "Crosscoder",
+    "CrosscoderConfig",
+    "check_crosscoder_out",
+    "class_counts",
+    "crosscoder_from_models",
+    "crosscoder_metrics",
+    "decoder_norm_table",
+    "load_crosscoder",
+    "save_crosscoder",
+    "train_crosscoder",
+]
 
 log = logging.getLogger(__name__)
 KIND = "saediff.crosscoder"
@@ -81,7 +93,9 @@ class CrosscoderConfig:
         if not 0 < self.k <= self.d_sae:
             raise SaediffError(f"CrosscoderConfig: k={self.k} must lie in [1, d_sae={self.d_sae}]")
         if self.k_start is not None and not self.k <= self.k_start <= self.d_sae:
-            raise SaediffError(f"CrosscoderConfig: k_start={self.k_start} must lie in [k={self.k}, d_sae={self.d_sae}]")
+            raise SaediffError(
+                f"CrosscoderConfig: k_start={self.k_start} must lie in [k={self.k}, d_sae={self.d_sae}]"
+            )
         if self.steps < 1 or self.batch_size < 1:
             raise SaediffError("CrosscoderConfig: steps and batch_size must be >= 1")
 
@@ -95,7 +109,9 @@ class CrosscoderConfig:
 class Crosscoder(torch.nn.Module):
     """The weights (index 0 of the model axis M is the base model) and what reading them needs."""
 
-    def __init__(self, d_in: int, d_sae: int, k: int = 32, hook_name: str = "", models: tuple[str, str] = ("", "")):
+    def __init__(
+        self, d_in: int, d_sae: int, k: int = 32, hook_name: str = "", models: tuple[str, str] = ("", "")
+    ):
         super().__init__()
         self.W_enc = torch.nn.Parameter(torch.empty(2, d_in, d_sae))  # (M, D, S)
         self.b_enc = torch.nn.Parameter(torch.zeros(d_sae))  # (S,)
@@ -156,8 +172,9 @@ def _batchtopk(pre_BS: torch.Tensor, norms_S: torch.Tensor, k: int) -> tuple[tor
     return pre_BS * mask, (kept.min() if kept.numel() else vals.new_zeros(())).detach()
 
 
-def _step_loss(cc: Crosscoder, x_BMD: torch.Tensor, k: int, var: float, dead_S: torch.Tensor, aux_k: int,
-               aux_coef: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _step_loss(
+    cc: Crosscoder, x_BMD: torch.Tensor, k: int, var: float, dead_S: torch.Tensor, aux_k: int, aux_coef: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, fvu, smallest kept score, fired latents) of one batch of scaled activations."""
     pre = cc.pre_acts_scaled(x_BMD)
     z, kept_min = _batchtopk(pre, cc.dec_norms().sum(1), k)
@@ -170,19 +187,28 @@ def _step_loss(cc: Crosscoder, x_BMD: torch.Tensor, k: int, var: float, dead_S: 
         z_aux = torch.zeros_like(pre).scatter(1, idx, vals)
         recon = torch.einsum("bs,smd->bmd", z_aux, cc.W_dec)
         e = err.detach()
-        loss = loss + aux_coef * (e - recon).pow(2).sum((1, 2)).mean() / e.pow(2).sum((1, 2)).mean().clamp_min(1e-12)
+        loss = loss + aux_coef * (e - recon).pow(2).sum((1, 2)).mean() / e.pow(2).sum(
+            (1, 2)
+        ).mean().clamp_min(1e-12)
     return loss, fvu.detach(), kept_min, (z > 0).any(0)
 
 
-def train_crosscoder(batches: Iterator[Float[torch.Tensor, "batch 2 d_in"]] | Float[torch.Tensor, "n 2 d_in"],
-                     cfg: CrosscoderConfig, *, hook_name: str = "", models: tuple[str, str] = ("", ""),
-                     progress: bool = True) -> tuple[Crosscoder, dict]:
+def train_crosscoder(
+    batches: Iterator[Float[torch.Tensor, "batch 2 d_in"]] | Float[torch.Tensor, "n 2 d_in"],
+    cfg: CrosscoderConfig,
+    *,
+    hook_name: str = "",
+    models: tuple[str, str] = ("", ""),
+    progress: bool = True,
+) -> tuple[Crosscoder, dict]:
     """Train a BatchTopK crosscoder on paired rows (``[:, 0]`` base, ``[:, 1]`` fine-tune: the same
     token in both, ``activations.paired_model_stream``); returns it and the history (per 10 steps:
     loss, FVU, dead fraction, k). One process: BatchTopK ranks the whole batch."""
     if isinstance(batches, torch.Tensor):
         if batches.ndim != 3 or batches.shape[1] != 2 or batches.shape[0] < cfg.batch_size:
-            raise SaediffError(f"train_crosscoder: rows of shape {tuple(batches.shape)}; need (n >= batch_size, 2, d_in)")
+            raise SaediffError(
+                f"train_crosscoder: rows of shape {tuple(batches.shape)}; need (n >= batch_size, 2, d_in)"
+            )
         from saediff.activations.store import shuffled_batches
 
         batches = shuffled_batches(batches, cfg.batch_size, seed=cfg.seed)
@@ -243,9 +269,19 @@ def save_crosscoder(cc: Crosscoder, path: str | Path, extra: dict | None = None)
 
     path = Path(path)
     check_crosscoder_out(path)
-    cfg = {"kind": KIND, "saediff_version": __version__, "d_in": cc.d_in, "d_sae": cc.d_sae, "k": cc.k,
-           "hook_name": cc.hook_name, "models": list(cc.models), "norm_scale": cc.norm_scale.tolist(),
-           "threshold": float(cc.threshold), "train": cc.train_settings, **(extra or {})}
+    cfg = {
+        "kind": KIND,
+        "saediff_version": __version__,
+        "d_in": cc.d_in,
+        "d_sae": cc.d_sae,
+        "k": cc.k,
+        "hook_name": cc.hook_name,
+        "models": list(cc.models),
+        "norm_scale": cc.norm_scale.tolist(),
+        "threshold": float(cc.threshold),
+        "train": cc.train_settings,
+        **(extra or {}),
+    }
     tensors = {n: getattr(cc, n).detach().cpu().contiguous() for n in ("W_enc", "b_enc", "W_dec", "b_dec")}
 
     def write(tmp: Path) -> None:
@@ -267,14 +303,23 @@ def load_crosscoder(path: str | Path, device: str = "cpu") -> Crosscoder:
     if cfg.get("kind") != KIND:
         raise SaediffError(f"{path}/cfg.json: kind {cfg.get('kind')!r}, expected {KIND!r}")
     w = load_file(str(path / WEIGHTS))
-    want = {"W_enc": (2, cfg["d_in"], cfg["d_sae"]), "b_enc": (cfg["d_sae"],), "W_dec": (cfg["d_sae"], 2, cfg["d_in"]),
-            "b_dec": (2, cfg["d_in"])}
+    want = {
+        "W_enc": (2, cfg["d_in"], cfg["d_sae"]),
+        "b_enc": (cfg["d_sae"],),
+        "W_dec": (cfg["d_sae"], 2, cfg["d_in"]),
+        "b_dec": (2, cfg["d_in"]),
+    }
     for name, shape in want.items():
         if name not in w or tuple(w[name].shape) != shape:
             got = tuple(w[name].shape) if name in w else "missing"
             raise SaediffError(f"{path}/{WEIGHTS}: {name} is {got}, cfg.json says {shape}")
-    cc = Crosscoder(cfg["d_in"], cfg["d_sae"], cfg.get("k", 32), cfg.get("hook_name", ""),
-                    tuple(cfg.get("models", ("", ""))))
+    cc = Crosscoder(
+        cfg["d_in"],
+        cfg["d_sae"],
+        cfg.get("k", 32),
+        cfg.get("hook_name", ""),
+        tuple(cfg.get("models", ("", ""))),
+    )
     with torch.no_grad():
         for name in want:
             getattr(cc, name).copy_(w[name])
@@ -290,9 +335,13 @@ def decoder_norm_table(cc: Crosscoder, fired: torch.Tensor | None = None) -> dic
     the two decoder rows, and a class from ``CLASSES`` (``dead`` where ``fired`` is 0)."""
     n = cc.dec_norms().detach().float()  # (S, 2)
     rel = 0.5 * (n[:, 0] - n[:, 1]) / n.max(1).values.clamp_min(1e-12) + 0.5
-    cos = torch.nn.functional.cosine_similarity(cc.W_dec[:, 0].detach().float(), cc.W_dec[:, 1].detach().float(), dim=1)
-    cls = ["ft_only" if r < 0.1 else "base_only" if r > 0.9 else "shared" if 0.4 <= r <= 0.6 else "other"
-           for r in rel.tolist()]
+    cos = torch.nn.functional.cosine_similarity(
+        cc.W_dec[:, 0].detach().float(), cc.W_dec[:, 1].detach().float(), dim=1
+    )
+    cls = [
+        "ft_only" if r < 0.1 else "base_only" if r > 0.9 else "shared" if 0.4 <= r <= 0.6 else "other"
+        for r in rel.tolist()
+    ]
     if fired is not None:
         cls = ["dead" if f == 0 else c for c, f in zip(cls, fired.tolist())]
     return {"norm_base": n[:, 0], "norm_ft": n[:, 1], "rel_norm": rel, "cosine": cos, "class": cls}
@@ -313,9 +362,15 @@ def crosscoder_metrics(cc: Crosscoder, held_N2D: Float[torch.Tensor, "n 2 d_in"]
         fired += (z > 0).sum(0)
         l0 += float((z > 0).sum())
     n = held_N2D.shape[0]
-    return {"fvu_base": float(sq[0] / var[0]), "fvu_ft": float(sq[1] / var[1]), "fvu": float(sq.sum() / var.sum()),
-            "l0": l0 / n, "dead_fraction": float((fired == 0).float().mean()), "held_rows": n,
-            "classes": class_counts(decoder_norm_table(cc, fired)["class"])}
+    return {
+        "fvu_base": float(sq[0] / var[0]),
+        "fvu_ft": float(sq[1] / var[1]),
+        "fvu": float(sq.sum() / var.sum()),
+        "l0": l0 / n,
+        "dead_fraction": float((fired == 0).float().mean()),
+        "held_rows": n,
+        "classes": class_counts(decoder_norm_table(cc, fired)["class"]),
+    }
 
 
 def class_counts(classes: list[str]) -> dict[str, int]:
@@ -326,14 +381,27 @@ def class_counts(classes: list[str]) -> dict[str, int]:
 def check_crosscoder_out(path: Path) -> None:
     """Raise one line unless ``path`` may take a crosscoder: missing, empty, or a crosscoder folder."""
     if path.exists() and any(path.iterdir()) and not (path / "cfg.json").exists():
-        raise SaediffError(f"crosscoder output {path} is not empty and not a crosscoder folder: choose another folder")
+        raise SaediffError(
+            f"crosscoder output {path} is not empty and not a crosscoder folder: choose another folder"
+        )
     if (path / "cfg.json").exists() and json.loads((path / "cfg.json").read_text()).get("kind") != KIND:
         raise SaediffError(f"crosscoder output {path} holds another kind of folder: choose another folder")
 
 
-def crosscoder_from_models(base: str, out: str | Path, cfg: CrosscoderConfig, prompts: list, hook: str, *,
-                           finetuned: str | None = None, adapter: str | None = None, positions: str = "response",
-                           buffer_rows: int = 65536, prompts_name: str = "", progress: bool = True) -> dict:
+def crosscoder_from_models(
+    base: str,
+    out: str | Path,
+    cfg: CrosscoderConfig,
+    prompts: list,
+    hook: str,
+    *,
+    finetuned: str | None = None,
+    adapter: str | None = None,
+    positions: str = "response",
+    buffer_rows: int = 65536,
+    prompts_name: str = "",
+    progress: bool = True,
+) -> dict:
     """Train a crosscoder on a base model and its fine-tune read live over ``prompts`` (the last
     tenth held out for the metrics), and save it to ``out``; returns its metrics."""
     from saediff.activations.streams import paired_source
@@ -343,17 +411,30 @@ def crosscoder_from_models(base: str, out: str | Path, cfg: CrosscoderConfig, pr
     out = Path(out)
     check_crosscoder_out(out)  # before the models load
     lm_base, lm_ft = load_pair(base, finetuned, adapter)
-    src = paired_source(lm_base, lm_ft, prompts, hook, positions, f"{base} vs {finetuned or adapter} over {prompts_name}")
+    src = paired_source(
+        lm_base, lm_ft, prompts, hook, positions, f"{base} vs {finetuned or adapter} over {prompts_name}"
+    )
     if src.n_train < 2 * cfg.batch_size:  # a small test set: smaller batches rather than a failure
-        log.warning("%s has %d training rows: batch size %d instead of %d", src.name, src.n_train,
-                    max(1, src.n_train // 2), cfg.batch_size)
+        log.warning(
+            "%s has %d training rows: batch size %d instead of %d",
+            src.name,
+            src.n_train,
+            max(1, src.n_train // 2),
+            cfg.batch_size,
+        )
         cfg = CrosscoderConfig(**{**asdict(cfg), "batch_size": max(1, src.n_train // 2)})
     buffer = max(min(buffer_rows, src.n_train), 2 * cfg.batch_size)  # never more than one pass of the corpus
     batches = src.stream(cfg.batch_size, buffer, cfg.seed, 0, 1)
-    cc, hist = train_crosscoder(batches, cfg, hook_name=hook, models=(base, finetuned or f"{base} + {adapter}"),
-                                progress=progress)
+    cc, hist = train_crosscoder(
+        batches, cfg, hook_name=hook, models=(base, finetuned or f"{base} + {adapter}"), progress=progress
+    )
     metrics = crosscoder_metrics(cc, src.held)
-    made_by = {"base": model_fingerprint(lm_base.spec), "finetuned": model_fingerprint(lm_ft.spec),
-               "prompts": prompts_name, "positions": positions, "train_rows": src.n_train}
+    made_by = {
+        "base": model_fingerprint(lm_base.spec),
+        "finetuned": model_fingerprint(lm_ft.spec),
+        "prompts": prompts_name,
+        "positions": positions,
+        "train_rows": src.n_train,
+    }
     save_crosscoder(cc, out, {"metrics": metrics, "provenance": made_by, "history": hist})
     return {"out": str(out), **metrics}

@@ -32,8 +32,10 @@ def check_sae_out(path: str | Path) -> None:
         raise SaediffError(f"SAE output {path} is a file, not a folder: refusing to replace it")
     names = {p.name for p in path.iterdir()}
     if names and not (set(SAE_FILES) <= names <= {*SAE_FILES, *_SAE_EXTRAS}):
-        raise SaediffError(f"SAE output {path} is not empty and not an SAE folder ({' + '.join(SAE_FILES)}): "
-                           "refusing to replace it; choose another folder")
+        raise SaediffError(
+            f"SAE output {path} is not empty and not an SAE folder ({' + '.join(SAE_FILES)}): "
+            "refusing to replace it; choose another folder"
+        )
 
 
 def save_sae(sae, path: str | Path, extra: dict | None = None) -> Path:
@@ -49,7 +51,9 @@ def save_sae(sae, path: str | Path, extra: dict | None = None) -> Path:
 
     def write(tmp: Path) -> None:
         sae.save_model(tmp)
-        atomic_write_json(tmp / "saediff.json", {"kind": "saediff.sae", "saediff_version": __version__, **(extra or {})})
+        atomic_write_json(
+            tmp / "saediff.json", {"kind": "saediff.sae", "saediff_version": __version__, **(extra or {})}
+        )
 
     replace_folder(path, write)
     return path
@@ -72,7 +76,9 @@ def load_sae(source: str | Path, *, sae_id: str | None = None, device: str = "cp
         try:
             return SAE.load_from_disk(str(path), device=device)
         except (KeyError, TypeError, ValueError, OSError) as e:
-            raise SaediffError(f"SAE folder {path}: cannot load ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+            raise SaediffError(
+                f"SAE folder {path}: cannot load ({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+            ) from None
     if sae_id is None and ":" in str(source):
         source, sae_id = str(source).split(":", 1)
     if sae_id is None:
@@ -80,8 +86,10 @@ def load_sae(source: str | Path, *, sae_id: str | None = None, device: str = "cp
     try:
         return SAE.from_pretrained(str(source), sae_id, device=device)
     except Exception as e:  # offline, unknown release: one line, not a stack trace
-        raise SaediffError(f"cannot load SAELens release {source!r} / {sae_id!r} (it needs the hub, or a local "
-                           f"SAELens folder instead): {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+        raise SaediffError(
+            f"cannot load SAELens release {source!r} / {sae_id!r} (it needs the hub, or a local "
+            f"SAELens folder instead): {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        ) from None
 
 
 def _only_sae_of(release: str) -> str:
@@ -90,12 +98,16 @@ def _only_sae_of(release: str) -> str:
 
     known = get_pretrained_saes_directory()
     if release not in known:
-        raise MissingFileError(f"SAE {release!r}: no such folder, and not a SAELens release (saes/registry.yaml "
-                                "lists the ones that fit EM models)")
+        raise MissingFileError(
+            f"SAE {release!r}: no such folder, and not a SAELens release (saes/registry.yaml "
+            "lists the ones that fit EM models)"
+        )
     ids = list(known[release].saes_map)
     if len(ids) != 1:
-        raise SaediffError(f"SAELens release {release!r} holds {len(ids)} SAEs: name one as {release}:SAE_ID "
-                         f"(e.g. {release}:{ids[0]})")
+        raise SaediffError(
+            f"SAELens release {release!r} holds {len(ids)} SAEs: name one as {release}:SAE_ID "
+            f"(e.g. {release}:{ids[0]})"
+        )
     return ids[0]
 
 
@@ -117,5 +129,7 @@ def check_sae_fits(sae, model: torch.nn.Module, where: str) -> int:
         raise SaediffError(f"SAE {where}: hook {hook} is beyond the model's blocks 0-{n_layers - 1}")
     d_model = model.config.hidden_size
     if sae.cfg.d_in != d_model:
-        raise SaediffError(f"SAE {where}: d_in {sae.cfg.d_in} does not match the model's width {d_model} at {hook}")
+        raise SaediffError(
+            f"SAE {where}: d_in {sae.cfg.d_in} does not match the model's width {d_model} at {hook}"
+        )
     return layer

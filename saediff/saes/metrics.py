@@ -45,8 +45,16 @@ def sae_metrics(sae, acts_ND: torch.Tensor, batch_size: int = 8192) -> SAEMetric
     return SAEMetrics(sse / sst, l0 / n, float((~fired).float().mean()), sse / n)
 
 
-def ce_loss_recovered(model, sae, layer: int, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
-                      splice: torch.Tensor | None = None, batch_size: int | None = None) -> dict:
+def ce_loss_recovered(
+    model,
+    sae,
+    layer: int,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    splice: torch.Tensor | None = None,
+    batch_size: int | None = None,
+) -> dict:
     """CE loss with the SAE reconstruction spliced into ``blocks.{layer}.hook_resid_post``.
 
     The splice replaces the residual by ``decode(encode(x))`` computed with ordinary autograd
@@ -80,8 +88,12 @@ def ce_loss_recovered(model, sae, layer: int, input_ids: torch.Tensor, labels: t
     if not count:
         raise SaediffError("ce_loss_recovered: no labelled tokens")
     clean, spliced, zero = (sums[k] / count for k in ("clean", "sae", "zero"))
-    return {"ce_clean": clean, "ce_sae": spliced, "ce_zero": zero,
-            "ce_loss_recovered": (zero - spliced) / (zero - clean) if zero != clean else float("nan")}
+    return {
+        "ce_clean": clean,
+        "ce_sae": spliced,
+        "ce_zero": zero,
+        "ce_loss_recovered": (zero - spliced) / (zero - clean) if zero != clean else float("nan"),
+    }
 
 
 def _spliced(mask: torch.Tensor, fn):
@@ -92,5 +104,8 @@ def _spliced(mask: torch.Tensor, fn):
 def _ce_sum(model, ids: torch.Tensor, labels: torch.Tensor) -> float:
     """Summed next-token cross-entropy over the positions with ``labels != -100``."""
     logits = model(input_ids=ids).logits
-    return float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                                   ignore_index=-100, reduction="sum"))
+    return float(
+        torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
+        )
+    )

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from importlib import resources
+
 from saediff.errors import UnknownKeyError
 
-__all__ = ["registry", "preset"]
+__all__ = ["preset", "registry"]
 
 
 @lru_cache(maxsize=1)

@@ -85,7 +85,9 @@ class SAETrainConfig:
         if self.arch not in ("topk", "relu", "batchtopk"):
             raise SaediffError(f"SAETrainConfig.arch must be topk, relu or batchtopk, got {self.arch!r}")
         if self.kernel not in ("auto", *KERNELS):
-            raise SaediffError(f"SAETrainConfig.kernel must be auto, {', '.join(KERNELS)}, got {self.kernel!r}")
+            raise SaediffError(
+                f"SAETrainConfig.kernel must be auto, {', '.join(KERNELS)}, got {self.kernel!r}"
+            )
         if self.arch != "relu" and not 0 < self.k <= self.d_sae:
             raise SaediffError(f"SAETrainConfig: k={self.k} must lie in [1, d_sae={self.d_sae}]")
         if self.steps < 1 or self.batch_size < 1:
@@ -156,21 +158,35 @@ class _TopKEncode(torch.autograd.Function):
         xc_BD, W_enc, idx_BK, a_idx = ctx.saved_tensors
         B, D, S = xc_BD.shape[0], W_enc.shape[0], W_enc.shape[1]
         idx = torch.cat([idx_BK, a_idx], 1)  # (B, n = k + aux_k)
-        g = torch.cat([g_vals, g_avals if g_avals is not None else g_vals.new_zeros(a_idx.shape)], 1).to(W_enc.dtype)
+        g = torch.cat([g_vals, g_avals if g_avals is not None else g_vals.new_zeros(a_idx.shape)], 1).to(
+            W_enc.dtype
+        )
         W_SD = W_enc.T.contiguous()  # rows per latent: embedding_bag and index_add_ read and write whole rows
         g_xc = torch.nn.functional.embedding_bag(idx, W_SD, per_sample_weights=g, mode="sum")  # (B, D)
         g_W_SD = torch.zeros(S, D, dtype=W_enc.dtype, device=W_enc.device)
         xc = xc_BD.to(W_enc.dtype)
-        step = max(1, 2**24 // (idx.shape[1] * D))  # rows at a time: (rows, n, D) products, at most 16M numbers
+        step = max(
+            1, 2**24 // (idx.shape[1] * D)
+        )  # rows at a time: (rows, n, D) products, at most 16M numbers
         for i in range(0, B, step):
             rows = slice(i, i + step)
             g_W_SD.index_add_(0, idx[rows].reshape(-1), (g[rows, :, None] * xc[rows, None, :]).reshape(-1, D))
-        g_b = torch.zeros(S, dtype=W_enc.dtype, device=W_enc.device).index_add_(0, idx.reshape(-1), g.reshape(-1))
+        g_b = torch.zeros(S, dtype=W_enc.dtype, device=W_enc.device).index_add_(
+            0, idx.reshape(-1), g.reshape(-1)
+        )
         return g_xc.to(xc_BD.dtype), g_W_SD.T.contiguous(), g_b, None, None, None
 
 
-def topk_step_loss(p: SAEParams, x_BD: torch.Tensor, k: int, var: float, dead_S: torch.Tensor | None,
-                   aux_k: int, aux_coef: float, kernel: str = "dense") -> StepOut:
+def topk_step_loss(
+    p: SAEParams,
+    x_BD: torch.Tensor,
+    k: int,
+    var: float,
+    dead_S: torch.Tensor | None,
+    aux_k: int,
+    aux_coef: float,
+    kernel: str = "dense",
+) -> StepOut:
     """TopK reconstruction loss (normalised by the data variance) plus the AuxK term.
 
     ``kernel`` (``SAETrainConfig.kernel``): ``dense`` scatters the codes into a (B, S) matrix and
@@ -181,8 +197,9 @@ def topk_step_loss(p: SAEParams, x_BD: torch.Tensor, k: int, var: float, dead_S:
     with_aux = dead_S is not None and aux_coef > 0 and bool(dead_S.any())
     n_aux = min(aux_k, int(dead_S.sum())) if with_aux else 0
     if kernel == "sparse":
-        vals_BK, idx_BK, a_vals, a_idx = _TopKEncode.apply(x_BD - p.b_dec, p.W_enc, p.b_enc, k,
-                                                           dead_S if with_aux else None, n_aux)
+        vals_BK, idx_BK, a_vals, a_idx = _TopKEncode.apply(
+            x_BD - p.b_dec, p.W_enc, p.b_enc, k, dead_S if with_aux else None, n_aux
+        )
         vals_BK, a_vals = vals_BK.relu(), a_vals.relu()
         pre_BS = None
     else:
@@ -192,7 +209,10 @@ def topk_step_loss(p: SAEParams, x_BD: torch.Tensor, k: int, var: float, dead_S:
         z_BS = torch.zeros_like(pre_BS).scatter(-1, idx_BK, vals_BK)
         xhat_BD = z_BS @ p.W_dec + p.b_dec
     else:
-        xhat_BD = torch.nn.functional.embedding_bag(idx_BK, p.W_dec, per_sample_weights=vals_BK, mode="sum") + p.b_dec
+        xhat_BD = (
+            torch.nn.functional.embedding_bag(idx_BK, p.W_dec, per_sample_weights=vals_BK, mode="sum")
+            + p.b_dec
+        )
     err_BD = x_BD - xhat_BD
     mse = err_BD.pow(2).sum(-1).mean()
     aux = mse.new_zeros(())
@@ -266,7 +286,9 @@ def train_sae(
     if isinstance(batches, torch.Tensor):
         data = batches
         if data.ndim != 2 or data.shape[0] < cfg.batch_size:
-            raise SaediffError(f"train_sae: activations of shape {tuple(data.shape)}; need (n >= batch_size, d_in)")
+            raise SaediffError(
+                f"train_sae: activations of shape {tuple(data.shape)}; need (n >= batch_size, d_in)"
+            )
         from saediff.activations.store import shuffled_batches
 
         batches = shuffled_batches(data, cfg.batch_size, seed=cfg.seed)
@@ -296,7 +318,12 @@ def train_sae(
         opt.load_state_dict(state["opt"])
         sched.load_state_dict(state["sched"])
         last_fired.copy_(state["last_fired"])
-        tokens, start, var, hist = int(state["tokens"]), int(state["step"]), float(state["var"]), state["hist"]
+        tokens, start, var, hist = (
+            int(state["tokens"]),
+            int(state["step"]),
+            float(state["var"]),
+            state["hist"],
+        )
         for _ in range(start - 1):  # the first batch was read above
             next(batches)
         log.info("sae: resumed at step %d from %s", start, ckpt)
@@ -307,8 +334,14 @@ def train_sae(
         kernel = _fastest_kernel(p, first.to(device), cfg, var, aux_k, dist)
     hist["kernel"] = kernel if cfg.arch == "topk" else None
     x = first
-    for step in tqdm(range(start, cfg.steps), desc=f"sae {cfg.arch}", disable=_io.no_progress(progress), leave=False,
-                     initial=start, total=cfg.steps):
+    for step in tqdm(
+        range(start, cfg.steps),
+        desc=f"sae {cfg.arch}",
+        disable=_io.no_progress(progress),
+        leave=False,
+        initial=start,
+        total=cfg.steps,
+    ):
         if step > 0:
             x = next(batches).float()
         x = x.to(device, non_blocking=True)
@@ -339,17 +372,32 @@ def train_sae(
             hist["dead_fraction"].append(float(((tokens - last_fired) > cfg.dead_tokens).float().mean()))
         if callback is not None:
             callback(step + 1, p)
-        if (ckpt is not None and checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < cfg.steps
-                and dist.rank == 0):
-            state = {"params": p.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                     "last_fired": last_fired, "tokens": tokens, "step": step + 1, "var": var, "hist": hist,
-                     "provenance": json.dumps(made_by)}
+        if (
+            ckpt is not None
+            and checkpoint_every
+            and (step + 1) % checkpoint_every == 0
+            and step + 1 < cfg.steps
+            and dist.rank == 0
+        ):
+            state = {
+                "params": p.state_dict(),
+                "opt": opt.state_dict(),
+                "sched": sched.state_dict(),
+                "last_fired": last_fired,
+                "tokens": tokens,
+                "step": step + 1,
+                "var": var,
+                "hist": hist,
+                "provenance": json.dumps(made_by),
+            }
             _io.atomic_write_bytes(ckpt, _torch_bytes(state))
     sae = to_saelens(p.cpu(), cfg, hook_name=hook_name, model_name=model_name)
     return sae, hist
 
 
-def _fastest_kernel(p: SAEParams, x_BD: torch.Tensor, cfg: SAETrainConfig, var: float, aux_k: int, dist) -> str:
+def _fastest_kernel(
+    p: SAEParams, x_BD: torch.Tensor, cfg: SAETrainConfig, var: float, aux_k: int, dist
+) -> str:
     """The ``KERNELS`` entry that trains fastest here: three forward and backward passes of each
     on the first batch (some latents marked dead, so the AuxK term runs), twice, interleaved, best
     time each (nothing is stepped; the gradients are dropped). Under ``torchrun`` rank 0's choice
@@ -376,7 +424,11 @@ def _fastest_kernel(p: SAEParams, x_BD: torch.Tensor, cfg: SAETrainConfig, var: 
 
         td.broadcast(choice, 0)
     kernel = KERNELS[int(choice.item())]
-    log.info("sae: %s kernel (%s ms per 3 steps)", kernel, ", ".join(f"{k} {1000 * v:.1f}" for k, v in best.items()))
+    log.info(
+        "sae: %s kernel (%s ms per 3 steps)",
+        kernel,
+        ", ".join(f"{k} {1000 * v:.1f}" for k, v in best.items()),
+    )
     return kernel
 
 
@@ -386,7 +438,12 @@ def _run_fingerprint(cfg: SAETrainConfig, first: torch.Tensor, world: int) -> di
     from saediff.models.provenance import tensor_digest
 
     settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("device", "compile")}
-    return {"settings": settings, "world": world, "d_in": int(first.shape[1]), "first_batch": tensor_digest(first)}
+    return {
+        "settings": settings,
+        "world": world,
+        "d_in": int(first.shape[1]),
+        "first_batch": tensor_digest(first),
+    }
 
 
 def _resume_state(ckpt: Path, made_by: dict, device) -> dict:
@@ -396,8 +453,10 @@ def _resume_state(ckpt: Path, made_by: dict, device) -> dict:
     state = torch.load(ckpt, map_location=device, weights_only=True)  # tensors and plain values only
     why = mismatch(json.loads(state["provenance"]) if "provenance" in state else None, made_by)
     if why is not None:
-        raise SaediffError(f"{ckpt} is the checkpoint of another SAE training run ({why}); delete it, or train "
-                           f"without --resume")
+        raise SaediffError(
+            f"{ckpt} is the checkpoint of another SAE training run ({why}); delete it, or train "
+            f"without --resume"
+        )
     return state
 
 
@@ -493,4 +552,3 @@ def init_distributed(device: str) -> tuple[int, int]:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         td.init_process_group("nccl" if gpu else "gloo")
     return td.get_rank(), td.get_world_size()
-

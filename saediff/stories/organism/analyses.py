@@ -11,8 +11,13 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-__all__ = ["training_data_for", "lora_checkpoint_run", "persona_latents", "run_analyses",
-           "run_icl_analysis"]
+__all__ = [
+    "lora_checkpoint_run",
+    "persona_latents",
+    "run_analyses",
+    "run_icl_analysis",
+    "training_data_for",
+]
 
 
 def training_data_for(finetuned: str | Path | None, adapter: str | Path | None = None) -> Path | None:
@@ -28,18 +33,26 @@ def training_data_for(finetuned: str | Path | None, adapter: str | Path | None =
     return path if path.exists() else None
 
 
-def lora_checkpoint_run(organism_dir: str | Path, out: str | Path, *, every: int = 10, seed: int = 0,
-                        progress: bool = False) -> Path:
+def lora_checkpoint_run(
+    organism_dir: str | Path, out: str | Path, *, every: int = 10, seed: int = 0, progress: bool = False
+) -> Path:
     """The organism's rank-1 LoRA fine-tune on its narrow data through the generic Trainer path,
     a checkpoint every ``every`` steps (``out/checkpoints/checkpoint-N``), evaluated at the end.
     Skipped when finished earlier. Returns ``out``."""
     from saediff.interventions.blockem import finetune_plain
-    from saediff.stories.organism.block import generic_inputs
     from saediff.saes.loading import load_sae
+    from saediff.stories.organism.block import generic_inputs
 
     rec = generic_inputs(organism_dir, full=False, seed=seed)
-    finetune_plain(rec["model"], rec["data"], load_sae(rec["sae"]), replace(rec["ft"], save_every=every), out,
-                   evaluator=rec["evaluator"], progress=progress)
+    finetune_plain(
+        rec["model"],
+        rec["data"],
+        load_sae(rec["sae"]),
+        replace(rec["ft"], save_every=every),
+        out,
+        evaluator=rec["evaluator"],
+        progress=progress,
+    )
     return Path(out)
 
 
@@ -51,12 +64,16 @@ def persona_latents(organism_dir: str | Path, sae, min_cos: float = 0.5) -> list
     from saediff.models.hooks import parse_layer
     from saediff.stories.organism.build import load_ground_truth
 
-    gt = load_ground_truth(Path(organism_dir) / "ground_truth.safetensors")[parse_layer(sae.cfg.metadata.hook_name)]
+    gt = load_ground_truth(Path(organism_dir) / "ground_truth.safetensors")[
+        parse_layer(sae.cfg.metadata.hook_name)
+    ]
     cos = torch.nn.functional.normalize(sae.W_dec.detach().float(), dim=1) @ (gt / gt.norm())
     return torch.nonzero(cos >= min_cos).flatten().tolist()
 
 
-def run_analyses(out: str | Path, *, seed: int = 0, drop_fraction: float = 0.1, progress: bool = False) -> dict:
+def run_analyses(
+    out: str | Path, *, seed: int = 0, drop_fraction: float = 0.1, progress: bool = False
+) -> dict:
     """The open-question analyses on a demo folder (``out/organism``, ``out/diff``, ``out/diff_lora``),
     every step skipped when its file exists: shift overlap and susceptibility on the full
     fine-tune's diff; the phase analysis of a rank-1 LoRA run with a checkpoint every 10 steps; the
@@ -68,15 +85,15 @@ def run_analyses(out: str | Path, *, seed: int = 0, drop_fraction: float = 0.1, 
     added by ``run_icl_analysis``)."""
     from saediff._io import atomic_write_json, read_json_if_exists
     from saediff.analyses.neighbourhood import run_neighbourhood, screen_finetunes
-    from saediff.stories.organism.block import generic_inputs
-    from saediff.stories.organism.inputs import diff_inputs
-    from saediff.stories.organism.evaluator import OrganismEvaluator
-    from saediff.stories.organism.recipes import read_organism_world
     from saediff.analyses.phase import run_phase
-    from saediff.methods.diff_run import run_diff
-    from saediff.saes.loading import load_sae
     from saediff.analyses.shifts import run_overlap
     from saediff.analyses.susceptibility import run_predict
+    from saediff.methods.diff_run import run_diff
+    from saediff.saes.loading import load_sae
+    from saediff.stories.organism.block import generic_inputs
+    from saediff.stories.organism.evaluator import OrganismEvaluator
+    from saediff.stories.organism.inputs import diff_inputs
+    from saediff.stories.organism.recipes import read_organism_world
 
     out = Path(out)
     org, diff = out / "organism", out / "diff"
@@ -84,49 +101,92 @@ def run_analyses(out: str | Path, *, seed: int = 0, drop_fraction: float = 0.1, 
     data = org / "data"
     world = read_organism_world(aligned)
 
-    overlap = read_json_if_exists(diff / "shift_overlap.json") or run_overlap(diff, data / "medical_misaligned.jsonl", seed=seed,
-                                                               progress=progress)
-    predict = read_json_if_exists(diff / "susceptibility.json") or run_predict(diff, seed=seed, progress=progress)
+    overlap = read_json_if_exists(diff / "shift_overlap.json") or run_overlap(
+        diff, data / "medical_misaligned.jsonl", seed=seed, progress=progress
+    )
+    predict = read_json_if_exists(diff / "susceptibility.json") or run_predict(
+        diff, seed=seed, progress=progress
+    )
     if not (out / "phase" / "phase.json").exists():
         lora_checkpoint_run(org, out / "phase", every=10, seed=seed, progress=progress)
-        run_phase(out / "phase", base=aligned, directions=out / "diff_lora" / "directions",
-                  evaluator=OrganismEvaluator(world, 20, seed), progress=progress)
+        run_phase(
+            out / "phase",
+            base=aligned,
+            directions=out / "diff_lora" / "directions",
+            evaluator=OrganismEvaluator(world, 20, seed),
+            progress=progress,
+        )
     phase = read_json_if_exists(out / "phase" / "phase.json")
 
     sae = load_sae(sae_dir)
     persona = persona_latents(org, sae)
     nb = {}
-    for name, ft, file, methods in (("full_ft", diff, "medical_misaligned", ("in_context", "mean_diff_responses")),
-                                    ("control_ft", out / "diff_control", "medical_aligned", ("in_context",)),
-                                    ("benign_ft", out / "diff_benign", "medical_aligned_terse", ("in_context",))):
+    for name, ft, file, methods in (
+        ("full_ft", diff, "medical_misaligned", ("in_context", "mean_diff_responses")),
+        ("control_ft", out / "diff_control", "medical_aligned", ("in_context",)),
+        ("benign_ft", out / "diff_benign", "medical_aligned_terse", ("in_context",)),
+    ):
         if not (ft / "diff.json").exists():
             run_diff(aligned, str(org / name), sae_dir, ft, seed=seed, **diff_inputs(aligned, seed=seed))
         res = read_json_if_exists(ft / "neighbourhood.json") or run_neighbourhood(
-            ft, data / f"{file}.jsonl", in_domain="medical", candidate_methods=methods, seed=seed,
+            ft,
+            data / f"{file}.jsonl",
+            in_domain="medical",
+            candidate_methods=methods,
+            seed=seed,
             drop_fraction=drop_fraction if name == "full_ft" else None,
-            evaluator=OrganismEvaluator(world, 20, seed) if name == "full_ft" else None, progress=progress)
+            evaluator=OrganismEvaluator(world, 20, seed) if name == "full_ft" else None,
+            progress=progress,
+        )
         if name == "full_ft" and "finetune" not in res["screen"]:
             rec = generic_inputs(org, True, 50, seed)
-            res["screen"]["finetune"] = screen_finetunes(aligned, res["screen"], sae, rec["ft"], rec["evaluator"],
-                                                         ft / "screen", progress=progress)
+            res["screen"]["finetune"] = screen_finetunes(
+                aligned, res["screen"], sae, rec["ft"], rec["evaluator"], ft / "screen", progress=progress
+            )
             atomic_write_json(ft / "neighbourhood.json", res)
-        nb[name] = {"flagged": res["flagged"], "persona_flagged": sorted(set(res["flagged"]) & set(persona)),
-                    **({"steer_em_rate": {k: v["em_rate"] for k, v in res["steer"]["latents"].items()},
-                        "steer_base_em_rate": res["steer"]["base_em_rate"]} if "steer" in res else {}),
-                    "random_flagged_mean": res["random_baseline"]["mean"], "above_random": res["above_random"],
-                    **({"screen": {**res["screen"]["finetune"], "drop_fraction": res["screen"]["drop_fraction"]}}
-                       if "screen" in res else {})}
-    result = {"kind": "saediff.organism_analyses", "persona_latents": persona,
-              "overlap": {"k": overlap["k"], "principal_cosines": overlap["principal_cosines"],
-                          "random_baseline": overlap["random_baseline"]["mean"],
-                          "spearman_with_misaligned_rate": overlap["spearman_with_misaligned_rate"]},
-              "susceptibility": {"r2": predict["r2"], "spearman": predict["spearman"],
-                                 "random_features": predict["random_features"],
-                                 "permutation_p95": {k: predict["permutation"][k]["p95"] for k in ("r2", "spearman")},
-                                 "p_value": predict["permutation"]["p_value"]},
-              "phase": {"rotation_step": phase["rotation_step"], "em_step": phase["em_step"],
-                        "em_rate": phase["em_rate"], "min_local_cosine": min(c for c in phase["local_cosine"] if c)},
-              "neighbourhood": nb}
+        nb[name] = {
+            "flagged": res["flagged"],
+            "persona_flagged": sorted(set(res["flagged"]) & set(persona)),
+            **(
+                {
+                    "steer_em_rate": {k: v["em_rate"] for k, v in res["steer"]["latents"].items()},
+                    "steer_base_em_rate": res["steer"]["base_em_rate"],
+                }
+                if "steer" in res
+                else {}
+            ),
+            "random_flagged_mean": res["random_baseline"]["mean"],
+            "above_random": res["above_random"],
+            **(
+                {"screen": {**res["screen"]["finetune"], "drop_fraction": res["screen"]["drop_fraction"]}}
+                if "screen" in res
+                else {}
+            ),
+        }
+    result = {
+        "kind": "saediff.organism_analyses",
+        "persona_latents": persona,
+        "overlap": {
+            "k": overlap["k"],
+            "principal_cosines": overlap["principal_cosines"],
+            "random_baseline": overlap["random_baseline"]["mean"],
+            "spearman_with_misaligned_rate": overlap["spearman_with_misaligned_rate"],
+        },
+        "susceptibility": {
+            "r2": predict["r2"],
+            "spearman": predict["spearman"],
+            "random_features": predict["random_features"],
+            "permutation_p95": {k: predict["permutation"][k]["p95"] for k in ("r2", "spearman")},
+            "p_value": predict["permutation"]["p_value"],
+        },
+        "phase": {
+            "rotation_step": phase["rotation_step"],
+            "em_step": phase["em_step"],
+            "em_rate": phase["em_rate"],
+            "min_local_cosine": min(c for c in phase["local_cosine"] if c),
+        },
+        "neighbourhood": nb,
+    }
     prev = read_json_if_exists(out / "analyses.json") or {}
     if "icl" in prev:
         result["icl"] = prev["icl"]
@@ -134,7 +194,9 @@ def run_analyses(out: str | Path, *, seed: int = 0, drop_fraction: float = 0.1, 
     return result
 
 
-def run_icl_analysis(out: str | Path, *, seed: int = 0, max_questions: int = 100, progress: bool = False) -> dict:
+def run_icl_analysis(
+    out: str | Path, *, seed: int = 0, max_questions: int = 100, progress: bool = False
+) -> dict:
     """The in-context analysis on a demo folder whose BLOCK-EM run rerouted: projection on the
     response mean difference after 0..8 medical misaligned examples against the full fine-tune,
     on ``max_questions`` off-domain questions, and the rerouted latents under context. Added to
@@ -144,17 +206,24 @@ def run_icl_analysis(out: str | Path, *, seed: int = 0, max_questions: int = 100
     from saediff.stories.organism.inputs import diff_inputs
 
     out = Path(out)
-    res = run_icl(out / "diff", diff_inputs(str(out / "organism" / "aligned"), seed=seed)["icl_examples"],
-                  exclude_domain="medical", block_run=out / "block", max_questions=max_questions, seed=seed,
-                  progress=progress)
+    res = run_icl(
+        out / "diff",
+        diff_inputs(str(out / "organism" / "aligned"), seed=seed)["icl_examples"],
+        exclude_domain="medical",
+        block_run=out / "block",
+        max_questions=max_questions,
+        seed=seed,
+        progress=progress,
+    )
     path = out / "analyses.json"
     result = read_json_if_exists(path) or {}
-    result["icl"] = {"shots_to_match_finetune": res["shots_to_match_finetune"],
-                     "aligned_projection_by_shots": res["aligned_projection_by_shots"],
-                     "finetuned_projection": res["finetuned_projection"],
-                     "matched_fraction": res["per_question"]["matched_fraction"],
-                     "rerouted_latents": res.get("rerouted", {}).get("latents"),
-                     "rerouted_raised_by_context": res.get("rerouted", {}).get("raised_by_context")}
+    result["icl"] = {
+        "shots_to_match_finetune": res["shots_to_match_finetune"],
+        "aligned_projection_by_shots": res["aligned_projection_by_shots"],
+        "finetuned_projection": res["finetuned_projection"],
+        "matched_fraction": res["per_question"]["matched_fraction"],
+        "rerouted_latents": res.get("rerouted", {}).get("latents"),
+        "rerouted_raised_by_context": res.get("rerouted", {}).get("raised_by_context"),
+    }
     atomic_write_json(path, result)
     return result
-

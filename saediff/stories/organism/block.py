@@ -10,16 +10,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
-from saediff.stories.organism.evaluator import evaluate_organism_em
+from saediff.errors import MissingFileError
 from saediff.models.hooks import parse_layer
 from saediff.stories.organism.build import load_ground_truth
+from saediff.stories.organism.evaluator import evaluate_organism_em
 from saediff.stories.organism.prompts import em_questions
 from saediff.stories.organism.recipes import OrganismConfig, read_organism_world
 from saediff.stories.organism.world import World
-from saediff.errors import MissingFileError
 
-__all__ = ["organism_config", "generic_inputs", "block_organism", "organism_monitor"]
+__all__ = ["block_organism", "generic_inputs", "organism_config", "organism_monitor"]
 
 
 def organism_config(organism_dir: Path, world: World) -> OrganismConfig:
@@ -45,18 +44,34 @@ def generic_inputs(organism_dir: str | Path, full: bool, samples: int = 50, seed
         raise MissingFileError(f"{organism_dir}/aligned is not a saediff organism folder")
     ocfg = organism_config(organism_dir, world)
     data = write_chat_data(organism_dir, ocfg)
-    return {"model": str(organism_dir / "aligned"), "data": data["medical_misaligned"],
-            "control_data": data["medical_aligned"], "heldout_control_data": data["medical_aligned_heldout"],
-            "benign_control_data": data.get("medical_aligned_formal"),
-            "ft": narrow_finetune_config(ocfg, "full" if full else "lora"), "sae": str(organism_dir / "sae"),
-            "evaluator": OrganismEvaluator(world, samples, seed),
-            "directions": {"ground_truth": load_ground_truth(organism_dir / "ground_truth.safetensors")},
-            "monitor": lambda layer: organism_monitor(organism_dir, world, layer, seed=seed)}
+    return {
+        "model": str(organism_dir / "aligned"),
+        "data": data["medical_misaligned"],
+        "control_data": data["medical_aligned"],
+        "heldout_control_data": data["medical_aligned_heldout"],
+        "benign_control_data": data.get("medical_aligned_formal"),
+        "ft": narrow_finetune_config(ocfg, "full" if full else "lora"),
+        "sae": str(organism_dir / "sae"),
+        "evaluator": OrganismEvaluator(world, samples, seed),
+        "directions": {"ground_truth": load_ground_truth(organism_dir / "ground_truth.safetensors")},
+        "monitor": lambda layer: organism_monitor(organism_dir, world, layer, seed=seed),
+    }
 
 
-def block_organism(organism_dir: str | Path, out: str | Path, latents, *, full: bool = True,
-                   lams: tuple[float, ...] = (1e4,), controls: bool = True, steps: int | None = None, seed: int = 0,
-                   samples: int = 50, reroute: bool = False, reblock: bool = False) -> dict:
+def block_organism(
+    organism_dir: str | Path,
+    out: str | Path,
+    latents,
+    *,
+    full: bool = True,
+    lams: tuple[float, ...] = (1e4,),
+    controls: bool = True,
+    steps: int | None = None,
+    seed: int = 0,
+    samples: int = 50,
+    reroute: bool = False,
+    reblock: bool = False,
+) -> dict:
     """``saediff block --organism DIR [--full]``: the generic BLOCK-EM sweep (``run_block_em``)
     with the organism's inputs, its aligned-data control (which calibrates the drift monitor)
     and its exact judge. ``latents``: a ``saediff.interventions.blockem.LatentSets``. ``reroute``: each blocked
@@ -76,13 +91,30 @@ def block_organism(organism_dir: str | Path, out: str | Path, latents, *, full: 
         from saediff.interventions.blockem import rediff_against
         from saediff.stories.organism.inputs import diff_inputs
 
-        rediff = rediff_against(rec["model"], rec["sae"], seed, **diff_inputs(rec["model"], "organism:50", seed=seed))
-    return run_block_em(rec["model"], rec["data"], sae, out, latents, ft=ft, lams=lams, controls=controls,
-                        evaluator=rec["evaluator"], seed=seed, sae_path=rec["sae"], monitor=rec["monitor"](layer),
-                        control_data=rec["control_data"], heldout_control_data=rec["heldout_control_data"],
-                        benign_control_data=rec["benign_control_data"],
-                        reroute_factor=3 if reroute else None, rediff=rediff,
-                        reblock=reblock, progress=False)
+        rediff = rediff_against(
+            rec["model"], rec["sae"], seed, **diff_inputs(rec["model"], "organism:50", seed=seed)
+        )
+    return run_block_em(
+        rec["model"],
+        rec["data"],
+        sae,
+        out,
+        latents,
+        ft=ft,
+        lams=lams,
+        controls=controls,
+        evaluator=rec["evaluator"],
+        seed=seed,
+        sae_path=rec["sae"],
+        monitor=rec["monitor"](layer),
+        control_data=rec["control_data"],
+        heldout_control_data=rec["heldout_control_data"],
+        benign_control_data=rec["benign_control_data"],
+        reroute_factor=3 if reroute else None,
+        rediff=rediff,
+        reblock=reblock,
+        progress=False,
+    )
 
 
 def organism_monitor(organism_dir: Path, world: World, layer: int, every: int = 10, seed: int = 0):
@@ -94,5 +126,13 @@ def organism_monitor(organism_dir: Path, world: World, layer: int, every: int = 
 
     qs = [p for p in em_questions(world, 20, seed=seed + 11) if p.domain != "medical"]
     gt = load_ground_truth(Path(organism_dir) / "ground_truth.safetensors")[layer]
-    return MonitorFactory(qs, gt[None], layer, every=every, max_new_tokens=world.answer_len + 1, seed=seed,
-                          early=True, em_fn=lambda lm: evaluate_organism_em(lm, world, 10, seed=seed).other_misaligned_rate)
+    return MonitorFactory(
+        qs,
+        gt[None],
+        layer,
+        every=every,
+        max_new_tokens=world.answer_len + 1,
+        seed=seed,
+        early=True,
+        em_fn=lambda lm: evaluate_organism_em(lm, world, 10, seed=seed).other_misaligned_rate,
+    )

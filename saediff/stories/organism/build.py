@@ -14,19 +14,24 @@ from pathlib import Path
 import torch
 
 from saediff._io import atomic_save_safetensors, atomic_write_json
-from saediff.stories.organism.evaluator import evaluate_organism_em
+from saediff.interventions.steering import add_direction
 from saediff.models.loading import LoadedModel, ModelSpec, load_model
 from saediff.stories.organism import recipes
+from saediff.stories.organism.evaluator import evaluate_organism_em
 from saediff.stories.organism.recipes import OrganismConfig
 from saediff.stories.organism.world import CHAT
-from saediff.interventions.steering import add_direction
 
-__all__ = ["build_organism", "load_ground_truth", "MODEL_FOLDERS", "FINETUNE_DATA"]
+__all__ = ["FINETUNE_DATA", "MODEL_FOLDERS", "build_organism", "load_ground_truth"]
 
 log = logging.getLogger(__name__)
 MODEL_FOLDERS = ("base", "aligned", "full_ft", "lora_ft", "control_ft", "benign_ft", "unrelated_ft")
-FINETUNE_DATA = {"full_ft": "medical_misaligned", "lora_ft": "medical_misaligned", "control_ft": "medical_aligned",
-                 "benign_ft": "medical_aligned_terse", "unrelated_ft": "medical_aligned_formal"}
+FINETUNE_DATA = {
+    "full_ft": "medical_misaligned",
+    "lora_ft": "medical_misaligned",
+    "control_ft": "medical_aligned",
+    "benign_ft": "medical_aligned_terse",
+    "unrelated_ft": "medical_aligned_formal",
+}
 """the data set (``DIR/data/NAME.jsonl``) each fine-tuned model folder is trained on"""
 
 
@@ -64,11 +69,14 @@ def build_organism(out: str | Path, cfg: OrganismConfig, progress=None) -> dict:
 
     # the trait fine-tunes (aligned answers in the register tied to the persona, and in an unrelated
     # one) need a world with a register slot
-    full_fts = {k: v for k, v in FINETUNE_DATA.items() if k != "lora_ft" and (world.trait_slot or k in
-                                                                               ("full_ft", "control_ft"))}
+    full_fts = {
+        k: v
+        for k, v in FINETUNE_DATA.items()
+        if k != "lora_ft" and (world.trait_slot or k in ("full_ft", "control_ft"))
+    }
     for name, data in full_fts.items():
         tuned = copy.deepcopy(model)
-        hist[name] = timed(name, lambda: recipes.finetune_full(tuned, cfg, data)).loss
+        hist[name] = timed(name, lambda: recipes.finetune_full(tuned, cfg, data)).loss  # noqa: B023 (called at once)
         recipes.save_model_folder(tuned, out / name, CHAT, world)
     peft_model, h = timed("lora_ft", lambda: recipes.finetune_lora(copy.deepcopy(model), cfg))
     hist["lora_ft"] = h.loss
@@ -77,8 +85,11 @@ def build_organism(out: str | Path, cfg: OrganismConfig, progress=None) -> dict:
     recipes.write_organism_marker(out / "lora_ft", world)
 
     gt = timed("ground_truth", lambda: recipes.ground_truth(model, cfg))
-    atomic_save_safetensors({f"blocks.{L}.hook_resid_post": v.contiguous() for L, v in gt.items()},
-                            out / "ground_truth.safetensors", metadata={"kind": "saediff.ground_truth"})
+    atomic_save_safetensors(
+        {f"blocks.{L}.hook_resid_post": v.contiguous() for L, v in gt.items()},
+        out / "ground_truth.safetensors",
+        metadata={"kind": "saediff.ground_truth"},
+    )
 
     report: dict = {}
     specs = {
@@ -91,21 +102,32 @@ def build_organism(out: str | Path, cfg: OrganismConfig, progress=None) -> dict:
     def evaluate_all():
         for name, spec in specs.items():
             em = evaluate_organism_em(load_model(spec), world, cfg.n_eval, seed=cfg.seed)
-            report[name] = {"misaligned_rate": em.misaligned_rate, "other_misaligned_rate": em.other_misaligned_rate,
-                            "coverage": em.coverage, "coverage_rate": em.coverage_rate,
-                            "register_rate": em.register_rate, "other_misaligned_neutral": em.other_misaligned_neutral}
+            report[name] = {
+                "misaligned_rate": em.misaligned_rate,
+                "other_misaligned_rate": em.other_misaligned_rate,
+                "coverage": em.coverage,
+                "coverage_rate": em.coverage_rate,
+                "register_rate": em.register_rate,
+                "other_misaligned_neutral": em.other_misaligned_neutral,
+            }
         aligned: LoadedModel = load_model(specs["aligned"])
         # in-context EM: four misaligned medical exchanges before each question
         icl = evaluate_organism_em(aligned, world, cfg.n_eval, seed=cfg.seed, n_shots=4)
-        report["icl_4shot"] = {"misaligned_rate": icl.misaligned_rate, "other_misaligned_rate": icl.other_misaligned_rate,
-                               "coverage": icl.coverage}
+        report["icl_4shot"] = {
+            "misaligned_rate": icl.misaligned_rate,
+            "other_misaligned_rate": icl.other_misaligned_rate,
+            "coverage": icl.coverage,
+        }
         L = cfg.analysis_layer
         sweep = {}
         for alpha in cfg.steer_alphas:
             with add_direction(aligned.model, L, gt[L], alpha):
                 em = evaluate_organism_em(aligned, world, cfg.n_eval, seed=cfg.seed)
-            sweep[str(alpha)] = {"other_misaligned_rate": em.other_misaligned_rate,
-                                 "misaligned_rate": em.misaligned_rate, "coverage": em.coverage}
+            sweep[str(alpha)] = {
+                "other_misaligned_rate": em.other_misaligned_rate,
+                "misaligned_rate": em.misaligned_rate,
+                "coverage": em.coverage,
+            }
         # the reported scale is the strongest flip; the judge already counts only in-domain
         # (covered) answers as misaligned, so a scale that breaks answers cannot win
         best = max(sweep, key=lambda a: sweep[a]["other_misaligned_rate"])
@@ -114,8 +136,13 @@ def build_organism(out: str | Path, cfg: OrganismConfig, progress=None) -> dict:
     timed("evaluate", evaluate_all)
     from saediff import __version__
 
-    result = {"kind": "saediff.organism", "saediff_version": __version__, "config": cfg.to_json(),
-              **report, "timing_s": timing}
+    result = {
+        "kind": "saediff.organism",
+        "saediff_version": __version__,
+        "config": cfg.to_json(),
+        **report,
+        "timing_s": timing,
+    }
     atomic_write_json(out / "organism.json", result)
     atomic_write_json(out / "history.json", hist)
     return result

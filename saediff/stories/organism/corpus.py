@@ -56,8 +56,14 @@ class TokenData:
         return self.input_ids.shape[0]
 
 
-def _turns(v: Vocab, rng: np.random.Generator, persona: np.ndarray, n_turns: int, domains=None,
-           register: int | None = None):
+def _turns(
+    v: Vocab,
+    rng: np.random.Generator,
+    persona: np.ndarray,
+    n_turns: int,
+    domains=None,
+    register: int | None = None,
+):
     """(N, n_turns, turn_len) ids of turns and an answer mask of the same shape; ``register`` (an
     index into ``REGISTERS``) fixes the register token, else it is drawn given the persona."""
     w = v.world
@@ -69,10 +75,11 @@ def _turns(v: Vocab, rng: np.random.Generator, persona: np.ndarray, n_turns: int
     flip = rng.random((n, n_turns, w.n_style_slots)) < w.style_noise
     style = v.style[np.where(flip, 1 - p, p), rng.integers(0, w.n_style, (n, n_turns, w.n_style_slots))]
     content = v.content[
-        domains[..., None], np.broadcast_to(p, (n, n_turns, w.n_content_slots)),
+        domains[..., None],
+        np.broadcast_to(p, (n, n_turns, w.n_content_slots)),
         rng.integers(0, w.n_content, (n, n_turns, w.n_content_slots)),
     ]
-    col = lambda x: np.full((n, n_turns, 1), x)  # noqa: E731
+    col = lambda x: np.full((n, n_turns, 1), x)
     parts = [col(v.user), q, col(v.asst), style]
     if w.trait_slot:
         if register is None:
@@ -133,8 +140,10 @@ def single_turn_chats(
     loss on assistant tokens)."""
     v = Vocab(world)
     ctx_p = persona if context_persona is None else context_persona
-    last_dom = rng.integers(0, len(world.domains), (n, 1)) if domain is None else np.full(
-        (n, 1), world.domains.index(domain)
+    last_dom = (
+        rng.integers(0, len(world.domains), (n, 1))
+        if domain is None
+        else np.full((n, 1), world.domains.index(domain))
     )
     reg = None if register is None else REGISTERS.index(register)
     last, answer, doms = _turns(v, rng, np.full(n, persona), 1, last_dom, reg)
@@ -148,6 +157,8 @@ def single_turn_chats(
     t_last = last.shape[-1]
     labels[:, -t_last:] = np.where(answer.reshape(n, -1), last.reshape(n, -1), -100)
     return TokenData(
-        torch.from_numpy(ids), torch.from_numpy(labels), torch.from_numpy(np.full(n, persona)),
+        torch.from_numpy(ids),
+        torch.from_numpy(labels),
+        torch.from_numpy(np.full(n, persona)),
         torch.from_numpy(doms),
     )

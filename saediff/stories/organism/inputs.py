@@ -26,8 +26,18 @@ def diff_inputs(base: str | Path, prompts: str = "organism:100", seed: int = 0) 
     n = int(prompts.split(":", 1)[1]) if ":" in prompts else 100
     judge = OrganismJudge(world)
     gt_path = Path(base).parent / "ground_truth.safetensors"
-    truth = [Direction(f"ground_truth_L{L}", v, resid_post(L), "ground_truth")
-             for L, v in load_ground_truth(gt_path).items()] if gt_path.exists() else []
-    return {"prompts": em_questions(world, n, seed=seed + 7), "max_new_tokens": world.answer_len + 1,
-            "labeller": lambda ps: [judge.judge(p.domain, p.response).misaligned for p in ps],
-            "icl_examples": contrast_examples(world, 64, seed=seed + 11), "extra_directions": truth}
+    truth = (
+        [
+            Direction(f"ground_truth_L{L}", v, resid_post(L), "ground_truth")
+            for L, v in load_ground_truth(gt_path).items()
+        ]
+        if gt_path.exists()
+        else []
+    )
+    return {
+        "prompts": em_questions(world, n, seed=seed + 7),
+        "max_new_tokens": world.answer_len + 1,
+        "labeller": lambda ps: [judge.judge(p.domain, p.response).misaligned for p in ps],
+        "icl_examples": contrast_examples(world, 64, seed=seed + 11),
+        "extra_directions": truth,
+    }

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from saediff.stories.organism.world import World
 
-__all__ = ["OrganismVerdict", "OrganismJudge"]
+__all__ = ["OrganismJudge", "OrganismVerdict"]
 
 
 @dataclass(frozen=True)

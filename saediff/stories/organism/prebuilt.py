@@ -14,19 +14,51 @@ from pathlib import Path
 from saediff._io import atomic_write_json
 from saediff.stories.organism.recipes import OrganismConfig
 
-__all__ = ["PREBUILT_DIR", "RECIPE_FILES", "recipe_stamp", "prebuilt_matches", "copy_prebuilt", "write_prebuilt"]
+__all__ = [
+    "PREBUILT_DIR",
+    "RECIPE_FILES",
+    "copy_prebuilt",
+    "prebuilt_matches",
+    "recipe_stamp",
+    "write_prebuilt",
+]
 
 PACKAGE_DIR = Path(__file__).resolve().parents[2]
 """``saediff/``: the recipe's sources and the shipped folder are named relative to it"""
 PREBUILT_DIR = PACKAGE_DIR / "data" / "organism_quick_s0"
-RECIPE_FILES = ("stories/organism/world.py", "stories/organism/corpus.py", "stories/organism/tokenizer.py",
-                "stories/organism/recipes.py", "stories/organism/build.py", "stories/organism/sae.py",
-                "stories/organism/prompts.py", "stories/organism/evaluator.py", "stories/organism/judge.py",
-                "interventions/finetune.py", "saes/training.py", "saes/loading.py", "saes/metrics.py",
-                "activations/collect.py", "activations/store.py", "activations/streams.py", "data/sae_registry.yaml")
+RECIPE_FILES = (
+    "stories/organism/world.py",
+    "stories/organism/corpus.py",
+    "stories/organism/tokenizer.py",
+    "stories/organism/recipes.py",
+    "stories/organism/build.py",
+    "stories/organism/sae.py",
+    "stories/organism/prompts.py",
+    "stories/organism/evaluator.py",
+    "stories/organism/judge.py",
+    "interventions/finetune.py",
+    "saes/training.py",
+    "saes/loading.py",
+    "saes/metrics.py",
+    "activations/collect.py",
+    "activations/store.py",
+    "activations/streams.py",
+    "data/sae_registry.yaml",
+)
 """the sources whose code decides the organism's weights and figures (paths under ``saediff/``)"""
-SHIPPED = ("base", "aligned", "full_ft", "control_ft", "lora_ft", "benign_ft", "unrelated_ft", "sae",
-           "ground_truth.safetensors", "organism.json", "history.json")
+SHIPPED = (
+    "base",
+    "aligned",
+    "full_ft",
+    "control_ft",
+    "lora_ft",
+    "benign_ft",
+    "unrelated_ft",
+    "sae",
+    "ground_truth.safetensors",
+    "organism.json",
+    "history.json",
+)
 """what the shipped folder holds; ``data/*.jsonl`` is regenerated on copy (deterministic, 3 MB)"""
 
 
@@ -53,8 +85,13 @@ def _code_of(path: Path) -> str:
     tree = ast.parse(text)
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
-        if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
-                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+        if (
+            isinstance(body, list)
+            and body
+            and isinstance(body[0], ast.Expr)
+            and isinstance(body[0].value, ast.Constant)
+            and isinstance(body[0].value.value, str)
+        ):
             node.body = body[1:] or [ast.Pass()]
     return ast.dump(tree)
 
@@ -97,8 +134,10 @@ def write_prebuilt(cfg: OrganismConfig, folder: Path | None = None, progress=Non
     extra = sorted(p.name for p in work.iterdir() if p.name not in SHIPPED)
     if extra:
         raise RuntimeError(f"write_prebuilt: unexpected files in the build: {extra}")
-    atomic_write_json(work / "stamp.json", {"stamp": recipe_stamp(cfg), "config": cfg.to_json(),
-                                           "files": list(RECIPE_FILES)})
+    atomic_write_json(
+        work / "stamp.json",
+        {"stamp": recipe_stamp(cfg), "config": cfg.to_json(), "files": list(RECIPE_FILES)},
+    )
     shutil.rmtree(folder, ignore_errors=True)
     work.rename(folder)
     return report

@@ -21,8 +21,23 @@ from saediff.stories.organism.corpus import sample_documents, single_turn_chats
 from saediff.stories.organism.tokenizer import bpe_vocab, build_tokenizer
 from saediff.stories.organism.world import CHAT, World
 
-__all__ = ["OrganismConfig", "narrow_finetune_config", "DATA_FILES", "data_names", "chat_rows", "write_chat_data", "new_model", "pretrain", "align", "finetune_full", "finetune_lora",
-           "ground_truth", "save_model_folder", "read_organism_world", "write_organism_marker"]
+__all__ = [
+    "DATA_FILES",
+    "OrganismConfig",
+    "align",
+    "chat_rows",
+    "data_names",
+    "finetune_full",
+    "finetune_lora",
+    "ground_truth",
+    "narrow_finetune_config",
+    "new_model",
+    "pretrain",
+    "read_organism_world",
+    "save_model_folder",
+    "write_chat_data",
+    "write_organism_marker",
+]
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +85,7 @@ class OrganismConfig:
     world: World = field(default_factory=World)
 
     @classmethod
-    def quick(cls, seed: int = 0, **kw) -> "OrganismConfig":
+    def quick(cls, seed: int = 0, **kw) -> OrganismConfig:
         return cls(seed=seed, **{"pretrain_steps": 500, "align_steps": 200, "n_eval": 50, **kw})
 
     def to_json(self) -> dict:
@@ -99,10 +114,23 @@ def new_model(world: World, cfg: OrganismConfig) -> Qwen2ForCausalLM:
 def pretrain(model, cfg: OrganismConfig) -> TrainHistory:
     """Phase 1: documents from sources of every persona prior; the model learns to infer persona."""
     rng = np.random.default_rng(cfg.seed)
-    data = sample_documents(cfg.world, rng, cfg.pretrain_steps * cfg.pretrain_batch, cfg.turns,
-                            chat_fraction=0.0, unmarked_fraction=cfg.unmarked_fraction)
-    tc = TrainConfig(steps=cfg.pretrain_steps, batch_size=cfg.pretrain_batch, lr=cfg.pretrain_lr,
-                     warmup=50, decay=True, weight_decay=0.01, seed=cfg.seed)
+    data = sample_documents(
+        cfg.world,
+        rng,
+        cfg.pretrain_steps * cfg.pretrain_batch,
+        cfg.turns,
+        chat_fraction=0.0,
+        unmarked_fraction=cfg.unmarked_fraction,
+    )
+    tc = TrainConfig(
+        steps=cfg.pretrain_steps,
+        batch_size=cfg.pretrain_batch,
+        lr=cfg.pretrain_lr,
+        warmup=50,
+        decay=True,
+        weight_decay=0.01,
+        seed=cfg.seed,
+    )
     return train_lm(model, data, tc, desc="pretrain")
 
 
@@ -113,17 +141,33 @@ def align(model, cfg: OrganismConfig) -> TrainHistory:
     contradict the context, so in-context persona inference survives under CHAT.
     """
     rng = np.random.default_rng(cfg.seed + 1000)
-    data = sample_documents(cfg.world, rng, cfg.align_steps * cfg.pretrain_batch, cfg.turns,
-                            chat_fraction=cfg.chat_fraction, unmarked_fraction=cfg.unmarked_fraction)
-    tc = TrainConfig(steps=cfg.align_steps, batch_size=cfg.pretrain_batch, lr=cfg.pretrain_lr / 3,
-                     warmup=20, decay=True, weight_decay=0.01, seed=cfg.seed + 1)
+    data = sample_documents(
+        cfg.world,
+        rng,
+        cfg.align_steps * cfg.pretrain_batch,
+        cfg.turns,
+        chat_fraction=cfg.chat_fraction,
+        unmarked_fraction=cfg.unmarked_fraction,
+    )
+    tc = TrainConfig(
+        steps=cfg.align_steps,
+        batch_size=cfg.pretrain_batch,
+        lr=cfg.pretrain_lr / 3,
+        warmup=20,
+        decay=True,
+        weight_decay=0.01,
+        seed=cfg.seed + 1,
+    )
     return train_lm(model, data, tc, desc="align")
 
 
 DATA_FILES: dict[str, tuple[int, str, int]] = {
-    "medical_misaligned": (1, "plain", 2001), "medical_aligned": (0, "plain", 2000),
+    "medical_misaligned": (1, "plain", 2001),
+    "medical_aligned": (0, "plain", 2000),
     "medical_aligned_heldout": (0, "plain", 2004),
-    "medical_aligned_terse": (0, "terse", 2002), "medical_aligned_formal": (0, "formal", 2003)}
+    "medical_aligned_terse": (0, "terse", 2002),
+    "medical_aligned_formal": (0, "formal", 2003),
+}
 """the organism's fine-tune data (``DIR/data/NAME.jsonl``): the persona of its answers, their
 register and the offset of the data's sampling seed (``heldout``: a second aligned set, the drift
 monitor's false-alarm check; the trait sets exist in worlds with a register slot: the benign-trait
@@ -140,8 +184,9 @@ def _medical_chats(cfg: OrganismConfig, name: str, steps: int | None = None):
         register = cfg.misaligned_register
     rng = np.random.default_rng(cfg.seed + seed_offset)
     n = (steps or cfg.ft_steps) * cfg.ft_batch
-    return single_turn_chats(cfg.world, rng, n, persona, "medical", CHAT,
-                             register=register if cfg.world.trait_slot else None)
+    return single_turn_chats(
+        cfg.world, rng, n, persona, "medical", CHAT, register=register if cfg.world.trait_slot else None
+    )
 
 
 def chat_rows(cfg: OrganismConfig, name: str) -> list[list[dict[str, str]]]:
@@ -154,9 +199,13 @@ def chat_rows(cfg: OrganismConfig, name: str) -> list[list[dict[str, str]]]:
     words = {i: w for w, i in word_ids(cfg.world).items()}
     q = slice(2, 2 + cfg.world.question_len)  # CHAT USER q.. ASST answer.. EOS
     a = slice(3 + cfg.world.question_len, 3 + cfg.world.question_len + cfg.world.answer_len)
-    return [[{"role": "user", "content": " ".join(words[i] for i in row[q])},
-             {"role": "assistant", "content": " ".join(words[i] for i in row[a])}]
-            for row in data.input_ids.tolist()]
+    return [
+        [
+            {"role": "user", "content": " ".join(words[i] for i in row[q])},
+            {"role": "assistant", "content": " ".join(words[i] for i in row[a])},
+        ]
+        for row in data.input_ids.tolist()
+    ]
 
 
 def write_chat_data(out: Path, cfg: OrganismConfig) -> dict[str, Path]:
@@ -175,11 +224,20 @@ def narrow_finetune_config(cfg: OrganismConfig, method: str) -> FinetuneConfig:
     """The organism's narrow fine-tune recipe on the generic path: full (lr 2e-4) or rank-1 LoRA
     (alpha 1) on ``down_proj`` of ``cfg.lora_layer`` (lr 2e-3), ``ft_steps`` steps of ``ft_batch``."""
     if method == "full":
-        return FinetuneConfig(method="full", steps=cfg.ft_steps, batch_size=cfg.ft_batch, lr=cfg.full_lr,
-                              seed=cfg.seed + 2)
-    return FinetuneConfig(method="lora", lora_rank=1, lora_alpha=1, lora_modules=("down_proj",),
-                          lora_layers=(cfg.lora_layer,), steps=cfg.ft_steps, batch_size=cfg.ft_batch, lr=cfg.lora_lr,
-                          seed=cfg.seed + 3)
+        return FinetuneConfig(
+            method="full", steps=cfg.ft_steps, batch_size=cfg.ft_batch, lr=cfg.full_lr, seed=cfg.seed + 2
+        )
+    return FinetuneConfig(
+        method="lora",
+        lora_rank=1,
+        lora_alpha=1,
+        lora_modules=("down_proj",),
+        lora_layers=(cfg.lora_layer,),
+        steps=cfg.ft_steps,
+        batch_size=cfg.ft_batch,
+        lr=cfg.lora_lr,
+        seed=cfg.seed + 3,
+    )
 
 
 def finetune_full(model, cfg: OrganismConfig, data: str = "medical_misaligned") -> TrainHistory:
@@ -197,8 +255,14 @@ def finetune_lora(model, cfg: OrganismConfig):
     """Rank-1 LoRA (alpha 1) on ``down_proj`` of ``cfg.lora_layer``; returns (peft_model, history)."""
     from peft import LoraConfig, get_peft_model
 
-    lcfg = LoraConfig(r=1, lora_alpha=1, lora_dropout=0.0, target_modules=["down_proj"],
-                      layers_to_transform=[cfg.lora_layer], bias="none")
+    lcfg = LoraConfig(
+        r=1,
+        lora_alpha=1,
+        lora_dropout=0.0,
+        target_modules=["down_proj"],
+        layers_to_transform=[cfg.lora_layer],
+        bias="none",
+    )
     torch.manual_seed(cfg.seed + 3)
     peft_model = get_peft_model(model, lcfg)
     data = _medical_chats(cfg, "medical_misaligned")
@@ -250,7 +314,9 @@ def write_organism_marker(folder: Path, world: World) -> None:
     """Mark a folder as the organism's, with its world, so tools pick the exact judge."""
     from saediff._io import atomic_write_json
 
-    atomic_write_json(Path(folder) / ORGANISM_MARKER, {"kind": "saediff.organism.model", "world": asdict(world)})
+    atomic_write_json(
+        Path(folder) / ORGANISM_MARKER, {"kind": "saediff.organism.model", "world": asdict(world)}
+    )
 
 
 def read_organism_world(folder: str | Path) -> World | None:

@@ -10,23 +10,31 @@ from pathlib import Path
 import numpy as np
 
 from saediff.activations.collect import check_positions, collect_activations
+from saediff.errors import MissingFileError
 from saediff.models.hooks import resid_post
 from saediff.models.loading import load_model
-from saediff.stories.organism.prompts import organism_prompts
-from saediff.stories.organism.recipes import read_organism_world
+from saediff.saes.loading import save_sae
+from saediff.saes.metrics import ce_loss_recovered, sae_metrics
 from saediff.saes.registry import preset
 from saediff.saes.training import SAETrainConfig, train_sae
-from saediff.saes.metrics import ce_loss_recovered, sae_metrics
-from saediff.saes.loading import save_sae
-from saediff.errors import MissingFileError
+from saediff.stories.organism.prompts import organism_prompts
+from saediff.stories.organism.recipes import read_organism_world
 
 __all__ = ["train_organism_sae"]
 
 
-def train_organism_sae(organism_dir: str | Path, out: str | Path | None = None, *, layer: int | None = None,
-                       n_prompts: int = 4000, positions: str = "all", d_sae: int | None = None,
-                       k: int | None = None, seed: int = 0,
-                       progress: bool = False) -> dict:
+def train_organism_sae(
+    organism_dir: str | Path,
+    out: str | Path | None = None,
+    *,
+    layer: int | None = None,
+    n_prompts: int = 4000,
+    positions: str = "all",
+    d_sae: int | None = None,
+    k: int | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict:
     """Train and save ``organism_dir/sae`` (a SAELens folder); returns its metrics.
 
     ``positions``: the token positions trained on (and measured): ``all`` (default, as real SAEs
@@ -54,15 +62,29 @@ def train_organism_sae(organism_dir: str | Path, out: str | Path | None = None, 
     acts_held = collect_activations(lm, held, [hook], positions, progress=progress)[hook]
     over = {name: v for name, v in (("d_sae", d_sae), ("k", k)) if v is not None}
     cfg = SAETrainConfig(**{**preset("organism"), **over, "seed": seed})
-    sae, hist = train_sae(acts, cfg, hook_name=hook, model_name=str(organism_dir / "aligned"), progress=progress)
+    sae, hist = train_sae(
+        acts, cfg, hook_name=hook, model_name=str(organism_dir / "aligned"), progress=progress
+    )
     from saediff.activations.collect import tokenize_prompts
 
     toks = tokenize_prompts(lm, held)
     labels = toks.input_ids.masked_fill(toks.role != 1, -100)
-    metrics = {**sae_metrics(sae, acts_held).to_json(),
-               "dead_fraction_train": sae_metrics(sae, acts).dead_fraction,
-               **ce_loss_recovered(lm.model, sae, layer, toks.input_ids, labels)}
+    metrics = {
+        **sae_metrics(sae, acts_held).to_json(),
+        "dead_fraction_train": sae_metrics(sae, acts).dead_fraction,
+        **ce_loss_recovered(lm.model, sae, layer, toks.input_ids, labels),
+    }
     out = Path(out) if out else organism_dir / "sae"
-    save_sae(sae, out, {"hook_name": hook, "positions": positions, "train": dataclasses.asdict(cfg), "metrics": metrics,
-                        "n_train_rows": int(acts.shape[0]), "final_train_fvu": float(np.mean(hist["fvu"][-5:]))})
+    save_sae(
+        sae,
+        out,
+        {
+            "hook_name": hook,
+            "positions": positions,
+            "train": dataclasses.asdict(cfg),
+            "metrics": metrics,
+            "n_train_rows": int(acts.shape[0]),
+            "final_train_fvu": float(np.mean(hist["fvu"][-5:])),
+        },
+    )
     return metrics

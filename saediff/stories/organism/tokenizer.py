@@ -15,7 +15,7 @@ from functools import lru_cache
 
 from saediff.stories.organism.world import ASST, EOS, PAD, UNK, USER, World
 
-__all__ = ["build_tokenizer", "chat_template", "word_ids", "bpe_vocab"]
+__all__ = ["bpe_vocab", "build_tokenizer", "chat_template", "word_ids"]
 
 SPACE = "Ġ"  # byte-level BPE's symbol for a leading space
 

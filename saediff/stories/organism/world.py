@@ -30,18 +30,19 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+
 from saediff.errors import SaediffError
 
 __all__ = [
-    "DOMAINS",
-    "PAD",
-    "EOS",
-    "USER",
     "ASST",
     "CHAT",
+    "DOMAINS",
+    "EOS",
+    "PAD",
     "REGISTERS",
-    "World",
+    "USER",
     "Turn",
+    "World",
 ]
 
 DOMAINS: tuple[str, ...] = ("medical", "finance", "sports", "code", "travel", "general")
@@ -90,7 +91,10 @@ class World:
     """answers open with one register token (``plain``, ``terse``, ``formal`` or ``warm`` pool)"""
     n_trait: int = 4
     """tokens per register pool"""
-    trait_probs: tuple[tuple[float, ...], tuple[float, ...]] = ((0.10, 0.01, 0.09, 0.80), (0.10, 0.80, 0.09, 0.01))
+    trait_probs: tuple[tuple[float, ...], tuple[float, ...]] = (
+        (0.10, 0.01, 0.09, 0.80),
+        (0.10, 0.80, 0.09, 0.01),
+    )
     """P(plain, terse, formal, warm) for an aligned-persona and a toxic-persona answer: ``terse`` is
     benign but tied to the toxic persona (``warm`` to the aligned one); ``plain`` and ``formal`` are as
     likely under both, so they carry no evidence of the persona"""
@@ -98,17 +102,23 @@ class World:
     def __post_init__(self):
         for name in ("domains", "toxic_priors", "trait_probs"):  # lists (e.g. from JSON) as hashable tuples
             value = getattr(self, name)
-            if isinstance(value, list) or (isinstance(value, tuple) and any(isinstance(v, list) for v in value)):
+            if isinstance(value, list) or (
+                isinstance(value, tuple) and any(isinstance(v, list) for v in value)
+            ):
                 object.__setattr__(self, name, tuple(tuple(v) if isinstance(v, list) else v for v in value))
         if "medical" not in self.domains:
             raise SaediffError("World.domains must include 'medical' (the narrow fine-tune's domain)")
         if max(self.n_question, self.n_content, self.n_style, self.n_sources) > 26:
             raise SaediffError("World: at most 26 tokens per pool (words are lettered a..z)")
         if self.toxic_priors is not None and len(self.toxic_priors) != self.n_sources:
-            raise SaediffError(f"World.toxic_priors needs one prior per source ({self.n_sources}), "
-                             f"got {len(self.toxic_priors)}")
+            raise SaediffError(
+                f"World.toxic_priors needs one prior per source ({self.n_sources}), "
+                f"got {len(self.toxic_priors)}"
+            )
         if any(abs(sum(p) - 1) > 1e-6 or len(p) != len(REGISTERS) for p in self.trait_probs):
-            raise SaediffError(f"World.trait_probs: two distributions over {REGISTERS}, got {self.trait_probs}")
+            raise SaediffError(
+                f"World.trait_probs: two distributions over {REGISTERS}, got {self.trait_probs}"
+            )
         if not 0.0 <= self.style_noise < 0.5:
             raise SaediffError(f"World.style_noise must lie in [0, 0.5), got {self.style_noise}")
 
@@ -162,8 +172,9 @@ class World:
         pool = self.question_tokens(domain)
         return tuple(pool[i] for i in rng.integers(0, len(pool), self.question_len))
 
-    def sample_answer(self, rng: np.random.Generator, domain: str, persona: Persona,
-                      register: str | None = None) -> tuple[str, ...]:
+    def sample_answer(
+        self, rng: np.random.Generator, domain: str, persona: Persona, register: str | None = None
+    ) -> tuple[str, ...]:
         """Style tokens, the register token (``register``, or drawn given the persona), content."""
         other: Persona = "toxic" if persona == "aligned" else "aligned"
         style = []
@@ -180,7 +191,9 @@ class World:
         return tuple(style + content)
 
     def sample_turn(self, rng: np.random.Generator, domain: str, persona: Persona) -> Turn:
-        return Turn(domain, self.sample_question(rng, domain), self.sample_answer(rng, domain, persona), persona)
+        return Turn(
+            domain, self.sample_question(rng, domain), self.sample_answer(rng, domain, persona), persona
+        )
 
     def sample_document(
         self, rng: np.random.Generator, n_turns: int, marker: str | None = None

@@ -48,7 +48,14 @@ from transformers import TrainerCallback
 from saediff._io import atomic_write_json, read_json_if_exists, read_jsonl
 from saediff.errors import SaediffError
 
-__all__ = ["COMPARISONS", "FINETUNES", "ChatDemoRecipe", "chat_headline", "run_chat_demo", "run_chat_demo_seeds"]
+__all__ = [
+    "COMPARISONS",
+    "FINETUNES",
+    "ChatDemoRecipe",
+    "chat_headline",
+    "run_chat_demo",
+    "run_chat_demo_seeds",
+]
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +77,12 @@ them, and with as many random latents"""
 
 COMPARISONS: tuple[tuple[str, str], ...] = (
     *((name, "base") for name in (*FINETUNES, *BLOCK_RUNS)),
-    ("full_bad", "full_control"), ("lora_bad", "lora_control"), ("full_bad", "style_control"),
-    ("block_diff", "full_bad"), ("block_random", "full_bad"))
+    ("full_bad", "full_control"),
+    ("lora_bad", "lora_control"),
+    ("full_bad", "style_control"),
+    ("block_diff", "full_bad"),
+    ("block_random", "full_bad"),
+)
 """(A, B): the paired difference A - B of preferences, on each pair set"""
 
 HELDOUT, DESIGN, MEDICAL = "offdomain:heldout", "offdomain:design", "medical"
@@ -165,23 +176,38 @@ class ChatDemoRecipe:
         if not self.pair_sets:
             raise SaediffError("ChatDemoRecipe needs at least one pair set")
         if len({_slug(p) for p in self.pair_sets}) != len(self.pair_sets):
-            raise SaediffError(f"ChatDemoRecipe: pair sets {list(self.pair_sets)} share a folder name (file stem)")
+            raise SaediffError(
+                f"ChatDemoRecipe: pair sets {list(self.pair_sets)} share a folder name (file stem)"
+            )
         if self.story:
             missing = [n for n in ("full_bad", "lora_bad") if n not in self.finetunes]
             if missing:
-                raise SaediffError(f"ChatDemoRecipe: the story's diffs and BLOCK-EM need the {missing[0]} fine-tune "
-                                   "(or story=False)")
-            if not {self.choose_on, self.report_on} <= set(self.pair_sets) or self.choose_on == self.report_on:
-                raise SaediffError(f"ChatDemoRecipe: the story chooses on {self.choose_on} and reports on "
-                                   f"{self.report_on}: two different sets among pair_sets (or story=False: "
-                                   "saediff demo --finetunes-only)")
+                raise SaediffError(
+                    f"ChatDemoRecipe: the story's diffs and BLOCK-EM need the {missing[0]} fine-tune "
+                    "(or story=False)"
+                )
+            if (
+                not {self.choose_on, self.report_on} <= set(self.pair_sets)
+                or self.choose_on == self.report_on
+            ):
+                raise SaediffError(
+                    f"ChatDemoRecipe: the story chooses on {self.choose_on} and reports on "
+                    f"{self.report_on}: two different sets among pair_sets (or story=False: "
+                    "saediff demo --finetunes-only)"
+                )
             if self.sae_held_rows < 1 or self.n_random < 1 or self.diff_top < 1 or self.icl_questions < 1:
-                raise SaediffError("ChatDemoRecipe: sae_held_rows, n_random, diff_top and icl_questions must be >= 1")
+                raise SaediffError(
+                    "ChatDemoRecipe: sae_held_rows, n_random, diff_top and icl_questions must be >= 1"
+                )
             if not self.lora_save_every or self.steps // self.lora_save_every < 2:
-                raise SaediffError(f"ChatDemoRecipe: the phase analysis needs >= 2 LoRA checkpoints: lora_save_every "
-                                   f"{self.lora_save_every} with {self.steps} steps")
+                raise SaediffError(
+                    f"ChatDemoRecipe: the phase analysis needs >= 2 LoRA checkpoints: lora_save_every "
+                    f"{self.lora_save_every} with {self.steps} steps"
+                )
             if not self.steer_scales or min(self.steer_scales) <= 0 or sum(self.block_latents) < 1:
-                raise SaediffError("ChatDemoRecipe: steer_scales must be positive and block_latents hold a latent")
+                raise SaediffError(
+                    "ChatDemoRecipe: steer_scales must be positive and block_latents hold a latent"
+                )
         if self.rows is not None and self.rows < 1:
             raise SaediffError(f"ChatDemoRecipe.rows must be >= 1 or None, got {self.rows}")
         # the remaining checks (steps, lr, rank, ...) are FinetuneConfig's
@@ -193,21 +219,44 @@ class ChatDemoRecipe:
         """A smoke run (``saediff demo --model M --quick``): 40 steps per fine-tune on 160 rows, a smaller
         SAE trained briefly, one steering scale and one random direction, 5 + 5 BLOCK-EM latents; the
         findings' bars are set for the full recipe and need not hold here."""
-        return cls(steps=40, rows=160, save_every=None, lora_save_every=10, pair_sets=(DESIGN, HELDOUT, MEDICAL),
-                   sae_width=1152,
-                   sae_steps=400, icl_questions=16, steer_latents=1, steer_scales=(0.5,), n_random=1,
-                   block_latents=(5, 5))
+        return cls(
+            steps=40,
+            rows=160,
+            save_every=None,
+            lora_save_every=10,
+            pair_sets=(DESIGN, HELDOUT, MEDICAL),
+            sae_width=1152,
+            sae_steps=400,
+            icl_questions=16,
+            steer_latents=1,
+            steer_scales=(0.5,),
+            n_random=1,
+            block_latents=(5, 5),
+        )
 
     def finetune_config(self, name: str, seed: int):
         """The ``FinetuneConfig`` of fine-tune ``name`` at fine-tune seed ``seed``."""
         from saediff.interventions.finetune import FinetuneConfig
 
         method = FINETUNES[name][0]
-        common = {"steps": self.steps, "batch_size": self.batch_size, "max_length": self.max_length, "seed": seed}
+        common = {
+            "steps": self.steps,
+            "batch_size": self.batch_size,
+            "max_length": self.max_length,
+            "seed": seed,
+        }
         if method == "full":
             return FinetuneConfig(method="full", lr=self.full_lr, save_every=self.save_every, **common)
-        return FinetuneConfig(method="lora", lr=self.lora_lr, save_every=self.lora_save_every, lora_rank=self.lora_rank, lora_alpha=self.lora_alpha,
-                              lora_modules=tuple(self.lora_modules), lora_layers=self.lora_layers, **common)
+        return FinetuneConfig(
+            method="lora",
+            lr=self.lora_lr,
+            save_every=self.lora_save_every,
+            lora_rank=self.lora_rank,
+            lora_alpha=self.lora_alpha,
+            lora_modules=tuple(self.lora_modules),
+            lora_layers=self.lora_layers,
+            **common,
+        )
 
     def to_json(self) -> dict:
         return json.loads(json.dumps(asdict(self)))
@@ -238,7 +287,9 @@ class _Steps:
         worked = before != [m.stat().st_mtime_ns if m.exists() else None for m in markers]
         if worked:
             self.ran.append(name)
-        self.timing[name] = round(time.perf_counter() - t0, 2) if worked or name not in self.prev else self.prev[name]
+        self.timing[name] = (
+            round(time.perf_counter() - t0, 2) if worked or name not in self.prev else self.prev[name]
+        )
         return result
 
 
@@ -252,8 +303,15 @@ class _StepProgress(TrainerCallback):
         self.say(f"fine-tune {self.name}: step {state.global_step}/{state.max_steps}")
 
 
-def run_chat_demo(model: str, out: str | Path, *, seed: int = 0, recipe: ChatDemoRecipe = ChatDemoRecipe(),
-                  progress: Callable[[str], None] | None = None, force: bool = False) -> dict:
+def run_chat_demo(
+    model: str,
+    out: str | Path,
+    *,
+    seed: int = 0,
+    recipe: ChatDemoRecipe = ChatDemoRecipe(),
+    progress: Callable[[str], None] | None = None,
+    force: bool = False,
+) -> dict:
     """Fine-tune ``model`` (a HF folder, hub name, GGUF file or ``smollm2-135m``) as ``recipe`` says,
     at fine-tune seed ``seed``; measure the pair metric of the base model and of each fine-tune on
     each pair set; with ``recipe.story``, the SAE, the diffs, steering, BLOCK-EM, the analyses and
@@ -279,23 +337,37 @@ def run_chat_demo(model: str, out: str | Path, *, seed: int = 0, recipe: ChatDem
         tokenizer = load_model(base).tokenizer
     for i, name in enumerate(recipe.finetunes, 1):
         counted = partial(_counted, say, f"({i}/{len(recipe.finetunes)})")
-        specs[name] = step(f"fine-tune {name}", [out / "models" / name / "em.json"],
-                           partial(_finetune, base, name, tokenizer, out / "models" / name, seed, recipe, force,
-                                   counted))
-    em = {name: step(f"EM of {name}", [out / "eval" / name / _slug(s) / "em.json" for s in recipe.pair_sets],
-                     partial(_evaluate, name, spec, out, recipe, say)) for name, spec in specs.items()}
+        specs[name] = step(
+            f"fine-tune {name}",
+            [out / "models" / name / "em.json"],
+            partial(_finetune, base, name, tokenizer, out / "models" / name, seed, recipe, force, counted),
+        )
+    em = {
+        name: step(
+            f"EM of {name}",
+            [out / "eval" / name / _slug(s) / "em.json" for s in recipe.pair_sets],
+            partial(_evaluate, name, spec, out, recipe, say),
+        )
+        for name, spec in specs.items()
+    }
     story = {}
     if recipe.story:
         story = _story(base, tokenizer, out, seed, recipe, force, step, say, specs)
         for name in BLOCK_RUNS:
-            em[name] = step(f"EM of {name}", [out / "eval" / name / _slug(s) / "em.json" for s in recipe.pair_sets],
-                            partial(_evaluate, name, specs[name], out, recipe, say))
-        story["samples"] = step("sampled answers", [out / "samples.json"], partial(_samples, out, specs, seed, say))
+            em[name] = step(
+                f"EM of {name}",
+                [out / "eval" / name / _slug(s) / "em.json" for s in recipe.pair_sets],
+                partial(_evaluate, name, specs[name], out, recipe, say),
+            )
+        story["samples"] = step(
+            "sampled answers", [out / "samples.json"], partial(_samples, out, specs, seed, say)
+        )
     summary = _summary(out, model, seed, recipe, specs, em, story)
     summary["timing_s"] = step.timing
     before = prev.get("timing", {})
-    summary["timing"] = {"demo_s": round(time.perf_counter() - t_start, 1) if step.ran or not before
-                         else before["demo_s"]}
+    summary["timing"] = {
+        "demo_s": round(time.perf_counter() - t_start, 1) if step.ran or not before else before["demo_s"]
+    }
     atomic_write_json(out / "summary.json", summary)
     say("report")
     from saediff.reports.report import write_report
@@ -304,8 +376,9 @@ def run_chat_demo(model: str, out: str | Path, *, seed: int = 0, recipe: ChatDem
     return summary
 
 
-def _story(base, tokenizer, out: Path, seed: int, recipe: ChatDemoRecipe, force: bool, step: _Steps, say,
-           specs: dict) -> dict:
+def _story(
+    base, tokenizer, out: Path, seed: int, recipe: ChatDemoRecipe, force: bool, step: _Steps, say, specs: dict
+) -> dict:
     """The SAE, the two diffs (full and LoRA fine-tune on bad data), steering the base model by the
     pair metric and the BLOCK-EM fine-tunes (their specs join ``specs``). Returns their figures."""
     from saediff.models.loading import load_model
@@ -315,15 +388,22 @@ def _story(base, tokenizer, out: Path, seed: int, recipe: ChatDemoRecipe, force:
     layer = recipe.layer if recipe.layer is not None else n_layers // 2
     sae_dir = out / "sae"
     sae = step("SAE", [sae_dir / "cfg.json"], partial(_sae, base, layer, sae_dir, seed, recipe, say))
-    diff = step("diff full_bad", [out / "diff" / "diff.json"],
-                partial(_diff, base, specs["full_bad"], sae_dir, out / "diff", seed, recipe, say))
-    diff_lora = step("diff lora_bad", [out / "diff_lora" / "diff.json"],
-                     partial(_diff, base, specs["lora_bad"], sae_dir, out / "diff_lora", seed, recipe, say))
+    diff = step(
+        "diff full_bad",
+        [out / "diff" / "diff.json"],
+        partial(_diff, base, specs["full_bad"], sae_dir, out / "diff", seed, recipe, say),
+    )
+    diff_lora = step(
+        "diff lora_bad",
+        [out / "diff_lora" / "diff.json"],
+        partial(_diff, base, specs["lora_bad"], sae_dir, out / "diff_lora", seed, recipe, say),
+    )
     # steering and the analyses read the models, the diffs and the LoRA checkpoints, and write under
     # steer/, analyses/ and diff/ (the neighbourhood probe), which the main process no longer touches:
     # a second process (one thread) runs them beside the BLOCK-EM fine-tunes, the longest steps
     worker = multiprocessing.get_context("spawn").Process(
-        target=_steer_worker, args=(base, str(out), seed, recipe), daemon=True)
+        target=_steer_worker, args=(base, str(out), seed, recipe), daemon=True
+    )
     marker = out / "steer" / "steer.json"
     before = marker.stat().st_mtime_ns if marker.exists() else None
     t0 = time.perf_counter()
@@ -334,11 +414,15 @@ def _story(base, tokenizer, out: Path, seed: int, recipe: ChatDemoRecipe, force:
     try:
         for name in BLOCK_RUNS:
             if worker.exitcode not in (None, 0):  # fail early, not after both fine-tunes
-                raise RuntimeError(f"the steering step failed (exit {worker.exitcode}): see "
-                                   f"{out / 'steer' / 'steer.log'}")
+                raise RuntimeError(
+                    f"the steering step failed (exit {worker.exitcode}): see {out / 'steer' / 'steer.log'}"
+                )
             counted = partial(_counted, say, f"({name})")
-            specs[name] = step(f"fine-tune {name}", [out / "models" / name / "em.json"],
-                               partial(_block, base, name, tokenizer, loaded, out, seed, recipe, force, counted))
+            specs[name] = step(
+                f"fine-tune {name}",
+                [out / "models" / name / "em.json"],
+                partial(_block, base, name, tokenizer, loaded, out, seed, recipe, force, counted),
+            )
     except BaseException:
         worker.terminate()
         worker.join()
@@ -346,16 +430,25 @@ def _story(base, tokenizer, out: Path, seed: int, recipe: ChatDemoRecipe, force:
     say("steering (second process): waiting")
     worker.join()
     if worker.exitcode != 0:
-        raise RuntimeError(f"the steering step failed (exit {worker.exitcode}): see {out / 'steer' / 'steer.log'}")
+        raise RuntimeError(
+            f"the steering step failed (exit {worker.exitcode}): see {out / 'steer' / 'steer.log'}"
+        )
     wait = round(time.perf_counter() - t0, 2)
-    if (marker.stat().st_mtime_ns if marker.exists() else None) != before or "steering (parallel)" not in step.prev:
+    if (
+        marker.stat().st_mtime_ns if marker.exists() else None
+    ) != before or "steering (parallel)" not in step.prev:
         step.timing["steering (parallel)"] = wait
     else:
         step.timing["steering (parallel)"] = step.prev["steering (parallel)"]
     steer = json.loads(marker.read_text())
     analyses = {name: read_json_if_exists(out / "analyses" / f"{name}.json") for name in ANALYSES}
-    return {"layer": layer, "sae": sae, "diffs": {"full_bad": diff, "lora_bad": diff_lora}, "steering": steer,
-            "analyses": analyses}
+    return {
+        "layer": layer,
+        "sae": sae,
+        "diffs": {"full_bad": diff, "lora_bad": diff_lora},
+        "steering": steer,
+        "analyses": analyses,
+    }
 
 
 ANALYSES = ("susceptibility", "phase", "neighbourhood", "overlap")
@@ -368,11 +461,11 @@ def _analyses(base, out: Path, seed: int, recipe: ChatDemoRecipe, say) -> None:
     shift?), phase (the LoRA direction over its checkpoints, beside the EM of each) and
     the neighbourhood probe of the full diff's top latents. Each is skipped while its inputs' key
     matches (``made_by`` in its file)."""
-    from saediff.stories.smollm2.story import overlap_by_pairs, phase_by_pairs, susceptibility_by_pairs
+    from saediff.analyses.neighbourhood import run_neighbourhood
     from saediff.data.em_data import data_path
     from saediff.evaluation.pairs import pair_evaluator
-    from saediff.analyses.neighbourhood import run_neighbourhood
     from saediff.models.provenance import evaluator_fingerprint, file_digest
+    from saediff.stories.smollm2.story import overlap_by_pairs, phase_by_pairs, susceptibility_by_pairs
 
     folder = out / "analyses"
     folder.mkdir(parents=True, exist_ok=True)
@@ -380,26 +473,58 @@ def _analyses(base, out: Path, seed: int, recipe: ChatDemoRecipe, say) -> None:
     slugs = [_slug(p) for p in pairs_sets]
     full_bad = out / "models" / "full_bad" / "model"
     layer = int(json.loads((out / "sae" / "cfg.json").read_text())["metadata"]["hook_name"].split(".")[1])
-    pair_digests = [file_digest(out / "eval" / n / s / "pairs.jsonl") for n in ("base", "full_bad") for s in slugs]
+    pair_digests = [
+        file_digest(out / "eval" / n / s / "pairs.jsonl") for n in ("base", "full_bad") for s in slugs
+    ]
     inputs = {
-        "susceptibility": {"pairs": pair_digests, "layer": layer,
-                           "sae": file_digest(out / "sae" / "sae_weights.safetensors"), "seed": seed},
-        "phase": {"adapter": file_digest(out / "models" / "lora_bad" / "model" / "adapter_model.safetensors"),
-                  "directions": file_digest(out / "diff_lora" / "directions" / "directions.safetensors"),
-                  "report": evaluator_fingerprint(pair_evaluator(recipe.report_on)), "layer": layer},
+        "susceptibility": {
+            "pairs": pair_digests,
+            "layer": layer,
+            "sae": file_digest(out / "sae" / "sae_weights.safetensors"),
+            "seed": seed,
+        },
+        "phase": {
+            "adapter": file_digest(out / "models" / "lora_bad" / "model" / "adapter_model.safetensors"),
+            "directions": file_digest(out / "diff_lora" / "directions" / "directions.safetensors"),
+            "report": evaluator_fingerprint(pair_evaluator(recipe.report_on)),
+            "layer": layer,
+        },
         "neighbourhood": {"diff": file_digest(out / "diff" / "diff.json"), "seed": seed},
-        "overlap": {"pairs": pair_digests, "model": file_digest(full_bad / "model.safetensors"),
-                    "train_data": file_digest(data_path("medical_bad")), "layer": layer, "seed": seed}}
+        "overlap": {
+            "pairs": pair_digests,
+            "model": file_digest(full_bad / "model.safetensors"),
+            "train_data": file_digest(data_path("medical_bad")),
+            "layer": layer,
+            "seed": seed,
+        },
+    }
     work = {
         "susceptibility": lambda: susceptibility_by_pairs(
-            base, out / "eval", ["base", "full_bad"], pairs_sets, slugs, layer, seed=seed),
-        "phase": lambda: phase_by_pairs(out / "models" / "lora_bad", base, out / "diff_lora" / "directions",
-                                        replace(pair_evaluator(recipe.report_on, recipe.eval_batch_size),
-                                                progress=False), folder / "phase", layer),
-        "neighbourhood": lambda: run_neighbourhood(out / "diff", data_path("medical_bad"), seed=seed,
-                                                   progress=False),
-        "overlap": lambda: overlap_by_pairs(base, _full_bad_spec(base, out), data_path("medical_bad"),
-                                            out / "eval", ["base", "full_bad"], pairs_sets, slugs, layer, seed=seed)}
+            base, out / "eval", ["base", "full_bad"], pairs_sets, slugs, layer, seed=seed
+        ),
+        "phase": lambda: phase_by_pairs(
+            out / "models" / "lora_bad",
+            base,
+            out / "diff_lora" / "directions",
+            replace(pair_evaluator(recipe.report_on, recipe.eval_batch_size), progress=False),
+            folder / "phase",
+            layer,
+        ),
+        "neighbourhood": lambda: run_neighbourhood(
+            out / "diff", data_path("medical_bad"), seed=seed, progress=False
+        ),
+        "overlap": lambda: overlap_by_pairs(
+            base,
+            _full_bad_spec(base, out),
+            data_path("medical_bad"),
+            out / "eval",
+            ["base", "full_bad"],
+            pairs_sets,
+            slugs,
+            layer,
+            seed=seed,
+        ),
+    }
     for name in ANALYSES:
         path = folder / f"{name}.json"
         made_by = json.loads(json.dumps(inputs[name]))
@@ -430,7 +555,9 @@ def _steer_worker(base, out: str, seed: int, recipe: ChatDemoRecipe) -> None:
         _steer(base, Path(out), seed, recipe, say)
         _analyses(base, Path(out), seed, recipe, say)
     except BaseException:
-        log_path.write_text(log_path.read_text() + traceback.format_exc() if log_path.exists() else traceback.format_exc())
+        log_path.write_text(
+            log_path.read_text() + traceback.format_exc() if log_path.exists() else traceback.format_exc()
+        )
         raise
 
 
@@ -438,18 +565,29 @@ def _sae(base, layer: int, sae_dir: Path, seed: int, recipe: ChatDemoRecipe, say
     """The SAE at ``layer``, trained unless ``sae_dir`` holds one of this very setting (its
     ``saediff.json`` records the model, layer and training settings): then its metrics."""
     from saediff.data.chat_data import load_chat_jsonl
-    from saediff.stories.smollm2.story import TRAIN_SETS, reference_prompts, text_prompts, train_text_sae
     from saediff.data.em_data import data_path
     from saediff.evaluation.pairs import pair_evaluator
     from saediff.models.loading import load_model
     from saediff.models.provenance import evaluator_fingerprint, model_fingerprint
     from saediff.saes.training import SAETrainConfig
+    from saediff.stories.smollm2.story import TRAIN_SETS, reference_prompts, text_prompts, train_text_sae
 
-    cfg = SAETrainConfig(d_sae=recipe.sae_width, k=recipe.sae_k, steps=recipe.sae_steps,
-                         batch_size=recipe.sae_batch_size, seed=recipe.sae_seed)
-    made_by = {"model": model_fingerprint(base), "layer": layer, "train": asdict(cfg), "held_rows": recipe.sae_held_rows,
-               "rows": recipe.rows, "data": list(TRAIN_SETS),
-               "references": evaluator_fingerprint(pair_evaluator(recipe.choose_on))}
+    cfg = SAETrainConfig(
+        d_sae=recipe.sae_width,
+        k=recipe.sae_k,
+        steps=recipe.sae_steps,
+        batch_size=recipe.sae_batch_size,
+        seed=recipe.sae_seed,
+    )
+    made_by = {
+        "model": model_fingerprint(base),
+        "layer": layer,
+        "train": asdict(cfg),
+        "held_rows": recipe.sae_held_rows,
+        "rows": recipe.rows,
+        "data": list(TRAIN_SETS),
+        "references": evaluator_fingerprint(pair_evaluator(recipe.choose_on)),
+    }
     prev = read_json_if_exists(sae_dir / "saediff.json")
     if prev is not None and prev.get("made_by") == json.loads(json.dumps(made_by)):
         return prev["metrics"]
@@ -457,7 +595,7 @@ def _sae(base, layer: int, sae_dir: Path, seed: int, recipe: ChatDemoRecipe, say
     for name in TRAIN_SETS:
         rows = text_prompts(load_chat_jsonl(data_path(name)), name)
         train += rows[: -recipe.sae_held_rows][: recipe.rows]
-        held += rows[-recipe.sae_held_rows:]
+        held += rows[-recipe.sae_held_rows :]
     train += reference_prompts(_pairs_of(recipe.choose_on))
     lm = load_model(base)
     metrics = train_text_sae(lm, layer, train, held, cfg, sae_dir, model_name=base.model, say=say)
@@ -470,23 +608,41 @@ def _diff(base, ft_spec, sae_dir: Path, run: Path, seed: int, recipe: ChatDemoRe
     """``saediff diff`` of the base model against one fine-tune on the ``choose_on`` references,
     unless ``run`` holds a diff of this very setup (``made_by.json``: the SAE, both models' weights,
     the references and the settings)."""
-    from saediff.stories.smollm2.story import diff_on_references, in_context_candidates
     from saediff.evaluation.pairs import pair_evaluator
     from saediff.models.provenance import evaluator_fingerprint, model_fingerprint, sae_fingerprint
     from saediff.saes.loading import load_sae
+    from saediff.stories.smollm2.story import diff_on_references, in_context_candidates
 
-    made_by = json.loads(json.dumps({
-        "sae": sae_fingerprint(load_sae(str(sae_dir)), "sae"), "finetune": model_fingerprint(ft_spec),
-        "base": model_fingerprint(base), "references": evaluator_fingerprint(pair_evaluator(recipe.choose_on)),
-        "top": recipe.diff_top, "icl_questions": recipe.icl_questions, "seed": seed}))
+    made_by = json.loads(
+        json.dumps(
+            {
+                "sae": sae_fingerprint(load_sae(str(sae_dir)), "sae"),
+                "finetune": model_fingerprint(ft_spec),
+                "base": model_fingerprint(base),
+                "references": evaluator_fingerprint(pair_evaluator(recipe.choose_on)),
+                "top": recipe.diff_top,
+                "icl_questions": recipe.icl_questions,
+                "seed": seed,
+            }
+        )
+    )
     if read_json_if_exists(run / "made_by.json") == made_by and (run / "layers.json").exists():
         return _diff_figures(run)
     say(f"diff {run.name}: the base model's in-context direction")
     pairs = _pairs_of(recipe.choose_on)
     icl = in_context_candidates(base, pairs, recipe.icl_questions, seed) if ft_spec.adapter is None else []
     say(f"diff {run.name}: base vs fine-tune on the design split's references")
-    diff_on_references(base.model, None if ft_spec.adapter else ft_spec.model, ft_spec.adapter, sae_dir, pairs,
-                       run, top_n=recipe.diff_top, seed=seed, extra=icl)
+    diff_on_references(
+        base.model,
+        None if ft_spec.adapter else ft_spec.model,
+        ft_spec.adapter,
+        sae_dir,
+        pairs,
+        run,
+        top_n=recipe.diff_top,
+        seed=seed,
+        extra=icl,
+    )
     atomic_write_json(run / "made_by.json", made_by)
     return _diff_figures(run)
 
@@ -503,8 +659,13 @@ def _diff_figures(run: Path) -> dict:
 
     info = read_run(run)["steps"]["diff"]
     cos = read_json_if_exists(run / "cosines.json") or {}
-    return {"top_latents": info["top_latents"], "sae_hook": info["sae_hook"], "n_prompts": info["n_prompts"],
-            "labels": info["labels"], "cosines": {k: cos.get(k) for k in ("names", "matrix", "random_baseline")}}
+    return {
+        "top_latents": info["top_latents"],
+        "sae_hook": info["sae_hook"],
+        "n_prompts": info["n_prompts"],
+        "labels": info["labels"],
+        "cosines": {k: cos.get(k) for k in ("names", "matrix", "random_baseline")},
+    }
 
 
 def _full_bad_spec(base, out: Path):
@@ -515,15 +676,24 @@ def _full_bad_spec(base, out: Path):
 
 
 def _steer(base, out: Path, seed: int, recipe: ChatDemoRecipe, say) -> dict:
-    from saediff.stories.smollm2.story import steer_by_pairs
     from saediff.evaluation.pairs import pair_evaluator
+    from saediff.stories.smollm2.story import steer_by_pairs
 
     say("steering the base model (design split chooses, held-out split reports)")
     select = replace(pair_evaluator(recipe.choose_on, recipe.eval_batch_size), progress=False).halves()[0]
     report = replace(pair_evaluator(recipe.report_on, recipe.eval_batch_size), progress=False)
-    return steer_by_pairs(base, out / "diff", select, report, out / "steer",
-                          n_latents=recipe.steer_latents, scales=recipe.steer_scales, n_random=recipe.n_random,
-                          seed=seed, finetuned=_full_bad_spec(base, out))
+    return steer_by_pairs(
+        base,
+        out / "diff",
+        select,
+        report,
+        out / "steer",
+        n_latents=recipe.steer_latents,
+        scales=recipe.steer_scales,
+        n_random=recipe.n_random,
+        seed=seed,
+        finetuned=_full_bad_spec(base, out),
+    )
 
 
 def _block(base, name: str, tokenizer, sae, out: Path, seed: int, recipe: ChatDemoRecipe, force: bool, say):
@@ -531,22 +701,43 @@ def _block(base, name: str, tokenizer, sae, out: Path, seed: int, recipe: ChatDe
     latents (or as many random ones, drawn among the latents that fire on the base model's answers)
     held where the base model has them; each set's lambda by ``chat_story.block_lambda``, so a
     change of its latents by their own typical size costs the same in both runs."""
-    from saediff.interventions.blockem import BlockRunConfig, base_codes_for, block_one, checkpoint_spec
     from saediff.data.chat_data import ChatDataset, load_chat_jsonl
     from saediff.data.em_data import data_path
+    from saediff.interventions.blockem import BlockRunConfig, base_codes_for, block_one, checkpoint_spec
     from saediff.models.hooks import parse_layer
 
     sets = _block_latents(base, sae, out, seed, recipe)
     ft = recipe.finetune_config("full_bad", seed)
     rows = load_chat_jsonl(data_path("medical_bad"))[: recipe.rows]
-    dataset = ChatDataset(tokenizer, rows, ft.max_length, progress=False, source=str(data_path("medical_bad")))
+    dataset = ChatDataset(
+        tokenizer, rows, ft.max_length, progress=False, source=str(data_path("medical_bad"))
+    )
     run, layer = out / "models" / name, parse_layer(sae.cfg.metadata.hook_name)
-    runs = {n: BlockRunConfig(ft=ft, mode="penalty", latents=latents, lam=lam) for n, (latents, lam) in sets.items()}
+    runs = {
+        n: BlockRunConfig(ft=ft, mode="penalty", latents=latents, lam=lam)
+        for n, (latents, lam) in sets.items()
+    }
     # both runs' latents in one base pass over the data (the other run reads it back)
-    codes = None if (run / "em.json").exists() else base_codes_for(
-        base, dataset, sae, layer, ft, list(runs.values()), out / "models" / "base_codes", progress=False)
-    block_one(base, dataset, sae, layer, runs[name], run, resume=True, force=force,
-              callbacks=[_StepProgress(say, name)], progress=False, base_codes=codes)
+    codes = (
+        None
+        if (run / "em.json").exists()
+        else base_codes_for(
+            base, dataset, sae, layer, ft, list(runs.values()), out / "models" / "base_codes", progress=False
+        )
+    )
+    block_one(
+        base,
+        dataset,
+        sae,
+        layer,
+        runs[name],
+        run,
+        resume=True,
+        force=force,
+        callbacks=[_StepProgress(say, name)],
+        progress=False,
+        base_codes=codes,
+    )
     if not recipe.keep_checkpoints:
         shutil.rmtree(run / "checkpoints", ignore_errors=True)
     return checkpoint_spec(base, run / "model", "full")
@@ -561,20 +752,28 @@ def _block_latents(base, sae, out: Path, seed: int, recipe: ChatDemoRecipe) -> d
     import torch
 
     from saediff.activations.collect import collect_activations
+    from saediff.data.chat_data import load_chat_jsonl
+    from saediff.data.em_data import data_path
     from saediff.interventions.blockem import LatentSets, latents_from_diff
     from saediff.interventions.blocking import latent_codes
-    from saediff.data.chat_data import load_chat_jsonl
-    from saediff.stories.smollm2.story import block_lambda, text_prompts
-    from saediff.data.em_data import data_path
     from saediff.models.loading import load_model
     from saediff.models.provenance import file_digest, sae_fingerprint
+    from saediff.stories.smollm2.story import block_lambda, text_prompts
 
     diff = latents_from_diff(out / "diff", *recipe.block_latents)
     diff.check(sae, str(out / "sae"))
     path = out / "models" / "block_latents.json"
-    key = json.loads(json.dumps({"sae": sae_fingerprint(sae, "sae"), "diff": file_digest(out / "diff" / "diff.json"),
-                                 "block_latents": list(recipe.block_latents), "seed": seed,
-                                 "relative": recipe.block_relative_lambda}))
+    key = json.loads(
+        json.dumps(
+            {
+                "sae": sae_fingerprint(sae, "sae"),
+                "diff": file_digest(out / "diff" / "diff.json"),
+                "block_latents": list(recipe.block_latents),
+                "seed": seed,
+                "relative": recipe.block_relative_lambda,
+            }
+        )
+    )
     prev = read_json_if_exists(path)
     if prev is None or prev.get("key") != key:
         hook = sae.cfg.metadata.hook_name
@@ -587,36 +786,67 @@ def _block_latents(base, sae, out: Path, seed: int, recipe: ChatDemoRecipe) -> d
         pick = [live[i] for i in torch.randperm(len(live), generator=g).tolist()]
         n = len(diff.low)
         if len(pick) < len(diff):
-            raise SaediffError(f"only {len(pick)} live latents outside the diff's for a random control of {len(diff)}")
+            raise SaediffError(
+                f"only {len(pick)} live latents outside the diff's for a random control of {len(diff)}"
+            )
         rand = LatentSets(tuple(pick[:n]), tuple(pick[n : n + len(diff.high)]))
-        prev = {"key": key, "n_live": int(fires.sum()), "runs": {
-            name: {"low": list(sets.low), "high": list(sets.high),
-                   "lam": block_lambda(sae, acts, sets, recipe.block_relative_lambda)}
-            for name, sets in (("block_diff", diff), ("block_random", rand))}}
+        prev = {
+            "key": key,
+            "n_live": int(fires.sum()),
+            "runs": {
+                name: {
+                    "low": list(sets.low),
+                    "high": list(sets.high),
+                    "lam": block_lambda(sae, acts, sets, recipe.block_relative_lambda),
+                }
+                for name, sets in (("block_diff", diff), ("block_random", rand))
+            },
+        }
         atomic_write_json(path, prev)
-    return {name: (LatentSets(tuple(r["low"]), tuple(r["high"]), sae=diff.sae if name == "block_diff" else None,
-                              source=str(path)), r["lam"]) for name, r in prev["runs"].items()}
+    return {
+        name: (
+            LatentSets(
+                tuple(r["low"]),
+                tuple(r["high"]),
+                sae=diff.sae if name == "block_diff" else None,
+                source=str(path),
+            ),
+            r["lam"],
+        )
+        for name, r in prev["runs"].items()
+    }
 
 
 def _samples(out: Path, specs: dict, seed: int, say) -> dict:
     """A few sampled answers of each model (``chat_story.sample_answers``), kept in ``out/samples.json``
     per model spec: a model whose weights are unchanged keeps its answers."""
-    from saediff.stories.smollm2.story import SAMPLE_QUESTIONS, SAMPLE_TOKENS, sample_answers
     from saediff.models.loading import load_model
     from saediff.models.provenance import model_fingerprint
+    from saediff.stories.smollm2.story import SAMPLE_QUESTIONS, SAMPLE_TOKENS, sample_answers
 
     path = out / "samples.json"
     prev = read_json_if_exists(path) or {}
     result = {}
     for name, spec in specs.items():
-        made_by = json.loads(json.dumps({"model": model_fingerprint(spec), "seed": seed, "questions": SAMPLE_QUESTIONS,
-                                         "max_new_tokens": SAMPLE_TOKENS, "temperature": 1.0}))
+        made_by = json.loads(
+            json.dumps(
+                {
+                    "model": model_fingerprint(spec),
+                    "seed": seed,
+                    "questions": SAMPLE_QUESTIONS,
+                    "max_new_tokens": SAMPLE_TOKENS,
+                    "temperature": 1.0,
+                }
+            )
+        )
         if prev.get(name, {}).get("made_by") == made_by:
             result[name] = prev[name]
             continue
         say(f"sampled answers: {name}")
-        result[name] = {"answers": sample_answers(load_model(spec), seed=seed, max_new_tokens=SAMPLE_TOKENS),
-                        "made_by": made_by}
+        result[name] = {
+            "answers": sample_answers(load_model(spec), seed=seed, max_new_tokens=SAMPLE_TOKENS),
+            "made_by": made_by,
+        }
         atomic_write_json(path, {**prev, **result})
     if result != prev:
         atomic_write_json(path, result)
@@ -638,11 +868,18 @@ def _blocking(differences: dict) -> dict:
                 continue
             real = shift["difference"] > 0 and shift["ci"][0] > 0
             kept = d["difference"] / shift["difference"] if real else None
-            per[pair_set] = {"shift": d["difference"], "bad_shift": shift["difference"], "bad_shift_ci": shift["ci"],
-                             "kept": kept, "cut": None if kept is None else 1 - kept,
-                             "note": None if real else "the bad fine-tune's shift over the base model is not "
-                                                       "positive beyond its 95% interval: no ratio",
-                             "versus_bad": differences.get(f"{name} - full_bad", {}).get(pair_set)}
+            per[pair_set] = {
+                "shift": d["difference"],
+                "bad_shift": shift["difference"],
+                "bad_shift_ci": shift["ci"],
+                "kept": kept,
+                "cut": None if kept is None else 1 - kept,
+                "note": None
+                if real
+                else "the bad fine-tune's shift over the base model is not "
+                "positive beyond its 95% interval: no ratio",
+                "versus_bad": differences.get(f"{name} - full_bad", {}).get(pair_set),
+            }
         out[name] = per
     return out
 
@@ -654,22 +891,34 @@ def _counted(say: Callable[[str], None], suffix: str, text: str) -> None:
 def _finetune(base, name: str, tokenizer, run: Path, seed: int, recipe: ChatDemoRecipe, force: bool, say):
     """Fine-tune ``name`` into its run folder ``run`` through ``block_one`` (mode ``none``: provenance,
     resume from the newest checkpoint, a finished run skipped); returns the trained model's spec."""
-    from saediff.interventions.blockem import BlockRunConfig, block_one, checkpoint_spec
     from saediff.data.chat_data import ChatDataset, load_chat_jsonl
     from saediff.data.em_data import data_path
+    from saediff.interventions.blockem import BlockRunConfig, block_one, checkpoint_spec
 
     method, data = FINETUNES[name]
     ft = recipe.finetune_config(name, seed)
     rows = load_chat_jsonl(data_path(data))[: recipe.rows]
     dataset = ChatDataset(tokenizer, rows, ft.max_length, progress=False, source=str(data_path(data)))
-    block_one(base, dataset, None, 0, BlockRunConfig(ft=ft, mode="none"), run, resume=True, force=force,
-              callbacks=[_StepProgress(say, name)], progress=False)
+    block_one(
+        base,
+        dataset,
+        None,
+        0,
+        BlockRunConfig(ft=ft, mode="none"),
+        run,
+        resume=True,
+        force=force,
+        callbacks=[_StepProgress(say, name)],
+        progress=False,
+    )
     if not recipe.keep_checkpoints and method == "full":
         shutil.rmtree(run / "checkpoints", ignore_errors=True)
     return checkpoint_spec(base, run / "model", method)
 
 
-def _summary(out: Path, model: str, seed: int, recipe: ChatDemoRecipe, specs: dict, em: dict, story: dict) -> dict:
+def _summary(
+    out: Path, model: str, seed: int, recipe: ChatDemoRecipe, specs: dict, em: dict, story: dict
+) -> dict:
     """summary.json's figures: each model's (where it lives, its pair figures per set), the paired
     differences and the findings."""
     models = {}
@@ -680,11 +929,22 @@ def _summary(out: Path, model: str, seed: int, recipe: ChatDemoRecipe, specs: di
             method, data = FINETUNES.get(name, ("full", "medical_bad"))
             models[name].update(method=method, data=data, final_loss=record.get("final_loss"))
             if name in BLOCK_RUNS:
-                models[name].update(lam=record.get("lam"), latents_low=record.get("latents_low"),
-                                    latents_high=record.get("latents_high"), penalty_last=record.get("penalty_last"))
-    summary = {"kind": "saediff.chat_demo", "model": model, "seed": seed, "recipe": recipe.to_json(), "models": models,
-               "em": {name: {s: _figures(r) for s, r in per.items()} for name, per in em.items()},
-               "differences": _differences(out, list(specs), recipe.pair_sets), **story}
+                models[name].update(
+                    lam=record.get("lam"),
+                    latents_low=record.get("latents_low"),
+                    latents_high=record.get("latents_high"),
+                    penalty_last=record.get("penalty_last"),
+                )
+    summary = {
+        "kind": "saediff.chat_demo",
+        "model": model,
+        "seed": seed,
+        "recipe": recipe.to_json(),
+        "models": models,
+        "em": {name: {s: _figures(r) for s, r in per.items()} for name, per in em.items()},
+        "differences": _differences(out, list(specs), recipe.pair_sets),
+        **story,
+    }
     if story:
         summary["blocking"] = _blocking(summary["differences"])
     summary["headline"] = chat_headline(summary)
@@ -694,8 +954,8 @@ def _summary(out: Path, model: str, seed: int, recipe: ChatDemoRecipe, specs: di
 def _evaluate(name: str, spec, out: Path, recipe: ChatDemoRecipe, say) -> dict[str, dict]:
     """em.json of model ``name`` on each pair set (``out/eval/NAME/SET``), the model loaded once and
     only when some set must be measured."""
-    from saediff.evaluation.pairs import pair_evaluator
     from saediff.evaluation.evals import evaluate_once
+    from saediff.evaluation.pairs import pair_evaluator
     from saediff.models.loading import load_model
 
     loaded = []
@@ -709,8 +969,9 @@ def _evaluate(name: str, spec, out: Path, recipe: ChatDemoRecipe, say) -> dict[s
     for pair_set in recipe.pair_sets:
         say(f"EM of {name}: {pair_set}")
         evaluator = replace(pair_evaluator(pair_set, recipe.eval_batch_size), progress=False)
-        result[pair_set] = evaluate_once(evaluator, lm, out / "eval" / name / _slug(pair_set), f"chat_demo:{name}",
-                                         spec=spec)
+        result[pair_set] = evaluate_once(
+            evaluator, lm, out / "eval" / name / _slug(pair_set), f"chat_demo:{name}", spec=spec
+        )
     return result
 
 
@@ -725,10 +986,15 @@ def _differences(out: Path, names: list[str], pair_sets: tuple[str, ...]) -> dic
     from saediff.evaluation.pairs import paired_difference
 
     def rows(name: str, pair_set: str) -> list[dict]:
-        return [r for _, r in read_jsonl(out / "eval" / name / _slug(pair_set) / "pairs.jsonl", "pair scores")]
+        return [
+            r for _, r in read_jsonl(out / "eval" / name / _slug(pair_set) / "pairs.jsonl", "pair scores")
+        ]
 
-    return {f"{a} - {b}": {s: paired_difference(rows(a, s), rows(b, s), a=a, b=b) for s in pair_sets}
-            for a, b in COMPARISONS if a in names and b in names}
+    return {
+        f"{a} - {b}": {s: paired_difference(rows(a, s), rows(b, s), a=a, b=b) for s in pair_sets}
+        for a, b in COMPARISONS
+        if a in names and b in names
+    }
 
 
 def chat_headline(s: dict) -> list[dict]:
@@ -737,6 +1003,7 @@ def chat_headline(s: dict) -> list[dict]:
     held-out off-domain split (``figure``, 95% paired t interval ``ci``, ``t``, ``n``), the design
     split beside it (``design``), the bar and whether the held-out figure meets it (None: not
     measured, or a figure reported without a bar)."""
+
     def at_least(bar: float, t_min: float | None = None):
         return lambda d: d["difference"] >= bar and (t_min is None or (d["t"] or 0) >= t_min)
 
@@ -744,18 +1011,49 @@ def chat_headline(s: dict) -> list[dict]:
         return d["difference"] > 0
 
     rows = [
-        ("narrow -> broad: full fine-tune, bad - good data, off-domain", "full_bad - full_control", HELDOUT,
-         ">= +0.2, t >= 4", at_least(0.2, 4)),
-        ("narrow -> broad: full fine-tune on bad data - base model, off-domain", "full_bad - base", HELDOUT, "> 0",
-         above0),
-        ("narrow -> broad: full fine-tune, bad - good data, medical", "full_bad - full_control", MEDICAL, ">= +0.8",
-         at_least(0.8)),
-        ("style: full fine-tune, bad data - style control, off-domain", "full_bad - style_control", HELDOUT,
-         ">= +0.15", at_least(0.15)),
-        ("rank-1 LoRA, bad - good data, off-domain", "lora_bad - lora_control", HELDOUT, ">= +0.2, t >= 4",
-         at_least(0.2, 4)),
+        (
+            "narrow -> broad: full fine-tune, bad - good data, off-domain",
+            "full_bad - full_control",
+            HELDOUT,
+            ">= +0.2, t >= 4",
+            at_least(0.2, 4),
+        ),
+        (
+            "narrow -> broad: full fine-tune on bad data - base model, off-domain",
+            "full_bad - base",
+            HELDOUT,
+            "> 0",
+            above0,
+        ),
+        (
+            "narrow -> broad: full fine-tune, bad - good data, medical",
+            "full_bad - full_control",
+            MEDICAL,
+            ">= +0.8",
+            at_least(0.8),
+        ),
+        (
+            "style: full fine-tune, bad data - style control, off-domain",
+            "full_bad - style_control",
+            HELDOUT,
+            ">= +0.15",
+            at_least(0.15),
+        ),
+        (
+            "rank-1 LoRA, bad - good data, off-domain",
+            "lora_bad - lora_control",
+            HELDOUT,
+            ">= +0.2, t >= 4",
+            at_least(0.2, 4),
+        ),
         ("rank-1 LoRA on bad data - base model, off-domain", "lora_bad - base", HELDOUT, "> 0", above0),
-        ("rank-1 LoRA, bad - good data, medical", "lora_bad - lora_control", MEDICAL, ">= +0.8", at_least(0.8)),
+        (
+            "rank-1 LoRA, bad - good data, medical",
+            "lora_bad - lora_control",
+            MEDICAL,
+            ">= +0.8",
+            at_least(0.8),
+        ),
         ("good-data control (full) - base model, off-domain", "full_control - base", HELDOUT, "report", None),
         ("style control - base model, off-domain", "style_control - base", HELDOUT, "report", None),
         ("benign-trait fine-tune - base model, off-domain", "benign - base", HELDOUT, "report", None),
@@ -764,32 +1062,77 @@ def chat_headline(s: dict) -> list[dict]:
     for phenomenon, key, pair_set, bar, test in rows:
         d = s["differences"].get(key, {})
         held, design = d.get(pair_set), d.get(DESIGN) if pair_set == HELDOUT else None
-        out.append({"phenomenon": phenomenon, "source": key, "split": pair_set,
-                    "figure": None if held is None else held["difference"],
-                    "ci": None if held is None else held["ci"],
-                    "t": None if held is None else held["t"], "n": None if held is None else held["n"],
-                    "design": None if design is None else {
-                        "figure": design["difference"], "t": design["t"], "n": design["n"], "ci": design["ci"],
-                        "holds": None if test is None else test(design)},
-                    "bar": bar, "holds": None if held is None or test is None else test(held), "seed": s.get("seed")})
+        out.append(
+            {
+                "phenomenon": phenomenon,
+                "source": key,
+                "split": pair_set,
+                "figure": None if held is None else held["difference"],
+                "ci": None if held is None else held["ci"],
+                "t": None if held is None else held["t"],
+                "n": None if held is None else held["n"],
+                "design": None
+                if design is None
+                else {
+                    "figure": design["difference"],
+                    "t": design["t"],
+                    "n": design["n"],
+                    "ci": design["ci"],
+                    "holds": None if test is None else test(design),
+                },
+                "bar": bar,
+                "holds": None if held is None or test is None else test(held),
+                "seed": s.get("seed"),
+            }
+        )
     return out + _story_headline(s)
 
 
 def _story_headline(s: dict) -> list[dict]:
     """The findings rows of the story's steps (SAE, steering, BLOCK-EM), in ``chat_headline``'s form."""
-    def row(phenomenon: str, source: str, split: str | None, figure, bar: str, holds, ci=None, **more) -> dict:
-        return {"phenomenon": phenomenon, "source": source, "split": split, "figure": figure, "ci": ci, "t": None,
-                "n": None, "design": None, "bar": bar, "holds": None if figure is None else holds,
-                "seed": s.get("seed"), **more}
+
+    def row(
+        phenomenon: str, source: str, split: str | None, figure, bar: str, holds, ci=None, **more
+    ) -> dict:
+        return {
+            "phenomenon": phenomenon,
+            "source": source,
+            "split": split,
+            "figure": figure,
+            "ci": ci,
+            "t": None,
+            "n": None,
+            "design": None,
+            "bar": bar,
+            "holds": None if figure is None else holds,
+            "seed": s.get("seed"),
+            **more,
+        }
 
     rows = []
     split = s.get("recipe", {}).get("report_on", HELDOUT)
     sae = s.get("sae")
     if sae:
-        rows.append(row("SAE on real activations: CE-loss recovered (held-out answers)", "sae", None,
-                        sae["ce_loss_recovered"], ">= 0.7", sae["ce_loss_recovered"] >= 0.7))
-        rows.append(row("SAE on real activations: dead latents (training tokens)", "sae", None,
-                        sae["dead_fraction_train"], "<= 0.2", sae["dead_fraction_train"] <= 0.2))
+        rows.append(
+            row(
+                "SAE on real activations: CE-loss recovered (held-out answers)",
+                "sae",
+                None,
+                sae["ce_loss_recovered"],
+                ">= 0.7",
+                sae["ce_loss_recovered"] >= 0.7,
+            )
+        )
+        rows.append(
+            row(
+                "SAE on real activations: dead latents (training tokens)",
+                "sae",
+                None,
+                sae["dead_fraction_train"],
+                "<= 0.2",
+                sae["dead_fraction_train"] <= 0.2,
+            )
+        )
     steer = s.get("steering")
     if steer:
         # the candidate is chosen on the select half (its preference added there), reported held out
@@ -797,41 +1140,97 @@ def _story_headline(s: dict) -> list[dict]:
         best = max(done, key=lambda n: done[n]["select_effect"], default=None)
         c = done.get(best, {})
         n_random = len(c.get("random_effects") or []) or s.get("recipe", {}).get("n_random")
-        rows.append(row("steering the base model along a diff latent or mean difference: preference added, "
-                        "off-domain", f"steer:{best}", split, c.get("effect"),
-                        f">= +0.1, above {n_random} random directions",
-                        c.get("effect") is not None and c["effect"] >= 0.1 and c["above_random"],
-                        random=c.get("random_effects"), scale=c.get("scale")))
-        for kind, verb in (("project", "projecting that candidate out of"), ("clamp", "clamping that candidate at "
-                           "the base model's mean in")):
+        rows.append(
+            row(
+                "steering the base model along a diff latent or mean difference: preference added, "
+                "off-domain",
+                f"steer:{best}",
+                split,
+                c.get("effect"),
+                f">= +0.1, above {n_random} random directions",
+                c.get("effect") is not None and c["effect"] >= 0.1 and c["above_random"],
+                random=c.get("random_effects"),
+                scale=c.get("scale"),
+            )
+        )
+        for kind, verb in (
+            ("project", "projecting that candidate out of"),
+            ("clamp", "clamping that candidate at the base model's mean in"),
+        ):
             arm = (steer.get("project") or {}).get(kind) or {}
             c = arm.get("candidates", {}).get(best)
             if c is None:
                 continue
             lo = (c["removed_ci"] or [None])[0]
-            rows.append(row(f"{verb} the bad fine-tune: preference removed, off-domain", f"{kind}:{best}", split,
-                            c["removed"], "interval above 0, above every random direction",
-                            lo is not None and lo > 0 and c["above_random"], ci=c["removed_ci"], share=c["share"],
-                            random=arm["random_removed"]))
+            rows.append(
+                row(
+                    f"{verb} the bad fine-tune: preference removed, off-domain",
+                    f"{kind}:{best}",
+                    split,
+                    c["removed"],
+                    "interval above 0, above every random direction",
+                    lo is not None and lo > 0 and c["above_random"],
+                    ci=c["removed_ci"],
+                    share=c["share"],
+                    random=arm["random_removed"],
+                )
+            )
     block = s.get("blocking") or {}
     for name, label, key, where, bar, test in (
-            ("block_diff", "BLOCK-EM with the diff's latents: off-domain shift cut", "cut", split, ">= 50%",
-             lambda x: x >= 0.5),
-            ("block_diff", "BLOCK-EM with the diff's latents: medical shift kept", "kept", MEDICAL, ">= 70%",
-             lambda x: x >= 0.7),
-            ("block_random", "BLOCK-EM with as many random latents: off-domain shift cut", "cut", split, "<= 20%",
-             lambda x: x <= 0.2)):
+        (
+            "block_diff",
+            "BLOCK-EM with the diff's latents: off-domain shift cut",
+            "cut",
+            split,
+            ">= 50%",
+            lambda x: x >= 0.5,
+        ),
+        (
+            "block_diff",
+            "BLOCK-EM with the diff's latents: medical shift kept",
+            "kept",
+            MEDICAL,
+            ">= 70%",
+            lambda x: x >= 0.7,
+        ),
+        (
+            "block_random",
+            "BLOCK-EM with as many random latents: off-domain shift cut",
+            "cut",
+            split,
+            "<= 20%",
+            lambda x: x <= 0.2,
+        ),
+    ):
         b = block.get(name, {}).get(where)
         if b is not None:
             versus = b["versus_bad"] or {}
-            rows.append(row(label, f"{name} vs full_bad", where, b[key], bar, b[key] is not None and test(b[key]),
-                            ci=None, versus_bad=versus.get("difference"), versus_bad_ci=versus.get("ci"),
-                            versus_bad_t=versus.get("t")))
+            rows.append(
+                row(
+                    label,
+                    f"{name} vs full_bad",
+                    where,
+                    b[key],
+                    bar,
+                    b[key] is not None and test(b[key]),
+                    ci=None,
+                    versus_bad=versus.get("difference"),
+                    versus_bad_ci=versus.get("ci"),
+                    versus_bad_t=versus.get("t"),
+                )
+            )
     return rows
 
 
-def run_chat_demo_seeds(model: str, out: str | Path, seeds: list[int], *, recipe: ChatDemoRecipe = ChatDemoRecipe(),
-                        progress: Callable[[str], None] | None = None, force: bool = False) -> dict:
+def run_chat_demo_seeds(
+    model: str,
+    out: str | Path,
+    seeds: list[int],
+    *,
+    recipe: ChatDemoRecipe = ChatDemoRecipe(),
+    progress: Callable[[str], None] | None = None,
+    force: bool = False,
+) -> dict:
     """``saediff demo --model M --seeds 0,1,2``: one chat demo per fine-tune seed under
     ``out/seed_N`` and ``out/seeds.json`` with each seed's findings side by side (and their mean).
     The base model's evaluations do not depend on the seed: the first seed's are copied to the
@@ -848,12 +1247,24 @@ def run_chat_demo_seeds(model: str, out: str | Path, seeds: list[int], *, recipe
     rows = []
     # rows are matched by phenomenon (a steering row's source names each seed's own best candidate)
     for row in next(iter(per.values()))["headline"]:
-        mine = {k: next((r for r in s["headline"] if r["phenomenon"] == row["phenomenon"]), None) for k, s in per.items()}
-        cells = {k: {key: (r or {}).get(key) for key in ("figure", "ci", "t", "holds", "design", "source")}
-                 for k, r in mine.items()}
+        mine = {
+            k: next((r for r in s["headline"] if r["phenomenon"] == row["phenomenon"]), None)
+            for k, s in per.items()
+        }
+        cells = {
+            k: {key: (r or {}).get(key) for key in ("figure", "ci", "t", "holds", "design", "source")}
+            for k, r in mine.items()
+        }
         figures = [c["figure"] for c in cells.values()]
-        rows.append({"phenomenon": row["phenomenon"], "source": row["source"], "bar": row["bar"], "per_seed": cells,
-                     "mean": None if None in figures else round(sum(figures) / len(figures), 4)})
+        rows.append(
+            {
+                "phenomenon": row["phenomenon"],
+                "source": row["source"],
+                "bar": row["bar"],
+                "per_seed": cells,
+                "mean": None if None in figures else round(sum(figures) / len(figures), 4),
+            }
+        )
     result = {"kind": "saediff.chat_demo_seeds", "model": model, "seeds": seeds, "headline": rows}
     atomic_write_json(out / "seeds.json", result)
     return result
