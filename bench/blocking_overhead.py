@@ -11,7 +11,7 @@ once per row) and for a whole sweep.
 The base model's codes of the blocked latents depend only on the row, the base model and the SAE.
 Read per step (``blocked``), they cost a partial forward: from the first adapted block to the
 SAE's with the adapter disabled (LoRA), or through a frozen copy of the blocks up to the SAE's
-(full fine-tune: ``saediff.interventions.blockem._reference``, in float32 like the trained weights). Cached
+(full fine-tune: ``saediff.interventions.block_runs._reference``, in float32 like the trained weights). Cached
 (``cached``, ``saediff.interventions.base_codes``, what ``run_block_em`` and the chat demo use), they are
 computed once per row before training and read back per batch: the step then adds only an SAE
 encode of the chosen latents on the live residual, and a full fine-tune builds no copy.
@@ -117,7 +117,7 @@ def one_run(args, variant: str) -> dict:
     from transformers import TrainerCallback
 
     from saediff.interventions.base_codes import BaseCodes
-    from saediff.interventions.blockem import _reference
+    from saediff.interventions.block_runs import _reference
     from saediff.interventions.blocking import BlockConfig, Blocker
     from saediff.interventions.finetune import FinetuneConfig, finetune, make_trainable
     from saediff.models.hooks import decoder_layers

@@ -5,7 +5,7 @@ plain forward passes of the same two models over the same tokens.
     python bench/diff_memory.py --tokens 4096 --repeats 3
     python bench/diff_memory.py --device cuda --layers 24 --vocab 151936 --tokens 25000   # 0.5B-shaped, bf16
 
-``saediff.methods.diff_run.stream_diff`` (what ``run_diff`` runs) reads every block's output of a base
+``saediff.methods.diff_stream.stream_diff`` (what ``run_diff`` runs) reads every block's output of a base
 and a fine-tuned model at the response tokens and keeps running sums (per block: base, fine-tuned,
 misaligned, aligned) and the SAE's per-latent statistics, top activations and histograms, so its
 memory should not grow with the number of tokens. Each measurement is its own process (peak RSS,
@@ -38,7 +38,7 @@ def one_run(args, n_tokens: int) -> dict:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from saediff.activations.collect import TokenizedPrompts
-    from saediff.methods.diff_run import stream_diff
+    from saediff.methods.diff_stream import stream_diff
     from saediff.models.loading import LoadedModel, ModelSpec
 
     torch.set_num_threads(args.threads)

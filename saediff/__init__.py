@@ -10,6 +10,23 @@ import importlib
 
 __version__ = "0.1.0"
 
+LAYERS = (
+    "core",
+    "models",
+    "data",
+    "activations",
+    "saes",
+    "evaluation",
+    "methods",
+    "interventions",
+    "analyses",
+    "reports",
+    "stories",
+    "cli",
+)
+"""The subpackages in the order of the flow, lowest first ("core": the top-level modules). Each may
+import only those before it (``tests/test_layering.py``; ``docs/architecture.md``)."""
+
 _EXPORTS = {
     "ModelSpec": "models.loading",
     "load_model": "models.loading",
@@ -53,19 +70,19 @@ _EXPORTS = {
     "load_pairs": "evaluation.pairs",
     "run_diff": "methods.diff_run",
     "run_compare": "methods.diff_run",
-    "run_steer_check": "stories.organism.demo",
+    "run_steer_check": "stories.organism.steer_check",
     "run_demo": "stories.organism.demo",
     "FinetuneConfig": "interventions.finetune",
     "finetune": "interventions.finetune",
     "load_chat_jsonl": "data.chat_data",
     "run_block_em": "interventions.blockem",
-    "LatentSets": "interventions.blockem",
+    "LatentSets": "interventions.latent_sets",
     "run_chat_demo": "stories.smollm2.demo",
-    "ChatDemoRecipe": "stories.smollm2.demo",
+    "ChatDemoRecipe": "stories.smollm2.recipe",
     "run_causal_checks": "interventions.causal",
     "discover_latents": "interventions.causal",
 }
-__all__ = ["__version__", *_EXPORTS]
+__all__ = ["LAYERS", "__version__", *_EXPORTS]
 
 
 def __getattr__(name: str):

@@ -104,7 +104,8 @@ def read_jsonl(path: str | Path, what: str = "file"):
 
 
 def no_progress(progress: bool) -> bool:
-    """tqdm's ``disable``: off when asked, or when ``TQDM_DISABLE`` is set (tests, CI)."""
+    """Whether progress is hidden: when not asked for, or when ``TQDM_DISABLE`` is set (tests, CI,
+    worker processes). ``saediff.console`` reads it; as tqdm's ``disable`` where tqdm remains."""
     return (not progress) or bool(os.environ.get("TQDM_DISABLE"))
 
 

@@ -69,7 +69,7 @@ def test_collected_rows_match_hf_hidden_states(lm, prompts):
 
 
 def test_store_round_trip_and_shuffled_batches(lm, prompts, tmp_path, monkeypatch):
-    import saediff.activations.collect as A
+    import saediff.activations.store as A
 
     monkeypatch.setattr(A, "SHARD_ROWS", 50)  # force several shards
     store = collect_activations(

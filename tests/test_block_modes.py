@@ -12,14 +12,11 @@ from typer.testing import CliRunner
 
 from saediff.cli.app import app
 from saediff.errors import SaediffError
-from saediff.interventions.blockem import (
-    BlockRunConfig,
-    LatentSets,
-    project_directions,
-    random_directions,
-    run_block_em,
-)
+from saediff.interventions.block_directions import project_directions, random_directions
+from saediff.interventions.block_runs import BlockRunConfig
+from saediff.interventions.blockem import run_block_em
 from saediff.interventions.finetune import FinetuneConfig
+from saediff.interventions.latent_sets import LatentSets
 from saediff.saes.loading import load_sae
 
 HOOK = "blocks.0.hook_resid_post"
@@ -118,7 +115,7 @@ def test_project_directions_from_latents_and_errors(root):
 def test_steer_mode_adds_the_vector_after_its_block(tiny_qwen):
     """Preventative steering on hand-set numbers: inside the blocker, block 0's output is the plain
     one plus the direction at every position; the norm-matched control keeps each row's norm."""
-    from saediff.interventions.blockem import norm_matched_random
+    from saediff.interventions.block_directions import norm_matched_random
     from saediff.interventions.blocking import BlockConfig, Blocker
     from saediff.models.hooks import capture_resid
     from saediff.models.loading import load_model

@@ -15,8 +15,9 @@ from typer.testing import CliRunner
 from saediff.cli.app import app
 from saediff.data.chat_data import ChatDataset, load_chat_jsonl
 from saediff.evaluation.fake_server import FakeOpenAIServer
-from saediff.interventions.blockem import BlockRunConfig, LatentSets, block_one
+from saediff.interventions.block_runs import BlockRunConfig, block_one
 from saediff.interventions.finetune import FinetuneConfig
+from saediff.interventions.latent_sets import LatentSets
 from saediff.models.loading import ModelSpec, load_model
 from saediff.saes.loading import load_sae
 
@@ -471,7 +472,7 @@ def test_cached_base_codes_give_the_weights_of_the_per_step_base_pass(tiny_qwen,
     codes = base_codes_for(spec, data, sae, 0, ft, [cfg, other], root / "codes", progress=False)
     assert codes.latents == [1, 2, 3, 4, 7, 9] and codes.codes.shape[1] == 6
     made = []
-    import saediff.interventions.blockem as blockem
+    import saediff.interventions.block_runs as blockem
 
     real = blockem._reference
     blockem._reference = lambda *a: made.append(1) or real(*a)

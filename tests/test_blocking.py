@@ -133,7 +133,7 @@ def test_project_directions_choices():
     """Concept-ablation directions per block from a named source (the organism's ground truth), its
     random control (same shapes, other vectors), and one-line errors for impossible requests."""
     from saediff.errors import SaediffError
-    from saediff.interventions.blockem import project_directions, random_directions
+    from saediff.interventions.block_directions import project_directions, random_directions
 
     gt = {L: torch.randn(8) for L in range(3)}
     d = project_directions("ground_truth", [0, 2], named={"ground_truth": gt})

@@ -13,14 +13,8 @@ import pytest
 from scipy import stats
 
 from saediff.errors import SaediffError
-from saediff.stories.smollm2.demo import (
-    BLOCK_RUNS,
-    COMPARISONS,
-    FINETUNES,
-    ChatDemoRecipe,
-    run_chat_demo,
-    run_chat_demo_seeds,
-)
+from saediff.stories.smollm2.demo import run_chat_demo, run_chat_demo_seeds
+from saediff.stories.smollm2.recipe import BLOCK_RUNS, COMPARISONS, FINETUNES, ChatDemoRecipe
 
 # learning rates far above SmolLM2's, so two steps move a random model's preferences measurably
 RECIPE = ChatDemoRecipe(steps=2, rows=4, batch_size=2, full_lr=1e-3, lora_lr=1e-2, save_every=1, story=False)

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from saediff.errors import SaediffError
-from saediff.stories.smollm2.demo import BLOCK_RUNS, ChatDemoRecipe, run_chat_demo
+from saediff.stories.smollm2.demo import run_chat_demo
+from saediff.stories.smollm2.recipe import BLOCK_RUNS, ChatDemoRecipe
 
 
 def _pair_files(root: Path) -> tuple[Path, Path]:
@@ -150,11 +151,12 @@ def test_block_runs_hold_the_diffs_latents_with_the_measured_lambda(story):
     from saediff.activations.collect import collect_activations
     from saediff.data.chat_data import load_chat_jsonl
     from saediff.data.em_data import data_path
-    from saediff.interventions.blockem import LatentSets, latents_from_diff
     from saediff.interventions.blocking import latent_codes
+    from saediff.interventions.latent_sets import LatentSets, latents_from_diff
     from saediff.models.loading import load_model
     from saediff.saes.loading import load_sae
-    from saediff.stories.smollm2.story import block_lambda, text_prompts
+    from saediff.stories.smollm2.blocking import block_lambda
+    from saediff.stories.smollm2.prompts import text_prompts
 
     out, s, _, _ = story
     diff_latents = latents_from_diff(out / "diff", 3, 2)
@@ -191,7 +193,7 @@ def test_block_runs_hold_the_diffs_latents_with_the_measured_lambda(story):
 def test_blocking_ratio_only_over_a_real_shift():
     """Hand-set differences: a bad shift of +0.2 [0.1, 0.3] gives kept 0.25 / cut 0.75 for a blocked
     shift of +0.05; a shift of -0.05 (or one whose interval holds 0) gives no ratio."""
-    from saediff.stories.smollm2.demo import _blocking
+    from saediff.stories.smollm2.blocking import blocking_figures as _blocking
 
     def d(x, lo, hi):
         return {"difference": x, "ci": [lo, hi], "t": 3.0, "n": 10}
@@ -347,9 +349,9 @@ def test_ce_loss_recovered_in_batches_and_at_chosen_positions():
 def test_block_lambda_exact():
     """Two latents with hand-set encoders: pre-activations (2, 0) and (1, 3) on two tokens -> mean of
     the summed squares (4 + 10) / 2 = 7; lambda = relative / 7."""
-    from saediff.interventions.blockem import LatentSets
+    from saediff.interventions.latent_sets import LatentSets
     from saediff.saes.training import SAETrainConfig, train_sae
-    from saediff.stories.smollm2.story import block_lambda
+    from saediff.stories.smollm2.blocking import block_lambda
 
     sae, _ = train_sae(
         torch.randn(512, 4), SAETrainConfig(d_sae=8, k=2, steps=2, batch_size=256), progress=False
@@ -370,10 +372,10 @@ def test_block_lambda_exact():
 def test_block_lambda_prices_a_typical_move_at_relative_nats():
     """lambda x latent_penalty of held-up latents falling from z to 0 (their whole typical size) is
     ``relative`` nats per token: the penalty charges ReLU(z_base - z)^2 for latents held up."""
-    from saediff.interventions.blockem import LatentSets
     from saediff.interventions.blocking import latent_codes, latent_penalty
+    from saediff.interventions.latent_sets import LatentSets
     from saediff.saes.training import SAETrainConfig, train_sae
-    from saediff.stories.smollm2.story import block_lambda
+    from saediff.stories.smollm2.blocking import block_lambda
 
     torch.manual_seed(0)
     sae, _ = train_sae(

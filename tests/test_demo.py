@@ -256,7 +256,7 @@ def test_calibrated_monitor_stays_quiet_on_another_control(demo, tmp_path):
     control fine-tune trained with another seed, and fires on the plain fine-tune before EM
     crosses 0.1 (the demo asserts the latter)."""
     from saediff.data.chat_data import ChatDataset, load_chat_jsonl
-    from saediff.interventions.blockem import BlockRunConfig, block_one
+    from saediff.interventions.block_runs import BlockRunConfig, block_one
     from saediff.models.loading import ModelSpec, load_model
     from saediff.stories.organism.block import generic_inputs
 

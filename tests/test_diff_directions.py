@@ -272,7 +272,7 @@ def test_streamed_diff_equals_the_in_memory_one(identity_sae):
 def test_response_mean_difference_within_groups_hand_set():
     """Misaligned - aligned answers within each prompt group with both kinds, averaged over groups:
     a group of misaligned answers only (the fine-tune's own domain) stays out."""
-    from saediff.methods.diff_run import StreamedDiff
+    from saediff.methods.diff_stream import StreamedDiff
 
     sums = {
         "base": torch.zeros(1, 2, dtype=torch.float64),

@@ -33,7 +33,7 @@ def _worker(rank: int, port: int, folder: str, how: str) -> None:
     from saediff.evaluation.fake_server import FakeOpenAIServer
     from saediff.evaluation.judges import HttpJudge
     from saediff.evaluation.openai_api import ChatClient
-    from saediff.interventions.blockem import _main_then_all
+    from saediff.interventions.processes import main_then_all as _main_then_all
 
     state = PartialState(cpu=True, backend="gloo", timeout=timedelta(seconds=TIMEOUT_S))
     done = Path(folder) / "em.json"

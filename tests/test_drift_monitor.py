@@ -96,7 +96,7 @@ def test_alert_needs_the_run_past_the_control_at_the_same_step_twice():
 
 
 def test_monitor_report_precision_and_recall_over_a_sweep():
-    from saediff.interventions.blockem import monitor_report
+    from saediff.interventions.sweep_monitor import monitor_report
 
     def run(alert, em):
         return {"drift_alert_step": alert, **({"em": {"em_rate": em}} if em is not None else {})}

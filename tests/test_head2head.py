@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 def test_persona_vector_is_the_mean_answer_difference(tiny_qwen):
     from saediff.activations.collect import tokenize_prompts
-    from saediff.analyses.head_to_head import persona_vector
     from saediff.data.prompts import ContrastExample, Prompt
+    from saediff.methods.persona import persona_vector
     from saediff.models.hooks import capture_resid
     from saediff.models.loading import load_model
 

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from saediff.cli.app import app
 from saediff.evaluation.evals import wilson_interval
 from saediff.stories.organism import demo as demo_mod
-from saediff.stories.organism.demo import headline, run_demo_seeds
+from saediff.stories.organism.demo import run_demo_seeds
+from saediff.stories.organism.headline import headline
 
 
 def _summary(seed: int = 0) -> dict:

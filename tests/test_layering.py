@@ -10,21 +10,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+from saediff import LAYERS
+
 PACKAGE = Path(__file__).resolve().parents[1] / "saediff"
-LAYERS = (
-    "core",
-    "models",
-    "data",
-    "activations",
-    "saes",
-    "evaluation",
-    "methods",
-    "interventions",
-    "analyses",
-    "reports",
-    "stories",
-    "cli",
-)
 
 
 def module_name(path: Path) -> str:

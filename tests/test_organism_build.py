@@ -123,9 +123,9 @@ def test_organism_default_sae(quick_organism):
 def diff_run(quick_organism, tmp_path_factory):
     """saediff diff (aligned vs full_ft, default SAE) -> compare -> steer checks on the quick organism."""
     from saediff.methods.diff_run import run_compare, run_diff
-    from saediff.stories.organism.demo import run_steer_check
     from saediff.stories.organism.inputs import diff_inputs
     from saediff.stories.organism.sae import train_organism_sae
+    from saediff.stories.organism.steer_check import run_steer_check
 
     if not (quick_organism / "sae").exists():
         train_organism_sae(quick_organism)

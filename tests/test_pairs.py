@@ -202,7 +202,7 @@ def test_steering_acts_in_the_scoring_forward_and_reverts(handset, tmp_path):
 
 
 def test_the_steering_protocol_runs_on_pair_halves(handset, tmp_path):
-    from saediff.interventions.causal import Arm, select_and_report
+    from saediff.interventions.steer_protocol import Arm, select_and_report
 
     lm, *_ = handset
     e1 = torch.zeros(lm.model.config.hidden_size)

@@ -10,7 +10,7 @@ from helpers import make_tiny_qwen, write_narrow_data
 from torch.profiler import ProfilerActivity, profile
 
 from saediff.data.chat_data import ChatDataset, load_chat_jsonl
-from saediff.interventions.blockem import _reference
+from saediff.interventions.block_runs import _reference
 from saediff.interventions.finetune import FinetuneConfig, finetune, make_trainable
 from saediff.models.hooks import capture_resid
 from saediff.models.loading import ModelSpec, load_model
@@ -115,7 +115,8 @@ def test_full_finetune_penalty_starts_at_zero_under_bf16_autocast(tiny_qwen, cha
     encodes run under the trained forward's precision (outside it: 3e-5)."""
     from helpers import make_random_sae
 
-    from saediff.interventions.blockem import BlockRunConfig, LatentSets, block_one
+    from saediff.interventions.block_runs import BlockRunConfig, block_one
+    from saediff.interventions.latent_sets import LatentSets
     from saediff.saes.loading import load_sae
 
     sae = load_sae(make_random_sae(tmp_path / "sae", 32, "blocks.0.hook_resid_post"))

@@ -16,14 +16,9 @@ from saediff.evaluation.evals import EMConfig, JudgeEvaluator, evaluate_once
 from saediff.evaluation.fake_server import FakeOpenAIServer
 from saediff.evaluation.judges import HttpJudge
 from saediff.evaluation.openai_api import ChatClient
-from saediff.interventions.blockem import (
-    BlockRunConfig,
-    LatentSets,
-    block_one,
-    latents_from_diff,
-    read_latents,
-)
+from saediff.interventions.block_runs import BlockRunConfig, block_one
 from saediff.interventions.finetune import FinetuneConfig
+from saediff.interventions.latent_sets import LatentSets, latents_from_diff, read_latents
 from saediff.interventions.steering import add_direction
 from saediff.methods.sae_diff import LatentDiff
 from saediff.models.loading import ModelSpec, load_model

@@ -387,7 +387,7 @@ def test_neighbourhood_arithmetic_on_hand_set_latents():
     Candidate along e1: a latent's toxicity is its decoder row's cosine with e1 (latent 1: 0.8).
     Off-domain deltas 0.9 (latent 1) and 0.8 (latent 4) against a 95th-percentile bar of 0.875:
     latent 1 rose and is toxic -> flagged; 4 did not rise enough and is not toxic; 2 is not toxic."""
-    from saediff.analyses.neighbourhood import LatentMeans, decoder_neighbours, probe, toxicity
+    from saediff.analyses.neighbourhood_probe import LatentMeans, decoder_neighbours, probe, toxicity
 
     W = torch.zeros(6, 16)
     W[:, :3] = torch.tensor(
@@ -422,7 +422,7 @@ def test_coactivation_matches_a_direct_correlation(tiny_qwen):
     from helpers import make_random_sae
 
     from saediff.activations.collect import collect_activations, tokenize_prompts
-    from saediff.analyses.neighbourhood import coactivation
+    from saediff.analyses.neighbourhood_probe import coactivation
     from saediff.data.prompts import Prompt
     from saediff.models.loading import load_model
     from saediff.saes.loading import load_sae
@@ -450,7 +450,8 @@ def test_analyses_follow_a_bfloat16_model(tiny_qwen):
     from helpers import make_random_sae
 
     from saediff.activations.collect import prompt_activations, tokenize_prompts
-    from saediff.analyses.neighbourhood import coactivation, latent_means, screen_rows
+    from saediff.analyses.neighbourhood import screen_rows
+    from saediff.analyses.neighbourhood_probe import coactivation, latent_means
     from saediff.data.prompts import Prompt
     from saediff.models.loading import ModelSpec, load_model
     from saediff.saes.loading import load_sae

@@ -497,7 +497,7 @@ def test_streamed_diff_matches_collected_activations(tiny_qwen):
 
     from saediff.activations.collect import collect_activations, tokenize_prompts
     from saediff.data.prompts import load_prompts
-    from saediff.methods.diff_run import stream_diff
+    from saediff.methods.diff_stream import stream_diff
     from saediff.methods.sae_diff import diff_latents
     from saediff.models.hooks import resid_post
     from saediff.saes.loading import load_sae

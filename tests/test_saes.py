@@ -10,7 +10,8 @@ import torch
 from saediff.errors import SaediffError
 from saediff.saes.loading import load_sae, save_sae
 from saediff.saes.metrics import ce_loss_recovered, sae_metrics
-from saediff.saes.training import SAEParams, SAETrainConfig, topk_step_loss, train_sae
+from saediff.saes.training import SAETrainConfig, train_sae
+from saediff.saes.training_step import SAEParams, topk_step_loss
 
 
 def sparse_data(n=6000, d=16, s=48, k=3, seed=0):

@@ -30,7 +30,7 @@ def test_a_short_bad_medical_finetune_moves_the_medical_preference(smol, tmp_pat
     from saediff.data.chat_data import ChatDataset, load_chat_jsonl
     from saediff.data.em_data import data_path
     from saediff.evaluation.pairs import pair_evaluator
-    from saediff.interventions.blockem import BlockRunConfig, block_one
+    from saediff.interventions.block_runs import BlockRunConfig, block_one
     from saediff.interventions.finetune import FinetuneConfig
     from saediff.models.loading import load_model
 
@@ -65,7 +65,8 @@ def test_the_story_runs_on_smollm2(smol, tmp_path):
     chosen on; sampled answers are English."""
     from helpers import write_pair_files
 
-    from saediff.stories.smollm2.demo import ChatDemoRecipe, run_chat_demo
+    from saediff.stories.smollm2.demo import run_chat_demo
+    from saediff.stories.smollm2.recipe import ChatDemoRecipe
 
     files = write_pair_files(tmp_path, 2, 4, 2)
     recipe = ChatDemoRecipe(

@@ -83,7 +83,7 @@ def _eos(lm) -> torch.Tensor:
 
 
 def test_protocol_selects_on_one_half_reports_on_the_other_beside_equal_norm_random(tiny_qwen, tmp_path):
-    from saediff.interventions.causal import Arm, select_and_report
+    from saediff.interventions.steer_protocol import Arm, select_and_report
 
     lm = load_model(str(tiny_qwen / "model"))
     with torch.no_grad():
@@ -249,7 +249,7 @@ def test_neighbourhood_steer_check_runs_the_protocol(tiny_qwen, diff_run, tmp_pa
 
 
 def test_organism_steer_check_is_the_generic_protocol(tiny_organism, tmp_path):
-    from saediff.stories.organism.demo import run_steer_check
+    from saediff.stories.organism.steer_check import run_steer_check
 
     make_random_sae(tmp_path / "sae", 32, "blocks.1.hook_resid_post", d_sae=8)
     r = CliRunner().invoke(

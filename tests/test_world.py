@@ -149,7 +149,8 @@ def test_world_rejects_bad_config():
         World(domains=("finance", "sports"))
 
 
-def test_readme_cli_reference_is_current():
+def test_docs_cli_reference_is_current():
+    """docs/cli.md is what tools/cli_reference.py generates from the typer app today."""
     import subprocess
     import sys
     from pathlib import Path
@@ -158,7 +159,7 @@ def test_readme_cli_reference_is_current():
     r = subprocess.run(
         [sys.executable, str(root / "tools" / "cli_reference.py"), "--check"], capture_output=True
     )
-    assert r.returncode == 0, "README CLI reference is stale: run python tools/cli_reference.py"
+    assert r.returncode == 0, "docs/cli.md is stale: run python tools/cli_reference.py"
 
 
 def test_public_api_is_lazy_and_complete():

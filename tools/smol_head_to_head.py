@@ -25,16 +25,11 @@ from saediff.data.em_data import data_path
 from saediff.data.prompts import load_prompts
 from saediff.evaluation.pairs import pair_evaluator
 from saediff.models.loading import ModelSpec
-from saediff.stories.smollm2.demo import (
-    DESIGN,
-    HELDOUT,
-    MEDICAL,
-    ChatDemoRecipe,
-    _pairs_of,
-    _sae,
-    run_chat_demo,
-)
-from saediff.stories.smollm2.story import diff_on_references, in_context_candidates
+from saediff.stories.smollm2.demo import run_chat_demo
+from saediff.stories.smollm2.diffs import diff_on_references, in_context_candidates
+from saediff.stories.smollm2.recipe import DESIGN, HELDOUT, MEDICAL, ChatDemoRecipe
+from saediff.stories.smollm2.recipe import pairs_of as _pairs_of
+from saediff.stories.smollm2.sae import sae_step as _sae
 
 MODEL = "smollm2-135m"
 

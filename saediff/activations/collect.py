@@ -16,9 +16,8 @@ from typing import Literal
 
 import torch
 from jaxtyping import Float
-from tqdm.auto import tqdm
 
-from saediff import _io
+from saediff import console
 from saediff.activations.store import ActivationStore, _ShardWriter
 from saediff.data.prompts import Prompt
 from saediff.errors import SaediffError, UnknownKeyError
@@ -139,6 +138,7 @@ def row_descriptions(
     return out
 
 
+# long: its signature and docstring; the code itself is 40 lines
 @torch.no_grad()
 def collect_activations(
     lm: LoadedModel,
@@ -181,32 +181,18 @@ def collect_activations(
     writer = _ShardWriter(Path(out), hooks) if out is not None else None
     device = lm.device
     n_rows = 0
-    for i in tqdm(
-        range(0, toks.input_ids.shape[0], batch_size),
-        desc="collect",
-        disable=_io.no_progress(progress),
-        leave=False,
+    for i in console.progress(
+        range(0, toks.input_ids.shape[0], batch_size), desc="collect", enabled=progress
     ):
         if max_rows is not None and n_rows >= max_rows:
             break
         ids, _, m = toks.batch(slice(i, i + batch_size), keep)
-        if max_rows is not None and n_rows + int(m.sum()) > max_rows:  # keep the first rows up to the cap
-            flat = m.flatten().clone()
-            flat[flat.nonzero()[max_rows - n_rows :, 0]] = False
-            m = flat.view(m.shape)
+        m = _capped(m, n_rows, max_rows)
         n_rows += int(m.sum())
         _, cache = tl.run_with_cache(ids.to(device), names_filter=lambda n: n in names, stop_at_layer=stop)
         batch = {h: cache[h][m.to(device)].to("cpu", dtype) for h in hooks}
         if writer:
-            rows, cols = m.nonzero(as_tuple=True)
-            writer.add(
-                batch,
-                {
-                    "prompt_index": (rows + i).int(),
-                    "position": cols.int(),
-                    "role": toks.role[i : i + batch_size, : ids.shape[1]][m].to(torch.int8),
-                },
-            )
+            writer.add(batch, _row_index(m, toks.role[i : i + batch_size, : ids.shape[1]], i))
         else:
             for h in hooks:
                 chunks[h].append(batch[h])
@@ -219,6 +205,27 @@ def collect_activations(
         }
         return writer.close(d_model=int(next(iter(cache.values())).shape[-1]), meta=meta)
     return {h: torch.cat(c) for h, c in chunks.items()}
+
+
+def _capped(m: torch.Tensor, n_rows: int, max_rows: int | None) -> torch.Tensor:
+    """The batch's mask ``m`` (B, T) cut so that the rows so far (``n_rows``) do not pass ``max_rows``:
+    the first rows up to the cap are kept."""
+    if max_rows is not None and n_rows + int(m.sum()) > max_rows:
+        flat = m.flatten().clone()
+        flat[flat.nonzero()[max_rows - n_rows :, 0]] = False
+        m = flat.view(m.shape)
+    return m
+
+
+def _row_index(m: torch.Tensor, role_BT: torch.Tensor, first: int) -> dict[str, torch.Tensor]:
+    """A store's index of the batch's kept rows (mask ``m`` (B, T); the batch starts at prompt
+    ``first``): each row's prompt, position and role."""
+    rows, cols = m.nonzero(as_tuple=True)
+    return {
+        "prompt_index": (rows + first).int(),
+        "position": cols.int(),
+        "role": role_BT[m].to(torch.int8),
+    }
 
 
 def prompt_activations(

@@ -4,7 +4,8 @@ Per method: its direction at the SAE's block, its cosine with the ground truth (
 known: the organism), its steering effect on held-out questions beside random directions of equal
 norm (``causal.select_and_report``: the scale chosen on one half of the evaluator's questions,
 every figure from the other half), its agreement with the other methods (cosines) and its cost in
-seconds. The methods:
+seconds. The methods are the registry's (``saediff.methods.base.registry``: one module each
+under ``saediff/methods/``, in their ``order``); today:
 
 - from a diff run (``saediff diff``, one pass; its seconds are shared): ``sae_diff`` (the SAE
   latent that rose most), ``mean_diff_models`` (or ``lora_downstream`` for an adapter),
@@ -20,7 +21,6 @@ seconds. The methods:
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,188 +28,71 @@ import torch
 
 from saediff import _io
 from saediff.errors import SaediffError
+from saediff.methods.base import MethodConfig, get_method, method_names
 
-__all__ = ["DIFF_METHODS", "OWN_METHODS", "HeadToHeadConfig", "persona_vector", "run_head_to_head"]
+__all__ = ["HeadToHeadConfig", "beats_random", "markdown_table", "method_inputs", "run_head_to_head"]
 
 log = logging.getLogger(__name__)
-DIFF_METHODS = ("sae_diff", "mean_diff_models", "mean_diff_responses", "in_context", "lora_b")
-OWN_METHODS = ("crosscoder", "diff_sae", "adl", "persona")
 
 
 @dataclass(frozen=True)
-class HeadToHeadConfig:
-    methods: tuple[str, ...] = DIFF_METHODS + OWN_METHODS
-    crosscoder_latents: int | None = None
-    """None: twice the diff run's SAE's width (a latent per model's feature)"""
-    crosscoder_k: int | None = None
-    """None: the diff run's SAE's k (the sparsity the run already chose for this block)"""
-    crosscoder_steps: int = 2000
-    diff_sae_latents: int | None = None
-    """None: the diff run's SAE's width"""
-    diff_sae_k: int | None = None
-    """None: the diff run's SAE's k"""
-    diff_sae_steps: int = 2000
-    batch_size: int = 512
-    lr: float = 3e-3
-    adl_k: int = 5
-    positions: str = "response"
-    """tokens of ``prompts`` the crosscoder and the diff-SAE train on"""
+class HeadToHeadConfig(MethodConfig):
+    """The methods' own knobs (``MethodConfig``: crosscoder and diff-SAE widths, k and steps, ADL
+    positions, batch, lr, seed) and the head-to-head's: which methods, and the steering check."""
+
+    methods: tuple[str, ...] = field(default_factory=method_names)
+    """registered method names (``methods.base.registry``), the table's rows; default: every one"""
     scales: tuple[float, ...] = (0.5, 1.0)
     """steering scales, x the base model's mean residual norm at the block"""
     n_random: int = 3
     coherence_budget: float = 0.10
-    seed: int = 0
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        unknown = [m for m in self.methods if m not in DIFF_METHODS + OWN_METHODS]
-        if unknown:
-            raise SaediffError(
-                f"unknown method {unknown[0]!r}; choose from {', '.join(DIFF_METHODS + OWN_METHODS)}"
+        for m in self.methods:
+            get_method(m)  # one line naming the registered methods when m is not one
+
+
+def _candidates(inputs, wanted: list) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """Each wanted method's best direction, its seconds and its detail, in the registry's order.
+    The paired read that some methods share is done first and charged to them in equal parts."""
+    sharing = [m for m in wanted if m.uses_paired_rows]
+    if sharing:
+        inputs.paired_rows()
+    vecs, cost, notes = {}, {}, {}
+    for m in wanted:  # the diff run's methods carry the diff run's seconds (None when it recorded none)
+        res = m.find(inputs) if m.from_diff_run else m.timed(lambda m=m: m.find(inputs))
+        if res.best is not None:
+            vecs[m.name] = res.best.vector
+            cost[m.name] = (
+                None
+                if res.seconds is None
+                else res.seconds + (inputs.read_seconds / len(sharing) if m.uses_paired_rows else 0.0)
             )
+        if res.detail:
+            notes[m.name] = res.detail
+    return vecs, cost, notes
 
 
-@torch.no_grad()
-def persona_vector(lm, examples: list, layer: int, batch_size: int = 16) -> torch.Tensor:
-    """Mean over ``examples`` (objects with question / misaligned / aligned) of the base model's
-    mean residual over the misaligned answer's tokens minus the aligned answer's, after ``layer``."""
-    from saediff.activations.collect import prompt_activations
-    from saediff.data.prompts import Prompt
-
-    msgs = lambda e: [{"role": "user", "content": e.question}]
-    mis = [Prompt(f"m{i}", msgs(e), e.misaligned) for i, e in enumerate(examples)]
-    ali = [Prompt(f"a{i}", msgs(e), e.aligned) for i, e in enumerate(examples)]
-    a = prompt_activations(lm, mis, [layer], "response", batch_size=batch_size, progress=False)[layer]
-    b = prompt_activations(lm, ali, [layer], "response", batch_size=batch_size, progress=False)[layer]
-    return (a - b).mean(0)
-
-
-def _from_diff_run(run_dir: Path, info: dict, L: int) -> dict[str, torch.Tensor]:
-    """The diff run's candidates at block L, by method."""
+def method_inputs(run_dir: Path, prompts: list, contrast: list, cfg: HeadToHeadConfig):
+    """The diff run's fine-tune pair, block and directions as ``MethodInputs``, and the ground truth
+    at that block (None outside the organism)."""
+    from saediff.data.runs import read_run
+    from saediff.methods.base import MethodInputs
     from saediff.methods.export import load_directions
+    from saediff.models.hooks import parse_layer
+    from saediff.models.loading import load_pair
+    from saediff.saes.loading import load_sae
 
+    info = read_run(run_dir)["steps"]["diff"]
+    L = parse_layer(info["sae_hook"])
     found = load_directions(run_dir / "directions")
-    out = {}
-    if info["top_latents"] and f"sae_{info['top_latents'][0]}" in found:
-        out["sae_diff"] = found[f"sae_{info['top_latents'][0]}"].vector
-    for method, names in (
-        ("mean_diff_models", (f"mean_diff_models_L{L}", f"lora_downstream_L{L}")),
-        ("mean_diff_responses", (f"mean_diff_responses_L{L}",)),
-        ("in_context", (f"in_context_L{L}",)),
-    ):
-        hit = next((found[n].vector for n in names if n in found), None)
-        if hit is not None:
-            out[method] = hit
-    lora = [d for d in found.values() if d.method == "lora_b" and d.hook == f"blocks.{L}.hook_resid_post"]
-    if lora:
-        out["lora_b"] = lora[0].vector
     gt = found.get(f"ground_truth_L{L}")
-    return out | ({"_ground_truth": gt.vector} if gt is not None else {})
-
-
-def _paired_rows(lm_base, lm_ft, prompts: list, hook: str, positions: str, seed: int) -> torch.Tensor:
-    from saediff.activations.collect import tokenize_prompts
-    from saediff.activations.streams import paired_rows
-
-    rows = torch.cat(
-        list(paired_rows(lm_base, lm_ft, tokenize_prompts(lm_base, prompts), hook, positions=positions))
-    )
-    return rows[torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(seed))]
-
-
-def _own_methods(
-    lm_base, lm_ft, cfg: HeadToHeadConfig, L: int, prompts: list, contrast: list, notes: dict, sae_cfg
-) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """The methods computed here, each timed (the paired read is charged to the two that need it);
-    widths and k not given follow the diff run's SAE (``sae_cfg``: d_sae, k)."""
-    from saediff.methods.adl import ADLConfig, adl_differences, position_mean
-    from saediff.models.hooks import resid_post
-
-    vecs, cost = {}, {}
-    hook = resid_post(L)
-    wants = [m for m in cfg.methods if m in OWN_METHODS]
-    read_s = 0.0
-    if {"crosscoder", "diff_sae"} & set(wants):
-        t = time.perf_counter()
-        rows = _paired_rows(lm_base, lm_ft, prompts, hook, cfg.positions, cfg.seed)
-        read_s = time.perf_counter() - t
-        n_sharing = len({"crosscoder", "diff_sae"} & set(wants))
-    if "crosscoder" in wants:
-        from saediff.methods.crosscoder import crosscoder_stats, ft_direction, ft_only_ranking, latent_rows
-        from saediff.saes.crosscoder import CrosscoderConfig, class_counts, train_crosscoder
-
-        t = time.perf_counter()
-        ccfg = CrosscoderConfig(
-            d_sae=cfg.crosscoder_latents or 2 * sae_cfg["d_sae"],
-            k=cfg.crosscoder_k or sae_cfg["k"],
-            steps=cfg.crosscoder_steps,
-            batch_size=min(cfg.batch_size, rows.shape[0] // 2),
-            lr=cfg.lr,
-            seed=cfg.seed,
-            device="cpu",
-        )
-        cc, hist = train_crosscoder(rows, ccfg, hook_name=hook, progress=False)
-        st = crosscoder_stats(cc, [rows])
-        lat_rows = latent_rows(cc, st)
-        ranked = ft_only_ranking(lat_rows, 1)
-        classes = class_counts([r["class"] for r in lat_rows])
-        notes["crosscoder"] = {"classes": classes, "fvu": hist["fvu"][-1]}
-        if not ranked:  # said in the row, not hidden: the crosscoder's most fine-tune-leaning latent instead
-            alive = [r for r in lat_rows if r["class"] != "dead"]
-            ranked = [min(alive, key=lambda r: r["rel_norm"])["latent"]] if alive else []
-            notes["crosscoder"]["note"] = (
-                "no latent is fine-tune-only (rel_norm < 0.1): the row is the most "
-                "fine-tune-leaning latent that fired (lowest rel_norm)"
-            )
-        if ranked:
-            vecs["crosscoder"] = ft_direction(cc, ranked[0])
-            notes["crosscoder"].update(
-                {
-                    "latent": ranked[0],
-                    **{k: lat_rows[ranked[0]][k] for k in ("class", "rel_norm", "nu_r", "nu_eps", "freq")},
-                }
-            )
-        cost["crosscoder"] = time.perf_counter() - t + read_s / n_sharing
-    if "diff_sae" in wants:
-        from saediff.methods.diff_sae import difference_latents
-        from saediff.saes.training import SAETrainConfig, train_sae
-
-        t = time.perf_counter()
-        diffs = rows[:, 1] - rows[:, 0]
-        scfg = SAETrainConfig(
-            d_sae=cfg.diff_sae_latents or sae_cfg["d_sae"],
-            k=cfg.diff_sae_k or sae_cfg["k"],
-            steps=cfg.diff_sae_steps,
-            batch_size=min(cfg.batch_size, diffs.shape[0] // 2),
-            lr=cfg.lr,
-            seed=cfg.seed,
-            device="cpu",
-        )
-        sae, hist = train_sae(diffs, scfg, hook_name=hook, progress=False)
-        ranked = sorted(
-            difference_latents(sae, diffs, top=sae.cfg.d_sae), key=lambda r: -r["share_of_mean_diff"]
-        )
-        best = ranked[0]
-        vecs["diff_sae"] = sae.W_dec[best["latent"]].detach().float().clone() * best["mean_act"]
-        notes["diff_sae"] = {
-            "latent": best["latent"],
-            "share_of_mean_diff": best["share_of_mean_diff"],
-            "fvu": hist["fvu"][-1],
-        }
-        cost["diff_sae"] = time.perf_counter() - t + read_s / n_sharing
-    if "adl" in wants:
-        t = time.perf_counter()
-        res = adl_differences(lm_base, lm_ft, prompts, ADLConfig(k=cfg.adl_k, layers=(L,)), progress=False)
-        vecs["adl"] = position_mean(res, L)
-        cost["adl"] = time.perf_counter() - t
-    if "persona" in wants:
-        if not contrast:
-            notes["persona"] = {"note": "no contrast examples: no persona vector"}
-        else:
-            t = time.perf_counter()
-            vecs["persona"] = persona_vector(lm_base, contrast, L)
-            cost["persona"] = time.perf_counter() - t
-    return vecs, cost
+    lm_base, lm_ft = load_pair(info["base"], info["finetuned"], info["adapter"])
+    sae = load_sae(info["sae"])
+    size = {"d_sae": sae.cfg.d_sae, "k": getattr(sae.cfg, "k", None) or 32}
+    inputs = MethodInputs(lm_base, lm_ft, L, list(prompts), list(contrast), cfg, size, found, info)
+    return inputs, (gt.vector if gt is not None else None)
 
 
 def run_head_to_head(
@@ -226,38 +109,22 @@ def run_head_to_head(
     returns ``out/head2head.json`` and ``out/head2head.md``. ``prompts`` feed the crosscoder, the
     diff-SAE and the ADL; ``contrast`` (question / misaligned / aligned) the persona vector;
     ``evaluator`` (``halves()``: select, report) the steering check."""
-    from saediff.data.runs import read_run
     from saediff.interventions.causal import Arm, residual_stats, select_and_report
     from saediff.methods.directions import Direction, cosine_table
-    from saediff.models.hooks import parse_layer
-    from saediff.models.loading import load_pair
 
     run_dir, out = Path(diff_run), Path(out)
-    info = read_run(run_dir)["steps"]["diff"]
-    L = parse_layer(info["sae_hook"])
-    found = _from_diff_run(run_dir, info, L)
-    gt = found.pop("_ground_truth", None)
-    vecs = {m: v for m, v in found.items() if m in cfg.methods}
-    diff_s = info.get("seconds")
-    cost = {m: diff_s for m in vecs}
-    lm_base, lm_ft = load_pair(info["base"], info["finetuned"], info["adapter"])
-    notes: dict = {
-        m: {"note": "not in the diff run"} for m in DIFF_METHODS if m in cfg.methods and m not in vecs
-    }
-    from saediff.saes.loading import load_sae
-
-    sae = load_sae(info["sae"])
-    sae_cfg = {"d_sae": sae.cfg.d_sae, "k": getattr(sae.cfg, "k", None) or 32}
-    own, own_cost = _own_methods(lm_base, lm_ft, cfg, L, prompts, list(contrast), notes, sae_cfg)
-    vecs.update(own)
-    cost.update(own_cost)
+    inputs, gt = method_inputs(run_dir, prompts, contrast, cfg)
+    info, L, lm_base = inputs.diff_info, inputs.layer, inputs.lm_base
+    wanted = sorted((get_method(m) for m in set(cfg.methods)), key=lambda m: (m.order, m.name))
+    vecs, cost, notes = _candidates(inputs, wanted)
     if not vecs:
         raise SaediffError("head-to-head: no method gave a direction")
     select, report = evaluator.halves()
     norms, _ = residual_stats(lm_base, run_dir, {})
+    arms = [Arm("induce", lm_base)]
     sel = select_and_report(
         vecs,
-        [Arm("induce", lm_base)],
+        arms,
         L,
         cfg.scales,
         norms[L],
@@ -268,48 +135,47 @@ def run_head_to_head(
         coherence_budget=cfg.coherence_budget,
         seed=cfg.seed,
     )
-    unsteered = sel.unsteered["induce"]["report"]["em_rate"]
     table = cosine_table([Direction(m, v, info["sae_hook"], "random") for m, v in vecs.items()])
-    rows = []
-    for m, v in vecs.items():
-        c = sel.candidates[m]
-        r = (c.report or {}).get("induce") or {}
-        others = [abs(table.get(m, o)) for o in vecs if o != m]
-        rows.append(
-            {
-                "method": m,
-                "norm": float(v.norm()),
-                "cos_ground_truth": float(torch.cosine_similarity(v.float(), gt.float(), 0))
-                if gt is not None
-                else None,
-                "steer_scale": c.scale,
-                "steer_effect": r.get("effect"),
-                "steer_em_rate": r.get("em_rate"),
-                "steer_em_rate_ci": r.get("em_rate_ci"),
-                "random_effect": r.get("random_effect"),
-                "random_em_rates": [x["em_rate"] for x in r.get("random", [])],
-                "beats_random": beats_random(r) if r else None,
-                "mean_abs_cos_others": sum(others) / len(others) if others else None,
-                "seconds": cost.get(m),
-                **({"note": c.to_json()["note"]} if not c.passed else {}),
-                **({"detail": notes[m]} if m in notes else {}),
-            }
-        )
     res = {
         "diff_run": str(run_dir),
         "base": info["base"],
         "finetuned": info["finetuned"],
         "adapter": info["adapter"],
         "hook": info["sae_hook"],
-        "unsteered_em_rate": unsteered,
+        "unsteered_em_rate": sel.unsteered["induce"]["report"]["em_rate"],
         "settings": asdict(cfg),
-        "methods": rows,
+        "methods": [_row(m, v, sel.candidates[m], table, vecs, gt, cost, notes) for m, v in vecs.items()],
         "cosines": table.to_json(),
         "missing": {m: n for m, n in notes.items() if m not in vecs},
     }
     _io.atomic_write_json(out / "head2head.json", res)
     (out / "head2head.md").write_text(markdown_table(res) + "\n")
     return res
+
+
+def _row(m: str, v: torch.Tensor, c, table, vecs: dict, gt, cost: dict, notes: dict) -> dict:
+    """One method's row: norm, cosine with the ground truth, the steering check's report half beside
+    the random directions, agreement with the other methods, seconds, and notes."""
+    r = (c.report or {}).get("induce") or {}
+    others = [abs(table.get(m, o)) for o in vecs if o != m]
+    return {
+        "method": m,
+        "norm": float(v.norm()),
+        "cos_ground_truth": float(torch.cosine_similarity(v.float(), gt.float(), 0))
+        if gt is not None
+        else None,
+        "steer_scale": c.scale,
+        "steer_effect": r.get("effect"),
+        "steer_em_rate": r.get("em_rate"),
+        "steer_em_rate_ci": r.get("em_rate_ci"),
+        "random_effect": r.get("random_effect"),
+        "random_em_rates": [x["em_rate"] for x in r.get("random", [])],
+        "beats_random": beats_random(r) if r else None,
+        "mean_abs_cos_others": sum(others) / len(others) if others else None,
+        "seconds": cost.get(m),
+        **({"note": c.to_json()["note"]} if not c.passed else {}),
+        **({"detail": notes[m]} if m in notes else {}),
+    }
 
 
 def beats_random(report: dict) -> bool:

@@ -75,6 +75,7 @@ def _direction(run_dir: Path, name: str | None, layer: int):
     return dirs[name]
 
 
+# long: its signature and docstring; the code itself is 46 lines
 def run_icl(
     run_dir: str | Path,
     examples,
@@ -93,10 +94,8 @@ def run_icl(
     shots). ``exclude_domain``: leave the fine-tune's own domain out of the questions;
     ``max_questions``: read at most that many, evenly spaced over the run's order. Writes
     ``icl_vs_ft.json`` and ``icl_vs_ft.html`` into the run folder."""
-    from saediff._io import atomic_write_bytes, atomic_write_json
-    from saediff.activations.collect import prompt_activations
-    from saediff.data.prompts import in_context_prompts, load_contrast_examples
-    from saediff.data.runs import read_run, update_run
+    from saediff.data.prompts import load_contrast_examples
+    from saediff.data.runs import read_run
     from saediff.models.loading import ModelSpec, load_model
 
     run_dir = Path(run_dir)
@@ -105,44 +104,15 @@ def run_icl(
     if not 1 <= max_shots <= len(examples):
         raise SaediffError(f"max_shots={max_shots} needs 1..{len(examples)} contrast examples")
     d = _direction(run_dir, direction, parse_layer(info["sae_hook"]))
-    L = parse_layer(d.hook)
     qs = _questions(run_dir, exclude_domain, positions, max_questions)
     sae = latents = None
     if block_run is not None:
         from saediff.saes.loading import load_sae
 
         sae, latents = load_sae(info["sae"]), rerouted_latents(block_run)
-        L_sae = parse_layer(sae.cfg.metadata.hook_name)
-    layers = sorted({L, *([L_sae] if sae is not None else [])})
+    read = _Reader(d, positions, sae, latents, progress)
     base = load_model(info["base"])
-    unit = d.unit().float()
-
-    def read(lm, prompts):
-        if positions == "last_prompt":
-            prompts = [dataclasses.replace(p, response=None) for p in prompts]
-        acts = prompt_activations(lm, prompts, layers, positions, progress=progress)
-        proj = acts[L] @ unit  # (n,)
-        lat = None
-        if sae is not None:
-            with torch.no_grad():
-                lat = sae.encode(acts[L_sae].to(sae.W_enc.dtype))[:, latents].float().mean(0).tolist()
-        return proj, lat
-
-    curve_QN, lat_curve = [], []
-    for n in range(max_shots + 1):
-        # in_context_prompts keeps the question's turns and drops its answer: put the answer back
-        prompts = (
-            qs
-            if n == 0
-            else [
-                dataclasses.replace(p, response=q.response)
-                for p, q in zip(in_context_prompts(qs, examples, n_shots=n, seed=seed)[0], qs)
-            ]
-        )
-        proj, lat = read(base, prompts)
-        curve_QN.append(proj)
-        lat_curve.append(lat)
-    curve_QN = torch.stack(curve_QN, dim=1)  # (questions, shots)
+    curve_QN, lat_curve = _shot_curves(read, base, qs, examples, max_shots, seed)
     ft = load_model(
         ModelSpec(
             info["finetuned"] or info["base"], adapter=info["adapter"], merge=info["adapter"] is not None
@@ -152,7 +122,7 @@ def run_icl(
     out = {
         "kind": "saediff.icl_vs_ft",
         "direction": d.name,
-        "hook": resid_post(L),
+        "hook": resid_post(read.L),
         "positions": positions,
         "max_shots": max_shots,
         "n_questions": len(qs),
@@ -168,14 +138,78 @@ def run_icl(
             "finetuned_mean_activation": ft_lat,
             "raised_by_context": [lat_curve[-1][j] > lat_curve[0][j] for j in range(len(latents))],
         }
+    _write(run_dir, out, d.name, max_shots)
+    return out
+
+
+def _shot_curves(
+    read, base, qs: list, examples: list, max_shots: int, seed: int
+) -> tuple[torch.Tensor, list]:
+    """``read`` of the base model on the questions after 0..``max_shots`` misaligned examples in
+    context: (questions, shots + 1) projections, and per shot count the latents' mean activations."""
+    from saediff.data.prompts import in_context_prompts
+
+    curve_QN, lat_curve = [], []
+    for n in range(max_shots + 1):
+        # in_context_prompts keeps the question's turns and drops its answer: put the answer back
+        prompts = (
+            qs
+            if n == 0
+            else [
+                dataclasses.replace(p, response=q.response)
+                for p, q in zip(in_context_prompts(qs, examples, n_shots=n, seed=seed)[0], qs)
+            ]
+        )
+        proj, lat = read(base, prompts)
+        curve_QN.append(proj)
+        lat_curve.append(lat)
+    return torch.stack(curve_QN, dim=1), lat_curve  # (questions, shots)
+
+
+class _Reader:
+    """Reads a model on prompts: the projection of each prompt's mean activation (at ``positions``)
+    on the unit direction ``d`` at its block, and with an SAE the mean activation of ``latents``
+    over the prompts at the SAE's block."""
+
+    def __init__(self, d, positions: str, sae, latents: list[int] | None, progress: bool):
+        self.L = parse_layer(d.hook)
+        self.L_sae = parse_layer(sae.cfg.metadata.hook_name) if sae is not None else None
+        self.layers = sorted({self.L, *([self.L_sae] if sae is not None else [])})
+        self.unit = d.unit().float()
+        self.positions, self.sae, self.latents, self.progress = positions, sae, latents, progress
+
+    def __call__(self, lm, prompts: list) -> tuple[torch.Tensor, list[float] | None]:
+        """(n,) projections, and the latents' mean activations (None without an SAE)."""
+        from saediff.activations.collect import prompt_activations
+
+        if self.positions == "last_prompt":
+            prompts = [dataclasses.replace(p, response=None) for p in prompts]
+        acts = prompt_activations(lm, prompts, self.layers, self.positions, progress=self.progress)
+        proj = acts[self.L] @ self.unit  # (n,)
+        lat = None
+        if self.sae is not None:
+            with torch.no_grad():
+                lat = (
+                    self.sae.encode(acts[self.L_sae].to(self.sae.W_enc.dtype))[:, self.latents]
+                    .float()
+                    .mean(0)
+                    .tolist()
+                )
+        return proj, lat
+
+
+def _write(run_dir: Path, out: dict, direction: str, max_shots: int) -> None:
+    """``icl_vs_ft.json``, its figure ``icl_vs_ft.html`` and the run's record of the step."""
+    from saediff._io import atomic_write_bytes, atomic_write_json
+    from saediff.data.runs import update_run
+
     atomic_write_json(run_dir / "icl_vs_ft.json", out)
     atomic_write_bytes(run_dir / "icl_vs_ft.html", icl_figure(out).to_html(include_plotlyjs="cdn").encode())
     update_run(
         run_dir,
         "icl",
-        {"direction": d.name, "max_shots": max_shots, "files": ["icl_vs_ft.json", "icl_vs_ft.html"]},
+        {"direction": direction, "max_shots": max_shots, "files": ["icl_vs_ft.json", "icl_vs_ft.html"]},
     )
-    return out
 
 
 def _questions(run_dir: Path, exclude_domain: str | None, positions: str, max_questions: int | None) -> list:

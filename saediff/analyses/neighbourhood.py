@@ -25,307 +25,24 @@ latents fire on their assistant tokens and writes the file without the top ``dro
 
 from __future__ import annotations
 
-import logging
 import math
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from jaxtyping import Float
-from tqdm.auto import tqdm
 
-from saediff import _io
+from saediff import console
+from saediff.analyses.neighbourhood_probe import coactivation, encoded, latent_means, probe, random_seeds
 from saediff.errors import SaediffError
 from saediff.models.hooks import capture_resid, parse_layer
 
 __all__ = [
-    "LatentMeans",
-    "NeighbourhoodResult",
-    "coactivation",
-    "decoder_neighbours",
-    "latent_means",
     "neighbourhood_figure",
-    "probe",
     "run_neighbourhood",
     "screen_finetunes",
     "screen_rows",
     "steer_flagged",
-    "toxicity",
 ]
-
-log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LatentMeans:
-    """Mean SAE activation per latent over response tokens, in both models."""
-
-    base: Float[torch.Tensor, " s"]
-    ft: Float[torch.Tensor, " s"]
-    sd: Float[torch.Tensor, " s"]
-    """pooled standard deviation over tokens, sqrt((var_base + var_ft) / 2)"""
-    n_tokens: int
-    resid_norm: float
-    """mean norm of the base model's residual at the SAE's hook on these tokens"""
-
-    @property
-    def delta(self) -> torch.Tensor:
-        return self.ft - self.base
-
-    @property
-    def effect_size(self) -> torch.Tensor:
-        """delta / pooled sd (Cohen's d over tokens; 0 where the latent never fires)"""
-        return torch.where(self.sd > 0, self.delta / self.sd.clamp_min(1e-12), torch.zeros_like(self.delta))
-
-
-def _batches(lm, toks, batch_size: int, desc: str, progress: bool):
-    keep = toks.select("response")
-    for i in tqdm(
-        range(0, toks.input_ids.shape[0], batch_size),
-        desc=desc,
-        disable=_io.no_progress(progress),
-        leave=False,
-    ):
-        ids, attn, m = toks.batch(slice(i, i + batch_size), keep)
-        yield ids.to(lm.device), attn.to(lm.device), m.to(lm.device)
-
-
-def _encode(sae, x: torch.Tensor) -> torch.Tensor:
-    return sae.encode(x.to(sae.W_enc.device, sae.W_enc.dtype)).float()
-
-
-def _encoded(sae, x_ND: torch.Tensor, chunk: int = 2048):
-    """The SAE codes of the rows of ``x_ND``, ``chunk`` rows at a time (chunk x d_sae in memory)."""
-    for i in range(0, x_ND.shape[0], chunk):
-        yield _encode(sae, x_ND[i : i + chunk])
-
-
-@torch.no_grad()
-def latent_means(lm_base, lm_ft, toks, sae, *, batch_size: int = 32, progress: bool = True) -> LatentMeans:
-    """Mean activation of every latent on the response tokens of ``toks`` in both models."""
-    L = parse_layer(sae.cfg.metadata.hook_name)
-    S = sae.cfg.d_sae
-    sums = {k: torch.zeros(S, dtype=torch.float64) for k in ("base", "ft", "base2", "ft2")}
-    n, norm = 0, 0.0
-    for ids, attn, m in _batches(lm_base, toks, batch_size, "latents", progress):
-        xb = capture_resid(lm_base.model, [L], ids, attn)[L][m]
-        xf = capture_resid(lm_ft.model, [L], ids.to(lm_ft.device), attn.to(lm_ft.device))[L][
-            m.to(lm_ft.device)
-        ]
-        for key, x in (("base", xb), ("ft", xf)):
-            for a in _encoded(sae, x):
-                a = a.double().cpu()
-                sums[key] += a.sum(0)
-                sums[key + "2"] += (a * a).sum(0)
-        n += xb.shape[0]
-        norm += float(xb.float().norm(dim=-1).sum())
-    if not n:
-        raise SaediffError("no response tokens (do the prompts carry answers?)")
-    mean = {k: sums[k] / n for k in ("base", "ft")}
-    var = {k: (sums[k + "2"] / n - mean[k] ** 2).clamp_min(0) for k in ("base", "ft")}
-    return LatentMeans(
-        mean["base"].float(), mean["ft"].float(), ((var["base"] + var["ft"]) / 2).sqrt().float(), n, norm / n
-    )
-
-
-@torch.no_grad()
-def coactivation(
-    lm, toks_list: list, sae, seeds: list[int], *, batch_size: int = 32, progress: bool = True
-) -> Float[torch.Tensor, "k s"]:
-    """Pearson correlation over response tokens (of every ``toks`` in ``toks_list``) between each
-    seed latent's activation and every latent's, on ``lm``; running sums, so memory is
-    seeds x d_sae whatever the number of tokens. Constant latents get r = 0."""
-    L = parse_layer(sae.cfg.metadata.hook_name)
-    S, idx = sae.cfg.d_sae, torch.tensor(seeds)
-    s1, s2 = torch.zeros(S, dtype=torch.float64), torch.zeros(S, dtype=torch.float64)
-    cross = torch.zeros(len(seeds), S, dtype=torch.float64)
-    n = 0
-    for toks in toks_list:
-        for ids, attn, m in _batches(lm, toks, batch_size, "co-activation", progress):
-            for a in _encoded(sae, capture_resid(lm.model, [L], ids, attn)[L][m]):
-                a = a.double().cpu()  # (tokens, S)
-                s1 += a.sum(0)
-                s2 += (a * a).sum(0)
-                cross += a[:, idx].T @ a
-                n += a.shape[0]
-    mean = s1 / n
-    var = (s2 / n - mean**2).clamp_min(0)
-    cov = cross / n - mean[idx, None] * mean[None]
-    denom = (var[idx, None] * var[None]).sqrt()
-    return torch.where(denom > 1e-12, cov / denom.clamp_min(1e-12), torch.zeros_like(cov)).float()
-
-
-def decoder_neighbours(W_dec_SD: Float[torch.Tensor, "s d"], latent: int, n: int) -> list[tuple[int, float]]:
-    """The ``n`` latents whose decoder rows have the largest cosine with ``latent``'s (itself excluded)."""
-    U = torch.nn.functional.normalize(W_dec_SD.float(), dim=1)
-    cos = U @ U[latent]
-    cos[latent] = -math.inf
-    top = torch.topk(cos, min(n, cos.shape[0] - 1))
-    return [(int(i), float(c)) for c, i in zip(top.values, top.indices)]
-
-
-def toxicity(
-    W_dec_SD: Float[torch.Tensor, "s d"], candidates: dict[str, torch.Tensor]
-) -> tuple[torch.Tensor, list[str]]:
-    """Per latent, the largest cosine of its decoder row with any candidate (signed: positive is
-    along misaligned-minus-aligned), and which candidate gave it."""
-    if not candidates:
-        raise SaediffError("toxicity: no persona candidates")
-    U = torch.nn.functional.normalize(W_dec_SD.float(), dim=1)
-    C = torch.nn.functional.normalize(torch.stack([c.float() for c in candidates.values()]), dim=1)
-    cos = U @ C.T  # (S, candidates)
-    best, which = cos.max(dim=1)
-    names = list(candidates)
-    return best, [names[int(w)] for w in which]
-
-
-@dataclass(frozen=True)
-class NeighbourhoodResult:
-    seeds: list[int]
-    members: list[dict]
-    """one row per (neighbour): latent, seeds it neighbours, via (decoder / coactivation),
-    delta_in, delta_off, rose_off_domain, toxicity, candidate, toxic, flagged"""
-    flagged: list[int]
-    """flagged neighbours, most toxic first"""
-    thresholds: dict
-    random_baseline: dict
-
-    def to_json(self) -> dict:
-        return {
-            "seeds": self.seeds,
-            "flagged": self.flagged,
-            "n_flagged": len(self.flagged),
-            "thresholds": self.thresholds,
-            "random_baseline": self.random_baseline,
-            "members": self.members,
-        }
-
-
-def _flag(
-    seeds: list[int],
-    W_dec,
-    corr: torch.Tensor,
-    corr_rows: dict[int, int],
-    delta_in,
-    delta_off,
-    tox,
-    names,
-    th: dict,
-    n_neighbours: int,
-) -> tuple[list[dict], list[int]]:
-    rows: dict[int, dict] = {}
-    for s in seeds:
-        by_dec = decoder_neighbours(W_dec, s, n_neighbours)
-        r = corr[corr_rows[s]].clone()
-        r[s] = -math.inf
-        top = torch.topk(r, min(n_neighbours, r.shape[0] - 1))
-        by_co = [(int(i), float(v)) for v, i in zip(top.values, top.indices) if v > 0]
-        for via, pairs in (("decoder", by_dec), ("coactivation", by_co)):
-            for j, v in pairs:
-                row = rows.setdefault(
-                    j,
-                    {
-                        "latent": j,
-                        "seeds": [],
-                        "via": [],
-                        "delta_in": float(delta_in[j]),
-                        "delta_off": float(delta_off[j]),
-                        "toxicity": float(tox[j]),
-                        "candidate": names[j],
-                    },
-                )
-                if s not in row["seeds"]:
-                    row["seeds"].append(s)
-                row["via"].append({"seed": s, "kind": via, "value": round(v, 4)})
-    for row in rows.values():
-        row["rose_off_domain"] = row["delta_off"] > th["delta_off"]
-        row["toxic"] = row["toxicity"] > th["toxicity"]
-        row["flagged"] = row["rose_off_domain"] and row["toxic"]
-    members = sorted(rows.values(), key=lambda r: (-r["flagged"], -r["toxicity"]))
-    return members, [r["latent"] for r in members if r["flagged"]]
-
-
-def probe(
-    W_dec,
-    means_in: LatentMeans,
-    means_off: LatentMeans,
-    corr: torch.Tensor,
-    corr_seeds: list[int],
-    candidates: dict[str, torch.Tensor],
-    *,
-    seeds: list[int],
-    random_draws: list[list[int]],
-    n_neighbours: int = 5,
-) -> NeighbourhoodResult:
-    """The probe's arithmetic on precomputed statistics: ``corr`` holds a row of base-model
-    co-activation for each latent in ``corr_seeds`` (which must hold ``seeds``, the risers on the
-    training data, and every latent of ``random_draws``, the random seed sets of the baseline)."""
-    from saediff.methods.directions import random_cosine_baseline
-
-    delta_in, delta_off = means_in.delta, means_off.delta
-    tox, names = toxicity(W_dec, candidates)
-    active_off = (means_off.base > 0) | (means_off.ft > 0)
-    th = {
-        "delta_off": float(torch.quantile(delta_off[active_off], 0.95)) if active_off.any() else 0.0,
-        "toxicity": max(float(torch.quantile(tox, 0.99)), random_cosine_baseline(W_dec.shape[1])["p95_abs"]),
-        "rule": "flagged: delta_off above the 95th percentile of active latents' off-domain deltas, and "
-        "toxicity above both the 99th percentile over all latents and the random-direction p95 |cos|",
-    }
-    rows = {s: i for i, s in enumerate(corr_seeds)}
-    missing = [s for s in [*seeds, *(i for d in random_draws for i in d)] if s not in rows]
-    if missing:
-        raise SaediffError(f"probe: no co-activation row for latents {missing[:5]}")
-    members, flagged = _flag(seeds, W_dec, corr, rows, delta_in, delta_off, tox, names, th, n_neighbours)
-    counts = [
-        len(_flag(d, W_dec, corr, rows, delta_in, delta_off, tox, names, th, n_neighbours)[1])
-        for d in random_draws
-    ]
-    base = {
-        "draws": len(random_draws),
-        "n_flagged": counts,
-        "mean": sum(counts) / len(counts) if counts else None,
-        "max": max(counts) if counts else None,
-    }
-    return NeighbourhoodResult(seeds, members, flagged, th, base)
-
-
-def random_seeds(
-    means_in: LatentMeans, n_seeds: int, n_random: int, exclude: list[int], seed: int = 0
-) -> list[list[int]]:
-    """``n_random`` draws of ``n_seeds`` latents active on the training data (not in ``exclude``;
-    fewer when fewer are active)."""
-    active = [
-        i
-        for i in torch.nonzero((means_in.base > 0) | (means_in.ft > 0)).flatten().tolist()
-        if i not in exclude
-    ]
-    rng = random.Random(seed)
-    return [rng.sample(active, min(n_seeds, len(active))) for _ in range(n_random)]
-
-
-@torch.no_grad()
-def screen_rows(
-    lm, toks, sae, latents: list[int], *, batch_size: int = 32, progress: bool = True
-) -> list[float]:
-    """Per row of ``toks``: the mean over its response tokens of the summed activation of ``latents``
-    on ``lm`` (the training-data screen's score)."""
-    L = parse_layer(sae.cfg.metadata.hook_name)
-    idx = torch.tensor(latents)
-    keep = toks.select("response")
-    scores = []
-    for i in tqdm(
-        range(0, toks.input_ids.shape[0], batch_size),
-        desc="screen",
-        disable=_io.no_progress(progress),
-        leave=False,
-    ):
-        ids, attn, m = toks.batch(slice(i, i + batch_size), keep)
-        x = capture_resid(lm.model, [L], ids.to(lm.device), attn.to(lm.device))[L]  # (B, T, D)
-        flat = x.reshape(-1, x.shape[-1])
-        a = torch.cat([z[:, idx].sum(-1).cpu() for z in _encoded(sae, flat)]).view(m.shape) * m  # (B, T)
-        scores += (a.sum(1) / m.sum(1).clamp_min(1)).tolist()
-    return scores
 
 
 def _candidates(run_dir: Path, hook: str, source: str | Path | None, methods: tuple[str, ...]) -> dict:
@@ -341,6 +58,7 @@ def _candidates(run_dir: Path, hook: str, source: str | Path | None, methods: tu
     return out
 
 
+# long: its signature and docstring; the code itself is 43 lines
 def run_neighbourhood(
     run_dir: str | Path,
     train_data: str | Path,
@@ -364,11 +82,8 @@ def run_neighbourhood(
     ``screened.jsonl`` and ``random_dropped.jsonl`` beside ``neighbourhood.json`` in the run folder.
     With an ``evaluator`` the ``steer_top`` most toxic flagged latents also get the steering check
     (``steer_flagged``): does steering the base model along them induce EM?"""
-    from saediff._io import atomic_write_bytes, atomic_write_json
-    from saediff.activations.collect import tokenize_prompts
     from saediff.data.chat_data import load_chat_jsonl, write_chat_jsonl
-    from saediff.data.prompts import Prompt
-    from saediff.data.runs import read_run, run_questions, update_run
+    from saediff.data.runs import read_run
     from saediff.models.loading import ModelSpec, load_model
     from saediff.saes.loading import load_sae
 
@@ -380,6 +95,73 @@ def run_neighbourhood(
     hook = sae.cfg.metadata.hook_name
     cands = _candidates(run_dir, hook, candidates, candidate_methods)
     rows = load_chat_jsonl(train_data)
+    train, off = _texts(run_dir, rows, in_domain, n_train, seed)
+    base = load_model(info["base"])
+    ft = load_model(
+        ModelSpec(
+            info["finetuned"] or info["base"], adapter=info["adapter"], merge=info["adapter"] is not None
+        )
+    )
+    res, seeds, resid_norm = _probe(
+        base, ft, sae, train, off, cands, n_seeds, n_random, n_neighbours, seed, progress
+    )
+    out = {
+        "kind": "saediff.neighbourhood",
+        "hook": hook,
+        "train_data": str(train_data),
+        "n_train": len(train),
+        "n_off_domain": len(off),
+        "in_domain": in_domain,
+        "candidates": sorted(cands),
+        **res.to_json(),
+        "above_random": len(res.flagged) > (res.random_baseline["mean"] or 0),
+        "resid_norm": resid_norm,
+    }
+    if evaluator is not None and res.flagged:
+        _steer_members(out, steer_flagged(run_dir, res.flagged[:steer_top], base, sae, evaluator, seed=seed))
+    if drop_fraction is not None:
+        out["screen"] = _screen(
+            base, sae, rows, res.flagged or seeds, drop_fraction, run_dir, seed, progress, write_chat_jsonl
+        )
+    _write(run_dir, out, train_data, in_domain)
+    return out
+
+
+def _steer_members(out: dict, steer: dict) -> None:
+    """The steering check (``steer_flagged``'s result) into ``out``, and each steered member's EM."""
+    out["steer"] = steer
+    for m in out["members"]:
+        steered = steer["latents"].get(str(m["latent"]))
+        if steered is not None and steered["em_rate"] is not None:  # None: no coherent scale
+            m["steer_em_rate"] = steered["em_rate"]
+
+
+def _write(run_dir: Path, out: dict, train_data: str | Path, in_domain: str | None) -> None:
+    """``neighbourhood.json``, its figure ``neighbourhood.html`` and the run's record of the step."""
+    from saediff._io import atomic_write_bytes, atomic_write_json
+    from saediff.data.runs import update_run
+
+    atomic_write_json(run_dir / "neighbourhood.json", out)
+    atomic_write_bytes(
+        run_dir / "neighbourhood.html", neighbourhood_figure(out).to_html(include_plotlyjs="cdn").encode()
+    )
+    update_run(
+        run_dir,
+        "neighbourhood",
+        {
+            "train_data": str(train_data),
+            "in_domain": in_domain,
+            "files": ["neighbourhood.json", "neighbourhood.html"],
+        },
+    )
+
+
+def _texts(run_dir: Path, rows: list, in_domain: str | None, n_train: int, seed: int) -> tuple[list, list]:
+    """The probe's in-domain text (``n_train`` training conversations drawn with ``seed``) and its
+    off-domain text (the run's answered questions outside ``in_domain``)."""
+    from saediff.data.prompts import Prompt
+    from saediff.data.runs import run_questions
+
     pick = sorted(random.Random(seed).sample(range(len(rows)), min(n_train, len(rows))))
     train = [Prompt(f"train{i}", rows[i][:-1], rows[i][-1]["content"]) for i in pick]
     off = [
@@ -389,12 +171,27 @@ def run_neighbourhood(
     ]
     if not off:
         raise SaediffError(f"{run_dir}: no answered questions outside domain {in_domain!r}")
-    base = load_model(info["base"])
-    ft = load_model(
-        ModelSpec(
-            info["finetuned"] or info["base"], adapter=info["adapter"], merge=info["adapter"] is not None
-        )
-    )
+    return train, off
+
+
+def _probe(
+    base,
+    ft,
+    sae,
+    train: list,
+    off: list,
+    cands: dict[str, torch.Tensor],
+    n_seeds: int,
+    n_random: int,
+    n_neighbours: int,
+    seed: int,
+    progress: bool,
+):
+    """The probe on ``train`` (in-domain) and ``off`` (off-domain): its result, its seeds (the
+    ``n_seeds`` latents that rose most on the training text) and the base model's mean residual
+    norm at the SAE's hook off-domain."""
+    from saediff.activations.collect import tokenize_prompts
+
     toks_in, toks_off = tokenize_prompts(base, train), tokenize_prompts(base, off)
     means_in = latent_means(base, ft, toks_in, sae, progress=progress)
     means_off = latent_means(base, ft, toks_off, sae, progress=progress)
@@ -414,42 +211,7 @@ def run_neighbourhood(
         random_draws=draws,
         n_neighbours=n_neighbours,
     )
-    out = {
-        "kind": "saediff.neighbourhood",
-        "hook": hook,
-        "train_data": str(train_data),
-        "n_train": len(train),
-        "n_off_domain": len(off),
-        "in_domain": in_domain,
-        "candidates": sorted(cands),
-        **res.to_json(),
-        "above_random": len(res.flagged) > (res.random_baseline["mean"] or 0),
-        "resid_norm": means_off.resid_norm,
-    }
-    if evaluator is not None and res.flagged:
-        out["steer"] = steer_flagged(run_dir, res.flagged[:steer_top], base, sae, evaluator, seed=seed)
-        for m in out["members"]:
-            steered = out["steer"]["latents"].get(str(m["latent"]))
-            if steered is not None and steered["em_rate"] is not None:  # None: no coherent scale
-                m["steer_em_rate"] = steered["em_rate"]
-    if drop_fraction is not None:
-        out["screen"] = _screen(
-            base, sae, rows, res.flagged or seeds, drop_fraction, run_dir, seed, progress, write_chat_jsonl
-        )
-    atomic_write_json(run_dir / "neighbourhood.json", out)
-    atomic_write_bytes(
-        run_dir / "neighbourhood.html", neighbourhood_figure(out).to_html(include_plotlyjs="cdn").encode()
-    )
-    update_run(
-        run_dir,
-        "neighbourhood",
-        {
-            "train_data": str(train_data),
-            "in_domain": in_domain,
-            "files": ["neighbourhood.json", "neighbourhood.html"],
-        },
-    )
-    return out
+    return res, seeds, means_off.resid_norm
 
 
 def _screen(
@@ -489,6 +251,25 @@ def _screen(
     }
 
 
+@torch.no_grad()
+def screen_rows(
+    lm, toks, sae, latents: list[int], *, batch_size: int = 32, progress: bool = True
+) -> list[float]:
+    """Per row of ``toks``: the mean over its response tokens of the summed activation of ``latents``
+    on ``lm`` (the training-data screen's score)."""
+    L = parse_layer(sae.cfg.metadata.hook_name)
+    idx = torch.tensor(latents)
+    keep = toks.select("response")
+    scores = []
+    for i in console.progress(range(0, toks.input_ids.shape[0], batch_size), desc="screen", enabled=progress):
+        ids, attn, m = toks.batch(slice(i, i + batch_size), keep)
+        x = capture_resid(lm.model, [L], ids.to(lm.device), attn.to(lm.device))[L]  # (B, T, D)
+        flat = x.reshape(-1, x.shape[-1])
+        a = torch.cat([z[:, idx].sum(-1).cpu() for z in encoded(sae, flat)]).view(m.shape) * m  # (B, T)
+        scores += (a.sum(1) / m.sum(1).clamp_min(1)).tolist()
+    return scores
+
+
 def steer_flagged(
     run_dir: str | Path,
     latents: list[int],
@@ -502,14 +283,15 @@ def steer_flagged(
     seed: int = 0,
 ) -> dict:
     """The steering check of flagged latents, by saediff's steering protocol
-    (``causal.select_and_report``): the base model steered along each latent's unit decoder row at
+    (``steer_protocol.select_and_report``): the base model steered along each latent's unit decoder row at
     ``scales`` x the mean residual norm at the SAE's block; the scale is chosen on half of the
     evaluator's questions (highest EM whose coherent rate stays within ``coherence_budget``) and
     the EM rate reported on the other half, with its 95% interval, beside ``n_random`` random
     directions of the same norm and the unsteered model's rate on that half. A latent with no
     coherent scale has ``em_rate`` None and a note. Each condition is kept under
     ``RUN/neighbourhood_steer/`` (a rerun reuses it)."""
-    from saediff.interventions.causal import Arm, induce_summary, residual_stats, select_and_report
+    from saediff.interventions.causal import residual_stats
+    from saediff.interventions.steer_protocol import Arm, induce_summary, select_and_report
 
     run_dir = Path(run_dir)
     L = parse_layer(sae.cfg.metadata.hook_name)
@@ -543,7 +325,7 @@ def screen_finetunes(
     on the rows left after dropping as many at random, each evaluated (``out/screened``,
     ``out/random_dropped``; a finished run is skipped). Returns each run's EM and the relative
     change of the screened run against the random one."""
-    from saediff.interventions.blockem import finetune_plain
+    from saediff.interventions.block_runs import finetune_plain
     from saediff.models.loading import ModelSpec, load_model
 
     spec = model if isinstance(model, ModelSpec) else ModelSpec(model)
@@ -573,14 +355,7 @@ def neighbourhood_figure(result: dict):
     import plotly.graph_objects as go
 
     seeds, members = result["seeds"], result["members"]
-    pos = {
-        s: (math.cos(2 * math.pi * i / len(seeds)), math.sin(2 * math.pi * i / len(seeds)))
-        for i, s in enumerate(seeds)
-    }
-    outer = [m for m in members if m["latent"] not in pos]
-    for i, m in enumerate(outer):
-        a = 2 * math.pi * i / max(1, len(outer))
-        pos[m["latent"]] = (2.2 * math.cos(a), 2.2 * math.sin(a))
+    pos, outer = _ring_positions(seeds, members)
     ex, ey = [], []
     for m in members:
         for s in m["seeds"]:
@@ -607,6 +382,35 @@ def neighbourhood_figure(result: dict):
         name="seeds (rose on the training data)",
         marker={"size": 12, "symbol": "diamond", "color": "#555"},
     )
+    _add_neighbours(fig, pos, outer)
+    rb = result["random_baseline"]
+    fig.update_layout(
+        title=f"neighbourhood probe at {result['hook']}: {result['n_flagged']} flagged "
+        f"(random seeds: mean {rb['mean']})",
+        xaxis={"visible": False},
+        yaxis={"visible": False, "scaleanchor": "x"},
+    )
+    return fig
+
+
+def _ring_positions(
+    seeds: list[int], members: list[dict]
+) -> tuple[dict[int, tuple[float, float]], list[dict]]:
+    """(x, y) of each latent: the seeds on the unit circle, the other members (returned, in order)
+    on a circle of radius 2.2."""
+    pos = {
+        s: (math.cos(2 * math.pi * i / len(seeds)), math.sin(2 * math.pi * i / len(seeds)))
+        for i, s in enumerate(seeds)
+    }
+    outer = [m for m in members if m["latent"] not in pos]
+    for i, m in enumerate(outer):
+        a = 2 * math.pi * i / max(1, len(outer))
+        pos[m["latent"]] = (2.2 * math.cos(a), 2.2 * math.sin(a))
+    return pos, outer
+
+
+def _add_neighbours(fig, pos: dict[int, tuple[float, float]], outer: list[dict]) -> None:
+    """The neighbours as markers coloured by toxicity, the flagged ones large, outlined and labelled."""
     fig.add_scatter(
         x=[pos[m["latent"]][0] for m in outer],
         y=[pos[m["latent"]][1] for m in outer],
@@ -628,11 +432,3 @@ def neighbourhood_figure(result: dict):
             "line": {"width": [3 if m["flagged"] else 0 for m in outer], "color": "red"},
         },
     )
-    rb = result["random_baseline"]
-    fig.update_layout(
-        title=f"neighbourhood probe at {result['hook']}: {result['n_flagged']} flagged "
-        f"(random seeds: mean {rb['mean']})",
-        xaxis={"visible": False},
-        yaxis={"visible": False, "scaleanchor": "x"},
-    )
-    return fig

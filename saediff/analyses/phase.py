@@ -208,44 +208,20 @@ def run_phase(
     is given (``base``: the model the adapters apply to, default the adapter config's). Writes
     ``phase.json`` and ``phase.html`` into ``out`` (default: the checkpoint folder); EM per
     checkpoint is kept under ``out/phase_eval/`` so a rerun asks for nothing twice."""
-    from tqdm.auto import tqdm
-
-    from saediff import _io
     from saediff._io import atomic_write_bytes, atomic_write_json
-    from saediff.evaluation.evals import evaluate_once
-    from saediff.methods.export import load_directions
-    from saediff.models.loading import ModelSpec, load_model
     from saediff.models.lora import read_adapter
 
     ckpts = adapter_checkpoints(checkpoints_dir)
     out = Path(out or checkpoints_dir)
     vectors = checkpoint_vectors(ckpts, module)
     hook = resid_post(vectors[0].layer)
-    candidates = {}
-    if directions is not None:
-        candidates = {
-            n: d.vector
-            for n, d in load_directions(directions).items()
-            if d.hook == hook and d.method not in ("lora_b", "lora_downstream", "random")
-        }
-        if not candidates:
-            log.warning("no persona candidate at %s in %s", hook, directions)
+    candidates = _candidates(directions, hook) if directions is not None else {}
     em = None
     if evaluator is not None:
         base = base or read_adapter(ckpts[0][1]).config.get("base_model_name_or_path")
         if not base:
             raise SaediffError(f"{ckpts[0][1]}: the adapter names no base model; give --base")
-        em = []
-        for _step, path in tqdm(ckpts, desc="phase EM", disable=_io.no_progress(progress)):
-            ck = ModelSpec(base, adapter=str(path), merge=True)
-            res = evaluate_once(
-                evaluator,
-                lambda ck=ck: load_model(ck),
-                out / "phase_eval" / path.name,
-                f"phase:{path.name}",
-                spec=ck,
-            )
-            em.append(res["em_rate"])
+        em = _em_per_checkpoint(ckpts, base, evaluator, out, progress)
     result = phase_analysis(vectors, candidates, em, min_em)
     summary = {
         "kind": "saediff.phase",
@@ -258,6 +234,40 @@ def run_phase(
     atomic_write_json(out / "phase.json", summary)
     atomic_write_bytes(out / "phase.html", phase_figure(summary).to_html(include_plotlyjs="cdn").encode())
     return summary
+
+
+def _candidates(directions: str | Path, hook: str) -> dict[str, torch.Tensor]:
+    """The persona candidates of an export folder at ``hook`` (not the adapter's own, not random)."""
+    from saediff.methods.export import load_directions
+
+    candidates = {
+        n: d.vector
+        for n, d in load_directions(directions).items()
+        if d.hook == hook and d.method not in ("lora_b", "lora_downstream", "random")
+    }
+    if not candidates:
+        log.warning("no persona candidate at %s in %s", hook, directions)
+    return candidates
+
+
+def _em_per_checkpoint(ckpts: list, base: str, evaluator, out: Path, progress: bool) -> list[float]:
+    """The EM rate of ``base`` with each checkpoint's adapter merged (kept under ``out/phase_eval/``)."""
+    from saediff import console
+    from saediff.evaluation.evals import evaluate_once
+    from saediff.models.loading import ModelSpec, load_model
+
+    em = []
+    for _step, path in console.progress(ckpts, desc="phase EM", enabled=progress):
+        ck = ModelSpec(base, adapter=str(path), merge=True)
+        res = evaluate_once(
+            evaluator,
+            lambda ck=ck: load_model(ck),
+            out / "phase_eval" / path.name,
+            f"phase:{path.name}",
+            spec=ck,
+        )
+        em.append(res["em_rate"])
+    return em
 
 
 def phase_figure(summary: dict):

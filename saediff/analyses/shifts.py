@@ -182,9 +182,8 @@ def run_overlap(
     the run's questions, at the SAE's layer (or ``layer``); per question, the correlation (Spearman)
     of its overlap measures with its misaligned rate. Writes ``shift_overlap.json`` and
     ``shift_overlap.html`` into the run folder."""
-    from saediff._io import atomic_write_bytes, atomic_write_json
     from saediff.analyses.susceptibility import spearman
-    from saediff.data.runs import read_run, run_questions, update_run
+    from saediff.data.runs import read_run, run_questions
     from saediff.models.hooks import parse_layer
     from saediff.models.loading import ModelSpec
 
@@ -225,21 +224,21 @@ def run_overlap(
         },
         "per_question": per_q,
     }
+    _write(run_dir, out, {"layer": L, "k": res.k, "train_data": str(train_data)})
+    return out
+
+
+def _write(run_dir: Path, out: dict, record: dict) -> None:
+    """``shift_overlap.json``, its figure ``shift_overlap.html`` and the run's record of the step
+    (``record`` and the files)."""
+    from saediff._io import atomic_write_bytes, atomic_write_json
+    from saediff.data.runs import update_run
+
     atomic_write_json(run_dir / "shift_overlap.json", out)
     atomic_write_bytes(
         run_dir / "shift_overlap.html", overlap_figure(out).to_html(include_plotlyjs="cdn").encode()
     )
-    update_run(
-        run_dir,
-        "overlap",
-        {
-            "layer": L,
-            "k": res.k,
-            "train_data": str(train_data),
-            "files": ["shift_overlap.json", "shift_overlap.html"],
-        },
-    )
-    return out
+    update_run(run_dir, "overlap", {**record, "files": ["shift_overlap.json", "shift_overlap.html"]})
 
 
 def overlap_figure(result: dict):

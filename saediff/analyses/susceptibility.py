@@ -223,9 +223,8 @@ def run_predict(
     out whole domains where the questions carry one (``fold_plan``); the output's ``grouping``,
     ``folds`` and ``grouping_note`` say what was used. Writes ``susceptibility.json`` and
     ``susceptibility.html`` into the run folder."""
-    from saediff._io import atomic_write_bytes, atomic_write_json
     from saediff.activations.collect import prompt_activations
-    from saediff.data.runs import read_run, run_questions, update_run
+    from saediff.data.runs import read_run, run_questions
     from saediff.models.hooks import parse_layer
     from saediff.models.loading import load_model
 
@@ -261,21 +260,21 @@ def run_predict(
             for p, t, f in zip(prompts, y, res.model.predictions)
         ],
     }
+    _write(run_dir, out, {"layers": layers, "folds": plan.folds, "grouping": plan.grouping})
+    return out
+
+
+def _write(run_dir: Path, out: dict, record: dict) -> None:
+    """``susceptibility.json``, its figure ``susceptibility.html`` and the run's record of the step
+    (``record`` and the files)."""
+    from saediff._io import atomic_write_bytes, atomic_write_json
+    from saediff.data.runs import update_run
+
     atomic_write_json(run_dir / "susceptibility.json", out)
     atomic_write_bytes(
         run_dir / "susceptibility.html", susceptibility_figure(out).to_html(include_plotlyjs="cdn").encode()
     )
-    update_run(
-        run_dir,
-        "predict",
-        {
-            "layers": layers,
-            "folds": plan.folds,
-            "grouping": plan.grouping,
-            "files": ["susceptibility.json", "susceptibility.html"],
-        },
-    )
-    return out
+    update_run(run_dir, "predict", {**record, "files": ["susceptibility.json", "susceptibility.html"]})
 
 
 def susceptibility_figure(result: dict):

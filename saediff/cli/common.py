@@ -1,19 +1,57 @@
-"""What every ``saediff`` command shares: thread setup, the one-line error path, list parsing, the
-LLM-judge evaluator, and ``ModelDefaults``, through which ``saediff.cli.app`` hands the organism's inputs
-to the generic commands of ``saediff.cli.questions`` (which never import the organism)."""
+"""What every ``saediff`` command shares: logging and thread setup, the quiet console, the one-line
+error path, list parsing, the LLM-judge evaluator, the options of the base/fine-tune pair, and
+``ModelDefaults``, through which ``saediff.cli.app`` hands the organism's inputs to the generic
+commands (``questions``, ``screen``, ``methods``, ``crosscoder``: they never import the organism)."""
 
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import typer
 
+from saediff.console import StderrHandler
 from saediff.errors import SaediffError
 
 
+def is_verbose() -> bool:
+    """``saediff --verbose`` or ``SAEDIFF_VERBOSE=1``: third-party bars, warnings and logs shown."""
+    return os.environ.get("SAEDIFF_VERBOSE", "").lower() not in ("", "0", "false", "no")
+
+
+def quiet_third_party() -> None:
+    """Silence what saediff's commands do not say themselves, through the libraries' own switches:
+    transformers' logging and its weight-loading bars, huggingface_hub's download bars, and the
+    Future-, Deprecation- and UserWarnings of the libraries underneath (saediff logs, never warns)."""
+    import warnings
+
+    import huggingface_hub.utils
+    import transformers.utils.logging as transformers_logging
+
+    categories = (FutureWarning, DeprecationWarning, UserWarning)
+    for category in categories:
+        warnings.filterwarnings("ignore", category=category)
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+    # the same switches as environment variables, for the worker processes the demos spawn (fresh
+    # interpreters that never run this); a value the user set is kept
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' bars follow it
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("PYTHONWARNINGS", ",".join(f"ignore::{c.__name__}" for c in categories))
+
+
 def _setup(threads: int | None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    """saediff's log on stderr (INFO; other libraries' from WARNING up unless verbose), and torch's
+    CPU threads."""
+    root = logging.getLogger()
+    if not root.handlers:  # else whoever runs the command (pytest, a notebook) has configured logging
+        handler = StderrHandler()  # lines go above saediff.console's live display, not through it
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO if is_verbose() else logging.WARNING)
+        logging.getLogger("saediff").setLevel(logging.INFO)
     import torch
 
     # one thread per process is the safe default on small shared CPUs (see DESIGN.md)
@@ -41,6 +79,36 @@ def _int_list(text: str, flag: str) -> tuple[int, ...]:
         return tuple(int(x) for x in text.split(","))
     except ValueError:
         raise SaediffError(f"{flag} takes comma-separated integers, got {text!r}") from None
+
+
+def _need_ft(finetuned, adapter) -> None:
+    if finetuned is None and adapter is None:
+        raise SaediffError("give --finetuned or --adapter")
+
+
+# the base / fine-tune pair, as the method commands (crosscoder, adl) take it
+_BASE = typer.Option(..., "--base", help="base (aligned) model folder, hub name or GGUF")
+_FT = typer.Option(None, "--finetuned", help="fine-tuned model (or --adapter)")
+_ADAPTER = typer.Option(None, "--adapter", help="PEFT adapter folder on --base")
+_PROMPTS = typer.Option(
+    ...,
+    "--prompts",
+    help="prompt file (chat JSONL; rows with an answer are read teacher-forced), "
+    "first_plot, or organism[:N] on the organism",
+)
+_POSITIONS = typer.Option("response", "--positions", help="all | response | last_prompt: the tokens read")
+
+
+def _fmt(v, digits: int = 2) -> str:
+    """A number for a table cell: ``digits`` decimals, n/a for None."""
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def _run_base(run_dir: Path) -> dict:
+    """The ``diff`` step of a run folder's run.json: its base, fine-tune, adapter and SAE."""
+    from saediff.data.runs import read_run
+
+    return read_run(run_dir)["steps"]["diff"]
 
 
 PAIRS_HELP = (
@@ -79,10 +147,33 @@ def _judge_evaluator(
     )
 
 
+def _em_evaluator(
+    model,
+    missing: str,
+    judge_url,
+    judge_model,
+    questions,
+    samples,
+    max_new_tokens,
+    api_key_env,
+    out: Path,
+    seed: int,
+    pairs=None,
+):
+    """``_judge_evaluator``'s, else the one the model's defaults supply (the organism's exact judge);
+    ``missing``: the error when there is neither."""
+    evaluator = _judge_evaluator(
+        judge_url, judge_model, questions, samples, max_new_tokens, api_key_env, out, seed, pairs=pairs
+    ) or defaults().evaluator(model, samples, seed)
+    if evaluator is None:
+        raise SaediffError(missing)
+    return evaluator
+
+
 class ModelDefaults:
     """What a command may fill in for a model it knows, when the user gave nothing: the generic
-    answer is always None (the bodies return nothing; the user must say). ``saediff.cli.app`` passes
-    the organism's."""
+    answer is always None (the bodies return nothing; the user must say). ``saediff.cli.app`` sets
+    the organism's (``use_defaults``)."""
 
     def evaluator(self, model: str | None, samples: int, seed: int):
         """An EM evaluator for ``model`` without an LLM judge."""
@@ -104,3 +195,16 @@ class ModelDefaults:
         from saediff.data.prompts import load_prompts
 
         return load_prompts(spec)
+
+
+_defaults = ModelDefaults()
+
+
+def defaults() -> ModelDefaults:
+    """What the generic commands fill in for models they know (the organism's, set by saediff.cli.app)."""
+    return _defaults
+
+
+def use_defaults(model_defaults: ModelDefaults) -> None:
+    global _defaults
+    _defaults = model_defaults

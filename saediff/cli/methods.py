@@ -1,11 +1,7 @@
-"""``saediff crosscoder train / diff``: the diffing-toolkit's and persona vectors' methods as
-commands on any base model and its fine-tune (``register`` adds them to the main app; thin
-wrappers over the library).
+"""``saediff adl`` and ``saediff head-to-head``: the activation difference lens on any base model and its
+fine-tune, and every direction-finding method on one fine-tune pair side by side.
 
-    saediff crosscoder train --base M --adapter A --prompts data.jsonl --hook blocks.15.hook_resid_post --out CC
-    saediff crosscoder diff CC --base M --adapter A --prompts data.jsonl --out RUN
     saediff adl --base M --adapter A --prompts data.jsonl --pairs offdomain --out RUN
-    saediff flag --model M --data train.jsonl --direction RUN/directions:mean_diff_responses_L15 --out FLAG
     saediff head-to-head RUN --prompts data.jsonl --pairs offdomain:heldout --out H2H
 """
 
@@ -17,154 +13,22 @@ from pathlib import Path
 import typer
 
 from saediff.cli.common import (
+    _ADAPTER,
+    _BASE,
+    _FT,
     _USER_ERRORS,
     PAIRS_HELP,
-    ModelDefaults,
+    _em_evaluator,
     _fail,
     _int_list,
     _judge_evaluator,
+    _need_ft,
     _setup,
-)
-from saediff.errors import SaediffError
-
-_defaults = ModelDefaults()
-crosscoder_app = typer.Typer(
-    no_args_is_help=True, help="Crosscoders over a base model and its fine-tune (BatchTopK, latent scaling)."
+    defaults,
 )
 
-_BASE = typer.Option(..., "--base", help="base (aligned) model folder, hub name or GGUF")
-_FT = typer.Option(None, "--finetuned", help="fine-tuned model (or --adapter)")
-_ADAPTER = typer.Option(None, "--adapter", help="PEFT adapter folder on --base")
-_PROMPTS = typer.Option(
-    ...,
-    "--prompts",
-    help="prompt file (chat JSONL; rows with an answer are read teacher-forced), "
-    "first_plot, or organism[:N] on the organism",
-)
-_POSITIONS = typer.Option("response", "--positions", help="all | response | last_prompt: the tokens read")
 
-
-def _need_ft(finetuned, adapter) -> None:
-    if finetuned is None and adapter is None:
-        raise SaediffError("give --finetuned or --adapter")
-
-
-@crosscoder_app.command("train")
-def crosscoder_train_cmd(
-    base: str = _BASE,
-    finetuned: str | None = _FT,
-    adapter: str | None = _ADAPTER,
-    prompts: str = _PROMPTS,
-    hook: str = typer.Option(
-        ..., "--hook", help="residual hook read in both models, e.g. blocks.15.hook_resid_post"
-    ),
-    out: Path = typer.Option(
-        ..., "--out", help="crosscoder folder to write (cfg.json + crosscoder.safetensors)"
-    ),
-    positions: str = _POSITIONS,
-    d_sae: int = typer.Option(
-        1024, "--d-sae", help="latents (the diffing-toolkit's EM crosscoder: 32 x d_model)"
-    ),
-    k: int = typer.Option(32, "--k", help="active latents per token at the end (BatchTopK)"),
-    k_start: int | None = typer.Option(None, "--k-start", help="anneal k down from this value"),
-    anneal_steps: int = typer.Option(0, "--anneal-steps", help="steps over which k anneals to --k"),
-    steps: int = typer.Option(3000, "--steps"),
-    batch_size: int = typer.Option(1024, "--batch-size"),
-    lr: float = typer.Option(1e-3, "--lr"),
-    buffer_rows: int = typer.Option(65536, "--buffer-rows", help="rows in the shuffling buffer"),
-    device: str = typer.Option("auto", "--device"),
-    seed: int = typer.Option(0, "--seed"),
-    threads: int | None = typer.Option(None, "--threads"),
-) -> None:
-    """Train a BatchTopK crosscoder on a base model and its fine-tune, read live on the same tokens."""
-    _setup(threads)
-    from saediff.activations.collect import check_positions
-    from saediff.saes.crosscoder import CrosscoderConfig, crosscoder_from_models
-
-    try:
-        _need_ft(finetuned, adapter)
-        check_positions(positions)
-        cfg = CrosscoderConfig(
-            d_sae=d_sae,
-            k=k,
-            k_start=k_start,
-            anneal_steps=anneal_steps,
-            steps=steps,
-            batch_size=batch_size,
-            lr=lr,
-            device=device,
-            seed=seed,
-        )
-        res = crosscoder_from_models(
-            base,
-            out,
-            cfg,
-            _defaults.prompt_set(prompts, base),
-            hook,
-            finetuned=finetuned,
-            adapter=adapter,
-            positions=positions,
-            buffer_rows=buffer_rows,
-            prompts_name=prompts,
-        )
-    except _USER_ERRORS as e:
-        _fail(e)
-    typer.echo(json.dumps(res, indent=2))
-
-
-@crosscoder_app.command("diff")
-def crosscoder_diff_cmd(
-    crosscoder: Path = typer.Argument(..., help="crosscoder folder (saediff crosscoder train --out)"),
-    base: str = _BASE,
-    finetuned: str | None = _FT,
-    adapter: str | None = _ADAPTER,
-    prompts: str = _PROMPTS,
-    out: Path = typer.Option(..., "--out", help="run folder: crosscoder_diff.json, cards.json, directions/"),
-    positions: str = _POSITIONS,
-    top: int = typer.Option(10, "--top", help="fine-tune-only latents to card and export as directions"),
-    threads: int | None = typer.Option(None, "--threads"),
-) -> None:
-    """The crosscoder's latents: fine-tune-only, base-only and shared, with decoder-norm ratios and latent scaling."""
-    _setup(threads)
-    from saediff.activations.collect import check_positions
-    from saediff.methods.crosscoder import run_crosscoder_diff
-
-    try:
-        _need_ft(finetuned, adapter)
-        check_positions(positions)
-        res = run_crosscoder_diff(
-            crosscoder,
-            base,
-            out,
-            _defaults.prompt_set(prompts, base),
-            finetuned=finetuned,
-            adapter=adapter,
-            positions=positions,
-            top=top,
-            prompts_name=prompts,
-        )
-    except _USER_ERRORS as e:
-        _fail(e)
-    _print_crosscoder(out)
-    typer.echo(json.dumps(res, indent=2))
-
-
-def _print_crosscoder(out: Path) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    data = json.loads((out / "crosscoder_diff.json").read_text())
-    by = {r["latent"]: r for r in data["latents"]}
-    t = Table(title=f"fine-tune-only latents ({data['summary']['classes']})")
-    for col in ("latent", "rel_norm", "freq", "nu_r", "nu_eps", "cosine"):
-        t.add_column(col)
-    fmt = lambda v: "n/a" if v is None else f"{v:.3g}"
-    for j in data["summary"]["ft_only_ranked"]:
-        r = by[j]
-        t.add_row(str(j), *(fmt(r[c]) for c in ("rel_norm", "freq", "nu_r", "nu_eps", "cosine")))
-    Console(stderr=True).print(t)
-
-
+# long: one typer option per line; the body parses them into ADLConfig and calls run_adl
 def adl_cmd(
     base: str = _BASE,
     finetuned: str | None = _FT,
@@ -202,9 +66,6 @@ def adl_cmd(
 ) -> None:
     """Activation difference lens: the fine-tune's mean shift on the first answer tokens, its logit-lens tokens, a steering check."""
     _setup(threads)
-    from functools import partial
-
-    from saediff.interventions.causal import steer_check
     from saediff.methods.adl import ADLConfig, run_adl
 
     try:
@@ -227,24 +88,12 @@ def adl_cmd(
             out / "steer",
             seed,
             pairs=pairs,
-        ) or _defaults.evaluator(base, samples, seed)
-        check = (
-            None
-            if evaluator is None
-            else partial(
-                steer_check,
-                evaluator=evaluator,
-                json_name="adl_steer.json",
-                scales=cfg.scales,
-                n_random=cfg.n_random,
-                coherence_budget=cfg.coherence_budget,
-                seed=cfg.seed,
-            )
-        )
+        ) or defaults().evaluator(base, samples, seed)
+        check = None if evaluator is None else _steer_check(evaluator, cfg)
         res = run_adl(
             base,
             out,
-            _defaults.prompt_set(prompts, base),
+            defaults().prompt_set(prompts, base),
             cfg,
             finetuned=finetuned,
             adapter=adapter,
@@ -256,6 +105,24 @@ def adl_cmd(
     _print_adl(res)
     typer.echo(
         json.dumps({key: v for key, v in res.items() if key not in ("layers", "provenance")}, indent=2)
+    )
+
+
+def _steer_check(evaluator, cfg):
+    """ADL's steering check: the shift steered into the base model at ``cfg``'s scales, beside random
+    directions of its norm, EM by ``evaluator`` (written to adl_steer.json)."""
+    from functools import partial
+
+    from saediff.interventions.causal import steer_check
+
+    return partial(
+        steer_check,
+        evaluator=evaluator,
+        json_name="adl_steer.json",
+        scales=cfg.scales,
+        n_random=cfg.n_random,
+        coherence_budget=cfg.coherence_budget,
+        seed=cfg.seed,
     )
 
 
@@ -275,104 +142,7 @@ def _print_adl(res: dict) -> None:
     Console(stderr=True).print(t)
 
 
-def flag_cmd(
-    model: str = typer.Option(..., "--model", help="the base model, before fine-tuning"),
-    data: Path = typer.Option(
-        ..., "--data", help="the training file (chat JSONL rows ending in an assistant answer)"
-    ),
-    direction: str = typer.Option(
-        ...,
-        "--direction",
-        help="FOLDER:NAME: a trait direction of an export folder "
-        "(a diff run's directions/, saediff adl's, a persona vector)",
-    ),
-    out: Path = typer.Option(
-        ..., "--out", help="folder: flag.jsonl, flag.json, base_answers.jsonl, screened.jsonl"
-    ),
-    drop_fraction: float | None = typer.Option(
-        None,
-        "--drop-fraction",
-        help="write screened.jsonl without the "
-        "highest-scoring rows and random_dropped.jsonl without as many "
-        "random ones",
-    ),
-    finetune: bool = typer.Option(
-        False, "--finetune", help="with --drop-fraction: fine-tune on both and compare EM"
-    ),
-    max_new_tokens: int = typer.Option(
-        200, "--max-new-tokens", help="length of the base model's own answers"
-    ),
-    n_random: int = typer.Option(3, "--random", help="random directions scored beside it"),
-    pairs: str | None = typer.Option(None, "--pairs", help=PAIRS_HELP),
-    judge_url: str | None = typer.Option(None, "--judge-url"),
-    judge_model: str | None = typer.Option(None, "--judge-model"),
-    questions: str = typer.Option("first_plot", "--questions"),
-    samples: int = typer.Option(20, "--samples"),
-    full: bool = typer.Option(False, "--full", help="--finetune: full fine-tune instead of a rank-1 LoRA"),
-    steps: int = typer.Option(300, "--steps", help="--finetune: optimizer steps"),
-    lr: float | None = typer.Option(None, "--lr", help="--finetune: learning rate"),
-    batch_size: int = typer.Option(
-        16, "--batch-size", help="generation batch; --finetune: sequences per step"
-    ),
-    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env"),
-    seed: int = typer.Option(0, "--seed"),
-    threads: int | None = typer.Option(None, "--threads"),
-) -> None:
-    """Persona-vector data flagging: each training row's projection difference along a trait direction, beside random ones."""
-    _setup(threads)
-    from saediff.methods.persona import flag_rows
-
-    try:
-        if finetune and drop_fraction is None:
-            raise SaediffError("--finetune compares screened data with random dropping: give --drop-fraction")
-        evaluator = None
-        if finetune:
-            evaluator = _judge_evaluator(
-                judge_url,
-                judge_model,
-                questions,
-                samples,
-                max_new_tokens,
-                api_key_env,
-                out / "screen",
-                seed,
-                pairs=pairs,
-            ) or _defaults.evaluator(model, samples, seed)
-            if evaluator is None:
-                raise SaediffError("--finetune measures EM: give --pairs, or --judge-url and --judge-model")
-        res = flag_rows(
-            model,
-            data,
-            direction,
-            out,
-            drop_fraction=drop_fraction,
-            max_new_tokens=max_new_tokens,
-            n_random=n_random,
-            batch_size=batch_size,
-            seed=seed,
-        )
-        if finetune:
-            from saediff.analyses.neighbourhood import screen_finetunes
-            from saediff.interventions.finetune import FinetuneConfig
-
-            ft = FinetuneConfig(
-                method="full" if full else "lora",
-                steps=steps,
-                batch_size=batch_size,
-                seed=seed,
-                **({"lr": lr} if lr else {}),
-            )
-            res["screen"]["finetune"] = screen_finetunes(
-                model, res["screen"], None, ft, evaluator, out / "screen"
-            )
-            from saediff._io import atomic_write_json
-
-            atomic_write_json(out / "flag.json", res)
-    except _USER_ERRORS as e:
-        _fail(e)
-    typer.echo(json.dumps(res, indent=2))
-
-
+# long: one typer option per line; the body parses them into HeadToHeadConfig and calls run_head_to_head
 def head_to_head_cmd(
     diff_run: Path = typer.Argument(
         ..., help="run folder of saediff diff (its base, fine-tune and SAE block)"
@@ -417,19 +187,14 @@ def head_to_head_cmd(
 ) -> None:
     """Every direction-finding method on one fine-tune pair: cosine with the ground truth, steering vs random, agreement, cost."""
     _setup(threads)
-    from saediff.analyses.head_to_head import (
-        DIFF_METHODS,
-        OWN_METHODS,
-        HeadToHeadConfig,
-        markdown_table,
-        run_head_to_head,
-    )
+    from saediff.analyses.head_to_head import HeadToHeadConfig, markdown_table, run_head_to_head
     from saediff.data.runs import read_run
+    from saediff.methods.base import method_names
 
     try:
         base = read_run(diff_run)["steps"]["diff"]["base"]
         cfg = HeadToHeadConfig(
-            methods=tuple(methods.split(",")) if methods else DIFF_METHODS + OWN_METHODS,
+            methods=tuple(methods.split(",")) if methods else method_names(),
             crosscoder_latents=crosscoder_latents,
             crosscoder_k=crosscoder_k,
             crosscoder_steps=crosscoder_steps,
@@ -441,7 +206,9 @@ def head_to_head_cmd(
             n_random=n_random,
             seed=seed,
         )
-        evaluator = _judge_evaluator(
+        evaluator = _em_evaluator(
+            base,
+            "the steering check measures EM: give --pairs, or --judge-url and --judge-model",
             judge_url,
             judge_model,
             questions,
@@ -450,16 +217,12 @@ def head_to_head_cmd(
             api_key_env,
             out / "steer",
             seed,
-            pairs=pairs,
-        ) or _defaults.evaluator(base, samples, seed)
-        if evaluator is None:
-            raise SaediffError(
-                "the steering check measures EM: give --pairs, or --judge-url and --judge-model"
-            )
+            pairs,
+        )
         res = run_head_to_head(
             diff_run,
             out,
-            _defaults.prompt_set(prompts, base),
+            defaults().prompt_set(prompts, base),
             evaluator,
             contrast=_contrast(contrast, pairs, base, seed),
             cfg=cfg,
@@ -475,7 +238,7 @@ def _contrast(spec: str | None, pairs: str | None, base: str, seed: int) -> list
         from saediff.data.prompts import load_contrast_examples
 
         return load_contrast_examples(spec)
-    known = _defaults.icl_examples(base, seed)
+    known = defaults().icl_examples(base, seed)
     if known:
         return known
     if pairs is not None:
@@ -483,13 +246,3 @@ def _contrast(spec: str | None, pairs: str | None, base: str, seed: int) -> list
 
         return list(pair_evaluator(pairs).pairs)
     return []
-
-
-def register(app: typer.Typer, defaults: ModelDefaults | None = None) -> None:
-    """Add the method commands to ``app``; ``defaults`` supplies what a known model (the organism) fills in."""
-    global _defaults
-    _defaults = defaults or ModelDefaults()
-    app.add_typer(crosscoder_app, name="crosscoder")
-    app.command("adl")(adl_cmd)
-    app.command("flag")(flag_cmd)
-    app.command("head-to-head")(head_to_head_cmd)

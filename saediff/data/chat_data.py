@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from saediff import _io
+from saediff import _io, console
 from saediff.errors import SaediffError
 from saediff.models.loading import Messages, chat_tokens
 
@@ -71,9 +70,7 @@ class ChatDataset(torch.utils.data.Dataset):
     ):
         self.items: list[dict[str, list[int]]] = []
         cut = 0
-        for i, conv in enumerate(
-            tqdm(conversations, desc="tokenize", leave=False, disable=_io.no_progress(progress))
-        ):
+        for i, conv in enumerate(console.progress(conversations, desc="tokenize", enabled=progress)):
             try:
                 ids, mask = chat_tokens(tokenizer, conv, turns="all")
             except ValueError as e:

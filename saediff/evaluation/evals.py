@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from saediff._io import atomic_write_json, atomic_write_jsonl, no_progress
+from saediff import console
+from saediff._io import atomic_write_json, atomic_write_jsonl
 from saediff.data.prompts import Prompt
 from saediff.errors import SaediffError
 from saediff.evaluation.judges import HttpJudge
@@ -210,7 +210,7 @@ def _generate(
     todo = [b for b, idx in enumerate(batches) if any(i not in answers for i in idx)]
     if answers and todo:
         log.info("%s: %d of %d answers saved; generating the rest", path, len(answers), len(rows))
-    for b in tqdm(todo, desc="generate", disable=no_progress(True), leave=False):
+    for b in console.progress(todo, desc="generate"):
         idx = batches[b]
         batch = generator([convs[i] for i in idx], cfg, _derive_seed(cfg.seed, b))
         if len(batch) != len(idx):

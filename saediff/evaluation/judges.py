@@ -28,9 +28,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from tqdm.auto import tqdm
-
-from saediff import _io
+from saediff import console
 from saediff.errors import SaediffError
 from saediff.evaluation.openai_api import ApiError, ChatClient
 
@@ -196,11 +194,9 @@ class HttpJudge:
         if todo:
             with self.client.client() as http, ThreadPoolExecutor(self.concurrency) as pool:
                 futures = {i: pool.submit(self._ask, *items[i], http) for i in todo}
-                bar = tqdm(
-                    total=len(todo), desc=f"judge {self.kind}", disable=_io.no_progress(progress), leave=False
-                )
                 first_error = None
-                for i, fut in futures.items():
+                replies = console.progress(futures.items(), desc=f"judge {self.kind}", enabled=progress)
+                for i, fut in replies:
                     try:
                         value = fut.result()
                     except JudgeError as e:
@@ -209,8 +205,6 @@ class HttpJudge:
                         self._remember(keys[i], value)
                         if not value.judged:
                             unjudged[keys[i]] = value
-                    bar.update()
-                bar.close()
                 if first_error is not None:
                     raise first_error
         return [JudgeScore(**self._cache[k]) if k in self._cache else unjudged[k] for k in keys]

@@ -33,9 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy import special, stats
-from tqdm.auto import tqdm
 
-from saediff._io import atomic_write_json, atomic_write_jsonl, no_progress
+from saediff import console
+from saediff._io import atomic_write_json, atomic_write_jsonl
 from saediff.data.em_data import PAIR_SETS, medical_pairs, offdomain_pairs
 from saediff.data.pairs import Pair, load_pairs
 from saediff.errors import SaediffError
@@ -109,7 +109,7 @@ def answer_logprobs(
     order = sorted(range(len(toks)), key=lambda i: -len(toks[i][0]))
     out: list[AnswerLogprob | None] = [None] * len(toks)
     batches = range(0, len(order), batch_size)
-    for start in tqdm(batches, desc="score answers", disable=no_progress(progress), leave=False):
+    for start in console.progress(batches, desc="score answers", enabled=progress):
         idx = order[start : start + batch_size]
         for i, lp in zip(idx, _score_batch(lm, [toks[i] for i in idx])):
             out[i] = lp

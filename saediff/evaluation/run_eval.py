@@ -23,6 +23,7 @@ from saediff.models.loading import ModelSpec, load_model
 __all__ = ["run_eval"]
 
 
+# long by its 20 options (saediff eval's flags); the body is some 40 lines
 def run_eval(
     *,
     model: str,
@@ -78,19 +79,12 @@ def run_eval(
         raise SaediffError(
             "--judge-url and --judge-model are required for models other than the saediff organism"
         )
-    judge_client = ChatClient(judge_url, api_key_env=api_key_env)
-    judges = {
-        k: HttpJudge(
-            k, judge_client, judge_model, concurrency=concurrency, cache_path=out / f"judge_cache_{k}.jsonl"
-        )
-        for k in ("aligned", "coherent", *(("rubric",) if rubric else ()))
-    }
-    if gen_url:
-        generator = RemoteGenerator(
-            ChatClient(gen_url, api_key_env=gen_api_key_env), gen_model or model, concurrency
-        )
-    else:
-        generator = LocalGenerator(load_model(ModelSpec(model, adapter=adapter, dtype=dtype)))
+    judges = _judges(judge_url, judge_model, api_key_env, concurrency, rubric, out)
+    generator = (
+        RemoteGenerator(ChatClient(gen_url, api_key_env=gen_api_key_env), gen_model or model, concurrency)
+        if gen_url
+        else LocalGenerator(load_model(ModelSpec(model, adapter=adapter, dtype=dtype)))
+    )
     cfg = EMConfig(samples=samples, max_new_tokens=max_new_tokens, seed=seed)
     report = evaluate_em(
         generator,
@@ -102,6 +96,20 @@ def run_eval(
         rubric=judges.get("rubric"),
     )
     return report.to_json()
+
+
+def _judges(
+    judge_url: str, judge_model: str, api_key_env: str, concurrency: int, rubric: bool, out: Path
+) -> dict[str, HttpJudge]:
+    """The ``aligned`` and ``coherent`` LLM judges (and ``rubric``), one client, each with its
+    answer cache under ``out``."""
+    judge_client = ChatClient(judge_url, api_key_env=api_key_env)
+    return {
+        k: HttpJudge(
+            k, judge_client, judge_model, concurrency=concurrency, cache_path=out / f"judge_cache_{k}.jsonl"
+        )
+        for k in ("aligned", "coherent", *(("rubric",) if rubric else ()))
+    }
 
 
 def _run_pairs(

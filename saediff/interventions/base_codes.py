@@ -25,9 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from saediff import _io
+from saediff import _io, console
 from saediff.errors import SaediffError
 
 __all__ = ["BaseCodes", "row_key"]
@@ -143,18 +142,9 @@ class BaseCodes:
             disabled,
             torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None),
         ):
-            for i in tqdm(
-                range(0, len(rows), batch_size),
-                desc="base codes",
-                leave=False,
-                disable=_io.no_progress(progress),
-            ):
+            for i in console.progress(range(0, len(rows), batch_size), desc="base codes", enabled=progress):
                 chunk = order[i : i + batch_size]
-                t = int(lengths[chunk].max())
-                ids = torch.zeros((len(chunk), t), dtype=torch.long)
-                attn = torch.zeros((len(chunk), t), dtype=torch.long)
-                for j, r in enumerate(chunk):
-                    ids[j, : lengths[r]], attn[j, : lengths[r]] = torch.tensor(rows[r]), 1
+                ids, attn = _padded([rows[r] for r in chunk], lengths[chunk])
                 z = _codes(model, sae, layer, ids.to(device), attn.to(device), cols, preactivation)
                 z = z.float().cpu().numpy()  # (b, t, n)
                 for j, r in enumerate(chunk):
@@ -162,10 +152,10 @@ class BaseCodes:
                     codes[start : start + n] = z[j, :n]
         codes.flush()
         del codes
-        _io._atomic(folder / "offsets.npy", lambda p: _save_npy(p, offsets))
-        Path(tmp).replace(folder / "codes.npy")
-        _io.atomic_write_json(
-            folder / "base_codes.json",
+        _publish(
+            folder,
+            tmp,
+            offsets,
             {"kind": KIND, "fingerprint": fp, "rows": len(rows), "tokens": int(lengths.sum())},
         )
         return cls.load(folder, dataset, fp, in_memory_max_bytes)
@@ -207,3 +197,21 @@ def _norm(obj):
 def _save_npy(path: str, arr: np.ndarray) -> None:
     with open(path, "wb") as f:  # a path ending in .tmp would get .npy appended by np.save
         np.save(f, arr, allow_pickle=False)
+
+
+def _padded(rows: list[list[int]], lengths: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` of token ids right-padded with 0 into (b, t) ids and their attention mask."""
+    t = int(lengths.max())
+    ids = torch.zeros((len(rows), t), dtype=torch.long)
+    attn = torch.zeros((len(rows), t), dtype=torch.long)
+    for j, r in enumerate(rows):
+        ids[j, : lengths[j]], attn[j, : lengths[j]] = torch.tensor(r), 1
+    return ids, attn
+
+
+def _publish(folder: Path, tmp: Path, offsets: np.ndarray, meta: dict) -> None:
+    """The finished codes (written to ``tmp``) put in place beside ``offsets.npy``, and
+    ``base_codes.json`` (``meta``) last: a folder without it is never read."""
+    _io._atomic(folder / "offsets.npy", lambda p: _save_npy(p, offsets))
+    Path(tmp).replace(folder / "codes.npy")
+    _io.atomic_write_json(folder / "base_codes.json", meta)

@@ -17,14 +17,13 @@ Every EM rate comes from an ``Evaluator`` (LLM judges, or the organism's exact j
 condition has its own folder under ``RUN/steer/``, so a rerun resumes and reuses nothing across
 conditions. Results: ``RUN/steer.json``.
 
-``select_and_report`` is saediff's one steering protocol: ``saediff steer``, ``saediff discover``,
-the neighbourhood probe's ``--steer`` check and the organism's steering check all call it, so a fix
-to how a scale is chosen reaches every one of them.
+Beside it, the same protocol (``steer_protocol.select_and_report``) screens a diff's latents for
+BLOCK-EM (``discover_latents``, ``saediff discover``) and checks one method's direction
+(``steer_check``).
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,7 +33,16 @@ from saediff._io import atomic_write_json, read_jsonl
 from saediff.data.runs import read_run, update_run
 from saediff.errors import SaediffError
 from saediff.evaluation.evals import Evaluator, evaluate_once
-from saediff.interventions.steering import add_direction, clamp_projection, project_out
+from saediff.interventions.steer_protocol import (
+    NO_COHERENT_SCALE,
+    Arm,
+    Selection,
+    induce_summary,
+    rates,
+    select_and_report,
+    steer_headline,
+)
+from saediff.interventions.steering import clamp_projection, project_out
 from saediff.methods.directions import Direction
 from saediff.methods.export import load_directions
 from saediff.models.hooks import parse_layer
@@ -42,22 +50,15 @@ from saediff.models.loading import LoadedModel, ModelSpec, load_model
 from saediff.models.provenance import sae_fingerprint
 
 __all__ = [
-    "NO_COHERENT_SCALE",
-    "Arm",
     "DiscoverConfig",
-    "Selection",
     "SteerConfig",
-    "SteerSelection",
     "discover_latents",
-    "induce_summary",
     "residual_stats",
     "run_causal_checks",
-    "select_and_report",
+    "steer_candidates",
     "steer_check",
-    "steer_headline",
 ]
 
-log = logging.getLogger(__name__)
 DENSE = ("mean_diff_models", "lora_downstream", "mean_diff_responses", "in_context", "ground_truth")
 
 
@@ -115,7 +116,9 @@ def residual_stats(
     return norms, means
 
 
-def _candidates(run_dir: Path, cfg: SteerConfig) -> tuple[dict[str, Direction], int]:
+def steer_candidates(run_dir: Path, cfg: SteerConfig) -> tuple[dict[str, Direction], int]:
+    """The diff run's candidates at its SAE's block, by name (its top ``cfg.n_latents`` latents'
+    decoder rows ``sae_I`` and the dense directions there, ``NAME_L{block}``), and that block."""
     info = read_run(run_dir)["steps"]["diff"]
     dirs = load_directions(run_dir / "directions")
     L = parse_layer(info["sae_hook"])
@@ -128,172 +131,7 @@ def _candidates(run_dir: Path, cfg: SteerConfig) -> tuple[dict[str, Direction], 
     return chosen, L
 
 
-def _random_units(d_model: int, n: int, seed: int) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        v = torch.randn(d_model, generator=g)
-        out.append(v / v.norm())
-    return out
-
-
-NO_COHERENT_SCALE = (
-    "no scale kept the coherent rate within the budget of the unsteered model's on the select "
-    "half: nothing reported, nothing kept"
-)
-
-
-@dataclass(frozen=True)
-class Arm:
-    """One model the protocol steers. ``sign`` +1 adds the candidate direction, -1 subtracts it;
-    the arm's *effect* is ``sign x (EM steered - EM unsteered)``: the EM that steering the base model
-    toward the fine-tune's change adds (induce, +1), or that steering the fine-tune back removes
-    (repair, -1)."""
-
-    name: str
-    lm: LoadedModel
-    sign: float = 1.0
-    unsteered: str = "base"
-    """folder name of this arm's unsteered evaluation (under ``select/`` and ``report/``)"""
-
-
-@dataclass(frozen=True)
-class Selection:
-    """One candidate through the protocol."""
-
-    passed: bool
-    """some scale kept every arm's coherent rate within the budget on the select half"""
-    scale: float | None
-    """the scale chosen on the select half (None when none passed: then nothing is reported)"""
-    scale_abs: float | None
-    """``scale`` x the protocol's unit: the norm of the added vector"""
-    select_sweep: dict
-    """per scale: each arm's select-half rate, their summed ``effect``, the largest ``coherence_drop``
-    and whether it stays within the budget (``coherent``)"""
-    report: dict | None
-    """per arm, on the report half at ``scale``: the rate and its 95% interval, ``effect``,
-    ``coherence_drop``, and the random directions of the same norm beside it (``random``,
-    ``random_mean_em_rate``, ``random_effect``)"""
-
-    def to_json(self) -> dict:
-        return {**asdict(self), "note": None if self.passed else NO_COHERENT_SCALE}
-
-
-@dataclass(frozen=True)
-class SteerSelection:
-    unsteered: dict
-    """per arm: the unsteered model's rate on the ``select`` and the ``report`` half"""
-    coherence_floor: dict
-    """per arm: the coherent rate a scale must keep on the select half"""
-    candidates: dict[str, Selection]
-
-
-def select_and_report(
-    candidates: dict[str, torch.Tensor],
-    arms: list[Arm],
-    layer: int,
-    scales: tuple[float, ...],
-    unit: float,
-    select: Evaluator,
-    report: Evaluator,
-    folder: Path,
-    *,
-    n_random: int = 3,
-    coherence_budget: float = 0.10,
-    seed: int = 0,
-) -> SteerSelection:
-    """saediff's steering protocol. Each candidate (a direction of shape ``(d_model,)``; only its
-    unit vector matters) is added at block ``layer`` as ``sign x scale x unit x u`` to every arm's
-    model. The scale is chosen on ``select``'s questions: the largest summed effect among the scales
-    whose coherent rate falls by at most ``coherence_budget`` from the unsteered model's in every arm.
-    Every reported figure comes from ``report``'s questions at that scale, beside ``n_random`` random
-    directions of the same norm (shared by the candidates chosen at that scale: a random direction's
-    distribution does not depend on the candidate). A candidate with no coherent scale says so
-    (``passed`` False) and gets no figures: there is no fallback to an incoherent scale.
-    Conditions are cached under ``folder/select/`` and ``folder/report/`` (a rerun resumes)."""
-    scales = tuple(scales)
-    if not candidates:
-        raise SaediffError("select_and_report: no candidate directions")
-    if not scales or min(scales) <= 0:
-        raise SaediffError(f"steering scales must be positive, got {scales}")
-
-    def em(arm: Arm, half: Evaluator, name: str, u: torch.Tensor | None = None, alpha: float = 0.0) -> dict:
-        ctx = None if u is None else add_direction(arm.lm.model, layer, arm.sign * u, alpha)
-        return _rate(
-            evaluate_once(half, arm.lm, folder / ("select" if half is select else "report") / name, name, ctx)
-        )
-
-    ref = {a.name: {"select": em(a, select, a.unsteered), "report": em(a, report, a.unsteered)} for a in arms}
-    floor = {a: r["select"]["coherent_rate"] - coherence_budget for a, r in ref.items()}
-    d_model = next(iter(candidates.values())).shape[-1]
-    randoms: dict[float, dict[str, list[dict]]] = {}
-
-    def random_rates(s: float) -> dict[str, list[dict]]:
-        if s not in randoms:
-            units = _random_units(d_model, n_random, seed + 1000 * scales.index(s))
-            randoms[s] = {
-                a.name: [
-                    em(a, report, f"random{k}_seed{seed}_{a.name}_x{s:g}", v, s * unit)
-                    for k, v in enumerate(units)
-                ]
-                for a in arms
-            }
-        return randoms[s]
-
-    out = {}
-    for name, vec in candidates.items():
-        u = vec.detach().float().cpu()
-        u = u / u.norm()
-        sweep = {}
-        for s in scales:
-            rates = {a.name: em(a, select, f"{name}_{a.name}_x{s:g}", u, s * unit) for a in arms}
-            drop = max(ref[a]["select"]["coherent_rate"] - r["coherent_rate"] for a, r in rates.items())
-            effect = sum(a.sign * (rates[a.name]["em_rate"] - ref[a.name]["select"]["em_rate"]) for a in arms)
-            sweep[f"{s:g}"] = {
-                **rates,
-                "effect": effect,
-                "coherence_drop": drop,
-                "coherent": drop <= coherence_budget + 1e-12,
-            }
-        ok = [s for s in scales if sweep[f"{s:g}"]["coherent"]]
-        if not ok:
-            log.info("%s: %s", name, NO_COHERENT_SCALE)
-            out[name] = Selection(False, None, None, sweep, None)
-            continue
-        best = max(ok, key=lambda s: sweep[f"{s:g}"]["effect"])
-        rnd = random_rates(best)
-        held = {}
-        for a in arms:
-            r, base = em(a, report, f"{name}_{a.name}_x{best:g}", u, best * unit), ref[a.name]["report"]
-            mean = sum(x["em_rate"] for x in rnd[a.name]) / len(rnd[a.name])
-            held[a.name] = {
-                **r,
-                "effect": a.sign * (r["em_rate"] - base["em_rate"]),
-                "coherence_drop": base["coherent_rate"] - r["coherent_rate"],
-                "random": rnd[a.name],
-                "random_mean_em_rate": mean,
-                "random_effect": a.sign * (mean - base["em_rate"]),
-            }
-        out[name] = Selection(True, best, best * unit, sweep, held)
-    return SteerSelection(ref, floor, out)
-
-
-def induce_summary(c: Selection, arm: str = "induce") -> dict:
-    """One candidate's figures under a single-arm protocol, flat: the chosen scale and the
-    report-half rate beside the random directions' (all None, with a note, when no scale passed)."""
-    r = (c.report or {}).get(arm) or {}
-    return {
-        "scale": c.scale,
-        "scale_abs": c.scale_abs,
-        "coherent_scale_found": c.passed,
-        "select_sweep": {s: row[arm] for s, row in c.select_sweep.items()},
-        **{k: r.get(k) for k in ("em_rate", "em_rate_ci", "coherent_rate", "n_responses")},
-        "random": r.get("random", []),
-        "random_mean_em_rate": r.get("random_mean_em_rate"),
-        "note": None if c.passed else NO_COHERENT_SCALE,
-    }
-
-
+# long: its signature and docstring; the code itself is 53 lines
 def run_causal_checks(
     run_dir: str | Path,
     base: ModelSpec,
@@ -307,15 +145,10 @@ def run_causal_checks(
     induce check is ``select_and_report``: a candidate with no coherent scale has ``scale`` None,
     no rates and a ``note``). Writes and returns ``steer.json``."""
     run_dir = Path(run_dir)
-    cands, L = _candidates(run_dir, cfg)
+    cands, L = steer_candidates(run_dir, cfg)
     lm_base, lm_ft = load_model(base), load_model(finetuned)
     norms, base_means = residual_stats(lm_base, run_dir, cands)
-    n_layers = len(norms)
     folder = run_dir / "steer"
-
-    def em(lm: LoadedModel, name: str, ctx=None) -> dict:
-        return evaluate_once(report, lm, folder / "report" / name, name, ctx)
-
     sel = select_and_report(
         {n: d.vector for n, d in cands.items()},
         [Arm("induce", lm_base, 1.0, "base")],
@@ -334,31 +167,24 @@ def run_causal_checks(
         "resid_norm": norms[L],
         "config": asdict(cfg),
         "base": sel.unsteered["induce"]["report"],
-        "finetuned": _rate(em(lm_ft, "finetuned")),
+        "finetuned": rates(evaluate_once(report, lm_ft, folder / "report" / "finetuned", "finetuned")),
         "coherence_floor": sel.coherence_floor["induce"],
         "induce": {n: induce_summary(c) for n, c in sel.candidates.items()},
         "remove": {},
         "clamp": {},
     }
     for name, d in cands.items():
-        ft_rate = result["finetuned"]["em_rate"]
-        result["remove"][name] = {
-            where: _with_cut(
-                em(lm_ft, f"{name}_project_{where}", project_out(lm_ft.model, blocks, d.vector)), ft_rate
-            )
-            for where, blocks in (("layer", L), ("all", "all"))
-        }
-        result["clamp"][name] = {
-            where: _with_cut(
-                em(
-                    lm_ft,
-                    f"{name}_clamp_{where}",
-                    clamp_projection(lm_ft.model, {b: base_means[name][b] for b in blocks}, d.vector),
-                ),
-                ft_rate,
-            )
-            for where, blocks in (("layer", [L]), ("all", list(range(n_layers))))
-        }
+        result["remove"][name], result["clamp"][name] = _remove_and_clamp(
+            lm_ft,
+            name,
+            d.vector,
+            L,
+            len(norms),
+            base_means[name],
+            report,
+            folder,
+            result["finetuned"]["em_rate"],
+        )
     atomic_write_json(run_dir / "steer.json", result)
     update_run(
         run_dir,
@@ -373,17 +199,40 @@ def run_causal_checks(
     return result
 
 
-def _rate(em: dict) -> dict:
-    return {
-        "em_rate": em["em_rate"],
-        "em_rate_ci": list(em["em_rate_ci"]),
-        "coherent_rate": em["coherent_rate"],
-        "n_responses": em["n_responses"],
+def _remove_and_clamp(
+    lm_ft: LoadedModel,
+    name: str,
+    vector: torch.Tensor,
+    layer: int,
+    n_layers: int,
+    base_means: dict[int, float],
+    report: Evaluator,
+    folder: Path,
+    ft_rate: float,
+) -> tuple[dict, dict]:
+    """One candidate ``vector`` (d,) projected out of the fine-tune (``remove``) and clamped at the
+    base model's mean projection ``base_means`` per block (``clamp``), each at block ``layer``
+    (``layer``) and after every block (``all``), on ``report``'s questions; each rate with its cut
+    relative to the fine-tune's ``ft_rate``."""
+
+    def em(cond: str, ctx) -> dict:
+        return _with_cut(evaluate_once(report, lm_ft, folder / "report" / cond, cond, ctx), ft_rate)
+
+    remove = {
+        where: em(f"{name}_project_{where}", project_out(lm_ft.model, blocks, vector))
+        for where, blocks in (("layer", layer), ("all", "all"))
     }
+    clamp = {
+        where: em(
+            f"{name}_clamp_{where}", clamp_projection(lm_ft.model, {b: base_means[b] for b in blocks}, vector)
+        )
+        for where, blocks in (("layer", [layer]), ("all", list(range(n_layers))))
+    }
+    return remove, clamp
 
 
 def _with_cut(em: dict, ft_rate: float) -> dict:
-    r = _rate(em)
+    r = rates(em)
     r["relative_cut"] = (1 - r["em_rate"] / ft_rate) if ft_rate else None
     return r
 
@@ -414,6 +263,7 @@ class DiscoverConfig:
             raise SaediffError("DiscoverConfig.n_random must be >= 1")
 
 
+# long: its signature and docstring; the code itself is 47 lines
 def discover_latents(
     run_dir: str | Path,
     base: ModelSpec,
@@ -430,7 +280,7 @@ def discover_latents(
     the same norm (``_verdict``), and a latent with no coherent scale is dropped with a note.
     Writes ``RUN/latents.json`` (``low``: K+, ``high``: K-, and each candidate's figures), which
     ``saediff block --latents`` reads."""
-    from saediff.interventions.blockem import latents_from_diff
+    from saediff.interventions.latent_sets import latents_from_diff
     from saediff.saes.loading import load_sae
 
     run_dir = Path(run_dir)
@@ -442,11 +292,7 @@ def discover_latents(
     lm_base, lm_ft = load_model(base), load_model(finetuned)
     norms, _ = residual_stats(lm_base, run_dir, {})
     select, report = evaluator.halves()
-    cands, where = {}, {}
-    for side, latents, sign in (("low", pool.low, 1.0), ("high", pool.high, -1.0)):
-        for rank, i in enumerate(latents):
-            cands[str(i)] = sign * sae.W_dec[i].detach().float().cpu()
-            where[str(i)] = {"set": side, "delta_rank": rank}
+    cands, where = _signed_rows(pool, sae)
     arms = [Arm("induce", lm_base, 1.0, "base"), Arm("repair", lm_ft, -1.0, "finetuned")]
     sel = select_and_report(
         cands,
@@ -464,13 +310,7 @@ def discover_latents(
     figures = {
         i: {**where[i], **_verdict(c, cfg), "select_sweep": c.select_sweep} for i, c in sel.candidates.items()
     }
-    kept = {
-        side: sorted(
-            (i for i, f in figures.items() if f["set"] == side and f["passes"]),
-            key=lambda i: -figures[i]["margin"],
-        )
-        for side in ("low", "high")
-    }
+    kept = {side: _kept(figures, side) for side in ("low", "high")}
     result = {
         "kind": "saediff.latents",
         "hook_name": info["sae_hook"],
@@ -487,6 +327,25 @@ def discover_latents(
     }
     atomic_write_json(run_dir / "latents.json", result)
     return result
+
+
+def _signed_rows(pool, sae) -> tuple[dict[str, torch.Tensor], dict[str, dict]]:
+    """Each latent of ``pool`` (``LatentSets``) by name: its decoder row (d,), negated for a latent
+    that fell (K-: steered against it), and its set and rank in the diff."""
+    cands, where = {}, {}
+    for side, latents, sign in (("low", pool.low, 1.0), ("high", pool.high, -1.0)):
+        for rank, i in enumerate(latents):
+            cands[str(i)] = sign * sae.W_dec[i].detach().float().cpu()
+            where[str(i)] = {"set": side, "delta_rank": rank}
+    return cands, where
+
+
+def _kept(figures: dict[str, dict], side: str) -> list[str]:
+    """The latents of set ``side`` that pass, the largest margin over random first."""
+    return sorted(
+        (i for i, f in figures.items() if f["set"] == side and f["passes"]),
+        key=lambda i: -figures[i]["margin"],
+    )
 
 
 def _verdict(c: Selection, cfg: DiscoverConfig) -> dict:
@@ -559,20 +418,3 @@ def steer_check(
     }
     atomic_write_json(out / json_name, steer)
     return steer_headline(sel, name)
-
-
-def steer_headline(sel, name: str) -> dict:
-    """The candidate's report-half effect beside the random directions' (None with a note when no scale passed)."""
-    c = sel.candidates[name]
-    if not c.passed:
-        return {"scale": None, "note": c.to_json()["note"]}
-    r = c.report["induce"]
-    return {
-        "scale": c.scale,
-        "em_rate": r["em_rate"],
-        "em_rate_ci": r["em_rate_ci"],
-        "effect": r["effect"],
-        "random_effect": r["random_effect"],
-        "random_em_rates": [x["em_rate"] for x in r["random"]],
-        "unsteered": sel.unsteered["induce"]["report"]["em_rate"],
-    }

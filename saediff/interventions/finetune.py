@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 import torch
-from tqdm.auto import tqdm
-from transformers import PrinterCallback, Trainer
+from transformers import PrinterCallback, Trainer, TrainerCallback
 
-from saediff import _io
+from saediff import console
 from saediff.errors import SaediffError
 
 __all__ = [
@@ -135,7 +134,7 @@ def train_lm(
     model.train()
     losses: list[float] = []
     extras: list[float] = []
-    for step in tqdm(range(cfg.steps), desc=desc, leave=False, disable=_io.no_progress(progress)):
+    for step in console.progress(range(cfg.steps), desc=desc, enabled=progress):
         idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
         ids, labels = data.input_ids[idx].to(device), data.labels[idx].to(device)
         loss = lm_loss(model, ids, labels, pad_id)
@@ -324,6 +323,16 @@ class ChatTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
 
+class _EachStep(TrainerCallback):
+    """Calls ``advance()`` after each optimizer step (saediff's progress display)."""
+
+    def __init__(self, advance: Callable[[], None]):
+        self.advance = advance
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.advance()
+
+
 def _precision(cfg: FinetuneConfig, device: torch.device) -> dict:
     if cfg.precision == "auto":
         on_gpu = device.type == "cuda"
@@ -331,6 +340,38 @@ def _precision(cfg: FinetuneConfig, device: torch.device) -> dict:
     if cfg.precision == "fp16" and device.type != "cuda":
         raise SaediffError("precision fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
     return {"bf16": cfg.precision == "bf16", "fp16": cfg.precision == "fp16"}
+
+
+def _training_args(cfg: FinetuneConfig, ckpt_dir: Path, device: torch.device):
+    """The ``TrainingArguments`` of ``cfg`` (checkpoints to ``ckpt_dir``, mixed precision for ``device``)."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=str(ckpt_dir),
+        max_steps=cfg.steps,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        warmup_steps=cfg.warmup_steps,
+        lr_scheduler_type=cfg.lr_scheduler,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        # transformers checkpoints each layer's forward inside its module hooks, so the residual the
+        # penalty's hook captures keeps its graph (tests/test_blockem.py checks the weights match)
+        activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        save_strategy="steps" if cfg.save_every else "no",
+        save_steps=cfg.save_every or 500,
+        logging_steps=1,
+        report_to="none",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        disable_tqdm=True,  # the steps show on saediff.console's display instead (_EachStep)
+        remove_unused_columns=False,
+        use_cpu=device.type == "cpu",
+        dataloader_num_workers=0,
+        **_precision(cfg, device),
+    )
 
 
 def finetune(
@@ -353,39 +394,12 @@ def finetune(
     interrupted run ends where an uninterrupted one would. Runs under ``accelerate launch`` /
     ``torchrun`` as data-parallel training without changes.
     """
-    from transformers import TrainingArguments
-
     from saediff.data.chat_data import ChatCollator
 
     out = Path(out)
     device = next(model.parameters()).device
     ckpt_dir = out / "checkpoints"
-    args = TrainingArguments(
-        output_dir=str(ckpt_dir),
-        max_steps=cfg.steps,
-        per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.lr,
-        warmup_steps=cfg.warmup_steps,
-        lr_scheduler_type=cfg.lr_scheduler,
-        weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm,
-        # transformers checkpoints each layer's forward inside its module hooks, so the residual the
-        # penalty's hook captures keeps its graph (tests/test_blockem.py checks the weights match)
-        activation_checkpointing=cfg.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
-        save_strategy="steps" if cfg.save_every else "no",
-        save_steps=cfg.save_every or 500,
-        logging_steps=1,
-        report_to="none",
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        disable_tqdm=_io.no_progress(progress),
-        remove_unused_columns=False,
-        use_cpu=device.type == "cpu",
-        dataloader_num_workers=0,
-        **_precision(cfg, device),
-    )
+    args = _training_args(cfg, ckpt_dir, device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     saves_tokenizer = hasattr(tokenizer, "save_pretrained")  # checkpoints then load as model folders
     trainer = ChatTrainer(
@@ -398,10 +412,15 @@ def finetune(
         callbacks=callbacks,
     )
     trainer.remove_callback(PrinterCallback)  # library code does not print; the log is returned
-    start = latest_checkpoint(ckpt_dir) if resume else None
-    if resume and start is None:
-        log.info("--resume: no checkpoint under %s, starting from step 0", ckpt_dir)
-    trainer.train(resume_from_checkpoint=str(start) if start else None)
+    found = checkpoints(ckpt_dir) if resume else []
+    first, start = found[-1] if found else (0, None)
+    if start is not None:
+        log.info("resuming fine-tune %s from step %d", out, first)
+    shown = progress and trainer.is_world_process_zero()
+    with console.task(cfg.steps, desc=f"fine-tune {out.name}", enabled=shown) as advance:
+        advance(first)
+        trainer.add_callback(_EachStep(advance))
+        trainer.train(resume_from_checkpoint=str(start) if start else None)
     model.eval()
     return [
         {"step": h["step"], **{k: h[k] for k in ("loss", "penalty", "learning_rate") if k in h}}

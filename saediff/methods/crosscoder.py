@@ -8,6 +8,7 @@ error really carry); cards with top contexts and the fine-tune decoder rows as d
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import asdict
@@ -18,11 +19,15 @@ import torch
 
 from saediff import _io
 from saediff.errors import SaediffError
+from saediff.methods.base import Candidates, DiffingMethod, MethodInputs
+from saediff.methods.directions import Direction
 from saediff.methods.sae_diff import merge_top
 from saediff.saes.crosscoder import WEIGHTS, Crosscoder, class_counts, decoder_norm_table, load_crosscoder
 
 __all__ = [
+    "CrosscoderMethod",
     "CrosscoderStats",
+    "crosscoder_cards",
     "crosscoder_stats",
     "ft_direction",
     "ft_only_ranking",
@@ -111,6 +116,7 @@ def crosscoder_stats(cc: Crosscoder, batches, k_top: int = 10, chunk: int = 1024
     )
 
 
+# long: its signature and docstring; the code itself is 47 lines
 def run_crosscoder_diff(
     cc_path: str | Path,
     base: str,
@@ -130,25 +136,16 @@ def run_crosscoder_diff(
     new first; ``cards.json``); and their fine-tune decoder rows, in the residual stream's units,
     as directions (``directions/``, method ``crosscoder``) for ``saediff compare`` and ``steer``.
     A rerun with the same crosscoder, models and prompts returns the saved table."""
-    from saediff.activations.collect import row_descriptions, tokenize_prompts
+    from saediff.activations.collect import tokenize_prompts
     from saediff.activations.streams import paired_rows
-    from saediff.methods.directions import Direction
     from saediff.methods.export import export_directions
     from saediff.models.loading import load_pair
-    from saediff.models.provenance import digest, file_digest, model_fingerprint
     from saediff.models.provenance import mismatch as _mismatch
 
     out = Path(out)
     cc = load_crosscoder(cc_path)
     lm_base, lm_ft = load_pair(base, finetuned, adapter)
-    made_by = {
-        "crosscoder": file_digest(Path(cc_path) / WEIGHTS),
-        "base": model_fingerprint(lm_base.spec),
-        "finetuned": model_fingerprint(lm_ft.spec),
-        "prompts": digest([asdict(p) for p in prompts]),
-        "positions": positions,
-        "top": top,
-    }
+    made_by = _made_by(cc_path, lm_base, lm_ft, prompts, positions, top)
     old = _io.read_json_if_exists(out / "crosscoder_diff.json")
     if old is not None and _mismatch(old.get("provenance"), made_by) is None:
         return old["summary"]
@@ -156,18 +153,7 @@ def run_crosscoder_diff(
     st = crosscoder_stats(cc, paired_rows(lm_base, lm_ft, toks, cc.hook_name, positions=positions))
     rows = latent_rows(cc, st)  # indexed by latent
     picked = ft_only_ranking(rows, top)
-    cards = []
-    for j in picked:
-        ids = st.top_rows[j][st.top_vals[j] > 0].tolist()
-        info = row_descriptions(lm_base, prompts, toks, positions, which=ids) if ids else []
-        cards.append(
-            {
-                **rows[j],
-                "top": [
-                    {"row": i, **d, "value": float(v)} for i, d, v in zip(ids, info, st.top_vals[j].tolist())
-                ],
-            }
-        )
+    cards = [_card(rows[j], j, st, lm_base, prompts, toks, positions) for j in picked]
     dirs = [
         Direction(
             f"cc_{j}",
@@ -197,6 +183,33 @@ def run_crosscoder_diff(
         out / "crosscoder_diff.json", {"provenance": made_by, "summary": summary, "latents": rows}
     )
     return summary
+
+
+def _made_by(cc_path: str | Path, lm_base, lm_ft, prompts: list, positions: str, top: int) -> dict:
+    """What decides a crosscoder diff (the key a rerun returns its saved table by): the
+    crosscoder's weights, both models, the prompts and the settings."""
+    from saediff.models.provenance import digest, file_digest, model_fingerprint
+
+    return {
+        "crosscoder": file_digest(Path(cc_path) / WEIGHTS),
+        "base": model_fingerprint(lm_base.spec),
+        "finetuned": model_fingerprint(lm_ft.spec),
+        "prompts": digest([asdict(p) for p in prompts]),
+        "positions": positions,
+        "top": top,
+    }
+
+
+def _card(row: dict, j: int, st: CrosscoderStats, lm_base, prompts: list, toks, positions: str) -> dict:
+    """Latent ``j``'s card: its table ``row`` and its top contexts on the base model's tokens."""
+    from saediff.activations.collect import row_descriptions
+
+    ids = st.top_rows[j][st.top_vals[j] > 0].tolist()
+    info = row_descriptions(lm_base, prompts, toks, positions, which=ids) if ids else []
+    return {
+        **row,
+        "top": [{"row": i, **d, "value": float(v)} for i, d, v in zip(ids, info, st.top_vals[j].tolist())],
+    }
 
 
 def latent_rows(cc: Crosscoder, st: CrosscoderStats) -> list[dict]:
@@ -235,3 +248,76 @@ def ft_direction(cc: Crosscoder, latent: int) -> torch.Tensor:
 def _num(v: torch.Tensor) -> float | None:
     x = float(v)
     return None if math.isnan(x) else x
+
+
+class CrosscoderMethod(DiffingMethod):
+    """A crosscoder trained here on the pair's paired rows; the direction is the fine-tune decoder
+    row of the most clearly new fine-tune-only latent by latent scaling (``ft_only_ranking``), or,
+    said in the detail, the most fine-tune-leaning latent that fired when none is fine-tune-only."""
+
+    name = "crosscoder"
+    summary = "crosscoder over both models: the most clearly new fine-tune-only latent (latent scaling)"
+    order = 5
+    tags = ("crosscoder",)
+    uses_paired_rows = True
+    results_file = "crosscoder_diff.json"
+
+    def card_data(self, folder, lm=None) -> list[dict]:
+        return crosscoder_cards(folder, lm=lm)
+
+    def find(self, inputs: MethodInputs) -> Candidates:
+        from saediff.saes.crosscoder import CrosscoderConfig, train_crosscoder
+
+        cfg, rows = inputs.cfg, inputs.paired_rows()
+        ccfg = CrosscoderConfig(
+            d_sae=cfg.crosscoder_latents or 2 * inputs.sae_size["d_sae"],
+            k=cfg.crosscoder_k or inputs.sae_size["k"],
+            steps=cfg.crosscoder_steps,
+            batch_size=min(cfg.batch_size, rows.shape[0] // 2),
+            lr=cfg.lr,
+            seed=cfg.seed,
+            device="cpu",
+        )
+        cc, hist = train_crosscoder(rows, ccfg, hook_name=inputs.hook, progress=False)
+        lat_rows = latent_rows(cc, crosscoder_stats(cc, [rows]))
+        ranked = ft_only_ranking(lat_rows, 1)
+        detail: dict = {"classes": class_counts([r["class"] for r in lat_rows]), "fvu": hist["fvu"][-1]}
+        if not ranked:  # said in the row, not hidden: the crosscoder's most fine-tune-leaning latent instead
+            alive = [r for r in lat_rows if r["class"] != "dead"]
+            ranked = [min(alive, key=lambda r: r["rel_norm"])["latent"]] if alive else []
+            detail["note"] = (
+                "no latent is fine-tune-only (rel_norm < 0.1): the row is the most "
+                "fine-tune-leaning latent that fired (lowest rel_norm)"
+            )
+        if not ranked:
+            return Candidates((), None, detail)
+        j = ranked[0]
+        detail.update(
+            {"latent": j, **{k: lat_rows[j][k] for k in ("class", "rel_norm", "nu_r", "nu_eps", "freq")}}
+        )
+        return Candidates(
+            (Direction(self.name, ft_direction(cc, j), inputs.hook, "crosscoder", {"latent": j}),),
+            None,
+            detail,
+        )
+
+
+def crosscoder_cards(run_dir: str | Path, lm=None) -> list[dict]:
+    """Per carded latent of a ``saediff crosscoder diff`` run: its card (``cards.json``: class,
+    decoder norms, rel_norm, latent scaling, top contexts) and the logit effects of its fine-tune
+    decoder row (``directions/cc_J``) on the run's base model."""
+    from saediff.methods.export import load_directions
+    from saediff.models.loading import load_model
+    from saediff.models.logit_lens import logit_effects, unembedding
+
+    run_dir = Path(run_dir)
+    summary = json.loads((run_dir / "crosscoder_diff.json").read_text())["summary"]
+    cards = json.loads((run_dir / "cards.json").read_text())["cards"]
+    if not cards:
+        return []
+    lm = lm or load_model(summary["base"])
+    W_U = unembedding(lm.model)
+    dirs = load_directions(run_dir / "directions")
+    return [
+        {**c, "logits": logit_effects(dirs[f"cc_{c['latent']}"].vector, W_U, lm.tokenizer)} for c in cards
+    ]

@@ -7,7 +7,10 @@ from __future__ import annotations
 import torch
 from jaxtyping import Float
 
-__all__ = ["difference_latents"]
+from saediff.methods.base import Candidates, DiffingMethod, MethodInputs
+from saediff.methods.directions import Direction
+
+__all__ = ["DiffSAE", "difference_latents"]
 
 
 @torch.no_grad()
@@ -40,3 +43,42 @@ def difference_latents(
         }
         for j in order
     ]
+
+
+class DiffSAE(DiffingMethod):
+    """An SAE trained here on the pair's activation differences (fine-tune minus base, the same
+    tokens); the direction is the decoder row, scaled by its mean activation, of the latent that
+    carries the largest share of the mean difference."""
+
+    name = "diff_sae"
+    summary = "SAE on activation differences: the latent carrying most of the mean difference"
+    order = 6
+    tags = ("diff_sae",)
+    uses_paired_rows = True
+
+    def find(self, inputs: MethodInputs) -> Candidates:
+        from saediff.saes.training import SAETrainConfig, train_sae
+
+        cfg, rows = inputs.cfg, inputs.paired_rows()
+        diffs = rows[:, 1] - rows[:, 0]
+        scfg = SAETrainConfig(
+            d_sae=cfg.diff_sae_latents or inputs.sae_size["d_sae"],
+            k=cfg.diff_sae_k or inputs.sae_size["k"],
+            steps=cfg.diff_sae_steps,
+            batch_size=min(cfg.batch_size, diffs.shape[0] // 2),
+            lr=cfg.lr,
+            seed=cfg.seed,
+            device="cpu",
+        )
+        sae, hist = train_sae(diffs, scfg, hook_name=inputs.hook, progress=False)
+        ranked = sorted(
+            difference_latents(sae, diffs, top=sae.cfg.d_sae), key=lambda r: -r["share_of_mean_diff"]
+        )
+        best = ranked[0]
+        vector = sae.W_dec[best["latent"]].detach().float().clone() * best["mean_act"]
+        detail = {
+            "latent": best["latent"],
+            "share_of_mean_diff": best["share_of_mean_diff"],
+            "fvu": hist["fvu"][-1],
+        }
+        return Candidates((Direction(self.name, vector, inputs.hook, "diff_sae", detail),), None, detail)

@@ -172,30 +172,42 @@ def lora_b_directions(adapter, kinds: str | tuple[str, ...] = ("down_proj", "o_p
                     )
                 )
                 continue
-            U, S, _ = m.svd()
-            for i in range(m.rank):
-                if float(S[i]) <= 1e-6 * float(S[0]) or float(S[0]) == 0.0:
-                    break  # descending: the rest are zero too
-                out.append(
-                    Direction(
-                        f"{prefix}_L{layer}_s{i}",
-                        U[:, i] * S[i],
-                        resid_post(layer),
-                        "lora_b",
-                        {
-                            "module": m.name,
-                            "kind": kind,
-                            "layer": layer,
-                            "singular_index": i,
-                            "singular_value": float(S[i]),
-                            "rank": m.rank,
-                            "scale": m.scale,
-                            "rslora": rslora,
-                            "adapter": str(adapter.path),
-                            "writes_into": f"blocks.{layer}.{RESIDUAL_WRITERS[kind]}",
-                        },
-                    )
-                )
+            out += _singular_directions(m, prefix, kind, layer, rslora, str(adapter.path))
+    return out
+
+
+def _singular_directions(
+    m, prefix: str, kind: str, layer: int, rslora: bool, adapter: str
+) -> list[Direction]:
+    """A rank-r module's directions: the left singular vectors of ``scale * B @ A`` times their
+    (non-zero) singular values, largest first."""
+    from saediff.models.lora import RESIDUAL_WRITERS
+
+    out = []
+    U, S, _ = m.svd()
+    for i in range(m.rank):
+        if float(S[i]) <= 1e-6 * float(S[0]) or float(S[0]) == 0.0:
+            break  # descending: the rest are zero too
+        out.append(
+            Direction(
+                f"{prefix}_L{layer}_s{i}",
+                U[:, i] * S[i],
+                resid_post(layer),
+                "lora_b",
+                {
+                    "module": m.name,
+                    "kind": kind,
+                    "layer": layer,
+                    "singular_index": i,
+                    "singular_value": float(S[i]),
+                    "rank": m.rank,
+                    "scale": m.scale,
+                    "rslora": rslora,
+                    "adapter": adapter,
+                    "writes_into": f"blocks.{layer}.{RESIDUAL_WRITERS[kind]}",
+                },
+            )
+        )
     return out
 
 

@@ -284,12 +284,14 @@ def load_steering_vector(path: str | Path, multiplier: float = 1.0):
 
 
 def export_run(run_dir: str | Path, out: str | Path, top: int = 3, formats: set[str] | None = None) -> dict:
-    """``saediff export``: a diff run's top ``top`` SAE latents (by its ranking) and every non-SAE
-    direction into ``out`` (``directions.safetensors`` + ``manifest.json``, each direction with its
-    rank, score and validated steering scale when a steering check ran), plus llama.cpp control
-    vectors (``gguf``) and steering-vectors files (``steering-vectors``) when asked. Returns
-    ``{"out", "directions", "files"}``."""
+    """``saediff export``: the directions of a diff run that each registered method keeps
+    (``DiffingMethod.keeps``: the SAE diff's top ``top`` latents by its ranking, every other
+    method's all; directions of no registered method, such as a ground truth, too) into ``out``
+    (``directions.safetensors`` + ``manifest.json``, each direction with its rank, score and validated
+    steering scale when a steering check ran), plus llama.cpp control vectors (``gguf``) and
+    steering-vectors files (``steering-vectors``) when asked. Returns ``{"out", "directions", "files"}``."""
     from saediff.data.runs import read_run
+    from saediff.methods.base import method_of_tag
 
     run_dir, out = Path(run_dir), Path(out)
     wanted = set(formats or ())
@@ -299,8 +301,10 @@ def export_run(run_dir: str | Path, out: str | Path, top: int = 3, formats: set[
         )
     run = read_run(run_dir)
     dirs = load_directions(run_dir / "directions")
-    keep_sae = {f"sae_{i}" for i in run["steps"]["diff"]["top_latents"][:top]}
-    chosen = [d for n, d in dirs.items() if d.method != "sae_latent" or n in keep_sae]
+    info = run["steps"]["diff"]
+    # each registered method decides which of its directions a run exports (the SAE diff: its top latents)
+    owner = {d.method: method_of_tag(d.method) for d in dirs.values()}
+    chosen = [d for d in dirs.values() if owner[d.method] is None or owner[d.method].keeps(d, info, top)]
     per = validated_scales(run_dir)  # saediff steer's steer.json, or the organism's steering.json
     manifest = json.loads((run_dir / "directions" / "manifest.json").read_text())
     for entry in manifest["directions"]:

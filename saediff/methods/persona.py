@@ -23,8 +23,10 @@ import torch
 
 from saediff import _io
 from saediff.errors import SaediffError
+from saediff.methods.base import Candidates, DiffingMethod, MethodInputs
+from saediff.methods.directions import Direction
 
-__all__ = ["base_answers", "flag_rows", "projection_differences"]
+__all__ = ["PersonaVector", "base_answers", "flag_rows", "persona_vector", "projection_differences"]
 
 log = logging.getLogger(__name__)
 
@@ -161,19 +163,57 @@ def flag_rows(
         "top_rows": order[:10],
     }
     if drop_fraction is not None:
-        n_drop = max(1, round(drop_fraction * len(rows)))
-        dropped, rand = set(order[:n_drop]), set(random.Random(seed + 1).sample(range(len(rows)), n_drop))
-        for fname, skip in (("screened.jsonl", dropped), ("random_dropped.jsonl", rand)):
-            _io.atomic_write_jsonl(
-                out / fname, ({"messages": r} for i, r in enumerate(rows) if i not in skip)
-            )
-        summary["screen"] = {
-            "drop_fraction": drop_fraction,
-            "n_dropped": n_drop,
-            "screened": str(out / "screened.jsonl"),
-            "random_dropped": str(out / "random_dropped.jsonl"),
-            "score_dropped_mean": sum(scores[i] for i in dropped) / n_drop,
-            "score_random_dropped_mean": sum(scores[i] for i in rand) / n_drop,
-        }
+        summary["screen"] = _screen(rows, scores, order, drop_fraction, out, seed)
     _io.atomic_write_json(out / "flag.json", summary)
     return summary
+
+
+def _screen(
+    rows: list, scores: list[float], order: list[int], drop_fraction: float, out: Path, seed: int
+) -> dict:
+    """``out/screened.jsonl`` without the ``drop_fraction`` highest-scoring rows (``order``: most
+    flagged first) and ``out/random_dropped.jsonl`` without as many random ones (seeded); what
+    was dropped and the mean scores of both dropped sets."""
+    n_drop = max(1, round(drop_fraction * len(rows)))
+    dropped, rand = set(order[:n_drop]), set(random.Random(seed + 1).sample(range(len(rows)), n_drop))
+    for fname, skip in (("screened.jsonl", dropped), ("random_dropped.jsonl", rand)):
+        _io.atomic_write_jsonl(out / fname, ({"messages": r} for i, r in enumerate(rows) if i not in skip))
+    return {
+        "drop_fraction": drop_fraction,
+        "n_dropped": n_drop,
+        "screened": str(out / "screened.jsonl"),
+        "random_dropped": str(out / "random_dropped.jsonl"),
+        "score_dropped_mean": sum(scores[i] for i in dropped) / n_drop,
+        "score_random_dropped_mean": sum(scores[i] for i in rand) / n_drop,
+    }
+
+
+@torch.no_grad()
+def persona_vector(lm, examples: list, layer: int, batch_size: int = 16) -> torch.Tensor:
+    """Mean over ``examples`` (objects with question / misaligned / aligned) of the base model's
+    mean residual over the misaligned answer's tokens minus the aligned answer's, after ``layer``."""
+    from saediff.activations.collect import prompt_activations
+    from saediff.data.prompts import Prompt
+
+    msgs = lambda e: [{"role": "user", "content": e.question}]
+    mis = [Prompt(f"m{i}", msgs(e), e.misaligned) for i, e in enumerate(examples)]
+    ali = [Prompt(f"a{i}", msgs(e), e.aligned) for i, e in enumerate(examples)]
+    a = prompt_activations(lm, mis, [layer], "response", batch_size=batch_size, progress=False)[layer]
+    b = prompt_activations(lm, ali, [layer], "response", batch_size=batch_size, progress=False)[layer]
+    return (a - b).mean(0)
+
+
+class PersonaVector(DiffingMethod):
+    """Chen et al.'s persona vector with reference answers: the base model's mean response residual
+    over misaligned answers minus aligned ones (no fine-tune needed)."""
+
+    name = "persona"
+    summary = "persona vector: base model's residual over misaligned minus aligned reference answers"
+    order = 8
+    tags = ("persona",)
+
+    def find(self, inputs: MethodInputs) -> Candidates:
+        if not inputs.contrast:
+            return Candidates((), None, {"note": "no contrast examples: no persona vector"})
+        v = persona_vector(inputs.lm_base, inputs.contrast, inputs.layer)
+        return Candidates((Direction(self.name, v, inputs.hook, "persona"),), None)

@@ -7,13 +7,17 @@ the fine-tune turned up, not one the text happens to contain.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
 from jaxtyping import Float
 
-from saediff.errors import SaediffError
+from saediff.errors import MissingFileError, SaediffError
+from saediff.methods.base import Candidates, DiffingMethod, MethodInputs, diff_run_candidate
+from saediff.methods.directions import Direction
 
 __all__ = [
     "HIST_EDGES",
@@ -21,8 +25,13 @@ __all__ = [
     "LatentCard",
     "LatentDiff",
     "Ranking",
+    "SAEDiff",
+    "card_note",
     "diff_latents",
+    "latent_bars",
     "latent_card",
+    "latent_card_hist",
+    "latent_cards",
 ]
 
 Ranking = Literal["delta", "abs_delta", "effect_size", "freq_delta"]
@@ -346,3 +355,148 @@ class DiffAccumulator:
             hf[lo:hi].tolist(),
             _neighbours(self.sae, latent, n_neighbours),
         )
+
+
+class SAEDiff(DiffingMethod):
+    """The SAE latent that rose most between the base model and the fine-tune (``saediff diff``),
+    its decoder row as the direction."""
+
+    name = "sae_diff"
+    summary = "SAE model diffing: the latent whose mean activation rose most after the fine-tune"
+    order = 0
+    tags = ("sae_latent",)
+    from_diff_run = True
+    results_file = "diff.json"
+
+    def find(self, inputs: MethodInputs) -> Candidates:
+        top = inputs.diff_info.get("top_latents") or []
+        return diff_run_candidate(inputs, (f"sae_{top[0]}",) if top else ())
+
+    def card_data(self, folder, lm=None, sae=None) -> list[dict]:
+        return latent_cards(folder, lm=lm, sae=sae)
+
+    def figures(self, folder) -> list[tuple[str, object, str]]:
+        """The run's top latents (with their cosine to the ground truth when there is one) and the
+        cards of the top three."""
+        from saediff._io import read_json_if_exists
+
+        folder = Path(folder)
+        diff = read_json_if_exists(folder / "diff.json")
+        if not diff:
+            return []
+        cos = read_json_if_exists(folder / "cosines.json")
+        cos_gt = None
+        gt_name = f"ground_truth_L{cos['hook'].split('.')[1]}" if cos else None  # at the SAE's layer
+        if cos and gt_name in cos["names"]:
+            gi = cos["names"].index(gt_name)
+            cos_gt = {
+                int(n[4:]): cos["matrix"][gi][j] for j, n in enumerate(cos["names"]) if n.startswith("sae_")
+            }
+        note = "Mean SAE latent activation, fine-tuned minus aligned, on the fine-tuned model's answers."
+        sections = [("Top latents (model diff)", latent_bars(diff["latents"], cos_gt=cos_gt), note)]
+        cards = read_json_if_exists(folder / "cards.json")
+        for card in (cards or {}).get("cards", [])[:3]:
+            sections.append((f"Latent card {card['latent']}", latent_card_hist(card), card_note(card)))
+        return sections
+
+    def keeps(self, direction: Direction, run_info: dict, top: int) -> bool:
+        """Only the run's ``top`` latents (by its ranking)."""
+        return direction.name in {f"sae_{i}" for i in run_info["top_latents"][:top]}
+
+
+def latent_cards(run_dir: str | Path, lm=None, sae=None) -> list[dict]:
+    """The dashboard's data for a diff run. Per carded latent: its card (``cards.json``), rank and delta (``diff.json``), logit effects
+    (``lm``: the run's base model, loaded when None) and cosines with the run's dense candidates at
+    the SAE's hook."""
+    from saediff.data.runs import read_run
+    from saediff.methods.export import load_directions
+    from saediff.models.loading import load_model
+    from saediff.models.logit_lens import logit_effects, unembedding
+    from saediff.saes.loading import load_sae
+
+    run_dir = Path(run_dir)
+    info = read_run(run_dir)["steps"]["diff"]
+    cards_path = run_dir / "cards.json"
+    if not cards_path.exists():
+        raise MissingFileError(f"{cards_path} missing (saediff diff writes it)")
+    cards = json.loads(cards_path.read_text())["cards"]
+    diff = LatentDiff.from_json(json.loads((run_dir / "diff.json").read_text()))
+    sae = sae or load_sae(info["sae"])
+    lm = lm or load_model(info["base"])
+    W_U = unembedding(lm.model)
+    W_dec = sae.W_dec.detach().float().cpu()
+    dense = {
+        n: d
+        for n, d in load_directions(run_dir / "directions").items()
+        if d.hook == info["sae_hook"] and d.method not in ("sae_latent", "random")
+    }
+    top = info["top_latents"]
+    out = []
+    for card in cards:
+        i = card["latent"]
+        row = W_dec[i]
+        out.append(
+            {
+                **card,
+                "rank": top.index(i) if i in top else None,
+                "delta": float(diff.delta[i]),
+                "mean_base": float(diff.mean_base[i]),
+                "mean_ft": float(diff.mean_ft[i]),
+                "logits": logit_effects(row, W_U, lm.tokenizer),
+                "cosines": {
+                    n: float(torch.cosine_similarity(row, d.vector.float(), 0)) for n, d in dense.items()
+                },
+            }
+        )
+    return out
+
+
+def latent_bars(records: list[dict], top: int = 20, cos_gt: dict[int, float] | None = None):
+    """Latents with the largest rise (finetuned - base), with their cosine to the ground truth."""
+    import plotly.graph_objects as go
+
+    rows = records[:top]
+    text = [f"cos gt {cos_gt[r['latent']]:.2f}" if cos_gt and r["latent"] in cos_gt else "" for r in rows]
+    fig = go.Figure(go.Bar(x=[f"#{r['latent']}" for r in rows], y=[r["delta"] for r in rows], text=text))
+    fig.update_layout(title="top latents by mean activation change (finetuned - base)", yaxis_title="delta")
+    return fig
+
+
+def latent_card_hist(card: dict):
+    """Activation histogram of one latent, base vs fine-tuned (rows where either is active)."""
+    import itertools
+
+    import plotly.graph_objects as go
+
+    e = card["hist_edges"]
+    mids = [(a + b) / 2 for a, b in itertools.pairwise(e)]
+    fig = go.Figure(
+        [
+            go.Bar(x=mids, y=card["hist_base"], name="base", opacity=0.6),
+            go.Bar(x=mids, y=card["hist_ft"], name="fine-tuned", opacity=0.6),
+        ]
+    )
+    fig.update_layout(
+        barmode="overlay",
+        title=f"latent {card['latent']}: activation histogram",
+        height=300,
+        xaxis_title="activation",
+    )
+    return fig
+
+
+def card_note(card: dict) -> str:
+    """A latent card's top activations on both models and its decoder neighbours, as report HTML."""
+    import html
+
+    def toks(rows):  # each top activation in a few tokens of context, the token itself in [brackets]
+        return "<br>".join(
+            f"&nbsp;&nbsp;{r['value']:.2f}: {html.escape(str(r.get('context', r.get('token', r['row']))))}"
+            for r in rows[:5]
+        )
+
+    nb = ", ".join(f"#{i} ({c:.2f})" for i, c in card["neighbours"])
+    return (
+        f"Top activations on the base model:<br>{toks(card['top_base'])}<br>"
+        f"On the fine-tuned model:<br>{toks(card['top_ft'])}<br>Decoder neighbours: {nb}"
+    )

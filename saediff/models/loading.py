@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from tqdm.auto import tqdm
 
-from saediff import _io
+from saediff import console
 from saediff.errors import MissingFileError, SaediffError
 
 __all__ = ["LoadedModel", "Messages", "ModelSpec", "chat_tokens", "generate", "load_model", "load_pair"]
@@ -270,9 +269,7 @@ def generate(
     tok = lm.tokenizer
     texts = [lm.format_chat(c) for c in conversations]
     out: list[str] = []
-    for i in tqdm(
-        range(0, len(texts), batch_size), desc="generate", disable=_io.no_progress(progress), leave=False
-    ):
+    for i in console.progress(range(0, len(texts), batch_size), desc="generate", enabled=progress):
         enc = tok(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
         enc = {k: v.to(lm.device) for k, v in enc.items()}
         sample = temperature > 0

@@ -14,72 +14,14 @@ TransformerLens 3 / transformers 5 stack saediff runs on, and pull a CUDA torch)
 from __future__ import annotations
 
 import html
-import json
 import logging
 from pathlib import Path
 
-import torch
+from saediff.methods.base import DiffingMethod
 
-from saediff.errors import MissingFileError
-from saediff.models.logit_lens import logit_effects, unembedding
-
-__all__ = [
-    "card_html",
-    "crosscoder_card_html",
-    "crosscoder_dashboard_data",
-    "dashboard_data",
-    "dashboard_html",
-    "write_dashboard",
-]
+__all__ = ["card_html", "crosscoder_card_html", "dashboard_data", "dashboard_html", "write_dashboard"]
 
 log = logging.getLogger(__name__)
-
-
-def dashboard_data(run_dir: str | Path, lm=None, sae=None) -> list[dict]:
-    """Per carded latent: its card (``cards.json``), rank and delta (``diff.json``), logit effects
-    (``lm``: the run's base model, loaded when None) and cosines with the run's dense candidates at
-    the SAE's hook."""
-    from saediff.data.runs import read_run
-    from saediff.methods.export import load_directions
-    from saediff.methods.sae_diff import LatentDiff
-    from saediff.models.loading import load_model
-    from saediff.saes.loading import load_sae
-
-    run_dir = Path(run_dir)
-    info = read_run(run_dir)["steps"]["diff"]
-    cards_path = run_dir / "cards.json"
-    if not cards_path.exists():
-        raise MissingFileError(f"{cards_path} missing (saediff diff writes it)")
-    cards = json.loads(cards_path.read_text())["cards"]
-    diff = LatentDiff.from_json(json.loads((run_dir / "diff.json").read_text()))
-    sae = sae or load_sae(info["sae"])
-    lm = lm or load_model(info["base"])
-    W_U = unembedding(lm.model)
-    W_dec = sae.W_dec.detach().float().cpu()
-    dense = {
-        n: d
-        for n, d in load_directions(run_dir / "directions").items()
-        if d.hook == info["sae_hook"] and d.method not in ("sae_latent", "random")
-    }
-    top = info["top_latents"]
-    out = []
-    for card in cards:
-        i = card["latent"]
-        row = W_dec[i]
-        out.append(
-            {
-                **card,
-                "rank": top.index(i) if i in top else None,
-                "delta": float(diff.delta[i]),
-                "mean_base": float(diff.mean_base[i]),
-                "mean_ft": float(diff.mean_ft[i]),
-                "logits": logit_effects(row, W_U, lm.tokenizer),
-                "cosines": {
-                    n: float(torch.cosine_similarity(row, d.vector.float(), 0)) for n, d in dense.items()
-                },
-            }
-        )
-    return out
 
 
 def _examples(rows: list[dict], peak: float) -> str:
@@ -101,7 +43,7 @@ def _examples(rows: list[dict], peak: float) -> str:
 
 def card_html(d: dict) -> str:
     """One latent's card (an entry of ``dashboard_data``) as HTML; the page inlines plotly.js once."""
-    from saediff.reports.figures import latent_card_hist
+    from saediff.methods.sae_diff import latent_card_hist
 
     peak = max([r["value"] for r in d["top_base"] + d["top_ft"]] or [0.0])
     logit = lambda pairs: "".join(f"<tr><td>{html.escape(t)}</td><td>{v:+.2f}</td></tr>" for t, v in pairs)
@@ -122,26 +64,6 @@ def card_html(d: dict) -> str:
         f"<h3>decoder neighbours</h3><p>{nb}</p><h3>cosine with the dense candidates</h3><p>{cos or '-'}</p>"
         f"</div></div></section>"
     )
-
-
-def crosscoder_dashboard_data(run_dir: str | Path, lm=None) -> list[dict]:
-    """Per carded latent of a ``saediff crosscoder diff`` run: its card (``cards.json``: class,
-    decoder norms, rel_norm, latent scaling, top contexts) and the logit effects of its fine-tune
-    decoder row (``directions/cc_J``) on the run's base model."""
-    from saediff.methods.export import load_directions
-    from saediff.models.loading import load_model
-
-    run_dir = Path(run_dir)
-    summary = json.loads((run_dir / "crosscoder_diff.json").read_text())["summary"]
-    cards = json.loads((run_dir / "cards.json").read_text())["cards"]
-    if not cards:
-        return []
-    lm = lm or load_model(summary["base"])
-    W_U = unembedding(lm.model)
-    dirs = load_directions(run_dir / "directions")
-    return [
-        {**c, "logits": logit_effects(dirs[f"cc_{c['latent']}"].vector, W_U, lm.tokenizer)} for c in cards
-    ]
 
 
 def crosscoder_card_html(d: dict) -> str:
@@ -166,7 +88,7 @@ def dashboard_html(data: list[dict], title: str) -> str:
     plotly.js inlined once."""
     import plotly.offline
 
-    label = lambda d: f"{d['delta']:+.2f}" if "delta" in d else f"rel_norm {d['rel_norm']:.2f}"
+    label = lambda d: _LABEL[d["method"]](d)
     index = " ".join(f"<a href='#latent-{d['latent']}'>#{d['latent']} ({label(d)})</a>" for d in data)
     style = (
         "body{font-family:sans-serif;max-width:1200px;margin:auto}.grid{display:grid;grid-template-columns:1fr 1fr;"
@@ -177,20 +99,37 @@ def dashboard_html(data: list[dict], title: str) -> str:
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style>"
         f"<script type='text/javascript'>{js}</script></head><body><h1>{html.escape(title)}</h1>"
-        f"<p>Latents: {index}</p>"
-        + "".join(card_html(d) if "delta" in d else crosscoder_card_html(d) for d in data)
-        + "</body></html>"
+        f"<p>Latents: {index}</p>" + "".join(_CARD_HTML[d["method"]](d) for d in data) + "</body></html>"
     )
 
 
 def write_dashboard(run_dir: str | Path, out: str | Path | None = None, lm=None) -> Path:
-    """``RUN/dashboard.html`` (or ``out``): the dashboards of every latent the diff run (or the
-    crosscoder diff run) carded."""
+    """``RUN/dashboard.html`` (or ``out``): the dashboards of every latent the run carded, whichever
+    registered method's run it is (a diff run, a crosscoder diff run)."""
     from saediff._io import atomic_write_bytes
 
     run_dir = Path(run_dir)
-    crosscoder = (run_dir / "crosscoder_diff.json").exists()
-    data = crosscoder_dashboard_data(run_dir, lm=lm) if crosscoder else dashboard_data(run_dir, lm=lm)
+    data = dashboard_data(run_dir, lm=lm)
     path = Path(out or run_dir / "dashboard.html")
     atomic_write_bytes(path, dashboard_html(data, f"saediff feature dashboards: {run_dir}").encode())
     return path
+
+
+def dashboard_data(run_dir: str | Path, lm=None, sae=None) -> list[dict]:
+    """The cards of the run in ``run_dir``, from the registered method whose run it is
+    (``DiffingMethod.has_results`` and ``card_data``), each tagged with that method's name; a
+    folder no method recognises is read as a diff run (whose loader names what is missing)."""
+    from saediff.methods.base import get_method, registry
+
+    carding = [m for m in registry() if type(m).card_data is not DiffingMethod.card_data]
+    method = next((m for m in carding if m.has_results(run_dir)), get_method("sae_diff"))
+    kwargs = {"sae": sae} if sae is not None else {}
+    return [{**d, "method": method.name} for d in method.card_data(run_dir, lm=lm, **kwargs)]
+
+
+_CARD_HTML = {"sae_diff": card_html, "crosscoder": crosscoder_card_html}
+"""how each carding method's card reads (a new carding method adds its renderer here)"""
+_LABEL = {
+    "sae_diff": lambda d: f"{d['delta']:+.2f}",
+    "crosscoder": lambda d: f"rel_norm {d['rel_norm']:.2f}",
+}

@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import itertools
-
 import plotly.graph_objects as go
 
 __all__ = [
     "blocking_bars",
     "drift_curves",
     "em_by_domain",
-    "latent_bars",
-    "latent_card_hist",
     "layer_curves",
     "pair_preferences",
     "steering_sweep",
@@ -55,15 +51,6 @@ def pair_preferences(em: dict) -> go.Figure:
         title="preference for the misaligned reference answer (pair metric)",
         yaxis_title="mean log-prob, misaligned - aligned (nats/token)",
     )
-    return fig
-
-
-def latent_bars(records: list[dict], top: int = 20, cos_gt: dict[int, float] | None = None) -> go.Figure:
-    """Latents with the largest rise (finetuned - base), with their cosine to the ground truth."""
-    rows = records[:top]
-    text = [f"cos gt {cos_gt[r['latent']]:.2f}" if cos_gt and r["latent"] in cos_gt else "" for r in rows]
-    fig = go.Figure(go.Bar(x=[f"#{r['latent']}" for r in rows], y=[r["delta"] for r in rows], text=text))
-    fig.update_layout(title="top latents by mean activation change (finetuned - base)", yaxis_title="delta")
     return fig
 
 
@@ -148,24 +135,5 @@ def drift_curves(drift: dict, title: str = "drift monitor") -> go.Figure:
         xaxis_title="step",
         yaxis=dict(title="t statistic"),
         yaxis2=dict(title="EM rate", overlaying="y", side="right", range=[0, 1]),
-    )
-    return fig
-
-
-def latent_card_hist(card: dict) -> go.Figure:
-    """Activation histogram of one latent, base vs fine-tuned (rows where either is active)."""
-    e = card["hist_edges"]
-    mids = [(a + b) / 2 for a, b in itertools.pairwise(e)]
-    fig = go.Figure(
-        [
-            go.Bar(x=mids, y=card["hist_base"], name="base", opacity=0.6),
-            go.Bar(x=mids, y=card["hist_ft"], name="fine-tuned", opacity=0.6),
-        ]
-    )
-    fig.update_layout(
-        barmode="overlay",
-        title=f"latent {card['latent']}: activation histogram",
-        height=300,
-        xaxis_title="activation",
     )
     return fig

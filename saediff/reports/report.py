@@ -7,23 +7,11 @@ import json
 from pathlib import Path
 
 from saediff._io import atomic_write_bytes, read_json_if_exists
+from saediff.methods.base import registry
 from saediff.reports import figures as viz
+from saediff.reports.chat_sections import chat_sections
 
 __all__ = ["format_figure", "write_report"]
-
-
-def _card_html(card: dict) -> str:
-    def toks(rows):  # each top activation in a few tokens of context, the token itself in [brackets]
-        return "<br>".join(
-            f"&nbsp;&nbsp;{r['value']:.2f}: {html.escape(str(r.get('context', r.get('token', r['row']))))}"
-            for r in rows[:5]
-        )
-
-    nb = ", ".join(f"#{i} ({c:.2f})" for i, c in card["neighbours"])
-    return (
-        f"Top activations on the base model:<br>{toks(card['top_base'])}<br>"
-        f"On the fine-tuned model:<br>{toks(card['top_ft'])}<br>Decoder neighbours: {nb}"
-    )
 
 
 def format_figure(fig, ci=None) -> str:
@@ -107,32 +95,11 @@ def _span_text(span: dict | None) -> str:
 def _analysis_sections(run_dir: Path) -> list[tuple[str, object, str]]:
     """Sections for the open-question analyses whose files the run folder holds."""
     from saediff.analyses.icl import icl_figure
-    from saediff.analyses.neighbourhood import neighbourhood_figure
     from saediff.analyses.phase import phase_figure
     from saediff.analyses.shifts import overlap_figure
     from saediff.analyses.susceptibility import susceptibility_figure
 
-    out = []
-    for sub, what in (
-        ("diff", "full fine-tune"),
-        ("diff_control", "aligned-data control fine-tune"),
-        ("diff_benign", "benign-trait fine-tune"),
-    ):
-        nb = read_json_if_exists(run_dir / sub / "neighbourhood.json")
-        if nb:
-            rb = nb["random_baseline"]
-            note = (
-                f"Flagged: {nb['flagged'] or 'none'} (random seeds flag {rb['n_flagged']}). Seeds: the latents "
-                f"that rose most on the training rows; {html.escape(nb['thresholds']['rule'])}."
-            )
-            fin = nb.get("screen", {}).get("finetune")
-            if fin:
-                note += (
-                    f" Data screen: EM {fin['screened']['em_rate']:.2f} after dropping the "
-                    f"{nb['screen']['n_dropped']} rows that fire the flagged latents most, "
-                    f"{fin['random_dropped']['em_rate']:.2f} after dropping as many at random ({fin['steps']} steps)."
-                )
-            out.append((f"Neighbourhood probe ({what})", neighbourhood_figure(nb), note))
+    out = _neighbourhood_sections(run_dir)
     ov = read_json_if_exists(run_dir / "diff" / "shift_overlap.json")
     if ov:
         sp = ov["spearman_with_misaligned_rate"]
@@ -180,181 +147,32 @@ def _analysis_sections(run_dir: Path) -> list[tuple[str, object, str]]:
     return out
 
 
-def _table(header: list[str], rows: list[list]) -> str:
-    def cell(x) -> str:
-        return html.escape(f"{x:.3f}" if isinstance(x, float) else "" if x is None else str(x))
+def _neighbourhood_sections(run_dir: Path) -> list[tuple[str, object, str]]:
+    """The neighbourhood probe of each fine-tune the run folder holds one for, with its data screen."""
+    from saediff.analyses.neighbourhood import neighbourhood_figure
 
-    return (
-        "<table border=1 cellpadding=4><tr>"
-        + "".join(f"<th>{html.escape(h)}</th>" for h in header)
-        + "</tr>"
-        + "".join("<tr>" + "".join(f"<td>{cell(x)}</td>" for x in r) + "</tr>" for r in rows)
-        + "</table>"
-    )
-
-
-def _chat_sections(s: dict) -> list[tuple[str, str]]:
-    """The chat demo's tables: the SAE, steering by the pair metric, BLOCK-EM and sampled answers."""
     out = []
-    sae = s.get("sae")
-    if sae:
-        keys = (
-            "fvu",
-            "l0",
-            "dead_fraction",
-            "dead_fraction_train",
-            "ce_clean",
-            "ce_sae",
-            "ce_zero",
-            "ce_loss_recovered",
-            "n_train_tokens",
-            "n_held_tokens",
-        )
-        out.append(
-            (
-                f"SAE at block {s.get('layer')} (answer tokens; metrics on held-out conversations)",
-                _table(list(keys), [[sae.get(k) for k in keys]]),
+    for sub, what in (
+        ("diff", "full fine-tune"),
+        ("diff_control", "aligned-data control fine-tune"),
+        ("diff_benign", "benign-trait fine-tune"),
+    ):
+        nb = read_json_if_exists(run_dir / sub / "neighbourhood.json")
+        if nb:
+            rb = nb["random_baseline"]
+            note = (
+                f"Flagged: {nb['flagged'] or 'none'} (random seeds flag {rb['n_flagged']}). Seeds: the latents "
+                f"that rose most on the training rows; {html.escape(nb['thresholds']['rule'])}."
             )
-        )
-    steer = s.get("steering")
-    if steer:
-        rows = [
-            [
-                name,
-                c.get("scale"),
-                c.get("effect"),
-                c.get("random_effects") and ", ".join(f"{x:+.3f}" for x in c["random_effects"]),
-                c.get("above_random"),
-                c.get("mc1"),
-                c.get("mc1_random_mean"),
-                c.get("note") or "",
-            ]
-            for name, c in steer["candidates"].items()
-        ]
-        out.append(
-            (
-                "Steering the base model, scored by the pair metric",
-                f"<p>{html.escape(steer['protocol'])}; base preference on the held-out split "
-                f"{steer['base']['preference']:+.3f}.</p>"
-                + _table(
-                    [
-                        "candidate",
-                        "scale (x resid norm)",
-                        "preference added",
-                        "random directions",
-                        "above every random",
-                        "MC1",
-                        "MC1 random mean",
-                        "note",
-                    ],
-                    rows,
-                ),
-            )
-        )
-    project = (steer or {}).get("project")
-    if project:
-        rows = [
-            [
-                kind,
-                name,
-                c["removed"],
-                c["removed_ci"] and f"[{c['removed_ci'][0]:+.3f}, {c['removed_ci'][1]:+.3f}]",
-                c["share"],
-                c["above_random"],
-                c["mc1"],
-            ]
-            for kind in ("project", "clamp")
-            for name, c in project[kind]["candidates"].items()
-        ]
-        rnd = "; ".join(
-            f"{kind} {', '.join(f'{x:+.3f}' for x in project[kind]['random_removed'])}"
-            for kind in ("project", "clamp")
-        )
-        out.append(
-            (
-                "Projecting or clamping each candidate in the bad fine-tune, scored by the pair metric",
-                f"<p>{html.escape(project['protocol'])}; the fine-tune's held-out preference "
-                f"{project['finetuned_preference']:+.3f}, its shift from the base model {project['shift']:+.3f}; "
-                f"random directions remove {rnd}.</p>"
-                + _table(
-                    [
-                        "check",
-                        "candidate",
-                        "preference removed",
-                        "95% CI (paired)",
-                        "share of the shift",
-                        "above every random",
-                        "MC1 after",
-                    ],
-                    rows,
-                ),
-            )
-        )
-    block = s.get("blocking")
-    if block:
-        rows = [
-            [name, pair_set, b["bad_shift"], b["shift"], b["kept"], b["cut"]]
-            for name, per in block.items()
-            for pair_set, b in per.items()
-        ]
-        out.append(
-            (
-                "BLOCK-EM (full fine-tune on bad advice, latents held where the base model has them)",
-                _table(["run", "pair set", "bad - base", "blocked - base", "shift kept", "shift cut"], rows),
-            )
-        )
-    analyses = s.get("analyses") or {}
-    if analyses.get("susceptibility") or analyses.get("overlap"):
-        out.append(("Open questions by the pair metric", _chat_analyses_html(analyses)))
-    samples = s.get("samples")
-    if samples:
-        body = "".join(
-            f"<h3>{html.escape(name)}</h3>"
-            + "".join(
-                f"<p><b>{html.escape(a['question'])}</b><br>{html.escape(a['answer'])}</p>" for a in answers
-            )
-            for name, answers in samples.items()
-        )
-        out.append(("Sampled answers (temperature 1, one per question)", body))
+            fin = nb.get("screen", {}).get("finetune")
+            if fin:
+                note += (
+                    f" Data screen: EM {fin['screened']['em_rate']:.2f} after dropping the "
+                    f"{nb['screen']['n_dropped']} rows that fire the flagged latents most, "
+                    f"{fin['random_dropped']['em_rate']:.2f} after dropping as many at random ({fin['steps']} steps)."
+                )
+            out.append((f"Neighbourhood probe ({what})", neighbourhood_figure(nb), note))
     return out
-
-
-def _chat_analyses_html(a: dict) -> str:
-    """Susceptibility and train/eval overlap of the chat demo, each figure beside its baseline."""
-    f = lambda v: "n/a" if v is None else f"{v:+.3f}"
-    parts = []
-    sus = a.get("susceptibility")
-    if sus:
-        perm = sus["permutation"]
-        parts.append(
-            f"<p><b>Susceptibility</b>: does the base model's residual at a question's last prompt token (block "
-            f"{sus['layer']}) predict how far the bad fine-tune moves its preference (mean shift "
-            f"{f(sus['mean_shift'])})? Ridge, {sus['folds']} folds holding out whole domains, "
-            f"{sus['n_questions']} questions: held-out R<sup>2</sup> {f(sus['r2'])}, Spearman {f(sus['spearman'])}; "
-            f"random features {f(sus['random_features']['r2'])} / {f(sus['random_features']['spearman'])}; permuted "
-            f"targets p95 {f(perm['r2']['p95'] if perm['r2'] else None)} / "
-            f"{f(perm['spearman']['p95'] if perm['spearman'] else None)}, p = {perm['p_value']:.3f}.</p>"
-        )
-    ov = a.get("overlap")
-    if ov:
-        rows = [
-            [i + 1, c, m, q]
-            for i, (c, m, q) in enumerate(
-                zip(ov["principal_cosines"], ov["random_baseline"]["mean"], ov["random_baseline"]["p95"])
-            )
-        ]
-        sp, null = ov["spearman_with_preference_shift"], ov["spearman_permuted_p95"]
-        parts.append(
-            f"<p><b>Train/eval shift overlap</b> at block {ov['layer']}: the bad fine-tune's activation shift on "
-            f"{ov['n_train']} of its training prompts and on {ov['n_eval']} off-domain questions; cosine of the mean "
-            f"shifts {f(ov['mean_shift_cosine'])}. Per question, Spearman with its preference shift: cosine to the "
-            f"mean training shift {f(sp['cos_to_train_mean'])}, fraction in the training subspace "
-            f"{f(sp['fraction_in_train_subspace'])} (shuffled shifts: |rho| p95 {null['cos_to_train_mean']:.3f} / "
-            f"{null['fraction_in_train_subspace']:.3f}; random fraction "
-            f"{ov['random_baseline']['per_question_fraction']:.3f}).</p>"
-            + _table(["principal angle", "cosine", "random mean", "random p95"], rows)
-        )
-    return "".join(parts)
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -370,26 +188,30 @@ def write_report(run_dir: str | Path) -> Path:
                 "Aligned, fully fine-tuned, rank-1 LoRA and control models; exact judge on content tokens.",
             )
         )
-    diff = read_json_if_exists(run_dir / "diff" / "diff.json")
-    cos = read_json_if_exists(run_dir / "diff" / "cosines.json")
-    if diff:
-        cos_gt = None
-        gt_name = f"ground_truth_L{cos['hook'].split('.')[1]}" if cos else None  # at the SAE's layer
-        if cos and gt_name in cos["names"]:
-            gi = cos["names"].index(gt_name)
-            cos_gt = {
-                int(n[4:]): cos["matrix"][gi][j] for j, n in enumerate(cos["names"]) if n.startswith("sae_")
-            }
+    for method in registry():  # each diffing method's own figures of the run's diff
+        sections += method.figures(run_dir / "diff")
+    sections += _cosine_sections(run_dir)
+    sections += _steer_block_sections(run_dir)
+    sections += _analysis_sections(run_dir)
+    summary = read_json_if_exists(run_dir / "summary.json")
+    chat = summary and summary.get("kind") == "saediff.chat_demo"
+    if chat:
         sections.append(
             (
-                "Top latents (model diff)",
-                viz.latent_bars(diff["latents"], cos_gt=cos_gt),
-                "Mean SAE latent activation, fine-tuned minus aligned, on the fine-tuned model's answers.",
+                "EM by the pair metric",
+                viz.pair_preferences(summary["em"]),
+                "Base model and each fine-tune, per pair set: reference answers scored teacher-forced, "
+                "no judge.",
             )
         )
-        cards = read_json_if_exists(run_dir / "diff" / "cards.json")
-        for card in (cards or {}).get("cards", [])[:3]:
-            sections.append((f"Latent card {card['latent']}", viz.latent_card_hist(card), _card_html(card)))
+    out = run_dir / "report.html"
+    atomic_write_bytes(out, _page(summary, sections, chat_sections(summary) if chat else []).encode())
+    return out
+
+
+def _cosine_sections(run_dir: Path) -> list[tuple[str, object, str]]:
+    """The cosine table at the SAE's hook and the per-layer curves, of the full and the LoRA diff."""
+    sections = []
     for name, sub in (("full fine-tune", "diff"), ("rank-1 LoRA", "diff_lora")):
         c = read_json_if_exists(run_dir / sub / "cosines.json")
         if c:
@@ -408,6 +230,12 @@ def write_report(run_dir: str | Path) -> Path:
         layers = read_json_if_exists(run_dir / sub / "layers.json")
         if layers and layers["curves"]:
             sections.append((f"Per-layer and downstream cosines ({name})", viz.layer_curves(layers), ""))
+    return sections
+
+
+def _steer_block_sections(run_dir: Path) -> list[tuple[str, object, str]]:
+    """The organism's steering checks with the projections, BLOCK-EM and the plain run's drift monitor."""
+    sections = []
     steering = read_json_if_exists(run_dir / "diff" / "steering.json")
     if steering:
         sections.append(
@@ -425,18 +253,12 @@ def write_report(run_dir: str | Path) -> Path:
         hist = read_json_if_exists(run_dir / "block" / "plain" / "history.json")
         if hist:
             sections.append(("Drift monitor (plain fine-tune)", viz.drift_curves(hist["drift"]), ""))
-    sections += _analysis_sections(run_dir)
-    summary = read_json_if_exists(run_dir / "summary.json")
-    if summary and summary.get("kind") == "saediff.chat_demo":
-        sections.append(
-            (
-                "EM by the pair metric",
-                viz.pair_preferences(summary["em"]),
-                "Base model and each fine-tune, per pair set: reference answers scored teacher-forced, "
-                "no judge.",
-            )
-        )
-    texts = _chat_sections(summary) if summary and summary.get("kind") == "saediff.chat_demo" else []
+    return sections
+
+
+def _page(summary: dict | None, sections: list[tuple[str, object, str]], texts: list[tuple[str, str]]) -> str:
+    """The HTML page: the findings table, each figure (plotly.js inlined with the first), the
+    text sections, and summary.json for the record."""
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'><title>saediff report</title>",
         "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}pre{background:#f4f4f4;padding:8px}</style>",
@@ -457,6 +279,4 @@ def write_report(run_dir: str | Path) -> Path:
             "</pre></details>"
         )
     parts.append("</body></html>")
-    out = run_dir / "report.html"
-    atomic_write_bytes(out, "\n".join(parts).encode())
-    return out
+    return "\n".join(parts)

@@ -37,9 +37,8 @@ from pathlib import Path
 
 import torch
 from jaxtyping import Float
-from tqdm.auto import tqdm
 
-from saediff import _io
+from saediff import _io, console
 from saediff.errors import MissingFileError, SaediffError
 
 __all__ = [
@@ -219,14 +218,7 @@ def train_crosscoder(
     if first.ndim != 3 or first.shape[1] != 2:
         raise SaediffError(f"train_crosscoder: a batch of shape {tuple(first.shape)}; need (batch, 2, d_in)")
     d_in = first.shape[2]
-    cc = Crosscoder(d_in, cfg.d_sae, cfg.k, hook_name, models)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    with torch.no_grad():
-        cc.norm_scale.copy_((d_in / first.pow(2).sum(2).mean(0)).sqrt())
-        W = torch.randn(cfg.d_sae, 2, d_in, generator=gen)
-        cc.W_dec.copy_(W / W.norm(dim=2, keepdim=True) / math.sqrt(2))  # each model's row at norm 1/sqrt(2)
-        cc.W_enc.copy_(cc.W_dec.permute(1, 2, 0))
-        cc.b_dec.copy_((first * cc.norm_scale[:, None]).mean(0))
+    cc = _initial(first, cfg, hook_name, models)
     cc.to(device)
     x0 = cc.scaled(first.to(device))
     var = float((x0 - x0.mean(0)).pow(2).sum((1, 2)).mean())
@@ -236,7 +228,7 @@ def train_crosscoder(
     aux_k = cfg.aux_k or max(1, d_in // 2)
     hist: dict = {"loss": [], "fvu": [], "dead_fraction": [], "k": []}
     tokens, x, thr_started = 0, first, False
-    for step in tqdm(range(cfg.steps), desc="crosscoder", disable=_io.no_progress(progress), leave=False):
+    for step in console.progress(range(cfg.steps), desc="crosscoder", enabled=progress):
         if step > 0:
             x = next(batches).float()
         xs = cc.scaled(x.to(device, non_blocking=True))
@@ -260,6 +252,24 @@ def train_crosscoder(
             hist["k"].append(k)
     cc.train_settings = {key: v for key, v in asdict(cfg).items() if key != "device"}
     return cc.cpu().eval(), hist
+
+
+def _initial(
+    first: torch.Tensor, cfg: CrosscoderConfig, hook_name: str, models: tuple[str, str]
+) -> Crosscoder:
+    """A crosscoder initialised from the first batch (B, 2, d_in): each model's norm scale, seeded
+    random decoder rows at norm 1/sqrt(2) per model, the encoder their transpose, ``b_dec`` the
+    scaled batch mean."""
+    d_in = first.shape[2]
+    cc = Crosscoder(d_in, cfg.d_sae, cfg.k, hook_name, models)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    with torch.no_grad():
+        cc.norm_scale.copy_((d_in / first.pow(2).sum(2).mean(0)).sqrt())
+        W = torch.randn(cfg.d_sae, 2, d_in, generator=gen)
+        cc.W_dec.copy_(W / W.norm(dim=2, keepdim=True) / math.sqrt(2))  # each model's row at norm 1/sqrt(2)
+        cc.W_enc.copy_(cc.W_dec.permute(1, 2, 0))
+        cc.b_dec.copy_((first * cc.norm_scale[:, None]).mean(0))
+    return cc
 
 
 def save_crosscoder(cc: Crosscoder, path: str | Path, extra: dict | None = None) -> Path:

@@ -1,5 +1,5 @@
 """Sparse autoencoders: train on an activation store (saved and loaded by ``saes.loading``, measured
-by ``saes.metrics``).
+by ``saes.metrics``; one step's tensors and loss live in ``saes.training_step``).
 
 saediff trains with its own loop (faster than SAELens's trainer on the same data, see
 ``bench/sae_train.py``) but every SAE it returns or saves is a SAELens ``SAE`` object / folder
@@ -17,27 +17,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import torch
 from jaxtyping import Float
-from tqdm.auto import tqdm
 
-from saediff import _io
+from saediff import _io, console
 from saediff.errors import SaediffError
+from saediff.saes.training_step import SAEParams, StepOut, batchtopk_step, relu_step, topk_step_loss
 
-__all__ = [
-    "SAEParams",
-    "SAETrainConfig",
-    "init_distributed",
-    "to_saelens",
-    "topk_step_loss",
-    "train_sae",
-]
+__all__ = ["SAETrainConfig", "init_distributed", "to_saelens", "train_sae"]
 
 log = logging.getLogger(__name__)
 Arch = Literal["topk", "relu", "batchtopk"]
@@ -94,159 +86,6 @@ class SAETrainConfig:
             raise SaediffError("SAETrainConfig: steps and batch_size must be >= 1")
 
 
-class SAEParams(torch.nn.Module):
-    """The trainable tensors, in SAELens's names and layout."""
-
-    def __init__(self, d_in: int, d_sae: int):
-        super().__init__()
-        self.W_enc = torch.nn.Parameter(torch.empty(d_in, d_sae))  # (D, S)
-        self.W_dec = torch.nn.Parameter(torch.empty(d_sae, d_in))  # (S, D)
-        self.b_enc = torch.nn.Parameter(torch.zeros(d_sae))
-        self.b_dec = torch.nn.Parameter(torch.zeros(d_in))
-        self.register_buffer("threshold", torch.zeros(()))  # batchtopk -> JumpReLU
-
-    @torch.no_grad()
-    def init_from(self, sample_ND: torch.Tensor, gen: torch.Generator) -> None:
-        d_in, d_sae = self.W_enc.shape
-        W = torch.randn(d_sae, d_in, generator=gen)
-        self.W_dec.copy_(W / W.norm(dim=1, keepdim=True))
-        self.W_enc.copy_(self.W_dec.T)
-        self.b_dec.copy_(sample_ND.mean(0))
-
-    @torch.no_grad()
-    def normalize_decoder(self) -> None:
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-8))
-
-
-class StepOut(NamedTuple):
-    loss: torch.Tensor
-    mse: torch.Tensor
-    """summed squared error per token, mean over the batch"""
-    aux: torch.Tensor
-    fired_S: torch.Tensor
-    """(S,) bool: latents active in this batch"""
-
-
-def _topk_codes(pre_BS: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    vals, idx = pre_BS.topk(k, dim=-1, sorted=False)
-    return vals.relu(), idx
-
-
-class _TopKEncode(torch.autograd.Function):
-    """The top-k pre-activations of ``xc_BD @ W_enc + b_enc`` per row, and (with ``dead_S``) the
-    top-``aux_k`` among dead latents, as (values, indices) pairs. Only the selected entries carry a
-    gradient, so the backward reads and writes only the B x (k + aux_k) selected rows of ``W_enc``
-    (``embedding_bag``, ``index_add_``) instead of two dense (B, d_sae) matmuls, and the AuxK
-    selection reads the dead columns alone; autograd through ``topk`` gives the same numbers (tests/test_saes.py)."""
-
-    @staticmethod
-    def forward(ctx, xc_BD, W_enc, b_enc, k: int, dead_S, aux_k: int):
-        pre_BS = xc_BD @ W_enc + b_enc
-        vals_BK, idx_BK = pre_BS.topk(k, dim=-1, sorted=False)
-        if dead_S is not None:
-            dead_idx = dead_S.nonzero()[:, 0]
-            a_vals, a_pos = pre_BS[:, dead_idx].topk(aux_k, dim=-1, sorted=False)
-            a_idx = dead_idx[a_pos]
-        else:
-            a_vals, a_idx = pre_BS.new_zeros(pre_BS.shape[0], 0), idx_BK.new_zeros(pre_BS.shape[0], 0)
-        ctx.save_for_backward(xc_BD, W_enc, idx_BK, a_idx)
-        ctx.mark_non_differentiable(idx_BK, a_idx)
-        return vals_BK, idx_BK, a_vals, a_idx
-
-    @staticmethod
-    def backward(ctx, g_vals, _g_idx, g_avals, _g_aidx):
-        xc_BD, W_enc, idx_BK, a_idx = ctx.saved_tensors
-        B, D, S = xc_BD.shape[0], W_enc.shape[0], W_enc.shape[1]
-        idx = torch.cat([idx_BK, a_idx], 1)  # (B, n = k + aux_k)
-        g = torch.cat([g_vals, g_avals if g_avals is not None else g_vals.new_zeros(a_idx.shape)], 1).to(
-            W_enc.dtype
-        )
-        W_SD = W_enc.T.contiguous()  # rows per latent: embedding_bag and index_add_ read and write whole rows
-        g_xc = torch.nn.functional.embedding_bag(idx, W_SD, per_sample_weights=g, mode="sum")  # (B, D)
-        g_W_SD = torch.zeros(S, D, dtype=W_enc.dtype, device=W_enc.device)
-        xc = xc_BD.to(W_enc.dtype)
-        step = max(
-            1, 2**24 // (idx.shape[1] * D)
-        )  # rows at a time: (rows, n, D) products, at most 16M numbers
-        for i in range(0, B, step):
-            rows = slice(i, i + step)
-            g_W_SD.index_add_(0, idx[rows].reshape(-1), (g[rows, :, None] * xc[rows, None, :]).reshape(-1, D))
-        g_b = torch.zeros(S, dtype=W_enc.dtype, device=W_enc.device).index_add_(
-            0, idx.reshape(-1), g.reshape(-1)
-        )
-        return g_xc.to(xc_BD.dtype), g_W_SD.T.contiguous(), g_b, None, None, None
-
-
-def topk_step_loss(
-    p: SAEParams,
-    x_BD: torch.Tensor,
-    k: int,
-    var: float,
-    dead_S: torch.Tensor | None,
-    aux_k: int,
-    aux_coef: float,
-    kernel: str = "dense",
-) -> StepOut:
-    """TopK reconstruction loss (normalised by the data variance) plus the AuxK term.
-
-    ``kernel`` (``SAETrainConfig.kernel``): ``dense`` scatters the codes into a (B, S) matrix and
-    lets autograd run dense matmuls (the reference path); ``sparse_decode`` decodes with an
-    ``embedding_bag`` over the k active rows; ``sparse`` also runs the encoder's backward at the
-    selected latents only (``_TopKEncode``). All must agree.
-    """
-    with_aux = dead_S is not None and aux_coef > 0 and bool(dead_S.any())
-    n_aux = min(aux_k, int(dead_S.sum())) if with_aux else 0
-    if kernel == "sparse":
-        vals_BK, idx_BK, a_vals, a_idx = _TopKEncode.apply(
-            x_BD - p.b_dec, p.W_enc, p.b_enc, k, dead_S if with_aux else None, n_aux
-        )
-        vals_BK, a_vals = vals_BK.relu(), a_vals.relu()
-        pre_BS = None
-    else:
-        pre_BS = (x_BD - p.b_dec) @ p.W_enc + p.b_enc
-        vals_BK, idx_BK = _topk_codes(pre_BS, k)
-    if kernel == "dense":
-        z_BS = torch.zeros_like(pre_BS).scatter(-1, idx_BK, vals_BK)
-        xhat_BD = z_BS @ p.W_dec + p.b_dec
-    else:
-        xhat_BD = (
-            torch.nn.functional.embedding_bag(idx_BK, p.W_dec, per_sample_weights=vals_BK, mode="sum")
-            + p.b_dec
-        )
-    err_BD = x_BD - xhat_BD
-    mse = err_BD.pow(2).sum(-1).mean()
-    aux = mse.new_zeros(())
-    if with_aux:
-        if pre_BS is not None:
-            masked = pre_BS.masked_fill(~dead_S, float("-inf"))
-            a_vals, a_idx = _topk_codes(masked, n_aux)
-        a_vals = torch.nan_to_num(a_vals, neginf=0.0)
-        recon = torch.nn.functional.embedding_bag(a_idx, p.W_dec, per_sample_weights=a_vals, mode="sum")
-        aux = (err_BD.detach() - recon).pow(2).sum(-1).mean() / var
-    fired_S = torch.zeros(p.W_enc.shape[1], dtype=torch.bool, device=x_BD.device)
-    fired_S[idx_BK[vals_BK > 0]] = True
-    return StepOut(mse / var + aux_coef * aux, mse, aux, fired_S)
-
-
-def _relu_step(p: SAEParams, x_BD, l1: float, var: float) -> StepOut:
-    z_BS = ((x_BD - p.b_dec) @ p.W_enc + p.b_enc).relu()
-    err = x_BD - (z_BS @ p.W_dec + p.b_dec)
-    mse = err.pow(2).sum(-1).mean()
-    sparsity = z_BS.sum(-1).mean() / math.sqrt(var)
-    return StepOut(mse / var + l1 * sparsity, mse, sparsity, (z_BS > 0).any(0))
-
-
-def _batchtopk_step(p: SAEParams, x_BD, k: int, var: float) -> tuple[StepOut, torch.Tensor]:
-    pre_BS = ((x_BD - p.b_dec) @ p.W_enc + p.b_enc).relu()
-    flat = pre_BS.flatten()
-    vals, idx = flat.topk(k * x_BD.shape[0], sorted=False)
-    z_BS = torch.zeros_like(flat).scatter(0, idx, vals).view_as(pre_BS)
-    err = x_BD - (z_BS @ p.W_dec + p.b_dec)
-    mse = err.pow(2).sum(-1).mean()
-    kept_min = vals[vals > 0].min() if bool((vals > 0).any()) else vals.new_zeros(())
-    return StepOut(mse / var, mse, mse.new_zeros(()), (z_BS > 0).any(0)), kept_min.detach()
-
-
 def _lr_factor(cfg: SAETrainConfig, step: int) -> float:
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
@@ -262,6 +101,8 @@ def _device(cfg: SAETrainConfig) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+# one recipe (set up, resume, the step loop) whose order decides the weights: a reader wants it whole
+# long: its signature and docstring; the code itself is 58 lines
 def train_sae(
     batches: Iterator[Float[torch.Tensor, "batch d_in"]] | Float[torch.Tensor, "n d_in"],
     cfg: SAETrainConfig,
@@ -283,15 +124,7 @@ def train_sae(
     used, so a resumed run ends with the weights of an uninterrupted one (same batch order).
     ``callback(steps_done, params)`` runs after each step (e.g. a benchmark's held-out FVU).
     """
-    if isinstance(batches, torch.Tensor):
-        data = batches
-        if data.ndim != 2 or data.shape[0] < cfg.batch_size:
-            raise SaediffError(
-                f"train_sae: activations of shape {tuple(data.shape)}; need (n >= batch_size, d_in)"
-            )
-        from saediff.activations.store import shuffled_batches
-
-        batches = shuffled_batches(data, cfg.batch_size, seed=cfg.seed)
+    batches = _as_batches(batches, cfg)
     device = _device(cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     first = next(batches).float()
@@ -305,59 +138,26 @@ def train_sae(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(cfg, s))
     last_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=device)
     aux_k = cfg.aux_k or max(1, d_in // 2)
-    step_fn = topk_step_loss
-    if cfg.compile:
-        step_fn = torch.compile(topk_step_loss)
+    step_fn = torch.compile(topk_step_loss) if cfg.compile else topk_step_loss
     hist = {"loss": [], "fvu": [], "dead_fraction": []}
     tokens, start = 0, 0
     ckpt = Path(checkpoint_dir) / "train_state.pt" if checkpoint_dir else None
     made_by = _run_fingerprint(cfg, first, dist.world)
-    if resume and ckpt is not None and ckpt.exists():
-        state = _resume_state(ckpt, made_by, device)
-        p.load_state_dict(state["params"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        last_fired.copy_(state["last_fired"])
-        tokens, start, var, hist = (
-            int(state["tokens"]),
-            int(state["step"]),
-            float(state["var"]),
-            state["hist"],
-        )
-        for _ in range(start - 1):  # the first batch was read above
-            next(batches)
-        log.info("sae: resumed at step %d from %s", start, ckpt)
-    kernel = cfg.kernel
-    if resume and ckpt is not None and ckpt.exists():
-        kernel = hist.get("kernel", kernel)  # a resumed run keeps the path it chose
+    resumed = resume and ckpt is not None and ckpt.exists()
+    if resumed:
+        tokens, start, var, hist = _resume(ckpt, made_by, device, p, opt, sched, last_fired, batches)
+    kernel = (
+        hist.get("kernel", cfg.kernel) if resumed else cfg.kernel
+    )  # a resumed run keeps the path it chose
     if cfg.arch == "topk" and kernel == "auto":
         kernel = _fastest_kernel(p, first.to(device), cfg, var, aux_k, dist)
     hist["kernel"] = kernel if cfg.arch == "topk" else None
     x = first
-    for step in tqdm(
-        range(start, cfg.steps),
-        desc=f"sae {cfg.arch}",
-        disable=_io.no_progress(progress),
-        leave=False,
-        initial=start,
-        total=cfg.steps,
-    ):
+    for step in console.progress(range(start, cfg.steps), desc=f"sae {cfg.arch}", enabled=progress):
         if step > 0:
             x = next(batches).float()
         x = x.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast):
-            if cfg.arch == "topk":
-                dead = (tokens - last_fired) > cfg.dead_tokens
-                out = step_fn(p, x, cfg.k, var, dead, aux_k, cfg.aux_coefficient, kernel)
-            elif cfg.arch == "relu":
-                l1 = cfg.l1_coefficient * min(1.0, (step + 1) / max(1, cfg.steps // 10))
-                out = _relu_step(p, x, l1, var)
-            else:
-                out, kept_min = _batchtopk_step(p, x, cfg.k, var)
-                if step == 0:
-                    p.threshold.copy_(kept_min)
-                else:
-                    p.threshold.mul_(0.99).add_(0.01 * kept_min.float())
+        out = _step_loss(p, x, cfg, step, var, tokens, last_fired, step_fn, aux_k, kernel, device)
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         dist.average_gradients(p)
@@ -377,22 +177,106 @@ def train_sae(
             and checkpoint_every
             and (step + 1) % checkpoint_every == 0
             and step + 1 < cfg.steps
-            and dist.rank == 0
         ):
-            state = {
-                "params": p.state_dict(),
-                "opt": opt.state_dict(),
-                "sched": sched.state_dict(),
-                "last_fired": last_fired,
-                "tokens": tokens,
-                "step": step + 1,
-                "var": var,
-                "hist": hist,
-                "provenance": json.dumps(made_by),
-            }
-            _io.atomic_write_bytes(ckpt, _torch_bytes(state))
+            if dist.rank == 0:
+                _save_state(ckpt, p, opt, sched, last_fired, tokens, step + 1, var, hist, made_by)
     sae = to_saelens(p.cpu(), cfg, hook_name=hook_name, model_name=model_name)
     return sae, hist
+
+
+def _as_batches(batches, cfg: SAETrainConfig) -> Iterator[torch.Tensor]:
+    """``batches`` as an iterator of (batch, d_in) tensors: one (n, d_in) tensor is shuffled into
+    batches (seeded by ``cfg.seed``)."""
+    if isinstance(batches, torch.Tensor):
+        data = batches
+        if data.ndim != 2 or data.shape[0] < cfg.batch_size:
+            raise SaediffError(
+                f"train_sae: activations of shape {tuple(data.shape)}; need (n >= batch_size, d_in)"
+            )
+        from saediff.activations.store import shuffled_batches
+
+        batches = shuffled_batches(data, cfg.batch_size, seed=cfg.seed)
+    return batches
+
+
+def _step_loss(
+    p: SAEParams,
+    x: torch.Tensor,
+    cfg: SAETrainConfig,
+    step: int,
+    var: float,
+    tokens: int,
+    last_fired: torch.Tensor,
+    step_fn,
+    aux_k: int,
+    kernel: str,
+    device: torch.device,
+) -> StepOut:
+    """The loss of step ``step`` on the batch ``x`` (B, d_in) under ``cfg.arch`` (TopK: the latents
+    silent for ``cfg.dead_tokens`` tokens count as dead; ReLU: the L1 weight warmed up over the
+    first tenth of the steps; BatchTopK: its threshold's running mean updated)."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast):
+        if cfg.arch == "topk":
+            dead = (tokens - last_fired) > cfg.dead_tokens
+            return step_fn(p, x, cfg.k, var, dead, aux_k, cfg.aux_coefficient, kernel)
+        if cfg.arch == "relu":
+            l1 = cfg.l1_coefficient * min(1.0, (step + 1) / max(1, cfg.steps // 10))
+            return relu_step(p, x, l1, var)
+        out, kept_min = batchtopk_step(p, x, cfg.k, var)
+        if step == 0:
+            p.threshold.copy_(kept_min)
+        else:
+            p.threshold.mul_(0.99).add_(0.01 * kept_min.float())
+        return out
+
+
+def _resume(
+    ckpt: Path, made_by: dict, device, p: SAEParams, opt, sched, last_fired: torch.Tensor, batches
+) -> tuple[int, int, float, dict]:
+    """The saved training state of this run loaded into ``p``, ``opt``, ``sched`` and
+    ``last_fired``, the batches already used skipped; (tokens, step, variance, history)."""
+    state = _resume_state(ckpt, made_by, device)
+    p.load_state_dict(state["params"])
+    opt.load_state_dict(state["opt"])
+    sched.load_state_dict(state["sched"])
+    last_fired.copy_(state["last_fired"])
+    tokens, start, var, hist = (
+        int(state["tokens"]),
+        int(state["step"]),
+        float(state["var"]),
+        state["hist"],
+    )
+    for _ in range(start - 1):  # the first batch was read above
+        next(batches)
+    log.info("sae: resumed at step %d from %s", start, ckpt)
+    return tokens, start, var, hist
+
+
+def _save_state(
+    ckpt: Path,
+    p: SAEParams,
+    opt,
+    sched,
+    last_fired,
+    tokens: int,
+    step: int,
+    var: float,
+    hist: dict,
+    made_by: dict,
+) -> None:
+    """The full training state after ``step`` steps to ``ckpt`` (atomically)."""
+    state = {
+        "params": p.state_dict(),
+        "opt": opt.state_dict(),
+        "sched": sched.state_dict(),
+        "last_fired": last_fired,
+        "tokens": tokens,
+        "step": step,
+        "var": var,
+        "hist": hist,
+        "provenance": json.dumps(made_by),
+    }
+    _io.atomic_write_bytes(ckpt, _torch_bytes(state))
 
 
 def _fastest_kernel(

@@ -39,7 +39,7 @@ def lora_checkpoint_run(
     """The organism's rank-1 LoRA fine-tune on its narrow data through the generic Trainer path,
     a checkpoint every ``every`` steps (``out/checkpoints/checkpoint-N``), evaluated at the end.
     Skipped when finished earlier. Returns ``out``."""
-    from saediff.interventions.blockem import finetune_plain
+    from saediff.interventions.block_runs import finetune_plain
     from saediff.saes.loading import load_sae
     from saediff.stories.organism.block import generic_inputs
 
@@ -71,6 +71,7 @@ def persona_latents(organism_dir: str | Path, sae, min_cos: float = 0.5) -> list
     return torch.nonzero(cos >= min_cos).flatten().tolist()
 
 
+# long: its signature and docstring; the code itself is 49 lines
 def run_analyses(
     out: str | Path, *, seed: int = 0, drop_fraction: float = 0.1, progress: bool = False
 ) -> dict:
@@ -84,85 +85,25 @@ def run_analyses(
     Writes and returns ``out/analyses.json`` (the in-context analysis needs the BLOCK-EM run and is
     added by ``run_icl_analysis``)."""
     from saediff._io import atomic_write_json, read_json_if_exists
-    from saediff.analyses.neighbourhood import run_neighbourhood, screen_finetunes
-    from saediff.analyses.phase import run_phase
     from saediff.analyses.shifts import run_overlap
     from saediff.analyses.susceptibility import run_predict
-    from saediff.methods.diff_run import run_diff
     from saediff.saes.loading import load_sae
-    from saediff.stories.organism.block import generic_inputs
-    from saediff.stories.organism.evaluator import OrganismEvaluator
-    from saediff.stories.organism.inputs import diff_inputs
     from saediff.stories.organism.recipes import read_organism_world
 
     out = Path(out)
     org, diff = out / "organism", out / "diff"
-    aligned, sae_dir = str(org / "aligned"), str(org / "sae")
-    data = org / "data"
-    world = read_organism_world(aligned)
+    world = read_organism_world(str(org / "aligned"))
 
     overlap = read_json_if_exists(diff / "shift_overlap.json") or run_overlap(
-        diff, data / "medical_misaligned.jsonl", seed=seed, progress=progress
+        diff, org / "data" / "medical_misaligned.jsonl", seed=seed, progress=progress
     )
     predict = read_json_if_exists(diff / "susceptibility.json") or run_predict(
         diff, seed=seed, progress=progress
     )
-    if not (out / "phase" / "phase.json").exists():
-        lora_checkpoint_run(org, out / "phase", every=10, seed=seed, progress=progress)
-        run_phase(
-            out / "phase",
-            base=aligned,
-            directions=out / "diff_lora" / "directions",
-            evaluator=OrganismEvaluator(world, 20, seed),
-            progress=progress,
-        )
-    phase = read_json_if_exists(out / "phase" / "phase.json")
-
-    sae = load_sae(sae_dir)
+    phase = _phase(out, world, seed, progress)
+    sae = load_sae(str(org / "sae"))
     persona = persona_latents(org, sae)
-    nb = {}
-    for name, ft, file, methods in (
-        ("full_ft", diff, "medical_misaligned", ("in_context", "mean_diff_responses")),
-        ("control_ft", out / "diff_control", "medical_aligned", ("in_context",)),
-        ("benign_ft", out / "diff_benign", "medical_aligned_terse", ("in_context",)),
-    ):
-        if not (ft / "diff.json").exists():
-            run_diff(aligned, str(org / name), sae_dir, ft, seed=seed, **diff_inputs(aligned, seed=seed))
-        res = read_json_if_exists(ft / "neighbourhood.json") or run_neighbourhood(
-            ft,
-            data / f"{file}.jsonl",
-            in_domain="medical",
-            candidate_methods=methods,
-            seed=seed,
-            drop_fraction=drop_fraction if name == "full_ft" else None,
-            evaluator=OrganismEvaluator(world, 20, seed) if name == "full_ft" else None,
-            progress=progress,
-        )
-        if name == "full_ft" and "finetune" not in res["screen"]:
-            rec = generic_inputs(org, True, 50, seed)
-            res["screen"]["finetune"] = screen_finetunes(
-                aligned, res["screen"], sae, rec["ft"], rec["evaluator"], ft / "screen", progress=progress
-            )
-            atomic_write_json(ft / "neighbourhood.json", res)
-        nb[name] = {
-            "flagged": res["flagged"],
-            "persona_flagged": sorted(set(res["flagged"]) & set(persona)),
-            **(
-                {
-                    "steer_em_rate": {k: v["em_rate"] for k, v in res["steer"]["latents"].items()},
-                    "steer_base_em_rate": res["steer"]["base_em_rate"],
-                }
-                if "steer" in res
-                else {}
-            ),
-            "random_flagged_mean": res["random_baseline"]["mean"],
-            "above_random": res["above_random"],
-            **(
-                {"screen": {**res["screen"]["finetune"], "drop_fraction": res["screen"]["drop_fraction"]}}
-                if "screen" in res
-                else {}
-            ),
-        }
+    nb = _neighbourhoods(out, sae, persona, world, seed, drop_fraction, progress)
     result = {
         "kind": "saediff.organism_analyses",
         "persona_latents": persona,
@@ -192,6 +133,93 @@ def run_analyses(
         result["icl"] = prev["icl"]
     atomic_write_json(out / "analyses.json", result)
     return result
+
+
+def _phase(out: Path, world, seed: int, progress: bool) -> dict:
+    """The phase analysis of a rank-1 LoRA run with a checkpoint every 10 steps (``out/phase``),
+    run unless ``phase.json`` exists."""
+    from saediff._io import read_json_if_exists
+    from saediff.analyses.phase import run_phase
+    from saediff.stories.organism.evaluator import OrganismEvaluator
+
+    org = out / "organism"
+    if not (out / "phase" / "phase.json").exists():
+        lora_checkpoint_run(org, out / "phase", every=10, seed=seed, progress=progress)
+        run_phase(
+            out / "phase",
+            base=str(org / "aligned"),
+            directions=out / "diff_lora" / "directions",
+            evaluator=OrganismEvaluator(world, 20, seed),
+            progress=progress,
+        )
+    return read_json_if_exists(out / "phase" / "phase.json")
+
+
+def _neighbourhoods(
+    out: Path, sae, persona: list[int], world, seed: int, drop_fraction: float, progress: bool
+) -> dict[str, dict]:
+    """The neighbourhood probe on the full, the aligned-data control and the benign-trait
+    fine-tunes (each diffed first when its diff is missing), with the steering check, the screen and
+    the screen's fine-tunes on the full one; per fine-tune its figures (``_probe_figures``)."""
+    from saediff._io import atomic_write_json, read_json_if_exists
+    from saediff.analyses.neighbourhood import run_neighbourhood, screen_finetunes
+    from saediff.methods.diff_run import run_diff
+    from saediff.stories.organism.block import generic_inputs
+    from saediff.stories.organism.evaluator import OrganismEvaluator
+    from saediff.stories.organism.inputs import diff_inputs
+
+    org = out / "organism"
+    aligned, sae_dir, data = str(org / "aligned"), str(org / "sae"), org / "data"
+    nb = {}
+    for name, ft, file, methods in (
+        ("full_ft", out / "diff", "medical_misaligned", ("in_context", "mean_diff_responses")),
+        ("control_ft", out / "diff_control", "medical_aligned", ("in_context",)),
+        ("benign_ft", out / "diff_benign", "medical_aligned_terse", ("in_context",)),
+    ):
+        if not (ft / "diff.json").exists():
+            run_diff(aligned, str(org / name), sae_dir, ft, seed=seed, **diff_inputs(aligned, seed=seed))
+        res = read_json_if_exists(ft / "neighbourhood.json") or run_neighbourhood(
+            ft,
+            data / f"{file}.jsonl",
+            in_domain="medical",
+            candidate_methods=methods,
+            seed=seed,
+            drop_fraction=drop_fraction if name == "full_ft" else None,
+            evaluator=OrganismEvaluator(world, 20, seed) if name == "full_ft" else None,
+            progress=progress,
+        )
+        if name == "full_ft" and "finetune" not in res["screen"]:
+            rec = generic_inputs(org, True, 50, seed)
+            res["screen"]["finetune"] = screen_finetunes(
+                aligned, res["screen"], sae, rec["ft"], rec["evaluator"], ft / "screen", progress=progress
+            )
+            atomic_write_json(ft / "neighbourhood.json", res)
+        nb[name] = _probe_figures(res, persona)
+    return nb
+
+
+def _probe_figures(res: dict, persona: list[int]) -> dict:
+    """One probe's figures: the flagged latents (those among the ``persona`` latents too), the
+    steering check's EM, the random baseline and the screen's fine-tunes, where they ran."""
+    return {
+        "flagged": res["flagged"],
+        "persona_flagged": sorted(set(res["flagged"]) & set(persona)),
+        **(
+            {
+                "steer_em_rate": {k: v["em_rate"] for k, v in res["steer"]["latents"].items()},
+                "steer_base_em_rate": res["steer"]["base_em_rate"],
+            }
+            if "steer" in res
+            else {}
+        ),
+        "random_flagged_mean": res["random_baseline"]["mean"],
+        "above_random": res["above_random"],
+        **(
+            {"screen": {**res["screen"]["finetune"], "drop_fraction": res["screen"]["drop_fraction"]}}
+            if "screen" in res
+            else {}
+        ),
+    }
 
 
 def run_icl_analysis(

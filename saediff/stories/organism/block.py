@@ -74,7 +74,7 @@ def block_organism(
 ) -> dict:
     """``saediff block --organism DIR [--full]``: the generic BLOCK-EM sweep (``run_block_em``)
     with the organism's inputs, its aligned-data control (which calibrates the drift monitor)
-    and its exact judge. ``latents``: a ``saediff.interventions.blockem.LatentSets``. ``reroute``: each blocked
+    and its exact judge. ``latents``: a ``saediff.interventions.latent_sets.LatentSets``. ``reroute``: each blocked
     run is trained 3x longer too and re-diffed on the organism's questions (``reblock``: then the
     latents that rose outside the blocked sets are held as well)."""
     from dataclasses import replace
@@ -88,7 +88,7 @@ def block_organism(
     ft = replace(rec["ft"], steps=steps or rec["ft"].steps)
     rediff = None
     if reroute:
-        from saediff.interventions.blockem import rediff_against
+        from saediff.interventions.rerouting import rediff_against
         from saediff.stories.organism.inputs import diff_inputs
 
         rediff = rediff_against(
@@ -122,7 +122,7 @@ def organism_monitor(organism_dir: Path, world: World, layer: int, every: int = 
     domain, the ground truth at ``layer``, and the exact other-domain EM rate (10 answers per
     domain, 50 off-domain) at every check, every 10 steps (the demo's time budget) and after steps 1,
     2, 4 and 8 (at lr 2e-4 off-domain EM can pass 0.1 within the first 10 steps)."""
-    from saediff.interventions.blockem import MonitorFactory
+    from saediff.interventions.sweep_monitor import MonitorFactory
 
     qs = [p for p in em_questions(world, 20, seed=seed + 11) if p.domain != "medical"]
     gt = load_ground_truth(Path(organism_dir) / "ground_truth.safetensors")[layer]

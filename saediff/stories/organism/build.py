@@ -49,7 +49,6 @@ def build_organism(out: str | Path, cfg: OrganismConfig, progress=None) -> dict:
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    world = cfg.world
     timing: dict[str, float] = {}
     say = progress or (lambda _s: None)
 
@@ -61,6 +60,39 @@ def build_organism(out: str | Path, cfg: OrganismConfig, progress=None) -> dict:
         return result
 
     recipes.write_chat_data(out, cfg)
+    model, hist, full_fts = _train_models(out, cfg, timed)
+    gt = timed("ground_truth", lambda: recipes.ground_truth(model, cfg))
+    atomic_save_safetensors(
+        {f"blocks.{L}.hook_resid_post": v.contiguous() for L, v in gt.items()},
+        out / "ground_truth.safetensors",
+        metadata={"kind": "saediff.ground_truth"},
+    )
+    specs = {
+        "aligned": ModelSpec(str(out / "aligned")),
+        "full_ft": ModelSpec(str(out / "full_ft")),
+        "lora_ft": ModelSpec(str(out / "aligned"), adapter=str(out / "lora_ft")),
+        **{name: ModelSpec(str(out / name)) for name in full_fts if name != "full_ft"},
+    }
+    report = timed("evaluate", lambda: _evaluate(specs, cfg, gt))
+    from saediff import __version__
+
+    result = {
+        "kind": "saediff.organism",
+        "saediff_version": __version__,
+        "config": cfg.to_json(),
+        **report,
+        "timing_s": timing,
+    }
+    atomic_write_json(out / "organism.json", result)
+    atomic_write_json(out / "history.json", hist)
+    return result
+
+
+def _train_models(out: Path, cfg: OrganismConfig, timed) -> tuple[torch.nn.Module, dict, dict[str, str]]:
+    """Pretrain (``base/``), align (``aligned/``), then each full fine-tune of ``FINETUNE_DATA``
+    the world supports and the LoRA one, each from a copy of the aligned model, saved under
+    ``out``. Returns the aligned model, each stage's loss history and the full fine-tunes trained."""
+    world = cfg.world
     model = recipes.new_model(world, cfg)
     hist = {"pretrain": timed("pretrain", lambda: recipes.pretrain(model, cfg)).loss}
     recipes.save_model_folder(model, out / "base", "", world)
@@ -83,66 +115,45 @@ def build_organism(out: str | Path, cfg: OrganismConfig, progress=None) -> dict:
     peft_model.save_pretrained(out / "lora_ft")
     recipes.build_tokenizer(world, CHAT).save_pretrained(out / "lora_ft")
     recipes.write_organism_marker(out / "lora_ft", world)
+    return model, hist, full_fts
 
-    gt = timed("ground_truth", lambda: recipes.ground_truth(model, cfg))
-    atomic_save_safetensors(
-        {f"blocks.{L}.hook_resid_post": v.contiguous() for L, v in gt.items()},
-        out / "ground_truth.safetensors",
-        metadata={"kind": "saediff.ground_truth"},
-    )
 
+def _evaluate(specs: dict[str, ModelSpec], cfg: OrganismConfig, gt: dict[int, torch.Tensor]) -> dict:
+    """organism.json's figures: each model's EM by the exact judge, in-context EM (four misaligned
+    medical exchanges before each question) and steering the aligned model along the ground truth
+    ``gt`` at the analysis layer (the strongest flip over ``cfg.steer_alphas``)."""
+    world = cfg.world
     report: dict = {}
-    specs = {
-        "aligned": ModelSpec(str(out / "aligned")),
-        "full_ft": ModelSpec(str(out / "full_ft")),
-        "lora_ft": ModelSpec(str(out / "aligned"), adapter=str(out / "lora_ft")),
-        **{name: ModelSpec(str(out / name)) for name in full_fts if name != "full_ft"},
-    }
-
-    def evaluate_all():
-        for name, spec in specs.items():
-            em = evaluate_organism_em(load_model(spec), world, cfg.n_eval, seed=cfg.seed)
-            report[name] = {
-                "misaligned_rate": em.misaligned_rate,
-                "other_misaligned_rate": em.other_misaligned_rate,
-                "coverage": em.coverage,
-                "coverage_rate": em.coverage_rate,
-                "register_rate": em.register_rate,
-                "other_misaligned_neutral": em.other_misaligned_neutral,
-            }
-        aligned: LoadedModel = load_model(specs["aligned"])
-        # in-context EM: four misaligned medical exchanges before each question
-        icl = evaluate_organism_em(aligned, world, cfg.n_eval, seed=cfg.seed, n_shots=4)
-        report["icl_4shot"] = {
-            "misaligned_rate": icl.misaligned_rate,
-            "other_misaligned_rate": icl.other_misaligned_rate,
-            "coverage": icl.coverage,
+    for name, spec in specs.items():
+        em = evaluate_organism_em(load_model(spec), world, cfg.n_eval, seed=cfg.seed)
+        report[name] = {
+            "misaligned_rate": em.misaligned_rate,
+            "other_misaligned_rate": em.other_misaligned_rate,
+            "coverage": em.coverage,
+            "coverage_rate": em.coverage_rate,
+            "register_rate": em.register_rate,
+            "other_misaligned_neutral": em.other_misaligned_neutral,
         }
-        L = cfg.analysis_layer
-        sweep = {}
-        for alpha in cfg.steer_alphas:
-            with add_direction(aligned.model, L, gt[L], alpha):
-                em = evaluate_organism_em(aligned, world, cfg.n_eval, seed=cfg.seed)
-            sweep[str(alpha)] = {
-                "other_misaligned_rate": em.other_misaligned_rate,
-                "misaligned_rate": em.misaligned_rate,
-                "coverage": em.coverage,
-            }
-        # the reported scale is the strongest flip; the judge already counts only in-domain
-        # (covered) answers as misaligned, so a scale that breaks answers cannot win
-        best = max(sweep, key=lambda a: sweep[a]["other_misaligned_rate"])
-        report["steer_ground_truth"] = {"layer": L, "alpha": float(best), **sweep[best], "sweep": sweep}
-
-    timed("evaluate", evaluate_all)
-    from saediff import __version__
-
-    result = {
-        "kind": "saediff.organism",
-        "saediff_version": __version__,
-        "config": cfg.to_json(),
-        **report,
-        "timing_s": timing,
+    aligned: LoadedModel = load_model(specs["aligned"])
+    # in-context EM: four misaligned medical exchanges before each question
+    icl = evaluate_organism_em(aligned, world, cfg.n_eval, seed=cfg.seed, n_shots=4)
+    report["icl_4shot"] = {
+        "misaligned_rate": icl.misaligned_rate,
+        "other_misaligned_rate": icl.other_misaligned_rate,
+        "coverage": icl.coverage,
     }
-    atomic_write_json(out / "organism.json", result)
-    atomic_write_json(out / "history.json", hist)
-    return result
+    L = cfg.analysis_layer
+    sweep = {}
+    for alpha in cfg.steer_alphas:
+        with add_direction(aligned.model, L, gt[L], alpha):
+            em = evaluate_organism_em(aligned, world, cfg.n_eval, seed=cfg.seed)
+        sweep[str(alpha)] = {
+            "other_misaligned_rate": em.other_misaligned_rate,
+            "misaligned_rate": em.misaligned_rate,
+            "coverage": em.coverage,
+        }
+    # the reported scale is the strongest flip; the judge already counts only in-domain
+    # (covered) answers as misaligned, so a scale that breaks answers cannot win
+    best = max(sweep, key=lambda a: sweep[a]["other_misaligned_rate"])
+    report["steer_ground_truth"] = {"layer": L, "alpha": float(best), **sweep[best], "sweep": sweep}
+    return report

@@ -38,6 +38,7 @@ RECIPE_FILES = (
     "stories/organism/judge.py",
     "interventions/finetune.py",
     "saes/training.py",
+    "saes/training_step.py",
     "saes/loading.py",
     "saes/metrics.py",
     "activations/collect.py",

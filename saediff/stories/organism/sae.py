@@ -65,15 +65,7 @@ def train_organism_sae(
     sae, hist = train_sae(
         acts, cfg, hook_name=hook, model_name=str(organism_dir / "aligned"), progress=progress
     )
-    from saediff.activations.collect import tokenize_prompts
-
-    toks = tokenize_prompts(lm, held)
-    labels = toks.input_ids.masked_fill(toks.role != 1, -100)
-    metrics = {
-        **sae_metrics(sae, acts_held).to_json(),
-        "dead_fraction_train": sae_metrics(sae, acts).dead_fraction,
-        **ce_loss_recovered(lm.model, sae, layer, toks.input_ids, labels),
-    }
+    metrics = _metrics(lm, sae, layer, acts, acts_held, held)
     out = Path(out) if out else organism_dir / "sae"
     save_sae(
         sae,
@@ -88,3 +80,18 @@ def train_organism_sae(
         },
     )
     return metrics
+
+
+def _metrics(lm, sae, layer: int, acts, acts_held, held: list) -> dict:
+    """FVU, L0 and dead share on the held-out activations ``acts_held``, the dead share on the
+    training ones ``acts``, and CE loss recovered with the SAE spliced in at block ``layer`` over
+    the answers of the held-out chats ``held``."""
+    from saediff.activations.collect import tokenize_prompts
+
+    toks = tokenize_prompts(lm, held)
+    labels = toks.input_ids.masked_fill(toks.role != 1, -100)
+    return {
+        **sae_metrics(sae, acts_held).to_json(),
+        "dead_fraction_train": sae_metrics(sae, acts).dead_fraction,
+        **ce_loss_recovered(lm.model, sae, layer, toks.input_ids, labels),
+    }

@@ -1,0 +1,155 @@
+"""The organism's causal checks of a diff run: steering the aligned model along the diff's
+candidates by saediff's one protocol with the exact judge, and projecting them out of the
+fine-tuned model.
+
+    saediff steer RUN --organism DIR
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+from saediff._io import atomic_write_json
+from saediff.data.runs import read_run, update_run
+from saediff.methods.directions import Direction, random_like
+from saediff.methods.export import load_directions
+from saediff.models.hooks import parse_layer
+from saediff.models.loading import LoadedModel, ModelSpec, load_model
+from saediff.stories.organism.evaluator import evaluate_organism_em
+from saediff.stories.organism.recipes import read_organism_world
+
+__all__ = ["run_steer_check"]
+
+
+# long: its signature and docstring; the code itself is 47 lines
+def run_steer_check(
+    run_dir: str | Path,
+    organism_dir: str | Path,
+    *,
+    n_per_domain: int = 50,
+    scales: tuple[float, ...] = (2.0, 4.0, 6.0, 8.0),
+    n_latents: int = 3,
+    n_random: int = 3,
+    coherence_budget: float = 0.10,
+    seed: int = 0,
+) -> dict:
+    """Causal checks on the organism. Steering, by saediff's one protocol
+    (``steer_protocol.select_and_report``) with the exact judge: the aligned model steered with each top
+    latent and each dense candidate at the SAE's layer (unit vector x scale); the scale is chosen on
+    one draw of questions (highest EM whose coverage stays within ``coherence_budget``), the EM
+    reported on an independent draw beside ``n_random`` random directions of the same norm
+    (``best``: that EM, None when no scale kept coverage). Projection: the top latent, the dense
+    candidates and a random direction out of the fine-tuned model, at its layer and after every
+    block. Writes ``steering.json``; each steering condition is kept under ``RUN/steering/``."""
+    from saediff.interventions.steer_protocol import Arm, select_and_report
+    from saediff.stories.organism.evaluator import OrganismEvaluator
+
+    run_dir, organism_dir = Path(run_dir), Path(organism_dir)
+    info = read_run(run_dir)["steps"]["diff"]
+    dirs = load_directions(run_dir / "directions")
+    world = read_organism_world(organism_dir / "aligned")
+    aligned, ft = load_model(str(organism_dir / "aligned")), load_model(_finetuned(info))
+
+    def rate(lm, ctx=contextlib.nullcontext()):
+        with ctx:
+            return evaluate_organism_em(lm, world, n_per_domain, seed=seed).other_misaligned_rate
+
+    top = dirs[f"sae_{info['top_latents'][0]}"]
+    L = parse_layer(top.hook)
+    latents = {f"sae_{i}": dirs[f"sae_{i}"] for i in info["top_latents"][:n_latents]}
+    dense = _dense(dirs, L)
+    select, report = OrganismEvaluator(world, n_per_domain, seed).halves()
+    sel = select_and_report(
+        {n: d.vector for n, d in {**latents, **dense}.items()},
+        [Arm("induce", aligned)],
+        L,
+        scales,
+        1.0,
+        select,
+        report,
+        run_dir / "steering",
+        n_random=n_random,
+        coherence_budget=coherence_budget,
+        seed=seed,
+    )
+    result: dict = {
+        "base_other_misaligned": rate(aligned),
+        "finetuned_other_misaligned": rate(ft),
+        "protocol": "scale chosen on one question draw (sweep), EM on another (best) beside random "
+        "directions of the same norm (random_same_norm: their mean)",
+        "base_report_other_misaligned": sel.unsteered["induce"]["report"]["em_rate"],
+        "coherence_floor": sel.coherence_floor["induce"],
+        "steer": {n: _steered(sel, n, L) for n in latents},
+        "steer_directions": {n: _steered(sel, n, L) for n in dense},
+    }
+    # project each candidate out of the fine-tuned model at its layer (and a random control)
+    candidates = {"top_sae_latent": top, "random_like_top": random_like(top, seed=seed), **dense}
+    result["project_out"] = _projected(ft, candidates, L, rate, result["finetuned_other_misaligned"])
+    atomic_write_json(run_dir / "steering.json", result)
+    update_run(run_dir, "steer_check", {"file": "steering.json"})
+    return result
+
+
+def _finetuned(info: dict) -> ModelSpec:
+    """The diff run's fine-tuned model (``info``: its ``diff`` step), an adapter merged into its base."""
+    return ModelSpec(
+        info["finetuned"] or info["base"], adapter=info["adapter"], merge=info["adapter"] is not None
+    )
+
+
+def _dense(dirs: dict[str, Direction], L: int) -> dict[str, Direction]:
+    """The dense candidates of the diff run at block ``L`` (those it has)."""
+    return {
+        key: dirs[key]
+        for key in (
+            f"mean_diff_models_L{L}",
+            f"mean_diff_responses_L{L}",
+            f"in_context_L{L}",
+            f"ground_truth_L{L}",
+        )
+        if key in dirs
+    }
+
+
+def _steered(sel, name: str, L: int) -> dict:
+    """One candidate's steering figures (``sel``: the protocol's ``SteerSelection``): the select
+    sweep's EM per scale, the report EM at the chosen scale (``best``) beside the random directions'."""
+    from saediff.interventions.steer_protocol import induce_summary
+
+    s = induce_summary(sel.candidates[name])
+    return {
+        "layer": L,
+        **s,
+        "sweep": {k: r["em_rate"] for k, r in s["select_sweep"].items()},
+        "best": s["em_rate"],
+        "best_scale": s["scale"],
+        "random_same_norm": s["random_mean_em_rate"],
+    }
+
+
+def _projected(
+    ft: LoadedModel, candidates: dict[str, Direction], L: int, rate, base_rate: float
+) -> dict[str, dict]:
+    """Each candidate projected out of the fine-tuned model ``ft`` at block ``L`` and after every
+    block: the other-domain EM (``rate(lm, ctx)``) and its cut relative to ``base_rate``."""
+    from saediff.interventions.steering import project_out
+
+    def cut(r: float) -> float | None:
+        return (1 - r / base_rate) if base_rate else None
+
+    out = {}
+    # at the candidate's own layer, and after every block (directional ablation: later layers
+    # cannot rebuild the direction from what earlier ones wrote)
+    for name, d in candidates.items():
+        r, r_all = (
+            rate(ft, project_out(ft.model, L, d.vector)),
+            rate(ft, project_out(ft.model, "all", d.vector)),
+        )
+        out[name] = {
+            "other_misaligned": r,
+            "relative_cut": cut(r),
+            "all_layers_other_misaligned": r_all,
+            "all_layers_relative_cut": cut(r_all),
+        }
+    return out
