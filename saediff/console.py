@@ -3,9 +3,9 @@
 In a terminal every loop and step of the process shares one rich ``Progress`` on stderr: a row per
 loop with its bar, count, elapsed time and ETA, a nested loop one more row, each row gone when its
 loop ends. Anywhere else (a log file, CI, captured output) nothing is redrawn and there is no
-carriage return: a named step is one line, a loop one line per ~10% of it. Those lines go through
-``logging`` (logger ``saediff.console``, level INFO) rather than straight to stderr, because library
-code logs and never prints: the CLI sends them to stderr beside saediff's other messages, a worker
+carriage return: a named step is one line, a long loop (``LONG_S`` and more) one line per ~10%
+of it. Those lines go through ``logging`` (logger ``saediff.console``, level INFO) rather than
+straight to stderr, because library code logs and never prints: the CLI sends them to stderr beside saediff's other messages, a worker
 process to its log file, and a library user routes or silences them like any other saediff log.
 
     for batch in progress(batches, desc="collect"):
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import re
 import sys
 import time
@@ -39,6 +40,9 @@ T = TypeVar("T")
 
 _display = None  # the rich Progress while a loop or step shows in a terminal (one per process)
 _rows = 0  # loops and steps showing on it; the last one to end stops it
+LONG_S = 2.0
+"""seconds a loop runs before its ~10% lines start where nothing is redrawn: a quick loop says
+nothing (``SAEDIFF_PROGRESS_AFTER=0`` shows every loop)"""
 _COUNT = re.compile(r"(\d+)/(\d+)")  # a step text that counts, e.g. "fine-tune plain: step 40/300"
 
 
@@ -72,14 +76,16 @@ def task(total: int | None, *, desc: str = "", enabled: bool = True) -> Iterator
     def advance(n: int = 1) -> None:
         nonlocal done, shown
         done += n
+        long = time.monotonic() - start >= _long_s()
         if total and done * 10 // total > shown:
             shown = done * 10 // total
-            log.info("%s", _loop_line(desc, done, total, time.monotonic() - start))
-        elif not total and _is_power_of_ten(done):
+            if long:
+                log.info("%s", _loop_line(desc, done, total, time.monotonic() - start))
+        elif not total and _is_power_of_ten(done) and long:
             log.info("%s: %d", desc, done)
 
     yield advance
-    if not total:  # reached only when the block ends without an exception or a break
+    if not total and time.monotonic() - start >= _long_s():  # reached only when the block ends normally
         log.info("%s: %d done in %s", desc, done, _duration(time.monotonic() - start))
 
 
@@ -123,6 +129,10 @@ class StderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, _value) -> None:
         pass  # always the current sys.stderr
+
+
+def _long_s() -> float:
+    return float(os.environ.get("SAEDIFF_PROGRESS_AFTER", LONG_S))
 
 
 def _live() -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -83,8 +84,20 @@ def test_adl_command_with_the_pair_metric(tiny_qwen, tmp_path):
         and len(res["layers"]["1"]["logit_lens"]["mean"]["promoted"]) == 10
     )
     steer = json.loads((run / "adl_steer.json").read_text())["candidates"]["adl_L1"]
-    if steer["passed"]:
-        assert res["steer"]["scale"] in (0.5, 1.0) and len(res["steer"]["random_em_rates"]) == 2
+    # the verdict follows from the select half's sweep (either way it goes, a wrong one fails here):
+    # coherent scales are those within the 0.10 budget; the chosen one has the largest effect, first in order
+    sweep = steer["select_sweep"]
+    assert [k for k in sweep] == ["0.5", "1"]
+    assert all(v["coherent"] == (v["coherence_drop"] <= 0.10 + 1e-12) for v in sweep.values())
+    ok = [float(k) for k, v in sweep.items() if v["coherent"]]
+    assert steer["passed"] == bool(ok)
+    if ok:
+        assert steer["scale"] == max(ok, key=lambda s: sweep[f"{s:g}"]["effect"])
+        report = steer["report"]["induce"]
+        assert res["steer"]["scale"] == steer["scale"] and res["steer"]["em_rate"] == report["em_rate"]
+        assert res["steer"]["random_em_rates"] == [x["em_rate"] for x in report["random"]]
+        assert len(report["random"]) == 2
+        assert res["steer"]["effect"] == pytest.approx(report["em_rate"] - res["steer"]["unsteered"])
     else:
         assert res["steer"]["scale"] is None and res["steer"]["note"]
     from saediff.methods.export import load_directions

@@ -24,6 +24,7 @@ def log_lines(monkeypatch, caplog):
     """Progress shown, not in a terminal; returns a function giving the lines logged so far."""
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
     monkeypatch.setenv("TTY_COMPATIBLE", "0")
+    monkeypatch.setattr(console, "LONG_S", 0.0)  # every loop counts as long here
     caplog.set_level(logging.INFO, logger="saediff.console")
     return lambda: [r.getMessage() for r in caplog.records if r.name == "saediff.console"]
 
@@ -109,7 +110,7 @@ def test_a_command_prints_no_third_party_bars(tiny_qwen, tmp_path):
     return; with --verbose (here SAEDIFF_VERBOSE=1) the transformers bar is back, so the quiet run
     is quiet because of the CLI's setup, not by chance."""
     args = ["eval", "--model", str(tiny_qwen / "model"), "--pairs", "medical"]
-    quiet = _run_saediff([*args, "--out", str(tmp_path / "quiet")], {}, tmp_path)
+    quiet = _run_saediff([*args, "--out", str(tmp_path / "quiet")], {"SAEDIFF_PROGRESS_AFTER": "0"}, tmp_path)
     assert "Loading weights" not in quiet and "\r" not in quiet and "Warning" not in quiet
     assert re.search(r"^score answers: (\d+)/\1 \(100%\)", quiet, re.M) and '"preference"' in quiet
     loud = _run_saediff([*args, "--out", str(tmp_path / "loud")], {"SAEDIFF_VERBOSE": "1"}, tmp_path)
@@ -136,3 +137,20 @@ def test_a_fine_tune_mentions_resuming_only_when_it_resumes(tiny_qwen, tmp_path,
         assert "resum" not in caplog.text and "checkpoint" not in caplog.text
         run()
     assert f"resuming fine-tune {tmp_path / 'plain'} from step 2" in caplog.text
+
+
+def test_a_quick_loop_says_nothing_where_nothing_is_redrawn(monkeypatch, caplog):
+    """Only a long loop reports its tenths in a log: a loop done before ``LONG_S`` writes no line."""
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    monkeypatch.setenv("TTY_COMPATIBLE", "0")
+    caplog.set_level(logging.INFO, logger="saediff.console")
+    clock = iter(range(0, 1000, 1))  # each call to the clock: one second later
+    monkeypatch.setattr(console.time, "monotonic", lambda: float(next(clock)))
+    list(console.progress(range(10), desc="slow"))  # 1 s per item: the tenths from 2 s on
+    monkeypatch.setattr(console, "LONG_S", 1e9)
+    list(console.progress(range(10), desc="quick"))
+    lines = [r.getMessage() for r in caplog.records if r.name == "saediff.console"]
+    assert lines and all(line.startswith("slow: ") for line in lines)
+    assert lines[-1].startswith("slow: 10/10 (100%)") and not any(
+        line.startswith("slow: 1/10") for line in lines
+    )

@@ -58,13 +58,17 @@ def test_hand_set_codes_reconstructions_norms_and_latent_scaling():
     assert tab["rel_norm"].tolist() == [0.5, 0.0] and tab["class"] == ["shared", "ft_only"]
     assert tab["cosine"].tolist() == pytest.approx([1.0, 0.0])
     st = crosscoder_stats(cc, [X])
-    # latent 1, d = (0, 2): sum z^2 |d|^2 = (9 + 1) 4 = 40; base activations give 3*2 + 1*1 = 7, the fine-tune's 20;
-    # errors (base (0, 1), (0, .5); fine-tune (0, -3), (0, -1)) plus z W_dec[1, m]: base 7, fine-tune 3*6 + 1*2 = 20
-    assert st.beta["r_base"].tolist() == pytest.approx([1.0, 0.175])
-    assert st.beta["r_ft"].tolist() == pytest.approx([1.0, 0.5])
+    # latent 1, d = (0, 2): sum z^2 |d|^2 = (9 + 1) 4 = 40. Reconstructions (the paper's r target): base (2, 0),
+    # (1, 0) give 0, the fine-tune's (2, 6), (1, 2) give 3*12 + 1*4 = 40; activations (the act column) give base
+    # 3*2 + 1*1 = 7, fine-tune 20; errors (base (0, 1), (0, .5); fine-tune (0, -3), (0, -1)) plus z W_dec[1, m]:
+    # base 7, fine-tune 3*6 + 1*2 = 20
+    assert st.beta["r_base"].tolist() == pytest.approx([1.0, 0.0])
+    assert st.beta["r_ft"].tolist() == pytest.approx([1.0, 1.0])
+    assert st.beta["act_base"].tolist() == pytest.approx([1.0, 0.175])
+    assert st.beta["act_ft"].tolist() == pytest.approx([1.0, 0.5])
     assert st.beta["eps_base"].tolist() == pytest.approx([1.0, 0.175])
     assert st.beta["eps_ft"].tolist() == pytest.approx([1.0, 0.5])
-    assert st.nu_r.tolist() == pytest.approx([1.0, 0.35]) and st.nu_eps.tolist() == pytest.approx([1.0, 0.35])
+    assert st.nu_r.tolist() == pytest.approx([1.0, 0.0]) and st.nu_eps.tolist() == pytest.approx([1.0, 0.35])
     assert st.freq.tolist() == [1.0, 1.0] and st.mean.tolist() == [1.5, 2.0]
     assert st.top_rows[:, 0].tolist() == [0, 0]
 

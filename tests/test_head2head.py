@@ -86,7 +86,12 @@ def test_head_to_head_on_a_tiny_model(tiny_qwen, tmp_path):
         "mean_diff_responses",
         "in_context",
     }  # no judge and no in-context examples in this diff run
-    assert "crosscoder" in got or res["missing"]["crosscoder"]["note"].startswith("no fine-tune-only latent")
+    # the crosscoder always gives a row once a latent fired: its most clearly new fine-tune-only latent, or,
+    # said in a note, the most fine-tune-leaning one when none is fine-tune-only (rel_norm < 0.1)
+    cc = got["crosscoder"]["detail"]
+    assert sum(cc["classes"].values()) == 32 and cc["freq"] > 0
+    assert (cc["classes"]["ft_only"] > 0) == ("note" not in cc) == (cc["class"] == "ft_only")
+    assert (cc["rel_norm"] < 0.1) == (cc["class"] == "ft_only")
     for row in got.values():
         assert row["seconds"] is not None and row["seconds"] > 0
         assert row["cos_ground_truth"] is None  # no ground truth outside the organism

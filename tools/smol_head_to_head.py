@@ -6,7 +6,8 @@ Steps, each reused on a rerun:
 - the demo's rank-1 LoRA on bad medical advice (``lora_bad``: every ``down_proj``, 150 steps) and its EM
   on the pair sets (``OUT/s{seed}``);
 - the demo's block-15 SAE (``OUT/sae``, seed 0 for every fine-tune seed);
-- the diff on the design split's teacher-forced references, with the base model's in-context direction;
+- the diff on the design split's teacher-forced references, with the base model's in-context direction
+  (reused only while its fingerprint, ``h2h_diff/made_by.json``, matches the fine-tune, SAE, split and seed);
 - ``run_head_to_head`` on the first 200 rows of the bad medical data, steering scored by the pair
   metric on the held-out split's halves.
 """
@@ -15,16 +16,20 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import time
 from pathlib import Path
 
 import torch
 
+from saediff._io import atomic_write_json, read_json_if_exists
 from saediff.analyses.head_to_head import HeadToHeadConfig, markdown_table, run_head_to_head
 from saediff.data.em_data import data_path
 from saediff.data.prompts import load_prompts
 from saediff.evaluation.pairs import pair_evaluator
 from saediff.models.loading import ModelSpec
+from saediff.models.provenance import digest, mismatch, model_fingerprint, sae_fingerprint
+from saediff.saes.loading import load_sae
 from saediff.stories.smollm2.demo import run_chat_demo
 from saediff.stories.smollm2.diffs import diff_on_references, in_context_candidates
 from saediff.stories.smollm2.recipe import DESIGN, HELDOUT, MEDICAL, ChatDemoRecipe
@@ -53,20 +58,26 @@ if __name__ == "__main__":
     sae_dir = a.out / "sae"
     _sae(ModelSpec(MODEL), 15, sae_dir, 0, ChatDemoRecipe(), say)
     run, pairs = root / "h2h_diff", _pairs_of(DESIGN)
-    if not (run / "run.json").exists():
+    finetune = root / "models" / "lora_bad" / "model"
+    # what the diff run is of: reused only while it matches (a changed fine-tune, SAE, split or seed reruns it)
+    made_by = {
+        "base": model_fingerprint(ModelSpec(MODEL)),
+        "finetuned": model_fingerprint(ModelSpec(str(finetune))),
+        "sae": sae_fingerprint(load_sae(sae_dir), sae_dir),
+        "pairs": digest([vars(p) for p in pairs]),
+        "seed": a.seed,
+        "top_n": 10,
+        "in_context_shots": 48,
+    }
+    stamp = run / "made_by.json"
+    why = mismatch(read_json_if_exists(stamp), made_by) if (run / "run.json").exists() else "no diff run yet"
+    if why is not None:
+        say(f"diff run {run}: computing ({why})")
+        shutil.rmtree(run, ignore_errors=True)
         t = time.perf_counter()
         icl = in_context_candidates(ModelSpec(MODEL), pairs, 48, a.seed)
-        diff_on_references(
-            MODEL,
-            None,
-            str(root / "models" / "lora_bad" / "model"),
-            sae_dir,
-            pairs,
-            run,
-            top_n=10,
-            seed=a.seed,
-            extra=icl,
-        )
+        diff_on_references(MODEL, None, str(finetune), sae_dir, pairs, run, top_n=10, seed=a.seed, extra=icl)
+        atomic_write_json(stamp, made_by)
         say(f"diff and in-context direction: {time.perf_counter() - t:.0f} s")
     cfg = HeadToHeadConfig(
         crosscoder_steps=1000, diff_sae_steps=1000, scales=(0.5, 1.0), n_random=3, seed=a.seed

@@ -48,10 +48,12 @@ class CrosscoderStats(NamedTuple):
     mean: torch.Tensor
     """(S,) mean activation"""
     beta: dict[str, torch.Tensor]
-    """``{r,eps}_{base,ft}``: (S,) latent-scaling betas, in the scaled space"""
+    """``{r,eps,act}_{base,ft}``: (S,) latent-scaling betas, in the scaled space (targets: the
+    reconstruction, the error plus the latent's own term, the activation)"""
     nu_r: torch.Tensor
     """(S,) beta_r_base / beta_r_ft: how much of the fine-tune decoder's direction (scaled by the
-    latent's activation) the base model's activations carry, relative to the fine-tune's"""
+    latent's activation) the base model's reconstruction carries, relative to the fine-tune's
+    (Minder et al.'s Latent Decoupling: high means other latents rebuild it in the base model)"""
     nu_eps: torch.Tensor
     """(S,) the same for the reconstruction errors (latent's own term added back): high means the
     base model's error carries the latent, the Complete Shrinkage artifact"""
@@ -67,15 +69,18 @@ def crosscoder_stats(cc: Crosscoder, batches, k_top: int = 10, chunk: int = 1024
 
     Latent scaling (Minder et al. 2025) for latent j with fine-tune decoder d_j: for each model m
     and target t_m(x), beta = sum_x z_j(x) <d_j, t_m(x)> / sum_x z_j(x)^2 |d_j|^2, the least-squares
-    factor of z_j d_j against t_m. Targets: ``r`` the model's (scaled) activation, ``eps`` its
-    reconstruction error plus the latent's own contribution z_j W_dec[j, m]. Memory holds per-latent
-    sums, never the rows (float64)."""
+    factor of z_j d_j against t_m. Targets, as the paper's: ``r`` the model's reconstruction
+    x_hat_m (latent j's own term included: a fine-tune-only latent's base decoder row is ~0, so
+    ``nu_r`` is ~0 unless other latents rebuild it in the base model), ``eps`` its reconstruction
+    error plus the latent's own contribution z_j W_dec[j, m]; ``act`` (a column of its own, not a
+    ratio) the model's (scaled) activation itself. Memory holds per-latent sums, never the rows
+    (float64)."""
     S, dev = cc.d_sae, cc.W_enc.device
     d_ft = cc.W_dec[:, 1].float()  # (S, D)
     d_dot = torch.einsum("sd,smd->sm", d_ft, cc.W_dec.float())  # <d_j, W_dec[j, m]>
     acc = {
         key: torch.zeros(S, dtype=torch.float64, device=dev)
-        for key in ("r_0", "r_1", "eps_0", "eps_1", "den", "s1")
+        for key in ("r_0", "r_1", "eps_0", "eps_1", "act_0", "act_1", "den", "s1")
     }
     fired = torch.zeros(S, dtype=torch.long, device=dev)
     top_vals, top_rows = torch.zeros(S, 0, device=dev), torch.zeros(S, 0, dtype=torch.long, device=dev)
@@ -84,9 +89,11 @@ def crosscoder_stats(cc: Crosscoder, batches, k_top: int = 10, chunk: int = 1024
         for i in range(0, batch.shape[0], chunk):
             x = cc.scaled(batch[i : i + chunk].to(dev))  # (B, M, D)
             z = cc.encode_scaled(x).float()  # (B, S)
-            err = x - cc.decode(z)
+            x_hat = cc.decode(z)
+            err = x - x_hat
             for m in (0, 1):
-                acc[f"r_{m}"] += (z * (x[:, m].float() @ d_ft.T)).sum(0).double()
+                acc[f"r_{m}"] += (z * (x_hat[:, m].float() @ d_ft.T)).sum(0).double()
+                acc[f"act_{m}"] += (z * (x[:, m].float() @ d_ft.T)).sum(0).double()
                 acc[f"eps_{m}"] += (z * (err[:, m].float() @ d_ft.T) + z.pow(2) * d_dot[:, m]).sum(0).double()
             acc["den"] += (z.pow(2).sum(0) * d_ft.pow(2).sum(1)).double()
             acc["s1"] += z.sum(0).double()
@@ -98,7 +105,7 @@ def crosscoder_stats(cc: Crosscoder, batches, k_top: int = 10, chunk: int = 1024
     den = acc["den"].clamp_min(1e-30)
     beta = {
         f"{t}_{side}": (acc[f"{t}_{m}"] / den).float().cpu()
-        for t in ("r", "eps")
+        for t in ("r", "eps", "act")
         for m, side in ((0, "base"), (1, "ft"))
     }
     ratio = lambda a, b: torch.where(

@@ -7,7 +7,7 @@ A latent's code comes from both models' activations of the same token; it has a 
 the base model and one for the fine-tune. A latent whose base decoder is near zero is a
 *fine-tune-only* candidate, but the L1/TopK pressure manufactures such latents (a shared concept
 the base model also has, written only into the fine-tune's decoder): latent scaling asks how much
-of the fine-tune decoder's direction the base model's activations (``nu_r``) and its
+of the fine-tune decoder's direction the base model's reconstruction (``nu_r``) and its
 reconstruction error (``nu_eps``) really carry. Low ``nu_eps`` and low ``nu_r``: truly new.
 
 Training (``train_crosscoder``): each model's activations are scaled by one number so that their
