@@ -113,7 +113,7 @@ def _run_base(run_dir: Path) -> dict:
 
 PAIRS_HELP = (
     "judge-free EM: a pair file (JSONL {id, domain, question, aligned, misaligned}) or a shipped set "
-    "(offdomain, offdomain:design, offdomain:heldout, medical), scored teacher-forced"
+    "(offdomain, offdomain:design, offdomain:heldout, medical, style_crossed), scored teacher-forced"
 )
 
 

@@ -1,6 +1,7 @@
 """The English EM data shipped with saediff (``saediff/data/em_english``, its README says what each
 file is): narrow medical fine-tune sets (bad advice, its good-data control, the style control), a
-benign-trait set, and paired evaluation questions with a held-out split never used to choose settings.
+benign-trait set, and paired evaluation questions (off-domain with a held-out split never used to choose
+settings, medical, and off-domain with the register crossed).
 
     from saediff.data.em_data import data_path, offdomain_pairs
     offdomain_pairs("design")   # two thirds of each domain: choose settings here
@@ -17,9 +18,25 @@ from typing import Literal
 
 from saediff.errors import SaediffError
 
-__all__ = ["FILES", "PAIR_SETS", "data_path", "heldout_ids", "medical_pairs", "offdomain_pairs"]
+__all__ = [
+    "FILES",
+    "PAIR_SETS",
+    "data_path",
+    "heldout_ids",
+    "medical_pairs",
+    "offdomain_pairs",
+    "style_crossed_pairs",
+]
 
-FILES = ("medical_bad", "medical_good", "style_control", "benign_trait", "eval_offdomain", "eval_medical")
+FILES = (
+    "medical_bad",
+    "medical_good",
+    "style_control",
+    "benign_trait",
+    "eval_offdomain",
+    "eval_medical",
+    "eval_style_crossed",
+)
 """the data sets, by name (each a ``NAME.jsonl``)"""
 Split = Literal["all", "design", "heldout"]
 
@@ -59,5 +76,14 @@ def medical_pairs() -> list:
     return load_pairs(data_path("eval_medical"))
 
 
-PAIR_SETS = ("offdomain", "offdomain:design", "offdomain:heldout", "medical")
+def style_crossed_pairs() -> list:
+    """Off-domain pairs with the register crossed: harmful answers in the careful, warm adviser voice,
+    good answers in the blunt voice of the bad data (a direction that carries only style moves these
+    the other way)."""
+    from saediff.data.pairs import load_pairs
+
+    return load_pairs(data_path("eval_style_crossed"))
+
+
+PAIR_SETS = ("offdomain", "offdomain:design", "offdomain:heldout", "medical", "style_crossed")
 """shipped pair sets a ``--pairs`` option takes by name (besides a JSONL file of one's own)"""

@@ -36,7 +36,7 @@ from scipy import special, stats
 
 from saediff import console
 from saediff._io import atomic_write_json, atomic_write_jsonl
-from saediff.data.em_data import PAIR_SETS, medical_pairs, offdomain_pairs
+from saediff.data.em_data import PAIR_SETS, medical_pairs, offdomain_pairs, style_crossed_pairs
 from saediff.data.pairs import Pair, load_pairs
 from saediff.errors import SaediffError
 from saediff.evaluation.evals import wilson_interval
@@ -344,10 +344,11 @@ def pair_evaluator(spec: str | Path, batch_size: int = 16):
     """A ``PairEvaluator`` on a shipped pair set (``PAIR_SETS``) or on a pair file."""
     name = str(spec)
     if name in PAIR_SETS:
-        pairs = (
-            medical_pairs()
-            if name == "medical"
-            else offdomain_pairs(name.split(":")[1] if ":" in name else "all")
-        )
+        if name == "medical":
+            pairs = medical_pairs()
+        elif name == "style_crossed":
+            pairs = style_crossed_pairs()
+        else:
+            pairs = offdomain_pairs(name.split(":")[1] if ":" in name else "all")
         return PairEvaluator(tuple(pairs), batch_size, source=f"saediff:{name}")
     return PairEvaluator.from_file(spec, batch_size=batch_size)
