@@ -24,22 +24,26 @@ def quiet_third_party() -> None:
     """Silence what saediff's commands do not say themselves, through the libraries' own switches:
     transformers' logging and its weight-loading bars, huggingface_hub's download bars, and the
     Future-, Deprecation- and UserWarnings of the libraries underneath (saediff logs, never warns)."""
+    import sys
     import warnings
-
-    import huggingface_hub.utils
-    import transformers.utils.logging as transformers_logging
 
     categories = (FutureWarning, DeprecationWarning, UserWarning)
     for category in categories:
         warnings.filterwarnings("ignore", category=category)
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    huggingface_hub.utils.disable_progress_bars()
-    # the same switches as environment variables, for the worker processes the demos spawn (fresh
-    # interpreters that never run this); a value the user set is kept
+    # the libraries read these switches when first imported: here (a command imports them lazily, so
+    # start-up does not pay for it) and in the worker processes the demos spawn; a value the user set is kept
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' bars follow it
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("PYTHONWARNINGS", ",".join(f"ignore::{c.__name__}" for c in categories))
+    if (
+        "transformers" in sys.modules or "huggingface_hub" in sys.modules
+    ):  # already imported (a notebook, a test runner): switch it directly
+        import huggingface_hub.utils
+        import transformers.utils.logging as transformers_logging
+
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
+        huggingface_hub.utils.disable_progress_bars()
 
 
 def _setup(threads: int | None) -> None:

@@ -4,7 +4,7 @@ stream at its block (read by ``saediff diff`` from the adapter's file; the const
 
 from __future__ import annotations
 
-from saediff.methods.base import Candidates, DiffingMethod, MethodInputs
+from saediff.methods.base import Candidates, DiffingMethod, MethodInputs, diff_run_candidate
 
 __all__ = ["LoraB"]
 
@@ -17,7 +17,7 @@ class LoraB(DiffingMethod):
     from_diff_run = True
 
     def find(self, inputs: MethodInputs) -> Candidates:
-        hits = [d for d in inputs.diff_directions.values() if d.method == "lora_b" and d.hook == inputs.hook]
-        if not hits:
-            return Candidates((), None, {"note": "not in the diff run"})
-        return Candidates((hits[0],), inputs.diff_info.get("seconds"))
+        found = inputs.diff_directions.items()
+        return diff_run_candidate(
+            inputs, tuple(n for n, d in found if d.method == "lora_b" and d.hook == inputs.hook)
+        )
