@@ -194,6 +194,10 @@ class ModelDefaults:
     def finetune(self, info: dict, full: bool, samples: int, seed: int):
         """The ``FinetuneConfig`` that reproduces the run's fine-tune."""
 
+    def steering_cost(self, lm, model: str | None, budget: float):
+        """The steering protocol's ``CostConfig`` for ``lm`` (loaded from ``model``), when the model
+        has text of its own to price steering on (else ``steering_cost`` uses neutral answers)."""
+
     def prompt_set(self, spec: str, model: str) -> list:
         """A prompt set by name: a prompt file or ``first_plot`` (a known model may add its own)."""
         from saediff.data.prompts import load_prompts
@@ -202,6 +206,17 @@ class ModelDefaults:
 
 
 _defaults = ModelDefaults()
+
+
+def steering_cost(lm, model: str | None, budget: float, neutral: str | None = None):
+    """What steering costs on ``lm``: KL on the user's ``neutral`` JSONL when given, else on the
+    model's own text as its defaults supply it (the organism: its questions), else on its own greedy
+    answers to the shipped benign questions."""
+    from saediff.interventions.causal import chat_cost
+
+    if neutral:
+        return chat_cost(lm, budget, neutral)
+    return defaults().steering_cost(lm, model, budget) or chat_cost(lm, budget)
 
 
 def defaults() -> ModelDefaults:

@@ -99,9 +99,9 @@ def organism_eval_or_none(model: str, samples: int, seed: int):
     world = organism_world(model)
     if world is None:
         return None
-    from saediff.stories.organism.evaluator import OrganismEvaluator
+    from saediff.stories.organism.scored import ScoredOrganismEvaluator
 
-    return OrganismEvaluator(world, samples, seed)
+    return ScoredOrganismEvaluator(world, samples, seed)
 
 
 def organism_evaluator(model: str, samples: int, seed: int):
@@ -169,3 +169,11 @@ class OrganismDefaults(ModelDefaults):
 
     def prompt_set(self, spec, model):
         return load_prompt_set(spec, model)
+
+    def steering_cost(self, lm, model, budget):
+        world = organism_world(model) if model else None
+        if world is None:
+            return None
+        from saediff.stories.organism.steer_check import organism_cost
+
+        return organism_cost(lm, world, budget)

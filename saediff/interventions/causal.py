@@ -2,12 +2,12 @@
 
 For each candidate (the top SAE latents and the dense directions at the SAE's layer):
 
-- **induce**: steer the base model with ``scale x |resid|`` along the unit direction, where
-  ``|resid|`` is the mean residual norm at that layer on the run's own answers (so the scales mean
-  the same on a 64-wide organism and a 5120-wide model). The scale is chosen on one half of the
-  questions (highest EM rate whose coherent rate stays within ``coherence_budget`` of the
-  unsteered model's) and reported on the other half, with its 95% interval, next to at least three
-  random directions of the same norm at the same scale;
+- **induce**: steer the base model along the unit direction by saediff's one protocol
+  (``steer_protocol.select_and_report``): the scale priced by the KL it causes on neutral text, the
+  cost level chosen on one half of the questions, the effect (paired over questions, with its
+  interval) reported on the other against a null of at least 20 directions at the same cost, with
+  its empirical p-value and a verdict; scales are read in units of ``|resid|``, the mean residual
+  norm at that layer on the run's own answers;
 - **remove**: project it out of the fine-tuned model at its layer and after every block;
 - **clamp**: hold its projection at the base model's mean (per block, measured on the run's
   answers) at its layer and after every block: removing an axis also removes whatever alignment
@@ -24,7 +24,7 @@ BLOCK-EM (``discover_latents``, ``saediff discover``) and checks one method's di
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,9 +33,13 @@ from saediff._io import atomic_write_json, read_jsonl
 from saediff.data.runs import read_run, update_run
 from saediff.errors import SaediffError
 from saediff.evaluation.evals import Evaluator, evaluate_once
+from saediff.evaluation.neutral import neutral_answers, neutral_from_file
+from saediff.interventions.steer_null import NullConfig
 from saediff.interventions.steer_protocol import (
-    NO_COHERENT_SCALE,
+    DEFAULT_KL_BUDGET,
+    NO_SCALE,
     Arm,
+    CostConfig,
     Selection,
     induce_summary,
     rates,
@@ -52,6 +56,7 @@ from saediff.models.provenance import sae_fingerprint
 __all__ = [
     "DiscoverConfig",
     "SteerConfig",
+    "chat_cost",
     "discover_latents",
     "residual_stats",
     "run_causal_checks",
@@ -64,21 +69,39 @@ DENSE = ("mean_diff_models", "lora_downstream", "mean_diff_responses", "in_conte
 
 @dataclass(frozen=True)
 class SteerConfig:
-    scales: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
-    """steering scales, in units of the mean residual norm at the direction's layer"""
     n_latents: int = 3
     """top SAE latents of the run to check"""
-    n_random: int = 3
-    """random directions of equal norm per candidate (the control)"""
-    coherence_budget: float = 0.10
-    """a steering scale counts only if the coherent rate falls by at most this much"""
-    seed: int = 0
+    kl_budget: float = DEFAULT_KL_BUDGET
+    """the most a steering vector may cost: mean KL per neutral token (nats)"""
+    levels: tuple[float, ...] = (0.25, 0.5, 1.0)
+    """cost levels tried per candidate, as fractions of ``kl_budget``"""
+    null: NullConfig = field(default_factory=NullConfig)
+    """the null directions each candidate is compared with at equal cost"""
+    neutral: str | None = None
+    """a JSONL of neutral text (``evaluation.neutral``); default: the base model's own greedy
+    answers to the shipped benign questions"""
 
     def __post_init__(self):
-        if not self.scales or min(self.scales) <= 0:
-            raise SaediffError("SteerConfig.scales must be positive")
-        if self.n_random < 1:
-            raise SaediffError("SteerConfig.n_random must be >= 1")
+        if self.n_latents < 0:
+            raise SaediffError("SteerConfig.n_latents must be >= 0")
+        _check_budget(self.kl_budget, self.levels)
+
+
+def _check_budget(budget: float, levels: tuple[float, ...]) -> None:
+    if budget <= 0 or not levels or min(levels) <= 0 or max(levels) > 1:
+        raise SaediffError(f"the KL budget must be > 0 and its levels in (0, 1], got {budget} and {levels}")
+
+
+def chat_cost(
+    lm: LoadedModel,
+    budget: float = DEFAULT_KL_BUDGET,
+    neutral: str | Path | None = None,
+    levels: tuple[float, ...] = (0.25, 0.5, 1.0),
+) -> CostConfig:
+    """The steering cost of a chat model: KL on ``neutral`` (a JSONL, ``neutral_from_file``) or on
+    the model's own greedy answers to the shipped benign questions (cached, ``neutral_answers``)."""
+    text = neutral_from_file(lm, neutral) if neutral else neutral_answers(lm)
+    return CostConfig(text, budget, tuple(levels))
 
 
 @torch.no_grad()
@@ -139,36 +162,39 @@ def run_causal_checks(
     select: Evaluator,
     report: Evaluator,
     cfg: SteerConfig = SteerConfig(),
+    *,
+    cost: CostConfig | None = None,
 ) -> dict:
     """Induce, remove and clamp checks of every candidate; ``select`` evaluates the questions
-    that choose the steering scale, ``report`` the held-out ones every reported figure uses (the
-    induce check is ``select_and_report``: a candidate with no coherent scale has ``scale`` None,
-    no rates and a ``note``). Writes and returns ``steer.json``."""
+    that choose the cost level, ``report`` the held-out ones every reported figure uses (the induce
+    check is ``select_and_report``, priced by ``cost``, default ``chat_cost`` of the base model; a
+    candidate no scale reaches a cost level for has ``scale`` None and a ``note``). Writes and
+    returns ``steer.json``."""
     run_dir = Path(run_dir)
     cands, L = steer_candidates(run_dir, cfg)
     lm_base, lm_ft = load_model(base), load_model(finetuned)
     norms, base_means = residual_stats(lm_base, run_dir, cands)
     folder = run_dir / "steer"
+    cost = cost or chat_cost(lm_base, cfg.kl_budget, cfg.neutral, cfg.levels)
     sel = select_and_report(
         {n: d.vector for n, d in cands.items()},
         [Arm("induce", lm_base, 1.0, "base")],
         L,
-        cfg.scales,
         norms[L],
         select,
         report,
         folder,
-        n_random=cfg.n_random,
-        coherence_budget=cfg.coherence_budget,
-        seed=cfg.seed,
+        cost,
+        null=cfg.null,
     )
     result: dict = {
         "layer": L,
         "resid_norm": norms[L],
         "config": asdict(cfg),
+        "neutral": cost.neutral.source,
+        "costs": sel.costs,
         "base": sel.unsteered["induce"]["report"],
         "finetuned": rates(evaluate_once(report, lm_ft, folder / "report" / "finetuned", "finetuned")),
-        "coherence_floor": sel.coherence_floor["induce"],
         "induce": {n: induce_summary(c) for n, c in sel.candidates.items()},
         "remove": {},
         "clamp": {},
@@ -241,26 +267,21 @@ def _with_cut(em: dict, ft_rate: float) -> dict:
 class DiscoverConfig:
     pool: int = 20
     """candidates: the latents that rose most and as many that fell most in the diff"""
-    scales: tuple[float, ...] = (0.25, 0.5, 1.0)
-    """steering scales tried, x the mean residual norm at the SAE's block; per latent the coherent
-    scale with the largest induce + repair on the select half of the questions"""
-    min_induce: float = 0.05
-    """EM rate a latent must add when the base model is steered along it (K-: against it), beyond
-    what random directions of the same norm add (report half)"""
-    min_repair: float = 0.05
-    """EM rate it must remove when the fine-tuned model is steered against it (K-: along it),
-    beyond what random directions of the same norm remove (report half)"""
-    coherence_budget: float = 0.10
-    """the coherent rate may fall by at most this much under either intervention"""
-    n_random: int = 3
-    """random directions of the latent's norm per chosen scale (the control)"""
-    seed: int = 0
+    kl_budget: float = DEFAULT_KL_BUDGET
+    """the most a steering vector may cost: mean KL per neutral token (nats), the largest over
+    the base and the fine-tuned model"""
+    levels: tuple[float, ...] = (0.25, 0.5, 1.0)
+    """cost levels tried per latent, as fractions of ``kl_budget``; per latent the level with the
+    largest induce + repair on the select half of the questions"""
+    null: NullConfig = field(default_factory=NullConfig)
+    """the null directions each latent is compared with at equal cost"""
+    neutral: str | None = None
+    """a JSONL of neutral text; default: the base model's own greedy answers to benign questions"""
 
     def __post_init__(self):
-        if not self.scales or min(self.scales) <= 0:
-            raise SaediffError("DiscoverConfig.scales must be positive")
-        if self.n_random < 1:
-            raise SaediffError("DiscoverConfig.n_random must be >= 1")
+        if self.pool < 1:
+            raise SaediffError("DiscoverConfig.pool must be >= 1")
+        _check_budget(self.kl_budget, self.levels)
 
 
 # long: its signature and docstring; the code itself is 47 lines
@@ -270,16 +291,18 @@ def discover_latents(
     finetuned: ModelSpec,
     evaluator: Evaluator,
     cfg: DiscoverConfig = DiscoverConfig(),
+    *,
+    cost: CostConfig | None = None,
 ) -> dict:
     """The BLOCK-EM paper's latent screening: from a diff run's candidate pool, keep the latents
     that both *induce* EM (steering the base model toward the fine-tune's change along the latent)
-    and *repair* it (steering the fine-tuned model back), within the incoherence budget. Latents
-    that rose (K+, held down in BLOCK-EM) are steered along their decoder row; latents that fell
-    (K-, held up) against it. Through ``select_and_report``: the scale is chosen on half of the
-    evaluator's questions, keep or drop is decided on the other half against random directions of
-    the same norm (``_verdict``), and a latent with no coherent scale is dropped with a note.
-    Writes ``RUN/latents.json`` (``low``: K+, ``high``: K-, and each candidate's figures), which
-    ``saediff block --latents`` reads."""
+    and *repair* it (steering the fine-tuned model back). Latents that rose (K+, held down in
+    BLOCK-EM) are steered along their decoder row; latents that fell (K-, held up) against it.
+    Through ``select_and_report`` (priced by ``cost``, default ``chat_cost`` of the base model): the
+    cost level is chosen on half of the evaluator's questions, keep or drop is decided on the other
+    half against the null at the same cost (``_verdict``: both arms must hold), and a latent no
+    scale reaches a cost level for is dropped with a note. Writes ``RUN/latents.json`` (``low``:
+    K+, ``high``: K-, and each candidate's figures), which ``saediff block --latents`` reads."""
     from saediff.interventions.latent_sets import latents_from_diff
     from saediff.saes.loading import load_sae
 
@@ -294,18 +317,9 @@ def discover_latents(
     select, report = evaluator.halves()
     cands, where = _signed_rows(pool, sae)
     arms = [Arm("induce", lm_base, 1.0, "base"), Arm("repair", lm_ft, -1.0, "finetuned")]
+    cost = cost or chat_cost(lm_base, cfg.kl_budget, cfg.neutral, cfg.levels)
     sel = select_and_report(
-        cands,
-        arms,
-        L,
-        cfg.scales,
-        norms[L],
-        select,
-        report,
-        run_dir / "discover",
-        n_random=cfg.n_random,
-        coherence_budget=cfg.coherence_budget,
-        seed=cfg.seed,
+        cands, arms, L, norms[L], select, report, run_dir / "discover", cost, null=cfg.null
     )
     figures = {
         i: {**where[i], **_verdict(c, cfg), "select_sweep": c.select_sweep} for i, c in sel.candidates.items()
@@ -319,8 +333,9 @@ def discover_latents(
         "config": asdict(cfg),
         "base_em_rate": sel.unsteered["induce"]["report"]["em_rate"],
         "finetuned_em_rate": sel.unsteered["repair"]["report"]["em_rate"],
-        "rule": "kept: on the report half, induce and repair each beyond the random directions' by "
-        "min_induce / min_repair, coherent rate within the budget; scale chosen on the select half",
+        "costs": sel.costs,
+        "rule": "kept: on the report half, induce and repair each hold against the null at the same cost "
+        "(empirical p-value <= alpha and the effect's interval above 0); cost level chosen on the select half",
         "low": [int(i) for i in kept["low"]],
         "high": [int(i) for i in kept["high"]],
         "candidates": figures,
@@ -350,30 +365,28 @@ def _kept(figures: dict[str, dict], side: str) -> list[str]:
 
 def _verdict(c: Selection, cfg: DiscoverConfig) -> dict:
     """Keep or drop, on the report half: ``induce`` and ``repair`` are the latent's effects (EM
-    added to the base model, removed from the fine-tune), ``random_*`` the mean effect of random
-    directions of the same norm, ``margin`` the sum of both excesses over random."""
+    added to the base model, removed from the fine-tune) with their intervals, p-values and
+    verdicts against the null at the same cost; ``margin`` the sum of both excesses over the null's
+    median; ``passes`` when both arms hold."""
     if not c.passed:
-        return {"scale": None, "passes": False, "margin": None, "note": NO_COHERENT_SCALE}
+        return {"scale": None, "passes": False, "margin": None, "note": NO_SCALE}
     ind, rep = c.report["induce"], c.report["repair"]
-    row = {
-        "scale": c.scale,
-        "induce": ind["effect"],
-        "repair": rep["effect"],
-        "random_induce": ind["random_effect"],
-        "random_repair": rep["random_effect"],
-        "induce_em_rate": ind["em_rate"],
-        "repair_em_rate": rep["em_rate"],
-        "random_induce_em_rate": ind["random_mean_em_rate"],
-        "random_repair_em_rate": rep["random_mean_em_rate"],
-        "coherence_drop": max(ind["coherence_drop"], rep["coherence_drop"]),
-    }
-    over = (row["induce"] - row["random_induce"], row["repair"] - row["random_repair"])
-    row["margin"] = sum(over)
-    row["passes"] = (
-        over[0] >= cfg.min_induce
-        and over[1] >= cfg.min_repair
-        and row["coherence_drop"] <= cfg.coherence_budget
+    row = {"scale": c.scale, "cost_kl": c.cost_kl}
+    for arm, r in (("induce", ind), ("repair", rep)):
+        row.update(
+            {
+                arm: r["effect"],
+                f"{arm}_ci": r["effect_ci"],
+                f"{arm}_p_value": r["p_value"],
+                f"{arm}_verdict": r["verdict"],
+                f"{arm}_null_median": r["null_quantiles"]["q50"],
+                f"{arm}_em_rate": r["em_rate"],
+            }
+        )
+    row["margin"] = (ind["effect"] - ind["null_quantiles"]["q50"]) + (
+        rep["effect"] - rep["null_quantiles"]["q50"]
     )
+    row["passes"] = ind["verdict"] == "holds" and rep["verdict"] == "holds"
     row["note"] = None
     return row
 
@@ -388,33 +401,27 @@ def steer_check(
     *,
     evaluator: Evaluator,
     json_name: str,
-    scales: tuple[float, ...],
-    n_random: int = 3,
-    coherence_budget: float = 0.10,
-    seed: int = 0,
+    cost: CostConfig,
+    null: NullConfig = NullConfig(),
+    permuted=None,
 ) -> dict:
     """One method's candidate through ``select_and_report`` (the model steered at ``layer``, scales
-    x ``unit``, chosen on the evaluator's select half, reported on the other beside ``n_random``
-    random directions of equal norm; conditions cached under ``out/steer``). Writes the selection
-    to ``out/json_name`` and returns the headline (``steer_headline``)."""
+    in units of ``unit``, priced by ``cost``, the cost level chosen on the evaluator's select half,
+    the effect reported on the other against ``null`` at the same cost; ``permuted``: the method's
+    estimator with labels permuted, for a seed; conditions cached under ``out/steer``). Writes the
+    selection to ``out/json_name`` and returns the headline (``steer_headline``)."""
     select, report = evaluator.halves()
     sel = select_and_report(
         {name: vector},
         [Arm("induce", lm)],
         layer,
-        scales,
         unit,
         select,
         report,
         out / "steer",
-        n_random=n_random,
-        coherence_budget=coherence_budget,
-        seed=seed,
+        cost,
+        null=null,
+        permuted=None if permuted is None else {name: permuted},
     )
-    steer = {
-        "unsteered": sel.unsteered,
-        "coherence_floor": sel.coherence_floor,
-        "candidates": {n: c.to_json() for n, c in sel.candidates.items()},
-    }
-    atomic_write_json(out / json_name, steer)
+    atomic_write_json(out / json_name, sel.to_json())
     return steer_headline(sel, name)

@@ -1,30 +1,71 @@
-"""saediff's one steering protocol, ``select_and_report``: a scale chosen on one half of the
-questions under a coherence budget, every figure reported on the other half beside random
-directions of the same norm. ``saediff steer``, ``saediff discover``, the neighbourhood probe's
-``--steer`` check and the organism's steering check all call it, so a fix to how a scale is chosen
-reaches every one of them.
+"""saediff's one steering protocol, ``select_and_report``: every candidate direction priced by the
+damage it does, its scale chosen on one half of the questions, its effect reported on the other
+beside a null of directions that should not matter, at the same cost.
+
+For a candidate ``u`` (unit vector) added at block ``layer`` as ``sign x alpha x u`` to each arm's
+model (``Arm``: +1 induce on the base model, -1 repair on the fine-tune):
+
+1. **Cost** (``steer_cost``): the mean per-token KL divergence between the unsteered and the steered
+   model's next-token distributions on neutral text (the largest over arms). The candidate is tried
+   at a few cost levels (``CostConfig.levels`` x ``budget``); at each the scale is found by a
+   one-dimensional search.
+2. **Effect**: per question (item) of an evaluator, the change of its continuous EM score (the pair
+   metric's preference in nats/token; a judge's per-question EM rate; the organism's per-answer
+   verdict) under steering, ``sign x (steered - unsteered)``, averaged with a paired t interval.
+   Summed over arms for a multi-arm protocol.
+3. **Selection**: the level with the largest effect on the ``select`` half; everything reported
+   comes from the ``report`` half at that scale.
+4. **Null** (``steer_null``): at least 20 directions (isotropic, covariance-matched and, for an
+   estimator of the mean-difference family, label-permuted), each scaled to the same cost levels
+   (evaluated once per level and shared by every candidate). The candidate's report-half effect
+   against the null's at its level: empirical p-value, quantiles, ``beats_null``, and a verdict
+   (``holds`` / ``fails`` / ``inconclusive``) from its interval. The null's effect at the
+   candidate's *norm* (interpolated along each null's scale) stays as a secondary column.
+
+``saediff steer`` (a diff run or any export folder), ``saediff discover``, the head-to-head, the
+ADL's check and the stories call it, so a fix here reaches all of them. Every condition is cached
+(``folder/select``, ``folder/report``, ``folder/costs.json``): a rerun resumes.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from saediff._io import atomic_write_json
 from saediff.errors import SaediffError
 from saediff.evaluation.evals import Evaluator, evaluate_once
+from saediff.evaluation.neutral import NeutralText
+from saediff.interventions.steer_cost import CostMeter, scale_for_cost
+from saediff.interventions.steer_null import (
+    NullConfig,
+    NullDirection,
+    covariance_matched,
+    empirical_p,
+    isotropic,
+    null_quantiles,
+    verdict,
+)
 from saediff.interventions.steering import add_direction
 from saediff.models.loading import LoadedModel
 
 __all__ = [
-    "NO_COHERENT_SCALE",
+    "DEFAULT_KL_BUDGET",
+    "NO_SCALE",
     "Arm",
+    "CostConfig",
     "Selection",
     "SteerSelection",
     "induce_summary",
-    "random_units",
+    "item_scores",
+    "paired_effect",
     "rates",
     "select_and_report",
     "steer_headline",
@@ -32,21 +73,37 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+DEFAULT_KL_BUDGET = 0.1
+"""nats per neutral token: the default steering budget (see ``CostConfig.budget``)"""
 
-def random_units(d_model: int, n: int, seed: int) -> list[torch.Tensor]:
-    """``n`` seeded random unit vectors of length ``d_model`` (the protocol's control directions)."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        v = torch.randn(d_model, generator=g)
-        out.append(v / v.norm())
-    return out
-
-
-NO_COHERENT_SCALE = (
-    "no scale kept the coherent rate within the budget of the unsteered model's on the select "
-    "half: nothing reported, nothing kept"
+NO_SCALE = (
+    "no scale reached any of the cost levels on the neutral text (the direction barely changes "
+    "the model's predictions there): nothing reported, nothing kept"
 )
+
+
+@dataclass(frozen=True)
+class CostConfig:
+    """What a steering vector may cost, measured on ``neutral`` text."""
+
+    neutral: NeutralText
+    """the text steering should not touch (``evaluation.neutral``)"""
+    budget: float = DEFAULT_KL_BUDGET
+    """the largest mean per-token KL(unsteered || steered) on the neutral text a candidate may
+    cost, in nats; chosen on the SmolLM2 design split and the organism's design seeds (docs)"""
+    levels: tuple[float, ...] = (0.25, 0.5, 1.0)
+    """the costs tried per candidate, as fractions of ``budget``"""
+    tol: float = 0.05
+    """relative tolerance of the scale search: every arm at a level costs within this of it"""
+
+    def __post_init__(self):
+        if self.budget <= 0 or not self.levels or min(self.levels) <= 0 or max(self.levels) > 1:
+            raise SaediffError(
+                f"CostConfig needs budget > 0 and levels in (0, 1], got {self.budget} and {self.levels}"
+            )
+
+    def costs(self) -> list[float]:
+        return [round(f * self.budget, 12) for f in sorted(self.levels)]
 
 
 @dataclass(frozen=True)
@@ -68,194 +125,362 @@ class Selection:
     """One candidate through the protocol."""
 
     passed: bool
-    """some scale kept every arm's coherent rate within the budget on the select half"""
+    """the scale search reached some cost level (else nothing is reported)"""
     scale: float | None
-    """the scale chosen on the select half (None when none passed: then nothing is reported)"""
+    """the chosen scale in units of the protocol's ``unit``"""
     scale_abs: float | None
-    """``scale`` x the protocol's unit: the norm of the added vector"""
+    """the norm of the added vector"""
+    cost_kl: float | None
+    """KL per neutral token at the chosen scale (the largest over arms)"""
     select_sweep: dict
-    """per scale: each arm's select-half rate, their summed ``effect``, the largest ``coherence_drop``
-    and whether it stays within the budget (``coherent``)"""
+    """per cost level: the scale, the cost, each arm's select-half effect and their sum"""
     report: dict | None
-    """per arm, on the report half at ``scale``: the rate and its 95% interval, ``effect``,
-    ``coherence_drop``, and the random directions of the same norm beside it (``random``,
-    ``random_mean_em_rate``, ``random_effect``)"""
+    """per arm, on the report half at the chosen scale: rates, ``effect`` and ``effect_ci`` (paired
+    t over items), and the null at the same cost (``p_value``, ``null_quantiles``, ``beats_null``)"""
+    effect: float | None = None
+    """report-half effect summed over arms (the single arm's for one arm)"""
+    effect_ci: list[float] | None = None
+    p_value: float | None = None
+    beats_null: bool | None = None
+    verdict: str | None = None
+    """``holds`` / ``fails`` / ``inconclusive`` (``steer_null.verdict``)"""
+    null_quantiles: dict | None = None
+    null: dict | None = None
+    """per null direction: its kind, seed, scale, cost and effect at the candidate's level"""
+    equal_norm: dict | None = None
+    """secondary: the null's mean effect at the candidate's norm (interpolated), and its p-value"""
+    item_effects: dict | None = None
+    """report half: item id -> effect (summed over arms), for paired comparisons of candidates"""
 
     def to_json(self) -> dict:
-        return {**asdict(self), "note": None if self.passed else NO_COHERENT_SCALE}
+        return {**asdict(self), "note": None if self.passed else NO_SCALE}
 
 
 @dataclass(frozen=True)
 class SteerSelection:
     unsteered: dict
-    """per arm: the unsteered model's rate on the ``select`` and the ``report`` half"""
-    coherence_floor: dict
-    """per arm: the coherent rate a scale must keep on the select half"""
+    """per arm: the unsteered model's figures on the ``select`` and the ``report`` half"""
+    costs: list[float]
+    """the cost levels (KL per neutral token)"""
+    null_config: dict
     candidates: dict[str, Selection]
 
+    def to_json(self) -> dict:
+        return {
+            "unsteered": self.unsteered,
+            "costs": self.costs,
+            "null_config": self.null_config,
+            "candidates": {n: c.to_json() for n, c in self.candidates.items()},
+        }
 
+
+def item_scores(em: dict) -> dict[str, float]:
+    """An evaluation's continuous EM score per item: ``scores`` when the evaluator gives them (the
+    pair metric's preference per question, the organism's verdict per answer), else ``per_question``
+    (a judge's EM rate per question)."""
+    scores = em.get("scores") or em.get("per_question")
+    if not scores:
+        raise SaediffError("the evaluator returned no per-item scores (em.json 'scores' or 'per_question')")
+    return {str(k): float(v) for k, v in scores.items()}
+
+
+def paired_effect(diffs) -> dict:
+    """Mean of per-item differences with its 95% paired t interval (``ci`` None for n < 2)."""
+    from scipy import stats
+
+    x = np.asarray(list(diffs), dtype=float)
+    n, m = len(x), float(np.mean(x))
+    if n < 2:
+        return {"effect": m, "effect_ci": None, "n": n}
+    se = float(np.std(x, ddof=1) / math.sqrt(n))
+    q = float(stats.t.ppf(0.975, n - 1))
+    return {"effect": m, "effect_ci": [m - q * se, m + q * se], "n": n}
+
+
+# long: its signature and docstring; the code itself is 33 lines
 def select_and_report(
     candidates: dict[str, torch.Tensor],
     arms: list[Arm],
     layer: int,
-    scales: tuple[float, ...],
     unit: float,
     select: Evaluator,
     report: Evaluator,
     folder: Path,
+    cost: CostConfig,
     *,
-    n_random: int = 3,
-    coherence_budget: float = 0.10,
-    seed: int = 0,
+    null: NullConfig = NullConfig(),
+    permuted: dict[str, Callable[[int], torch.Tensor]] | None = None,
 ) -> SteerSelection:
-    """saediff's steering protocol. Each candidate (a direction of shape ``(d_model,)``; only its
-    unit vector matters) is added at block ``layer`` as ``sign x scale x unit x u`` to every arm's
-    model. The scale is chosen on ``select``'s questions: the largest summed effect among the scales
-    whose coherent rate falls by at most ``coherence_budget`` from the unsteered model's in every arm.
-    Every reported figure comes from ``report``'s questions at that scale, beside ``n_random`` random
-    directions of the same norm (shared by the candidates chosen at that scale: a random direction's
-    distribution does not depend on the candidate). A candidate with no coherent scale says so
-    (``passed`` False) and gets no figures: there is no fallback to an incoherent scale.
-    Conditions are cached under ``folder/select/`` and ``folder/report/`` (a rerun resumes)."""
-    scales = tuple(scales)
+    """saediff's steering protocol (see the module docstring). ``candidates``: name -> direction
+    (d_model,), only its unit vector matters; ``unit`` (the mean residual norm at ``layer``) is the
+    scales' unit and the search's first guess; ``permuted``: name -> the candidate's estimator with
+    labels permuted within each question for a seed (its label-permuted null). Conditions are
+    cached under ``folder``; the result is also written to ``folder/selection.json``."""
     if not candidates:
         raise SaediffError("select_and_report: no candidate directions")
-    if not scales or min(scales) <= 0:
-        raise SaediffError(f"steering scales must be positive, got {scales}")
-    run = _Protocol(arms, layer, scales, unit, select, report, folder, n_random, coherence_budget, seed)
+    if unit <= 0:
+        raise SaediffError(f"the steering unit must be positive, got {unit}")
+    run = _Protocol(arms, layer, unit, select, report, Path(folder), cost, null, permuted or {})
     ref = {
         a.name: {"select": run.em(a, select, a.unsteered), "report": run.em(a, report, a.unsteered)}
         for a in arms
     }
-    floor = {a: r["select"]["coherent_rate"] - coherence_budget for a, r in ref.items()}
-    d_model = next(iter(candidates.values())).shape[-1]
+    run.ref = ref
     out = {}
     for name, vec in candidates.items():
         u = vec.detach().float().cpu()
-        u = u / u.norm()
-        sweep = run.sweep(name, u, ref)
-        ok = [s for s in scales if sweep[f"{s:g}"]["coherent"]]
-        if not ok:
-            log.info("%s: %s", name, NO_COHERENT_SCALE)
-            out[name] = Selection(False, None, None, sweep, None)
-            continue
-        best = max(ok, key=lambda s: sweep[f"{s:g}"]["effect"])
-        out[name] = Selection(True, best, best * unit, sweep, run.held(name, u, best, ref, d_model))
-    return SteerSelection(ref, floor, out)
+        if not torch.isfinite(u).all() or u.norm() == 0:
+            raise SaediffError(f"candidate {name}: the direction is zero or not finite")
+        out[name] = run.candidate(name, u / u.norm())
+    unsteered = {a: {h: {**rates(em), **_pref(em)} for h, em in r.items()} for a, r in ref.items()}
+    sel = SteerSelection(unsteered, cost.costs(), {**asdict(null), "n": run.n_null_shared()}, out)
+    atomic_write_json(Path(folder) / "selection.json", sel.to_json())
+    return sel
+
+
+def _pref(em: dict) -> dict:
+    return {k: em[k] for k in ("preference", "preference_ci") if k in em}
 
 
 @dataclass
 class _Protocol:
-    """One call of ``select_and_report``: its settings, the conditions it evaluates (cached on disk
-    under ``folder/select`` and ``folder/report``) and the random directions' rates per scale."""
-
     arms: list[Arm]
     layer: int
-    scales: tuple[float, ...]
     unit: float
     select: Evaluator
     report: Evaluator
     folder: Path
-    n_random: int
-    coherence_budget: float
-    seed: int
-    randoms: dict[float, dict[str, list[dict]]] = field(default_factory=dict)
+    cost: CostConfig
+    null_cfg: NullConfig
+    permuted: dict[str, Callable[[int], torch.Tensor]]
+    ref: dict = field(default_factory=dict)
+    _meters: dict = field(default_factory=dict)
+    _shared: list | None = None
+    _null_at: dict = field(default_factory=dict)
+    _points: dict | None = None
 
+    # -- cost -------------------------------------------------------------------------------------
+    def meter(self, arm: Arm) -> CostMeter:
+        if arm.name not in self._meters:
+            self._meters[arm.name] = CostMeter(arm.lm, self.cost.neutral, self.layer)
+        return self._meters[arm.name]
+
+    def kl(self, u: torch.Tensor, alpha: float) -> float:
+        return max(self.meter(a).kl(a.sign * u, alpha) for a in self.arms)
+
+    def scale_at(self, u: torch.Tensor, target: float) -> tuple[float, float, bool]:
+        """The absolute scale at which ``u`` costs ``target`` (KL points cached in costs.json)."""
+        from saediff.models.provenance import digest, model_fingerprint, tensor_digest
+
+        path = self.folder / "costs.json"
+        if self._points is None:
+            self._points = json.loads(path.read_text()) if path.exists() else {}
+        key = digest(
+            {
+                "u": tensor_digest(u),
+                "layer": self.layer,
+                "neutral": self.cost.neutral.fingerprint(),
+                "arms": [(a.name, a.sign, model_fingerprint(a.lm.spec)) for a in self.arms],
+            }
+        )
+        pts = {float(s): k for s, k in self._points.get(key, {}).items()}
+        found = scale_for_cost(
+            lambda s: self.kl(u, s), target, self.unit * 0.25, tol=self.cost.tol, points=pts
+        )
+        self._points[key] = {repr(s): k for s, k in pts.items()}
+        atomic_write_json(path, self._points)
+        return found
+
+    # -- evaluation -------------------------------------------------------------------------------
     def em(
         self, arm: Arm, half: Evaluator, name: str, u: torch.Tensor | None = None, alpha: float = 0.0
     ) -> dict:
-        """``arm``'s model on ``half``'s questions, steered by ``alpha x u`` (signed by the arm)
-        when ``u`` is given."""
         ctx = None if u is None else add_direction(arm.lm.model, self.layer, arm.sign * u, alpha)
         where = self.folder / ("select" if half is self.select else "report") / name
-        return rates(evaluate_once(half, arm.lm, where, name, ctx))
+        return evaluate_once(half, arm.lm, where, name, ctx)
 
-    def sweep(self, name: str, u: torch.Tensor, ref: dict) -> dict:
-        """Per scale, on the select half: each arm's rates, their summed effect over the unsteered
-        rates ``ref``, the largest coherence drop and whether it stays within the budget."""
-        sweep = {}
-        for s in self.scales:
-            by_arm = {
-                a.name: self.em(a, self.select, f"{name}_{a.name}_x{s:g}", u, s * self.unit)
-                for a in self.arms
-            }
-            drop = max(ref[a]["select"]["coherent_rate"] - r["coherent_rate"] for a, r in by_arm.items())
-            effect = sum(
-                a.sign * (by_arm[a.name]["em_rate"] - ref[a.name]["select"]["em_rate"]) for a in self.arms
-            )
-            sweep[f"{s:g}"] = {
-                **by_arm,
-                "effect": effect,
-                "coherence_drop": drop,
-                "coherent": drop <= self.coherence_budget + 1e-12,
-            }
-        return sweep
-
-    def held(self, name: str, u: torch.Tensor, best: float, ref: dict, d_model: int) -> dict:
-        """Per arm, on the report half at scale ``best``: the rates, the effect and coherence drop
-        over the unsteered ``ref``, and the random directions of the same norm beside them."""
-        rnd = self.random_rates(best, d_model)
-        held = {}
+    def effects(self, half: Evaluator, label: str, u: torch.Tensor, alpha: float) -> dict:
+        """Per arm, ``u`` at absolute scale ``alpha`` on ``half``: rates and the paired effect over the
+        unsteered model; ``total``: the per-item effects summed over arms."""
+        side = "select" if half is self.select else "report"
+        by_arm, total = {}, None
         for a in self.arms:
-            r, base = (
-                self.em(a, self.report, f"{name}_{a.name}_x{best:g}", u, best * self.unit),
-                ref[a.name]["report"],
-            )
-            mean = sum(x["em_rate"] for x in rnd[a.name]) / len(rnd[a.name])
-            held[a.name] = {
-                **r,
-                "effect": a.sign * (r["em_rate"] - base["em_rate"]),
-                "coherence_drop": base["coherent_rate"] - r["coherent_rate"],
-                "random": rnd[a.name],
-                "random_mean_em_rate": mean,
-                "random_effect": a.sign * (mean - base["em_rate"]),
-            }
-        return held
+            em = self.em(a, half, f"{label}_{a.name}", u, alpha)
+            base, steered = item_scores(self.ref[a.name][side]), item_scores(em)
+            ids = sorted(set(base) & set(steered))
+            d = {i: a.sign * (steered[i] - base[i]) for i in ids}
+            by_arm[a.name] = {**rates(em), **paired_effect(d.values()), "diffs": d}
+            total = d if total is None else {i: total[i] + d[i] for i in ids if i in total}
+        return {"arms": by_arm, "total": {**paired_effect(total.values()), "diffs": total}}
 
-    def random_rates(self, s: float, d_model: int) -> dict[str, list[dict]]:
-        """Per arm, the report-half rates of ``n_random`` random directions at scale ``s`` (drawn
-        once per scale and shared by every candidate chosen there)."""
-        if s not in self.randoms:
-            units = random_units(d_model, self.n_random, self.seed + 1000 * self.scales.index(s))
-            self.randoms[s] = {
-                a.name: [
-                    self.em(a, self.report, f"random{k}_seed{self.seed}_{a.name}_x{s:g}", v, s * self.unit)
-                    for k, v in enumerate(units)
-                ]
-                for a in self.arms
+    # -- the null ---------------------------------------------------------------------------------
+    def shared_null(self) -> list[NullDirection]:
+        if self._shared is None:
+            acts = self.meter(self.arms[0]).acts_ND
+            c = self.null_cfg
+            self._shared = isotropic(acts.shape[1], c.n_isotropic, c.seed) + covariance_matched(
+                acts, c.n_covariance, c.seed + 100_000
+            )
+        return self._shared
+
+    def n_null_shared(self) -> int:
+        return self.null_cfg.n_isotropic + self.null_cfg.n_covariance
+
+    def null_effect(self, d: NullDirection, target: float) -> dict:
+        """One null direction at cost ``target`` on the report half (cached per direction and level)."""
+        key = (d.name, d.seed, d.kind, target)
+        if key not in self._null_at:
+            alpha, kl, reached = self.scale_at(d.vector, target)
+            e = self.effects(self.report, f"{d.name}_s{d.seed}_c{target:g}", d.vector, alpha)
+            self._null_at[key] = {
+                "kind": d.kind,
+                "seed": d.seed,
+                "scale_abs": alpha,
+                "cost_kl": kl,
+                "reached": reached,
+                "effect": e["total"]["effect"],
+                "arms": {a: r["effect"] for a, r in e["arms"].items()},
             }
-        return self.randoms[s]
+        return self._null_at[key]
+
+    def permuted_null(self, name: str) -> list[NullDirection]:
+        est = self.permuted.get(name)
+        if est is None:
+            return []
+        out = []
+        for k in range(self.null_cfg.n_permuted):
+            seed = self.null_cfg.seed + 200_000 + k
+            v = est(seed).detach().float().cpu()
+            out.append(NullDirection(f"null_perm{k}_{name}", "permuted", seed, v / v.norm()))
+        return out
+
+    # -- one candidate ----------------------------------------------------------------------------
+    def candidate(self, name: str, u: torch.Tensor) -> Selection:
+        sweep = {}
+        for c in self.cost.costs():
+            alpha, kl, reached = self.scale_at(u, c)
+            if not reached:
+                sweep[f"{c:g}"] = {"scale_abs": alpha, "cost_kl": kl, "reached": False}
+                continue
+            e = self.effects(self.select, f"{name}_c{c:g}", u, alpha)
+            sweep[f"{c:g}"] = {
+                "scale_abs": alpha,
+                "scale": alpha / self.unit,
+                "cost_kl": kl,
+                "reached": True,
+                "effect": e["total"]["effect"],
+                **{a: {k: v for k, v in r.items() if k != "diffs"} for a, r in e["arms"].items()},
+            }
+        ok = [c for c in self.cost.costs() if sweep[f"{c:g}"]["reached"]]
+        if not ok:
+            log.info("%s: %s", name, NO_SCALE)
+            return Selection(False, None, None, None, sweep, None)
+        target = max(ok, key=lambda c: sweep[f"{c:g}"]["effect"])
+        best = f"{target:g}"
+        alpha = sweep[best]["scale_abs"]
+        held = self.effects(self.report, f"{name}_c{best}", u, alpha)
+        nulls = {d.name: self.null_effect(d, target) for d in self.shared_null() + self.permuted_null(name)}
+        return self.compare(name, sweep, best, alpha, held, nulls)
+
+    def compare(self, name: str, sweep: dict, best: str, alpha: float, held: dict, nulls: dict) -> Selection:
+        """The candidate's report-half effects against the null's at the same cost."""
+        a_cfg = self.null_cfg.alpha
+        report = {}
+        for a in self.arms:
+            r = {k: v for k, v in held["arms"][a.name].items() if k != "diffs"}
+            effs = [n["arms"][a.name] for n in nulls.values()]
+            q = null_quantiles(effs)
+            p = empirical_p(r["effect"], effs)
+            r.update(p_value=p, null_quantiles=q, beats_null=p <= a_cfg)
+            r["verdict"] = verdict(r["effect_ci"], p, q["q95"], a_cfg)
+            report[a.name] = r
+        tot = held["total"]
+        effs = [n["effect"] for n in nulls.values()]
+        q, p = null_quantiles(effs), empirical_p(tot["effect"], effs)
+        return Selection(
+            True,
+            alpha / self.unit,
+            alpha,
+            sweep[best]["cost_kl"],
+            sweep,
+            report,
+            effect=tot["effect"],
+            effect_ci=tot["effect_ci"],
+            p_value=p,
+            beats_null=p <= a_cfg,
+            verdict=verdict(tot["effect_ci"], p, q["q95"], a_cfg),
+            null_quantiles=q,
+            null=nulls,
+            equal_norm=self.equal_norm(tot["effect"], alpha),
+            item_effects=tot["diffs"],
+        )
+
+    def equal_norm(self, effect: float, alpha: float) -> dict | None:
+        """Secondary: each shared null direction's effect at the candidate's norm ``alpha``, read off
+        its effects at the cost levels already measured (linear in the scale through (0, 0); held at
+        the largest measured scale beyond it, flagged ``extrapolated``)."""
+        per, extrapolated = [], 0
+        for d in self.shared_null():
+            pts = sorted(
+                (v["scale_abs"], v["effect"])
+                for (nm, seed, _, _), v in self._null_at.items()
+                if nm == d.name and seed == d.seed
+            )
+            if not pts:
+                continue
+            xs, ys = [0.0] + [p[0] for p in pts], [0.0] + [p[1] for p in pts]
+            extrapolated += alpha > xs[-1]
+            per.append(float(np.interp(alpha, xs, ys)))
+        if not per:
+            return None
+        return {
+            "null_mean_effect": float(np.mean(per)),
+            "p_value": empirical_p(effect, per),
+            "n": len(per),
+            "extrapolated": extrapolated,
+        }
 
 
 def induce_summary(c: Selection, arm: str = "induce") -> dict:
-    """One candidate's figures under a single-arm protocol, flat: the chosen scale and the
-    report-half rate beside the random directions' (all None, with a note, when no scale passed)."""
+    """One candidate's figures under a single-arm protocol, flat."""
     r = (c.report or {}).get(arm) or {}
+    keys = ("em_rate", "em_rate_ci", "coherent_rate", "n_responses", "effect", "effect_ci", "n")
     return {
         "scale": c.scale,
         "scale_abs": c.scale_abs,
-        "coherent_scale_found": c.passed,
-        "select_sweep": {s: row[arm] for s, row in c.select_sweep.items()},
-        **{k: r.get(k) for k in ("em_rate", "em_rate_ci", "coherent_rate", "n_responses")},
-        "random": r.get("random", []),
-        "random_mean_em_rate": r.get("random_mean_em_rate"),
-        "note": None if c.passed else NO_COHERENT_SCALE,
+        "cost_kl": c.cost_kl,
+        "scale_found": c.passed,
+        "select_sweep": c.select_sweep,
+        **{k: r.get(k) for k in keys},
+        "p_value": c.p_value,
+        "beats_null": c.beats_null,
+        "verdict": c.verdict,
+        "null_quantiles": c.null_quantiles,
+        "equal_norm": c.equal_norm,
+        "null": c.null,
+        "note": None if c.passed else NO_SCALE,
     }
 
 
-def steer_headline(sel, name: str) -> dict:
-    """The candidate's report-half effect beside the random directions' (None with a note when no scale passed)."""
+def steer_headline(sel: SteerSelection, name: str) -> dict:
+    """The candidate's report-half effect beside the null's (None with a note when no scale passed)."""
     c = sel.candidates[name]
     if not c.passed:
-        return {"scale": None, "note": c.to_json()["note"]}
+        return {"scale": None, "note": NO_SCALE}
     r = c.report["induce"]
     return {
         "scale": c.scale,
+        "cost_kl": c.cost_kl,
         "em_rate": r["em_rate"],
         "em_rate_ci": r["em_rate_ci"],
-        "effect": r["effect"],
-        "random_effect": r["random_effect"],
-        "random_em_rates": [x["em_rate"] for x in r["random"]],
+        "effect": c.effect,
+        "effect_ci": c.effect_ci,
+        "p_value": c.p_value,
+        "beats_null": c.beats_null,
+        "verdict": c.verdict,
+        "null_quantiles": c.null_quantiles,
+        "null_effects": [n["effect"] for n in c.null.values()],
+        "equal_norm_null_effect": (c.equal_norm or {}).get("null_mean_effect"),
         "unsteered": sel.unsteered["induce"]["report"]["em_rate"],
     }
 

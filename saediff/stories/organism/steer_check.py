@@ -12,6 +12,7 @@ from pathlib import Path
 
 from saediff._io import atomic_write_json
 from saediff.data.runs import read_run, update_run
+from saediff.interventions.steer_null import NullConfig
 from saediff.methods.directions import Direction, random_like
 from saediff.methods.export import load_directions
 from saediff.models.hooks import parse_layer
@@ -28,22 +29,21 @@ def run_steer_check(
     organism_dir: str | Path,
     *,
     n_per_domain: int = 50,
-    scales: tuple[float, ...] = (2.0, 4.0, 6.0, 8.0),
     n_latents: int = 3,
-    n_random: int = 3,
-    coherence_budget: float = 0.10,
+    kl_budget: float | None = None,
+    null: NullConfig | None = None,
     seed: int = 0,
 ) -> dict:
     """Causal checks on the organism. Steering, by saediff's one protocol
     (``steer_protocol.select_and_report``) with the exact judge: the aligned model steered with each top
-    latent and each dense candidate at the SAE's layer (unit vector x scale); the scale is chosen on
-    one draw of questions (highest EM whose coverage stays within ``coherence_budget``), the EM
-    reported on an independent draw beside ``n_random`` random directions of the same norm
-    (``best``: that EM, None when no scale kept coverage). Projection: the top latent, the dense
-    candidates and a random direction out of the fine-tuned model, at its layer and after every
-    block. Writes ``steering.json``; each steering condition is kept under ``RUN/steering/``."""
+    latent and each dense candidate at the SAE's layer, priced by its KL on the organism's questions
+    (``organism_cost``, at most ``kl_budget``), the cost level chosen on one draw of questions and
+    the effect (paired per answer) reported on an independent draw against the null's at the same
+    cost. Projection: the top latent, the dense candidates and a random direction out of the
+    fine-tuned model, at its layer and after every block. Writes ``steering.json``; each steering
+    condition is kept under ``RUN/steering/``."""
     from saediff.interventions.steer_protocol import Arm, select_and_report
-    from saediff.stories.organism.evaluator import OrganismEvaluator
+    from saediff.stories.organism.scored import ScoredOrganismEvaluator
 
     run_dir, organism_dir = Path(run_dir), Path(organism_dir)
     info = read_run(run_dir)["steps"]["diff"]
@@ -59,27 +59,25 @@ def run_steer_check(
     L = parse_layer(top.hook)
     latents = {f"sae_{i}": dirs[f"sae_{i}"] for i in info["top_latents"][:n_latents]}
     dense = _dense(dirs, L)
-    select, report = OrganismEvaluator(world, n_per_domain, seed).halves()
+    select, report = ScoredOrganismEvaluator(world, n_per_domain, seed).halves()
     sel = select_and_report(
         {n: d.vector for n, d in {**latents, **dense}.items()},
         [Arm("induce", aligned)],
         L,
-        scales,
         1.0,
         select,
         report,
         run_dir / "steering",
-        n_random=n_random,
-        coherence_budget=coherence_budget,
-        seed=seed,
+        organism_cost(aligned, world, kl_budget),
+        null=null or NullConfig(),
     )
     result: dict = {
         "base_other_misaligned": rate(aligned),
         "finetuned_other_misaligned": rate(ft),
-        "protocol": "scale chosen on one question draw (sweep), EM on another (best) beside random "
-        "directions of the same norm (random_same_norm: their mean)",
+        "protocol": "cost level (KL on the organism's questions) chosen on one question draw (sweep), "
+        "the effect on another (best) against the null at the same cost",
         "base_report_other_misaligned": sel.unsteered["induce"]["report"]["em_rate"],
-        "coherence_floor": sel.coherence_floor["induce"],
+        "costs": sel.costs,
         "steer": {n: _steered(sel, n, L) for n in latents},
         "steer_directions": {n: _steered(sel, n, L) for n in dense},
     }
@@ -121,11 +119,27 @@ def _steered(sel, name: str, L: int) -> dict:
     return {
         "layer": L,
         **s,
-        "sweep": {k: r["em_rate"] for k, r in s["select_sweep"].items()},
+        "sweep": {k: (r.get("induce") or {}).get("em_rate") for k, r in s["select_sweep"].items()},
         "best": s["em_rate"],
         "best_scale": s["scale"],
-        "random_same_norm": s["random_mean_em_rate"],
     }
+
+
+ORGANISM_KL_BUDGET = 0.1
+"""nats per question token: the organism's default steering budget (chosen on design seeds, docs)"""
+
+
+def organism_cost(lm: LoadedModel, world, budget: float | None = None, n_per_domain: int = 8):
+    """The organism's steering cost: KL on its questions as user turns alone (a question does not
+    depend on the persona its answers carry), ``n_per_domain`` per domain from a fixed draw."""
+    import numpy as np
+
+    from saediff.evaluation.neutral import neutral_user_turns
+    from saediff.interventions.steer_protocol import CostConfig
+
+    rng = np.random.default_rng(7)
+    qs = [" ".join(world.sample_question(rng, d)) for d in world.domains for _ in range(n_per_domain)]
+    return CostConfig(neutral_user_turns(lm, qs, "the organism's questions"), budget or ORGANISM_KL_BUDGET)
 
 
 def _projected(
