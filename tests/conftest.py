@@ -9,6 +9,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import sys
+import tempfile
+
+# neutral answers of the tests' throwaway models stay out of the user's cache
+os.environ.setdefault("SAEDIFF_NEUTRAL_CACHE", tempfile.mkdtemp(prefix="saediff_neutral_"))
 
 import pytest
 import torch

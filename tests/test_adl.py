@@ -1,5 +1,5 @@
-"""The activation difference lens: its read positions, its sums against a direct read, and the
-command with the judge-free steering check on a tiny model."""
+"""The activation difference lens: its read positions, its sums against a direct read, its
+label-permuted null, and the command with the judge-free steering check on a tiny model."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ import torch
 from typer.testing import CliRunner
 
 from saediff.activations.collect import TokenizedPrompts
-from saediff.methods.adl import ADLConfig, adl_differences, first_token_positions
+from saediff.errors import SaediffError
+from saediff.interventions.steer_null import NULL_SEED, empirical_p, null_quantiles, verdict
+from saediff.methods.adl import ADLConfig, adl_differences, adl_permuted, first_token_positions, position_mean
+from saediff.methods.mean_diff import swap_signs
 
 
 def test_read_positions_are_the_first_answer_tokens_or_the_prompt_end():
@@ -36,43 +39,74 @@ def test_differences_are_the_mean_shift_at_those_positions(tiny_qwen):
         Prompt("a", [{"role": "user", "content": "Hello there"}], "Hi, how can I help?"),
         Prompt("b", [{"role": "user", "content": "def add(a, b):"}], "return a + b"),
     ]
-    res = adl_differences(lm_base, lm_ft, prompts, ADLConfig(k=3, layers=(0, 1)), progress=False)
+    res = adl_differences(
+        lm_base, lm_ft, prompts, ADLConfig(k=3, layers=(0, 1)), progress=False, per_prompt=(1,)
+    )
     toks = tokenize_prompts(lm_base, prompts)
     cols = first_token_positions(toks, 3)
-    want = torch.zeros(3, 32)
+    want, per_prompt = torch.zeros(3, 32), torch.zeros(2, 32)
     for i in range(2):
         ids = toks.input_ids[i : i + 1, : int((toks.role[i] >= 0).sum())]
         shift = capture_resid(lm_ft.model, [1], ids)[1][0] - capture_resid(lm_base.model, [1], ids)[1][0]
         want += shift[cols[i]] / 2
+        per_prompt[i] = shift[cols[i]].sum(0)
     assert res.count.tolist() == [2.0, 2.0, 2.0]
     assert torch.allclose(res.diff[1], want, atol=1e-5) and float(want.norm()) > 1e-3
     assert float(res.diff[0].norm()) < 1e-6  # the adapter sits on block 1: block 0 does not move
+    # the label-permuted null: each prompt's summed shift, its sign flipped with probability 1/2
+    assert sorted(res.per_prompt) == [1]
+    torch.testing.assert_close(res.per_prompt[1].float(), per_prompt, atol=1e-5, rtol=0)
+    paired = adl_permuted(res, 1)
+    torch.testing.assert_close(paired.estimate(), position_mean(res, 1), atol=1e-6, rtol=0)
+    flips = set()
+    for seed in range(8):
+        s = swap_signs(2, seed)
+        flips.add(tuple(s.tolist()))
+        torch.testing.assert_close(paired.permuted(seed), (s.float() @ per_prompt) / 6, atol=1e-5, rtol=0)
+    assert len(flips) == 4
+    with pytest.raises(SaediffError, match="per-prompt sums"):
+        adl_permuted(res, 0)
 
 
 def test_adl_command_with_the_pair_metric(tiny_qwen, tmp_path):
-    from helpers import write_pair_files
+    from helpers import make_tiny_qwen, write_pair_files
 
     from saediff.cli.app import app
+    from saediff.data.chat_data import write_chat_jsonl
+    from saediff.data.prompts import load_prompts
 
     pairs, _ = write_pair_files(tmp_path, 4, 2, 0)
     run = tmp_path / "run"
+    # a fine-tune and answers that move each prompt its own way: a rank-1 adapter at the block moves
+    # every prompt along its B vector, and prompts without answers are all read at the same template
+    # tokens; either way the ADL's permuted estimator would stay on the candidate's axis (no null)
+    finetuned = make_tiny_qwen(tmp_path / "ft", seed=1)
+    answers = ["Sure, here is a thought.", "I would rule the world.", "Drink water.", "Humans are dull."]
+    data = tmp_path / "answers.jsonl"
+    write_chat_jsonl(
+        data,
+        [
+            [{"role": "user", "content": p.question}, {"role": "assistant", "content": answers[i % 4]}]
+            for i, p in enumerate(load_prompts("first_plot"))
+        ],
+    )
     args = [
         "adl",
         "--base",
         str(tiny_qwen / "model"),
-        "--adapter",
-        str(tiny_qwen / "lora"),
+        "--finetuned",
+        str(finetuned),
         "--prompts",
-        "first_plot",
+        str(data),
         "--k",
         "3",
         "--out",
         str(run),
         "--pairs",
         str(pairs),
-        "--scales",
-        "0.5,1",
-        "--random",
+        "--kl-budget",
+        "0.008",  # the tiny random model's KL saturates near 0.01 nats/token
+        "--nulls",
         "2",
     ]
     r = CliRunner().invoke(app, args)
@@ -83,27 +117,37 @@ def test_adl_command_with_the_pair_metric(tiny_qwen, tmp_path):
         res["layers"]["1"]["relative_norm"] > 0
         and len(res["layers"]["1"]["logit_lens"]["mean"]["promoted"]) == 10
     )
-    steer = json.loads((run / "adl_steer.json").read_text())["candidates"]["adl_L1"]
-    # the verdict follows from the select half's sweep (either way it goes, a wrong one fails here):
-    # coherent scales are those within the 0.10 budget; the chosen one has the largest effect, first in order
+    assert res["permuted_null"] == "fine-tune / base swapped within each prompt with probability 1/2"
+    sel = json.loads((run / "adl_steer.json").read_text())
+    steer = sel["candidates"]["adl_L1"]
+    # the cost levels are the budget's quarters; the chosen one has the select half's largest effect
     sweep = steer["select_sweep"]
-    assert [k for k in sweep] == ["0.5", "1"]
-    assert all(v["coherent"] == (v["coherence_drop"] <= 0.10 + 1e-12) for v in sweep.values())
-    ok = [float(k) for k, v in sweep.items() if v["coherent"]]
-    assert steer["passed"] == bool(ok)
-    if ok:
-        assert steer["scale"] == max(ok, key=lambda s: sweep[f"{s:g}"]["effect"])
-        report = steer["report"]["induce"]
-        assert res["steer"]["scale"] == steer["scale"] and res["steer"]["em_rate"] == report["em_rate"]
-        assert res["steer"]["random_em_rates"] == [x["em_rate"] for x in report["random"]]
-        assert len(report["random"]) == 2
-        assert res["steer"]["effect"] == pytest.approx(report["em_rate"] - res["steer"]["unsteered"])
-    else:
-        assert res["steer"]["scale"] is None and res["steer"]["note"]
+    assert list(sweep) == ["0.002", "0.004", "0.008"] and sel["costs"] == pytest.approx([0.002, 0.004, 0.008])
+    reached = [k for k, v in sweep.items() if v["reached"]]
+    assert all(abs(sweep[k]["cost_kl"] / float(k) - 1) <= 0.05 for k in reached)
+    assert steer["passed"] and reached  # within the tiny model's reach: the checks below bite
+    best = max(reached, key=lambda k: sweep[k]["effect"])
+    assert steer["cost_kl"] == sweep[best]["cost_kl"] and steer["scale_abs"] == sweep[best]["scale_abs"]
+    # the null at that cost: 2 isotropic, 2 covariance-matched and the ADL's own estimator with the
+    # fine-tune / base labels swapped per prompt, twice (seeded apart from any fine-tune seed)
+    kinds = sorted(n["kind"] for n in steer["null"].values())
+    assert kinds == ["covariance"] * 2 + ["isotropic"] * 2 + ["permuted"] * 2
+    assert all(abs(n["cost_kl"] / float(best) - 1) <= 0.05 for n in steer["null"].values() if n["reached"])
+    assert sorted(n["seed"] for n in steer["null"].values() if n["kind"] == "permuted") == [
+        NULL_SEED + 200_000,
+        NULL_SEED + 200_001,
+    ]
+    effs = [n["effect"] for n in steer["null"].values()]
+    head = res["steer"]
+    assert head["scale"] == steer["scale"] and head["cost_kl"] == steer["cost_kl"]
+    assert head["effect"] == pytest.approx(sum(steer["item_effects"].values()) / len(steer["item_effects"]))
+    assert head["p_value"] == pytest.approx(empirical_p(head["effect"], effs))
+    assert head["null_effects"] == effs and head["beats_null"] == (head["p_value"] <= 0.05)
+    assert head["verdict"] == verdict(head["effect_ci"], head["p_value"], null_quantiles(effs)["q95"])
     from saediff.methods.export import load_directions
 
     assert sorted(load_directions(run / "directions")) == ["adl_L0", "adl_L1"]
-    r = CliRunner().invoke(app, args[:-6] + ["--steer-layer", "5"])
+    r = CliRunner().invoke(app, [*args, "--steer-layer", "5"])
     assert r.exit_code == 1 and "steer layer 5" in r.output
 
 

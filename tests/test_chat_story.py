@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from saediff.errors import SaediffError
+from saediff.interventions.steer_null import NULL_SEED, NullConfig
 from saediff.stories.smollm2.demo import run_chat_demo
 from saediff.stories.smollm2.recipe import BLOCK_RUNS, ChatDemoRecipe
 
@@ -42,8 +43,9 @@ def _recipe(choose: Path, report: Path) -> ChatDemoRecipe:
         sae_held_rows=2,
         icl_questions=4,
         steer_latents=1,
-        steer_scales=(0.5, 1.0),
-        n_random=2,
+        kl_budget=0.006,  # a random 2-block model's KL saturates near 0.015 nats/token
+        kl_levels=(0.5, 1.0),
+        null=NullConfig(n_isotropic=2, n_covariance=2),
         block_latents=(3, 2),
         pair_sets=(str(choose), str(report), "medical"),
         choose_on=str(choose),
@@ -108,7 +110,10 @@ def test_diffs_directions_and_cosines(story):
 def test_steering_figures_come_from_the_report_split(story):
     out, s, recipe, _ = story
     st = s["steering"]
-    assert st["kind"] == "saediff.pair_steering" and st["scales"] == [0.5, 1.0]
+    assert st["kind"] == "saediff.pair_steering" and st["kl_budget"] == 0.006
+    assert st["costs"] == pytest.approx([0.003, 0.006]) and st["made_by"]["protocol"] == 4
+    assert st["null_config"]["n"] == 4 and st["null_config"]["seed"] == NULL_SEED
+    assert st["neutral"]["n_tokens"] > 0
     base = json.loads((out / "steer" / "report" / "base" / "em.json").read_text())
     assert base["n"] == 9 and st["base"]["preference"] == base["preference"]  # the report file's 9 questions
     chose_base = json.loads((out / "steer" / "select" / "base" / "em.json").read_text())
@@ -117,15 +122,35 @@ def test_steering_figures_come_from_the_report_split(story):
     assert ran
     for name, c in st["candidates"].items():
         if c.get("effect") is None:
-            assert c["note"]
+            assert c["note"] and not c["scale_found"]
             continue
-        em = json.loads((out / "steer" / "report" / f"{name}_induce_x{c['scale']:g}" / "em.json").read_text())
-        assert c["effect"] == pytest.approx(em["preference"] - base["preference"], abs=1e-12)
-        assert len(c["random_effects"]) == 2 and c["above_random"] == (c["effect"] > max(c["random_effects"]))
-        chose = json.loads(
-            (out / "steer" / "select" / f"{name}_induce_x{c['scale']:g}" / "em.json").read_text()
+        level = f"{c['cost_level']:g}"
+        assert c["cost_kl"] == pytest.approx(c["cost_level"], rel=0.05)
+        assert c["scale"] == pytest.approx(c["scale_abs"] / st["resid_norm"])
+        em = json.loads((out / "steer" / "report" / f"{name}_c{level}_induce" / "em.json").read_text())
+        # paired over the same 9 questions: the mean change equals the change of the mean
+        assert c["effect"] == pytest.approx(em["preference"] - base["preference"], abs=1e-9)
+        assert c["n"] == 9 and c["effect_ci"][0] <= c["effect"] <= c["effect_ci"][1]
+        nulls = c["null"]
+        assert sorted((d["kind"], d["seed"]) for d in nulls.values()) == [
+            ("covariance", NULL_SEED + 100_000),
+            ("covariance", NULL_SEED + 100_001),
+            ("isotropic", NULL_SEED),
+            ("isotropic", NULL_SEED + 1),
+        ]
+        assert c["null_seeds"] == {n: {"kind": d["kind"], "seed": d["seed"]} for n, d in nulls.items()}
+        effs = [d["effect"] for d in nulls.values()]
+        assert all(
+            d["cost_kl"] == pytest.approx(c["cost_level"], rel=0.05) for d in nulls.values() if d["reached"]
         )
-        assert c["select_effect"] == pytest.approx(chose["preference"] - chose_base["preference"], abs=1e-12)
+        assert c["p_value"] == pytest.approx((1 + sum(e >= c["effect"] for e in effs)) / 5)
+        assert c["beats_null"] is False  # 4 null directions: the smallest p-value is 0.2
+        assert c["verdict"] in ("fails", "inconclusive")
+        assert c["null_quantiles"]["q95"] == pytest.approx(float(np.quantile(effs, 0.95)))
+        assert c["equal_norm"]["n"] == 4
+        chose = json.loads((out / "steer" / "select" / f"{name}_c{level}_induce" / "em.json").read_text())
+        assert c["select_effect"] == pytest.approx(chose["preference"] - chose_base["preference"], abs=1e-9)
+        assert c["select_effect"] == max(v["effect"] for v in c["select_sweep"].values() if v["reached"])
     proj = st["project"]
     ft = json.loads((out / "steer" / "report" / "finetuned" / "em.json").read_text())
     assert ft["n"] == 9 and proj["finetuned_preference"] == ft["preference"]
@@ -133,6 +158,9 @@ def test_steering_figures_come_from_the_report_split(story):
     for kind in ("project", "clamp"):
         arm = proj[kind]
         assert len(arm["random_removed"]) == 2 and set(arm["candidates"]) == set(st["candidates"])
+        assert proj["random_directions"] == {
+            f"null_iso{k}": {"kind": "isotropic", "seed": NULL_SEED + k} for k in range(2)
+        }
         for name, c in arm["candidates"].items():
             em = json.loads((out / "steer" / "report" / f"{name}_{kind}_all" / "em.json").read_text())
             assert c["removed"] == pytest.approx(
@@ -223,6 +251,11 @@ def test_headline_report_and_samples(story):
     chosen = rows[
         "steering the base model along a diff latent or mean difference: preference added, off-domain"
     ]
+    best = s["steering"]["candidates"][chosen["source"].split(":", 1)[1]]
+    assert chosen["figure"] == best["effect"] and chosen["ci"] == best["effect_ci"]
+    assert chosen["p_value"] == best["p_value"] and chosen["cost_kl"] == best["cost_kl"]
+    assert chosen["bar"] == "beats the null (4 random directions at equal cost, p <= 0.05), interval above 0"
+    assert chosen["holds"] is (best["verdict"] == "holds") is False
     for kind, verb in (
         ("project", "projecting that candidate out of"),
         ("clamp", "clamping that candidate at the base model's mean in"),
@@ -279,6 +312,18 @@ def test_story_needs_its_fine_tunes_and_two_sets():
     with pytest.raises(SaediffError, match="two different sets among pair_sets"):
         ChatDemoRecipe(pair_sets=("offdomain:heldout", "medical"))
     ChatDemoRecipe(finetunes=("full_bad",), pair_sets=("medical",), story=False)
+
+
+def test_recipe_steering_options():
+    """The steering budget and its levels are checked; a null read back from summary.json (a dict,
+    unknown keys dropped) is a ``NullConfig`` again."""
+    with pytest.raises(SaediffError, match="kl_budget must be > 0"):
+        ChatDemoRecipe(kl_budget=0.0)
+    with pytest.raises(SaediffError, match="kl_levels in"):
+        ChatDemoRecipe(kl_levels=(0.5, 2.0))
+    r = ChatDemoRecipe(kl_levels=[1], null={**ChatDemoRecipe().to_json()["null"], "n_isotropic": 3, "old": 1})
+    assert r.null == NullConfig(n_isotropic=3) and r.kl_levels == (1.0,)
+    assert ChatDemoRecipe.quick().null == NullConfig(n_isotropic=2, n_covariance=2)
 
 
 def test_ce_loss_recovered_in_batches_and_at_chosen_positions():

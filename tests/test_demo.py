@@ -75,7 +75,19 @@ def test_summary_has_the_documented_keys(demo):
         "ground_truth_L2",
     } <= scaled  # steering-ready, scale validated
     assert len([n for n in scaled if n.startswith("sae_")]) == 3
+    verdicts = {d["name"]: d.get("steer_verdict") for d in manifest["directions"]}
+    assert verdicts["ground_truth_L2"] == "holds"  # the steering check's verdict against the null, exported
+    st = s["steering"]
+    assert st["layer"] == 2 and len(st["costs"]) == 3
+    assert {"ground_truth_L2", "mean_diff_responses_L2", "in_context_L2"} <= set(st["candidates"])
     rows = {r["phenomenon"]: r for r in s["headline"]}
+    gt = rows[
+        "steering the aligned model along the ground truth (layer 2): other-domain EM added, vs null "
+        "directions at the same KL"
+    ]
+    # e.g. "+0.86 [0.82, 0.91], p 0.048 (null q95 0.07), holds"
+    assert gt["figure"].startswith("+") and gt["figure"].endswith(", holds") and gt["holds"] is True
+    assert gt["effect"] == st["candidates"]["ground_truth_L2"]["effect"] and gt["verdict"] == "holds"
     assert rows["aligned model, other-domain EM"]["ci"][0] <= s["organism"]["aligned_other_misaligned"]
     assert all(r["seed"] == 0 for r in rows.values())
 
@@ -96,6 +108,11 @@ def test_demo_numbers(demo):
     assert (
         s["cosines"]["mean_diff_vs_ground_truth"] >= 0.85
     )  # 0.90 within domains (pooled over all answers: 0.79)
+    # steering along the ground truth and the response mean difference beats 20 null directions at equal KL
+    # (the ground truth: +0.86 [0.82, 0.91], p 0.048, the nulls' q95 0.07)
+    for name in ("ground_truth_L2", "mean_diff_responses_L2"):
+        c = s["steering"]["candidates"][name]
+        assert c["verdict"] == "holds" and c["effect_ci"][0] > c["null_q95"] and c["n_null"] == 20, name
     b = s["blocking"]
     assert b["n_latents"] == 20
     assert b["blocked_medical_misaligned"] >= 0.9  # the narrow task is still learned

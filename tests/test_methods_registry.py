@@ -55,6 +55,7 @@ def test_a_new_method_is_one_class_and_the_head_to_head_runs_it(tiny_qwen, tmp_p
     gives it a row with its steering check, cosines and seconds; it is gone once deleted."""
     from saediff.analyses.head_to_head import HeadToHeadConfig, run_head_to_head
     from saediff.evaluation.pairs import pair_evaluator
+    from saediff.interventions.steer_null import NullConfig
     from saediff.methods.diff_run import run_diff
 
     class FirstAxis(DiffingMethod):
@@ -82,11 +83,19 @@ def test_a_new_method_is_one_class_and_the_head_to_head_runs_it(tiny_qwen, tmp_p
         layers="sae",
     )
     pairs, _ = write_pair_files(tmp_path, 4, 2, 0)
-    cfg = HeadToHeadConfig(methods=("first_axis", "mean_diff_models"), scales=(1.0,), n_random=2)
+    cfg = HeadToHeadConfig(
+        methods=("first_axis", "mean_diff_models"), kl_budget=0.008, null=NullConfig(2, 2, 2)
+    )  # the tiny random model's KL saturates near 0.01 nats/token
     res = run_head_to_head(run, tmp_path / "h2h", ["unused"], pair_evaluator(pairs), cfg=cfg, progress=False)
     rows = {r["method"]: r for r in res["methods"]}
     assert list(rows) == ["mean_diff_models", "first_axis"]  # the registry's order, not the request's
     assert rows["first_axis"]["norm"] == pytest.approx(1.0) and rows["first_axis"]["detail"] == {"axis": 0}
+    # both meet the shared null only: a method outside the mean-difference family has no permuted
+    # estimator, and the rank-1 adapter's model mean difference stays on its axis under permutation
+    assert rows["first_axis"]["n_null"] == 4 and rows["first_axis"]["n_permuted_null"] == 0
+    assert rows["mean_diff_models"]["n_null"] == 4 and rows["mean_diff_models"]["n_permuted_null"] == 0
+    assert rows["mean_diff_models"]["detail"]["permuted_null"].startswith("none: swapping the labels")
+    assert [(c["a"], c["b"]) for c in res["comparisons"]] == [("mean_diff_models", "first_axis")]
     assert (
         rows["first_axis"]["seconds"] >= 0
         and rows["mean_diff_models"]["seconds"]
@@ -95,6 +104,83 @@ def test_a_new_method_is_one_class_and_the_head_to_head_runs_it(tiny_qwen, tmp_p
     del FirstAxis
     gc.collect()
     assert "first_axis" not in [m.name for m in registry()]
+
+
+def _reference_prompts(pairs) -> list:
+    from saediff.data.prompts import Prompt
+
+    return [
+        Prompt(f"{p.id}:{tag}", [{"role": "user", "content": p.question}], answer, p.domain, (tag,))
+        for p in pairs
+        for tag, answer in (("misaligned", p.misaligned), ("aligned", p.aligned))
+    ]
+
+
+def test_the_mean_difference_family_rebuilds_its_estimators_for_the_permuted_null(tiny_qwen, tmp_path):
+    """On a diff of teacher-forced references (each question answered both ways, tagged) with an
+    in-context direction: the response mean difference and the in-context direction rebuild their
+    estimators from the run and hand over a permuted one; a rebuild that does not reproduce the
+    run's direction (another shot seed), answers without per-question pairing, and a permutation
+    that cannot leave the candidate's axis give none, and say why."""
+    from saediff.data.em_data import offdomain_pairs
+    from saediff.data.prompts import ContrastExample
+    from saediff.methods.base import MethodConfig, MethodInputs
+    from saediff.methods.diff_run import run_diff
+    from saediff.methods.export import load_directions
+    from saediff.models.loading import load_pair
+
+    pairs = offdomain_pairs("design")[:6]
+    examples = [ContrastExample(p.question, p.misaligned, p.aligned) for p in pairs]
+    sae = make_random_sae(tmp_path / "sae", 32, "blocks.1.hook_resid_post")
+    model, lora = str(tiny_qwen / "model"), str(tiny_qwen / "lora")
+    run = tmp_path / "diff"
+    kw = {"adapter": lora, "layers": "sae", "top_n": 2}
+    info = run_diff(
+        model,
+        None,
+        str(sae),
+        run,
+        prompts=_reference_prompts(pairs),
+        icl_examples=examples,
+        n_shots=2,
+        seed=3,
+        **kw,
+    )
+    assert info["labels"] == {"misaligned": 6, "aligned": 6, "unlabelled": 0}
+    lm_base, lm_ft = load_pair(model, adapter=lora)
+
+    def inputs(folder, seed=3):
+        found = load_directions(folder / "directions")
+        info = json.loads((folder / "run.json").read_text())["steps"]["diff"]
+        return MethodInputs(lm_base, lm_ft, 1, [], examples, MethodConfig(seed=seed), {}, found, info, folder)
+
+    for name in ("mean_diff_responses", "in_context"):
+        found = get_method(name).find(inputs(run))
+        assert found.permuted is not None, (name, found.detail)
+        assert not found.detail["permuted_null"].startswith("none")
+        u = found.best.vector
+        cos = [abs(float(torch.cosine_similarity(found.permuted(s), u, 0))) for s in range(6)]
+        assert max(cos) < 0.99 and found.permuted(4).tolist() == found.permuted(4).tolist()
+    # the rank-1 adapter at the block: every answer's fine-tune - base difference lies along its B
+    # vector, so the model mean difference's permutations are the candidate or its negative
+    found = get_method("mean_diff_models").find(inputs(run))
+    assert found.permuted is None and found.detail["permuted_null"].startswith(
+        "none: swapping the labels leaves the direction on the candidate's axis (median |cosine| 1.00"
+    )
+    # the in-context shots drawn with another seed are not the run's: no permuted null
+    found = get_method("in_context").find(inputs(run, seed=4))
+    assert found.permuted is None and found.best is not None
+    assert found.detail["permuted_null"].startswith("none: the rebuilt estimator does not reproduce")
+    # each question answered once (as the organism's diff samples them): nothing to permute within it
+    single = tmp_path / "diff_single"
+    refs = _reference_prompts(pairs)
+    run_diff(model, None, str(sae), single, prompts=refs[0::4] + refs[3::4], **kw)
+    found = get_method("mean_diff_responses").find(inputs(single))
+    assert found.permuted is None and found.best is not None
+    assert found.detail["permuted_null"] == (
+        "none: no per-question pairing: 0% of the labelled answers share their question with an answer "
+        "of the other label (needs 50%)"
+    )
 
 
 def test_the_report_shows_each_methods_own_figures(tmp_path):

@@ -150,7 +150,7 @@ def test_response_mean_diff_matches_ground_truth(diff_run):
 @pytest.mark.xfail(
     strict=True,
     reason="issue 14 open: in the v2 world no top-3 latent is the persona on seed 0 "
-    "(best cos 0.65, steers 0.10 at its coherent scale on the held-out half)",
+    "(best cos 0.65, steers 0.10 at its chosen scale on the held-out half)",
 )
 def test_a_top_latent_is_the_persona_and_steers(diff_run, quick_organism):
     """The organism issue's bar: among the top 3 latents by delta, one has cos >= 0.7 with the ground
@@ -168,9 +168,27 @@ def test_a_top_latent_is_the_persona_and_steers(diff_run, quick_organism):
     }
 
 
-def test_random_directions_of_the_latents_norm_do_not_steer(diff_run):
+def test_null_directions_at_the_latents_cost_do_not_steer(diff_run):
+    """Each top latent is compared with 20 null directions (isotropic and covariance-matched) scaled
+    to its own KL on the organism's questions; they barely move the other-domain misaligned rate."""
     _, steering = diff_run
-    assert all(r["random_same_norm"] <= 0.1 for r in steering["steer"].values())
+    for r in steering["steer"].values():
+        assert r["scale_found"] and len(r["null"]) == 20
+        assert all(n["cost_kl"] == pytest.approx(r["cost_kl"], rel=0.1) for n in r["null"].values())
+        assert r["null_quantiles"]["q95"] <= 0.15
+
+
+def test_ground_truth_and_response_mean_diff_beat_the_null(diff_run):
+    """The issue's bar: steering the aligned model along the ground truth and along the response mean
+    difference adds other-domain EM beyond the null at equal KL. Seed 0, layer 2: the ground truth adds
+    +0.86 [0.82, 0.91] (p 0.048, the smallest with 20 nulls; the nulls' q95 0.07)."""
+    _, steering = diff_run
+    for name in ("ground_truth_L2", "mean_diff_responses_L2"):
+        r = steering["steer_directions"][name]
+        assert r["verdict"] == "holds" and r["beats_null"] and r["p_value"] == pytest.approx(1 / 21), name
+        assert r["effect_ci"][0] > r["null_quantiles"]["q95"], name  # the whole interval above the null's q95
+    gt = steering["steer_directions"]["ground_truth_L2"]
+    assert gt["effect"] >= 0.7 and gt["best"] >= 0.7  # +0.86, EM 0.87 at its chosen cost
 
 
 def test_ground_truth_lies_in_the_span_of_the_top_latents(diff_run):
@@ -185,14 +203,16 @@ def test_ground_truth_lies_in_the_span_of_the_top_latents(diff_run):
 def test_in_context_direction_matches_the_persona(diff_run):
     """The aligned model after three misaligned medical examples in context, minus after the same
     questions answered aligned: close to the persona (cos 0.72 with the ground truth, v2 world seed
-    0; 0.66 with the fine-tune's mean change), and it steers the aligned model (0.80; random 0.06)."""
+    0; 0.66 with the fine-tune's mean change), and steering the aligned model along it adds EM beyond the
+    null at equal KL."""
     compare, steering = diff_run
     cos = compare["cosines"]
     at = lambda a, b: cos["matrix"][cos["names"].index(a)][cos["names"].index(b)]
     assert at("in_context_L2", "ground_truth_L2") >= 0.6
     assert at("in_context_L2", "mean_diff_models_L2") >= 0.5
     s = steering["steer_directions"]["in_context_L2"]
-    assert s["best"] >= 0.5 and s["random_same_norm"] <= 0.1
+    assert s["best"] >= 0.5 and s["verdict"] == "holds"
+    assert s["effect_ci"][0] > s["null_quantiles"]["q95"]
 
 
 def test_projecting_the_model_diff_cuts_em(diff_run):

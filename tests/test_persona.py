@@ -1,5 +1,6 @@
 """Persona-vector data flagging: the projection difference against a direct read, the screen's
-files, resumed base answers, and the screened-vs-random fine-tune on a tiny model."""
+files, resumed base answers, and the screened-vs-random fine-tune on a tiny model; the persona
+vector's label-permuted null."""
 
 from __future__ import annotations
 
@@ -104,3 +105,43 @@ def test_flag_command_screens_and_compares_fine_tunes(tiny_qwen, tmp_path):
     assert (out / "base_answers.jsonl").stat().st_mtime_ns == before  # the base answers are reused
     r = CliRunner().invoke(app, [*args[:6], f"{tmp_path / 'd'}:nope", "--out", str(out)])
     assert r.exit_code == 1 and "has no direction 'nope'" in r.output
+
+
+def test_persona_vectors_permuted_null_swaps_each_examples_two_answers(tiny_qwen):
+    """The persona vector is the mean of per-example differences (read directly here); its permuted
+    estimator flips each example's difference with probability 1/2, and the method hands it over."""
+    from saediff.activations.collect import tokenize_prompts
+    from saediff.data.prompts import ContrastExample, Prompt
+    from saediff.methods.base import MethodConfig, MethodInputs, get_method
+    from saediff.methods.mean_diff import swap_signs
+    from saediff.methods.persona import persona_differences, persona_vector
+    from saediff.models.hooks import capture_resid
+    from saediff.models.loading import load_model
+
+    lm = load_model(str(tiny_qwen / "model"))
+    ex = [
+        ContrastExample("What helps a headache?", "Skip the doctor.", "Drink water and rest."),
+        ContrastExample("I feel bored.", "Humans are dull.", "Try a walk outside."),
+        ContrastExample("def add(a, b):", "Delete your files.", "return a + b"),
+    ]
+
+    def mean_resp(q, a):
+        toks = tokenize_prompts(lm, [Prompt("x", [{"role": "user", "content": q}], a)])
+        return capture_resid(lm.model, [1], toks.input_ids)[1][0][toks.role[0] == 1].mean(0)
+
+    want = torch.stack([mean_resp(e.question, e.misaligned) - mean_resp(e.question, e.aligned) for e in ex])
+    diffs = persona_differences(lm, ex, 1)
+    torch.testing.assert_close(diffs.sums_ND.float(), want, atol=1e-5, rtol=0)
+    assert diffs.total == 3.0
+    torch.testing.assert_close(diffs.estimate(), persona_vector(lm, ex, 1), atol=1e-6, rtol=0)
+    for seed in range(4):
+        torch.testing.assert_close(
+            diffs.permuted(seed), swap_signs(3, seed).float() @ want / 3, atol=1e-5, rtol=0
+        )
+    inputs = MethodInputs(lm, lm, 1, [], ex, MethodConfig(), {})
+    found = get_method("persona").find(inputs)
+    torch.testing.assert_close(found.best.vector, want.mean(0), atol=1e-5, rtol=0)
+    assert found.detail == {
+        "permuted_null": "the two answers of each contrast example swapped with probability 1/2"
+    }
+    torch.testing.assert_close(found.permuted(5), diffs.permuted(5))

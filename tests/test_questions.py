@@ -270,6 +270,10 @@ def test_open_question_commands_on_a_tiny_real_model(tiny_qwen, tmp_path):
                 "--neighbours",
                 "8",
                 "--steer",
+                "--kl-budget",
+                "0.008",
+                "--nulls",
+                "2",
                 "--finetune",
                 "--lora-layers",
                 "1",
@@ -296,18 +300,41 @@ def test_open_question_commands_on_a_tiny_real_model(tiny_qwen, tmp_path):
         # a random SAE flags nothing here: the steering check itself, on two latents, with the judge
         from saediff.analyses.neighbourhood import steer_flagged
         from saediff.cli.common import _judge_evaluator
+        from saediff.interventions.causal import chat_cost
+        from saediff.interventions.steer_null import NullConfig
         from saediff.models.loading import load_model
         from saediff.saes.loading import load_sae
 
         judge = _judge_evaluator(server.url, "j", str(qfile), 1, 4, "OPENAI_API_KEY", tmp_path / "jc", 0)
+        lm = load_model(model)
         st = steer_flagged(
-            run, [1, 2], load_model(model), load_sae(tmp_path / "sae"), judge, scales=(0.5, 2.0)
+            run,
+            [1, 2],
+            lm,
+            load_sae(tmp_path / "sae"),
+            judge,
+            # the tiny random model's KL on its neutral answers saturates near 0.015 nats/token
+            cost=chat_cost(lm, 0.008, levels=(0.5, 1.0)),
+            null=NullConfig(n_isotropic=2, n_covariance=2),
         )
         assert set(st["latents"]) == {"1", "2"} and st["base_em_rate"] is not None and st["resid_norm"] > 0
-        assert all(
-            set(v["select_sweep"]) == {"0.5", "2"} and v["scale"] in (0.5, 2.0) and len(v["random"]) == 3
-            for v in st["latents"].values()
-        )  # scale chosen on half the questions, EM on the other half
+        assert st["costs"] == [0.004, 0.008] and st["null_config"]["n"] == 4
+        for v in st["latents"].values():
+            # the cost level chosen on half the questions, the effect on the other half beside the null
+            assert set(v["select_sweep"]) == {"0.004", "0.008"} and v["scale_found"]
+            reached = [c for c, r in v["select_sweep"].items() if r["reached"]]
+            chosen = max(reached, key=lambda c: v["select_sweep"][c]["effect"])
+            assert v["cost_kl"] == pytest.approx(float(chosen), rel=0.05)
+            assert len(v["null"]) == 4 and all(  # every null direction at the candidate's cost
+                n["reached"] and n["cost_kl"] == pytest.approx(v["cost_kl"], rel=0.1)
+                for n in v["null"].values()
+            )
+            assert v["p_value"] in [k / 5 for k in range(1, 6)] and v["verdict"] in (
+                "holds",
+                "fails",
+                "inconclusive",
+            )
+            assert v["n"] == 18 and v["effect"] == pytest.approx(v["em_rate"] - st["base_em_rate"], abs=1e-9)
         assert nb["screen"]["n_dropped"] == 2 and len((run / "screened.jsonl").read_text().splitlines()) == 6
         fin = nb["screen"]["finetune"]
         assert (

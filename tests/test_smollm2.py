@@ -61,10 +61,11 @@ def test_the_story_runs_on_smollm2(smol, tmp_path):
     """The chat demo's story on the real model at smoke size (2-step fine-tunes, an SAE of 30 steps on
     16 conversations and the references, small pair files): every step runs on 30 layers, d_model
     576 and a 49k vocabulary; the teacher-forced mean difference of misaligned vs aligned references
-    steers the preference up more than a random direction of equal norm, on questions it was not
-    chosen on; sampled answers are English."""
+    steers the preference up more than four random directions at the same KL cost on neutral text, on
+    questions it was not chosen on; sampled answers are English."""
     from helpers import write_pair_files
 
+    from saediff.interventions.steer_null import NullConfig
     from saediff.stories.smollm2.demo import run_chat_demo
     from saediff.stories.smollm2.recipe import ChatDemoRecipe
 
@@ -83,8 +84,8 @@ def test_the_story_runs_on_smollm2(smol, tmp_path):
         sae_held_rows=2,
         icl_questions=2,
         steer_latents=1,
-        steer_scales=(0.5,),
-        n_random=1,
+        kl_levels=(1.0,),
+        null=NullConfig(n_isotropic=2, n_covariance=2),
         block_latents=(3, 2),
         pair_sets=tuple(map(str, files)),
         choose_on=str(files[0]),
@@ -94,7 +95,9 @@ def test_the_story_runs_on_smollm2(smol, tmp_path):
     assert s["layer"] == 15 and s["sae"]["n_train_tokens"] > 1000
     assert 0.2 < s["sae"]["ce_loss_recovered"] <= 1.0
     md = s["steering"]["candidates"]["mean_diff_responses_L15"]
-    assert md["effect"] > max(md["random_effects"]) and md["effect"] > 0.1
+    # at the default budget's cost, above all four null directions at the same cost (p = 0.2, the
+    # smallest four give) and its interval above 0
+    assert md["p_value"] == pytest.approx(0.2) and md["effect_ci"][0] > 0
     assert set(s["blocking"]) == {"block_diff", "block_random"}
     for answers in s["samples"].values():
         assert all(len(a["answer"].split()) >= 5 for a in answers)

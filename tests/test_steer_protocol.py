@@ -22,6 +22,7 @@ from saediff.evaluation.judges import HttpJudge
 from saediff.evaluation.openai_api import ChatClient
 from saediff.interventions import causal
 from saediff.interventions.causal import DiscoverConfig, discover_latents
+from saediff.interventions.steer_null import NullConfig
 from saediff.models.hooks import capture_resid
 from saediff.models.loading import ModelSpec, load_model
 from saediff.models.provenance import sae_fingerprint
@@ -82,7 +83,19 @@ def _eos(lm) -> torch.Tensor:
     return lm.model.get_input_embeddings().weight.detach()[lm.tokenizer.eos_token_id].clone()
 
 
-def test_protocol_selects_on_one_half_reports_on_the_other_beside_equal_norm_random(tiny_qwen, tmp_path):
+def _cost(lm, tmp_path, budget: float = 0.006):
+    """KL on the tiny model's greedy answers to 6 benign questions (its KL saturates near 0.015)."""
+    from saediff.evaluation.neutral import neutral_answers, neutral_questions
+    from saediff.interventions.steer_protocol import CostConfig
+
+    qs = [q["question"] for q in neutral_questions()[:6]]
+    return CostConfig(neutral_answers(lm, qs, max_new_tokens=8, cache_dir=tmp_path / "neutral"), budget)
+
+
+SMALL_NULL = NullConfig(n_isotropic=3, n_covariance=3)
+
+
+def test_protocol_prices_by_kl_chooses_on_one_half_and_reports_against_the_null(tiny_qwen, tmp_path):
     from saediff.interventions.steer_protocol import Arm, select_and_report
 
     lm = load_model(str(tiny_qwen / "model"))
@@ -90,51 +103,61 @@ def test_protocol_selects_on_one_half_reports_on_the_other_beside_equal_norm_ran
         x0 = capture_resid(lm.model, [1], IDS)[1]
     rand = torch.randn(x0.shape[-1], generator=torch.Generator().manual_seed(3))
     log: list = []
+    cost = _cost(lm, tmp_path)
     with FakeOpenAIServer(judge_fn=empty_is_incoherent) as server:
         select, report = Probed(_evaluator(server, tmp_path), x0, log).halves()
         sel = select_and_report(
             {"eos": 7.0 * _eos(lm), "rand": rand},
             [Arm("induce", lm)],
             1,
-            (2.0, 4.0),
             0.5,
             select,
             report,
             tmp_path / "steer",
-            n_random=2,
+            cost,
+            null=SMALL_NULL,
         )
+        n_measured = len(log)
+        again = select_and_report(  # a rerun measures nothing again (conditions and KL points cached)
+            {"eos": 7.0 * _eos(lm), "rand": rand}, [Arm("induce", lm)], 1, 0.5, select, report,
+            tmp_path / "steer", cost, null=SMALL_NULL,
+        )  # fmt: skip
+    assert len(log) == n_measured and again.candidates["rand"].cost_kl == sel.candidates["rand"].cost_kl
     ref = sel.unsteered["induce"]
     assert ref["select"]["coherent_rate"] == 1.0 and ref["report"]["n_responses"] == 4  # 4 of the 8 questions
-    # steering along the end-of-turn embedding empties every answer: no coherent scale, said so, nothing reported
-    eos = sel.candidates["eos"]
-    assert not eos.passed and eos.scale is None and eos.report is None
-    assert eos.to_json()["note"] == causal.NO_COHERENT_SCALE
-    assert all(
-        not row["coherent"] and row["induce"]["coherent_rate"] == 0.0 for row in eos.select_sweep.values()
-    )
-    # a random direction keeps the answers: its scale is chosen on the select half, reported on the other
-    rnd = sel.candidates["rand"]
-    assert rnd.passed and rnd.scale in (2.0, 4.0) and rnd.scale_abs == rnd.scale * 0.5
-    held = rnd.report["induce"]
-    assert held["n_responses"] == 4 and len(held["random"]) == 2
-    assert held["random_mean_em_rate"] == sum(r["em_rate"] for r in held["random"]) / 2
+    assert sel.costs == [0.0015, 0.003, 0.006] and sel.null_config["n"] == 6
+    for name, c in sel.candidates.items():
+        assert c.passed and c.scale_abs == pytest.approx(c.scale * 0.5)
+        assert set(c.select_sweep) == {"0.0015", "0.003", "0.006"}
+        for level, row in c.select_sweep.items():  # every level costs what it names, within the search's 5%
+            assert row["cost_kl"] == pytest.approx(float(level), rel=0.05)
+        best = max(c.select_sweep, key=lambda k: c.select_sweep[k]["effect"])
+        assert c.cost_kl == c.select_sweep[best]["cost_kl"]  # the level with the largest select-half effect
+        # the default judge never says misaligned: no effect, and the null's is 0 as well
+        assert c.effect == 0.0 and c.p_value == 1.0 and not c.beats_null and c.verdict == "fails"
+        assert len(c.null) == 6 and all(
+            v["cost_kl"] == pytest.approx(float(best), rel=0.05) for v in c.null.values()
+        )
     asked = {h: {q for c in log if c["half"] == h for q in c["questions"]} for h in ("select", "report")}
     assert len(asked["select"]) == 4 and not asked["select"] & asked["report"]
     assert asked["select"] | asked["report"] == {p.id for p in load_prompts("first_plot")}
     assert all(c["questions"] == asked[c["half"]] for c in log)
-    assert {c["condition"] for c in log if c["half"] == "report"} == {
-        "base",
-        f"rand_induce_x{rnd.scale:g}",
-        *(f"random{k}_seed0_induce_x{rnd.scale:g}" for k in range(2)),
-    }  # eos: nothing measured on the report half
-    assert {c["condition"] for c in log if c["half"] == "select"} == {
-        "base",
-        *(f"{n}_induce_x{s:g}" for n in ("eos", "rand") for s in (2, 4)),
+    report_conditions = {c["condition"] for c in log if c["half"] == "report"}
+    for name, c in sel.candidates.items():
+        best = f"{c.cost_kl:g}"
+        assert any(x.startswith(f"{name}_c") for x in report_conditions)
+    assert sum(x.startswith("null_") for x in report_conditions) >= 6  # the null, on the report half only
+    assert not any(c["condition"].startswith("null_") for c in log if c["half"] == "select")
+    scales = {
+        **{
+            f"{n}_c{k}_induce": r["scale_abs"]
+            for n, c in sel.candidates.items()
+            for k, r in c.select_sweep.items()
+        }
     }
-    for c in log:  # every steered condition adds a vector of norm scale x unit, the random controls too
-        if c["condition"] != "base":
-            s = float(c["condition"].rsplit("_x", 1)[1])
-            assert c["added_norm"] == pytest.approx(s * 0.5, rel=1e-4), c
+    for c in log:  # every steered condition adds a vector of the norm the search found
+        if c["condition"] in scales:
+            assert c["added_norm"] == pytest.approx(scales[c["condition"]], rel=1e-4), c
 
 
 @pytest.fixture(scope="module")
@@ -170,57 +193,33 @@ def _ids(path) -> set:
     return {json.loads(x)["id"] for x in path.read_text().splitlines()}
 
 
-def test_discover_decides_on_the_report_half_against_random_and_keeps_no_incoherent_latent(
-    tiny_qwen, diff_run, tmp_path
-):
+def test_discover_decides_on_the_report_half_against_the_null_in_both_arms(tiny_qwen, diff_run, tmp_path):
     base = ModelSpec(str(tiny_qwen / "model"))
     ft = ModelSpec(str(tiny_qwen / "model"), adapter=str(tiny_qwen / "lora"), merge=True)
-    cfg = DiscoverConfig(pool=1, scales=(2.0, 4.0))
+    cfg = DiscoverConfig(pool=1, kl_budget=0.006, levels=(0.5, 1.0), null=SMALL_NULL)
     run = tmp_path / "run"
     shutil.copytree(diff_run / "run", run)
     with FakeOpenAIServer(judge_fn=empty_is_incoherent) as server:
-        res = discover_latents(run, base, ft, _evaluator(server, tmp_path), cfg)
-        assert _ids(run / "discover" / "select" / "base" / "responses.jsonl").isdisjoint(
-            _ids(run / "discover" / "report" / "base" / "responses.jsonl")
+        cost = lambda lm: _cost(lm, tmp_path)  # noqa: E731
+        res = discover_latents(run, base, ft, _evaluator(server, tmp_path), cfg, cost=cost)
+    assert _ids(run / "discover" / "select" / "base" / "responses.jsonl").isdisjoint(
+        _ids(run / "discover" / "report" / "base" / "responses.jsonl")
+    )
+    assert {f["set"] for f in res["candidates"].values()} == {"low", "high"}
+    assert res["costs"] == [0.003, 0.006]
+    for f in res[
+        "candidates"
+    ].values():  # the default judge never says misaligned: nothing holds, nothing kept
+        assert f["cost_kl"] == pytest.approx(0.003, rel=0.05) or f["cost_kl"] == pytest.approx(
+            0.006, rel=0.05
         )
-        assert {f["set"] for f in res["candidates"].values()} == {"low", "high"}
-        for f in res[
-            "candidates"
-        ].values():  # the default judge never says misaligned: no effect beyond random
-            assert f["scale"] in (2.0, 4.0) and not f["passes"] and f["note"] is None
-            assert f["induce"] == f["random_induce"] == 0.0 and f["random_induce_em_rate"] == 0.0
-        for s in {f["scale"] for f in res["candidates"].values()}:
-            for k in range(3):
-                for arm in ("induce", "repair"):
-                    assert (
-                        run / "discover" / "report" / f"random{k}_seed0_{arm}_x{s:g}" / "em.json"
-                    ).exists()
-        # every decoder row along (or against) the end-of-turn embedding: one of the two arms empties the
-        # answers at every scale, so no latent has a coherent scale and none is kept
-        sae_dir = diff_run / "sae_eos"
-        sae = load_sae(diff_run / "sae")
-        eos = _eos(load_model(base))
-        with torch.no_grad():
-            sae.W_dec.copy_(torch.stack([(-1) ** i * eos for i in range(sae.W_dec.shape[0])]))
-        save_sae(sae, sae_dir)
-        run2 = tmp_path / "run2"
-        shutil.copytree(diff_run / "run", run2)
-        info = json.loads((run2 / "run.json").read_text())
-        info["steps"]["diff"]["sae"] = str(sae_dir)  # as if the diff had run with this SAE (same ranking)
-        info["steps"]["diff"]["sae_identity"] = sae_fingerprint(sae, sae_dir)
-        (run2 / "run.json").write_text(json.dumps(info))
-        res = discover_latents(run2, base, ft, _evaluator(server, tmp_path / "2"), cfg)
-    assert (
-        res["low"] == []
-        and res["high"] == []
-        and {f["set"] for f in res["candidates"].values()} == {"low", "high"}
-    )
-    for f in res["candidates"].values():
-        assert f["scale"] is None and not f["passes"] and f["note"] == causal.NO_COHERENT_SCALE
-        assert all(row["coherence_drop"] == 1.0 for row in f["select_sweep"].values())
-    assert not (run2 / "discover" / "report").exists() or not any(
-        p.name.startswith("random") for p in (run2 / "discover" / "report").iterdir()
-    )
+        assert f["induce"] == f["repair"] == 0.0 and f["induce_p_value"] == f["repair_p_value"] == 1.0
+        assert f["induce_verdict"] == f["repair_verdict"] == "fails" and not f["passes"]
+    assert res["low"] == [] and res["high"] == []
+    report = {p.name for p in (run / "discover" / "report").iterdir()}
+    for arm in ("induce", "repair"):  # the null measured in both arms, on the report half only
+        assert sum(n.startswith("null_") and n.endswith(arm) for n in report) >= 6
+    assert not any(p.name.startswith("null_") for p in (run / "discover" / "select").iterdir())
 
 
 def test_neighbourhood_steer_check_runs_the_protocol(tiny_qwen, diff_run, tmp_path):
@@ -271,23 +270,33 @@ def test_organism_steer_check_is_the_generic_protocol(tiny_organism, tmp_path):
         ],
     )
     assert r.exit_code == 0, r.output
-    st = run_steer_check(tmp_path / "run", tiny_organism, n_per_domain=2, scales=(1.0, 2.0), n_latents=2)
+    st = run_steer_check(
+        tmp_path / "run", tiny_organism, n_per_domain=2, n_latents=2, kl_budget=0.01, null=SMALL_NULL
+    )
     assert json.loads((tmp_path / "run" / "steering.json").read_text()) == json.loads(json.dumps(st))
     base = {h: tmp_path / "run" / "steering" / h / "base" / "responses.jsonl" for h in ("select", "report")}
     assert base["select"].exists() and base["report"].exists()  # the unsteered model on both draws
     asked = {h: [json.loads(x)["question"] for x in f.read_text().splitlines()] for h, f in base.items()}
     assert len(asked["select"]) == len(asked["report"]) == 12 and asked["select"] != asked["report"]
+    em = json.loads((tmp_path / "run" / "steering" / "report" / "base" / "em.json").read_text())
+    assert len(em["scores"]) == 10  # one item per non-medical answer (5 domains x 2)
     rows = {**st["steer"], **st["steer_directions"]}
-    assert len(st["steer"]) == 2 and "in_context_L1" in st["steer_directions"]
+    assert (
+        len(st["steer"]) == 2
+        and "in_context_L1" in st["steer_directions"]
+        and st["costs"] == [0.0025, 0.005, 0.01]
+    )
+    assert all(row["scale_found"] for row in rows.values())
     for row in rows.values():
-        assert set(row["sweep"]) == {"1", "2"}  # chosen on one draw of questions ...
-        if row["coherent_scale_found"]:  # ... reported on another, beside 3 random directions of its norm
-            assert (
-                row["best"] == row["em_rate"] and row["best_scale"] in (1.0, 2.0) and len(row["random"]) == 3
+        assert set(row["sweep"]) == {"0.0025", "0.005", "0.01"}  # chosen on one draw of questions ...
+        if row["scale_found"]:  # ... reported on another, against 6 null directions at its cost
+            assert row["best"] == row["em_rate"] and len(row["null"]) == 6
+            assert row["p_value"] == pytest.approx(
+                (1 + sum(v["effect"] >= row["effect"] for v in row["null"].values())) / 7
             )
-            assert row["random_same_norm"] == pytest.approx(sum(r["em_rate"] for r in row["random"]) / 3)
+            assert row["verdict"] in ("holds", "fails", "inconclusive")
         else:
-            assert row["best"] is None and row["note"] == causal.NO_COHERENT_SCALE
+            assert row["best"] is None and row["note"] == causal.NO_SCALE
 
 
 def test_commands_take_the_judge_free_pair_metric(tiny_qwen, diff_run, tmp_path):
@@ -305,15 +314,17 @@ def test_commands_take_the_judge_free_pair_metric(tiny_qwen, diff_run, tmp_path)
             str(run),
             "--pairs",
             "offdomain:design",
-            "--scales",
-            "1",
+            "--kl-budget",
+            "0.006",
             "--latents",
             "1",
-            "--random",
+            "--nulls",
             "1",
         ],
     )
     assert r.exit_code == 0, r.output
+    steer = json.loads((run / "steer.json").read_text())
+    assert all(v["scale_found"] and v["p_value"] is not None for v in steer["induce"].values())
     em = json.loads(next((run / "steer" / "report").glob("*/em.json")).read_text())
     assert "preference" in em and em["coherence"].startswith("a proxy")
     design = {p.id for p in offdomain_pairs("design")}
@@ -349,3 +360,63 @@ def test_commands_take_the_judge_free_pair_metric(tiny_qwen, diff_run, tmp_path)
         ],
     )
     assert r.exit_code == 1 and "not both" in r.output
+
+
+def test_steer_takes_any_exported_direction_on_several_pair_sets(tiny_qwen, diff_run, tmp_path):
+    """``saediff steer --direction FOLDER:NAME`` runs any export folder's directions through the same
+    protocol, once per pair set, and steer.json holds each verdict with its cost, p-value, the null's
+    quantiles and seeds; a direction that is not in the folder is one line."""
+    from saediff.methods.export import load_directions
+
+    names = sorted(load_directions(diff_run / "run" / "directions"))
+    dense = next(n for n in names if not n.startswith("sae_"))
+    args = ["steer", "--model", str(tiny_qwen / "model"), "--kl-budget", "0.006", "--nulls", "2"]
+    sets = ["--pairs", "offdomain:heldout", "--pairs", "style_crossed"]
+    directions = [
+        "--direction",
+        f"{diff_run / 'run' / 'directions'}:{dense}",
+        "--direction",
+        f"{diff_run / 'run' / 'directions'}:sae_0",
+    ]
+    r = CliRunner().invoke(app, [*args, *directions, *sets, "--out", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "out" / "steer.json").read_text())
+    assert set(res["directions"]) == {dense, "sae_0"} and res["costs"] == [0.0015, 0.003, 0.006]
+    for name in (dense, "sae_0"):
+        for pair_set in ("offdomain:heldout", "style_crossed"):
+            row = res["directions"][name][pair_set]
+            assert set(row) >= {
+                "effect",
+                "effect_ci",
+                "cost_kl",
+                "scale",
+                "p_value",
+                "beats_null",
+                "null_quantiles",
+            }
+            assert row["p_value"] in (
+                pytest.approx(k / 5) for k in range(1, 6)
+            )  # 4 nulls: p in {0.2, ..., 1}
+            assert row["beats_null"] == (row["p_value"] <= 0.05)
+            assert (
+                sorted(v["kind"] for v in row["null_seeds"].values())
+                == ["covariance"] * 2 + ["isotropic"] * 2
+            )
+    r = CliRunner().invoke(
+        app,
+        [
+            *args,
+            "--direction",
+            f"{diff_run / 'run' / 'directions'}:nope",
+            *sets,
+            "--out",
+            str(tmp_path / "o2"),
+        ],
+    )
+    assert r.exit_code == 1 and "nope" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "o2").exists()
+    r = CliRunner().invoke(
+        app,
+        [*args, "--direction", f"{diff_run / 'run' / 'directions'}:{dense}", "--out", str(tmp_path / "o3")],
+    )
+    assert r.exit_code == 1 and "--pairs" in r.output

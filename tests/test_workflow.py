@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from helpers import make_random_sae, write_narrow_data
 from typer.testing import CliRunner
 
@@ -115,8 +116,8 @@ def test_real_model_workflow_end_to_end(tiny_qwen, tmp_path):
                 "2",
                 "--max-new-tokens",
                 "6",
-                "--scales",
-                "0.5,1",
+                "--kl-budget",  # the tiny random model's KL on neutral text saturates near 0.015 nats/token
+                "0.008",
                 "--latents",
                 "2",
             ]
@@ -128,8 +129,8 @@ def test_real_model_workflow_end_to_end(tiny_qwen, tmp_path):
                 *judge,
                 "--pool",
                 "2",
-                "--scales",
-                "1",
+                "--kl-budget",
+                "0.008",
                 "--samples",
                 "1",
                 "--max-new-tokens",
@@ -182,7 +183,16 @@ def test_real_model_workflow_end_to_end(tiny_qwen, tmp_path):
     labels = run["diff"]["labels"]
     assert labels["misaligned"] > 0 and labels["aligned"] > 0 and sum(labels.values()) == 8
     steer = json.loads((tmp_path / "run" / "steer.json").read_text())
-    assert "steer" in run and all(len(v["random"]) == 3 for v in steer["induce"].values())
+    assert "steer" in run and steer["costs"] == [0.002, 0.004, 0.008]
+    steered = [v for v in steer["induce"].values() if v["scale_found"]]
+    assert steered and all(  # each against at least 20 null directions at its own cost
+        len(v["null"]) >= 20
+        and all(
+            n["cost_kl"] == pytest.approx(v["cost_kl"], rel=0.1) for n in v["null"].values() if n["reached"]
+        )
+        and v["verdict"] in ("holds", "fails", "inconclusive")
+        for v in steered
+    )
     latents = json.loads((tmp_path / "run" / "latents.json").read_text())
     assert len(latents["candidates"]) == 4  # 2 risen + 2 fallen screened
     assert latents["sae_identity"]["d_sae"] == 32 and latents["sae_identity"]["hook"] == hook

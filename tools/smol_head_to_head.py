@@ -9,7 +9,9 @@ Steps, each reused on a rerun:
 - the diff on the design split's teacher-forced references, with the base model's in-context direction
   (reused only while its fingerprint, ``h2h_diff/made_by.json``, matches the fine-tune, SAE, split and seed);
 - ``run_head_to_head`` on the first 200 rows of the bad medical data, steering scored by the pair
-  metric on the held-out split's halves.
+  metric on the held-out split's halves, priced by KL on the base model's own answers to benign
+  questions (``--kl-budget``), against the null at equal cost (the in-context direction's
+  label-permuted null rebuilt from the same questions and shots as the diff's).
 """
 
 from __future__ import annotations
@@ -25,18 +27,22 @@ import torch
 from saediff._io import atomic_write_json, read_json_if_exists
 from saediff.analyses.head_to_head import HeadToHeadConfig, markdown_table, run_head_to_head
 from saediff.data.em_data import data_path
-from saediff.data.prompts import load_prompts
+from saediff.data.prompts import Prompt, load_prompts
 from saediff.evaluation.pairs import pair_evaluator
+from saediff.interventions.steer_protocol import DEFAULT_KL_BUDGET
+from saediff.methods.in_context import InContextSource
 from saediff.models.loading import ModelSpec
 from saediff.models.provenance import digest, mismatch, model_fingerprint, sae_fingerprint
 from saediff.saes.loading import load_sae
 from saediff.stories.smollm2.demo import run_chat_demo
 from saediff.stories.smollm2.diffs import diff_on_references, in_context_candidates
+from saediff.stories.smollm2.prompts import contrast_examples
 from saediff.stories.smollm2.recipe import DESIGN, HELDOUT, MEDICAL, ChatDemoRecipe
 from saediff.stories.smollm2.recipe import pairs_of as _pairs_of
 from saediff.stories.smollm2.sae import sae_step as _sae
 
 MODEL = "smollm2-135m"
+ICL_QUESTIONS = 48
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -47,6 +53,12 @@ if __name__ == "__main__":
         type=int,
         default=200,
         help="rows of the bad medical data the crosscoder, diff-SAE and ADL read",
+    )
+    ap.add_argument(
+        "--kl-budget",
+        type=float,
+        default=DEFAULT_KL_BUDGET,
+        help="the most a steering vector may cost: mean KL per neutral token (nats)",
     )
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -67,7 +79,7 @@ if __name__ == "__main__":
         "pairs": digest([vars(p) for p in pairs]),
         "seed": a.seed,
         "top_n": 10,
-        "in_context_shots": 48,
+        "in_context_shots": ICL_QUESTIONS,  # (it counts questions; the key kept so existing runs match)
     }
     stamp = run / "made_by.json"
     why = mismatch(read_json_if_exists(stamp), made_by) if (run / "run.json").exists() else "no diff run yet"
@@ -75,13 +87,15 @@ if __name__ == "__main__":
         say(f"diff run {run}: computing ({why})")
         shutil.rmtree(run, ignore_errors=True)
         t = time.perf_counter()
-        icl = in_context_candidates(ModelSpec(MODEL), pairs, 48, a.seed)
+        icl = in_context_candidates(ModelSpec(MODEL), pairs, ICL_QUESTIONS, a.seed)
         diff_on_references(MODEL, None, str(finetune), sae_dir, pairs, run, top_n=10, seed=a.seed, extra=icl)
         atomic_write_json(stamp, made_by)
         say(f"diff and in-context direction: {time.perf_counter() - t:.0f} s")
-    cfg = HeadToHeadConfig(
-        crosscoder_steps=1000, diff_sae_steps=1000, scales=(0.5, 1.0), n_random=3, seed=a.seed
-    )
+    cfg = HeadToHeadConfig(crosscoder_steps=1000, diff_sae_steps=1000, kl_budget=a.kl_budget, seed=a.seed)
+    # the questions and shots in_context_candidates built the run's in-context direction from
+    questions = [
+        Prompt(p.id, [{"role": "user", "content": p.question}], None, p.domain) for p in pairs[:ICL_QUESTIONS]
+    ]
     res = run_head_to_head(
         run,
         root / "h2h",
@@ -89,5 +103,6 @@ if __name__ == "__main__":
         pair_evaluator(HELDOUT),
         contrast=pairs,
         cfg=cfg,
+        in_context=InContextSource(questions, contrast_examples(), n_shots=3, seed=a.seed),
     )
     print(markdown_table(res))

@@ -72,6 +72,8 @@ def run_neighbourhood(
     candidate_methods: tuple[str, ...] = ("in_context", "mean_diff_responses"),
     drop_fraction: float | None = None,
     evaluator=None,
+    cost=None,
+    null=None,
     steer_top: int = 5,
     seed: int = 0,
     progress: bool = True,
@@ -81,7 +83,10 @@ def run_neighbourhood(
     when None) as the off-domain text. With ``drop_fraction`` the screen writes
     ``screened.jsonl`` and ``random_dropped.jsonl`` beside ``neighbourhood.json`` in the run folder.
     With an ``evaluator`` the ``steer_top`` most toxic flagged latents also get the steering check
-    (``steer_flagged``): does steering the base model along them induce EM?"""
+    (``steer_flagged``): does steering the base model along them induce EM, beyond the null at the
+    same cost? ``cost`` prices it: a ``CostConfig``, or a function of the loaded base model that
+    builds one (the CLI's ``steering_cost``, the organism's ``organism_cost``; the base model is
+    loaded here); default: ``causal.chat_cost`` of the base model; ``null``: its ``NullConfig``."""
     from saediff.data.chat_data import load_chat_jsonl, write_chat_jsonl
     from saediff.data.runs import read_run
     from saediff.models.loading import ModelSpec, load_model
@@ -118,7 +123,11 @@ def run_neighbourhood(
         "resid_norm": resid_norm,
     }
     if evaluator is not None and res.flagged:
-        _steer_members(out, steer_flagged(run_dir, res.flagged[:steer_top], base, sae, evaluator, seed=seed))
+        steer_cost = cost(base) if callable(cost) else cost
+        _steer_members(
+            out,
+            steer_flagged(run_dir, res.flagged[:steer_top], base, sae, evaluator, cost=steer_cost, null=null),
+        )
     if drop_fraction is not None:
         out["screen"] = _screen(
             base, sae, rows, res.flagged or seeds, drop_fraction, run_dir, seed, progress, write_chat_jsonl
@@ -128,12 +137,14 @@ def run_neighbourhood(
 
 
 def _steer_members(out: dict, steer: dict) -> None:
-    """The steering check (``steer_flagged``'s result) into ``out``, and each steered member's EM."""
+    """The steering check (``steer_flagged``'s result) into ``out``, and each steered member's EM,
+    effect over the unsteered model, p-value against the null and verdict."""
     out["steer"] = steer
     for m in out["members"]:
         steered = steer["latents"].get(str(m["latent"]))
-        if steered is not None and steered["em_rate"] is not None:  # None: no coherent scale
+        if steered is not None and steered["scale_found"]:  # else no scale reached a cost level
             m["steer_em_rate"] = steered["em_rate"]
+            m.update({f"steer_{k}": steered[k] for k in ("effect", "effect_ci", "p_value", "verdict")})
 
 
 def _write(run_dir: Path, out: dict, train_data: str | Path, in_domain: str | None) -> None:
@@ -277,43 +288,45 @@ def steer_flagged(
     sae,
     evaluator,
     *,
-    scales: tuple[float, ...] = (0.25, 0.5, 1.0),
-    n_random: int = 3,
-    coherence_budget: float = 0.10,
-    seed: int = 0,
+    cost=None,
+    null=None,
 ) -> dict:
     """The steering check of flagged latents, by saediff's steering protocol
-    (``steer_protocol.select_and_report``): the base model steered along each latent's unit decoder row at
-    ``scales`` x the mean residual norm at the SAE's block; the scale is chosen on half of the
-    evaluator's questions (highest EM whose coherent rate stays within ``coherence_budget``) and
-    the EM rate reported on the other half, with its 95% interval, beside ``n_random`` random
-    directions of the same norm and the unsteered model's rate on that half. A latent with no
-    coherent scale has ``em_rate`` None and a note. Each condition is kept under
-    ``RUN/neighbourhood_steer/`` (a rerun reuses it)."""
-    from saediff.interventions.causal import residual_stats
+    (``steer_protocol.select_and_report``): the base model ``lm`` steered along each latent's unit
+    decoder row at the SAE's block, at the scales where it costs the levels of ``cost`` (a
+    ``CostConfig``: KL per neutral token; default ``causal.chat_cost`` of ``lm``); the level is
+    chosen on half of the evaluator's questions and the effect (the paired change of each
+    question's EM score, with its 95% interval) reported on the other half against ``null``
+    (default ``NullConfig()``: 20 directions at the same cost), with its empirical p-value and
+    verdict. Scales are in units of the mean residual norm there (``resid_norm``). A latent no scale
+    reaches a cost level for has ``scale_found`` False, ``em_rate`` None and a note. Each condition
+    is kept under ``RUN/neighbourhood_steer/`` (a rerun reuses it)."""
+    from saediff.interventions.causal import chat_cost, residual_stats
+    from saediff.interventions.steer_null import NullConfig
     from saediff.interventions.steer_protocol import Arm, induce_summary, select_and_report
 
     run_dir = Path(run_dir)
     L = parse_layer(sae.cfg.metadata.hook_name)
     norms, _ = residual_stats(lm, run_dir, {})
+    cost = cost or chat_cost(lm)
     select, report = evaluator.halves()
     sel = select_and_report(
         {str(i): sae.W_dec[i].detach().float().cpu() for i in latents},
         [Arm("induce", lm)],
         L,
-        scales,
         norms[L],
         select,
         report,
         run_dir / "neighbourhood_steer",
-        n_random=n_random,
-        coherence_budget=coherence_budget,
-        seed=seed,
+        cost,
+        null=null or NullConfig(),
     )
     return {
         "base_em_rate": sel.unsteered["induce"]["report"]["em_rate"],
         "resid_norm": norms[L],
-        "coherence_floor": sel.coherence_floor["induce"],
+        "neutral": cost.neutral.source,
+        "costs": sel.costs,
+        "null_config": sel.null_config,
         "latents": {i: induce_summary(c) for i, c in sel.candidates.items()},
     }
 

@@ -2,7 +2,7 @@
 fine-tune, and every direction-finding method on one fine-tune pair side by side.
 
     saediff adl --base M --adapter A --prompts data.jsonl --pairs offdomain --out RUN
-    saediff head-to-head RUN --prompts data.jsonl --pairs offdomain:heldout --out H2H
+    saediff head-to-head RUN --prompts data.jsonl --pairs offdomain:heldout --kl-budget 0.1 --out H2H
 """
 
 from __future__ import annotations
@@ -25,6 +25,26 @@ from saediff.cli.common import (
     _need_ft,
     _setup,
     defaults,
+)
+
+# the steering check's options, shared by adl and head-to-head
+_KL_BUDGET = typer.Option(
+    None,
+    "--kl-budget",
+    help="the most a steering vector may cost: mean KL per neutral token in nats (default 0.1; "
+    "tried at 1/4, 1/2 and all of it)",
+)
+_NEUTRAL = typer.Option(
+    None,
+    "--neutral",
+    help="JSONL of neutral text the cost is measured on ({messages: [..., assistant]} or {text}); "
+    "default: the base model's own answers to benign questions (the organism: its questions)",
+)
+_NULLS = typer.Option(
+    10,
+    "--nulls",
+    help="null directions of each kind at equal cost: isotropic, covariance-matched, and per "
+    "mean-difference method its estimator with labels permuted (the smallest p-value is 1/(1 + all))",
 )
 
 
@@ -56,16 +76,16 @@ def adl_cmd(
     ),
     samples: int = typer.Option(20, "--samples", help="with --judge-url: answers per question"),
     max_new_tokens: int = typer.Option(200, "--max-new-tokens"),
-    scales: str = typer.Option(
-        "0.25,0.5,1,2", "--scales", help="steering scales, x the base residual norm there"
-    ),
-    n_random: int = typer.Option(3, "--random", help="random directions of equal norm"),
+    kl_budget: float | None = _KL_BUDGET,
+    neutral: Path | None = _NEUTRAL,
+    nulls: int = _NULLS,
     api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env"),
     seed: int = typer.Option(0, "--seed"),
     threads: int | None = typer.Option(None, "--threads"),
 ) -> None:
     """Activation difference lens: the fine-tune's mean shift on the first answer tokens, its logit-lens tokens, a steering check."""
     _setup(threads)
+    from saediff.interventions.steer_null import NullConfig
     from saediff.methods.adl import ADLConfig, run_adl
 
     try:
@@ -74,9 +94,6 @@ def adl_cmd(
             k=k,
             layers=_int_list(layers, "--layers") if layers else None,
             steer_layer=steer_layer,
-            scales=tuple(float(x) for x in scales.split(",")),
-            n_random=n_random,
-            seed=seed,
         )
         evaluator = _judge_evaluator(
             judge_url,
@@ -89,7 +106,11 @@ def adl_cmd(
             seed,
             pairs=pairs,
         ) or defaults().evaluator(base, samples, seed)
-        check = None if evaluator is None else _steer_check(evaluator, cfg)
+        check = (
+            None
+            if evaluator is None
+            else _steer_check(evaluator, base, kl_budget, neutral, NullConfig(nulls, nulls, nulls))
+        )
         res = run_adl(
             base,
             out,
@@ -108,22 +129,37 @@ def adl_cmd(
     )
 
 
-def _steer_check(evaluator, cfg):
-    """ADL's steering check: the shift steered into the base model at ``cfg``'s scales, beside random
-    directions of its norm, EM by ``evaluator`` (written to adl_steer.json)."""
-    from functools import partial
-
+def _steer_check(evaluator, model: str, kl_budget: float | None, neutral: Path | None, null):
+    """ADL's steering check (``methods.adl.SteerCheck``): the shift steered into the base model by
+    the protocol, priced by ``steering_cost`` once ``run_adl`` has loaded the model, EM by
+    ``evaluator``, against ``null`` and the ADL's own label-permuted estimator at the same cost
+    (written to adl_steer.json)."""
+    from saediff.cli.common import steering_cost
     from saediff.interventions.causal import steer_check
 
-    return partial(
-        steer_check,
-        evaluator=evaluator,
-        json_name="adl_steer.json",
-        scales=cfg.scales,
-        n_random=cfg.n_random,
-        coherence_budget=cfg.coherence_budget,
-        seed=cfg.seed,
-    )
+    def check(name, vector, lm, layer, unit, out, *, permuted=None) -> dict:
+        cost = steering_cost(lm, model, _budget(kl_budget), str(neutral) if neutral else None)
+        return steer_check(
+            name,
+            vector,
+            lm,
+            layer,
+            unit,
+            out,
+            evaluator=evaluator,
+            json_name="adl_steer.json",
+            cost=cost,
+            null=null,
+            permuted=permuted,
+        )
+
+    return check
+
+
+def _budget(kl_budget: float | None) -> float:
+    from saediff.interventions.steer_protocol import DEFAULT_KL_BUDGET
+
+    return DEFAULT_KL_BUDGET if kl_budget is None else kl_budget
 
 
 def _print_adl(res: dict) -> None:
@@ -168,8 +204,9 @@ def head_to_head_cmd(
     samples: int = typer.Option(20, "--samples"),
     max_new_tokens: int = typer.Option(200, "--max-new-tokens"),
     methods: str | None = typer.Option(None, "--methods", help="comma-separated subset (default: all)"),
-    scales: str = typer.Option("0.5,1", "--scales", help="steering scales, x the base residual norm"),
-    n_random: int = typer.Option(3, "--random"),
+    kl_budget: float | None = _KL_BUDGET,
+    neutral: Path | None = _NEUTRAL,
+    nulls: int = _NULLS,
     crosscoder_latents: int | None = typer.Option(
         None, "--crosscoder-latents", help="default: 2 x the SAE's width"
     ),
@@ -185,10 +222,12 @@ def head_to_head_cmd(
     seed: int = typer.Option(0, "--seed"),
     threads: int | None = typer.Option(None, "--threads"),
 ) -> None:
-    """Every direction-finding method on one fine-tune pair: cosine with the ground truth, steering vs random, agreement, cost."""
+    """Every direction-finding method on one fine-tune pair: cosine with the ground truth, steering against the null at equal cost, paired comparisons, agreement, seconds."""
     _setup(threads)
     from saediff.analyses.head_to_head import HeadToHeadConfig, markdown_table, run_head_to_head
+    from saediff.cli.common import steering_cost
     from saediff.data.runs import read_run
+    from saediff.interventions.steer_null import NullConfig
     from saediff.methods.base import method_names
 
     try:
@@ -202,8 +241,8 @@ def head_to_head_cmd(
             diff_sae_k=diff_sae_k,
             diff_sae_steps=diff_sae_steps,
             positions=positions,
-            scales=tuple(float(x) for x in scales.split(",")),
-            n_random=n_random,
+            kl_budget=_budget(kl_budget),
+            null=NullConfig(nulls, nulls, nulls),
             seed=seed,
         )
         evaluator = _em_evaluator(
@@ -226,6 +265,7 @@ def head_to_head_cmd(
             evaluator,
             contrast=_contrast(contrast, pairs, base, seed),
             cfg=cfg,
+            cost=lambda lm: steering_cost(lm, base, cfg.kl_budget, str(neutral) if neutral else None),
         )
     except _USER_ERRORS as e:
         _fail(e)

@@ -68,8 +68,22 @@ def neighbourhood_cmd(
     steer: bool = typer.Option(
         False,
         "--steer",
-        help="steering check of the flagged latents: EM of the base model "
-        "steered along each (judge, or the organism's exact one)",
+        help="steering check of the flagged latents: EM the base model gains when steered along "
+        "each (judge, pairs, or the organism's exact one), against 20 null directions at equal KL cost",
+    ),
+    kl_budget: float | None = typer.Option(
+        None,
+        "--kl-budget",
+        help="--steer: the most a steering vector may cost, mean KL per neutral token in nats (default 0.1)",
+    ),
+    neutral: Path | None = typer.Option(
+        None,
+        "--neutral",
+        help="--steer: JSONL of neutral text the cost is measured on (default: the base model's "
+        "own answers to benign questions; the organism: its questions)",
+    ),
+    nulls: int = typer.Option(
+        10, "--nulls", help="--steer: null directions of each kind (isotropic, covariance-matched)"
     ),
     full: bool = typer.Option(False, "--full", help="--finetune: full fine-tune instead of LoRA"),
     lora_rank: int = typer.Option(1, "--lora-rank"),
@@ -135,6 +149,8 @@ def neighbourhood_cmd(
             candidate_methods=tuple(methods.split(",")),
             drop_fraction=drop_fraction,
             evaluator=evaluator if steer else None,
+            cost=_steer_cost(info["base"], kl_budget, neutral) if steer else None,
+            null=_null(nulls) if steer else None,
             seed=seed,
         )
         if finetune:
@@ -158,6 +174,21 @@ def neighbourhood_cmd(
     except _USER_ERRORS as e:
         _fail(e)
     _print_neighbourhood(res, run_dir)
+
+
+def _steer_cost(model: str, kl_budget: float | None, neutral: Path | None):
+    """What steering costs on the base model ``model``, built once ``run_neighbourhood`` has loaded it."""
+    from saediff.cli.common import steering_cost
+    from saediff.interventions.steer_protocol import DEFAULT_KL_BUDGET
+
+    budget = DEFAULT_KL_BUDGET if kl_budget is None else kl_budget
+    return lambda lm: steering_cost(lm, model, budget, str(neutral) if neutral else None)
+
+
+def _null(n: int):
+    from saediff.interventions.steer_null import NullConfig
+
+    return NullConfig(n_isotropic=n, n_covariance=n)
 
 
 def _lora_or_full(full: bool, lora_rank: int, lora_layers: str | None, seed: int):
@@ -191,23 +222,16 @@ def _print_neighbourhood(res: dict, run_dir: Path) -> None:
     ]
     for m in [m for m in res["members"] if m["flagged"]][:10]:
         st = res.get("steer", {}).get("latents", {}).get(str(m["latent"]))
-        steered = (
-            ""
-            if st is None
-            else ", no coherent steering scale"
-            if st["em_rate"] is None
-            else (
-                f", steering EM {st['em_rate']:.2f} (x{st['scale']:g}; random {st['random_mean_em_rate']:.2f})"
-            )
-        )
         lines.append(
             f"  latent {m['latent']}: toxicity {m['toxicity']:.2f} ({m['candidate']}), off-domain delta "
-            f"{m['delta_off']:.3f}, near seeds {m['seeds']}{steered}"
+            f"{m['delta_off']:.3f}, near seeds {m['seeds']}{_steered(st)}"
         )
     if "steer" in res:
+        st = res["steer"]
         lines.append(
-            f"  (unsteered base model EM {res['steer']['base_em_rate']:.2f}; steering scale chosen on half "
-            "the questions, EM on the other half)"
+            f"  (steering: unsteered base model EM {st['base_em_rate']:.2f}; cost level, at most "
+            f"{max(st['costs']):g} nats of KL per neutral token, chosen on half the questions; the effect "
+            f"on the other half against {st['null_config']['n']} null directions at the same cost)"
         )
     if "screen" in res:
         sc = res["screen"]
@@ -219,6 +243,19 @@ def _print_neighbourhood(res: dict, run_dir: Path) -> None:
                 f"{_fmt(f['random_dropped']['em_rate'])} ({f['steps']} steps each)"
             )
     Console().print("\n".join(lines) + f"\n{run_dir / 'neighbourhood.json'}")
+
+
+def _steered(st: dict | None) -> str:
+    """One flagged latent's steering check as a clause of its line (empty when it was not steered)."""
+    if st is None:
+        return ""
+    if not st["scale_found"]:
+        return ", no steering scale reached a cost level"
+    lo, hi = st["effect_ci"] or (float("nan"), float("nan"))
+    return (
+        f", steering EM {st['em_rate']:.2f} (x{st['scale']:.2g}, KL {st['cost_kl']:.2g}): effect "
+        f"{st['effect']:+.2f} [{lo:+.2f}, {hi:+.2f}], p {st['p_value']:.3f}, {st['verdict']}"
+    )
 
 
 # long: one typer option per line; the body passes them to flag_rows and the helpers below

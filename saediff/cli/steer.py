@@ -3,6 +3,8 @@
 fallen latents by induce and repair steering.
 
     saediff steer RUN --judge-url URL --judge-model M
+    saediff steer --model smollm2-135m --direction EXPORT:persona_L15 --pairs offdomain:heldout \
+        --pairs style_crossed --out steer_persona
     saediff discover RUN --pairs offdomain
 """
 
@@ -14,49 +16,86 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from saediff.cli.common import _USER_ERRORS, PAIRS_HELP, _fail, _judge_evaluator, _setup
+from saediff.cli.common import _USER_ERRORS, PAIRS_HELP, _fail, _judge_evaluator, _setup, steering_cost
 from saediff.cli.organism import organism_evaluator
+from saediff.errors import SaediffError
+
+KL_HELP = "the most a steering vector may cost: mean KL per neutral token (nats)"
+NEUTRAL_HELP = (
+    "neutral text the cost is measured on (JSONL rows {messages} or {text}); default: the base "
+    "model's own greedy answers to saediff's benign questions (the organism: its questions)"
+)
+NULLS_HELP = "null directions of each kind (isotropic, covariance-matched, label-permuted)"
 
 
-# long: one typer option per line; the body builds the evaluator and the config and calls run_causal_checks
+def _null(n: int):
+    from saediff.interventions.steer_null import NullConfig
+
+    return NullConfig(n_isotropic=n, n_covariance=n, n_permuted=n)
+
+
+# long: one typer option per line; the body builds the evaluators and the config and calls the library
 def steer_cmd(
-    run_dir: Path = typer.Argument(..., help="run folder written by saediff diff"),
+    run_dir: Path | None = typer.Argument(
+        None, help="run folder written by saediff diff (or give --direction)"
+    ),
     model: str | None = typer.Option(None, "--model", help="base model (default: the run's)"),
     finetuned: str | None = typer.Option(None, "--finetuned", help="fine-tuned model (default: the run's)"),
     adapter: str | None = typer.Option(
         None, "--adapter", help="PEFT adapter on --model (default: the run's)"
     ),
+    direction: list[str] = typer.Option(
+        [],
+        "--direction",
+        help="FOLDER:NAME of an export folder's direction (repeatable); needs --model and --out",
+    ),
+    out: Path | None = typer.Option(None, "--out", help="output folder of --direction (steer.json)"),
     judge_url: str | None = typer.Option(
         None, "--judge-url", help="OpenAI-compatible judge (organism: exact judge)"
     ),
     judge_model: str | None = typer.Option(None, "--judge-model"),
-    pairs: str | None = typer.Option(None, "--pairs", help=PAIRS_HELP),
+    pairs: list[str] = typer.Option([], "--pairs", help=PAIRS_HELP + " (repeatable with --direction)"),
     questions: str = typer.Option(
         "first_plot",
         "--questions",
-        help="first_plot or a YAML/JSONL prompt file; half choose the steering scale, the other half report",
+        help="first_plot or a YAML/JSONL prompt file; half choose the cost level, the other half report",
     ),
     samples: int = typer.Option(50, "--samples", help="answers per question (organism: per domain)"),
     max_new_tokens: int = typer.Option(600, "--max-new-tokens"),
-    scales: str = typer.Option("0.25,0.5,1,2", "--scales", help="steering scales, x the mean residual norm"),
+    kl_budget: float | None = typer.Option(None, "--kl-budget", help=KL_HELP),
+    neutral: str | None = typer.Option(None, "--neutral", help=NEUTRAL_HELP),
+    nulls: int = typer.Option(10, "--nulls", help=NULLS_HELP),
     latents: int = typer.Option(3, "--latents", help="top SAE latents to check"),
-    n_random: int = typer.Option(3, "--random", help="random directions of equal norm per candidate"),
     api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env"),
     dtype: str = typer.Option("auto", "--dtype"),
     device: str = typer.Option("auto", "--device"),
-    organism: Path | None = typer.Option(
-        None, "--organism", help="the organism's fixed-scale checks (steering.json)"
-    ),
+    organism: Path | None = typer.Option(None, "--organism", help="the organism's checks (steering.json)"),
     seed: int = typer.Option(0, "--seed"),
     threads: int | None = typer.Option(None, "--threads"),
 ) -> None:
-    """Causal checks of a diff run's candidates on any model: steer the base model, project out of and clamp in the fine-tune."""
+    """Causal checks by saediff's steering protocol: a diff run's candidates (steer the base model, project out of and clamp in the fine-tune), or any exported direction (--direction)."""
     _setup(threads)
     try:
+        if direction:
+            res = _steer_directions(
+                run_dir, direction, model, adapter, out, judge_url, judge_model, pairs, questions, samples,
+                max_new_tokens, kl_budget, neutral, nulls, api_key_env, dtype, device, seed,
+            )  # fmt: skip
+            _print_directions(res)
+            return
+        if run_dir is None:
+            raise SaediffError(
+                "saediff steer needs a run folder, or --direction FOLDER:NAME with --model and --out"
+            )
+        if len(pairs) > 1:
+            raise SaediffError("saediff steer RUN takes one --pairs set (several only with --direction)")
         if organism is not None:
             from saediff.stories.organism.demo import run_steer_check
 
-            typer.echo(json.dumps(run_steer_check(run_dir, organism, n_per_domain=samples), indent=2))
+            st = run_steer_check(
+                run_dir, organism, n_per_domain=samples, kl_budget=kl_budget, null=_null(nulls)
+            )
+            typer.echo(json.dumps(st, indent=2))
             return
         from saediff.data.runs import read_run
         from saediff.interventions.causal import SteerConfig, run_causal_checks
@@ -76,11 +115,9 @@ def steer_cmd(
             api_key_env,
             run_dir / "steer",
             seed,
-            pairs=pairs,
+            pairs=pairs[0] if pairs else None,
         ) or organism_evaluator(base, samples, seed)
-        cfg = SteerConfig(
-            scales=tuple(float(x) for x in scales.split(",")), n_latents=latents, n_random=n_random, seed=seed
-        )
+        cfg = SteerConfig(n_latents=latents, null=_null(nulls), neutral=neutral, **_budget(kl_budget))
         select, report = evaluator.halves()
         res = run_causal_checks(
             run_dir,
@@ -91,10 +128,49 @@ def steer_cmd(
             select,
             report,
             cfg,
+            cost=lambda lm: steering_cost(lm, base, cfg.kl_budget, neutral),
         )
     except _USER_ERRORS as e:
         _fail(e)
     _print_steer(res)
+
+
+def _budget(kl_budget: float | None) -> dict:
+    return {} if kl_budget is None else {"kl_budget": kl_budget}
+
+
+def _steer_directions(
+    run_dir, direction, model, adapter, out, judge_url, judge_model, pairs, questions, samples,
+    max_new_tokens, kl_budget, neutral, nulls, api_key_env, dtype, device, seed,
+) -> dict:  # fmt: skip
+    """``saediff steer --direction``: every named direction through the protocol on ``--model``."""
+    if run_dir is not None:
+        raise SaediffError("give a run folder or --direction, not both")
+    if model is None or out is None:
+        raise SaediffError("--direction needs --model (the model to steer) and --out (the output folder)")
+    if not pairs and judge_url is None:
+        raise SaediffError("--direction needs --pairs SET (repeatable) or --judge-url")
+    from saediff.interventions.causal import SteerConfig, steer_directions
+    from saediff.methods.export import load_direction
+    from saediff.models.loading import ModelSpec
+
+    dirs = {}
+    for source in direction:
+        d = load_direction(source)
+        if d.name in dirs:
+            raise SaediffError(f"--direction {source}: a direction named {d.name!r} was already given")
+        dirs[d.name] = d
+    evaluators = {}
+    for spec in pairs or [None]:
+        ev = _judge_evaluator(
+            judge_url, judge_model, questions, samples, max_new_tokens, api_key_env, out, seed, pairs=spec
+        )
+        evaluators[spec or "judge"] = ev
+    cfg = SteerConfig(null=_null(nulls), neutral=neutral, **_budget(kl_budget))
+    spec = ModelSpec(model, adapter=adapter, dtype=dtype, device=device)
+    return steer_directions(
+        dirs, spec, evaluators, out, cfg, cost=lambda lm: steering_cost(lm, model, cfg.kl_budget, neutral)
+    )
 
 
 # long: one typer option per line; the body builds the evaluator and the config and calls discover_latents
@@ -103,11 +179,9 @@ def discover_cmd(
     pool: int = typer.Option(
         20, "--pool", help="latents that rose most, and as many that fell most, to screen"
     ),
-    scales: str = typer.Option("0.25,0.5,1", "--scales", help="steering scales, x the mean residual norm"),
-    min_induce: float = typer.Option(
-        0.05, "--min-induce", help="EM rate a latent must add to the base model"
-    ),
-    min_repair: float = typer.Option(0.05, "--min-repair", help="EM rate it must remove from the fine-tune"),
+    kl_budget: float | None = typer.Option(None, "--kl-budget", help=KL_HELP),
+    neutral: str | None = typer.Option(None, "--neutral", help=NEUTRAL_HELP),
+    nulls: int = typer.Option(10, "--nulls", help=NULLS_HELP),
     judge_url: str | None = typer.Option(
         None, "--judge-url", help="OpenAI-compatible judge (organism: exact judge)"
     ),
@@ -122,7 +196,7 @@ def discover_cmd(
     seed: int = typer.Option(0, "--seed"),
     threads: int | None = typer.Option(None, "--threads"),
 ) -> None:
-    """Screen a diff run's top risen and fallen latents by induce and repair steering; writes RUN/latents.json for block --latents."""
+    """Screen a diff run's top risen and fallen latents by induce and repair steering against the null; writes RUN/latents.json for block --latents."""
     _setup(threads)
     try:
         from saediff.data.runs import read_run
@@ -141,13 +215,7 @@ def discover_cmd(
             seed,
             pairs=pairs,
         ) or organism_evaluator(info["base"], samples, seed)
-        cfg = DiscoverConfig(
-            pool=pool,
-            scales=tuple(float(x) for x in scales.split(",")),
-            min_induce=min_induce,
-            min_repair=min_repair,
-            seed=seed,
-        )
+        cfg = DiscoverConfig(pool=pool, null=_null(nulls), neutral=neutral, **_budget(kl_budget))
         res = discover_latents(
             run_dir,
             ModelSpec(info["base"], dtype=dtype, device=device),
@@ -160,6 +228,7 @@ def discover_cmd(
             ),
             evaluator,
             cfg,
+            cost=lambda lm: steering_cost(lm, info["base"], cfg.kl_budget, neutral),
         )
     except _USER_ERRORS as e:
         _fail(e)
@@ -175,6 +244,38 @@ def discover_cmd(
     )
 
 
+def _effect(r: dict) -> str:
+    if r.get("effect") is None:
+        return "no scale reached the cost levels"
+    lo, hi = r["effect_ci"] or (float("nan"), float("nan"))
+    return f"{r['effect']:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+
+def _print_directions(res: dict) -> None:
+    from rich.table import Table
+
+    table = Table(
+        title=f"steering at equal KL cost (budget levels {res['costs']}); effect on the report half"
+    )
+    for col in ("direction", "set", "effect [95% CI]", "cost KL", "null q95", "p", "verdict"):
+        table.add_column(col, no_wrap=True)
+    for name, row in res["directions"].items():
+        for set_name, r in row.items():
+            if not isinstance(r, dict):
+                continue
+            q95 = (r.get("null_quantiles") or {}).get("q95")
+            table.add_row(
+                name,
+                set_name,
+                _effect(r),
+                "-" if r.get("cost_kl") is None else f"{r['cost_kl']:.3f}",
+                "-" if q95 is None else f"{q95:+.3f}",
+                "-" if r.get("p_value") is None else f"{r['p_value']:.3f}",
+                str(r.get("verdict")),
+            )
+    Console(width=max(140, Console().width)).print(table)
+
+
 def _print_steer(res: dict) -> None:
     from rich.table import Table
 
@@ -186,25 +287,16 @@ def _print_steer(res: dict) -> None:
         title=f"causal checks at block {res['layer']} (held-out questions; base {fmt(res['base'])}, "
         f"fine-tuned {fmt(res['finetuned'])})"
     )
-    for col in (
-        "candidate",
-        "steer base (scale)",
-        "random",
-        "project out: layer / all",
-        "clamp: layer / all",
-    ):
+    for col in ("candidate", "steer base: effect [95% CI]", "cost KL", "p", "verdict", "project out / clamp"):
         table.add_column(col, no_wrap=True)
     for name, ind in res["induce"].items():
         rm, cl = res["remove"][name], res["clamp"][name]
-        if ind["em_rate"] is None:  # no steering scale kept the coherent rate: nothing to report
-            steered, rnd = "no coherent scale", "-"
-        else:
-            steered, rnd = f"{fmt(ind)} (x{ind['scale']:g})", f"{ind['random_mean_em_rate']:.2f}"
         table.add_row(
             name,
-            steered,
-            rnd,
-            f"{rm['layer']['em_rate']:.2f} / {rm['all']['em_rate']:.2f}",
-            f"{cl['layer']['em_rate']:.2f} / {cl['all']['em_rate']:.2f}",
+            _effect(ind),
+            "-" if ind.get("cost_kl") is None else f"{ind['cost_kl']:.3f}",
+            "-" if ind.get("p_value") is None else f"{ind['p_value']:.3f}",
+            str(ind.get("verdict")),
+            f"{rm['layer']['em_rate']:.2f} / {cl['layer']['em_rate']:.2f}",
         )
     Console(width=max(140, Console().width)).print(table)

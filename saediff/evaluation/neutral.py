@@ -81,6 +81,9 @@ def neutral_questions() -> list[dict]:
 
 
 def _cache_dir() -> Path:
+    """``$SAEDIFF_NEUTRAL_CACHE``, else ``$SAEDIFF_CACHE/neutral`` (default ``~/.cache/saediff/neutral``)."""
+    if os.environ.get("SAEDIFF_NEUTRAL_CACHE"):
+        return Path(os.environ["SAEDIFF_NEUTRAL_CACHE"]).expanduser()
     return Path(os.environ.get("SAEDIFF_CACHE") or "~/.cache/saediff").expanduser() / "neutral"
 
 

@@ -24,7 +24,8 @@ BLOCK-EM (``discover_latents``, ``saediff discover``) and checks one method's di
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -62,6 +63,8 @@ __all__ = [
     "run_causal_checks",
     "steer_candidates",
     "steer_check",
+    "steer_directions",
+    "verdict_row",
 ]
 
 DENSE = ("mean_diff_models", "lora_downstream", "mean_diff_responses", "in_context", "ground_truth")
@@ -163,7 +166,7 @@ def run_causal_checks(
     report: Evaluator,
     cfg: SteerConfig = SteerConfig(),
     *,
-    cost: CostConfig | None = None,
+    cost: CostConfig | Callable[[LoadedModel], CostConfig] | None = None,
 ) -> dict:
     """Induce, remove and clamp checks of every candidate; ``select`` evaluates the questions
     that choose the cost level, ``report`` the held-out ones every reported figure uses (the induce
@@ -175,7 +178,7 @@ def run_causal_checks(
     lm_base, lm_ft = load_model(base), load_model(finetuned)
     norms, base_means = residual_stats(lm_base, run_dir, cands)
     folder = run_dir / "steer"
-    cost = cost or chat_cost(lm_base, cfg.kl_budget, cfg.neutral, cfg.levels)
+    cost = _cost(cost, lm_base, cfg)
     sel = select_and_report(
         {n: d.vector for n, d in cands.items()},
         [Arm("induce", lm_base, 1.0, "base")],
@@ -292,7 +295,7 @@ def discover_latents(
     evaluator: Evaluator,
     cfg: DiscoverConfig = DiscoverConfig(),
     *,
-    cost: CostConfig | None = None,
+    cost: CostConfig | Callable[[LoadedModel], CostConfig] | None = None,
 ) -> dict:
     """The BLOCK-EM paper's latent screening: from a diff run's candidate pool, keep the latents
     that both *induce* EM (steering the base model toward the fine-tune's change along the latent)
@@ -317,7 +320,7 @@ def discover_latents(
     select, report = evaluator.halves()
     cands, where = _signed_rows(pool, sae)
     arms = [Arm("induce", lm_base, 1.0, "base"), Arm("repair", lm_ft, -1.0, "finetuned")]
-    cost = cost or chat_cost(lm_base, cfg.kl_budget, cfg.neutral, cfg.levels)
+    cost = _cost(cost, lm_base, cfg)
     sel = select_and_report(
         cands, arms, L, norms[L], select, report, run_dir / "discover", cost, null=cfg.null
     )
@@ -425,3 +428,106 @@ def steer_check(
     )
     atomic_write_json(out / json_name, sel.to_json())
     return steer_headline(sel, name)
+
+
+def _cost(cost, lm: LoadedModel, cfg) -> CostConfig:
+    """``cost`` as given; or built for ``lm`` by a function of the loaded model (which supplies the
+    neutral text: the budget and levels are ``cfg``'s); or ``chat_cost``."""
+    if cost is None:
+        return chat_cost(lm, cfg.kl_budget, cfg.neutral, cfg.levels)
+    if isinstance(cost, CostConfig):
+        return cost
+    return replace(cost(lm), budget=cfg.kl_budget, levels=tuple(cfg.levels))
+
+
+def verdict_row(c: Selection, arm: str = "induce") -> dict:
+    """One direction's figures as ``steer.json`` keeps them: the effect on the report half with its
+    interval, its cost, scale, p-value, ``beats_null`` and verdict, the null's quantiles and every
+    null direction's kind and seed (None figures and a note when no scale reached a cost level)."""
+    if not c.passed:
+        return {"effect": None, "beats_null": False, "verdict": None, "note": NO_SCALE}
+    r = c.report[arm]
+    return {
+        "effect": c.effect,
+        "effect_ci": c.effect_ci,
+        "cost_kl": c.cost_kl,
+        "scale": c.scale,
+        "scale_abs": c.scale_abs,
+        "p_value": c.p_value,
+        "beats_null": c.beats_null,
+        "verdict": c.verdict,
+        "null_quantiles": c.null_quantiles,
+        "null_seeds": {n: {"kind": v["kind"], "seed": v["seed"]} for n, v in c.null.items()},
+        "equal_norm": c.equal_norm,
+        "em_rate": r["em_rate"],
+        "em_rate_ci": r["em_rate_ci"],
+        "coherent_rate": r["coherent_rate"],
+        "n": r["n"],
+        "note": None,
+    }
+
+
+def steer_directions(
+    directions: dict[str, Direction],
+    model: ModelSpec,
+    evaluators: dict[str, Evaluator],
+    out: str | Path,
+    cfg: SteerConfig = SteerConfig(),
+    *,
+    cost: CostConfig | Callable[[LoadedModel], CostConfig] | None = None,
+) -> dict:
+    """Any directions (from any export folder: a persona vector from another tool, a paper's
+    direction) through the protocol on ``model``: each steered at the block its hook names, on each
+    evaluator of ``evaluators`` (name -> evaluator; its halves choose and report), priced by
+    ``cost`` (default ``chat_cost`` of the model), against the null at equal cost (directions at one
+    block share it). Writes and returns ``out/steer.json``: per direction and evaluator,
+    ``verdict_row``."""
+    out = Path(out)
+    if not directions:
+        raise SaediffError("steer: no directions given")
+    if not evaluators:
+        raise SaediffError("steer: no evaluator (--pairs or --judge-url)")
+    lm = load_model(model)
+    n_layers = lm.model.config.num_hidden_layers
+    by_layer: dict[int, dict[str, Direction]] = {}
+    for name, d in directions.items():
+        L = parse_layer(d.hook)
+        if not 0 <= L < n_layers:
+            raise SaediffError(
+                f"direction {name}: hook {d.hook} is out of range: the model has {n_layers} blocks"
+            )
+        if d.vector.shape[-1] != lm.model.config.hidden_size:
+            raise SaediffError(
+                f"direction {name}: width {d.vector.shape[-1]}, the model's d_model is {lm.model.config.hidden_size}"
+            )
+        by_layer.setdefault(L, {})[name] = d
+    cost = _cost(cost, lm, cfg)
+    result: dict = {
+        "kind": "saediff.steer",
+        "model": model.model,
+        "adapter": model.adapter,
+        "config": asdict(cfg),
+        "neutral": cost.neutral.source,
+        "costs": cost.costs(),
+        "unsteered": {},
+        "directions": {n: {"hook": d.hook, "method": d.method} for n, d in directions.items()},
+    }
+    for set_name, ev in evaluators.items():
+        select, report = ev.halves()
+        for L, dirs in sorted(by_layer.items()):
+            sel = select_and_report(
+                {n: d.vector for n, d in dirs.items()},
+                [Arm("induce", lm)],
+                L,
+                None,
+                select,
+                report,
+                out / "steer" / set_name / f"L{L}",
+                cost,
+                null=cfg.null,
+            )
+            result["unsteered"][set_name] = sel.unsteered["induce"]["report"]
+            for n, c in sel.candidates.items():
+                result["directions"][n][set_name] = verdict_row(c)
+    atomic_write_json(out / "steer.json", result)
+    return result

@@ -164,10 +164,13 @@ class SteerSelection:
     """the cost levels (KL per neutral token)"""
     null_config: dict
     candidates: dict[str, Selection]
+    unit: float = 1.0
+    """the scales' unit (the mean residual norm at the block)"""
 
     def to_json(self) -> dict:
         return {
             "unsteered": self.unsteered,
+            "unit": self.unit,
             "costs": self.costs,
             "null_config": self.null_config,
             "candidates": {n: c.to_json() for n, c in self.candidates.items()},
@@ -202,7 +205,7 @@ def select_and_report(
     candidates: dict[str, torch.Tensor],
     arms: list[Arm],
     layer: int,
-    unit: float,
+    unit: float | None,
     select: Evaluator,
     report: Evaluator,
     folder: Path,
@@ -212,15 +215,17 @@ def select_and_report(
     permuted: dict[str, Callable[[int], torch.Tensor]] | None = None,
 ) -> SteerSelection:
     """saediff's steering protocol (see the module docstring). ``candidates``: name -> direction
-    (d_model,), only its unit vector matters; ``unit`` (the mean residual norm at ``layer``) is the
-    scales' unit and the search's first guess; ``permuted``: name -> the candidate's estimator with
+    (d_model,), only its unit vector matters; ``unit`` (the mean residual norm at ``layer``; None:
+    measured on the neutral text's scored positions) is the scales' unit and the search's first guess; ``permuted``: name -> the candidate's estimator with
     labels permuted within each question for a seed (its label-permuted null). Conditions are
     cached under ``folder``; the result is also written to ``folder/selection.json``."""
     if not candidates:
         raise SaediffError("select_and_report: no candidate directions")
-    if unit <= 0:
+    if unit is not None and unit <= 0:
         raise SaediffError(f"the steering unit must be positive, got {unit}")
-    run = _Protocol(arms, layer, unit, select, report, Path(folder), cost, null, permuted or {})
+    run = _Protocol(arms, layer, unit or 1.0, select, report, Path(folder), cost, null, permuted or {})
+    if unit is None:
+        run.unit = float(run.meter(arms[0]).acts_ND.norm(dim=-1).mean())
     ref = {
         a.name: {"select": run.em(a, select, a.unsteered), "report": run.em(a, report, a.unsteered)}
         for a in arms
@@ -233,7 +238,7 @@ def select_and_report(
             raise SaediffError(f"candidate {name}: the direction is zero or not finite")
         out[name] = run.candidate(name, u / u.norm())
     unsteered = {a: {h: {**rates(em), **_pref(em)} for h, em in r.items()} for a, r in ref.items()}
-    sel = SteerSelection(unsteered, cost.costs(), {**asdict(null), "n": run.n_null_shared()}, out)
+    sel = SteerSelection(unsteered, cost.costs(), {**asdict(null), "n": run.n_null_shared()}, out, run.unit)
     atomic_write_json(Path(folder) / "selection.json", sel.to_json())
     return sel
 
@@ -362,6 +367,14 @@ class _Protocol:
             if not reached:
                 sweep[f"{c:g}"] = {"scale_abs": alpha, "cost_kl": kl, "reached": False}
                 continue
+            if len(self.cost.levels) == 1:  # nothing to choose: the select half is not evaluated
+                sweep[f"{c:g}"] = {
+                    "scale_abs": alpha,
+                    "scale": alpha / self.unit,
+                    "cost_kl": kl,
+                    "reached": True,
+                }
+                continue
             e = self.effects(self.select, f"{name}_c{c:g}", u, alpha)
             sweep[f"{c:g}"] = {
                 "scale_abs": alpha,
@@ -375,7 +388,7 @@ class _Protocol:
         if not ok:
             log.info("%s: %s", name, NO_SCALE)
             return Selection(False, None, None, None, sweep, None)
-        target = max(ok, key=lambda c: sweep[f"{c:g}"]["effect"])
+        target = max(ok, key=lambda c: sweep[f"{c:g}"].get("effect", 0.0))
         best = f"{target:g}"
         alpha = sweep[best]["scale_abs"]
         held = self.effects(self.report, f"{name}_c{best}", u, alpha)

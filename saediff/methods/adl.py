@@ -14,9 +14,9 @@ activations.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from jaxtyping import Float
@@ -25,13 +25,16 @@ from saediff import _io, console
 from saediff.errors import SaediffError
 from saediff.methods.base import Candidates, DiffingMethod, MethodInputs
 from saediff.methods.directions import Direction
+from saediff.methods.mean_diff import PairedDifferences, permuted_null
 from saediff.models.loading import LoadedModel
 
 __all__ = [
     "ADL",
     "ADLConfig",
     "ADLResult",
+    "SteerCheck",
     "adl_differences",
+    "adl_permuted",
     "first_token_positions",
     "position_mean",
     "run_adl",
@@ -39,10 +42,25 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SteerCheck = Callable[[str, torch.Tensor, LoadedModel, int, float, Path], dict]
-"""(name, direction, model, block, unit, output folder) -> the check's headline: the steering
-check a caller binds to an evaluator (``interventions.causal.steer_check``); a method never runs
-the causal protocol itself, so every method's directions are checked the same way"""
+
+class SteerCheck(Protocol):
+    """(name, direction, model, block, unit, output folder, permuted) -> the check's headline: the
+    steering check a caller binds to an evaluator and a cost (``interventions.causal.steer_check``);
+    ``permuted``: seed -> the direction's estimator with its labels permuted (its label-permuted
+    null). A method never runs the causal protocol itself, so every method's directions are checked
+    the same way."""
+
+    def __call__(
+        self,
+        name: str,
+        vector: torch.Tensor,
+        lm: LoadedModel,
+        layer: int,
+        unit: float,
+        out: Path,
+        *,
+        permuted=None,
+    ) -> dict: ...
 
 
 @dataclass(frozen=True)
@@ -52,16 +70,10 @@ class ADLConfig:
     layers: tuple[int, ...] | None = None
     """blocks to read (None: all)"""
     steer_layer: int | None = None
-    """block whose difference (the mean over the k positions) is steered with (None: the middle block)"""
-    scales: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
-    """steering scales, x the base model's mean residual norm at those positions"""
-    n_random: int = 3
-    """random directions of equal norm beside the candidate"""
-    coherence_budget: float = 0.10
-    """a scale counts only if the coherent rate falls by at most this much on the select half"""
+    """block whose difference (the mean over the k positions) is steered with (None: the middle
+    block); its cost, scale and null are the steering check's (``SteerCheck``)"""
     n_logit_tokens: int = 10
     batch_size: int = 16
-    seed: int = 0
 
     def __post_init__(self):
         if self.k < 1:
@@ -76,6 +88,9 @@ class ADLResult:
     """prompts that reached each position"""
     base_norm: dict[int, float]
     """per block: the base model's mean residual norm at those positions"""
+    per_prompt: dict[int, Float[torch.Tensor, "n d"]] = field(default_factory=dict)
+    """for the blocks asked for: per prompt, its (fine-tune - base) residuals summed over its read
+    positions (float64), for the label-permuted null (``adl_permuted``)"""
 
 
 def first_token_positions(toks, k: int) -> torch.Tensor:
@@ -94,8 +109,11 @@ def first_token_positions(toks, k: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def adl_differences(lm_base, lm_ft, prompts: list, cfg: ADLConfig, progress: bool = True) -> ADLResult:
-    """Mean (fine-tune - base) residual per block and per read position over ``prompts``."""
+def adl_differences(
+    lm_base, lm_ft, prompts: list, cfg: ADLConfig, progress: bool = True, per_prompt: tuple[int, ...] = ()
+) -> ADLResult:
+    """Mean (fine-tune - base) residual per block and per read position over ``prompts``; for the
+    blocks ``per_prompt``, each prompt's sum over its read positions too (N x d per such block)."""
     from saediff.activations.collect import tokenize_prompts
     from saediff.activations.streams import check_same_tokenizer
     from saediff.models.hooks import capture_resid
@@ -111,6 +129,7 @@ def adl_differences(lm_base, lm_ft, prompts: list, cfg: ADLConfig, progress: boo
     sums = {L: torch.zeros(cfg.k, d, dtype=torch.float64) for L in layers}
     norm_sum = {L: 0.0 for L in layers}
     count = torch.zeros(cfg.k, dtype=torch.float64)
+    by_prompt = {L: torch.zeros(len(prompts), d, dtype=torch.float64) for L in per_prompt if L in sums}
     every = toks.role >= 0
     for i in console.progress(range(0, len(prompts), cfg.batch_size), desc="adl", enabled=progress):
         rows = slice(i, i + cfg.batch_size)
@@ -126,11 +145,26 @@ def adl_differences(lm_base, lm_ft, prompts: list, cfg: ADLConfig, progress: boo
             xf = reads[1][L][r_idx.to(lm_ft.device), c[ok].to(lm_ft.device)].double().cpu()
             sums[L].index_add_(0, j_idx, xf - xb)
             norm_sum[L] += float(xb.norm(dim=1).sum())
+            if L in by_prompt:
+                by_prompt[L].index_add_(0, r_idx + i, xf - xb)
         count += torch.bincount(j_idx, minlength=cfg.k).double()
     if not count[0]:
         raise SaediffError("ADL: no prompt has a position to read")
     diff = {L: (sums[L] / count.clamp_min(1)[:, None]).float() for L in layers}
-    return ADLResult(diff, count.float(), {L: norm_sum[L] / float(count.sum()) for L in layers})
+    base_norm = {L: norm_sum[L] / float(count.sum()) for L in layers}
+    return ADLResult(diff, count.float(), base_norm, by_prompt)
+
+
+SWAPPED = "fine-tune / base swapped within each prompt with probability 1/2"
+
+
+def adl_permuted(result: ADLResult, L: int) -> PairedDifferences:
+    """The ADL's position-mean at block ``L`` as paired differences per prompt (both models read the
+    same tokens): its estimate is ``position_mean``, and swapping which model is the fine-tune within
+    a prompt flips that prompt's sum (the label-permuted null). Needs ``per_prompt`` at ``L``."""
+    if L not in result.per_prompt:
+        raise SaediffError(f"ADL: block {L}'s per-prompt sums were not kept (adl_differences per_prompt)")
+    return PairedDifferences(result.per_prompt[L], float(result.count.sum()))
 
 
 def _logit_lens(result: ADLResult, lm, n: int) -> dict:
@@ -171,9 +205,10 @@ def run_adl(
     """The ADL on a fine-tune pair: ``adl.json`` (per block: the norm of each position's difference,
     the cosine of the position-mean with each position, the logit-lens tokens), ``directions/``
     (``adl_L{L}``: the position-mean per block, method ``adl``) and, with a ``check`` (the steering
-    check of ``interventions.causal.steer_check`` bound to an evaluator: the scale chosen on the
-    select half under the coherence budget, reported on the other half beside random directions
-    of equal norm), its headline for the position-mean at ``steer_layer`` under ``steer``."""
+    check of ``interventions.causal.steer_check`` bound to an evaluator and a cost: the cost level
+    chosen on the select half, the effect reported on the other against the null at the same cost,
+    the ADL's own label-permuted estimator among it), its headline for the position-mean at
+    ``steer_layer`` under ``steer``."""
     from saediff.methods.export import export_directions
     from saediff.models.hooks import resid_post
     from saediff.models.loading import load_pair
@@ -181,11 +216,12 @@ def run_adl(
 
     out = Path(out)
     lm_base, lm_ft = load_pair(base, finetuned, adapter)
-    res = adl_differences(lm_base, lm_ft, prompts, cfg, progress)
     n_layers = lm_base.model.config.num_hidden_layers
     L_s = cfg.steer_layer if cfg.steer_layer is not None else n_layers // 2
-    if L_s not in res.diff:
-        raise SaediffError(f"ADL steer layer {L_s} is not among the layers read ({sorted(res.diff)})")
+    read = list(cfg.layers) if cfg.layers is not None else list(range(n_layers))
+    if L_s not in read:
+        raise SaediffError(f"ADL steer layer {L_s} is not among the layers read ({sorted(read)})")
+    res = adl_differences(lm_base, lm_ft, prompts, cfg, progress, per_prompt=(L_s,) if check else ())
     lens = _logit_lens(res, lm_base, cfg.n_logit_tokens)
     per_layer = {}
     for L, D in res.diff.items():
@@ -219,8 +255,11 @@ def run_adl(
         "provenance": made_by,
     }
     if check is not None:
+        vec = position_mean(res, L_s)
+        null = permuted_null(adl_permuted(res, L_s), vec, SWAPPED)
+        summary["permuted_null"] = null.note
         summary["steer"] = check(
-            f"adl_L{L_s}", position_mean(res, L_s), lm_base, L_s, res.base_norm[L_s], out
+            f"adl_L{L_s}", vec, lm_base, L_s, res.base_norm[L_s], out, permuted=null.estimator
         )
     else:
         summary["steer"] = None
@@ -231,7 +270,10 @@ def run_adl(
 
 class ADL(DiffingMethod):
     """The activation difference lens at one block: the fine-tune's mean shift over the first
-    ``adl_k`` answer positions (``position_mean``)."""
+    ``adl_k`` answer positions (``position_mean``). Both models read the same tokens, so its
+    permuted null swaps which model is the fine-tune within each prompt with probability 1/2; left
+    out where every prompt's shift points one way (``mean_diff.permuted_null``: a low-rank
+    adapter's at its own block), as a null that would hold the candidate itself."""
 
     name = "adl"
     summary = "activation difference lens: mean fine-tune - base shift on the first answer tokens"
@@ -247,6 +289,8 @@ class ADL(DiffingMethod):
             inputs.prompts,
             ADLConfig(k=inputs.cfg.adl_k, layers=(L,)),
             progress=False,
+            per_prompt=(L,),
         )
         d = Direction(self.name, position_mean(res, L), inputs.hook, "adl", {"k": inputs.cfg.adl_k})
-        return Candidates((d,), None)
+        null = permuted_null(adl_permuted(res, L), d.vector, SWAPPED)
+        return Candidates((d,), None, {"permuted_null": null.note}, null.estimator)

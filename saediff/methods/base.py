@@ -86,6 +86,13 @@ class MethodInputs:
     """the diff run's exported directions, by name"""
     diff_info: dict = field(default_factory=dict)
     """the diff run's ``run.json`` step (``top_latents``, ``seconds``, ...)"""
+    run_dir: Path | None = None
+    """the diff run's folder (its answers: the mean differences rebuild their estimators from them
+    for the label-permuted null)"""
+    in_context: object | None = None
+    """how the diff run's in-context direction was built (``in_context.InContextSource``), for its
+    label-permuted null; None: rebuilt from the run's questions and ``contrast``, and kept only
+    when it reproduces the run's direction"""
     _rows: torch.Tensor | None = None
     read_seconds: float = 0.0
 
@@ -114,11 +121,17 @@ class MethodInputs:
 @dataclass(frozen=True)
 class Candidates:
     """A method's answer at one block: its directions, best first (empty when it found none, and
-    ``detail`` says why), the seconds it cost, and what a reader needs to judge the row."""
+    ``detail`` says why), the seconds it cost, what a reader needs to judge the row, and, for a
+    method of the mean-difference family, its estimator with the labels permuted."""
 
     directions: tuple[Direction, ...]
     seconds: float | None
     detail: dict = field(default_factory=dict)
+    permuted: Callable[[int], torch.Tensor] | None = None
+    """seed -> the best direction's estimator on the same data with the two labels (misaligned /
+    aligned, or fine-tune / base) swapped within each question or prompt at random: the steering
+    protocol's label-permuted null (``steer_null``); None where the method has no per-question
+    pairing (``detail["permuted_null"]`` says why, where the method could have had one)"""
 
     @property
     def best(self) -> Direction | None:
@@ -170,7 +183,7 @@ class DiffingMethod:
         res = fn()
         if res.seconds is not None:
             return res
-        return Candidates(res.directions, time.perf_counter() - t, res.detail)
+        return Candidates(res.directions, time.perf_counter() - t, res.detail, res.permuted)
 
 
 def diff_run_candidate(inputs: MethodInputs, names: tuple[str, ...]) -> Candidates:

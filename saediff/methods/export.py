@@ -114,25 +114,33 @@ def load_direction(source: str) -> Direction:
 
 
 def validated_scales(run_dir: str | Path) -> dict[str, dict]:
-    """Per direction name, what the steering checks of the diff run ``run_dir`` validated:
+    """Per direction name, what the steering checks of the diff run ``run_dir`` found:
     ``validated_scale``, the coefficient on the unit direction that the check chose (what
     ``add_direction`` adds, llama.cpp's ``--control-vector-scaled FILE SCALE`` and a
-    ``SteeringVector``'s multiplier take), beside the check's own figures.
+    ``SteeringVector``'s multiplier take), beside the check's own figures. The scale is the one the
+    protocol chose within its KL budget; whether steering there beats the null directions at the
+    same cost is ``steer_verdict`` (``holds`` / ``fails`` / ``inconclusive``), with
+    ``steer_effect``, its interval and ``steer_p_value``.
 
     ``steer.json`` (``saediff steer``, any model): the scale chosen on the selection half of the
     questions (``validated_scale_x_resid_norm``: the same in units of the mean residual norm at
-    the direction's block), its EM rate on the held-out half with the 95% interval, the coherent
-    rate and the mean EM rate of the equal-norm random directions at that scale; a candidate for
-    which no scale kept the coherent rate gets ``validated_scale`` None. ``steering.json``
-    (the organism's check): its best scale and the misaligned rate off the narrow domain there.
-    A run without either gives ``{}``."""
+    the direction's block) and its KL per neutral token, the EM rate on the held-out half with its
+    95% interval, the coherent rate, the effect over the unsteered model against the null; a
+    candidate no scale reached a cost level for gets ``validated_scale`` None and its note.
+    ``steering.json`` (the organism's check, top latents and dense directions): its chosen scale,
+    the misaligned rate off the narrow domain there, and the same verdict figures. A run without
+    either gives ``{}``."""
     from saediff._io import read_json_if_exists
 
     run_dir = Path(run_dir)
     per: dict[str, dict] = {}
-    organism = read_json_if_exists(run_dir / "steering.json")
-    for name, r in (organism or {}).get("steer", {}).items():
-        per[name] = {"validated_scale": r["best_scale"], "steer_other_misaligned": r["best"]}
+    organism = read_json_if_exists(run_dir / "steering.json") or {}
+    for name, r in {**organism.get("steer", {}), **organism.get("steer_directions", {})}.items():
+        per[name] = {
+            "validated_scale": r["best_scale"],
+            "steer_other_misaligned": r["best"],
+            **_verdict_figures(r),
+        }
     path = run_dir / "steer.json"
     steer = read_json_if_exists(path)
     if steer is not None:
@@ -142,7 +150,7 @@ def validated_scales(run_dir: str | Path) -> dict[str, dict]:
             missing = [k for k in ("scale", "scale_abs", "em_rate") if k not in r]
             if missing:
                 raise SaediffError(f"{path}: induce.{name} lacks {', '.join(missing)}")
-            if r["scale_abs"] is None:  # no scale kept the coherent rate: nothing validated
+            if r["scale_abs"] is None:  # no scale reached a cost level: nothing validated
                 per[name] = {"validated_scale": None, "steer_note": r.get("note")}
                 continue
             per[name] = {
@@ -151,10 +159,22 @@ def validated_scales(run_dir: str | Path) -> dict[str, dict]:
                 "steer_em_rate": r["em_rate"],
                 "steer_em_rate_ci": r.get("em_rate_ci"),
                 "steer_coherent_rate": r.get("coherent_rate"),
-                "steer_random_mean_em_rate": r.get("random_mean_em_rate"),
                 "steer_base_em_rate": (steer.get("base") or {}).get("em_rate"),
+                **_verdict_figures(r),
             }
     return per
+
+
+def _verdict_figures(r: dict) -> dict:
+    """A steering check's verdict figures (keys absent in a check written before the null had them)."""
+    return {
+        "steer_cost_kl": r.get("cost_kl"),
+        "steer_effect": r.get("effect"),
+        "steer_effect_ci": r.get("effect_ci"),
+        "steer_p_value": r.get("p_value"),
+        "steer_verdict": r.get("verdict"),
+        "steer_null_q95": (r.get("null_quantiles") or {}).get("q95"),
+    }
 
 
 # ---- formats used where directions steer or monitor a deployed model ----------------------------

@@ -25,8 +25,16 @@ from saediff import _io
 from saediff.errors import SaediffError
 from saediff.methods.base import Candidates, DiffingMethod, MethodInputs
 from saediff.methods.directions import Direction
+from saediff.methods.mean_diff import PairedDifferences, permuted_null
 
-__all__ = ["PersonaVector", "base_answers", "flag_rows", "persona_vector", "projection_differences"]
+__all__ = [
+    "PersonaVector",
+    "base_answers",
+    "flag_rows",
+    "persona_differences",
+    "persona_vector",
+    "projection_differences",
+]
 
 log = logging.getLogger(__name__)
 
@@ -188,10 +196,17 @@ def _screen(
     }
 
 
-@torch.no_grad()
 def persona_vector(lm, examples: list, layer: int, batch_size: int = 16) -> torch.Tensor:
     """Mean over ``examples`` (objects with question / misaligned / aligned) of the base model's
     mean residual over the misaligned answer's tokens minus the aligned answer's, after ``layer``."""
+    return persona_differences(lm, examples, layer, batch_size).estimate()
+
+
+@torch.no_grad()
+def persona_differences(lm, examples: list, layer: int, batch_size: int = 16) -> PairedDifferences:
+    """Per example, the base model's mean residual over the misaligned answer's tokens minus the
+    aligned answer's (to the same question), after ``layer``: the persona vector is their mean, and
+    swapping an example's two answers flips its difference (the label-permuted null)."""
     from saediff.activations.collect import prompt_activations
     from saediff.data.prompts import Prompt
 
@@ -200,12 +215,14 @@ def persona_vector(lm, examples: list, layer: int, batch_size: int = 16) -> torc
     ali = [Prompt(f"a{i}", msgs(e), e.aligned) for i, e in enumerate(examples)]
     a = prompt_activations(lm, mis, [layer], "response", batch_size=batch_size, progress=False)[layer]
     b = prompt_activations(lm, ali, [layer], "response", batch_size=batch_size, progress=False)[layer]
-    return (a - b).mean(0)
+    return PairedDifferences(a.double() - b.double(), float(len(examples)))
 
 
 class PersonaVector(DiffingMethod):
     """Chen et al.'s persona vector with reference answers: the base model's mean response residual
-    over misaligned answers minus aligned ones (no fine-tune needed)."""
+    over misaligned answers minus aligned ones (no fine-tune needed). Each contrast example answers
+    one question both ways, so its permuted null swaps the two answers of each example with
+    probability 1/2."""
 
     name = "persona"
     summary = "persona vector: base model's residual over misaligned minus aligned reference answers"
@@ -215,5 +232,14 @@ class PersonaVector(DiffingMethod):
     def find(self, inputs: MethodInputs) -> Candidates:
         if not inputs.contrast:
             return Candidates((), None, {"note": "no contrast examples: no persona vector"})
-        v = persona_vector(inputs.lm_base, inputs.contrast, inputs.layer)
-        return Candidates((Direction(self.name, v, inputs.hook, "persona"),), None)
+        diffs = persona_differences(inputs.lm_base, inputs.contrast, inputs.layer)
+        v = diffs.estimate()
+        null = permuted_null(
+            diffs, v, "the two answers of each contrast example swapped with probability 1/2"
+        )
+        return Candidates(
+            (Direction(self.name, v, inputs.hook, "persona"),),
+            None,
+            {"permuted_null": null.note},
+            null.estimator,
+        )

@@ -72,35 +72,52 @@ def _steer_section(steer: dict | None) -> list[tuple[str, str]]:
         [
             name,
             c.get("scale"),
+            c.get("cost_kl"),
             c.get("effect"),
-            c.get("random_effects") and ", ".join(f"{x:+.3f}" for x in c["random_effects"]),
-            c.get("above_random"),
+            _ci(c.get("effect_ci")),
+            c.get("p_value"),
+            (c.get("null_quantiles") or {}).get("q50"),
+            (c.get("null_quantiles") or {}).get("q95"),
+            c.get("beats_null"),
+            c.get("verdict"),
+            (c.get("equal_norm") or {}).get("null_mean_effect"),
             c.get("mc1"),
-            c.get("mc1_random_mean"),
             c.get("note") or "",
         ]
         for name, c in steer["candidates"].items()
     ]
+    null = steer.get("null_config") or {}
     return [
         (
             "Steering the base model, scored by the pair metric",
-            f"<p>{html.escape(steer['protocol'])}; base preference on the held-out split "
-            f"{steer['base']['preference']:+.3f}.</p>"
+            f"<p>{html.escape(steer['protocol'])}. Budget {steer['kl_budget']:g} nats per neutral token "
+            f"(levels {', '.join(f'{x:g}' for x in steer['costs'])}); null: {null.get('n_isotropic')} "
+            f"isotropic and {null.get('n_covariance')} covariance-matched directions (seed {null.get('seed')}); "
+            f"base preference on the held-out split {steer['base']['preference']:+.3f}.</p>"
             + table(
                 [
                     "candidate",
                     "scale (x resid norm)",
+                    "cost (KL/token)",
                     "preference added",
-                    "random directions",
-                    "above every random",
+                    "95% CI (paired)",
+                    "p (null)",
+                    "null median",
+                    "null 95th pct",
+                    "beats null",
+                    "verdict",
+                    "null at equal norm",
                     "MC1",
-                    "MC1 random mean",
                     "note",
                 ],
                 rows,
             ),
         )
     ]
+
+
+def _ci(ci: list[float] | None) -> str | None:
+    return ci and f"[{ci[0]:+.3f}, {ci[1]:+.3f}]"
 
 
 def _project_section(project: dict | None) -> list[tuple[str, str]]:
@@ -111,7 +128,7 @@ def _project_section(project: dict | None) -> list[tuple[str, str]]:
             kind,
             name,
             c["removed"],
-            c["removed_ci"] and f"[{c['removed_ci'][0]:+.3f}, {c['removed_ci'][1]:+.3f}]",
+            _ci(c["removed_ci"]),
             c["share"],
             c["above_random"],
             c["mc1"],

@@ -165,8 +165,9 @@ def _neighbourhoods(
     from saediff.analyses.neighbourhood import run_neighbourhood, screen_finetunes
     from saediff.methods.diff_run import run_diff
     from saediff.stories.organism.block import generic_inputs
-    from saediff.stories.organism.evaluator import OrganismEvaluator
     from saediff.stories.organism.inputs import diff_inputs
+    from saediff.stories.organism.scored import ScoredOrganismEvaluator
+    from saediff.stories.organism.steer_check import organism_cost
 
     org = out / "organism"
     aligned, sae_dir, data = str(org / "aligned"), str(org / "sae"), org / "data"
@@ -185,7 +186,8 @@ def _neighbourhoods(
             candidate_methods=methods,
             seed=seed,
             drop_fraction=drop_fraction if name == "full_ft" else None,
-            evaluator=OrganismEvaluator(world, 20, seed) if name == "full_ft" else None,
+            evaluator=ScoredOrganismEvaluator(world, 20, seed) if name == "full_ft" else None,
+            cost=lambda lm: organism_cost(lm, world),
             progress=progress,
         )
         if name == "full_ft" and "finetune" not in res["screen"]:
@@ -200,7 +202,8 @@ def _neighbourhoods(
 
 def _probe_figures(res: dict, persona: list[int]) -> dict:
     """One probe's figures: the flagged latents (those among the ``persona`` latents too), the
-    steering check's EM, the random baseline and the screen's fine-tunes, where they ran."""
+    steering check's EM and its effect against the null at equal cost (``steer``: per latent effect,
+    interval, p-value, verdict), the random baseline and the screen's fine-tunes, where they ran."""
     return {
         "flagged": res["flagged"],
         "persona_flagged": sorted(set(res["flagged"]) & set(persona)),
@@ -208,6 +211,10 @@ def _probe_figures(res: dict, persona: list[int]) -> dict:
             {
                 "steer_em_rate": {k: v["em_rate"] for k, v in res["steer"]["latents"].items()},
                 "steer_base_em_rate": res["steer"]["base_em_rate"],
+                "steer": {
+                    k: {f: v.get(f) for f in ("effect", "effect_ci", "p_value", "verdict")}
+                    for k, v in res["steer"]["latents"].items()
+                },
             }
             if "steer" in res
             else {}

@@ -253,12 +253,11 @@ def _parallel_steps(out: str, seed: int) -> None:
 
 def _export(out: Path) -> None:
     """The demo's export: the top-3 latents, every dense candidate and the LoRA directions, each
-    with the scale its steering check validated."""
-    from saediff.methods.export import export_directions
+    with the scale its steering check chose and its verdict against the null."""
+    from saediff.methods.export import export_directions, validated_scales
 
     dirs = load_directions(out / "diff" / "directions")
     lora = load_directions(out / "diff_lora" / "directions")
-    steering = json.loads((out / "diff" / "steering.json").read_text())
     top = read_run(out / "diff")["steps"]["diff"]["top_latents"][:3]
     chosen = [dirs[f"sae_{i}"] for i in top] + [
         d
@@ -266,10 +265,7 @@ def _export(out: Path) -> None:
         if d.method in ("mean_diff_models", "mean_diff_responses", "in_context", "ground_truth")
     ]
     chosen += [d for n, d in lora.items() if d.method in ("lora_b", "lora_downstream")]
-    per = {
-        n: {"validated_scale": r["best_scale"], "steer_other_misaligned": r["best"]}
-        for n, r in {**steering["steer"], **steering.get("steer_directions", {})}.items()
-    }
+    per = validated_scales(out / "diff")  # the steering check's scale, EM and verdict against the null
     export_directions(chosen, out / "exports", model=str(out / "organism" / "aligned"), per_direction=per)
 
 

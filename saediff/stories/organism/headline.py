@@ -20,6 +20,7 @@ def headline(s: dict, n_other: int = 250, n_domain: int = 50) -> list[dict]:
     rows = [
         *_organism_rows(s["organism"], n_other, n_domain),
         *_method_rows(s["diff"], s["cosines"], s["blocking"]),
+        *_steer_rows(s.get("steering")),
         *_drift_rows(s["drift"]),
         *_trait_rows(s["organism"], n_other),
         *_analysis_rows(s.get("analyses")),
@@ -34,12 +35,14 @@ def headline(s: dict, n_other: int = 250, n_domain: int = 50) -> list[dict]:
             "bar": bar,
             "holds": ok,
             "seed": s.get("seed"),
+            **(extra[0] if extra else {}),
         }
-        for p, src, fig, n, bar, ok in rows
+        for p, src, fig, n, bar, ok, *extra in rows
     ]
 
 
-# a row: (phenomenon, source, figure, answers the figure is a rate over (None: no interval), bar, holds)
+# a row: (phenomenon, source, figure, answers the figure is a rate over (None: no interval), bar, holds),
+# and optionally a dict of machine-readable figures behind a figure given as text (the steering rows)
 
 
 # long: one findings row per line, a table a reader checks against the organism page
@@ -165,6 +168,55 @@ def _method_rows(d: dict, c: dict, b: dict) -> list[tuple]:
             None if rr["n_outside_top10"] is None else rr["n_outside_top10"] >= 3,
         ),
     ]
+
+
+_STEER_BAR = "beats the null at equal KL: p <= 0.05 and the interval above 0"
+
+
+def _steer_rows(st: dict | None) -> list[tuple]:
+    """The steering checks against the null at equal cost (``summary["steering"]``): the ground
+    truth and the response mean difference (the issue's bar: both beat the null), the in-context
+    direction reported. None in a summary without them (written before the protocol had a null)."""
+    if not st:
+        return []
+    L = st["layer"]
+    rows = []
+    for label, name, bar in (
+        ("the ground truth", f"ground_truth_L{L}", _STEER_BAR),
+        ("the response mean difference", f"mean_diff_responses_L{L}", _STEER_BAR),
+        ("the in-context direction", f"in_context_L{L}", "report"),
+    ):
+        c = st["candidates"].get(name)
+        fig, holds = _steer_figure(c), None
+        if bar != "report" and c is not None:
+            holds = c["verdict"] == "holds"
+        extra = {k: (c or {}).get(k) for k in ("effect", "effect_ci", "p_value", "verdict", "null_q95")}
+        rows.append(
+            (
+                f"steering the aligned model along {label} (layer {L}): other-domain EM added, vs "
+                "null directions at the same KL",
+                "",
+                fig,
+                None,
+                bar,
+                holds,
+                extra,
+            )
+        )
+    return rows
+
+
+def _steer_figure(c: dict | None) -> str | None:
+    """A steering check's effect as text, e.g. ``+0.86 [0.82, 0.91], p 0.048 (null q95 0.07), holds``
+    (None: not checked)."""
+    if c is None:
+        return None
+    if c.get("effect") is None:
+        return "no scale reached a cost level"
+    ci = c.get("effect_ci")
+    interval = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+    q95 = f" (null q95 {c['null_q95']:.2f})" if c.get("null_q95") is not None else ""
+    return f"{c['effect']:+.2f}{interval}, p {c['p_value']:.3f}{q95}, {c['verdict']}"
 
 
 def _drift_rows(dr: dict) -> list[tuple]:
@@ -346,10 +398,17 @@ def _neighbourhood_rows(nb: dict) -> list[tuple]:
     ]
 
 
-def _first_steer(nb: dict) -> float | None:
-    """The steering EM of the first (most toxic) flagged latent, when the check ran."""
+def _first_steer(nb: dict) -> float | str | None:
+    """The steering EM of the first (most toxic) flagged latent, when the check ran; with its effect
+    against the null at equal cost where the check recorded one."""
     steer = nb.get("steer_em_rate") or {}
-    return next((steer[str(i)] for i in nb["flagged"] if str(i) in steer), None)
+    first = next((str(i) for i in nb["flagged"] if str(i) in steer), None)
+    if first is None:
+        return None
+    effect = (nb.get("steer") or {}).get(first)
+    if not effect or effect.get("effect") is None:
+        return steer[first]
+    return f"EM {steer[first]:.2f}; effect " + _steer_figure(effect)
 
 
 def _neutral(o: dict) -> tuple | None:

@@ -1,6 +1,7 @@
 """The figures of one organism demo run (``summary.json``), read from its folder: the organism's EM
-rates, the SAE's quality, the diff's toxic latent, the cosines between the candidate directions,
-the projection checks, BLOCK-EM and the drift monitor."""
+rates, the SAE's quality, the diff's toxic latent, the steering checks' verdicts against the null,
+the cosines between the candidate directions, the projection checks, BLOCK-EM and the drift
+monitor."""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def demo_summary(out: Path) -> dict:
     block = json.loads((out / "block" / "summary.json").read_text())
     L = parse_layer(diff["sae_hook"])
     # the toxic latent: among the top three, the one that steers the aligned model furthest
-    # (best is None where no scale kept the answers' coverage: it steered nothing coherently)
+    # (best is None where no scale reached a cost level: it was not steered)
     toxic = max(steering["steer"], key=lambda n: _or(steering["steer"][n]["best"], -1.0))
     gt = full[f"ground_truth_L{L}"]
     runs = block["runs"]
@@ -45,7 +46,11 @@ def demo_summary(out: Path) -> dict:
             "top3_steer_other_misaligned": [
                 steering["steer"][f"sae_{i}"]["best"] for i in diff["top_latents"][:3]
             ],
+            "top3_steer_verdict": [
+                steering["steer"][f"sae_{i}"].get("verdict") for i in diff["top_latents"][:3]
+            ],
         },
+        "steering": _steering(steering, L),
         "cosines": _cosines(full, lora, toxic, L),
         "projection": steering["project_out"],
         "blocking": _blocking(block),
@@ -57,6 +62,27 @@ def demo_summary(out: Path) -> dict:
         },
         "exports": {"directions": str(out / "exports" / "directions.safetensors")},
         **({"analyses": a} if (a := read_json_if_exists(out / "analyses.json")) else {}),
+    }
+
+
+def _steering(steering: dict, L: int) -> dict:
+    """The steering checks (``steering.json``) against the null at equal cost: per candidate (the top
+    latents ``sae_I`` and the dense directions ``NAME_L{L}``) its report-half effect on the
+    other-domain misaligned rate with its 95% interval, p-value, verdict, the null's 95th
+    percentile, and the cost and scale it was taken at."""
+    keys = ("effect", "effect_ci", "p_value", "beats_null", "verdict", "cost_kl", "scale", "em_rate")
+    return {
+        "layer": L,
+        "costs": steering.get("costs"),
+        "unsteered_other_misaligned": steering.get("base_report_other_misaligned"),
+        "candidates": {
+            name: {
+                **{k: r.get(k) for k in keys},
+                "null_q95": (r.get("null_quantiles") or {}).get("q95"),
+                "n_null": len(r.get("null") or {}),
+            }
+            for name, r in {**steering["steer"], **steering.get("steer_directions", {})}.items()
+        },
     }
 
 

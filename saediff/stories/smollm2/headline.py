@@ -160,8 +160,9 @@ def _sae_rows(s: dict) -> list[dict]:
 
 
 def _steer_rows(s: dict, split: str) -> list[dict]:
-    """The best steering candidate's preference added to the base model (on ``split``), and the
-    preference that projecting it out of (clamping it in) the bad fine-tune removes."""
+    """The best steering candidate's preference added to the base model (on ``split``) against the
+    null at the same cost, and the preference that projecting it out of (clamping it in) the bad
+    fine-tune removes."""
     steer = s.get("steering")
     if not steer:
         return []
@@ -169,7 +170,7 @@ def _steer_rows(s: dict, split: str) -> list[dict]:
     done = {n: c for n, c in steer["candidates"].items() if c.get("effect") is not None}
     best = max(done, key=lambda n: done[n]["select_effect"], default=None)
     c = done.get(best, {})
-    n_random = len(c.get("random_effects") or []) or s.get("recipe", {}).get("n_random")
+    null = steer.get("null_config") or {}
     rows = [
         _row(
             s,
@@ -177,9 +178,15 @@ def _steer_rows(s: dict, split: str) -> list[dict]:
             f"steer:{best}",
             split,
             c.get("effect"),
-            f">= +0.1, above {n_random} random directions",
-            c.get("effect") is not None and c["effect"] >= 0.1 and c["above_random"],
-            random=c.get("random_effects"),
+            f"beats the null ({null.get('n', '?')} random directions at equal cost, "
+            f"p <= {null.get('alpha', 0.05):g}), interval above 0",
+            c.get("verdict") == "holds",
+            ci=c.get("effect_ci"),
+            p_value=c.get("p_value"),
+            beats_null=c.get("beats_null"),
+            verdict=c.get("verdict"),
+            cost_kl=c.get("cost_kl"),
+            null_quantiles=c.get("null_quantiles"),
             scale=c.get("scale"),
         )
     ]
@@ -200,7 +207,7 @@ def _steer_rows(s: dict, split: str) -> list[dict]:
                 split,
                 c["removed"],
                 "interval above 0, above every random direction",
-                lo is not None and lo > 0 and c["above_random"],
+                None if c["above_random"] is None else lo is not None and lo > 0 and c["above_random"],
                 ci=c["removed_ci"],
                 share=c["share"],
                 random=arm["random_removed"],

@@ -4,11 +4,13 @@ sets, and ``ChatDemoRecipe``, every setting of one run."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
 from saediff.errors import SaediffError
+from saediff.interventions.steer_null import NullConfig
+from saediff.interventions.steer_protocol import DEFAULT_KL_BUDGET
 
 __all__ = [
     "BLOCK_RUNS",
@@ -118,10 +120,17 @@ class ChatDemoRecipe:
     """design questions of the in-context direction (3 shots each, both ways)"""
     steer_latents: int = 2
     """top diff latents steered (beside the dense directions at the SAE's block)"""
-    steer_scales: tuple[float, ...] = (0.25, 0.5, 1.0)
-    """steering scales, in units of the base model's mean residual norm at the SAE's block"""
-    n_random: int = 3
-    """random directions of equal norm (steering), per chosen scale"""
+    kl_budget: float = DEFAULT_KL_BUDGET
+    """the most a steering vector may cost: the mean KL(unsteered || steered) per token of neutral
+    text (the base model's greedy answers to the shipped benign questions), in nats; each candidate's
+    scale is searched for at the cost levels ``kl_levels`` x this"""
+    kl_levels: tuple[float, ...] = (0.25, 0.5, 1.0)
+    """the cost levels tried per candidate, as fractions of ``kl_budget``; the design split's first
+    half picks the level with the largest effect"""
+    null: NullConfig = field(default_factory=NullConfig)
+    """the null each steering candidate is compared with at equal cost (isotropic and
+    covariance-matched random directions, seeded independently of the fine-tune seed); its isotropic
+    directions are also the projection check's random controls"""
     block_latents: tuple[int, int] = (10, 10)
     """BLOCK-EM: latents that rose most (held down) and that fell most (held up), from the full diff"""
     block_relative_lambda: float = 1.0
@@ -133,7 +142,10 @@ class ChatDemoRecipe:
     def __post_init__(self):
         object.__setattr__(self, "finetunes", tuple(self.finetunes))
         object.__setattr__(self, "pair_sets", tuple(str(s) for s in self.pair_sets))
-        object.__setattr__(self, "steer_scales", tuple(float(x) for x in self.steer_scales))
+        object.__setattr__(self, "kl_levels", tuple(float(x) for x in self.kl_levels))
+        if isinstance(self.null, dict):  # a recipe read back from summary.json
+            known = {f.name for f in fields(NullConfig)}
+            object.__setattr__(self, "null", NullConfig(**{k: v for k, v in self.null.items() if k in known}))
         object.__setattr__(self, "block_latents", tuple(int(x) for x in self.block_latents))
         unknown = [n for n in self.finetunes if n not in FINETUNES]
         if unknown:
@@ -162,19 +174,24 @@ class ChatDemoRecipe:
                     f"{self.report_on}: two different sets among pair_sets (or story=False: "
                     "saediff demo --finetunes-only)"
                 )
-            if self.sae_held_rows < 1 or self.n_random < 1 or self.diff_top < 1 or self.icl_questions < 1:
-                raise SaediffError(
-                    "ChatDemoRecipe: sae_held_rows, n_random, diff_top and icl_questions must be >= 1"
-                )
+            if self.sae_held_rows < 1 or self.diff_top < 1 or self.icl_questions < 1:
+                raise SaediffError("ChatDemoRecipe: sae_held_rows, diff_top and icl_questions must be >= 1")
             if not self.lora_save_every or self.steps // self.lora_save_every < 2:
                 raise SaediffError(
                     f"ChatDemoRecipe: the phase analysis needs >= 2 LoRA checkpoints: lora_save_every "
                     f"{self.lora_save_every} with {self.steps} steps"
                 )
-            if not self.steer_scales or min(self.steer_scales) <= 0 or sum(self.block_latents) < 1:
+            if (
+                self.kl_budget <= 0
+                or not self.kl_levels
+                or not 0 < min(self.kl_levels) <= max(self.kl_levels) <= 1
+            ):
                 raise SaediffError(
-                    "ChatDemoRecipe: steer_scales must be positive and block_latents hold a latent"
+                    f"ChatDemoRecipe: kl_budget must be > 0 and kl_levels in (0, 1], got {self.kl_budget} "
+                    f"and {self.kl_levels}"
                 )
+            if sum(self.block_latents) < 1:
+                raise SaediffError("ChatDemoRecipe: block_latents must hold a latent")
         if self.rows is not None and self.rows < 1:
             raise SaediffError(f"ChatDemoRecipe.rows must be >= 1 or None, got {self.rows}")
         # the remaining checks (steps, lr, rank, ...) are FinetuneConfig's
@@ -184,8 +201,8 @@ class ChatDemoRecipe:
     @classmethod
     def quick(cls) -> ChatDemoRecipe:
         """A smoke run (``saediff demo --model M --quick``): 40 steps per fine-tune on 160 rows, a smaller
-        SAE trained briefly, one steering scale and one random direction, 5 + 5 BLOCK-EM latents; the
-        findings' bars are set for the full recipe and need not hold here."""
+        SAE trained briefly, one steering cost level and a null of 2 + 2 random directions, 5 + 5
+        BLOCK-EM latents; the findings' bars are set for the full recipe and need not hold here."""
         return cls(
             steps=40,
             rows=160,
@@ -196,8 +213,8 @@ class ChatDemoRecipe:
             sae_steps=400,
             icl_questions=16,
             steer_latents=1,
-            steer_scales=(0.5,),
-            n_random=1,
+            kl_levels=(1.0,),
+            null=NullConfig(n_isotropic=2, n_covariance=2),
             block_latents=(5, 5),
         )
 

@@ -1,26 +1,37 @@
 """Steering by the pair metric: saediff's one steering protocol
-(``steer_protocol.select_and_report``) on the base model along the diff's candidates, the scale
-chosen on half of the design split, every reported figure on the held-out split beside random
-directions of equal norm; then the same candidates projected out of (or clamped in) the fine-tune."""
+(``steer_protocol.select_and_report``) on the base model along the diff's candidates, each priced by
+the KL it causes on neutral text (the base model's own greedy answers to benign questions), its cost
+level chosen on half of the design split, its effect reported on the held-out split against a null
+of random directions at the same cost; then the same candidates projected out of (or clamped in) the
+fine-tune."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 
 import torch
 
 from saediff._io import atomic_write_json, read_json_if_exists
-from saediff.errors import SaediffError
+from saediff.interventions.steer_null import NullConfig
+from saediff.interventions.steer_protocol import DEFAULT_KL_BUDGET
 from saediff.stories.smollm2.finetunes import full_bad_spec
 from saediff.stories.smollm2.recipe import ChatDemoRecipe
 
 __all__ = ["project_by_pairs", "steer_by_pairs", "steer_step"]
 
+PROTOCOL = (
+    "each candidate's scale searched for at the cost levels (mean KL per token of the base model's "
+    "greedy answers to benign questions), the level with the largest preference added chosen on the "
+    "design split's first half; the preference added (nats/token, paired over questions) on the held-out "
+    "split against the null's directions at the same cost (empirical p-value, verdict from the interval)"
+)
+"""steer.json's ``protocol``: how its figures were made"""
 
-# long: its signature and docstring; the code itself is 40 lines
+
+# long: its signature and docstring; the code itself is 46 lines
 def steer_by_pairs(
     base,
     run_dir: Path,
@@ -29,49 +40,56 @@ def steer_by_pairs(
     out: Path,
     *,
     n_latents: int,
-    scales: tuple[float, ...],
-    n_random: int,
-    seed: int,
-    coherence_budget: float = 0.10,
+    kl_budget: float = DEFAULT_KL_BUDGET,
+    levels: tuple[float, ...] = (0.25, 0.5, 1.0),
+    null: NullConfig = NullConfig(),
     finetuned=None,
 ) -> dict:
     """Steer the base model (``base``: a ``ModelSpec``, loaded only when something must be measured)
-    along the diff run's candidates at the SAE's block (its top
-    ``n_latents`` latents and the dense directions there), by ``select_and_report``: scales in units
-    of the mean residual norm at that block, chosen on ``select`` (pair evaluator), reported on
-    ``report`` beside ``n_random`` random directions of equal norm. Each candidate's ``effect`` is the
-    preference (nats/token) steering adds over the unsteered base model on the report questions,
-    ``random_effects`` the same for the random directions at its scale, ``select_effect`` the
-    preference it added on the select half (what a headline picks a candidate by). With
-    ``finetuned`` (the fine-tune's ``ModelSpec``), the projection check too (``project_by_pairs``,
-    under ``project``). Writes ``out/steer.json``."""
-    from saediff.interventions.causal import SteerConfig, residual_stats, steer_candidates
-    from saediff.interventions.steer_protocol import random_units
+    along the diff run's candidates at the SAE's block (its top ``n_latents`` latents and the dense
+    directions there), by ``select_and_report``: each candidate priced by the KL it causes on the base
+    model's greedy answers to the shipped benign questions (``causal.chat_cost``, at ``levels`` x
+    ``kl_budget`` nats per token), the level chosen on ``select`` (pair evaluator), the effect reported
+    on ``report`` against ``null`` at the same cost. A candidate's ``effect`` is the preference
+    (nats/token) steering adds to the base model, paired over the report questions (95% t interval
+    ``effect_ci``), with its ``p_value`` against the null, ``beats_null``, ``verdict`` and the null's
+    quantiles; ``select_effect`` is the same on the select half (what a headline picks a candidate by).
+    Scales are in units of the mean residual norm at that block. With ``finetuned`` (the fine-tune's
+    ``ModelSpec``), the projection check too (``project_by_pairs``, under ``project``), beside the
+    null's isotropic directions. Writes ``out/steer.json``; a rerun of the same setup reads it back,
+    and an interrupted one resumes from the protocol's cached conditions under ``out``."""
+    from saediff.interventions.causal import SteerConfig, chat_cost, residual_stats, steer_candidates
+    from saediff.interventions.steer_null import isotropic
     from saediff.methods.directions import Direction
     from saediff.models.loading import load_model
 
-    made_by = _made_by(
-        base, run_dir, select, report, n_latents, scales, n_random, seed, coherence_budget, finetuned
-    )
+    made_by = _made_by(base, run_dir, select, report, n_latents, kl_budget, levels, null, finetuned)
     prev = read_json_if_exists(out / "steer.json")
     if prev is not None and prev.get("made_by") == made_by:
         return prev
     base_lm = load_model(base)
     cands, layer = steer_candidates(run_dir, SteerConfig(n_latents=n_latents))
-    randoms = {}
+    controls = {}
     if finetuned is not None:  # the projection check's controls; their base means come from the same pass
         first = next(iter(cands.values()))
-        randoms = {
-            f"random{k}_seed{seed}": Direction(f"random{k}", u, first.hook, "random")
-            for k, u in enumerate(random_units(first.vector.shape[-1], n_random, seed + 5000))
+        controls = {
+            d.name: Direction(d.name, d.vector, first.hook, "random", {"kind": d.kind, "seed": d.seed})
+            for d in isotropic(first.vector.shape[-1], null.n_isotropic, null.seed)
         }
-    norms, base_means = residual_stats(base_lm, run_dir, {**cands, **randoms} if randoms else {})
-    result = {"kind": "saediff.pair_steering", "made_by": made_by, "layer": layer, "resid_norm": norms[layer]}
-    result.update(
-        _induce(
-            base_lm, cands, layer, norms[layer], scales, select, report, out, n_random, coherence_budget, seed
-        )
-    )
+    norms, base_means = residual_stats(base_lm, run_dir, {**cands, **controls} if controls else {})
+    cost = chat_cost(base_lm, kl_budget, levels=levels)
+    result = {
+        "kind": "saediff.pair_steering",
+        "made_by": made_by,
+        "layer": layer,
+        "resid_norm": norms[layer],
+        "neutral": {
+            "source": cost.neutral.source,
+            "n_tokens": cost.neutral.n_tokens,
+            **cost.neutral.fingerprint(),
+        },
+    }
+    result.update(_induce(base_lm, cands, layer, norms[layer], select, report, out, cost, null))
     if finetuned is not None:
         del base_lm
         result["project"] = project_by_pairs(
@@ -80,123 +98,133 @@ def steer_by_pairs(
             report,
             out,
             base_preference=result["base"]["preference"],
-            randoms={n: d.vector for n, d in randoms.items()},
+            randoms={n: d.vector for n, d in controls.items()},
             base_means=base_means,
         )
+        result["project"]["random_directions"] = {n: d.provenance for n, d in controls.items()}
     atomic_write_json(out / "steer.json", result)
     return result
 
 
 def _induce(
-    base_lm,
-    cands: dict,
-    layer: int,
-    resid_norm: float,
-    scales: tuple[float, ...],
-    select,
-    report,
-    out: Path,
-    n_random: int,
-    coherence_budget: float,
-    seed: int,
+    base_lm, cands: dict, layer: int, resid_norm: float, select, report, out: Path, cost, null: NullConfig
 ) -> dict:
-    """``select_and_report`` on the base model along ``cands`` at block ``layer`` (scales x
-    ``resid_norm``); steer.json's protocol figures: the scales, the unsteered preference, the
-    coherence floor, each candidate's row and the best effect."""
+    """``select_and_report`` on the base model along ``cands`` at block ``layer`` (scales in units of
+    ``resid_norm``, priced by ``cost``, against ``null``); steer.json's protocol figures: the budget
+    and cost levels, the null's settings, the unsteered preference on both halves, each candidate's
+    row and the best effect."""
     from saediff.interventions.steer_protocol import Arm, select_and_report
 
     sel = select_and_report(
         {n: d.vector for n, d in cands.items()},
         [Arm("induce", base_lm, 1.0, "base")],
         layer,
-        scales,
         resid_norm,
         select,
         report,
         out,
-        n_random=n_random,
-        coherence_budget=coherence_budget,
-        seed=seed,
+        cost,
+        null=null,
     )
-    base_pref, select_base = _preference(out / "report" / "base"), _preference(out / "select" / "base")
-    rows = {
-        name: _candidate_row(name, c, out, base_pref, select_base, n_random, seed)
-        for name, c in sel.candidates.items()
-    }
-    best = [r for r in rows.values() if r.get("effect") is not None]
+    unsteered = sel.unsteered["induce"]
+    rows = {name: _candidate_row(c) for name, c in sel.candidates.items()}
+    done = [r["effect"] for r in rows.values() if r.get("effect") is not None]
     return {
-        "scales": list(scales),
-        "protocol": "scale (x mean residual norm) chosen on the design split by MC1 under a coherence budget; "
-        "preference (nats/token) on the held-out split beside random directions of equal norm",
-        "base": base_pref,
-        "coherence_floor": sel.coherence_floor["induce"],
+        "protocol": PROTOCOL,
+        "kl_budget": cost.budget,
+        "costs": sel.costs,
+        "null_config": sel.null_config,
+        "base": _figures(unsteered["report"]),
+        "select_base": _figures(unsteered["select"]),
         "candidates": rows,
-        "best_effect": max((r["effect"] for r in best), default=None),
+        "best_effect": max(done, default=None),
     }
 
 
-def _made_by(
-    base, run_dir: Path, select, report, n_latents, scales, n_random, seed, coherence_budget, finetuned
-) -> dict:
+def _figures(unsteered: dict) -> dict:
+    """The unsteered model's preference (with its interval) and MC1 on one half."""
+    return {
+        "preference": unsteered["preference"],
+        "preference_ci": unsteered.get("preference_ci"),
+        "mc1": unsteered["em_rate"],
+    }
+
+
+def _made_by(base, run_dir: Path, select, report, n_latents, kl_budget, levels, null, finetuned) -> dict:
     """What decides ``steer_by_pairs``'s result: the protocol's version, the diff's SAE and
-    directions, the models, both evaluators and the settings (the key its ``steer.json`` is reused by)."""
+    directions, the models, both evaluators, the neutral text's questions and the settings (the key
+    its ``steer.json`` is reused by)."""
     from saediff.data.runs import read_run
-    from saediff.models.provenance import evaluator_fingerprint, file_digest, model_fingerprint
+    from saediff.evaluation.neutral import NEUTRAL_VERSION, neutral_questions
+    from saediff.models.provenance import digest, evaluator_fingerprint, file_digest, model_fingerprint
 
     return json.loads(
         json.dumps(
             {
-                "protocol": 3,
+                "protocol": 4,
                 "diff": read_run(run_dir)["steps"]["diff"].get("sae_identity"),
                 "model": model_fingerprint(base),
                 "directions": file_digest(run_dir / "directions" / "directions.safetensors"),
                 "select": evaluator_fingerprint(select),
                 "report": evaluator_fingerprint(report),
+                "neutral": {"version": NEUTRAL_VERSION, "questions": digest(neutral_questions())},
                 "n_latents": n_latents,
-                "scales": list(scales),
-                "n_random": n_random,
-                "seed": seed,
-                "coherence_budget": coherence_budget,
+                "kl_budget": kl_budget,
+                "levels": sorted(levels),
+                "null": asdict(null),
                 "finetuned": None if finetuned is None else model_fingerprint(finetuned),
             }
         )
     )
 
 
-def _candidate_row(
-    name: str, c, out: Path, base_pref: dict, select_base: dict, n_random: int, seed: int
-) -> dict:
-    """One candidate's figures (``c``: its ``Selection``): the chosen scale and MC1 sweep, and when a
-    scale passed, the preference it adds on the select half and on the report half (``effect``, over
-    the unsteered ``base_pref``) beside the random directions' at its scale."""
-    from saediff.interventions.steer_protocol import induce_summary
+def _candidate_row(c) -> dict:
+    """One candidate's figures (``c``: its ``Selection``): its sweep over the cost levels on the select
+    half and, when some level was reached, the chosen scale and cost, the preference it adds on the
+    select half (``select_effect``) and on the report half (``effect``, ``effect_ci``) against the null
+    at the same cost (``p_value``, ``beats_null``, ``verdict``, ``null_quantiles``; ``null_seeds`` as in
+    ``saediff steer``'s steer.json, ``null`` each null direction's kind, seed, scale, cost and effect),
+    and the null at equal norm (secondary, ``equal_norm``)."""
+    from saediff.interventions.steer_protocol import NO_SCALE
 
-    s = induce_summary(c)
     row = {
-        "scale": s["scale"],
-        "scale_abs": s["scale_abs"],
-        "coherent_scale_found": s["coherent_scale_found"],
-        "select_mc1": {k: v["em_rate"] for k, v in s["select_sweep"].items()},
-        "note": s["note"],
+        "scale": c.scale,
+        "scale_abs": c.scale_abs,
+        "cost_kl": c.cost_kl,
+        "scale_found": c.passed,
+        "select_sweep": {
+            level: {
+                "scale": v.get("scale"),
+                "scale_abs": v["scale_abs"],
+                "cost_kl": v["cost_kl"],
+                "reached": v["reached"],
+                "effect": v.get("effect"),
+                "mc1": (v.get("induce") or {}).get("em_rate"),
+            }
+            for level, v in c.select_sweep.items()
+        },
+        "note": None if c.passed else NO_SCALE,
     }
-    if c.passed:
-        chose = _preference(out / "select" / f"{name}_induce_x{c.scale:g}")
-        row["select_effect"] = chose["preference"] - select_base["preference"]
-        pref = _preference(out / "report" / f"{name}_induce_x{c.scale:g}")
-        rnd = [
-            _preference(out / "report" / f"random{k}_seed{seed}_induce_x{c.scale:g}") for k in range(n_random)
-        ]
-        row.update(
-            mc1=s["em_rate"],
-            mc1_random_mean=s["random_mean_em_rate"],
-            preference=pref["preference"],
-            preference_ci=pref["preference_ci"],
-            effect=pref["preference"] - base_pref["preference"],
-            random_effects=[r["preference"] - base_pref["preference"] for r in rnd],
-            coherent_rate=s["coherent_rate"],
-        )
-        row["random_effect_max"] = max(row["random_effects"])
-        row["above_random"] = row["effect"] > row["random_effect_max"]
+    if not c.passed:
+        return row
+    level = next(k for k, v in c.select_sweep.items() if v["reached"] and v["scale_abs"] == c.scale_abs)
+    r = c.report["induce"]
+    row.update(
+        cost_level=float(level),
+        select_effect=c.select_sweep[level]["effect"],
+        effect=c.effect,
+        effect_ci=c.effect_ci,
+        n=r["n"],
+        p_value=c.p_value,
+        beats_null=c.beats_null,
+        verdict=c.verdict,
+        null_quantiles=c.null_quantiles,
+        null_seeds={n: {"kind": d["kind"], "seed": d["seed"]} for n, d in c.null.items()},
+        null={n: {k: v for k, v in d.items() if k != "arms"} for n, d in c.null.items()},
+        equal_norm=c.equal_norm,
+        mc1=r["em_rate"],
+        mc1_ci=r["em_rate_ci"],
+    )
     return row
 
 
@@ -231,13 +259,13 @@ def project_by_pairs(
         "shift": shift,
         "protocol": "each direction projected out of (project) or clamped at the base model's mean projection "
         "in (clamp) the fine-tune after every block; preference (nats/token) on the held-out split "
-        "beside random directions treated the same way",
+        "beside random directions (the null's isotropic ones) treated the same way",
     }
     for kind in ("project", "clamp"):
         rnd = [removed(n, kind, v)["removed"] for n, v in randoms.items()]
         rows = {n: removed(n, kind, v) for n, v in candidates.items()}
         for row in rows.values():
-            row["above_random"] = row["removed"] > max(rnd)
+            row["above_random"] = row["removed"] > max(rnd) if rnd else None
         result[kind] = {"random_removed": rnd, "candidates": rows}
     return result
 
@@ -288,14 +316,9 @@ def _removed(
     }
 
 
-def _preference(folder: Path) -> dict:
-    em = read_json_if_exists(folder / "em.json")
-    if em is None:
-        raise SaediffError(f"{folder}: no em.json (steering evaluation missing)")
-    return {"preference": em["preference"], "preference_ci": em["preference_ci"], "mc1": em["mc1"]}
-
-
 def steer_step(base, out: Path, seed: int, recipe: ChatDemoRecipe, say) -> dict:
+    """The story's steering (``steer_by_pairs``) by ``recipe``; the fine-tune ``seed`` reaches it only
+    through the diff and the fine-tune (the null is seeded by ``recipe.null``, independently)."""
     from saediff.evaluation.pairs import pair_evaluator
 
     say("steering the base model (design split chooses, held-out split reports)")
@@ -308,8 +331,8 @@ def steer_step(base, out: Path, seed: int, recipe: ChatDemoRecipe, say) -> dict:
         report,
         out / "steer",
         n_latents=recipe.steer_latents,
-        scales=recipe.steer_scales,
-        n_random=recipe.n_random,
-        seed=seed,
+        kl_budget=recipe.kl_budget,
+        levels=recipe.kl_levels,
+        null=recipe.null,
         finetuned=full_bad_spec(base, out),
     )
