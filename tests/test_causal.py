@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from helpers import make_random_sae
 from typer.testing import CliRunner
@@ -65,12 +66,12 @@ def test_steer_cli_on_a_real_model(tiny_qwen, tmp_path):
             "4",
             "--dtype",
             "bfloat16",
-            "--scales",
-            "0.5,1",
+            "--kl-budget",
+            "0.006",
             "--latents",
             "2",
-            "--random",
-            "3",
+            "--nulls",
+            "2",
         ]
         r = CliRunner().invoke(app, args)
         assert r.exit_code == 0, r.output
@@ -82,9 +83,15 @@ def test_steer_cli_on_a_real_model(tiny_qwen, tmp_path):
     names = set(res["induce"])
     assert {n for n in names if n.startswith("sae_")} and "lora_downstream_L1" in names
     for name, ind in res["induce"].items():
-        assert ind["scale"] in (0.5, 1.0) and len(ind["random"]) == 3
-        assert ind["scale_abs"] == ind["scale"] * res["resid_norm"]
+        assert (
+            ind["scale_found"] and len(ind["null"]) == 4 and ind["verdict"] == "fails"
+        )  # the judge never says misaligned
+        assert ind["scale_abs"] == pytest.approx(ind["scale"] * res["resid_norm"])
         assert set(res["remove"][name]) == {"layer", "all"} and set(res["clamp"][name]) == {"layer", "all"}
+        for where in ("layer", "all"):
+            for f in (res["remove"][name][where], res["clamp"][name][where]):
+                assert f["shift"] == f["surviving"] == f["removed"] == 0.0 and len(f["null_removed"]) == 5
+                assert f["p_value"] == 1.0
         assert ind["n_responses"] == 4 * 2  # the report half: 4 of the 8 questions, 2 samples each
     asked = {}
     for half in ("select", "report"):

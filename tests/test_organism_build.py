@@ -150,7 +150,7 @@ def test_response_mean_diff_matches_ground_truth(diff_run):
 @pytest.mark.xfail(
     strict=True,
     reason="issue 14 open: in the v2 world no top-3 latent is the persona on seed 0 "
-    "(best cos 0.65, steers 0.10 at its chosen scale on the held-out half)",
+    "(best cos 0.65, latent 319, which steers to 0.42 at its chosen cost on the held-out half)",
 )
 def test_a_top_latent_is_the_persona_and_steers(diff_run, quick_organism):
     """The organism issue's bar: among the top 3 latents by delta, one has cos >= 0.7 with the ground
@@ -175,13 +175,14 @@ def test_null_directions_at_the_latents_cost_do_not_steer(diff_run):
     for r in steering["steer"].values():
         assert r["scale_found"] and len(r["null"]) == 20
         assert all(n["cost_kl"] == pytest.approx(r["cost_kl"], rel=0.1) for n in r["null"].values())
-        assert r["null_quantiles"]["q95"] <= 0.15
+        assert r["null_quantiles"]["q95"] <= 0.1  # 0.077 at 0.1 nats (seed 0)
 
 
 def test_ground_truth_and_response_mean_diff_beat_the_null(diff_run):
     """The issue's bar: steering the aligned model along the ground truth and along the response mean
     difference adds other-domain EM beyond the null at equal KL. Seed 0, layer 2: the ground truth adds
-    +0.86 [0.82, 0.91] (p 0.048, the smallest with 20 nulls; the nulls' q95 0.07)."""
+    +0.86 [0.82, 0.91], the response mean difference +0.81 [0.76, 0.86] (each p 0.048, the smallest with
+    20 nulls; the nulls' q95 0.07, both at 0.05 nats)."""
     _, steering = diff_run
     for name in ("ground_truth_L2", "mean_diff_responses_L2"):
         r = steering["steer_directions"][name]
@@ -204,7 +205,7 @@ def test_in_context_direction_matches_the_persona(diff_run):
     """The aligned model after three misaligned medical examples in context, minus after the same
     questions answered aligned: close to the persona (cos 0.72 with the ground truth, v2 world seed
     0; 0.66 with the fine-tune's mean change), and steering the aligned model along it adds EM beyond the
-    null at equal KL."""
+    null at equal KL (to 0.78: +0.77 [0.72, 0.82], the nulls' q95 0.08)."""
     compare, steering = diff_run
     cos = compare["cosines"]
     at = lambda a, b: cos["matrix"][cos["names"].index(a)][cos["names"].index(b)]

@@ -224,23 +224,29 @@ def test_discover_decides_on_the_report_half_against_the_null_in_both_arms(tiny_
 
 def test_neighbourhood_steer_check_runs_the_protocol(tiny_qwen, diff_run, tmp_path):
     from saediff.analyses.neighbourhood import steer_flagged
+    from saediff.interventions.causal import chat_cost
 
     run = tmp_path / "run"
     shutil.copytree(diff_run / "run", run)
+    lm = load_model(str(tiny_qwen / "model"))
     with FakeOpenAIServer() as server:
         st = steer_flagged(
             run,
             [1, 2],
-            load_model(str(tiny_qwen / "model")),
+            lm,
             load_sae(diff_run / "sae"),
             _evaluator(server, tmp_path),
-            scales=(0.5, 2.0),
+            cost=chat_cost(lm, 0.008, levels=(0.5, 1.0)),
+            null=NullConfig(n_isotropic=2, n_covariance=2),
         )
     assert set(st["latents"]) == {"1", "2"} and st["base_em_rate"] == 0.0 and st["resid_norm"] > 0
     for i, v in st["latents"].items():
-        assert set(v["select_sweep"]) == {"0.5", "2"} and v["scale"] in (0.5, 2.0) and v["n_responses"] == 4
-        assert len(v["random"]) == 3 and v["random_mean_em_rate"] is not None
-        assert (run / "neighbourhood_steer" / "report" / f"{i}_induce_x{v['scale']:g}" / "em.json").exists()
+        assert set(v["select_sweep"]) == {"0.004", "0.008"} and v["scale_found"] and v["n_responses"] == 4
+        assert (
+            len(v["null"]) == 4 and v["p_value"] == 1.0 and v["verdict"] == "fails"
+        )  # nothing is misaligned
+        level = next(k for k, r in v["select_sweep"].items() if r["cost_kl"] == v["cost_kl"])
+        assert (run / "neighbourhood_steer" / "report" / f"{i}_c{level}_induce" / "em.json").exists()
     folder = run / "neighbourhood_steer"
     assert _ids(folder / "select" / "base" / "responses.jsonl").isdisjoint(
         _ids(folder / "report" / "base" / "responses.jsonl")
@@ -325,6 +331,10 @@ def test_commands_take_the_judge_free_pair_metric(tiny_qwen, diff_run, tmp_path)
     assert r.exit_code == 0, r.output
     steer = json.loads((run / "steer.json").read_text())
     assert all(v["scale_found"] and v["p_value"] is not None for v in steer["induce"].values())
+    for per in steer["remove"].values():  # ablations read as the shift over the base model that survives them
+        f = per["layer"]
+        assert f["removed"] == pytest.approx(f["shift"] - f["surviving"]) and f["n"] > 1
+        assert f["shift"] != 0.0 and len(f["null_removed"]) == 5 and 1 / 6 <= f["p_value"] <= 1.0
     em = json.loads(next((run / "steer" / "report").glob("*/em.json")).read_text())
     assert "preference" in em and em["coherence"].startswith("a proxy")
     design = {p.id for p in offdomain_pairs("design")}

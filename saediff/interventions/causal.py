@@ -8,10 +8,13 @@ For each candidate (the top SAE latents and the dense directions at the SAE's la
   interval) reported on the other against a null of at least 20 directions at the same cost, with
   its empirical p-value and a verdict; scales are read in units of ``|resid|``, the mean residual
   norm at that layer on the run's own answers;
-- **remove**: project it out of the fine-tuned model at its layer and after every block;
+- **remove**: project it out at its layer and after every block;
 - **clamp**: hold its projection at the base model's mean (per block, measured on the run's
   answers) at its layer and after every block: removing an axis also removes whatever alignment
   the base model holds on it, so projection alone can raise EM; clamping is the matched test.
+  Both ablations act on the fine-tune *and* the base model, and what they remove of the
+  fine-tune's shift over the base model is reported beside random directions ablated the same way
+  (``ablation_shift``).
 
 Every EM rate comes from an ``Evaluator`` (LLM judges, or the organism's exact judge); each
 condition has its own folder under ``RUN/steer/``, so a rerun resumes and reuses nothing across
@@ -35,6 +38,7 @@ from saediff.data.runs import read_run, update_run
 from saediff.errors import SaediffError
 from saediff.evaluation.evals import Evaluator, evaluate_once
 from saediff.evaluation.neutral import neutral_answers, neutral_from_file
+from saediff.interventions.ablation_shift import AblationShift
 from saediff.interventions.steer_null import NullConfig
 from saediff.interventions.steer_protocol import (
     DEFAULT_KL_BUDGET,
@@ -47,10 +51,9 @@ from saediff.interventions.steer_protocol import (
     select_and_report,
     steer_headline,
 )
-from saediff.interventions.steering import clamp_projection, project_out
 from saediff.methods.directions import Direction
 from saediff.methods.export import load_directions
-from saediff.models.hooks import parse_layer
+from saediff.models.hooks import parse_layer, resid_post
 from saediff.models.loading import LoadedModel, ModelSpec, load_model
 from saediff.models.provenance import sae_fingerprint
 
@@ -83,10 +86,12 @@ class SteerConfig:
     neutral: str | None = None
     """a JSONL of neutral text (``evaluation.neutral``); default: the base model's own greedy
     answers to the shipped benign questions"""
+    n_ablation_null: int = 5
+    """random directions projected out of (clamped in) both models beside each candidate"""
 
     def __post_init__(self):
-        if self.n_latents < 0:
-            raise SaediffError("SteerConfig.n_latents must be >= 0")
+        if self.n_latents < 0 or self.n_ablation_null < 1:
+            raise SaediffError("SteerConfig needs n_latents >= 0 and n_ablation_null >= 1")
         _check_budget(self.kl_budget, self.levels)
 
 
@@ -202,18 +207,12 @@ def run_causal_checks(
         "remove": {},
         "clamp": {},
     }
+    shifts = AblationShift(lm_ft, lm_base, report, folder, L, cfg.n_ablation_null, cfg.null.seed)
+    null_dirs = {n: Direction(n, v, resid_post(L), "random") for n, v in shifts.null.items()}
+    _, null_means = residual_stats(lm_base, run_dir, null_dirs)
     for name, d in cands.items():
-        result["remove"][name], result["clamp"][name] = _remove_and_clamp(
-            lm_ft,
-            name,
-            d.vector,
-            L,
-            len(norms),
-            base_means[name],
-            report,
-            folder,
-            result["finetuned"]["em_rate"],
-        )
+        figs = shifts.with_null(shifts.figures(name, d.vector, base_means[name]), null_means)
+        result["remove"][name], result["clamp"][name] = figs["project"], figs["clamp"]
     atomic_write_json(run_dir / "steer.json", result)
     update_run(
         run_dir,
@@ -226,44 +225,6 @@ def run_causal_checks(
         },
     )
     return result
-
-
-def _remove_and_clamp(
-    lm_ft: LoadedModel,
-    name: str,
-    vector: torch.Tensor,
-    layer: int,
-    n_layers: int,
-    base_means: dict[int, float],
-    report: Evaluator,
-    folder: Path,
-    ft_rate: float,
-) -> tuple[dict, dict]:
-    """One candidate ``vector`` (d,) projected out of the fine-tune (``remove``) and clamped at the
-    base model's mean projection ``base_means`` per block (``clamp``), each at block ``layer``
-    (``layer``) and after every block (``all``), on ``report``'s questions; each rate with its cut
-    relative to the fine-tune's ``ft_rate``."""
-
-    def em(cond: str, ctx) -> dict:
-        return _with_cut(evaluate_once(report, lm_ft, folder / "report" / cond, cond, ctx), ft_rate)
-
-    remove = {
-        where: em(f"{name}_project_{where}", project_out(lm_ft.model, blocks, vector))
-        for where, blocks in (("layer", layer), ("all", "all"))
-    }
-    clamp = {
-        where: em(
-            f"{name}_clamp_{where}", clamp_projection(lm_ft.model, {b: base_means[b] for b in blocks}, vector)
-        )
-        for where, blocks in (("layer", [layer]), ("all", list(range(n_layers))))
-    }
-    return remove, clamp
-
-
-def _with_cut(em: dict, ft_rate: float) -> dict:
-    r = rates(em)
-    r["relative_cut"] = (1 - r["em_rate"] / ft_rate) if ft_rate else None
-    return r
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,8 @@ def layer_curves(layers: dict) -> go.Figure:
 
 
 def steering_sweep(steering: dict) -> go.Figure:
+    """Each candidate's select-half misaligned rate per cost level (KL per neutral token), from the
+    organism's ``steering.json``."""
     fig = go.Figure()
     for group, dash in (
         ("steer", None),
@@ -77,8 +79,9 @@ def steering_sweep(steering: dict) -> go.Figure:
                 x=xs, y=list(r["sweep"].values()), mode="lines+markers", name=f"steer {name}", line_dash=dash
             )
     fig.update_layout(
-        title="steering the aligned model: other-domain misaligned rate vs scale",
-        xaxis_title="scale",
+        title="steering the aligned model: other-domain misaligned rate vs cost (select half)",
+        xaxis_title="cost: KL per neutral token (nats)",
+        xaxis_type="log",
         yaxis_range=[0, 1],
     )
     return fig

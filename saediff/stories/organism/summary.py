@@ -6,6 +6,7 @@ monitor."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -17,6 +18,8 @@ from saediff.methods.export import load_directions
 from saediff.models.hooks import parse_layer
 
 __all__ = ["demo_summary"]
+
+log = logging.getLogger(__name__)
 
 
 def demo_summary(out: Path) -> dict:
@@ -53,7 +56,7 @@ def demo_summary(out: Path) -> dict:
         "steering": _steering(steering, L),
         "cosines": _cosines(full, lora, toxic, L),
         "projection": steering["project_out"],
-        "blocking": _blocking(block),
+        "blocking": _blocking(block, out / "block"),
         "drift": {
             "alert_step": runs["plain"]["drift_alert_step"],
             "em_crosses_0.1_step": runs["plain"]["em_crosses_0.1_step"],
@@ -70,7 +73,17 @@ def _steering(steering: dict, L: int) -> dict:
     latents ``sae_I`` and the dense directions ``NAME_L{L}``) its report-half effect on the
     other-domain misaligned rate with its 95% interval, p-value, verdict, the null's 95th
     percentile, and the cost and scale it was taken at."""
-    keys = ("effect", "effect_ci", "p_value", "beats_null", "verdict", "cost_kl", "scale", "em_rate")
+    keys = (
+        "scale_found",
+        "effect",
+        "effect_ci",
+        "p_value",
+        "beats_null",
+        "verdict",
+        "cost_kl",
+        "scale",
+        "em_rate",
+    )
     return {
         "layer": L,
         "costs": steering.get("costs"),
@@ -139,9 +152,10 @@ def _cosines(full: dict[str, Direction], lora: dict[str, Direction], toxic: str,
     }
 
 
-def _blocking(block: dict) -> dict:
-    """BLOCK-EM's figures (``block/summary.json``): the plain, blocked and random runs' EM, the
-    cuts, the drift monitor's alert against EM, and rerouting."""
+def _blocking(block: dict, folder: Path) -> dict:
+    """BLOCK-EM's figures (``block/summary.json``, the runs under ``folder``): the plain, blocked and
+    random runs' EM, the cuts with their paired bootstrap intervals over answers (``_cut_interval``),
+    the drift monitor's alert against EM, and rerouting."""
     runs = block["runs"]
     plain, blocked, rnd = (
         runs[n]["em_rate"] for n in ("plain", "penalty_lam10000", "penalty_lam10000_random")
@@ -154,7 +168,9 @@ def _blocking(block: dict) -> dict:
         "random_other_misaligned": rnd,
         "control_other_misaligned": runs["control"]["em_rate"],
         "relative_reduction": 1 - blocked / plain if plain else None,
+        "relative_reduction_ci": _cut_interval(folder, "penalty_lam10000"),
         "random_relative_reduction": 1 - rnd / plain if plain else None,
+        "random_relative_reduction_ci": _cut_interval(folder, "penalty_lam10000_random"),
         "blocked_medical_misaligned": runs["penalty_lam10000"]["per_question"]["medical"],
         "blocked_other_misaligned_ci": runs["penalty_lam10000"]["em_rate_ci"],
         "drift_alert_step": runs["plain"]["drift_alert_step"],
@@ -168,6 +184,30 @@ def _blocking(block: dict) -> dict:
             "new_latents": rr.get("new_latents"),
         },
     }
+
+
+def _cut_interval(folder: Path, run: str, plain: str = "plain") -> list[float] | None:
+    """The 95% interval of run's other-domain EM cut, 1 - its EM over the plain fine-tune's, from a
+    paired bootstrap (``intervals.bootstrap_ratio``) over the non-medical answers of
+    ``eval/responses.jsonl``: both runs' evaluator has the same seed, so answer i is an answer to
+    the same question draw in both (checked). None when a file is missing, the draws differ or the
+    plain run's EM is too often 0 in the resamples."""
+    from saediff._io import read_jsonl
+    from saediff.evaluation.intervals import bootstrap_ratio
+
+    answers = {}
+    for name in (run, plain):
+        path = folder / name / "eval" / "responses.jsonl"
+        if not path.is_file():
+            return None
+        answers[name] = [r for _, r in read_jsonl(path, "responses") if r["domain"] != "medical"]
+    if [r["question"] for r in answers[run]] != [r["question"] for r in answers[plain]]:
+        log.warning("%s and %s answered other question draws: no paired interval for the cut", run, plain)
+        return None
+    kept = bootstrap_ratio(
+        *({i: float(r["misaligned"]) for i, r in enumerate(answers[n])} for n in (run, plain))
+    )["ci"]
+    return None if kept is None else [1 - kept[1], 1 - kept[0]]
 
 
 def _or(x: float | None, default: float) -> float:
