@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from saediff.errors import SaediffError
+from saediff.evaluation.intervals import bar_verdict, bootstrap_ratio
 from saediff.interventions.steer_null import NULL_SEED, NullConfig
 from saediff.stories.smollm2.demo import run_chat_demo
-from saediff.stories.smollm2.recipe import BLOCK_RUNS, ChatDemoRecipe
+from saediff.stories.smollm2.recipe import BLOCK_RUNS, ChatDemoRecipe, slug
 
 
 def _pair_files(root: Path) -> tuple[Path, Path]:
@@ -111,7 +112,7 @@ def test_steering_figures_come_from_the_report_split(story):
     out, s, recipe, _ = story
     st = s["steering"]
     assert st["kind"] == "saediff.pair_steering" and st["kl_budget"] == 0.006
-    assert st["costs"] == pytest.approx([0.003, 0.006]) and st["made_by"]["protocol"] == 4
+    assert st["costs"] == pytest.approx([0.003, 0.006]) and st["made_by"]["protocol"] == 5
     assert st["null_config"]["n"] == 4 and st["null_config"]["seed"] == NULL_SEED
     assert st["neutral"]["n_tokens"] > 0
     base = json.loads((out / "steer" / "report" / "base" / "em.json").read_text())
@@ -153,6 +154,7 @@ def test_steering_figures_come_from_the_report_split(story):
         assert c["select_effect"] == max(v["effect"] for v in c["select_sweep"].values() if v["reached"])
     proj = st["project"]
     ft = json.loads((out / "steer" / "report" / "finetuned" / "em.json").read_text())
+    shift_q = {q: v - base["scores"][q] for q, v in ft["scores"].items()}  # fine-tune - base, per question
     assert ft["n"] == 9 and proj["finetuned_preference"] == ft["preference"]
     assert proj["shift"] == pytest.approx(ft["preference"] - base["preference"], abs=1e-12)
     for kind in ("project", "clamp"):
@@ -168,6 +170,11 @@ def test_steering_figures_come_from_the_report_split(story):
             )  # paired over all 9
             assert c["above_random"] == (c["removed"] > max(arm["random_removed"]))
             assert c["removed_ci"][0] <= c["removed"] <= c["removed_ci"][1]
+            if proj["shift"] > 0:  # the share's interval: a paired bootstrap over the same 9 questions
+                removed_q = {q: v - em["scores"][q] for q, v in ft["scores"].items()}
+                assert c["share_ci"] == bootstrap_ratio(removed_q, shift_q)["ci"]
+            else:
+                assert c["share"] is None and c["share_ci"] is None
     # clamping keeps the base model's position on the axis, projecting zeroes it: not the same model
     assert any(
         proj["clamp"]["candidates"][n]["preference"] != proj["project"]["candidates"][n]["preference"]
@@ -208,19 +215,33 @@ def test_block_runs_hold_the_diffs_latents_with_the_measured_lambda(story):
     for name, sets in (("block_diff", diff_latents), ("block_random", rand)):
         assert runs[name]["lam"] == pytest.approx(block_lambda(sae, acts, sets, 1.0), rel=1e-6)
     assert runs["block_diff"]["lam"] != runs["block_random"]["lam"]  # per set
+
+    def pref(model: str, pair_set: str) -> dict:
+        rows = (out / "eval" / model / slug(pair_set) / "pairs.jsonl").read_text().splitlines()
+        return {r["id"]: r["preference"] for r in map(json.loads, rows)}
+
     for name in BLOCK_RUNS:
         for pair_set, b in s["blocking"][name].items():
             shift = s["differences"]["full_bad - base"][pair_set]
-            mine = s["differences"][f"{name} - base"][pair_set]["difference"]
+            mine = s["differences"][f"{name} - base"][pair_set]
+            base, bad, blocked = (pref(m, pair_set) for m in ("base", "full_bad", name))
+            assert mine["per_question"] == pytest.approx({q: blocked[q] - base[q] for q in base})
+            assert shift["per_question"] == pytest.approx({q: bad[q] - base[q] for q in base})
             if shift["difference"] > 0 and shift["ci"][0] > 0:
-                assert b["kept"] == pytest.approx(mine / shift["difference"]) and b["note"] is None
+                assert b["kept"] == pytest.approx(mine["difference"] / shift["difference"])
+                boot = bootstrap_ratio(mine["per_question"], shift["per_question"])
+                assert boot["ratio"] == pytest.approx(b["kept"]) and b["kept_ci"] == boot["ci"]
+                if boot["ci"] is not None:
+                    assert b["cut_ci"] == pytest.approx([1 - boot["ci"][1], 1 - boot["ci"][0]])
             else:
                 assert b["kept"] is None and b["cut"] is None and "no ratio" in b["note"]
+                assert b["kept_ci"] is None and b["cut_ci"] is None
 
 
 def test_blocking_ratio_only_over_a_real_shift():
     """Hand-set differences: a bad shift of +0.2 [0.1, 0.3] gives kept 0.25 / cut 0.75 for a blocked
-    shift of +0.05; a shift of -0.05 (or one whose interval holds 0) gives no ratio."""
+    shift of +0.05; a shift of -0.05 (or one whose interval holds 0) gives no ratio. Without the
+    per-question differences there is no interval; with them, the paired bootstrap's."""
     from saediff.stories.smollm2.blocking import blocking_figures as _blocking
 
     def d(x, lo, hi):
@@ -234,8 +255,107 @@ def test_blocking_ratio_only_over_a_real_shift():
     got = _blocking(diffs)["block_diff"]
     assert got["a"]["kept"] == pytest.approx(0.25) and got["a"]["cut"] == pytest.approx(0.75)
     assert got["a"]["versus_bad"]["difference"] == -0.15
+    assert got["a"]["kept_ci"] is None and got["a"]["cut_ci"] is None and "no interval" in got["a"]["note"]
     for k in ("b", "c"):
         assert got[k]["kept"] is None and got[k]["cut"] is None and got[k]["note"]
+        assert got[k]["kept_ci"] is None and got[k]["cut_ci"] is None
+    # the per-question differences of the same means: the interval is the paired bootstrap's, the cut's its mirror
+    bad = {f"q{i}": 0.2 + 0.05 * (-1) ** i for i in range(10)}
+    blocked = {f"q{i}": 0.05 + 0.04 * (-1) ** (i // 2) for i in range(10)}
+    diffs["full_bad - base"]["a"]["per_question"] = bad
+    diffs["block_diff - base"]["a"]["per_question"] = blocked
+    a = _blocking(diffs)["block_diff"]["a"]
+    ci = bootstrap_ratio(blocked, bad)["ci"]
+    assert a["kept_ci"] == ci and a["cut_ci"] == pytest.approx([1 - ci[1], 1 - ci[0]]) and a["note"] is None
+    assert a["cut_ci"][0] < a["cut"] < a["cut_ci"][1] and a["bootstrap"]["n"] == 10
+
+
+def _hand_made_blocking(per_bad: dict, blocked: dict[str, dict]) -> dict:
+    """A chat summary with BLOCK-EM's figures from per-question shifts over the base model (the same
+    on the report split and the medical set): ``per_bad`` the bad fine-tune's, ``blocked`` each
+    blocked run's."""
+    from saediff.evaluation.pairs import paired_difference
+    from saediff.stories.smollm2.blocking import blocking_figures
+    from saediff.stories.smollm2.recipe import HELDOUT, MEDICAL
+
+    def diff(per: dict) -> dict:
+        rows = [{"id": q, "preference": v} for q, v in per.items()]
+        zero = [{"id": q, "preference": 0.0} for q in per]
+        return {**paired_difference(rows, zero), "per_question": per}
+
+    differences = {"full_bad - base": {s: diff(per_bad) for s in (HELDOUT, MEDICAL)}}
+    for name, per in blocked.items():
+        differences[f"{name} - base"] = {s: diff(per) for s in (HELDOUT, MEDICAL)}
+    return {"seed": 0, "differences": differences, "blocking": blocking_figures(differences)}
+
+
+def test_block_verdicts_are_read_off_the_interval_not_the_point():
+    """Each BLOCK-EM bar reads holds / fails / inconclusive off the share's paired bootstrap interval:
+    a cut of 60% (point above the 50% bar) over noisy questions is inconclusive, not a yes; a tight
+    cut of 90% holds, a tight 5% fails; a random cut of 15% (point under the 20% bar) with a wide
+    interval is inconclusive too."""
+    from saediff.stories.smollm2.headline import BLOCK_BARS, chat_headline
+    from saediff.stories.smollm2.recipe import HELDOUT, MEDICAL
+
+    n = 12
+    bad = {f"q{i}": 1.0 + 0.1 * (-1) ** i for i in range(n)}  # bad - base: +1.0, clearly positive
+    noisy = lambda kept: {f"q{i}": kept + 0.6 * (-1) ** i * (1 + i % 3) for i in range(n)}
+    tight = lambda kept: {f"q{i}": kept + 0.02 * (-1) ** i for i in range(n)}
+
+    def rows(blocked: dict) -> tuple[dict, dict]:
+        s = _hand_made_blocking(bad, blocked)
+        return {r["phenomenon"]: r for r in chat_headline(s) if r["source"].startswith("block_")}, s
+
+    cut, kept, rnd = (label for _, label, *_ in BLOCK_BARS)
+    got, s = rows({"block_diff": noisy(0.4), "block_random": noisy(0.85)})
+    assert got[cut]["figure"] == pytest.approx(0.6) and got[cut]["figure"] >= 0.5  # the point clears the bar
+    assert got[cut]["ci"][0] < 0.5 < got[cut]["ci"][1] and got[cut]["split"] == HELDOUT
+    assert got[cut]["ci"] == s["blocking"]["block_diff"][HELDOUT]["cut_ci"]
+    assert got[cut]["verdict"] == "inconclusive" and got[cut]["holds"] is False
+    assert got[kept]["figure"] == pytest.approx(0.4) and got[kept]["split"] == MEDICAL
+    assert got[rnd]["figure"] == pytest.approx(0.15) and got[rnd]["figure"] <= 0.2  # the point clears
+    assert got[rnd]["verdict"] == "inconclusive" and got[rnd]["holds"] is False
+    for r in got.values():
+        assert r["verdict"] == bar_verdict(
+            r["ci"], *next(b[5:] for b in BLOCK_BARS if b[1] == r["phenomenon"])
+        )
+    got, _ = rows({"block_diff": tight(0.1), "block_random": tight(0.95)})
+    assert got[cut]["verdict"] == "holds" and got[cut]["holds"] is True and got[cut]["ci"][0] >= 0.5
+    assert got[kept]["verdict"] == "fails" and got[kept]["holds"] is False  # kept 10% [9%, 11%] < 70%
+    assert got[rnd]["verdict"] == "holds" and got[rnd]["ci"][1] <= 0.2
+    got, _ = rows({"block_diff": tight(0.95), "block_random": tight(0.5)})
+    assert got[cut]["verdict"] == "fails" and got[kept]["verdict"] == "holds"
+    assert got[rnd]["verdict"] == "fails" and got[rnd]["ci"][0] > 0.2
+
+
+def test_projection_rows_carry_the_share_interval_and_a_verdict():
+    """The projection rows' verdict, as the steering null's: holds when the removal's interval lies
+    above 0 and it beats every random direction, fails when the whole interval is at or below the
+    best random direction, else inconclusive; the share's bootstrap interval rides along."""
+    from saediff.stories.smollm2.headline import chat_headline
+
+    def summary(removed_ci, random):
+        c = {"effect": 0.3, "select_effect": 0.3, "effect_ci": [0.1, 0.5], "verdict": "holds"}
+        proj = {
+            "removed": sum(removed_ci) / 2,
+            "removed_ci": removed_ci,
+            "share": 0.6,
+            "share_ci": [0.2, 1.0],
+            "above_random": sum(removed_ci) / 2 > max(random),
+        }
+        arm = {"random_removed": random, "candidates": {"md": proj}}
+        steer = {"candidates": {"md": c}, "project": {"project": arm, "clamp": arm}}
+        rows = chat_headline({"seed": 0, "differences": {}, "steering": steer})
+        return next(r for r in rows if r["source"] == "project:md")
+
+    r = summary([0.1, 0.3], [0.05, -0.02])
+    assert (
+        r["verdict"] == "holds" and r["holds"] is True and r["share_ci"] == [0.2, 1.0] and r["share"] == 0.6
+    )
+    r = summary([-0.1, 0.3], [0.05, -0.02])  # above every random at the point, its interval holds 0
+    assert r["verdict"] == "inconclusive" and r["holds"] is False
+    r = summary([-0.1, 0.04], [0.05, -0.02])
+    assert r["verdict"] == "fails" and r["holds"] is False
 
 
 def test_headline_report_and_samples(story):
@@ -244,10 +364,12 @@ def test_headline_report_and_samples(story):
     ce = rows["SAE on real activations: CE-loss recovered (held-out answers)"]
     assert ce["figure"] == s["sae"]["ce_loss_recovered"] and ce["holds"] == (ce["figure"] >= 0.7)
     cut = rows["BLOCK-EM with the diff's latents: off-domain shift cut"]
-    assert (
-        cut["split"] == recipe.report_on
-        and cut["figure"] == s["blocking"]["block_diff"][recipe.report_on]["cut"]
-    )
+    b = s["blocking"]["block_diff"][recipe.report_on]
+    assert cut["split"] == recipe.report_on and cut["figure"] == b["cut"] and cut["ci"] == b["cut_ci"]
+    # the verdict is read off the interval (no interval: inconclusive), and holds follows it (None:
+    # the tiny fine-tune's shift is no real shift, so there is no cut to judge)
+    assert cut["verdict"] == bar_verdict(b["cut_ci"], 0.5, ">=")
+    assert cut["holds"] is (None if cut["figure"] is None else cut["verdict"] == "holds")
     chosen = rows[
         "steering the base model along a diff latent or mean difference: preference added, off-domain"
     ]
@@ -262,16 +384,20 @@ def test_headline_report_and_samples(story):
     ):
         r = rows[f"{verb} the bad fine-tune: preference removed, off-domain"]
         assert r["source"] == f"{kind}:" + chosen["source"].split(":", 1)[1]
-        assert (
-            r["figure"]
-            == s["steering"]["project"][kind]["candidates"][r["source"].split(":", 1)[1]]["removed"]
-        )
+        c = s["steering"]["project"][kind]["candidates"][r["source"].split(":", 1)[1]]
+        assert r["figure"] == c["removed"] and r["share"] == c["share"] and r["share_ci"] == c["share_ci"]
+        assert r["verdict"] in ("holds", "fails", "inconclusive") and r["holds"] == (r["verdict"] == "holds")
     kept = rows["BLOCK-EM with the diff's latents: medical shift kept"]
     assert kept["figure"] == s["blocking"]["block_diff"]["medical"]["kept"]
+    assert kept["ci"] == s["blocking"]["block_diff"]["medical"]["kept_ci"]
+    assert kept["verdict"] == bar_verdict(kept["ci"], 0.7, ">=")
     samples = json.loads((out / "samples.json").read_text())
     assert set(samples) == {"base", "full_bad", "lora_bad", *BLOCK_RUNS}
     assert all(len(r["answers"]) == 3 and all(a["answer"] for a in r["answers"]) for r in samples.values())
     report = (out / "report.html").read_text()
+    # the findings table gives the verdict word of a row read off an interval, not yes / no
+    assert "<th>verdict</th>" in report and f"<td>{_mark(cut['verdict'])}</td>" in report
+    assert "intervals from a paired bootstrap over questions" in report  # the BLOCK-EM table's CI columns
     for title in (
         "SAE at block 1",
         "Steering the base model, scored by the pair metric",
@@ -295,6 +421,10 @@ def test_headline_report_and_samples(story):
         "sampled answers",
     } <= set(s["timing_s"])
     assert "steering (second process): waiting" in said
+
+
+def _mark(verdict: str) -> str:
+    return verdict if verdict == "holds" else f"<b>{verdict}</b>"
 
 
 def test_rerun_redoes_nothing(story, tiny_qwen):

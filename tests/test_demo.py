@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from saediff.evaluation.intervals import bar_verdict
+
 pytestmark = pytest.mark.slow
 NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
 
@@ -62,6 +64,8 @@ def test_summary_has_the_documented_keys(demo):
         "blocked_medical_misaligned",
         "n_latents",
         "random_relative_reduction",
+        "relative_reduction_ci",
+        "random_relative_reduction_ci",
         "reroute",
     }
     assert set(s["blocking"]["reroute"]) >= {"reemergence", "n_outside_top10"}
@@ -120,6 +124,14 @@ def test_demo_numbers(demo):
     # 0.17 on one CPU, 0.25 on another (AVX-512: the organism's floats differ from pretraining step 3 on);
     # the 20% is for the mean over seeds
     assert b["random_relative_reduction"] <= 0.26
+    # the bars are read off paired bootstrap intervals over the 250 off-domain answers: the blocked
+    # run's cut [0.95, 0.99] holds; the random control's (e.g. 0.17 [0.11, 0.24]) may not be told from 20%
+    lo, hi = b["random_relative_reduction_ci"]
+    assert b["relative_reduction_ci"][0] >= 0.7 and lo <= b["random_relative_reduction"] <= hi
+    rows = {r["phenomenon"]: r for r in s["headline"]}
+    assert rows["BLOCK-EM (20 latents), other-domain EM cut"]["verdict"] == "holds"
+    control = rows["BLOCK-EM control (20 random latents), EM cut"]
+    assert control["ci"] == [lo, hi] and control["verdict"] == bar_verdict([lo, hi], 0.2, "<=")
     assert b["reroute"]["n_outside_top10"] >= 3  # 6: the misalignment found other latents
     assert (
         b["drift_alert_step"] < b["em_crosses_0.1_step"]

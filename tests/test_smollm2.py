@@ -99,6 +99,20 @@ def test_the_story_runs_on_smollm2(smol, tmp_path):
     # smallest four give) and its interval above 0
     assert md["p_value"] == pytest.approx(0.2) and md["effect_ci"][0] > 0
     assert set(s["blocking"]) == {"block_diff", "block_random"}
+    # BLOCK-EM's bars are read off the shares' paired bootstrap intervals (none at smoke size without
+    # a real bad shift: inconclusive), the projection share carries its own
+    from saediff.evaluation.intervals import bar_verdict
+    from saediff.stories.smollm2.headline import BLOCK_BARS
+
+    bars = {label: (value, side) for _, label, _, _, _, value, side in BLOCK_BARS}
+    rows = [r for r in s["headline"] if r["phenomenon"] in bars]
+    assert len(rows) == 3
+    for r in rows:
+        assert r["verdict"] == bar_verdict(r["ci"], *bars[r["phenomenon"]])
+        assert r["holds"] is (None if r["figure"] is None else r["verdict"] == "holds")
+    for arm in ("project", "clamp"):
+        for c in s["steering"]["project"][arm]["candidates"].values():
+            assert "share_ci" in c and (c["share"] is not None or c["share_ci"] is None)
     for answers in s["samples"].values():
         assert all(len(a["answer"].split()) >= 5 for a in answers)
     assert (tmp_path / "demo" / "report.html").stat().st_size > 10_000

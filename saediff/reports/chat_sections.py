@@ -130,6 +130,7 @@ def _project_section(project: dict | None) -> list[tuple[str, str]]:
             c["removed"],
             _ci(c["removed_ci"]),
             c["share"],
+            _ci(c.get("share_ci")),
             c["above_random"],
             c["mc1"],
         ]
@@ -153,6 +154,7 @@ def _project_section(project: dict | None) -> list[tuple[str, str]]:
                     "preference removed",
                     "95% CI (paired)",
                     "share of the shift",
+                    "95% CI (bootstrap)",
                     "above every random",
                     "MC1 after",
                 ],
@@ -166,14 +168,36 @@ def _block_section(block: dict | None) -> list[tuple[str, str]]:
     if not block:
         return []
     rows = [
-        [name, pair_set, b["bad_shift"], b["shift"], b["kept"], b["cut"]]
+        [
+            name,
+            pair_set,
+            b["bad_shift"],
+            b["shift"],
+            b["kept"],
+            _ci(b.get("kept_ci")),
+            b["cut"],
+            _ci(b.get("cut_ci")),
+            b.get("note") or "",
+        ]
         for name, per in block.items()
         for pair_set, b in per.items()
+    ]
+    header = [
+        "run",
+        "pair set",
+        "bad - base",
+        "blocked - base",
+        "shift kept",
+        "95% CI",
+        "shift cut",
+        "95% CI",
     ]
     return [
         (
             "BLOCK-EM (full fine-tune on bad advice, latents held where the base model has them)",
-            table(["run", "pair set", "bad - base", "blocked - base", "shift kept", "shift cut"], rows),
+            "<p>Shares of the bad fine-tune's shift over the base model; intervals from a paired bootstrap "
+            "over questions of the ratio (the findings table reads each bar off them).</p>"
+            + table([*header, "note"], rows),
         )
     ]
 

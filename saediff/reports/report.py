@@ -26,10 +26,13 @@ def format_figure(fig, ci=None) -> str:
 
 
 def _headline_html(rows: list[dict]) -> str:
-    """The findings table: phenomenon, source, figure (95% interval), bar, holds, seed. A row without a
-    verdict is ``reported`` (a figure with no bar) or ``not measured`` (no figure)."""
+    """The findings table: phenomenon, source, figure (95% interval), bar, verdict, seed. A row read
+    off an interval shows its verdict word (holds / fails / inconclusive); others yes / no; a row
+    without either is ``reported`` (a figure with no bar) or ``not measured`` (no figure)."""
 
     def mark(r: dict) -> str:
+        if r.get("verdict") and r["bar"] != "report":
+            return r["verdict"] if r["verdict"] == "holds" else f"<b>{html.escape(r['verdict'])}</b>"
         if r["holds"] is None:
             return "not measured" if r["figure"] is None else "reported"
         return "yes" if r["holds"] else "<b>no</b>"
@@ -42,7 +45,7 @@ def _headline_html(rows: list[dict]) -> str:
     )
     return (
         "<h2>Findings</h2><table border=1 cellpadding=4><tr><th>phenomenon</th><th>source</th>"
-        "<th>figure [95% interval]</th><th>bar</th><th>holds</th><th>seed</th></tr>" + body + "</table>"
+        "<th>figure [95% interval]</th><th>bar</th><th>verdict</th><th>seed</th></tr>" + body + "</table>"
     )
 
 
@@ -51,6 +54,10 @@ def _figure_text(r: dict) -> str:
     text = format_figure(r["figure"], r.get("ci"))
     if r.get("t") is not None:
         text += f", t {r['t']:.1f}"
+    if r.get("share") is not None:
+        text += f"; share of the shift {format_figure(r['share'], r.get('share_ci'))}"
+    if r.get("medical_ci"):
+        text += f"; medical EM interval [{r['medical_ci'][0]:.2f}, {r['medical_ci'][1]:.2f}]"
     if r.get("random") is not None:
         text += "; random directions " + ", ".join(f"{x:+.3f}" for x in r["random"])
     if r.get("versus_bad") is not None:
@@ -190,10 +197,10 @@ def write_report(run_dir: str | Path) -> Path:
         )
     for method in registry():  # each diffing method's own figures of the run's diff
         sections += method.figures(run_dir / "diff")
-    sections += _cosine_sections(run_dir)
-    sections += _steer_block_sections(run_dir)
-    sections += _analysis_sections(run_dir)
     summary = read_json_if_exists(run_dir / "summary.json")
+    sections += _cosine_sections(run_dir)
+    sections += _steer_block_sections(run_dir, (summary or {}).get("blocking"))
+    sections += _analysis_sections(run_dir)
     chat = summary and summary.get("kind") == "saediff.chat_demo"
     if chat:
         sections.append(
@@ -233,8 +240,9 @@ def _cosine_sections(run_dir: Path) -> list[tuple[str, object, str]]:
     return sections
 
 
-def _steer_block_sections(run_dir: Path) -> list[tuple[str, object, str]]:
-    """The organism's steering checks with the projections, BLOCK-EM and the plain run's drift monitor."""
+def _steer_block_sections(run_dir: Path, cuts: dict | None = None) -> list[tuple[str, object, str]]:
+    """The organism's steering checks with the projections, BLOCK-EM (with the summary's cuts and
+    their intervals, ``cuts``) and the plain run's drift monitor."""
     sections = []
     steering = read_json_if_exists(run_dir / "diff" / "steering.json")
     if steering:
@@ -248,12 +256,28 @@ def _steer_block_sections(run_dir: Path) -> list[tuple[str, object, str]]:
     block = read_json_if_exists(run_dir / "block" / "summary.json")
     if block:
         sections.append(
-            ("BLOCK-EM", viz.blocking_bars(block), "Plain fine-tune vs blocked vs random latents.")
+            (
+                "BLOCK-EM",
+                viz.blocking_bars(block),
+                "Plain fine-tune vs blocked vs random latents." + _cut_text(cuts),
+            )
         )
         hist = read_json_if_exists(run_dir / "block" / "plain" / "history.json")
         if hist:
             sections.append(("Drift monitor (plain fine-tune)", viz.drift_curves(hist["drift"]), ""))
     return sections
+
+
+def _cut_text(b: dict | None) -> str:
+    """One sentence: the organism's other-domain EM cuts with their paired bootstrap intervals over
+    answers (empty for a summary without them, or the chat demo's, whose cuts are per pair set)."""
+    if not b or "relative_reduction" not in b:
+        return ""
+    cut = lambda key: html.escape(format_figure(b[key], b.get(f"{key}_ci")))
+    return (
+        f" Other-domain EM cut (1 - EM over the plain fine-tune's; 95% interval from a paired bootstrap "
+        f"over answers): blocked {cut('relative_reduction')}, random latents {cut('random_relative_reduction')}."
+    )
 
 
 def _page(summary: dict | None, sections: list[tuple[str, object, str]], texts: list[tuple[str, str]]) -> str:

@@ -166,9 +166,13 @@ def _draw_sets(base, sae, diff, seed: int, relative: float) -> dict:
 def blocking_figures(differences: dict) -> dict:
     """BLOCK-EM's figures per pair set: the share of the bad fine-tune's shift over the base model
     (``full_bad - base``) that each blocked run keeps, and its cut (1 - kept), with the paired
-    difference blocked - bad fine-tune beside them. The ratio is given only where the bad shift is
-    positive with its 95% interval above zero (else ``kept`` and ``cut`` are None and ``note`` says
-    why): a ratio over a shift that may be nothing is noise."""
+    difference blocked - bad fine-tune beside them. ``kept_ci`` / ``cut_ci``: 95% intervals from a
+    paired bootstrap over questions of the ratio (``intervals.bootstrap_ratio`` of each question's
+    blocked - base over its bad - base, the ``per_question`` of ``differences``; None where those are
+    missing or the bad shift's resamples are too often not positive); a bar is read off them, never
+    off the point. The ratio is given only where the bad shift is positive with its 95% interval
+    above zero (else ``kept`` and ``cut`` are None and ``note`` says why): a ratio over a shift that
+    may be nothing is noise."""
     out = {}
     for name in BLOCK_RUNS:
         per = {}
@@ -178,17 +182,46 @@ def blocking_figures(differences: dict) -> dict:
                 continue
             real = shift["difference"] > 0 and shift["ci"][0] > 0
             kept = d["difference"] / shift["difference"] if real else None
+            boot = _kept_bootstrap(d, shift) if real else None
+            ci = None if boot is None else boot["ci"]
             per[pair_set] = {
                 "shift": d["difference"],
                 "bad_shift": shift["difference"],
                 "bad_shift_ci": shift["ci"],
                 "kept": kept,
+                "kept_ci": ci,
                 "cut": None if kept is None else 1 - kept,
-                "note": None
-                if real
-                else "the bad fine-tune's shift over the base model is not "
-                "positive beyond its 95% interval: no ratio",
+                "cut_ci": None if ci is None else [1 - ci[1], 1 - ci[0]],
+                "bootstrap": None
+                if boot is None
+                else {k: boot[k] for k in ("n", "n_boot", "undefined_share")},
+                "note": _note(real, boot),
                 "versus_bad": differences.get(f"{name} - full_bad", {}).get(pair_set),
             }
         out[name] = per
     return out
+
+
+def _kept_bootstrap(blocked: dict, bad: dict) -> dict | None:
+    """``bootstrap_ratio`` of the blocked run's per-question shift over the bad fine-tune's (both
+    over the base model, the same questions); None when a difference lacks its ``per_question``."""
+    from saediff.evaluation.intervals import bootstrap_ratio
+
+    if "per_question" not in blocked or "per_question" not in bad:
+        return None
+    return bootstrap_ratio(blocked["per_question"], bad["per_question"])
+
+
+def _note(real: bool, boot: dict | None) -> str | None:
+    if not real:
+        return (
+            "the bad fine-tune's shift over the base model is not positive beyond its 95% interval: no ratio"
+        )
+    if boot is None:
+        return "no per-question differences: no interval"
+    if boot["ci"] is None:
+        return (
+            f"the bad shift's mean is not positive in {boot['undefined_share']:.0%} of the bootstrap's "
+            "resamples: no interval"
+        )
+    return None

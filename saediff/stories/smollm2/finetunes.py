@@ -80,14 +80,23 @@ def em_figures(em: dict) -> dict:
 
 def differences(out: Path, names: list[str], pair_sets: tuple[str, ...]) -> dict:
     """``{"A - B": {pair set: paired_difference}}`` for the ``COMPARISONS`` whose two models ran,
-    from the per-question rows of their ``pairs.jsonl``."""
-    from saediff.evaluation.pairs import paired_difference
+    from the per-question rows of their ``pairs.jsonl``; each with ``per_question``, question id ->
+    A's preference minus B's (what BLOCK-EM's ratios are bootstrapped over, paired by question)."""
 
     def rows(name: str, pair_set: str) -> list[dict]:
         return [r for _, r in read_jsonl(out / "eval" / name / slug(pair_set) / "pairs.jsonl", "pair scores")]
 
     return {
-        f"{a} - {b}": {s: paired_difference(rows(a, s), rows(b, s), a=a, b=b) for s in pair_sets}
+        f"{a} - {b}": {s: _paired(rows(a, s), rows(b, s), a, b) for s in pair_sets}
         for a, b in COMPARISONS
         if a in names and b in names
     }
+
+
+def _paired(rows_a: list[dict], rows_b: list[dict], a: str, b: str) -> dict:
+    """``paired_difference`` of A's and B's rows with the per-question differences beside it."""
+    from saediff.evaluation.pairs import paired_difference
+
+    d = paired_difference(rows_a, rows_b, a=a, b=b)  # raises unless both hold the same questions
+    pb = {r["id"]: float(r["preference"]) for r in rows_b}
+    return {**d, "per_question": {str(r["id"]): float(r["preference"]) - pb[r["id"]] for r in rows_a}}

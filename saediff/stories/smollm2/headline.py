@@ -4,6 +4,7 @@ differences, then the story's steps (SAE, steering, BLOCK-EM)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 from saediff.stories.smollm2.recipe import DESIGN, HELDOUT, MEDICAL
 
@@ -198,7 +199,7 @@ def _steer_rows(s: dict, split: str) -> list[dict]:
         c = arm.get("candidates", {}).get(best)
         if c is None:
             continue
-        lo = (c["removed_ci"] or [None])[0]
+        verdict = _removal_verdict(c, arm["random_removed"])
         rows.append(
             _row(
                 s,
@@ -207,23 +208,41 @@ def _steer_rows(s: dict, split: str) -> list[dict]:
                 split,
                 c["removed"],
                 "interval above 0, above every random direction",
-                None if c["above_random"] is None else lo is not None and lo > 0 and c["above_random"],
+                None if verdict is None else verdict == "holds",
                 ci=c["removed_ci"],
+                verdict=verdict,
                 share=c["share"],
+                share_ci=c.get("share_ci"),
                 random=arm["random_removed"],
             )
         )
     return rows
 
 
-BLOCK_BARS: tuple[tuple[str, str, str, str | None, str, Callable[[float], bool]], ...] = (
+def _removal_verdict(c: dict, random: list[float]) -> str | None:
+    """A projection check's verdict, as the steering null's: ``holds`` when the removal's paired
+    interval lies above 0 and it removes more than every random direction, ``fails`` when the whole
+    interval lies at or below what the best random direction removes, else ``inconclusive`` (None:
+    no random directions to hold it against)."""
+    if c["above_random"] is None or not random:
+        return None
+    ci = c["removed_ci"]
+    if ci is None:
+        return "inconclusive"
+    if ci[0] > 0 and c["above_random"]:
+        return "holds"
+    return "fails" if ci[1] <= max(random) else "inconclusive"
+
+
+BLOCK_BARS: tuple[tuple[str, str, str, str | None, str, float, Literal[">=", "<="]], ...] = (
     (
         "block_diff",
         "BLOCK-EM with the diff's latents: off-domain shift cut",
         "cut",
         None,
         ">= 50%",
-        lambda x: x >= 0.5,
+        0.5,
+        ">=",
     ),
     (
         "block_diff",
@@ -231,7 +250,8 @@ BLOCK_BARS: tuple[tuple[str, str, str, str | None, str, Callable[[float], bool]]
         "kept",
         MEDICAL,
         ">= 70%",
-        lambda x: x >= 0.7,
+        0.7,
+        ">=",
     ),
     (
         "block_random",
@@ -239,33 +259,42 @@ BLOCK_BARS: tuple[tuple[str, str, str, str | None, str, Callable[[float], bool]]
         "cut",
         None,
         "<= 20%",
-        lambda x: x <= 0.2,
+        0.2,
+        "<=",
     ),
 )
 """BLOCK-EM's findings: (run, phenomenon, figure of ``blocking_figures``, pair set (None: the report
-split), bar, the test of the bar)"""
+split), bar as text, the bar's value and side; ``intervals.bar_verdict`` reads it off the figure's
+bootstrap interval)"""
 
 
 def _block_rows(s: dict, split: str) -> list[dict]:
-    """Each blocked run's cut (kept) share of the bad fine-tune's shift against its bar."""
+    """Each blocked run's cut (kept) share of the bad fine-tune's shift against its bar: ``ci`` the
+    share's paired bootstrap interval over questions, ``verdict`` holds / fails / inconclusive from
+    that interval (``holds``: the verdict is ``holds``)."""
+    from saediff.evaluation.intervals import bar_verdict
+
     block = s.get("blocking") or {}
     rows = []
-    for name, label, key, where, bar, test in BLOCK_BARS:
+    for name, label, key, where, bar, value, side in BLOCK_BARS:
         where = where or split
         b = block.get(name, {}).get(where)
         if b is not None:
             versus = b["versus_bad"] or {}
-            x = b[key]
+            ci = b.get(f"{key}_ci")
+            verdict = bar_verdict(ci, value, side)
             rows.append(
                 _row(
                     s,
                     label,
                     f"{name} vs full_bad",
                     where,
-                    x,
+                    b[key],
                     bar,
-                    x is not None and test(x),
-                    ci=None,
+                    verdict == "holds",
+                    ci=ci,
+                    verdict=verdict,
+                    note=b.get("note"),
                     versus_bad=versus.get("difference"),
                     versus_bad_ci=versus.get("ci"),
                     versus_bad_t=versus.get("t"),

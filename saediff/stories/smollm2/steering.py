@@ -100,6 +100,7 @@ def steer_by_pairs(
             base_preference=result["base"]["preference"],
             randoms={n: d.vector for n, d in controls.items()},
             base_means=base_means,
+            base_scores=_scores(out / "report" / "base"),  # select_and_report's unsteered base
         )
         result["project"]["random_directions"] = {n: d.provenance for n, d in controls.items()}
     atomic_write_json(out / "steer.json", result)
@@ -161,7 +162,7 @@ def _made_by(base, run_dir: Path, select, report, n_latents, kl_budget, levels, 
     return json.loads(
         json.dumps(
             {
-                "protocol": 4,
+                "protocol": 5,  # 5: the projection share's bootstrap interval (share_ci)
                 "diff": read_run(run_dir)["steps"]["diff"].get("sae_identity"),
                 "model": model_fingerprint(base),
                 "directions": file_digest(run_dir / "directions" / "directions.safetensors"),
@@ -237,6 +238,7 @@ def project_by_pairs(
     base_preference: float,
     randoms: dict[str, torch.Tensor],
     base_means: dict[str, dict[int, float]],
+    base_scores: dict[str, float] | None = None,
 ) -> dict:
     """The projection checks: each candidate direction removed from the fine-tune's residual after
     every block (``project``: directional ablation, ``steering.project_out``) or held there at the
@@ -245,15 +247,19 @@ def project_by_pairs(
     by the pair evaluator ``report``, beside the ``randoms`` directions treated the same way.
     ``removed``: the preference the intervention takes away from the fine-tune, paired over the
     same questions (95% t interval); ``share``: that over the fine-tune's shift from the base model
-    (``base_preference``), when the shift is positive. Evaluations are cached under ``out/report/``
-    (``evals.evaluate_once``)."""
+    (``base_preference``), when the shift is positive, with ``share_ci``, its 95% interval from a
+    paired bootstrap over questions (``intervals.bootstrap_ratio`` of each question's removal over
+    its shift; needs the base model's per-question preferences ``base_scores``, else None).
+    Evaluations are cached under ``out/report/`` (``evals.evaluate_once``)."""
     from saediff.evaluation.evals import evaluate_once
     from saediff.models.loading import load_model
 
     lm = load_model(finetuned)
     ft = evaluate_once(report, lm, out / "report" / "finetuned", "finetuned")["preference"]
     shift = ft - base_preference
-    removed = partial(_removed, lm, report, out, _pair_rows(out / "report" / "finetuned"), shift, base_means)
+    removed = partial(
+        _removed, lm, report, out, _pair_rows(out / "report" / "finetuned"), shift, base_means, base_scores
+    )
     result = {
         "finetuned_preference": ft,
         "shift": shift,
@@ -270,6 +276,13 @@ def project_by_pairs(
     return result
 
 
+def _scores(folder: Path) -> dict[str, float]:
+    """The per-question preferences of an evaluation's ``em.json`` (``scores``)."""
+    from saediff.interventions.steer_protocol import item_scores
+
+    return item_scores(json.loads((folder / "em.json").read_text()))
+
+
 def _pair_rows(folder: Path) -> list[dict]:
     """The per-question rows of an evaluation's ``pairs.jsonl``."""
     from saediff._io import read_jsonl
@@ -284,6 +297,7 @@ def _removed(
     ft_rows: list[dict],
     shift: float,
     base_means: dict[str, dict[int, float]],
+    base_scores: dict[str, float] | None,
     name: str,
     kind: str,
     vector: torch.Tensor,
@@ -291,8 +305,10 @@ def _removed(
     """Direction ``vector`` (d,) projected out of (``kind`` ``project``) or clamped at the base
     model's mean projection in (``clamp``) the fine-tune ``lm`` after every block, scored by
     ``report``: the preference it removes, paired with the fine-tune's rows ``ft_rows`` over the
-    same questions, and that as a share of the fine-tune's ``shift`` when the shift is positive."""
+    same questions, and that as a share of the fine-tune's ``shift`` when the shift is positive, with
+    its paired bootstrap interval over questions when ``base_scores`` gives the base model's."""
     from saediff.evaluation.evals import evaluate_once
+    from saediff.evaluation.intervals import bootstrap_ratio
     from saediff.evaluation.pairs import paired_difference
     from saediff.interventions.steering import clamp_projection, project_out
 
@@ -305,7 +321,15 @@ def _removed(
     )
     cond = f"{name}_{kind}_all"
     r = evaluate_once(report, lm, out / "report" / cond, cond, ctx)
-    paired = paired_difference(ft_rows, _pair_rows(out / "report" / cond), a="finetuned", b=cond)
+    rows = _pair_rows(out / "report" / cond)
+    paired = paired_difference(ft_rows, rows, a="finetuned", b=cond)
+    share_ci = None
+    if shift > 0 and base_scores is not None:
+        ft = {str(x["id"]): float(x["preference"]) for x in ft_rows}
+        after = {str(x["id"]): float(x["preference"]) for x in rows}
+        removed = {q: ft[q] - after[q] for q in ft}  # (fine-tune - ablated) per question
+        gained = {q: ft[q] - base_scores[q] for q in ft if q in base_scores}  # (fine-tune - base)
+        share_ci = bootstrap_ratio(removed, gained)["ci"]
     return {
         "preference": r["preference"],
         "mc1": r["em_rate"],
@@ -313,6 +337,7 @@ def _removed(
         "removed_ci": paired["ci"],
         "removed_t": paired["t"],
         "share": paired["difference"] / shift if shift > 0 else None,
+        "share_ci": share_ci,
     }
 
 
