@@ -91,7 +91,10 @@ def main() -> None:
     from saediff.models.loading import load_model
 
     bf16 = args.precision == "bf16" or (args.precision == "auto" and bf16_cpu())
-    print(f"cpu bf16 (AMX or AVX512-BF16): {bf16_cpu()}; precision: {'bf16 autocast' if bf16 else 'fp32'}", flush=True)
+    print(
+        f"cpu bf16 (AMX or AVX512-BF16): {bf16_cpu()}; precision: {'bf16 autocast' if bf16 else 'fp32'}",
+        flush=True,
+    )
     lm = load_model("smollm2-135m")
     report_pairs, design = offdomain_pairs("heldout"), offdomain_pairs("design")
     questions = [q["question"] for q in neutral_questions()]
@@ -119,13 +122,18 @@ def main() -> None:
             cost,
             null=NullConfig(n_isotropic=args.nulls, n_covariance=args.nulls, n_permuted=0),
         )
-    rows = {n: (c.effect, c.effect_ci, c.cost_kl, c.p_value, c.beats_null, c.verdict) for n, c in sel.candidates.items()}
+    rows = {
+        n: (c.effect, c.effect_ci, c.cost_kl, c.p_value, c.beats_null, c.verdict)
+        for n, c in sel.candidates.items()
+    }
     for n, r in rows.items():
-        eff, ci, kl, p, beats, verdict = r
+        eff, ci, kl, p, _, verdict = r
         lo, hi = ci or (float("nan"), float("nan"))
         print(f"{n:10s} effect {eff:+.3f} [{lo:+.3f}, {hi:+.3f}] KL {kl:.3f} p {p:.3f} {verdict}", flush=True)
     first = next(iter(sel.candidates.values()))
-    print("null quantiles at the budget:", json.dumps({k: round(v, 3) for k, v in first.null_quantiles.items()}))
+    print(
+        "null quantiles at the budget:", json.dumps({k: round(v, 3) for k, v in first.null_quantiles.items()})
+    )
     print(f"seconds: {time.time() - t0:.0f}; conditions under {folder}")
     fp = sum(sel.candidates[n].beats_null for n in cands) / len(cands)
     power = sum(sel.candidates[n].beats_null for n in plants) / len(plants)

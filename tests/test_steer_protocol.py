@@ -25,8 +25,7 @@ from saediff.interventions.causal import DiscoverConfig, discover_latents
 from saediff.interventions.steer_null import NullConfig
 from saediff.models.hooks import capture_resid
 from saediff.models.loading import ModelSpec, load_model
-from saediff.models.provenance import sae_fingerprint
-from saediff.saes.loading import load_sae, save_sae
+from saediff.saes.loading import load_sae
 
 IDS = torch.tensor([[5, 17, 42, 99]])
 
@@ -126,7 +125,7 @@ def test_protocol_prices_by_kl_chooses_on_one_half_and_reports_against_the_null(
     ref = sel.unsteered["induce"]
     assert ref["select"]["coherent_rate"] == 1.0 and ref["report"]["n_responses"] == 4  # 4 of the 8 questions
     assert sel.costs == [0.0015, 0.003, 0.006] and sel.null_config["n"] == 6
-    for name, c in sel.candidates.items():
+    for c in sel.candidates.values():
         assert c.passed and c.scale_abs == pytest.approx(c.scale * 0.5)
         assert set(c.select_sweep) == {"0.0015", "0.003", "0.006"}
         for level, row in c.select_sweep.items():  # every level costs what it names, within the search's 5%
@@ -200,7 +199,7 @@ def test_discover_decides_on_the_report_half_against_the_null_in_both_arms(tiny_
     run = tmp_path / "run"
     shutil.copytree(diff_run / "run", run)
     with FakeOpenAIServer(judge_fn=empty_is_incoherent) as server:
-        cost = lambda lm: _cost(lm, tmp_path)  # noqa: E731
+        cost = lambda lm: _cost(lm, tmp_path)
         res = discover_latents(run, base, ft, _evaluator(server, tmp_path), cfg, cost=cost)
     assert _ids(run / "discover" / "select" / "base" / "responses.jsonl").isdisjoint(
         _ids(run / "discover" / "report" / "base" / "responses.jsonl")
