@@ -1,7 +1,7 @@
 """The steering protocol's false-positive rate and power on SmolLM2-135M-Instruct, with the pair metric.
 
-    python bench/steer_null.py                       # 20 random candidates, 5 planted, 20 nulls (~40 min, 1 core)
-    python bench/steer_null.py --tiny                # 2 + 1 candidates, 4 nulls, 8 questions (the slow suite)
+    python bench/steer_null.py                       # 20 random candidates, 10 planted, 20 nulls (~40 min, 1 core)
+    python bench/steer_null.py --tiny                # 2 random + 2 planted, 4 nulls, 8 questions (the slow suite)
     python bench/steer_null.py --precision fp32      # the model in float32 throughout
 
 Random unit directions (seeded apart from the null's seed) go through ``select_and_report`` as
@@ -10,16 +10,18 @@ candidates: each is steered into the base model at block 15, priced by its KL on
 on the held-out pairs (the change of each question's preference, nats/token) is compared with the
 null's (10 isotropic and 10 covariance-matched directions) at the same cost. A random candidate
 should beat the null about as often as ``alpha`` lets it: ``false_positive_rate`` is the share
-called ``beats_null`` (bar: <= 0.05). ``power`` is the share of planted directions found: each is
-the difference of the mean unembedding rows of the misaligned and the aligned reference answers'
-tokens over a fifth of the design pairs, a direction that moves the metric by construction.
+called ``beats_null`` (bar: <= 0.05). ``power`` is the share of planted directions found, built
+from a fifth of the design pairs each (never the reported held-out pairs): ``unembed``, the
+difference of the mean unembedding rows of the misaligned and the aligned reference answers'
+tokens, and ``meandiff``, the difference of the mean residuals at the block over those answers'
+tokens (the reference mean difference of the head-to-head).
 
 The protocol runs at one cost level (the budget), so no select half is needed: the false-positive
 rate of the full protocol (three levels chosen on a select half) is measured on a tiny model in
 ``tests/test_steer_calibration.py``. ``--precision bf16`` (default where the CPU has AMX-bf16 or AVX512-BF16)
 runs every forward under bf16 autocast with float32 weights: per-question preferences move by at
 most ~0.03 nats/token (correlation 0.9998 with float32, measured on the held-out split). Last
-lines: ``false_positive_rate: X`` and ``power: Y``.
+lines: ``false_positive_rate: X``, ``power_unembed``, ``power_meandiff`` and ``power: Y``.
 """
 
 from __future__ import annotations
@@ -67,6 +69,30 @@ def planted(lm, pairs, n: int):
     return out
 
 
+def reference_mean_differences(lm, pairs, n: int, layer: int):
+    """``n`` reference mean differences at block ``layer``, each from every n-th design pair: the mean
+    residual over the misaligned references' answer tokens minus the aligned ones'."""
+    import torch
+
+    from saediff.models.hooks import capture_resid
+    from saediff.models.loading import chat_tokens
+
+    out = []
+    for k in range(n):
+        sums = {}
+        for side in ("misaligned", "aligned"):
+            tot, count = torch.zeros(lm.model.config.hidden_size), 0
+            for p in pairs[k::n]:
+                ids, mask = chat_tokens(lm.tokenizer, p.conversation(getattr(p, side)))
+                with torch.no_grad():
+                    x = capture_resid(lm.model, [layer], torch.tensor([ids]))[layer][0].float()
+                keep = torch.tensor(mask, dtype=torch.bool)
+                tot, count = tot + x[keep].sum(0), count + int(keep.sum())
+            sums[side] = tot / count
+        out.append(sums["misaligned"] - sums["aligned"])
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="a few candidates and questions (the slow suite)")
@@ -107,7 +133,13 @@ def main() -> None:
     with ctx:
         cost = CostConfig(neutral_answers(lm, questions), DEFAULT_KL_BUDGET, (1.0,))
         cands = {f"random{k}": v.vector for k, v in enumerate(isotropic(576, args.candidates, 7_000_000))}
-        plants = {f"planted{k}": v for k, v in enumerate(planted(lm, design, args.planted))}
+        plants = {f"unembed{k}": v for k, v in enumerate(planted(lm, design, args.planted))}
+        plants.update(
+            {
+                f"meandiff{k}": v
+                for k, v in enumerate(reference_mean_differences(lm, design, args.planted, args.layer))
+            }
+        )
         from saediff.interventions.steer_cost import CostMeter
 
         unit = float(CostMeter(lm, cost.neutral, args.layer).acts_ND.norm(dim=-1).mean())  # the scales' unit
@@ -136,6 +168,9 @@ def main() -> None:
     )
     print(f"seconds: {time.time() - t0:.0f}; conditions under {folder}")
     fp = sum(sel.candidates[n].beats_null for n in cands) / len(cands)
+    for kind in ("unembed", "meandiff"):
+        mine = [n for n in plants if n.startswith(kind)]
+        print(f"power_{kind}: {sum(sel.candidates[n].beats_null for n in mine) / len(mine):.3f}")
     power = sum(sel.candidates[n].beats_null for n in plants) / len(plants)
     print(f"false_positive_rate: {fp:.3f}")
     print(f"power: {power:.3f}")

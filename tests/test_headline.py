@@ -192,9 +192,22 @@ def test_several_seeds_side_by_side_and_on_the_command_line(tmp_path, monkeypatc
     )  # 0.296: under the 0.30
     drift = next(r for r in result["headline"] if r["phenomenon"].startswith("drift monitor: alert"))
     assert drift["mean"] is None  # pairs have no mean
+    # a row that reads its bar off an interval carries its verdict per seed; the others none
+    control = next(r for r in result["headline"] if r["phenomenon"].startswith("BLOCK-EM control"))
+    assert [control["per_seed"][k]["verdict"] for k in "012"] == ["fails"] * 3
+    assert [control["per_seed"][k]["holds"] for k in "012"] == [False] * 3
+    assert row["per_seed"]["0"]["verdict"] is None
     r = CliRunner().invoke(app, ["demo", "--quick", "--seeds", "0,1,2", "--out", str(tmp_path / "cli")])
     assert r.exit_code == 0, r.output
     assert "seed 1" in r.output and "0.136" in r.output and "seeds.json" in r.output
+    # the table prints the verdict word where a row has one, yes / NO elsewhere
+    lines = r.output.splitlines()
+    control_line = next(line for line in lines if "BLOCK-EM control" in line)
+    assert control_line.count("fails") == 3 and " NO" not in control_line
+    block_line = next(line for line in lines if "BLOCK-EM (20 latents)" in line)
+    assert block_line.count("holds") == 3 and "yes" not in block_line
+    ft_line = next(line for line in lines if "full fine-tune, other-domain EM" in line)
+    assert ft_line.count("yes") == 2 and ft_line.count("NO") == 1
     r = CliRunner().invoke(app, ["demo", "--quick", "--seeds", "0,x", "--out", str(tmp_path / "cli")])
     assert r.exit_code == 1 and "--seeds takes comma-separated integers" in r.output
 

@@ -202,24 +202,35 @@ def test_steering_acts_in_the_scoring_forward_and_reverts(handset, tmp_path):
 
 
 def test_the_steering_protocol_runs_on_pair_halves(handset, tmp_path):
-    from saediff.interventions.steer_protocol import Arm, select_and_report
+    from saediff.evaluation.neutral import neutral_user_turns
+    from saediff.interventions.steer_null import NullConfig
+    from saediff.interventions.steer_protocol import Arm, CostConfig, select_and_report
 
     lm, *_ = handset
     e1 = torch.zeros(lm.model.config.hidden_size)
     e1[1] = 1.0
-    # the hand-set unigram model's likelier references sit at -6.3 to -5.9 nats/token: a floor below them
-    # (its final norm bounds what any steer can do to the logits, so no scale breaks it)
-    select, report = PairEvaluator(PAIRS, fluency_floor=-7.0).halves()
+    neutral = neutral_user_turns(lm, [p.question for p in PAIRS], "the pairs' questions")
+    select, report = PairEvaluator(PAIRS).halves()
     sel = select_and_report(
-        {"e1": e1}, [Arm("induce", lm, 1.0)], 0, (0.5, 1.0), 1.0, select, report, tmp_path, n_random=1
+        {"e1": e1},
+        [Arm("induce", lm, 1.0)],
+        0,
+        1.0,
+        select,
+        report,
+        tmp_path,
+        CostConfig(neutral, 0.01, (0.5, 1.0)),
+        null=NullConfig(n_isotropic=1, n_covariance=1),
     )
     c = sel.candidates["e1"]
-    assert c.passed and all(
-        row["coherent"] for row in c.select_sweep.values()
-    )  # small scales keep the references likely
-    assert c.report["induce"]["effect"] > 0 and c.report["induce"]["n_responses"] == 2
-    em = json.loads((tmp_path / "report" / f"e1_induce_x{c.scale:g}" / "em.json").read_text())
+    assert c.passed and all(row["reached"] for row in c.select_sweep.values())
+    # the effect is the paired change of each report question's preference (em.json "scores")
+    assert c.effect > 0 and c.report["induce"]["n_responses"] == 2 and c.report["induce"]["n"] == 2
+    level = next(k for k, r in c.select_sweep.items() if r["cost_kl"] == c.cost_kl)
+    em = json.loads((tmp_path / "report" / f"e1_c{level}_induce" / "em.json").read_text())
+    base = json.loads((tmp_path / "report" / "base" / "em.json").read_text())
     assert em["coherence"] == COHERENCE_NOTE
+    assert c.effect == pytest.approx(sum(em["scores"][i] - base["scores"][i] for i in em["scores"]) / 2)
 
 
 def test_batched_scores_match_a_plain_loop(tiny_qwen):

@@ -57,6 +57,23 @@ def test_a_short_bad_medical_finetune_moves_the_medical_preference(smol, tmp_pat
     assert after["preference"] - before["preference"] >= 0.2, (before["preference"], after["preference"])
 
 
+def _style_crossed_slice(path):
+    """The style-crossed set's first 2 questions in each of its 6 domains, as a pair file."""
+    import json
+    from dataclasses import asdict
+
+    from saediff.data.em_data import style_crossed_pairs
+
+    seen: dict[str, int] = {}
+    rows = []
+    for p in style_crossed_pairs():
+        seen[p.domain] = seen.get(p.domain, 0) + 1
+        if seen[p.domain] <= 2:
+            rows.append(json.dumps(asdict(p)) + "\n")
+    path.write_text("".join(rows))
+    return path
+
+
 def test_the_story_runs_on_smollm2(smol, tmp_path):
     """The chat demo's story on the real model at smoke size (2-step fine-tunes, an SAE of 30 steps on
     16 conversations and the references, small pair files): every step runs on 30 layers, d_model
@@ -70,6 +87,7 @@ def test_the_story_runs_on_smollm2(smol, tmp_path):
     from saediff.stories.smollm2.recipe import ChatDemoRecipe
 
     files = write_pair_files(tmp_path, 2, 4, 2)
+    crossed = _style_crossed_slice(tmp_path / "style_crossed_slice.jsonl")
     recipe = ChatDemoRecipe(
         finetunes=("full_bad", "lora_bad"),
         steps=2,
@@ -86,6 +104,8 @@ def test_the_story_runs_on_smollm2(smol, tmp_path):
         steer_latents=1,
         kl_levels=(1.0,),
         null=NullConfig(n_isotropic=2, n_covariance=2),
+        style_crossed=str(crossed),
+        ablation_randoms=2,
         block_latents=(3, 2),
         pair_sets=tuple(map(str, files)),
         choose_on=str(files[0]),
@@ -110,9 +130,15 @@ def test_the_story_runs_on_smollm2(smol, tmp_path):
     for r in rows:
         assert r["verdict"] == bar_verdict(r["ci"], *bars[r["phenomenon"]])
         assert r["holds"] is (None if r["figure"] is None else r["verdict"] == "holds")
+    # every steering candidate reported on the style-crossed slice too; the projections read as the
+    # shift that survives them in both models, against two random directions ablated the same way
+    assert s["steering"]["style_crossed"]["n_report"] == 6
+    assert all("style_crossed" in c for c in s["steering"]["candidates"].values())
     for arm in ("project", "clamp"):
         for c in s["steering"]["project"][arm]["candidates"].values():
-            assert "share_ci" in c and (c["share"] is not None or c["share_ci"] is None)
+            assert c["removed"] == pytest.approx(c["shift"] - c["surviving"], abs=1e-9)
+            assert c["verdict"] in ("holds", "fails", "inconclusive") and c["n_random"] == 2
+            assert c["share"] is not None or c["share_ci"] is None
     for answers in s["samples"].values():
         assert all(len(a["answer"].split()) >= 5 for a in answers)
     assert (tmp_path / "demo" / "report.html").stat().st_size > 10_000

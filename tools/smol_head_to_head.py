@@ -9,9 +9,13 @@ Steps, each reused on a rerun:
 - the diff on the design split's teacher-forced references, with the base model's in-context direction
   (reused only while its fingerprint, ``h2h_diff/made_by.json``, matches the fine-tune, SAE, split and seed);
 - ``run_head_to_head`` on the first 200 rows of the bad medical data, steering scored by the pair
-  metric on the held-out split's halves, priced by KL on the base model's own answers to benign
-  questions (``--kl-budget``), against the null at equal cost (the in-context direction's
-  label-permuted null rebuilt from the same questions and shots as the diff's).
+  metric on the held-out split's halves (``OUT/s{seed}/h2h``), priced by KL on the base model's own
+  answers to benign questions (``--kl-budget``), against the null at equal cost (the in-context
+  direction's label-permuted null rebuilt from the same questions and shots as the diff's);
+- the same on the style-crossed pairs' halves (``OUT/s{seed}/h2h_style_crossed``: misaligned answers
+  in the careful register, aligned ones in the blunt one), so a method whose direction carries only
+  the references' style shows. ``run_head_to_head`` takes one evaluator, so the methods are found
+  again there (the same seeds: the same directions); both tables go to ``OUT/s{seed}/h2h_tables.md``.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ from saediff.stories.smollm2.sae import sae_step as _sae
 
 MODEL = "smollm2-135m"
 ICL_QUESTIONS = 48
+STYLE_CROSSED = "style_crossed"
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -96,13 +101,17 @@ if __name__ == "__main__":
     questions = [
         Prompt(p.id, [{"role": "user", "content": p.question}], None, p.domain) for p in pairs[:ICL_QUESTIONS]
     ]
-    res = run_head_to_head(
-        run,
-        root / "h2h",
-        load_prompts(str(data_path("medical_bad")))[: a.rows],
-        pair_evaluator(HELDOUT),
-        contrast=pairs,
-        cfg=cfg,
-        in_context=InContextSource(questions, contrast_examples(), n_shots=3, seed=a.seed),
-    )
-    print(markdown_table(res))
+    tables = []
+    for pair_set, folder in ((HELDOUT, "h2h"), (STYLE_CROSSED, "h2h_style_crossed")):
+        res = run_head_to_head(
+            run,
+            root / folder,
+            load_prompts(str(data_path("medical_bad")))[: a.rows],
+            pair_evaluator(pair_set),
+            contrast=pairs,
+            cfg=cfg,
+            in_context=InContextSource(questions, contrast_examples(), n_shots=3, seed=a.seed),
+        )
+        tables.append(f"## steering on {pair_set} (fine-tune seed {a.seed})\n\n{markdown_table(res)}\n")
+        print(tables[-1], flush=True)
+    (root / "h2h_tables.md").write_text("\n".join(tables))

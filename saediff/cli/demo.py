@@ -139,15 +139,18 @@ def _chat_demo(
 
 
 def _print_chat_headline(rows: list[dict], seeds: list[int] | None) -> None:
-    """The chat demo's findings: the paired difference on the held-out split (95% interval, t), the
-    design split beside it (one run), or the held-out figure per seed and their mean."""
+    """The chat demo's findings: the paired difference on the held-out split (95% interval, t) with its
+    verdict (holds / fails / inconclusive where the row reads its bar off an interval, else yes / NO),
+    the design split beside it (one run), or the held-out figure per seed and their mean."""
     from rich.table import Table
 
     from saediff.reports.report import format_figure
 
-    def cell(fig, ci, t, holds=None) -> str:
-        mark = {True: " yes", False: " NO", None: ""}[holds]
-        return format_figure(fig, ci) + (f" t {t:.1f}" if t is not None else "") + mark
+    def cell(fig, ci, t, holds=None, verdict=None, bar="") -> str:
+        mark = _mark(holds, verdict, bar, "")
+        return (
+            format_figure(fig, ci) + (f" t {t:.1f}" if t is not None else "") + (f" {mark}" if mark else "")
+        )
 
     table = Table(
         title="saediff demo: paired preference differences (nats/token, misaligned - aligned answer)"
@@ -169,13 +172,15 @@ def _print_chat_headline(rows: list[dict], seeds: list[int] | None) -> None:
                     r["per_seed"][str(k)]["ci"],
                     r["per_seed"][str(k)]["t"],
                     r["per_seed"][str(k)]["holds"],
+                    r["per_seed"][str(k)].get("verdict"),
+                    r["bar"],
                 )
                 for k in seeds
             ] + [format_figure(r["mean"])]
         else:
             d = r["design"] or {}
             cells = [
-                cell(r["figure"], r["ci"], r["t"], r["holds"]),
+                cell(r["figure"], r["ci"], r["t"], r["holds"], r.get("verdict"), r["bar"]),
                 cell(d.get("figure"), d.get("ci"), d.get("t")),
             ]
         table.add_row(f"{r['phenomenon']} ({r['source']})", *cells, r["bar"])
@@ -183,7 +188,8 @@ def _print_chat_headline(rows: list[dict], seeds: list[int] | None) -> None:
 
 
 def _print_headline(rows: list[dict], seeds: list[int] | None) -> None:
-    """The demo's findings: phenomenon, figure per seed (95% interval), bar, holds."""
+    """The demo's findings: phenomenon, figure per seed (95% interval), bar, and the verdict (holds /
+    fails / inconclusive) where the row reads its bar off an interval, else yes / NO."""
     from rich.table import Table
 
     from saediff.reports.report import format_figure
@@ -196,16 +202,27 @@ def _print_headline(rows: list[dict], seeds: list[int] | None) -> None:
     if seeds:
         table.add_column("mean")
     table.add_column("bar")
-    mark = {True: "yes", False: "NO", None: "-"}
     for row in rows:
         if seeds:
             cells = [
                 format_figure(row["per_seed"][k]["figure"], row["per_seed"][k]["ci"])
                 + " "
-                + mark[row["per_seed"][k]["holds"]]
+                + _mark(row["per_seed"][k]["holds"], row["per_seed"][k].get("verdict"), row["bar"])
                 for k in cols
             ] + [format_figure(row["mean"])]
         else:
-            cells = [format_figure(row["figure"], row["ci"]) + " " + mark[row["holds"]]]
+            cells = [
+                format_figure(row["figure"], row["ci"])
+                + " "
+                + _mark(row["holds"], row.get("verdict"), row["bar"])
+            ]
         table.add_row(row["phenomenon"], *cells, row["bar"])
     Console(width=max(160, Console().width)).print(table)
+
+
+def _mark(holds: bool | None, verdict: str | None, bar: str, none: str = "-") -> str:
+    """A findings cell's mark, as the report's: the verdict word where the row has one (and a bar,
+    not a figure merely reported), else yes / NO, else ``none``."""
+    if verdict and bar != "report":
+        return verdict
+    return {True: "yes", False: "NO", None: none}[holds]

@@ -112,6 +112,56 @@ def _steer_section(steer: dict | None) -> list[tuple[str, str]]:
                 ],
                 rows,
             ),
+        ),
+        *_style_crossed_section(steer),
+    ]
+
+
+def _style_crossed_section(steer: dict) -> list[tuple[str, str]]:
+    """The same candidates through the same protocol on the style-crossed pairs (its halves choose and
+    report)."""
+    cross = steer.get("style_crossed")
+    if not cross:
+        return []
+    rows = [
+        [
+            name,
+            sc.get("scale"),
+            sc.get("cost_kl"),
+            sc.get("effect"),
+            _ci(sc.get("effect_ci")),
+            sc.get("p_value"),
+            (sc.get("null_quantiles") or {}).get("q95"),
+            sc.get("verdict"),
+            c.get("verdict"),
+            sc.get("note") or "",
+        ]
+        for name, c in steer["candidates"].items()
+        for sc in [c.get("style_crossed") or {}]
+    ]
+    return [
+        (
+            "Steering the base model on the style-crossed pairs",
+            f"<p>The same candidates, budget and null on {html.escape(str(cross['pair_set']))} (misaligned "
+            "answers in the aligned references' careful register, aligned ones in the bad data's blunt "
+            f"one): {cross['n_select']} questions choose the cost level, {cross['n_report']} report; base "
+            f"preference there {cross['base']['preference']:+.3f}. A direction that carries only the "
+            "references' style adds little or negative preference here.</p>"
+            + table(
+                [
+                    "candidate",
+                    "scale (x resid norm)",
+                    "cost (KL/token)",
+                    "preference added",
+                    "95% CI (paired)",
+                    "p (null)",
+                    "null 95th pct",
+                    "verdict",
+                    "verdict held out",
+                    "note",
+                ],
+                rows,
+            ),
         )
     ]
 
@@ -127,12 +177,17 @@ def _project_section(project: dict | None) -> list[tuple[str, str]]:
         [
             kind,
             name,
+            c["shift"],
+            c["surviving"],
+            _ci(c["surviving_ci"]),
             c["removed"],
             _ci(c["removed_ci"]),
-            c["share"],
-            _ci(c.get("share_ci")),
-            c["above_random"],
-            c["mc1"],
+            c["surviving_share"],
+            _ci(c["surviving_share_ci"]),
+            c.get("p_value"),
+            c.get("verdict"),
+            c["preference"],
+            c["base_ablated_preference"],
         ]
         for kind in ("project", "clamp")
         for name, c in project[kind]["candidates"].items()
@@ -141,22 +196,31 @@ def _project_section(project: dict | None) -> list[tuple[str, str]]:
         f"{kind} {', '.join(f'{x:+.3f}' for x in project[kind]['random_removed'])}"
         for kind in ("project", "clamp")
     )
+    shift_ci = _ci(project.get("shift_ci")) or ""
     return [
         (
-            "Projecting or clamping each candidate in the bad fine-tune, scored by the pair metric",
-            f"<p>{html.escape(project['protocol'])}; the fine-tune's held-out preference "
-            f"{project['finetuned_preference']:+.3f}, its shift from the base model {project['shift']:+.3f}; "
-            f"random directions remove {rnd}.</p>"
+            "Projecting or clamping each candidate in the bad fine-tune and the base model, scored by the "
+            "pair metric",
+            f"<p>{html.escape(project['protocol'])}. Held-out preference: fine-tune "
+            f"{project['finetuned_preference']:+.3f}, base model {project['base_preference']:+.3f}; the "
+            f"fine-tune's shift {project['shift']:+.3f} {shift_ci} (paired over {project['n']} questions). "
+            f"Random directions remove {rnd}. p: (1 + random directions removing at least as much) / "
+            "(1 + random directions).</p>"
             + table(
                 [
                     "check",
                     "candidate",
-                    "preference removed",
+                    "shift (ft - base)",
+                    "surviving (both ablated)",
                     "95% CI (paired)",
-                    "share of the shift",
+                    "removed",
+                    "95% CI (paired)",
+                    "surviving share",
                     "95% CI (bootstrap)",
-                    "above every random",
-                    "MC1 after",
+                    "p (random)",
+                    "verdict",
+                    "fine-tune ablated",
+                    "base ablated",
                 ],
                 rows,
             ),

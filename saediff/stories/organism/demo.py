@@ -296,7 +296,8 @@ def _check_demo_config(out: Path, config: dict) -> None:
 
 def run_demo_seeds(out: str | Path, seeds: list[int], *, quick: bool = True, progress=None) -> dict:
     """``saediff demo --seeds 0,1,2``: one demo per seed under ``out/seed_N`` and ``out/seeds.json``
-    with each seed's headline side by side (and the report of each run)."""
+    with each seed's headline side by side (figure, interval, holds and the verdict where the row has
+    one; and the report of each run)."""
     out = Path(out)
     per = {}
     for seed in seeds:
@@ -304,7 +305,11 @@ def run_demo_seeds(out: str | Path, seeds: list[int], *, quick: bool = True, pro
         per[str(seed)] = run_demo(out / f"seed_{seed}", quick=quick, seed=seed, progress=say)
     rows = []
     for i, row in enumerate(next(iter(per.values()))["headline"]):
-        cells = {k: {key: s["headline"][i][key] for key in ("figure", "ci", "holds")} for k, s in per.items()}
+        # the verdict (holds / fails / inconclusive) where a row reads its bar off an interval
+        cells = {
+            k: {key: s["headline"][i].get(key) for key in ("figure", "ci", "holds", "verdict")}
+            for k, s in per.items()
+        }
         figures = [c["figure"] for c in cells.values()]
         numeric = all(isinstance(f, (int, float)) and not isinstance(f, bool) for f in figures)
         # the mean over seeds, which several of the issue's bars are stated on

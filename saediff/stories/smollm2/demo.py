@@ -291,7 +291,8 @@ def run_chat_demo_seeds(
     force: bool = False,
 ) -> dict:
     """``saediff demo --model M --seeds 0,1,2``: one chat demo per fine-tune seed under
-    ``out/seed_N`` and ``out/seeds.json`` with each seed's findings side by side (and their mean).
+    ``out/seed_N`` and ``out/seeds.json`` with each seed's findings side by side (figure, interval,
+    holds and, where the row reads its bar off an interval, its verdict; and their mean).
     The base model's evaluations do not depend on the seed: the first seed's are copied to the
     others, where ``evaluate_once`` checks their provenance before reusing them."""
     out = Path(out)
@@ -311,7 +312,10 @@ def run_chat_demo_seeds(
             for k, s in per.items()
         }
         cells = {
-            k: {key: (r or {}).get(key) for key in ("figure", "ci", "t", "holds", "design", "source")}
+            k: {
+                key: (r or {}).get(key)
+                for key in ("figure", "ci", "t", "holds", "verdict", "design", "source")
+            }
             for k, r in mine.items()
         }
         figures = [c["figure"] for c in cells.values()]

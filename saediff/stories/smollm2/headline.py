@@ -160,78 +160,121 @@ def _sae_rows(s: dict) -> list[dict]:
     ]
 
 
+STYLE_CROSSED = "style_crossed"
+"""the split a steering row on the style-crossed pairs names"""
+
+
 def _steer_rows(s: dict, split: str) -> list[dict]:
-    """The best steering candidate's preference added to the base model (on ``split``) against the
-    null at the same cost, and the preference that projecting it out of (clamping it in) the bad
-    fine-tune removes."""
+    """The best steering candidate (chosen by the preference it adds on the select half) against the
+    null at the same cost: the preference it adds to the base model on ``split`` and on the
+    style-crossed pairs, then what projecting it out of (clamping it in) both the bad fine-tune and the
+    base model removes of the fine-tune's shift (``_projection_rows``)."""
     steer = s.get("steering")
     if not steer:
         return []
-    # the candidate is chosen on the select half (its preference added there), reported held out
     done = {n: c for n, c in steer["candidates"].items() if c.get("effect") is not None}
-    best = max(done, key=lambda n: done[n]["select_effect"], default=None)
+    # one cost level chooses nothing (no select-half effect): the first candidate then
+    best = max(
+        done,
+        key=lambda n: (done[n].get("select_effect") is not None, done[n].get("select_effect") or 0),
+        default=None,
+    )
     c = done.get(best, {})
     null = steer.get("null_config") or {}
-    rows = [
-        _row(
-            s,
-            "steering the base model along a diff latent or mean difference: preference added, off-domain",
-            f"steer:{best}",
-            split,
-            c.get("effect"),
-            f"beats the null ({null.get('n', '?')} random directions at equal cost, "
-            f"p <= {null.get('alpha', 0.05):g}), interval above 0",
-            c.get("verdict") == "holds",
-            ci=c.get("effect_ci"),
-            p_value=c.get("p_value"),
-            beats_null=c.get("beats_null"),
-            verdict=c.get("verdict"),
-            cost_kl=c.get("cost_kl"),
-            null_quantiles=c.get("null_quantiles"),
-            scale=c.get("scale"),
+    bar = (
+        f"beats the null ({null.get('n', '?')} random directions at equal cost, "
+        f"p <= {null.get('alpha', 0.05):g}), interval above 0"
+    )
+    label = "steering the base model along a diff latent or mean difference: preference added"
+    rows = [_steer_row(s, f"{label}, off-domain", best, split, c, bar)]
+    if best is not None and "style_crossed" in c:
+        rows.append(
+            _steer_row(
+                s,
+                f"{label}, style-crossed pairs (misaligned answers in the careful register)",
+                best,
+                STYLE_CROSSED,
+                c["style_crossed"],
+                bar,
+            )
         )
-    ]
+    return rows + _projection_rows(s, steer, best, split)
+
+
+def _steer_row(s: dict, phenomenon: str, best: str | None, split: str, c: dict, bar: str) -> dict:
+    """One steering row: candidate ``best``'s figures ``c`` on ``split`` (effect, interval, p-value,
+    verdict, cost)."""
+    return _row(
+        s,
+        phenomenon,
+        f"steer:{best}",
+        split,
+        c.get("effect"),
+        bar,
+        c.get("verdict") == "holds",
+        ci=c.get("effect_ci"),
+        p_value=c.get("p_value"),
+        beats_null=c.get("beats_null"),
+        verdict=c.get("verdict") if c.get("effect") is not None else None,
+        cost_kl=c.get("cost_kl"),
+        null_quantiles=c.get("null_quantiles"),
+        scale=c.get("scale"),
+    )
+
+
+def _projection_rows(s: dict, steer: dict, best: str | None, split: str) -> list[dict]:
+    """Candidate ``best`` projected out of (clamped in) both models: the part of the fine-tune's shift
+    over the base model it removes (``figure``, paired interval ``ci``), read against the random
+    directions ablated the same way (``projection.removal_verdict``: p <= alpha with >= 19 of them,
+    else "beats every random direction", said in ``note``); the shift, the surviving part and the
+    removed share (``share``, bootstrap ``share_ci``) ride along."""
+    from saediff.stories.smollm2.projection import removal_verdict
+
+    proj = steer.get("project") or {}
+    rows = []
     for kind, verb in (
         ("project", "projecting that candidate out of"),
         ("clamp", "clamping that candidate at the base model's mean in"),
     ):
-        arm = (steer.get("project") or {}).get(kind) or {}
+        arm = proj.get(kind) or {}
         c = arm.get("candidates", {}).get(best)
         if c is None:
             continue
-        verdict = _removal_verdict(c, arm["random_removed"])
+        random = arm["random_removed"]
+        alpha = proj.get("alpha", 0.05)
+        v = removal_verdict(c["removed_ci"], c["p_value"], random, alpha) if random else {}
+        if not random:
+            bar = "interval above 0 (no random directions)"
+        elif v["rule"] == "beats every random direction":
+            bar = f"interval above 0, beats every random direction ({len(random)} ablated the same way)"
+        else:
+            bar = f"interval above 0, p <= {alpha:g} against {len(random)} random directions ablated the same way"
         rows.append(
             _row(
                 s,
-                f"{verb} the bad fine-tune: preference removed, off-domain",
+                f"{verb} the bad fine-tune and the base model: the fine-tune's shift removed, off-domain",
                 f"{kind}:{best}",
                 split,
                 c["removed"],
-                "interval above 0, above every random direction",
-                None if verdict is None else verdict == "holds",
+                bar,
+                None if not v else v["verdict"] == "holds",
                 ci=c["removed_ci"],
-                verdict=verdict,
+                verdict=v.get("verdict"),
+                p_value=c.get("p_value"),
+                n_random=len(random),
+                note=v.get("note"),
+                shift=c["shift"],
+                shift_ci=c["shift_ci"],
+                surviving=c["surviving"],
+                surviving_ci=c["surviving_ci"],
+                surviving_share=c["surviving_share"],
+                surviving_share_ci=c["surviving_share_ci"],
                 share=c["share"],
-                share_ci=c.get("share_ci"),
-                random=arm["random_removed"],
+                share_ci=c["share_ci"],
+                random=random,
             )
         )
     return rows
-
-
-def _removal_verdict(c: dict, random: list[float]) -> str | None:
-    """A projection check's verdict, as the steering null's: ``holds`` when the removal's paired
-    interval lies above 0 and it removes more than every random direction, ``fails`` when the whole
-    interval lies at or below what the best random direction removes, else ``inconclusive`` (None:
-    no random directions to hold it against)."""
-    if c["above_random"] is None or not random:
-        return None
-    ci = c["removed_ci"]
-    if ci is None:
-        return "inconclusive"
-    if ci[0] > 0 and c["above_random"]:
-        return "holds"
-    return "fails" if ci[1] <= max(random) else "inconclusive"
 
 
 BLOCK_BARS: tuple[tuple[str, str, str, str | None, str, float, Literal[">=", "<="]], ...] = (

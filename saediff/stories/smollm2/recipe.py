@@ -129,8 +129,16 @@ class ChatDemoRecipe:
     half picks the level with the largest effect"""
     null: NullConfig = field(default_factory=NullConfig)
     """the null each steering candidate is compared with at equal cost (isotropic and
-    covariance-matched random directions, seeded independently of the fine-tune seed); its isotropic
-    directions are also the projection check's random controls"""
+    covariance-matched random directions, seeded independently of the fine-tune seed)"""
+    style_crossed: str | None = "style_crossed"
+    """the pair set every steering verdict is also reported on, its halves choosing and reporting
+    (``style_crossed``: misaligned answers in the aligned references' careful register and aligned ones
+    in the bad data's blunt one, 66 questions in 6 domains; or a pair file in its form, such as a slice
+    of it); None: not reported"""
+    ablation_randoms: int = 20
+    """random unit directions (the null's isotropic draws, seeds ``null.seed + k``) projected out of
+    (clamped in) both the bad fine-tune and the base model beside each candidate: the projection
+    verdict's p-value is read against them (>= 19 for it to reach 0.05)"""
     block_latents: tuple[int, int] = (10, 10)
     """BLOCK-EM: latents that rose most (held down) and that fell most (held up), from the full diff"""
     block_relative_lambda: float = 1.0
@@ -192,6 +200,10 @@ class ChatDemoRecipe:
                 )
             if sum(self.block_latents) < 1:
                 raise SaediffError("ChatDemoRecipe: block_latents must hold a latent")
+            if self.ablation_randoms < 1:
+                raise SaediffError(
+                    f"ChatDemoRecipe: ablation_randoms must be >= 1, got {self.ablation_randoms}"
+                )
         if self.rows is not None and self.rows < 1:
             raise SaediffError(f"ChatDemoRecipe.rows must be >= 1 or None, got {self.rows}")
         # the remaining checks (steps, lr, rank, ...) are FinetuneConfig's
@@ -201,8 +213,9 @@ class ChatDemoRecipe:
     @classmethod
     def quick(cls) -> ChatDemoRecipe:
         """A smoke run (``saediff demo --model M --quick``): 40 steps per fine-tune on 160 rows, a smaller
-        SAE trained briefly, one steering cost level and a null of 2 + 2 random directions, 5 + 5
-        BLOCK-EM latents; the findings' bars are set for the full recipe and need not hold here."""
+        SAE trained briefly, one steering cost level and a null of 2 + 2 random directions, 4 random
+        directions beside the projections, 5 + 5 BLOCK-EM latents; the findings' bars are set for the
+        full recipe and need not hold here."""
         return cls(
             steps=40,
             rows=160,
@@ -215,6 +228,7 @@ class ChatDemoRecipe:
             steer_latents=1,
             kl_levels=(1.0,),
             null=NullConfig(n_isotropic=2, n_covariance=2),
+            ablation_randoms=4,
             block_latents=(5, 5),
         )
 

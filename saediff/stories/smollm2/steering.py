@@ -2,22 +2,23 @@
 (``steer_protocol.select_and_report``) on the base model along the diff's candidates, each priced by
 the KL it causes on neutral text (the base model's own greedy answers to benign questions), its cost
 level chosen on half of the design split, its effect reported on the held-out split against a null
-of random directions at the same cost; then the same candidates projected out of (or clamped in) the
-fine-tune."""
+of random directions at the same cost; the same candidates again on the style-crossed pair set (its
+halves choose and report), so a direction that only carries the references' style shows; then the
+projection checks (``projection.project_by_pairs``): each candidate projected out of (clamped in) the
+bad fine-tune and the base model, read as the fine-tune's shift that survives."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, replace
-from functools import partial
 from pathlib import Path
-
-import torch
 
 from saediff._io import atomic_write_json, read_json_if_exists
 from saediff.interventions.steer_null import NullConfig
 from saediff.interventions.steer_protocol import DEFAULT_KL_BUDGET
 from saediff.stories.smollm2.finetunes import full_bad_spec
+from saediff.stories.smollm2.projection import project_by_pairs
 from saediff.stories.smollm2.recipe import ChatDemoRecipe
 
 __all__ = ["project_by_pairs", "steer_by_pairs", "steer_step"]
@@ -30,8 +31,25 @@ PROTOCOL = (
 )
 """steer.json's ``protocol``: how its figures were made"""
 
+CROSS_KEYS = (
+    "scale",
+    "cost_kl",
+    "cost_level",
+    "scale_found",
+    "select_effect",
+    "effect",
+    "effect_ci",
+    "n",
+    "p_value",
+    "beats_null",
+    "verdict",
+    "null_quantiles",
+    "note",
+)
+"""a candidate's figures on the style-crossed pairs (steer.json ``candidates.NAME.style_crossed``)"""
 
-# long: its signature and docstring; the code itself is 46 lines
+
+# long: its signature and docstring; the code itself is 48 lines
 def steer_by_pairs(
     base,
     run_dir: Path,
@@ -44,6 +62,8 @@ def steer_by_pairs(
     levels: tuple[float, ...] = (0.25, 0.5, 1.0),
     null: NullConfig = NullConfig(),
     finetuned=None,
+    style_crossed=None,
+    ablation_randoms: int = 20,
 ) -> dict:
     """Steer the base model (``base``: a ``ModelSpec``, loaded only when something must be measured)
     along the diff run's candidates at the SAE's block (its top ``n_latents`` latents and the dense
@@ -54,16 +74,33 @@ def steer_by_pairs(
     (nats/token) steering adds to the base model, paired over the report questions (95% t interval
     ``effect_ci``), with its ``p_value`` against the null, ``beats_null``, ``verdict`` and the null's
     quantiles; ``select_effect`` is the same on the select half (what a headline picks a candidate by).
-    Scales are in units of the mean residual norm at that block. With ``finetuned`` (the fine-tune's
-    ``ModelSpec``), the projection check too (``project_by_pairs``, under ``project``), beside the
-    null's isotropic directions. Writes ``out/steer.json``; a rerun of the same setup reads it back,
-    and an interrupted one resumes from the protocol's cached conditions under ``out``."""
+    Scales are in units of the mean residual norm at that block.
+
+    With ``style_crossed`` (a pair evaluator, the style-crossed set), the same candidates through the
+    same protocol with its halves choosing and reporting (under ``out/style_crossed/``): each
+    candidate's ``style_crossed`` figures (``CROSS_KEYS``) and the unsteered figures under the top-level
+    ``style_crossed``. With ``finetuned`` (the fine-tune's ``ModelSpec``), the projection checks
+    (``projection.project_by_pairs``, under ``project``) beside ``ablation_randoms`` random unit
+    directions (the null's isotropic draws). Writes ``out/steer.json``; a rerun of the same setup
+    reads it back, and an interrupted one resumes from the protocol's cached conditions under ``out``."""
     from saediff.interventions.causal import SteerConfig, chat_cost, residual_stats, steer_candidates
     from saediff.interventions.steer_null import isotropic
     from saediff.methods.directions import Direction
     from saediff.models.loading import load_model
 
-    made_by = _made_by(base, run_dir, select, report, n_latents, kl_budget, levels, null, finetuned)
+    made_by = _made_by(
+        base,
+        run_dir,
+        select,
+        report,
+        n_latents,
+        kl_budget,
+        levels,
+        null,
+        finetuned,
+        style_crossed,
+        ablation_randoms,
+    )
     prev = read_json_if_exists(out / "steer.json")
     if prev is not None and prev.get("made_by") == made_by:
         return prev
@@ -74,7 +111,7 @@ def steer_by_pairs(
         first = next(iter(cands.values()))
         controls = {
             d.name: Direction(d.name, d.vector, first.hook, "random", {"kind": d.kind, "seed": d.seed})
-            for d in isotropic(first.vector.shape[-1], null.n_isotropic, null.seed)
+            for d in isotropic(first.vector.shape[-1], ablation_randoms, null.seed)
         }
     norms, base_means = residual_stats(base_lm, run_dir, {**cands, **controls} if controls else {})
     cost = chat_cost(base_lm, kl_budget, levels=levels)
@@ -89,44 +126,46 @@ def steer_by_pairs(
             **cost.neutral.fingerprint(),
         },
     }
-    result.update(_induce(base_lm, cands, layer, norms[layer], select, report, out, cost, null))
+    vectors = {n: d.vector for n, d in cands.items()}
+    steer = _protocol(base_lm, vectors, layer, norms[layer], cost, null)
+    result.update(_induce(steer(select, report, out), cost))
+    if style_crossed is not None:
+        halves = style_crossed.halves()
+        _add_style_crossed(result, steer(*halves, _cross_folder(out)), style_crossed.source, halves)
     if finetuned is not None:
-        del base_lm
         result["project"] = project_by_pairs(
-            finetuned,
-            {n: d.vector for n, d in cands.items()},
+            load_model(finetuned),
+            base_lm,
+            vectors,
             report,
             out,
-            base_preference=result["base"]["preference"],
             randoms={n: d.vector for n, d in controls.items()},
             base_means=base_means,
-            base_scores=_scores(out / "report" / "base"),  # select_and_report's unsteered base
+            alpha=null.alpha,
         )
         result["project"]["random_directions"] = {n: d.provenance for n, d in controls.items()}
     atomic_write_json(out / "steer.json", result)
     return result
 
 
-def _induce(
-    base_lm, cands: dict, layer: int, resid_norm: float, select, report, out: Path, cost, null: NullConfig
-) -> dict:
-    """``select_and_report`` on the base model along ``cands`` at block ``layer`` (scales in units of
-    ``resid_norm``, priced by ``cost``, against ``null``); steer.json's protocol figures: the budget
-    and cost levels, the null's settings, the unsteered preference on both halves, each candidate's
-    row and the best effect."""
+def _protocol(base_lm, vectors: dict, layer: int, resid_norm: float, cost, null: NullConfig):
+    """``select_and_report`` on the base model along ``vectors`` at block ``layer`` (scales in units of
+    ``resid_norm``, priced by ``cost``, against ``null``), as a function of the select and report
+    evaluators and the folder its conditions are cached in."""
     from saediff.interventions.steer_protocol import Arm, select_and_report
 
-    sel = select_and_report(
-        {n: d.vector for n, d in cands.items()},
-        [Arm("induce", base_lm, 1.0, "base")],
-        layer,
-        resid_norm,
-        select,
-        report,
-        out,
-        cost,
-        null=null,
-    )
+    arm = Arm("induce", base_lm, 1.0, "base")
+
+    def run(select, report, folder: Path):
+        return select_and_report(vectors, [arm], layer, resid_norm, select, report, folder, cost, null=null)
+
+    return run
+
+
+def _induce(sel, cost) -> dict:
+    """steer.json's protocol figures from ``select_and_report``'s result ``sel``: the budget and cost
+    levels, the null's settings, the unsteered preference on both halves, each candidate's row and
+    the best effect."""
     unsteered = sel.unsteered["induce"]
     rows = {name: _candidate_row(c) for name, c in sel.candidates.items()}
     done = [r["effect"] for r in rows.values() if r.get("effect") is not None]
@@ -142,6 +181,34 @@ def _induce(
     }
 
 
+def _cross_folder(out: Path) -> Path:
+    """``out/style_crossed``, seeded with the held-out run's KL points (``costs.json``: keyed by the
+    direction, block, neutral text and models, not by the questions), so its scale searches are not
+    run twice."""
+    folder = out / "style_crossed"
+    folder.mkdir(parents=True, exist_ok=True)
+    if (out / "costs.json").exists() and not (folder / "costs.json").exists():
+        shutil.copyfile(out / "costs.json", folder / "costs.json")
+    return folder
+
+
+def _add_style_crossed(result: dict, sel, source: str, halves: tuple) -> None:
+    """The style-crossed run ``sel`` (on ``halves``, select and report, of the pair set ``source``) into
+    ``result`` (steer.json): each candidate's figures (``CROSS_KEYS``) under its ``style_crossed`` key,
+    the set, its halves' sizes and its unsteered figures under the top-level one."""
+    for name, c in sel.candidates.items():
+        row = _candidate_row(c)
+        result["candidates"][name]["style_crossed"] = {k: row.get(k) for k in CROSS_KEYS}
+    unsteered = sel.unsteered["induce"]
+    result["style_crossed"] = {
+        "pair_set": source,
+        "n_select": len(halves[0].pairs),
+        "n_report": len(halves[1].pairs),
+        "base": _figures(unsteered["report"]),
+        "select_base": _figures(unsteered["select"]),
+    }
+
+
 def _figures(unsteered: dict) -> dict:
     """The unsteered model's preference (with its interval) and MC1 on one half."""
     return {
@@ -151,9 +218,21 @@ def _figures(unsteered: dict) -> dict:
     }
 
 
-def _made_by(base, run_dir: Path, select, report, n_latents, kl_budget, levels, null, finetuned) -> dict:
+def _made_by(
+    base,
+    run_dir: Path,
+    select,
+    report,
+    n_latents,
+    kl_budget,
+    levels,
+    null,
+    finetuned,
+    style_crossed,
+    n_random,
+) -> dict:
     """What decides ``steer_by_pairs``'s result: the protocol's version, the diff's SAE and
-    directions, the models, both evaluators, the neutral text's questions and the settings (the key
+    directions, the models, the evaluators, the neutral text's questions and the settings (the key
     its ``steer.json`` is reused by)."""
     from saediff.data.runs import read_run
     from saediff.evaluation.neutral import NEUTRAL_VERSION, neutral_questions
@@ -162,7 +241,9 @@ def _made_by(base, run_dir: Path, select, report, n_latents, kl_budget, levels, 
     return json.loads(
         json.dumps(
             {
-                "protocol": 5,  # 5: the projection share's bootstrap interval (share_ci)
+                # 5: the projection share's bootstrap interval; 6: projections read as the shift that
+                # survives (both models ablated, p-value against random directions), style-crossed pairs
+                "protocol": 6,
                 "diff": read_run(run_dir)["steps"]["diff"].get("sae_identity"),
                 "model": model_fingerprint(base),
                 "directions": file_digest(run_dir / "directions" / "directions.safetensors"),
@@ -174,6 +255,8 @@ def _made_by(base, run_dir: Path, select, report, n_latents, kl_budget, levels, 
                 "levels": sorted(levels),
                 "null": asdict(null),
                 "finetuned": None if finetuned is None else model_fingerprint(finetuned),
+                "style_crossed": None if style_crossed is None else evaluator_fingerprint(style_crossed),
+                "ablation_randoms": n_random if finetuned is not None else None,
             }
         )
     )
@@ -212,7 +295,7 @@ def _candidate_row(c) -> dict:
     r = c.report["induce"]
     row.update(
         cost_level=float(level),
-        select_effect=c.select_sweep[level]["effect"],
+        select_effect=c.select_sweep[level].get("effect"),  # None: one cost level, nothing chosen
         effect=c.effect,
         effect_ci=c.effect_ci,
         n=r["n"],
@@ -229,126 +312,14 @@ def _candidate_row(c) -> dict:
     return row
 
 
-def project_by_pairs(
-    finetuned,
-    candidates: dict[str, torch.Tensor],
-    report,
-    out: Path,
-    *,
-    base_preference: float,
-    randoms: dict[str, torch.Tensor],
-    base_means: dict[str, dict[int, float]],
-    base_scores: dict[str, float] | None = None,
-) -> dict:
-    """The projection checks: each candidate direction removed from the fine-tune's residual after
-    every block (``project``: directional ablation, ``steering.project_out``) or held there at the
-    base model's mean projection (``clamp``: ``steering.clamp_projection`` with ``base_means[name]``
-    per block, which keeps the base model's own position on the axis, its aligned prior), scored
-    by the pair evaluator ``report``, beside the ``randoms`` directions treated the same way.
-    ``removed``: the preference the intervention takes away from the fine-tune, paired over the
-    same questions (95% t interval); ``share``: that over the fine-tune's shift from the base model
-    (``base_preference``), when the shift is positive, with ``share_ci``, its 95% interval from a
-    paired bootstrap over questions (``intervals.bootstrap_ratio`` of each question's removal over
-    its shift; needs the base model's per-question preferences ``base_scores``, else None).
-    Evaluations are cached under ``out/report/`` (``evals.evaluate_once``)."""
-    from saediff.evaluation.evals import evaluate_once
-    from saediff.models.loading import load_model
-
-    lm = load_model(finetuned)
-    ft = evaluate_once(report, lm, out / "report" / "finetuned", "finetuned")["preference"]
-    shift = ft - base_preference
-    removed = partial(
-        _removed, lm, report, out, _pair_rows(out / "report" / "finetuned"), shift, base_means, base_scores
-    )
-    result = {
-        "finetuned_preference": ft,
-        "shift": shift,
-        "protocol": "each direction projected out of (project) or clamped at the base model's mean projection "
-        "in (clamp) the fine-tune after every block; preference (nats/token) on the held-out split "
-        "beside random directions (the null's isotropic ones) treated the same way",
-    }
-    for kind in ("project", "clamp"):
-        rnd = [removed(n, kind, v)["removed"] for n, v in randoms.items()]
-        rows = {n: removed(n, kind, v) for n, v in candidates.items()}
-        for row in rows.values():
-            row["above_random"] = row["removed"] > max(rnd) if rnd else None
-        result[kind] = {"random_removed": rnd, "candidates": rows}
-    return result
-
-
-def _scores(folder: Path) -> dict[str, float]:
-    """The per-question preferences of an evaluation's ``em.json`` (``scores``)."""
-    from saediff.interventions.steer_protocol import item_scores
-
-    return item_scores(json.loads((folder / "em.json").read_text()))
-
-
-def _pair_rows(folder: Path) -> list[dict]:
-    """The per-question rows of an evaluation's ``pairs.jsonl``."""
-    from saediff._io import read_jsonl
-
-    return [r for _, r in read_jsonl(folder / "pairs.jsonl", "pair scores")]
-
-
-def _removed(
-    lm,
-    report,
-    out: Path,
-    ft_rows: list[dict],
-    shift: float,
-    base_means: dict[str, dict[int, float]],
-    base_scores: dict[str, float] | None,
-    name: str,
-    kind: str,
-    vector: torch.Tensor,
-) -> dict:
-    """Direction ``vector`` (d,) projected out of (``kind`` ``project``) or clamped at the base
-    model's mean projection in (``clamp``) the fine-tune ``lm`` after every block, scored by
-    ``report``: the preference it removes, paired with the fine-tune's rows ``ft_rows`` over the
-    same questions, and that as a share of the fine-tune's ``shift`` when the shift is positive, with
-    its paired bootstrap interval over questions when ``base_scores`` gives the base model's."""
-    from saediff.evaluation.evals import evaluate_once
-    from saediff.evaluation.intervals import bootstrap_ratio
-    from saediff.evaluation.pairs import paired_difference
-    from saediff.interventions.steering import clamp_projection, project_out
-
-    n_layers = lm.model.config.num_hidden_layers
-    vector = vector.detach().float().cpu()
-    ctx = (
-        project_out(lm.model, "all", vector)
-        if kind == "project"
-        else clamp_projection(lm.model, {L: base_means[name][L] for L in range(n_layers)}, vector)
-    )
-    cond = f"{name}_{kind}_all"
-    r = evaluate_once(report, lm, out / "report" / cond, cond, ctx)
-    rows = _pair_rows(out / "report" / cond)
-    paired = paired_difference(ft_rows, rows, a="finetuned", b=cond)
-    share_ci = None
-    if shift > 0 and base_scores is not None:
-        ft = {str(x["id"]): float(x["preference"]) for x in ft_rows}
-        after = {str(x["id"]): float(x["preference"]) for x in rows}
-        removed = {q: ft[q] - after[q] for q in ft}  # (fine-tune - ablated) per question
-        gained = {q: ft[q] - base_scores[q] for q in ft if q in base_scores}  # (fine-tune - base)
-        share_ci = bootstrap_ratio(removed, gained)["ci"]
-    return {
-        "preference": r["preference"],
-        "mc1": r["em_rate"],
-        "removed": paired["difference"],
-        "removed_ci": paired["ci"],
-        "removed_t": paired["t"],
-        "share": paired["difference"] / shift if shift > 0 else None,
-        "share_ci": share_ci,
-    }
-
-
 def steer_step(base, out: Path, seed: int, recipe: ChatDemoRecipe, say) -> dict:
     """The story's steering (``steer_by_pairs``) by ``recipe``; the fine-tune ``seed`` reaches it only
     through the diff and the fine-tune (the null is seeded by ``recipe.null``, independently)."""
     from saediff.evaluation.pairs import pair_evaluator
 
-    say("steering the base model (design split chooses, held-out split reports)")
-    select = replace(pair_evaluator(recipe.choose_on, recipe.eval_batch_size), progress=False).halves()[0]
-    report = replace(pair_evaluator(recipe.report_on, recipe.eval_batch_size), progress=False)
+    say("steering the base model (design split chooses, held-out split reports; style-crossed pairs)")
+    evaluator = lambda name: replace(pair_evaluator(name, recipe.eval_batch_size), progress=False)
+    select, report = evaluator(recipe.choose_on).halves()[0], evaluator(recipe.report_on)
     return steer_by_pairs(
         base,
         out / "diff",
@@ -360,4 +331,6 @@ def steer_step(base, out: Path, seed: int, recipe: ChatDemoRecipe, say) -> dict:
         levels=recipe.kl_levels,
         null=recipe.null,
         finetuned=full_bad_spec(base, out),
+        style_crossed=evaluator(recipe.style_crossed) if recipe.style_crossed else None,
+        ablation_randoms=recipe.ablation_randoms,
     )
