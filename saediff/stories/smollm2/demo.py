@@ -23,8 +23,9 @@ Layout of ``DIR``:
 - ``sae/``: the SAE (SAELens folder; ``saediff.json`` holds its metrics and what made it);
   ``diff/`` and ``diff_lora/``: ``saediff diff`` run folders (``diff.json``, ``cards.json``,
   ``directions/``, ``cosines.json``, ``layers.json``, ``made_by.json``); ``steer/``: the steering
-  protocol's evaluations (``select/``, ``report/``), its KL points (``costs.json``), ``selection.json``
-  and ``steer.json`` (the neutral text it is priced on, the base model's greedy answers to benign
+  protocol's evaluations (``select/``, ``report/``: the projections' too, both models ablated), its KL
+  points (``costs.json``), ``selection.json``, ``style_crossed/`` (the same on the style-crossed
+  pairs) and ``steer.json`` (the neutral text it is priced on, the base model's greedy answers to benign
   questions, is cached under ``$SAEDIFF_CACHE/neutral/``); ``analyses/``: susceptibility, phase,
   neighbourhood, overlap.
 - ``samples.json``: a few sampled answers of each model; ``summary.json``: the recipe, each model's

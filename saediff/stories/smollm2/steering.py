@@ -49,7 +49,7 @@ CROSS_KEYS = (
 """a candidate's figures on the style-crossed pairs (steer.json ``candidates.NAME.style_crossed``)"""
 
 
-# long: its signature and docstring; the code itself is 48 lines
+# long: its signature and docstring; the code itself is 55 lines
 def steer_by_pairs(
     base,
     run_dir: Path,
@@ -84,8 +84,6 @@ def steer_by_pairs(
     directions (the null's isotropic draws). Writes ``out/steer.json``; a rerun of the same setup
     reads it back, and an interrupted one resumes from the protocol's cached conditions under ``out``."""
     from saediff.interventions.causal import SteerConfig, chat_cost, residual_stats, steer_candidates
-    from saediff.interventions.steer_null import isotropic
-    from saediff.methods.directions import Direction
     from saediff.models.loading import load_model
 
     made_by = _made_by(
@@ -106,13 +104,8 @@ def steer_by_pairs(
         return prev
     base_lm = load_model(base)
     cands, layer = steer_candidates(run_dir, SteerConfig(n_latents=n_latents))
-    controls = {}
-    if finetuned is not None:  # the projection check's controls; their base means come from the same pass
-        first = next(iter(cands.values()))
-        controls = {
-            d.name: Direction(d.name, d.vector, first.hook, "random", {"kind": d.kind, "seed": d.seed})
-            for d in isotropic(first.vector.shape[-1], ablation_randoms, null.seed)
-        }
+    # the projection check's controls; their base means come from the same pass as the candidates'
+    controls = _controls(cands, ablation_randoms, null.seed) if finetuned is not None else {}
     norms, base_means = residual_stats(base_lm, run_dir, {**cands, **controls} if controls else {})
     cost = chat_cost(base_lm, kl_budget, levels=levels)
     result = {
@@ -146,6 +139,19 @@ def steer_by_pairs(
         result["project"]["random_directions"] = {n: d.provenance for n, d in controls.items()}
     atomic_write_json(out / "steer.json", result)
     return result
+
+
+def _controls(cands: dict, n: int, seed: int) -> dict:
+    """``n`` random unit directions (the null's isotropic draws from ``seed``) as ``Direction``s at the
+    candidates' hook, each recording its kind and seed."""
+    from saediff.interventions.steer_null import isotropic
+    from saediff.methods.directions import Direction
+
+    first = next(iter(cands.values()))
+    return {
+        d.name: Direction(d.name, d.vector, first.hook, "random", {"kind": d.kind, "seed": d.seed})
+        for d in isotropic(first.vector.shape[-1], n, seed)
+    }
 
 
 def _protocol(base_lm, vectors: dict, layer: int, resid_norm: float, cost, null: NullConfig):
