@@ -172,8 +172,10 @@ def run_causal_checks(
     cfg: SteerConfig = SteerConfig(),
     *,
     cost: CostConfig | Callable[[LoadedModel], CostConfig] | None = None,
+    permuted: dict[str, Callable[[int], torch.Tensor]] | None = None,
 ) -> dict:
-    """Induce, remove and clamp checks of every candidate; ``select`` evaluates the questions
+    """Induce, remove and clamp checks of every candidate (``permuted``: candidate name -> its
+    estimator with the labels permuted within each question, for a seed: its label-permuted null); ``select`` evaluates the questions
     that choose the cost level, ``report`` the held-out ones every reported figure uses (the induce
     check is ``select_and_report``, priced by ``cost``, default ``chat_cost`` of the base model; a
     candidate no scale reaches a cost level for has ``scale`` None and a ``note``). Writes and
@@ -194,6 +196,7 @@ def run_causal_checks(
         folder,
         cost,
         null=cfg.null,
+        permuted={n: f for n, f in (permuted or {}).items() if n in cands},
     )
     result: dict = {
         "layer": L,
