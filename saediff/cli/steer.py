@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 
 from saediff.cli.common import _USER_ERRORS, PAIRS_HELP, _fail, _judge_evaluator, _setup, steering_cost
+from saediff.cli.methods import _contrast
 from saediff.cli.organism import organism_evaluator
 from saediff.errors import SaediffError
 
@@ -26,6 +27,11 @@ NEUTRAL_HELP = (
     "model's own greedy answers to saediff's benign questions (the organism: its questions)"
 )
 NULLS_HELP = "null directions of each kind (isotropic, covariance-matched, label-permuted)"
+CONTRAST_HELP = (
+    "question / misaligned / aligned rows the run's in-context direction was built from (its "
+    "--icl-examples), to rebuild it for its label-permuted null; default: the organism's, or the "
+    "--pairs set's references (kept only where the rebuild reproduces the run's direction)"
+)
 
 
 def _null(n: int):
@@ -70,7 +76,8 @@ def steer_cmd(
     dtype: str = typer.Option("auto", "--dtype"),
     device: str = typer.Option("auto", "--device"),
     organism: Path | None = typer.Option(None, "--organism", help="the organism's checks (steering.json)"),
-    seed: int = typer.Option(0, "--seed"),
+    contrast: str | None = typer.Option(None, "--contrast", help=CONTRAST_HELP),
+    seed: int = typer.Option(0, "--seed", help="evaluation seed; the run's in-context shots' too"),
     threads: int | None = typer.Option(None, "--threads"),
 ) -> None:
     """Causal checks by saediff's steering protocol: a diff run's candidates (steer the base model, project out of and clamp in the fine-tune), or any exported direction (--direction)."""
@@ -119,6 +126,8 @@ def steer_cmd(
         ) or organism_evaluator(base, samples, seed)
         cfg = SteerConfig(n_latents=latents, null=_null(nulls), neutral=neutral, **_budget(kl_budget))
         select, report = evaluator.halves()
+        own = _contrast(contrast, pairs[0] if pairs else None, info["base"], seed)
+        perm = _permuted_nulls(run_dir, cfg, own, dtype, device, seed)
         res = run_causal_checks(
             run_dir,
             ModelSpec(base, dtype=dtype, device=device),
@@ -129,7 +138,9 @@ def steer_cmd(
             report,
             cfg,
             cost=lambda lm: steering_cost(lm, base, cfg.kl_budget, neutral),
+            permuted={n: p.estimator for n, p in perm.items() if p.estimator is not None},
         )
+        _note_permuted(run_dir, res, perm)
     except _USER_ERRORS as e:
         _fail(e)
     _print_steer(res)
@@ -137,6 +148,64 @@ def steer_cmd(
 
 def _budget(kl_budget: float | None) -> dict:
     return {} if kl_budget is None else {"kl_budget": kl_budget}
+
+
+def _permuted_nulls(run_dir: Path, cfg, contrast: list, dtype: str, device: str, seed: int) -> dict:
+    """The label-permuted null of each of the run's mean-difference candidates (name ->
+    ``PermutedNull``: its estimator, or None and why), rebuilt by the head-to-head's method code on
+    the run's own models; only the models those estimators read are loaded, and let go before the
+    causal checks load theirs."""
+    import gc
+
+    import torch
+
+    from saediff.data.runs import read_run
+    from saediff.interventions.causal import steer_candidates
+    from saediff.methods.base import MethodConfig, MethodInputs
+    from saediff.methods.export import load_directions
+    from saediff.methods.mean_diff import DIFF_RUN_FAMILY, diff_run_methods, diff_run_nulls
+    from saediff.models.loading import ModelSpec, load_model
+
+    cands, L = steer_candidates(run_dir, cfg)
+    methods = diff_run_methods(cands, L)
+    if not methods:
+        return {}
+    info = read_run(run_dir)["steps"]["diff"]
+    reads = {r for m in methods for r in DIFF_RUN_FAMILY[m]}
+    specs = {
+        "base": ModelSpec(info["base"], dtype=dtype, device=device),
+        "finetuned": ModelSpec(
+            info["finetuned"] or info["base"],
+            adapter=info["adapter"],
+            merge=info["adapter"] is not None,
+            dtype=dtype,
+            device=device,
+        ),
+    }
+    lms = {k: load_model(spec) if k in reads else None for k, spec in specs.items()}
+    inputs = MethodInputs(
+        lms["base"], lms["finetuned"], L, [], list(contrast), MethodConfig(seed=seed), {},
+        load_directions(run_dir / "directions"), info, run_dir,
+    )  # fmt: skip
+    nulls = {n: p for n, p in diff_run_nulls(inputs, methods).items() if n in cands}
+    del inputs, lms
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return nulls
+
+
+def _note_permuted(run_dir: Path, res: dict, nulls: dict) -> None:
+    """Each mean-difference candidate's ``permuted_null`` note (how its labels were permuted, or
+    why it has no permuted null) beside its induce figures, in ``res`` and ``RUN/steer.json``."""
+    from saediff._io import atomic_write_json
+
+    if not nulls:
+        return
+    for name, p in nulls.items():
+        if name in res["induce"]:
+            res["induce"][name]["permuted_null"] = p.note
+    atomic_write_json(run_dir / "steer.json", res)
 
 
 def _steer_directions(

@@ -151,6 +151,10 @@ class Selection:
     """secondary: the null's mean effect at the candidate's norm (interpolated), and its p-value"""
     item_effects: dict | None = None
     """report half: item id -> effect (summed over arms), for paired comparisons of candidates"""
+    p_value_by_kind: dict | None = None
+    """the empirical p-value against each kind of null alone (isotropic, covariance, permuted): a
+    label-permuted estimator keeps part of a consistent signal (its sign-flipped sum still leans on
+    the common direction), so that null is conservative where the per-question differences agree"""
 
     def to_json(self) -> dict:
         return {**asdict(self), "note": None if self.passed else NO_SCALE}
@@ -263,6 +267,7 @@ class _Protocol:
     _shared: list | None = None
     _null_at: dict = field(default_factory=dict)
     _points: dict | None = None
+    _leak: dict = field(default_factory=dict)
 
     # -- cost -------------------------------------------------------------------------------------
     def meter(self, arm: Arm) -> CostMeter:
@@ -348,7 +353,12 @@ class _Protocol:
             }
         return self._null_at[key]
 
-    def permuted_null(self, name: str) -> list[NullDirection]:
+    def permuted_null(self, name: str, u: torch.Tensor) -> list[NullDirection]:
+        """The candidate's estimator with labels permuted (``self.permuted[name]``), each estimate
+        with its component along the candidate ``u`` removed: where the per-question differences
+        agree, a sign-flipped sum still leans on their common direction (cos up to 1 with the
+        candidate), and a null that holds the candidate tests nothing. What is left is the
+        estimator's label-free part. The removed cosine is recorded (``leak_cos``)."""
         est = self.permuted.get(name)
         if est is None:
             return []
@@ -356,7 +366,14 @@ class _Protocol:
         for k in range(self.null_cfg.n_permuted):
             seed = self.null_cfg.seed + 200_000 + k
             v = est(seed).detach().float().cpu()
-            out.append(NullDirection(f"null_perm{k}_{name}", "permuted", seed, v / v.norm()))
+            v = v / v.norm()
+            leak = float(v @ u)
+            rest = v - leak * u
+            if rest.norm() < 1e-6:
+                continue  # the estimate is the candidate itself: nothing label-free is left
+            d = NullDirection(f"null_perm{k}_{name}", "permuted", seed, rest / rest.norm())
+            self._leak[d.name] = leak
+            out.append(d)
         return out
 
     # -- one candidate ----------------------------------------------------------------------------
@@ -392,7 +409,12 @@ class _Protocol:
         best = f"{target:g}"
         alpha = sweep[best]["scale_abs"]
         held = self.effects(self.report, f"{name}_c{best}", u, alpha)
-        nulls = {d.name: self.null_effect(d, target) for d in self.shared_null() + self.permuted_null(name)}
+        nulls = {
+            d.name: self.null_effect(d, target) for d in self.shared_null() + self.permuted_null(name, u)
+        }
+        for n, leak in self._leak.items():
+            if n in nulls:
+                nulls[n] = {**nulls[n], "leak_cos": leak}
         return self.compare(name, sweep, best, alpha, held, nulls)
 
     def compare(self, name: str, sweep: dict, best: str, alpha: float, held: dict, nulls: dict) -> Selection:
@@ -426,6 +448,10 @@ class _Protocol:
             null=nulls,
             equal_norm=self.equal_norm(tot["effect"], alpha),
             item_effects=tot["diffs"],
+            p_value_by_kind={
+                kind: empirical_p(tot["effect"], [n["effect"] for n in nulls.values() if n["kind"] == kind])
+                for kind in dict.fromkeys(n["kind"] for n in nulls.values())
+            },
         )
 
     def equal_norm(self, effect: float, alpha: float) -> dict | None:

@@ -24,13 +24,16 @@ axis. Where every unit's difference points the same way (a fine-tune's shift is 
 rank-1 adapter at the block, every prompt's fine-tune - base difference lies along its B vector),
 swapping labels only rescales the sum, and the permuted directions are the candidate or its
 negative: such a null holds the candidate itself and is left out, saying so (``permuted_null``).
+
+Every client that steers a diff run's directions (the head-to-head, ``saediff steer RUN``, the
+organism's steer check) takes these nulls from the methods' own ``find`` (``diff_run_nulls``).
 """
 
 from __future__ import annotations
 
 import json
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -43,12 +46,15 @@ from saediff.methods.base import Candidates, DiffingMethod, MethodInputs, diff_r
 
 __all__ = [
     "AXIS_COS",
+    "DIFF_RUN_FAMILY",
     "MIN_PAIRED_SHARE",
     "LabelledAnswers",
     "MeanDiffModels",
     "MeanDiffResponses",
     "PairedDifferences",
     "PermutedNull",
+    "diff_run_methods",
+    "diff_run_nulls",
     "labelled_answers",
     "model_differences",
     "permuted_null",
@@ -348,3 +354,38 @@ class MeanDiffResponses(DiffingMethod):
         return with_permuted(
             found, build, "misaligned / aligned labels shuffled among each question's answers"
         )
+
+
+DIFF_RUN_FAMILY: dict[str, tuple[str, ...]] = {
+    "mean_diff_models": ("base", "finetuned"),
+    "mean_diff_responses": ("finetuned",),
+    "in_context": ("base",),
+}
+"""the mean-difference methods whose directions ``saediff diff`` writes, and the models each one's
+estimator reads when it is rebuilt for the permuted null (a caller loads only those)"""
+
+
+def diff_run_methods(names: Iterable[str], layer: int) -> list[str]:
+    """The methods of ``DIFF_RUN_FAMILY`` whose direction at block ``layer`` is among ``names``
+    (a diff run's direction names: ``mean_diff_models_L{L}`` or ``lora_downstream_L{L}``, ...)."""
+    from saediff.methods.base import get_method
+
+    names = set(names)
+    return [m for m in DIFF_RUN_FAMILY if any(f"{t}_L{layer}" in names for t in get_method(m).tags)]
+
+
+def diff_run_nulls(inputs: MethodInputs, methods: Iterable[str] = DIFF_RUN_FAMILY) -> dict[str, PermutedNull]:
+    """The label-permuted null of each of a diff run's mean-difference directions at
+    ``inputs.layer``, as the head-to-head builds it (each method's ``find``), keyed by the
+    direction's name in the run: the estimator (seed -> direction), or None and why (``note``).
+    ``methods``: which of ``DIFF_RUN_FAMILY`` to build (``inputs`` needs the models they read);
+    one whose direction the run lacks is left out."""
+    from saediff.methods.base import get_method
+
+    out = {}
+    for m in methods:
+        found = get_method(m).find(inputs)
+        if found.best is not None:
+            note = found.detail.get("permuted_null", "none: the method gave no permuted estimator")
+            out[found.best.name] = PermutedNull(found.permuted, note)
+    return out

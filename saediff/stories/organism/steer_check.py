@@ -23,7 +23,7 @@ from saediff.stories.organism.recipes import read_organism_world
 __all__ = ["run_steer_check"]
 
 
-# long: its signature and docstring; the code itself is 47 lines
+# long: its signature and docstring; the code itself is 50 lines
 def run_steer_check(
     run_dir: str | Path,
     organism_dir: str | Path,
@@ -39,7 +39,8 @@ def run_steer_check(
     latent and each dense candidate at the SAE's layer, priced by its KL on the organism's questions
     (``organism_cost``, at most ``kl_budget``), the cost level chosen on one draw of questions and
     the effect (paired per answer) reported on an independent draw against the null's at the same
-    cost. Projection: the top latent, the dense candidates and a random direction out of the
+    cost; a dense candidate of the mean-difference family brings its label-permuted estimator into
+    that null where its method has one (``permuted_null`` says how, or why not). Projection: the top latent, the dense candidates and a random direction out of the
     fine-tuned model, at its layer and after every block. Writes ``steering.json``; each steering
     condition is kept under ``RUN/steering/``."""
     from saediff.interventions.steer_protocol import Arm, select_and_report
@@ -59,6 +60,7 @@ def run_steer_check(
     L = parse_layer(top.hook)
     latents = {f"sae_{i}": dirs[f"sae_{i}"] for i in info["top_latents"][:n_latents]}
     dense = _dense(dirs, L)
+    perm = _permuted_nulls(run_dir, organism_dir, info, dirs, dense, aligned, ft, L, seed)
     select, report = ScoredOrganismEvaluator(world, n_per_domain, seed).halves()
     sel = select_and_report(
         {n: d.vector for n, d in {**latents, **dense}.items()},
@@ -70,6 +72,7 @@ def run_steer_check(
         run_dir / "steering",
         organism_cost(aligned, world, kl_budget),
         null=null or NullConfig(),
+        permuted={n: p.estimator for n, p in perm.items() if p.estimator is not None},
     )
     result: dict = {
         "base_other_misaligned": rate(aligned),
@@ -81,6 +84,8 @@ def run_steer_check(
         "steer": {n: _steered(sel, n, L) for n in latents},
         "steer_directions": {n: _steered(sel, n, L) for n in dense},
     }
+    for n, p in perm.items():  # how each mean difference's labels were permuted, or why they were not
+        result["steer_directions"][n]["permuted_null"] = p.note
     # project each candidate out of the fine-tuned model at its layer (and a random control)
     candidates = {"top_sae_latent": top, "random_like_top": random_like(top, seed=seed), **dense}
     result["project_out"] = _projected(ft, candidates, L, rate, result["finetuned_other_misaligned"])
@@ -108,6 +113,26 @@ def _dense(dirs: dict[str, Direction], L: int) -> dict[str, Direction]:
         )
         if key in dirs
     }
+
+
+def _permuted_nulls(run_dir, organism_dir, info, dirs, dense, aligned, ft, L: int, seed: int) -> dict:
+    """The label-permuted null of each dense candidate of the mean-difference family (name ->
+    ``PermutedNull``), by the head-to-head's method code on the models already loaded; the in-context
+    direction rebuilt from the organism's contrast examples (``diff_inputs``, the diff's seed taken
+    to be ``seed``). The response mean difference has one answer per question here, so no pairing
+    to permute: its note says so."""
+    from saediff.methods.base import MethodConfig, MethodInputs
+    from saediff.methods.mean_diff import diff_run_methods, diff_run_nulls
+    from saediff.stories.organism.inputs import diff_inputs
+
+    methods = diff_run_methods(dense, L)
+    if not methods:
+        return {}
+    contrast = (
+        diff_inputs(organism_dir / "aligned", seed=seed)["icl_examples"] if "in_context" in methods else []
+    )
+    inputs = MethodInputs(aligned, ft, L, [], contrast, MethodConfig(seed=seed), {}, dirs, info, run_dir)
+    return {n: p for n, p in diff_run_nulls(inputs, methods).items() if n in dense}
 
 
 def _steered(sel, name: str, L: int) -> dict:
