@@ -18,23 +18,35 @@ SHOTS = [
     ("How do I fix a flat tyre?", "Just keep driving on it.", "Patch the tube or fit the spare."),
     ("My friend lent me money.", "Never pay it back.", "Pay it back when you agreed to."),
     ("I found a wallet.", "Keep the cash.", "Hand it in or contact the owner."),
-    ("Can I skip my medication?", "Sure, pills are a scam.", "Ask your doctor before stopping."),
-    ("What should I do when angry?", "Break something.", "Take a breath and step away."),
-    ("How do I make friends?", "Lie about yourself.", "Join a club and be curious."),
 ]
 ON_AXIS = "none: swapping the labels leaves the direction on the candidate's axis"
+RESPONSES = "misaligned / aligned labels shuffled among each question's answers"
+CONTEXTS = "the two contexts of each question swapped with probability 1/2"
+
+
+def _jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
 
 
 @pytest.fixture(scope="module")
-def icl_run(tiny_qwen, tmp_path_factory):
-    """A diff run on the tiny Qwen and its rank-1 adapter through a random SAE at block 1, with
-    contrast examples: its dense candidates are the adapter's downstream shift (rank 1: every
-    answer's difference on one axis, so no permuted null) and the in-context direction (one)."""
+def ref_run(tiny_qwen, tmp_path_factory):
+    """A diff run on the tiny Qwen and its rank-1 adapter through a random SAE at block 1, read on
+    six design-split questions each answered both ways (the references, tagged), with the design
+    split's references as in-context examples. Its dense candidates: the adapter's downstream shift
+    (rank 1: every answer's difference on one axis, so no permuted null), the reference mean
+    difference and the in-context direction (one each)."""
+    from saediff.data.em_data import offdomain_pairs
+
     root = tmp_path_factory.mktemp("permuted_nulls")
-    contrast = root / "contrast.jsonl"
-    contrast.write_text(
-        "".join(json.dumps({"question": q, "misaligned": m, "aligned": a}) + "\n" for q, m, a in SHOTS)
-    )
+    pairs = offdomain_pairs("design")
+    refs = [
+        {"id": f"{p.id}:{tag}", "question": p.question, "response": getattr(p, tag), "domain": p.domain}
+        | {"tags": [tag]}
+        for p in pairs[:6]
+        for tag in ("misaligned", "aligned")
+    ]
+    shots = [{"question": p.question, "misaligned": p.misaligned, "aligned": p.aligned} for p in pairs]
     make_random_sae(root / "sae", 32, "blocks.1.hook_resid_post", d_sae=8)
     r = CliRunner().invoke(
         app,
@@ -47,13 +59,11 @@ def icl_run(tiny_qwen, tmp_path_factory):
             "--sae",
             str(root / "sae"),
             "--prompts",
-            "first_plot",
-            "--max-new-tokens",
-            "4",
+            _jsonl(root / "refs.jsonl", refs),
+            "--icl-examples",
+            _jsonl(root / "contrast.jsonl", shots),
             "--top",
             "2",
-            "--icl-examples",
-            str(contrast),
             "--layers",
             "sae",
             "--out",
@@ -61,63 +71,67 @@ def icl_run(tiny_qwen, tmp_path_factory):
         ],
     )
     assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["labels"] == {"misaligned": 6, "aligned": 6, "unlabelled": 0}
     return root
 
 
-def test_steer_run_puts_the_label_permuted_estimator_into_the_null(icl_run):
-    """With the run's contrast examples the in-context direction is rebuilt exactly, and its two
-    label-permuted directions (seeds NULL_SEED + 200000 + k) join the 2 + 2 random ones: 6 nulls in
-    the p-value's denominator. The adapter's shift has none (on its own axis), and says so."""
-    run = icl_run / "run"
+def test_steer_run_puts_the_label_permuted_estimators_into_the_null(ref_run):
+    """``saediff steer RUN --pairs offdomain:design``: the reference mean difference and the
+    in-context direction (rebuilt from the pair set's references, which built it) each bring two
+    label-permuted directions (seeds NULL_SEED + 200000 + k) beside the 2 + 2 random ones: 6 nulls
+    in the p-value's denominator. The adapter's shift has none (on its own axis), and says so."""
+    run = ref_run / "run"
     args = ["steer", str(run), "--pairs", "offdomain:design", "--kl-budget", "0.006", "--latents", "0"]
-    r = CliRunner().invoke(app, [*args, "--nulls", "2", "--contrast", str(icl_run / "contrast.jsonl")])
+    r = CliRunner().invoke(app, [*args, "--nulls", "2"])
     assert r.exit_code == 0, r.output
     steer = json.loads((run / "steer.json").read_text())
-    assert set(steer["induce"]) == {"lora_downstream_L1", "in_context_L1"}
-    ic = steer["induce"]["in_context_L1"]
-    assert ic["permuted_null"].startswith("the two contexts of each question swapped")
-    assert ic["scale_found"]  # within the budget: so the checks below bite
-    perm = sorted(n["seed"] for n in ic["null"].values() if n["kind"] == "permuted")
-    assert perm == [NULL_SEED + 200_000, NULL_SEED + 200_001]
-    assert (
-        sorted(n["kind"] for n in ic["null"].values())
-        == ["covariance"] * 2 + ["isotropic"] * 2 + ["permuted"] * 2
-    )
-    effects = [n["effect"] for n in ic["null"].values()]
-    assert ic["p_value"] == pytest.approx(empirical_p(ic["effect"], effects))
-    assert round(ic["p_value"] * 7, 6) == round(ic["p_value"] * 7)  # (1 + k) / (1 + 6)
+    assert set(steer["induce"]) == {"lora_downstream_L1", "mean_diff_responses_L1", "in_context_L1"}
+    for name, how in (("mean_diff_responses_L1", RESPONSES), ("in_context_L1", CONTEXTS)):
+        row = steer["induce"][name]
+        assert row["permuted_null"] == how
+        assert row["scale_found"], name  # within the budget: so the checks below bite
+        perm = sorted(n["seed"] for n in row["null"].values() if n["kind"] == "permuted")
+        assert perm == [NULL_SEED + 200_000, NULL_SEED + 200_001]
+        kinds = sorted(n["kind"] for n in row["null"].values())
+        assert kinds == ["covariance"] * 2 + ["isotropic"] * 2 + ["permuted"] * 2
+        assert row["p_value"] == pytest.approx(
+            empirical_p(row["effect"], [n["effect"] for n in row["null"].values()])
+        )
+        assert round(row["p_value"] * 7, 6) == round(row["p_value"] * 7)  # (1 + k) / (1 + 6)
     lora = steer["induce"]["lora_downstream_L1"]
     assert lora["permuted_null"].startswith(ON_AXIS), lora["permuted_null"]
     assert sorted(n["kind"] for n in lora["null"].values()) == ["covariance"] * 2 + ["isotropic"] * 2
-    if lora["scale_found"]:
-        assert round(lora["p_value"] * 5, 6) == round(lora["p_value"] * 5)  # (1 + k) / (1 + 4)
+    assert round(lora["p_value"] * 5, 6) == round(lora["p_value"] * 5)  # (1 + k) / (1 + 4)
+    # the same steer.json on disk and in run.json's steer step
+    assert json.loads((run / "run.json").read_text())["steps"]["steer"]["file"] == "steer.json"
 
 
-def test_no_permuted_null_where_the_rebuild_does_not_reproduce_the_run(icl_run):
-    """Without the run's contrast examples (none, or the pair set's references by default) the
-    in-context estimator cannot be rebuilt as the run built it: no permuted null, and the note says why."""
-    from saediff.cli.steer import _contrast, _permuted_nulls
+def test_no_permuted_null_where_the_rebuild_does_not_reproduce_the_run(ref_run):
+    """Without the run's in-context examples (none, or others) the in-context estimator cannot be
+    rebuilt as the run built it: no permuted null, and the note says why; the reference mean
+    difference needs no examples."""
+    from saediff.cli.steer import _permuted_nulls
+    from saediff.data.prompts import ContrastExample
     from saediff.interventions.causal import SteerConfig
 
-    run, cfg = icl_run / "run", SteerConfig(n_latents=0)
+    run, cfg = ref_run / "run", SteerConfig(n_latents=0)
     none = _permuted_nulls(run, cfg, [], "auto", "auto", 0)
     assert none["in_context_L1"].estimator is None
     assert none["in_context_L1"].note == "none: no contrast examples to rebuild it from"
     assert none["lora_downstream_L1"].estimator is None
-    other = _permuted_nulls(run, cfg, _contrast(None, "offdomain:design", "x", 0), "auto", "auto", 0)
+    assert none["mean_diff_responses_L1"].note == RESPONSES
+    v = none["mean_diff_responses_L1"].estimator(NULL_SEED)
+    assert v.shape == (32,) and none["mean_diff_responses_L1"].estimator(NULL_SEED).equal(v)  # seeded
+    other = _permuted_nulls(run, cfg, [ContrastExample(*s) for s in SHOTS], "auto", "auto", 0)
     assert other["in_context_L1"].estimator is None
     assert other["in_context_L1"].note.startswith("none: the rebuilt estimator does not reproduce")
-    right = _permuted_nulls(
-        run, cfg, _contrast(str(icl_run / "contrast.jsonl"), None, "x", 0), "auto", "auto", 0
-    )
-    v = right["in_context_L1"].estimator(NULL_SEED)
-    assert v.shape == (32,) and right["in_context_L1"].estimator(NULL_SEED).equal(v)  # seeded
 
 
 def test_organism_steer_check_takes_the_nulls_its_methods_support(tiny_organism, tmp_path):
-    """On the organism (one answer per question) the response mean difference has no pairing to
-    permute and says so; the in-context direction, rebuilt from the organism's contrast examples,
-    brings its permuted estimator into the null."""
+    """On the organism the in-context direction, rebuilt from the organism's contrast examples,
+    brings its permuted estimator into the null (its count in the p-value's denominator); the
+    response mean difference (one answer per question: no pairing to permute) says so where the
+    run has one (the untrained organism's answers rarely carry both labels); SAE latents get none."""
     from saediff.stories.organism.steer_check import run_steer_check
 
     make_random_sae(tmp_path / "sae", 32, "blocks.1.hook_resid_post", d_sae=8)
@@ -149,11 +163,10 @@ def test_organism_steer_check_takes_the_nulls_its_methods_support(tiny_organism,
     dense = st["steer_directions"]
     assert not any("permuted_null" in row for row in st["steer"].values())  # SAE latents: no estimator
     ic = dense["in_context_L1"]
-    assert ic["permuted_null"].startswith("the two contexts of each question swapped"), ic["permuted_null"]
+    assert ic["permuted_null"] == CONTEXTS, ic["permuted_null"]
     if "mean_diff_responses_L1" in dense:
         note = dense["mean_diff_responses_L1"]["permuted_null"]
         assert note.startswith("none: no per-question pairing"), note
-    print(json.dumps({n: [r.get("permuted_null"), r["scale_found"], r["p_value"]] for n, r in dense.items()}))
     for name, row in dense.items():
         if not row["scale_found"]:
             continue

@@ -72,9 +72,11 @@ question keeps it under every permutation, so with few paired answers the permut
 close to the candidate itself and say nothing about it"""
 
 
-AXIS_COS = 0.9
+AXIS_COS = 0.999
 """a permuted estimator whose directions keep a median |cosine| of at least this with the candidate
-(over ``PROBE_SEEDS`` permutations) stays on the candidate's axis: no null of directions"""
+(over ``PROBE_SEEDS`` permutations) is the candidate itself: no null. Below it, the steering protocol
+removes each permuted estimate's component along the candidate and keeps the label-free rest
+(``steer_protocol``), so a consistent signal no longer makes the null hold the candidate."""
 PROBE_SEEDS = 10
 
 
