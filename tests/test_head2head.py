@@ -131,12 +131,15 @@ def test_which_first_says_only_what_the_paired_tests_support():
     top = f"{sum(a.values()) / 8:+.3f} [+0.500, +1.500]; against the null at equal cost p 0.040, holds"
     assert text.startswith(f"A has the largest effect ({top})")
     assert f"A beats B (Holm p {holm_ab:.2g})" in text
-    assert f"A vs C not distinguishable (Holm p {holm_ac:.2g})" in text
-    assert f"C beats B (Holm p {holm_bc:.2g})" in text
+    assert f"A vs C (Holm p {holm_ac:.2g}) not distinguishable" in text
+    assert f"other pairs told apart: C beats B (Holm p {holm_bc:.2g})" in text
     assert "not compared (no scale reached a cost level): D" in text
     assert "does not hold" not in text
-    rows[0]["verdict"] = "inconclusive"
+    for r in rows[:3]:
+        r["verdict"] = "inconclusive"
     assert "A does not hold against the null, so no method is shown to steer here" in which_first(rows, comps)
+    rows[2]["verdict"] = "holds"  # only C holds: C is the one to try first, though A's effect is larger
+    assert which_first(rows, comps).startswith("C has the largest effect")
 
 
 def test_head_to_head_on_a_tiny_model(tiny_qwen, tmp_path):

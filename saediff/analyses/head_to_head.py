@@ -290,32 +290,48 @@ def paired_comparisons(item_effects: dict[str, dict[str, float]], alpha: float =
 
 def which_first(rows: list[dict], comparisons: list[dict], alpha: float = 0.05) -> str:
     """Which method to try first, saying only what the tests support: the method with the largest
-    report-half effect and its verdict against the null, then, per other method, whether the paired
-    comparison (Holm-adjusted) tells the two apart: "A beats B (Holm p 0.01); A vs C not
-    distinguishable (Holm p 0.52)"; other pairs the tests tell apart; methods without a scale."""
+    report-half effect among those that hold against the null (else among all, said so), the methods
+    the paired comparisons (Holm-adjusted) show it beats and those it cannot be told from, then how
+    many other pairs the tests tell apart (named when at most 3), and the methods without a scale."""
     passed = [r for r in rows if r["steer_effect"] is not None]
     if not passed:
         return "no method's direction reached a cost level on the neutral text: nothing to recommend"
-    top = max(passed, key=lambda r: r["steer_effect"])
+    holding = [r for r in passed if r.get("verdict") == "holds"]
+    top = max(holding or passed, key=lambda r: r["steer_effect"])
     name, ci = top["method"], top["steer_effect_ci"]
     interval = f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else ""
+    what = "the largest effect" if holding else "the largest effect, though none holds"
     text = [
-        f"{name} has the largest effect ({top['steer_effect']:+.3f}{interval}; against the null at equal "
+        f"{name} has {what} ({top['steer_effect']:+.3f}{interval}; against the null at equal "
         f"cost p {top['steer_p_value']:.3f}, {top['verdict']})"
     ]
-    if top["verdict"] != "holds":
+    if not holding:
         text.append(f"{name} does not hold against the null, so no method is shown to steer here")
-    mine = [c for c in comparisons if name in (c["a"], c["b"])]
-    for c in sorted(mine, key=lambda c: c["p_holm"]):
-        other = c["b"] if c["a"] == name else c["a"]
-        if c["better"] == name:
-            text.append(f"{name} beats {other} (Holm p {c['p_holm']:.2g})")
-        else:
-            text.append(f"{name} vs {other} not distinguishable (Holm p {c['p_holm']:.2g})")
-    for c in comparisons:
-        if c["better"] is not None and c not in mine:
-            worse = c["b"] if c["better"] == c["a"] else c["a"]
-            text.append(f"{c['better']} beats {worse} (Holm p {c['p_holm']:.2g})")
+    mine = sorted((c for c in comparisons if name in (c["a"], c["b"])), key=lambda c: c["p_holm"])
+
+    def other(c):
+        return c["b"] if c["a"] == name else c["a"]
+
+    beats = [f"{other(c)} (Holm p {c['p_holm']:.2g})" for c in mine if c["better"] == name]
+    ties = [f"{other(c)} (Holm p {c['p_holm']:.2g})" for c in mine if c["better"] is None]
+    losses = [f"{other(c)} (Holm p {c['p_holm']:.2g})" for c in mine if c["better"] not in (None, name)]
+    if beats:
+        text.append(f"{name} beats " + ", ".join(beats))
+    if ties:
+        text.append(f"{name} vs " + ", ".join(ties) + " not distinguishable")
+    if losses:
+        text.append(f"{name} is beaten by " + ", ".join(losses) + " (which do not hold against the null)")
+    rest = [c for c in comparisons if c["better"] is not None and c not in mine]
+    if rest:
+        named = [
+            f"{c['better']} beats {c['b'] if c['better'] == c['a'] else c['a']} (Holm p {c['p_holm']:.2g})"
+            for c in rest
+        ]
+        text.append(
+            f"other pairs told apart: {', '.join(named)}"
+            if len(rest) <= 3
+            else f"{len(rest)} other pairs told apart (the comparisons table)"
+        )
     unscaled = [r["method"] for r in rows if r["steer_effect"] is None]
     if unscaled:
         text.append(f"not compared (no scale reached a cost level): {', '.join(unscaled)}")
