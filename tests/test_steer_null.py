@@ -111,3 +111,18 @@ def test_configs_refuse_what_cannot_work():
         CostConfig(neutral=None, budget=0.0)  # type: ignore[arg-type]
     with pytest.raises(SaediffError):
         CostConfig(neutral=None, levels=(0.5, 2.0))  # type: ignore[arg-type]
+
+
+def test_permuted_estimates_lose_their_component_along_the_candidate(tmp_path):
+    """A label-permuted estimate that leans on the candidate keeps only its label-free part; one that is
+    the candidate itself is dropped (a null that holds the candidate tests nothing)."""
+    from saediff.interventions.steer_protocol import _Protocol
+
+    u = torch.tensor([1.0, 0.0, 0.0])
+    estimates = {0: torch.tensor([3.0, 4.0, 0.0]), 1: torch.tensor([-2.0, 0.0, 0.0])}
+    nc = NullConfig(n_permuted=2, seed=0)
+    run = _Protocol([], 0, 1.0, None, None, tmp_path, None, nc, {"c": lambda seed: estimates[seed - 200_000]})
+    nulls = run.permuted_null("c", u)
+    assert len(nulls) == 1 and nulls[0].seed == 200_000 and nulls[0].kind == "permuted"
+    assert torch.allclose(nulls[0].vector, torch.tensor([0.0, 1.0, 0.0]))
+    assert run._leak[nulls[0].name] == pytest.approx(0.6)  # cos of (3, 4, 0) with the candidate
