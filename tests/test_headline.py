@@ -337,3 +337,13 @@ def test_analysis_rows_hold_or_not():
     assert not any(
         r["phenomenon"].startswith("neighbourhood") for r in headline(_summary())
     )  # no analyses, no rows
+
+
+def test_a_steering_figure_reads_the_neighbourhood_probes_record_too():
+    """The neighbourhood probe records effect, interval, p and verdict without ``scale_found``."""
+    from saediff.stories.organism.headline import _steer_figure
+
+    rec = {"effect": 0.63, "effect_ci": [0.534, 0.726], "p_value": 1 / 21, "verdict": "holds"}
+    assert _steer_figure(rec) == "+0.63 [0.53, 0.73], p 0.048, holds"
+    assert _steer_figure({"scale_found": False}) == "no scale reached a cost level"
+    assert _steer_figure({"em_rate": 0.1}) is None  # an old record without the null

@@ -228,11 +228,13 @@ def _steer_rows(st: dict | None) -> list[tuple]:
 
 def _steer_figure(c: dict | None) -> str | None:
     """A steering check's effect as text, e.g. ``+0.86 [0.82, 0.91], p 0.048 (null q95 0.07), holds``
-    (None: not checked, or checked before the protocol had a null: no ``scale_found``)."""
-    if c is None or c.get("scale_found") is None:
+    (None: not checked, or checked before the protocol had a null: no p-value)."""
+    if c is None:
         return None
-    if not c["scale_found"]:
+    if c.get("scale_found") is False:
         return "no scale reached a cost level"
+    if c.get("effect") is None or c.get("p_value") is None:
+        return None
     ci = c.get("effect_ci")
     interval = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
     q95 = f" (null q95 {c['null_q95']:.2f})" if c.get("null_q95") is not None else ""
@@ -425,10 +427,8 @@ def _first_steer(nb: dict) -> float | str | None:
     first = next((str(i) for i in nb["flagged"] if str(i) in steer), None)
     if first is None:
         return None
-    effect = (nb.get("steer") or {}).get(first)
-    if not effect or effect.get("effect") is None:
-        return steer[first]
-    return f"EM {steer[first]:.2f}; effect " + _steer_figure(effect)
+    figure = _steer_figure((nb.get("steer") or {}).get(first))
+    return steer[first] if figure is None else f"EM {steer[first]:.2f}; effect {figure}"
 
 
 def _neutral(o: dict) -> tuple | None:
