@@ -76,12 +76,33 @@ def ref_run(tiny_qwen, tmp_path_factory):
 
 
 def test_steer_run_puts_the_label_permuted_estimators_into_the_null(ref_run):
-    """``saediff steer RUN --pairs offdomain:design``: the reference mean difference and the
-    in-context direction (rebuilt from the pair set's references, which built it) each bring two
+    """``saediff steer RUN --pairs FILE --contrast FILE``: the reference mean difference and the
+    in-context direction (rebuilt from the examples that built it) each bring two
     label-permuted directions (seeds NULL_SEED + 200000 + k) beside the 2 + 2 random ones: 6 nulls
     in the p-value's denominator. The adapter's shift has none (on its own axis), and says so."""
+    from dataclasses import asdict
+
+    from saediff.data.em_data import offdomain_pairs
+
     run = ref_run / "run"
-    args = ["steer", str(run), "--pairs", "offdomain:design", "--kl-budget", "0.006", "--latents", "0"]
+    by: dict = {}
+    for p in offdomain_pairs("design"):
+        by.setdefault(p.domain, []).append(asdict(p))
+    few = [row for d in sorted(by)[:2] for row in by[d][:4]]  # 8 questions: halves of 4 (speed)
+    pairs = _jsonl(ref_run / "pairs8.jsonl", few)
+    contrast = str(ref_run / "contrast.jsonl")  # what built the run's in-context direction
+    args = [
+        "steer",
+        str(run),
+        "--pairs",
+        pairs,
+        "--contrast",
+        contrast,
+        "--kl-budget",
+        "0.006",
+        "--latents",
+        "0",
+    ]
     r = CliRunner().invoke(app, [*args, "--nulls", "2"])
     assert r.exit_code == 0, r.output
     steer = json.loads((run / "steer.json").read_text())
