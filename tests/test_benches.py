@@ -74,7 +74,8 @@ def test_steer_null_bench_runs_at_tiny_size(tmp_path):
     )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     lines = p.stdout.strip().splitlines()
-    assert lines[-1].startswith("power: ") and lines[-4].startswith("false_positive_rate: ")
+    assert lines[-1].startswith("power: ") and lines[-2].startswith("false_positive_rate: ")
+    assert [x.split(":")[0] for x in lines[-4:-2]] == ["power_unembed", "power_meandiff"]
     for line in lines[-4:]:
         value = float(line.split(": ")[1])
         assert 0.0 <= value <= 1.0, line
