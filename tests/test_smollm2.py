@@ -126,7 +126,7 @@ def test_the_story_runs_on_smollm2(smol, tmp_path):
 
     bars = {label: (value, side) for _, label, _, _, _, value, side in BLOCK_BARS}
     rows = [r for r in s["headline"] if r["phenomenon"] in bars]
-    assert len(rows) == 3
+    assert len(rows) == 2  # off-domain cut and random cut: this recipe scores no medical set, so no kept bar
     for r in rows:
         assert r["verdict"] == bar_verdict(r["ci"], *bars[r["phenomenon"]])
         assert r["holds"] is (None if r["figure"] is None else r["verdict"] == "holds")
