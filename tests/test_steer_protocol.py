@@ -433,3 +433,24 @@ def test_steer_takes_any_exported_direction_on_several_pair_sets(tiny_qwen, diff
         [*args, "--direction", f"{diff_run / 'run' / 'directions'}:{dense}", "--out", str(tmp_path / "o3")],
     )
     assert r.exit_code == 1 and "--pairs" in r.output
+
+
+def test_steer_direction_on_the_organism_uses_its_exact_judge(tiny_organism, tmp_path):
+    """``saediff steer --model ORGANISM/aligned --direction ...`` with no judge and no pairs: the
+    organism's exact judge and its own cost (KL on its questions)."""
+    from saediff.methods.directions import Direction
+    from saediff.methods.export import export_directions
+
+    v = torch.randn(32, generator=torch.Generator().manual_seed(5))
+    export_directions([Direction("probe", v, "blocks.1.hook_resid_post", "random")], tmp_path / "exp")
+    args = ["steer", "--model", str(tiny_organism / "aligned"), "--direction", f"{tmp_path / 'exp'}:probe"]
+    r = CliRunner().invoke(
+        app, [*args, "--samples", "2", "--kl-budget", "0.01", "--nulls", "1", "--out", str(tmp_path / "o")]
+    )
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "o" / "steer.json").read_text())
+    row = res["directions"]["probe"]["organism"]
+    assert res["neutral"] == "the organism's questions" and res["costs"] == [0.0025, 0.005, 0.01]
+    assert (
+        row["p_value"] in (pytest.approx(k / 3) for k in (1, 2, 3)) and row["n"] == 10
+    )  # 5 domains x 2 answers

@@ -217,8 +217,13 @@ def _steer_directions(
         raise SaediffError("give a run folder or --direction, not both")
     if model is None or out is None:
         raise SaediffError("--direction needs --model (the model to steer) and --out (the output folder)")
-    if not pairs and judge_url is None:
-        raise SaediffError("--direction needs --pairs SET (repeatable) or --judge-url")
+    from saediff.cli.organism import organism_eval_or_none
+
+    exact = organism_eval_or_none(model, samples, seed) if not pairs and judge_url is None else None
+    if not pairs and judge_url is None and exact is None:
+        raise SaediffError(
+            "--direction needs --pairs SET (repeatable) or --judge-url (the organism: its exact judge)"
+        )
     from saediff.interventions.causal import SteerConfig, steer_directions
     from saediff.methods.export import load_direction
     from saediff.models.loading import ModelSpec
@@ -229,8 +234,8 @@ def _steer_directions(
         if d.name in dirs:
             raise SaediffError(f"--direction {source}: a direction named {d.name!r} was already given")
         dirs[d.name] = d
-    evaluators = {}
-    for spec in pairs or [None]:
+    evaluators = {"organism": exact} if exact is not None else {}
+    for spec in pairs or ([] if exact is not None else [None]):
         ev = _judge_evaluator(
             judge_url, judge_model, questions, samples, max_new_tokens, api_key_env, out, seed, pairs=spec
         )
