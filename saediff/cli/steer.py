@@ -127,7 +127,6 @@ def steer_cmd(
         cfg = SteerConfig(n_latents=latents, null=_null(nulls), neutral=neutral, **_budget(kl_budget))
         select, report = evaluator.halves()
         own = _contrast(contrast, pairs[0] if pairs else None, info["base"], seed)
-        perm = _permuted_nulls(run_dir, cfg, own, dtype, device, seed)
         res = run_causal_checks(
             run_dir,
             ModelSpec(base, dtype=dtype, device=device),
@@ -138,9 +137,8 @@ def steer_cmd(
             report,
             cfg,
             cost=lambda lm: steering_cost(lm, base, cfg.kl_budget, neutral),
-            permuted={n: p.estimator for n, p in perm.items() if p.estimator is not None},
+            permuted=lambda lm_base, lm_ft: _permuted_nulls_on(run_dir, cfg, own, seed, lm_base, lm_ft),
         )
-        _note_permuted(run_dir, res, perm)
     except _USER_ERRORS as e:
         _fail(e)
     _print_steer(res)
@@ -151,61 +149,54 @@ def _budget(kl_budget: float | None) -> dict:
 
 
 def _permuted_nulls(run_dir: Path, cfg, contrast: list, dtype: str, device: str, seed: int) -> dict:
+    """``_permuted_nulls_on`` the run's own models, loaded here (only those the estimators read)."""
+    from saediff.data.runs import read_run
+    from saediff.interventions.causal import steer_candidates
+    from saediff.methods.mean_diff import DIFF_RUN_FAMILY, diff_run_methods
+    from saediff.models.loading import ModelSpec, load_model
+
+    cands, L = steer_candidates(run_dir, cfg)
+    reads = {r for m in diff_run_methods(cands, L) for r in DIFF_RUN_FAMILY[m]}
+    info = read_run(run_dir)["steps"]["diff"]
+    base = ModelSpec(info["base"], dtype=dtype, device=device)
+    ft = ModelSpec(
+        info["finetuned"] or info["base"],
+        adapter=info["adapter"],
+        merge=info["adapter"] is not None,
+        dtype=dtype,
+        device=device,
+    )
+    return _permuted_nulls_on(
+        run_dir,
+        cfg,
+        contrast,
+        seed,
+        load_model(base) if "base" in reads else None,
+        load_model(ft) if "finetuned" in reads else None,
+    )
+
+
+def _permuted_nulls_on(run_dir: Path, cfg, contrast: list, seed: int, lm_base, lm_ft) -> dict:
     """The label-permuted null of each of the run's mean-difference candidates (name ->
     ``PermutedNull``: its estimator, or None and why), rebuilt by the head-to-head's method code on
-    the run's own models; only the models those estimators read are loaded, and let go before the
-    causal checks load theirs."""
-    import gc
-
-    import torch
-
+    the loaded models; an estimator that does not reproduce the run's direction (other models,
+    other examples) gives none, and says so."""
     from saediff.data.runs import read_run
     from saediff.interventions.causal import steer_candidates
     from saediff.methods.base import MethodConfig, MethodInputs
     from saediff.methods.export import load_directions
-    from saediff.methods.mean_diff import DIFF_RUN_FAMILY, diff_run_methods, diff_run_nulls
-    from saediff.models.loading import ModelSpec, load_model
+    from saediff.methods.mean_diff import diff_run_methods, diff_run_nulls
 
     cands, L = steer_candidates(run_dir, cfg)
     methods = diff_run_methods(cands, L)
     if not methods:
         return {}
     info = read_run(run_dir)["steps"]["diff"]
-    reads = {r for m in methods for r in DIFF_RUN_FAMILY[m]}
-    specs = {
-        "base": ModelSpec(info["base"], dtype=dtype, device=device),
-        "finetuned": ModelSpec(
-            info["finetuned"] or info["base"],
-            adapter=info["adapter"],
-            merge=info["adapter"] is not None,
-            dtype=dtype,
-            device=device,
-        ),
-    }
-    lms = {k: load_model(spec) if k in reads else None for k, spec in specs.items()}
     inputs = MethodInputs(
-        lms["base"], lms["finetuned"], L, [], list(contrast), MethodConfig(seed=seed), {},
+        lm_base, lm_ft, L, [], list(contrast), MethodConfig(seed=seed), {},
         load_directions(run_dir / "directions"), info, run_dir,
     )  # fmt: skip
-    nulls = {n: p for n, p in diff_run_nulls(inputs, methods).items() if n in cands}
-    del inputs, lms
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return nulls
-
-
-def _note_permuted(run_dir: Path, res: dict, nulls: dict) -> None:
-    """Each mean-difference candidate's ``permuted_null`` note (how its labels were permuted, or
-    why it has no permuted null) beside its induce figures, in ``res`` and ``RUN/steer.json``."""
-    from saediff._io import atomic_write_json
-
-    if not nulls:
-        return
-    for name, p in nulls.items():
-        if name in res["induce"]:
-            res["induce"][name]["permuted_null"] = p.note
-    atomic_write_json(run_dir / "steer.json", res)
+    return {n: p for n, p in diff_run_nulls(inputs, methods).items() if n in cands}
 
 
 def _steer_directions(

@@ -172,10 +172,12 @@ def run_causal_checks(
     cfg: SteerConfig = SteerConfig(),
     *,
     cost: CostConfig | Callable[[LoadedModel], CostConfig] | None = None,
-    permuted: dict[str, Callable[[int], torch.Tensor]] | None = None,
+    permuted: dict[str, Callable[[int], torch.Tensor]] | Callable | None = None,
 ) -> dict:
     """Induce, remove and clamp checks of every candidate (``permuted``: candidate name -> its
-    estimator with the labels permuted within each question, for a seed: its label-permuted null); ``select`` evaluates the questions
+    estimator with the labels permuted within each question, for a seed: its label-permuted null;
+    or a function of the loaded base and fine-tuned models giving name -> ``PermutedNull``, whose
+    notes go beside the induce figures, so the estimators read the models the checks load); ``select`` evaluates the questions
     that choose the cost level, ``report`` the held-out ones every reported figure uses (the induce
     check is ``select_and_report``, priced by ``cost``, default ``chat_cost`` of the base model; a
     candidate no scale reaches a cost level for has ``scale`` None and a ``note``). Writes and
@@ -186,6 +188,11 @@ def run_causal_checks(
     norms, base_means = residual_stats(lm_base, run_dir, cands)
     folder = run_dir / "steer"
     cost = _cost(cost, lm_base, cfg)
+    notes = {}
+    if callable(permuted):
+        found = permuted(lm_base, lm_ft)
+        notes = {n: p.note for n, p in found.items()}
+        permuted = {n: p.estimator for n, p in found.items() if p.estimator is not None}
     sel = select_and_report(
         {n: d.vector for n, d in cands.items()},
         [Arm("induce", lm_base, 1.0, "base")],
@@ -206,7 +213,10 @@ def run_causal_checks(
         "costs": sel.costs,
         "base": sel.unsteered["induce"]["report"],
         "finetuned": rates(evaluate_once(report, lm_ft, folder / "report" / "finetuned", "finetuned")),
-        "induce": {n: induce_summary(c) for n, c in sel.candidates.items()},
+        "induce": {
+            n: {**induce_summary(c), **({"permuted_null": notes[n]} if n in notes else {})}
+            for n, c in sel.candidates.items()
+        },
         "remove": {},
         "clamp": {},
     }
