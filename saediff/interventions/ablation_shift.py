@@ -26,12 +26,12 @@ import torch
 
 from saediff.evaluation.evals import Evaluator, evaluate_once
 from saediff.evaluation.intervals import bootstrap_ratio
-from saediff.interventions.steer_null import empirical_p
+from saediff.interventions.steer_null import empirical_p, isotropic
 from saediff.interventions.steer_protocol import item_scores, paired_effect, rates
 from saediff.interventions.steering import clamp_projection, project_out
 from saediff.models.loading import LoadedModel
 
-__all__ = ["AblationShift", "shift_figures"]
+__all__ = ["AblationShift", "ablation_null", "shift_figures"]
 
 
 def shift_figures(ft: dict, base: dict, ft_ablated: dict, base_ablated: dict) -> dict:
@@ -54,8 +54,8 @@ def shift_figures(ft: dict, base: dict, ft_ablated: dict, base_ablated: dict) ->
 class AblationShift:
     """The ablation checks of one run: the fine-tune ``lm_ft`` and the base ``lm_base`` on
     ``report``'s items, unablated (``ref``) and with each direction projected out of / clamped in
-    both, at ``layer`` and after every block; ``n_null`` random unit directions (seeded) are
-    ablated the same way. Every condition is cached under ``folder/report``."""
+    both, at ``layer`` and after every block; the ``null`` directions (name -> unit vector, see
+    ``ablation_null``) are ablated the same way. Every condition is cached under ``folder/report``."""
 
     def __init__(
         self,
@@ -64,8 +64,7 @@ class AblationShift:
         report: Evaluator,
         folder: Path,
         layer: int,
-        n_null: int = 5,
-        null_seed: int = 0,
+        null: dict[str, torch.Tensor],
     ):
         self.lm_ft, self.lm_base, self.report, self.folder, self.layer = lm_ft, lm_base, report, folder, layer
         self.n_layers = lm_ft.model.config.num_hidden_layers
@@ -73,12 +72,7 @@ class AblationShift:
             "ft": self._em(lm_ft, "finetuned", None),
             "base": self._em(lm_base, "base", None),
         }
-        d = lm_base.model.config.hidden_size
-        g = torch.Generator().manual_seed(null_seed)
-        self.null = {
-            f"ablation_null{k}_s{null_seed}": _unit(torch.randn(d, generator=g)) for k in range(n_null)
-        }
-        self.null_seed = null_seed
+        self.null = null
         self._null_figs: dict = {}
 
     def _em(self, lm: LoadedModel, cond: str, ctx) -> dict:
@@ -131,5 +125,6 @@ class AblationShift:
         return figs
 
 
-def _unit(v: torch.Tensor) -> torch.Tensor:
-    return v / v.norm()
+def ablation_null(d_model: int, n: int, seed: int) -> dict[str, torch.Tensor]:
+    """The ablation's null: ``n`` isotropic unit directions (``steer_null.isotropic``), by name."""
+    return {f"ablation_{d.name}_s{d.seed}": d.vector for d in isotropic(d_model, n, seed)}

@@ -38,7 +38,7 @@ from saediff.data.runs import read_run, update_run
 from saediff.errors import SaediffError
 from saediff.evaluation.evals import Evaluator, evaluate_once
 from saediff.evaluation.neutral import neutral_answers, neutral_from_file
-from saediff.interventions.ablation_shift import AblationShift
+from saediff.interventions.ablation_shift import AblationShift, ablation_null
 from saediff.interventions.steer_null import NullConfig
 from saediff.interventions.steer_protocol import (
     DEFAULT_KL_BUDGET,
@@ -185,7 +185,9 @@ def run_causal_checks(
     run_dir = Path(run_dir)
     cands, L = steer_candidates(run_dir, cfg)
     lm_base, lm_ft = load_model(base), load_model(finetuned)
-    norms, base_means = residual_stats(lm_base, run_dir, cands)
+    null = ablation_null(lm_base.model.config.hidden_size, cfg.n_ablation_null, cfg.null.seed)
+    null_dirs = {n: Direction(n, v, resid_post(L), "random") for n, v in null.items()}
+    norms, base_means = residual_stats(lm_base, run_dir, {**cands, **null_dirs})  # one pass for both
     folder = run_dir / "steer"
     cost = _cost(cost, lm_base, cfg)
     notes = {}
@@ -220,11 +222,9 @@ def run_causal_checks(
         "remove": {},
         "clamp": {},
     }
-    shifts = AblationShift(lm_ft, lm_base, report, folder, L, cfg.n_ablation_null, cfg.null.seed)
-    null_dirs = {n: Direction(n, v, resid_post(L), "random") for n, v in shifts.null.items()}
-    _, null_means = residual_stats(lm_base, run_dir, null_dirs)
+    shifts = AblationShift(lm_ft, lm_base, report, folder, L, null)
     for name, d in cands.items():
-        figs = shifts.with_null(shifts.figures(name, d.vector, base_means[name]), null_means)
+        figs = shifts.with_null(shifts.figures(name, d.vector, base_means[name]), base_means)
         result["remove"][name], result["clamp"][name] = figs["project"], figs["clamp"]
     atomic_write_json(run_dir / "steer.json", result)
     update_run(
