@@ -247,6 +247,7 @@ class _Protocol:
     _null_at: dict = field(default_factory=dict)
     _points: dict | None = None
     _leak: dict = field(default_factory=dict)
+    _setup_key: dict | None = None
 
     # -- cost -------------------------------------------------------------------------------------
     def meter(self, arm: Arm) -> CostMeter:
@@ -264,14 +265,13 @@ class _Protocol:
         path = self.folder / "costs.json"
         if self._points is None:
             self._points = json.loads(path.read_text()) if path.exists() else {}
-        key = digest(
-            {
-                "u": tensor_digest(u),
+        if self._setup_key is None:  # the same for every direction: digested once (model weights included)
+            self._setup_key = {
                 "layer": self.layer,
                 "neutral": self.cost.neutral.fingerprint(),
                 "arms": [(a.name, a.sign, model_fingerprint(a.lm.spec)) for a in self.arms],
             }
-        )
+        key = digest({"u": tensor_digest(u), **self._setup_key})
         pts = {float(s): k for s, k in self._points.get(key, {}).items()}
         found = scale_for_cost(
             lambda s: self.kl(u, s), target, self.unit * 0.25, tol=self.cost.tol, points=pts
