@@ -7,6 +7,7 @@ import os
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("SAEDIFF_PRECISION", "fp32")  # "auto" means fp32 here: numbers independent of the CPU
 
 import sys
 import tempfile

@@ -15,7 +15,15 @@ import typer
 from rich.console import Console
 
 from saediff.cli import block_inputs as inputs
-from saediff.cli.common import _USER_ERRORS, PAIRS_HELP, _fail, _int_list, _judge_evaluator, _setup
+from saediff.cli.common import (
+    _USER_ERRORS,
+    PAIRS_HELP,
+    _fail,
+    _int_list,
+    _judge_evaluator,
+    _setup,
+    use_precision,
+)
 from saediff.errors import SaediffError
 
 log = logging.getLogger(__name__)
@@ -60,7 +68,11 @@ def block_cmd(
     lr: float | None = typer.Option(
         None, "--lr", help="learning rate (default 1e-5; organism: its recipe's)"
     ),
-    precision: str = typer.Option("auto", "--precision", help="auto | fp32 | bf16 | fp16 (mixed precision)"),
+    precision: str = typer.Option(
+        "auto",
+        "--precision",
+        help="auto | fp32 | bf16 | fp16: the fine-tunes' mixed precision (auto: the model's)",
+    ),
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing"),
     max_length: int = typer.Option(2048, "--max-length", help="tokens per conversation"),
     save_every: int | None = typer.Option(None, "--save-every", help="checkpoint every N steps"),
@@ -148,6 +160,8 @@ def block_cmd(
 ) -> None:
     """BLOCK-EM on any model: fine-tune on --data while SAE latents stay where the base model has them; EM of every run."""
     _setup(threads)
+    if precision in ("fp32", "bf16"):  # the models load at the fine-tune's precision too
+        use_precision(precision)
     from saediff.interventions.blockem import run_block_em
     from saediff.models.loading import ModelSpec
 

@@ -14,6 +14,48 @@ import typer
 from saediff.console import StderrHandler
 from saediff.errors import SaediffError
 
+PRECISION_HELP = (
+    "auto | fp32 | bf16: the model side's arithmetic (bf16 autocast over float32 weights); auto: bf16 "
+    "where the device multiplies bf16 natively, fp32 for the EM model organism (or set SAEDIFF_PRECISION)"
+)
+
+
+def use_precision(precision: str) -> None:
+    """What ``auto`` means for every model this command (and its worker processes) loads."""
+    from saediff.models.precision import CHOICES, ENV
+
+    if precision not in CHOICES:
+        raise SaediffError(f"--precision must be auto, fp32 or bf16, got {precision!r}")
+    if precision != "auto":
+        os.environ[ENV] = precision
+
+
+def with_precision(command):
+    """``command`` with a ``--precision`` option (``PRECISION_HELP``) applied before it runs: every
+    model-side command takes one, the library reads it through ``ModelSpec.precision="auto"``."""
+    import functools
+    import inspect
+
+    sig = inspect.signature(command, eval_str=True)
+    option = inspect.Parameter(
+        "precision",
+        inspect.Parameter.KEYWORD_ONLY,
+        default=typer.Option("auto", "--precision", help=PRECISION_HELP),
+        annotation=str,
+    )
+
+    @functools.wraps(command)
+    def run(*args, precision: str = "auto", **kwargs):
+        try:
+            use_precision(precision)
+        except SaediffError as e:
+            _fail(e)
+        return command(*args, **kwargs)
+
+    run.__signature__ = sig.replace(parameters=[*sig.parameters.values(), option])
+    run.__annotations__ = {**command.__annotations__, "precision": str}
+    return run
+
 
 def is_verbose() -> bool:
     """``saediff --verbose`` or ``SAEDIFF_VERBOSE=1``: third-party bars, warnings and logs shown."""

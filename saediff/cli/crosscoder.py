@@ -23,6 +23,7 @@ from saediff.cli.common import (
     _need_ft,
     _setup,
     defaults,
+    with_precision,
 )
 
 crosscoder_app = typer.Typer(
@@ -31,6 +32,7 @@ crosscoder_app = typer.Typer(
 
 
 @crosscoder_app.command("train")
+@with_precision
 def crosscoder_train_cmd(
     base: str = _BASE,
     finetuned: str | None = _FT,
@@ -94,6 +96,7 @@ def crosscoder_train_cmd(
 
 
 @crosscoder_app.command("diff")
+@with_precision
 def crosscoder_diff_cmd(
     crosscoder: Path = typer.Argument(..., help="crosscoder folder (saediff crosscoder train --out)"),
     base: str = _BASE,

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import typer
 
-from saediff.cli.common import _USER_ERRORS, _fail, _setup
+from saediff.cli.common import _USER_ERRORS, _fail, _setup, with_precision
 from saediff.cli.organism import load_prompt_set
 from saediff.errors import SaediffError
 
@@ -23,6 +23,7 @@ sae_app = typer.Typer(no_args_is_help=True, help="Train and inspect SAEs (SAELen
 
 # long: one typer option per line; the body parses them and calls the helpers below
 @sae_app.command("train")
+@with_precision
 def sae_train_cmd(
     out: Path = typer.Option(..., "--out", help="SAE folder to write (SAELens format)"),
     activations: Path | None = typer.Option(

@@ -26,6 +26,7 @@ from saediff.cli.common import (
     _run_base,
     _setup,
     defaults,
+    use_precision,
 )
 from saediff.errors import SaediffError
 
@@ -94,7 +95,11 @@ def neighbourhood_cmd(
     batch_size: int | None = typer.Option(None, "--batch-size"),
     grad_accum: int = typer.Option(1, "--grad-accum"),
     lr: float | None = typer.Option(None, "--lr"),
-    precision: str = typer.Option("auto", "--precision", help="auto | fp32 | bf16 | fp16"),
+    precision: str = typer.Option(
+        "auto",
+        "--precision",
+        help="auto | fp32 | bf16 | fp16: the fine-tunes' mixed precision (auto: the model's)",
+    ),
     judge_url: str | None = typer.Option(None, "--judge-url"),
     judge_model: str | None = typer.Option(None, "--judge-model"),
     pairs: str | None = typer.Option(None, "--pairs", help=PAIRS_HELP),
@@ -112,6 +117,8 @@ def neighbourhood_cmd(
     --drop-fraction a training-data screen (and --finetune: EM after it vs random dropping);
     writes RUN/neighbourhood.json."""
     _setup(threads)
+    if precision in ("fp32", "bf16"):  # the models load at the fine-tune's precision too
+        use_precision(precision)
     from saediff.analyses.neighbourhood import run_neighbourhood
 
     try:

@@ -164,6 +164,10 @@ def run_fingerprint(
     )
     for key in _NOT_IN_WEIGHTS:  # adding checkpoints or activation checkpointing on a rerun keeps the run
         settings["ft"].pop(key, None)
+    # what "auto" meant: the precision the model loads at (the organism's: fp32)
+    settings["ft"]["precision"] = (
+        cfg.ft.precision if cfg.ft.precision != "auto" else spec.resolved_precision()
+    )
     settings["latents"] = {
         "low": list(cfg.latents.low),
         "high": list(cfg.latents.high),

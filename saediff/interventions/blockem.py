@@ -101,7 +101,7 @@ def _base_codes_fingerprint(
         "dtype": spec.dtype,
         "device": spec.device,
         "method": ft.method,
-        "precision": ft.precision,
+        "precision": ft.precision if ft.precision != "auto" else spec.resolved_precision(),
         "data": dataset.fingerprint(),
         "n_rows": len(dataset),
         "sae": sae_fingerprint(sae)["weights"],
@@ -124,12 +124,14 @@ def _build_base_codes(
     """Base codes computed into ``where`` from ``spec``'s model made trainable as ``ft`` makes it,
     under its mixed precision; base_codes.json's fingerprint."""
     from saediff.interventions.base_codes import BaseCodes
-    from saediff.interventions.finetune import _precision
+    from saediff.interventions.finetune import finetune_precision
+    from saediff.models.precision import set_precision
 
     lm = load_model(spec)
     model = make_trainable(lm.model, ft)
-    mixed = _precision(ft, next(model.parameters()).device)
-    autocast = torch.bfloat16 if mixed.get("bf16") else torch.float16 if mixed.get("fp16") else None
+    mixed = finetune_precision(ft, model, next(model.parameters()).device)
+    set_precision(model, mixed)  # the loaded model's own autocast must not override the fine-tune's
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed)
     codes = BaseCodes.build(
         model,
         dataset,

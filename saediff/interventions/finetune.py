@@ -25,6 +25,7 @@ from transformers import PrinterCallback, Trainer, TrainerCallback
 
 from saediff import console
 from saediff.errors import SaediffError
+from saediff.models.precision import Resolved, model_precision, resolve_precision, set_precision
 
 __all__ = [
     "Batches",
@@ -184,7 +185,8 @@ class FinetuneConfig:
     max_grad_norm: float = 1.0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """mixed precision (autocast) over float32 trainable weights, whatever dtype the model was
-    loaded in; ``auto``: bf16 autocast on a GPU that supports it, none on CPU"""
+    loaded in; ``auto``: bf16 autocast where the device multiplies bf16 natively (a GPU that
+    supports it, a CPU with AMX or AVX512-bf16: ``saediff.models.precision``), none elsewhere"""
     gradient_checkpointing: bool = False
     max_length: int = 2048
     """tokens per conversation (longer ones are cut)"""
@@ -333,17 +335,21 @@ class _EachStep(TrainerCallback):
         self.advance()
 
 
-def _precision(cfg: FinetuneConfig, device: torch.device) -> dict:
-    if cfg.precision == "auto":
-        on_gpu = device.type == "cuda"
-        return {"bf16": on_gpu and torch.cuda.is_bf16_supported()}
-    if cfg.precision == "fp16" and device.type != "cuda":
-        raise SaediffError("precision fp16 needs a CUDA GPU; use bf16 or fp32 on CPU")
-    return {"bf16": cfg.precision == "bf16", "fp16": cfg.precision == "fp16"}
+def finetune_precision(cfg: FinetuneConfig, model: torch.nn.Module | None, device) -> Resolved:
+    """What ``cfg.precision`` means for ``model``: ``auto`` is the precision the model was loaded
+    at (``ModelSpec.precision``: the organism's is fp32); for a model built in place rather than
+    loaded, bf16 on a GPU that supports it and fp32 on a CPU, as before ``--precision``."""
+    if cfg.precision != "auto":
+        return resolve_precision(cfg.precision, device)
+    loaded = model_precision(model) if model is not None else None
+    if loaded is not None:
+        return loaded
+    on_gpu = torch.device(device).type == "cuda"
+    return "bf16" if on_gpu and torch.cuda.is_bf16_supported() else "fp32"
 
 
-def _training_args(cfg: FinetuneConfig, ckpt_dir: Path, device: torch.device):
-    """The ``TrainingArguments`` of ``cfg`` (checkpoints to ``ckpt_dir``, mixed precision for ``device``)."""
+def _training_args(cfg: FinetuneConfig, ckpt_dir: Path, device: torch.device, precision: Resolved):
+    """The ``TrainingArguments`` of ``cfg`` (checkpoints to ``ckpt_dir``, mixed precision as resolved)."""
     from transformers import TrainingArguments
 
     return TrainingArguments(
@@ -370,7 +376,8 @@ def _training_args(cfg: FinetuneConfig, ckpt_dir: Path, device: torch.device):
         remove_unused_columns=False,
         use_cpu=device.type == "cpu",
         dataloader_num_workers=0,
-        **_precision(cfg, device),
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
     )
 
 
@@ -398,8 +405,12 @@ def finetune(
 
     out = Path(out)
     device = next(model.parameters()).device
+    # the model's own forwards (the fine-tune's steps, and its evaluations after) run at the
+    # fine-tune's precision, whatever precision it was loaded at
+    precision = finetune_precision(cfg, model, device)
+    set_precision(model, precision)
     ckpt_dir = out / "checkpoints"
-    args = _training_args(cfg, ckpt_dir, device)
+    args = _training_args(cfg, ckpt_dir, device, precision)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     saves_tokenizer = hasattr(tokenizer, "save_pretrained")  # checkpoints then load as model folders
     trainer = ChatTrainer(

@@ -8,6 +8,7 @@ of a packaged one, ``smollm2-135m``) is materialized once into an HF folder (``s
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,15 @@ import torch
 
 from saediff import console
 from saediff.errors import MissingFileError, SaediffError
+from saediff.models.precision import (
+    CHOICES,
+    ENV,
+    Resolved,
+    model_precision,
+    pinned_fp32,
+    resolve_precision,
+    set_precision,
+)
 
 __all__ = ["LoadedModel", "Messages", "ModelSpec", "chat_tokens", "generate", "load_model", "load_pair"]
 
@@ -42,10 +52,15 @@ class ModelSpec:
     """``auto``: cuda if available, else cpu"""
     trust_remote_code: bool = False
     """run model code from the hub; off unless you ask"""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """the arithmetic of its forwards: bf16 autocast over the loaded weights, or none; ``auto``:
+    bf16 where the device multiplies bf16 natively (``saediff.models.precision``)"""
 
     def __post_init__(self):
         if self.merge and self.adapter is None:
             raise SaediffError("ModelSpec: merge=True needs an adapter")
+        if self.precision not in CHOICES:
+            raise SaediffError(f"ModelSpec.precision must be auto, fp32 or bf16, got {self.precision!r}")
 
     @property
     def is_local(self) -> bool:
@@ -60,6 +75,13 @@ class ModelSpec:
         if self.dtype != "auto":
             return _DTYPES[self.dtype]
         return torch.bfloat16 if self.resolved_device().startswith("cuda") else torch.float32
+
+    def resolved_precision(self) -> Resolved:
+        """``fp32`` or ``bf16``: what ``precision`` means on this machine's device (``auto`` is
+        fp32 for the EM model organism, whose figures are float32's)."""
+        if self.precision == "auto" and not os.environ.get(ENV) and self.is_local and pinned_fp32(self.model):
+            return "fp32"  # unless --precision / SAEDIFF_PRECISION asks otherwise
+        return resolve_precision(self.precision, self.resolved_device())
 
 
 @dataclass
@@ -85,6 +107,12 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def precision(self) -> Resolved:
+        """``fp32`` or ``bf16``: what every forward of ``model`` runs at (resolved at load,
+        ``saediff.models.precision.set_precision``)."""
+        return model_precision(self.model) or "fp32"
 
     def format_chat(self, messages: Messages, add_generation_prompt: bool = True) -> str:
         """The conversation rendered with the model's own chat template."""
@@ -230,6 +258,7 @@ def load_model(spec: ModelSpec | str) -> LoadedModel:
         if spec.merge:
             model = model.merge_and_unload()
     model.eval()
+    set_precision(model, spec.resolved_precision())
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"

@@ -82,6 +82,9 @@ def model_fingerprint(spec) -> dict:
     from saediff.models.gguf import gguf_digest, gguf_source
 
     fp: dict = {"dtype": spec.dtype}
+    precision = spec.resolved_precision() if hasattr(spec, "resolved_precision") else "fp32"
+    if precision != "fp32":  # absent means float32: what every artifact before --precision ran in
+        fp["precision"] = precision
     gguf_file = gguf_source(spec.model)
     if gguf_file is not None:
         fp["model"] = f"gguf:{gguf_digest(gguf_file)}"
