@@ -109,10 +109,11 @@ def answer_logprobs(
     order = sorted(range(len(toks)), key=lambda i: -len(toks[i][0]))
     out: list[AnswerLogprob | None] = [None] * len(toks)
     batches = range(0, len(order), batch_size)
-    for start in console.progress(batches, desc="score answers", enabled=progress):
-        idx = order[start : start + batch_size]
-        for i, lp in zip(idx, _score_batch(lm, [toks[i] for i in idx])):
-            out[i] = lp
+    with lm.autocast():  # one region: bf16 weights cast once for every batch
+        for start in console.progress(batches, desc="score answers", enabled=progress):
+            idx = order[start : start + batch_size]
+            for i, lp in zip(idx, _score_batch(lm, [toks[i] for i in idx])):
+                out[i] = lp
     return out  # type: ignore[return-value]
 
 

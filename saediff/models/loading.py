@@ -22,6 +22,7 @@ from saediff.models.precision import (
     CHOICES,
     ENV,
     Resolved,
+    autocast,
     model_precision,
     pinned_fp32,
     resolve_precision,
@@ -113,6 +114,12 @@ class LoadedModel:
         """``fp32`` or ``bf16``: what every forward of ``model`` runs at (resolved at load,
         ``saediff.models.precision.set_precision``)."""
         return model_precision(self.model) or "fp32"
+
+    def autocast(self):
+        """One autocast region at the model's precision around many forwards (a generation, a
+        scoring loop): each forward is under it anyway, but inside one region the bf16 copies of
+        the weights are cast once, not once per forward (generation: 1.9x slower without)."""
+        return autocast(self.precision, self.device)
 
     def format_chat(self, messages: Messages, add_generation_prompt: bool = True) -> str:
         """The conversation rendered with the model's own chat template."""
@@ -298,20 +305,21 @@ def generate(
     tok = lm.tokenizer
     texts = [lm.format_chat(c) for c in conversations]
     out: list[str] = []
-    for i in console.progress(range(0, len(texts), batch_size), desc="generate", enabled=progress):
-        enc = tok(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = {k: v.to(lm.device) for k, v in enc.items()}
-        sample = temperature > 0
-        gen = lm.model.generate(
-            **enc,
-            max_new_tokens=max_new_tokens,
-            do_sample=sample,
-            temperature=temperature if sample else None,
-            top_p=top_p if sample else None,
-            top_k=0 if sample else None,
-            pad_token_id=tok.pad_token_id,
-            use_cache=lm._bridge is None,  # a bridged model gives wrong answers from the KV cache
-        )
-        new = gen[:, enc["input_ids"].shape[1] :]
-        out += tok.batch_decode(new, skip_special_tokens=True)
+    with lm.autocast():  # one region: the bf16 weights are cast once, not at every new token
+        for i in console.progress(range(0, len(texts), batch_size), desc="generate", enabled=progress):
+            enc = tok(texts[i : i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = {k: v.to(lm.device) for k, v in enc.items()}
+            sample = temperature > 0
+            gen = lm.model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=sample,
+                temperature=temperature if sample else None,
+                top_p=top_p if sample else None,
+                top_k=0 if sample else None,
+                pad_token_id=tok.pad_token_id,
+                use_cache=lm._bridge is None,  # a bridged model gives wrong answers from the KV cache
+            )
+            new = gen[:, enc["input_ids"].shape[1] :]
+            out += tok.batch_decode(new, skip_special_tokens=True)
     return out
