@@ -5,13 +5,14 @@ float32 weights) against the same paths at fp32, in the same run, on SmolLM2-135
     python bench/model_side.py                  # the four ratios and the process layout
     python bench/model_side.py --figures        # and what bf16 changes (SmolLM2, ~25 min here)
     python bench/model_side.py --model PATH --device cuda   # any HF chat model on a GPU
+    python bench/model_side.py --random 896,24 --device cuda  # a random 0.5B-shaped one (bench/gpu.sh)
 
 What each ratio times (fp32 seconds / bf16 seconds, medians over ``--repeats`` interleaved runs,
 one thread unless ``--threads``):
 - ``pair_scoring_vs_fp32``: ``evaluation.pairs.score_pairs`` on the first ``--pairs`` held-out
   pairs (two answers each);
-- ``collect_vs_fp32``: ``activations.collect.collect_activations`` at block 15's
-  ``hook_resid_post`` over the answer tokens of ``--convs`` medical conversations;
+- ``collect_vs_fp32``: ``activations.collect.collect_activations`` at the middle block's
+  ``hook_resid_post`` (SmolLM2: 15) over the answer tokens of ``--convs`` medical conversations;
 - ``lora_step_vs_fp32``: one optimizer step (forward with the chat loss, backward, AdamW) of the
   demo's rank-1 LoRA on every ``down_proj``, ``--batch`` conversations cut to ``--seq`` tokens;
   ``lora_step_bf16_base_vs_fp32``: the same with the frozen base held in bfloat16 (the adapter
@@ -57,8 +58,6 @@ from saediff.evaluation.pairs import paired_difference, score_pairs
 from saediff.models.loading import ModelSpec, load_model
 from saediff.models.precision import cpu_bf16
 
-HOOK = "blocks.15.hook_resid_post"
-
 
 def features(device: str) -> str:
     if device.startswith("cuda"):
@@ -67,8 +66,27 @@ def features(device: str) -> str:
     return f"cpu {torch.backends.cpu.get_cpu_capability()}, {flags}, {torch.get_num_threads()} thread(s)"
 
 
-def load(args, precision: str, dtype: str = "auto"):
+def load(args, precision: str, dtype: str = "float32"):
+    """The model with float32 weights (``dtype``: the frozen base of the bf16-base LoRA variant)."""
     return load_model(ModelSpec(args.model, precision=precision, device=args.device, dtype=dtype))
+
+
+def hook_of(lm) -> str:
+    """The middle block's output (SmolLM2: block 15 of 30)."""
+    return f"blocks.{lm.model.config.num_hidden_layers // 2}.hook_resid_post"
+
+
+def random_model(spec: str) -> str:
+    """``D_MODEL,LAYERS``: a random Qwen2-shaped chat model (the tests' 400-token BPE tokenizer and
+    Qwen2.5 template, MLP 2 x d_model) saved once under the temp folder: a GPU has no SmolLM2."""
+    d, n = (int(x) for x in spec.split(","))
+    folder = Path(tempfile.gettempdir()) / f"saediff_model_side_{d}_{n}"
+    if not (folder / "config.json").is_file():
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from helpers import make_tiny_chat_model
+
+        make_tiny_chat_model(folder, "qwen25", d_model=d, n_layers=n)
+    return str(folder)
 
 
 def chats(args, name: str = "medical_bad") -> list:
@@ -142,7 +160,11 @@ def speed(args) -> dict:
     out["collect_vs_fp32"], med = ratio(
         args,
         {
-            p: (lambda lm=lm: collect_activations(lm, ps, [HOOK], "response", batch_size=16, progress=False))
+            p: (
+                lambda lm=lm: collect_activations(
+                    lm, ps, [hook_of(lm)], "response", batch_size=16, progress=False
+                )
+            )
             for p, lm in lms.items()
         },
     )
@@ -230,14 +252,16 @@ def figures(args) -> None:
         m = mean_t_interval([r["preference"] for r in rows[p]])
         print(f"  base preference {p}: {m['mean']:+.4f} [{m['ci'][0]:+.4f}, {m['ci'][1]:+.4f}]")
     acts = {
-        p: collect_activations(lm, prompts(args), [HOOK], "response", batch_size=16, progress=False)[HOOK]
+        p: collect_activations(lm, prompts(args), [hook_of(lm)], "response", batch_size=16, progress=False)[
+            hook_of(lm)
+        ]
         for p, lm in lms.items()
     }
     a, b = acts["fp32"].float(), acts["bf16"].float()
     rel = (b - a).norm(dim=1) / a.norm(dim=1)
     cos = torch.nn.functional.cosine_similarity(a, b, dim=1)
     print(
-        f"block-15 residuals ({len(a)} answer tokens): relative error median {rel.median():.4f}, "
+        f"{hook_of(lms['fp32'])} ({len(a)} answer tokens): relative error median {rel.median():.4f}, "
         f"max {rel.max():.4f}; cosine min {cos.min():.5f}"
     )
     recipe = ChatDemoRecipe()
@@ -313,12 +337,15 @@ def main() -> None:
         "--ft-steps", type=int, default=150, help="steps of each --figures fine-tune (the demo's)"
     )
     ap.add_argument("--no-layout", action="store_true", help="skip the process-layout measurement")
+    ap.add_argument("--random", default=None, metavar="D_MODEL,LAYERS", help="a random chat model instead")
     ap.add_argument("--work", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--_worker", type=float, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._worker is not None:
         return worker(args)
     torch.set_num_threads(args.threads)
+    if args.random:
+        args.model = random_model(args.random)
     print(features(args.device), flush=True)
     if args.figures:
         figures(args)

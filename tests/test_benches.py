@@ -33,6 +33,13 @@ RATIOS = {
         "sweep_ratio",
     ],
     "diff_memory": ["forward_ratio", "memory_growth"],
+    "model_side": [
+        "pair_scoring_vs_fp32",
+        "collect_vs_fp32",
+        "lora_step_vs_fp32",
+        "lora_step_bf16_base_vs_fp32",
+        "full_step_vs_fp32",
+    ],
 }
 
 
