@@ -12,7 +12,10 @@ Baselines, each configured as cheaply as its library allows:
 - a plain HF forward-hook loop: a hook on decoder layer L that keeps its output and raises to stop
   the forward there, on the HF model itself (no bridge).
 All three read the answer-token rows of the same right-padded batches (cut to their longest row)
-under ``torch.no_grad``; the rows are checked equal first. Runs are interleaved over the repeats.
+under ``torch.no_grad``, at fp32 (bf16 gains are ``bench/model_side.py``'s); the rows are checked
+equal first. The bridge wraps its own copy of the model (building it rewires the model in place).
+Runs are interleaved over the repeats. What saediff skips that the loops compute (a causal model's
+work that cannot reach a kept row) is listed in ``collect._forward_rows``.
 Last lines: ``speedup_vs_run_with_cache_filtered: X`` and ``speedup_vs_hf_hooks: X`` (baseline
 seconds / saediff seconds, medians).
 """
@@ -82,11 +85,14 @@ def main() -> None:
         folder, prompts = a.model, chat_prompts
     else:
         folder, prompts = organism(a.organism)
-    lm = load_model(ModelSpec(folder, device=a.device))
+    # fp32 on every side: this bench compares collection, not arithmetic (bf16: bench/model_side.py).
+    # The bridge rewires the model it wraps, so it gets its own copy; the HF loop and saediff run
+    # on a plain one.
+    spec = ModelSpec(folder, device=a.device, precision="fp32")
+    lm, tl = load_model(spec), load_model(spec).bridge()
     toks = tokenize_prompts(lm, prompts(a.n))
     keep = toks.select("response")
     layer = int(a.hook.split(".")[1])
-    tl = lm.bridge()
     from saediff.models.hooks import decoder_layers
 
     block = decoder_layers(lm.model)[layer]

@@ -312,10 +312,10 @@ def test_sae_train_straight_from_a_model(tiny_organism, tmp_path):
     assert r.exit_code == 1 and "give --activations, or --model, --prompts and --hook" in r.output
 
 
-def test_bridge_and_forward_hook_paths_agree(tiny_qwen):
-    """The analysis path (TransformerLens bridge) and the training-time path (forward hooks on the
-    HF model) read the same residual stream at every block."""
-    from saediff.activations.collect import collect_activations, tokenize_prompts
+def test_bridge_and_forward_hook_paths_agree(tiny_qwen, monkeypatch):
+    """The TransformerLens bridge path (any hook) and the forward-hook path (``hook_resid_post``)
+    read the same residual stream at every block, and both match ``capture_resid``."""
+    import saediff.activations.collect as C
     from saediff.data.prompts import Prompt
     from saediff.models.hooks import capture_resid
     from saediff.models.loading import load_model
@@ -324,9 +324,83 @@ def test_bridge_and_forward_hook_paths_agree(tiny_qwen):
     prompts = [
         Prompt(id="a", messages=[{"role": "user", "content": "Hello there, how are you?"}], response="Fine.")
     ]
-    toks = tokenize_prompts(lm, prompts)
+    toks = C.tokenize_prompts(lm, prompts)
     hooks = [f"blocks.{L}.hook_resid_post" for L in (0, 1)]
-    via_bridge = collect_activations(lm, toks, hooks, "all", progress=False)
-    via_hooks = capture_resid(lm.model, [0, 1], toks.input_ids)
+    via_hooks = capture_resid(lm.model, [0, 1], toks.input_ids)  # before the bridge rewires the model
+    via_forward = C.collect_activations(lm, toks, hooks, "all", progress=False)
+    monkeypatch.setattr(C, "_resid_post_blocks", lambda _hooks: None)  # every hook through the bridge
+    via_bridge = C.collect_activations(lm, toks, hooks, "all", progress=False)
     for L, h in enumerate(hooks):
         torch.testing.assert_close(via_bridge[h], via_hooks[L][0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(via_forward[h], via_hooks[L][0], atol=1e-5, rtol=1e-5)
+
+
+QUESTIONS = [
+    ("What should I do about a headache?", "Drink water and rest for a while."),
+    ("Is it safe?", "Yes."),
+    ("How do I keep my savings safe over many years of retirement?", "Spread them over funds."),
+    ("Hi", "Hello, how can I help you today with anything at all?"),
+    ("What is two plus two?", "Four."),
+]
+
+
+def test_optimized_collection_matches_the_plain_forward(tiny_chat, monkeypatch):
+    """The optimized pass (columns after the last kept one cut, no mask, the deepest block's MLP at
+    the kept rows only, the batches' shared chat prefix run once into a KV cache) gives the rows of
+    the plain full forward with its attention mask, for every template family and position set,
+    with and without a row cap."""
+    import saediff.activations.collect as C
+    from saediff.data.prompts import Prompt
+
+    lm = load_model(str(tiny_chat.model))
+    prompts = [
+        Prompt(f"q{i}", [{"role": "user", "content": q}], response=a) for i, (q, a) in enumerate(QUESTIONS)
+    ]
+    toks = tokenize_prompts(lm, prompts)
+    hooks = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    kv_runs = []
+    prefix_kv = C._prefix_kv
+    monkeypatch.setattr(C, "_prefix_kv", lambda *a: kv_runs.append(a[2].shape[1]) or prefix_kv(*a))
+    fast = {
+        (pos, cap): C.collect_activations(lm, toks, hooks, pos, batch_size=2, max_rows=cap, progress=False)
+        for pos in C.POSITIONS
+        for cap in (None, 7)
+    }
+    if tiny_chat.template != "generation":  # a default system prompt: a prefix every row shares
+        # one prefix run per response/last_prompt call, shared by its batches ("all" reads the prefix)
+        assert len(kv_runs) == 4 and len(set(kv_runs)) == 1 and kv_runs[0] > 10
+    monkeypatch.setattr(
+        C._ResidRows,
+        "__call__",
+        lambda self, ids, attn, m: {
+            C.resid_post(b): r
+            for b, r in C._forward_rows_plain(self.model, self.blocks, ids, attn, m).items()
+        },
+    )
+    for (pos, cap), got in fast.items():
+        ref = C.collect_activations(lm, toks, hooks, pos, batch_size=2, max_rows=cap, progress=False)
+        for h in hooks:
+            assert got[h].shape == ref[h].shape
+            torch.testing.assert_close(got[h], ref[h], atol=1e-5, rtol=1e-4)
+
+
+def test_collection_runs_at_the_models_precision(tiny_chat):
+    """A model loaded at bf16 collects under its autocast (no cast of the model, no precision
+    argument): float32 rows near the fp32 ones but not equal to them."""
+    from saediff.data.prompts import Prompt
+    from saediff.models.loading import ModelSpec
+
+    prompts = [
+        Prompt(f"q{i}", [{"role": "user", "content": q}], response=a) for i, (q, a) in enumerate(QUESTIONS)
+    ]
+    hook = "blocks.1.hook_resid_post"
+    rows = {}
+    for precision in ("fp32", "bf16"):
+        lm = load_model(ModelSpec(str(tiny_chat.model), precision=precision))
+        rows[precision] = collect_activations(lm, prompts, [hook], "response", batch_size=2, progress=False)[
+            hook
+        ]
+        assert lm.precision == precision and next(lm.model.parameters()).dtype == torch.float32
+    assert rows["bf16"].dtype == torch.float32
+    assert not torch.equal(rows["bf16"], rows["fp32"])
+    torch.testing.assert_close(rows["bf16"], rows["fp32"], atol=0.1, rtol=0.05)

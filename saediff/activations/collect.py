@@ -9,7 +9,11 @@ mapped; ``ActivationStore.batches`` shuffles across shards for SAE training.
 
 from __future__ import annotations
 
+import copy
 import logging
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -21,7 +25,7 @@ from saediff import console
 from saediff.activations.store import ActivationStore, _ShardWriter
 from saediff.data.prompts import Prompt
 from saediff.errors import SaediffError, UnknownKeyError
-from saediff.models.hooks import resid_post
+from saediff.models.hooks import decoder_layers, read_blocks, resid_post
 from saediff.models.loading import LoadedModel, chat_tokens
 
 __all__ = [
@@ -154,43 +158,38 @@ def collect_activations(
 ) -> dict[str, torch.Tensor] | ActivationStore:
     """Activations at ``hooks`` for the chosen positions, in one pass per batch, stored as
     ``dtype`` (bfloat16 halves a store; reads come back as float32); at most ``max_rows`` rows.
+    The forwards run at the model's own precision (``lm.precision``: a bf16 model runs under
+    autocast); rows come back as ``dtype`` whatever it computed in.
 
-    Runs the TransformerLens bridge with ``names_filter`` and ``stop_at_layer`` (after the
-    deepest hooked block). With ``out`` the rows go to a store folder (written shard by shard, the
-    manifest last) and the store is returned; otherwise a dict hook -> (n, d) tensor.
-
-    Why two activation paths: this one reads any TransformerLens hook (``mlp.hook_post``,
-    attention, resid_pre/mid) for analysis, on a merged model; ``hooks.capture_resid`` reads block
-    outputs with plain forward hooks on the live (PEFT, training, bf16) model, which the bridge
-    cannot wrap without renaming its parameters. At ``hook_resid_post`` they agree
+    Residual-stream hooks (``blocks.L.hook_resid_post``, the usual case) are read with plain forward
+    hooks on the HF model, the forward stopped after the deepest hooked block and no work spent that
+    cannot reach a kept row (``_forward_rows``). Any other TransformerLens hook (``mlp.hook_post``,
+    attention, resid_pre/mid) goes through the TransformerLens bridge with ``names_filter`` and
+    ``stop_at_layer`` (on a merged model). At ``hook_resid_post`` the two agree
     (``tests/test_activations.py::test_bridge_and_forward_hook_paths_agree``).
+
+    With ``out`` the rows go to a store folder (written shard by shard, the manifest last) and the
+    store is returned; otherwise a dict hook -> (n, d) tensor.
     """
-    tl = lm.bridge()
-    known = set(tl.hook_dict)
-    bad = [h for h in hooks if h not in known]
-    if bad:
-        raise UnknownKeyError(f"hook(s) not in the model: {', '.join(bad)} (e.g. blocks.0.hook_resid_post)")
+    blocks = _resid_post_blocks(hooks)
+    rows_of = _ResidRows(lm, blocks) if blocks is not None else _BridgeRows(lm, hooks)
     toks = prompts if isinstance(prompts, TokenizedPrompts) else tokenize_prompts(lm, prompts)
     keep = toks.select(positions)
     if not keep.any():
         raise SaediffError(f"no {positions!r} positions in these prompts (is there a response?)")
-    layers = [int(h.split(".")[1]) for h in hooks if h.startswith("blocks.")]
-    stop = max(layers) + 1 if len(layers) == len(hooks) else None
-    names = set(hooks)
     chunks: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
     writer = _ShardWriter(Path(out), hooks) if out is not None else None
-    device = lm.device
-    n_rows = 0
+    n_rows, d_model = 0, None
     for i in console.progress(
         range(0, toks.input_ids.shape[0], batch_size), desc="collect", enabled=progress
     ):
         if max_rows is not None and n_rows >= max_rows:
             break
-        ids, _, m = toks.batch(slice(i, i + batch_size), keep)
+        ids, attn, m = toks.batch(slice(i, i + batch_size), keep)
         m = _capped(m, n_rows, max_rows)
         n_rows += int(m.sum())
-        _, cache = tl.run_with_cache(ids.to(device), names_filter=lambda n: n in names, stop_at_layer=stop)
-        batch = {h: cache[h][m.to(device)].to("cpu", dtype) for h in hooks}
+        batch = {h: r.to("cpu", dtype) for h, r in rows_of(ids, attn, m).items()}
+        d_model = next(iter(batch.values())).shape[-1]
         if writer:
             writer.add(batch, _row_index(m, toks.role[i : i + batch_size, : ids.shape[1]], i))
         else:
@@ -203,8 +202,180 @@ def collect_activations(
             "positions": positions,
             "n_prompts": int(toks.input_ids.shape[0]),
         }
-        return writer.close(d_model=int(next(iter(cache.values())).shape[-1]), meta=meta)
+        return writer.close(d_model=int(d_model), meta=meta)
     return {h: torch.cat(c) for h, c in chunks.items()}
+
+
+def _resid_post_blocks(hooks: list[str]) -> list[int] | None:
+    """The block of each hook when every hook is a ``blocks.L.hook_resid_post``, else None."""
+    found = [_RESID_POST.match(h) for h in hooks]
+    return [int(f.group(1)) for f in found] if found and all(found) else None
+
+
+_RESID_POST = re.compile(r"^blocks\.(\d+)\.hook_resid_post$")
+
+
+class _BridgeRows:
+    """Rows at any TransformerLens hook, through the bridge (``names_filter``, ``stop_at_layer``)."""
+
+    def __init__(self, lm: LoadedModel, hooks: list[str]):
+        self.tl, self.hooks, self.device = lm.bridge(), hooks, lm.device
+        bad = [h for h in hooks if h not in self.tl.hook_dict]
+        if bad:
+            raise UnknownKeyError(
+                f"hook(s) not in the model: {', '.join(bad)} (e.g. blocks.0.hook_resid_post)"
+            )
+        layers = [int(h.split(".")[1]) for h in hooks if h.startswith("blocks.")]
+        self.stop = max(layers) + 1 if len(layers) == len(hooks) else None
+
+    def __call__(self, ids, _attn, m) -> dict[str, torch.Tensor]:
+        names = set(self.hooks)
+        _, cache = self.tl.run_with_cache(
+            ids.to(self.device), names_filter=lambda n: n in names, stop_at_layer=self.stop
+        )
+        return {h: cache[h][m.to(self.device)] for h in self.hooks}
+
+
+class _ResidRows:
+    """Rows at ``blocks.L.hook_resid_post`` from forward hooks on the HF model (``_forward_rows``)."""
+
+    def __init__(self, lm: LoadedModel, blocks: list[int]):
+        n = len(decoder_layers(lm.model))
+        bad = [resid_post(b) for b in blocks if not 0 <= b < n]
+        if bad:
+            raise UnknownKeyError(
+                f"hook(s) not in the model: {', '.join(bad)} (it has blocks 0-{n - 1}; "
+                "e.g. blocks.0.hook_resid_post)"
+            )
+        self.model, self.blocks, self.device = lm.model, blocks, lm.device
+        # a bridged model's attention no longer reads HF's KV cache, so no shared prefix there
+        self.share_prefix = lm._bridge is None
+        self.prefix: tuple[tuple[int, ...], object] | None = None  # (prefix ids, its KV cache)
+
+    def __call__(self, ids, attn, m) -> dict[str, torch.Tensor]:
+        ids, m = ids.to(self.device), m.to(self.device)
+        cached = self._prefix_cache(ids, attn, m) if self.share_prefix else None
+        got = _forward_rows(self.model, self.blocks, ids, m, cached)
+        return {resid_post(b): got[b] for b in self.blocks}
+
+    def _prefix_cache(self, ids, attn, m):
+        """The KV cache of the batch's shared prefix (up to its first kept position), computed
+        once and reused while the next batches share it; None when there is none to share."""
+        first_kept = int(m.any(0).int().argmax())
+        p = min(_common_prefix(ids), first_kept, int(attn.sum(1).min()) - 1)
+        if p < 1 or ids.shape[0] == 1:
+            return None
+        key = tuple(ids[0, :p].tolist())
+        if self.prefix is None or self.prefix[0] != key:
+            self.prefix = (key, _prefix_kv(self.model, max(self.blocks), ids[:1, :p]))
+        return self.prefix[1]
+
+
+def _common_prefix(ids: torch.Tensor) -> int:
+    """How many leading columns of ``ids`` (B, T) are the same in every row."""
+    same = (ids == ids[:1]).all(0)
+    return int(same.int().cumprod(0).sum())
+
+
+class _Stop(Exception):
+    pass
+
+
+def _run_to(model, blocks: list[int], ids: torch.Tensor, read, **forward_kw) -> None:
+    """Run ``model`` on ``ids``, calling ``read(block, output)`` as each of ``blocks`` finishes and
+    stopping the forward after the deepest (``hooks.read_blocks``, with forward keywords)."""
+    decoder, last = decoder_layers(model), max(blocks)
+
+    def make(block: int):
+        def hook(_mod, _inp, o):
+            read(block, o[0] if isinstance(o, tuple) else o)
+            if block == last:
+                raise _Stop
+
+        return hook
+
+    handles = [decoder[b].register_forward_hook(make(b)) for b in set(blocks)]
+    try:
+        model(input_ids=ids, **forward_kw)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _prefix_kv(model, last: int, prefix_1P: torch.Tensor):
+    """HF's KV cache of blocks ``0..last`` over one row of prefix tokens (1, P)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    with _mlp_only_at(decoder_layers(model)[last], torch.zeros_like(prefix_1P, dtype=torch.bool)):
+        _run_to(model, [last], prefix_1P, lambda *_: None, past_key_values=cache, use_cache=True)
+    return cache
+
+
+def _forward_rows(
+    model, blocks: list[int], ids_BT: torch.Tensor, m_BT: torch.Tensor, prefix_kv=None
+) -> dict[int, torch.Tensor]:
+    """The outputs of decoder ``blocks`` at the kept positions ``m_BT`` of a right-padded batch,
+    (n_kept, d) per block, skipping the work that cannot reach them:
+
+    - columns after the last kept one are cut (a causal model's earlier positions never see them);
+    - no attention mask: with right padding the causal mask already keeps padding out of every
+      real position;
+    - the deepest block's MLP runs only at the kept positions (its other outputs are never read);
+    - with ``prefix_kv`` (``_prefix_kv`` of the batch's first P tokens, all rows alike) only the
+      rest of the sequence is run, attending to the cached prefix.
+
+    ``_forward_rows_plain`` is the reference (the whole batch, full forward)."""
+    kept_cols = m_BT.any(0).nonzero()
+    t = int(kept_cols.max()) + 1 if len(kept_cols) else 1
+    ids_BT, m_BT = ids_BT[:, :t], m_BT[:, :t]
+    kw = {}
+    if prefix_kv is not None:
+        p = prefix_kv.get_seq_length()
+        kv = copy.deepcopy(prefix_kv)
+        kv.batch_repeat_interleave(ids_BT.shape[0])
+        ids_BT, m_BT, kw = ids_BT[:, p:], m_BT[:, p:], {"past_key_values": kv, "use_cache": True}
+    out: dict[int, torch.Tensor] = {}
+    with _mlp_only_at(decoder_layers(model)[max(blocks)], m_BT):
+        _run_to(model, blocks, ids_BT, lambda b, h: out.__setitem__(b, h[m_BT]), **kw)
+    return out
+
+
+def _forward_rows_plain(model, blocks: list[int], ids_BT, attn_BT, m_BT) -> dict[int, torch.Tensor]:
+    """Reference for ``_forward_rows``: the full forward of the batch with its attention mask."""
+    out: dict[int, torch.Tensor] = {}
+    read_blocks(model, blocks, ids_BT, attn_BT, lambda b, h: out.__setitem__(b, h[m_BT]))
+    return out
+
+
+@contextmanager
+def _mlp_only_at(layer: torch.nn.Module, m_BT: torch.Tensor) -> Iterator[None]:
+    """While inside, ``layer.mlp`` (position-wise) runs only at the positions ``m_BT`` and gives
+    zeros elsewhere: for the deepest block read, whose other positions are never used. A layer
+    without a plain ``mlp`` (one tensor in, one out) runs as it is."""
+    mlp = getattr(layer, "mlp", None)
+    if not isinstance(mlp, torch.nn.Module):
+        yield
+        return
+    full = mlp.forward
+
+    def only_kept(x, *args, **kwargs):
+        if args or kwargs or x.shape[:2] != m_BT.shape:
+            return full(x, *args, **kwargs)
+        y = full(x[m_BT])
+        if not isinstance(y, torch.Tensor) or y.shape[-1] != x.shape[-1]:
+            return full(x)  # e.g. an MoE block returning router logits too
+        out = x.new_zeros(x.shape[:2] + y.shape[-1:], dtype=y.dtype)
+        out[m_BT] = y
+        return out
+
+    mlp.forward = only_kept
+    try:
+        yield
+    finally:
+        del mlp.forward
 
 
 def _capped(m: torch.Tensor, n_rows: int, max_rows: int | None) -> torch.Tensor:
