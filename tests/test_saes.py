@@ -97,7 +97,7 @@ def test_auto_kernel_is_recorded():
         SAETrainConfig(d_sae=32, k=4, steps=3, batch_size=64, device="cpu", kernel="auto"),
         progress=False,
     )
-    assert hist["kernel"] in ("dense", "sparse_decode", "sparse")
+    assert hist["kernel"] in ("dense", "sparse_decode", "sparse", "fused")
 
 
 def test_metrics_exact_on_hand_set_sae():

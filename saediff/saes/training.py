@@ -33,8 +33,8 @@ __all__ = ["SAETrainConfig", "init_distributed", "to_saelens", "train_sae"]
 
 log = logging.getLogger(__name__)
 Arch = Literal["topk", "relu", "batchtopk"]
-Kernel = Literal["auto", "dense", "sparse_decode", "sparse"]
-KERNELS = ("dense", "sparse_decode", "sparse")
+Kernel = Literal["auto", "dense", "sparse_decode", "sparse", "fused"]
+KERNELS = ("dense", "sparse_decode", "sparse", "fused")
 
 
 @dataclass(frozen=True)
@@ -62,12 +62,15 @@ class SAETrainConfig:
     """how a TopK step computes: ``dense`` (the reference: codes scattered into a (B, d_sae)
     matrix, autograd through dense matmuls), ``sparse_decode`` (the decoder an ``embedding_bag``
     over the k active rows), ``sparse`` (that, and the encoder's backward only at the selected
-    latents, ``_TopKEncode``); ``auto``: whichever trains fastest on this device and shape, timed
-    on the first batch (``history["kernel"]`` says which ran; bench/sae_decode.py). All agree to
-    float rounding, but a TopK run amplifies rounding, so the default is one fixed path: the same
-    run gives the same SAE on every machine."""
+    latents, ``_TopKEncode``), ``fused`` (loss and gradients in one hand-written function after
+    the encoder's matmul, a grouped top-k, fused Adam; ``saes.topk_fused``: the fastest on a CPU);
+    ``auto``: whichever trains fastest on this device and shape, timed on the first batch
+    (``history["kernel"]`` says which ran; bench/sae_decode.py). All agree to float rounding, but
+    a TopK run amplifies rounding, so the default is one fixed path: the same run gives the same
+    SAE on every machine."""
     autocast: bool = False
-    """bf16 autocast (GPU)"""
+    """bf16: autocast over the step (GPU); with ``kernel="fused"`` (CPU or GPU) the encoder's matmul
+    runs in bf16 and only selects the latents, whose codes, loss and gradients stay float32"""
     compile: bool = False
     """``torch.compile`` the training step (GPU)"""
     device: str = "auto"
@@ -102,7 +105,7 @@ def _device(cfg: SAETrainConfig) -> torch.device:
 
 
 # one recipe (set up, resume, the step loop) whose order decides the weights: a reader wants it whole
-# long: its signature and docstring; the code itself is 58 lines
+# long: its signature and docstring; the code itself is 59 lines
 def train_sae(
     batches: Iterator[Float[torch.Tensor, "batch d_in"]] | Float[torch.Tensor, "n d_in"],
     cfg: SAETrainConfig,
@@ -134,8 +137,6 @@ def train_sae(
     p.init_from(dist.global_rows_mean(first)[None], gen)  # b_dec: the (global) first-batch mean, as (1, d)
     p.to(device)
     var = dist.global_variance(first)
-    opt = torch.optim.Adam(p.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(cfg, s))
     last_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=device)
     aux_k = cfg.aux_k or max(1, d_in // 2)
     step_fn = torch.compile(topk_step_loss) if cfg.compile else topk_step_loss
@@ -143,14 +144,17 @@ def train_sae(
     tokens, start = 0, 0
     ckpt = Path(checkpoint_dir) / "train_state.pt" if checkpoint_dir else None
     made_by = _run_fingerprint(cfg, first, dist.world)
-    resumed = resume and ckpt is not None and ckpt.exists()
-    if resumed:
-        tokens, start, var, hist = _resume(ckpt, made_by, device, p, opt, sched, last_fired, batches)
-    kernel = (
-        hist.get("kernel", cfg.kernel) if resumed else cfg.kernel
-    )  # a resumed run keeps the path it chose
+    state = _resume_state(ckpt, made_by, device) if resume and ckpt is not None and ckpt.exists() else None
+    # a resumed run keeps the path it chose
+    kernel = cfg.kernel if state is None else state["hist"].get("kernel", cfg.kernel)
     if cfg.arch == "topk" and kernel == "auto":
         kernel = _fastest_kernel(p, first.to(device), cfg, var, aux_k, dist)
+    # the fused kernel's Adam is fused too (one pass over the weights; its rounding differs from the
+    # default loop's, which stays as it was so the default path trains the same SAE as before)
+    opt = torch.optim.Adam(p.parameters(), lr=cfg.lr, betas=(0.9, 0.999), fused=kernel == "fused" or None)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(cfg, s))
+    if state is not None:
+        tokens, start, var, hist = _resume(state, ckpt, p, opt, sched, last_fired, batches)
     hist["kernel"] = kernel if cfg.arch == "topk" else None
     x = first
     for step in console.progress(range(start, cfg.steps), desc=f"sae {cfg.arch}", enabled=progress):
@@ -218,7 +222,7 @@ def _step_loss(
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast):
         if cfg.arch == "topk":
             dead = (tokens - last_fired) > cfg.dead_tokens
-            return step_fn(p, x, cfg.k, var, dead, aux_k, cfg.aux_coefficient, kernel)
+            return step_fn(p, x, cfg.k, var, dead, aux_k, cfg.aux_coefficient, kernel, cfg.autocast)
         if cfg.arch == "relu":
             l1 = cfg.l1_coefficient * min(1.0, (step + 1) / max(1, cfg.steps // 10))
             return relu_step(p, x, l1, var)
@@ -231,11 +235,11 @@ def _step_loss(
 
 
 def _resume(
-    ckpt: Path, made_by: dict, device, p: SAEParams, opt, sched, last_fired: torch.Tensor, batches
+    state: dict, ckpt: Path, p: SAEParams, opt, sched, last_fired: torch.Tensor, batches
 ) -> tuple[int, int, float, dict]:
-    """The saved training state of this run loaded into ``p``, ``opt``, ``sched`` and
-    ``last_fired``, the batches already used skipped; (tokens, step, variance, history)."""
-    state = _resume_state(ckpt, made_by, device)
+    """The saved training ``state`` of this run (``_resume_state``, read from ``ckpt``) loaded into
+    ``p``, ``opt``, ``sched`` and ``last_fired``, the batches already used skipped; (tokens, step,
+    variance, history)."""
     p.load_state_dict(state["params"])
     opt.load_state_dict(state["opt"])
     sched.load_state_dict(state["sched"])
@@ -297,7 +301,9 @@ def _fastest_kernel(
         t = time.perf_counter()
         for _ in range(3):
             with torch.autocast(x_BD.device.type, dtype=torch.bfloat16, enabled=cfg.autocast):
-                out = topk_step_loss(p, x_BD, cfg.k, var, dead, aux_k, cfg.aux_coefficient, kernel)
+                out = topk_step_loss(
+                    p, x_BD, cfg.k, var, dead, aux_k, cfg.aux_coefficient, kernel, cfg.autocast
+                )
             out.loss.backward()
         sync()
         best[kernel] = min(best[kernel], time.perf_counter() - t)

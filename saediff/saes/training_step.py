@@ -1,6 +1,7 @@
 """One SAE training step: the trainable tensors (``SAEParams``, in SAELens's names and layout) and
-the loss of a step per architecture: TopK with the AuxK dead-latent term (three kernels that agree
-to float rounding), ReLU with an L1 penalty, and BatchTopK. ``saes.training`` runs them in its loop."""
+the loss of a step per architecture: TopK with the AuxK dead-latent term (four kernels that agree
+to float rounding: ``dense``, the reference, ``sparse_decode`` and ``sparse`` here, ``fused`` in
+``saes.topk_fused``), ReLU with an L1 penalty, and BatchTopK. ``saes.training`` runs them in its loop."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import math
 from typing import NamedTuple
 
 import torch
+
+from saediff.saes.topk_fused import fused_topk_loss
 
 __all__ = ["SAEParams", "StepOut", "batchtopk_step", "relu_step", "topk_step_loss"]
 
@@ -104,16 +107,24 @@ def topk_step_loss(
     aux_k: int,
     aux_coef: float,
     kernel: str = "dense",
+    bf16: bool = False,
 ) -> StepOut:
     """TopK reconstruction loss (normalised by the data variance) plus the AuxK term.
 
     ``kernel`` (``SAETrainConfig.kernel``): ``dense`` scatters the codes into a (B, S) matrix and
     lets autograd run dense matmuls (the reference path); ``sparse_decode`` decodes with an
     ``embedding_bag`` over the k active rows; ``sparse`` also runs the encoder's backward at the
-    selected latents only (``_TopKEncode``). All must agree.
+    selected latents only (``_TopKEncode``); ``fused`` computes loss and gradients in one
+    function (``saes.topk_fused``; ``bf16``: its encoder matmul in bf16, selecting only). All must
+    agree.
     """
     with_aux = dead_S is not None and aux_coef > 0 and bool(dead_S.any())
     n_aux = min(aux_k, int(dead_S.sum())) if with_aux else 0
+    if kernel == "fused":
+        out = fused_topk_loss(p, x_BD, k, var, dead_S, n_aux, aux_coef if with_aux else 0.0, bf16)
+        fired_S = torch.zeros(p.W_enc.shape[1], dtype=torch.bool, device=x_BD.device)
+        fired_S[out.idx_BK[out.vals_BK > 0]] = True
+        return StepOut(out.loss, out.mse, out.aux, fired_S)
     if kernel == "sparse":
         vals_BK, idx_BK, a_vals, a_idx = _TopKEncode.apply(
             x_BD - p.b_dec, p.W_enc, p.b_enc, k, dead_S if with_aux else None, n_aux
