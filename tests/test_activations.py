@@ -362,13 +362,18 @@ def test_optimized_collection_matches_the_plain_forward(tiny_chat, monkeypatch):
     prefix_kv = C._prefix_kv
     monkeypatch.setattr(C, "_prefix_kv", lambda *a: kv_runs.append(a[2].shape[1]) or prefix_kv(*a))
     fast = {
-        (pos, cap): C.collect_activations(lm, toks, hooks, pos, batch_size=2, max_rows=cap, progress=False)
+        (pos, cap, 2): C.collect_activations(lm, toks, hooks, pos, batch_size=2, max_rows=cap, progress=False)
         for pos in C.POSITIONS
         for cap in (None, 7)
     }
     if tiny_chat.template != "generation":  # a default system prompt: a prefix every row shares
         # one prefix run per response/last_prompt call, shared by its batches ("all" reads the prefix)
         assert len(kv_runs) == 4 and len(set(kv_runs)) == 1 and kv_runs[0] > 10
+    monkeypatch.setattr(C, "_FORWARD_COST", 0)  # one batch, split into a group per row length
+    groups = C._length_groups(toks.select("response"))
+    assert len(groups) > 2 and sorted(torch.cat(groups).tolist()) == list(range(len(QUESTIONS)))
+    for pos in C.POSITIONS:
+        fast[pos, None, 5] = C.collect_activations(lm, toks, hooks, pos, batch_size=5, progress=False)
     monkeypatch.setattr(
         C._ResidRows,
         "__call__",
@@ -377,11 +382,27 @@ def test_optimized_collection_matches_the_plain_forward(tiny_chat, monkeypatch):
             for b, r in C._forward_rows_plain(self.model, self.blocks, ids, attn, m).items()
         },
     )
-    for (pos, cap), got in fast.items():
-        ref = C.collect_activations(lm, toks, hooks, pos, batch_size=2, max_rows=cap, progress=False)
+    for (pos, cap, batch), got in fast.items():
+        ref = C.collect_activations(lm, toks, hooks, pos, batch_size=batch, max_rows=cap, progress=False)
         for h in hooks:
             assert got[h].shape == ref[h].shape
             torch.testing.assert_close(got[h], ref[h], atol=1e-5, rtol=1e-4)
+
+
+def test_length_groups_split_where_the_padding_saved_pays_for_a_forward(monkeypatch):
+    """Rows needing 10, 100, 10, 100 and 0 columns (kept positions up to there): a forward costs
+    50 positions, so two groups (2 x 10 + 2 x 100 + 2 x 50 = 320, against 4 x 100 + 50 = 450); at
+    a cost of 1000, one; the row with nothing kept runs in none."""
+    import saediff.activations.collect as C
+
+    m = torch.zeros(5, 100, dtype=torch.bool)
+    for row, need in enumerate([10, 100, 10, 100]):
+        m[row, need - 1] = True
+    monkeypatch.setattr(C, "_FORWARD_COST", 50)
+    assert [g.tolist() for g in C._length_groups(m)] == [[0, 2], [1, 3]]
+    monkeypatch.setattr(C, "_FORWARD_COST", 1000)
+    assert [g.tolist() for g in C._length_groups(m)] == [[0, 1, 2, 3]]
+    assert [g.tolist() for g in C._length_groups(torch.zeros(2, 4, dtype=torch.bool))] == [[0]]
 
 
 def test_collection_runs_at_the_models_precision(tiny_chat):

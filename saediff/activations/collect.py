@@ -253,10 +253,21 @@ class _ResidRows:
         self.prefix: tuple[tuple[int, ...], object] | None = None  # (prefix ids, its KV cache)
 
     def __call__(self, ids, attn, m) -> dict[str, torch.Tensor]:
+        """The kept rows (mask ``m``) of a right-padded batch, in the batch's row-major order. Rows
+        of like length run together (``_length_groups``), so short rows carry less padding."""
         ids, m = ids.to(self.device), m.to(self.device)
         cached = self._prefix_cache(ids, attn, m) if self.share_prefix else None
-        got = _forward_rows(self.model, self.blocks, ids, m, cached)
-        return {resid_post(b): got[b] for b in self.blocks}
+        groups = _length_groups(m)
+        parts = [_forward_rows(self.model, self.blocks, ids[g], m[g], cached) for g in groups]
+        rows = {b: torch.cat([p[b] for p in parts]) for b in self.blocks}
+        if len(groups) > 1:  # back to the batch's order: row by row, position by position
+            run = torch.cat(groups).cpu()
+            counts = m.sum(1).cpu()
+            starts = counts.cumsum(0) - counts
+            where = torch.cat([torch.arange(starts[r], starts[r] + counts[r]) for r in run.tolist()])
+            for b, r in rows.items():
+                rows[b] = torch.empty_like(r).index_copy_(0, where.to(r.device), r)
+        return {resid_post(b): rows[b] for b in self.blocks}
 
     def _prefix_cache(self, ids, attn, m):
         """The KV cache of the batch's shared prefix (up to its first kept position), computed
@@ -269,6 +280,35 @@ class _ResidRows:
         if self.prefix is None or self.prefix[0] != key:
             self.prefix = (key, _prefix_kv(self.model, max(self.blocks), ids[:1, :p]))
         return self.prefix[1]
+
+
+_FORWARD_COST = 256
+"""A forward's fixed cost in token positions, for ``_length_groups``: a batch splits where the
+padding it saves is worth more than the extra forward."""
+
+
+def _length_groups(m_BT: torch.Tensor) -> list[torch.Tensor]:
+    """The batch's rows (indices, ascending) in groups of like length to run one forward each:
+    each row needs its columns up to its last kept one; rows with none kept are left out (a
+    batch with no kept row still runs its first row, so the blocks' widths are known). The split
+    minimises padded positions plus ``_FORWARD_COST`` per group over the rows sorted by need
+    (dynamic programming; a batch of equal rows stays one group)."""
+    cols = torch.arange(m_BT.shape[1], device=m_BT.device)
+    need = (torch.where(m_BT, cols, -1).max(1).values + 1).cpu()
+    order = [r for r in need.argsort(stable=True).tolist() if need[r] > 0]
+    if not order:
+        return [torch.tensor([0], device=m_BT.device)]
+    n_sorted = need[order].tolist()
+    best, cut = [0.0], [0]  # best[j]: cost of the first j sorted rows; cut[j]: where its last group starts
+    for j in range(1, len(order) + 1):
+        cost, i = min((best[i] + (j - i) * n_sorted[j - 1] + _FORWARD_COST, i) for i in range(j))
+        best.append(cost)
+        cut.append(i)
+    groups, j = [], len(order)
+    while j > 0:
+        groups.append(torch.tensor(sorted(order[cut[j] : j]), device=m_BT.device))
+        j = cut[j]
+    return groups[::-1]
 
 
 def _common_prefix(ids: torch.Tensor) -> int:
@@ -304,6 +344,7 @@ def _run_to(model, blocks: list[int], ids: torch.Tensor, read, **forward_kw) -> 
             h.remove()
 
 
+@torch.no_grad()
 def _prefix_kv(model, last: int, prefix_1P: torch.Tensor):
     """HF's KV cache of blocks ``0..last`` over one row of prefix tokens (1, P)."""
     from transformers import DynamicCache
@@ -314,6 +355,7 @@ def _prefix_kv(model, last: int, prefix_1P: torch.Tensor):
     return cache
 
 
+@torch.no_grad()
 def _forward_rows(
     model, blocks: list[int], ids_BT: torch.Tensor, m_BT: torch.Tensor, prefix_kv=None
 ) -> dict[int, torch.Tensor]:
@@ -343,6 +385,7 @@ def _forward_rows(
     return out
 
 
+@torch.no_grad()
 def _forward_rows_plain(model, blocks: list[int], ids_BT, attn_BT, m_BT) -> dict[int, torch.Tensor]:
     """Reference for ``_forward_rows``: the full forward of the batch with its attention mask."""
     out: dict[int, torch.Tensor] = {}
