@@ -29,19 +29,25 @@ unchanged. SAELens and saediff are given the rows directly. Held-out FVU is alwa
 float32.
 
 Each trainer at its best configuration on this machine (``--precision best``, ``--kernel best``,
-the defaults): its candidates run ``--tune-steps`` steps each at its default learning rate, three
-rounds interleaved, and the most tokens/s wins (printed as ``<trainer> configs``). Precision:
-``fp32`` or ``bf16`` for all three: bf16 autocast over SAELens's step (its ``autocast``) and over
-sparsify's ``fit`` (on a GPU its forward is bf16 anyway), and for saediff its ``autocast``, which
-for the ``fused`` kernel runs the encoder's matmul in bf16 to select latents only (codes, loss and
-gradients float32). Kernel: saediff's ``dense``, ``sparse_decode``, ``sparse`` or ``fused``
-(``SAETrainConfig.kernel``); SAELens's sparse activations beside its dense ones where this torch
-runs them. On this 2-core AVX512-bf16 EPYC all three ran faster under bf16 (saediff with its fused
-kernel). ``--precision fp32|bf16`` / ``--autocast`` (= bf16) and ``--kernel`` pin a setting.
+the defaults). Precision: ``fp32`` or ``bf16`` for all three: bf16 autocast over SAELens's step
+(its ``autocast``) and over sparsify's ``fit`` (on a GPU its forward is bf16 anyway), and for
+saediff its ``autocast``, which for the ``fused`` kernel runs the encoder's matmul in bf16 to
+select latents only (codes, loss and gradients float32). Kernel: saediff's ``dense``,
+``sparse_decode``, ``sparse`` or ``fused`` (``SAETrainConfig.kernel``); SAELens's sparse
+activations beside its dense ones where this torch runs them. Kernels compute the same numbers,
+so speed picks them: every candidate runs ``--tune-steps`` steps at the trainer's default learning
+rate, three rounds interleaved, and the most tokens/s per precision wins (``<trainer> configs``).
+Precisions do not compute the same numbers, so each precision's fastest configuration gets its
+own learning-rate sweep, and a trainer runs the fastest precision whose best swept FVU is within
+2% of its best precision's (``<trainer> chosen``). Measured here (2-core AVX512-bf16 EPYC): bf16
+makes saediff (fused kernel) and SAELens faster and leaves their FVU where fp32 has it; sparsify
+under CPU autocast trains to a worse FVU (it diverges at its default learning rate; best swept
+0.497 against fp32's 0.469 on the synthetic data) and at d_in 576 is no faster, so it runs fp32.
+``--precision fp32|bf16`` / ``--autocast`` (= bf16) and ``--kernel`` pin a setting.
 
-Learning rates: each trainer's grid is its own default times 1/3, 1, 3 and 10, run for half the
-steps on data of another seed (another dictionary; for SmolLM2 another half of the training
-conversations), and the best final held-out FVU picks it. Then ``--repeats`` interleaved runs on
+Learning rates: each trainer's grid is its own default times 1/3, 1, 3 and 10 (widened while
+the best sits at an edge), run for half the steps on data of another seed (another dictionary;
+for SmolLM2 another half of the training conversations), and the best final held-out FVU picks it. Then ``--repeats`` interleaved runs on
 the reported seed. Held-out FVU is measured every ``--eval-every`` steps with the clock paused;
 the common target is the worst of the final FVUs (x 1.02), reached by all; time to target is read
 at the first evaluation at or below it.
@@ -383,10 +389,11 @@ def describe(conf: dict) -> str:
     )
 
 
-def choose_configs(data, held, a, names) -> dict[str, dict]:
-    """Each trainer's fastest configuration on this machine: its candidates (first calls made, and
-    failures dropped, in a 5-step warm-up) run ``--tune-steps`` steps at its default learning rate,
-    3 rounds interleaved; the highest median tokens/s wins."""
+def time_configs(data, held, a, names) -> dict[str, dict[str, tuple[dict, float]]]:
+    """Each trainer's fastest configuration per precision on this machine, with its tokens/s: its
+    candidates (first calls made, and failures dropped, in a 5-step warm-up) run ``--tune-steps``
+    steps at its default learning rate, 3 rounds interleaved, medians. Kernels and activation
+    layouts compute the same numbers, so speed alone picks among them; precisions do not."""
     warm = argparse.Namespace(**{**vars(a), "steps": 5, "eval_every": 5})
     short = argparse.Namespace(**{**vars(a), "steps": min(a.tune_steps, a.steps), "eval_every": a.steps})
     cands = {}
@@ -409,33 +416,56 @@ def choose_configs(data, held, a, names) -> dict[str, dict]:
             for i, conf in enumerate(cands[name]):
                 curve = run(data, held, short, default(a), conf)
                 tps[name, i].append(short.steps * a.batch / curve[-1][1])
-    chosen = {}
+    fastest = {}
     for name in names:
-        med = {i: statistics.median(tps[name, i]) if tps[name, i] else 0.0 for i in range(len(cands[name]))}
-        chosen[name] = cands[name][max(med, key=med.get)]
+        med = [statistics.median(tps[name, i]) if tps[name, i] else 0.0 for i in range(len(cands[name]))]
+        fastest[name] = {}
+        for conf, t in sorted(zip(cands[name], med), key=lambda ct: ct[1]):
+            fastest[name][conf["precision"]] = (conf, t)  # the last one written is the fastest
         if len(cands[name]) > 1:
             print(
                 f"{name} configs ({short.steps} steps, tok/s): "
-                + ", ".join(f"{describe(c)} {med[i]:,.0f}" for i, c in enumerate(cands[name]))
-                + f"; chosen {describe(chosen[name])}",
+                + ", ".join(f"{describe(c)} {t:,.0f}" for c, t in zip(cands[name], med)),
                 flush=True,
             )
-    return chosen
+    return fastest
 
 
-def sweep_lr(name: str, sweep_data, sweep_held, a, conf: dict) -> float:
-    """``name``'s best learning rate: its default times 1/3, 1, 3 and 10 (widened while the best sits
-    at an edge), half the steps on the sweep data; the lowest final held-out FVU wins."""
+def choose(
+    name: str, fastest: dict[str, tuple[dict, float]], sweep_data, sweep_held, a
+) -> tuple[dict, float]:
+    """``name``'s configuration and learning rate: at each precision its fastest configuration,
+    learning rate swept (``sweep_lr``); the fastest precision whose best held-out FVU is within 2%
+    of the best precision's (bf16 must not cost a trainer its plateau)."""
+    swept = {prec: sweep_lr(name, sweep_data, sweep_held, a, conf) for prec, (conf, _) in fastest.items()}
+    best = min(fvu for _, fvu in swept.values())
+    prec = max((p for p, (_, fvu) in swept.items() if fvu <= 1.02 * best), key=lambda p: fastest[p][1])
+    if len(fastest) > 1:
+        print(
+            f"{name} chosen: {describe(fastest[prec][0])} lr {swept[prec][0]:.2g} ("
+            + ", ".join(f"{p}: FVU {fvu:.4f}, {fastest[p][1]:,.0f} tok/s" for p, (_, fvu) in swept.items())
+            + ")",
+            flush=True,
+        )
+    return fastest[prec][0], swept[prec][0]
+
+
+def sweep_lr(name: str, sweep_data, sweep_held, a, conf: dict) -> tuple[float, float]:
+    """(learning rate, its final held-out FVU): ``name``'s default times 1/3, 1, 3 and 10 (widened
+    while the best sits at an edge), half the steps on the sweep data; the lowest FVU wins.
+    ``--lr``: that one rate alone."""
     run, default = RUNNERS[name]
     short = argparse.Namespace(**{**vars(a), "steps": a.steps // 2, "eval_every": a.steps})
     grid = {}
-    factors = [1 / 3, 1, 3, 10]
+    factors = [1 / 3, 1, 3, 10] if a.lr is None else [a.lr / default(a)]
     for _ in range(4):
         for f in factors:
             lr = f * default(a)
             if lr not in grid:
                 grid[lr] = run(sweep_data, sweep_held, short, lr, conf)[-1][2]
         best = min(grid, key=grid.get)
+        if a.lr is not None:
+            break
         if best == min(grid):
             factors = [best / default(a) / 3]
         elif best == max(grid):
@@ -445,12 +475,12 @@ def sweep_lr(name: str, sweep_data, sweep_held, a, conf: dict) -> float:
     grid = dict(sorted(grid.items()))
     lr = min(grid, key=grid.get)
     print(
-        f"{name} lr sweep (other seed, {short.steps} steps): "
+        f"{name} {describe(conf)} lr sweep (other seed, {short.steps} steps): "
         + ", ".join(f"{x:.2g} -> {v:.4f}" for x, v in grid.items())
         + f"; chosen {lr:.2g}",
         flush=True,
     )
-    return lr
+    return lr, grid[lr]
 
 
 def time_to(curve: list, target: float) -> float:
@@ -556,12 +586,12 @@ def main() -> None:
     data, held, sweep_data, sweep_held = load_data(a)
     a.saelens_sparse = a.device == "cpu"  # timed beside its dense activations where they run
     if a.stream:
-        return stream_bench(data, a, choose_configs(data, held, a, ["saediff"])["saediff"])
-    confs = choose_configs(data, held, a, list(RUNNERS))
-    lrs = {
-        name: a.lr if a.lr is not None else sweep_lr(name, sweep_data, sweep_held, a, confs[name])
-        for name in RUNNERS
-    }
+        fastest = time_configs(data, held, a, ["saediff"])["saediff"]
+        return stream_bench(data, a, max(fastest.values(), key=lambda ct: ct[1])[0])
+    fastest = time_configs(data, held, a, list(RUNNERS))
+    confs, lrs = {}, {}
+    for name in RUNNERS:
+        confs[name], lrs[name] = choose(name, fastest[name], sweep_data, sweep_held, a)
     ratios = {k: [] for k in ("tps_saelens", "tps_sparsify", "ttf_saelens", "ttf_sparsify")}
     for r in range(a.repeats):  # interleaved: the host is noisy
         curves = {name: run(data, held, a, lrs[name], confs[name]) for name, (run, _) in RUNNERS.items()}
