@@ -294,20 +294,24 @@ def _length_groups(m_BT: torch.Tensor) -> list[torch.Tensor]:
     minimises padded positions plus ``_FORWARD_COST`` per group over the rows sorted by need
     (dynamic programming; a batch of equal rows stays one group)."""
     cols = torch.arange(m_BT.shape[1], device=m_BT.device)
-    need = (torch.where(m_BT, cols, -1).max(1).values + 1).cpu()
-    order = [r for r in need.argsort(stable=True).tolist() if need[r] > 0]
-    if not order:
-        return [torch.tensor([0], device=m_BT.device)]
-    n_sorted = need[order].tolist()
-    best, cut = [0.0], [0]  # best[j]: cost of the first j sorted rows; cut[j]: where its last group starts
-    for j in range(1, len(order) + 1):
-        cost, i = min((best[i] + (j - i) * n_sorted[j - 1] + _FORWARD_COST, i) for i in range(j))
+    need = (torch.where(m_BT, cols, -1).max(1).values + 1).tolist()
+    lengths = sorted({n for n in need if n > 0})  # a group always ends at one of these
+    if len(lengths) <= 1:
+        rows = [r for r, n in enumerate(need) if n > 0] or [0]
+        return [torch.tensor(rows, device=m_BT.device)]
+    below = [0]  # below[k]: how many rows need lengths[:k]
+    for length in lengths:
+        below.append(below[-1] + need.count(length))
+    best, cut = [0], [0]  # best[k]: cost of the rows needing lengths[:k]; cut[k]: its last group's start
+    for k in range(1, len(lengths) + 1):
+        cost, i = min((best[i] + (below[k] - below[i]) * lengths[k - 1] + _FORWARD_COST, i) for i in range(k))
         best.append(cost)
         cut.append(i)
-    groups, j = [], len(order)
-    while j > 0:
-        groups.append(torch.tensor(sorted(order[cut[j] : j]), device=m_BT.device))
-        j = cut[j]
+    groups, k = [], len(lengths)
+    while k > 0:
+        members = set(lengths[cut[k] : k])
+        groups.append(torch.tensor([r for r, n in enumerate(need) if n in members], device=m_BT.device))
+        k = cut[k]
     return groups[::-1]
 
 
