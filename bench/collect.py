@@ -15,7 +15,8 @@ All three read the answer-token rows of the same right-padded batches (cut to th
 under ``torch.no_grad``, at fp32 (bf16 gains are ``bench/model_side.py``'s); the rows are checked
 equal first. The bridge wraps its own copy of the model (building it rewires the model in place).
 Runs are interleaved over the repeats. What saediff skips that the loops compute (a causal model's
-work that cannot reach a kept row) is listed in ``collect._forward_rows``.
+work that cannot reach a kept row, padding it can avoid) is listed in ``collect._forward_rows``
+and ``collect._ResidRows``: same batches in, same rows out, fewer positions run.
 Last lines: ``speedup_vs_run_with_cache_filtered: X`` and ``speedup_vs_hf_hooks: X`` (baseline
 seconds / saediff seconds, medians).
 """

@@ -405,6 +405,34 @@ def test_length_groups_split_where_the_padding_saved_pays_for_a_forward(monkeypa
     assert [g.tolist() for g in C._length_groups(torch.zeros(2, 4, dtype=torch.bool))] == [[0]]
 
 
+def test_deepest_mlp_runs_only_at_kept_positions_and_is_restored():
+    """``_mlp_only_at``: the MLP sees the kept positions alone, zeros elsewhere; a forward set on
+    the instance (as accelerate does) is put back, a plain one left as the class's."""
+    import saediff.activations.collect as C
+
+    seen = []
+
+    class Seen(torch.nn.Linear):
+        def forward(self, x):
+            seen.append(x.shape)
+            return super().forward(x)
+
+    layer = torch.nn.Module()
+    layer.mlp = Seen(3, 3)
+    x = torch.randn(2, 4, 3)
+    m = torch.tensor([[True, False, False, True], [False, True, False, False]])
+    with C._mlp_only_at(layer, m):
+        y = layer.mlp(x)
+    assert seen == [(3, 3)] and (y[~m] == 0).all()
+    torch.testing.assert_close(y[m], layer.mlp(x)[m])
+    assert "forward" not in vars(layer.mlp) and seen[-1] == (2, 4, 3)
+    own = layer.mlp.forward
+    layer.mlp.forward = own
+    with C._mlp_only_at(layer, m):
+        pass
+    assert vars(layer.mlp)["forward"] is own
+
+
 def test_collection_runs_at_the_models_precision(tiny_chat):
     """A model loaded at bf16 collects under its autocast (no cast of the model, no precision
     argument): float32 rows near the fp32 ones but not equal to them."""

@@ -249,7 +249,7 @@ class _ResidRows:
             )
         self.model, self.blocks, self.device = lm.model, blocks, lm.device
         # a bridged model's attention no longer reads HF's KV cache, so no shared prefix there
-        self.share_prefix = lm._bridge is None
+        self.share_prefix = getattr(lm, "_bridge", None) is None
         self.prefix: tuple[tuple[int, ...], object] | None = None  # (prefix ids, its KV cache)
 
     def __call__(self, ids, attn, m) -> dict[str, torch.Tensor]:
@@ -403,10 +403,10 @@ def _mlp_only_at(layer: torch.nn.Module, m_BT: torch.Tensor) -> Iterator[None]:
     zeros elsewhere: for the deepest block read, whose other positions are never used. A layer
     without a plain ``mlp`` (one tensor in, one out) runs as it is."""
     mlp = getattr(layer, "mlp", None)
-    if not isinstance(mlp, torch.nn.Module):
+    if not isinstance(mlp, torch.nn.Module) or bool(m_BT.all()):
         yield
         return
-    full = mlp.forward
+    full, own = mlp.forward, vars(mlp).get("forward")  # own: a forward set on the instance (accelerate)
 
     def only_kept(x, *args, **kwargs):
         if args or kwargs or x.shape[:2] != m_BT.shape:
@@ -422,7 +422,10 @@ def _mlp_only_at(layer: torch.nn.Module, m_BT: torch.Tensor) -> Iterator[None]:
     try:
         yield
     finally:
-        del mlp.forward
+        if own is None:
+            del mlp.forward
+        else:
+            mlp.forward = own
 
 
 def _capped(m: torch.Tensor, n_rows: int, max_rows: int | None) -> torch.Tensor:
