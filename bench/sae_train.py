@@ -69,6 +69,8 @@ schedule-free. saediff's ``fused`` kernel (saes/topk_fused.py) runs the same mat
 top-k (about 20% less than one ``topk``), and a hand-written backward of B x k work (sparse matrix
 products for both weight gradients, ``embedding_bag``'s per-sample-weight kernel for the codes'
 gradients), with fused Adam; at d_in 576 (SmolLM2) the matmul dominates and bf16 halves it.
+CPU ms per step measured so (medians of 7, d_in 128 / 576): sparsify 27.8 / 102 fp32, 19.0 / 81
+bf16; saediff's ``sparse`` kernel 23.5 / 116, ``fused`` 17.2 / 67 fp32, 14.9 / 54 bf16.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ output are most of it; everything after the selection is B x k work. So this ste
   bits; the loss and gradients are float32 for the selected set);
 - selects the top k with ``topk_rows``: the max of each strided group of latents, the top-k
   groups, then the top k among those groups' members (exact: the k largest lie in the k groups
-  with the largest maxima), about half the work of one ``topk`` over all latents;
+  with the largest maxima), about 20% faster than one ``topk`` over all latents (5.9 against 7.4
+  ms for 1024 x 2048 here);
 - decodes with ``embedding_bag`` over the k active rows of ``W_dec``;
 - writes the backward by hand: per-entry dot products for the codes' gradients, one sparse
   (d_sae, B) matrix product each for the ``W_dec`` and ``W_enc`` gradients, a weighted
