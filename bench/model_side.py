@@ -26,6 +26,8 @@ processes are faster.
 - the per-question pair preference (nats/token) on all held-out pairs: tolerance 0.05 per
   question, stated before measuring (the demo's paired differences are 0.1-0.8);
 - the collected residuals: relative error per row (median, max) and cosine;
+- the codes of a TopK SAE trained on the fp32 residuals: the share of each row's active latents
+  that both precisions keep (tolerance 0.9 on average, stated before measuring), relative error;
 - the demo's rank-1 LoRA fine-tunes (``lora_bad`` on the bad medical advice, ``lora_control`` on
   the good), ``--ft-steps`` steps each at both precisions from the same seed: loss curves, and the
   paired differences lora_bad - base and lora_bad - lora_control on the held-out pairs, each
@@ -264,6 +266,9 @@ def figures(args) -> None:
         f"{hook_of(lms['fp32'])} ({len(a)} answer tokens): relative error median {rel.median():.4f}, "
         f"max {rel.max():.4f}; cosine min {cos.min():.5f}"
     )
+    sae_codes(a, b)
+    if args.ft_steps == 0:
+        return
     recipe = ChatDemoRecipe()
     cfg = FinetuneConfig(
         method="lora",
@@ -322,6 +327,26 @@ def figures(args) -> None:
         )
 
 
+def sae_codes(a: torch.Tensor, b: torch.Tensor) -> None:
+    """A TopK SAE (2304 latents, k 32, 600 steps) trained on the fp32 rows, then both precisions'
+    rows encoded: the share of each row's active latents both keep (tolerance 0.9 on average,
+    stated before measuring) and the codes' relative error."""
+    from saediff.saes.training import SAETrainConfig, train_sae
+
+    cfg = SAETrainConfig(d_sae=2304, k=32, steps=600, batch_size=256, lr=1e-3, dead_tokens=10_000, seed=0)
+    sae, _ = train_sae(a, cfg, progress=False)
+    with torch.no_grad():
+        za, zb = sae.encode(a), sae.encode(b)
+    ka, kb = za != 0, zb != 0
+    shared = (ka & kb).sum(1).float() / ka.sum(1).clamp_min(1)
+    rel = (zb - za).norm(dim=1) / za.norm(dim=1).clamp_min(1e-9)
+    print(
+        f"SAE codes (TopK 2304 / k 32 on the fp32 rows): active latents shared per row mean "
+        f"{shared.mean():.3f}, min {shared.min():.3f} (tolerance 0.9 on average: "
+        f"{'within' if shared.mean() >= 0.9 else 'OUTSIDE'}); code relative error median {rel.median():.4f}"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -337,6 +362,7 @@ def main() -> None:
         "--ft-steps", type=int, default=150, help="steps of each --figures fine-tune (the demo's)"
     )
     ap.add_argument("--no-layout", action="store_true", help="skip the process-layout measurement")
+    ap.add_argument("--no-speed", action="store_true", help="only the --figures")
     ap.add_argument("--random", default=None, metavar="D_MODEL,LAYERS", help="a random chat model instead")
     ap.add_argument("--work", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--_worker", type=float, default=None, help=argparse.SUPPRESS)
@@ -349,6 +375,8 @@ def main() -> None:
     print(features(args.device), flush=True)
     if args.figures:
         figures(args)
+    if args.no_speed:
+        return
     out = speed(args)
     if not args.no_layout and args.device == "cpu":
         out = {"parallel_two_procs_vs_two_threads": layout(args), **out}
