@@ -453,3 +453,20 @@ def test_collection_runs_at_the_models_precision(tiny_chat):
     assert rows["bf16"].dtype == torch.float32
     assert not torch.equal(rows["bf16"], rows["fp32"])
     torch.testing.assert_close(rows["bf16"], rows["fp32"], atol=0.1, rtol=0.05)
+
+
+def test_the_organism_collects_through_the_bridge_bit_for_bit(lm, prompts):
+    """The organism's rows are the bridge's ``run_with_cache`` rows exactly (its shipped SAE and
+    figures were collected that way); any other model takes the forward-hook path."""
+    import saediff.activations.collect as C
+
+    toks = C.tokenize_prompts(lm, prompts)
+    keep = toks.select("response")
+    got = C.collect_activations(lm, toks, [HOOK], "response", batch_size=16, progress=False)[HOOK]
+    names = {HOOK}
+    want = []
+    for i in range(0, toks.input_ids.shape[0], 16):
+        ids, _, m = toks.batch(slice(i, i + 16), keep)
+        _, cache = lm.bridge().run_with_cache(ids, names_filter=lambda n: n in names, stop_at_layer=2)
+        want.append(cache[HOOK][m])
+    assert C._organism(lm) and torch.equal(got, torch.cat(want))

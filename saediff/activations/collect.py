@@ -164,7 +164,8 @@ def collect_activations(
     Residual-stream hooks (``blocks.L.hook_resid_post``, the usual case) are read with plain forward
     hooks on the HF model, the forward stopped after the deepest hooked block and no work spent that
     cannot reach a kept row (``_forward_rows``). Any other TransformerLens hook (``mlp.hook_post``,
-    attention, resid_pre/mid) goes through the TransformerLens bridge with ``names_filter`` and
+    attention, resid_pre/mid), and every hook of the EM model organism (its figures were measured
+    that way), goes through the TransformerLens bridge with ``names_filter`` and
     ``stop_at_layer`` (on a merged model). At ``hook_resid_post`` the two agree
     (``tests/test_activations.py::test_bridge_and_forward_hook_paths_agree``).
 
@@ -172,7 +173,8 @@ def collect_activations(
     store is returned; otherwise a dict hook -> (n, d) tensor.
     """
     blocks = _resid_post_blocks(hooks)
-    rows_of = _ResidRows(lm, blocks) if blocks is not None else _BridgeRows(lm, hooks)
+    fast = blocks is not None and not _organism(lm)
+    rows_of = _ResidRows(lm, blocks) if fast else _BridgeRows(lm, hooks)
     toks = prompts if isinstance(prompts, TokenizedPrompts) else tokenize_prompts(lm, prompts)
     keep = toks.select(positions)
     if not keep.any():
@@ -204,6 +206,16 @@ def collect_activations(
         }
         return writer.close(d_model=int(d_model), meta=meta)
     return {h: torch.cat(c) for h, c in chunks.items()}
+
+
+def _organism(lm: LoadedModel) -> bool:
+    """Whether ``lm`` is the EM model organism's (its folder's ``saediff_organism.json``): its
+    shipped SAE and figures were collected through the bridge, whose float rounding the
+    forward-hook path does not reproduce bit for bit, so the organism keeps the bridge; every other
+    model takes the forward hooks."""
+    from saediff.models.precision import pinned_fp32
+
+    return lm.spec.is_local and pinned_fp32(lm.spec.model)
 
 
 def _resid_post_blocks(hooks: list[str]) -> list[int] | None:
