@@ -81,8 +81,9 @@ def sae_train_cmd(
     kernel: str = typer.Option(
         "sparse_decode",
         "--kernel",
-        help="TopK step: dense | sparse_decode | sparse | auto "
-        "(the fastest here, timed on the first batch; bench/sae_decode.py)",
+        help="TopK step: dense | sparse_decode | sparse | fused (one hand-written TopK step; "
+        "with --autocast it picks latents in bf16) | auto (the fastest here, timed on the first "
+        "batch; bench/sae_train.py, bench/sae_decode.py)",
     ),
     threads: int | None = typer.Option(None, "--threads"),
 ) -> None:
