@@ -38,7 +38,7 @@ else
   MODEL="--random 896,24 --repeats 3 --pairs 64 --convs 128 --batch 8 --seq 256"
 fi
 ratios() {  # the bench's 'name: X' lines, prefixed with the bench
-  grep -E '^[a-z_]+: [0-9.inf-]+$' "$LOGS/$1.log" | sed "s/^/$1./"
+  grep -E '^[a-z0-9_]+: [0-9.inf-]+$' "$LOGS/$1.log" | sed "s/^/$1./"
 }
 python sae_train.py $SAE $DEV > "$LOGS/sae_train.log" 2>&1 || { tail -20 "$LOGS/sae_train.log"; exit 1; }
 grep -E '^repeat 0|^data ' "$LOGS/sae_train.log"

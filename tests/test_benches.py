@@ -56,7 +56,7 @@ def test_gpu_script_runs_at_tiny_size_on_cpu(tmp_path):
         ["bash", str(ROOT / "bench" / "gpu.sh")], capture_output=True, text=True, env=env, timeout=900
     )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    found = dict(re.findall(r"^([a-z_]+\.[a-z_]+): ([0-9.]+)$", p.stdout, re.MULTILINE))
+    found = dict(re.findall(r"^([a-z_]+\.[a-z0-9_]+): ([0-9.]+)$", p.stdout, re.MULTILINE))
     for bench, names in RATIOS.items():
         for name in names:
             value = float(found[f"{bench}.{name}"])
