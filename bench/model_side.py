@@ -14,9 +14,10 @@ one thread unless ``--threads``):
 - ``collect_vs_fp32``: ``activations.collect.collect_activations`` at the middle block's
   ``hook_resid_post`` (SmolLM2: 15) over the answer tokens of ``--convs`` medical conversations;
 - ``lora_step_vs_fp32``: one optimizer step (forward with the chat loss, backward, AdamW) of the
-  demo's rank-1 LoRA on every ``down_proj``, ``--batch`` conversations cut to ``--seq`` tokens;
-  ``lora_step_bf16_base_vs_fp32``: the same with the frozen base held in bfloat16 (the adapter
-  float32), which ``--precision bf16`` does not do by default;
+  demo's rank-1 LoRA on every ``down_proj``, ``--batch`` conversations cut to ``--seq`` tokens, as
+  saediff's fine-tune runs it under bf16 (the frozen Linear weights held cast to bfloat16, the same
+  numbers as casting them at every step); ``lora_step_bf16_base_vs_fp32``: the whole base loaded in
+  bfloat16, embeddings and norms included (not saediff's path: it puts the residual stream in bf16);
 - ``full_step_vs_fp32``: the same step of a full fine-tune (float32 master weights, AdamW).
 ``parallel_two_procs_vs_two_threads``: pair scoring twice in one process with two threads against
 once in each of two one-thread processes at once (the demo's parallel steps); above 1, two
@@ -149,7 +150,7 @@ def train_batch(args, tok) -> dict:
 
 def speed(args) -> dict:
     from saediff.activations.collect import collect_activations
-    from saediff.interventions.finetune import FinetuneConfig, make_trainable
+    from saediff.interventions.finetune import FinetuneConfig, frozen_linears_to_bf16, make_trainable
 
     pairs = offdomain_pairs("heldout")[: args.pairs]
     ps = prompts(args)
@@ -177,7 +178,9 @@ def speed(args) -> dict:
     del lms  # collection bridged them (TransformerLens rewires in place): fresh loads train
     lora = FinetuneConfig(method="lora", lora_rank=1, lora_modules=("down_proj",))
     lms = {p: load(args, p) for p in ("fp32", "bf16")}
-    steps = {p: step_fn(make_trainable(lm.model, lora), batch) for p, lm in lms.items()}
+    trained = {p: make_trainable(lm.model, lora) for p, lm in lms.items()}
+    frozen_linears_to_bf16(trained["bf16"])  # what saediff's fine-tune does under bf16
+    steps = {p: step_fn(m, batch) for p, m in trained.items()}
     lms16 = load(args, "bf16", dtype="bfloat16")
     steps["bf16_base"] = step_fn(make_trainable(lms16.model, lora), batch)
     for fn in steps.values():

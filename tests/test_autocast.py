@@ -172,3 +172,30 @@ def test_the_cli_precision_reaches_the_model_and_its_provenance(tiny_qwen, tmp_p
     res = runner.invoke(app, [*args, "--precision", "half"])
     assert res.exit_code == 1
     assert res.output.strip().splitlines() == ["error: --precision must be auto, fp32 or bf16, got 'half'"]
+
+
+def test_a_bf16_lora_holds_its_frozen_linears_cast_with_the_same_numbers(tiny_qwen, tmp_path, monkeypatch):
+    """A LoRA fine-tune under bf16 holds the frozen Linear weights in bfloat16 (autocast would cast
+    them at every step): the losses and the trained adapter are bit for bit those of the run that
+    casts at every step; norms, embeddings and the adapter stay float32."""
+    import saediff.interventions.finetune as F
+    from saediff.data.chat_data import ChatDataset, load_chat_jsonl
+
+    data_path = write_narrow_data(tmp_path / "d.jsonl", 8)
+    cfg = F.FinetuneConfig(method="lora", lora_rank=2, steps=3, batch_size=4, lr=1e-2)
+
+    def run(out: str):
+        lm = load_model(ModelSpec(str(tiny_qwen / "model"), precision="bf16"))
+        data = ChatDataset(lm.tokenizer, load_chat_jsonl(data_path), progress=False)
+        model = F.make_trainable(lm.model, cfg)
+        log = F.finetune(model, lm.tokenizer, data, cfg, tmp_path / out, progress=False)
+        lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+        return log, lora, {n: p.dtype for n, p in model.named_parameters()}
+
+    held_log, held, dtypes = run("held")
+    assert {d for n, d in dtypes.items() if "base_layer" in n or "proj.weight" in n} == {torch.bfloat16}
+    assert {d for n, d in dtypes.items() if "lora_" in n or "norm" in n or "embed" in n} == {torch.float32}
+    monkeypatch.setattr(F, "frozen_linears_to_bf16", lambda _m: 0)
+    cast_log, cast, _ = run("cast")
+    assert [h["loss"] for h in held_log] == [h["loss"] for h in cast_log]
+    assert all(torch.equal(held[n], cast[n]) for n in held)

@@ -274,6 +274,25 @@ def make_trainable(model: torch.nn.Module, cfg: FinetuneConfig) -> torch.nn.Modu
     return model
 
 
+def frozen_linears_to_bf16(model: torch.nn.Module) -> int:
+    """Hold the frozen ``nn.Linear`` weights of a LoRA fine-tune under bf16 autocast in bfloat16;
+    returns how many. Autocast casts them to bfloat16 for every matmul anyway, and a frozen weight's
+    cast is not cached between steps, so holding them cast gives the same numbers without the cast
+    at each step (``bench/model_side.py``: ``lora_step_bf16_base_vs_fp32``). An unembedding tied to
+    the embedding stays float32: the embedding lookup would put the residual stream in bfloat16."""
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    in_emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tied = out_emb is not None and in_emb is not None and out_emb.weight is in_emb.weight
+    n = 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad and m.weight.dtype == torch.float32:
+            if tied and m is out_emb:
+                continue
+            m.weight.data = m.weight.data.to(torch.bfloat16)
+            n += 1
+    return n
+
+
 def checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
     """``(step, path)`` of every ``checkpoint-N`` under ``folder`` (the Trainer's layout), oldest first."""
     return sorted((int(p.name.split("-")[-1]), p) for p in Path(folder).glob("checkpoint-*"))
@@ -409,6 +428,8 @@ def finetune(
     # fine-tune's precision, whatever precision it was loaded at
     precision = finetune_precision(cfg, model, device)
     set_precision(model, precision)
+    if precision == "bf16" and cfg.method == "lora":
+        frozen_linears_to_bf16(model)
     ckpt_dir = out / "checkpoints"
     args = _training_args(cfg, ckpt_dir, device, precision)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
