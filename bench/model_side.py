@@ -112,16 +112,20 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def ratio(args, make: dict) -> tuple[float, dict]:
-    """fp32 median seconds / bf16 median seconds for the callables ``make[precision]()``, warmed
-    once, interleaved over the repeats."""
+def medians(args, make: dict) -> dict[str, float]:
+    """Median seconds of each callable in ``make``, warmed once, interleaved over the repeats."""
     for fn in make.values():
         fn()
     ts: dict[str, list[float]] = {k: [] for k in make}
     for _ in range(args.repeats):
         for k, fn in make.items():
             ts[k].append(timed(fn))
-    med = {k: statistics.median(v) for k, v in ts.items()}
+    return {k: statistics.median(v) for k, v in ts.items()}
+
+
+def ratio(args, make: dict) -> tuple[float, dict]:
+    """fp32 median seconds / bf16 median seconds for the callables ``make[precision]()``."""
+    med = medians(args, make)
     return med["fp32"] / med["bf16"], med
 
 
@@ -175,7 +179,7 @@ def speed(args) -> dict:
         f"collection, {len(ps)} conversations: fp32 {med['fp32']:.2f} s, bf16 {med['bf16']:.2f} s", flush=True
     )
     batch = train_batch(args, lms["fp32"].tokenizer)
-    del lms  # collection bridged them (TransformerLens rewires in place): fresh loads train
+    del lms  # fresh loads train (a collection at other hooks would have bridged them in place)
     lora = FinetuneConfig(method="lora", lora_rank=1, lora_modules=("down_proj",))
     lms = {p: load(args, p) for p in ("fp32", "bf16")}
     trained = {p: make_trainable(lm.model, lora) for p, lm in lms.items()}
@@ -183,13 +187,7 @@ def speed(args) -> dict:
     steps = {p: step_fn(m, batch) for p, m in trained.items()}
     lms16 = load(args, "bf16", dtype="bfloat16")
     steps["bf16_base"] = step_fn(make_trainable(lms16.model, lora), batch)
-    for fn in steps.values():
-        fn()
-    ts: dict[str, list[float]] = {k: [] for k in steps}
-    for _ in range(args.repeats):
-        for k, fn in steps.items():
-            ts[k].append(timed(fn))
-    med = {k: statistics.median(v) for k, v in ts.items()}
+    med = medians(args, steps)
     out["lora_step_vs_fp32"] = med["fp32"] / med["bf16"]
     out["lora_step_bf16_base_vs_fp32"] = med["fp32"] / med["bf16_base"]
     print(
