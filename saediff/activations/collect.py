@@ -333,31 +333,10 @@ def _common_prefix(ids: torch.Tensor) -> int:
     return int(same.int().cumprod(0).sum())
 
 
-class _Stop(Exception):
-    pass
-
-
 def _run_to(model, blocks: list[int], ids: torch.Tensor, read, **forward_kw) -> None:
-    """Run ``model`` on ``ids``, calling ``read(block, output)`` as each of ``blocks`` finishes and
-    stopping the forward after the deepest (``hooks.read_blocks``, with forward keywords)."""
-    decoder, last = decoder_layers(model), max(blocks)
-
-    def make(block: int):
-        def hook(_mod, _inp, o):
-            read(block, o[0] if isinstance(o, tuple) else o)
-            if block == last:
-                raise _Stop
-
-        return hook
-
-    handles = [decoder[b].register_forward_hook(make(b)) for b in set(blocks)]
-    try:
-        model(input_ids=ids, **forward_kw)
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
+    """``hooks.read_blocks`` without an attention mask (right padding: the causal mask gives the
+    same rows), with forward keywords."""
+    read_blocks(model, blocks, ids, None, read, **forward_kw)
 
 
 @torch.no_grad()

@@ -95,10 +95,12 @@ def read_blocks(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None,
     read: Callable[[int, torch.Tensor], None],
+    **forward_kw,
 ) -> None:
-    """Run ``model`` on a batch, calling ``read(block, output)`` (B, T, D) as each of ``blocks``
+    """Run ``model`` on a batch, calling ``read(block, output)`` (B, T, D) once as each of ``blocks``
     finishes, through forward hooks on those blocks alone; the forward stops after the deepest.
-    Nothing is kept unless ``read`` keeps it (a streamed diff sums each block as it passes)."""
+    Nothing is kept unless ``read`` keeps it (a streamed diff sums each block as it passes).
+    ``forward_kw`` go to the forward (a KV cache, ``use_cache``)."""
     decoder, last = decoder_layers(model), max(blocks)
 
     def make(block: int):
@@ -109,9 +111,9 @@ def read_blocks(
 
         return hook
 
-    handles = [decoder[b].register_forward_hook(make(b)) for b in blocks]
+    handles = [decoder[b].register_forward_hook(make(b)) for b in dict.fromkeys(blocks)]
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask)
+        model(input_ids=input_ids, attention_mask=attention_mask, **forward_kw)
     except _Stop:
         pass
     finally:
