@@ -341,3 +341,11 @@ def write_pair_files(root, n_domains: int, n_choose: int, n_report: int):
     for path, part in zip(files, (slice(0, n_choose), slice(n_choose, n_choose + n_report))):
         path.write_text("".join(json.dumps(asdict(p)) + "\n" for d in domains for p in by[d][part]))
     return files
+
+
+def dies_after(batches, n: int):
+    """``batches`` until the ``n``-th, where it raises ``KeyboardInterrupt``: a run killed mid-way."""
+    for i, b in enumerate(batches):
+        if i == n:
+            raise KeyboardInterrupt
+        yield b

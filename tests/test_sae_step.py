@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import dies_after
 
 from saediff.saes.topk_fused import topk_rows
 from saediff.saes.training_step import SAEParams, topk_step_loss
@@ -119,14 +120,14 @@ def test_fused_kernel_trains_and_resumes(tmp_path):
     ref, hist = train_sae(shuffled_batches(data, 128, seed=1), cfg, progress=False)
     assert hist["kernel"] == "fused" and hist["fvu"][-1] < 0.9 * hist["fvu"][0]
 
-    def dies_after(n):
-        for i, b in enumerate(shuffled_batches(data, 128, seed=1)):
-            if i == n:
-                raise KeyboardInterrupt
-            yield b
-
     with pytest.raises(KeyboardInterrupt):
-        train_sae(dies_after(15), cfg, progress=False, checkpoint_dir=tmp_path, checkpoint_every=10)
+        train_sae(
+            dies_after(shuffled_batches(data, 128, seed=1), 15),
+            cfg,
+            progress=False,
+            checkpoint_dir=tmp_path,
+            checkpoint_every=10,
+        )
     got, _ = train_sae(
         shuffled_batches(data, 128, seed=1), cfg, progress=False, checkpoint_dir=tmp_path, resume=True
     )

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from helpers import dies_after
 
 from saediff.errors import SaediffError
 from saediff.saes.loading import load_sae, save_sae
@@ -181,14 +182,14 @@ def test_sae_training_resumes_from_a_checkpoint(tmp_path, caplog):
     cfg = SAETrainConfig(arch="topk", d_sae=32, k=4, steps=25, batch_size=128, lr=1e-3, dead_tokens=500)
     ref, _ = train_sae(shuffled_batches(data, 128, seed=1), cfg, progress=False)
 
-    def dies_after(n):
-        for i, b in enumerate(shuffled_batches(data, 128, seed=1)):
-            if i == n:
-                raise KeyboardInterrupt
-            yield b
-
     with pytest.raises(KeyboardInterrupt):
-        train_sae(dies_after(15), cfg, progress=False, checkpoint_dir=tmp_path, checkpoint_every=10)
+        train_sae(
+            dies_after(shuffled_batches(data, 128, seed=1), 15),
+            cfg,
+            progress=False,
+            checkpoint_dir=tmp_path,
+            checkpoint_every=10,
+        )
     assert (tmp_path / "train_state.pt").exists()
     with caplog.at_level("INFO", logger="saediff.saes.training"):
         got, hist = train_sae(
