@@ -157,6 +157,14 @@ def _run_base(run_dir: Path) -> dict:
     return read_run(run_dir)["steps"]["diff"]
 
 
+JUDGE_PROMPTS_HELP = (
+    "YAML of judge templates: aligned, coherent (and rubric), each with {question} and {answer}; "
+    "or an EM repository's question file with judge_prompts"
+)
+JUDGE_CONSTRAIN_HELP = (
+    "hold the judges' replies to a number (or CODE / REFUSAL) with the server's structured outputs "
+    "(vLLM), for small local judges; scores are then conditional on a numeric reply"
+)
 PAIRS_HELP = (
     "judge-free EM: a pair file (JSONL {id, domain, question, aligned, misaligned}) or a shipped set "
     "(offdomain, offdomain:design, offdomain:heldout, medical, style_crossed), scored teacher-forced"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import typer
 
-from saediff.cli.common import _USER_ERRORS, _fail, _setup
+from saediff.cli.common import _USER_ERRORS, JUDGE_CONSTRAIN_HELP, JUDGE_PROMPTS_HELP, _fail, _setup
 from saediff.cli.organism import load_prompt_set, organism_eval_or_none
 from saediff.errors import SaediffError
 
@@ -57,6 +57,12 @@ def eval_cmd(
     ),
     concurrency: int = typer.Option(16, "--concurrency", help="parallel judge / remote-generation calls"),
     rubric: bool = typer.Option(False, "--rubric", help="also run the 1-5 rubric judge"),
+    judge_prompts: Path | None = typer.Option(None, "--judge-prompts", help=JUDGE_PROMPTS_HELP),
+    judge_constrain: bool = typer.Option(False, "--judge-constrain", help=JUDGE_CONSTRAIN_HELP),
+    temperature: float = typer.Option(
+        1.0, "--temperature", help="sampling temperature (0: greedy), locally and on --gen-url"
+    ),
+    top_p: float = typer.Option(1.0, "--top-p", help="nucleus sampling's p"),
     dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
     seed: int = typer.Option(0, "--seed"),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default 1)"),
@@ -86,6 +92,10 @@ def eval_cmd(
             seed=seed,
             pairs=pairs,
             batch_size=batch_size,
+            temperature=temperature,
+            top_p=top_p,
+            judge_prompts=judge_prompts,
+            judge_constrain=judge_constrain,
             evaluator=None if judge_url or pairs else organism_eval_or_none(model, samples, seed),
         )
     except _USER_ERRORS as e:

@@ -438,6 +438,7 @@ class JudgeEvaluator:
             "url": self.aligned.client.url,
             "judges": {
                 j.kind: {"model": j.model, "template": digest(j.template)}
+                | ({"constrained": True} if j.constrain else {})
                 for j in (self.aligned, self.coherent)
             },
             "questions": digest([[p.id, p.messages] for p in self.prompts]),

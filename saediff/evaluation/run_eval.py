@@ -15,12 +15,12 @@ from saediff.evaluation.evals import (
     evaluate_em,
     evaluate_once,
 )
-from saediff.evaluation.judges import HttpJudge
+from saediff.evaluation.judges import HttpJudge, load_judge_prompts
 from saediff.evaluation.openai_api import ChatClient
 from saediff.evaluation.pairs import pair_evaluator
 from saediff.models.loading import ModelSpec, load_model
 
-__all__ = ["run_eval"]
+__all__ = ["judge_set", "run_eval"]
 
 
 # long by its 20 options (saediff eval's flags); the body is some 40 lines
@@ -45,6 +45,10 @@ def run_eval(
     evaluator: Evaluator | None = None,
     pairs: str | Path | None = None,
     batch_size: int = 16,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    judge_prompts: str | Path | None = None,
+    judge_constrain: bool = False,
 ) -> dict:
     """Evaluate and write ``out/responses.jsonl`` + ``out/em.json``; returns em.json's content.
     ``evaluator`` (e.g. the organism's exact judge) replaces the LLM judges when there is no
@@ -53,7 +57,11 @@ def run_eval(
 
     ``pairs`` (a pair file) instead scores its aligned and misaligned reference answers under the
     local model, ``batch_size`` conversations per forward, without a judge (``saediff.evaluation.pairs``):
-    ``out/pairs.jsonl`` + ``out/em.json``, with provenance, reused by a rerun of the same setup."""
+    ``out/pairs.jsonl`` + ``out/em.json``, with provenance, reused by a rerun of the same setup.
+
+    ``temperature`` 0 is greedy (locally and on a server); ``judge_prompts`` a YAML file of judge
+    templates (``load_judge_prompts``); ``judge_constrain`` holds the judges' replies to a number or
+    label (``HttpJudge``'s ``constrain``)."""
     if pairs is not None:
         return _run_pairs(
             model,
@@ -79,13 +87,24 @@ def run_eval(
         raise SaediffError(
             "--judge-url and --judge-model are required for models other than the saediff organism"
         )
-    judges = _judges(judge_url, judge_model, api_key_env, concurrency, rubric, out)
+    judges = judge_set(
+        judge_url,
+        judge_model,
+        api_key_env,
+        out,
+        concurrency=concurrency,
+        rubric=rubric,
+        prompts=judge_prompts,
+        constrain=judge_constrain,
+    )
     generator = (
         RemoteGenerator(ChatClient(gen_url, api_key_env=gen_api_key_env), gen_model or model, concurrency)
         if gen_url
         else LocalGenerator(load_model(ModelSpec(model, adapter=adapter, dtype=dtype)))
     )
-    cfg = EMConfig(samples=samples, max_new_tokens=max_new_tokens, seed=seed)
+    cfg = EMConfig(
+        samples=samples, max_new_tokens=max_new_tokens, seed=seed, temperature=temperature, top_p=top_p
+    )
     report = evaluate_em(
         generator,
         load_prompts(questions),
@@ -98,15 +117,32 @@ def run_eval(
     return report.to_json()
 
 
-def _judges(
-    judge_url: str, judge_model: str, api_key_env: str, concurrency: int, rubric: bool, out: Path
+def judge_set(
+    judge_url: str,
+    judge_model: str,
+    api_key_env: str,
+    out: Path,
+    *,
+    concurrency: int = 8,
+    rubric: bool = False,
+    prompts: str | Path | None = None,
+    constrain: bool = False,
 ) -> dict[str, HttpJudge]:
     """The ``aligned`` and ``coherent`` LLM judges (and ``rubric``), one client, each with its
-    answer cache under ``out``."""
+    answer cache under ``out``, templates from ``prompts`` (a YAML file) or the shipped ones."""
+    templates = load_judge_prompts(prompts) if prompts is not None else {}
+    if rubric and prompts is not None and "rubric" not in templates:
+        raise SaediffError(f"--rubric with --judge-prompts {prompts}: the file has no rubric template")
     judge_client = ChatClient(judge_url, api_key_env=api_key_env)
     return {
         k: HttpJudge(
-            k, judge_client, judge_model, concurrency=concurrency, cache_path=out / f"judge_cache_{k}.jsonl"
+            k,
+            judge_client,
+            judge_model,
+            concurrency=concurrency,
+            cache_path=out / f"judge_cache_{k}.jsonl",
+            template=templates.get(k),
+            constrain=constrain,
         )
         for k in ("aligned", "coherent", *(("rubric",) if rubric else ()))
     }
