@@ -52,7 +52,9 @@ def test_constrained_scores_are_cached_apart(tmp_path):
     cache = tmp_path / "cache.jsonl"
     with FakeOpenAIServer(judge_fn=small_judge) as server:
         client = ChatClient(server.url, backoff_s=0.01)
-        HttpJudge("aligned", client, "j", constrain=True, cache_path=cache).score([("q", "a")], progress=False)
+        HttpJudge("aligned", client, "j", constrain=True, cache_path=cache).score(
+            [("q", "a")], progress=False
+        )
         [again] = HttpJudge("aligned", client, "j", cache_path=cache).score([("q", "a")], progress=False)
     assert len(server.requests) == 2 and again.score is None  # the unconstrained judge asked itself
 
