@@ -67,6 +67,11 @@ class VllmServer:
         """Base URL with the API prefix, for ``ChatClient`` and ``--gen-url`` / ``--judge-url``."""
         return f"http://127.0.0.1:{self.port}/v1"
 
+    @property
+    def pid(self) -> int | None:
+        """The server's process id, which is also its process group's (None before ``start``)."""
+        return self._proc.pid if self._proc is not None else None
+
     def command(self) -> list[str]:
         cmd = [
             str(self.python),
