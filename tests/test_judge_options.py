@@ -4,6 +4,7 @@ against the fake server shaped like vLLM's replies (tests/test_vllm.py runs the 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -145,3 +146,28 @@ def test_eval_cli_greedy_remote_generation_with_constrained_judges(tmp_path):
     assert rows[0]["key"]["temperature"] == 0 and rows[0]["key"]["model"] == "em"
     em = json.loads((tmp_path / "em.json").read_text())
     assert em["extra"]["n_unscored"] == 0 and em["n_responses"] == len(rows)
+
+
+def test_every_judging_command_takes_the_judge_options():
+    """Every command with --judge-url also takes --judge-prompts and --judge-constrain, and they
+    reach its judges."""
+    import click
+    import typer.main
+
+    from saediff.cli.common import _judge_evaluator
+
+    group = typer.main.get_command(app)
+    judging = []
+    for name, cmd in group.commands.items():
+        subs = cmd.commands.items() if isinstance(cmd, click.Group) else [(None, cmd)]
+        for sub, c in subs:
+            flags = {o for p in c.params for o in p.opts}
+            if "--judge-url" in flags:
+                judging.append(name)
+                assert {"--judge-prompts", "--judge-constrain"} <= flags, (name, sub)
+    assert {"eval", "steer", "discover", "block", "diff", "phase"} <= set(judging)
+    ev = _judge_evaluator(
+        "http://127.0.0.1:9/v1", "j", "first_plot", 1, 8, "KEY", Path("."), 0, judge_constrain=True
+    )
+    assert ev.aligned.constrain and ev.coherent.constrain
+    assert ev.fingerprint()["judges"]["aligned"]["constrained"] is True

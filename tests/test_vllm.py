@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import threading
@@ -174,12 +175,27 @@ def test_greedy_answers_on_the_server_equal_local_ones_base_and_adapter(served, 
     from saediff.data.prompts import load_prompts
     from saediff.models.loading import ModelSpec, generate, load_model
 
-    common = ["--gen-url", served, "--temperature", "0", "--samples", "1", "--max-new-tokens", str(MAX_NEW)]
-    judge = ["--judge-url", served, "--judge-model", "smol", "--judge-constrain"]
+    page = (ROOT / "docs" / "workflows" / "serving.md").read_text()
+    line = re.search(r"<!-- eval-command -->\n```bash\n(.*?)```", page, re.DOTALL).group(1)
+    words = shlex.split(line.replace("\\\n", " ").replace("http://127.0.0.1:8000/v1", served))
+    assert words[:2] == ["saediff", "eval"]
     remote = {}
-    for name in ("smol", "em"):
+    for name in ("smol", "em"):  # the docs' command as written, smaller (a repeated option's last value wins)
         out = tmp_path / name
-        r = _eval(*common, "--gen-model", name, *judge, "--out", str(out))
+        r = CliRunner().invoke(
+            app,
+            [
+                *words[1:],
+                "--gen-model",
+                name,
+                "--samples",
+                "1",
+                "--max-new-tokens",
+                str(MAX_NEW),
+                "--out",
+                str(out),
+            ],
+        )
         assert r.exit_code == 0, r.output
         em = json.loads((out / "em.json").read_text())
         assert em["n_responses"] == 8 and em["extra"]["n_scored"] == 8  # constrained: every answer scored

@@ -17,6 +17,8 @@ from rich.console import Console
 from saediff.cli import block_inputs as inputs
 from saediff.cli.common import (
     _USER_ERRORS,
+    JUDGE_CONSTRAIN_HELP,
+    JUDGE_PROMPTS_HELP,
     PAIRS_HELP,
     _fail,
     _int_list,
@@ -118,6 +120,8 @@ def block_cmd(
     samples: int = typer.Option(50, "--samples", help="answers per question (organism: per domain)"),
     max_new_tokens: int = typer.Option(600, "--max-new-tokens"),
     api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env"),
+    judge_prompts: Path | None = typer.Option(None, "--judge-prompts", help=JUDGE_PROMPTS_HELP),
+    judge_constrain: bool = typer.Option(False, "--judge-constrain", help=JUDGE_CONSTRAIN_HELP),
     dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
     seed: int = typer.Option(0, "--seed"),
@@ -203,7 +207,17 @@ def block_cmd(
             freeze_after_block=layer if freeze_after_block else None,
         )
         evaluator = recipe.get("evaluator") or _judge_evaluator(
-            judge_url, judge_model, questions, samples, max_new_tokens, api_key_env, out, seed, pairs=pairs
+            judge_url,
+            judge_model,
+            questions,
+            samples,
+            max_new_tokens,
+            api_key_env,
+            out,
+            seed,
+            pairs=pairs,
+            judge_prompts=judge_prompts,
+            judge_constrain=judge_constrain,
         )
         factory = None
         if monitor if monitor is not None else organism is not None:

@@ -172,9 +172,21 @@ PAIRS_HELP = (
 
 
 def _judge_evaluator(
-    judge_url, judge_model, questions, samples, max_new_tokens, api_key_env, out: Path, seed: int, pairs=None
+    judge_url,
+    judge_model,
+    questions,
+    samples,
+    max_new_tokens,
+    api_key_env,
+    out: Path,
+    seed: int,
+    pairs=None,
+    *,
+    judge_prompts=None,
+    judge_constrain: bool = False,
 ):
-    """The evaluator for real models: the LLM judges at ``judge_url``, or the judge-free pair metric
+    """The evaluator for real models: the LLM judges at ``judge_url`` (templates from
+    ``judge_prompts``, replies constrained with ``judge_constrain``), or the judge-free pair metric
     on ``pairs`` (None with neither: runs are trained, not judged)."""
     if pairs is not None:
         if judge_url is not None:
@@ -188,16 +200,16 @@ def _judge_evaluator(
         raise SaediffError("--judge-url needs --judge-model")
     from saediff.data.prompts import load_prompts
     from saediff.evaluation.evals import EMConfig, JudgeEvaluator
-    from saediff.evaluation.judges import HttpJudge
-    from saediff.evaluation.openai_api import ChatClient
+    from saediff.evaluation.run_eval import judge_set
 
-    client = ChatClient(judge_url, api_key_env=api_key_env)
-    judges = [
-        HttpJudge(k, client, judge_model, cache_path=out / f"judge_cache_{k}.jsonl")
-        for k in ("aligned", "coherent")
-    ]
+    judges = judge_set(
+        judge_url, judge_model, api_key_env, out, prompts=judge_prompts, constrain=judge_constrain
+    )
     return JudgeEvaluator(
-        load_prompts(questions), *judges, EMConfig(samples=samples, max_new_tokens=max_new_tokens, seed=seed)
+        load_prompts(questions),
+        judges["aligned"],
+        judges["coherent"],
+        EMConfig(samples=samples, max_new_tokens=max_new_tokens, seed=seed),
     )
 
 
@@ -213,11 +225,24 @@ def _em_evaluator(
     out: Path,
     seed: int,
     pairs=None,
+    *,
+    judge_prompts=None,
+    judge_constrain: bool = False,
 ):
     """``_judge_evaluator``'s, else the one the model's defaults supply (the organism's exact judge);
     ``missing``: the error when there is neither."""
     evaluator = _judge_evaluator(
-        judge_url, judge_model, questions, samples, max_new_tokens, api_key_env, out, seed, pairs=pairs
+        judge_url,
+        judge_model,
+        questions,
+        samples,
+        max_new_tokens,
+        api_key_env,
+        out,
+        seed,
+        pairs=pairs,
+        judge_prompts=judge_prompts,
+        judge_constrain=judge_constrain,
     ) or defaults().evaluator(model, samples, seed)
     if evaluator is None:
         raise SaediffError(missing)

@@ -14,7 +14,14 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from saediff.cli.common import _USER_ERRORS, _fail, _int_list, _setup
+from saediff.cli.common import (
+    _USER_ERRORS,
+    JUDGE_CONSTRAIN_HELP,
+    JUDGE_PROMPTS_HELP,
+    _fail,
+    _int_list,
+    _setup,
+)
 from saediff.cli.organism import diff_run_inputs
 from saediff.errors import SaediffError
 
@@ -51,6 +58,8 @@ def diff_cmd(
     ),
     judge_model: str | None = typer.Option(None, "--judge-model"),
     api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env"),
+    judge_prompts: Path | None = typer.Option(None, "--judge-prompts", help=JUDGE_PROMPTS_HELP),
+    judge_constrain: bool = typer.Option(False, "--judge-constrain", help=JUDGE_CONSTRAIN_HELP),
     responses: Path | None = typer.Option(
         None,
         "--responses",
@@ -88,7 +97,7 @@ def diff_cmd(
     if finetuned is None and adapter is None:
         _fail(ValueError("give --finetuned or --adapter"))
     try:
-        judge = _labelling_judge(judge_url, judge_model, api_key_env, out)
+        judge = _labelling_judge(judge_url, judge_model, api_key_env, out, judge_prompts, judge_constrain)
         inputs = diff_run_inputs(base, prompts, max_new_tokens, seed)
         if icl_examples is not None:
             inputs["icl_examples"] = icl_examples
@@ -116,20 +125,18 @@ def diff_cmd(
     typer.echo(json.dumps(summary, indent=2))
 
 
-def _labelling_judge(judge_url: str | None, judge_model: str | None, api_key_env: str, out: Path):
+def _labelling_judge(
+    judge_url: str | None, judge_model: str | None, api_key_env: str, out: Path, prompts=None, constrain=False
+):
     """The (aligned, coherent) judges that label the answers for the response mean difference, or None."""
     if judge_url is None:
         return None
     if judge_model is None:
         raise SaediffError("--judge-url needs --judge-model")
-    from saediff.evaluation.judges import HttpJudge
-    from saediff.evaluation.openai_api import ChatClient
+    from saediff.evaluation.run_eval import judge_set
 
-    client = ChatClient(judge_url, api_key_env=api_key_env)
-    return tuple(
-        HttpJudge(k, client, judge_model, cache_path=out / f"judge_cache_{k}.jsonl")
-        for k in ("aligned", "coherent")
-    )
+    judges = judge_set(judge_url, judge_model, api_key_env, out, prompts=prompts, constrain=constrain)
+    return judges["aligned"], judges["coherent"]
 
 
 def compare_cmd(

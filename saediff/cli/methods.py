@@ -17,6 +17,8 @@ from saediff.cli.common import (
     _BASE,
     _FT,
     _USER_ERRORS,
+    JUDGE_CONSTRAIN_HELP,
+    JUDGE_PROMPTS_HELP,
     PAIRS_HELP,
     _em_evaluator,
     _fail,
@@ -80,6 +82,8 @@ def adl_cmd(
     neutral: Path | None = _NEUTRAL,
     nulls: int = _NULLS,
     api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env"),
+    judge_prompts: Path | None = typer.Option(None, "--judge-prompts", help=JUDGE_PROMPTS_HELP),
+    judge_constrain: bool = typer.Option(False, "--judge-constrain", help=JUDGE_CONSTRAIN_HELP),
     seed: int = typer.Option(0, "--seed"),
     threads: int | None = typer.Option(None, "--threads"),
 ) -> None:
@@ -105,6 +109,8 @@ def adl_cmd(
             out / "steer",
             seed,
             pairs=pairs,
+            judge_prompts=judge_prompts,
+            judge_constrain=judge_constrain,
         ) or defaults().evaluator(base, samples, seed)
         check = (
             None
@@ -219,6 +225,8 @@ def head_to_head_cmd(
         "response", "--positions", help="tokens of --prompts the crosscoder and diff-SAE read"
     ),
     api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env"),
+    judge_prompts: Path | None = typer.Option(None, "--judge-prompts", help=JUDGE_PROMPTS_HELP),
+    judge_constrain: bool = typer.Option(False, "--judge-constrain", help=JUDGE_CONSTRAIN_HELP),
     seed: int = typer.Option(0, "--seed"),
     threads: int | None = typer.Option(None, "--threads"),
 ) -> None:
@@ -257,6 +265,8 @@ def head_to_head_cmd(
             out / "steer",
             seed,
             pairs,
+            judge_prompts=judge_prompts,
+            judge_constrain=judge_constrain,
         )
         res = run_head_to_head(
             diff_run,

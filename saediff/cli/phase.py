@@ -11,7 +11,16 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from saediff.cli.common import _USER_ERRORS, PAIRS_HELP, _em_evaluator, _fail, _fmt, _setup
+from saediff.cli.common import (
+    _USER_ERRORS,
+    JUDGE_CONSTRAIN_HELP,
+    JUDGE_PROMPTS_HELP,
+    PAIRS_HELP,
+    _em_evaluator,
+    _fail,
+    _fmt,
+    _setup,
+)
 
 
 def phase_cmd(
@@ -39,6 +48,8 @@ def phase_cmd(
     samples: int = typer.Option(20, "--samples", help="answers per question (organism: per domain)"),
     max_new_tokens: int = typer.Option(600, "--max-new-tokens"),
     api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env"),
+    judge_prompts: Path | None = typer.Option(None, "--judge-prompts", help=JUDGE_PROMPTS_HELP),
+    judge_constrain: bool = typer.Option(False, "--judge-constrain", help=JUDGE_CONSTRAIN_HELP),
     out: Path | None = typer.Option(None, "--out", help="where phase.json goes (default: CHECKPOINTS_DIR)"),
     seed: int = typer.Option(0, "--seed"),
     threads: int | None = typer.Option(None, "--threads"),
@@ -66,6 +77,8 @@ def phase_cmd(
                 Path(out or checkpoints_dir),
                 seed,
                 pairs,
+                judge_prompts=judge_prompts,
+                judge_constrain=judge_constrain,
             )
         res = run_phase(
             checkpoints_dir, base=model, directions=directions, evaluator=evaluator, module=module, out=out

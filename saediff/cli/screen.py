@@ -18,6 +18,8 @@ from rich.console import Console
 
 from saediff.cli.common import (
     _USER_ERRORS,
+    JUDGE_CONSTRAIN_HELP,
+    JUDGE_PROMPTS_HELP,
     PAIRS_HELP,
     _em_evaluator,
     _fail,
@@ -107,6 +109,8 @@ def neighbourhood_cmd(
     samples: int = typer.Option(50, "--samples", help="answers per question (organism: per domain)"),
     max_new_tokens: int = typer.Option(600, "--max-new-tokens"),
     api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env"),
+    judge_prompts: Path | None = typer.Option(None, "--judge-prompts", help=JUDGE_PROMPTS_HELP),
+    judge_constrain: bool = typer.Option(False, "--judge-constrain", help=JUDGE_CONSTRAIN_HELP),
     seed: int = typer.Option(0, "--seed"),
     threads: int | None = typer.Option(None, "--threads"),
 ) -> None:
@@ -143,6 +147,8 @@ def neighbourhood_cmd(
                 run_dir / "screen",
                 seed,
                 pairs,
+                judge_prompts=judge_prompts,
+                judge_constrain=judge_constrain,
             )
         res = run_neighbourhood(
             run_dir,
@@ -306,6 +312,8 @@ def flag_cmd(
         16, "--batch-size", help="generation batch; --finetune: sequences per step"
     ),
     api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env"),
+    judge_prompts: Path | None = typer.Option(None, "--judge-prompts", help=JUDGE_PROMPTS_HELP),
+    judge_constrain: bool = typer.Option(False, "--judge-constrain", help=JUDGE_CONSTRAIN_HELP),
     seed: int = typer.Option(0, "--seed"),
     threads: int | None = typer.Option(None, "--threads"),
 ) -> None:
@@ -330,6 +338,8 @@ def flag_cmd(
                 out / "screen",
                 seed,
                 pairs,
+                judge_prompts=judge_prompts,
+                judge_constrain=judge_constrain,
             )
         res = flag_rows(
             model,

@@ -16,7 +16,16 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from saediff.cli.common import _USER_ERRORS, PAIRS_HELP, _fail, _judge_evaluator, _setup, steering_cost
+from saediff.cli.common import (
+    _USER_ERRORS,
+    JUDGE_CONSTRAIN_HELP,
+    JUDGE_PROMPTS_HELP,
+    PAIRS_HELP,
+    _fail,
+    _judge_evaluator,
+    _setup,
+    steering_cost,
+)
 from saediff.cli.methods import _contrast
 from saediff.cli.organism import organism_evaluator
 from saediff.errors import SaediffError
@@ -73,6 +82,8 @@ def steer_cmd(
     nulls: int = typer.Option(10, "--nulls", help=NULLS_HELP),
     latents: int = typer.Option(3, "--latents", help="top SAE latents to check"),
     api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env"),
+    judge_prompts: Path | None = typer.Option(None, "--judge-prompts", help=JUDGE_PROMPTS_HELP),
+    judge_constrain: bool = typer.Option(False, "--judge-constrain", help=JUDGE_CONSTRAIN_HELP),
     dtype: str = typer.Option("auto", "--dtype"),
     device: str = typer.Option("auto", "--device"),
     organism: Path | None = typer.Option(None, "--organism", help="the organism's checks (steering.json)"),
@@ -87,6 +98,7 @@ def steer_cmd(
             res = _steer_directions(
                 run_dir, direction, model, adapter, out, judge_url, judge_model, pairs, questions, samples,
                 max_new_tokens, kl_budget, neutral, nulls, api_key_env, dtype, device, seed,
+                judge=(judge_prompts, judge_constrain),
             )  # fmt: skip
             _print_directions(res)
             return
@@ -123,6 +135,8 @@ def steer_cmd(
             run_dir / "steer",
             seed,
             pairs=pairs[0] if pairs else None,
+            judge_prompts=judge_prompts,
+            judge_constrain=judge_constrain,
         ) or organism_evaluator(base, samples, seed)
         cfg = SteerConfig(n_latents=latents, null=_null(nulls), neutral=neutral, **_budget(kl_budget))
         select, report = evaluator.halves()
@@ -201,9 +215,11 @@ def _permuted_nulls_on(run_dir: Path, cfg, contrast: list, seed: int, lm_base, l
 
 def _steer_directions(
     run_dir, direction, model, adapter, out, judge_url, judge_model, pairs, questions, samples,
-    max_new_tokens, kl_budget, neutral, nulls, api_key_env, dtype, device, seed,
+    max_new_tokens, kl_budget, neutral, nulls, api_key_env, dtype, device, seed, judge=(None, False),
 ) -> dict:  # fmt: skip
-    """``saediff steer --direction``: every named direction through the protocol on ``--model``."""
+    """``saediff steer --direction``: every named direction through the protocol on ``--model``;
+    ``judge``: (--judge-prompts, --judge-constrain)."""
+    judge_prompts, judge_constrain = judge
     if run_dir is not None:
         raise SaediffError("give a run folder or --direction, not both")
     if model is None or out is None:
@@ -228,7 +244,17 @@ def _steer_directions(
     evaluators = {"organism": exact} if exact is not None else {}
     for spec in pairs or ([] if exact is not None else [None]):
         ev = _judge_evaluator(
-            judge_url, judge_model, questions, samples, max_new_tokens, api_key_env, out, seed, pairs=spec
+            judge_url,
+            judge_model,
+            questions,
+            samples,
+            max_new_tokens,
+            api_key_env,
+            out,
+            seed,
+            pairs=spec,
+            judge_prompts=judge_prompts,
+            judge_constrain=judge_constrain,
         )
         evaluators[spec or "judge"] = ev
     cfg = SteerConfig(null=_null(nulls), neutral=neutral, **_budget(kl_budget))
@@ -256,6 +282,8 @@ def discover_cmd(
     samples: int = typer.Option(20, "--samples", help="answers per question (organism: per domain)"),
     max_new_tokens: int = typer.Option(600, "--max-new-tokens"),
     api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env"),
+    judge_prompts: Path | None = typer.Option(None, "--judge-prompts", help=JUDGE_PROMPTS_HELP),
+    judge_constrain: bool = typer.Option(False, "--judge-constrain", help=JUDGE_CONSTRAIN_HELP),
     dtype: str = typer.Option("auto", "--dtype"),
     device: str = typer.Option("auto", "--device"),
     seed: int = typer.Option(0, "--seed"),
@@ -279,6 +307,8 @@ def discover_cmd(
             run_dir / "discover",
             seed,
             pairs=pairs,
+            judge_prompts=judge_prompts,
+            judge_constrain=judge_constrain,
         ) or organism_evaluator(info["base"], samples, seed)
         cfg = DiscoverConfig(pool=pool, null=_null(nulls), neutral=neutral, **_budget(kl_budget))
         res = discover_latents(
