@@ -151,7 +151,6 @@ def test_eval_cli_greedy_remote_generation_with_constrained_judges(tmp_path):
 def test_every_judging_command_takes_the_judge_options():
     """Every command with --judge-url also takes --judge-prompts and --judge-constrain, and they
     reach its judges."""
-    import click
     import typer.main
 
     from saediff.cli.common import _judge_evaluator
@@ -159,7 +158,7 @@ def test_every_judging_command_takes_the_judge_options():
     group = typer.main.get_command(app)
     judging = []
     for name, cmd in group.commands.items():
-        subs = cmd.commands.items() if isinstance(cmd, click.Group) else [(None, cmd)]
+        subs = cmd.commands.items() if hasattr(cmd, "commands") else [(None, cmd)]
         for sub, c in subs:
             flags = {o for p in c.params for o in p.opts}
             if "--judge-url" in flags:

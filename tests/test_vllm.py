@@ -222,7 +222,8 @@ def test_judging_reads_real_logprobs(served):
     coherent = HttpJudge("coherent", client, "smol", constrain=True).score(items, progress=False)
     assert all(s.judged for s in held + coherent)  # constrained: always a number or label
     assert all(0 <= s.score <= 100 for s in coherent)
-    assert sum(s.judged for s in free) <= len(free)  # unconstrained: unscored ones are counted, not errors
+    # unconstrained: a reply without a number is unscored (not an error), for want of numeric mass
+    assert all(s.judged or s.numeric_mass is None or s.numeric_mass < 0.25 for s in free)
     # the raw reply: vLLM's fields, bytes per token, and a first token that is one digit of a number
     body = {"model": "smol", "max_tokens": 4, "temperature": 0, "logprobs": True, "top_logprobs": 20}
     body["messages"] = [{"role": "user", "content": "Give a number from 10 to 99."}]
@@ -256,3 +257,13 @@ def test_a_refusing_judge_loses_no_answers(served, tmp_path):
     r = _eval(*args, "--judge-model", "smol")
     assert r.exit_code == 0, r.output
     assert (tmp_path / "generations.jsonl").read_bytes() == saved
+    # unconstrained, SmolLM2 often gives no number: the unscored answers are counted as for any judge
+    free = [a for a in args if a != "--judge-constrain"] + ["--judge-model", "smol"]
+    free[free.index("--out") + 1] = str(tmp_path / "free")
+    r = _eval(*free)
+    if r.exit_code == 0:
+        extra = json.loads((tmp_path / "free" / "em.json").read_text())["extra"]
+        assert extra["n_scored"] + extra["n_unscored"] == 8 and extra["n_unscored"] <= 0.1 * 8
+    else:
+        assert re.search(r"\d+ of 8 answers unscored by the judges", r.output), r.output
+        assert len((tmp_path / "free" / "generations.jsonl").read_bytes().splitlines()) == 8
