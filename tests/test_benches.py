@@ -86,3 +86,54 @@ def test_steer_null_bench_runs_at_tiny_size(tmp_path):
     for line in lines[-4:]:
         value = float(line.split(": ")[1])
         assert 0.0 <= value <= 1.0, line
+
+
+# every bench/*.py script: where its tiny run lives (gpu.sh's, its own test, or TINY_RUNS below)
+IN_GPU_SCRIPT = {"sae_train", "sae_decode", "blocking_overhead", "diff_memory", "model_side"}
+OWN_TEST = {"steer_null": "test_steer_null_bench_runs_at_tiny_size", "gen_throughput": "test_vllm_benches.py"}
+TINY_RUNS = {
+    "collect": ["--n", "24", "--batch", "8", "--repeats", "1"],
+    "diff_chunk_memory": [
+        "--rows",
+        "96",
+        "--d-model",
+        "32",
+        "--d-sae",
+        "256",
+        "--chunk",
+        "32",
+        "--repeats",
+        "1",
+    ],
+    "judge_throughput": ["--n", "16", "--delay", "0.005", "--repeats", "1"],
+    "sae_train --stream": ["--stream", "--d-in", "32", "--d-sae", "128", "--k", "8", "--batch", "128"]
+    + ["--steps", "8", "--eval-every", "4", "--repeats", "1"],
+}
+
+
+def test_every_bench_has_a_tiny_run():
+    """A bench added without a tiny run in the slow suite fails here (issue 35: no bench rots)."""
+    scripts = {p.stem for p in (ROOT / "bench").glob("*.py") if not p.stem.startswith("_")}
+    covered = IN_GPU_SCRIPT | set(OWN_TEST) | {name.split()[0] for name in TINY_RUNS}
+    assert scripts == covered, sorted(scripts ^ covered)
+    gpu = (ROOT / "bench" / "gpu.sh").read_text()
+    assert all(f"python {s}.py" in gpu for s in IN_GPU_SCRIPT)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(TINY_RUNS))
+def test_bench_runs_at_tiny_size(name):
+    """The benches outside gpu.sh at tiny size: each runs and ends on its ``name: ratio`` line."""
+    script = name.split()[0]
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / f"{script}.py"), *TINY_RUNS[name]],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "TQDM_DISABLE": "1"},
+    )
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    last = p.stdout.strip().splitlines()[-1]
+    m = re.fullmatch(r"([a-z0-9_]+): ([0-9.]+(?:e[-+]?\d+)?)", last)
+    assert m is not None, last
+    assert math.isfinite(float(m.group(2))) and float(m.group(2)) > 0, last
