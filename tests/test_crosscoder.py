@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from helpers import dies_after
 from typer.testing import CliRunner
 
 from saediff.errors import SaediffError
@@ -253,3 +254,28 @@ def test_a_fine_tune_only_latent_gets_a_card_and_a_dashboard_entry(tiny_qwen, tm
     assert r.exit_code == 0, r.output
     page = (run / "dashboard.html").read_text()
     assert "id='latent-0'" in page and "ft_only: rel_norm 0.000" in page and "logit effects" in page
+
+
+def test_crosscoder_training_resumes_from_a_checkpoint(tmp_path, caplog):
+    """Interrupted after its step-10 checkpoint and resumed, crosscoder training ends with the
+    crosscoder of an uninterrupted run (k annealing, threshold and dead clocks included); another
+    run's checkpoint is refused in one line."""
+    from dataclasses import replace
+
+    from saediff.activations.store import shuffled_batches
+
+    data = torch.randn(4096, 2, 16, generator=torch.Generator().manual_seed(0))
+    cfg = CrosscoderConfig(d_sae=32, k=4, k_start=12, anneal_steps=12, steps=25, batch_size=128, lr=1e-3)
+    ref, _ = train_crosscoder(shuffled_batches(data, 128, seed=1), cfg, progress=False)
+    kw = dict(progress=False, checkpoint_dir=tmp_path, checkpoint_every=10)
+    with pytest.raises(KeyboardInterrupt):
+        train_crosscoder(dies_after(shuffled_batches(data, 128, seed=1), 15), cfg, **kw)
+    assert (tmp_path / "train_state.pt").exists()
+    with caplog.at_level("INFO", logger="saediff.saes.crosscoder"):
+        got, hist = train_crosscoder(shuffled_batches(data, 128, seed=1), cfg, resume=True, **kw)
+    assert "resumed at step 10" in caplog.text
+    for name in ("W_enc", "W_dec", "b_enc", "b_dec", "threshold"):
+        torch.testing.assert_close(getattr(got, name), getattr(ref, name), atol=1e-6, rtol=1e-5)
+    assert len(hist["loss"]) == 4  # steps 0, 10, 20 and the last, across the interruption
+    with pytest.raises(SaediffError, match="checkpoint of another crosscoder training run"):
+        train_crosscoder(shuffled_batches(data, 128, seed=1), replace(cfg, lr=2e-3), resume=True, **kw)

@@ -57,6 +57,12 @@ def crosscoder_train_cmd(
     buffer_rows: int = typer.Option(65536, "--buffer-rows", help="rows in the shuffling buffer"),
     device: str = typer.Option("auto", "--device"),
     seed: int = typer.Option(0, "--seed"),
+    checkpoint_every: int | None = typer.Option(
+        None, "--checkpoint-every", help="save the training state every N steps (to OUT.ckpt/)"
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="continue from OUT.ckpt/ (same models, prompts, settings and seed)"
+    ),
     threads: int | None = typer.Option(None, "--threads"),
 ) -> None:
     """Train a BatchTopK crosscoder on a base model and its fine-tune, read live on the same tokens."""
@@ -89,6 +95,8 @@ def crosscoder_train_cmd(
             positions=positions,
             buffer_rows=buffer_rows,
             prompts_name=prompts,
+            checkpoint_every=checkpoint_every,
+            resume=resume,
         )
     except _USER_ERRORS as e:
         _fail(e)

@@ -28,6 +28,7 @@ A crosscoder is a folder: ``cfg.json`` (``kind: saediff.crosscoder``, ``d_in``, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -199,10 +200,18 @@ def train_crosscoder(
     hook_name: str = "",
     models: tuple[str, str] = ("", ""),
     progress: bool = True,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
 ) -> tuple[Crosscoder, dict]:
     """Train a BatchTopK crosscoder on paired rows (``[:, 0]`` base, ``[:, 1]`` fine-tune: the same
     token in both, ``activations.paired_model_stream``); returns it and the history (per 10 steps:
-    loss, FVU, dead fraction, k). One process: BatchTopK ranks the whole batch."""
+    loss, FVU, dead fraction, k). One process: BatchTopK ranks the whole batch.
+
+    With ``checkpoint_dir`` and ``checkpoint_every`` the whole training state (weights, Adam, the
+    schedule, dead-latent clocks, threshold, history) is saved every N steps; ``resume`` continues
+    from it, reading past the batches already used, so a resumed run ends with the crosscoder of an
+    uninterrupted one (a live model stream is read again up to there: the models run, nothing trains)."""
     if isinstance(batches, torch.Tensor):
         if batches.ndim != 3 or batches.shape[1] != 2 or batches.shape[0] < cfg.batch_size:
             raise SaediffError(
@@ -227,8 +236,26 @@ def train_crosscoder(
     last_fired = torch.zeros(cfg.d_sae, dtype=torch.long, device=device)
     aux_k = cfg.aux_k or max(1, d_in // 2)
     hist: dict = {"loss": [], "fvu": [], "dead_fraction": [], "k": []}
-    tokens, x, thr_started = 0, first, False
-    for step in console.progress(range(cfg.steps), desc="crosscoder", enabled=progress):
+    tokens, x, thr_started, start = 0, first, False, 0
+    ckpt = Path(checkpoint_dir) / "train_state.pt" if checkpoint_dir else None
+    made_by = _train_fingerprint(cfg, first)
+    if resume and ckpt is not None and ckpt.exists():
+        state = _load_state(ckpt, made_by, device)
+        cc.load_state_dict(state["params"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        last_fired.copy_(state["last_fired"])
+        tokens, start, var, hist = (
+            int(state["tokens"]),
+            int(state["step"]),
+            float(state["var"]),
+            state["hist"],
+        )
+        thr_started = bool(state["thr_started"])
+        for _ in range(start - 1):  # the first batch was read above
+            next(batches)
+        log.info("crosscoder: resumed at step %d from %s", start, ckpt)
+    for step in console.progress(range(start, cfg.steps), desc="crosscoder", enabled=progress):
         if step > 0:
             x = next(batches).float()
         xs = cc.scaled(x.to(device, non_blocking=True))
@@ -250,8 +277,48 @@ def train_crosscoder(
             hist["fvu"].append(float(fvu))
             hist["dead_fraction"].append(float(((tokens - last_fired) > cfg.dead_tokens).float().mean()))
             hist["k"].append(k)
+        if (
+            ckpt is not None
+            and checkpoint_every
+            and (step + 1) % checkpoint_every == 0
+            and step + 1 < cfg.steps
+        ):
+            state = {"params": cc.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}
+            state |= {"last_fired": last_fired, "tokens": tokens, "step": step + 1, "var": var}
+            state |= {"hist": hist, "thr_started": thr_started, "provenance": json.dumps(made_by)}
+            _save_state(ckpt, state)
     cc.train_settings = {key: v for key, v in asdict(cfg).items() if key != "device"}
     return cc.cpu().eval(), hist
+
+
+def _train_fingerprint(cfg: CrosscoderConfig, first: torch.Tensor) -> dict:
+    """What a training checkpoint belongs to: the settings (not the device) and the first batch
+    (the data and its order)."""
+    from saediff.models.provenance import tensor_digest
+
+    settings = {k: v for k, v in asdict(cfg).items() if k != "device"}
+    return {"settings": settings, "d_in": int(first.shape[2]), "first_batch": tensor_digest(first)}
+
+
+def _save_state(ckpt: Path, state: dict) -> None:
+    from saediff.saes.training import _torch_bytes
+
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    _io.atomic_write_bytes(ckpt, _torch_bytes(state))
+
+
+def _load_state(ckpt: Path, made_by: dict, device) -> dict:
+    """The saved state, if it is this run's (same settings and data), else one line."""
+    from saediff.models.provenance import mismatch
+
+    state = torch.load(ckpt, map_location=device, weights_only=True)  # tensors and plain values only
+    why = mismatch(json.loads(state["provenance"]), made_by)
+    if why is not None:
+        raise SaediffError(
+            f"{ckpt} is the checkpoint of another crosscoder training run ({why}); delete it, or train "
+            "without --resume"
+        )
+    return state
 
 
 def _initial(
@@ -411,9 +478,13 @@ def crosscoder_from_models(
     buffer_rows: int = 65536,
     prompts_name: str = "",
     progress: bool = True,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
 ) -> dict:
     """Train a crosscoder on a base model and its fine-tune read live over ``prompts`` (the last
-    tenth held out for the metrics), and save it to ``out``; returns its metrics."""
+    tenth held out for the metrics), and save it to ``out``; returns its metrics. With
+    ``checkpoint_every`` or ``resume``, the training state lives in ``OUT.ckpt/`` (as ``saediff sae
+    train``'s), removed once the crosscoder is saved."""
     from saediff.activations.streams import paired_source
     from saediff.models.loading import load_pair
     from saediff.models.provenance import model_fingerprint
@@ -435,8 +506,16 @@ def crosscoder_from_models(
         cfg = CrosscoderConfig(**{**asdict(cfg), "batch_size": max(1, src.n_train // 2)})
     buffer = max(min(buffer_rows, src.n_train), 2 * cfg.batch_size)  # never more than one pass of the corpus
     batches = src.stream(cfg.batch_size, buffer, cfg.seed, 0, 1)
+    ckpt_dir = Path(f"{out}.ckpt") if (checkpoint_every or resume) else None
     cc, hist = train_crosscoder(
-        batches, cfg, hook_name=hook, models=(base, finetuned or f"{base} + {adapter}"), progress=progress
+        batches,
+        cfg,
+        hook_name=hook,
+        models=(base, finetuned or f"{base} + {adapter}"),
+        progress=progress,
+        checkpoint_dir=ckpt_dir,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
     )
     metrics = crosscoder_metrics(cc, src.held)
     made_by = {
@@ -447,4 +526,8 @@ def crosscoder_from_models(
         "train_rows": src.n_train,
     }
     save_crosscoder(cc, out, {"metrics": metrics, "provenance": made_by, "history": hist})
+    if ckpt_dir is not None:
+        (ckpt_dir / "train_state.pt").unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            ckpt_dir.rmdir()
     return {"out": str(out), **metrics}
