@@ -208,6 +208,35 @@ def test_demo_resumes_without_redoing_steps(demo):
         run_demo(out, quick=True, seed=1)
 
 
+def test_demo_killed_mid_run_resumes_to_the_same_summary(demo, quick_organism, tmp_path, monkeypatch):
+    """Killed after its two diffs (at the compare step) and rerun, the demo redoes no finished step
+    and ends with the figures of the uninterrupted run."""
+    import saediff.stories.organism.demo as demo_module
+
+    _, whole = demo
+    out = tmp_path / "demo"
+    shutil.copytree(quick_organism, out / "organism", ignore=shutil.ignore_patterns("sae"))
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(demo_module, "run_compare", killed)
+        with pytest.raises(KeyboardInterrupt):
+            demo_module.run_demo(out, quick=True)
+    assert (out / "diff_lora" / "diff.json").exists() and not (out / "summary.json").exists()
+    mtime = (out / "diff" / "diff.json").stat().st_mtime
+    again = demo_module.run_demo(out, quick=True)
+    assert (out / "diff" / "diff.json").stat().st_mtime == mtime  # not redone
+
+    def figures(summary: dict) -> dict:  # what the run found: no times, no paths of its own folder
+        rows = [r for r in summary["headline"] if "time (s)" not in r["phenomenon"]]
+        rest = {k: v for k, v in summary.items() if k not in ("timing", "timing_s", "exports", "headline")}
+        return {**rest, "headline": rows, "exports": sorted(summary["exports"])}
+
+    assert figures(again) == figures(whole)
+
+
 def test_report_is_self_contained(demo):
     out, _ = demo
     page = (out / "report.html").read_text()
