@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 
 from saediff.cli import block_inputs as inputs
+from saediff.cli.checks import check_direction, check_dtype, check_inputs
 from saediff.cli.common import (
     _USER_ERRORS,
     JUDGE_CONSTRAIN_HELP,
@@ -176,6 +177,8 @@ def block_cmd(
         from_file = mode in ("project", "steer") and Path(source.rpartition(":")[0] or "\0").is_dir()
         if not (model and data and (sae or from_file)):
             raise SaediffError("give --model, --data and --sae (or --organism DIR)")
+        check_dtype(dtype)
+        _check_block_inputs(model, data, sae, control_data, lora_layers, project_layers, source, from_file)
         sets = inputs.block_latents(mode, source, diff_run, latents_file, latent, top, high)
         sae_obj, layer = inputs.sae_and_layer(sae)
         directions = None
@@ -257,6 +260,29 @@ def block_cmd(
 
     if PartialState().is_main_process:  # one table under accelerate launch
         _print_block_summary(summary)
+
+
+def _check_block_inputs(
+    model, data, sae, control_data, lora_layers, project_layers, source, from_file
+) -> None:
+    """What ``block`` can check before it loads a model or trains: the model's config, the chat
+    data's rows, the SAE against the model, the blocks named, the export folder's direction."""
+    from saediff.data.chat_data import load_chat_jsonl
+    from saediff.models.validate import check_layers
+    from saediff.saes.checks import check_sae_folder
+
+    shape = check_inputs(model)
+    check_layers(_int_list(lora_layers, "--lora-layers") if lora_layers else (), shape, "--lora-layers")
+    check_layers(
+        _int_list(project_layers, "--project-layers") if project_layers else (), shape, "--project-layers"
+    )
+    for f in (data, control_data):
+        if f is not None:
+            load_chat_jsonl(f)
+    if sae:
+        check_sae_folder(sae, shape)
+    if from_file:
+        check_direction(source, shape, "--project-direction")
 
 
 def _say_if_nothing_to_resume(out: Path) -> None:

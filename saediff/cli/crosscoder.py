@@ -68,11 +68,13 @@ def crosscoder_train_cmd(
     """Train a BatchTopK crosscoder on a base model and its fine-tune, read live on the same tokens."""
     _setup(threads)
     from saediff.activations.collect import check_positions
+    from saediff.models.validate import check_pair
     from saediff.saes.crosscoder import CrosscoderConfig, crosscoder_from_models
 
     try:
         _need_ft(finetuned, adapter)
         check_positions(positions)
+        check_pair(base, finetuned, adapter, hook)  # the configs alone, before either model loads
         cfg = CrosscoderConfig(
             d_sae=d_sae,
             k=k,
@@ -120,10 +122,13 @@ def crosscoder_diff_cmd(
     _setup(threads)
     from saediff.activations.collect import check_positions
     from saediff.methods.crosscoder import run_crosscoder_diff
+    from saediff.models.validate import check_pair
+    from saediff.saes.crosscoder import check_crosscoder_folder
 
     try:
         _need_ft(finetuned, adapter)
         check_positions(positions)
+        check_crosscoder_folder(crosscoder, check_pair(base, finetuned, adapter))
         res = run_crosscoder_diff(
             crosscoder,
             base,

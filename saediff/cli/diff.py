@@ -102,6 +102,7 @@ def diff_cmd(
         if icl_examples is not None:
             inputs["icl_examples"] = icl_examples
         blocks = layers if layers in ("sae", "all") else _int_list(layers, "--layers")
+        _check_diff_inputs(base, finetuned, adapter, sae, ranking, blocks, responses, icl_examples)
         sizes = {} if batch_size is None else {"batch_size": batch_size, "gen_batch_size": batch_size}
         summary = run_diff(
             base,
@@ -123,6 +124,30 @@ def diff_cmd(
     except _USER_ERRORS as e:
         _fail(e)
     typer.echo(json.dumps(summary, indent=2))
+
+
+def _check_diff_inputs(base, finetuned, adapter, sae, ranking, blocks, responses, icl_examples) -> None:
+    """What ``diff`` can check before it loads either model: the files it reads, the ranking, the
+    pair, the SAE against the base's blocks and width, the blocks."""
+    from typing import get_args
+
+    from saediff.data.prompts import load_contrast_examples
+    from saediff.methods.sae_diff import Ranking
+    from saediff.models.validate import check_layers, check_pair
+    from saediff.saes.checks import check_sae_folder
+
+    if icl_examples is not None:
+        load_contrast_examples(icl_examples)
+    if ranking not in get_args(Ranking):
+        raise SaediffError(f"--ranking must be one of {', '.join(get_args(Ranking))}, got {ranking!r}")
+    shape = check_pair(base, finetuned, adapter)
+    check_sae_folder(sae, shape)
+    if not isinstance(blocks, str):
+        check_layers(blocks, shape, "--layers")
+    if responses is not None:
+        from saediff.methods.answers import judged_responses
+
+        judged_responses(responses)
 
 
 def _labelling_judge(

@@ -12,9 +12,15 @@ from pathlib import Path
 
 import typer
 
-from saediff.cli.common import _USER_ERRORS, JUDGE_CONSTRAIN_HELP, JUDGE_PROMPTS_HELP, _fail, _setup
+from saediff.cli.checks import DTYPES, check_dtype, check_inputs
+from saediff.cli.common import (
+    _USER_ERRORS,
+    JUDGE_CONSTRAIN_HELP,
+    JUDGE_PROMPTS_HELP,
+    _fail,
+    _setup,
+)
 from saediff.cli.organism import load_prompt_set, organism_eval_or_none
-from saediff.errors import SaediffError
 
 
 # long: one typer option per line; the body is one library call
@@ -73,6 +79,9 @@ def eval_cmd(
     from saediff.evaluation.run_eval import run_eval
 
     try:
+        check_dtype(dtype)
+        if gen_url is None:  # else --model may be a name the server knows
+            check_inputs(model, adapter)
         report = run_eval(
             model=model,
             adapter=adapter,
@@ -129,15 +138,16 @@ def cache_cmd(
 
     try:
         check_positions(positions)
+        check_dtype(shard_dtype, "--shard-dtype", DTYPES[1:])
+        check_inputs(model, adapter, hooks=hook)
+        prompt_set = load_prompt_set(prompts, model)
         lm = load_model(ModelSpec(model, adapter=adapter, merge=adapter is not None))
         import torch
 
         dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-        if shard_dtype not in dtypes:
-            raise SaediffError(f"--shard-dtype must be float32, bfloat16 or float16, got {shard_dtype!r}")
         store = collect_activations(
             lm,
-            load_prompt_set(prompts, model),
+            prompt_set,
             hook,
             positions,
             out=out,

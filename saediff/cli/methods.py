@@ -12,6 +12,7 @@ from pathlib import Path
 
 import typer
 
+from saediff.cli.checks import check_inputs, check_neutral
 from saediff.cli.common import (
     _ADAPTER,
     _BASE,
@@ -28,6 +29,7 @@ from saediff.cli.common import (
     _setup,
     defaults,
 )
+from saediff.errors import SaediffError
 
 # the steering check's options, shared by adl and head-to-head
 _KL_BUDGET = typer.Option(
@@ -91,6 +93,7 @@ def adl_cmd(
     _setup(threads)
     from saediff.interventions.steer_null import NullConfig
     from saediff.methods.adl import ADLConfig, run_adl
+    from saediff.models.validate import check_layers, check_pair
 
     try:
         _need_ft(finetuned, adapter)
@@ -99,6 +102,13 @@ def adl_cmd(
             layers=_int_list(layers, "--layers") if layers else None,
             steer_layer=steer_layer,
         )
+        shape = check_pair(base, finetuned, adapter)  # the configs alone, before either model loads
+        check_layers(cfg.layers or (), shape, "--layers")
+        if shape is not None and steer_layer is not None and not 0 <= steer_layer < shape.n_layers:
+            raise SaediffError(
+                f"ADL steer layer {steer_layer} is outside the model's blocks 0..{shape.n_layers - 1}"
+            )
+        check_neutral(neutral)
         evaluator = _judge_evaluator(
             judge_url,
             judge_model,
@@ -240,6 +250,8 @@ def head_to_head_cmd(
 
     try:
         base = read_run(diff_run)["steps"]["diff"]["base"]
+        check_inputs(base)
+        check_neutral(neutral)
         cfg = HeadToHeadConfig(
             methods=tuple(methods.split(",")) if methods else method_names(),
             crosscoder_latents=crosscoder_latents,

@@ -37,8 +37,13 @@ def organism_build(
     from saediff.stories.organism.recipes import OrganismConfig
 
     cfg = OrganismConfig.quick(seed) if quick else OrganismConfig(seed=seed)
-    with steps("organism") as say:
-        result = build_organism(out, cfg, progress=say)
+    try:
+        if out.exists() and not out.is_dir():
+            raise SaediffError(f"--out {out} is a file, not a folder: refusing to build over it")
+        with steps("organism") as say:
+            result = build_organism(out, cfg, progress=say)
+    except _USER_ERRORS as e:
+        _fail(e)
     summary = {
         k: result[k]["other_misaligned_rate"]
         for k in ("aligned", "full_ft", "lora_ft", "control_ft", "steer_ground_truth")

@@ -11,6 +11,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from saediff.cli.checks import check_export_folder, check_inputs
 from saediff.cli.common import (
     _USER_ERRORS,
     JUDGE_CONSTRAIN_HELP,
@@ -62,6 +63,9 @@ def phase_cmd(
     from saediff.analyses.phase import run_phase
 
     try:
+        if directions is not None:
+            check_export_folder(directions, "--directions")
+        check_inputs(base)
         evaluator, model = None, base
         if em:
             model = base or _adapter_base(checkpoints_dir)

@@ -14,6 +14,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from saediff.cli.checks import check_choice, check_direction, run_shape
 from saediff.cli.common import (
     _USER_ERRORS,
     _fail,
@@ -43,11 +44,14 @@ def overlap_cmd(
     random subspaces beside every figure; writes RUN/shift_overlap.json."""
     _setup(threads)
     from saediff.analyses.shifts import run_overlap
+    from saediff.data.chat_data import load_chat_jsonl
 
     try:
+        run_shape(run_dir, [] if layer is None else [layer], "--layer")
         train_data = train_data or defaults().training_data(_run_base(run_dir))
         if train_data is None:
             raise SaediffError("give --train-data (the fine-tune's chat JSONL)")
+        load_chat_jsonl(train_data)  # a bad row named before the models load
         res = run_overlap(run_dir, train_data, k=k, layer=layer, n_train=n_train, seed=seed)
     except _USER_ERRORS as e:
         _fail(e)
@@ -92,9 +96,12 @@ def predict_cmd(
     from saediff.analyses.susceptibility import run_predict
 
     try:
+        check_choice(folds_by, ("domain", "question"), "--folds-by")
+        blocks = list(_int_list(layers, "--layers")) if layers else None
+        run_shape(run_dir, blocks or ())
         res = run_predict(
             run_dir,
-            layers=list(_int_list(layers, "--layers")) if layers else None,
+            layers=blocks,
             folds=folds,
             n_permutations=permutations,
             seed=seed,
@@ -136,6 +143,7 @@ def icl_cmd(
     none; with --block-run, whether context raises the rerouted latents; writes RUN/icl_vs_ft.json."""
     _setup(threads)
     from saediff.analyses.icl import run_icl
+    from saediff.data.prompts import load_contrast_examples
 
     try:
         base = _run_base(run_dir)["base"]
@@ -143,6 +151,11 @@ def icl_cmd(
         exclude_domain = exclude_domain or defaults().in_domain(base)
         if examples is None:
             raise SaediffError("give --icl-examples (rows question/misaligned/aligned)")
+        check_choice(positions, ("response", "last_prompt"), "--positions")
+        if isinstance(examples, str):
+            load_contrast_examples(examples)
+        if direction is not None:
+            check_direction(direction, run_shape(run_dir), folder=run_dir / "directions")
         res = run_icl(
             run_dir,
             examples,

@@ -17,9 +17,16 @@ from saediff.cli.common import _USER_ERRORS, _fail, _setup
 
 def report_cmd(run_dir: Path = typer.Argument(..., help="demo run folder")) -> None:
     """Write RUN_DIR/report.html (self-contained plotly page)."""
+    from saediff.errors import MissingFileError
     from saediff.reports.report import write_report
 
-    typer.echo(str(write_report(run_dir)))
+    try:
+        if not run_dir.is_dir():  # else the report would make the folder it reports on
+            raise MissingFileError(f"run folder not found: {run_dir}")
+        path = write_report(run_dir)
+    except _USER_ERRORS as e:
+        _fail(e)
+    typer.echo(str(path))
 
 
 def dashboard_cmd(

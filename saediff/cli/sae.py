@@ -110,6 +110,7 @@ def sae_train_cmd(
         }
         run = {"device": device, "autocast": autocast, "seed": seed, "kernel": kernel}
         cfg = SAETrainConfig(**settings, **run)
+        _check_sources(activations, model, finetuned, adapter, hook, on_difference)
         rank, world = init_distributed(device)
         if on_difference:
             hook, n_train, held, stream, source = _difference_source(
@@ -142,6 +143,27 @@ def sae_train_cmd(
     typer.echo(json.dumps({"out": str(out), **metrics}))
 
 
+def _check_sources(activations, model, finetuned, adapter, hook, on_difference) -> None:
+    """What ``sae train`` can check before it reads a row or loads a model: the store's manifest,
+    the model configs (and the adapter) and the hook against their blocks."""
+    from saediff.models.validate import check_hook, check_model, check_pair
+
+    if on_difference:
+        if model is None or (finetuned is None and adapter is None):
+            raise SaediffError(
+                "--on-difference needs --model (the base), --finetuned or --adapter, --prompts and --hook"
+            )
+        check_pair(model, finetuned, adapter, hook)
+    elif activations is not None:
+        from saediff.activations.store import ActivationStore
+
+        store = ActivationStore(activations)  # the manifest alone
+        if hook is not None and hook not in store.hooks:
+            raise SaediffError(f"--hook {hook}: {activations} holds {', '.join(store.hooks)}")
+    elif model is not None and hook is not None:
+        check_hook(hook, check_model(model))
+
+
 def _difference_source(model, finetuned, adapter, prompts, hook, positions) -> tuple:
     """``--on-difference``: the fine-tune's minus the base model's activations of the same tokens,
     as ``(hook, n_train, held, stream, source)``."""
@@ -154,11 +176,12 @@ def _difference_source(model, finetuned, adapter, prompts, hook, positions) -> t
             "--on-difference needs --model (the base), --finetuned or --adapter, --prompts and --hook"
         )
     check_positions(positions)
+    prompt_set = load_prompt_set(prompts, model)  # a bad file named before the models load
     lm_base, lm_ft = load_pair(model, finetuned, adapter)
     _, n_train, held, stream, source = paired_source(
         lm_base,
         lm_ft,
-        load_prompt_set(prompts, model),
+        prompt_set,
         hook,
         positions,
         f"{finetuned or adapter} minus {model} over {prompts}",
@@ -179,8 +202,9 @@ def _source(activations, model, prompts, hook, positions, held_rows: int) -> tup
     if not (model and prompts and hook):
         raise SaediffError("give --activations, or --model, --prompts and --hook")
     check_positions(positions)  # before the model loads
+    prompt_set = load_prompt_set(prompts, model)
     _, n_train, held, stream, source = model_source(
-        load_model(model), load_prompt_set(prompts, model), hook, positions, f"{model} over {prompts}"
+        load_model(model), prompt_set, hook, positions, f"{model} over {prompts}"
     )
     return hook, n_train, held, stream, source
 

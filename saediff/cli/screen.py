@@ -16,6 +16,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from saediff.cli.checks import check_direction, check_export_folder, check_inputs, check_neutral, run_shape
 from saediff.cli.common import (
     _USER_ERRORS,
     JUDGE_CONSTRAIN_HELP,
@@ -124,6 +125,8 @@ def neighbourhood_cmd(
     if precision in ("fp32", "bf16"):  # the models load at the fine-tune's precision too
         use_precision(precision)
     from saediff.analyses.neighbourhood import run_neighbourhood
+    from saediff.data.chat_data import load_chat_jsonl
+    from saediff.saes.checks import check_sae_folder
 
     try:
         info = _run_base(run_dir)
@@ -133,6 +136,14 @@ def neighbourhood_cmd(
         in_domain = in_domain or defaults().in_domain(info["base"])
         if finetune and drop_fraction is None:
             raise SaediffError("--finetune compares screened data with random dropping: give --drop-fraction")
+        shape = run_shape(
+            run_dir, _int_list(lora_layers, "--lora-layers") if lora_layers else (), "--lora-layers"
+        )
+        load_chat_jsonl(train_data)  # a bad row named before the models load
+        if candidates is not None:
+            check_export_folder(candidates, "--candidates")
+        check_sae_folder(info["sae"], shape)
+        check_neutral(neutral)
         evaluator = None
         if finetune or steer:
             evaluator = _em_evaluator(
@@ -319,11 +330,14 @@ def flag_cmd(
 ) -> None:
     """Persona-vector data flagging: each training row's projection difference along a trait direction, beside random ones."""
     _setup(threads)
+    from saediff.data.chat_data import load_chat_jsonl
     from saediff.methods.persona import flag_rows
 
     try:
         if finetune and drop_fraction is None:
             raise SaediffError("--finetune compares screened data with random dropping: give --drop-fraction")
+        check_direction(direction, check_inputs(model))  # the config and the export, before the model loads
+        load_chat_jsonl(data)
         evaluator = None
         if finetune:
             evaluator = _em_evaluator(

@@ -16,6 +16,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from saediff.cli.checks import check_direction, check_dtype, check_inputs, check_neutral
 from saediff.cli.common import (
     _USER_ERRORS,
     JUDGE_CONSTRAIN_HELP,
@@ -122,6 +123,9 @@ def steer_cmd(
 
         info = read_run(run_dir)["steps"]["diff"]
         base = model or info["base"]
+        check_dtype(dtype)
+        check_neutral(neutral)
+        check_inputs(base)
         ft_model, ft_adapter = (
             (finetuned, adapter) if (finetuned or adapter) else (info["finetuned"], info["adapter"])
         )
@@ -224,6 +228,11 @@ def _steer_directions(
         raise SaediffError("give a run folder or --direction, not both")
     if model is None or out is None:
         raise SaediffError("--direction needs --model (the model to steer) and --out (the output folder)")
+    check_dtype(dtype)
+    check_neutral(neutral)
+    shape = check_inputs(model, adapter)  # the configs and export manifests, before the model loads
+    for source in direction:
+        check_direction(source, shape)
     from saediff.cli.organism import organism_eval_or_none
 
     exact = organism_eval_or_none(model, samples, seed) if not pairs and judge_url is None else None
@@ -297,6 +306,8 @@ def discover_cmd(
         from saediff.models.loading import ModelSpec
 
         info = read_run(run_dir)["steps"]["diff"]
+        check_dtype(dtype)
+        check_neutral(neutral)
         evaluator = _judge_evaluator(
             judge_url,
             judge_model,

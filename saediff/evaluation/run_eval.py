@@ -97,6 +97,7 @@ def run_eval(
         prompts=judge_prompts,
         constrain=judge_constrain,
     )
+    prompts = load_prompts(questions)  # a bad file is one line before a model loads
     generator = (
         RemoteGenerator(ChatClient(gen_url, api_key_env=gen_api_key_env), gen_model or model, concurrency)
         if gen_url
@@ -107,7 +108,7 @@ def run_eval(
     )
     report = evaluate_em(
         generator,
-        load_prompts(questions),
+        prompts,
         judges["aligned"],
         judges["coherent"],
         cfg,

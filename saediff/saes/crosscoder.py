@@ -48,6 +48,7 @@ __all__ = [
     "WEIGHTS",
     "Crosscoder",
     "CrosscoderConfig",
+    "check_crosscoder_folder",
     "check_crosscoder_out",
     "class_counts",
     "crosscoder_from_models",
@@ -453,6 +454,28 @@ def crosscoder_metrics(cc: Crosscoder, held_N2D: Float[torch.Tensor, "n 2 d_in"]
 def class_counts(classes: list[str]) -> dict[str, int]:
     """How many latents fall in each of ``CLASSES``."""
     return {c: classes.count(c) for c in CLASSES}
+
+
+def check_crosscoder_folder(path: str | Path, shape=None) -> dict:
+    """A crosscoder folder's ``cfg.json``, checked without reading its weights: the files exist, its
+    ``kind`` is a crosscoder's, and against the models (``shape``, a
+    ``saediff.models.validate.ModelShape``; None: not checked) its hook and ``d_in`` fit."""
+    from saediff.models.validate import check_hook, read_json_file
+
+    path = Path(path)
+    if not (path / "cfg.json").is_file() or not (path / WEIGHTS).is_file():
+        raise MissingFileError(f"{path} is not a crosscoder folder (cfg.json + {WEIGHTS})")
+    cfg = read_json_file(path / "cfg.json", "crosscoder config")
+    if cfg.get("kind") != KIND:
+        raise SaediffError(f"{path}/cfg.json: kind {cfg.get('kind')!r}, expected {KIND!r}")
+    if shape is not None:
+        if cfg.get("hook_name"):
+            check_hook(cfg["hook_name"], shape, f"crosscoder {path}: its hook")
+        if cfg.get("d_in") != shape.d_model:
+            raise SaediffError(
+                f"crosscoder {path}: d_in {cfg.get('d_in')} does not match the width {shape.d_model} of {shape.source}"
+            )
+    return cfg
 
 
 def check_crosscoder_out(path: Path) -> None:
