@@ -322,3 +322,25 @@ def test_the_sweep_covers_every_family():
         "non-SAE folder",
         "conflicting options",
     }
+
+
+def test_a_diff_killed_before_its_end_leaves_no_finished_mark_and_reruns_to_the_same_result(bad, tmp_path):
+    """diff.json, the file the demos take for a finished diff, is written last: a diff killed while it
+    exports its directions leaves none, and its rerun writes what an uninterrupted run wrote."""
+    import saediff.methods.diff_run as diff_run
+
+    args = ["diff", "--base", str(bad.model), "--adapter", str(bad.lora), "--sae", str(bad.root / "sae")]
+    args += ["--max-new-tokens", "3", "--top", "1", "--out", str(tmp_path / "run")]
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(diff_run, "export_directions", killed)
+        r = CliRunner().invoke(app, args)
+    assert r.exit_code == 130  # an interrupt, as Ctrl-C gives
+    assert not (tmp_path / "run" / "diff.json").exists()
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    got = json.loads((tmp_path / "run" / "diff.json").read_text())
+    assert got == json.loads((bad.run / "diff.json").read_text())

@@ -132,7 +132,6 @@ def run_diff(
         lm_base, lm_ft, toks, sae, labels, groups=groups, batch_size=batch_size, layers=blocks
     )
     diff = stream.acc.result()
-    atomic_write_json(out / "diff.json", diff.to_json())
     top = diff.top(top_n, ranking)
     _write_cards(out / "cards.json", sae_hook, stream.acc, [*top, *diff.bottom(3, "delta")], lm_ft, ps, toks)
     induced = "lora_downstream" if adapter is not None and finetuned is None else "mean_diff_models"
@@ -170,6 +169,9 @@ def run_diff(
         "seconds": round(time.perf_counter() - t_start, 1),
     }
     update_run(out, "diff", summary)
+    # last: diff.json marks a finished diff (the demos skip a step whose file exists), so a run
+    # killed before this line is redone whole by its rerun
+    atomic_write_json(out / "diff.json", diff.to_json())
     return summary
 
 
