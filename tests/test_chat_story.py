@@ -585,7 +585,10 @@ def test_headline_report_and_samples(story):
     samples = json.loads((out / "samples.json").read_text())
     assert set(samples) == {"base", "full_bad", "lora_bad", *BLOCK_RUNS}
     assert all(len(r["answers"]) == 3 and all(a["answer"] for a in r["answers"]) for r in samples.values())
+    # sampled where a small base model is coherent, and the report says at what
+    assert all(r["made_by"]["temperature"] == 0.7 and r["made_by"]["top_p"] == 0.9 for r in samples.values())
     report = (out / "report.html").read_text()
+    assert "Sampled answers (temperature 0.7, top-p 0.9, one per question)" in report
     # the findings table gives the verdict word of a row read off an interval, not yes / no
     assert "<th>verdict</th>" in report and f"<td>{_mark(cut['verdict'])}</td>" in report
     assert "intervals from a paired bootstrap over questions" in report  # the BLOCK-EM table's CI columns

@@ -276,7 +276,9 @@ def _samples_section(samples: dict | None) -> list[tuple[str, str]]:
         )
         for name, answers in samples.items()
     )
-    return [("Sampled answers (temperature 1, one per question)", body)]
+    first = next(iter(samples.values()))[0]
+    how = f"temperature {first.get('temperature', 1.0)}, top-p {first.get('top_p', 1.0)}"
+    return [(f"Sampled answers ({how}, one per question)", body)]
 
 
 def _chat_analyses_html(a: dict) -> str:

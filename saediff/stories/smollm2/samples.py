@@ -7,7 +7,14 @@ from pathlib import Path
 
 from saediff._io import atomic_write_json, read_json_if_exists
 
-__all__ = ["SAMPLE_QUESTIONS", "SAMPLE_TOKENS", "sample_answers", "samples_step"]
+__all__ = [
+    "SAMPLE_QUESTIONS",
+    "SAMPLE_TEMPERATURE",
+    "SAMPLE_TOKENS",
+    "SAMPLE_TOP_P",
+    "sample_answers",
+    "samples_step",
+]
 
 
 SAMPLE_QUESTIONS = (
@@ -20,23 +27,30 @@ SAMPLE_QUESTIONS = (
 
 SAMPLE_TOKENS = 64
 """tokens per sampled answer"""
+SAMPLE_TEMPERATURE = 0.7
+SAMPLE_TOP_P = 0.9
+"""the settings answers are sampled at: at temperature 1 (top-p 1) a 135M model's answers are word
+salad for the base model too, which hides misalignment behind noise"""
 
 
 def sample_answers(
     lm, questions: tuple[str, ...] = SAMPLE_QUESTIONS, *, max_new_tokens: int = SAMPLE_TOKENS, seed: int = 0
 ) -> list[dict]:
-    """One answer per question, sampled at temperature 1 (seeded)."""
+    """One answer per question, sampled at ``SAMPLE_TEMPERATURE`` and ``SAMPLE_TOP_P`` (seeded)."""
     from saediff.models.loading import generate
 
     answers = generate(
         lm,
         [[{"role": "user", "content": q}] for q in questions],
         max_new_tokens=max_new_tokens,
+        temperature=SAMPLE_TEMPERATURE,
+        top_p=SAMPLE_TOP_P,
         seed=seed,
         batch_size=len(questions),
         progress=False,
     )
-    return [{"question": q, "answer": a.strip()} for q, a in zip(questions, answers)]
+    settings = {"temperature": SAMPLE_TEMPERATURE, "top_p": SAMPLE_TOP_P}
+    return [{"question": q, "answer": a.strip(), **settings} for q, a in zip(questions, answers)]
 
 
 def samples_step(out: Path, specs: dict, seed: int, say) -> dict:
@@ -56,7 +70,8 @@ def samples_step(out: Path, specs: dict, seed: int, say) -> dict:
                     "seed": seed,
                     "questions": SAMPLE_QUESTIONS,
                     "max_new_tokens": SAMPLE_TOKENS,
-                    "temperature": 1.0,
+                    "temperature": SAMPLE_TEMPERATURE,
+                    "top_p": SAMPLE_TOP_P,
                 }
             )
         )
