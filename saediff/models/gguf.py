@@ -43,6 +43,7 @@ __all__ = [
     "cache_root",
     "gguf_digest",
     "gguf_source",
+    "header_fields",
     "materialize",
 ]
 
@@ -218,10 +219,10 @@ def _write_folder(src: Path, dig: str, out: Path) -> None:
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # last: it marks the folder complete
 
 
-def _read_meta(src: Path) -> dict:
-    """The file's architecture, name and quantization (``general.file_type`` and the count of
-    tensors per ggml type), read from its header."""
-    from gguf import GGUFReader, LlamaFileType
+def header_fields(src: Path):
+    """(reader, field): the GGUF file's header reader and ``field(key)``, a key's value or None;
+    one line naming the file when it is not GGUF."""
+    from gguf import GGUFReader
 
     try:
         reader = GGUFReader(src)
@@ -232,6 +233,15 @@ def _read_meta(src: Path) -> dict:
         f = reader.fields.get(key)
         return f.contents() if f is not None else None
 
+    return reader, field
+
+
+def _read_meta(src: Path) -> dict:
+    """The file's architecture, name and quantization (``general.file_type`` and the count of
+    tensors per ggml type), read from its header."""
+    from gguf import LlamaFileType
+
+    reader, field = header_fields(src)
     file_type = field("general.file_type")
     try:
         quantization = LlamaFileType(file_type).name if file_type is not None else None

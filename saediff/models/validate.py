@@ -80,17 +80,9 @@ def check_gguf_file(path: str | Path) -> Path:
 
 
 def _gguf_shape(path: Path, source: str) -> ModelShape:
-    from gguf import GGUFReader
+    from saediff.models.gguf import header_fields
 
-    try:
-        reader = GGUFReader(path)
-    except (ValueError, OSError) as e:
-        raise SaediffError(f"cannot read GGUF {path}: {str(e).splitlines()[0][:200]}") from None
-
-    def field(key: str):
-        f = reader.fields.get(key)
-        return f.contents() if f is not None else None
-
+    _, field = header_fields(path)
     arch = field("general.architecture")
     n_layers, d_model = field(f"{arch}.block_count"), field(f"{arch}.embedding_length")
     if not isinstance(n_layers, int) or not isinstance(d_model, int):
