@@ -11,7 +11,6 @@ is the residual stream (``o_proj``: attention, ``down_proj``: MLP) have residual
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import torch
 from jaxtyping import Float
 
 from saediff.errors import MissingFileError, SaediffError
+from saediff.models.validate import read_json_file
 
 __all__ = [
     "RESIDUAL_WRITERS",
@@ -120,10 +120,7 @@ def read_adapter(path: str | Path) -> LoraAdapter:
     for f in (cfg_path, w_path):
         if not f.exists():
             raise MissingFileError(f"adapter file missing: {f}")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise SaediffError(f"{cfg_path}: not valid JSON ({e})") from None
+    config = read_json_file(cfg_path, "adapter config")
     if config.get("peft_type", "LORA") != "LORA":
         raise SaediffError(f"{cfg_path}: peft_type {config.get('peft_type')!r} is not LORA")
     r, alpha = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
