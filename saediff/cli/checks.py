@@ -91,20 +91,10 @@ def check_export_folder(folder: Path, flag: str) -> None:
 
 
 def check_neutral(path) -> None:
-    """A ``--neutral`` file's rows, before any model loads: ``{"messages": [..., assistant]}`` or
-    ``{"text": ...}`` (``saediff.evaluation.neutral.neutral_from_file`` tokenizes them later)."""
+    """A ``--neutral`` file's rows, before any model loads (``neutral_rows``: the rows that
+    ``saediff.evaluation.neutral.neutral_from_file`` tokenizes later)."""
     if path is None:
         return
-    from saediff._io import read_jsonl
+    from saediff.evaluation.neutral import neutral_rows
 
-    n_rows = 0
-    for n, row in read_jsonl(path, "neutral text"):
-        msgs = row.get("messages") if isinstance(row, dict) else None
-        if isinstance(msgs, list):
-            if not msgs or not isinstance(msgs[-1], dict) or msgs[-1].get("role") != "assistant":
-                raise SaediffError(f"{path}: row {n}: 'messages' must end with an assistant turn")
-        elif not (isinstance(row, dict) and isinstance(row.get("text"), str) and row["text"].strip()):
-            raise SaediffError(f"{path}: row {n}: needs 'messages' (ending with an assistant turn) or 'text'")
-        n_rows += 1
-    if not n_rows:
-        raise SaediffError(f"{path}: no rows")
+    neutral_rows(path)

@@ -33,6 +33,7 @@ __all__ = [
     "neutral_answers",
     "neutral_from_file",
     "neutral_questions",
+    "neutral_rows",
     "neutral_user_turns",
 ]
 
@@ -138,6 +139,24 @@ def _from_conversations(lm: LoadedModel, convs: list[Messages], source: str, key
     return NeutralText(tuple(ids), tuple(scored), source, key)
 
 
+def neutral_rows(path: str | Path) -> list[tuple[int, dict]]:
+    """A ``--neutral`` file's rows checked, without a model: each ``(row number, row)`` holds
+    ``"messages"`` ending with an assistant turn or a non-empty ``"text"``; one line names the row at
+    fault, or the file when it has none."""
+    rows = []
+    for n, row in read_jsonl(Path(path), "neutral text"):
+        msgs = row.get("messages") if isinstance(row, dict) else None
+        if isinstance(msgs, list):
+            if not msgs or not isinstance(msgs[-1], dict) or msgs[-1].get("role") != "assistant":
+                raise SaediffError(f"{path}: row {n}: 'messages' must end with an assistant turn")
+        elif not (isinstance(row, dict) and isinstance(row.get("text"), str) and row["text"].strip()):
+            raise SaediffError(f"{path}: row {n}: needs 'messages' (ending with an assistant turn) or 'text'")
+        rows.append((n, row))
+    if not rows:
+        raise SaediffError(f"{path}: no rows")
+    return rows
+
+
 def neutral_from_file(lm: LoadedModel, path: str | Path) -> NeutralText:
     """A user's neutral text: JSONL rows ``{"messages": [...]}`` ending with an assistant turn (its
     tokens scored) or ``{"text": "..."}`` (every token after the first scored)."""
@@ -145,24 +164,17 @@ def neutral_from_file(lm: LoadedModel, path: str | Path) -> NeutralText:
 
     path = Path(path)
     ids, scored = [], []
-    for n, row in read_jsonl(path, "neutral text"):
-        if isinstance(row, dict) and isinstance(row.get("messages"), list):
-            msgs = row["messages"]
-            if not msgs or not isinstance(msgs[-1], dict) or msgs[-1].get("role") != "assistant":
-                raise SaediffError(f"{path}: row {n}: 'messages' must end with an assistant turn")
-            toks, mask = chat_tokens(lm.tokenizer, msgs)
+    for n, row in neutral_rows(path):
+        if isinstance(row.get("messages"), list):
+            toks, mask = chat_tokens(lm.tokenizer, row["messages"])
             pos = tuple(j for j, m in enumerate(mask) if m and j >= 1)
-        elif isinstance(row, dict) and isinstance(row.get("text"), str) and row["text"].strip():
+        else:
             toks = lm.tokenizer(row["text"], add_special_tokens=True)["input_ids"]
             pos = tuple(range(1, len(toks)))
-        else:
-            raise SaediffError(f"{path}: row {n}: needs 'messages' (ending with an assistant turn) or 'text'")
         if not pos:
             raise SaediffError(f"{path}: row {n}: no token to score")
         ids.append(tuple(toks))
         scored.append(pos)
-    if not ids:
-        raise SaediffError(f"{path}: no rows")
     return NeutralText(tuple(ids), tuple(scored), str(path), {"file": file_digest(path)})
 
 
